@@ -1,0 +1,1 @@
+"""Calibration: turn measurements into PerformanceModels, ship them, validate the simulator."""

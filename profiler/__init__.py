@@ -1,0 +1,1 @@
+"""Profiler: measure a real vLLM engine step by step."""

@@ -1,0 +1,124 @@
+"""EngineConfig: the vLLM engine arguments the simulator honours, under vLLM's names."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from simulator.errors import ConfigError, require
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding as the simulator models it.
+
+    Each decode step proposes up to ``num_speculative_tokens`` draft tokens
+    (with probability ``proposal_rate``, since n-gram drafters often find no
+    match); draft position i is accepted with probability
+    ``acceptance_rate[i]`` given that positions before it were accepted.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 0
+    acceptance_rate: tuple[float, ...] = ()
+    proposal_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.num_speculative_tokens >= 0, "engine.speculative.num_speculative_tokens", "must be >= 0")
+        rates = tuple(float(r) for r in self.acceptance_rate)
+        object.__setattr__(self, "acceptance_rate", rates)
+        if self.num_speculative_tokens:
+            require(
+                len(rates) in (1, self.num_speculative_tokens),
+                "engine.speculative.acceptance_rate",
+                f"needs 1 or {self.num_speculative_tokens} entries, got {len(rates)}",
+            )
+        require(all(0 <= r <= 1 for r in rates), "engine.speculative.acceptance_rate", "entries must lie in [0, 1]")
+        require(0 <= self.proposal_rate <= 1, "engine.speculative.proposal_rate", "must lie in [0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_speculative_tokens > 0
+
+    def rate_at(self, position: int) -> float:
+        """Acceptance probability of draft position ``position`` (0-based)."""
+        rates = self.acceptance_rate
+        return rates[position] if len(rates) > 1 else (rates[0] if rates else 0.0)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduler and KV-cache settings of one vLLM V1 replica.
+
+    Defaults are vLLM 0.32's for its OpenAI server on a data-centre GPU.
+    ``num_gpu_blocks_override`` sets the KV capacity directly, as in vLLM.
+    """
+
+    block_size: int = 16
+    max_num_seqs: int = 1024
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 32768
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_dtype: str = "auto"
+    scheduler: str = "native"
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+    def __post_init__(self) -> None:
+        require(self.block_size >= 1, "engine.block_size", "must be >= 1")
+        require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
+        require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
+        require(self.max_model_len >= 2, "engine.max_model_len", "must be >= 2")
+        require(
+            self.max_model_len % self.block_size == 0 or True,
+            "engine.block_size",
+            "must divide max_model_len",
+        )
+        require(
+            0 < self.gpu_memory_utilization <= 1,
+            "engine.gpu_memory_utilization",
+            "must lie in (0, 1]",
+        )
+        require(
+            self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+            "engine.num_gpu_blocks_override",
+            "must be >= 1 or null",
+        )
+        require(self.long_prefill_token_threshold >= 0, "engine.long_prefill_token_threshold", "must be >= 0")
+        require(
+            self.scheduler in ("native", "vllm"),
+            "engine.scheduler",
+            f"unknown scheduler {self.scheduler!r}; allowed: native, vllm",
+        )
+        if not self.enable_chunked_prefill:
+            require(
+                self.max_num_batched_tokens >= self.max_model_len,
+                "engine.max_num_batched_tokens",
+                f"must be >= max_model_len={self.max_model_len} when chunked prefill is off",
+            )
+        if isinstance(self.speculative, dict):
+            object.__setattr__(self, "speculative", SpeculativeConfig(**self.speculative))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError("engine", f"unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
+        spec = data.pop("speculative", None) or {}
+        if not isinstance(spec, SpeculativeConfig):
+            spec_known = {f.name for f in fields(SpeculativeConfig)}
+            bad = set(spec) - spec_known
+            if bad:
+                raise ConfigError(
+                    "engine.speculative", f"unknown fields {sorted(bad)}; allowed: {sorted(spec_known)}"
+                )
+            spec = SpeculativeConfig(**spec)
+        return cls(speculative=spec, **data)
