@@ -1,0 +1,172 @@
+"""A tiny random-weight Llama and its tokenizer, built locally with no model hub.
+
+`ensure_tiny_model()` returns the cached folder (building it on first use);
+vLLM loads it like any Hugging Face model folder. The build is deterministic:
+fixed seed, a byte-level BPE tokenizer trained on a fixed list of Python
+standard-library modules, so two builds on the same Python give identical files.
+
+Needs torch, transformers and tokenizers (the engine env has them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL_NAME = "tiny-llama"
+#: bump when the recipe changes, so cached folders are rebuilt
+RECIPE_VERSION = 1
+SEED = 0
+
+TINY_LLAMA_CONFIG = {
+    "num_hidden_layers": 4,
+    "hidden_size": 512,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 1536,
+    "vocab_size": 8192,
+    "max_position_embeddings": 32768,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+}
+
+#: standard-library modules the tokenizer is trained on (present in every CPython 3.11)
+CORPUS_MODULES = (
+    "argparse.py", "collections/__init__.py", "csv.py", "dataclasses.py", "datetime.py",
+    "difflib.py", "email/message.py", "functools.py", "heapq.py", "inspect.py", "json/decoder.py",
+    "logging/__init__.py", "pathlib.py", "random.py", "statistics.py", "string.py", "textwrap.py",
+    "typing.py", "unittest/case.py", "urllib/parse.py",
+)
+
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<think>", "</think>")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def default_cache_dir() -> Path:
+    """Where built models live: $RLLM_SIM_CACHE_DIR/models, else <repo>/.cache/models."""
+    root = os.environ.get("RLLM_SIM_CACHE_DIR")
+    return (Path(root) if root else REPO_ROOT / ".cache") / "models"
+
+
+def _recipe_fingerprint() -> str:
+    recipe = {"version": RECIPE_VERSION, "seed": SEED, "config": TINY_LLAMA_CONFIG,
+              "corpus": CORPUS_MODULES, "special": SPECIAL_TOKENS, "chat": CHAT_TEMPLATE}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _corpus_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [stdlib / name for name in CORPUS_MODULES]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"tokenizer corpus files missing from the standard library: {missing}")
+    return files
+
+
+def _train_tokenizer(out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_LLAMA_CONFIG["vocab_size"],
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in _corpus_files()]
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=SPECIAL_TOKENS[0],
+        eos_token=SPECIAL_TOKENS[1],
+        pad_token=SPECIAL_TOKENS[2],
+        model_max_length=TINY_LLAMA_CONFIG["max_position_embeddings"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def _build_weights(out_dir: Path, bos_id: int, eos_id: int, pad_id: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **TINY_LLAMA_CONFIG,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_tiny_model(out_dir: str | Path) -> Path:
+    """Build the tiny Llama (random weights, seed 0) and its tokenizer into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(out_dir)
+    vocab = json.loads((out_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    special = {tok["content"]: tok["id"] for tok in json.loads(
+        (out_dir / "tokenizer.json").read_text())["added_tokens"]}
+    assert len(vocab) <= TINY_LLAMA_CONFIG["vocab_size"]
+    _build_weights(out_dir, special[SPECIAL_TOKENS[0]], special[SPECIAL_TOKENS[1]],
+                   special[SPECIAL_TOKENS[2]])
+    (out_dir / "rllm_sim_model.json").write_text(json.dumps(
+        {"name": TINY_MODEL_NAME, "recipe": _recipe_fingerprint(), "seed": SEED,
+         "built_by": "profiler.tiny_model.build_tiny_model"}, indent=2) + "\n")
+    return out_dir
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_current(folder: Path) -> bool:
+    marker = folder / "rllm_sim_model.json"
+    if not marker.exists() or not (folder / "model.safetensors").exists():
+        return False
+    return json.loads(marker.read_text()).get("recipe") == _recipe_fingerprint()
+
+
+def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
+    """The tiny model's folder, built once and cached (safe across concurrent processes)."""
+    folder = Path(cache_dir or default_cache_dir()) / TINY_MODEL_NAME
+    if _is_current(folder):
+        return folder
+    with _lock(folder.parent / f".{TINY_MODEL_NAME}.lock"):
+        if _is_current(folder):
+            return folder
+        staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}-", dir=folder.parent))
+        try:
+            build_tiny_model(staging)
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -1,0 +1,313 @@
+"""One vLLM V1 engine replica as a SimPy process.
+
+Arrivals enter the scheduler's queue at their arrival time. The engine loop
+schedules a step, holds the clock for the step time the PerformanceModel gives
+for that batch, then applies the step's output. Under async scheduling (vLLM's
+default) it keeps two steps in flight, as vLLM's EngineCore batch queue does:
+step k+1 is scheduled before step k's output is applied.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import simpy
+
+from simulator.engine_config import EngineConfig
+from simulator.performance import KVCapacity, PerformanceModel
+from simulator.request import SimRequest, Status
+from simulator.scheduler import NativeScheduler, SchedulerOutput
+from simulator.workload import Workload
+
+
+@dataclass
+class StepLog:
+    """Per-step columns, kept as plain lists on the hot path."""
+
+    start_s: list[float] = field(default_factory=list)
+    end_s: list[float] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
+    kv_blocks_used: list[int] = field(default_factory=list)
+    prefill_tokens: list[int] = field(default_factory=list)
+    decode_tokens: list[int] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineRun:
+    """Everything one simulation produced, before it is tabulated."""
+
+    requests: list[SimRequest]
+    steps: StepLog
+    kv: KVCapacity
+    block_seconds: dict[int, float]
+    prefix_queries: int
+    prefix_hits: int
+    end_s: float
+    decisions: list[SchedulerOutput] | None = None
+
+
+def admission_error(prompt: int, max_tokens: int, config: EngineConfig, kv: KVCapacity) -> str:
+    """Why a request can never run, or '' if it can."""
+    if prompt + max_tokens > config.max_model_len:
+        return f"prompt+max_tokens={prompt + max_tokens} exceeds max_model_len={config.max_model_len}"
+    capacity = (kv.num_blocks - 1) * kv.block_size
+    if prompt + max_tokens > capacity:
+        return f"prompt+max_tokens={prompt + max_tokens} exceeds the KV cache ({capacity} tokens)"
+    return ""
+
+
+class Engine:
+    """Drives a scheduler through SimPy time with step times from a PerformanceModel."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        config: EngineConfig,
+        perf: PerformanceModel,
+        kv: KVCapacity,
+        *,
+        seed: int = 0,
+        async_scheduling: bool | None = None,
+        scheduler_factory: Callable[..., object] | None = None,
+        keep_decisions: bool = False,
+        on_progress: Callable[[int], None] | None = None,
+    ):
+        self.workload = workload
+        self.config = config
+        self.perf = perf
+        self.kv_capacity = kv
+        if async_scheduling is None:
+            # vLLM turns async scheduling off for n-gram speculative decoding
+            async_scheduling = not (config.speculative.enabled and config.speculative.method == "ngram")
+        self.async_scheduling = async_scheduling
+        factory = scheduler_factory or NativeScheduler
+        self.scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
+        self.rng = random.Random(seed)
+        self.env = simpy.Environment()
+        self.steps = StepLog()
+        self.requests: list[SimRequest] = []
+        self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
+        self.on_progress = on_progress
+        self._wake: simpy.Event | None = None
+        self._arrivals_done = False
+        self._finished = 0
+
+    # --- processes --------------------------------------------------------------
+    def _arrivals(self):
+        w = self.workload
+        env = self.env
+        arrival = w.arrival_s.tolist()
+        prompt = w.prompt_tokens.tolist()
+        output = w.output_tokens.tolist()
+        reasoning = w.reasoning_tokens.tolist()
+        group = w.prefix_group.tolist()
+        prefix = w.prefix_tokens.tolist()
+        block_size = self.config.block_size
+        for rid in range(len(arrival)):
+            if arrival[rid] > env.now:
+                yield env.timeout(arrival[rid] - env.now)
+            req = SimRequest(rid, arrival[rid], prompt[rid], output[rid], reasoning[rid],
+                             group[rid], prefix[rid], block_size)
+            self.requests.append(req)
+            reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
+            if reason:
+                req.status = Status.REJECTED
+                req.reject_reason = reason
+                req.finish_s = env.now
+                self._count_finished(1)
+                continue
+            self.scheduler.add_request(req)
+            if self._wake is not None and not self._wake.triggered:
+                self._wake.succeed()
+        self._arrivals_done = True
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    def _idle(self):
+        """Wait for the next arrival; False when none will come."""
+        if self._arrivals_done:
+            return False
+        self._wake = self.env.event()
+        return True
+
+    def _run_sync(self):
+        env, sched = self.env, self.scheduler
+        while True:
+            if not sched.has_requests():
+                if not self._idle():
+                    return
+                yield self._wake
+                continue
+            self._before_schedule()
+            out = sched.schedule()
+            if not out.num_scheduled:
+                if not self._idle():
+                    raise RuntimeError(f"scheduler stalled at t={env.now:.3f}s: {self._state()}")
+                yield self._wake
+                continue
+            start = env.now
+            yield env.timeout(self.perf.step_time(out.batch))
+            self._apply(out, start)
+
+    def _run_async(self):
+        env, sched = self.env, self.scheduler
+        in_flight: deque[tuple[SchedulerOutput, float, float]] = deque()
+        while True:
+            if sched.has_requests():
+                self._before_schedule()
+                out = sched.schedule()
+                if out.num_scheduled:
+                    start = in_flight[-1][2] if in_flight else env.now
+                    in_flight.append((out, start, start + self.perf.step_time(out.batch)))
+                    if len(in_flight) < 2:
+                        continue
+            if not in_flight:
+                if not sched.has_requests() and self._arrivals_done:
+                    return
+                if not self._idle():
+                    raise RuntimeError(f"scheduler stalled at t={env.now:.3f}s: {self._state()}")
+                yield self._wake
+                continue
+            out, start, end = in_flight.popleft()
+            if end > env.now:
+                yield env.timeout(end - env.now)
+            self._apply(out, start)
+
+    # --- step bookkeeping ---------------------------------------------------------
+    def _before_schedule(self) -> None:
+        self.scheduler.kv.clock = self.env.now
+
+    def _apply(self, out: SchedulerOutput, start: float) -> None:
+        now = self.env.now
+        sched = self.scheduler
+        sched.kv.clock = now
+        sampled = self._sample(out)
+        finished = sched.update_from_output(out, sampled, now)
+        self._propose_drafts(out)
+        log = self.steps
+        log.start_s.append(start)
+        log.end_s.append(now)
+        log.running.append(sched.num_running)
+        log.waiting.append(sched.num_waiting)
+        log.kv_blocks_used.append(sched.kv.num_used_blocks)
+        batch = out.batch
+        log.prefill_tokens.append(sum(batch.prefill_tokens))
+        log.decode_tokens.append(len(batch.decode_context) + sum(batch.decode_spec_tokens))
+        log.batch_size.append(len(out.num_scheduled))
+        log.preempted.append(len(out.preempted))
+        if self.decisions is not None:
+            self.decisions.append(out)
+        if finished:
+            self._count_finished(len(finished))
+
+    def _sample(self, out: SchedulerOutput) -> dict[int, int]:
+        """Tokens each sampling request produces: 1 plus accepted draft tokens."""
+        spec = self.config.speculative
+        if not out.spec_tokens:
+            return dict.fromkeys(out.sampling, 1)
+        sampled = {}
+        rand = self.rng.random
+        for rid in out.sampling:
+            accepted = 0
+            for pos in range(out.spec_tokens.get(rid, 0)):
+                if rand() >= spec.rate_at(pos):
+                    break
+                accepted += 1
+            sampled[rid] = 1 + accepted
+        return sampled
+
+    def _propose_drafts(self, out: SchedulerOutput) -> None:
+        """The drafter proposes draft tokens for the next step (n-gram may find none)."""
+        spec = self.config.speculative
+        if not spec.enabled:
+            return
+        k = spec.num_speculative_tokens
+        rand = self.rng.random
+        requests = self.scheduler.requests
+        for rid in sorted(out.sampling):
+            req = requests[rid]
+            if req.status != Status.RUNNING:
+                continue
+            room = self.config.max_model_len - req.num_tokens - 1
+            req.spec_tokens = min(k, room) if (room > 0 and rand() < spec.proposal_rate) else 0
+
+    def _count_finished(self, n: int) -> None:
+        self._finished += n
+        if self.on_progress is not None:
+            self.on_progress(n)
+
+    def _state(self) -> str:
+        s = self.scheduler
+        return f"running={s.num_running} waiting={s.num_waiting} free_blocks={s.kv.num_free_blocks}"
+
+    # --- entry point ----------------------------------------------------------------
+    def run(self) -> EngineRun:
+        env = self.env
+        env.process(self._arrivals())
+        env.process(self._run_async() if self.async_scheduling else self._run_sync())
+        env.run()
+        unfinished = [r for r in self.requests if r.status < Status.FINISHED]
+        if unfinished:
+            raise RuntimeError(f"{len(unfinished)} requests never finished: {self._state()}")
+        kv = self.scheduler.kv
+        return EngineRun(
+            requests=self.requests,
+            steps=self.steps,
+            kv=self.kv_capacity,
+            block_seconds=kv.block_seconds,
+            prefix_queries=kv.prefix_queries,
+            prefix_hits=kv.prefix_hits,
+            end_s=env.now,
+            decisions=self.decisions,
+        )
+
+
+def simulate(
+    workload: Workload,
+    config: EngineConfig,
+    perf: PerformanceModel,
+    *,
+    slo=None,
+    seed: int = 0,
+    async_scheduling: bool | None = None,
+    progress: bool = False,
+    keep_decisions: bool = False,
+):
+    """Run a workload through one engine replica and return its RunResult."""
+    from simulator.metrics import SLO
+    from simulator.results import tabulate
+
+    kv = perf.kv_capacity(config.block_size, config.gpu_memory_utilization, config.num_gpu_blocks_override)
+    factory = None
+    if config.scheduler == "vllm":
+        from simulator.vllm_scheduler import VllmScheduler
+
+        factory = VllmScheduler
+    bar = None
+    on_progress = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(workload), unit="req", desc="simulating", mininterval=0.5)
+        on_progress = bar.update
+    try:
+        engine = Engine(workload, config, perf, kv, seed=seed, async_scheduling=async_scheduling,
+                        scheduler_factory=factory, keep_decisions=keep_decisions,
+                        on_progress=on_progress)
+        run = engine.run()
+    finally:
+        if bar is not None:
+            bar.close()
+    slo = slo if isinstance(slo, SLO) else SLO.from_dict(slo)
+    result = tabulate(run, workload, slo)
+    result.summary["async_scheduling"] = engine.async_scheduling
+    result.summary["scheduler"] = config.scheduler
+    if keep_decisions:
+        result.decisions = run.decisions  # type: ignore[attr-defined]
+    return result

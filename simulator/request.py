@@ -1,0 +1,83 @@
+"""The simulator's per-request state, as vLLM's Request tracks it."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED = 3
+    REJECTED = 4
+
+
+class SimRequest:
+    """One request inside the engine.
+
+    ``num_computed`` counts tokens whose KV is (or is being) computed;
+    ``num_output`` counts output tokens delivered. Under async scheduling
+    ``placeholders`` counts tokens sampled by steps still in flight.
+    """
+
+    __slots__ = (
+        "rid", "arrival_s", "num_prompt", "max_tokens", "reasoning_tokens",
+        "prefix_group", "prefix_tokens", "block_size",
+        "status", "num_output", "num_computed", "placeholders", "spec_tokens",
+        "in_flight_tokens", "stale_tokens", "num_preemptions", "num_cached_tokens",
+        "first_scheduled_s", "first_token_s", "first_visible_s", "last_token_s",
+        "finish_s", "reject_reason",
+    )
+
+    def __init__(
+        self,
+        rid: int,
+        arrival_s: float,
+        num_prompt: int,
+        max_tokens: int,
+        reasoning_tokens: int = 0,
+        prefix_group: int = -1,
+        prefix_tokens: int = 0,
+        block_size: int = 16,
+    ):
+        self.rid = rid
+        self.arrival_s = arrival_s
+        self.num_prompt = num_prompt
+        self.max_tokens = max_tokens
+        self.reasoning_tokens = reasoning_tokens
+        self.prefix_group = prefix_group
+        self.prefix_tokens = prefix_tokens if prefix_group >= 0 else 0
+        self.block_size = block_size
+        self.status = Status.WAITING
+        self.num_output = 0
+        self.num_computed = 0
+        self.placeholders = 0
+        self.spec_tokens = 0
+        self.in_flight_tokens = 0
+        self.stale_tokens = 0
+        self.num_preemptions = 0
+        self.num_cached_tokens = -1
+        self.first_scheduled_s = -1.0
+        self.first_token_s = -1.0
+        self.first_visible_s = -1.0
+        self.last_token_s = -1.0
+        self.finish_s = -1.0
+        self.reject_reason = ""
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus delivered output tokens."""
+        return self.num_prompt + self.num_output
+
+    def block_hash(self, index: int) -> tuple:
+        """Content name of block ``index``: shared within a prefix group, else private."""
+        if (index + 1) * self.block_size <= self.prefix_tokens:
+            return ("prefix", self.prefix_group, index)
+        return (self.rid, index)
+
+    def __repr__(self) -> str:
+        return (
+            f"SimRequest(rid={self.rid}, status={self.status.name}, prompt={self.num_prompt}, "
+            f"out={self.num_output}/{self.max_tokens}, computed={self.num_computed})"
+        )

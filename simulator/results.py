@@ -1,0 +1,157 @@
+"""RunResult: the requests, timeline and summary of a run, simulated or live.
+
+One schema for both, so that validation is a join. Written as
+``requests.parquet``, ``timeline.parquet`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulator.engine import EngineRun
+from simulator.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
+from simulator.request import Status
+from simulator.workload import Workload
+
+STATUS_NAMES = {Status.FINISHED: "completed", Status.REJECTED: "rejected"}
+
+
+@dataclass
+class RunResult:
+    """Column arrays for requests and timeline, plus the summary dictionary."""
+
+    requests: dict[str, np.ndarray]
+    timeline: dict[str, np.ndarray]
+    summary: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def requests_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.requests)
+
+    def timeline_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.timeline)
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write requests.parquet, timeline.parquet and summary.json into out_dir."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.requests_frame().to_parquet(out / "requests.parquet", index=False)
+        self.timeline_frame().to_parquet(out / "timeline.parquet", index=False)
+        payload = dict(self.summary)
+        if self.metadata:
+            payload["metadata"] = self.metadata
+        (out / "summary.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+        return out
+
+    @classmethod
+    def read(cls, out_dir: str | Path) -> RunResult:
+        """Read a run directory written by ``write`` (simulated or live)."""
+        import pandas as pd
+
+        out = Path(out_dir)
+        for name in ("requests.parquet", "timeline.parquet", "summary.json"):
+            if not (out / name).exists():
+                from simulator.errors import ConfigError
+
+                raise ConfigError("run_dir", f"{out} has no {name}")
+        req = pd.read_parquet(out / "requests.parquet")
+        tl = pd.read_parquet(out / "timeline.parquet")
+        summary = json.loads((out / "summary.json").read_text())
+        metadata = summary.pop("metadata", {})
+        return cls(
+            requests={c: req[c].to_numpy() for c in req.columns},
+            timeline={c: tl[c].to_numpy() for c in tl.columns},
+            summary=summary,
+            metadata=metadata,
+        )
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> RunResult:
+    """Turn an EngineRun into request and timeline columns and a summary."""
+    reqs = run.requests
+    n = len(reqs)
+    nan = np.nan
+
+    def col(getter, dtype=float):
+        return np.fromiter((getter(r) for r in reqs), dtype=dtype, count=n)
+
+    arrival = col(lambda r: r.arrival_s)
+    first_sched = col(lambda r: r.first_scheduled_s if r.first_scheduled_s >= 0 else nan)
+    first_tok = col(lambda r: r.first_token_s if r.first_token_s >= 0 else nan)
+    first_vis = col(lambda r: r.first_visible_s if r.first_visible_s >= 0 else nan)
+    last_tok = col(lambda r: r.last_token_s if r.last_token_s >= 0 else nan)
+    finish = col(lambda r: r.finish_s)
+    out_tokens = col(lambda r: r.num_output, np.int64)
+    completed = np.array([r.status == Status.FINISHED for r in reqs], dtype=bool)
+    status = np.array([STATUS_NAMES.get(r.status, "failed") for r in reqs], dtype=object)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(out_tokens > 1, (last_tok - first_tok) / (out_tokens - 1), nan)
+    e2e = np.where(completed, finish - arrival, nan)
+    queue = np.where(np.isfinite(first_sched), first_sched - arrival, nan)
+    block_seconds = np.array([run.block_seconds.get(r.rid, 0.0) for r in reqs], dtype=float)
+    block_seconds *= 1.0
+    rid = np.array([r.rid for r in reqs], dtype=np.int64)
+    requests = {
+        "request_id": rid,
+        "arrival_s": arrival,
+        "domain": workload.domain[rid].astype(str).astype(object) if n else np.array([], object),
+        "prompt_tokens": col(lambda r: r.num_prompt, np.int64),
+        "output_tokens": out_tokens,
+        "reasoning_tokens": col(lambda r: min(r.reasoning_tokens, r.num_output), np.int64),
+        "status": status,
+        "queue_s": queue,
+        "ttft_s": first_tok - arrival,
+        "ttfvt_s": first_vis - arrival,
+        "tpot_s": tpot,
+        "e2e_s": e2e,
+        "finish_s": finish,
+        "preemptions": col(lambda r: r.num_preemptions, np.int64),
+        "kv_block_seconds": block_seconds,
+        "reject_reason": np.array([r.reject_reason for r in reqs], dtype=object),
+    }
+    s = run.steps
+    end = np.asarray(s.end_s, dtype=float)
+    used = np.asarray(s.kv_blocks_used, dtype=np.int64)
+    timeline = {
+        "time_s": end,
+        "step_time_s": end - np.asarray(s.start_s, dtype=float),
+        "running": np.asarray(s.running, dtype=np.int64),
+        "waiting": np.asarray(s.waiting, dtype=np.int64),
+        "kv_blocks_used": used,
+        "kv_usage": used / max(run.kv.num_blocks, 1),
+        "prefill_tokens": np.asarray(s.prefill_tokens, dtype=np.int64),
+        "decode_tokens": np.asarray(s.decode_tokens, dtype=np.int64),
+        "batch_size": np.asarray(s.batch_size, dtype=np.int64),
+        "preempted": np.asarray(s.preempted, dtype=np.int64),
+    }
+    assert tuple(requests) == REQUEST_COLUMNS and tuple(timeline) == TIMELINE_COLUMNS
+    summary = summarize(requests, timeline, slo, run.end_s)
+    summary["kv_cache"] = {
+        "num_blocks": run.kv.num_blocks,
+        "block_size": run.kv.block_size,
+        "bytes_per_token": run.kv.bytes_per_token,
+        "capacity_tokens": run.kv.num_tokens,
+    }
+    summary["prefix_cache"] = {
+        "queried_tokens": run.prefix_queries,
+        "hit_tokens": run.prefix_hits,
+        "hit_rate": run.prefix_hits / run.prefix_queries if run.prefix_queries else 0.0,
+    }
+    return RunResult(requests=requests, timeline=timeline, summary=summary)

@@ -1,0 +1,267 @@
+"""The native model of vLLM V1's scheduler (vllm/v1/core/sched/scheduler.py, 0.32).
+
+Each step first serves the running requests in order, then admits waiting
+ones first-come-first-served, within the token budget (max_num_batched_tokens)
+and max_num_seqs. Long prompts are prefilled in chunks. When a running request
+cannot get a KV block, the last admitted running request is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed.
+Under async scheduling (vLLM's default) the next step is scheduled while the
+current one runs, with placeholders for the tokens it will sample.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from simulator.engine_config import EngineConfig
+from simulator.kv_cache import KVCacheManager
+from simulator.performance import StepBatch
+from simulator.request import SimRequest, Status
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's decisions, in the order vLLM makes them."""
+
+    step: int
+    num_scheduled: dict[int, int] = field(default_factory=dict)
+    spec_tokens: dict[int, int] = field(default_factory=dict)
+    sampling: set[int] = field(default_factory=set)
+    new: list[int] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)
+    batch: StepBatch = field(default_factory=StepBatch)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_scheduled.values())
+
+
+class NativeScheduler:
+    """vLLM V1's scheduling policy over SimRequest objects and a KVCacheManager."""
+
+    def __init__(self, config: EngineConfig, num_blocks: int, async_scheduling: bool = True):
+        self.config = config
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len
+        self.async_scheduling = async_scheduling
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.running: list[SimRequest] = []
+        self.waiting: deque[SimRequest] = deque()
+        self.requests: dict[int, SimRequest] = {}
+        self.step = 0
+
+    # --- queue --------------------------------------------------------------
+    def add_request(self, request: SimRequest) -> None:
+        self.requests[request.rid] = request
+        self.waiting.append(request)
+
+    def has_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # --- scheduling -----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next step's batch (vLLM's Scheduler.schedule)."""
+        self.step += 1
+        cfg = self.config
+        kv = self.kv
+        out = SchedulerOutput(step=self.step)
+        scheduled = out.num_scheduled
+        budget = cfg.max_num_batched_tokens
+        threshold = cfg.long_prefill_token_threshold
+        if len(self.running) + len(self.waiting) <= 1:
+            threshold = 0  # nobody to starve: let a lone prefill use the whole budget
+
+        # 1. running requests, in admission order
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            if (
+                req.placeholders > 0
+                and req.num_computed + 2 - req.placeholders >= req.num_prompt + req.max_tokens
+            ):
+                i += 1  # async: the step in flight already reaches max_tokens
+                continue
+            n = req.num_tokens + req.spec_tokens + req.placeholders - req.num_computed
+            if 0 < threshold < n:
+                n = threshold
+            n = min(n, budget, self.max_model_len - req.num_computed - 1)
+            if n <= 0:
+                i += 1
+                continue
+            allocated = kv.allocate(req.rid, min(req.num_computed + n, self.max_model_len))
+            while not allocated:
+                victim = running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim.rid)
+                if victim is req:
+                    break
+                allocated = kv.allocate(req.rid, min(req.num_computed + n, self.max_model_len))
+            if not allocated:
+                break
+            kv.cache_full_blocks(req.rid, req.block_hash, min(req.num_computed + n, req.num_tokens))
+            scheduled[req.rid] = n
+            budget -= n
+            i += 1
+            if req.spec_tokens:
+                num_spec = n + req.num_computed - req.num_tokens - req.placeholders
+                if num_spec > 0:
+                    out.spec_tokens[req.rid] = min(num_spec, req.spec_tokens)
+                req.spec_tokens = 0
+
+        # 2. waiting requests, first come first served (none if anything was preempted)
+        if not out.preempted:
+            skipped: list[SimRequest] = []
+            waiting = self.waiting
+            while budget > 0 and waiting:
+                if len(running) >= cfg.max_num_seqs:
+                    break
+                req = waiting[0]
+                if req.stale_tokens:
+                    skipped.append(waiting.popleft())  # output of a preempted step still in flight
+                    continue
+                hits: list[int] = []
+                if req.num_computed == 0:
+                    hits = kv.computed_blocks(req.block_hash, req.num_tokens)
+                num_computed = len(hits) * self.block_size
+                n = req.num_tokens - num_computed
+                if 0 < threshold < n:
+                    n = threshold
+                if not cfg.enable_chunked_prefill and n > budget:
+                    break
+                n = min(n, budget)
+                if not kv.allocate(
+                    req.rid,
+                    min(num_computed + n, self.max_model_len),
+                    hits,
+                    full_sequence_tokens=min(req.num_tokens, self.max_model_len),
+                ):
+                    break
+                if req.num_preemptions == 0 or req.num_cached_tokens < 0:
+                    kv.record_prefix_lookup(req.num_tokens, num_computed)
+                waiting.popleft()
+                running.append(req)
+                if req.first_scheduled_s < 0:
+                    req.first_scheduled_s = kv.clock
+                (out.new if req.status == Status.WAITING else out.resumed).append(req.rid)
+                scheduled[req.rid] = n
+                budget -= n
+                req.status = Status.RUNNING
+                req.num_computed = num_computed
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_computed
+                kv.cache_full_blocks(req.rid, req.block_hash, min(num_computed + n, req.num_tokens))
+            if skipped:
+                waiting.extendleft(reversed(skipped))
+
+        self._after_schedule(out)
+        return out
+
+    def _after_schedule(self, out: SchedulerOutput) -> None:
+        """Advance computed tokens and describe the batch (vLLM's _update_after_schedule)."""
+        batch = out.batch
+        requests = self.requests
+        for rid, n in out.num_scheduled.items():
+            req = requests[rid]
+            before = req.num_computed
+            num_spec = out.spec_tokens.get(rid, 0)
+            if before >= req.num_tokens - 1 + req.placeholders and n - num_spec <= 1:
+                batch.decode_context.append(before + 1)
+                batch.decode_spec_tokens.append(num_spec)
+            else:
+                batch.prefill_tokens.append(n)
+                batch.prefill_context.append(before)
+            req.num_computed = before + n
+            req.in_flight_tokens += n
+            if req.num_computed >= req.num_tokens + req.placeholders:
+                out.sampling.add(rid)
+                if self.async_scheduling:
+                    req.placeholders += 1 + num_spec
+
+    def _preempt(self, req: SimRequest) -> None:
+        """Free a running request's blocks and put it at the front of the queue."""
+        self.kv.free(req.rid)
+        req.status = Status.PREEMPTED
+        req.num_computed = 0
+        req.spec_tokens = 0
+        req.stale_tokens = req.in_flight_tokens
+        req.placeholders = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # --- results --------------------------------------------------------------
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: dict[int, int], now: float
+    ) -> list[SimRequest]:
+        """Apply a finished step: deliver ``sampled[rid]`` tokens per sampling request.
+
+        Returns the requests that finished in this step.
+        """
+        finished: list[SimRequest] = []
+        requests = self.requests
+        for rid, n in out.num_scheduled.items():
+            req = requests[rid]
+            req.in_flight_tokens -= n
+            stale = req.stale_tokens > 0
+            if stale:
+                req.stale_tokens -= n
+            if req.status >= Status.FINISHED:
+                continue
+            generated = sampled.get(rid, 0)
+            if not generated:
+                continue
+            num_spec = out.spec_tokens.get(rid, 0)
+            if num_spec:
+                rejected = num_spec - (generated - 1)
+                if not stale:
+                    if req.num_computed > 0:
+                        req.num_computed -= rejected
+                    if req.placeholders > 0:
+                        req.placeholders -= rejected
+            delivered, stopped = self._deliver(req, generated, now)
+            if not stale:
+                req.placeholders = max(req.placeholders - delivered, 0)
+            if stopped:
+                self._finish(req, now)
+                finished.append(req)
+            elif req.status == Status.RUNNING:
+                self.kv.cache_full_blocks(req.rid, req.block_hash, req.num_computed - req.placeholders)
+        if finished:
+            done = {r.rid for r in finished}
+            self.running = [r for r in self.running if r.rid not in done]
+        return finished
+
+    def _deliver(self, req: SimRequest, generated: int, now: float) -> tuple[int, bool]:
+        """Append output tokens one by one until a stop condition; return (count, stopped)."""
+        room = min(req.max_tokens - req.num_output, self.max_model_len - req.num_tokens)
+        delivered = min(generated, max(room, 0))
+        if delivered <= 0:
+            return 0, True
+        if req.num_output == 0:
+            req.first_token_s = now
+        if req.first_visible_s < 0 and req.num_output + delivered > req.reasoning_tokens:
+            req.first_visible_s = now
+        req.num_output += delivered
+        req.last_token_s = now
+        stopped = req.num_output >= req.max_tokens or req.num_tokens >= self.max_model_len
+        return delivered, stopped
+
+    def _finish(self, req: SimRequest, now: float) -> None:
+        if req.status == Status.PREEMPTED:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        req.status = Status.FINISHED
+        req.finish_s = now
+        self.kv.free(req.rid)
