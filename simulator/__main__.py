@@ -1,0 +1,108 @@
+"""`python -m simulator workload=gamma ...`: simulate one vLLM replica and write its results."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from simulator.configure import CONF_DIR, check_group_choices
+from simulator.errors import ConfigError
+
+
+def print_summary(summary: dict, out_dir: Path) -> None:
+    """A short text summary for the terminal."""
+
+    def ms(stat: dict, key: str) -> str:
+        v = stat.get(key)
+        return "-" if v is None else (f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s")
+
+    kv = summary["kv_usage"]
+    lines = [
+        f"requests   {summary['completed']} completed, {summary['rejected']} rejected "
+        f"over {summary['duration_s']:.0f} s",
+        f"TTFT       p50 {ms(summary['ttft_s'], 'p50')}  p99 {ms(summary['ttft_s'], 'p99')}",
+        f"TTFVT      p50 {ms(summary['ttfvt_s'], 'p50')}  p99 {ms(summary['ttfvt_s'], 'p99')}",
+        f"TPOT       p50 {ms(summary['tpot_s'], 'p50')}  p99 {ms(summary['tpot_s'], 'p99')}",
+        f"E2E        p50 {ms(summary['e2e_s'], 'p50')}  p99 {ms(summary['e2e_s'], 'p99')}",
+        f"KV cache   mean {kv['mean']:.1%}  peak {kv['peak']:.1%}  "
+        f"{kv['seconds_above_95pct']:.0f} s above 95%",
+        f"preempted  {summary['preemptions']} preemptions of {summary['requests_preempted']} requests",
+        f"throughput {summary['throughput']['output_tokens_per_s']:.0f} output tok/s, "
+        f"{summary['throughput']['requests_per_s']:.3f} req/s",
+        f"goodput    {summary['goodput']['requests_per_s']:.3f} req/s "
+        f"({summary['goodput']['attainment']:.1%} meet the SLO)",
+        f"stragglers slowest 5% hold {summary['stragglers']['kv_block_seconds_share']:.1%} of "
+        f"KV block-seconds, E2E {summary['stragglers']['e2e_over_median']:.1f}x the median",
+        f"results    {out_dir}",
+    ]
+    print("\n".join(lines))
+
+
+def run(cfg) -> dict:
+    """Build the run from the config, simulate it and write everything to the run dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from simulator.configure import build_run, versions
+    from simulator.engine import simulate
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    spec = build_run(cfg)
+    started = time.perf_counter()
+    result = simulate(spec.workload, spec.engine, spec.perf, slo=spec.slo, seed=spec.seed,
+                      progress=bool(cfg.get("progress", True)))
+    elapsed = time.perf_counter() - started
+    result.metadata = {
+        "seed": spec.seed,
+        "versions": versions(),
+        "performance_model": spec.perf.describe(),
+        "calibrated": spec.perf.calibrated,
+        "hardware": spec.hardware.name,
+        "model": spec.model.name,
+        "tp": spec.tp,
+        "optimization": spec.optimization.get("name", "none"),
+        "simulation_wall_s": elapsed,
+        "workload": {"name": spec.workload.name, "requests": len(spec.workload)},
+    }
+    if not spec.perf.calibrated:
+        result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
+    result.write(out_dir)
+    (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    spec.workload.save(out_dir / "workload.parquet")
+    if cfg.get("plots", True):
+        from simulator.plots import write_plots
+
+        title = f"{spec.model.name} on {spec.hardware.name} x{spec.tp}, {spec.workload.name}"
+        write_plots(result, out_dir, title)
+    print_summary(result.summary, out_dir)
+    if not spec.perf.calibrated:
+        print("warning: the performance model is UNCALIBRATED (roofline)")
+    return result.summary
+
+
+def main() -> int:
+    import hydra
+
+    try:
+        check_group_choices(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+    def _task(cfg) -> None:
+        try:
+            summary = run(cfg)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return json.loads(json.dumps(summary["goodput"]))
+
+    _task()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

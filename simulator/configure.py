@@ -1,0 +1,109 @@
+"""From a Hydra config to the records a simulation needs (and back to a run record)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from simulator.engine_config import EngineConfig
+from simulator.errors import ConfigError
+from simulator.hardware import Hardware
+from simulator.metrics import SLO
+from simulator.model_arch import ModelArchitecture
+from simulator.performance import PerformanceModel
+from simulator.workload import Workload
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+CONFIG_GROUPS = ("workload", "engine", "hardware", "model", "optimization", "perf", "slo", "plan")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one simulation needs, validated."""
+
+    workload: Workload
+    engine: EngineConfig
+    perf: PerformanceModel
+    hardware: Hardware
+    model: ModelArchitecture
+    optimization: dict[str, Any]
+    slo: SLO
+    tp: int
+    seed: int
+
+
+def to_plain(cfg) -> dict[str, Any]:
+    """An OmegaConf node (or mapping) as plain Python containers."""
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def engine_config(engine: dict[str, Any], optimization: dict[str, Any]) -> EngineConfig:
+    """The engine group, with what the optimization sets on top of it."""
+    merged = dict(engine)
+    if optimization.get("kv_cache_dtype") not in (None, "auto"):
+        merged["kv_cache_dtype"] = optimization["kv_cache_dtype"]
+    if optimization.get("enable_prefix_caching") is not None:
+        merged["enable_prefix_caching"] = bool(optimization["enable_prefix_caching"])
+    if optimization.get("speculative"):
+        merged["speculative"] = dict(optimization["speculative"])
+    return EngineConfig.from_dict(merged)
+
+
+def build_run(cfg) -> RunSpec:
+    """Validate a full simulator config and build its records."""
+    from calibration.registry import build_performance_model
+    from simulator.workload_builder import build_workload
+
+    plain = to_plain(cfg)
+    for group in ("workload", "engine", "hardware", "model", "optimization", "perf", "slo"):
+        if group not in plain:
+            raise ConfigError(group, "missing config group")
+    optimization = dict(plain["optimization"] or {})
+    engine = engine_config(plain["engine"], optimization)
+    hardware = Hardware.from_dict(plain["hardware"])
+    model = ModelArchitecture.from_dict(plain["model"])
+    tp = int(plain.get("tp", 1))
+    perf = build_performance_model(hardware, model, optimization, tp, plain["perf"], engine=engine)
+    workload = build_workload(plain["workload"])
+    slo = SLO.from_dict(plain["slo"])
+    seed = int(plain["workload"].get("seed", 0) or 0)
+    return RunSpec(workload, engine, perf, hardware, model, optimization, slo, tp, seed)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages a run depends on."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("rllm-sim", "simpy", "numpy", "scipy", "pandas", "pyarrow", "hydra-core"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Fail early, in one line, on ``group=name`` overrides naming no file in conf/."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "+", "~", "hydra")):
+            continue
+        key, value = arg.split("=", 1)
+        if key not in CONFIG_GROUPS:
+            continue
+        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options:
+                raise ConfigError(key, f"unknown choice {choice!r}; allowed: {', '.join(options)}")

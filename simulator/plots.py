@@ -1,0 +1,99 @@
+"""PNG plots of a run, like the study's: KV usage, running/waiting, latency CDFs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from simulator.results import RunResult
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _downsample(t: np.ndarray, *ys: np.ndarray, points: int = 4000):
+    """Keep plots light: at most ``points`` samples, evenly spaced in index."""
+    if len(t) <= points:
+        return (t, *ys)
+    idx = np.linspace(0, len(t) - 1, points).astype(int)
+    return (t[idx], *(y[idx] for y in ys))
+
+
+def plot_kv_usage(result: RunResult, path: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    tl = result.timeline
+    t, u = _downsample(tl["time_s"], tl["kv_usage"] * 100)
+    mean = result.summary["kv_usage"]["mean"] * 100
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.plot(t, u, lw=0.8, color="tab:blue", label="KV-cache usage")
+    ax.axhline(mean, color="tab:red", ls="--", lw=1, label=f"mean {mean:.1f}%")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("KV-cache usage (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title or "KV-cache usage over time")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_queues(result: RunResult, path: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    tl = result.timeline
+    t, r, w = _downsample(tl["time_s"], tl["running"], tl["waiting"])
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.plot(t, r, lw=0.8, label="running")
+    ax.plot(t, w, lw=0.8, label="waiting")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("requests")
+    ax.set_title(title or "Running and waiting requests")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_cdfs(result: RunResult, path: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    req = result.requests
+    done = req["status"] == "completed"
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
+    for ax, key, label in zip(
+        axes,
+        ("ttft_s", "ttfvt_s", "tpot_s", "e2e_s"),
+        ("TTFT (s)", "TTFVT (s)", "TPOT (s)", "E2E (s)"),
+        strict=True,
+    ):
+        v = np.sort(req[key][done].astype(float))
+        v = v[np.isfinite(v)]
+        if v.size:
+            ax.plot(v, np.arange(1, v.size + 1) / v.size, lw=1.2)
+            ax.axvline(np.percentile(v, 99), color="grey", ls=":", lw=1)
+        ax.set_xlabel(label)
+        ax.set_ylim(0, 1.01)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("CDF")
+    fig.suptitle(title or "Latency CDFs (dotted: p99)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(result: RunResult, out_dir: str | Path, title: str = "") -> list[Path]:
+    """Write kv_usage.png, queues.png and latency_cdf.png into out_dir."""
+    out = Path(out_dir)
+    return [
+        plot_kv_usage(result, out / "kv_usage.png", title),
+        plot_queues(result, out / "queues.png", title),
+        plot_latency_cdfs(result, out / "latency_cdf.png", title),
+    ]

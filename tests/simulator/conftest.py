@@ -1,0 +1,56 @@
+"""Shared helpers for simulator tests: a small linear step-time model and workloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.workload import Workload
+
+
+class LinearModel(PerformanceModel):
+    """step = overhead + per prefill token + per decode sequence + per KV token read."""
+
+    name = "test-linear"
+
+    def __init__(self, overhead=0.004, prefill=2e-5, decode=1e-4, kv_read=1e-8, kv_bytes=1000):
+        self.overhead, self.prefill, self.decode, self.kv_read = overhead, prefill, decode, kv_read
+        self.kv_bytes = kv_bytes
+
+    def step_time(self, batch: StepBatch) -> float:
+        return (self.overhead + self.prefill * sum(batch.prefill_tokens)
+                + self.decode * len(batch.decode_context) + self.kv_read * sum(batch.decode_context))
+
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes
+
+    def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
+        total = 10 * 2**30
+        return MemoryBreakdown(total, int(total * gpu_memory_utilization), 0, 0, 0,
+                               int(total * gpu_memory_utilization))
+
+
+def make_workload(n=50, seed=0, rate=5.0, prompt=(16, 600), output=(1, 800), prefix_groups=0,
+                  prefix_tokens=0) -> Workload:
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, n))
+    out = rng.integers(output[0], output[1] + 1, n)
+    group = rng.integers(0, prefix_groups, n) if prefix_groups else np.full(n, -1)
+    prompts = rng.integers(prompt[0], prompt[1] + 1, n)
+    if prefix_groups:
+        prompts = np.maximum(prompts, prefix_tokens + 1)
+    return Workload(
+        arrival_s=arrivals,
+        prompt_tokens=prompts,
+        output_tokens=out,
+        reasoning_tokens=(out * rng.uniform(0, 1, n)).astype(int),
+        domain=np.full(n, "math", object),
+        prefix_group=group,
+        prefix_tokens=np.full(n, prefix_tokens) if prefix_groups else None,
+    )
+
+
+@pytest.fixture
+def linear_model() -> LinearModel:
+    return LinearModel()
