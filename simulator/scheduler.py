@@ -11,6 +11,7 @@ current one runs, with placeholders for the tokens it will sample.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -258,10 +259,8 @@ class NativeScheduler:
 
     def _finish(self, req: SimRequest, now: float) -> None:
         if req.status == Status.PREEMPTED:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(req)
-            except ValueError:
-                pass
         req.status = Status.FINISHED
         req.finish_s = now
         self.kv.free(req.rid)
