@@ -14,8 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import simpy
 
+from simulator import fast_forward
 from simulator.engine_config import EngineConfig
 from simulator.performance import KVCapacity, PerformanceModel
 from simulator.request import SimRequest, Status
@@ -77,6 +79,7 @@ class Engine:
         scheduler_factory: Callable[..., object] | None = None,
         keep_decisions: bool = False,
         on_progress: Callable[[int], None] | None = None,
+        fast: bool = True,
     ):
         self.workload = workload
         self.config = config
@@ -94,6 +97,17 @@ class Engine:
         self.requests: list[SimRequest] = []
         self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
         self.on_progress = on_progress
+        probe = perf.decode_times(1, np.ones(1))
+        self._decode_fn = perf.decode_times if probe is not None else None
+        self.fast = bool(fast and self._decode_fn is not None and not keep_decisions
+                         and isinstance(self.scheduler, NativeScheduler))
+        self._horizon = fast_forward.INITIAL_HORIZON
+        self._next_arrival = 0
+        # arrivals that will join the queue (not rejected), for the fast path's waiting counts
+        w = workload
+        too_long = w.prompt_tokens + w.output_tokens > min(
+            config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
+        self._queued_arrivals = np.cumsum(~too_long)
         self._wake: simpy.Event | None = None
         self._arrivals_done = False
         self._finished = 0
@@ -112,6 +126,7 @@ class Engine:
         for rid in range(len(arrival)):
             if arrival[rid] > env.now:
                 yield env.timeout(arrival[rid] - env.now)
+            self._next_arrival = rid + 1
             req = SimRequest(rid, arrival[rid], prompt[rid], output[rid], reasoning[rid],
                              group[rid], prefix[rid], block_size)
             self.requests.append(req)
@@ -144,6 +159,11 @@ class Engine:
                     return
                 yield self._wake
                 continue
+            if self.fast:
+                delay = self._fast_sync()
+                if delay is not None:
+                    yield env.timeout(delay)
+                    continue
             self._before_schedule()
             out = sched.schedule()
             if not out.num_scheduled:
@@ -152,19 +172,24 @@ class Engine:
                 yield self._wake
                 continue
             start = env.now
-            yield env.timeout(self.perf.step_time(out.batch))
+            yield env.timeout(self._step_time(out))
             self._apply(out, start)
 
     def _run_async(self):
         env, sched = self.env, self.scheduler
         in_flight: deque[tuple[SchedulerOutput, float, float]] = deque()
         while True:
+            if self.fast and len(in_flight) == 1 and sched.has_requests():
+                delay = self._fast_async(in_flight)
+                if delay is not None:
+                    yield env.timeout(delay)
+                    continue
             if sched.has_requests():
                 self._before_schedule()
                 out = sched.schedule()
                 if out.num_scheduled:
                     start = in_flight[-1][2] if in_flight else env.now
-                    in_flight.append((out, start, start + self.perf.step_time(out.batch)))
+                    in_flight.append((out, start, start + self._step_time(out)))
                     if len(in_flight) < 2:
                         continue
             if not in_flight:
@@ -178,6 +203,107 @@ class Engine:
             if end > env.now:
                 yield env.timeout(end - env.now)
             self._apply(out, start)
+
+    # --- step times and the fast path --------------------------------------------------
+    def _step_time(self, out: SchedulerOutput) -> float:
+        batch = out.batch
+        if self._decode_fn is not None and not batch.prefill_tokens and not any(batch.decode_spec_tokens):
+            total = np.array([float(sum(batch.decode_context))])
+            return float(self._decode_fn(len(batch.decode_context), total)[0])
+        return self.perf.step_time(batch)
+
+    def _waiting_at(self, times: np.ndarray) -> np.ndarray:
+        """Queue length at each time, counting requests that arrive meanwhile."""
+        waiting = len(self.scheduler.waiting)
+        i = self._next_arrival
+        if i >= len(self.workload.arrival_s):
+            return np.full(len(times), waiting)
+        arrived = i + np.searchsorted(self.workload.arrival_s[i:], times, side="right")
+        before = self._queued_arrivals[i - 1] if i else 0
+        queued = np.where(arrived > i, self._queued_arrivals[np.maximum(arrived - 1, 0)] - before, 0)
+        return waiting + queued
+
+    def _next_arrival_s(self) -> float:
+        i = self._next_arrival
+        arrival = self.workload.arrival_s
+        return float(arrival[i]) if i < len(arrival) else float("inf")
+
+    def _plan(self, schedule_times_from, lag: int):
+        run = fast_forward.plan(self.scheduler, self._decode_fn, schedule_times_from,
+                                self._next_arrival_s(), self._horizon, lag)
+        if run is None:
+            self._horizon = fast_forward.INITIAL_HORIZON
+        elif run.k == self._horizon:
+            self._horizon = min(self._horizon * 2, fast_forward.MAX_HORIZON)
+        return run
+
+    def _fast_sync(self) -> float | None:
+        """Advance a run of pure-decode steps under sync scheduling; return its duration."""
+        now = self.env.now
+
+        def schedule_times(times: np.ndarray) -> np.ndarray:
+            return np.cumsum(np.concatenate(([now], times)))[:-1]
+
+        run = self._plan(schedule_times, 0)
+        if run is None:
+            return None
+        t = np.cumsum(np.concatenate(([now], run.step_times)))
+        starts, ends = t[:-1], t[1:]
+        self._fast_apply(run, sched_at=starts, token_times=ends, starts=starts)
+        return float(ends[-1]) - now
+
+    def _fast_async(self, in_flight: deque) -> float | None:
+        """Advance pure-decode steps with one step in flight; return the time to the last update."""
+        sched = self.scheduler
+        out_j, start_j, end_j = in_flight[0]
+        running = sched.running
+        if len(out_j.num_scheduled) != len(running) or out_j.spec_tokens:
+            return None
+        scheduled = out_j.num_scheduled
+        if any(scheduled.get(r.rid) != 1 for r in running):
+            return None
+        now = self.env.now
+
+        def schedule_times(times: np.ndarray) -> np.ndarray:
+            ends = np.cumsum(np.concatenate(([end_j], times)))
+            return np.concatenate(([now], ends[:-2]))
+
+        run = self._plan(schedule_times, 1)
+        if run is None:
+            return None
+        k = run.k
+        e = np.cumsum(np.concatenate(([end_j], run.step_times)))  # e[i]: end of S_{j+i}
+        sched_at = np.concatenate(([now], e[: k - 1]))
+        starts = np.concatenate(([start_j], e[: k - 1]))
+        self._fast_apply(run, sched_at=sched_at, token_times=e[:k], starts=starts,
+                         first_preempted=len(out_j.preempted))
+        sched.step -= 1
+        in_flight[0] = (fast_forward.synthesize_step(sched), float(e[k - 1]), float(e[k]))
+        return float(e[k - 1]) - now
+
+    def _fast_apply(self, run, sched_at: np.ndarray, token_times: np.ndarray, starts: np.ndarray,
+                    first_preempted: int = 0) -> None:
+        sched = self.scheduler
+        kv = sched.kv
+        used0 = kv.num_used_blocks
+        used = used0 + fast_forward.take_blocks(sched, run, sched_at)
+        fast_forward.deliver(sched.running, run.k, token_times)
+        for r in sched.running:
+            kv.cache_full_blocks(r.rid, r.block_hash, r.num_computed - r.placeholders)
+        sched.step += run.k
+        n = len(sched.running)
+        k = run.k
+        log = self.steps
+        log.start_s.extend(starts.tolist())
+        log.end_s.extend(token_times.tolist())
+        log.running.extend([n] * k)
+        log.waiting.extend(self._waiting_at(token_times).tolist())
+        log.kv_blocks_used.extend(used.tolist())
+        log.prefill_tokens.extend([0] * k)
+        log.decode_tokens.extend([n] * k)
+        log.batch_size.extend([n] * k)
+        log.preempted.append(first_preempted)
+        log.preempted.extend([0] * (k - 1))
 
     # --- step bookkeeping ---------------------------------------------------------
     def _before_schedule(self) -> None:
@@ -278,8 +404,14 @@ def simulate(
     async_scheduling: bool | None = None,
     progress: bool = False,
     keep_decisions: bool = False,
+    fast: bool = True,
 ):
-    """Run a workload through one engine replica and return its RunResult."""
+    """Run a workload through one engine replica and return its RunResult.
+
+    ``fast`` advances runs of identical decode steps in closed form (same
+    results as the step-by-step path, much faster); ``keep_decisions`` keeps
+    every step's SchedulerOutput (and implies the step-by-step path).
+    """
     from simulator.metrics import SLO
     from simulator.results import tabulate
 
@@ -299,7 +431,7 @@ def simulate(
     try:
         engine = Engine(workload, config, perf, kv, seed=seed, async_scheduling=async_scheduling,
                         scheduler_factory=factory, keep_decisions=keep_decisions,
-                        on_progress=on_progress)
+                        on_progress=on_progress, fast=fast)
         run = engine.run()
     finally:
         if bar is not None:

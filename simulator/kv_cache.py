@@ -151,16 +151,29 @@ class KVCacheManager:
             self._num_cached_blocks[rid] = full
 
     def free(self, rid: int) -> None:
-        """Release a request's blocks; tail blocks become the first to evict."""
+        """Release a request's blocks, tail first.
+
+        As vLLM's BlockPool.free_blocks: blocks without a content hash can
+        never be hit, so they go to the front of the free queue (reused first);
+        cached blocks go to the back, so the prefix cache evicts least recently
+        freed first.
+        """
         blocks = self.req_blocks.pop(rid, None)
         self._num_cached_blocks.pop(rid, None)
         if not blocks:
             return
         self._integrate(rid, len(blocks))
+        reuse_first: list[int] = []
         for b in reversed(blocks):
             self._ref[b] -= 1
             if self._ref[b] == 0:
-                self._free[b] = None
+                if self._hash_of[b] is None:
+                    reuse_first.append(b)
+                else:
+                    self._free[b] = None
+        for b in reversed(reuse_first):
+            self._free[b] = None
+            self._free.move_to_end(b, last=False)
 
     def _integrate(self, rid: int, held: int) -> None:
         """Add held x (clock - last change) to the request's block-seconds."""

@@ -105,6 +105,17 @@ class PerformanceModel(ABC):
     def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
         """How device memory splits into weights, activations, other and KV."""
 
+    def decode_times(self, num_seqs: int, total_context):
+        """Step times of pure-decode batches, or None if this model cannot give them.
+
+        A model whose decode-only step time depends on nothing but the number
+        of sequences and the total context they attend over returns, for an
+        array ``total_context``, one step time per entry. The engine then uses
+        this for every pure-decode step, one at a time or many at once (the
+        fast path), so both paths see bit-identical step times.
+        """
+        return None
+
     def kv_capacity(
         self,
         block_size: int,

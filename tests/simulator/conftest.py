@@ -54,3 +54,12 @@ def make_workload(n=50, seed=0, rate=5.0, prompt=(16, 600), output=(1, 800), pre
 @pytest.fixture
 def linear_model() -> LinearModel:
     return LinearModel()
+
+
+class VectorLinearModel(LinearModel):
+    """LinearModel that also gives pure-decode step times in bulk (enables the fast path)."""
+
+    name = "test-linear-vector"
+
+    def decode_times(self, num_seqs, total_context):
+        return (self.overhead + self.decode * num_seqs) + self.kv_read * np.asarray(total_context, float)
