@@ -107,9 +107,9 @@ def check_size(num_requests: int | None, duration_s: float | None) -> None:
         )
     else:
         require(
-            isinstance(duration_s, int | float) and math.isfinite(duration_s) and duration_s > 0,
+            isinstance(duration_s, int | float) and not math.isnan(duration_s) and duration_s > 0,
             "workload.duration_s",
-            f"must be a positive number of seconds, got {duration_s!r}",
+            f"must be a positive number of seconds (.inf: a whole trace), got {duration_s!r}",
         )
 
 
@@ -227,6 +227,11 @@ def superposed_arrivals(
     of each arrival).
     """
     check_size(num_requests, duration_s)
+    require(
+        duration_s is None or math.isfinite(duration_s),
+        "workload.duration_s",
+        "must be finite for generated arrivals (.inf only replays a whole trace)",
+    )
     require(len(sources) > 0 and all(len(s) > 0 for s in sources), "workload.windows", "is empty")
     require(
         any(w.rate > 0 for s in sources for w in s),

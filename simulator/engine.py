@@ -206,11 +206,7 @@ class Engine:
 
     # --- step times and the fast path --------------------------------------------------
     def _step_time(self, out: SchedulerOutput) -> float:
-        batch = out.batch
-        if self._decode_fn is not None and not batch.prefill_tokens and not any(batch.decode_spec_tokens):
-            total = np.array([float(sum(batch.decode_context))])
-            return float(self._decode_fn(len(batch.decode_context), total)[0])
-        return self.perf.step_time(batch)
+        return self.perf.step_time(out.batch)
 
     def _waiting_at(self, times: np.ndarray) -> np.ndarray:
         """Queue length at each time, counting requests that arrive meanwhile."""

@@ -33,7 +33,10 @@ class KVCacheManager:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self._ref = [0] * num_blocks
         self._hash_of: list[Hashable | None] = [None] * num_blocks
-        self._cached: dict[Hashable, int] = {}
+        # content hash -> the blocks holding it, oldest first. Like vLLM, duplicates
+        # are kept (two requests may compute the same prefix block at once), so
+        # evicting one copy leaves the other findable.
+        self._cached: dict[Hashable, dict[int, None]] = {}
         self.req_blocks: dict[int, list[int]] = {}
         self._num_cached_blocks: dict[int, int] = {}
         # prefix-cache statistics (tokens)
@@ -72,10 +75,10 @@ class KVCacheManager:
             return []
         hit: list[int] = []
         for i in range((num_tokens - 1) // self.block_size):
-            block = self._cached.get(block_hash(i))
-            if block is None:
+            blocks = self._cached.get(block_hash(i))
+            if not blocks:
                 break
-            hit.append(block)
+            hit.append(next(iter(blocks)))
         return hit
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
@@ -127,8 +130,11 @@ class KVCacheManager:
         block, _ = self._free.popitem(last=False)
         h = self._hash_of[block]
         if h is not None:  # evict it from the prefix cache
-            if self._cached.get(h) == block:
-                del self._cached[h]
+            blocks = self._cached.get(h)
+            if blocks is not None:
+                blocks.pop(block, None)
+                if not blocks:
+                    del self._cached[h]
             self._hash_of[block] = None
         self._ref[block] = 1
         return block
@@ -144,8 +150,7 @@ class KVCacheManager:
             block = blocks[i]
             if self._hash_of[block] is None:
                 h = block_hash(i)
-                if h not in self._cached:
-                    self._cached[h] = block
+                self._cached.setdefault(h, {})[block] = None
                 self._hash_of[block] = h
         if full > done:
             self._num_cached_blocks[rid] = full

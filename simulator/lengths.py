@@ -307,12 +307,18 @@ def apply_max_tokens(
     A request whose reasoning alone reaches the budget ends while still
     thinking: all its output is reasoning and it shows no visible token.
     """
-    if max_tokens is None:
+    if check_max_tokens(max_tokens) is None:
         return output_tokens, reasoning_tokens
+    output = np.minimum(output_tokens, max_tokens)
+    return output, np.minimum(reasoning_tokens, output)
+
+
+def check_max_tokens(max_tokens: int | None) -> int | None:
+    """The budget, or ConfigError unless it is null or a positive integer."""
     require(
-        isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1,
+        max_tokens is None
+        or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1),
         "workload.max_tokens",
         f"must be a positive integer or null (no budget), got {max_tokens!r}",
     )
-    output = np.minimum(output_tokens, max_tokens)
-    return output, np.minimum(reasoning_tokens, output)
+    return max_tokens

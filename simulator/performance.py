@@ -106,13 +106,13 @@ class PerformanceModel(ABC):
         """How device memory splits into weights, activations, other and KV."""
 
     def decode_times(self, num_seqs: int, total_context):
-        """Step times of pure-decode batches, or None if this model cannot give them.
+        """Step times of many pure-decode batches at once, or None if not supported.
 
         A model whose decode-only step time depends on nothing but the number
         of sequences and the total context they attend over returns, for an
-        array ``total_context``, one step time per entry. The engine then uses
-        this for every pure-decode step, one at a time or many at once (the
-        fast path), so both paths see bit-identical step times.
+        array ``total_context``, one step time per entry, equal (to rounding)
+        to ``step_time`` of such a batch. The engine's fast path uses it to
+        advance runs of identical decode steps in closed form.
         """
         return None
 

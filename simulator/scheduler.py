@@ -28,6 +28,9 @@ class SchedulerOutput:
     step: int
     num_scheduled: dict[int, int] = field(default_factory=dict)
     spec_tokens: dict[int, int] = field(default_factory=dict)
+    #: requests whose draft slots are padding (vLLM pads a resumed one-token decode to the
+    #: uniform speculative size); padding drafts are never accepted
+    spec_padding: set[int] = field(default_factory=set)
     sampling: set[int] = field(default_factory=set)
     new: list[int] = field(default_factory=list)
     resumed: list[int] = field(default_factory=list)
@@ -52,6 +55,9 @@ class NativeScheduler:
         self.waiting: deque[SimRequest] = deque()
         self.requests: dict[int, SimRequest] = {}
         self.step = 0
+        # speculation only: requests whose last scheduled step left them prefilling
+        # (vLLM's Request.is_prefill_chunk)
+        self._prefilling: set[int] = set()
 
     # --- queue --------------------------------------------------------------
     def add_request(self, request: SimRequest) -> None:
@@ -84,6 +90,8 @@ class NativeScheduler:
 
         # 1. running requests, in admission order
         running = self.running
+        num_spec_tokens = cfg.speculative.num_speculative_tokens
+        prefill_scheduled = False
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -114,6 +122,8 @@ class NativeScheduler:
             scheduled[req.rid] = n
             budget -= n
             i += 1
+            if num_spec_tokens and req.rid in self._prefilling:
+                prefill_scheduled = True
             if req.spec_tokens:
                 num_spec = n + req.num_computed - req.num_tokens - req.placeholders
                 if num_spec > 0:
@@ -121,6 +131,7 @@ class NativeScheduler:
                 req.spec_tokens = 0
 
         # 2. waiting requests, first come first served (none if anything was preempted)
+        running_scheduled = bool(scheduled)
         if not out.preempted:
             skipped: list[SimRequest] = []
             waiting = self.waiting
@@ -136,6 +147,19 @@ class NativeScheduler:
                     hits = kv.computed_blocks(req.block_hash, req.num_tokens)
                 num_computed = len(hits) * self.block_size
                 n = req.num_tokens - num_computed
+                padded = (
+                    num_spec_tokens
+                    and n == 1
+                    and not prefill_scheduled
+                    and (running_scheduled or num_computed > 0)
+                    and num_computed + 2 + num_spec_tokens <= self.max_model_len
+                )
+                if padded:
+                    # vLLM pads a one-token decode to the uniform speculative size
+                    # (for CUDA graphs), with draft slots that are never accepted
+                    if 1 + num_spec_tokens > budget:
+                        break
+                    n = 1 + num_spec_tokens
                 if 0 < threshold < n:
                     n = threshold
                 if not cfg.enable_chunked_prefill and n > budget:
@@ -156,6 +180,9 @@ class NativeScheduler:
                     req.first_scheduled_s = kv.clock
                 (out.new if req.status == Status.WAITING else out.resumed).append(req.rid)
                 scheduled[req.rid] = n
+                if padded:
+                    out.spec_tokens[req.rid] = num_spec_tokens
+                    out.spec_padding.add(req.rid)
                 budget -= n
                 req.status = Status.RUNNING
                 req.num_computed = num_computed
@@ -172,6 +199,7 @@ class NativeScheduler:
         """Advance computed tokens and describe the batch (vLLM's _update_after_schedule)."""
         batch = out.batch
         requests = self.requests
+        track_prefill = self.config.speculative.enabled
         for rid, n in out.num_scheduled.items():
             req = requests[rid]
             before = req.num_computed
@@ -188,6 +216,10 @@ class NativeScheduler:
                 out.sampling.add(rid)
                 if self.async_scheduling:
                     req.placeholders += 1 + num_spec
+                if track_prefill:
+                    self._prefilling.discard(rid)
+            elif track_prefill:
+                self._prefilling.add(rid)
 
     def _preempt(self, req: SimRequest) -> None:
         """Free a running request's blocks and put it at the front of the queue."""
@@ -221,6 +253,8 @@ class NativeScheduler:
             generated = sampled.get(rid, 0)
             if not generated:
                 continue
+            if rid in out.spec_padding:
+                generated = 1
             num_spec = out.spec_tokens.get(rid, 0)
             if num_spec:
                 rejected = num_spec - (generated - 1)
@@ -232,11 +266,16 @@ class NativeScheduler:
             delivered, stopped = self._deliver(req, generated, now)
             if not stale:
                 req.placeholders = max(req.placeholders - delivered, 0)
+            if self.async_scheduling and req.status == Status.RUNNING:
+                # As vLLM: only the AsyncScheduler caches blocks when output arrives
+                # (the sync one waits for the next allocation, which matters for
+                # blocks filled by accepted drafts), and it does so before a
+                # finishing request is freed, so that block goes to the back of
+                # the free queue.
+                self.kv.cache_full_blocks(req.rid, req.block_hash, req.num_computed - req.placeholders)
             if stopped:
                 self._finish(req, now)
                 finished.append(req)
-            elif req.status == Status.RUNNING:
-                self.kv.cache_full_blocks(req.rid, req.block_hash, req.num_computed - req.placeholders)
         if finished:
             done = {r.rid for r in finished}
             self.running = [r for r in self.running if r.rid not in done]

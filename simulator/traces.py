@@ -63,26 +63,26 @@ def resolve_path(path: str | Path, field: str = "workload.path", directory: bool
     raise ConfigError(field, f"no such {kind} {path} (looked for {tried})")
 
 
-def _bad(path: Path, line: int, column: str, value: str, expected: str) -> ConfigError:
+def _bad(
+    path: Path, line: int, column: str, value: str, expected: str, field: str = "workload.path"
+) -> ConfigError:
     return ConfigError(
-        "workload.path", f"{path.name} line {line}, column {column}: {value!r} is not {expected}"
+        field, f"{path.name} line {line}, column {column}: {value!r} is not {expected}"
     )
 
 
 def _read_csv_columns(
-    path: Path, columns: Sequence[str], has_header: bool = True
+    path: Path, columns: Sequence[str], has_header: bool = True, field: str = "workload.path"
 ) -> dict[str, list[str]]:
-    """The named columns of a small CSV file as lists of strings (rows start at line 2)."""
+    """The named columns of a small CSV file as lists of strings (data from line 2, or 1)."""
     lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
     if has_header:
-        require(len(lines) > 0, "workload.path", f"{path.name} is empty")
+        require(len(lines) > 0, field, f"{path.name} is empty")
         header = [h.strip().lstrip("\ufeff") for h in lines[0].split(",")]
         missing = [c for c in columns if c not in header]
-        require(
-            not missing,
-            "workload.path",
-            f"{path.name} lacks columns {missing}; its header is {header}",
-        )
+        require(not missing, field, f"{path.name} lacks columns {missing}; its header is {header}")
         index = [header.index(c) for c in columns]
         width = len(header)
         first_line = 2
@@ -92,18 +92,19 @@ def _read_csv_columns(
         width = len(columns)
         first_line = 1
         body = lines
-    rows = [line.split(",") for line in body if line.strip()]
+    rows = [line.split(",") for line in body]
     for number, row in enumerate(rows, start=first_line):
         if len(row) != width:
             raise ConfigError(
-                "workload.path",
-                f"{path.name} line {number}: expected {width} columns, found {len(row)}",
+                field, f"{path.name} line {number}: expected {width} columns, found {len(row)}"
             )
-    require(len(rows) > 0, "workload.path", f"{path.name} has no data rows")
+    require(len(rows) > 0, field, f"{path.name} has no data rows")
     return {c: [row[i].strip() for row in rows] for c, i in zip(columns, index, strict=True)}
 
 
-def _integers(path: Path, column: str, values: list[str], first_line: int = 2) -> np.ndarray:
+def _integers(
+    path: Path, column: str, values: list[str], first_line: int = 2, field: str = "workload.path"
+) -> np.ndarray:
     """Non-negative integers parsed from strings; ConfigError names the first bad one."""
     try:
         parsed = np.asarray(values).astype(np.float64)
@@ -123,7 +124,7 @@ def _integers(path: Path, column: str, values: list[str], first_line: int = 2) -
         if not (
             math.isfinite(number_value) and number_value >= 0 and number_value == int(number_value)
         ):
-            raise _bad(path, number, column, value, "a non-negative integer")
+            raise _bad(path, number, column, value, "a non-negative integer", field)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -162,9 +163,9 @@ def read_lengths_csv(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(prompt tokens, output tokens) from a CSV with num_prefill_tokens, num_decode_tokens."""
     path = resolve_path(path, field)
-    columns = _read_csv_columns(path, ["num_prefill_tokens", "num_decode_tokens"])
-    prompt = _integers(path, "num_prefill_tokens", columns["num_prefill_tokens"])
-    output = _integers(path, "num_decode_tokens", columns["num_decode_tokens"])
+    names = ["num_prefill_tokens", "num_decode_tokens"]
+    columns = _read_csv_columns(path, names, field=field)
+    prompt, output = (_integers(path, name, columns[name], field=field) for name in names)
     return np.maximum(prompt, 1), np.maximum(output, 1)
 
 
@@ -411,7 +412,7 @@ def read_servegen_client(directory: str | Path, client: int) -> ServeGenClient:
 def _read_servegen_client(directory: str, client: int) -> ServeGenClient:
     trace = Path(directory) / f"chunk-{client}-trace.csv"
     require(trace.is_file(), "workload.clients", f"no ServeGen client {client}: {trace} is missing")
-    starts, windows = _read_servegen_trace(trace)
+    starts, windows = read_servegen_trace(trace)
     keys = _servegen_dataset_keys(directory, client)
     return ServeGenClient(
         directory=directory,
@@ -472,7 +473,14 @@ def _servegen_window(directory: str, client: int, index: int) -> dict[str, Distr
     return fields
 
 
-def _read_servegen_trace(path: Path) -> tuple[np.ndarray, tuple[RateWindow, ...]]:
+def read_servegen_trace(path: str | Path) -> tuple[np.ndarray, tuple[RateWindow, ...]]:
+    """Window starts and RateWindows of a ServeGen ``chunk-<client>-trace.csv``.
+
+    Each row is one window: start_s, rate, cv, gap family (Gamma or Weibull),
+    shape, scale. The fitted family and shape are kept; the scale is reset so
+    that the mean gap is 1/rate.
+    """
+    path = resolve_path(path)
     names = ["start_s", "rate", "cv", "family", "shape", "scale"]
     columns = _read_csv_columns(path, names, has_header=False)
     numbers = {}

@@ -28,6 +28,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from simulator.engine_config import EngineConfig
@@ -42,14 +43,39 @@ INSTALL_HINT = (
 )
 
 
-def _import_vllm() -> dict[str, Any]:
+def _import_vllm() -> SimpleNamespace:
     """The vLLM classes the reference mode uses, imported on first use."""
     try:
-        pass
-    except Exception as err:  # ImportError, or a broken torch/vision install
+        import torch
+        from vllm import config, sampling_params
+        from vllm.utils import hashing
+        from vllm.v1 import kv_cache_interface, outputs, request, structured_output
+        from vllm.v1.core import kv_cache_utils
+        from vllm.v1.core.sched import async_scheduler, scheduler
+    except Exception as err:  # ImportError, or a broken torch/torchvision install
         raise ConfigError("engine.scheduler", f"{INSTALL_HINT} ({type(err).__name__}: {err})") from err
     logging.getLogger("vllm").setLevel(logging.ERROR)
-    return locals()
+    return SimpleNamespace(
+        bfloat16=torch.bfloat16,
+        CacheConfig=config.CacheConfig,
+        ModelConfig=config.ModelConfig,
+        SchedulerConfig=config.SchedulerConfig,
+        SpeculativeConfig=config.SpeculativeConfig,
+        VllmConfig=config.VllmConfig,
+        SamplingParams=sampling_params.SamplingParams,
+        get_hash_fn_by_name=hashing.get_hash_fn_by_name,
+        get_request_block_hasher=kv_cache_utils.get_request_block_hasher,
+        init_none_hash=kv_cache_utils.init_none_hash,
+        Scheduler=scheduler.Scheduler,
+        AsyncScheduler=async_scheduler.AsyncScheduler,
+        FullAttentionSpec=kv_cache_interface.FullAttentionSpec,
+        KVCacheConfig=kv_cache_interface.KVCacheConfig,
+        KVCacheGroupSpec=kv_cache_interface.KVCacheGroupSpec,
+        DraftTokenIds=outputs.DraftTokenIds,
+        ModelRunnerOutput=outputs.ModelRunnerOutput,
+        Request=request.Request,
+        StructuredOutputManager=structured_output.StructuredOutputManager,
+    )
 
 
 def vllm_version() -> str:
@@ -82,47 +108,62 @@ def _model_dir(folder: Path, max_model_len: int) -> Path:
     return folder
 
 
-def build_vllm_config(v: dict[str, Any], config: EngineConfig, num_blocks: int, async_scheduling: bool):
-    """A VllmConfig carrying the engine's scheduler and cache settings."""
+def _check_speculative(config: EngineConfig, async_scheduling: bool) -> None:
+    spec = config.speculative
+    if spec.enabled and (spec.method != "ngram" or async_scheduling):
+        raise ConfigError(
+            "engine.speculative.method",
+            "the vllm reference scheduler supports ngram speculation under sync scheduling only, "
+            f"got {spec.method!r} with async_scheduling={async_scheduling}",
+        )
+
+
+def _make_configs(v: SimpleNamespace, config: EngineConfig, num_blocks: int, async_scheduling: bool,
+                  folder: Path):
+    """vLLM's own config objects for these settings (vLLM validates them)."""
     spec = config.speculative
     speculative = None
     if spec.enabled:
-        if spec.method != "ngram" or async_scheduling:
-            raise ConfigError(
-                "engine.speculative.method",
-                f"the vllm reference scheduler supports ngram speculation with sync scheduling only, "
-                f"got {spec.method!r} (async_scheduling={async_scheduling})",
-            )
-        speculative = v["SpeculativeConfig"](
+        speculative = v.SpeculativeConfig(
             method="ngram", num_speculative_tokens=spec.num_speculative_tokens,
             prompt_lookup_max=4, prompt_lookup_min=2,
         )
+    model = v.ModelConfig(
+        model=str(_model_dir(folder, config.max_model_len)),
+        skip_tokenizer_init=True,
+        max_model_len=config.max_model_len,
+        dtype="bfloat16",
+        seed=0,
+    )
+    scheduler = v.SchedulerConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len,
+        is_encoder_decoder=False,
+        enable_chunked_prefill=config.enable_chunked_prefill,
+        long_prefill_token_threshold=config.long_prefill_token_threshold,
+        async_scheduling=async_scheduling,
+    )
+    cache = v.CacheConfig(
+        block_size=config.block_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+        num_gpu_blocks_override=num_blocks,
+    )
+    return v.VllmConfig(model_config=model, scheduler_config=scheduler, cache_config=cache,
+                        speculative_config=speculative)
+
+
+def build_vllm_config(v: SimpleNamespace, config: EngineConfig, num_blocks: int, async_scheduling: bool):
+    """A VllmConfig carrying the engine's scheduler and cache settings."""
+    _check_speculative(config, async_scheduling)
     with tempfile.TemporaryDirectory(prefix="rllm-sim-vllm-") as tmp:
-        model = v["ModelConfig"](
-            model=str(_model_dir(Path(tmp), config.max_model_len)),
-            skip_tokenizer_init=True,
-            max_model_len=config.max_model_len,
-            dtype="bfloat16",
-            seed=0,
-        )
-        scheduler = v["SchedulerConfig"](
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
-            is_encoder_decoder=False,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            long_prefill_token_threshold=config.long_prefill_token_threshold,
-            async_scheduling=async_scheduling,
-        )
-        cache = v["CacheConfig"](
-            block_size=config.block_size,
-            enable_prefix_caching=config.enable_prefix_caching,
-            num_gpu_blocks_override=num_blocks,
-        )
-        vllm_config = v["VllmConfig"](
-            model_config=model, scheduler_config=scheduler, cache_config=cache,
-            speculative_config=speculative,
-        )
+        try:
+            vllm_config = _make_configs(v, config, num_blocks, async_scheduling, Path(tmp))
+        except ValueError as err:  # pydantic's ValidationError included
+            errors = getattr(err, "errors", None)
+            message = errors()[0]["msg"] if callable(errors) else str(err)
+            message = " ".join(message.split())
+            raise ConfigError("engine", f"vLLM rejects these settings: {message}") from err
     # the platform may adjust settings for its own hardware; the simulator's win
     sched = vllm_config.scheduler_config
     sched.max_num_seqs = config.max_num_seqs
@@ -197,31 +238,31 @@ class VllmScheduler:
         self.config = config
         self.async_scheduling = async_scheduling
         self.vllm_config = build_vllm_config(v, config, num_blocks, async_scheduling)
-        kv_config = v["KVCacheConfig"](
+        kv_config = v.KVCacheConfig(
             num_blocks=num_blocks,
             kv_cache_tensors=[],
             kv_cache_groups=[
-                v["KVCacheGroupSpec"](
+                v.KVCacheGroupSpec(
                     ["model.layers.0.self_attn.attn"],
-                    v["FullAttentionSpec"](block_size=config.block_size, num_kv_heads=1,
-                                           head_size=64, dtype=v["torch"].bfloat16),
+                    v.FullAttentionSpec(block_size=config.block_size, num_kv_heads=1,
+                                        head_size=64, dtype=v.bfloat16),
                 )
             ],
         )
-        cls = v["AsyncScheduler"] if async_scheduling else v["Scheduler"]
+        cls = v.AsyncScheduler if async_scheduling else v.Scheduler
         self.scheduler = cls(
             vllm_config=self.vllm_config,
             kv_cache_config=kv_config,
-            structured_output_manager=v["StructuredOutputManager"](self.vllm_config),
+            structured_output_manager=v.StructuredOutputManager(self.vllm_config),
             block_size=config.block_size,
             hash_block_size=config.block_size,
             log_stats=True,
         )
         self.block_hasher = None
         if config.enable_prefix_caching:
-            hash_fn = v["get_hash_fn_by_name"](self.vllm_config.cache_config.prefix_caching_hash_algo)
-            v["init_none_hash"](hash_fn)
-            self.block_hasher = v["get_request_block_hasher"](config.block_size, hash_fn)
+            hash_fn = v.get_hash_fn_by_name(self.vllm_config.cache_config.prefix_caching_hash_algo)
+            v.init_none_hash(hash_fn)
+            self.block_hasher = v.get_request_block_hasher(config.block_size, hash_fn)
         self.kv = VllmKV(self.scheduler.kv_cache_manager, num_blocks, config.block_size)
         self.requests: dict[int, SimRequest] = {}
         self._vllm_requests: dict[int, Any] = {}
@@ -235,8 +276,8 @@ class VllmScheduler:
         prefix = request.prefix_tokens
         prompt = [PREFIX_TOKEN_BASE + request.prefix_group] * prefix
         prompt += [rid + 1] * (request.num_prompt - prefix)
-        params = self._v["SamplingParams"](max_tokens=request.max_tokens, ignore_eos=True)
-        vreq = self._v["Request"](
+        params = self._v.SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
+        vreq = self._v.Request(
             str(rid), prompt, params, None, arrival_time=request.arrival_s,
             block_hasher=self.block_hasher,
         )
@@ -290,6 +331,8 @@ class VllmScheduler:
             num_spec = len(spec.get(req_id, ()))
             if num_spec:
                 out.spec_tokens[rid] = num_spec
+                if req_id not in running_before:
+                    out.spec_padding.add(rid)  # a resumed decode padded with -1 drafts
             sampling = not vreq.is_prefill_chunk
             if sampling:
                 out.sampling.add(rid)
@@ -330,7 +373,7 @@ class VllmScheduler:
             drafts.append([rid + 1] * sim.spec_tokens)
             sim.spec_tokens = 0
         self._draft_candidates = []
-        self.scheduler.update_draft_token_ids(self._v["DraftTokenIds"](ids, drafts))
+        self.scheduler.update_draft_token_ids(self._v.DraftTokenIds(ids, drafts))
 
     # --- results --------------------------------------------------------------
     def update_from_output(
@@ -339,8 +382,10 @@ class VllmScheduler:
         """Feed vLLM the step's sampled tokens; return the requests that finished."""
         so = self._in_flight.pop(out.step)
         req_ids = list(so.num_scheduled_tokens)
-        tokens = [[int(r) + 1] * sampled.get(int(r), 0) for r in req_ids]
-        mro = self._v["ModelRunnerOutput"](
+        padding = out.spec_padding
+        tokens = [[int(r) + 1] * min(sampled.get(int(r), 0), 1 if int(r) in padding else 1 << 30)
+                  for r in req_ids]
+        mro = self._v.ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=tokens,

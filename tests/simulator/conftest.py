@@ -62,4 +62,4 @@ class VectorLinearModel(LinearModel):
     name = "test-linear-vector"
 
     def decode_times(self, num_seqs, total_context):
-        return (self.overhead + self.decode * num_seqs) + self.kv_read * np.asarray(total_context, float)
+        return self.overhead + self.decode * num_seqs + self.kv_read * np.asarray(total_context, float)

@@ -1,0 +1,237 @@
+"""``python -m calibration validate``: profile, fit, simulate, run live, compare, report.
+
+The whole loop on the tiny model and a CPU (about 3 minutes on 2 cores)::
+
+    python -m calibration validate --scenario ci-reasoning --runs 3 --out runs/validate-1
+
+Reuse what exists::
+
+    python -m calibration validate --scenario ci-reasoning --profile calibration/profiles/.../none \\
+        --live-runs runs/validate-1/live/run-0 runs/validate-1/live/run-1 runs/validate-1/live/run-2
+
+    # a workload of your own (any workload.parquet) and engine settings (EngineConfig fields)
+    python -m calibration validate --workload runs/x/workload.parquet -e block_size=32 \\
+        -e num_gpu_blocks_override=64 -e max_model_len=1024 --profile DIR --runs 3 --out DIR
+
+Steps: (1) the profile: ``--profile DIR`` or a fresh one from
+``python -m profiler model=<model> optimization=none grid=<grid>``;
+(2) ``calibration.fit.load_fitted_model``; (3) the live runs: ``--live-runs``
+or ``--runs N`` replays on a vLLM server (back to back on one server, or
+``--fresh-server``), each with machine state recorded; (4) ``--sim-seeds``
+simulations with step-time jitter, using the fitted model plus the inter-step
+gap the live servers' iteration logs show (``--step-gap`` to fix it) and the
+live server's scheduling mode (vLLM 0.32 on CPU: synchronous); (5) the report
+(report.md, report.json, PNGs) in ``--out``. Exit code 0 when every metric
+with a tolerance passes, 1 when one fails, 2 on bad input, 3 when a live run
+failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from calibration import validate
+from calibration.live_model import JitteredModel, StepGapModel
+from calibration.validation_scenarios import CPU_ENGINE, SCENARIOS, get_scenario
+from simulator.engine_config import EngineConfig
+from simulator.errors import ConfigError
+from simulator.metrics import SLO
+from simulator.results import RunResult
+from simulator.workload import Workload
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: inter-step gap vLLM's iteration log leaves out on our CPUs (../shared/vllm-cpu.md), used
+#: when no live iteration log gives a measurement
+DEFAULT_STEP_GAP_S = 0.0014
+TOLERANCE_SETS = {"ci": validate.CI_TOLERANCES, "fidelity": validate.FIDELITY_TARGET, "none": {}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m calibration validate",
+                                description="Validate the simulator against live vLLM runs.")
+    p.add_argument("--scenario", default=None, help=f"one of {', '.join(SCENARIOS)} (default ci-reasoning)")
+    p.add_argument("--requests", type=int, default=None, help="override the scenario's request count")
+    p.add_argument("--workload", default=None, help="a workload.parquet instead of a scenario")
+    p.add_argument("-e", action="append", default=[], metavar="KEY=VALUE", help="engine setting")
+    p.add_argument("--model", default="tiny-llama", help="model for profiling and the live server")
+    p.add_argument("--profile", default=None, help="existing profile directory (else profile now)")
+    p.add_argument("--grid", default="smoke", help="profiler grid when profiling now")
+    p.add_argument("--live-runs", nargs="*", default=None, help="existing live run directories")
+    p.add_argument("--runs", type=int, default=3, help="live runs to make (>= 3 recommended)")
+    p.add_argument("--fresh-server", action="store_true", help="a fresh server per live run")
+    p.add_argument("--kv-cache-space-gib", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout of live runs (s)")
+    p.add_argument("--sim-seeds", type=int, default=5, help="simulated runs (seeds)")
+    p.add_argument("--step-sigma", type=float, default=0.05, help="per-step lognormal jitter of step times")
+    p.add_argument("--run-sigma", type=float, default=0.03, help="per-run lognormal scale of step times")
+    p.add_argument("--step-gap", default="auto",
+                   help="seconds added to every simulated step; auto: measured from the live logs")
+    p.add_argument("--tolerances", default="ci", choices=sorted(TOLERANCE_SETS))
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _parse_engine(items: list[str], base: dict) -> EngineConfig:
+    import yaml
+
+    data = dict(base)
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("engine", f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        data[key.strip()] = yaml.safe_load(value)
+    return EngineConfig.from_dict(data)
+
+
+def workload_and_engine(args) -> tuple[Workload, EngineConfig, str]:
+    """The workload and engine settings from a scenario or a workload file."""
+    if args.workload:
+        if args.scenario:
+            raise ConfigError("workload", "give a scenario or a workload file, not both")
+        return Workload.load(args.workload), _parse_engine(args.e, CPU_ENGINE), Path(args.workload).stem
+    scenario = get_scenario(args.scenario or "ci-reasoning")
+    engine = _parse_engine(args.e, {**CPU_ENGINE, **scenario.engine})
+    return scenario.workload(args.requests), engine, scenario.name
+
+
+def run_profiler(model: str, grid: str, out_dir: Path, engine: EngineConfig) -> Path:
+    """Profile ``model`` with the profiler CLI into ``out_dir`` (it finds the engine env itself)."""
+    cmd = [sys.executable, "-m", "profiler", f"model={model}", "optimization=none", f"grid={grid}",
+           f"output_dir={out_dir}", f"engine.block_size={engine.block_size}",
+           f"engine.max_num_batched_tokens={engine.max_num_batched_tokens}", "resume=false"]
+    print(f"[validate] profiling: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, cwd=REPO_ROOT, check=False)
+    if done.returncode != 0:
+        raise ConfigError("profile", f"the profiler failed with exit code {done.returncode}")
+    return out_dir
+
+
+def load_model(profile_dir: Path):
+    try:
+        from calibration.fit import load_fitted_model
+    except ImportError as err:
+        raise ConfigError("profile", f"calibration.fit is not available: {err}") from None
+    return load_fitted_model(profile_dir)
+
+
+def live_runs(args, workload: Workload, engine: EngineConfig, out: Path) -> tuple[list[RunResult], list[str]]:
+    """Existing live runs, or new ones; returns (results, problems)."""
+    if args.live_runs:
+        results = [RunResult.read(d) for d in args.live_runs]
+        for d, r in zip(args.live_runs, results, strict=True):
+            if r.summary.get("requests") != len(workload):
+                raise ConfigError("live_runs", f"{d} has {r.summary.get('requests')} requests, "
+                                               f"the workload {len(workload)}")
+        return results, []
+    from profiler.live.runner import LiveRunConfig, run_series, summary_line
+    from profiler.live.server import ServerSpec, resolve_model
+
+    spec = ServerSpec(model=resolve_model(args.model), engine=engine,
+                      kv_cache_space_gib=args.kv_cache_space_gib)
+    outcomes = run_series(workload, out / "live", args.runs, spec, fresh_server=args.fresh_server,
+                          config=LiveRunConfig(request_timeout_s=args.timeout), progress=not args.no_progress)
+    problems = []
+    for o in outcomes:
+        print(f"[validate] live {o.out_dir.name}: {summary_line(o.result)}", file=sys.stderr, flush=True)
+        if o.exit_code:
+            problems.append(f"{o.out_dir.name}: {o.message}")
+    return [o.result for o in outcomes], problems
+
+
+def step_gap(arg: str, live: list[RunResult]) -> tuple[float, str]:
+    """The gap to add to every simulated step, and where it came from."""
+    if arg != "auto":
+        try:
+            gap = float(arg)
+        except ValueError:
+            raise ConfigError("step_gap", f"must be 'auto' or seconds, got {arg!r}") from None
+        return gap, "given"
+    measured = [r.summary.get("live", {}).get("inter_step_gap_s") for r in live]
+    measured = [g for g in measured if g is not None]
+    if measured:
+        return float(np.median(measured)), f"median inter-step gap of {len(measured)} live iteration logs"
+    return DEFAULT_STEP_GAP_S, "default (no live iteration log)"
+
+
+def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, step_sigma: float,
+                  run_sigma: float, async_scheduling: bool, out: Path) -> list[RunResult]:
+    from simulator.engine import simulate
+
+    results = []
+    for seed in range(seeds):
+        perf = JitteredModel(model, seed=seed, step_sigma=step_sigma, run_sigma=run_sigma)
+        result = simulate(workload, engine, perf, slo=SLO(), seed=seed, async_scheduling=async_scheduling)
+        result.metadata = {"kind": "simulated", "seed": seed, "performance_model": perf.describe(),
+                           "engine": engine.to_dict()}
+        result.write(out / "sim" / f"seed-{seed}")
+        results.append(result)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.runs < 1 or args.sim_seeds < 1:
+        raise ConfigError("runs", "--runs and --sim-seeds must be >= 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    workload, engine, name = workload_and_engine(args)
+    workload.save(out / "workload.parquet")
+    profile_dir = Path(args.profile) if args.profile else run_profiler(args.model, args.grid, out / "profile",
+                                                                        engine)
+    fitted = load_model(profile_dir)
+    live, problems = live_runs(args, workload, engine, out)
+    if not live:
+        print("error: live: no live run finished", file=sys.stderr)
+        return 3
+    gap, gap_source = step_gap(args.step_gap, live)
+    async_flags = {r.summary.get("async_scheduling") for r in live} - {None}
+    async_scheduling = async_flags.pop() if len(async_flags) == 1 else False
+    model = StepGapModel(fitted, gap)
+    sim = simulate_runs(workload, engine, model, args.sim_seeds, args.step_sigma, args.run_sigma,
+                        async_scheduling, out)
+    machines = [r.metadata.get("machine", {}).get("before", {}) for r in live]
+    context = {
+        "scenario": name,
+        "workload": {"requests": len(workload), "duration_s": workload.duration_s,
+                     "output_tokens": int(workload.output_tokens.sum())},
+        "engine": engine.to_dict(),
+        "live_runs": len(live),
+        "sim_runs": len(sim),
+        "profile": str(profile_dir),
+        "performance_model": model.describe(),
+        "step_gap_s": gap,
+        "step_gap_source": gap_source,
+        "jitter": {"step_sigma": args.step_sigma, "run_sigma": args.run_sigma},
+        "async_scheduling": async_scheduling,
+        "machine": [{"load_avg": m.get("load_avg"), "others_cpu": m.get("others_cpu"),
+                     "quiet": m.get("quiet")} for m in machines],
+        "tolerances": args.tolerances,
+        "live_problems": problems,
+        "wall_s": round(time.time() - started, 1),
+    }
+    if any(m.get("quiet") is False for m in machines):
+        context["notes"] = "other processes were busy during some live runs: live timings are noisy"
+    report = validate.build_report(live, sim, TOLERANCE_SETS[args.tolerances], context)
+    paths = validate.write_report(report, live, sim, out, title=f"Validation: {name}")
+    print(validate.metrics_markdown(report.rows))
+    print(f"\nreport: {paths['markdown']}")
+    (out / "validation.json").write_text(json.dumps(
+        {"argv": argv, "passed": report.passed, "pid": os.getpid()}, indent=2))
+    if problems:
+        print("error: live: " + "; ".join(problems), file=sys.stderr)
+        return 3
+    if args.tolerances != "none" and not report.passed:
+        failed = ", ".join(f"{r.label} ({validate._fmt_error(r)})" for r in report.failures())
+        print(f"error: validation failed: {failed}", file=sys.stderr)
+        return 1
+    return 0

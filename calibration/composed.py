@@ -1,0 +1,438 @@
+"""A step-time model composed from per-kernel latencies (measured tables or roofline).
+
+One engine step of a dense transformer runs, per layer: the QKV, O, gate/up and
+down projection GEMMs over every token of the step; attention for the prefill
+chunks (causal, over each chunk's context) and for the decode sequences (one
+query over their KV); two all-reduces under tensor parallelism; and a handful
+of memory-bound element-wise kernels (norms, rotary, KV-cache write, SiLU).
+Then the LM head runs on one row per scheduled request (vLLM computes logits
+for every request in the batch, even partial prefills) and the sampler on those
+rows. A fixed per-step overhead covers what no kernel table holds.
+
+Everything that depends only on the model and the hardware is evaluated once,
+at construction, onto lookup grids:
+
+- ``dense[m]``: all layers' GEMMs, element-wise kernels and all-reduces for a
+  step of m tokens (m = 0 .. max_tokens, one entry per integer);
+- ``head[r]``: LM head GEMM plus sampler for r sampled rows;
+- a (chunks x effective prefill length) grid of context attention and a
+  (decode sequences x mean KV length) grid of generation attention, uniform in
+  log2 with ``GRID_PER_OCTAVE`` points per doubling, interpolated log-bilinearly.
+
+``step_time`` is then a few list look-ups and sums: it is a pure function of
+the StepBatch and costs a few microseconds.
+
+Approximations, stated:
+
+- Several prefill chunks in one step are priced as ``n`` chunks of one
+  effective length ``s`` with the same attention work: ``n s^2 = sum q(2c + q)``
+  for chunks of q new tokens over c cached tokens. The result is never below
+  the time to read the chunks' whole KV (context + new tokens) once.
+- Decode sequences of different KV lengths are priced as a uniform batch at
+  their mean KV length (the kernels are bound by the total KV read).
+- Speculative verify tokens are extra rows in every GEMM and in the LM head;
+  their attention rides on their sequence's decode KV read (FlashAttention
+  packs the 1 + k query rows of a GQA group into one tile), so it is not
+  counted again.
+- Dense cost is made non-decreasing in m (a running maximum), which removes
+  the tables' tile-boundary dips (for example m = 3585 measured faster than
+  m = 3584).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from calibration.memory import MemoryModel
+from simulator.errors import ConfigError
+from simulator.hardware import Hardware
+from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
+from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
+
+TABLE_HEAD_DIM = 128
+GRID_PER_OCTAVE = 8
+#: decode batches and prefill chunk counts covered by the attention grids (linear beyond)
+GRID_MAX_SEQS = 4096
+#: lengths covered by the attention grids (quadratic beyond for prefill, linear for decode)
+GRID_MAX_LEN = 1 << 18
+#: memory-bound kernels not in the tables: aiconfigurator's empirical constants
+#: (``mem_bw_empirical_scaling_factor: 0.8``, ``mem_empirical_constant_latency: 3 us``)
+MEMORY_EFFICIENCY = 0.8
+MEMORY_OP_LATENCY_S = 3e-6
+#: vLLM's sampler: a fixed cost plus two fp32 passes over the logits. The 25 us and
+#: the two passes match LLMServingSim's measured sampler on an RTX PRO 6000
+#: (24.7 us at 1 sequence, 164 us at 256 sequences of a 128,256-token vocabulary).
+SAMPLER_FIXED_S = 25e-6
+SAMPLER_LOGIT_PASSES = 2
+#: Per-step cost outside the measured kernels: input preparation and its
+#: host-to-device copies, embedding look-up, the step's synchronisation and the
+#: gaps between kernels. 0.7 ms is what the BLIS fit of real vLLM 0.11 runs of
+#: Qwen2.5-7B on an H100 (beta0 = 7.05 ms for a step of one short decode) leaves
+#: after this model's GPU time for that step (6.36 ms); see
+#: tests/calibration/test_blis_agreement.py. It is below the 1.3-1.5 ms that
+#: vLLM 0.32's engine loop spends between steps on a CPU (../shared/vllm-cpu.md)
+#: because on a GPU async scheduling (vLLM's default) overlaps that host work
+#: with the previous step's kernels.
+STEP_OVERHEAD_S = 0.7e-3
+
+
+class KernelSource(Protocol):
+    """Per-kernel latencies in milliseconds, from measurements or from a roofline."""
+
+    def gemm_ms(self, m: np.ndarray, n: int, k: int, dtype: str) -> np.ndarray: ...
+
+    def context_attention_ms(self, heads: int, kv_heads: int, head_dim: int, kv_dtype: str,
+                             batch: np.ndarray, length: np.ndarray) -> np.ndarray: ...
+
+    def generation_attention_ms(self, heads: int, kv_heads: int, head_dim: int, kv_dtype: str,
+                                batch: np.ndarray, kv_len: np.ndarray) -> np.ndarray: ...
+
+    def allreduce_ms(self, num_gpus: int, elements: np.ndarray) -> np.ndarray: ...
+
+    def memory_op_ms(self, nbytes: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> str: ...
+
+
+class TableKernels:
+    """KernelSource backed by aiconfigurator's measured tables (memory ops by roofline)."""
+
+    def __init__(self, tables, hardware: Hardware):
+        self.tables = tables
+        self.bandwidth = hardware.memory_bandwidth_gbps * 1e9
+        self.notes: list[str] = []
+
+    def _kv(self, kv_dtype: str) -> str:
+        """fp8 KV on a system measured with bf16 KV only (A100) is priced with the bf16 kernels.
+
+        That is an upper bound for decode attention: on H100, where both were
+        measured, fp8 KV decode attention takes 0.6-1.0x the bf16 time.
+        """
+        if self.tables.generation.has_kv_dtype(kv_dtype) and self.tables.context.has_kv_dtype(kv_dtype):
+            return kv_dtype
+        note = f"{kv_dtype} KV priced with bf16 attention tables (not measured on {self.tables.system})"
+        if note not in self.notes:
+            self.notes.append(note)
+        return "bf16"
+
+    def gemm_ms(self, m, n, k, dtype):
+        return self.tables.gemm_table(dtype).latency_ms(m, n, k)
+
+    def context_attention_ms(self, heads, kv_heads, head_dim, kv_dtype, batch, length):
+        self._check_head_dim(head_dim)
+        return self.tables.context.grid(heads, kv_heads, self._kv(kv_dtype))(batch, length, 2.0)
+
+    def generation_attention_ms(self, heads, kv_heads, head_dim, kv_dtype, batch, kv_len):
+        self._check_head_dim(head_dim)
+        return self.tables.generation.grid(heads, kv_heads, self._kv(kv_dtype))(batch, kv_len, 1.0)
+
+    def _check_head_dim(self, head_dim: int) -> None:
+        if head_dim != TABLE_HEAD_DIM:
+            raise ConfigError("model.head_dim", f"attention tables were measured for head_dim "
+                                                f"{TABLE_HEAD_DIM} only, not {head_dim}")
+
+    def allreduce_ms(self, num_gpus, elements):
+        return self.tables.allreduce.latency_ms(num_gpus, elements)
+
+    def memory_op_ms(self, nbytes):
+        nbytes = np.asarray(nbytes, dtype=float)
+        return 1e3 * (MEMORY_OP_LATENCY_S + nbytes / (self.bandwidth * MEMORY_EFFICIENCY))
+
+    def describe(self) -> str:
+        return "; ".join([self.tables.describe(), *self.notes])
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """Per-GPU shapes of one transformer layer under tensor parallelism."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab: int
+
+    @classmethod
+    def of(cls, arch: ModelArchitecture, tp: int) -> LayerShapes:
+        check_tp(arch, tp)
+        return cls(
+            hidden=arch.hidden_size,
+            heads=arch.num_attention_heads // tp,
+            kv_heads=max(1, arch.num_key_value_heads // tp),
+            head_dim=arch.head_dim,
+            inter=arch.intermediate_size // tp,
+            vocab=arch.vocab_size // tp,
+        )
+
+
+class LogGrid2D:
+    """A function of (x, y) >= 1 tabulated on a log2-uniform grid, for fast scalar look-ups."""
+
+    def __init__(self, fn, x_max: float, y_max: float, x_power: float, y_power: float,
+                 per_octave: int = GRID_PER_OCTAVE):
+        self.res = per_octave
+        self.nx = int(math.ceil(math.log2(x_max) * per_octave))
+        self.ny = int(math.ceil(math.log2(y_max) * per_octave))
+        xs = 2.0 ** (np.arange(self.nx + 1) / per_octave)
+        ys = 2.0 ** (np.arange(self.ny + 1) / per_octave)
+        self.x_top, self.y_top = float(xs[-1]), float(ys[-1])
+        self.x_power, self.y_power = x_power, y_power
+        gx, gy = np.meshgrid(xs, ys, indexing="ij")
+        values = np.asarray(fn(gx.ravel(), gy.ravel()), dtype=float).reshape(gx.shape)
+        self.values = values
+        self._log_values = np.log(np.maximum(values, 1e-30))
+        self._log = self._log_values.ravel().tolist()
+        self._width = self.ny + 1
+
+    def __call__(self, x: float, y: float) -> float:
+        scale = 1.0
+        if x > self.x_top:
+            scale = (x / self.x_top) ** self.x_power
+            x = self.x_top
+        if y > self.y_top:
+            scale *= (y / self.y_top) ** self.y_power
+            y = self.y_top
+        fx = math.log2(x) * self.res if x > 1.0 else 0.0
+        fy = math.log2(y) * self.res if y > 1.0 else 0.0
+        i = min(int(fx), self.nx - 1)
+        j = min(int(fy), self.ny - 1)
+        tx = fx - i
+        ty = fy - j
+        w = self._width
+        v = self._log
+        a = i * w + j
+        b = a + w
+        low = v[a] + (v[a + 1] - v[a]) * ty
+        high = v[b] + (v[b + 1] - v[b]) * ty
+        return math.exp(low + (high - low) * tx) * scale
+
+    def many(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Vectorised __call__."""
+        x = np.maximum(np.asarray(x, dtype=float), 1.0)
+        y = np.maximum(np.asarray(y, dtype=float), 1.0)
+        scale = np.maximum(x / self.x_top, 1.0) ** self.x_power * np.maximum(y / self.y_top, 1.0) ** self.y_power
+        fx = np.log2(np.minimum(x, self.x_top)) * self.res
+        fy = np.log2(np.minimum(y, self.y_top)) * self.res
+        i = np.minimum(fx.astype(int), self.nx - 1)
+        j = np.minimum(fy.astype(int), self.ny - 1)
+        tx, ty = fx - i, fy - j
+        v = self._log_values
+        low = v[i, j] + (v[i, j + 1] - v[i, j]) * ty
+        high = v[i + 1, j] + (v[i + 1, j + 1] - v[i + 1, j]) * ty
+        return np.exp(low + (high - low) * tx) * scale
+
+
+class ComposedPerformanceModel(PerformanceModel):
+    """Step time composed from kernel latencies; memory and KV sized as vLLM does."""
+
+    def __init__(
+        self,
+        arch: ModelArchitecture,
+        hardware: Hardware,
+        kernels: KernelSource,
+        *,
+        tp: int = 1,
+        weight_dtype: str = "bf16",
+        kv_dtype: str = "bf16",
+        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 1024,
+        overhead_s: float = STEP_OVERHEAD_S,
+        name: str = "",
+        calibrated: bool = True,
+    ):
+        self.arch = arch
+        self.hardware = hardware
+        self.kernels = kernels
+        self.tp = tp
+        self.weight_dtype = weight_dtype
+        self.kv_dtype = kv_dtype
+        self.overhead_s = overhead_s
+        self.calibrated = calibrated
+        self.name = name or f"composed:{hardware.name}:{arch.name}:{weight_dtype}:kv-{kv_dtype}:tp{tp}"
+        self.memory_model = MemoryModel(arch, hardware, tp, weight_dtype, kv_dtype,
+                                        max_num_batched_tokens, max_num_seqs)
+        self.shapes = LayerShapes.of(arch, tp)
+        self.max_tokens = max(int(max_num_batched_tokens), 16384)
+        self.max_rows = max(int(max_num_seqs), 1024) * 4
+        kv_layer_bytes = 2 * self.shapes.kv_heads * arch.head_dim * dtype_bytes(kv_dtype)
+        #: seconds to read one token's KV across all layers once
+        self.kv_read_s_per_token = (arch.num_layers * kv_layer_bytes
+                                    / (hardware.memory_bandwidth_gbps * 1e9 * MEMORY_EFFICIENCY))
+        dense = self._dense_seconds(np.arange(self.max_tokens + 1))
+        self.dense_s = np.maximum.accumulate(dense)
+        self.head_s = self._head_seconds(np.arange(self.max_rows + 1))
+        self._dense = self.dense_s.tolist()
+        self._head = self.head_s.tolist()
+        self._dense_slope = float(self.dense_s[-1] - self.dense_s[-1025]) / 1024
+        self._head_slope = float(self.head_s[-1] - self.head_s[-257]) / 256
+        layers = arch.num_layers
+        sh = self.shapes
+        self.context_grid = LogGrid2D(
+            lambda b, s: layers * 1e-3 * kernels.context_attention_ms(
+                sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, s),
+            GRID_MAX_SEQS, GRID_MAX_LEN, x_power=1.0, y_power=2.0)
+        self.generation_grid = LogGrid2D(
+            lambda b, kv: layers * 1e-3 * kernels.generation_attention_ms(
+                sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, kv),
+            GRID_MAX_SEQS, GRID_MAX_LEN, x_power=1.0, y_power=1.0)
+
+    # --- construction ------------------------------------------------------------
+    def _dense_seconds(self, m: np.ndarray) -> np.ndarray:
+        """All layers' projections, element-wise kernels and all-reduces for m tokens."""
+        k, sh, arch = self.kernels, self.shapes, self.arch
+        h, d, w = sh.hidden, sh.head_dim, self.weight_dtype
+        q_dim, kv_dim = sh.heads * d, sh.kv_heads * d
+        gemm = (k.gemm_ms(m, q_dim + 2 * kv_dim, h, w)
+                + k.gemm_ms(m, h, q_dim, w)
+                + k.gemm_ms(m, 2 * sh.inter, h, w)
+                + k.gemm_ms(m, h, sh.inter, w))
+        act = 2  # bf16 activations
+        kv_bytes = dtype_bytes(self.kv_dtype)
+        per_token_ops = [
+            4 * h * act,                      # fused add + RMSNorm before attention
+            4 * h * act,                      # fused add + RMSNorm before the MLP
+            2 * (q_dim + kv_dim) * act,       # rotary embedding on q and k
+            2 * kv_dim * (act + kv_bytes),    # write K and V into the paged cache
+            3 * sh.inter * act,               # SiLU(gate) * up
+        ]
+        if dtype_bytes(w) < act:              # per-token activation quantization before o and down
+            per_token_ops += [q_dim * (act + 1), sh.inter * (act + 1)]
+        mem = sum(np.where(m > 0, k.memory_op_ms(m * b), 0.0) for b in per_token_ops)
+        comm = 2 * k.allreduce_ms(self.tp, m * h) if self.tp > 1 else 0.0
+        layer_ms = gemm + mem + comm
+        edges = np.where(m > 0, 2 * k.memory_op_ms(m * 2 * h * act), 0.0)  # embedding, final norm
+        return 1e-3 * (arch.num_layers * layer_ms + edges)
+
+    def _head_seconds(self, r: np.ndarray) -> np.ndarray:
+        """LM head GEMM (kept in bf16 by vLLM's quantization) plus the sampler, for r rows."""
+        sh = self.shapes
+        lm = self.kernels.gemm_ms(r, sh.vocab, sh.hidden, "bf16")
+        logits_bytes = r * self.arch.vocab_size * 4 * SAMPLER_LOGIT_PASSES
+        bandwidth = self.hardware.memory_bandwidth_gbps * 1e9 * MEMORY_EFFICIENCY
+        sampler = SAMPLER_FIXED_S + logits_bytes / bandwidth
+        return np.where(r > 0, 1e-3 * lm + sampler, 0.0)
+
+    # --- the hot path -------------------------------------------------------------
+    def step_time(self, batch: StepBatch) -> float:
+        pt = batch.prefill_tokens
+        dc = batch.decode_context
+        n_pre = len(pt)
+        n_dec = len(dc)
+        if not n_pre and not n_dec:
+            return 0.0
+        spec = sum(batch.decode_spec_tokens) if batch.decode_spec_tokens else 0
+        m = (sum(pt) if n_pre else 0) + n_dec + spec
+        rows = n_pre + n_dec + spec
+        t = self.overhead_s
+        if m <= self.max_tokens:
+            t += self._dense[m]
+        else:
+            t += self._dense[-1] + (m - self.max_tokens) * self._dense_slope
+        if rows <= self.max_rows:
+            t += self._head[rows]
+        else:
+            t += self._head[-1] + (rows - self.max_rows) * self._head_slope
+        if n_pre:
+            work = 0
+            kv_tokens = 0
+            for q, c in zip(pt, batch.prefill_context, strict=False):
+                work += q * (2 * c + q)
+                kv_tokens += q + c
+            attn = self.context_grid(n_pre, math.sqrt(work / n_pre))
+            t += max(attn, kv_tokens * self.kv_read_s_per_token)
+        if n_dec:
+            t += self.generation_grid(n_dec, sum(dc) / n_dec)
+        return t
+
+    def decode_times(self, num_seqs: int, total_context) -> np.ndarray:
+        """Pure-decode step times: they depend only on the sequence count and their total KV."""
+        kv_mean = np.asarray(total_context, dtype=float) / num_seqs
+        base = self.overhead_s + self._dense_at(num_seqs) + self._head_at(num_seqs)
+        return base + self.generation_grid.many(np.full(kv_mean.shape, float(num_seqs)), kv_mean)
+
+    def step_time_arrays(
+        self,
+        prefill_tokens: np.ndarray,
+        prefill_context: np.ndarray,
+        decode_seqs: np.ndarray,
+        decode_context_mean: np.ndarray,
+        spec_tokens: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Vectorised step time for steps with at most one prefill chunk each.
+
+        Entry i is a step with ``prefill_tokens[i]`` new tokens (0: none) over
+        ``prefill_context[i]`` cached ones, and ``decode_seqs[i]`` decode
+        sequences whose KV lengths average ``decode_context_mean[i]``.
+        Equals ``step_time`` on the corresponding StepBatch with uniform decode KV.
+        """
+        p = np.asarray(prefill_tokens, dtype=np.int64)
+        c = np.asarray(prefill_context, dtype=float)
+        n = np.asarray(decode_seqs, dtype=np.int64)
+        kv = np.asarray(decode_context_mean, dtype=float)
+        s = np.zeros_like(p) if spec_tokens is None else np.asarray(spec_tokens, dtype=np.int64)
+        has_pre = p > 0
+        m = p + n + s
+        rows = has_pre.astype(np.int64) + n + s
+        dense = np.where(m <= self.max_tokens, self.dense_s[np.minimum(m, self.max_tokens)],
+                         self.dense_s[-1] + (m - self.max_tokens) * self._dense_slope)
+        head = np.where(rows <= self.max_rows, self.head_s[np.minimum(rows, self.max_rows)],
+                        self.head_s[-1] + (rows - self.max_rows) * self._head_slope)
+        s_eff = np.sqrt(np.maximum(p * (2 * c + p), 1.0))
+        ctx = np.maximum(self.context_grid.many(np.ones_like(s_eff), s_eff), (p + c) * self.kv_read_s_per_token)
+        gen = self.generation_grid.many(np.maximum(n, 1), kv)
+        out = self.overhead_s + dense + head + np.where(has_pre, ctx, 0.0) + np.where(n > 0, gen, 0.0)
+        return np.where((m > 0), out, 0.0)
+
+    def components(self, batch: StepBatch) -> dict[str, float]:
+        """The step time split into its parts (seconds), for inspection and reports."""
+        pt, dc = batch.prefill_tokens, batch.decode_context
+        spec = sum(batch.decode_spec_tokens)
+        m = sum(pt) + len(dc) + spec
+        rows = len(pt) + len(dc) + spec
+        out = {"overhead": self.overhead_s if m else 0.0,
+               "dense": self._dense_at(m),
+               "lm_head_sampler": self._head_at(rows),
+               "context_attention": 0.0, "generation_attention": 0.0}
+        if pt:
+            work = sum(q * (2 * c + q) for q, c in zip(pt, batch.prefill_context, strict=False))
+            attn = self.context_grid(len(pt), math.sqrt(work / len(pt)))
+            kv_tokens = sum(pt) + sum(batch.prefill_context)
+            out["context_attention"] = max(attn, kv_tokens * self.kv_read_s_per_token)
+        if dc:
+            out["generation_attention"] = self.generation_grid(len(dc), sum(dc) / len(dc))
+        return out
+
+    def _dense_at(self, m: int) -> float:
+        if m <= self.max_tokens:
+            return self._dense[m]
+        return self._dense[-1] + (m - self.max_tokens) * self._dense_slope
+
+    def _head_at(self, rows: int) -> float:
+        if rows <= self.max_rows:
+            return self._head[rows]
+        return self._head[-1] + (rows - self.max_rows) * self._head_slope
+
+    # --- memory --------------------------------------------------------------------
+    def kv_bytes_per_token(self) -> int:
+        return self.memory_model.kv_bytes_per_token()
+
+    def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
+        return self.memory_model.breakdown(gpu_memory_utilization)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update({
+            "built_from": self.kernels.describe(),
+            "hardware": self.hardware.name,
+            "model": self.arch.name,
+            "tp": self.tp,
+            "weight_dtype": self.weight_dtype,
+            "kv_cache_dtype": self.kv_dtype,
+            "step_overhead_s": self.overhead_s,
+        })
+        return out

@@ -1,0 +1,289 @@
+"""A step-time model fitted to a profile: six physical terms, non-negative least squares.
+
+    step_time = overhead
+              + per_prefill_token   x  sum(prefill_tokens)
+              + per_attention_pair  x  sum(q * (c + (q + 1) / 2))   (prefill chunk q over context c)
+              + per_decode_seq      x  number of decoding requests
+              + per_decode_kv_token x  sum(decode_context)           (KV tokens read by decodes)
+              + per_spec_token      x  sum(decode_spec_tokens)       (speculative verify)
+
+Every coefficient is a time (seconds per unit) and must be >= 0, so the fit is
+a non-negative least squares (scipy.optimize.nnls) on relative errors (each
+row divided by its measured time), which is what the reported absolute
+percentage errors measure. Grid points (all steps of one point together) are
+split into a training and a held-out set; the saved model is the one fitted on
+the training set, and its report gives the held-out median and p90 APE.
+
+KV capacity, bytes per token and memory come from the profile, not from the fit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from calibration.profile import META_FILE, STEPS_FILE, Profile
+from simulator.errors import ConfigError
+from simulator.model_arch import ModelArchitecture
+from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
+
+FIT_FILE = "fit.json"
+FIT_FORMAT = "rllm-sim-fitted-step-model"
+TERMS = ("overhead", "per_prefill_token", "per_attention_pair", "per_decode_seq",
+         "per_decode_kv_token", "per_spec_token")
+TERM_MEANING = {
+    "overhead": "seconds per step (scheduling, launch, sampling set-up)",
+    "per_prefill_token": "seconds per prefill token (GEMMs, norms, KV writes)",
+    "per_attention_pair": "seconds per (query token, key token) pair of prefill attention",
+    "per_decode_seq": "seconds per decoding request (GEMM row, LM head, sampler)",
+    "per_decode_kv_token": "seconds per KV token a decoding request attends over",
+    "per_spec_token": "seconds per speculative draft token verified",
+}
+#: rows further than this many median absolute relative residuals from the first fit are
+#: treated as disturbed measurements (another process took the core) and refitted without
+OUTLIER_MADS = 4.0
+
+
+def features(frame: pd.DataFrame) -> np.ndarray:
+    """The six terms' quantities per step (columns in TERMS order)."""
+    n = len(frame)
+    x = np.zeros((n, len(TERMS)))
+    x[:, 0] = 1.0
+    for i, (tokens, context, dctx, spec) in enumerate(zip(
+            frame["prefill_tokens"], frame["prefill_context"], frame["decode_context"],
+            frame["decode_spec_tokens"], strict=True)):
+        q = np.asarray(tokens, dtype=np.float64)
+        c = np.asarray(context, dtype=np.float64)
+        x[i, 1] = q.sum()
+        x[i, 2] = float(np.sum(q * (c + (q + 1.0) / 2.0)))
+        x[i, 3] = len(dctx)
+        x[i, 4] = float(np.sum(dctx))
+        x[i, 5] = float(np.sum(spec))
+    return x
+
+
+def batch_features(batch: StepBatch) -> tuple[float, float, float, float, float]:
+    """(prefill tokens, attention pairs, decode seqs, decode KV tokens, spec tokens) of a StepBatch."""
+    prefill = 0.0
+    pairs = 0.0
+    for q, c in zip(batch.prefill_tokens, batch.prefill_context, strict=False):
+        prefill += q
+        pairs += q * (c + (q + 1) / 2)
+    return prefill, pairs, float(len(batch.decode_context)), float(sum(batch.decode_context)), \
+        float(sum(batch.decode_spec_tokens))
+
+
+def nnls_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative coefficients minimising the sum of squared relative errors."""
+    from scipy.optimize import nnls
+
+    a = x / y[:, None]
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    coef, _ = nnls(a / scale, np.ones(len(y)), maxiter=50 * x.shape[1])
+    return coef / scale
+
+
+def ape(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    return np.abs(predicted - measured) / measured
+
+
+def _stats(errors: np.ndarray) -> dict[str, float | int | None]:
+    if len(errors) == 0:
+        return {"n": 0, "median_ape": None, "p90_ape": None, "mean_ape": None}
+    return {"n": int(len(errors)), "median_ape": float(np.median(errors)),
+            "p90_ape": float(np.quantile(errors, 0.9)), "mean_ape": float(np.mean(errors))}
+
+
+def split_groups(frame: pd.DataFrame, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out rows: whole grid points, and single steps of the mixed workload."""
+    groups = np.where(frame["phase"].to_numpy() == "mixed",
+                      "mixed#" + frame["step"].astype(str).to_numpy(), frame["point_id"].to_numpy())
+    unique = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(unique, size=max(1, int(round(test_fraction * len(unique)))), replace=False))
+    return np.array([g in held for g in groups])
+
+
+@dataclass(frozen=True)
+class FitResult:
+    coefficients: dict[str, float]
+    report: dict[str, Any]
+
+
+def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -> FitResult:
+    """Fit the six terms to a steps table (measured steps only) and report held-out errors."""
+    if len(frame) < len(TERMS) + 2:
+        raise ConfigError("profile", f"has {len(frame)} measured steps; a fit needs at least {len(TERMS) + 2}")
+    if not 0 < test_fraction < 1:
+        raise ConfigError("test_fraction", f"must lie in (0, 1), got {test_fraction}")
+    x = features(frame)
+    y = frame["wall_s"].to_numpy(dtype=np.float64)
+    held = split_groups(frame, test_fraction, seed)
+    train = ~held
+    used = np.flatnonzero(train)
+    coef = nnls_relative(x[used], y[used])
+    residual = (x[used] @ coef - y[used]) / y[used]
+    mad = float(np.median(np.abs(residual - np.median(residual)))) or 1e-9
+    inliers = used[np.abs(residual - np.median(residual)) <= OUTLIER_MADS * 1.4826 * mad]
+    if len(inliers) >= len(TERMS) + 2 and len(inliers) < len(used):
+        coef = nnls_relative(x[inliers], y[inliers])
+    predicted = x @ coef
+    errors = ape(predicted, y)
+    phases = frame["phase"].to_numpy()
+    report = {
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "held_out": _stats(errors[held]),
+        "train": _stats(errors[train]),
+        "train_outliers_dropped": int(len(used) - len(inliers)) if len(inliers) < len(used) else 0,
+        "held_out_by_phase": {p: _stats(errors[held & (phases == p)]) for p in sorted(set(phases[held]))},
+        "terms": TERM_MEANING,
+    }
+    return FitResult(coefficients=dict(zip(TERMS, map(float, coef), strict=True)), report=report)
+
+
+class FittedPerformanceModel(PerformanceModel):
+    """Step time from fitted coefficients; KV capacity and memory from the profile."""
+
+    calibrated = True
+
+    def __init__(self, coefficients: dict[str, float], kv: dict[str, Any], memory: dict[str, Any],
+                 architecture: dict[str, Any], name: str, hardware: dict[str, Any] | None = None,
+                 report: dict[str, Any] | None = None, source: str = ""):
+        missing = [t for t in TERMS if t not in coefficients]
+        if missing:
+            raise ConfigError("fit", f"coefficients lack {missing}")
+        self.coefficients = {t: float(coefficients[t]) for t in TERMS}
+        self._c = tuple(self.coefficients[t] for t in TERMS)
+        self.kv = dict(kv)
+        self.memory_info = dict(memory)
+        self.architecture = ModelArchitecture.from_dict(architecture)
+        self.hardware = dict(hardware or {})
+        self.report = dict(report or {})
+        self.name = name
+        self.source = source
+
+    def step_time(self, batch: StepBatch) -> float:
+        c0, c_tok, c_attn, c_seq, c_kv, c_spec = self._c
+        prefill, pairs, seqs, kv_tokens, spec = batch_features(batch)
+        base = c0 + c_seq * seqs + c_kv * kv_tokens
+        return base + c_tok * prefill + c_attn * pairs + c_spec * spec
+
+    def decode_times(self, num_seqs: int, total_context):
+        """Pure-decode steps: the same arithmetic as step_time, vectorised (bit-identical)."""
+        c0, _, _, c_seq, c_kv, _ = self._c
+        total = np.asarray(total_context, dtype=np.float64)
+        return c0 + c_seq * float(num_seqs) + c_kv * total
+
+    def kv_bytes_per_token(self) -> int:
+        return int(self.kv["bytes_per_token"])
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.hardware.get("kind") == "gpu"
+
+    def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
+        """GPU profiles: vLLM's split of utilization x memory. CPU profiles: the KV space the
+        profile ran with (set explicitly on CPU, independent of the utilization)."""
+        mem = self.memory_info
+        weights = int(mem.get("weights_bytes") or 0)
+        activation = int(mem.get("activation_peak_bytes") or 0)
+        total = int(mem.get("device_total_bytes") or 0)
+        if self.on_gpu:
+            usable = int(total * gpu_memory_utilization)
+            other = int(mem.get("other_bytes") or 0)
+            kv_cache = max(0, usable - weights - activation - other)
+        else:
+            kv_cache = int(mem.get("kv_cache_bytes") or 0)
+            other = max(0, int(mem.get("rss_after_engine") or 0) - kv_cache - weights)
+            usable = weights + activation + other + kv_cache
+        return MemoryBreakdown(total=total, usable=usable, weights=weights, activation_peak=activation,
+                               other=other, kv_cache=kv_cache)
+
+    def kv_capacity(self, block_size: int, gpu_memory_utilization: float = 0.9,
+                    num_gpu_blocks_override: int | None = None) -> KVCapacity:
+        if (not num_gpu_blocks_override and int(block_size) == int(self.kv["block_size"])
+                and not self.on_gpu):
+            return KVCapacity(int(self.kv["num_gpu_blocks"]), int(block_size), self.kv_bytes_per_token())
+        return super().kv_capacity(block_size, gpu_memory_utilization, num_gpu_blocks_override)
+
+    def describe(self) -> dict:
+        held = self.report.get("held_out", {})
+        return {**super().describe(), "source": self.source, "coefficients": self.coefficients,
+                "held_out_median_ape": held.get("median_ape"), "held_out_p90_ape": held.get("p90_ape")}
+
+    # --- persistence ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FIT_FORMAT, "format_version": 1, "name": self.name, "source": self.source,
+                "coefficients": self.coefficients, "kv": self.kv, "memory": self.memory_info,
+                "architecture": self.architecture.to_dict(), "hardware": self.hardware,
+                "report": self.report}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FittedPerformanceModel:
+        if data.get("format") != FIT_FORMAT:
+            raise ConfigError("fit", f"not a fitted step model (format={data.get('format')!r})")
+        return cls(coefficients=data["coefficients"], kv=data["kv"], memory=data["memory"],
+                   architecture=data["architecture"], name=data["name"], hardware=data.get("hardware"),
+                   report=data.get("report"), source=data.get("source", ""))
+
+
+def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) -> FittedPerformanceModel:
+    """Fit a FittedPerformanceModel to a profile's measured steps."""
+    result = fit_steps(profile.measured_steps(), test_fraction=test_fraction, seed=seed)
+    report = {
+        **result.report,
+        "profile": profile.name,
+        "profile_created": profile.meta.get("created"),
+        "profile_steps": int(len(profile.steps)),
+        "fitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    return FittedPerformanceModel(
+        coefficients=result.coefficients, kv=profile.meta["kv"], memory=profile.meta["memory"],
+        architecture=profile.meta["model"]["architecture"], name=f"fitted:{profile.name}",
+        hardware=profile.meta["hardware"], report=report,
+        source=str(profile.path) if profile.path else profile.name,
+    )
+
+
+def save_fitted_model(model: FittedPerformanceModel, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(model.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_fitted_model(path: str | Path) -> PerformanceModel:
+    """A FittedPerformanceModel from a fit.json, or from a profile directory.
+
+    A profile directory with a fit.json made from this very profile (same creation
+    time and step count) loads that fit; otherwise the profile is fitted now
+    (deterministically; nothing is written).
+    """
+    path = Path(path)
+    if path.is_file() and path.name != META_FILE:
+        try:
+            return FittedPerformanceModel.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError("fit", f"{path} is not valid JSON: {err}") from None
+    folder = path.parent if path.name == META_FILE else path
+    if not (folder / META_FILE).exists():
+        raise ConfigError("profile", f"no profile at {folder} (missing {META_FILE})")
+    fit_file = folder / FIT_FILE
+    if fit_file.exists():
+        saved = json.loads(fit_file.read_text())
+        meta = json.loads((folder / META_FILE).read_text())
+        report = saved.get("report", {})
+        if (report.get("profile_created") == meta.get("created")
+                and report.get("profile_steps") == meta.get("summary", {}).get("steps")):
+            return FittedPerformanceModel.from_dict(saved)
+    return fit_profile(Profile.load(folder))

@@ -1,0 +1,348 @@
+"""Measured GPU kernel latency tables (NVIDIA aiconfigurator, vLLM kernels).
+
+The tables in ``calibration/data/aiconfigurator/data/<system>/<op>/vllm/<version>/``
+hold latencies in milliseconds of vLLM's own kernels measured on real GPUs:
+
+- ``gemm_perf.csv``: ``gemm_dtype, m, n, k -> latency`` (an ``m x k`` by ``k x n`` GEMM),
+- ``context_attention_perf.csv``: causal prefill attention of ``batch_size``
+  sequences of ``isl`` tokens (FlashAttention, head_dim 128),
+- ``generation_attention_perf.csv``: one decode token for ``batch_size``
+  sequences attending over ``isl + step`` cached tokens,
+- ``custom_allreduce_perf.csv``: vLLM's custom all-reduce of ``message_size``
+  bf16 elements on ``num_gpus`` NVLink-connected GPUs (CUDA-graph rows used).
+
+This module reads them and interpolates. All interpolation is linear in
+log(latency) against log(size), which reproduces power laws exactly (latency
+proportional to m, n, k or to a length squared) and is what makes sparse
+power-of-two tables usable between their points. Beyond a table's last point
+the latency is extrapolated with the physical scaling of that axis: linear in
+m, n, k, batch, message size and decode KV length; quadratic in prefill length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from simulator.errors import ConfigError
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "aiconfigurator"
+TABLE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8"}
+KV_TABLE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8",
+                   "fp8_e4m3": "fp8", "fp8_e5m2": "fp8"}
+
+
+@dataclass(frozen=True)
+class Grid2D:
+    """Latencies (ms) on a complete rectangular grid: ``ms[i, j]`` at ``(x[i], y[j])``."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ms: np.ndarray
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, y_power: float) -> np.ndarray:
+        """Interpolate at points (x, y), log-bilinear; extrapolate linearly in x, y**y_power."""
+        x = np.asarray(x, dtype=float)
+        y = np.asarray(y, dtype=float)
+        lx, ly = np.log(self.x), np.log(self.y)
+        qx = np.log(np.clip(x, self.x[0], self.x[-1]))
+        qy = np.log(np.clip(y, self.y[0], self.y[-1]))
+        i = np.clip(np.searchsorted(lx, qx, side="right") - 1, 0, len(lx) - 2)
+        j = np.clip(np.searchsorted(ly, qy, side="right") - 1, 0, len(ly) - 2)
+        tx = (qx - lx[i]) / (lx[i + 1] - lx[i])
+        ty = (qy - ly[j]) / (ly[j + 1] - ly[j])
+        logv = np.log(self.ms)
+        v = ((1 - tx) * (1 - ty) * logv[i, j] + tx * (1 - ty) * logv[i + 1, j]
+             + (1 - tx) * ty * logv[i, j + 1] + tx * ty * logv[i + 1, j + 1])
+        out = np.exp(v)
+        out *= np.maximum(x / self.x[-1], 1.0)
+        out *= np.maximum(y / self.y[-1], 1.0) ** y_power
+        return out
+
+
+def interp_loglog(x: np.ndarray, xp: np.ndarray, fp: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """Piecewise-linear in log-log; below xp[0] flat, above xp[-1] growing as x**power."""
+    x = np.asarray(x, dtype=float)
+    safe = np.clip(x, xp[0], xp[-1])
+    out = np.exp(np.interp(np.log(safe), np.log(xp), np.log(fp)))
+    return out * np.maximum(x / xp[-1], 1.0) ** power
+
+
+def _complete(grid: np.ndarray, x: np.ndarray, y: np.ndarray, y_power: float) -> np.ndarray:
+    """Fill NaN holes of a (batch x length) grid.
+
+    Interior holes of a row are interpolated in log-log along the length.
+    Tables skip the largest batch x length corners: a missing entry there takes
+    the last measured batch of its column scaled linearly in batch; columns
+    with no measurement at all take the last measured length of their row
+    scaled as length**y_power.
+    """
+    g = grid.copy()
+    ly = np.log(y)
+    for row in g:
+        valid = np.flatnonzero(~np.isnan(row))
+        if len(valid) > 1:
+            inner = np.arange(valid[0], valid[-1] + 1)
+            row[inner] = np.exp(np.interp(ly[inner], ly[valid], np.log(row[valid])))
+    for j in range(g.shape[1]):
+        col = g[:, j]
+        valid = np.flatnonzero(~np.isnan(col))
+        if len(valid):
+            last = valid[-1]
+            col[last + 1:] = col[last] * x[last + 1:] / x[last]
+            col[:valid[0]] = col[valid[0]]
+    for row in g:
+        valid = np.flatnonzero(~np.isnan(row))
+        if not len(valid):
+            raise ConfigError("kernel_tables", "a table row has no measurement at all")
+        last, first = valid[-1], valid[0]
+        row[last + 1:] = row[last] * (y[last + 1:] / y[last]) ** y_power
+        row[:first] = row[first]
+    return g
+
+
+@dataclass(frozen=True)
+class GemmTable:
+    """GEMM latency on the table's full (m, n, k) grid, one dtype."""
+
+    m: np.ndarray
+    n: np.ndarray
+    k: np.ndarray
+    ms: np.ndarray  # shape (len(m), len(n), len(k))
+
+    def latency_ms(self, m: np.ndarray, n: int, k: int) -> np.ndarray:
+        """Latency of m x k by k x n GEMMs for each m (0 gives 0)."""
+        m = np.asarray(m, dtype=float)
+        scale = max(n / self.n[-1], 1.0) * max(k / self.k[-1], 1.0)
+        ln, lk = np.log(self.n), np.log(self.k)
+        qn = np.log(np.clip(n, self.n[0], self.n[-1]))
+        qk = np.log(np.clip(k, self.k[0], self.k[-1]))
+        i = int(np.clip(np.searchsorted(ln, qn, side="right") - 1, 0, len(ln) - 2))
+        j = int(np.clip(np.searchsorted(lk, qk, side="right") - 1, 0, len(lk) - 2))
+        tn = (qn - ln[i]) / (ln[i + 1] - ln[i])
+        tk = (qk - lk[j]) / (lk[j + 1] - lk[j])
+        logv = np.log(self.ms)
+        per_m = np.exp((1 - tn) * (1 - tk) * logv[:, i, j] + tn * (1 - tk) * logv[:, i + 1, j]
+                       + (1 - tn) * tk * logv[:, i, j + 1] + tn * tk * logv[:, i + 1, j + 1])
+        out = interp_loglog(np.maximum(m, 1), self.m, per_m, power=1.0) * scale
+        return np.where(m > 0, out, 0.0)
+
+
+@dataclass(frozen=True)
+class AttentionTable:
+    """Attention latencies by (num_heads, num_key_value_heads, kv dtype) -> (batch x length) grid."""
+
+    kind: str  # "context" or "generation"
+    batch: np.ndarray
+    length: np.ndarray
+    slices: dict[tuple[int, int, str], np.ndarray]
+
+    @property
+    def length_power(self) -> float:
+        """How latency grows with length beyond the table: quadratic for prefill, linear for decode."""
+        return 2.0 if self.kind == "context" else 1.0
+
+    def has_kv_dtype(self, kv_dtype: str) -> bool:
+        return any(d == KV_TABLE_DTYPES.get(kv_dtype) for (_, _, d) in self.slices)
+
+    def grid(self, heads: int, kv_heads: int, kv_dtype: str) -> Grid2D:
+        """The complete (batch x length) grid for one head configuration (per GPU)."""
+        dtype = KV_TABLE_DTYPES.get(kv_dtype)
+        if dtype is None:
+            raise ConfigError("kv_cache_dtype", f"{kv_dtype!r} has no attention tables; allowed: bf16, fp8")
+        return Grid2D(self.batch, self.length, self._heads_grid(heads, kv_heads, dtype))
+
+    def _heads_grid(self, heads: int, kv_heads: int, dtype: str) -> np.ndarray:
+        kv_avail = sorted({kv for (_, kv, d) in self.slices if d == dtype})
+        if not kv_avail:
+            raise ConfigError("kv_cache_dtype", f"no {self.kind} attention rows for kv dtype {dtype}")
+        if kv_heads in kv_avail:
+            return self._at_kv(heads, kv_heads, dtype)
+        if kv_heads > kv_avail[-1]:
+            # More KV heads than measured (MHA such as Llama-2): the latency above
+            # the kernel's floor grows with the KV heads read.
+            top = kv_avail[-1]
+            base = self._at_kv(heads, top, dtype)
+            floor = base.min()
+            return floor + (base - floor) * kv_heads / top
+        lo = max(k for k in kv_avail if k < kv_heads)
+        hi = min(k for k in kv_avail if k > kv_heads)
+        w = (kv_heads - lo) / (hi - lo)
+        return (1 - w) * self._at_kv(heads, lo, dtype) + w * self._at_kv(heads, hi, dtype)
+
+    def _at_kv(self, heads: int, kv_heads: int, dtype: str) -> np.ndarray:
+        h_avail = sorted(h for (h, kv, d) in self.slices if kv == kv_heads and d == dtype)
+        if heads in h_avail:
+            return self.slices[(heads, kv_heads, dtype)]
+        if heads > h_avail[-1]:
+            return self.slices[(h_avail[-1], kv_heads, dtype)] * heads / h_avail[-1]
+        if heads < h_avail[0]:
+            return self.slices[(h_avail[0], kv_heads, dtype)]
+        lo = max(h for h in h_avail if h < heads)
+        hi = min(h for h in h_avail if h > heads)
+        w = (heads - lo) / (hi - lo)
+        return (1 - w) * self.slices[(lo, kv_heads, dtype)] + w * self.slices[(hi, kv_heads, dtype)]
+
+
+@dataclass(frozen=True)
+class AllReduceTable:
+    """vLLM custom all-reduce (CUDA graph) latency by GPU count and bf16 elements."""
+
+    by_gpus: dict[int, tuple[np.ndarray, np.ndarray]]
+
+    def latency_ms(self, num_gpus: int, elements: np.ndarray) -> np.ndarray:
+        if num_gpus == 1:
+            return np.zeros_like(np.asarray(elements, dtype=float))
+        if num_gpus not in self.by_gpus:
+            raise ConfigError("tp", f"no all-reduce measurements for {num_gpus} GPUs; "
+                                    f"allowed: {sorted(self.by_gpus)}")
+        size, ms = self.by_gpus[num_gpus]
+        elements = np.asarray(elements, dtype=float)
+        out = interp_loglog(np.maximum(elements, 1), size, ms, power=1.0)
+        return np.where(elements > 0, out, 0.0)
+
+
+@dataclass(frozen=True)
+class KernelTables:
+    """All measured tables of one system (e.g. ``h100_sxm``) at one vLLM version."""
+
+    system: str
+    version: str
+    gemm: dict[str, GemmTable]
+    context: AttentionTable
+    generation: AttentionTable
+    allreduce: AllReduceTable
+    spec: dict
+
+    @property
+    def gemm_dtypes(self) -> list[str]:
+        return sorted(self.gemm)
+
+    def gemm_table(self, dtype: str) -> GemmTable:
+        key = {"bfloat16": "bf16"}.get(dtype, dtype)
+        if key not in self.gemm:
+            raise ConfigError(
+                "optimization.weight_dtype",
+                f"{dtype} GEMMs were not measured for {self.system} (vLLM {self.version}); "
+                f"allowed: {', '.join(self.gemm_dtypes)}",
+            )
+        return self.gemm[key]
+
+    def describe(self) -> str:
+        return f"aiconfigurator {self.system} vLLM {self.version} kernel tables (Apache-2.0)"
+
+
+def available_systems() -> dict[str, list[str]]:
+    """Systems with a complete set of tables, and their vLLM versions (newest last)."""
+    out: dict[str, list[str]] = {}
+    root = DATA_DIR / "data"
+    if not root.is_dir():
+        return out
+    for system_dir in sorted(root.iterdir()):
+        versions = []
+        gemm_dir = system_dir / "gemm" / "vllm"
+        if not gemm_dir.is_dir():
+            continue
+        for vdir in gemm_dir.iterdir():
+            version = vdir.name
+            if all((system_dir / op / "vllm" / version / f).exists() for op, f in (
+                ("gemm", "gemm_perf.csv"),
+                ("attention", "context_attention_perf.csv"),
+                ("attention", "generation_attention_perf.csv"),
+                ("comm", "custom_allreduce_perf.csv"),
+            )):
+                versions.append(version)
+        if versions:
+            out[system_dir.name] = sorted(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+    return out
+
+
+def resolve_version(system: str, version: str | None = None) -> str:
+    """The requested table version, or the newest one measured for system."""
+    systems = available_systems()
+    if system not in systems:
+        raise ConfigError("hardware.kernel_tables", f"no kernel tables for {system!r}; allowed: {', '.join(systems)}")
+    if version is None:
+        return systems[system][-1]
+    if version not in systems[system]:
+        raise ConfigError("hardware.kernel_tables",
+                          f"no vLLM {version} tables for {system}; allowed: {', '.join(systems[system])}")
+    return version
+
+
+@lru_cache(maxsize=8)
+def load_tables(system: str, version: str | None = None) -> KernelTables:
+    """Read and index one system's tables (cached: the CSVs are read once per process)."""
+    import pandas as pd
+    import yaml
+
+    version = resolve_version(system, version)
+    base = DATA_DIR / "data" / system
+
+    def path(op: str, name: str) -> Path:
+        return base / op / "vllm" / version / name
+
+    gemm_df = pd.read_csv(path("gemm", "gemm_perf.csv"))
+    gemm = {}
+    for table_dtype, key in (("bfloat16", "bf16"), ("fp8", "fp8")):
+        part = gemm_df[gemm_df.gemm_dtype == table_dtype]
+        if len(part):
+            gemm[key] = _gemm_table(part)
+    context = _attention_table(pd.read_csv(path("attention", "context_attention_perf.csv")), "context")
+    generation = _attention_table(pd.read_csv(path("attention", "generation_attention_perf.csv")), "generation")
+    ar = pd.read_csv(path("comm", "custom_allreduce_perf.csv"))
+    ar = ar[ar.backend == "vllm_graph"] if "backend" in ar else ar
+    by_gpus = {}
+    for gpus, part in ar.groupby("num_gpus"):
+        part = part.groupby("message_size", as_index=False).latency.mean().sort_values("message_size")
+        by_gpus[int(gpus)] = (part.message_size.to_numpy(float), part.latency.to_numpy(float))
+    spec_path = DATA_DIR / f"{system}.yaml"
+    spec = yaml.safe_load(spec_path.read_text()) if spec_path.exists() else {}
+    return KernelTables(system, version, gemm, context, generation, AllReduceTable(by_gpus), spec)
+
+
+def _gemm_table(part) -> GemmTable:
+    m = np.sort(part.m.unique()).astype(float)
+    n = np.sort(part.n.unique()).astype(float)
+    k = np.sort(part.k.unique()).astype(float)
+    cube = np.full((len(m), len(n), len(k)), np.nan)
+    mi = np.searchsorted(m, part.m.to_numpy())
+    ni = np.searchsorted(n, part.n.to_numpy())
+    ki = np.searchsorted(k, part.k.to_numpy())
+    cube[mi, ni, ki] = part.latency.to_numpy(float)
+    # A few (n, k) pairs were not measured: take them from the neighbouring n
+    # scaled linearly in n (GEMM time grows as n at fixed m, k).
+    for ni_, ki_ in zip(*np.nonzero(np.isnan(cube).any(axis=0)), strict=True):
+        src = ni_ - 1 if ni_ > 0 else ni_ + 1
+        cube[:, ni_, ki_] = cube[:, src, ki_] * n[ni_] / n[src]
+    if np.isnan(cube).any():
+        raise ConfigError("kernel_tables", "GEMM table has unfillable holes")
+    return GemmTable(m, n, k, cube)
+
+
+def _attention_table(df, kind: str) -> AttentionTable:
+    """Index rows by head configuration; repeated measurements are averaged."""
+    length_col = (df.isl + df.step) if kind == "generation" else df.isl
+    length_all = length_col.to_numpy(float)
+    batch_all = df.batch_size.to_numpy(float)
+    batch = np.unique(batch_all)
+    lengths = np.unique(length_all)
+    keys = list(zip(df.num_heads.to_numpy(int), df.num_key_value_heads.to_numpy(int),
+                    df.kv_cache_dtype.astype(str).to_numpy(), strict=True))
+    names = sorted(set(keys))
+    code = {key: i for i, key in enumerate(names)}
+    idx = (np.fromiter((code[key] for key in keys), int, len(keys)),
+           np.searchsorted(batch, batch_all), np.searchsorted(lengths, length_all))
+    total = np.zeros((len(names), len(batch), len(lengths)))
+    count = np.zeros_like(total)
+    np.add.at(total, idx, df.latency.to_numpy(float))
+    np.add.at(count, idx, 1.0)
+    with np.errstate(invalid="ignore"):
+        mean = total / count
+    power = 2.0 if kind == "context" else 1.0
+    slices = {(int(h), int(kv), str(d)): _complete(mean[i], batch, lengths, power)
+              for i, (h, kv, d) in enumerate(names)}
+    return AttentionTable(kind, batch, lengths, slices)

@@ -1,0 +1,93 @@
+"""Performance models for simulating a live vLLM server: fitted steps + the gap + jitter.
+
+A live server spends time between engine steps (scheduling the next batch,
+turning sampled tokens into outputs and shipping them to the API process)
+that a per-step measurement can miss: vLLM's iteration log leaves out about
+1.3-1.5 ms per step on our CPUs. ``StepGapModel`` adds such a gap to every
+step of a fitted model. ``JitteredModel`` multiplies step times by random
+noise (per step, plus one factor per simulated run) so that simulated runs
+spread like live ones and the two spreads can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+
+from simulator.errors import require
+from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
+
+
+class _Wrapped(PerformanceModel):
+    """Delegates everything but step times to ``base``."""
+
+    def __init__(self, base: PerformanceModel):
+        self.base = base
+        self.calibrated = base.calibrated
+
+    def kv_bytes_per_token(self) -> int:
+        return self.base.kv_bytes_per_token()
+
+    def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
+        return self.base.memory(gpu_memory_utilization)
+
+    def kv_capacity(self, block_size: int, gpu_memory_utilization: float = 0.9,
+                    num_gpu_blocks_override: int | None = None) -> KVCapacity:
+        return self.base.kv_capacity(block_size, gpu_memory_utilization, num_gpu_blocks_override)
+
+
+class StepGapModel(_Wrapped):
+    """``base`` plus a fixed ``gap_s`` per engine step."""
+
+    def __init__(self, base: PerformanceModel, gap_s: float):
+        super().__init__(base)
+        require(gap_s >= 0 and math.isfinite(gap_s), "validate.step_gap_s", "must be a finite number >= 0")
+        self.gap_s = float(gap_s)
+        self.name = f"{base.name}+gap{gap_s * 1000:.2f}ms"
+
+    def step_time(self, batch: StepBatch) -> float:
+        return self.base.step_time(batch) + self.gap_s
+
+    def decode_times(self, num_seqs: int, total_context):
+        times = self.base.decode_times(num_seqs, total_context)
+        return None if times is None else times + self.gap_s
+
+    def describe(self) -> dict:
+        return {**self.base.describe(), "name": self.name, "step_gap_s": self.gap_s}
+
+
+class JitteredModel(_Wrapped):
+    """``base`` step times times ``run_scale`` times lognormal(0, ``step_sigma``) per step.
+
+    ``run_scale`` stands for the drift between processes (one factor per
+    simulated run); ``step_sigma`` for step-to-step noise. With noise the
+    simulator's pure-decode fast path is off (every step draws its own factor).
+    """
+
+    def __init__(self, base: PerformanceModel, seed: int, step_sigma: float = 0.0, run_sigma: float = 0.0):
+        super().__init__(base)
+        require(step_sigma >= 0, "validate.step_sigma", "must be >= 0")
+        require(run_sigma >= 0, "validate.run_sigma", "must be >= 0")
+        self.rng = random.Random(seed)
+        self.step_sigma = float(step_sigma)
+        self.run_sigma = float(run_sigma)
+        self.run_scale = math.exp(self.rng.gauss(0.0, run_sigma)) if run_sigma > 0 else 1.0
+        self.name = f"{base.name}~jitter(step={step_sigma:g},run={run_sigma:g},seed={seed})"
+
+    def step_time(self, batch: StepBatch) -> float:
+        t = self.base.step_time(batch) * self.run_scale
+        if self.step_sigma > 0:
+            t *= math.exp(self.rng.gauss(0.0, self.step_sigma))
+        return t
+
+    def decode_times(self, num_seqs: int, total_context):
+        if self.step_sigma > 0:
+            return None
+        times = self.base.decode_times(num_seqs, total_context)
+        return None if times is None else np.asarray(times) * self.run_scale
+
+    def describe(self) -> dict:
+        return {**self.base.describe(), "name": self.name, "run_scale": self.run_scale,
+                "step_sigma": self.step_sigma, "run_sigma": self.run_sigma}

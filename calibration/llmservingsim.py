@@ -1,0 +1,273 @@
+"""A step-time model from LLMServingSim's vLLM layer profiles.
+
+LLMServingSim (casys-kaist, MIT) hooks vLLM 0.19's layers and times them on
+real GPUs, one transformer layer at a time:
+
+- ``dense.csv``: each non-attention op of a layer (qkv/o/gate-up/down
+  projections, activation, layer norm, rotary) and the embedding and final
+  norm, by token count (1-2048);
+- ``attention.csv``: one layer's attention for a batch of one prefill chunk of
+  ``prefill_chunk`` tokens over ``kv_prefill`` cached tokens plus ``n_decode``
+  decodes at ``kv_decode`` tokens each (vLLM runs them in one kernel);
+- ``per_sequence.csv``: LM head and sampler by number of sequences.
+
+A step is then ``layers x (dense ops(tokens) + attention) + embedding +
+final norm + LM head + sampler + overhead``. Batches that the profile's
+single-chunk, uniform-decode grid cannot express exactly are reduced to it:
+several prefill chunks become one chunk of their total tokens over the context
+that gives the same attention work, and decode KV lengths are replaced by
+their mean (LLMServingSim's own skew correction, typically 3-7%, is left out).
+Interpolation is multilinear in log(time) against log2(1 + size).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from calibration.composed import STEP_OVERHEAD_S
+from calibration.memory import MemoryModel
+from simulator.errors import ConfigError
+from simulator.hardware import Hardware
+from simulator.model_arch import ModelArchitecture
+from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "llmservingsim" / "perf"
+#: simulator hardware names -> LLMServingSim's GPU directory names
+GPU_DIRS = {"rtxpro6000": "RTXPRO6000", "rtx4090": "RTX4090", "h100": "H100"}
+GPU_DIRS_INV = {v: k for k, v in GPU_DIRS.items()}
+LAYER_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "act_fn", "rotary_emb")
+LAYER_NORMS_PER_LAYER = 2
+MAX_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class ProfileKey:
+    """One LLMServingSim profile directory: GPU, Hugging Face model, variant and TP."""
+
+    gpu: str
+    model: str
+    variant: str
+    tp: int
+
+    @property
+    def path(self) -> Path:
+        return DATA_DIR / self.gpu / self.model / self.variant / f"tp{self.tp}"
+
+    def describe(self) -> str:
+        return (f"LLMServingSim vLLM 0.19 layer profile {self.gpu}/{self.model}/{self.variant}/tp{self.tp} "
+                f"(MIT, casys-kaist/LLMServingSim)")
+
+
+def available_profiles() -> list[ProfileKey]:
+    """Profiles shipped in calibration/data/llmservingsim."""
+    out = []
+    for tp_dir in sorted(DATA_DIR.glob("*/*/*/*/tp*")):
+        if (tp_dir / "attention.csv").exists() and (tp_dir / "dense.csv").exists():
+            rel = tp_dir.relative_to(DATA_DIR).parts
+            out.append(ProfileKey(rel[0], f"{rel[1]}/{rel[2]}", rel[3], int(rel[4][2:])))
+    return out
+
+
+def find_profile(hardware_name: str, hf_model: str, tp: int, variant: str = "bf16") -> ProfileKey:
+    """The profile for (hardware, model, tp), or a ConfigError listing those that exist."""
+    gpu = GPU_DIRS.get(hardware_name, hardware_name)
+    for key in available_profiles():
+        if key.gpu == gpu and key.model.lower() == hf_model.lower() and key.tp == tp and key.variant == variant:
+            return key
+    have = ", ".join(f"{GPU_DIRS_INV.get(k.gpu, k.gpu)}/{k.model}/tp{k.tp}" for k in available_profiles())
+    raise ConfigError("perf.source", f"no LLMServingSim profile for {hardware_name}/{hf_model}/tp{tp}; "
+                                     f"allowed: {have}")
+
+
+
+def _u(x):
+    return np.log2(1.0 + np.asarray(x, dtype=float))
+
+
+class Lattice:
+    """Multilinear interpolation of log(time) on a rectangular lattice in u = log2(1 + x).
+
+    Beyond an axis' last point the value grows linearly in that coordinate.
+    """
+
+    def __init__(self, axes: list[np.ndarray], values: np.ndarray):
+        if np.isnan(values).any():
+            raise ConfigError("llmservingsim", "profile lattice has holes")
+        self.axes = [np.asarray(a, dtype=float).tolist() for a in axes]
+        self.u = [_u(a).tolist() for a in axes]
+        logv = np.log(np.maximum(values, 1e-9))
+        self.strides = [s // logv.itemsize for s in logv.strides]
+        self.flat = logv.ravel().tolist()
+        self.corners = list(itertools.product((0, 1), repeat=len(axes)))
+
+    def __call__(self, *point: float) -> float:
+        scale = 1.0
+        base = 0
+        steps, weights = [], []
+        for x, axis, u, stride in zip(point, self.axes, self.u, self.strides, strict=True):
+            if x > axis[-1]:
+                scale *= x / axis[-1]
+                x = axis[-1]
+            ux = math.log2(1.0 + max(x, axis[0]))
+            i = min(max(bisect.bisect_right(u, ux) - 1, 0), len(u) - 2)
+            base += i * stride
+            steps.append(stride)
+            weights.append((ux - u[i]) / (u[i + 1] - u[i]))
+        total = 0.0
+        flat = self.flat
+        for corner in self.corners:
+            w = 1.0
+            offset = base
+            for c, t, stride in zip(corner, weights, steps, strict=True):
+                if c:
+                    w *= t
+                    offset += stride
+                else:
+                    w *= 1.0 - t
+            total += w * flat[offset]
+        return math.exp(total) * scale
+
+
+@lru_cache(maxsize=4)
+def load_profile(key: ProfileKey) -> dict:
+    """Read one profile into arrays (cached)."""
+    import pandas as pd
+
+    dense = pd.read_csv(key.path / "dense.csv")
+    per_seq = pd.read_csv(key.path / "per_sequence.csv")
+    att = pd.read_csv(key.path / "attention.csv")
+    for name, frame, cols in (("dense.csv", dense, {"layer", "tokens", "time_us"}),
+                              ("per_sequence.csv", per_seq, {"layer", "sequences", "time_us"}),
+                              ("attention.csv", att, {"prefill_chunk", "kv_prefill", "n_decode",
+                                                      "kv_decode", "time_us"})):
+        missing = cols - set(frame.columns)
+        if missing:
+            raise ConfigError("llmservingsim", f"{key.path / name} lacks columns {sorted(missing)}")
+    ops = {}
+    for op, part in dense.groupby("layer"):
+        part = part.groupby("tokens", as_index=False).time_us.mean().sort_values("tokens")
+        ops[str(op)] = (part.tokens.to_numpy(float), part.time_us.to_numpy(float))
+    seq = {}
+    for op, part in per_seq.groupby("layer"):
+        part = part.groupby("sequences", as_index=False).time_us.mean().sort_values("sequences")
+        seq[str(op)] = (part.sequences.to_numpy(float), part.time_us.to_numpy(float))
+    att = att.groupby(["prefill_chunk", "kv_prefill", "n_decode", "kv_decode"], as_index=False).time_us.mean()
+    return {"ops": ops, "per_sequence": seq, "attention": att}
+
+
+def _pow2_from(start: int, stop: int) -> list[int]:
+    out, v = [], start
+    while v <= stop:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def _attention_lattices(att) -> tuple[Lattice, Lattice]:
+    """A (n_decode x kv_decode) lattice for decode-only steps and a 4-D one for the rest."""
+    dec = att[(att.prefill_chunk == 0) & (att.n_decode > 0)]
+    n_axis = np.sort(dec.n_decode.unique()).astype(float)
+    kv_axis = np.sort(dec.kv_decode.unique()).astype(float)
+    grid = dec.pivot_table(index="n_decode", columns="kv_decode", values="time_us").reindex(
+        index=n_axis, columns=kv_axis).to_numpy()
+    decode = Lattice([n_axis, kv_axis], grid)
+
+    pcs = _pow2_from(16, int(att.prefill_chunk.max()))
+    kps = [0] + _pow2_from(16, int(att.kv_prefill.max()))
+    ns = [0] + _pow2_from(1, int(att[att.prefill_chunk > 0].n_decode.max()))
+    kvs = _pow2_from(16, int(att.kv_decode.max()))
+    table = {(int(r.prefill_chunk), int(r.kv_prefill), int(r.n_decode), int(r.kv_decode)): float(r.time_us)
+             for r in att.itertuples(index=False)}
+    cube = np.full((len(pcs), len(kps), len(ns), len(kvs)), np.nan)
+    for (a, pc), (b, kp), (c, n), (d, kv) in itertools.product(
+            enumerate(pcs), enumerate(kps), enumerate(ns), enumerate(kvs)):
+        cube[a, b, c, d] = table.get((pc, kp, n, 0 if n == 0 else kv), np.nan)
+    mixed = Lattice([np.array(pcs), np.array(kps), np.array(ns), np.array(kvs)], cube)
+    return decode, mixed
+
+
+class LLMServingSimPerformanceModel(PerformanceModel):
+    """Step time from a measured layer profile; memory and KV as vLLM sizes them."""
+
+    def __init__(
+        self,
+        key: ProfileKey,
+        arch: ModelArchitecture,
+        hardware: Hardware,
+        *,
+        kv_dtype: str = "bf16",
+        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 1024,
+        overhead_s: float = STEP_OVERHEAD_S,
+        via_model: str = "",
+    ):
+        self.key = key
+        self.via_model = via_model
+        self.arch = arch
+        self.hardware = hardware
+        self.overhead_s = overhead_s
+        self.name = f"llmservingsim:{key.gpu}:{arch.name}:{key.variant}:tp{key.tp}"
+        self.memory_model = MemoryModel(arch, hardware, key.tp, "bf16", kv_dtype,
+                                        max_num_batched_tokens, max_num_seqs)
+        prof = load_profile(key)
+        ops = prof["ops"]
+        need = set(LAYER_OPS) | {"layernorm", "embedding", "final_layernorm"}
+        if need - set(ops):
+            raise ConfigError("llmservingsim", f"{key.path}/dense.csv lacks ops {sorted(need - set(ops))}")
+        m = np.arange(MAX_TOKENS + 1, dtype=float)
+
+        def curve(xy, x):
+            xs, ys = xy
+            out = np.interp(np.log(np.clip(x, xs[0], xs[-1])), np.log(xs), ys)
+            return np.where(x > xs[-1], ys[-1] * x / xs[-1], out) * (x > 0)
+
+        layer = sum(curve(ops[op], m) for op in LAYER_OPS) + LAYER_NORMS_PER_LAYER * curve(ops["layernorm"], m)
+        dense_us = arch.num_layers * layer + curve(ops["embedding"], m) + curve(ops["final_layernorm"], m)
+        self._dense = (1e-6 * dense_us).tolist()
+        rows = np.arange(4097, dtype=float)
+        seq = prof["per_sequence"]
+        head_us = sum(curve(seq[op], rows) for op in seq)
+        self._head = (1e-6 * head_us).tolist()
+        self.decode_lattice, self.mixed_lattice = _attention_lattices(prof["attention"])
+
+    def _attention_s(self, batch: StepBatch) -> float:
+        pt, dc = batch.prefill_tokens, batch.decode_context
+        n = len(dc)
+        kv = sum(dc) / n if n else 0.0
+        if not pt:
+            return 1e-6 * self.decode_lattice(n, kv) if n else 0.0
+        total = sum(pt)
+        work = sum(q * (2 * c + q) for q, c in zip(pt, batch.prefill_context, strict=False))
+        context = max(0.0, (work / total - total) / 2)
+        return 1e-6 * self.mixed_lattice(total, context, n, kv if n else 16)
+
+    def step_time(self, batch: StepBatch) -> float:
+        if batch.is_empty:
+            return 0.0
+        spec = sum(batch.decode_spec_tokens)
+        m = sum(batch.prefill_tokens) + len(batch.decode_context) + spec
+        rows = len(batch.prefill_tokens) + len(batch.decode_context) + spec
+        dense = self._dense[m] if m <= MAX_TOKENS else self._dense[-1] * m / MAX_TOKENS
+        head = self._head[rows] if rows < len(self._head) else self._head[-1] * rows / (len(self._head) - 1)
+        attention = self.arch.num_layers * self._attention_s(batch)
+        return self.overhead_s + dense + head + attention
+
+    def kv_bytes_per_token(self) -> int:
+        return self.memory_model.kv_bytes_per_token()
+
+    def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
+        return self.memory_model.breakdown(gpu_memory_utilization)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update({"built_from": self.key.describe(), "hardware": self.hardware.name,
+                    "model": self.arch.name, "tp": self.key.tp, "step_overhead_s": self.overhead_s,
+                    "via_model": self.via_model})
+        return out

@@ -1,0 +1,105 @@
+"""Device memory of a vLLM replica, sized the way vLLM sizes its KV cache.
+
+vLLM (``vllm/v1/worker/gpu_worker.py: determine_available_memory``) gives the
+KV cache what is left of ``gpu_memory_utilization x total memory`` after:
+
+- the weights (``model_memory_usage``),
+- the peak of PyTorch activations in a profiling forward pass of
+  ``max_num_batched_tokens`` tokens followed by a dummy sampler run over
+  ``max_num_seqs`` sequences,
+- memory allocated outside PyTorch during start-up (NCCL, cuBLAS workspaces),
+- and, since vLLM 0.21, an estimate of the CUDA-graph pool.
+
+No GPU is at hand, so the last three are estimated here from the architecture
+(see each function); the weights and the KV bytes per token are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.hardware import Hardware
+from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
+from simulator.performance import MemoryBreakdown
+
+GIB = 1024**3
+
+#: Non-PyTorch memory at tp=1 (cuBLAS/cuDNN workspaces, allocator slack); vLLM
+#: logs typically show 0.1-0.3 GiB of "non_torch_memory" for one GPU.
+NON_TORCH_BYTES = int(0.2 * GIB)
+#: NCCL buffers by tensor-parallel size, from aiconfigurator's system files
+#: (``misc.nccl_mem``: 342 MB at 2 GPUs, 392 MB at 4 and 8).
+NCCL_BYTES = {1: 0, 2: 358_612_992, 4: 411_041_792, 8: 411_041_792}
+#: CUDA-graph pool: vLLM logs "Graph capturing finished ... took 0.4-1.0 GiB"
+#: for 7-70B dense models (graph nodes grow with the layer count).
+CUDA_GRAPH_BASE_BYTES = int(0.25 * GIB)
+CUDA_GRAPH_PER_LAYER_BYTES = int(0.01 * GIB)
+
+
+def weight_bytes(arch: ModelArchitecture, weight_dtype: str, tp: int) -> int:
+    """Weight bytes per GPU. Quantized checkpoints keep embeddings, LM head and norms in bf16."""
+    total = arch.num_params
+    h, v = arch.hidden_size, arch.vocab_size
+    unquantized = v * h * (1 if arch.tie_word_embeddings else 2) + (2 * arch.num_layers + 1) * h
+    quantized = total - unquantized
+    wbytes = dtype_bytes(weight_dtype, "optimization.weight_dtype")
+    base = dtype_bytes(arch.dtype, "model.dtype")
+    return int((quantized * wbytes + unquantized * base) / tp)
+
+
+def activation_peak_bytes(
+    arch: ModelArchitecture, tp: int, max_num_batched_tokens: int, max_num_seqs: int
+) -> int:
+    """Peak of vLLM's profiling run: the larger of the forward pass and the sampler.
+
+    Forward: the MLP holds hidden state and residual (2 x h) plus the gate/up
+    output (2 x I/tp) and the activated half (I/tp), in bf16, for every token.
+    Sampler: ``min(max_num_seqs, max_num_batched_tokens)`` rows of full-vocabulary
+    logits in fp32, twice (logits and the probabilities derived from them).
+    """
+    t = max_num_batched_tokens
+    inter = arch.intermediate_size / tp
+    forward = t * 2 * (2 * arch.hidden_size + 3 * inter)
+    rows = min(max_num_seqs, max_num_batched_tokens)
+    sampler = rows * arch.vocab_size * 4 * 2
+    return int(max(forward, sampler))
+
+
+def other_bytes(arch: ModelArchitecture, tp: int) -> int:
+    """Non-PyTorch memory, NCCL buffers and the CUDA-graph pool (estimates, see constants)."""
+    nccl = NCCL_BYTES.get(tp, NCCL_BYTES[8])
+    graphs = CUDA_GRAPH_BASE_BYTES + CUDA_GRAPH_PER_LAYER_BYTES * arch.num_layers
+    return NON_TORCH_BYTES + nccl + graphs
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Memory of one model on one GPU type under tp, as vLLM would split it."""
+
+    arch: ModelArchitecture
+    hardware: Hardware
+    tp: int = 1
+    weight_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 1024
+
+    def __post_init__(self) -> None:
+        check_tp(self.arch, self.tp)
+        dtype_bytes(self.weight_dtype, "optimization.weight_dtype")
+        dtype_bytes(self.kv_dtype, "optimization.kv_cache_dtype")
+
+    def kv_bytes_per_token(self) -> int:
+        return self.arch.kv_bytes_per_token(self.kv_dtype, self.tp)
+
+    def breakdown(self, gpu_memory_utilization: float) -> MemoryBreakdown:
+        """Weights, activation peak, other and KV cache per GPU, in bytes (KV may be negative)."""
+        total = self.hardware.memory_bytes
+        usable = int(total * gpu_memory_utilization)
+        weights = weight_bytes(self.arch, self.weight_dtype, self.tp)
+        activation = activation_peak_bytes(self.arch, self.tp, self.max_num_batched_tokens,
+                                           self.max_num_seqs)
+        other = other_bytes(self.arch, self.tp)
+        kv = usable - weights - activation - other
+        return MemoryBreakdown(total=total, usable=usable, weights=weights,
+                               activation_peak=activation, other=other, kv_cache=kv)

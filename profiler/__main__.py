@@ -1,0 +1,88 @@
+"""`python -m profiler model=tiny-llama optimization=none [grid=smoke] [key=value ...]`
+
+Profiles a real vLLM engine and writes a Profile to
+calibration/profiles/<hardware>/<model>/<optimization>/ (or output_dir=...).
+Settings: conf/profiler.yaml; optimizations: conf/profiler/optimization/;
+grids: conf/profiler/grid/. Run from any Python: without vLLM it re-runs itself
+in the engine env made by scripts/setup_vllm_cpu.sh.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from simulator.errors import ConfigError
+
+GROUPS = {"optimization": "profiler/optimization@optimization", "grid": "profiler/grid@grid"}
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra group overrides, key=value settings), checking group choices with one-line errors.
+
+    ``optimization=x`` and ``grid=x`` choose files of conf/profiler/<group>/; every
+    other ``key=value`` (dotted keys allowed) sets a value on the composed config.
+    """
+    from profiler.settings import GRID_DIR, OPTIMIZATION_DIR, check_choice
+
+    folders = {"optimization": OPTIMIZATION_DIR, "grid": GRID_DIR}
+    groups, values = [], []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError("arguments", f"expected key=value, got {arg!r} (e.g. model=tiny-llama optimization=none)")
+        if key in GROUPS:
+            check_choice(key, value, folders[key])
+            groups.append(f"{GROUPS[key]}={value}")
+        else:
+            values.append(arg)
+    return groups, values
+
+
+def compose(groups: list[str], values: list[str]):
+    """conf/profiler.yaml with the chosen group files, then the key=value settings on top."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from profiler.settings import CONF_DIR
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="profiler", overrides=groups)
+        OmegaConf.set_struct(cfg, False)
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(values))
+    except (HydraException, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("arguments", first) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    try:
+        groups, values = split_overrides(argv)
+        from profiler.engine_env import ensure_engine_python, prepare_process
+
+        ensure_engine_python(argv)  # may re-exec this command in the engine env
+        from profiler.settings import settings_from_config
+
+        settings = settings_from_config(compose(groups, values))
+        if not settings.verbose:
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        process_info = prepare_process(settings.engine.cpu_threads)
+        from profiler.run import run
+
+        run(settings, process_info, command="python -m profiler " + " ".join(argv))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""One live run: replay a Workload on a vLLM server and write the simulator's schema.
+
+``run_live`` starts a server (or uses one already running, or attaches to a
+URL), warms it up, replays the workload with the streaming client while it
+scrapes /metrics and collects the per-iteration log, and writes into the run
+directory:
+
+- ``requests.parquet``, ``timeline.parquet``, ``summary.json``: the same
+  schema as a simulated run (see profiler.live.tables for what is estimated);
+- ``steps.parquet``: the server's iteration log, one row per engine step;
+- ``metrics.parquet``: the /metrics samples;
+- ``tokens.parquet``: every token's arrival time;
+- ``workload.parquet``, ``server.log``, ``machine.json`` (machine state before
+  and after: load average and other busy processes).
+
+Faults: a server that dies ends the run (what finished is kept, the rest is
+marked failed with the reason); a request past its timeout fails alone;
+SIGINT/SIGTERM stop the run and the partial results are written. The exit
+code says which (0 ok, 1 some requests failed, 3 server died, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import platform
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from profiler.live import client as live_client
+from profiler.live.iteration_log import IterationRecord, parse_line, steps_table
+from profiler.live.machine import machine_state
+from profiler.live.metrics import MetricsScraper, parse_labels
+from profiler.live.server import LogLine, ServerError, ServerSpec, VllmServer, descendants
+from profiler.live.tables import live_result, token_columns
+from simulator.engine_config import EngineConfig
+from simulator.errors import ConfigError
+from simulator.metrics import SLO
+from simulator.results import RunResult
+from simulator.workload import Workload
+
+EXIT_OK, EXIT_FAILED_REQUESTS, EXIT_SERVER_DIED, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+@dataclass(frozen=True)
+class LiveRunConfig:
+    """Client-side settings of one live run."""
+
+    request_timeout_s: float = 600.0
+    scrape_interval_s: float = 0.5
+    token_seed: int = 0
+    warmup_requests: int = 2
+    lead_s: float = 1.0
+    settle_s: float = 1.0
+    idle_timeout_s: float = 120.0
+    slo: SLO = field(default_factory=SLO)
+
+
+@dataclass
+class LiveOutcome:
+    """What a live run produced and how it ended."""
+
+    result: RunResult
+    out_dir: Path
+    exit_code: int
+    message: str
+
+
+class IterationCollector:
+    """Thread-safe sink for the server's iteration-log lines, time-stamped on arrival."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: list[tuple[float, IterationRecord]] = []
+        self.lines_seen = 0
+
+    def feed(self, line: LogLine) -> None:
+        rec = parse_line(line.text)
+        if rec is not None:
+            with self._lock:
+                self.records.append((line.t, rec))
+
+    def between(self, start: float, end: float) -> list[tuple[float, IterationRecord]]:
+        with self._lock:
+            return [(t, r) for t, r in self.records if start <= t <= end]
+
+
+class LogTailer:
+    """Follows a server log file written by someone else (attach mode)."""
+
+    def __init__(self, path: Path, sink: IterationCollector) -> None:
+        self.path, self.sink = path, sink
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-tail", daemon=True)
+
+    def start(self) -> LogTailer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            handle.seek(0, 2)
+            while not self._stop.is_set():
+                line = handle.readline()
+                if line:
+                    self.sink.feed(LogLine(time.monotonic(), line.rstrip("\n")))
+                else:
+                    time.sleep(0.002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+def async_scheduling_of(log_text: str, command: list[str]) -> bool:
+    """Whether the server runs vLLM's async scheduling, from its log and command.
+
+    vLLM 0.32's CPU platform always turns it off (vllm/platforms/cpu.py); on
+    GPUs it is on unless disabled or an n-gram drafter is used
+    (vllm/config/vllm.py).
+    """
+    if "device_config=cpu" in log_text:
+        return False
+    if "--no-async-scheduling" in command:
+        return False
+    if "--async-scheduling" in command:
+        return True
+    if "--speculative-config" in command:
+        spec = command[command.index("--speculative-config") + 1]
+        with contextlib.suppress(ValueError, TypeError):
+            if json.loads(spec).get("method") in ("ngram", "suffix"):
+                return False
+    return True
+
+
+def vllm_version_of(log_text: str) -> str | None:
+    for line in log_text.splitlines():
+        if "version " in line and "█" in line:
+            return line.rsplit("version", 1)[1].split()[0]
+    return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("rllm-sim", "httpx", "numpy", "pandas"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+async def _wait_idle(client, url: str, timeout_s: float) -> None:
+    """Wait until the server reports no running or waiting request."""
+    from profiler.live.metrics import sample
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            row = sample((await client.get(f"{url}/metrics", timeout=5.0)).text)
+            if row["running"] == 0 and row["waiting"] == 0:
+                return
+        await asyncio.sleep(0.5)
+
+
+async def _warm_up(client, url: str, model: str, count: int) -> None:
+    """A few short requests so that one-time costs stay out of the measurement."""
+    for i in range(count):
+        body = {"model": model, "prompt": list(range(300 + i, 332 + i)), "max_tokens": 4,
+                "min_tokens": 4, "ignore_eos": True, "temperature": 0.0}
+        response = await client.post(f"{url}/v1/completions", json=body, timeout=120.0)
+        response.raise_for_status()
+
+
+async def _watch_server(server: VllmServer | None, url: str, replay: live_client.Replay, client
+                        ) -> None:
+    """Stop the replay when the server process exits (or, attached, stops answering)."""
+    failures = 0
+    while not replay.stop.is_set():
+        if server is not None:
+            code = server.exit_code()
+            if code is not None:
+                await asyncio.sleep(0.3)  # let the log reader catch the last lines
+                replay.request_stop(f"server exited with code {code} mid-run "
+                                    f"({server.failure_reason()})")
+                return
+            await asyncio.sleep(0.2)
+            continue
+        try:
+            (await client.get(f"{url}/health", timeout=3.0)).raise_for_status()
+            failures = 0
+        except Exception as err:
+            failures += 1
+            if failures >= 3:
+                replay.request_stop(f"server at {url} stopped answering ({type(err).__name__})")
+                return
+        await asyncio.sleep(1.0)
+
+
+async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: VllmServer | None,
+                  progress: bool) -> tuple[live_client.Replay, MetricsScraper, float, float, bool]:
+    """Warm up, then replay with scraping and watching; returns (replay, scraper, t0, end, interrupted)."""
+    interrupted = False
+    async with live_client.http_client(config.request_timeout_s) as client:
+        try:
+            model = await live_client.served_model(client, url)
+        except Exception as err:
+            raise ServerError(f"no vLLM server answers at {url}: {type(err).__name__}: {err}") from None
+        await _warm_up(client, url, model, config.warmup_requests)
+        await _wait_idle(client, url, config.idle_timeout_s)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(workload), unit="req", desc="live run", mininterval=0.5)
+        replay = live_client.Replay(
+            workload,
+            live_client.ReplayConfig(url=url, model=model, request_timeout_s=config.request_timeout_s,
+                                     token_seed=config.token_seed),
+            on_finish=(lambda _rec: bar.update(1)) if bar is not None else None,
+        )
+        loop = asyncio.get_running_loop()
+
+        def on_signal(name: str) -> None:
+            nonlocal interrupted
+            interrupted = True
+            replay.request_stop(f"interrupted by {name}")
+
+        installed = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal, sig.name)
+                installed.append(sig)
+        t0 = time.monotonic() + config.lead_s
+        scraper = MetricsScraper(url, t0, config.scrape_interval_s)
+        scrape_stop = asyncio.Event()
+        await scraper.scrape_once(client)  # baseline for the counters
+        scraping = asyncio.create_task(scraper.run(client, scrape_stop))
+        watcher = asyncio.create_task(_watch_server(server, url, replay, client))
+        try:
+            await replay.run(client, t0)
+            if not replay.stop.is_set():
+                await asyncio.sleep(config.settle_s)
+        finally:
+            end = time.monotonic()
+            watcher.cancel()
+            scrape_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(scraping, timeout=10)
+            await asyncio.gather(watcher, return_exceptions=True)
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            if bar is not None:
+                bar.close()
+    return replay, scraper, t0, end, interrupted
+
+
+def _num_blocks(engine: EngineConfig | None, metrics_text: str) -> tuple[int, int]:
+    labels = parse_labels(metrics_text, "vllm:cache_config_info")
+    blocks = int(labels["num_gpu_blocks"]) if labels.get("num_gpu_blocks", "None").isdigit() else None
+    size = int(labels["block_size"]) if labels.get("block_size", "").isdigit() else None
+    if blocks is None and engine is not None and engine.num_gpu_blocks_override:
+        blocks = engine.num_gpu_blocks_override
+    if size is None and engine is not None:
+        size = engine.block_size
+    if blocks is None or size is None:
+        raise ConfigError("live", "could not learn the KV cache size from /metrics (cache_config_info)")
+    return blocks, size
+
+
+def run_live(
+    workload: Workload,
+    out_dir: str | Path,
+    *,
+    spec: ServerSpec | None = None,
+    server: VllmServer | None = None,
+    url: str | None = None,
+    server_log: str | Path | None = None,
+    engine: EngineConfig | None = None,
+    config: LiveRunConfig | None = None,
+    collector: IterationCollector | None = None,
+    progress: bool = True,
+) -> LiveOutcome:
+    """Replay ``workload`` live and write the run directory.
+
+    Give exactly one of ``spec`` (start a server, stop it after), ``server``
+    (a VllmServer already started with ``collector.feed`` as its line sink;
+    left running) or ``url`` (attach; pass ``server_log`` to follow its
+    iteration log).
+    """
+    if sum(x is not None for x in (spec, server, url)) != 1:
+        raise ConfigError("live", "give exactly one of a server spec, a running server or a URL")
+    if url is not None and not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+        raise ConfigError("live.url", f"{url} is not on loopback; only 127.0.0.1 servers are allowed")
+    config = config or LiveRunConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    collector = collector or IterationCollector()
+    own_server = spec is not None
+    tailer = None
+    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    message, code = "", EXIT_OK
+    if own_server:
+        server = VllmServer(spec, out / "server.log", on_line=collector.feed)
+    try:
+        if own_server:
+            print(f"starting vLLM server ({spec.model}) ...", file=sys.stderr, flush=True)
+            server.start()
+        if server is not None:
+            url = server.url
+            engine = engine or server.spec.engine
+        elif server_log is not None:
+            tailer = LogTailer(Path(server_log), collector).start()
+        server_pids = set()
+        if server is not None and server.process is not None:
+            server_pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
+        before = machine_state(exclude=server_pids)
+        replay, scraper, t0, end, interrupted = asyncio.run(
+            _replay(workload, url, config, server, progress))
+        after = machine_state(exclude=server_pids, window_s=0.3)
+        server_exit = server.exit_code() if server is not None else None
+        if interrupted:
+            code, message = EXIT_INTERRUPTED, f"interrupted: partial results written to {out}"
+        elif server_exit is not None or ("stopped answering" in replay.stop_reason):
+            code = EXIT_SERVER_DIED
+            message = f"the server died mid-run: {replay.stop_reason}"
+        steps = steps_table(collector.between(t0, end), t0)
+        blocks, block_size = _num_blocks(engine, scraper.first_text or scraper.last_text)
+        spec_decode = bool(engine is not None and engine.speculative.enabled)
+        result = live_result(replay.records, workload, steps, scraper.table(), num_blocks=blocks,
+                             block_size=block_size, slo=config.slo, spec_decode=spec_decode)
+        failed = int((result.requests["status"] == "failed").sum())
+        if code == EXIT_OK and failed:
+            reasons = result.summary["live"]["failure_reasons"]
+            code, message = EXIT_FAILED_REQUESTS, f"{failed} of {len(workload)} requests failed: {reasons}"
+        if code == EXIT_SERVER_DIED:
+            done = result.summary["completed"]
+            message += f"; kept {done} completed requests, {failed} marked failed"
+        log_text = server.log_path.read_text(errors="replace") if server is not None else (
+            Path(server_log).read_text(errors="replace") if server_log else "")
+        command = server.command if server is not None else []
+        result.summary["async_scheduling"] = async_scheduling_of(log_text, command)
+        result.summary["source"] = "live"
+        result.metadata = {
+            "kind": "live",
+            "started_at_utc": started_at,
+            "workload": {"name": workload.name, "requests": len(workload), "seed": workload.seed},
+            "token_seed": config.token_seed,
+            "live_config": {k: v for k, v in asdict(config).items() if k != "slo"},
+            "slo": asdict(config.slo),
+            "engine": engine.to_dict() if engine is not None else None,
+            "server": {"url": url, "command": command, "owned": own_server,
+                       "vllm_version": vllm_version_of(log_text),
+                       "kv_cache_space_gib": server.spec.kv_cache_space_gib if server else None,
+                       "exit_code": server_exit,
+                       "log": str(server.log_path) if server is not None else server_log},
+            "cache_config": parse_labels(scraper.first_text, "vllm:cache_config_info"),
+            "versions": _versions(),
+            "machine": {"before": before, "after": after},
+            "exit_code": code,
+            "message": message,
+        }
+        _write(out, result, workload, steps, scraper, replay.records)
+        return LiveOutcome(result, out, code, message or f"{result.summary['completed']} requests "
+                           f"completed; results in {out}")
+    finally:
+        if tailer is not None:
+            tailer.stop()
+        if own_server and server is not None:
+            server.stop()
+
+
+def _write(out: Path, result: RunResult, workload: Workload, steps, scraper: MetricsScraper,
+           records) -> None:
+    import pandas as pd
+
+    result.write(out)
+    pd.DataFrame(steps).to_parquet(out / "steps.parquet", index=False)
+    pd.DataFrame(scraper.table()).to_parquet(out / "metrics.parquet", index=False)
+    pd.DataFrame(token_columns(records)).to_parquet(out / "tokens.parquet", index=False)
+    workload.save(out / "workload.parquet")
+    (out / "machine.json").write_text(json.dumps(result.metadata["machine"], indent=2))
+
+
+def run_series(workload: Workload, out_root: str | Path, runs: int, spec: ServerSpec, *,
+               fresh_server: bool = False, config: LiveRunConfig | None = None,
+               progress: bool = True, pause_s: float = 2.0) -> list[LiveOutcome]:
+    """``runs`` live runs of the same workload into ``out_root/run-<i>``.
+
+    On one server back to back (default: saves a start-up per run; each run's
+    prompts use a new token seed so no run hits the prefix cache of another),
+    or on a fresh server each (``fresh_server``), which also samples the
+    start-to-start drift. Stops at the first run whose server died or that was
+    interrupted.
+    """
+    config = config or LiveRunConfig()
+    root = Path(out_root)
+    outcomes: list[LiveOutcome] = []
+    if fresh_server:
+        for i in range(runs):
+            run_config = _with_seed(config, config.token_seed + i)
+            outcome = run_live(workload, root / f"run-{i}", spec=spec, config=run_config,
+                               progress=progress)
+            outcomes.append(outcome)
+            if outcome.exit_code in (EXIT_SERVER_DIED, EXIT_INTERRUPTED):
+                break
+        return outcomes
+    collector = IterationCollector()
+    root.mkdir(parents=True, exist_ok=True)
+    server = VllmServer(spec, root / "server.log", on_line=collector.feed)
+    try:
+        print(f"starting vLLM server ({spec.model}) ...", file=sys.stderr, flush=True)
+        server.start()
+        for i in range(runs):
+            run_config = _with_seed(config, config.token_seed + i)
+            outcome = run_live(workload, root / f"run-{i}", server=server, config=run_config,
+                               collector=collector, progress=progress)
+            outcomes.append(outcome)
+            if outcome.exit_code in (EXIT_SERVER_DIED, EXIT_INTERRUPTED):
+                break
+            time.sleep(pause_s)
+    finally:
+        server.stop()
+    return outcomes
+
+
+def _with_seed(config: LiveRunConfig, seed: int) -> LiveRunConfig:
+    from dataclasses import replace
+
+    return replace(config, token_seed=seed)
+
+
+def summary_line(result: RunResult) -> str:
+    """One line for the terminal."""
+    s = result.summary
+
+    def p(key: str, q: str) -> str:
+        v = s[key].get(q)
+        return "-" if v is None else f"{v * 1000:.0f}ms"
+
+    kv = s["kv_usage"]
+    kv_text = "KV -" if kv.get("mean") is None else f"KV mean {kv['mean']:.1%} peak {kv['peak']:.1%}"
+    return (f"{s['completed']}/{s['requests']} completed, TTFT p50 {p('ttft_s', 'p50')} "
+            f"p99 {p('ttft_s', 'p99')}, E2E p50 {p('e2e_s', 'p50')} p99 {p('e2e_s', 'p99')}, "
+            f"{kv_text}, preemptions {s['preemptions']}, "
+            f"{s['throughput']['output_tokens_per_s']:.0f} tok/s")

@@ -1,0 +1,156 @@
+"""ProfilerSettings: the validated profiler configuration (from conf/profiler.yaml + overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from profiler.grid import EXTRA_PHASES, GridSpec
+from simulator.errors import ConfigError, require
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+OPTIMIZATION_DIR = CONF_DIR / "profiler" / "optimization"
+GRID_DIR = CONF_DIR / "profiler" / "grid"
+PROFILES_DIR = REPO_ROOT / "calibration" / "profiles"
+TINY_MODEL = "tiny-llama"
+
+
+def available(folder: Path) -> list[str]:
+    """Names of the YAML files in a config group folder."""
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def check_choice(field_name: str, value: str, folder: Path) -> None:
+    """One-line ConfigError when value is not one of the group's files."""
+    names = available(folder)
+    if value not in names:
+        raise ConfigError(field_name, f"unknown {value!r}; allowed: {', '.join(names)}")
+
+
+@dataclass(frozen=True)
+class OptimizationSpec:
+    """An optimization as the profiler applies it: vLLM engine arguments plus extra phases."""
+
+    name: str
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    phases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.phases if p not in EXTRA_PHASES]
+        require(not bad, "optimization.phases", f"unknown {bad}; allowed: {list(EXTRA_PHASES)}")
+        spec = self.engine_args.get("speculative_config")
+        if isinstance(spec, dict) and "model" in spec and not spec["model"]:
+            raise ConfigError("optimization.engine_args.speculative_config.model",
+                              f"{self.name} needs a draft model: set it to a local model folder")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """vLLM engine settings the profiler controls (null: the platform's default)."""
+
+    block_size: int | None = None
+    max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 128
+    enforce_eager: bool = True
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    kv_cache_space_gib: float | None = 2
+    num_gpu_blocks_override: int | None = None
+    cpu_threads: str | int = "auto"
+    extra_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(self.block_size is None or self.block_size >= 1, "engine.block_size", "must be >= 1 or null")
+        require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
+        require(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1")
+        require(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must lie in (0, 1]")
+        require(self.kv_cache_space_gib is None or self.kv_cache_space_gib > 0,
+                "engine.kv_cache_space_gib", "must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class ProfilerSettings:
+    model: str
+    optimization: OptimizationSpec
+    grid: GridSpec
+    engine: EngineSettings
+    model_name: str | None = None
+    hardware_name: str | None = None
+    output_dir: str | None = None
+    resume: bool = True
+    seed: int = 0
+    progress: bool = True
+    verbose: bool = False
+
+    @property
+    def resolved_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model == TINY_MODEL:
+            return TINY_MODEL
+        return Path(self.model.rstrip("/")).name.lower()
+
+    def output_path(self, hardware_slug: str) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        hardware = self.hardware_name or hardware_slug
+        return PROFILES_DIR / hardware / self.resolved_model_name / self.optimization.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:
+        pass
+    return value
+
+
+def settings_from_config(cfg: Any) -> ProfilerSettings:
+    """Validate the composed Hydra config into ProfilerSettings."""
+    data = _plain(cfg)
+    opt = dict(data.get("optimization") or {})
+    grid = dict(data.get("grid") or {})
+    engine = dict(data.get("engine") or {})
+    known_engine = set(EngineSettings.__dataclass_fields__)
+    unknown = set(engine) - known_engine
+    if unknown:
+        raise ConfigError("engine", f"unknown fields {sorted(unknown)}; allowed: {sorted(known_engine)}; "
+                          "other vLLM arguments go in engine.extra_args")
+    opt_known = set(OptimizationSpec.__dataclass_fields__)
+    bad_opt = set(opt) - opt_known
+    if bad_opt:
+        raise ConfigError("optimization", f"unknown fields {sorted(bad_opt)}; allowed: {sorted(opt_known)}")
+    top_known = {"model", "model_name", "hardware_name", "output_dir", "resume", "seed", "progress",
+                 "verbose", "optimization", "grid", "engine"}
+    bad_top = set(data) - top_known - {"hydra"}
+    if bad_top:
+        raise ConfigError("profiler", f"unknown settings {sorted(bad_top)}; allowed: {sorted(top_known)}")
+    require(bool(data.get("model")), "model", "must name tiny-llama, a model folder or a cached hub model")
+    return ProfilerSettings(
+        model=str(data["model"]),
+        model_name=data.get("model_name"),
+        hardware_name=data.get("hardware_name"),
+        output_dir=data.get("output_dir"),
+        resume=bool(data.get("resume", True)),
+        seed=int(data.get("seed", 0)),
+        progress=bool(data.get("progress", True)),
+        verbose=bool(data.get("verbose", False)),
+        optimization=OptimizationSpec(
+            name=str(opt.get("name", "none")),
+            engine_args=dict(opt.get("engine_args") or {}),
+            phases=tuple(opt.get("phases") or ()),
+        ),
+        grid=GridSpec.from_dict(grid),
+        engine=EngineSettings(**{k: v for k, v in engine.items()}),
+    )

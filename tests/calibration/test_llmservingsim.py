@@ -1,0 +1,88 @@
+"""The LLMServingSim layer-profile model."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from calibration.catalog import load_hardware, load_model
+from calibration.llmservingsim import (
+    Lattice,
+    LLMServingSimPerformanceModel,
+    available_profiles,
+    find_profile,
+)
+from simulator.errors import ConfigError
+from simulator.performance import StepBatch
+
+
+@pytest.fixture(scope="module")
+def model():
+    key = find_profile("rtxpro6000", "meta-llama/Llama-3.1-8B", 1)
+    return LLMServingSimPerformanceModel(key, load_model("llama-3.1-8b"), load_hardware("rtxpro6000"),
+                                         max_num_batched_tokens=2048, max_num_seqs=128)
+
+
+def measured(path, **match):
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            if all(int(row[k]) == v for k, v in match.items()):
+                return float(row["time_us"])
+    raise KeyError(match)
+
+
+def test_profiles_shipped():
+    keys = available_profiles()
+    assert [(k.gpu, k.model, k.tp) for k in keys] == [("RTXPRO6000", "meta-llama/Llama-3.1-8B", 1)]
+    with pytest.raises(ConfigError, match="allowed: rtxpro6000/meta-llama/Llama-3.1-8B/tp1"):
+        find_profile("rtxpro6000", "meta-llama/Llama-3.1-8B", 2)
+
+
+def test_attention_reproduces_measured_points(model):
+    path = model.key.path / "attention.csv"
+    cases = [dict(prefill_chunk=0, kv_prefill=0, n_decode=32, kv_decode=1024),
+             dict(prefill_chunk=0, kv_prefill=0, n_decode=256, kv_decode=5832),
+             dict(prefill_chunk=512, kv_prefill=2048, n_decode=0, kv_decode=0),
+             dict(prefill_chunk=256, kv_prefill=1024, n_decode=16, kv_decode=4096)]
+    for case in cases:
+        batch = StepBatch(prefill_tokens=[case["prefill_chunk"]] if case["prefill_chunk"] else [],
+                          prefill_context=[case["kv_prefill"]] if case["prefill_chunk"] else [],
+                          decode_context=[case["kv_decode"]] * case["n_decode"])
+        assert model._attention_s(batch) * 1e6 == pytest.approx(measured(path, **case), rel=1e-6)
+
+
+def test_step_is_layers_times_ops_plus_head(model):
+    dense = model.key.path / "dense.csv"
+    ops = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "act_fn", "rotary_emb")
+
+    def op(name, tokens):
+        with open(dense) as fh:
+            return next(float(r["time_us"]) for r in csv.DictReader(fh) if r["layer"] == name and int(r["tokens"]) == tokens)
+
+    def per_seq(name, n):
+        with open(model.key.path / "per_sequence.csv") as fh:
+            return next(float(r["time_us"]) for r in csv.DictReader(fh) if r["layer"] == name and int(r["sequences"]) == n)
+
+    batch = StepBatch(decode_context=[1024] * 32)
+    layer = sum(op(o, 32) for o in ops) + 2 * op("layernorm", 32) + measured(
+        model.key.path / "attention.csv", prefill_chunk=0, kv_prefill=0, n_decode=32, kv_decode=1024)
+    expected = 32 * layer + op("embedding", 32) + op("final_layernorm", 32) + per_seq("lm_head", 32) + per_seq("sampler", 32)
+    assert model.step_time(batch) == pytest.approx(expected * 1e-6 + model.overhead_s, rel=1e-6)
+
+
+def test_monotone_in_load(model):
+    t = model.step_time
+    assert t(StepBatch(decode_context=[1000] * 64)) > t(StepBatch(decode_context=[1000] * 8))
+    assert t(StepBatch(decode_context=[8000] * 64)) > t(StepBatch(decode_context=[1000] * 64))
+    assert t(StepBatch(prefill_tokens=[2048], prefill_context=[0])) > t(StepBatch(prefill_tokens=[256], prefill_context=[0]))
+
+
+def test_lattice_is_exact_on_points_and_linear_beyond():
+    axes = [np.array([0.0, 16.0, 32.0]), np.array([1.0, 2.0, 4.0])]
+    values = np.array([[1.0, 2.0, 4.0], [2.0, 4.0, 8.0], [3.0, 6.0, 12.0]])
+    lattice = Lattice(axes, values)
+    assert lattice(16.0, 2.0) == pytest.approx(4.0)
+    assert lattice(64.0, 4.0) == pytest.approx(24.0)
+    assert 2.0 < lattice(24.0, 2.0) < 6.0
