@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from calibration.profile import META_FILE, STEPS_FILE, Profile
+from calibration.profile import META_FILE, Profile
 from simulator.errors import ConfigError
 from simulator.model_arch import ModelArchitecture
 from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch

@@ -73,9 +73,10 @@ class EngineConfig:
         require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
         require(self.max_model_len >= 2, "engine.max_model_len", "must be >= 2")
         require(
-            self.max_model_len % self.block_size == 0 or True,
+            self.max_model_len % self.block_size == 0,
             "engine.block_size",
-            "must divide max_model_len",
+            f"{self.block_size} does not divide max_model_len={self.max_model_len}; "
+            "allowed: a divisor of max_model_len such as 16, 32, 64 or 128",
         )
         require(
             0 < self.gpu_memory_utilization <= 1,

@@ -60,8 +60,8 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """vLLM's kv_cache_usage: 1 - free / num_blocks."""
-        return 1.0 - len(self._free) / self.num_blocks
+        """vLLM's kv_cache_usage: the used share of the usable blocks (null block excluded)."""
+        return 1.0 - len(self._free) / (self.num_blocks - 1)
 
     # --- prefix cache ---------------------------------------------------
     def computed_blocks(self, block_hash: Callable[[int], Hashable], num_tokens: int) -> list[int]:

@@ -135,7 +135,7 @@ def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> RunResult:
         "running": np.asarray(s.running, dtype=np.int64),
         "waiting": np.asarray(s.waiting, dtype=np.int64),
         "kv_blocks_used": used,
-        "kv_usage": used / max(run.kv.num_blocks, 1),
+        "kv_usage": used / max(run.kv.num_blocks - 1, 1),  # vLLM's usage: null block excluded
         "prefill_tokens": np.asarray(s.prefill_tokens, dtype=np.int64),
         "decode_tokens": np.asarray(s.decode_tokens, dtype=np.int64),
         "batch_size": np.asarray(s.batch_size, dtype=np.int64),

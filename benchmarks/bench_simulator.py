@@ -1,0 +1,113 @@
+"""Simulator speed (issue 5): the fast path against the step-by-step path, in one run.
+
+Workload: the first N rows of data/bench/reasoning_lengths_20k.csv (prompts ~500
+tokens, outputs ~5,800 on average, up to 32k), Gamma arrivals with cv 2 at
+0.08 req/s (light) and 1 req/s (the KV cache fills), DeepSeek-R1-Distill-Qwen-7B
+on one H100 with vLLM's defaults: the simulator's default calibration.
+
+Prints, per case: simulation wall time (workload generation to final metrics)
+of the fast path and of the step-by-step path, their ratio, the ratio against
+Vidur's loop time measured by others on the same workload and machine size
+(77 s for 1,000 requests), whether both paths agree, and the whole-process time
+and peak RSS of the equivalent `python -m simulator` command. Then how the
+fast path's time grows with the request count.
+
+    python benchmarks/bench_simulator.py            # full (a few minutes)
+    python benchmarks/bench_simulator.py --quick    # smaller, no step-by-step baseline at 1k
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from simulator.configure import CONF_DIR, build_run  # noqa: E402
+from simulator.engine import simulate  # noqa: E402
+
+VIDUR_LOOP_S = 77.0  # Vidur on a 2-core machine, 1,000 requests at 0.08 req/s (issue 5)
+LENGTHS = "data/bench/reasoning_lengths_20k.csv"
+
+
+def spec_for(rate: float, n: int, lengths_file: str | None = LENGTHS):
+    from hydra import compose, initialize_config_dir
+
+    overrides = ["workload=gamma", f"workload.rate={rate}", "workload.cv=2", f"workload.num_requests={n}"]
+    if lengths_file:
+        overrides.append(f"workload.lengths_file={lengths_file}")
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    return cfg
+
+
+def timed_simulation(cfg, fast: bool):
+    t0 = time.perf_counter()
+    spec = build_run(cfg)
+    result = simulate(spec.workload, spec.engine, spec.perf, slo=spec.slo, seed=spec.seed, fast=fast)
+    return time.perf_counter() - t0, result
+
+
+def agree(a, b) -> bool:
+    for table in ("requests", "timeline"):
+        x, y = getattr(a, table), getattr(b, table)
+        for key in x:
+            u, v = x[key], y[key]
+            if len(u) != len(v):
+                return False
+            if u.dtype.kind == "f":
+                if not np.allclose(u, v, rtol=1e-9, atol=1e-9, equal_nan=True):
+                    return False
+            elif not np.array_equal(u, v):
+                return False
+    return True
+
+
+def whole_process(rate: float, n: int) -> tuple[float, float]:
+    cmd = [sys.executable, "-m", "simulator", "workload=gamma", f"workload.rate={rate}", "workload.cv=2",
+           f"workload.num_requests={n}", f"workload.lengths_file={LENGTHS}", "progress=false",
+           "hydra.run.dir=outputs/bench/${now:%H-%M-%S-%f}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(rss, before) / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, faster")
+    args = parser.parse_args()
+    n = 200 if args.quick else 1000
+    print(f"# simulator speed, {n} requests of {LENGTHS}, Gamma cv 2, H100 + R1-Distill-Qwen-7B")
+    print("| rate | steps | preemptions | fast (s) | step-by-step (s) | speed-up | vs Vidur loop | same results | whole process (s) | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for rate in (0.08, 1.0):
+        cfg = spec_for(rate, n)
+        t_fast, fast = timed_simulation(cfg, fast=True)
+        t_slow, slow = timed_simulation(cfg, fast=False)
+        same = agree(fast, slow)
+        wall, rss = whole_process(rate, n)
+        vidur = f"{VIDUR_LOOP_S / t_fast:.0f}x" if n == 1000 else "-"
+        print(f"| {rate} | {fast.summary['steps']} | {fast.summary['preemptions']} | {t_fast:.2f} | {t_slow:.2f} | "
+              f"{t_slow / t_fast:.1f}x | {vidur} | {same} | {wall:.2f} | {rss:.0f} |")
+    print()
+    print("# growth with request count (fast path, lengths from the default reasoning laws, 4 req/s, cv 2)")
+    print("| requests | simulation (s) | steps |")
+    print("|---|---|---|")
+    for count in ((1000, 10000) if args.quick else (1000, 10000, 100000)):
+        t, r = timed_simulation(spec_for(4.0, count, lengths_file=None), fast=True)
+        print(f"| {count} | {t:.2f} | {r.summary['steps']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

