@@ -25,19 +25,48 @@ from simulator.scheduler import NativeScheduler, SchedulerOutput
 from simulator.workload import Workload
 
 
-@dataclass
-class StepLog:
-    """Per-step columns, kept as plain lists on the hot path."""
+STEP_COLUMNS = ("start_s", "end_s", "running", "waiting", "kv_blocks_used", "prefill_tokens",
+                "decode_tokens", "batch_size", "preempted")
+_FLOAT_COLUMNS = ("start_s", "end_s")
 
-    start_s: list[float] = field(default_factory=list)
-    end_s: list[float] = field(default_factory=list)
-    running: list[int] = field(default_factory=list)
-    waiting: list[int] = field(default_factory=list)
-    kv_blocks_used: list[int] = field(default_factory=list)
-    prefill_tokens: list[int] = field(default_factory=list)
-    decode_tokens: list[int] = field(default_factory=list)
-    batch_size: list[int] = field(default_factory=list)
-    preempted: list[int] = field(default_factory=list)
+
+class StepLog:
+    """Per-step columns: single steps go into plain lists (cheap on the hot path),
+    runs of fast-forwarded steps arrive as numpy arrays; ``columns()`` joins them."""
+
+    def __init__(self) -> None:
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._rows: dict[str, list] = {name: [] for name in STEP_COLUMNS}
+        self.row_lists = tuple(self._rows[name] for name in STEP_COLUMNS)
+
+    def add_step(self, *values) -> None:
+        """Append one step's values, in STEP_COLUMNS order."""
+        for column, value in zip(self.row_lists, values, strict=True):
+            column.append(value)
+
+    def add_run(self, **arrays: np.ndarray) -> None:
+        """Append many steps at once (one array per column, all of one length)."""
+        self._flush()
+        self._chunks.append(arrays)
+
+    def _flush(self) -> None:
+        if self._rows["end_s"]:
+            self._chunks.append({name: np.asarray(self._rows[name]) for name in STEP_COLUMNS})
+            for column in self.row_lists:
+                column.clear()
+
+    def __len__(self) -> int:
+        return sum(len(c["end_s"]) for c in self._chunks) + len(self._rows["end_s"])
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every step's values, one numpy array per column."""
+        self._flush()
+        out = {}
+        for name in STEP_COLUMNS:
+            dtype = np.float64 if name in _FLOAT_COLUMNS else np.int64
+            parts = [np.asarray(c[name], dtype=dtype) for c in self._chunks]
+            out[name] = np.concatenate(parts) if parts else np.zeros(0, dtype)
+        return out
 
 
 @dataclass
@@ -289,17 +318,13 @@ class Engine:
         sched.step += run.k
         n = len(sched.running)
         k = run.k
-        log = self.steps
-        log.start_s.extend(starts.tolist())
-        log.end_s.extend(token_times.tolist())
-        log.running.extend([n] * k)
-        log.waiting.extend(self._waiting_at(token_times).tolist())
-        log.kv_blocks_used.extend(used.tolist())
-        log.prefill_tokens.extend([0] * k)
-        log.decode_tokens.extend([n] * k)
-        log.batch_size.extend([n] * k)
-        log.preempted.append(first_preempted)
-        log.preempted.extend([0] * (k - 1))
+        preempted = np.zeros(k, dtype=np.int64)
+        preempted[0] = first_preempted
+        self.steps.add_run(
+            start_s=starts, end_s=token_times, running=np.full(k, n), waiting=self._waiting_at(token_times),
+            kv_blocks_used=used, prefill_tokens=np.zeros(k, dtype=np.int64), decode_tokens=np.full(k, n),
+            batch_size=np.full(k, n), preempted=preempted,
+        )
 
     # --- step bookkeeping ---------------------------------------------------------
     def _before_schedule(self) -> None:
@@ -312,17 +337,12 @@ class Engine:
         sampled = self._sample(out)
         finished = sched.update_from_output(out, sampled, now)
         self._propose_drafts(out)
-        log = self.steps
-        log.start_s.append(start)
-        log.end_s.append(now)
-        log.running.append(sched.num_running)
-        log.waiting.append(sched.num_waiting)
-        log.kv_blocks_used.append(sched.kv.num_used_blocks)
         batch = out.batch
-        log.prefill_tokens.append(sum(batch.prefill_tokens))
-        log.decode_tokens.append(len(batch.decode_context) + sum(batch.decode_spec_tokens))
-        log.batch_size.append(len(out.num_scheduled))
-        log.preempted.append(len(out.preempted))
+        self.steps.add_step(
+            start, now, sched.num_running, sched.num_waiting, sched.kv.num_used_blocks,
+            sum(batch.prefill_tokens), len(batch.decode_context) + sum(batch.decode_spec_tokens),
+            len(out.num_scheduled), len(out.preempted),
+        )
         if self.decisions is not None:
             self.decisions.append(out)
         if finished:

@@ -115,18 +115,36 @@ def _head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
 
 
 def take_blocks(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray) -> np.ndarray:
-    """Hand out the run's new blocks in order; return blocks used after each step."""
+    """Hand out the run's new blocks in order; return blocks used after each step.
+
+    Blocks leave the free queue in the step-by-step order (step, then running
+    order), so eviction from the prefix cache is the same; each request's
+    block-seconds are integrated over its crossings as the KV manager would.
+    """
     kv = sched.kv
     running = sched.running
-    used_after = np.zeros(run.k, dtype=np.int64)
+    take = kv._take_free_block
+    times = sched_at.tolist()
+    new_per_step = np.zeros(run.k, dtype=np.int64)
+    crossed: dict[int, list[float]] = {}
     for step, idx in run.crossings:
         rid = running[idx].rid
-        blocks = kv.req_blocks[rid]
-        kv.clock = float(sched_at[step - 1])
-        kv._integrate(rid, len(blocks))
-        blocks.append(kv._take_free_block())
-        used_after[step - 1] += 1
-    return np.cumsum(used_after)
+        kv.req_blocks[rid].append(take())
+        crossed.setdefault(rid, []).append(times[step - 1])
+        new_per_step[step - 1] += 1
+    for rid, clocks in crossed.items():
+        held = len(kv.req_blocks[rid]) - len(clocks)
+        since = kv._held_since.get(rid)
+        total = kv.block_seconds.get(rid, 0.0)
+        for clock in clocks:
+            if since is not None and held:
+                total += held * (clock - since)
+            since = clock
+            held += 1
+        kv.block_seconds[rid] = total
+        kv._held_since[rid] = since
+    kv.clock = times[-1]
+    return np.cumsum(new_per_step)
 
 
 def deliver(running: list[SimRequest], k: int, token_times: np.ndarray) -> None:

@@ -126,20 +126,20 @@ def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> RunResult:
         "kv_block_seconds": block_seconds,
         "reject_reason": np.array([r.reject_reason for r in reqs], dtype=object),
     }
-    s = run.steps
-    end = np.asarray(s.end_s, dtype=float)
-    used = np.asarray(s.kv_blocks_used, dtype=np.int64)
+    s = run.steps.columns()
+    end = s["end_s"]
+    used = s["kv_blocks_used"]
     timeline = {
         "time_s": end,
-        "step_time_s": end - np.asarray(s.start_s, dtype=float),
-        "running": np.asarray(s.running, dtype=np.int64),
-        "waiting": np.asarray(s.waiting, dtype=np.int64),
+        "step_time_s": end - s["start_s"],
+        "running": s["running"],
+        "waiting": s["waiting"],
         "kv_blocks_used": used,
         "kv_usage": used / max(run.kv.num_blocks - 1, 1),  # vLLM's usage: null block excluded
-        "prefill_tokens": np.asarray(s.prefill_tokens, dtype=np.int64),
-        "decode_tokens": np.asarray(s.decode_tokens, dtype=np.int64),
-        "batch_size": np.asarray(s.batch_size, dtype=np.int64),
-        "preempted": np.asarray(s.preempted, dtype=np.int64),
+        "prefill_tokens": s["prefill_tokens"],
+        "decode_tokens": s["decode_tokens"],
+        "batch_size": s["batch_size"],
+        "preempted": s["preempted"],
     }
     assert tuple(requests) == REQUEST_COLUMNS and tuple(timeline) == TIMELINE_COLUMNS
     summary = summarize(requests, timeline, slo, run.end_s)
