@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import simpy
@@ -23,7 +23,6 @@ from simulator.performance import KVCapacity, PerformanceModel
 from simulator.request import SimRequest, Status
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 from simulator.workload import Workload
-
 
 STEP_COLUMNS = ("start_s", "end_s", "running", "waiting", "kv_blocks_used", "prefill_tokens",
                 "decode_tokens", "batch_size", "preempted")
