@@ -59,11 +59,13 @@ def table(reports: dict[str, dict]) -> str:
                  f"{pre['live_median'] or 0:.0f} / {pre['sim_median'] or 0:.0f}"]
         cells += [_cell(rows[key]) for key, _ in COLUMNS] + ["yes" if quiet else "no"]
         lines.append("| " + " | ".join(cells) + " |")
-    target = ", ".join(f"{label} within {FIDELITY_TARGET[key].limit:g}"
-                       + (" pt" if FIDELITY_TARGET[key].kind == "points" else "")
-                       for key, label in COLUMNS)
-    lines += ["", f"Error of the simulated median vs the live median [live spread over runs]; target: {target} "
-              "(relative errors as fractions). ✗: misses the target outside the live envelope."]
+    target = ", ".join(
+        f"{label} within " + (f"{FIDELITY_TARGET[key].limit:g} pt" if FIDELITY_TARGET[key].kind == "points"
+                              else f"{FIDELITY_TARGET[key].limit:.0%}")
+        for key, label in COLUMNS)
+    lines += ["", f"Error of the simulated median vs the live median [live spread over runs]; target: {target}. "
+              "✗: misses the target outside the live envelope; (in envelope): misses it, but the live runs "
+              "spread more than the target and the prediction lies inside their range."]
     return "\n".join(lines)
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sim-seeds", type=int, default=5)
     p.add_argument("--profile", help="existing profile directory (else profile now)")
     p.add_argument("--grid", default="default", help="profiler grid when profiling now")
-    p.add_argument("--step-gap", default="auto")
+    p.add_argument("--step-gap", default="none", help="none, measured or seconds")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     for name in args.scenarios:
@@ -92,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cli = ["--scenario", name, "--runs", str(args.runs), "--sim-seeds", str(args.sim_seeds),
                "--profile", str(profile), "--tolerances", "fidelity", "--step-gap", args.step_gap,
                "--out", str(out / name)]
-        if not args.same_server:
-            cli.append("--fresh-server")
+        cli.append("--same-server" if args.same_server else "--fresh-server")
         code = cmd_validate.main(cli)
         report_file = out / name / "report.json"
         if not report_file.exists():

@@ -39,7 +39,9 @@ def format_report(model) -> str:
         f"fitted {model.name}",
         f"  held-out steps: {held['n']:>5}  median APE {_pct(held['median_ape'])}  p90 APE {_pct(held['p90_ape'])}",
         f"  training steps: {train['n']:>5}  median APE {_pct(train['median_ape'])}  p90 APE {_pct(train['p90_ape'])}"
-        f"  ({report['train_outliers_dropped']} disturbed steps left out of the fit)",
+        f"  ({report['train_outliers_dropped']} outliers left out of the fit)",
+        f"  disturbed steps (core taken by another process): {report['disturbed_steps']}; held-out median APE "
+        f"with them {_pct(report['held_out_including_disturbed']['median_ape'])}",
         "  held out, by phase:",
     ]
     for phase, stats in report["held_out_by_phase"].items():

@@ -16,12 +16,16 @@ Reuse what exists::
 Steps: (1) the profile: ``--profile DIR`` or a fresh one from
 ``python -m profiler model=<model> optimization=none grid=<grid>``;
 (2) ``calibration.fit.load_fitted_model``; (3) the live runs: ``--live-runs``
-or ``--runs N`` replays on a vLLM server (back to back on one server, or
-``--fresh-server``), each with machine state recorded; (4) ``--sim-seeds``
-simulations with step-time jitter, using the fitted model plus the inter-step
-gap the live servers' iteration logs show (``--step-gap`` to fix it) and the
-live server's scheduling mode (vLLM 0.32 on CPU: synchronous); (5) the report
-(report.md, report.json, PNGs) in ``--out``. Exit code 0 when every metric
+or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
+times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
+back on one), each with machine state recorded; (4) ``--sim-seeds``
+simulations with step-time jitter, using the fitted model (plus, with
+``--step-gap measured``, the inter-step gap of the live iteration logs; see
+``step_gap``) and the live server's scheduling mode (vLLM 0.32 on CPU:
+synchronous); the per-request
+time the OpenAI server spends outside engine steps (measured by the live runs'
+probe requests; ``--request-overhead``) is added to simulated TTFT, TTFVT and
+E2E; (5) the report (report.md, report.json, PNGs) in ``--out``. Exit code 0 when every metric
 with a tolerance passes, 1 when one fails, 2 on bad input, 3 when a live run
 failed.
 """
@@ -39,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration import validate
-from calibration.live_model import JitteredModel, StepGapModel
+from calibration.live_model import JitteredModel, StepGapModel, add_request_overhead
 from calibration.validation_scenarios import CPU_ENGINE, SCENARIOS, get_scenario
 from simulator.engine_config import EngineConfig
 from simulator.errors import ConfigError
@@ -66,14 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="smoke", help="profiler grid when profiling now")
     p.add_argument("--live-runs", nargs="*", default=None, help="existing live run directories")
     p.add_argument("--runs", type=int, default=3, help="live runs to make (>= 3 recommended)")
-    p.add_argument("--fresh-server", action="store_true", help="a fresh server per live run")
+    p.add_argument("--fresh-server", action="store_true", default=True,
+                   help="a fresh server per live run (default): samples the process-to-process drift")
+    p.add_argument("--same-server", dest="fresh_server", action="store_false",
+                   help="all live runs back to back on one server (saves a start-up per run)")
     p.add_argument("--kv-cache-space-gib", type=int, default=1)
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout of live runs (s)")
     p.add_argument("--sim-seeds", type=int, default=5, help="simulated runs (seeds)")
     p.add_argument("--step-sigma", type=float, default=0.05, help="per-step lognormal jitter of step times")
     p.add_argument("--run-sigma", type=float, default=0.03, help="per-run lognormal scale of step times")
-    p.add_argument("--step-gap", default="auto",
-                   help="seconds added to every simulated step; auto: measured from the live logs")
+    p.add_argument("--step-gap", default="none",
+                   help="time added to every simulated step: none (profiled steps are whole engine steps), "
+                        "measured (the live logs' inter-step gap) or seconds")
+    p.add_argument("--request-overhead", default="measured",
+                   help="per-request API-server time added to simulated TTFT/E2E: measured (the live "
+                        "runs' probes), none, or seconds")
     p.add_argument("--tolerances", default="ci", choices=sorted(TOLERANCE_SETS))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true")
@@ -148,30 +159,60 @@ def live_runs(args, workload: Workload, engine: EngineConfig, out: Path) -> tupl
 
 
 def step_gap(arg: str, live: list[RunResult]) -> tuple[float, str]:
-    """The gap to add to every simulated step, and where it came from."""
-    if arg != "auto":
-        try:
-            gap = float(arg)
-        except ValueError:
-            raise ConfigError("step_gap", f"must be 'auto' or seconds, got {arg!r}") from None
-        return gap, "given"
-    measured = [r.summary.get("live", {}).get("inter_step_gap_s") for r in live]
-    measured = [g for g in measured if g is not None]
-    if measured:
-        return float(np.median(measured)), f"median inter-step gap of {len(measured)} live iteration logs"
-    return DEFAULT_STEP_GAP_S, "default (no live iteration log)"
+    """The time to add to every simulated step, and where it came from.
+
+    ``none`` (default): a model fitted to our profiler's steps needs none. The
+    profiler times a whole ``LLMEngine.step()`` (scheduling, the forward pass,
+    sampling and output processing), which is what the live server spends per
+    step: its logged elapsed time plus the inter-step gap. ``measured``: the
+    median inter-step gap of the live iteration logs (1.4 ms without logs), for
+    step models that cover only the forward pass (e.g. fitted to the iteration
+    log's elapsed times). A number: that many seconds.
+    """
+    if arg == "none":
+        return 0.0, "none: the profiler's step times span whole engine steps"
+    if arg == "measured":
+        measured = [r.summary.get("live", {}).get("inter_step_gap_s") for r in live]
+        measured = [g for g in measured if g is not None]
+        if measured:
+            return float(np.median(measured)), f"median inter-step gap of {len(measured)} live iteration logs"
+        return DEFAULT_STEP_GAP_S, "default 1.4 ms (no live iteration log)"
+    try:
+        gap = float(arg)
+    except ValueError:
+        raise ConfigError("step_gap", f"must be none, measured or seconds, got {arg!r}") from None
+    return gap, "given"
+
+
+def request_overhead(arg: str, live: list[RunResult]) -> tuple[float, str]:
+    """Per-request time outside the engine (HTTP, API server) to add to simulated latencies."""
+    if arg == "none":
+        return 0.0, "none"
+    if arg == "measured":
+        measured = [r.summary.get("live", {}).get("request_overhead_s") for r in live]
+        measured = [m for m in measured if m is not None]
+        if measured:
+            return max(float(np.median(measured)), 0.0), f"median of {len(measured)} live runs' probes"
+        return 0.0, "not measured (no probes matched the iteration log): none added"
+    try:
+        return float(arg), "given"
+    except ValueError:
+        raise ConfigError("request_overhead", f"must be measured, none or seconds, got {arg!r}") from None
 
 
 def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, step_sigma: float,
-                  run_sigma: float, async_scheduling: bool, out: Path) -> list[RunResult]:
+                  run_sigma: float, async_scheduling: bool, out: Path, overhead_s: float = 0.0
+                  ) -> list[RunResult]:
     from simulator.engine import simulate
 
     results = []
     for seed in range(seeds):
         perf = JitteredModel(model, seed=seed, step_sigma=step_sigma, run_sigma=run_sigma)
         result = simulate(workload, engine, perf, slo=SLO(), seed=seed, async_scheduling=async_scheduling)
+        if overhead_s:
+            result = add_request_overhead(result, overhead_s)
         result.metadata = {"kind": "simulated", "seed": seed, "performance_model": perf.describe(),
-                           "engine": engine.to_dict()}
+                           "engine": engine.to_dict(), "request_overhead_s": overhead_s}
         result.write(out / "sim" / f"seed-{seed}")
         results.append(result)
     return results
@@ -196,9 +237,10 @@ def main(argv: list[str]) -> int:
     gap, gap_source = step_gap(args.step_gap, live)
     async_flags = {r.summary.get("async_scheduling") for r in live} - {None}
     async_scheduling = async_flags.pop() if len(async_flags) == 1 else False
+    overhead, overhead_source = request_overhead(args.request_overhead, live)
     model = StepGapModel(fitted, gap)
     sim = simulate_runs(workload, engine, model, args.sim_seeds, args.step_sigma, args.run_sigma,
-                        async_scheduling, out)
+                        async_scheduling, out, overhead)
     machines = [r.metadata.get("machine", {}).get("before", {}) for r in live]
     context = {
         "scenario": name,
@@ -211,6 +253,8 @@ def main(argv: list[str]) -> int:
         "performance_model": model.describe(),
         "step_gap_s": gap,
         "step_gap_source": gap_source,
+        "request_overhead_s": overhead,
+        "request_overhead_source": overhead_source,
         "jitter": {"step_sigma": args.step_sigma, "run_sigma": args.run_sigma},
         "async_scheduling": async_scheduling,
         "machine": [{"load_avg": m.get("load_avg"), "others_cpu": m.get("others_cpu"),

@@ -126,7 +126,11 @@ def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -
     x = features(frame)
     y = frame["wall_s"].to_numpy(dtype=np.float64)
     held = split_groups(frame, test_fraction, seed)
-    train = ~held
+    disturbed = frame["disturbed"].to_numpy(dtype=bool) if "disturbed" in frame else np.zeros(len(frame), bool)
+    fallback = int(np.sum(~held & ~disturbed)) < max(len(TERMS) + 2, int(0.2 * np.sum(~held)))
+    if fallback:  # the machine was busy throughout: fit what there is, and say so in the report
+        disturbed = np.zeros(len(frame), bool)
+    train = ~held & ~disturbed
     used = np.flatnonzero(train)
     coef = nnls_relative(x[used], y[used])
     residual = (x[used] @ coef - y[used]) / y[used]
@@ -137,13 +141,17 @@ def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -
     predicted = x @ coef
     errors = ape(predicted, y)
     phases = frame["phase"].to_numpy()
+    test = held & ~disturbed
     report = {
         "test_fraction": test_fraction,
         "seed": seed,
-        "held_out": _stats(errors[held]),
+        "held_out": _stats(errors[test]),
+        "held_out_including_disturbed": _stats(errors[held]),
         "train": _stats(errors[train]),
+        "disturbed_steps": int(frame["disturbed"].sum()) if "disturbed" in frame else 0,
+        "disturbed_steps_used": fallback,
         "train_outliers_dropped": int(len(used) - len(inliers)) if len(inliers) < len(used) else 0,
-        "held_out_by_phase": {p: _stats(errors[held & (phases == p)]) for p in sorted(set(phases[held]))},
+        "held_out_by_phase": {p: _stats(errors[test & (phases == p)]) for p in sorted(set(phases[test]))},
         "terms": TERM_MEANING,
     }
     return FitResult(coefficients=dict(zip(TERMS, map(float, coef), strict=True)), report=report)

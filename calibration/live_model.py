@@ -1,5 +1,8 @@
 """Performance models for simulating a live vLLM server: fitted steps + the gap + jitter.
 
+Also the one part of a live server outside the engine steps that shows in
+latencies: the API server's per-request overhead (``add_request_overhead``).
+
 A live server spends time between engine steps (scheduling the next batch,
 turning sampled tokens into outputs and shipping them to the API process)
 that a per-step measurement can miss: vLLM's iteration log leaves out about
@@ -17,6 +20,7 @@ import random
 import numpy as np
 
 from simulator.errors import require
+from simulator.metrics import REQUEST_COLUMNS, SLO, summarize
 from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
 
 
@@ -91,3 +95,31 @@ class JitteredModel(_Wrapped):
     def describe(self) -> dict:
         return {**self.base.describe(), "name": self.name, "run_scale": self.run_scale,
                 "step_sigma": self.step_sigma, "run_sigma": self.run_sigma}
+
+
+def add_request_overhead(result, overhead_s: float, slo: SLO | None = None):
+    """A simulated RunResult with ``overhead_s`` added to every request's TTFT, TTFVT and E2E.
+
+    The simulator models the engine; a live request also spends time in the
+    OpenAI server (HTTP, input processing, streaming the output) that no engine
+    step covers. The live runner measures it with isolated probe requests
+    (``summary.live.request_overhead_s``: TTFT minus the prefill step). The
+    summary is recomputed with the same function as before.
+    """
+    from simulator.results import RunResult
+
+    require(overhead_s >= 0 and math.isfinite(overhead_s), "validate.request_overhead_s",
+            "must be a finite number >= 0")
+    requests = {k: np.array(v, copy=True) for k, v in result.requests.items()}
+    for column in ("ttft_s", "ttfvt_s", "e2e_s"):
+        requests[column] = requests[column].astype(float) + overhead_s
+    requests["finish_s"] = requests["finish_s"].astype(float) + overhead_s
+    schema = {c: requests[c] for c in REQUEST_COLUMNS}
+    end = float(np.nanmax(requests["finish_s"])) if len(requests["finish_s"]) else 0.0
+    summary = {**result.summary, **summarize(schema, result.timeline, slo or SLO(), end),
+               "request_overhead_s": overhead_s}
+    # the server's counters are not recomputed from requests
+    for key in ("preemptions", "requests_preempted"):
+        summary[key] = result.summary.get(key)
+    return RunResult(requests=requests, timeline=result.timeline, summary=summary,
+                     metadata=dict(result.metadata))

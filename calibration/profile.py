@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 STEPS_FILE = "steps.parquet"
 META_FILE = "profile.json"
 
-#: column -> (kind, meaning). Kinds: "str", "int", "float", "list" (list of ints).
+#: column -> (kind, meaning). Kinds: "str", "int", "float", "bool", "list" (list of ints).
 STEP_COLUMNS: dict[str, tuple[str, str]] = {
     "point_id": ("str", "grid point the step belongs to, e.g. 'prefill/c512/l4096'"),
     "phase": ("str", "prefill | decode | mixed | prefix | spec | fill | warmup"),
@@ -55,6 +55,8 @@ STEP_COLUMNS: dict[str, tuple[str, str]] = {
     "num_preempted": ("int", "requests preempted while scheduling this step"),
     "draft_s": ("float", "time spent proposing draft tokens during the step"),
     "rss_bytes": ("int", "resident memory of the profiler process after the step"),
+    "disturbed": ("bool", "another process took the engine's core during the step (CPU, one bound "
+                          "thread: wall_s > 1.25 x cpu_s + 1 ms); fits leave such steps out"),
 }
 LIST_COLUMNS = tuple(c for c, (kind, _) in STEP_COLUMNS.items() if kind == "list")
 #: phases whose steps are measurements (warm-up steps are not)
@@ -81,6 +83,8 @@ def steps_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             data[column] = pd.Series(values, dtype="int64")
         elif kind == "float":
             data[column] = pd.Series(values, dtype="float64")
+        elif kind == "bool":
+            data[column] = pd.Series(values, dtype="bool")
         else:
             data[column] = pd.Series(values, dtype=object).astype(str)
     return pd.DataFrame(data)
@@ -95,7 +99,7 @@ def write_steps(frame: pd.DataFrame, path: str | Path) -> None:
     for column, (kind, _) in STEP_COLUMNS.items():
         values = frame[column].tolist() if column in frame else []
         typ = {"list": pa.list_(pa.int64()), "int": pa.int64(), "float": pa.float64(),
-               "str": pa.string()}[kind]
+               "bool": pa.bool_(), "str": pa.string()}[kind]
         if kind == "list":
             values = [[int(x) for x in v] for v in values]
         arrays.append(pa.array(values, type=typ))
@@ -125,7 +129,8 @@ def validate_steps(frame: pd.DataFrame, where: str = "steps") -> None:
         raise ConfigError("profile", f"{where} lacks columns {missing}")
     for column, (kind, _) in STEP_COLUMNS.items():
         series = frame[column]
-        if kind in ("int", "float") and not pd.api.types.is_numeric_dtype(series):
+        if kind in ("int", "float", "bool") and not (pd.api.types.is_numeric_dtype(series)
+                                                     or pd.api.types.is_bool_dtype(series)):
             raise ConfigError("profile", f"{where}: column {column!r} must be numeric")
     if len(frame) == 0:
         return

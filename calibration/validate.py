@@ -102,7 +102,8 @@ class Metric:
 
 
 def _kv(q: str) -> Callable[[RunResult], float | None]:
-    return lambda r: kv_stats(r)[q] * 100.0
+    """KV usage statistic in percent; None for runs without a timeline (imported bench results)."""
+    return lambda r: kv_stats(r)[q] * 100.0 if len(r.timeline["time_s"]) else None
 
 
 METRICS: tuple[Metric, ...] = tuple(
@@ -115,6 +116,8 @@ METRICS: tuple[Metric, ...] = tuple(
         Metric("kv_mean", "KV usage mean", "%", "points", _kv("mean")),
         Metric("kv_peak", "KV usage peak", "%", "points", _kv("peak")),
         Metric("preemptions", "preemptions", "", "relative", lambda r: r.summary.get("preemptions")),
+        Metric("prefix_hit_rate", "prefix-cache hit rate", "%", "points",
+               lambda r: 100.0 * r.summary["prefix_cache"]["hit_rate"] if "prefix_cache" in r.summary else None),
     ]
 )
 
@@ -412,7 +415,8 @@ def write_report(report: ValidationReport, live: Sequence[RunResult], sim: Seque
     verdict = "PASS" if report.passed else ("FAIL: " + ", ".join(r.label for r in report.failures()))
     md += [f"**Verdict:** {verdict}", ""]
     for key in ("scenario", "workload", "live_runs", "sim_runs", "performance_model", "step_gap_s",
-                "jitter", "async_scheduling", "machine", "notes"):
+                "step_gap_source", "request_overhead_s", "request_overhead_source", "jitter",
+                "async_scheduling", "machine", "notes"):
         if key in ctx:
             md.append(f"- **{key}**: {ctx[key] if not isinstance(ctx[key], dict | list) else json.dumps(ctx[key], default=_json_default)}")
     md += ["", "## Metrics", "",

@@ -90,9 +90,9 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario("ci-reasoning", "reasoning-like outputs, Gamma cv 2, 64 KV blocks: preemptions",
-                 num_requests=60, rate=4.0, cv=2.0, prompt_tokens=(16, 96), output_median=250,
+                 num_requests=60, rate=3.0, cv=2.0, prompt_tokens=(16, 96), output_median=250,
                  output_sigma=0.5, output_range=(64, 700),
-                 engine={"num_gpu_blocks_override": 64}),
+                 engine={"num_gpu_blocks_override": 64}, seed=2),
         Scenario("light", "light load, no KV pressure", num_requests=150, rate=2.0, cv=1.0,
                  prompt_tokens=(32, 256), output_median=160, output_sigma=0.5, output_range=(32, 512),
                  engine={"num_gpu_blocks_override": 1024}),

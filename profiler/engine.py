@@ -93,10 +93,16 @@ def read_composition(scheduler_output: Any, prompt_lens: dict[str, int]) -> Step
 class EngineSession:
     """A vLLM engine in this process, with hooks that record what each step ran."""
 
-    def __init__(self, llm_kwargs: dict[str, Any], optimization: str, has_engine_args: bool):
+    #: a step on one bound CPU thread is "disturbed" when its wall time exceeds its CPU time by this
+    DISTURBED_RATIO = 1.25
+    DISTURBED_SLACK_S = 0.001
+
+    def __init__(self, llm_kwargs: dict[str, Any], optimization: str, has_engine_args: bool,
+                 single_cpu_thread: bool = False):
         from vllm import LLM
 
         self.llm_kwargs = dict(llm_kwargs)
+        self.single_cpu_thread = single_cpu_thread
         self.rss_before_engine = process_rss_bytes()
         try:
             self.llm = LLM(**llm_kwargs)
@@ -176,12 +182,17 @@ class EngineSession:
         return req_id
 
     def abort(self, req_ids: list[str]) -> None:
+        """Remove requests (by the ids ``add`` returned) from the engine."""
         if not req_ids:
             return
-        external = [r.rsplit("-", 1)[0] if r not in self.scheduler.requests else r for r in req_ids]
-        self.engine.abort_request(list(req_ids) + [e for e in external if e not in req_ids], internal=True)
+        self.engine.abort_request(list(req_ids), internal=True)
         for req_id in req_ids:
             self.prompt_lens.pop(req_id, None)
+
+    def forget_finished(self) -> None:
+        """Drop bookkeeping of requests the engine no longer holds."""
+        live = self.scheduler.requests
+        self.prompt_lens = {r: n for r, n in self.prompt_lens.items() if r in live}
 
     def abort_all(self) -> None:
         self.abort(list(self.scheduler.requests))
@@ -240,6 +251,8 @@ class EngineSession:
             "num_preempted": comp.num_preempted,
             "draft_s": self._draft_s,
             "rss_bytes": process_rss_bytes(),
+            "disturbed": bool(self.single_cpu_thread
+                              and wall > self.DISTURBED_RATIO * cpu + self.DISTURBED_SLACK_S),
             "_prefill_ids": comp.prefill_ids,
             "_decode_ids": comp.decode_ids,
         }
@@ -274,12 +287,12 @@ class EngineSession:
         return int(sum(t.numel() * t.element_size() for t in caches))
 
     def weights_bytes(self) -> int | None:
-        model = getattr(self.model_runner, "model", None)
-        if model is None:
-            return None
-        params = sum(p.numel() * p.element_size() for p in model.parameters())
-        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-        return int(params + buffers)
+        """Weight bytes as vLLM measured them at load (GPU model runners), else None.
+
+        The CPU build repacks linear layers into oneDNN kernels and leaves their
+        parameters empty, so their bytes cannot be read off the model there."""
+        measured = getattr(self.model_runner, "model_memory_usage", None)
+        return int(measured) if measured else None
 
     def hf_config(self) -> dict[str, Any]:
         return self.vllm_config.model_config.hf_config.to_dict()

@@ -144,7 +144,7 @@ def build_points(
             else:
                 keep(point, context + chunk + 1 <= max_model_len,
                      f"context + chunk exceeds max_model_len {max_model_len}")
-    decode_steps = grid.repeats + 2
+    decode_steps = 2 * grid.repeats + 3  # measured steps, with retries, and the warm-up step
     for context in sorted(grid.decode_contexts):
         for batch in sorted(grid.decode_batches):
             if batch * context > grid.decode_max_batch_tokens:
@@ -166,7 +166,7 @@ def build_points(
         for context in sorted(grid.spec.contexts):
             for batch in sorted(grid.spec.batches):
                 keep(_point("spec", ("batch", "context"), batch=batch, context=context),
-                     context + grid.spec.steps * 8 <= max_model_len,
+                     context + grid.spec.steps * 16 <= max_model_len,
                      f"context + decode steps exceed max_model_len {max_model_len}")
     return points, left_out
 
@@ -180,9 +180,9 @@ def kv_tokens_needed(point: GridPoint, grid: GridSpec, block_size: int) -> int:
     if point.phase == "prefill":
         return blocks(point.param("context") + point.param("chunk") + 1)
     if point.phase == "decode":
-        return point.param("batch") * blocks(point.param("context") + grid.repeats + 3)
+        return point.param("batch") * blocks(point.param("context") + 2 * grid.repeats + 4)
     if point.phase == "spec":
-        return point.param("batch") * blocks(point.param("context") + grid.spec.steps * 8)
+        return point.param("batch") * blocks(point.param("context") + grid.spec.steps * 16)
     if point.phase == "prefix":
         return blocks(point.param("prefix") + point.param("suffix") + 1) + blocks(point.param("suffix") + 1)
     if point.phase == "mixed":

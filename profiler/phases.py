@@ -1,8 +1,11 @@
 """How each kind of grid point is driven through the engine, step by step.
 
 Every function adds requests, steps the engine until the point is measured and
-returns the steps' rows labelled with phase and repeat. Steps that only build
-up context ("fill") are kept too: they are real steps with a known batch.
+returns the steps' rows labelled with phase and repeat. A measured step that
+another process disturbed (see EngineSession.step) is measured again, up to
+RETRY_FACTOR times the repeats in all; disturbed rows stay in the table, flagged.
+Steps that only build up context ("fill") are kept too: they are real steps
+with a known batch.
 Long contexts come cheap through the prefix cache: prompts are prefixes of
 seeded token streams (profiler.prompts), so a context computed for one point is
 found in the cache by the next one that needs it.
@@ -19,6 +22,8 @@ from profiler.grid import GridPoint, GridSpec
 from profiler.prompts import TokenStreams
 
 CONTEXT_STREAM = "ctx"
+#: a measurement disturbed by another process is repeated, up to this many times the repeats in all
+RETRY_FACTOR = 2
 
 
 class PhaseRunner:
@@ -93,13 +98,15 @@ class PhaseRunner:
             rows = handler(point)
         finally:
             self.session.set_token_budget(None)
+            self.session.forget_finished()
         return self._finish(rows)
 
     def _run_prefill(self, point: GridPoint) -> list[dict[str, Any]]:
         """One request per repeat: ``chunk`` new tokens on top of ``context`` cached ones."""
         chunk, context = point.param("chunk"), point.param("context")
         session, rows = self.session, []
-        for rep in range(self.grid.repeats):
+        clean, rep = 0, 0
+        while clean < self.grid.repeats and rep < RETRY_FACTOR * self.grid.repeats:
             key = f"suffix/{point.point_id}/{rep}"
             prompt = self.streams.tokens(CONTEXT_STREAM + "0", context) + self.streams.tokens(key, chunk)
             self.streams.forget(key)
@@ -118,8 +125,10 @@ class PhaseRunner:
                     i = row["_prefill_ids"].index(req_id)
                     if row["prefill_context"][i] == context and row["prefill_tokens"][i] == chunk:
                         row.update(phase="prefill", rep=rep)
+                        clean += not row["disturbed"]
                 rows.append(row)
             self._prime(CONTEXT_STREAM + "0", context)
+            rep += 1
         return rows
 
     def _decode_batch(self, point: GridPoint, phase: str, prompts: list[list[int]], steps: int,
@@ -136,8 +145,8 @@ class PhaseRunner:
             if set(row["_decode_ids"]) >= wanted and not row["_prefill_ids"]:
                 row.update(phase="warmup", rep=-1)  # first decode step of the batch
                 break
-        measured = 0
-        while session.has_unfinished() and measured < steps:
+        measured = clean = 0
+        while session.has_unfinished() and clean < steps and measured < RETRY_FACTOR * steps:
             row = self._step(phase, measured, point.point_id)
             if row is None:
                 continue
@@ -145,6 +154,7 @@ class PhaseRunner:
                 row.update(phase="fill", rep=-1)
             else:
                 measured += 1
+                clean += not row["disturbed"]
             rows.append(row)
         session.abort(ids)
         self._drain(point.point_id, rows)
@@ -155,7 +165,7 @@ class PhaseRunner:
         batch, context = point.param("batch"), point.param("context")
         prompts = [self.streams.tokens(f"{CONTEXT_STREAM}{i}", context) for i in range(batch)]
         rows = self._decode_batch(point, "decode", prompts, self.grid.repeats,
-                                  self.grid.repeats + 3 + self._fill_steps(prompts))
+                                  RETRY_FACTOR * self.grid.repeats + 3 + self._fill_steps(prompts))
         for i in range(batch):
             self._prime(f"{CONTEXT_STREAM}{i}", context)
         return rows
@@ -165,7 +175,7 @@ class PhaseRunner:
         batch, context = point.param("batch"), point.param("context")
         spec = self.grid.spec
         prompts = [self.streams.repetitive(f"spec/{i}", context, spec.pattern_tokens) for i in range(batch)]
-        max_tokens = (spec.steps + self._fill_steps(prompts)) * (self.num_spec + 1) + 8
+        max_tokens = (RETRY_FACTOR * spec.steps + self._fill_steps(prompts)) * (self.num_spec + 1) + 8
         return self._decode_batch(point, "spec", prompts, spec.steps, max_tokens)
 
     def _run_prefix(self, point: GridPoint) -> list[dict[str, Any]]:

@@ -156,12 +156,32 @@ def kv_section(session: EngineSession, arch: ModelArchitecture, tp: int) -> dict
     }
 
 
-def memory_section(session: EngineSession, hardware: HardwareInfo, rss_after_warmup: int,
-                   steps_rss_max: int, gpus_after: list | None) -> dict[str, Any]:
-    weights = session.weights_bytes()
+#: weight storage of vLLM's quantization methods (for the estimate when vLLM does not measure)
+QUANTIZED_WEIGHT_DTYPE = {"int8_per_channel_weight_only": "int8", "fp8": "fp8", "fp8_per_channel": "fp8",
+                          "awq": "int4", "gptq": "int4", "awq_marlin": "int4", "gptq_marlin": "int4"}
+
+
+def estimated_weight_bytes(arch: ModelArchitecture, quantization: str | None, tp: int) -> int:
+    """Linear layers at the quantized dtype; embeddings, LM head and norms stay in the model dtype."""
+    from simulator.model_arch import dtype_bytes
+
+    h, v = arch.hidden_size, arch.vocab_size
+    unquantized = v * h * (1 if arch.tie_word_embeddings else 2) + (2 * arch.num_layers + 1) * h
+    linear = arch.num_params - unquantized
+    weight_dtype = QUANTIZED_WEIGHT_DTYPE.get(quantization or "", arch.dtype)
+    return int((linear * dtype_bytes(weight_dtype) + unquantized * dtype_bytes(arch.dtype)) / tp)
+
+
+def memory_section(session: EngineSession, hardware: HardwareInfo, arch: ModelArchitecture, tp: int,
+                   rss_after_warmup: int, steps_rss_max: int, gpus_after: list | None) -> dict[str, Any]:
+    measured = session.weights_bytes()
+    quantization = session.resolved_settings()["quantization"]
+    weights = measured if measured is not None else estimated_weight_bytes(arch, quantization, tp)
     kv_bytes = session.kv_cache_bytes()
     section: dict[str, Any] = {
         "weights_bytes": weights,
+        "weights_source": "vLLM model_memory_usage" if measured is not None else
+        f"architecture x weight dtype ({QUANTIZED_WEIGHT_DTYPE.get(quantization or '', arch.dtype)})",
         "kv_cache_bytes": kv_bytes,
         "rss_before_engine": session.rss_before_engine,
         "rss_after_engine": session.rss_after_engine,
@@ -173,11 +193,17 @@ def memory_section(session: EngineSession, hardware: HardwareInfo, rss_after_war
         import torch
 
         peak = int(torch.cuda.max_memory_allocated())
+        reserved = int(torch.cuda.memory_reserved())
+        used = gpus_after[0].used_bytes if gpus_after else 0
         section.update(
             source="nvml+torch",
             gpus=[g.to_dict() for g in (gpus_after or [])],
             torch_peak_allocated_bytes=peak,
+            torch_reserved_bytes=reserved,
             activation_peak_bytes=max(0, peak - (weights or 0) - kv_bytes),
+            # memory outside torch's allocator on GPU 0 (CUDA context, cuBLAS, NCCL); NVML counts
+            # every process on the GPU, so profile on an otherwise idle GPU
+            other_bytes=max(0, used - reserved) if used else 0,
             gpu_memory_utilization=session.resolved_settings()["gpu_memory_utilization"],
         )
     else:
@@ -219,7 +245,9 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     print(f"[profiler] starting vLLM on {hardware.name} ({hardware.slug}) with {settings.optimization.name}",
           file=sys.stderr)
     engine_started = time.time()
-    session = EngineSession(kwargs, settings.optimization.name, bool(settings.optimization.engine_args))
+    single_thread = cpu and process_info.get("omp_num_threads") == "1"
+    session = EngineSession(kwargs, settings.optimization.name, bool(settings.optimization.engine_args),
+                            single_cpu_thread=single_thread)
     engine_start_s = time.time() - engine_started
     arch = architecture_of(session, model, settings.resolved_model_name)
     tp = settings.engine.tensor_parallel_size
@@ -281,7 +309,7 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
                    "env": {k: os.environ.get(k) for k in sorted(os.environ)
                            if k.startswith(("VLLM_", "OMP_", "HF_HUB_OFFLINE"))}},
         "kv": kv,
-        "memory": memory_section(session, hardware, rss_after_warmup,
+        "memory": memory_section(session, hardware, arch, tp, rss_after_warmup,
                                  int(steps["rss_bytes"].max()) if len(steps) else 0, gpus),
         "grid": {**_grid_dict(grid), "left_out": left_out},
         "points": store.point_records(),
@@ -289,6 +317,7 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
             "steps": int(len(steps)),
             "repeat_spread": summary.repeat_spread(steps),
             "cpu_share": summary.cpu_share(steps) if len(steps) else None,
+            "disturbed_share": summary.disturbed_share(steps),
             "kv": summary.kv_usage_summary(steps),
             "prefix_cache": summary.prefix_summary(steps),
             "spec_decode": summary.spec_summary(steps, num_spec),
@@ -309,6 +338,11 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     Profile(meta=meta, steps=steps).save(out)
     store.cleanup()
     ok = sum(1 for p in meta["points"] if p["status"] == "ok")
+    share = meta["summary"]["disturbed_share"]
+    if share > 0.1:
+        print(f"[profiler] warning: other processes took the engine's core during {100 * share:.0f}% of the "
+              "steps; step times are noisy (the fit leaves those steps out). Profile on a quiet machine.",
+              file=sys.stderr)
     print(f"[profiler] wrote {out}: {len(steps)} steps, {ok}/{len(points)} grid points measured, "
           f"KV {kv['num_gpu_blocks']} blocks x {kv['block_size']} tokens, {kv['bytes_per_token']} B/token, "
           f"{meta['run']['duration_s']} s")

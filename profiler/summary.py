@@ -32,6 +32,11 @@ def cpu_share(steps: pd.DataFrame) -> float | None:
     return float(steps["cpu_s"].sum()) / wall if wall > 0 else None
 
 
+def disturbed_share(steps: pd.DataFrame) -> float:
+    """Share of steps during which another process took the engine's core."""
+    return float(steps["disturbed"].mean()) if len(steps) else 0.0
+
+
 def prefix_summary(steps: pd.DataFrame) -> dict[str, Any] | None:
     """Hit rate of the prefix phase and the time of cached vs uncached prompts per point."""
     rows = steps[steps["phase"] == "prefix"]

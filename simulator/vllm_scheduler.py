@@ -7,7 +7,9 @@ times and the model's outputs: each sampling request gets ``sampled[rid]``
 token ids (1 plus accepted drafts), and requests stop at their workload length
 through ``max_tokens`` with ``ignore_eos``. vLLM makes every scheduling
 decision: chunked prefill, budgets, preemption and recompute, prefix-cache hits,
-the admission gate, async placeholders.
+the admission gate, async placeholders. Speculative decoding works for n-gram
+drafts under sync scheduling, as vLLM runs it: the drafts the engine proposes
+after a step reach vLLM before the next one.
 
 Token ids only have to make prefix-cache hashes behave: the first
 ``prefix_tokens`` prompt tokens of a request in prefix group g are all
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,6 +48,10 @@ INSTALL_HINT = (
 
 def _import_vllm() -> SimpleNamespace:
     """The vLLM classes the reference mode uses, imported on first use."""
+    # vLLM logs INFO lines at import (e.g. about Triton); they are noise here
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.INFO))
     try:
         import torch
         from vllm import config, sampling_params
@@ -54,6 +61,8 @@ def _import_vllm() -> SimpleNamespace:
         from vllm.v1.core.sched import async_scheduler, scheduler
     except Exception as err:  # ImportError, or a broken torch/torchvision install
         raise ConfigError("engine.scheduler", f"{INSTALL_HINT} ({type(err).__name__}: {err})") from err
+    finally:
+        logging.disable(previous)
     logging.getLogger("vllm").setLevel(logging.ERROR)
     return SimpleNamespace(
         bfloat16=torch.bfloat16,
@@ -76,6 +85,11 @@ def _import_vllm() -> SimpleNamespace:
         Request=request.Request,
         StructuredOutputManager=structured_output.StructuredOutputManager,
     )
+
+
+def require_vllm() -> None:
+    """Raise ConfigError (engine.scheduler) unless vLLM can be imported."""
+    _import_vllm()
 
 
 def vllm_version() -> str:
@@ -332,7 +346,7 @@ class VllmScheduler:
             if num_spec:
                 out.spec_tokens[rid] = num_spec
                 if req_id not in running_before:
-                    out.spec_padding.add(rid)  # a resumed decode padded with -1 drafts
+                    out.spec_padding.add(rid)  # a one-token decode padded with -1 drafts
             sampling = not vreq.is_prefill_chunk
             if sampling:
                 out.sampling.add(rid)
@@ -382,9 +396,10 @@ class VllmScheduler:
         """Feed vLLM the step's sampled tokens; return the requests that finished."""
         so = self._in_flight.pop(out.step)
         req_ids = list(so.num_scheduled_tokens)
-        padding = out.spec_padding
-        tokens = [[int(r) + 1] * min(sampled.get(int(r), 0), 1 if int(r) in padding else 1 << 30)
-                  for r in req_ids]
+        counts = dict(sampled)
+        for rid in out.spec_padding & counts.keys():
+            counts[rid] = min(counts[rid], 1)  # padding drafts (-1) are never accepted
+        tokens = [[int(r) + 1] * counts.get(int(r), 0) for r in req_ids]
         mro = self._v.ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},

@@ -102,6 +102,7 @@ def _run(args) -> int:
     engine = load_engine(args.engine, args.e)
     config = LiveRunConfig(request_timeout_s=args.timeout, scrape_interval_s=args.scrape_interval,
                            token_seed=args.token_seed, warmup_requests=args.warmup,
+                           overhead_probes=args.probes,
                            slo=SLO.from_dict(parse_overrides(args.slo, "slo")))
     out = Path(args.out)
     progress = not args.no_progress
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     run.add_argument("--scrape-interval", type=float, default=0.5, help="/metrics period (s)")
     run.add_argument("--warmup", type=int, default=2, help="warm-up requests before the run")
+    run.add_argument("--probes", type=int, default=5,
+                     help="isolated probe requests measuring the per-request server overhead")
     run.add_argument("--slo", action="append", default=[], metavar="KEY=VALUE", help="SLO limit")
     run.add_argument("--out", required=True, help="run directory")
     run.add_argument("--no-progress", action="store_true")

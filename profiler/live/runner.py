@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from profiler.live import client as live_client
 from profiler.live.iteration_log import IterationRecord, parse_line, steps_table
 from profiler.live.machine import machine_state
@@ -56,6 +58,7 @@ class LiveRunConfig:
     scrape_interval_s: float = 0.5
     token_seed: int = 0
     warmup_requests: int = 2
+    overhead_probes: int = 5
     lead_s: float = 1.0
     settle_s: float = 1.0
     idle_timeout_s: float = 120.0
@@ -180,6 +183,48 @@ async def _warm_up(client, url: str, model: str, count: int) -> None:
         response.raise_for_status()
 
 
+PROBE_PROMPT_TOKENS = 32
+
+
+async def _probe_request_overhead(client, url: str, model: str, count: int) -> list[dict]:
+    """Send ``count`` isolated streaming requests; record each one's send and first-token times.
+
+    Matched afterwards with the iteration log, TTFT minus the engine's step
+    time of the request's prefill is the per-request cost outside the engine
+    steps: HTTP, the API server's input and output processing, transport.
+    """
+    probes = []
+    rng = np.random.default_rng()  # fresh ids each time: no prefix-cache hit from earlier probes
+    low, high = live_client.DEFAULT_TOKEN_RANGE
+    for _ in range(count):
+        body = {"model": model, "prompt": rng.integers(low, high, PROBE_PROMPT_TOKENS).tolist(),
+                "max_tokens": 2, "min_tokens": 2, "ignore_eos": True, "temperature": 0.0, "stream": True,
+                "return_token_ids": True}
+        send = time.monotonic()
+        first = None
+        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=60.0) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                parsed = live_client.parse_sse_line(line)
+                if isinstance(parsed, dict) and first is None and live_client.chunk_tokens(parsed)[0]:
+                    first = time.monotonic()
+        if first is not None:
+            probes.append({"send": send, "first_token": first, "end": time.monotonic()})
+        await asyncio.sleep(0.05)
+    return probes
+
+
+def request_overhead(probes: list[dict], collector: IterationCollector, gap_s: float) -> float | None:
+    """Median of probe TTFT minus its prefill step (logged elapsed + inter-step gap); None if unmatched."""
+    values = []
+    for probe in probes:
+        steps = [r for _, r in collector.between(probe["send"], probe["end"] + 0.2)
+                 if r.ctx_requests == 1 and r.ctx_tokens == PROBE_PROMPT_TOKENS]
+        if len(steps) == 1:
+            values.append(probe["first_token"] - probe["send"] - steps[0].elapsed_s - gap_s)
+    return float(np.median(values)) if values else None
+
+
 async def _watch_server(server: VllmServer | None, url: str, replay: live_client.Replay, client
                         ) -> None:
     """Stop the replay when the server process exits (or, attached, stops answering)."""
@@ -206,16 +251,27 @@ async def _watch_server(server: VllmServer | None, url: str, replay: live_client
 
 
 async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: VllmServer | None,
-                  progress: bool) -> tuple[live_client.Replay, MetricsScraper, float, float, bool]:
-    """Warm up, then replay with scraping and watching; returns (replay, scraper, t0, end, interrupted)."""
+                  progress: bool) -> tuple[live_client.Replay, MetricsScraper, float, float, bool, list[dict]]:
+    """Warm up, probe, then replay with scraping and watching.
+
+    Returns (replay, scraper, t0, end, interrupted, probes).
+    """
     interrupted = False
     async with live_client.http_client(config.request_timeout_s) as client:
         try:
             model = await live_client.served_model(client, url)
         except Exception as err:
             raise ServerError(f"no vLLM server answers at {url}: {type(err).__name__}: {err}") from None
-        await _warm_up(client, url, model, config.warmup_requests)
+        try:
+            await _warm_up(client, url, model, config.warmup_requests)
+        except Exception as err:
+            raise ServerError(f"warm-up request to {url} failed: {type(err).__name__}: {err}") from None
         await _wait_idle(client, url, config.idle_timeout_s)
+        try:
+            probes = await _probe_request_overhead(client, url, model, config.overhead_probes)
+        except Exception as err:  # a probe is a measurement aid, never a reason to stop
+            print(f"warning: request-overhead probes failed: {type(err).__name__}: {err}", file=sys.stderr)
+            probes = []
         bar = None
         if progress:
             from tqdm import tqdm
@@ -260,7 +316,7 @@ async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: V
                 loop.remove_signal_handler(sig)
             if bar is not None:
                 bar.close()
-    return replay, scraper, t0, end, interrupted
+    return replay, scraper, t0, end, interrupted, probes
 
 
 def _num_blocks(engine: EngineConfig | None, metrics_text: str) -> tuple[int, int]:
@@ -323,7 +379,7 @@ def run_live(
         if server is not None and server.process is not None:
             server_pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
         before = machine_state(exclude=server_pids)
-        replay, scraper, t0, end, interrupted = asyncio.run(
+        replay, scraper, t0, end, interrupted, probes = asyncio.run(
             _replay(workload, url, config, server, progress))
         after = machine_state(exclude=server_pids, window_s=0.3)
         server_exit = server.exit_code() if server is not None else None
@@ -337,6 +393,8 @@ def run_live(
         spec_decode = bool(engine is not None and engine.speculative.enabled)
         result = live_result(replay.records, workload, steps, scraper.table(), num_blocks=blocks,
                              block_size=block_size, slo=config.slo, spec_decode=spec_decode)
+        gap = result.summary["live"]["step_time_gap_used_s"]
+        result.summary["live"]["request_overhead_s"] = request_overhead(probes, collector, gap)
         failed = int((result.requests["status"] == "failed").sum())
         if code == EXIT_OK and failed:
             reasons = result.summary["live"]["failure_reasons"]

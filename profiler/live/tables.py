@@ -170,6 +170,31 @@ def timeline_columns(steps: dict[str, np.ndarray], metrics: dict[str, np.ndarray
     return timeline
 
 
+def timeline_from_metrics(metrics: dict[str, np.ndarray], num_blocks: int) -> dict[str, np.ndarray]:
+    """A coarse timeline from /metrics samples, for servers whose iteration log is not available.
+
+    Step columns (tokens, batch size, step time) are 0: only the gauges are known.
+    """
+    ok = np.isfinite(metrics["kv_usage"])
+    t = metrics["time_s"][ok]
+    usage = metrics["kv_usage"][ok]
+    zeros = np.zeros(len(t), np.int64)
+    counter = metrics["preemptions_total"][ok]
+    preempted = np.diff(np.nan_to_num(counter), prepend=counter[0] if len(counter) else 0).astype(np.int64)
+    return {
+        "time_s": t,
+        "step_time_s": np.zeros(len(t)),
+        "running": np.nan_to_num(metrics["running"][ok]).astype(np.int64),
+        "waiting": np.nan_to_num(metrics["waiting"][ok]).astype(np.int64),
+        "kv_blocks_used": np.rint(usage * max(num_blocks - 1, 1)).astype(np.int64),
+        "kv_usage": usage,
+        "prefill_tokens": zeros,
+        "decode_tokens": zeros,
+        "batch_size": zeros,
+        "preempted": np.maximum(preempted, 0),
+    }
+
+
 def _delta(metrics: dict[str, np.ndarray], column: str) -> float | None:
     v = metrics[column]
     v = v[np.isfinite(v)]
@@ -183,7 +208,12 @@ def live_result(records: list[RequestRecord], workload, steps: dict[str, np.ndar
     measured_gap = inter_step_gap(steps)
     gap = gap_s if gap_s is not None else (measured_gap or 0.0)
     requests = request_columns(records, workload, block_size)
-    timeline = timeline_columns(steps, metrics, num_blocks, gap, spec_decode)
+    if len(steps["time_s"]):
+        timeline = timeline_columns(steps, metrics, num_blocks, gap, spec_decode)
+        source = "iteration log"
+    else:
+        timeline = timeline_from_metrics(metrics, num_blocks)
+        source = "/metrics samples (no iteration log)"
     ends = [x for x in requests["finish_s"] if np.isfinite(x)]
     end_s = max(ends) if ends else 0.0
     schema_requests = {c: requests[c] for c in REQUEST_COLUMNS}
@@ -216,6 +246,7 @@ def live_result(records: list[RequestRecord], workload, steps: dict[str, np.ndar
         "inter_step_gap_s": measured_gap,
         "step_time_gap_used_s": gap,
         "steps_logged": int(len(steps["time_s"])),
+        "timeline_source": source,
         "metrics_samples": int(len(metrics["time_s"])),
         "kv_usage_metrics_mean": float(np.nanmean(metric_kv)) if np.isfinite(metric_kv).any() else None,
         "malformed_chunks": int(requests["malformed_chunks"].sum()),

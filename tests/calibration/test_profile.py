@@ -33,7 +33,7 @@ def row(step: int, phase: str = "decode", prefill=(), context=(), decode=(), spe
         "decode_accepted_tokens": [0] * len(decode), "num_prefill_tokens": sum(prefill),
         "num_decode_seqs": len(decode), "num_spec_tokens": sum(spec),
         "num_tokens": sum(prefill) + len(decode) + sum(spec), "kv_blocks_used": 3, "kv_usage": 0.01,
-        "num_preempted": 0, "draft_s": 0.0, "rss_bytes": 10**9,
+        "num_preempted": 0, "draft_s": 0.0, "rss_bytes": 10**9, "disturbed": False,
     }
     base.update(extra)
     return base

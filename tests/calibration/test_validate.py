@@ -142,3 +142,18 @@ def test_step_gap_and_jitter_models():
     assert scaled.step_time(batch) == pytest.approx(base.step_time(batch) * scaled.run_scale)
     with pytest.raises(ConfigError, match="step_gap_s"):
         StepGapModel(base, -1.0)
+
+
+def test_imported_bench_results_validate_without_kv_data(tmp_path):
+    from pathlib import Path
+
+    from profiler.live.bench_import import read_bench_result
+
+    bench, workload = read_bench_result(Path(__file__).parents[1] / "profiler" / "data" / "vllm_bench_serve_tiny.json")
+    engine = SCENARIO.engine_config(num_gpu_blocks_override=256)
+    sim = [simulate(workload, engine, Linear(), seed=0, async_scheduling=False)]
+    rows = {r.metric: r for r in validate.compare([bench], sim, validate.CI_TOLERANCES)}
+    assert rows["kv_mean"].live == () and rows["kv_mean"].passed is None
+    assert rows["preemptions"].live == ()
+    assert rows["e2e_p50"].live_median == pytest.approx(bench.summary["e2e_s"]["p50"])
+    assert rows["e2e_p50"].error is not None

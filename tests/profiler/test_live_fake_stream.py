@@ -99,6 +99,9 @@ def test_malformed_chunks_are_counted_and_skipped(fake_server, tmp_path):
     assert req["output_tokens"].tolist() == [6] * 4
     assert req["malformed_chunks"].tolist() == [len(BROKEN)] * 4
     assert outcome.result.summary["live"]["malformed_chunks"] == 4 * len(BROKEN)
+    # attached without a server log: the timeline comes from the /metrics samples
+    assert outcome.result.summary["live"]["timeline_source"].startswith("/metrics")
+    assert len(outcome.result.timeline["time_s"]) >= 2
     assert (tmp_path / "requests.parquet").exists() and (tmp_path / "tokens.parquet").exists()
 
 

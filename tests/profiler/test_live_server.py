@@ -186,7 +186,7 @@ def test_ctrl_c_saves_partial_results(server, tmp_path):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "/completions" not in server.log_path.read_text()[-20000:]:
         time.sleep(0.2)
-    time.sleep(4.0)  # the four short requests finish, the long ones are under way
+    time.sleep(6.0)  # the four short requests finish, the long ones are under way
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED, stderr

@@ -102,6 +102,20 @@ def test_timeline_from_iteration_log_counts_recompute_as_prefill(observed):
     np.testing.assert_array_equal(tl["kv_blocks_used"], np.rint(np.array([0.03, 0.03, 0.06, 0.09, 0.0]) * 63))
 
 
+def test_without_iteration_log_the_timeline_comes_from_metrics():
+    metrics = _metrics([0.0, 0.5, 1.0], waiting=[0, 2, 0], preemptions=[1, 3, 3])
+    metrics["running"] = np.array([0.0, 4.0, 1.0])
+    metrics["kv_usage"] = np.array([0.0, 0.8, 0.2])
+    w = Workload(np.array([0.0]), np.array([8]), np.array([2]), np.array([0]), np.array(["chat"], object))
+    empty = steps_table([])
+    result = live_result([_record(0, 0.0, 0.1, 0.1, 2)], w, empty, metrics, num_blocks=11, block_size=32,
+                         slo=SLO())
+    tl = result.timeline
+    assert tl["running"].tolist() == [0, 4, 1] and tl["waiting"].tolist() == [0, 2, 0]
+    assert tl["kv_blocks_used"].tolist() == [0, 8, 2] and tl["preempted"].tolist() == [0, 2, 0]
+    assert result.summary["live"]["timeline_source"].startswith("/metrics")
+
+
 def test_token_table_and_round_trip_through_files(observed, tmp_path):
     records, _, result = observed
     tokens = token_columns(records)
@@ -154,3 +168,39 @@ def test_import_bench_cli_writes_a_run_dir(tmp_path):
     back = RunResult.read(tmp_path / "run")
     assert back.summary["completed"] == 12
     assert Workload.load(tmp_path / "run" / "workload.parquet").prompt_tokens.tolist() == [48] * 12
+
+
+def test_request_overhead_is_probe_ttft_minus_its_prefill_step():
+    from profiler.live.runner import PROBE_PROMPT_TOKENS, IterationCollector, request_overhead
+    from profiler.live.server import LogLine
+
+    collector = IterationCollector()
+    line = ("Engine 000: Iteration({i}): 1 context requests, {n} context tokens, 0 generation requests, "
+            "0 generation tokens, iteration elapsed time: {ms} ms, CPU KV cache usage: 1.6%")
+    probes = []
+    for i, (ttft, ms) in enumerate([(0.020, 9.0), (0.021, 10.0), (0.019, 8.0)]):
+        send = 10.0 + i
+        collector.feed(LogLine(send + ttft - 0.001, line.format(i=2 * i, n=PROBE_PROMPT_TOKENS, ms=ms)))
+        collector.feed(LogLine(send + ttft + 0.006, line.format(i=2 * i + 1, n=7, ms=5.0)))  # not the probe
+        probes.append({"send": send, "first_token": send + ttft, "end": send + ttft + 0.01})
+    assert request_overhead(probes, collector, gap_s=0.001) == pytest.approx(0.010)
+    assert request_overhead([{"send": 50.0, "first_token": 50.02, "end": 50.03}], collector, 0.0) is None
+
+
+def test_simulated_latencies_get_the_request_overhead():
+    from calibration.live_model import add_request_overhead
+
+    w = Workload(np.array([0.0, 0.1]), np.array([40, 40]), np.array([5, 5]), np.array([2, 0]),
+                 np.array(["math", "chat"], object))
+    from profiler.live.iteration_log import steps_table as _steps
+
+    base = live_result([_record(0, 0.0, 0.05, 0.01, 5), _record(1, 0.1, 0.2, 0.01, 5)], w, _steps([]),
+                       _metrics([0.0], [0], [0]), num_blocks=8, block_size=32, slo=SLO())
+    shifted = add_request_overhead(base, 0.005)
+    for col in ("ttft_s", "ttfvt_s", "e2e_s"):
+        np.testing.assert_allclose(shifted.requests[col], base.requests[col] + 0.005)
+    np.testing.assert_allclose(shifted.requests["tpot_s"], base.requests["tpot_s"])
+    assert shifted.summary["ttft_s"]["p50"] == pytest.approx(base.summary["ttft_s"]["p50"] + 0.005)
+    assert shifted.summary["preemptions"] == base.summary["preemptions"]
+    with pytest.raises(ConfigError, match="request_overhead_s"):
+        add_request_overhead(base, -1.0)

@@ -95,17 +95,17 @@ def test_step_table_covers_the_grid(resumed_run):
     steps = profile.steps
     for point in points:
         rows = steps[(steps["point_id"] == point.point_id) & (steps["rep"] >= 0)]
+        # a measurement another process disturbed is repeated (up to twice the repeats in all)
+        assert grid.repeats <= len(rows) <= 2 * grid.repeats or point.phase == "mixed"
         if point.phase == "prefill":
-            assert len(rows) == grid.repeats
-            assert rows["prefill_tokens"].tolist() == [[point.param("chunk")]] * grid.repeats
-            assert rows["prefill_context"].tolist() == [[point.param("context")]] * grid.repeats
+            assert rows["prefill_tokens"].tolist() == [[point.param("chunk")]] * len(rows)
+            assert rows["prefill_context"].tolist() == [[point.param("context")]] * len(rows)
             assert (rows["num_decode_seqs"] == 0).all()
         elif point.phase == "decode":
-            assert len(rows) == grid.repeats
             assert (rows["num_decode_seqs"] == point.param("batch")).all()
             assert (rows["num_prefill_tokens"] == 0).all()
             for contexts in rows["decode_context"]:
-                assert all(point.param("context") < c <= point.param("context") + 8 for c in contexts)
+                assert all(point.param("context") < c <= point.param("context") + 12 for c in contexts)
         else:  # mixed: the scheduler put prefill chunks and decodes into the same steps
             assert len(rows) >= grid.mixed.requests
             assert ((rows["num_prefill_tokens"] > 0) & (rows["num_decode_seqs"] > 0)).any()
@@ -138,8 +138,10 @@ def test_metadata_records_versions_hardware_and_settings(resumed_run):
     assert meta["engine"]["resolved"]["enforce_eager"] is True
     assert meta["engine"]["env"]["HF_HUB_OFFLINE"] == "1"
     assert meta["memory"]["source"] == "process_rss"
-    assert meta["memory"]["weights_bytes"] == pytest.approx(2 * resumed_run["profile"].architecture.num_params,
-                                                            rel=0.01)
+    # the CPU build repacks weights (vLLM measures nothing), so bytes come from the architecture
+    assert meta["memory"]["weights_bytes"] == 2 * resumed_run["profile"].architecture.num_params
+    assert meta["memory"]["weights_source"].startswith("architecture")
+    assert meta["memory"]["rss_after_engine"] > meta["memory"]["rss_before_engine"]
 
 
 def test_fp8_kv_halves_bytes_per_token_and_out_of_memory_points_are_skipped(tmp_path):
@@ -169,7 +171,8 @@ def test_spec_ngram_records_drafts_and_acceptance(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     profile = Profile.load(out)
     spec_rows = profile.steps[profile.steps["phase"] == "spec"]
-    assert len(spec_rows) == 2 * 4  # grid.spec: batches [1, 4], 4 steps each
+    assert spec_rows.groupby("point_id").size().between(4, 8).all()  # 4 steps each, disturbed ones redone
+    assert len(spec_rows.groupby("point_id")) == 2  # grid.spec: batches [1, 4] at context 256
     drafted = spec_rows[spec_rows["num_spec_tokens"] > 0]
     assert len(drafted) > 0, "repetitive prompts should give the n-gram drafter matches"
     for _, row in drafted.iterrows():
@@ -211,6 +214,7 @@ def test_platform_refusal_quotes_vllm(tmp_path):
     """fp8 weights need a GPU: the CPU build refuses, and the profiler says so in one line."""
     result = run_profiler(*SMOKE, "optimization=fp8_weights", f"output_dir={tmp_path}", timeout=300)
     assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: optimization: vLLM cannot run 'fp8_weights' here: ")
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert errors[0].startswith("error: optimization: vLLM cannot run 'fp8_weights' here: ")
     assert not (tmp_path / "profile.json").exists()

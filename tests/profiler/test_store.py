@@ -13,7 +13,8 @@ def rows(point_id: str, first_step: int, n: int) -> list[dict]:
              "cpu_s": 0.01, "prefill_tokens": [], "prefill_context": [], "prefill_cached": [],
              "decode_context": [130 + i], "decode_spec_tokens": [0], "decode_accepted_tokens": [0],
              "num_prefill_tokens": 0, "num_decode_seqs": 1, "num_spec_tokens": 0, "num_tokens": 1,
-             "kv_blocks_used": 2, "kv_usage": 0.1, "num_preempted": 0, "draft_s": 0.0, "rss_bytes": 1}
+             "kv_blocks_used": 2, "kv_usage": 0.1, "num_preempted": 0, "draft_s": 0.0, "rss_bytes": 1,
+             "disturbed": False}
             for i in range(n)]
 
 
