@@ -79,6 +79,9 @@ def build_run(cfg) -> RunSpec:
     model = ModelArchitecture.from_dict(plain["model"])
     tp = int(plain.get("tp", 1))
     perf = build_performance_model(hardware, model, optimization, tp, plain["perf"], engine=engine)
+    profiled = getattr(perf, "architecture", None)
+    if isinstance(profiled, ModelArchitecture):
+        model = profiled  # a fitted profile describes its own model (and KV capacity)
     workload = build_workload(plain["workload"])
     slo = SLO.from_dict(plain["slo"])
     seed = int(plain["workload"].get("seed", 0) or 0)
