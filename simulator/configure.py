@@ -66,7 +66,6 @@ def engine_config(engine: dict[str, Any], optimization: dict[str, Any]) -> Engin
 def build_run(cfg) -> RunSpec:
     """Validate a full simulator config and build its records."""
     from calibration.registry import build_performance_model
-
     from simulator.workload_builder import build_workload
 
     plain = to_plain(cfg)
