@@ -13,7 +13,8 @@ and peak RSS of the equivalent `python -m simulator` command. Then how the
 fast path's time grows with the request count.
 
     python benchmarks/bench_simulator.py            # full (a few minutes)
-    python benchmarks/bench_simulator.py --quick    # smaller, no step-by-step baseline at 1k
+    python benchmarks/bench_simulator.py --quick    # 200 requests instead of 1,000
+    python benchmarks/bench_simulator.py --large    # growth up to 100k requests (slow)
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def whole_process(rate: float, n: int) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests, faster")
+    parser.add_argument("--large", action="store_true", help="also 100k requests (slow)")
     args = parser.parse_args()
     n = 200 if args.quick else 1000
     print(f"# simulator speed, {n} requests of {LENGTHS}, Gamma cv 2, H100 + R1-Distill-Qwen-7B")
@@ -103,7 +105,8 @@ def main() -> int:
     print("# growth with request count (fast path, lengths from the default reasoning laws, 4 req/s, cv 2)")
     print("| requests | simulation (s) | steps |")
     print("|---|---|---|")
-    for count in ((1000, 10000) if args.quick else (1000, 10000, 100000)):
+    counts = (1000,) if args.quick else ((1000, 10000, 100000) if args.large else (1000, 10000))
+    for count in counts:
         t, r = timed_simulation(spec_for(4.0, count, lengths_file=None), fast=True)
         print(f"| {count} | {t:.2f} | {r.summary['steps']} |")
     return 0

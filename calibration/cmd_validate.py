@@ -20,8 +20,8 @@ Steps: (1) the profile: ``--profile DIR`` or a fresh one from
 or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
 times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
 back on one), each with machine state recorded; (4) ``--sim-seeds``
-simulations with step-time jitter, using the fitted model (plus, with
-``--step-gap measured``, the inter-step gap of the live iteration logs; see
+simulations with step-time jitter, using the fitted model plus the server's
+per-step offset measured on each live run's decode probe (``--step-gap``; see
 ``step_gap``) and the live server's scheduling mode (vLLM 0.32 on CPU:
 synchronous); the per-request
 time the OpenAI server spends outside engine steps (measured by the live runs'
@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-seeds", type=int, default=5, help="simulated runs (seeds)")
     p.add_argument("--step-sigma", type=float, default=0.05, help="per-step lognormal jitter of step times")
     p.add_argument("--run-sigma", type=float, default=0.03, help="per-run lognormal scale of step times")
-    p.add_argument("--step-gap", default="none",
-                   help="time added to every simulated step: none (profiled steps are whole engine steps), "
-                        "measured (the live logs' inter-step gap) or seconds")
+    p.add_argument("--step-gap", default="probe",
+                   help="time added to every simulated step: probe (server minus model on the live runs' "
+                        "decode probe), none, gap (the live logs' inter-step gap) or seconds")
     p.add_argument("--request-overhead", default="measured",
                    help="per-request API-server time added to simulated TTFT/E2E: measured (the live "
                         "runs' probes), none, or seconds")
@@ -167,30 +167,69 @@ def live_runs(args, workload: Workload, engine: EngineConfig, out: Path) -> tupl
     return [o.result for o in outcomes], problems
 
 
-def step_gap(arg: str, live: list[RunResult]) -> tuple[float, str]:
-    """The time to add to every simulated step, and where it came from.
+def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
+    """(per step, per request in the step) the server spends beyond the model, from the probes.
 
-    ``none`` (default): a model fitted to our profiler's steps needs none. The
-    profiler times a whole ``LLMEngine.step()`` (scheduling, the forward pass,
-    sampling and output processing), which is what the live server spends per
-    step: its logged elapsed time plus the inter-step gap. ``measured``: the
-    median inter-step gap of the live iteration logs (1.4 ms without logs), for
-    step models that cover only the forward pass (e.g. fitted to the iteration
-    log's elapsed times). A number: that many seconds.
+    Each live run first runs known decode batches (``summary.live.decode_probe``:
+    1 and 8 requests generating 64 tokens together, streamed to the client). Per
+    batch size, the server's wall time per step minus the fitted model's step
+    time for the same batches (median over runs) is what the server adds to the
+    profiled in-process step: IPC between vLLM's API, engine-core and worker
+    processes, streaming every token out of the API server (which on our CPUs
+    shares a core with the engine core and the client), and process-to-process
+    drift. A line through those offsets against the batch size gives the two
+    terms. None without probes.
+    """
+    from simulator.performance import StepBatch
+
+    by_batch: dict[int, list[float]] = {}
+    for r in live:
+        for probe in r.summary.get("live", {}).get("decode_probe") or []:
+            batch = int(probe["batch"])
+            contexts = range(int(probe["context_first"]), int(probe["context_last"]) + 1)
+            predicted = np.mean([model.step_time(StepBatch(decode_context=[c] * batch)) for c in contexts])
+            by_batch.setdefault(batch, []).append(float(probe["wall_per_step_s"]) - float(predicted))
+    if not by_batch:
+        return None
+    sizes = np.array(sorted(by_batch), dtype=float)
+    offsets = np.array([np.median(by_batch[int(b)]) for b in sizes])
+    if sizes.size == 1:
+        return float(offsets[0]), 0.0
+    per_request, per_step = np.polyfit(sizes, offsets, 1)
+    return float(per_step), float(per_request)
+
+
+def step_gap(arg: str, live: list[RunResult], model=None) -> tuple[float, float, str]:
+    """(time added to every simulated step, time per request in the step, where they came from).
+
+    ``probe`` (default): the server-minus-model step times on the live runs'
+    decode probes (``probe_offsets``), measured on batches of their own, not on
+    the workload; nothing when no run has probes. ``none``: nothing; the profiler times a
+    whole ``LLMEngine.step()`` (scheduling, forward pass, sampling, output
+    processing), as the server's logged elapsed time plus its inter-step gap.
+    ``gap``: the median inter-step gap of the live iteration logs (1.4 ms
+    without logs), for step models that cover only the forward pass (e.g.
+    fitted to the iteration log's elapsed times). A number: that many seconds.
     """
     if arg == "none":
-        return 0.0, "none: the profiler's step times span whole engine steps"
-    if arg == "measured":
+        return 0.0, 0.0, "none: the profiler's step times span whole engine steps"
+    if arg == "probe":
+        terms = probe_offsets(model, live) if model is not None else None
+        if terms is None:
+            return 0.0, 0.0, "probe: no live decode probes, nothing added"
+        return terms[0], terms[1], "probe: server minus model step times on the live runs' decode probes"
+    if arg == "gap":
         measured = [r.summary.get("live", {}).get("inter_step_gap_s") for r in live]
         measured = [g for g in measured if g is not None]
         if measured:
-            return float(np.median(measured)), f"median inter-step gap of {len(measured)} live iteration logs"
-        return DEFAULT_STEP_GAP_S, "default 1.4 ms (no live iteration log)"
+            return (float(np.median(measured)), 0.0,
+                    f"median inter-step gap of {len(measured)} live iteration logs")
+        return DEFAULT_STEP_GAP_S, 0.0, "default 1.4 ms (no live iteration log)"
     try:
         gap = float(arg)
     except ValueError:
-        raise ConfigError("step_gap", f"must be none, measured or seconds, got {arg!r}") from None
-    return gap, "given"
+        raise ConfigError("step_gap", f"must be probe, none, gap or seconds, got {arg!r}") from None
+    return gap, 0.0, "given"
 
 
 def request_overhead(arg: str, live: list[RunResult]) -> tuple[float, str]:
@@ -243,14 +282,14 @@ def main(argv: list[str]) -> int:
     if not live:
         print("error: live: no live run finished", file=sys.stderr)
         return 3
-    gap, gap_source = step_gap(args.step_gap, live)
+    gap, per_request, gap_source = step_gap(args.step_gap, live, fitted)
     async_flags = {r.summary.get("async_scheduling") for r in live} - {None}
     async_scheduling = async_flags.pop() if len(async_flags) == 1 else False
     overhead, overhead_source = request_overhead(args.request_overhead, live)
-    model = StepGapModel(fitted, gap)
+    model = StepGapModel(fitted, gap, per_request)
     sim = simulate_runs(workload, engine, model, args.sim_seeds, args.step_sigma, args.run_sigma,
                         async_scheduling, out, overhead)
-    machines = [r.metadata.get("machine", {}).get("before", {}) for r in live]
+    machines = [r.metadata.get("machine", {}) for r in live]
     context = {
         "scenario": name,
         "workload": {"requests": len(workload), "duration_s": workload.duration_s,
@@ -261,18 +300,21 @@ def main(argv: list[str]) -> int:
         "profile": str(profile_dir),
         "performance_model": model.describe(),
         "step_gap_s": gap,
+        "step_gap_per_request_s": per_request,
         "step_gap_source": gap_source,
         "request_overhead_s": overhead,
         "request_overhead_source": overhead_source,
         "jitter": {"step_sigma": args.step_sigma, "run_sigma": args.run_sigma},
         "async_scheduling": async_scheduling,
-        "machine": [{"load_avg": m.get("load_avg"), "others_cpu": m.get("others_cpu"),
-                     "quiet": m.get("quiet")} for m in machines],
+        "machine": [{"load_avg": m.get("before", {}).get("load_avg"),
+                     "others_cpu_during": m.get("during", {}).get("others_cpu_mean",
+                                                                  m.get("before", {}).get("others_cpu")),
+                     "quiet": m.get("during", m.get("before", {})).get("quiet")} for m in machines],
         "tolerances": args.tolerances,
         "live_problems": problems,
         "wall_s": round(time.time() - started, 1),
     }
-    if any(m.get("quiet") is False for m in machines):
+    if any(m.get("quiet") is False for m in context["machine"]):
         context["notes"] = "other processes were busy during some live runs: live timings are noisy"
     report = validate.build_report(live, sim, TOLERANCE_SETS[args.tolerances], context)
     paths = validate.write_report(report, live, sim, out, title=f"Validation: {name}")

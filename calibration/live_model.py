@@ -43,23 +43,36 @@ class _Wrapped(PerformanceModel):
 
 
 class StepGapModel(_Wrapped):
-    """``base`` plus a fixed ``gap_s`` per engine step."""
+    """``base`` plus ``gap_s`` per engine step plus ``per_request_s`` per request in the step.
 
-    def __init__(self, base: PerformanceModel, gap_s: float):
+    The per-request term stands for work the server does per output token
+    outside the model (streaming it to the client). Negative terms (the profile
+    slower than the server) are allowed; no step gets shorter than half its
+    base time.
+    """
+
+    def __init__(self, base: PerformanceModel, gap_s: float, per_request_s: float = 0.0):
         super().__init__(base)
-        require(gap_s >= 0 and math.isfinite(gap_s), "validate.step_gap_s", "must be a finite number >= 0")
+        require(math.isfinite(gap_s), "validate.step_gap_s", "must be a finite number")
+        require(math.isfinite(per_request_s), "validate.step_gap_per_request_s", "must be a finite number")
         self.gap_s = float(gap_s)
-        self.name = f"{base.name}+gap{gap_s * 1000:.2f}ms"
+        self.per_request_s = float(per_request_s)
+        self.name = f"{base.name}+gap{gap_s * 1000:.2f}ms+{per_request_s * 1e6:.0f}us/req"
 
     def step_time(self, batch: StepBatch) -> float:
-        return self.base.step_time(batch) + self.gap_s
+        base = self.base.step_time(batch)
+        requests = len(batch.decode_context) + len(batch.prefill_tokens)
+        return max(base + self.gap_s + self.per_request_s * requests, 0.5 * base)
 
     def decode_times(self, num_seqs: int, total_context):
         times = self.base.decode_times(num_seqs, total_context)
-        return None if times is None else times + self.gap_s
+        if times is None:
+            return None
+        return np.maximum(times + self.gap_s + self.per_request_s * num_seqs, 0.5 * times)
 
     def describe(self) -> dict:
-        return {**self.base.describe(), "name": self.name, "step_gap_s": self.gap_s}
+        return {**self.base.describe(), "name": self.name, "step_gap_s": self.gap_s,
+                "step_gap_per_request_s": self.per_request_s}
 
 
 class JitteredModel(_Wrapped):

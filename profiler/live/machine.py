@@ -79,3 +79,32 @@ def machine_state(exclude: set[int] | None = None, window_s: float = 0.5) -> dic
         "quiet": others_cpu < 0.2,
         "busy_processes": others[:10],
     }
+
+
+class CpuWatch:
+    """CPU used by other processes over a whole run: snapshot at the start, compare at the end.
+
+    Processes that both start and exit inside the window are missed; ones that
+    start inside it count fully.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.before = _cpu_ticks()
+
+    def stop(self, exclude: set[int] | None = None) -> dict:
+        """{"others_cpu_mean": cores used on average by other processes, "quiet", "busiest"}."""
+        exclude = (exclude or set()) | {os.getpid()}
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        after = _cpu_ticks()
+        used = []
+        for pid, (ticks, cmd) in after.items():
+            if pid in exclude:
+                continue
+            share = (ticks - self.before.get(pid, (0, ""))[0]) / CLOCK_TICKS / elapsed
+            if share > 0.01:
+                used.append({"pid": pid, "cpu": round(share, 3), "cmd": cmd[:160]})
+        used.sort(key=lambda p: -p["cpu"])
+        total = round(sum(p["cpu"] for p in used), 3)
+        return {"window_s": round(elapsed, 2), "others_cpu_mean": total, "quiet": total < 0.2,
+                "busiest": used[:5]}

@@ -37,7 +37,7 @@ import numpy as np
 
 from profiler.live import client as live_client
 from profiler.live.iteration_log import IterationRecord, parse_line, steps_table
-from profiler.live.machine import machine_state
+from profiler.live.machine import CpuWatch, machine_state
 from profiler.live.metrics import MetricsScraper, parse_labels
 from profiler.live.server import LogLine, ServerError, ServerSpec, VllmServer, descendants
 from profiler.live.tables import live_result, token_columns
@@ -210,7 +210,7 @@ async def _probe_request_overhead(client, url: str, model: str, count: int) -> l
                     first = time.monotonic()
         if first is not None:
             probes.append({"send": send, "first_token": first, "end": time.monotonic()})
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # keeps each probe's prefill step alone in its matching window
     return probes
 
 
@@ -223,6 +223,67 @@ def request_overhead(probes: list[dict], collector: IterationCollector, gap_s: f
         if len(steps) == 1:
             values.append(probe["first_token"] - probe["send"] - steps[0].elapsed_s - gap_s)
     return float(np.median(values)) if values else None
+
+
+#: decode probes: batches of this many requests generate STEP_PROBE_TOKENS tokens together
+STEP_PROBE_BATCHES = (1, 8)
+STEP_PROBE_TOKENS = 64
+
+
+async def _stream_to_end(client, url: str, body: dict) -> None:
+    """One streaming request read to its end, parsed as the replay client parses it."""
+    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True,
+                                                                   "return_token_ids": True},
+                             timeout=120.0) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            parsed = live_client.parse_sse_line(line)
+            if isinstance(parsed, dict):
+                live_client.chunk_tokens(parsed)
+
+
+async def _probe_decode_steps(client, url: str, model: str) -> list[dict]:
+    """Run known decode batches, one after the other: for each size in STEP_PROBE_BATCHES,
+    that many streaming requests of PROBE_PROMPT_TOKENS-token prompts generating
+    STEP_PROBE_TOKENS tokens together. Their steps in the iteration log tell what an
+    engine step of a known composition costs on this server, with the time between steps
+    and the streaming of the tokens to a client included (``decode_probe_result``)."""
+    rng = np.random.default_rng()
+    low, high = live_client.DEFAULT_TOKEN_RANGE
+    windows = []
+    for batch in STEP_PROBE_BATCHES:
+        bodies = [{"model": model, "prompt": rng.integers(low, high, PROBE_PROMPT_TOKENS).tolist(),
+                   "max_tokens": STEP_PROBE_TOKENS, "min_tokens": STEP_PROBE_TOKENS, "ignore_eos": True,
+                   "temperature": 0.0} for _ in range(batch)]
+        start = time.monotonic()
+        await asyncio.gather(*(_stream_to_end(client, url, body) for body in bodies))
+        windows.append({"batch": batch, "start": start, "end": time.monotonic()})
+        await asyncio.sleep(0.3)
+    return windows
+
+
+def decode_probe_result(windows: list[dict] | None, collector: IterationCollector) -> list[dict] | None:
+    """Per probe batch: wall time per step of its pure-decode steps at full batch, and their KV lengths.
+
+    Measured over the span of consecutive steps (first line to last), so the
+    time between steps counts and read jitter cancels. A batch whose steps
+    cannot be told apart (fewer than 10 full-batch decode steps) is left out.
+    """
+    out = []
+    for window in windows or []:
+        batch = window["batch"]
+        recs = collector.between(window["start"], window["end"] + 0.2)
+        full = [(t, r) for t, r in recs if r.ctx_requests == 0 and r.gen_requests == batch
+                and r.gen_tokens == batch]
+        if len(full) < 10:
+            continue
+        steps = len(full) - 1
+        # the prefill samples token 1; decode step i (from 1) attends over the prompt plus i tokens
+        out.append({"batch": batch, "steps": steps, "wall_per_step_s": (full[-1][0] - full[0][0]) / steps,
+                    "elapsed_median_s": float(np.median([r.elapsed_s for _, r in full])),
+                    "context_first": PROBE_PROMPT_TOKENS + 2,
+                    "context_last": PROBE_PROMPT_TOKENS + 1 + len(full)})
+    return out or None
 
 
 async def _watch_server(server: VllmServer | None, url: str, replay: live_client.Replay, client
@@ -251,10 +312,10 @@ async def _watch_server(server: VllmServer | None, url: str, replay: live_client
 
 
 async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: VllmServer | None,
-                  progress: bool) -> tuple[live_client.Replay, MetricsScraper, float, float, bool, list[dict]]:
+                  progress: bool) -> tuple[live_client.Replay, MetricsScraper, float, float, bool, tuple]:
     """Warm up, probe, then replay with scraping and watching.
 
-    Returns (replay, scraper, t0, end, interrupted, probes).
+    Returns (replay, scraper, t0, end, interrupted, (overhead probes, decode-probe window)).
     """
     interrupted = False
     async with live_client.http_client(config.request_timeout_s) as client:
@@ -269,9 +330,11 @@ async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: V
         await _wait_idle(client, url, config.idle_timeout_s)
         try:
             probes = await _probe_request_overhead(client, url, model, config.overhead_probes)
+            step_probe = await _probe_decode_steps(client, url, model) if config.overhead_probes else None
+            await _wait_idle(client, url, config.idle_timeout_s)
         except Exception as err:  # a probe is a measurement aid, never a reason to stop
-            print(f"warning: request-overhead probes failed: {type(err).__name__}: {err}", file=sys.stderr)
-            probes = []
+            print(f"warning: probes failed: {type(err).__name__}: {err}", file=sys.stderr)
+            probes, step_probe = [], None
         bar = None
         if progress:
             from tqdm import tqdm
@@ -316,7 +379,7 @@ async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: V
                 loop.remove_signal_handler(sig)
             if bar is not None:
                 bar.close()
-    return replay, scraper, t0, end, interrupted, probes
+    return replay, scraper, t0, end, interrupted, (probes, step_probe)
 
 
 def _num_blocks(engine: EngineConfig | None, metrics_text: str) -> tuple[int, int]:
@@ -379,8 +442,12 @@ def run_live(
         if server is not None and server.process is not None:
             server_pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
         before = machine_state(exclude=server_pids)
-        replay, scraper, t0, end, interrupted, probes = asyncio.run(
+        watch = CpuWatch()
+        replay, scraper, t0, end, interrupted, (probes, step_probe) = asyncio.run(
             _replay(workload, url, config, server, progress))
+        if server is not None and server.process is not None:
+            server_pids |= {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
+        during = watch.stop(exclude=server_pids)
         after = machine_state(exclude=server_pids, window_s=0.3)
         server_exit = server.exit_code() if server is not None else None
         if interrupted:
@@ -395,6 +462,7 @@ def run_live(
                              block_size=block_size, slo=config.slo, spec_decode=spec_decode)
         gap = result.summary["live"]["step_time_gap_used_s"]
         result.summary["live"]["request_overhead_s"] = request_overhead(probes, collector, gap)
+        result.summary["live"]["decode_probe"] = decode_probe_result(step_probe, collector)
         failed = int((result.requests["status"] == "failed").sum())
         if code == EXIT_OK and failed:
             reasons = result.summary["live"]["failure_reasons"]
@@ -422,7 +490,7 @@ def run_live(
                        "log": str(server.log_path) if server is not None else server_log},
             "cache_config": parse_labels(scraper.first_text, "vllm:cache_config_info"),
             "versions": _versions(),
-            "machine": {"before": before, "after": after},
+            "machine": {"before": before, "during": during, "after": after},
             "exit_code": code,
             "message": message,
         }

@@ -140,8 +140,38 @@ def test_step_gap_and_jitter_models():
     assert a.decode_times(1, [1.0]) is None  # per-step noise turns the fast path off
     scaled = JitteredModel(base, seed=3, run_sigma=0.2)
     assert scaled.step_time(batch) == pytest.approx(base.step_time(batch) * scaled.run_scale)
+    faster = StepGapModel(base, -0.001)
+    assert faster.step_time(batch) == pytest.approx(base.step_time(batch) - 0.001)
+    assert StepGapModel(base, -1.0).step_time(batch) == pytest.approx(0.5 * base.step_time(batch))
     with pytest.raises(ConfigError, match="step_gap_s"):
-        StepGapModel(base, -1.0)
+        StepGapModel(base, float("nan"))
+
+
+def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
+    from calibration.cmd_validate import probe_offsets, step_gap
+
+    base = Linear()
+
+    def probe(batch, extra):
+        wall = base.step_time(StepBatch(decode_context=[40] * batch)) + extra  # Linear ignores contexts
+        return {"batch": batch, "steps": 60, "context_first": 34, "context_last": 94, "wall_per_step_s": wall}
+
+    runs_with_probes = []
+    for noise in (0.0, 0.0001, -0.0001):
+        r = truth[0]
+        live = {"decode_probe": [probe(1, 0.0003 + 0.0001 + noise), probe(8, 0.0003 + 0.0008 + noise)]}
+        runs_with_probes.append(type(r)(r.requests, r.timeline, {**r.summary, "live": live}))
+    per_step, per_request = probe_offsets(base, runs_with_probes)
+    assert per_step == pytest.approx(0.0003) and per_request == pytest.approx(0.0001)
+    gap, per_req, source = step_gap("probe", runs_with_probes, base)
+    assert (gap, per_req) == pytest.approx((0.0003, 0.0001)) and source.startswith("probe")
+    model = StepGapModel(base, gap, per_req)
+    batch = StepBatch(prefill_tokens=[10], prefill_context=[0], decode_context=[5, 5, 5])
+    assert model.step_time(batch) == pytest.approx(base.step_time(batch) + 0.0003 + 4 * 0.0001)
+    assert step_gap("probe", truth, base)[:2] == (0.0, 0.0)
+    assert step_gap("none", truth)[0] == 0.0 and step_gap("0.002", truth)[0] == 0.002
+    with pytest.raises(ConfigError, match="step_gap"):
+        step_gap("sometimes", truth)
 
 
 def test_imported_bench_results_validate_without_kv_data(tmp_path):

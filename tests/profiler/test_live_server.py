@@ -101,6 +101,24 @@ def test_descendants_are_found_through_proc():
         child.wait()
 
 
+def test_cpu_watch_sees_a_busy_process_and_leaves_out_excluded_ones():
+    from profiler.live.machine import CpuWatch, machine_state
+
+    watch = CpuWatch()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        seen = watch.stop()
+        assert any(p["pid"] == busy.pid and p["cpu"] > 0.3 for p in seen["busiest"])
+        assert seen["others_cpu_mean"] > 0.3 and seen["quiet"] is False
+        assert all(p["pid"] != busy.pid for p in watch.stop(exclude={busy.pid})["busiest"])
+    finally:
+        busy.kill()
+        busy.wait()
+    state = machine_state(window_s=0.1)
+    assert len(state["load_avg"]) == 3 and state["cpu_count"] >= 1
+
+
 # --- on the real engine -------------------------------------------------------------------------
 
 def _engine_available() -> bool:
@@ -153,6 +171,10 @@ def test_replay_gives_exact_lengths_and_per_step_ground_truth(server, tmp_path):
     assert steps["prefill_tokens"].sum() == 6 * 48 - hits
     assert steps["kv_usage"][-1] == 0.0
     assert res.summary["async_scheduling"] is False  # vLLM's CPU platform turns it off
+    probes = res.summary["live"]["decode_probe"]  # 1, then 8 requests decoding 64 tokens together
+    assert [p["batch"] for p in probes] == [1, 8] and all(p["steps"] >= 50 for p in probes)
+    assert all(p["elapsed_median_s"] < p["wall_per_step_s"] < 0.1 for p in probes)  # wall has the gap
+    assert 0.0 < res.summary["live"]["request_overhead_s"] < 0.1
     for name in ("steps.parquet", "metrics.parquet", "tokens.parquet", "machine.json", "workload.parquet"):
         assert (tmp_path / name).exists(), name
     back = RunResult.read(tmp_path)
