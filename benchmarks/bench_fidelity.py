@@ -4,7 +4,7 @@
     python benchmarks/bench_fidelity.py --scenarios light saturation --runs 5
     python benchmarks/bench_fidelity.py --profile calibration/profiles/<hw>/tiny-llama/none
 
-Profiles the tiny model once (``--grid``, default the full grid), then per
+Profiles the tiny model once (``--grid``, default ``validation``), then per
 scenario (see calibration/validation_scenarios.py: light load, saturation with
 preemptions, prefix sharing) runs ``python -m calibration validate`` with
 ``--tolerances fidelity`` and a fresh server per live run (the issue's noise
@@ -14,7 +14,7 @@ target (E2E p50/p99 within 5%, TTFT p50/p99 within 10%, mean KV usage within
 3 points), the live spread next to each, and whether the machine was quiet.
 
 Run it on a quiet machine: other processes on the 2 cores move live latencies
-by tens of percent. Takes about 15-25 minutes. Results go to ``--out``
+by tens of percent. Takes about 15-20 minutes (2 cores). Results go to ``--out``
 (default runs/bench-fidelity/<timestamp>), one validation report per scenario.
 """
 
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--same-server", action="store_true", help="runs back to back on one server")
     p.add_argument("--sim-seeds", type=int, default=5)
     p.add_argument("--profile", help="existing profile directory (else profile now)")
-    p.add_argument("--grid", default="default", help="profiler grid when profiling now")
-    p.add_argument("--step-gap", default="none", help="none, measured or seconds")
+    p.add_argument("--grid", default="validation", help="profiler grid when profiling now (see calibration validate)")
+    p.add_argument("--step-gap", default="probe", help="probe, none, gap or seconds (see calibration validate)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     for name in args.scenarios:

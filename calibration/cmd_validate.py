@@ -171,14 +171,15 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
     """(per step, per request in the step) the server spends beyond the model, from the probes.
 
     Each live run first runs known decode batches (``summary.live.decode_probe``:
-    1 and 8 requests generating 64 tokens together, streamed to the client). Per
+    1 and 8 requests generating 128 tokens together, streamed to the client). Per
     batch size, the server's wall time per step minus the fitted model's step
     time for the same batches (median over runs) is what the server adds to the
     profiled in-process step: IPC between vLLM's API, engine-core and worker
     processes, streaming every token out of the API server (which on our CPUs
     shares a core with the engine core and the client), and process-to-process
     drift. A line through those offsets against the batch size gives the two
-    terms. None without probes.
+    terms (a negative slope is noise: then the mean offset per step, nothing per
+    request). None without probes.
     """
     from simulator.performance import StepBatch
 
@@ -196,6 +197,8 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
     if sizes.size == 1:
         return float(offsets[0]), 0.0
     per_request, per_step = np.polyfit(sizes, offsets, 1)
+    if per_request < 0:  # streaming costs are not negative: noise; keep the mean offset instead
+        return float(offsets.mean()), 0.0
     return float(per_step), float(per_request)
 
 

@@ -227,7 +227,7 @@ def request_overhead(probes: list[dict], collector: IterationCollector, gap_s: f
 
 #: decode probes: batches of this many requests generate STEP_PROBE_TOKENS tokens together
 STEP_PROBE_BATCHES = (1, 8)
-STEP_PROBE_TOKENS = 64
+STEP_PROBE_TOKENS = 128
 
 
 async def _stream_to_end(client, url: str, body: dict) -> None:
@@ -245,7 +245,7 @@ async def _stream_to_end(client, url: str, body: dict) -> None:
 async def _probe_decode_steps(client, url: str, model: str) -> list[dict]:
     """Run known decode batches, one after the other: for each size in STEP_PROBE_BATCHES,
     that many streaming requests of PROBE_PROMPT_TOKENS-token prompts generating
-    STEP_PROBE_TOKENS tokens together. Their steps in the iteration log tell what an
+    STEP_PROBE_TOKENS tokens together (~2 s in all). Their steps in the iteration log tell what an
     engine step of a known composition costs on this server, with the time between steps
     and the streaming of the tokens to a client included (``decode_probe_result``)."""
     rng = np.random.default_rng()

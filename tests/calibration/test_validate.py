@@ -169,6 +169,9 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
     batch = StepBatch(prefill_tokens=[10], prefill_context=[0], decode_context=[5, 5, 5])
     assert model.step_time(batch) == pytest.approx(base.step_time(batch) + 0.0003 + 4 * 0.0001)
     assert step_gap("probe", truth, base)[:2] == (0.0, 0.0)
+    falling = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"decode_probe": [
+        probe(1, 0.0006), probe(8, 0.0002)]}}) for r in truth]
+    assert probe_offsets(base, falling) == pytest.approx((0.0004, 0.0))  # no negative streaming cost
     assert step_gap("none", truth)[0] == 0.0 and step_gap("0.002", truth)[0] == 0.002
     with pytest.raises(ConfigError, match="step_gap"):
         step_gap("sometimes", truth)
