@@ -48,7 +48,11 @@ INSTALL_HINT = (
 
 def _import_vllm() -> SimpleNamespace:
     """The vLLM classes the reference mode uses, imported on first use."""
-    # vLLM logs INFO lines at import (e.g. about Triton); they are noise here
+    # vLLM logs INFO lines at import (e.g. about Triton); they are noise here. Importing
+    # vLLM (and torch, cv2) also edits os.environ (LD_LIBRARY_PATH, VLLM_LOGGING_LEVEL, ...):
+    # restore it afterwards, or every process this one starts later (a vLLM server, the
+    # profiler) would inherit those edits, e.g. a quieter log or other shared libraries.
+    saved_environ = dict(os.environ)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.INFO))
@@ -63,6 +67,8 @@ def _import_vllm() -> SimpleNamespace:
         raise ConfigError("engine.scheduler", f"{INSTALL_HINT} ({type(err).__name__}: {err})") from err
     finally:
         logging.disable(previous)
+        os.environ.clear()
+        os.environ.update(saved_environ)
     logging.getLogger("vllm").setLevel(logging.ERROR)
     return SimpleNamespace(
         bfloat16=torch.bfloat16,

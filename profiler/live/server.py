@@ -193,6 +193,8 @@ def server_env(spec: ServerSpec, base: dict[str, str] | None = None) -> dict[str
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
         PYTHONUNBUFFERED="1",
+        # the per-step ground truth and the KV size are INFO lines: never inherit a quieter level
+        VLLM_LOGGING_LEVEL="INFO",
     )
     env.update(dict(spec.extra_env))
     return env
