@@ -26,6 +26,18 @@ def _downsample(t: np.ndarray, *ys: np.ndarray, points: int = 4000):
     return (t[idx], *(y[idx] for y in ys))
 
 
+def _finish_time_series(plt, fig, ax, path: Path, ylabel: str, title: str) -> Path:
+    """Label, legend, save and close a time-series figure."""
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_kv_usage(result: RunResult, path: Path, title: str = "") -> Path:
     plt = _pyplot()
     tl = result.timeline
@@ -34,15 +46,8 @@ def plot_kv_usage(result: RunResult, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(9, 3.5))
     ax.plot(t, u, lw=0.8, color="tab:blue", label="KV-cache usage")
     ax.axhline(mean, color="tab:red", ls="--", lw=1, label=f"mean {mean:.1f}%")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("KV-cache usage (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(title or "KV-cache usage over time")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_time_series(plt, fig, ax, path, "KV-cache usage (%)", title or "KV-cache usage over time")
 
 
 def plot_queues(result: RunResult, path: Path, title: str = "") -> Path:
@@ -52,14 +57,7 @@ def plot_queues(result: RunResult, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(9, 3.5))
     ax.plot(t, r, lw=0.8, label="running")
     ax.plot(t, w, lw=0.8, label="waiting")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("requests")
-    ax.set_title(title or "Running and waiting requests")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_time_series(plt, fig, ax, path, "requests", title or "Running and waiting requests")
 
 
 def plot_latency_cdfs(result: RunResult, path: Path, title: str = "") -> Path:
