@@ -123,6 +123,13 @@ def prepare_process(cpu_threads: str | int) -> dict:
         if chosen is not None:
             os.sched_setaffinity(0, chosen)
             os.environ["OMP_NUM_THREADS"] = str(len(chosen))
+            # An OpenMP runtime preloaded (LD_PRELOAD, as vLLM's docs advise and as
+            # vLLM itself sets for its workers) read OMP_NUM_THREADS at process start:
+            # tell it again, or its extra threads spin on the cores left and every
+            # step runs tens of times slower.
+            import torch
+
+            torch.set_num_threads(len(chosen))
             info.update(compute_cpus=chosen, omp_num_threads=str(len(chosen)))
     info["cpu_threads"] = str(cpu_threads)
     return info

@@ -26,6 +26,7 @@ cache config is made by hand: ``num_blocks`` from the simulator, the engine's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,29 +47,42 @@ INSTALL_HINT = (
 )
 
 
+@contextlib.contextmanager
+def _environ_kept():
+    """Undo whatever vLLM writes to os.environ inside the block.
+
+    Importing vLLM (and torch, cv2) and building a VllmConfig edit os.environ:
+    LD_LIBRARY_PATH, VLLM_LOGGING_LEVEL, and on CPU builds LD_PRELOAD of torch's
+    libgomp, OpenMP and inductor settings. Every process this one starts later (a
+    vLLM server, the profiler) would inherit them: a profiler started with
+    torch's libgomp preloaded binds its threads too late and runs ~50x slower.
+    """
+    saved_environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environ)
+
+
 def _import_vllm() -> SimpleNamespace:
     """The vLLM classes the reference mode uses, imported on first use."""
-    # vLLM logs INFO lines at import (e.g. about Triton); they are noise here. Importing
-    # vLLM (and torch, cv2) also edits os.environ (LD_LIBRARY_PATH, VLLM_LOGGING_LEVEL, ...):
-    # restore it afterwards, or every process this one starts later (a vLLM server, the
-    # profiler) would inherit those edits, e.g. a quieter log or other shared libraries.
-    saved_environ = dict(os.environ)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM logs INFO lines at import (e.g. about Triton); they are noise here.
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.INFO))
     try:
-        import torch
-        from vllm import config, sampling_params
-        from vllm.utils import hashing
-        from vllm.v1 import kv_cache_interface, outputs, request, structured_output
-        from vllm.v1.core import kv_cache_utils
-        from vllm.v1.core.sched import async_scheduler, scheduler
+        with _environ_kept():
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+            import torch
+            from vllm import config, sampling_params
+            from vllm.utils import hashing
+            from vllm.v1 import kv_cache_interface, outputs, request, structured_output
+            from vllm.v1.core import kv_cache_utils
+            from vllm.v1.core.sched import async_scheduler, scheduler
     except Exception as err:  # ImportError, or a broken torch/torchvision install
         raise ConfigError("engine.scheduler", f"{INSTALL_HINT} ({type(err).__name__}: {err})") from err
     finally:
         logging.disable(previous)
-        os.environ.clear()
-        os.environ.update(saved_environ)
     logging.getLogger("vllm").setLevel(logging.ERROR)
     return SimpleNamespace(
         bfloat16=torch.bfloat16,
@@ -178,7 +192,8 @@ def build_vllm_config(v: SimpleNamespace, config: EngineConfig, num_blocks: int,
     _check_speculative(config, async_scheduling)
     with tempfile.TemporaryDirectory(prefix="rllm-sim-vllm-") as tmp:
         try:
-            vllm_config = _make_configs(v, config, num_blocks, async_scheduling, Path(tmp))
+            with _environ_kept():  # VllmConfig's platform hook edits os.environ
+                vllm_config = _make_configs(v, config, num_blocks, async_scheduling, Path(tmp))
         except ValueError as err:  # pydantic's ValidationError included
             errors = getattr(err, "errors", None)
             message = errors()[0]["msg"] if callable(errors) else str(err)
@@ -270,14 +285,15 @@ class VllmScheduler:
             ],
         )
         cls = v.AsyncScheduler if async_scheduling else v.Scheduler
-        self.scheduler = cls(
-            vllm_config=self.vllm_config,
-            kv_cache_config=kv_config,
-            structured_output_manager=v.StructuredOutputManager(self.vllm_config),
-            block_size=config.block_size,
-            hash_block_size=config.block_size,
-            log_stats=True,
-        )
+        with _environ_kept():
+            self.scheduler = cls(
+                vllm_config=self.vllm_config,
+                kv_cache_config=kv_config,
+                structured_output_manager=v.StructuredOutputManager(self.vllm_config),
+                block_size=config.block_size,
+                hash_block_size=config.block_size,
+                log_stats=True,
+            )
         self.block_hasher = None
         if config.enable_prefix_caching:
             hash_fn = v.get_hash_fn_by_name(self.vllm_config.cache_config.prefix_caching_hash_algo)

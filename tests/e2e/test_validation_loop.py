@@ -47,12 +47,6 @@ def _engine_available() -> bool:
 @pytest.mark.engine
 @pytest.mark.slow
 @pytest.mark.skipif(not _engine_available(), reason="no vLLM engine env (./scripts/setup_vllm_cpu.sh)")
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 7, open: on a fresh clone the profile taken by `calibration validate` runs ~30x "
-    "slower than the same profiler run alone (decode batch 1: 210 ms vs 7-10 ms, CPU-bound), so the "
-    "fitted model is off; passed 3/3 in the development checkout. The report is still written.",
-)
 def test_profile_fit_simulate_live_compare():
     out = Path(os.environ.get("RLLM_SIM_ARTIFACTS", REPO_ROOT / "runs" / "ci")) / "validation-loop"
     cmd = [sys.executable, "-m", "calibration", "validate", "--scenario", "ci-reasoning", "--runs", "3",

@@ -15,9 +15,11 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
+from profiler.live.metrics import sample
 from profiler.live.runner import (
     EXIT_FAILED_REQUESTS,
     EXIT_INTERRUPTED,
@@ -194,6 +196,25 @@ def test_request_timeout_fails_only_the_slow_requests(server, tmp_path):
     assert server.alive()
 
 
+def _server_counters(server) -> dict[str, float]:
+    return sample(httpx.get(server.url + "/metrics", timeout=10).text)
+
+
+def _requests_finished(server) -> float:
+    """Requests the server has finished so far (its own counter)."""
+    return _server_counters(server)["requests_finished_total"]
+
+
+def _wait_until_idle(server, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counters = _server_counters(server)
+        if counters["running"] + counters["waiting"] == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the server still has requests from earlier tests")
+
+
 @pytest.mark.engine
 @engine
 def test_ctrl_c_saves_partial_results(server, tmp_path):
@@ -203,12 +224,16 @@ def test_ctrl_c_saves_partial_results(server, tmp_path):
     cmd = [sys.executable, "-m", "profiler.live", "run", "--workload", str(tmp_path / "w.parquet"),
            "--url", server.url, "--server-log", str(server.log_path), "-e", "block_size=32",
            "-e", "max_model_len=1024", "-e", "num_gpu_blocks_override=256", "--warmup", "0",
-           "--out", str(out), "--no-progress"]
+           "--probes", "0", "--out", str(out), "--no-progress"]
+    # requests of earlier tests (a client-side timeout leaves them running) must not count
+    _wait_until_idle(server)
+    finished_before = _requests_finished(server)
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "/completions" not in server.log_path.read_text()[-20000:]:
+    # interrupt once the four short requests have finished (the long ones are under way),
+    # however fast or slow the engine runs on this machine
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _requests_finished(server) < finished_before + 4:
         time.sleep(0.2)
-    time.sleep(6.0)  # the four short requests finish, the long ones are under way
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED, stderr

@@ -158,3 +158,14 @@ def test_reference_mode_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match=r"^engine: vLLM rejects these settings: .*max_num_seqs"):
         VllmScheduler(EngineConfig(max_num_batched_tokens=256, max_num_seqs=1024), 100,
                       async_scheduling=False)
+
+
+def test_building_vllms_scheduler_leaves_the_environment_alone(monkeypatch):
+    # vLLM's CPU platform writes LD_PRELOAD (torch's libgomp), OpenMP and inductor
+    # settings into os.environ when a VllmConfig is made; a profiler started later
+    # with them inherited ran ~50x slower. The reference mode must undo them.
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    before = dict(__import__("os").environ)
+    VllmScheduler(EngineConfig(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=64), num_blocks=64)
+    after = dict(__import__("os").environ)
+    assert after == before
