@@ -171,7 +171,9 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
     """(per step, per request in the step) the server spends beyond the model, from the probes.
 
     Each live run first runs known decode batches (``summary.live.decode_probe``:
-    1 and 8 requests generating 128 tokens together, streamed to the client). Per
+    1 and 8 requests generating 128 tokens together, streamed to the client), and
+    runs them again after the workload (``decode_probe_after``) so that the two
+    sets bracket it. Per
     batch size, the server's wall time per step minus the fitted model's step
     time for the same batches (median over runs) is what the server adds to the
     profiled in-process step: IPC between vLLM's API, engine-core and worker
@@ -185,7 +187,8 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
 
     by_batch: dict[int, list[float]] = {}
     for r in live:
-        for probe in r.summary.get("live", {}).get("decode_probe") or []:
+        live_summary = r.summary.get("live", {})
+        for probe in (live_summary.get("decode_probe") or []) + (live_summary.get("decode_probe_after") or []):
             batch = int(probe["batch"])
             contexts = range(int(probe["context_first"]), int(probe["context_last"]) + 1)
             predicted = np.mean([model.step_time(StepBatch(decode_context=[c] * batch)) for c in contexts])

@@ -315,7 +315,8 @@ async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: V
                   progress: bool) -> tuple[live_client.Replay, MetricsScraper, float, float, bool, tuple]:
     """Warm up, probe, then replay with scraping and watching.
 
-    Returns (replay, scraper, t0, end, interrupted, (overhead probes, decode-probe window)).
+    Returns (replay, scraper, t0, end, interrupted,
+    (overhead probes, decode-probe windows before the run, and after it)).
     """
     interrupted = False
     async with live_client.http_client(config.request_timeout_s) as client:
@@ -379,7 +380,17 @@ async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: V
                 loop.remove_signal_handler(sig)
             if bar is not None:
                 bar.close()
-    return replay, scraper, t0, end, interrupted, (probes, step_probe)
+        step_probe_after = None
+        if config.overhead_probes and not replay.stop.is_set():
+            # the same decode batches once more after the run: the two sets bracket it, so that
+            # a server still warming up when the first set ran does not bias the step offset.
+            # A Ctrl-C now skips them; the run itself is complete.
+            try:
+                await _wait_idle(client, url, config.idle_timeout_s)
+                step_probe_after = await _probe_decode_steps(client, url, model)
+            except (Exception, asyncio.CancelledError) as err:
+                print(f"warning: probes after the run skipped: {type(err).__name__}: {err}", file=sys.stderr)
+    return replay, scraper, t0, end, interrupted, (probes, step_probe, step_probe_after)
 
 
 def _num_blocks(engine: EngineConfig | None, metrics_text: str) -> tuple[int, int]:
@@ -443,7 +454,7 @@ def run_live(
             server_pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
         before = machine_state(exclude=server_pids)
         watch = CpuWatch()
-        replay, scraper, t0, end, interrupted, (probes, step_probe) = asyncio.run(
+        replay, scraper, t0, end, interrupted, (probes, step_probe, step_probe_after) = asyncio.run(
             _replay(workload, url, config, server, progress))
         if server is not None and server.process is not None:
             server_pids |= {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
@@ -463,6 +474,7 @@ def run_live(
         gap = result.summary["live"]["step_time_gap_used_s"]
         result.summary["live"]["request_overhead_s"] = request_overhead(probes, collector, gap)
         result.summary["live"]["decode_probe"] = decode_probe_result(step_probe, collector)
+        result.summary["live"]["decode_probe_after"] = decode_probe_result(step_probe_after, collector)
         failed = int((result.requests["status"] == "failed").sum())
         if code == EXIT_OK and failed:
             reasons = result.summary["live"]["failure_reasons"]

@@ -172,6 +172,11 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
     falling = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"decode_probe": [
         probe(1, 0.0006), probe(8, 0.0002)]}}) for r in truth]
     assert probe_offsets(base, falling) == pytest.approx((0.0004, 0.0))  # no negative streaming cost
+    # probes after the run pool with those before it: a slow first set is outvoted
+    bracketed = [type(r)(r.requests, r.timeline, {**r.summary, "live": {
+        "decode_probe": [probe(1, 0.0030)], "decode_probe_after": [probe(1, 0.0004)]}}) for r in truth]
+    bracketed[0].summary["live"]["decode_probe_after"].append(probe(1, 0.0004))
+    assert probe_offsets(base, bracketed)[0] == pytest.approx(0.0004)
     assert step_gap("none", truth)[0] == 0.0 and step_gap("0.002", truth)[0] == 0.002
     with pytest.raises(ConfigError, match="step_gap"):
         step_gap("sometimes", truth)

@@ -176,6 +176,9 @@ def test_replay_gives_exact_lengths_and_per_step_ground_truth(server, tmp_path):
     probes = res.summary["live"]["decode_probe"]  # 1, then 8 requests decoding 128 tokens together
     assert [p["batch"] for p in probes] == [1, 8] and all(p["steps"] >= 100 for p in probes)
     assert all(p["elapsed_median_s"] < p["wall_per_step_s"] < 0.1 for p in probes)  # wall has the gap
+    after = res.summary["live"]["decode_probe_after"]  # the same batches once the workload is done
+    assert [p["batch"] for p in after] == [1, 8] and all(p["steps"] >= 100 for p in after)
+    assert steps["decode_tokens"].sum() == sum(o - 1 for o in [12, 30, 7, 25, 16, 9])  # probes left out
     assert 0.0 < res.summary["live"]["request_overhead_s"] < 0.1
     for name in ("steps.parquet", "metrics.parquet", "tokens.parquet", "machine.json", "workload.parquet"):
         assert (tmp_path / name).exists(), name
