@@ -71,12 +71,13 @@ def table(reports: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scenarios", nargs="*", default=["light", "saturation", "prefix"],
+    p.add_argument("--scenarios", nargs="*", default=["light", "saturation", "prefix", "spec"],
                    help=f"from {', '.join(SCENARIOS)}")
     p.add_argument("--runs", type=int, default=3, help="live runs per scenario (fresh server each)")
     p.add_argument("--same-server", action="store_true", help="runs back to back on one server")
     p.add_argument("--sim-seeds", type=int, default=5)
-    p.add_argument("--profile", help="existing profile directory (else profile now)")
+    p.add_argument("--profile", help="existing profile (optimization none) for the scenarios without "
+                                        "speculation (else profile now)")
     p.add_argument("--grid", default="validation", help="profiler grid when profiling now (see calibration validate)")
     p.add_argument("--step-gap", default="probe", help="probe, none, gap or seconds (see calibration validate)")
     p.add_argument("--out", default=None)
@@ -86,14 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or REPO_ROOT / "runs" / "bench-fidelity" / stamp)
     out.mkdir(parents=True, exist_ok=True)
-    profile = Path(args.profile) if args.profile else cmd_validate.run_profiler(
-        "tiny-llama", args.grid, out / "profile", get_scenario(args.scenarios[0]).engine_config())
+    profiles: dict[str, Path] = {"none": Path(args.profile)} if args.profile else {}
     reports = {}
     for name in args.scenarios:
+        scenario = get_scenario(name)
+        if scenario.optimization not in profiles:  # one profile per optimization, taken once
+            profiles[scenario.optimization] = cmd_validate.run_profiler(
+                "tiny-llama", args.grid, out / f"profile-{scenario.optimization}", scenario.engine_config(),
+                scenario.optimization)
         print(f"\n=== {name} ===", flush=True)
         cli = ["--scenario", name, "--runs", str(args.runs), "--sim-seeds", str(args.sim_seeds),
-               "--profile", str(profile), "--tolerances", "fidelity", "--step-gap", args.step_gap,
-               "--out", str(out / name)]
+               "--profile", str(profiles[scenario.optimization]), "--tolerances", "fidelity",
+               "--step-gap", args.step_gap, "--out", str(out / name)]
         cli.append("--same-server" if args.same_server else "--fresh-server")
         code = cmd_validate.main(cli)
         report_file = out / name / "report.json"

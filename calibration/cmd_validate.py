@@ -34,6 +34,7 @@ failed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", action="append", default=[], metavar="KEY=VALUE", help="engine setting")
     p.add_argument("--model", default="tiny-llama", help="model for profiling and the live server")
     p.add_argument("--profile", default=None, help="existing profile directory (else profile now)")
+    p.add_argument("--optimization", default=None,
+                   help="profiler optimization when profiling now (default: the scenario's, else none)")
+    p.add_argument("--spec-acceptance", default="live", choices=("live", "config"),
+                   help="speculative decoding: give the simulator the draft acceptance the live runs "
+                        "measured (live), or the engine config's (config)")
     p.add_argument("--grid", default="validation",
                    help="profiler grid when profiling now: validation (smoke widened to the scenarios' "
                         "batch sizes, ~20 s), or a conf/profiler/grid name (smoke, default)")
@@ -111,21 +117,22 @@ def _parse_engine(items: list[str], base: dict) -> EngineConfig:
     return EngineConfig.from_dict(data)
 
 
-def workload_and_engine(args) -> tuple[Workload, EngineConfig, str]:
-    """The workload and engine settings from a scenario or a workload file."""
+def workload_and_engine(args) -> tuple[Workload, EngineConfig, str, str]:
+    """The workload, engine settings, name and profiler optimization of a scenario or workload file."""
     if args.workload:
         if args.scenario:
             raise ConfigError("workload", "give a scenario or a workload file, not both")
-        return Workload.load(args.workload), _parse_engine(args.e, CPU_ENGINE), Path(args.workload).stem
+        return (Workload.load(args.workload), _parse_engine(args.e, CPU_ENGINE), Path(args.workload).stem,
+                args.optimization or "none")
     scenario = get_scenario(args.scenario or "ci-reasoning")
     engine = _parse_engine(args.e, {**CPU_ENGINE, **scenario.engine})
-    return scenario.workload(args.requests), engine, scenario.name
+    return scenario.workload(args.requests), engine, scenario.name, args.optimization or scenario.optimization
 
 
-def run_profiler(model: str, grid: str, out_dir: Path, engine: EngineConfig) -> Path:
+def run_profiler(model: str, grid: str, out_dir: Path, engine: EngineConfig, optimization: str = "none") -> Path:
     """Profile ``model`` with the profiler CLI into ``out_dir`` (it finds the engine env itself)."""
     grid_args = VALIDATION_GRID if grid == "validation" else [f"grid={grid}"]
-    cmd = [sys.executable, "-m", "profiler", f"model={model}", "optimization=none", *grid_args,
+    cmd = [sys.executable, "-m", "profiler", f"model={model}", f"optimization={optimization}", *grid_args,
            f"output_dir={out_dir}", f"engine.block_size={engine.block_size}",
            f"engine.max_num_batched_tokens={engine.max_num_batched_tokens}", "resume=false"]
     print(f"[validate] profiling: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
@@ -254,6 +261,54 @@ def request_overhead(arg: str, live: list[RunResult]) -> tuple[float, str]:
         raise ConfigError("request_overhead", f"must be measured, none or seconds, got {arg!r}") from None
 
 
+def acceptance_given_previous(mean_accepted: float, k: int) -> float:
+    """The constant per-position acceptance a with a + a^2 + ... + a^k = mean_accepted."""
+    if mean_accepted <= 0:
+        return 0.0
+    if mean_accepted >= k:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # bisection: the sum rises with a
+        mid = (lo + hi) / 2
+        if sum(mid ** i for i in range(1, k + 1)) < mean_accepted:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def speculation_for_simulator(source: str, engine: EngineConfig, live: list[RunResult], workload: Workload
+                              ) -> tuple[EngineConfig, str]:
+    """The engine config the simulator runs, with the draft acceptance to use, and where it came from.
+
+    ``live``: from the live runs' counters (median over runs): drafts proposed per
+    decode step of a request (proposal rate), and accepted tokens per draft
+    turned into a constant per-position acceptance. ``config``: as given.
+    Acceptance depends on the model and the text, not on the serving system,
+    so validation takes it as an input and checks latency and memory given it.
+    """
+    spec = engine.speculative
+    if source == "config":
+        return engine, "engine config"
+    rates, proposals = [], []
+    for r in live:
+        counters = r.summary.get("spec_decode") or {}
+        drafts, accepted = counters.get("drafts"), counters.get("accepted_tokens")
+        if not drafts or accepted is None:
+            continue
+        # each decode step of a request yields 1 token plus its accepted drafts; prefill yields the first
+        decode_steps = int(workload.output_tokens.sum()) - len(workload) - int(accepted)
+        if decode_steps <= 0:
+            continue
+        proposals.append(min(drafts / decode_steps, 1.0))
+        rates.append(acceptance_given_previous(accepted / drafts, spec.num_speculative_tokens))
+    if not rates:
+        return engine, "engine config (the live runs report no drafts)"
+    measured = type(spec)(method=spec.method, num_speculative_tokens=spec.num_speculative_tokens,
+                          acceptance_rate=(float(np.median(rates)),), proposal_rate=float(np.median(proposals)))
+    return dataclasses.replace(engine, speculative=measured), f"median of {len(rates)} live runs' counters"
+
+
 def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, step_sigma: float,
                   run_sigma: float, async_scheduling: bool, out: Path, overhead_s: float = 0.0
                   ) -> list[RunResult]:
@@ -279,21 +334,30 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    workload, engine, name = workload_and_engine(args)
+    workload, engine, name, optimization = workload_and_engine(args)
     workload.save(out / "workload.parquet")
     profile_dir = Path(args.profile) if args.profile else run_profiler(args.model, args.grid, out / "profile",
-                                                                        engine)
+                                                                        engine, optimization)
     fitted = load_model(profile_dir)
     live, problems = live_runs(args, workload, engine, out)
     if not live:
         print("error: live: no live run finished", file=sys.stderr)
         return 3
-    gap, per_request, gap_source = step_gap(args.step_gap, live, fitted)
+    if args.step_gap == "probe" and engine.speculative.enabled:
+        # a probe step's drafts are not in the iteration log, so server minus model cannot be
+        # taken on them; the live runs' inter-step gap is what the server adds to a whole step
+        gap, per_request, gap_source = step_gap("gap", live, fitted)
+        gap_source = "gap (probes skipped: speculative steps' drafts are not logged): " + gap_source
+    else:
+        gap, per_request, gap_source = step_gap(args.step_gap, live, fitted)
     async_flags = {r.summary.get("async_scheduling") for r in live} - {None}
     async_scheduling = async_flags.pop() if len(async_flags) == 1 else False
     overhead, overhead_source = request_overhead(args.request_overhead, live)
     model = StepGapModel(fitted, gap, per_request)
-    sim = simulate_runs(workload, engine, model, args.sim_seeds, args.step_sigma, args.run_sigma,
+    sim_engine, spec_source = engine, None
+    if engine.speculative.enabled:
+        sim_engine, spec_source = speculation_for_simulator(args.spec_acceptance, engine, live, workload)
+    sim = simulate_runs(workload, sim_engine, model, args.sim_seeds, args.step_sigma, args.run_sigma,
                         async_scheduling, out, overhead)
     machines = [r.metadata.get("machine", {}) for r in live]
     context = {
@@ -312,6 +376,8 @@ def main(argv: list[str]) -> int:
         "request_overhead_source": overhead_source,
         "jitter": {"step_sigma": args.step_sigma, "run_sigma": args.run_sigma},
         "async_scheduling": async_scheduling,
+        "speculation": ({**dataclasses.asdict(sim_engine.speculative), "source": spec_source}
+                        if spec_source else None),
         "machine": [{"load_avg": m.get("before", {}).get("load_avg"),
                      "others_cpu_during": m.get("during", {}).get("others_cpu_mean",
                                                                   m.get("before", {}).get("others_cpu")),

@@ -25,6 +25,7 @@ SCRAPED = {
     "preemptions_total": "num_preemptions_total",
     "prefix_cache_queries_total": "prefix_cache_queries_total",
     "prefix_cache_hits_total": "prefix_cache_hits_total",
+    "spec_drafts_total": "spec_decode_num_drafts_total",
     "spec_draft_tokens_total": "spec_decode_num_draft_tokens_total",
     "spec_accepted_tokens_total": "spec_decode_num_accepted_tokens_total",
     "prompt_tokens_total": "prompt_tokens_total",

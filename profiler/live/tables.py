@@ -227,8 +227,10 @@ def live_result(records: list[RequestRecord], workload, steps: dict[str, np.ndar
                                "hit_rate": hits / queries if queries else 0.0}
     draft = _delta(metrics, "spec_draft_tokens_total")
     accepted = _delta(metrics, "spec_accepted_tokens_total")
+    drafts = _delta(metrics, "spec_drafts_total")
     if draft:
-        summary["spec_decode"] = {"draft_tokens": int(draft), "accepted_tokens": int(accepted or 0),
+        summary["spec_decode"] = {"drafts": int(drafts) if drafts is not None else None,
+                                  "draft_tokens": int(draft), "accepted_tokens": int(accepted or 0),
                                   "acceptance_rate": (accepted or 0.0) / draft}
     summary["kv_cache"] = {"num_blocks": num_blocks, "block_size": block_size,
                            "capacity_tokens": num_blocks * block_size}

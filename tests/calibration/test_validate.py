@@ -195,3 +195,33 @@ def test_imported_bench_results_validate_without_kv_data(tmp_path):
     assert rows["preemptions"].live == ()
     assert rows["e2e_p50"].live_median == pytest.approx(bench.summary["e2e_s"]["p50"])
     assert rows["e2e_p50"].error is not None
+
+
+def test_speculation_for_the_simulator_comes_from_the_live_counters(truth):
+    from dataclasses import replace
+
+    from calibration.cmd_validate import acceptance_given_previous, speculation_for_simulator
+
+    assert acceptance_given_previous(0.9 + 0.81, 2) == pytest.approx(0.9)
+    assert acceptance_given_previous(0.0, 4) == 0.0 and acceptance_given_previous(9.0, 4) == 1.0
+    scenario = get_scenario("spec")
+    engine = scenario.engine_config()
+    workload = scenario.workload()
+    runs_ = []
+    for a, p in ((0.6, 0.5), (0.7, 0.4), (0.65, 0.45)):
+        mean_accepted = sum(a ** i for i in range(1, 5))
+        # output = first tokens + decode steps + accepted drafts, drafts = p x decode steps
+        steps = (workload.output_tokens.sum() - len(workload)) / (1 + p * mean_accepted)
+        drafts = p * steps
+        counters = {"drafts": round(drafts), "draft_tokens": round(4 * drafts),
+                    "accepted_tokens": round(drafts * mean_accepted)}
+        r = truth[0]
+        runs_.append(type(r)(r.requests, r.timeline, {**r.summary, "spec_decode": counters}))
+    sim_engine, source = speculation_for_simulator("live", engine, runs_, workload)
+    assert sim_engine.speculative.acceptance_rate == pytest.approx((0.65,), abs=0.01)
+    assert sim_engine.speculative.proposal_rate == pytest.approx(0.45, abs=0.01)
+    assert source.startswith("median of 3") and sim_engine.max_num_seqs == engine.max_num_seqs
+    assert speculation_for_simulator("config", engine, runs_, workload)[0] == engine
+    no_drafts = [type(r)(r.requests, r.timeline, {**r.summary, "spec_decode": None}) for r in truth]
+    assert speculation_for_simulator("live", engine, no_drafts, workload)[0] == engine
+    assert replace(engine, speculative=sim_engine.speculative) == sim_engine
