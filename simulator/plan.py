@@ -1,0 +1,73 @@
+"""`python -m simulator.plan ...`: what-if capacity planning on Ray (see simulator/planner.py).
+
+Every Hydra override of the simulator works here too (workload, slo, engine, perf, ...), plus
+the plan's lists, e.g. ``plan.hardware=[h100,a100] plan.replicas=[1,2,4]``. Rerunning with the
+same ``hydra.run.dir`` resumes: finished points are kept, the rest run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from simulator.configure import CONF_DIR, check_group_choices
+from simulator.errors import ConfigError
+
+
+def print_outcome(outcome) -> None:
+    """The verdict, the cheapest few meeting points and where the files are."""
+    rows = outcome.rows
+    meeting = sorted((r for r in rows if r["status"] == "ok" and r["meets_slo"]),
+                     key=lambda r: (r["cost_per_hour_usd"], -r["attainment"]))
+    infeasible = [r for r in rows if r["status"] == "infeasible"]
+    failed = [r for r in rows if r["status"] == "error"]
+    ran = len(rows) - len(infeasible) - len(failed)
+    lines = [f"points     {len(rows)} ({outcome.computed} evaluated now, {outcome.reused} reused): "
+             f"{ran} ran, {len(infeasible)} cannot run, {len(failed)} failed"]
+    for r in meeting[:5]:
+        lines.append(f"  ${r['cost_per_hour_usd']:7.2f}/h  {r['attainment']:6.1%}  "
+                     f"TTFT p99 {r['ttft_p99_s']:.2f} s  TPOT p99 {r['tpot_p99_s'] * 1000:.0f} ms  "
+                     f"{r['label']}")
+    lines.append(outcome.verdict)
+    lines.append(f"results    {outcome.out_dir}")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    import hydra
+
+    try:
+        check_group_choices(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="planner", version_base=None)
+    def _task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from simulator.plan_runner import run_plan
+
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            outcome = run_plan(cfg, out_dir, progress=bool(cfg.get("progress", True)))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"interrupted: finished points are in {out_dir}/points.parquet; rerun with "
+                  f"hydra.run.dir={out_dir} to resume", file=sys.stderr)
+            sys.exit(130)
+        print_outcome(outcome)
+        failed = [r for r in outcome.rows if r["status"] == "error"]
+        if failed:
+            print(f"error: {len(failed)} points failed (first: {failed[0]['label']}: "
+                  f"{failed[0]['reason']}); rerun the same command to retry them", file=sys.stderr)
+            sys.exit(1)
+
+    _task()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
