@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -284,3 +285,26 @@ def test_server_dying_mid_run_keeps_finished_and_fails_the_rest(server, tmp_path
     reasons = ("server exited with code -9", "RemoteProtocolError", "ReadError", "ConnectError")
     assert all(any(r in e for r in reasons) for e in req["error"][failed])
     assert (tmp_path / "requests.parquet").exists()
+
+
+@pytest.mark.engine
+@engine
+def test_speculative_decoding_counters_on_a_real_server(tmp_path):
+    # n-gram speculation, 4 drafts: the counters validation turns into the simulator's acceptance
+    spec_engine = replace(ENGINE, speculative=SpeculativeConfig(num_speculative_tokens=4, acceptance_rate=(0.5,)))
+    outputs = [96, 128, 80, 112]
+    w = _workload(outputs, gaps=0.2)
+    config = replace(FAST, overhead_probes=0)
+    outcome = run_live(w, tmp_path, spec=ServerSpec(model=resolve_model("tiny-llama"), engine=spec_engine),
+                       config=config, progress=False)
+    res = outcome.result
+    assert outcome.exit_code == EXIT_OK, outcome.message
+    assert res.requests["output_tokens"].tolist() == outputs
+    assert res.summary["async_scheduling"] is False  # vLLM turns it off for n-gram speculation
+    counters = res.summary["spec_decode"]
+    drafts, draft_tokens, accepted = counters["drafts"], counters["draft_tokens"], counters["accepted_tokens"]
+    assert 0 < drafts <= draft_tokens <= 4 * drafts and 0 <= accepted <= draft_tokens
+    # every output token but a request's first comes from a decode step or an accepted draft, and a
+    # decode step of a request carries at most one draft: what calibration's proposal rate assumes
+    decode_steps = sum(outputs) - len(outputs) - accepted
+    assert drafts <= decode_steps
