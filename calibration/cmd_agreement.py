@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulator.engine_config import EngineConfig
+from simulator.engine_config import EngineConfig, parse_key_values
 from simulator.errors import ConfigError
 from simulator.workload import Workload
 
@@ -68,15 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _engine_with(engine: EngineConfig, items: list[str], base: dict | None = None) -> EngineConfig:
     """``engine`` (or ``base`` settings) with KEY=VALUE settings on top."""
-    import yaml
-
     data = dict(base) if base is not None else engine.to_dict()
-    for item in items:
-        if "=" not in item:
-            raise ConfigError("engine", f"expected KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        data[key.strip()] = yaml.safe_load(value)
-    return EngineConfig.from_dict(data)
+    return EngineConfig.from_dict({**data, **parse_key_values(items, "engine")})
 
 
 def _base_run(overrides: list[str]):

@@ -47,7 +47,7 @@ import numpy as np
 from calibration import validate
 from calibration.live_model import JitteredModel, StepGapModel, add_request_overhead
 from calibration.validation_scenarios import CPU_ENGINE, SCENARIOS, get_scenario
-from simulator.engine_config import EngineConfig
+from simulator.engine_config import EngineConfig, parse_key_values
 from simulator.errors import ConfigError
 from simulator.metrics import SLO
 from simulator.results import RunResult
@@ -106,15 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_engine(items: list[str], base: dict) -> EngineConfig:
-    import yaml
-
-    data = dict(base)
-    for item in items:
-        if "=" not in item:
-            raise ConfigError("engine", f"expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        data[key.strip()] = yaml.safe_load(value)
-    return EngineConfig.from_dict(data)
+    return EngineConfig.from_dict({**base, **parse_key_values(items, "engine")})
 
 
 def workload_and_engine(args) -> tuple[Workload, EngineConfig, str, str]:

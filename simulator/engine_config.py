@@ -123,3 +123,16 @@ class EngineConfig:
                 )
             spec = SpeculativeConfig(**spec)
         return cls(speculative=spec, **data)
+
+
+def parse_key_values(items: list[str] | None, field: str) -> dict[str, Any]:
+    """``key=value`` strings (command-line settings) -> dict, values parsed as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(field, f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from profiler.live.server import ServerError
-from simulator.engine_config import EngineConfig
+from simulator.engine_config import EngineConfig, parse_key_values
 from simulator.errors import ConfigError
 from simulator.workload import Workload
 
@@ -43,17 +43,6 @@ CONF_DIR = REPO_ROOT / "conf"
 #: vLLM 0.32's defaults for the OpenAI server on CPU (vllm/engine/arg_utils.py, platforms/cpu.py)
 CPU_SERVER_ENGINE = {"block_size": 128, "max_num_seqs": 128, "max_num_batched_tokens": 2048,
                      "max_model_len": 4096}
-
-
-def parse_overrides(items: list[str], field: str) -> dict:
-    """``key=value`` strings -> dict, values parsed as YAML scalars."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(field, f"expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def load_engine(name: str | None, overrides: list[str]) -> EngineConfig:
@@ -70,7 +59,7 @@ def load_engine(name: str | None, overrides: list[str]) -> EngineConfig:
         data = yaml.safe_load(path.read_text()) or {}
     else:
         data = dict(CPU_SERVER_ENGINE)
-    data.update(parse_overrides(overrides, "engine"))
+    data.update(parse_key_values(overrides, "engine"))
     return EngineConfig.from_dict(data)
 
 
@@ -89,7 +78,7 @@ def load_workload(name: str, overrides: list[str]) -> Workload:
     from simulator.workload_builder import build_workload
 
     cfg = yaml.safe_load(config_path.read_text()) or {}
-    cfg.update(parse_overrides(overrides, "workload"))
+    cfg.update(parse_key_values(overrides, "workload"))
     return build_workload(cfg)
 
 
@@ -103,7 +92,7 @@ def _run(args) -> int:
     config = LiveRunConfig(request_timeout_s=args.timeout, scrape_interval_s=args.scrape_interval,
                            token_seed=args.token_seed, warmup_requests=args.warmup,
                            overhead_probes=args.probes,
-                           slo=SLO.from_dict(parse_overrides(args.slo, "slo")))
+                           slo=SLO.from_dict(parse_key_values(args.slo, "slo")))
     out = Path(args.out)
     progress = not args.no_progress
     if args.url:
@@ -134,7 +123,7 @@ def _import_bench(args) -> int:
     from profiler.live.runner import summary_line
     from simulator.metrics import SLO
 
-    result, workload = read_bench_result(args.result, slo=SLO.from_dict(parse_overrides(args.slo, "slo")))
+    result, workload = read_bench_result(args.result, slo=SLO.from_dict(parse_key_values(args.slo, "slo")))
     out = Path(args.out)
     result.write(out)
     workload.save(out / "workload.parquet")
