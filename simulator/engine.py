@@ -30,41 +30,68 @@ _FLOAT_COLUMNS = ("start_s", "end_s")
 
 
 class StepLog:
-    """Per-step columns: single steps go into plain lists (cheap on the hot path),
-    runs of fast-forwarded steps arrive as numpy arrays; ``columns()`` joins them."""
+    """Per-step columns, kept cheaply: single steps go into plain lists, runs of
+    fast-forwarded steps arrive as numpy arrays (times, queue, KV) and as one
+    value per run for the columns constant over a run (batch and preemptions,
+    run-length encoded); ``columns()`` joins them."""
+
+    ARRAY_COLUMNS = ("start_s", "end_s", "waiting", "kv_blocks_used")
+    RUN_COLUMNS = ("running", "prefill_tokens", "decode_tokens", "batch_size", "preempted")
 
     def __init__(self) -> None:
-        self._chunks: list[dict[str, np.ndarray]] = []
-        self._rows: dict[str, list] = {name: [] for name in STEP_COLUMNS}
-        self.row_lists = tuple(self._rows[name] for name in STEP_COLUMNS)
+        self._chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.ARRAY_COLUMNS}
+        self._rows: dict[str, list] = {name: [] for name in self.ARRAY_COLUMNS}
+        self._values: dict[str, list[int]] = {name: [] for name in self.RUN_COLUMNS}
+        self._counts: list[int] = []  # steps each run-length value covers
+        self._row_lists = tuple(self._rows[name] if name in self._rows else self._values[name]
+                                for name in STEP_COLUMNS)
 
     def add_step(self, *values) -> None:
         """Append one step's values, in STEP_COLUMNS order."""
-        for column, value in zip(self.row_lists, values, strict=True):
+        for column, value in zip(self._row_lists, values, strict=True):
             column.append(value)
+        self._counts.append(1)
 
-    def add_run(self, **arrays: np.ndarray) -> None:
-        """Append many steps at once (one array per column, all of one length)."""
+    def add_run(self, k: int, start_s: np.ndarray, end_s: np.ndarray, waiting: np.ndarray,
+                kv_blocks_used: np.ndarray, batch_size: int, first_preempted: int) -> None:
+        """Append k pure-decode steps of ``batch_size`` running requests each; only the
+        first may report preemptions (those of the step the run started from)."""
         self._flush()
-        self._chunks.append(arrays)
+        for name, array in (("start_s", start_s), ("end_s", end_s), ("waiting", waiting),
+                            ("kv_blocks_used", kv_blocks_used)):
+            self._chunks[name].append(array)
+        values = self._values
+        for count, preempted in ((1, first_preempted), (k - 1, 0)):
+            if count:
+                values["running"].append(batch_size)
+                values["prefill_tokens"].append(0)
+                values["decode_tokens"].append(batch_size)
+                values["batch_size"].append(batch_size)
+                values["preempted"].append(preempted)
+                self._counts.append(count)
 
     def _flush(self) -> None:
         if self._rows["end_s"]:
-            self._chunks.append({name: np.asarray(self._rows[name]) for name in STEP_COLUMNS})
-            for column in self.row_lists:
+            for name, column in self._rows.items():
+                self._chunks[name].append(np.asarray(column))
                 column.clear()
 
     def __len__(self) -> int:
-        return sum(len(c["end_s"]) for c in self._chunks) + len(self._rows["end_s"])
+        return sum(self._counts)
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every step's values, one numpy array per column."""
         self._flush()
         out = {}
+        counts = np.array(self._counts, dtype=np.int64)
         for name in STEP_COLUMNS:
             dtype = np.float64 if name in _FLOAT_COLUMNS else np.int64
-            parts = [np.asarray(c[name], dtype=dtype) for c in self._chunks]
-            out[name] = np.concatenate(parts) if parts else np.zeros(0, dtype)
+            if name in self._values:
+                out[name] = np.repeat(np.array(self._values[name], dtype=dtype), counts)
+            else:
+                parts = self._chunks[name]
+                out[name] = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+                parts[:] = [out[name]]  # keep one copy, not the chunks as well
         return out
 
 
@@ -248,7 +275,7 @@ class Engine:
         """Queue length at each time, counting requests that arrive meanwhile."""
         waiting = len(self.scheduler.waiting)
         i = self._next_arrival
-        if i >= len(self.workload.arrival_s):
+        if i >= len(self.workload.arrival_s) or self.workload.arrival_s[i] > times[-1]:
             return np.full(len(times), waiting)
         arrived = i + np.searchsorted(self.workload.arrival_s[i:], times, side="right")
         before = self._queued_arrivals[i - 1] if i else 0
@@ -263,10 +290,10 @@ class Engine:
     def _plan(self, schedule_times_from, lag: int):
         run = fast_forward.plan(self.scheduler, self._decode_fn, schedule_times_from,
                                 self._next_arrival_s(), self._horizon, lag)
-        if run is None:
-            self._horizon = fast_forward.INITIAL_HORIZON
-        elif run.k == self._horizon:
-            self._horizon = min(self._horizon * 2, fast_forward.MAX_HORIZON)
+        # plan next time up to twice as many steps as this run had: step times
+        # computed beyond the event that ends a run are wasted
+        k = run.k if run is not None else 0
+        self._horizon = min(max(2 * k, fast_forward.INITIAL_HORIZON), fast_forward.MAX_HORIZON)
         return run
 
     def _fast_sync(self) -> float | None:
@@ -289,10 +316,11 @@ class Engine:
         sched = self.scheduler
         out_j, start_j, end_j = in_flight[0]
         running = sched.running
-        if len(out_j.num_scheduled) != len(running) or out_j.spec_tokens:
-            return None
         scheduled = out_j.num_scheduled
-        if any(scheduled.get(r.rid) != 1 for r in running):
+        # the step in flight must be one token for each running request (counts are >= 1)
+        if (len(scheduled) != len(running) or out_j.spec_tokens
+                or sum(scheduled.values()) != len(running)
+                or scheduled.keys() != {r.rid for r in running}):
             return None
         now = self.env.now
 
@@ -317,21 +345,13 @@ class Engine:
                     first_preempted: int = 0) -> None:
         sched = self.scheduler
         kv = sched.kv
-        used0 = kv.num_used_blocks
-        used = used0 + fast_forward.take_blocks(sched, run, sched_at)
+        used = kv.num_used_blocks + fast_forward.take_blocks(sched, run, sched_at)
         fast_forward.deliver(sched.running, run.k, token_times)
-        for r in sched.running:
-            kv.cache_full_blocks(r.rid, r.block_hash, r.num_computed - r.placeholders)
+        lag = 1 if self.async_scheduling else 0  # placeholders each running request holds
+        kv.cache_many(sched.running, (run.computed + run.k - lag).tolist())
         sched.step += run.k
-        n = len(sched.running)
-        k = run.k
-        preempted = np.zeros(k, dtype=np.int64)
-        preempted[0] = first_preempted
-        self.steps.add_run(
-            start_s=starts, end_s=token_times, running=np.full(k, n), waiting=self._waiting_at(token_times),
-            kv_blocks_used=used, prefill_tokens=np.zeros(k, dtype=np.int64), decode_tokens=np.full(k, n),
-            batch_size=np.full(k, n), preempted=preempted,
-        )
+        self.steps.add_run(run.k, starts, token_times, self._waiting_at(token_times), used,
+                           len(sched.running), first_preempted)
 
     # --- step bookkeeping ---------------------------------------------------------
     def _before_schedule(self) -> None:

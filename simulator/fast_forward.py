@@ -20,7 +20,7 @@ import numpy as np
 from simulator.request import SimRequest
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
-#: steps computed ahead per attempt (grows for long quiet stretches)
+#: steps computed ahead per attempt (the engine plans up to twice the last run)
 INITIAL_HORIZON = 256
 MAX_HORIZON = 1 << 16
 
@@ -31,21 +31,31 @@ class DecodeRun:
 
     k: int
     step_times: np.ndarray  # d_1..d_k (async: of S_{j+1}..S_{j+k})
-    crossings: list[tuple[int, int]]  # (step i, running index) of each new block, in order
+    computed: np.ndarray  # each running request's computed tokens before the run
+    # each new KV block of the run, in the order the blocks are taken: its step
+    # (1..k) and the running index of the request it goes to
+    block_steps: np.ndarray
+    block_owners: np.ndarray
 
 
-def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k: int) -> list[tuple[int, int]]:
-    """(step, running index) of every new block the requests need in steps 1..k, in vLLM's order.
+def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, running indices) of every new block the requests need in steps 1..k, in vLLM's order.
 
     At step i a request with c computed tokens before the run allocates slots
     for c + i tokens; it needs a new block when that passes its held blocks.
+    Within a step, blocks go to the running requests in order.
     """
     first = held * block_size - c + 1  # first step needing a new block (>= 1)
-    events: list[tuple[int, int]] = []
-    for idx in np.nonzero(first <= k)[0].tolist():
-        events.extend((i, idx) for i in range(int(first[idx]), k + 1, block_size))
-    events.sort()
-    return events
+    needing = np.flatnonzero(first <= k)
+    if not len(needing):
+        return needing, needing
+    counts = (k - first[needing]) // block_size + 1
+    owners = np.repeat(needing, counts)
+    rank = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)
+    steps = first[owners] + block_size * rank
+    order = np.lexsort((owners, steps))
+    return steps[order], owners[order]
 
 
 def plan(
@@ -56,8 +66,10 @@ def plan(
     horizon: int,
     in_flight_steps: int,
 ) -> DecodeRun | None:
-    """Plan up to ``horizon`` pure-decode steps, or None if the next step is not one.
+    """Plan a run of pure-decode steps, or None if the next step is not one.
 
+    Step times are computed for ``horizon`` steps first; when the next arrival
+    (which ends the run) lies beyond them, for as many more as should reach it.
     ``schedule_times_from(step_times)`` gives, for each planned step, the time
     at which it would be scheduled (sync and async scheduling differ).
     ``in_flight_steps`` is 0 under sync scheduling and 1 under async.
@@ -66,6 +78,9 @@ def plan(
     running = sched.running
     n = len(running)
     if n == 0 or n > cfg.max_num_batched_tokens or cfg.speculative.enabled:
+        return None
+    waiting = sched.waiting
+    if waiting and not _head_blocked(sched, waiting[0]):
         return None
     lag = in_flight_steps
     remaining = []
@@ -76,30 +91,39 @@ def plan(
     # the step delivering a request's last token goes through the ordinary path
     k_max = min(remaining) - (1 - lag)
     c = np.fromiter((r.num_computed for r in running), dtype=np.int64, count=n)
-    k_max = min(k_max, int(cfg.max_model_len - 1 - c.max()), horizon)
+    k_max = min(k_max, int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
     if k_max < 1:
         return None
-    waiting = sched.waiting
-    if waiting and not _head_blocked(sched, waiting[0]):
-        return None
-    held = np.fromiter((len(sched.kv.req_blocks[r.rid]) for r in running), dtype=np.int64, count=n)
-    total = c.sum() + n * np.arange(1, k_max + 1, dtype=np.int64)
-    times = decode_times(n, total.astype(np.float64))
-    k = k_max
+    context = int(c.sum())
+
+    def step_times(first: int, last: int) -> np.ndarray:
+        """Times of steps first..last (each adds one token per running request)."""
+        return decode_times(n, context + n * np.arange(first, last + 1, dtype=np.float64))
+
+    times = step_times(1, min(k_max, horizon))
+    k = len(times)
     if not waiting and next_arrival_s != float("inf"):
-        sched_at = schedule_times_from(times)
-        k = min(k, int(np.searchsorted(sched_at, next_arrival_s, side="left")))
+        # the run ends with the last step scheduled before the next arrival; while
+        # that lies beyond the steps computed, compute as many more as should reach it
+        while True:
+            sched_at = schedule_times_from(times)
+            k = int(np.searchsorted(sched_at, next_arrival_s, side="left"))
+            if k < len(times) or len(times) == k_max:
+                break
+            more = int((next_arrival_s - sched_at[-1]) / times[-1] * 1.1) + 16
+            times = np.concatenate((times, step_times(len(times) + 1, min(len(times) + more, k_max))))
     if k < 1:
         return None
-    crossings = _crossing_steps(c, held, sched.block_size, k)
+    held = np.fromiter((len(sched.kv.req_blocks[r.rid]) for r in running), dtype=np.int64, count=n)
+    steps, owners = _crossing_steps(c, held, sched.block_size, k)
     free = sched.kv.num_free_blocks
-    if len(crossings) > free:
-        k = crossings[free][0] - 1  # that step would preempt
-        crossings = crossings[:free]
-        crossings = [e for e in crossings if e[0] <= k]
+    if len(steps) > free:
+        k = int(steps[free]) - 1  # that step would preempt
         if k < 1:
             return None
-    return DecodeRun(k=k, step_times=times[:k], crossings=crossings)
+        kept = int(np.searchsorted(steps, k, side="right"))
+        steps, owners = steps[:kept], owners[:kept]
+    return DecodeRun(k=k, step_times=times[:k], computed=c, block_steps=steps, block_owners=owners)
 
 
 def _head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
@@ -109,7 +133,7 @@ def _head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
     if head.stale_tokens:
         return False
     kv = sched.kv
-    hits = kv.computed_blocks(head.block_hash, head.num_tokens) if head.num_computed == 0 else []
+    hits = kv.computed_blocks(head, head.num_tokens) if head.num_computed == 0 else []
     full = min(head.num_tokens, sched.max_model_len)
     return kv.blocks_needed(head.rid, full, hits) > kv.num_free_blocks
 
@@ -118,33 +142,25 @@ def take_blocks(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray) ->
     """Hand out the run's new blocks in order; return blocks used after each step.
 
     Blocks leave the free queue in the step-by-step order (step, then running
-    order), so eviction from the prefix cache is the same; each request's
-    block-seconds are integrated over its crossings as the KV manager would.
+    order), so eviction from the prefix cache is the same; each block counts
+    toward block-seconds from the time its step is scheduled.
     """
     kv = sched.kv
-    running = sched.running
-    take = kv._take_free_block
-    times = sched_at.tolist()
-    new_per_step = np.zeros(run.k, dtype=np.int64)
-    crossed: dict[int, list[float]] = {}
-    for step, idx in run.crossings:
-        rid = running[idx].rid
-        kv.req_blocks[rid].append(take())
-        crossed.setdefault(rid, []).append(times[step - 1])
-        new_per_step[step - 1] += 1
-    for rid, clocks in crossed.items():
-        held = len(kv.req_blocks[rid]) - len(clocks)
-        since = kv._held_since.get(rid)
-        total = kv.block_seconds.get(rid, 0.0)
-        for clock in clocks:
-            if since is not None and held:
-                total += held * (clock - since)
-            since = clock
-            held += 1
-        kv.block_seconds[rid] = total
-        kv._held_since[rid] = since
-    kv.clock = times[-1]
-    return np.cumsum(new_per_step)
+    steps, owners = run.block_steps, run.block_owners
+    if len(steps):
+        blocks = kv.take_free_blocks(len(steps))
+        n = len(sched.running)
+        counts = np.bincount(owners, minlength=n)
+        acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n).tolist()
+        by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
+        start = 0
+        for idx, count in enumerate(counts.tolist()):
+            if count:
+                end = start + count
+                kv.add_taken_blocks(sched.running[idx].rid, by_request[start:end], acquired_s[idx])
+                start = end
+    kv.clock = float(sched_at[-1])
+    return np.cumsum(np.bincount(steps - 1, minlength=run.k))
 
 
 def deliver(running: list[SimRequest], k: int, token_times: np.ndarray) -> None:

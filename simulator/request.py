@@ -23,7 +23,7 @@ class SimRequest:
 
     __slots__ = (
         "rid", "arrival_s", "num_prompt", "max_tokens", "reasoning_tokens",
-        "prefix_group", "prefix_tokens", "block_size",
+        "prefix_group", "prefix_tokens", "block_size", "num_shared_blocks",
         "status", "num_output", "num_computed", "placeholders", "spec_tokens",
         "in_flight_tokens", "stale_tokens", "num_preemptions", "num_cached_tokens",
         "first_scheduled_s", "first_token_s", "first_visible_s", "last_token_s",
@@ -49,6 +49,10 @@ class SimRequest:
         self.prefix_group = prefix_group
         self.prefix_tokens = prefix_tokens if prefix_group >= 0 else 0
         self.block_size = block_size
+        # Content names of the request's KV blocks (the prefix cache's hashes): block i
+        # is ("prefix", prefix_group, i), shared with the group, while it lies wholly in
+        # the shared prefix (i < num_shared_blocks), else (rid, i), private.
+        self.num_shared_blocks = self.prefix_tokens // block_size
         self.status = Status.WAITING
         self.num_output = 0
         self.num_computed = 0
@@ -69,12 +73,6 @@ class SimRequest:
     def num_tokens(self) -> int:
         """Prompt plus delivered output tokens."""
         return self.num_prompt + self.num_output
-
-    def block_hash(self, index: int) -> tuple:
-        """Content name of block ``index``: shared within a prefix group, else private."""
-        if (index + 1) * self.block_size <= self.prefix_tokens:
-            return ("prefix", self.prefix_group, index)
-        return (self.rid, index)
 
     def __repr__(self) -> str:
         return (

@@ -44,8 +44,8 @@ class RunResult:
         """Write requests.parquet, timeline.parquet and summary.json into out_dir."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.requests_frame().to_parquet(out / "requests.parquet", index=False)
-        self.timeline_frame().to_parquet(out / "timeline.parquet", index=False)
+        _write_parquet(self.requests, out / "requests.parquet")
+        _write_parquet(self.timeline, out / "timeline.parquet")
         payload = dict(self.summary)
         if self.metadata:
             payload["metadata"] = self.metadata
@@ -73,6 +73,14 @@ class RunResult:
             summary=summary,
             metadata=metadata,
         )
+
+
+def _write_parquet(columns: dict[str, np.ndarray], path: Path) -> None:
+    """Columns to a Parquet file, through pyarrow directly (no DataFrame copy on the way)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({name: np.asarray(values) for name, values in columns.items()}), path)
 
 
 def _json_default(value):

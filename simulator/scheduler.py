@@ -118,7 +118,7 @@ class NativeScheduler:
                 allocated = kv.allocate(req.rid, min(req.num_computed + n, self.max_model_len))
             if not allocated:
                 break
-            kv.cache_full_blocks(req.rid, req.block_hash, min(req.num_computed + n, req.num_tokens))
+            kv.cache_full_blocks(req, min(req.num_computed + n, req.num_tokens))
             scheduled[req.rid] = n
             budget -= n
             i += 1
@@ -144,7 +144,7 @@ class NativeScheduler:
                     continue
                 hits: list[int] = []
                 if req.num_computed == 0:
-                    hits = kv.computed_blocks(req.block_hash, req.num_tokens)
+                    hits = kv.computed_blocks(req, req.num_tokens)
                 num_computed = len(hits) * self.block_size
                 n = req.num_tokens - num_computed
                 padded = (
@@ -188,7 +188,7 @@ class NativeScheduler:
                 req.num_computed = num_computed
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_computed
-                kv.cache_full_blocks(req.rid, req.block_hash, min(num_computed + n, req.num_tokens))
+                kv.cache_full_blocks(req, min(num_computed + n, req.num_tokens))
             if skipped:
                 waiting.extendleft(reversed(skipped))
 
@@ -272,7 +272,7 @@ class NativeScheduler:
                 # blocks filled by accepted drafts), and it does so before a
                 # finishing request is freed, so that block goes to the back of
                 # the free queue.
-                self.kv.cache_full_blocks(req.rid, req.block_hash, req.num_computed - req.placeholders)
+                self.kv.cache_full_blocks(req, req.num_computed - req.placeholders)
             if stopped:
                 self._finish(req, now)
                 finished.append(req)

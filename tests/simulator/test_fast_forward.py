@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from simulator.engine import simulate
 from simulator.engine_config import EngineConfig
+from simulator.fast_forward import _crossing_steps
+from simulator.kv_cache import KVCacheManager
 from tests.simulator.conftest import VectorLinearModel, make_workload
 
 
@@ -55,3 +57,60 @@ def test_fast_path_matches_on_varied_workloads(n, seed, rate, blocks, max_num_se
     slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
     fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
     assert_same(slow, fast)
+
+
+class KVSpy:
+    """Counts what the KV cache did in a run: prefix hits of a request on its own freed
+    blocks (after a preemption) and evictions of shared prefix blocks."""
+
+    def __init__(self, monkeypatch):
+        self.own_hits = 0
+        self.shared_evictions = 0
+        private_hits, evict_shared = KVCacheManager._private_hits, KVCacheManager._evict_shared
+
+        def counting_private_hits(kv, *args):
+            hits = private_hits(kv, *args)
+            self.own_hits += len(hits)
+            return hits
+
+        def counting_evict_shared(kv, block):
+            self.shared_evictions += 1
+            evict_shared(kv, block)
+
+        monkeypatch.setattr(KVCacheManager, "_private_hits", counting_private_hits)
+        monkeypatch.setattr(KVCacheManager, "_evict_shared", counting_evict_shared)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_fast_path_matches_under_prefix_cache_eviction_and_recompute(async_scheduling, monkeypatch):
+    # shared prefixes in three groups, a KV cache far too small for the long decodes:
+    # preempted requests come back and hit their own freed blocks, prefix blocks are
+    # evicted and computed again
+    w = make_workload(n=50, seed=11, rate=4, prompt=(100, 600), output=(200, 2000),
+                      prefix_groups=3, prefix_tokens=96)
+    cfg = EngineConfig(num_gpu_blocks_override=200, max_model_len=4096, max_num_seqs=16)
+    spy = KVSpy(monkeypatch)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    assert slow.summary["preemptions"] > 0
+    assert slow.summary["prefix_cache"]["hit_tokens"] > 0
+    assert spy.own_hits > 0 and spy.shared_evictions > 0
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 3)), min_size=1, max_size=8),
+       st.sampled_from([1, 4, 16]), st.integers(1, 70))
+def test_crossing_steps_follow_the_step_by_step_allocation_order(requests, block_size, k):
+    # each running request, with c computed tokens, holds just enough blocks (plus some spare)
+    c = np.array([tokens for tokens, _ in requests])
+    held = np.array([-(-tokens // block_size) + spare for tokens, spare in requests])
+    expected, blocks = [], held.copy()
+    for step in range(1, k + 1):  # as the scheduler allocates: step by step, in running order
+        for idx in range(len(requests)):
+            if c[idx] + step > blocks[idx] * block_size:
+                expected.append((step, idx))
+                blocks[idx] += 1
+    steps, owners = _crossing_steps(c, held, block_size, k)
+    assert list(zip(steps.tolist(), owners.tolist(), strict=True)) == expected

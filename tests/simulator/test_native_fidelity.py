@@ -17,39 +17,36 @@ from simulator.workload import Workload
 from .conftest import LinearModel
 
 
-def private(rid):
-    return lambda i: (rid, i)
-
-
-def shared(group):
-    return lambda i: ("prefix", group, i)
+def shared(rid, group=0):
+    """A request whose first 64 prompt tokens are shared with its prefix group."""
+    return SimRequest(rid, 0.0, 64, 1, prefix_group=group, prefix_tokens=64)
 
 
 def test_freed_blocks_without_a_hash_are_reused_before_cached_ones():
     # vLLM's free_blocks: uncached blocks to the front of the free queue, cached to the back
     kv = KVCacheManager(num_blocks=6, block_size=16)
     assert kv.allocate(1, 40)  # 3 blocks, the last one partly filled
-    kv.cache_full_blocks(1, shared(0), 40)  # 2 full blocks cached
+    kv.cache_full_blocks(shared(1), 40)  # 2 full blocks cached
     kv.free(1)
     assert kv.allocate(2, 16)  # takes the uncached tail block, not a cached one
-    assert len(kv.computed_blocks(shared(0), 33)) == 2
+    assert len(kv.computed_blocks(shared(9), 33)) == 2
     assert kv.allocate(3, 16)  # then the never-used blocks
     assert kv.allocate(4, 16)
-    assert len(kv.computed_blocks(shared(0), 33)) == 2
+    assert len(kv.computed_blocks(shared(9), 33)) == 2
 
 
 def test_a_second_copy_of_a_cached_block_stays_findable_when_the_first_is_evicted():
     # two requests computed the same prefix block at once; vLLM keeps both under the hash
     kv = KVCacheManager(num_blocks=4, block_size=16)
     assert kv.allocate(1, 16) and kv.allocate(2, 16)
-    kv.cache_full_blocks(1, shared(0), 16)
-    kv.cache_full_blocks(2, shared(0), 16)
+    kv.cache_full_blocks(shared(1), 16)
+    kv.cache_full_blocks(shared(2), 16)
     first, second = kv.req_blocks[1][0], kv.req_blocks[2][0]
     kv.free(1)
     kv.free(2)
-    assert kv.computed_blocks(shared(0), 17) == [first]  # the oldest copy answers
+    assert kv.computed_blocks(shared(9), 17) == [first]  # the oldest copy answers
     assert kv.allocate(3, 32)  # the never-used block, then the first copy (evicted)
-    assert kv.computed_blocks(shared(0), 17) == [second]
+    assert kv.computed_blocks(shared(9), 17) == [second]
 
 
 def test_async_scheduler_caches_the_last_block_before_freeing_a_finished_request():
@@ -62,7 +59,7 @@ def test_async_scheduler_caches_the_last_block_before_freeing_a_finished_request
     assert s.update_from_output(step2, dict.fromkeys(step2.sampling, 1), 0.2) == [req]
     assert req.status == Status.FINISHED
     # both full blocks were cached before the free, so both can still be hit
-    assert len(s.kv.computed_blocks(req.block_hash, 33)) == 2
+    assert len(s.kv.computed_blocks(req, 33)) == 2
 
 
 def test_sync_scheduler_caches_blocks_filled_by_accepted_drafts_only_at_the_next_step():
@@ -77,9 +74,9 @@ def test_sync_scheduler_caches_blocks_filled_by_accepted_drafts_only_at_the_next
     assert out.spec_tokens == {0: 4}
     s.update_from_output(out, {0: 5}, 0.2)
     assert req.num_computed == 19 and req.num_output == 6
-    assert s.kv.computed_blocks(req.block_hash, 20) == []  # vLLM's Scheduler: not yet cached
+    assert s.kv.num_cached_blocks_of(0) == 0  # vLLM's Scheduler: not yet cached
     s.schedule()
-    assert len(s.kv.computed_blocks(req.block_hash, 20)) == 1
+    assert s.kv.num_cached_blocks_of(0) == 1
 
 
 def test_one_token_decode_joining_a_decode_batch_is_padded_to_the_speculative_size():
