@@ -17,8 +17,9 @@ from simulator.errors import ConfigError
 def print_outcome(outcome) -> None:
     """The verdict, the cheapest few meeting points and where the files are."""
     rows = outcome.rows
-    meeting = sorted((r for r in rows if r["status"] == "ok" and r["meets_slo"]),
-                     key=lambda r: (r["cost_per_hour_usd"], -r["attainment"]))
+    from simulator.planner import preference
+
+    meeting = sorted((r for r in rows if r["status"] == "ok" and r["meets_slo"]), key=preference)
     infeasible = [r for r in rows if r["status"] == "infeasible"]
     failed = [r for r in rows if r["status"] == "error"]
     ran = len(rows) - len(infeasible) - len(failed)

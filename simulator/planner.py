@@ -360,6 +360,12 @@ def evaluate_point(job: PointJob, workload: Workload, slo: SLO) -> dict[str, Any
     return row
 
 
+def preference(row: dict[str, Any]) -> tuple:
+    """Sort key among points meeting the SLO: cheaper first, then higher attainment, then
+    lower cost per token, then plan order."""
+    return (row["cost_per_hour_usd"], -row["attainment"], row["cost_per_1m_output_tokens_usd"], row["index"])
+
+
 def choose(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(the cheapest point that meets the SLO or None, the point that came closest).
 
@@ -369,8 +375,7 @@ def choose(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str,
     ran = [r for r in rows if r["status"] == "ok"]
     meeting = [r for r in ran if r["meets_slo"]]
     if meeting:
-        best = min(meeting, key=lambda r: (r["cost_per_hour_usd"], -r["attainment"],
-                                           r["cost_per_1m_output_tokens_usd"], r["index"]))
+        best = min(meeting, key=preference)
         return best, best
     if not ran:
         return None, None
