@@ -4,9 +4,10 @@
     python benchmarks/bench_fidelity.py --scenarios light saturation --runs 5
     python benchmarks/bench_fidelity.py --profile calibration/profiles/<hw>/tiny-llama/none
 
-Profiles the tiny model once (``--grid``, default ``validation``), then per
-scenario (see calibration/validation_scenarios.py: light load, saturation with
-preemptions, prefix sharing) runs ``python -m calibration validate`` with
+Profiles the tiny model once per optimization the scenarios need (``--grid``,
+default ``validation``: ``none``, and ``spec_ngram`` for the speculation
+scenario), then per scenario (see calibration/validation_scenarios.py: light
+load, saturation with preemptions, prefix sharing, n-gram speculation) runs ``python -m calibration validate`` with
 ``--tolerances fidelity`` and a fresh server per live run (the issue's noise
 table was measured that way). It prints the Markdown table for the README:
 errors of the simulated median against the live median for the fidelity
@@ -14,7 +15,7 @@ target (E2E p50/p99 within 5%, TTFT p50/p99 within 10%, mean KV usage within
 3 points), the live spread next to each, and whether the machine was quiet.
 
 Run it on a quiet machine: other processes on the 2 cores move live latencies
-by tens of percent. Takes about 15-20 minutes (2 cores). Results go to ``--out``
+by tens of percent. Takes about 25 minutes (2 cores). Results go to ``--out``
 (default runs/bench-fidelity/<timestamp>), one validation report per scenario.
 """
 
