@@ -21,6 +21,7 @@ m, n, k, batch, message size and decode KV length; quadratic in prefill length.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -104,6 +105,33 @@ def _complete(grid: np.ndarray, x: np.ndarray, y: np.ndarray, y_power: float) ->
     return g
 
 
+class CompletedGrids(Mapping):
+    """Head configuration -> complete (batch x length) grid, completed (``_complete``) on first use.
+
+    A table holds some eighty head configurations and a model uses one or two,
+    so completing them all when the tables are read would be wasted time.
+    """
+
+    def __init__(self, measured: dict[tuple[int, int, str], np.ndarray], batch: np.ndarray,
+                 length: np.ndarray, length_power: float):
+        self._measured = measured
+        self._batch, self._length, self._power = batch, length, length_power
+        self._complete: dict[tuple[int, int, str], np.ndarray] = {}
+
+    def __getitem__(self, key: tuple[int, int, str]) -> np.ndarray:
+        grid = self._complete.get(key)
+        if grid is None:
+            grid = _complete(self._measured[key], self._batch, self._length, self._power)
+            self._complete[key] = grid
+        return grid
+
+    def __iter__(self) -> Iterator[tuple[int, int, str]]:
+        return iter(self._measured)
+
+    def __len__(self) -> int:
+        return len(self._measured)
+
+
 @dataclass(frozen=True)
 class GemmTable:
     """GEMM latency on the table's full (m, n, k) grid, one dtype."""
@@ -138,7 +166,7 @@ class AttentionTable:
     kind: str  # "context" or "generation"
     batch: np.ndarray
     length: np.ndarray
-    slices: dict[tuple[int, int, str], np.ndarray]
+    slices: Mapping[tuple[int, int, str], np.ndarray]
 
     @property
     def length_power(self) -> float:
@@ -276,7 +304,6 @@ def resolve_version(system: str, version: str | None = None) -> str:
 @lru_cache(maxsize=8)
 def load_tables(system: str, version: str | None = None) -> KernelTables:
     """Read and index one system's tables (cached: the CSVs are read once per process)."""
-    import pandas as pd
     import yaml
 
     version = resolve_version(system, version)
@@ -285,34 +312,90 @@ def load_tables(system: str, version: str | None = None) -> KernelTables:
     def path(op: str, name: str) -> Path:
         return base / op / "vllm" / version / name
 
-    gemm_df = pd.read_csv(path("gemm", "gemm_perf.csv"))
+    gemm_rows = read_columns(path("gemm", "gemm_perf.csv"), ["gemm_dtype", "m", "n", "k", "latency"],
+                             text=("gemm_dtype",))
     gemm = {}
     for table_dtype, key in (("bfloat16", "bf16"), ("fp8", "fp8")):
-        part = gemm_df[gemm_df.gemm_dtype == table_dtype]
-        if len(part):
+        part = _rows_where(gemm_rows, gemm_rows["gemm_dtype"] == table_dtype)
+        if len(part["m"]):
             gemm[key] = _gemm_table(part)
-    context = _attention_table(pd.read_csv(path("attention", "context_attention_perf.csv")), "context")
-    generation = _attention_table(pd.read_csv(path("attention", "generation_attention_perf.csv")), "generation")
-    ar = pd.read_csv(path("comm", "custom_allreduce_perf.csv"))
-    ar = ar[ar.backend == "vllm_graph"] if "backend" in ar else ar
+    context = _attention_table(_read_attention(path("attention", "context_attention_perf.csv")), "context")
+    generation = _attention_table(_read_attention(path("attention", "generation_attention_perf.csv")), "generation")
+    ar = read_columns(path("comm", "custom_allreduce_perf.csv"), text=("backend",))
+    if "backend" in ar:
+        ar = _rows_where(ar, ar["backend"] == "vllm_graph")
     by_gpus = {}
-    for gpus, part in ar.groupby("num_gpus"):
-        part = part.groupby("message_size", as_index=False).latency.mean().sort_values("message_size")
-        by_gpus[int(gpus)] = (part.message_size.to_numpy(float), part.latency.to_numpy(float))
+    for gpus in np.unique(ar["num_gpus"]):
+        part = _rows_where(ar, ar["num_gpus"] == gpus)
+        # repeated measurements of one message size are averaged
+        sizes, which = np.unique(part["message_size"], return_inverse=True)
+        latency = np.bincount(which, weights=part["latency"].astype(float)) / np.bincount(which)
+        by_gpus[int(gpus)] = (sizes.astype(float), latency)
     spec_path = DATA_DIR / f"{system}.yaml"
     spec = yaml.safe_load(spec_path.read_text()) if spec_path.exists() else {}
     return KernelTables(system, version, gemm, context, generation, AllReduceTable(by_gpus), spec)
 
 
-def _gemm_table(part) -> GemmTable:
-    m = np.sort(part.m.unique()).astype(float)
-    n = np.sort(part.n.unique()).astype(float)
-    k = np.sort(part.k.unique()).astype(float)
+def read_columns(path: Path, names: list[str] | None = None, text: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The named columns (default: all) of a CSV file with a header, as numpy arrays.
+
+    Numbers become int64 or float64 arrays; the ``text`` columns (and any other
+    non-numeric one) become arrays of str objects. Read with pyarrow's CSV
+    reader rather than pandas (importing pandas costs ~0.2 s; the simulator
+    writes its results through pyarrow anyway), and converted from the Arrow
+    buffers directly because pyarrow's own ``to_numpy`` imports pandas.
+    """
+    import pyarrow as pa
+    from pyarrow import csv
+
+    as_codes = pa.dictionary(pa.int32(), pa.string())
+    options = csv.ConvertOptions(include_columns=names, column_types={name: as_codes for name in text})
+    table = csv.read_csv(path, convert_options=options)
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if column.null_count:
+            raise ConfigError("kernel_tables", f"{path.name}: column {name} has empty cells")
+        parts = [_numpy_chunk(chunk) for chunk in column.chunks]
+        out[name] = np.concatenate(parts) if parts else np.array([], dtype=_NUMPY_TYPES.get(str(column.type), object))
+    return out
+
+
+def _numpy_chunk(chunk) -> np.ndarray:
+    """One Arrow array (numbers, dictionary-coded or plain text) as a numpy array."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(chunk.type):
+        words = np.array(chunk.dictionary.to_pylist(), dtype=object)
+        return words[_numpy_chunk(chunk.indices)]
+    dtype = _NUMPY_TYPES.get(str(chunk.type))
+    if dtype is None:
+        return np.array(chunk.to_pylist(), dtype=object)
+    return np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk),
+                         offset=chunk.offset * np.dtype(dtype).itemsize)
+
+
+_NUMPY_TYPES = {"int32": np.int32, "int64": np.int64, "double": np.float64}
+
+
+def _read_attention(path: Path) -> dict[str, np.ndarray]:
+    names = ["batch_size", "isl", "step", "num_heads", "num_key_value_heads", "kv_cache_dtype", "latency"]
+    return read_columns(path, names, text=("kv_cache_dtype",))
+
+
+def _rows_where(columns: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[keep] for name, values in columns.items()}
+
+
+def _gemm_table(part: dict[str, np.ndarray]) -> GemmTable:
+    m = np.unique(part["m"]).astype(float)
+    n = np.unique(part["n"]).astype(float)
+    k = np.unique(part["k"]).astype(float)
     cube = np.full((len(m), len(n), len(k)), np.nan)
-    mi = np.searchsorted(m, part.m.to_numpy())
-    ni = np.searchsorted(n, part.n.to_numpy())
-    ki = np.searchsorted(k, part.k.to_numpy())
-    cube[mi, ni, ki] = part.latency.to_numpy(float)
+    mi = np.searchsorted(m, part["m"])
+    ni = np.searchsorted(n, part["n"])
+    ki = np.searchsorted(k, part["k"])
+    cube[mi, ni, ki] = part["latency"].astype(float)
     # A few (n, k) pairs were not measured: take them from the neighbouring n
     # scaled linearly in n (GEMM time grows as n at fixed m, k).
     for ni_, ki_ in zip(*np.nonzero(np.isnan(cube).any(axis=0)), strict=True):
@@ -323,26 +406,25 @@ def _gemm_table(part) -> GemmTable:
     return GemmTable(m, n, k, cube)
 
 
-def _attention_table(df, kind: str) -> AttentionTable:
+def _attention_table(cols: dict[str, np.ndarray], kind: str) -> AttentionTable:
     """Index rows by head configuration; repeated measurements are averaged."""
-    length_col = (df.isl + df.step) if kind == "generation" else df.isl
-    length_all = length_col.to_numpy(float)
-    batch_all = df.batch_size.to_numpy(float)
+    length_col = (cols["isl"] + cols["step"]) if kind == "generation" else cols["isl"]
+    length_all = length_col.astype(float)
+    batch_all = cols["batch_size"].astype(float)
     batch = np.unique(batch_all)
     lengths = np.unique(length_all)
-    keys = list(zip(df.num_heads.to_numpy(int), df.num_key_value_heads.to_numpy(int),
-                    df.kv_cache_dtype.astype(str).to_numpy(), strict=True))
+    keys = list(zip(cols["num_heads"].astype(int).tolist(), cols["num_key_value_heads"].astype(int).tolist(),
+                    [str(d) for d in cols["kv_cache_dtype"]], strict=True))
     names = sorted(set(keys))
     code = {key: i for i, key in enumerate(names)}
     idx = (np.fromiter((code[key] for key in keys), int, len(keys)),
            np.searchsorted(batch, batch_all), np.searchsorted(lengths, length_all))
     total = np.zeros((len(names), len(batch), len(lengths)))
     count = np.zeros_like(total)
-    np.add.at(total, idx, df.latency.to_numpy(float))
+    np.add.at(total, idx, cols["latency"].astype(float))
     np.add.at(count, idx, 1.0)
     with np.errstate(invalid="ignore"):
         mean = total / count
     power = 2.0 if kind == "context" else 1.0
-    slices = {(int(h), int(kv), str(d)): _complete(mean[i], batch, lengths, power)
-              for i, (h, kv, d) in enumerate(names)}
-    return AttentionTable(kind, batch, lengths, slices)
+    measured = {(int(h), int(kv), str(d)): mean[i] for i, (h, kv, d) in enumerate(names)}
+    return AttentionTable(kind, batch, lengths, CompletedGrids(measured, batch, lengths, power))

@@ -47,6 +47,7 @@ def run(cfg) -> dict:
 
     from simulator.configure import build_run, versions
     from simulator.engine import simulate
+    from simulator.results import write_workload
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     spec = build_run(cfg)
@@ -70,7 +71,7 @@ def run(cfg) -> dict:
         result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
     result.write(out_dir)
     (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    spec.workload.save(out_dir / "workload.parquet")
+    write_workload(spec.workload, out_dir / "workload.parquet")
     if cfg.get("plots", True):
         from simulator.plots import write_plots
 

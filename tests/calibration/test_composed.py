@@ -184,3 +184,28 @@ def test_hot_path_is_fast(qwen7b_h100):
     for _ in range(2000):
         qwen7b_h100.step_time(batch)
     assert (time.perf_counter() - start) / 2000 < 100e-6
+
+
+def test_decode_times_match_step_time_and_the_general_grid_look_up(qwen7b_h100):
+    """The fast path's bulk decode times: per-step step_time to rounding, ``many`` bit for bit."""
+    model = qwen7b_h100
+    rng = np.random.default_rng(5)
+    grid = model.generation_grid
+    for n in (1, 2, 3, 7, 64, 255, 1000, 5000):  # 5000: beyond the grid's sequence counts
+        for start in (0, int(rng.integers(1, 2000)) * n, int(rng.integers(1, 10**6)), 260000 * n):
+            length = int(rng.choice([1, 5, 300]))
+            totals = start + n * np.arange(1, length + 1, dtype=np.float64)  # 260000 * n: past the grid's lengths
+            fast = model.decode_times(n, totals)
+            base = model.overhead_s + model._dense_at(n) + model._head_at(n)
+            general = base + grid.many(np.full(length, float(n)), totals / n)
+            np.testing.assert_array_equal(fast, general)
+            for k in {0, length - 1}:
+                total = int(totals[k])
+                per = [total // n] * n
+                per[0] += total - sum(per)
+                assert model.step_time(StepBatch(decode_context=per)) == pytest.approx(fast[k], rel=1e-12)
+    assert model.decode_times(4, np.array([], dtype=float)).shape == (0,)
+    assert model.decode_times(4, 4000.0) == pytest.approx(model.step_time(decode(4, 1000)), rel=1e-12)
+    totals = np.array([4000.0, 8000.0])
+    model.decode_times(4, totals)
+    assert totals.tolist() == [4000.0, 8000.0]  # the caller's array is left alone

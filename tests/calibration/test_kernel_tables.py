@@ -109,3 +109,43 @@ def test_allreduce(h100_tables):
     assert ar.latency_ms(1, np.array([4096]))[0] == 0.0
     with pytest.raises(ConfigError, match="tp"):
         ar.latency_ms(3, np.array([4096]))
+
+
+def test_csv_columns_are_read_with_their_types_and_values():
+    from calibration.kernel_tables import read_columns
+
+    path = DATA_DIR / "data" / "h100_sxm" / "comm" / "vllm" / "0.19.0" / "custom_allreduce_perf.csv"
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    cols = read_columns(path, text=("backend",))
+    assert set(cols) == set(rows[0])
+    assert cols["num_gpus"].dtype == np.int64 and cols["latency"].dtype == np.float64
+    assert cols["num_gpus"].tolist() == [int(r["num_gpus"]) for r in rows]
+    assert cols["latency"].tolist() == [float(r["latency"]) for r in rows]  # parsed exactly
+    assert cols["backend"].tolist() == [r["backend"] for r in rows]  # dictionary-coded text
+    assert cols["kernel_source"].tolist() == [r["kernel_source"] for r in rows]  # plain text
+    some = read_columns(path, ["message_size", "backend"], text=("backend",))
+    assert list(some) == ["message_size", "backend"]
+
+
+def test_attention_grids_are_completed_on_first_use(h100_tables):
+    from calibration.kernel_tables import _complete
+
+    grids = h100_tables.generation.slices
+    key = (28, 4, "bfloat16") if (28, 4, "bfloat16") in grids else next(iter(grids))
+    raw = grids._measured[key]
+    assert np.isnan(raw).any()  # the measured table has holes ...
+    first = grids[key]
+    np.testing.assert_array_equal(first, _complete(raw, h100_tables.generation.batch,
+                                                   h100_tables.generation.length, 1.0))
+    assert grids[key] is first  # ... completed once, then kept
+
+
+def test_reading_the_tables_does_not_import_pandas():
+    import subprocess
+    import sys
+
+    code = ("import sys; from calibration.kernel_tables import load_tables; "
+            "t = load_tables('h100_sxm'); t.generation.grid(28, 4, 'bf16'); "
+            "assert 'pandas' not in sys.modules, 'pandas imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
