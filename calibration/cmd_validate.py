@@ -179,8 +179,10 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
     processes, streaming every token out of the API server (which on our CPUs
     shares a core with the engine core and the client), and process-to-process
     drift. A line through those offsets against the batch size gives the two
-    terms (a negative slope is noise: then the mean offset per step, nothing per
-    request). None without probes.
+    terms; the per-request one may be negative (output processing that the
+    profiled in-process step pays and a server overlaps on another core;
+    StepGapModel never lets a step fall below half its profiled time). None
+    without probes.
     """
     from simulator.performance import StepBatch
 
@@ -199,8 +201,8 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
     if sizes.size == 1:
         return float(offsets[0]), 0.0
     per_request, per_step = np.polyfit(sizes, offsets, 1)
-    if per_request < 0:  # streaming costs are not negative: noise; keep the mean offset instead
-        return float(offsets.mean()), 0.0
+    # a negative per-request term is real, not noise: the profile's in-process step also pays
+    # each request's output processing, which a server runs in its API process on another core
     return float(per_step), float(per_request)
 
 

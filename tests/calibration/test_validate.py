@@ -171,7 +171,12 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
     assert step_gap("probe", truth, base)[:2] == (0.0, 0.0)
     falling = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"decode_probe": [
         probe(1, 0.0006), probe(8, 0.0002)]}}) for r in truth]
-    assert probe_offsets(base, falling) == pytest.approx((0.0004, 0.0))  # no negative streaming cost
+    # a falling line is kept: the profiled in-process step pays per-request output processing that a
+    # server overlaps on another core; StepGapModel still keeps every step above half its base time
+    per_step, per_request = probe_offsets(base, falling)
+    assert per_request == pytest.approx(-0.0004 / 7) and per_step == pytest.approx(0.0006 + 0.0004 / 7)
+    big = StepBatch(decode_context=[5] * 400)
+    assert StepGapModel(base, per_step, per_request).step_time(big) >= 0.5 * base.step_time(big)
     # probes after the run pool with those before it: a slow first set is outvoted
     bracketed = [type(r)(r.requests, r.timeline, {**r.summary, "live": {
         "decode_probe": [probe(1, 0.0030)], "decode_probe_after": [probe(1, 0.0004)]}}) for r in truth]
