@@ -33,6 +33,7 @@ from simulator.planner import (
     resolve_jobs,
     verdict,
 )
+from simulator.results import json_default
 
 POINTS = "points.parquet"
 RAY_INSTALL = "the planner runs on Ray, which is not installed; install it with: pip install -e '.[plan]'"
@@ -214,7 +215,7 @@ def run_plan(cfg, out_dir: str | Path, *, progress: bool = True) -> PlanOutcome:
         "versions": {**versions(), "ray": _ray_version()},
         "config": plain,
     }
-    (out / "plan.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out / "plan.json").write_text(json.dumps(summary, indent=2, default=json_default))
     if plain.get("plots", True):
         write_plot(ordered, slo.attainment, out / "cost_vs_attainment.png", chosen)
     return PlanOutcome(out, ordered, chosen, closest, sentence, len(todo), reused)
@@ -233,16 +234,6 @@ def _json_row(row: dict | None) -> dict | None:
     if row is None:
         return None
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def write_plot(rows: list[dict[str, Any]], target: float, path: Path, chosen: dict | None) -> Path:

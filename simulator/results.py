@@ -49,7 +49,7 @@ class RunResult:
         payload = dict(self.summary)
         if self.metadata:
             payload["metadata"] = self.metadata
-        (out / "summary.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+        (out / "summary.json").write_text(json.dumps(payload, indent=2, default=json_default))
         return out
 
     @classmethod
@@ -146,7 +146,8 @@ def arrow_array(values, large_strings: bool = False):
                                  null_count=nulls)
 
 
-def _json_default(value):
+def json_default(value):
+    """``json.dumps`` default for numpy scalars and paths."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):
