@@ -21,12 +21,14 @@ or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
 times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
 back on one), each with machine state recorded; (4) ``--sim-seeds``
 simulations with step-time jitter, using the fitted model plus the server's
-per-step offset measured on each live run's decode probe (``--step-gap``; see
-``step_gap``) and the live server's scheduling mode (vLLM 0.32 on CPU:
-synchronous); the per-request
-time the OpenAI server spends outside engine steps (measured by the live runs'
-probe requests; ``--request-overhead``) is added to simulated TTFT, TTFVT and
-E2E; (5) the report (report.md, report.json, PNGs) in ``--out``. Exit code 0 when every metric
+step-time offsets measured on each live run's probes, never on the workload
+(per step, per request and per KV token from the decode probes,
+``--step-gap``; per prefill token from the prefill probes,
+``--prefill-offset``) and the live server's scheduling mode (vLLM 0.32 on
+CPU: synchronous); the per-request time the OpenAI server spends outside
+engine steps (isolated probe requests, plus what lone requests during a
+decode batch show for a busy server; ``--request-overhead``) is added to
+simulated TTFT, TTFVT and E2E; (5) the report (report.md, report.json, PNGs) in ``--out``. Exit code 0 when every metric
 with a tolerance passes, 1 when one fails, 2 on bad input, 3 when a live run
 failed.
 """
@@ -40,6 +42,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-gap", default="probe",
                    help="time added to every simulated step: probe (server minus model on the live runs' "
                         "decode probe), none, gap (the live logs' inter-step gap) or seconds")
+    p.add_argument("--prefill-offset", default="probe",
+                   help="time added per prefill token: probe (server minus model on the live runs' "
+                        "isolated prefill probes), none, or seconds per token")
     p.add_argument("--request-overhead", default="measured",
                    help="per-request API-server time added to simulated TTFT/E2E: measured (the live "
-                        "runs' probes), none, or seconds")
+                        "runs' probes, idle and busy), none, or seconds (idle and busy alike)")
     p.add_argument("--tolerances", default="ci", choices=sorted(TOLERANCE_SETS))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true")
@@ -166,48 +172,68 @@ def live_runs(args, workload: Workload, engine: EngineConfig, out: Path) -> tupl
     return [o.result for o in outcomes], problems
 
 
-def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
-    """(per step, per request in the step) the server spends beyond the model, from the probes.
+@dataclass(frozen=True)
+class StepOffsets:
+    """What the server adds to each simulated step beyond the fitted model, and where it came from."""
+
+    per_step: float
+    per_request: float
+    per_context_token: float
+    source: str
+
+
+def probe_offsets(model, live: list[RunResult]) -> tuple[float, float, float] | None:
+    """(per step, per request in the step, per KV token attended) the server spends beyond
+    the model, from the decode probes.
 
     Each live run first runs known decode batches (``summary.live.decode_probe``:
-    1 and 8 requests generating 128 tokens together, streamed to the client), and
-    runs them again after the workload (``decode_probe_after``) so that the two
-    sets bracket it. Per
-    batch size, the server's wall time per step minus the fitted model's step
-    time for the same batches (median over runs) is what the server adds to the
+    1 and 8 requests on 32-token prompts, and 8 on 384-token prompts, generating
+    128 tokens together, streamed to the client), and runs them again after
+    the workload (``decode_probe_after``) so that the two sets bracket it. Per
+    batch, the server's wall time per step minus the fitted model's step time
+    for the same steps (median over runs) is what the server adds to the
     profiled in-process step: IPC between vLLM's API, engine-core and worker
     processes, streaming every token out of the API server (which on our CPUs
     shares a core with the engine core and the client), and process-to-process
-    drift. A line through those offsets against the batch size gives the two
-    terms; the per-request one may be negative (output processing that the
+    drift, which shows most in attention over long contexts. A plane through
+    those offsets against the batch size and the KV tokens attended gives the
+    three terms (a line against the batch size when the runs have no
+    long-context batch). Terms may be negative (output processing that the
     profiled in-process step pays and a server overlaps on another core;
     StepGapModel never lets a step fall below half its profiled time). None
     without probes.
     """
     from simulator.performance import StepBatch
 
-    by_batch: dict[int, list[float]] = {}
+    groups: dict[tuple[int, int], list[tuple[float, float]]] = {}
     for r in live:
         live_summary = r.summary.get("live", {})
         for probe in (live_summary.get("decode_probe") or []) + (live_summary.get("decode_probe_after") or []):
             batch = int(probe["batch"])
-            contexts = range(int(probe["context_first"]), int(probe["context_last"]) + 1)
-            predicted = np.mean([model.step_time(StepBatch(decode_context=[c] * batch)) for c in contexts])
-            by_batch.setdefault(batch, []).append(float(probe["wall_per_step_s"]) - float(predicted))
-    if not by_batch:
+            contexts = np.arange(int(probe["context_first"]), int(probe["context_last"]) + 1)
+            predicted = np.mean([model.step_time(StepBatch(decode_context=[int(c)] * batch)) for c in contexts])
+            key = (batch, int(probe.get("prompt_tokens", probe["context_first"] - 2)))
+            groups.setdefault(key, []).append((float(probe["wall_per_step_s"]) - float(predicted),
+                                               float(batch * contexts.mean())))
+    if not groups:
         return None
-    sizes = np.array(sorted(by_batch), dtype=float)
-    offsets = np.array([np.median(by_batch[int(b)]) for b in sizes])
-    if sizes.size == 1:
-        return float(offsets[0]), 0.0
-    per_request, per_step = np.polyfit(sizes, offsets, 1)
-    # a negative per-request term is real, not noise: the profile's in-process step also pays
-    # each request's output processing, which a server runs in its API process on another core
-    return float(per_step), float(per_request)
+    keys = sorted(groups)
+    offsets = np.array([np.median([o for o, _ in groups[k]]) for k in keys])
+    batches = np.array([k[0] for k in keys], dtype=float)
+    kv_tokens = np.array([np.mean([c for _, c in groups[k]]) for k in keys])
+    if len(set(batches)) == 1:
+        return float(np.median(offsets)), 0.0, 0.0
+    # KV tokens vary apart from the batch size only with a long-context batch
+    design = np.column_stack((np.ones_like(batches), batches, kv_tokens))
+    if len(keys) < 3 or np.linalg.matrix_rank(design) < 3:
+        per_request, per_step = np.polyfit(batches, offsets, 1)
+        return float(per_step), float(per_request), 0.0
+    per_step, per_request, per_context = np.linalg.lstsq(design, offsets, rcond=None)[0]
+    return float(per_step), float(per_request), float(per_context)
 
 
-def step_gap(arg: str, live: list[RunResult], model=None) -> tuple[float, float, str]:
-    """(time added to every simulated step, time per request in the step, where they came from).
+def step_gap(arg: str, live: list[RunResult], model=None) -> StepOffsets:
+    """What to add to every simulated step, and where it came from.
 
     ``probe`` (default): the server-minus-model step times on the live runs'
     decode probes (``probe_offsets``), measured on batches of their own, not on
@@ -219,24 +245,68 @@ def step_gap(arg: str, live: list[RunResult], model=None) -> tuple[float, float,
     fitted to the iteration log's elapsed times). A number: that many seconds.
     """
     if arg == "none":
-        return 0.0, 0.0, "none: the profiler's step times span whole engine steps"
+        return StepOffsets(0.0, 0.0, 0.0, "none: the profiler's step times span whole engine steps")
     if arg == "probe":
         terms = probe_offsets(model, live) if model is not None else None
         if terms is None:
-            return 0.0, 0.0, "probe: no live decode probes, nothing added"
-        return terms[0], terms[1], "probe: server minus model step times on the live runs' decode probes"
+            return StepOffsets(0.0, 0.0, 0.0, "probe: no live decode probes, nothing added")
+        return StepOffsets(*terms, "probe: server minus model step times on the live runs' decode probes")
     if arg == "gap":
         measured = [r.summary.get("live", {}).get("inter_step_gap_s") for r in live]
         measured = [g for g in measured if g is not None]
         if measured:
-            return (float(np.median(measured)), 0.0,
-                    f"median inter-step gap of {len(measured)} live iteration logs")
-        return DEFAULT_STEP_GAP_S, 0.0, "default 1.4 ms (no live iteration log)"
+            return StepOffsets(float(np.median(measured)), 0.0, 0.0,
+                               f"median inter-step gap of {len(measured)} live iteration logs")
+        return StepOffsets(DEFAULT_STEP_GAP_S, 0.0, 0.0, "default 1.4 ms (no live iteration log)")
     try:
         gap = float(arg)
     except ValueError:
         raise ConfigError("step_gap", f"must be probe, none, gap or seconds, got {arg!r}") from None
-    return gap, 0.0, "given"
+    return StepOffsets(gap, 0.0, 0.0, "given")
+
+
+def probe_prefill_per_token(model, live: list[RunResult]) -> float | None:
+    """What a prefill token costs on the server beyond the model, from the isolated prefill probes.
+
+    Each live run first sends lone requests of two prompt lengths
+    (``summary.live.prefill_probe``: 32 and 384 tokens); each one's prefill is
+    a step of its own in the iteration log. Per length, the logged step time
+    minus the model's time for the same prefill (median over runs), and the
+    slope of those residuals against the prompt length is the extra time per
+    prefill token: the decode probes cannot see it, yet a server process
+    slower than the profiled one at prefill shows in every TTFT and every
+    recompute after a preemption. Only the slope is taken (what both sides add
+    per step is the decode probes' business). None without probes at two lengths.
+    """
+    from simulator.performance import StepBatch
+
+    by_length: dict[int, list[float]] = {}
+    for r in live:
+        for probe in r.summary.get("live", {}).get("prefill_probe") or []:
+            n = int(probe["tokens"])
+            predicted = model.step_time(StepBatch(prefill_tokens=[n], prefill_context=[0]))
+            by_length.setdefault(n, []).append(float(probe["elapsed_s"]) - float(predicted))
+    if len(by_length) < 2:
+        return None
+    lengths = np.array(sorted(by_length), dtype=float)
+    residuals = np.array([np.median(by_length[int(n)]) for n in lengths])
+    slope, _ = np.polyfit(lengths, residuals, 1)
+    return float(slope)
+
+
+def prefill_offset(arg: str, live: list[RunResult], model=None) -> tuple[float, str]:
+    """(time added per prefill token in a simulated step, where it came from)."""
+    if arg == "none":
+        return 0.0, "none"
+    if arg == "probe":
+        slope = probe_prefill_per_token(model, live) if model is not None else None
+        if slope is None:
+            return 0.0, "probe: no live prefill probes at two lengths, nothing added"
+        return slope, "probe: server minus model prefill step times on the live runs' prefill probes"
+    try:
+        return float(arg), "given"
+    except ValueError:
+        raise ConfigError("prefill_offset", f"must be probe, none or seconds per token, got {arg!r}") from None
 
 
 def request_overhead(arg: str, live: list[RunResult]) -> tuple[float, str]:
@@ -253,6 +323,45 @@ def request_overhead(arg: str, live: list[RunResult]) -> tuple[float, str]:
         return float(arg), "given"
     except ValueError:
         raise ConfigError("request_overhead", f"must be measured, none or seconds, got {arg!r}") from None
+
+
+def busy_overhead(model, live: list[RunResult], engine: EngineConfig, idle_overhead_s: float,
+                  async_scheduling: bool) -> tuple[float, str]:
+    """Extra per-request time outside the engine when a request arrives at a busy server.
+
+    Each live run sends lone short requests while a decode batch streams
+    (``summary.live.loaded_probe``). The same requests are simulated with the
+    validation's step model; the live TTFT minus the simulated one minus the
+    idle overhead (median over all probes and runs) is what a busy API server
+    and client add: they stream the batch's tokens on a core they share, so a
+    new request waits longer to get in and its first token to get out. The
+    isolated probes, sent to an idle server, cannot see it.
+    """
+    from simulator.engine import simulate
+
+    extras = []
+    for r in live:
+        for probe in r.summary.get("live", {}).get("loaded_probe") or []:
+            batch_sends, lone = list(probe["batch_send_s"]), probe["lone"]
+            arrivals = np.array(batch_sends + [p["send_s"] for p in lone])
+            order = np.argsort(arrivals, kind="stable")
+            n = len(arrivals)
+            outputs = np.array([probe["batch_output_tokens"]] * len(batch_sends)
+                               + [probe["lone_output_tokens"]] * len(lone))
+            probe_workload = Workload(
+                arrival_s=arrivals[order] - arrivals.min(), prompt_tokens=np.full(n, probe["prompt_tokens"]),
+                output_tokens=outputs[order], reasoning_tokens=np.zeros(n, np.int64),
+                domain=np.full(n, "probe", object), prefix_group=np.full(n, -1, np.int64),
+                prefix_tokens=np.zeros(n, np.int64), name="loaded-probe", seed=0)
+            sim = simulate(probe_workload, engine, model, async_scheduling=async_scheduling)
+            sim_ttft = dict(zip(sim.requests["request_id"].tolist(), sim.requests["ttft_s"].tolist(),
+                                strict=True))
+            lone_ids = [int(np.flatnonzero(order == len(batch_sends) + i)[0]) for i in range(len(lone))]
+            for p, rid in zip(lone, lone_ids, strict=True):
+                extras.append(float(p["ttft_s"]) - sim_ttft[rid] - idle_overhead_s)
+    if not extras:
+        return 0.0, "no loaded probes: none added"
+    return float(np.median(extras)), f"median of {len(extras)} loaded probes (live TTFT minus simulated)"
 
 
 def acceptance_given_previous(mean_accepted: float, k: int) -> float:
@@ -304,18 +413,19 @@ def speculation_for_simulator(source: str, engine: EngineConfig, live: list[RunR
 
 
 def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, step_sigma: float,
-                  run_sigma: float, async_scheduling: bool, out: Path, overhead_s: float = 0.0
-                  ) -> list[RunResult]:
+                  run_sigma: float, async_scheduling: bool, out: Path, overhead_s: float = 0.0,
+                  busy_extra_s: float = 0.0) -> list[RunResult]:
     from simulator.engine import simulate
 
     results = []
     for seed in range(seeds):
         perf = JitteredModel(model, seed=seed, step_sigma=step_sigma, run_sigma=run_sigma)
         result = simulate(workload, engine, perf, slo=SLO(), seed=seed, async_scheduling=async_scheduling)
-        if overhead_s:
-            result = add_request_overhead(result, overhead_s)
+        if overhead_s or busy_extra_s:
+            result = add_request_overhead(result, overhead_s, busy_extra_s=busy_extra_s)
         result.metadata = {"kind": "simulated", "seed": seed, "performance_model": perf.describe(),
-                           "engine": engine.to_dict(), "request_overhead_s": overhead_s}
+                           "engine": engine.to_dict(), "request_overhead_s": overhead_s,
+                           "busy_overhead_s": busy_extra_s}
         result.write(out / "sim" / f"seed-{seed}")
         results.append(result)
     return results
@@ -340,19 +450,25 @@ def main(argv: list[str]) -> int:
     if args.step_gap == "probe" and engine.speculative.enabled:
         # a probe step's drafts are not in the iteration log, so server minus model cannot be
         # taken on them; the live runs' inter-step gap is what the server adds to a whole step
-        gap, per_request, gap_source = step_gap("gap", live, fitted)
-        gap_source = "gap (probes skipped: speculative steps' drafts are not logged): " + gap_source
+        offsets = step_gap("gap", live, fitted)
+        offsets = dataclasses.replace(offsets, source="gap (probes skipped: speculative steps' drafts "
+                                                      "are not logged): " + offsets.source)
     else:
-        gap, per_request, gap_source = step_gap(args.step_gap, live, fitted)
+        offsets = step_gap(args.step_gap, live, fitted)
     async_flags = {r.summary.get("async_scheduling") for r in live} - {None}
     async_scheduling = async_flags.pop() if len(async_flags) == 1 else False
     overhead, overhead_source = request_overhead(args.request_overhead, live)
-    model = StepGapModel(fitted, gap, per_request)
+    per_prefill_token, prefill_source = prefill_offset(args.prefill_offset, live, fitted)
+    model = StepGapModel(fitted, offsets.per_step, offsets.per_request, per_prefill_token,
+                         offsets.per_context_token)
     sim_engine, spec_source = engine, None
     if engine.speculative.enabled:
         sim_engine, spec_source = speculation_for_simulator(args.spec_acceptance, engine, live, workload)
+    busy_extra, busy_source = 0.0, "not used"
+    if args.request_overhead == "measured":
+        busy_extra, busy_source = busy_overhead(model, live, sim_engine, overhead, async_scheduling)
     sim = simulate_runs(workload, sim_engine, model, args.sim_seeds, args.step_sigma, args.run_sigma,
-                        async_scheduling, out, overhead)
+                        async_scheduling, out, overhead, busy_extra)
     machines = [r.metadata.get("machine", {}) for r in live]
     context = {
         "scenario": name,
@@ -363,11 +479,16 @@ def main(argv: list[str]) -> int:
         "sim_runs": len(sim),
         "profile": str(profile_dir),
         "performance_model": model.describe(),
-        "step_gap_s": gap,
-        "step_gap_per_request_s": per_request,
-        "step_gap_source": gap_source,
+        "step_gap_s": offsets.per_step,
+        "step_gap_per_request_s": offsets.per_request,
+        "step_gap_per_context_token_s": offsets.per_context_token,
+        "step_gap_source": offsets.source,
+        "prefill_offset_per_token_s": per_prefill_token,
+        "prefill_offset_source": prefill_source,
         "request_overhead_s": overhead,
         "request_overhead_source": overhead_source,
+        "busy_overhead_s": busy_extra,
+        "busy_overhead_source": busy_source,
         "jitter": {"step_sigma": args.step_sigma, "run_sigma": args.run_sigma},
         "async_scheduling": async_scheduling,
         "speculation": ({**dataclasses.asdict(sim_engine.speculative), "source": spec_source}

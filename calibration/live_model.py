@@ -43,36 +43,59 @@ class _Wrapped(PerformanceModel):
 
 
 class StepGapModel(_Wrapped):
-    """``base`` plus ``gap_s`` per engine step plus ``per_request_s`` per request in the step.
+    """``base`` plus what a live server adds to each step: ``gap_s`` per step,
+    ``per_request_s`` per request in the step, ``per_prefill_token_s`` per
+    prefill token and ``per_context_token_s`` per KV token a decoding request
+    attends over.
 
     The per-request term stands for work the server does per output token
-    outside the model (streaming it to the client). Negative terms (the profile
-    slower than the server) are allowed; no step gets shorter than half its
-    base time.
+    outside the model (streaming it to the client); the per-token terms for a
+    server process faster or slower than the profiled one at prefill and at
+    attention. Negative terms (the profile slower than the server) are allowed;
+    no step gets shorter than half its base time.
     """
 
-    def __init__(self, base: PerformanceModel, gap_s: float, per_request_s: float = 0.0):
+    def __init__(self, base: PerformanceModel, gap_s: float, per_request_s: float = 0.0,
+                 per_prefill_token_s: float = 0.0, per_context_token_s: float = 0.0):
         super().__init__(base)
-        require(math.isfinite(gap_s), "validate.step_gap_s", "must be a finite number")
-        require(math.isfinite(per_request_s), "validate.step_gap_per_request_s", "must be a finite number")
+        for value, name in ((gap_s, "step_gap_s"), (per_request_s, "step_gap_per_request_s"),
+                            (per_prefill_token_s, "prefill_offset_per_token_s"),
+                            (per_context_token_s, "step_gap_per_context_token_s")):
+            require(math.isfinite(value), f"validate.{name}", "must be a finite number")
         self.gap_s = float(gap_s)
         self.per_request_s = float(per_request_s)
+        self.per_prefill_token_s = float(per_prefill_token_s)
+        self.per_context_token_s = float(per_context_token_s)
         self.name = f"{base.name}+gap{gap_s * 1000:.2f}ms+{per_request_s * 1e6:.0f}us/req"
+        if per_context_token_s:
+            self.name += f"{per_context_token_s * 1e9:+.0f}ns/kv-token"
+        if per_prefill_token_s:
+            self.name += f"{per_prefill_token_s * 1e6:+.1f}us/prefill-token"
 
     def step_time(self, batch: StepBatch) -> float:
         base = self.base.step_time(batch)
         requests = len(batch.decode_context) + len(batch.prefill_tokens)
-        return max(base + self.gap_s + self.per_request_s * requests, 0.5 * base)
+        extra = self.gap_s + self.per_request_s * requests
+        if self.per_prefill_token_s and batch.prefill_tokens:
+            extra += self.per_prefill_token_s * sum(batch.prefill_tokens)
+        if self.per_context_token_s and batch.decode_context:
+            extra += self.per_context_token_s * sum(batch.decode_context)
+        return max(base + extra, 0.5 * base)
 
     def decode_times(self, num_seqs: int, total_context):
         times = self.base.decode_times(num_seqs, total_context)
         if times is None:
             return None
-        return np.maximum(times + self.gap_s + self.per_request_s * num_seqs, 0.5 * times)
+        extra = self.gap_s + self.per_request_s * num_seqs
+        if self.per_context_token_s:
+            extra = extra + self.per_context_token_s * np.asarray(total_context, dtype=float)
+        return np.maximum(times + extra, 0.5 * times)
 
     def describe(self) -> dict:
         return {**self.base.describe(), "name": self.name, "step_gap_s": self.gap_s,
-                "step_gap_per_request_s": self.per_request_s}
+                "step_gap_per_request_s": self.per_request_s,
+                "step_gap_per_context_token_s": self.per_context_token_s,
+                "prefill_offset_per_token_s": self.per_prefill_token_s}
 
 
 class JitteredModel(_Wrapped):
@@ -110,27 +133,42 @@ class JitteredModel(_Wrapped):
                 "step_sigma": self.step_sigma, "run_sigma": self.run_sigma}
 
 
-def add_request_overhead(result, overhead_s: float, slo: SLO | None = None):
-    """A simulated RunResult with ``overhead_s`` added to every request's TTFT, TTFVT and E2E.
+def add_request_overhead(result, overhead_s: float, slo: SLO | None = None, busy_extra_s: float = 0.0):
+    """A simulated RunResult with the API server's per-request time added to every request's
+    TTFT, TTFVT and E2E: ``overhead_s``, plus ``busy_extra_s`` for requests that arrive
+    while the engine is running a step.
 
     The simulator models the engine; a live request also spends time in the
     OpenAI server (HTTP, input processing, streaming the output) that no engine
     step covers. The live runner measures it with isolated probe requests
-    (``summary.live.request_overhead_s``: TTFT minus the prefill step). The
-    summary is recomputed with the same function as before.
+    (``summary.live.request_overhead_s``: TTFT minus the prefill step) and, on
+    a busy server, with lone requests sent during a decode batch
+    (``calibration.cmd_validate.busy_overhead``). No request's total goes
+    below zero extra. The summary is recomputed with the same function as before.
     """
     from simulator.results import RunResult
 
     require(overhead_s >= 0 and math.isfinite(overhead_s), "validate.request_overhead_s",
             "must be a finite number >= 0")
+    require(math.isfinite(busy_extra_s), "validate.busy_overhead_s", "must be a finite number")
     requests = {k: np.array(v, copy=True) for k, v in result.requests.items()}
+    extra = np.full(len(requests["arrival_s"]), float(overhead_s))
+    if busy_extra_s:
+        end = np.asarray(result.timeline["time_s"], dtype=float)  # a step's end
+        start = end - np.asarray(result.timeline["step_time_s"], dtype=float)
+        arrival = requests["arrival_s"].astype(float)
+        i = np.searchsorted(end, arrival, side="right")  # the first step ending after the arrival
+        inside = i < len(end)
+        busy = np.zeros(len(arrival), bool)
+        busy[inside] = start[i[inside]] < arrival[inside]  # a step that the arrival itself starts is not busy
+        extra = np.maximum(extra + np.where(busy, busy_extra_s, 0.0), 0.0)
     for column in ("ttft_s", "ttfvt_s", "e2e_s"):
-        requests[column] = requests[column].astype(float) + overhead_s
-    requests["finish_s"] = requests["finish_s"].astype(float) + overhead_s
+        requests[column] = requests[column].astype(float) + extra
+    requests["finish_s"] = requests["finish_s"].astype(float) + extra
     schema = {c: requests[c] for c in REQUEST_COLUMNS}
-    end = float(np.nanmax(requests["finish_s"])) if len(requests["finish_s"]) else 0.0
-    summary = {**result.summary, **summarize(schema, result.timeline, slo or SLO(), end),
-               "request_overhead_s": overhead_s}
+    end_s = float(np.nanmax(requests["finish_s"])) if len(requests["finish_s"]) else 0.0
+    summary = {**result.summary, **summarize(schema, result.timeline, slo or SLO(), end_s),
+               "request_overhead_s": overhead_s, "busy_overhead_s": busy_extra_s}
     # the server's counters are not recomputed from requests
     for key in ("preemptions", "requests_preempted"):
         summary[key] = result.summary.get(key)

@@ -59,6 +59,7 @@ class LiveRunConfig:
     token_seed: int = 0
     warmup_requests: int = 2
     overhead_probes: int = 5
+    prefill_probes: int = 3
     lead_s: float = 1.0
     settle_s: float = 1.0
     idle_timeout_s: float = 120.0
@@ -184,50 +185,105 @@ async def _warm_up(client, url: str, model: str, count: int) -> None:
 
 
 PROBE_PROMPT_TOKENS = 32
+#: prompt length of the long prefill probes (short ones are PROBE_PROMPT_TOKENS long)
+PREFILL_PROBE_TOKENS = 384
 
 
-async def _probe_request_overhead(client, url: str, model: str, count: int) -> list[dict]:
-    """Send ``count`` isolated streaming requests; record each one's send and first-token times.
+async def _probe_isolated_requests(client, url: str, model: str, lengths: list[int]) -> list[dict]:
+    """Send one isolated streaming request per prompt length; record send and first-token times.
 
-    Matched afterwards with the iteration log, TTFT minus the engine's step
-    time of the request's prefill is the per-request cost outside the engine
-    steps: HTTP, the API server's input and output processing, transport.
+    Matched afterwards with the iteration log, each request's prefill is a
+    step of its own: its TTFT minus that step is the per-request cost outside
+    the engine steps (HTTP, the API server's input and output processing,
+    transport; ``request_overhead``), and the steps' elapsed times at two
+    prompt lengths say what a prefill token costs on this server
+    (``prefill_probe_result``).
     """
     probes = []
     rng = np.random.default_rng()  # fresh ids each time: no prefix-cache hit from earlier probes
     low, high = live_client.DEFAULT_TOKEN_RANGE
-    for _ in range(count):
-        body = {"model": model, "prompt": rng.integers(low, high, PROBE_PROMPT_TOKENS).tolist(),
+    for tokens in lengths:
+        body = {"model": model, "prompt": rng.integers(low, high, tokens).tolist(),
                 "max_tokens": 2, "min_tokens": 2, "ignore_eos": True, "temperature": 0.0, "stream": True,
                 "return_token_ids": True}
         send = time.monotonic()
         first = None
         async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=60.0) as response:
+            if response.status_code == 400:  # e.g. longer than the server's max_model_len: skip it
+                continue
             response.raise_for_status()
             async for line in response.aiter_lines():
                 parsed = live_client.parse_sse_line(line)
                 if isinstance(parsed, dict) and first is None and live_client.chunk_tokens(parsed)[0]:
                     first = time.monotonic()
         if first is not None:
-            probes.append({"send": send, "first_token": first, "end": time.monotonic()})
+            probes.append({"send": send, "first_token": first, "end": time.monotonic(), "tokens": tokens})
         await asyncio.sleep(0.3)  # keeps each probe's prefill step alone in its matching window
     return probes
 
 
+def _probe_prefill_step(probe: dict, collector: IterationCollector):
+    """The iteration-log record of a probe's prefill step, or None if not told apart."""
+    tokens = int(probe.get("tokens", PROBE_PROMPT_TOKENS))
+    steps = [r for _, r in collector.between(probe["send"], probe["end"] + 0.2)
+             if r.ctx_requests == 1 and r.ctx_tokens == tokens and r.gen_requests == 0]
+    return steps[0] if len(steps) == 1 else None
+
+
 def request_overhead(probes: list[dict], collector: IterationCollector, gap_s: float) -> float | None:
-    """Median of probe TTFT minus its prefill step (logged elapsed + inter-step gap); None if unmatched."""
+    """Median of short-probe TTFT minus its prefill step (logged elapsed + inter-step gap); None if unmatched."""
     values = []
     for probe in probes:
-        steps = [r for _, r in collector.between(probe["send"], probe["end"] + 0.2)
-                 if r.ctx_requests == 1 and r.ctx_tokens == PROBE_PROMPT_TOKENS]
-        if len(steps) == 1:
-            values.append(probe["first_token"] - probe["send"] - steps[0].elapsed_s - gap_s)
+        if int(probe.get("tokens", PROBE_PROMPT_TOKENS)) != PROBE_PROMPT_TOKENS:
+            continue
+        step = _probe_prefill_step(probe, collector)
+        if step is not None:
+            values.append(probe["first_token"] - probe["send"] - step.elapsed_s - gap_s)
     return float(np.median(values)) if values else None
 
 
-#: decode probes: batches of this many requests generate STEP_PROBE_TOKENS tokens together
-STEP_PROBE_BATCHES = (1, 8)
+def prefill_probe_result(probes: list[dict], collector: IterationCollector) -> list[dict] | None:
+    """Per probe whose prefill step was told apart: its prompt length and the step's logged elapsed time."""
+    out = []
+    for probe in probes:
+        step = _probe_prefill_step(probe, collector)
+        if step is not None:
+            out.append({"tokens": int(step.ctx_tokens), "elapsed_s": float(step.elapsed_s)})
+    return out or None
+
+
+#: decode probes: (requests, prompt tokens) batches that generate STEP_PROBE_TOKENS tokens together;
+#: two sizes at short contexts and one at long contexts separate per-step, per-request and
+#: per-context-token costs
+STEP_PROBE_BATCHES = ((1, PROBE_PROMPT_TOKENS), (8, PROBE_PROMPT_TOKENS), (8, PREFILL_PROBE_TOKENS))
 STEP_PROBE_TOKENS = 128
+
+
+def decode_probe_batches(kv_tokens: int | None) -> list[tuple[int, int]]:
+    """STEP_PROBE_BATCHES that fit a KV cache of ``kv_tokens`` tokens (80% of it) without preemption.
+
+    A short-prompt batch shrinks to what fits. The long-context batch keeps 8
+    requests and shortens their prompts, down to 192 tokens; below that it
+    takes 4 requests with longer prompts (a small cache, as in the CI
+    scenario's 64 blocks, is exactly where long contexts dominate); it is
+    dropped when even those do not fit. Unknown capacity: all of them.
+    """
+    if kv_tokens is None:
+        return list(STEP_PROBE_BATCHES)
+    room = int(0.8 * kv_tokens)
+    out = []
+    for batch, prompt in STEP_PROBE_BATCHES:
+        if prompt <= PROBE_PROMPT_TOKENS:
+            batch = min(batch, room // (prompt + STEP_PROBE_TOKENS + 2))
+            if batch >= 1:
+                out.append((batch, prompt))
+            continue
+        for size in (batch, batch // 2):
+            fitting = min(prompt, room // size - STEP_PROBE_TOKENS - 2)
+            if fitting >= 192:
+                out.append((size, fitting))
+                break
+    return out
 
 
 async def _stream_to_end(client, url: str, body: dict) -> None:
@@ -242,22 +298,30 @@ async def _stream_to_end(client, url: str, body: dict) -> None:
                 live_client.chunk_tokens(parsed)
 
 
-async def _probe_decode_steps(client, url: str, model: str) -> list[dict]:
-    """Run known decode batches, one after the other: for each size in STEP_PROBE_BATCHES,
-    that many streaming requests of PROBE_PROMPT_TOKENS-token prompts generating
-    STEP_PROBE_TOKENS tokens together (~2 s in all). Their steps in the iteration log tell what an
-    engine step of a known composition costs on this server, with the time between steps
-    and the streaming of the tokens to a client included (``decode_probe_result``)."""
+async def _probe_decode_steps(client, url: str, model: str, kv_tokens: int | None = None) -> list[dict]:
+    """Run known decode batches, one after the other: for each (requests, prompt tokens) in
+    STEP_PROBE_BATCHES (as many as fit ``kv_tokens``, ``decode_probe_batches``), that many
+    streaming requests generating STEP_PROBE_TOKENS tokens
+    together (~3 s in all). Their steps in the iteration log tell what an engine step of a
+    known composition costs on this server, with the time between steps and the streaming of
+    the tokens to a client included (``decode_probe_result``). A batch the server refuses
+    (e.g. prompts beyond its max_model_len) is skipped."""
     rng = np.random.default_rng()
     low, high = live_client.DEFAULT_TOKEN_RANGE
     windows = []
-    for batch in STEP_PROBE_BATCHES:
-        bodies = [{"model": model, "prompt": rng.integers(low, high, PROBE_PROMPT_TOKENS).tolist(),
+    for batch, prompt_tokens in decode_probe_batches(kv_tokens):
+        bodies = [{"model": model, "prompt": rng.integers(low, high, prompt_tokens).tolist(),
                    "max_tokens": STEP_PROBE_TOKENS, "min_tokens": STEP_PROBE_TOKENS, "ignore_eos": True,
                    "temperature": 0.0} for _ in range(batch)]
         start = time.monotonic()
-        await asyncio.gather(*(_stream_to_end(client, url, body) for body in bodies))
-        windows.append({"batch": batch, "start": start, "end": time.monotonic()})
+        try:
+            await asyncio.gather(*(_stream_to_end(client, url, body) for body in bodies))
+        except Exception as err:
+            if getattr(getattr(err, "response", None), "status_code", None) != 400:
+                raise
+        else:
+            windows.append({"batch": batch, "prompt_tokens": prompt_tokens, "start": start,
+                            "end": time.monotonic()})
         await asyncio.sleep(0.3)
     return windows
 
@@ -279,11 +343,70 @@ def decode_probe_result(windows: list[dict] | None, collector: IterationCollecto
             continue
         steps = len(full) - 1
         # the prefill samples token 1; decode step i (from 1) attends over the prompt plus i tokens
-        out.append({"batch": batch, "steps": steps, "wall_per_step_s": (full[-1][0] - full[0][0]) / steps,
+        prompt = int(window.get("prompt_tokens", PROBE_PROMPT_TOKENS))
+        out.append({"batch": batch, "prompt_tokens": prompt, "steps": steps,
+                    "wall_per_step_s": (full[-1][0] - full[0][0]) / steps,
                     "elapsed_median_s": float(np.median([r.elapsed_s for _, r in full])),
-                    "context_first": PROBE_PROMPT_TOKENS + 2,
-                    "context_last": PROBE_PROMPT_TOKENS + 1 + len(full)})
+                    "context_first": prompt + 2, "context_last": prompt + 1 + len(full)})
     return out or None
+
+
+#: loaded TTFT probes: lone requests sent this long after a decode batch of LOADED_PROBE_BATCH starts
+LOADED_PROBE_OFFSETS_S = (0.25, 0.45, 0.65)
+LOADED_PROBE_BATCH = 8
+
+
+async def _probe_loaded_ttft(client, url: str, model: str, kv_tokens: int | None = None) -> dict | None:
+    """TTFT of lone short requests sent while a decode batch runs (~1 s).
+
+    LOADED_PROBE_BATCH requests of PROBE_PROMPT_TOKENS-token prompts generate
+    STEP_PROBE_TOKENS tokens together; at LOADED_PROBE_OFFSETS_S after their
+    start a lone request of the same prompt length asks for 2 tokens. Its
+    TTFT on a busy server includes what the isolated probes cannot see: the
+    API server and the client are busy streaming the batch's tokens, on a core
+    they share. Validation simulates the same requests and takes the
+    difference (``calibration.cmd_validate.busy_overhead``). Send times are
+    relative to the batch's first send.
+    """
+    batch = LOADED_PROBE_BATCH
+    if kv_tokens is not None:
+        batch = min(batch, int(0.8 * kv_tokens) // (PROBE_PROMPT_TOKENS + STEP_PROBE_TOKENS + 2) - 1)
+        if batch < 1:
+            return None
+    rng = np.random.default_rng()
+    low, high = live_client.DEFAULT_TOKEN_RANGE
+    start = time.monotonic()
+    batch_sends: list[float] = []
+    lone: list[dict] = []
+
+    async def one(body: dict, delay: float, record: list) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay - (time.monotonic() - start))
+        send = time.monotonic()
+        first = None
+        async with client.stream("POST", f"{url}/v1/completions", timeout=120.0,
+                                 json={**body, "stream": True, "return_token_ids": True}) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                parsed = live_client.parse_sse_line(line)
+                if isinstance(parsed, dict) and live_client.chunk_tokens(parsed)[0] and first is None:
+                    first = time.monotonic()
+        record.append({"send_s": send - start, "ttft_s": None if first is None else first - send})
+
+    def body(tokens: int) -> dict:
+        return {"model": model, "prompt": rng.integers(low, high, PROBE_PROMPT_TOKENS).tolist(),
+                "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": 0.0}
+
+    tasks = [one(body(STEP_PROBE_TOKENS), 0.0, batch_sends) for _ in range(batch)]
+    tasks += [one(body(2), offset, lone) for offset in LOADED_PROBE_OFFSETS_S]
+    await asyncio.gather(*tasks)
+    await asyncio.sleep(0.3)
+    lone = [p for p in lone if p["ttft_s"] is not None]
+    if not lone:
+        return None
+    return {"batch": batch, "prompt_tokens": PROBE_PROMPT_TOKENS, "batch_output_tokens": STEP_PROBE_TOKENS,
+            "batch_send_s": sorted(p["send_s"] for p in batch_sends), "lone_output_tokens": 2,
+            "lone": sorted(lone, key=lambda p: p["send_s"])}
 
 
 async def _watch_server(server: VllmServer | None, url: str, replay: live_client.Replay, client
@@ -315,8 +438,9 @@ async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: V
                   progress: bool) -> tuple[live_client.Replay, MetricsScraper, float, float, bool, tuple]:
     """Warm up, probe, then replay with scraping and watching.
 
-    Returns (replay, scraper, t0, end, interrupted,
-    (overhead probes, decode-probe windows before the run, and after it)).
+    Returns (replay, scraper, t0, end, interrupted, probes): probes is a dict of
+    the isolated-request probes, the decode-probe windows and the loaded TTFT
+    probes before the run, and the decode and loaded probes after it.
     """
     interrupted = False
     async with live_client.http_client(config.request_timeout_s) as client:
@@ -329,13 +453,21 @@ async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: V
         except Exception as err:
             raise ServerError(f"warm-up request to {url} failed: {type(err).__name__}: {err}") from None
         await _wait_idle(client, url, config.idle_timeout_s)
+        kv_tokens = None
+        probes: dict = {"isolated": []}
         try:
-            probes = await _probe_request_overhead(client, url, model, config.overhead_probes)
-            step_probe = await _probe_decode_steps(client, url, model) if config.overhead_probes else None
+            # no overhead probes means no probes at all (as for the decode batches)
+            lengths = ([PROBE_PROMPT_TOKENS] * config.overhead_probes
+                       + [PREFILL_PROBE_TOKENS] * (config.prefill_probes if config.overhead_probes else 0))
+            probes["isolated"] = await _probe_isolated_requests(client, url, model, lengths)
+            kv_tokens = await _kv_capacity_tokens(client, url)
+            if config.overhead_probes:
+                probes["decode"] = await _probe_decode_steps(client, url, model, kv_tokens)
+                probes["loaded"] = await _probe_loaded_ttft(client, url, model, kv_tokens)
             await _wait_idle(client, url, config.idle_timeout_s)
         except Exception as err:  # a probe is a measurement aid, never a reason to stop
             print(f"warning: probes failed: {type(err).__name__}: {err}", file=sys.stderr)
-            probes, step_probe = [], None
+            probes = {"isolated": probes.get("isolated", [])}
         bar = None
         if progress:
             from tqdm import tqdm
@@ -380,17 +512,27 @@ async def _replay(workload: Workload, url: str, config: LiveRunConfig, server: V
                 loop.remove_signal_handler(sig)
             if bar is not None:
                 bar.close()
-        step_probe_after = None
         if config.overhead_probes and not replay.stop.is_set():
             # the same decode batches once more after the run: the two sets bracket it, so that
             # a server still warming up when the first set ran does not bias the step offset.
             # A Ctrl-C now skips them; the run itself is complete.
             try:
                 await _wait_idle(client, url, config.idle_timeout_s)
-                step_probe_after = await _probe_decode_steps(client, url, model)
+                probes["decode_after"] = await _probe_decode_steps(client, url, model, kv_tokens)
+                probes["loaded_after"] = await _probe_loaded_ttft(client, url, model, kv_tokens)
             except (Exception, asyncio.CancelledError) as err:
                 print(f"warning: probes after the run skipped: {type(err).__name__}: {err}", file=sys.stderr)
-    return replay, scraper, t0, end, interrupted, (probes, step_probe, step_probe_after)
+    return replay, scraper, t0, end, interrupted, probes
+
+
+async def _kv_capacity_tokens(client, url: str) -> int | None:
+    """Tokens the server's KV cache holds (usable blocks x block size), or None if /metrics does not say."""
+    try:
+        text = (await client.get(f"{url}/metrics", timeout=10.0)).text
+        blocks, size = _num_blocks(None, text)
+    except Exception:
+        return None
+    return (blocks - 1) * size
 
 
 def _num_blocks(engine: EngineConfig | None, metrics_text: str) -> tuple[int, int]:
@@ -454,7 +596,7 @@ def run_live(
             server_pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
         before = machine_state(exclude=server_pids)
         watch = CpuWatch()
-        replay, scraper, t0, end, interrupted, (probes, step_probe, step_probe_after) = asyncio.run(
+        replay, scraper, t0, end, interrupted, probes = asyncio.run(
             _replay(workload, url, config, server, progress))
         if server is not None and server.process is not None:
             server_pids |= {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
@@ -472,9 +614,12 @@ def run_live(
         result = live_result(replay.records, workload, steps, scraper.table(), num_blocks=blocks,
                              block_size=block_size, slo=config.slo, spec_decode=spec_decode)
         gap = result.summary["live"]["step_time_gap_used_s"]
-        result.summary["live"]["request_overhead_s"] = request_overhead(probes, collector, gap)
-        result.summary["live"]["decode_probe"] = decode_probe_result(step_probe, collector)
-        result.summary["live"]["decode_probe_after"] = decode_probe_result(step_probe_after, collector)
+        live_summary = result.summary["live"]
+        live_summary["request_overhead_s"] = request_overhead(probes["isolated"], collector, gap)
+        live_summary["prefill_probe"] = prefill_probe_result(probes["isolated"], collector)
+        live_summary["decode_probe"] = decode_probe_result(probes.get("decode"), collector)
+        live_summary["decode_probe_after"] = decode_probe_result(probes.get("decode_after"), collector)
+        live_summary["loaded_probe"] = [p for p in (probes.get("loaded"), probes.get("loaded_after")) if p]
         failed = int((result.requests["status"] == "failed").sum())
         if code == EXIT_OK and failed:
             reasons = result.summary["live"]["failure_reasons"]

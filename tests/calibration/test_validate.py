@@ -161,19 +161,20 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
         r = truth[0]
         live = {"decode_probe": [probe(1, 0.0003 + 0.0001 + noise), probe(8, 0.0003 + 0.0008 + noise)]}
         runs_with_probes.append(type(r)(r.requests, r.timeline, {**r.summary, "live": live}))
-    per_step, per_request = probe_offsets(base, runs_with_probes)
-    assert per_step == pytest.approx(0.0003) and per_request == pytest.approx(0.0001)
-    gap, per_req, source = step_gap("probe", runs_with_probes, base)
-    assert (gap, per_req) == pytest.approx((0.0003, 0.0001)) and source.startswith("probe")
-    model = StepGapModel(base, gap, per_req)
+    per_step, per_request, per_context = probe_offsets(base, runs_with_probes)
+    assert per_step == pytest.approx(0.0003) and per_request == pytest.approx(0.0001) and per_context == 0.0
+    offsets = step_gap("probe", runs_with_probes, base)
+    assert (offsets.per_step, offsets.per_request) == pytest.approx((0.0003, 0.0001))
+    assert offsets.source.startswith("probe")
+    model = StepGapModel(base, offsets.per_step, offsets.per_request)
     batch = StepBatch(prefill_tokens=[10], prefill_context=[0], decode_context=[5, 5, 5])
     assert model.step_time(batch) == pytest.approx(base.step_time(batch) + 0.0003 + 4 * 0.0001)
-    assert step_gap("probe", truth, base)[:2] == (0.0, 0.0)
+    assert step_gap("probe", truth, base).per_step == 0.0
     falling = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"decode_probe": [
         probe(1, 0.0006), probe(8, 0.0002)]}}) for r in truth]
     # a falling line is kept: the profiled in-process step pays per-request output processing that a
     # server overlaps on another core; StepGapModel still keeps every step above half its base time
-    per_step, per_request = probe_offsets(base, falling)
+    per_step, per_request, _ = probe_offsets(base, falling)
     assert per_request == pytest.approx(-0.0004 / 7) and per_step == pytest.approx(0.0006 + 0.0004 / 7)
     big = StepBatch(decode_context=[5] * 400)
     assert StepGapModel(base, per_step, per_request).step_time(big) >= 0.5 * base.step_time(big)
@@ -182,9 +183,113 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
         "decode_probe": [probe(1, 0.0030)], "decode_probe_after": [probe(1, 0.0004)]}}) for r in truth]
     bracketed[0].summary["live"]["decode_probe_after"].append(probe(1, 0.0004))
     assert probe_offsets(base, bracketed)[0] == pytest.approx(0.0004)
-    assert step_gap("none", truth)[0] == 0.0 and step_gap("0.002", truth)[0] == 0.002
+    assert step_gap("none", truth).per_step == 0.0 and step_gap("0.002", truth).per_step == 0.002
     with pytest.raises(ConfigError, match="step_gap"):
         step_gap("sometimes", truth)
+
+
+def test_long_context_decode_probe_separates_a_per_kv_token_offset(truth):
+    from calibration.cmd_validate import probe_offsets
+
+    base = Linear()
+    per_step, per_request, per_kv = 0.0004, 0.00005, -2e-7  # a server faster at attention
+
+    def probe(batch, prompt):
+        first, last = prompt + 2, prompt + 1 + 128
+        kv = batch * (first + last) / 2
+        wall = base.step_time(StepBatch(decode_context=[first] * batch)) + per_step + per_request * batch \
+            + per_kv * kv
+        return {"batch": batch, "prompt_tokens": prompt, "steps": 127, "context_first": first,
+                "context_last": last, "wall_per_step_s": wall}
+
+    probes = [probe(1, 32), probe(8, 32), probe(8, 384)]
+    live = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"decode_probe": probes}}) for r in truth]
+    assert probe_offsets(base, live) == pytest.approx((per_step, per_request, per_kv))
+    model = StepGapModel(base, per_step, per_request, 0.0, per_kv)
+    contexts = [300, 500, 700]
+    expected = base.step_time(StepBatch(decode_context=contexts)) + per_step + 3 * per_request + per_kv * 1500
+    assert model.step_time(StepBatch(decode_context=contexts)) == pytest.approx(expected)
+    np.testing.assert_allclose(model.decode_times(3, np.array([1500.0])), [expected])
+    assert model.describe()["step_gap_per_context_token_s"] == per_kv
+
+
+def test_prefill_offset_is_the_slope_of_server_minus_model_over_prompt_length(truth):
+    from calibration.cmd_validate import prefill_offset, probe_prefill_per_token
+
+    base = Linear()
+
+    def probes(per_token, fixed, noise=0.0):
+        def one(n):
+            step = base.step_time(StepBatch(prefill_tokens=[n], prefill_context=[0]))
+            return {"tokens": n, "elapsed_s": step + fixed + per_token * n + noise}
+        return [one(32)] * 3 + [one(384)] * 2
+
+    # a server slower at prefill by 20 us/token: its constant part is the decode probes' business
+    live = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"prefill_probe": probes(2e-5, 0.003, e)}})
+            for r, e in zip(truth, (0.0, 0.0002, -0.0002), strict=False)]
+    assert probe_prefill_per_token(base, live) == pytest.approx(2e-5)
+    per_token, source = prefill_offset("probe", live, base)
+    assert per_token == pytest.approx(2e-5) and source.startswith("probe")
+    model = StepGapModel(base, 0.0, 0.0, per_token)
+    mixed = StepBatch(prefill_tokens=[100, 50], prefill_context=[0, 64], decode_context=[5, 5])
+    assert model.step_time(mixed) == pytest.approx(base.step_time(mixed) + 150 * 2e-5)
+    decode = StepBatch(decode_context=[5, 5])
+    assert model.step_time(decode) == pytest.approx(base.step_time(decode))  # pure decode unchanged
+    np.testing.assert_allclose(model.decode_times(2, np.array([10.0])), base.decode_times(2, [10]))
+    assert model.describe()["prefill_offset_per_token_s"] == pytest.approx(2e-5)
+    # a faster server gives a negative slope; one length only, or no probes, gives nothing
+    faster = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"prefill_probe": probes(-1e-5, 0.0)}})
+              for r in truth]
+    assert probe_prefill_per_token(base, faster) == pytest.approx(-1e-5)
+    one_length = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"prefill_probe": probes(0, 0)[:3]}})
+                  for r in truth]
+    assert probe_prefill_per_token(base, one_length) is None
+    assert prefill_offset("probe", truth, base) == (0.0, "probe: no live prefill probes at two lengths, "
+                                                         "nothing added")
+    assert prefill_offset("none", live, base)[0] == 0.0 and prefill_offset("1e-6", live)[0] == 1e-6
+    with pytest.raises(ConfigError, match="prefill_offset"):
+        prefill_offset("lots", live, base)
+
+
+def test_busy_overhead_is_loaded_probe_ttft_beyond_the_simulated_one(truth):
+    from calibration.cmd_validate import busy_overhead
+    from calibration.live_model import add_request_overhead
+    from simulator.workload import Workload
+
+    base, idle = Linear(), 0.005
+    # what the simulator says for lone requests sent during a decode batch of 8
+    probe = {"batch": 8, "prompt_tokens": 32, "batch_output_tokens": 128, "lone_output_tokens": 2,
+             "batch_send_s": [0.0, 0.001, 0.002, 0.002, 0.003, 0.004, 0.004, 0.005],
+             "lone": [{"send_s": t, "ttft_s": 0.0} for t in (0.25, 0.45, 0.65)]}
+    w = Workload(np.array(probe["batch_send_s"] + [0.25, 0.45, 0.65]), np.full(11, 32),
+                 np.array([128] * 8 + [2] * 3), np.zeros(11, np.int64), np.full(11, "probe", object))
+    simulated = simulate(w, ENGINE, base, async_scheduling=False).requests["ttft_s"][8:]
+    assert (simulated > 0.004).all()  # each waits for a decode step and pays its own prefill
+    # live: 7 ms more than simulated + idle overhead, +-1 ms
+    runs_with_probes = []
+    for r, noise in zip(truth, (-0.001, 0.0, 0.001), strict=True):
+        lone = [{"send_s": t, "ttft_s": float(s) + idle + 0.007 + noise}
+                for t, s in zip((0.25, 0.45, 0.65), simulated, strict=True)]
+        runs_with_probes.append(type(r)(r.requests, r.timeline, {**r.summary, "live": {
+            "loaded_probe": [{**probe, "lone": lone}]}}))
+    extra, source = busy_overhead(base, runs_with_probes, ENGINE, idle, async_scheduling=False)
+    assert extra == pytest.approx(0.007, abs=1e-9) and "9 loaded probes" in source
+    assert busy_overhead(base, truth, ENGINE, idle, False) == (0.0, "no loaded probes: none added")
+
+    # applied to simulated requests that arrive while a step runs, not to those at an idle engine
+    sim = truth[0]
+    shifted = add_request_overhead(sim, idle, busy_extra_s=0.007)
+    end = sim.timeline["time_s"]
+    start = end - sim.timeline["step_time_s"]
+    added = shifted.requests["ttft_s"] - sim.requests["ttft_s"]
+    for arrival, delta in zip(sim.requests["arrival_s"], added, strict=True):
+        busy = bool(((start < arrival) & (arrival < end)).any())
+        assert delta == pytest.approx(idle + 0.007 if busy else idle)
+    assert 0 < np.isclose(added, idle + 0.007).sum() < len(added)  # both kinds occur
+    assert shifted.summary["busy_overhead_s"] == 0.007
+    # a negative extra never takes a request below no overhead at all
+    assert (add_request_overhead(sim, 0.001, busy_extra_s=-0.005).requests["ttft_s"]
+            >= sim.requests["ttft_s"] - 1e-12).all()
 
 
 def test_imported_bench_results_validate_without_kv_data(tmp_path):

@@ -174,13 +174,25 @@ def test_replay_gives_exact_lengths_and_per_step_ground_truth(server, tmp_path):
     assert steps["prefill_tokens"].sum() == 6 * 48 - hits
     assert steps["kv_usage"][-1] == 0.0
     assert res.summary["async_scheduling"] is False  # vLLM's CPU platform turns it off
-    probes = res.summary["live"]["decode_probe"]  # 1, then 8 requests decoding 128 tokens together
-    assert [p["batch"] for p in probes] == [1, 8] and all(p["steps"] >= 100 for p in probes)
+    # 1, then 8 requests on short prompts, then 8 on long ones, decoding 128 tokens together
+    probes = res.summary["live"]["decode_probe"]
+    assert [(p["batch"], p["prompt_tokens"]) for p in probes] == [(1, 32), (8, 32), (8, 384)]
+    assert all(p["steps"] >= 100 for p in probes)
     assert all(p["elapsed_median_s"] < p["wall_per_step_s"] < 0.1 for p in probes)  # wall has the gap
+    assert probes[2]["context_first"] == 386 and probes[2]["context_last"] > 480
     after = res.summary["live"]["decode_probe_after"]  # the same batches once the workload is done
-    assert [p["batch"] for p in after] == [1, 8] and all(p["steps"] >= 100 for p in after)
+    assert [p["batch"] for p in after] == [1, 8, 8] and all(p["steps"] >= 100 for p in after)
     assert steps["decode_tokens"].sum() == sum(o - 1 for o in [12, 30, 7, 25, 16, 9])  # probes left out
     assert 0.0 < res.summary["live"]["request_overhead_s"] < 0.1
+    loaded = res.summary["live"]["loaded_probe"]  # lone requests during a decode batch, before and after
+    assert len(loaded) == 2 and all(p["batch"] == 8 and len(p["batch_send_s"]) == 8 for p in loaded)
+    for p in loaded:
+        assert all(t - 0.001 <= q["send_s"] < t + 0.1 for q, t in zip(p["lone"], (0.25, 0.45, 0.65), strict=True))
+        assert all(0.0 < q["ttft_s"] < 1.0 for q in p["lone"])
+    prefill = res.summary["live"]["prefill_probe"]  # lone prefills of 32 and 384 tokens
+    by_length = {n: [p["elapsed_s"] for p in prefill if p["tokens"] == n] for n in (32, 384)}
+    assert len(by_length[32]) >= 3 and len(by_length[384]) >= 2
+    assert min(by_length[384]) > max(by_length[32])  # 12x the tokens costs more
     for name in ("steps.parquet", "metrics.parquet", "tokens.parquet", "machine.json", "workload.parquet"):
         assert (tmp_path / name).exists(), name
     back = RunResult.read(tmp_path)

@@ -187,6 +187,53 @@ def test_request_overhead_is_probe_ttft_minus_its_prefill_step():
     assert request_overhead([{"send": 50.0, "first_token": 50.02, "end": 50.03}], collector, 0.0) is None
 
 
+def test_prefill_probes_give_each_prompt_length_its_own_prefill_step():
+    from profiler.live.runner import (
+        PREFILL_PROBE_TOKENS,
+        PROBE_PROMPT_TOKENS,
+        IterationCollector,
+        prefill_probe_result,
+        request_overhead,
+    )
+    from profiler.live.server import LogLine
+
+    collector = IterationCollector()
+    line = ("Engine 000: Iteration({i}): 1 context requests, {n} context tokens, {g} generation requests, "
+            "{g} generation tokens, iteration elapsed time: {ms} ms, CPU KV cache usage: 1.6%")
+    probes = []
+    for i, (tokens, ms) in enumerate([(PROBE_PROMPT_TOKENS, 9.0), (PREFILL_PROBE_TOKENS, 60.0),
+                                      (PREFILL_PROBE_TOKENS, 62.0)]):
+        send = 10.0 + i
+        collector.feed(LogLine(send + 0.02, line.format(i=2 * i, n=tokens, g=0, ms=ms)))
+        collector.feed(LogLine(send + 0.03, line.format(i=2 * i + 1, n=0, g=1, ms=5.0)))  # its decode
+        probes.append({"send": send, "first_token": send + 0.021, "end": send + 0.031, "tokens": tokens})
+    # a probe whose prefill shared its step with another request is left out
+    collector.feed(LogLine(20.02, line.format(i=9, n=PREFILL_PROBE_TOKENS, g=3, ms=70.0)))
+    probes.append({"send": 20.0, "first_token": 20.021, "end": 20.031, "tokens": PREFILL_PROBE_TOKENS})
+    result = prefill_probe_result(probes, collector)
+    assert [(p["tokens"], p["elapsed_s"]) for p in result] == [
+        (PROBE_PROMPT_TOKENS, pytest.approx(0.009)), (PREFILL_PROBE_TOKENS, pytest.approx(0.060)),
+        (PREFILL_PROBE_TOKENS, pytest.approx(0.062))]
+    # only the short probes measure the per-request overhead
+    assert request_overhead(probes, collector, gap_s=0.0) == pytest.approx(0.021 - 0.009)
+    assert prefill_probe_result([], collector) is None
+
+
+def test_decode_probe_batches_fit_the_kv_cache():
+    from profiler.live.runner import STEP_PROBE_BATCHES, decode_probe_batches
+
+    assert decode_probe_batches(None) == list(STEP_PROBE_BATCHES)
+    assert decode_probe_batches(1_000_000) == list(STEP_PROBE_BATCHES)
+    # 64 blocks of 32 tokens (the CI scenario): 4 long requests that fill 80% of the cache
+    batches = decode_probe_batches(63 * 32)
+    assert batches[:2] == [(1, 32), (8, 32)] and batches[2] == (4, 1612 // 4 - 130)
+    assert sum(b * (p + 130) for b, p in batches[2:]) <= 0.8 * 63 * 32
+    # a cache a little short of 8 x 514 tokens: 8 requests with shorter prompts
+    assert decode_probe_batches(4000) == [(1, 32), (8, 32), (8, 3200 // 8 - 130)]
+    assert decode_probe_batches(700)[2:] == []  # not even 4 x 322 tokens: no long-context batch
+    assert decode_probe_batches(100) == []
+
+
 def test_simulated_latencies_get_the_request_overhead():
     from calibration.live_model import add_request_overhead
 
