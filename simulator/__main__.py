@@ -50,11 +50,21 @@ def run(cfg) -> dict:
     from simulator.results import write_workload
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    spec = build_run(cfg)
-    started = time.perf_counter()
-    result = simulate(spec.workload, spec.engine, spec.perf, slo=spec.slo, seed=spec.seed,
-                      progress=bool(cfg.get("progress", True)))
-    elapsed = time.perf_counter() - started
+    plots = None
+    if cfg.get("plots", True):
+        from simulator.plots import BackgroundPlots
+
+        plots = BackgroundPlots()  # loads matplotlib on another core while the run computes
+    try:
+        spec = build_run(cfg)
+        started = time.perf_counter()
+        result = simulate(spec.workload, spec.engine, spec.perf, slo=spec.slo, seed=spec.seed,
+                          progress=bool(cfg.get("progress", True)))
+        elapsed = time.perf_counter() - started
+    except BaseException:
+        if plots is not None:
+            plots.cancel()
+        raise
     result.metadata = {
         "seed": spec.seed,
         "versions": versions(),
@@ -69,14 +79,14 @@ def run(cfg) -> dict:
     }
     if not spec.perf.calibrated:
         result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
+    if plots is not None:
+        plots.submit(result, out_dir, f"{spec.model.name} on {spec.hardware.name} x{spec.tp}, "
+                                      f"{spec.workload.name}")
     result.write(out_dir)
     (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     write_workload(spec.workload, out_dir / "workload.parquet")
-    if cfg.get("plots", True):
-        from simulator.plots import write_plots
-
-        title = f"{spec.model.name} on {spec.hardware.name} x{spec.tp}, {spec.workload.name}"
-        write_plots(result, out_dir, title)
+    if plots is not None:
+        plots.wait()
     print_summary(result.summary, out_dir)
     if not spec.perf.calibrated:
         print("warning: the performance model is UNCALIBRATED (roofline)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -87,11 +89,93 @@ def plot_latency_cdfs(result: RunResult, path: Path, title: str = "") -> Path:
     return path
 
 
+#: every plot of a run: file name and drawing function
+PLOTS = {"kv_usage.png": plot_kv_usage, "queues.png": plot_queues, "latency_cdf.png": plot_latency_cdfs}
+
+
 def write_plots(result: RunResult, out_dir: str | Path, title: str = "") -> list[Path]:
     """Write kv_usage.png, queues.png and latency_cdf.png into out_dir."""
     out = Path(out_dir)
-    return [
-        plot_kv_usage(result, out / "kv_usage.png", title),
-        plot_queues(result, out / "queues.png", title),
-        plot_latency_cdfs(result, out / "latency_cdf.png", title),
-    ]
+    return [draw(result, out / name, title) for name, draw in PLOTS.items()]
+
+
+def plotted_part(result: RunResult, points: int = 4000) -> RunResult:
+    """The part of a run the plots draw: the timeline downsampled as they downsample it,
+    the latency columns and the KV summary (small enough to send to another process)."""
+    tl = result.timeline
+    columns = ("time_s", "kv_usage", "running", "waiting")
+    sampled = _downsample(*(np.asarray(tl[c]) for c in columns), points=points)
+    req = result.requests
+    return RunResult(
+        requests={k: np.asarray(req[k]) for k in ("status", "ttft_s", "ttfvt_s", "tpot_s", "e2e_s")},
+        timeline=dict(zip(columns, sampled, strict=True)),
+        summary={"kv_usage": {"mean": result.summary["kv_usage"]["mean"]}},
+        metadata={},
+    )
+
+
+def _plot_worker(conn) -> None:
+    """Import matplotlib, then draw the (result, out_dir, title) received; send back paths or an error."""
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401  (the import is the point: do it early)
+        import matplotlib.figure  # noqa: F401
+
+        job = conn.recv()
+        if job is not None:
+            conn.send([str(p) for p in write_plots(*job)])
+    except Exception as err:  # reported to the parent, which raises it
+        conn.send(f"{type(err).__name__}: {err}")
+    finally:
+        conn.close()
+
+
+class BackgroundPlots:
+    """Draw a run's plots in a forked process that imports matplotlib while the run computes.
+
+    On a machine with two cores the plotting library loads alongside the
+    simulation instead of after it, and the figures are drawn while the run's
+    tables are written. (Two drawing processes were slower: their imports
+    compete with the simulation for the cores.) Where fork is not available
+    the plots are drawn in this process when the result is submitted.
+    """
+
+    def __init__(self) -> None:
+        self._conn = self._process = None
+        if "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
+            self._conn, child = ctx.Pipe()
+            self._process = ctx.Process(target=_plot_worker, args=(child,), daemon=True)
+            self._process.start()
+            child.close()
+        self._paths: list[Path] = []
+
+    def submit(self, result: RunResult, out_dir: str | Path, title: str = "") -> None:
+        """Hand over the run to draw (only the part the plots need crosses processes)."""
+        if self._process is None:
+            self._paths = write_plots(result, out_dir, title)
+        else:
+            self._conn.send((plotted_part(result), str(out_dir), title))
+
+    def wait(self) -> list[Path]:
+        """The plots' paths once written; raises RuntimeError if drawing failed."""
+        if self._process is not None:
+            reply = self._conn.recv()
+            self._close()
+            if isinstance(reply, str):
+                raise RuntimeError(f"plots: {reply}")
+            self._paths = [Path(p) for p in reply]
+        return self._paths
+
+    def cancel(self) -> None:
+        """Stop the plotting process without drawing (the run failed)."""
+        if self._process is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+            self._close()
+
+    def _close(self) -> None:
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
+        self._conn = self._process = None
