@@ -59,7 +59,7 @@ def run(cfg) -> dict:
         spec = build_run(cfg)
         started = time.perf_counter()
         result = simulate(spec.workload, spec.engine, spec.perf, slo=spec.slo, seed=spec.seed,
-                          progress=bool(cfg.get("progress", True)))
+                          progress=bool(cfg.get("progress", True)), stop_on_interrupt=True)
         elapsed = time.perf_counter() - started
     except BaseException:
         if plots is not None:
@@ -90,6 +90,11 @@ def run(cfg) -> dict:
     print_summary(result.summary, out_dir)
     if not spec.perf.calibrated:
         print("warning: the performance model is UNCALIBRATED (roofline)")
+    partial = result.summary.get("partial")
+    if partial:
+        print(f"interrupted at {partial['interrupted_at_s']:.0f} s of simulated time: partial results "
+              f"({partial['unfinished']} requests unfinished, {partial['not_arrived']} not yet arrived) "
+              f"in {out_dir}", file=sys.stderr)
     return result.summary
 
 
@@ -109,6 +114,8 @@ def main() -> int:
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        if summary.get("partial"):
+            sys.exit(130)
         return json.loads(json.dumps(summary["goodput"]))
 
     _task()

@@ -9,7 +9,10 @@ step k+1 is scheduled before step k's output is applied.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,6 +169,12 @@ class Engine:
         self._wake: simpy.Event | None = None
         self._arrivals_done = False
         self._finished = 0
+        self._stop_requested = False
+        self.interrupted = False
+
+    def request_stop(self) -> None:
+        """Stop at the next step boundary (e.g. on Ctrl-C); ``run`` then returns what was simulated."""
+        self._stop_requested = True
 
     # --- processes --------------------------------------------------------------
     def _arrivals(self):
@@ -208,7 +217,7 @@ class Engine:
 
     def _run_sync(self):
         env, sched = self.env, self.scheduler
-        while True:
+        while not self._stop_requested:
             if not sched.has_requests():
                 if not self._idle():
                     return
@@ -237,7 +246,7 @@ class Engine:
     def _run_async(self):
         env, sched = self.env, self.scheduler
         in_flight: deque[tuple[SchedulerOutput, float, float]] = deque()
-        while True:
+        while not self._stop_requested:
             if self.fast and len(in_flight) == 1 and sched.has_requests():
                 delay = self._fast_async(in_flight)
                 if delay is not None:
@@ -419,10 +428,11 @@ class Engine:
     def run(self) -> EngineRun:
         env = self.env
         env.process(self._arrivals())
-        env.process(self._run_async() if self.async_scheduling else self._run_sync())
-        env.run()
+        loop = env.process(self._run_async() if self.async_scheduling else self._run_sync())
+        env.run(until=loop)  # the loop ends when every request has, or on request_stop
+        self.interrupted = self._stop_requested
         unfinished = [r for r in self.requests if r.status < Status.FINISHED]
-        if unfinished:
+        if unfinished and not self.interrupted:
             raise RuntimeError(f"{len(unfinished)} requests never finished: {self._state()}")
         kv = self.scheduler.kv
         return EngineRun(
@@ -448,12 +458,17 @@ def simulate(
     progress: bool = False,
     keep_decisions: bool = False,
     fast: bool = True,
+    stop_on_interrupt: bool = False,
 ):
     """Run a workload through one engine replica and return its RunResult.
 
     ``fast`` advances runs of identical decode steps in closed form (same
     results as the step-by-step path, much faster); ``keep_decisions`` keeps
     every step's SchedulerOutput (and implies the step-by-step path).
+    ``stop_on_interrupt`` (main thread only): Ctrl-C (SIGINT) or SIGTERM stops
+    the run at the next step boundary and the result holds what was simulated
+    until then (``summary["partial"]``; unfinished requests have status
+    ``unfinished``, requests not yet arrived are left out).
     """
     from simulator.metrics import SLO
     from simulator.results import tabulate
@@ -475,7 +490,8 @@ def simulate(
         engine = Engine(workload, config, perf, kv, seed=seed, async_scheduling=async_scheduling,
                         scheduler_factory=factory, keep_decisions=keep_decisions,
                         on_progress=on_progress, fast=fast)
-        run = engine.run()
+        with _stop_on_signals(engine.request_stop, stop_on_interrupt):
+            run = engine.run()
     finally:
         if bar is not None:
             bar.close()
@@ -483,6 +499,28 @@ def simulate(
     result = tabulate(run, workload, slo)
     result.summary["async_scheduling"] = engine.async_scheduling
     result.summary["scheduler"] = config.scheduler
+    if engine.interrupted:
+        result.summary["partial"] = {
+            "interrupted_at_s": run.end_s,
+            "unfinished": int(sum(r.status < Status.FINISHED for r in run.requests)),
+            "not_arrived": len(workload) - len(run.requests),
+        }
     if keep_decisions:
         result.decisions = run.decisions  # type: ignore[attr-defined]
     return result
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[], None], enabled: bool):
+    """While active (if enabled and in the main thread), SIGINT and SIGTERM call ``stop``."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda _signum, _frame: stop())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

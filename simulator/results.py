@@ -18,7 +18,9 @@ from simulator.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
 from simulator.request import Status
 from simulator.workload import Workload
 
-STATUS_NAMES = {Status.FINISHED: "completed", Status.REJECTED: "rejected"}
+STATUS_NAMES = {Status.FINISHED: "completed", Status.REJECTED: "rejected",
+                # only in a run stopped early (simulate(stop_on_interrupt=True))
+                Status.WAITING: "unfinished", Status.RUNNING: "unfinished", Status.PREEMPTED: "unfinished"}
 
 
 @dataclass

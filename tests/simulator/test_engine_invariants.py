@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from simulator.engine import simulate
 from simulator.engine_config import EngineConfig, SpeculativeConfig
+from simulator.metrics import SLO
 from tests.simulator.conftest import LinearModel, make_workload
 
 configs = st.fixed_dictionaries(
@@ -89,3 +90,33 @@ def test_same_seed_same_outputs(c):
         np.testing.assert_array_equal(a.requests[key], b.requests[key])
     for key in a.timeline:
         np.testing.assert_array_equal(a.timeline[key], b.timeline[key])
+
+
+def test_a_stopped_run_is_the_prefix_of_the_full_run():
+    """request_stop ends a run at a step boundary; what finished by then is what the full run says."""
+    from simulator.engine import Engine
+    from simulator.results import tabulate
+
+    w = make_workload(150, seed=9, rate=20.0, output=(50, 600))
+    config = EngineConfig(num_gpu_blocks_override=300, max_num_seqs=32)
+    full = simulate(w, config, LinearModel(), seed=1)
+    perf = LinearModel()
+    kv = perf.kv_capacity(config.block_size, config.gpu_memory_utilization, config.num_gpu_blocks_override)
+    finished = []
+
+    def on_progress(n):
+        finished.append(n)
+        if sum(finished) >= 40:
+            engine.request_stop()
+
+    engine = Engine(w, config, perf, kv, seed=1, on_progress=on_progress)
+    run = engine.run()
+    assert engine.interrupted
+    partial = tabulate(run, w, SLO())
+    done = partial.requests["status"] == "completed"
+    assert 40 <= done.sum() < 150 and (partial.requests["status"] == "unfinished").any()
+    ids = partial.requests["request_id"][done]
+    for column in ("ttft_s", "e2e_s", "tpot_s", "preemptions", "output_tokens"):
+        np.testing.assert_array_equal(partial.requests[column][done], full.requests[column][ids], column)
+    steps = len(partial.timeline["time_s"])
+    np.testing.assert_array_equal(partial.timeline["kv_blocks_used"], full.timeline["kv_blocks_used"][:steps])
