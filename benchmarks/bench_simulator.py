@@ -10,7 +10,7 @@ after one untimed warm-up run has paid the imports and built the performance
 model) of the fast path and of the step-by-step path, their ratio, the ratio against
 Vidur's loop time measured by others on the same workload and machine size
 (77 s for 1,000 requests), whether both paths agree, and the whole-process time
-and peak RSS of the equivalent `python -m simulator` command. Then how the
+(median of 3) and peak RSS of the equivalent `python -m simulator` command. Then how the
 fast path's time grows with the request count.
 
     python benchmarks/bench_simulator.py            # full (a few minutes)
@@ -83,16 +83,19 @@ runpy.run_module("simulator", run_name="__main__", alter_sys=True)
 """
 
 
-def whole_process(rate: float, n: int) -> tuple[float, float]:
-    """Wall time and peak RSS (MB) of `python -m simulator ...` for the case, plots included."""
+def whole_process(rate: float, n: int, repeats: int = 3) -> tuple[float, float]:
+    """Median wall time and peak RSS (MB) of `python -m simulator ...` for the case, plots
+    included, over ``repeats`` runs (one process start varies by ~0.2 s on 2 cores)."""
     cmd = [sys.executable, "-c", RUN_AND_REPORT_PEAK, "workload=gamma", f"workload.rate={rate}",
            "workload.cv=2", f"workload.num_requests={n}", f"workload.lengths_file={LENGTHS}",
            "progress=false", "hydra.run.dir=outputs/bench/${now:%H-%M-%S-%f}"]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    peak_kb = int(done.stderr.rsplit("VmHWM", 1)[1].split()[0])
-    return wall, peak_kb / 1024
+    walls, peaks = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        peaks.append(int(done.stderr.rsplit("VmHWM", 1)[1].split()[0]) / 1024)
+    return float(np.median(walls)), max(peaks)
 
 
 def main() -> int:
