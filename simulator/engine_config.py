@@ -72,6 +72,12 @@ class EngineConfig:
         require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
         require(self.max_model_len >= 2, "engine.max_model_len", "must be >= 2")
+        require(  # vLLM's SchedulerConfig refuses it too
+            self.max_num_batched_tokens >= self.max_num_seqs,
+            "engine.max_num_batched_tokens",
+            f"must be >= max_num_seqs={self.max_num_seqs} (vLLM refuses a smaller token budget), "
+            f"got {self.max_num_batched_tokens}",
+        )
         require(
             self.max_model_len % self.block_size == 0,
             "engine.block_size",

@@ -52,7 +52,7 @@ def test_fast_path_matches_on_varied_workloads(n, seed, rate, blocks, max_num_se
                                                 groups, async_scheduling):
     w = make_workload(n=n, seed=seed, rate=rate, prompt=(1, 700), output=(1, 900),
                       prefix_groups=groups, prefix_tokens=48 if groups else 0)
-    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=2048, max_num_seqs=max_num_seqs,
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=2048, max_num_seqs=min(max_num_seqs, budget),
                        max_num_batched_tokens=budget, enable_prefix_caching=prefix)
     slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
     fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)

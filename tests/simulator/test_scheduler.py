@@ -6,7 +6,9 @@ from simulator.scheduler import NativeScheduler
 
 
 def make(num_blocks=100, async_scheduling=False, **engine):
-    cfg = EngineConfig(**{"max_model_len": 4096, "enable_prefix_caching": False, **engine})
+    # vLLM's default seqs cap, within the token budget as vLLM requires
+    seqs = min(1024, engine.get("max_num_batched_tokens", 8192))
+    cfg = EngineConfig(**{"max_model_len": 4096, "enable_prefix_caching": False, "max_num_seqs": seqs, **engine})
     return NativeScheduler(cfg, num_blocks, async_scheduling=async_scheduling)
 
 
@@ -140,3 +142,13 @@ def test_async_scheduling_does_not_schedule_past_max_tokens():
     r = s.requests[0]
     assert r.status == Status.FINISHED and r.num_output == 3
     assert sum(1 for o in outs if 0 in o.sampling) == 3  # exactly one sampling step per token
+
+
+def test_engine_settings_vllm_refuses_are_one_line_errors():
+    import pytest
+
+    from simulator.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"engine.max_num_batched_tokens: must be >= max_num_seqs=256"):
+        EngineConfig(max_num_seqs=256, max_num_batched_tokens=128)
+    assert EngineConfig(max_num_seqs=128, max_num_batched_tokens=128).max_num_batched_tokens == 128
