@@ -171,6 +171,10 @@ def live_runs(args, workload: Workload, engine: EngineConfig, out: Path) -> tupl
     return [o.result for o in outcomes], problems
 
 
+#: prompt length of the decode probes the offsets are fitted on (profiler.live.runner's)
+DECODE_PROBE_PROMPT_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class StepOffsets:
     """What the server adds to each simulated step beyond the fitted model, and where it came from."""
@@ -204,6 +208,8 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
     for r in live:
         live_summary = r.summary.get("live", {})
         for probe in (live_summary.get("decode_probe") or []) + (live_summary.get("decode_probe_after") or []):
+            if probe.get("prompt_tokens", DECODE_PROBE_PROMPT_TOKENS) != DECODE_PROBE_PROMPT_TOKENS:
+                continue  # runs of session 3 also probed long contexts: not part of the fit
             batch = int(probe["batch"])
             contexts = range(int(probe["context_first"]), int(probe["context_last"]) + 1)
             predicted = np.mean([model.step_time(StepBatch(decode_context=[c] * batch)) for c in contexts])

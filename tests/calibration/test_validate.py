@@ -183,6 +183,10 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
         "decode_probe": [probe(1, 0.0030)], "decode_probe_after": [probe(1, 0.0004)]}}) for r in truth]
     bracketed[0].summary["live"]["decode_probe_after"].append(probe(1, 0.0004))
     assert probe_offsets(base, bracketed)[0] == pytest.approx(0.0004)
+    # probes of another prompt length (long-context batches of older runs) stay out of the fit
+    mixed = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"decode_probe": [
+        probe(1, 0.0004), probe(8, 0.0011), {**probe(8, 0.0300), "prompt_tokens": 384}]}}) for r in truth]
+    assert probe_offsets(base, mixed) == pytest.approx((0.0003, 0.0001))
     assert step_gap("none", truth).per_step == 0.0 and step_gap("0.002", truth).per_step == 0.002
     with pytest.raises(ConfigError, match="step_gap"):
         step_gap("sometimes", truth)

@@ -155,8 +155,8 @@ def test_reference_mode_refuses_what_it_cannot_run():
     spec = SpeculativeConfig(num_speculative_tokens=2, acceptance_rate=(0.5,))
     with pytest.raises(ConfigError, match="engine.speculative.method"):
         VllmScheduler(EngineConfig(speculative=spec), 100, async_scheduling=True)
-    with pytest.raises(ConfigError, match=r"^engine: vLLM rejects these settings: .*max_num_seqs"):
-        VllmScheduler(EngineConfig(max_num_batched_tokens=256, max_num_seqs=1024), 100,
+    with pytest.raises(ConfigError, match=r"^engine: vLLM rejects these settings: .*long_prefill_token_threshold"):
+        VllmScheduler(EngineConfig(max_model_len=4096, long_prefill_token_threshold=8192), 100,
                       async_scheduling=False)
 
 
