@@ -22,7 +22,8 @@ times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
 back on one), each with machine state recorded; (4) ``--sim-seeds``
 simulations with step-time jitter, using the fitted model plus the server's
 step-time offsets measured on each live run's probes, never on the workload
-(per step and per request from the decode probes, ``--step-gap``; per prefill token from the prefill probes,
+(per step, per request and per KV token from the decode probes,
+``--step-gap``; per prefill token from the prefill probes,
 ``--prefill-offset``) and the live server's scheduling mode (vLLM 0.32 on
 CPU: synchronous); the per-request time the OpenAI server spends outside
 engine steps (isolated probe requests, plus what lone requests during a
@@ -171,59 +172,64 @@ def live_runs(args, workload: Workload, engine: EngineConfig, out: Path) -> tupl
     return [o.result for o in outcomes], problems
 
 
-#: prompt length of the decode probes the offsets are fitted on (profiler.live.runner's)
-DECODE_PROBE_PROMPT_TOKENS = 32
-
-
 @dataclass(frozen=True)
 class StepOffsets:
     """What the server adds to each simulated step beyond the fitted model, and where it came from."""
 
     per_step: float
     per_request: float
+    per_context_token: float
     source: str
 
 
-def probe_offsets(model, live: list[RunResult]) -> tuple[float, float] | None:
-    """(per step, per request in the step) the server spends beyond the model, from the probes.
+def probe_offsets(model, live: list[RunResult]) -> tuple[float, float, float] | None:
+    """(per step, per request in the step, per KV token attended) the server spends beyond
+    the model, from the decode probes.
 
     Each live run first runs known decode batches (``summary.live.decode_probe``:
-    1 and 8 requests generating 128 tokens together, streamed to the client), and
-    runs them again after the workload (``decode_probe_after``) so that the two
-    sets bracket it. Per
-    batch size, the server's wall time per step minus the fitted model's step
-    time for the same batches (median over runs) is what the server adds to the
+    1 and 8 requests on 32-token prompts, and 8 on 384-token prompts, generating
+    128 tokens together, streamed to the client), and runs them again after
+    the workload (``decode_probe_after``) so that the two sets bracket it. Per
+    batch, the server's wall time per step minus the fitted model's step time
+    for the same steps (median over runs) is what the server adds to the
     profiled in-process step: IPC between vLLM's API, engine-core and worker
     processes, streaming every token out of the API server (which on our CPUs
     shares a core with the engine core and the client), and process-to-process
-    drift. A line through those offsets against the batch size gives the two
-    terms; the per-request one may be negative (output processing that the
+    drift, which shows most in attention over long contexts. A plane through
+    those offsets against the batch size and the KV tokens attended gives the
+    three terms (a line against the batch size when the runs have no
+    long-context batch). Terms may be negative (output processing that the
     profiled in-process step pays and a server overlaps on another core;
     StepGapModel never lets a step fall below half its profiled time). None
     without probes.
     """
     from simulator.performance import StepBatch
 
-    by_batch: dict[int, list[float]] = {}
+    groups: dict[tuple[int, int], list[tuple[float, float]]] = {}
     for r in live:
         live_summary = r.summary.get("live", {})
         for probe in (live_summary.get("decode_probe") or []) + (live_summary.get("decode_probe_after") or []):
-            if probe.get("prompt_tokens", DECODE_PROBE_PROMPT_TOKENS) != DECODE_PROBE_PROMPT_TOKENS:
-                continue  # runs of session 3 also probed long contexts: not part of the fit
             batch = int(probe["batch"])
-            contexts = range(int(probe["context_first"]), int(probe["context_last"]) + 1)
-            predicted = np.mean([model.step_time(StepBatch(decode_context=[c] * batch)) for c in contexts])
-            by_batch.setdefault(batch, []).append(float(probe["wall_per_step_s"]) - float(predicted))
-    if not by_batch:
+            contexts = np.arange(int(probe["context_first"]), int(probe["context_last"]) + 1)
+            predicted = np.mean([model.step_time(StepBatch(decode_context=[int(c)] * batch)) for c in contexts])
+            key = (batch, int(probe.get("prompt_tokens", probe["context_first"] - 2)))
+            groups.setdefault(key, []).append((float(probe["wall_per_step_s"]) - float(predicted),
+                                               float(batch * contexts.mean())))
+    if not groups:
         return None
-    sizes = np.array(sorted(by_batch), dtype=float)
-    offsets = np.array([np.median(by_batch[int(b)]) for b in sizes])
-    if sizes.size == 1:
-        return float(offsets[0]), 0.0
-    per_request, per_step = np.polyfit(sizes, offsets, 1)
-    # a negative per-request term is real, not noise: the profile's in-process step also pays
-    # each request's output processing, which a server runs in its API process on another core
-    return float(per_step), float(per_request)
+    keys = sorted(groups)
+    offsets = np.array([np.median([o for o, _ in groups[k]]) for k in keys])
+    batches = np.array([k[0] for k in keys], dtype=float)
+    kv_tokens = np.array([np.mean([c for _, c in groups[k]]) for k in keys])
+    if len(set(batches)) == 1:
+        return float(np.median(offsets)), 0.0, 0.0
+    # KV tokens vary apart from the batch size only with a long-context batch
+    design = np.column_stack((np.ones_like(batches), batches, kv_tokens))
+    if len(keys) < 3 or np.linalg.matrix_rank(design) < 3:
+        per_request, per_step = np.polyfit(batches, offsets, 1)
+        return float(per_step), float(per_request), 0.0
+    per_step, per_request, per_context = np.linalg.lstsq(design, offsets, rcond=None)[0]
+    return float(per_step), float(per_request), float(per_context)
 
 
 def step_gap(arg: str, live: list[RunResult], model=None) -> StepOffsets:
@@ -239,24 +245,24 @@ def step_gap(arg: str, live: list[RunResult], model=None) -> StepOffsets:
     fitted to the iteration log's elapsed times). A number: that many seconds.
     """
     if arg == "none":
-        return StepOffsets(0.0, 0.0, "none: the profiler's step times span whole engine steps")
+        return StepOffsets(0.0, 0.0, 0.0, "none: the profiler's step times span whole engine steps")
     if arg == "probe":
         terms = probe_offsets(model, live) if model is not None else None
         if terms is None:
-            return StepOffsets(0.0, 0.0, "probe: no live decode probes, nothing added")
+            return StepOffsets(0.0, 0.0, 0.0, "probe: no live decode probes, nothing added")
         return StepOffsets(*terms, "probe: server minus model step times on the live runs' decode probes")
     if arg == "gap":
         measured = [r.summary.get("live", {}).get("inter_step_gap_s") for r in live]
         measured = [g for g in measured if g is not None]
         if measured:
-            return StepOffsets(float(np.median(measured)), 0.0,
+            return StepOffsets(float(np.median(measured)), 0.0, 0.0,
                                f"median inter-step gap of {len(measured)} live iteration logs")
-        return StepOffsets(DEFAULT_STEP_GAP_S, 0.0, "default 1.4 ms (no live iteration log)")
+        return StepOffsets(DEFAULT_STEP_GAP_S, 0.0, 0.0, "default 1.4 ms (no live iteration log)")
     try:
         gap = float(arg)
     except ValueError:
         raise ConfigError("step_gap", f"must be probe, none, gap or seconds, got {arg!r}") from None
-    return StepOffsets(gap, 0.0, "given")
+    return StepOffsets(gap, 0.0, 0.0, "given")
 
 
 def probe_prefill_per_token(model, live: list[RunResult]) -> float | None:
@@ -453,7 +459,8 @@ def main(argv: list[str]) -> int:
     async_scheduling = async_flags.pop() if len(async_flags) == 1 else False
     overhead, overhead_source = request_overhead(args.request_overhead, live)
     per_prefill_token, prefill_source = prefill_offset(args.prefill_offset, live, fitted)
-    model = StepGapModel(fitted, offsets.per_step, offsets.per_request, per_prefill_token)
+    model = StepGapModel(fitted, offsets.per_step, offsets.per_request, per_prefill_token,
+                         offsets.per_context_token)
     sim_engine, spec_source = engine, None
     if engine.speculative.enabled:
         sim_engine, spec_source = speculation_for_simulator(args.spec_acceptance, engine, live, workload)
@@ -474,6 +481,7 @@ def main(argv: list[str]) -> int:
         "performance_model": model.describe(),
         "step_gap_s": offsets.per_step,
         "step_gap_per_request_s": offsets.per_request,
+        "step_gap_per_context_token_s": offsets.per_context_token,
         "step_gap_source": offsets.source,
         "prefill_offset_per_token_s": per_prefill_token,
         "prefill_offset_source": prefill_source,

@@ -44,26 +44,31 @@ class _Wrapped(PerformanceModel):
 
 class StepGapModel(_Wrapped):
     """``base`` plus what a live server adds to each step: ``gap_s`` per step,
-    ``per_request_s`` per request in the step and ``per_prefill_token_s`` per
-    prefill token.
+    ``per_request_s`` per request in the step, ``per_prefill_token_s`` per
+    prefill token and ``per_context_token_s`` per KV token a decoding request
+    attends over.
 
     The per-request term stands for work the server does per output token
-    outside the model (streaming it to the client); the per-prefill-token term
-    for a server process faster or slower at prefill than the profiled one.
-    Negative terms (the profile slower than the server) are allowed; no step
-    gets shorter than half its base time.
+    outside the model (streaming it to the client); the per-token terms for a
+    server process faster or slower than the profiled one at prefill and at
+    attention. Negative terms (the profile slower than the server) are allowed;
+    no step gets shorter than half its base time.
     """
 
     def __init__(self, base: PerformanceModel, gap_s: float, per_request_s: float = 0.0,
-                 per_prefill_token_s: float = 0.0):
+                 per_prefill_token_s: float = 0.0, per_context_token_s: float = 0.0):
         super().__init__(base)
         for value, name in ((gap_s, "step_gap_s"), (per_request_s, "step_gap_per_request_s"),
-                            (per_prefill_token_s, "prefill_offset_per_token_s")):
+                            (per_prefill_token_s, "prefill_offset_per_token_s"),
+                            (per_context_token_s, "step_gap_per_context_token_s")):
             require(math.isfinite(value), f"validate.{name}", "must be a finite number")
         self.gap_s = float(gap_s)
         self.per_request_s = float(per_request_s)
         self.per_prefill_token_s = float(per_prefill_token_s)
+        self.per_context_token_s = float(per_context_token_s)
         self.name = f"{base.name}+gap{gap_s * 1000:.2f}ms+{per_request_s * 1e6:.0f}us/req"
+        if per_context_token_s:
+            self.name += f"{per_context_token_s * 1e9:+.0f}ns/kv-token"
         if per_prefill_token_s:
             self.name += f"{per_prefill_token_s * 1e6:+.1f}us/prefill-token"
 
@@ -73,17 +78,23 @@ class StepGapModel(_Wrapped):
         extra = self.gap_s + self.per_request_s * requests
         if self.per_prefill_token_s and batch.prefill_tokens:
             extra += self.per_prefill_token_s * sum(batch.prefill_tokens)
+        if self.per_context_token_s and batch.decode_context:
+            extra += self.per_context_token_s * sum(batch.decode_context)
         return max(base + extra, 0.5 * base)
 
     def decode_times(self, num_seqs: int, total_context):
         times = self.base.decode_times(num_seqs, total_context)
         if times is None:
             return None
-        return np.maximum(times + self.gap_s + self.per_request_s * num_seqs, 0.5 * times)
+        extra = self.gap_s + self.per_request_s * num_seqs
+        if self.per_context_token_s:
+            extra = extra + self.per_context_token_s * np.asarray(total_context, dtype=float)
+        return np.maximum(times + extra, 0.5 * times)
 
     def describe(self) -> dict:
         return {**self.base.describe(), "name": self.name, "step_gap_s": self.gap_s,
                 "step_gap_per_request_s": self.per_request_s,
+                "step_gap_per_context_token_s": self.per_context_token_s,
                 "prefill_offset_per_token_s": self.per_prefill_token_s}
 
 

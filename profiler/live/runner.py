@@ -252,25 +252,37 @@ def prefill_probe_result(probes: list[dict], collector: IterationCollector) -> l
     return out or None
 
 
-#: decode probes: (requests, prompt tokens) batches that generate STEP_PROBE_TOKENS tokens together.
-#: (A third batch on 384-token prompts, to separate a per-KV-token cost, was tried in session 3:
-#: on 2 shared cores its estimate flipped sign between scenarios an hour apart, +-0.2 us/token,
-#: and made one scenario's E2E worse; noise, not signal, at this probe length.)
-STEP_PROBE_BATCHES = ((1, PROBE_PROMPT_TOKENS), (8, PROBE_PROMPT_TOKENS))
+#: decode probes: (requests, prompt tokens) batches that generate STEP_PROBE_TOKENS tokens together;
+#: two sizes at short contexts and one at long contexts separate per-step, per-request and
+#: per-context-token costs
+STEP_PROBE_BATCHES = ((1, PROBE_PROMPT_TOKENS), (8, PROBE_PROMPT_TOKENS), (8, PREFILL_PROBE_TOKENS))
 STEP_PROBE_TOKENS = 128
 
 
 def decode_probe_batches(kv_tokens: int | None) -> list[tuple[int, int]]:
-    """STEP_PROBE_BATCHES shrunk to fit 80% of a KV cache of ``kv_tokens`` tokens (no preemption
-    within a probe); unknown capacity: as they are."""
+    """STEP_PROBE_BATCHES that fit a KV cache of ``kv_tokens`` tokens (80% of it) without preemption.
+
+    A short-prompt batch shrinks to what fits. The long-context batch keeps 8
+    requests and shortens their prompts, down to 192 tokens; below that it
+    takes 4 requests with longer prompts (a small cache, as in the CI
+    scenario's 64 blocks, is exactly where long contexts dominate); it is
+    dropped when even those do not fit. Unknown capacity: all of them.
+    """
     if kv_tokens is None:
         return list(STEP_PROBE_BATCHES)
     room = int(0.8 * kv_tokens)
     out = []
     for batch, prompt in STEP_PROBE_BATCHES:
-        batch = min(batch, room // (prompt + STEP_PROBE_TOKENS + 2))
-        if batch >= 1:
-            out.append((batch, prompt))
+        if prompt <= PROBE_PROMPT_TOKENS:
+            batch = min(batch, room // (prompt + STEP_PROBE_TOKENS + 2))
+            if batch >= 1:
+                out.append((batch, prompt))
+            continue
+        for size in (batch, batch // 2):
+            fitting = min(prompt, room // size - STEP_PROBE_TOKENS - 2)
+            if fitting >= 192:
+                out.append((size, fitting))
+                break
     return out
 
 

@@ -161,8 +161,8 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
         r = truth[0]
         live = {"decode_probe": [probe(1, 0.0003 + 0.0001 + noise), probe(8, 0.0003 + 0.0008 + noise)]}
         runs_with_probes.append(type(r)(r.requests, r.timeline, {**r.summary, "live": live}))
-    per_step, per_request = probe_offsets(base, runs_with_probes)
-    assert per_step == pytest.approx(0.0003) and per_request == pytest.approx(0.0001)
+    per_step, per_request, per_context = probe_offsets(base, runs_with_probes)
+    assert per_step == pytest.approx(0.0003) and per_request == pytest.approx(0.0001) and per_context == 0.0
     offsets = step_gap("probe", runs_with_probes, base)
     assert (offsets.per_step, offsets.per_request) == pytest.approx((0.0003, 0.0001))
     assert offsets.source.startswith("probe")
@@ -174,7 +174,7 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
         probe(1, 0.0006), probe(8, 0.0002)]}}) for r in truth]
     # a falling line is kept: the profiled in-process step pays per-request output processing that a
     # server overlaps on another core; StepGapModel still keeps every step above half its base time
-    per_step, per_request = probe_offsets(base, falling)
+    per_step, per_request, _ = probe_offsets(base, falling)
     assert per_request == pytest.approx(-0.0004 / 7) and per_step == pytest.approx(0.0006 + 0.0004 / 7)
     big = StepBatch(decode_context=[5] * 400)
     assert StepGapModel(base, per_step, per_request).step_time(big) >= 0.5 * base.step_time(big)
@@ -183,13 +183,34 @@ def test_probe_offsets_are_server_minus_model_per_step_and_per_request(truth):
         "decode_probe": [probe(1, 0.0030)], "decode_probe_after": [probe(1, 0.0004)]}}) for r in truth]
     bracketed[0].summary["live"]["decode_probe_after"].append(probe(1, 0.0004))
     assert probe_offsets(base, bracketed)[0] == pytest.approx(0.0004)
-    # probes of another prompt length (long-context batches of older runs) stay out of the fit
-    mixed = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"decode_probe": [
-        probe(1, 0.0004), probe(8, 0.0011), {**probe(8, 0.0300), "prompt_tokens": 384}]}}) for r in truth]
-    assert probe_offsets(base, mixed) == pytest.approx((0.0003, 0.0001))
     assert step_gap("none", truth).per_step == 0.0 and step_gap("0.002", truth).per_step == 0.002
     with pytest.raises(ConfigError, match="step_gap"):
         step_gap("sometimes", truth)
+
+
+def test_long_context_decode_probe_separates_a_per_kv_token_offset(truth):
+    from calibration.cmd_validate import probe_offsets
+
+    base = Linear()
+    per_step, per_request, per_kv = 0.0004, 0.00005, -2e-7  # a server faster at attention
+
+    def probe(batch, prompt):
+        first, last = prompt + 2, prompt + 1 + 128
+        kv = batch * (first + last) / 2
+        wall = base.step_time(StepBatch(decode_context=[first] * batch)) + per_step + per_request * batch \
+            + per_kv * kv
+        return {"batch": batch, "prompt_tokens": prompt, "steps": 127, "context_first": first,
+                "context_last": last, "wall_per_step_s": wall}
+
+    probes = [probe(1, 32), probe(8, 32), probe(8, 384)]
+    live = [type(r)(r.requests, r.timeline, {**r.summary, "live": {"decode_probe": probes}}) for r in truth]
+    assert probe_offsets(base, live) == pytest.approx((per_step, per_request, per_kv))
+    model = StepGapModel(base, per_step, per_request, 0.0, per_kv)
+    contexts = [300, 500, 700]
+    expected = base.step_time(StepBatch(decode_context=contexts)) + per_step + 3 * per_request + per_kv * 1500
+    assert model.step_time(StepBatch(decode_context=contexts)) == pytest.approx(expected)
+    np.testing.assert_allclose(model.decode_times(3, np.array([1500.0])), [expected])
+    assert model.describe()["step_gap_per_context_token_s"] == per_kv
 
 
 def test_prefill_offset_is_the_slope_of_server_minus_model_over_prompt_length(truth):

@@ -222,9 +222,15 @@ def test_prefill_probes_give_each_prompt_length_its_own_prefill_step():
 def test_decode_probe_batches_fit_the_kv_cache():
     from profiler.live.runner import STEP_PROBE_BATCHES, decode_probe_batches
 
-    assert decode_probe_batches(None) == list(STEP_PROBE_BATCHES) == [(1, 32), (8, 32)]
-    assert decode_probe_batches(63 * 32) == [(1, 32), (8, 32)]  # the CI scenario's 64 blocks
-    assert decode_probe_batches(800) == [(1, 32), (3, 32)]  # 8 x 162 tokens would not fit 80%
+    assert decode_probe_batches(None) == list(STEP_PROBE_BATCHES)
+    assert decode_probe_batches(1_000_000) == list(STEP_PROBE_BATCHES)
+    # 64 blocks of 32 tokens (the CI scenario): 4 long requests that fill 80% of the cache
+    batches = decode_probe_batches(63 * 32)
+    assert batches[:2] == [(1, 32), (8, 32)] and batches[2] == (4, 1612 // 4 - 130)
+    assert sum(b * (p + 130) for b, p in batches[2:]) <= 0.8 * 63 * 32
+    # a cache a little short of 8 x 514 tokens: 8 requests with shorter prompts
+    assert decode_probe_batches(4000) == [(1, 32), (8, 32), (8, 3200 // 8 - 130)]
+    assert decode_probe_batches(700)[2:] == []  # not even 4 x 322 tokens: no long-context batch
     assert decode_probe_batches(100) == []
 
 
