@@ -26,7 +26,11 @@ def _figure(width: float, height: float, ncols: int = 1, margins: dict | None = 
     return fig, axes
 
 
-def _downsample(t: np.ndarray, *ys: np.ndarray, points: int = 4000):
+#: at most this many samples of a time series are drawn
+PLOT_POINTS = 4000
+
+
+def _downsample(t: np.ndarray, *ys: np.ndarray, points: int = PLOT_POINTS):
     """Keep plots light: at most ``points`` samples, evenly spaced in index."""
     if len(t) <= points:
         return (t, *ys)
@@ -99,7 +103,7 @@ def write_plots(result: RunResult, out_dir: str | Path, title: str = "") -> list
     return [draw(result, out / name, title) for name, draw in PLOTS.items()]
 
 
-def plotted_part(result: RunResult, points: int = 4000) -> RunResult:
+def plotted_part(result: RunResult, points: int = PLOT_POINTS) -> RunResult:
     """The part of a run the plots draw: the timeline downsampled as they downsample it,
     the latency columns and the KV summary (small enough to send to another process)."""
     tl = result.timeline

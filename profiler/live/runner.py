@@ -189,6 +189,33 @@ PROBE_PROMPT_TOKENS = 32
 PREFILL_PROBE_TOKENS = 384
 
 
+def _probe_body(model: str, rng: np.random.Generator, prompt_tokens: int, output_tokens: int) -> dict:
+    """A probe request: random prompt ids (no prefix-cache hit), exactly ``output_tokens`` out."""
+    low, high = live_client.DEFAULT_TOKEN_RANGE
+    return {"model": model, "prompt": rng.integers(low, high, prompt_tokens).tolist(),
+            "max_tokens": output_tokens, "min_tokens": output_tokens, "ignore_eos": True, "temperature": 0.0}
+
+
+async def _stream_to_end(client, url: str, body: dict) -> float | None:
+    """One streaming request read to its end, parsed as the replay client parses it; returns
+    when its first token arrived (time.monotonic), None if none did."""
+    first = None
+    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True,
+                                                                   "return_token_ids": True},
+                             timeout=120.0) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            parsed = live_client.parse_sse_line(line)
+            if isinstance(parsed, dict) and live_client.chunk_tokens(parsed)[0] and first is None:
+                first = time.monotonic()
+    return first
+
+
+def _refused(err: BaseException) -> bool:
+    """True for an HTTP 400 (e.g. a probe longer than the server's max_model_len)."""
+    return getattr(getattr(err, "response", None), "status_code", None) == 400
+
+
 async def _probe_isolated_requests(client, url: str, model: str, lengths: list[int]) -> list[dict]:
     """Send one isolated streaming request per prompt length; record send and first-token times.
 
@@ -201,21 +228,14 @@ async def _probe_isolated_requests(client, url: str, model: str, lengths: list[i
     """
     probes = []
     rng = np.random.default_rng()  # fresh ids each time: no prefix-cache hit from earlier probes
-    low, high = live_client.DEFAULT_TOKEN_RANGE
     for tokens in lengths:
-        body = {"model": model, "prompt": rng.integers(low, high, tokens).tolist(),
-                "max_tokens": 2, "min_tokens": 2, "ignore_eos": True, "temperature": 0.0, "stream": True,
-                "return_token_ids": True}
         send = time.monotonic()
-        first = None
-        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=60.0) as response:
-            if response.status_code == 400:  # e.g. longer than the server's max_model_len: skip it
-                continue
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                parsed = live_client.parse_sse_line(line)
-                if isinstance(parsed, dict) and first is None and live_client.chunk_tokens(parsed)[0]:
-                    first = time.monotonic()
+        try:
+            first = await _stream_to_end(client, url, _probe_body(model, rng, tokens, 2))
+        except Exception as err:
+            if not _refused(err):
+                raise
+            continue  # e.g. longer than the server's max_model_len: skip it
         if first is not None:
             probes.append({"send": send, "first_token": first, "end": time.monotonic(), "tokens": tokens})
         await asyncio.sleep(0.3)  # keeps each probe's prefill step alone in its matching window
@@ -286,18 +306,6 @@ def decode_probe_batches(kv_tokens: int | None) -> list[tuple[int, int]]:
     return out
 
 
-async def _stream_to_end(client, url: str, body: dict) -> None:
-    """One streaming request read to its end, parsed as the replay client parses it."""
-    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True,
-                                                                   "return_token_ids": True},
-                             timeout=120.0) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            parsed = live_client.parse_sse_line(line)
-            if isinstance(parsed, dict):
-                live_client.chunk_tokens(parsed)
-
-
 async def _probe_decode_steps(client, url: str, model: str, kv_tokens: int | None = None) -> list[dict]:
     """Run known decode batches, one after the other: for each (requests, prompt tokens) in
     STEP_PROBE_BATCHES (as many as fit ``kv_tokens``, ``decode_probe_batches``), that many
@@ -307,17 +315,14 @@ async def _probe_decode_steps(client, url: str, model: str, kv_tokens: int | Non
     the tokens to a client included (``decode_probe_result``). A batch the server refuses
     (e.g. prompts beyond its max_model_len) is skipped."""
     rng = np.random.default_rng()
-    low, high = live_client.DEFAULT_TOKEN_RANGE
     windows = []
     for batch, prompt_tokens in decode_probe_batches(kv_tokens):
-        bodies = [{"model": model, "prompt": rng.integers(low, high, prompt_tokens).tolist(),
-                   "max_tokens": STEP_PROBE_TOKENS, "min_tokens": STEP_PROBE_TOKENS, "ignore_eos": True,
-                   "temperature": 0.0} for _ in range(batch)]
+        bodies = [_probe_body(model, rng, prompt_tokens, STEP_PROBE_TOKENS) for _ in range(batch)]
         start = time.monotonic()
         try:
             await asyncio.gather(*(_stream_to_end(client, url, body) for body in bodies))
         except Exception as err:
-            if getattr(getattr(err, "response", None), "status_code", None) != 400:
+            if not _refused(err):
                 raise
         else:
             windows.append({"batch": batch, "prompt_tokens": prompt_tokens, "start": start,
@@ -374,31 +379,21 @@ async def _probe_loaded_ttft(client, url: str, model: str, kv_tokens: int | None
         if batch < 1:
             return None
     rng = np.random.default_rng()
-    low, high = live_client.DEFAULT_TOKEN_RANGE
     start = time.monotonic()
-    batch_sends: list[float] = []
+    batch_sends: list[dict] = []
     lone: list[dict] = []
 
     async def one(body: dict, delay: float, record: list) -> None:
         if delay > 0:
             await asyncio.sleep(delay - (time.monotonic() - start))
         send = time.monotonic()
-        first = None
-        async with client.stream("POST", f"{url}/v1/completions", timeout=120.0,
-                                 json={**body, "stream": True, "return_token_ids": True}) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                parsed = live_client.parse_sse_line(line)
-                if isinstance(parsed, dict) and live_client.chunk_tokens(parsed)[0] and first is None:
-                    first = time.monotonic()
+        first = await _stream_to_end(client, url, body)
         record.append({"send_s": send - start, "ttft_s": None if first is None else first - send})
 
-    def body(tokens: int) -> dict:
-        return {"model": model, "prompt": rng.integers(low, high, PROBE_PROMPT_TOKENS).tolist(),
-                "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": 0.0}
-
-    tasks = [one(body(STEP_PROBE_TOKENS), 0.0, batch_sends) for _ in range(batch)]
-    tasks += [one(body(2), offset, lone) for offset in LOADED_PROBE_OFFSETS_S]
+    tasks = [one(_probe_body(model, rng, PROBE_PROMPT_TOKENS, STEP_PROBE_TOKENS), 0.0, batch_sends)
+             for _ in range(batch)]
+    tasks += [one(_probe_body(model, rng, PROBE_PROMPT_TOKENS, 2), offset, lone)
+              for offset in LOADED_PROBE_OFFSETS_S]
     await asyncio.gather(*tasks)
     await asyncio.sleep(0.3)
     lone = [p for p in lone if p["ttft_s"] is not None]
