@@ -431,6 +431,10 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.runs < 1 or args.sim_seeds < 1:
         raise ConfigError("runs", "--runs and --sim-seeds must be >= 1")
+    # refuse bad offsets now, before the profile and the live runs they would follow
+    step_gap(args.step_gap, [])
+    prefill_offset(args.prefill_offset, [])
+    request_overhead(args.request_overhead, [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -335,3 +335,17 @@ def test_speculation_for_the_simulator_comes_from_the_live_counters(truth):
     no_drafts = [type(r)(r.requests, r.timeline, {**r.summary, "spec_decode": None}) for r in truth]
     assert speculation_for_simulator("live", engine, no_drafts, workload)[0] == engine
     assert replace(engine, speculative=sim_engine.speculative) == sim_engine
+
+
+@pytest.mark.parametrize("option, field", [("--step-gap", "step_gap"), ("--prefill-offset", "prefill_offset"),
+                                           ("--request-overhead", "request_overhead")])
+def test_bad_offsets_are_refused_before_anything_runs(tmp_path, option, field):
+    import subprocess
+    import sys
+
+    out = tmp_path / "v"
+    proc = subprocess.run([sys.executable, "-m", "calibration", "validate", "--scenario", "ci-reasoning",
+                           option, "lots", "--out", str(out)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {field}: must be ")
+    assert not out.exists()  # nothing profiled, nothing replayed
