@@ -45,7 +45,7 @@ def _cell(row: dict) -> str:
         err, spread = f"{row['error']:+.1f} pt", f"{row['live_spread']:.1f} pt"
     else:
         err, spread = f"{row['error']:+.0%}", f"{row['live_spread']:.0%}"
-    mark = "" if row["within_tolerance"] else (" (in envelope)" if row["passed"] else " ✗")
+    mark = "" if row["within_tolerance"] else (" (within noise)" if row["passed"] else " ✗")
     return f"{err}{mark} [{spread}]"
 
 
@@ -65,8 +65,9 @@ def table(reports: dict[str, dict]) -> str:
                               else f"{FIDELITY_TARGET[key].limit:.0%}")
         for key, label in COLUMNS)
     lines += ["", f"Error of the simulated median vs the live median [live spread over runs]; target: {target}. "
-              "✗: misses the target outside the live envelope; (in envelope): misses it, but the live runs "
-              "spread more than the target and the prediction lies inside their range."]
+              "✗: misses the target against every value in the live envelope; (within noise): misses "
+              "it against the live median, but meets it against a median the live runs cannot rule out "
+              "(a value in their min-max range)."]
     return "\n".join(lines)
 
 

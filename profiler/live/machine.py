@@ -30,6 +30,15 @@ def _cpu_ticks() -> dict[int, tuple[int, str]]:
     return out
 
 
+def _steal_ticks() -> int | None:
+    """Ticks the hypervisor gave this VM's CPUs to other guests (``steal`` in /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[8]) if fields[0] == "cpu" and len(fields) > 8 else None
+
+
 def _meminfo() -> dict[str, int]:
     values = {}
     try:
@@ -91,9 +100,14 @@ class CpuWatch:
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.before = _cpu_ticks()
+        self.steal_before = _steal_ticks()
 
     def stop(self, exclude: set[int] | None = None) -> dict:
-        """{"others_cpu_mean": cores used on average by other processes, "quiet", "busiest"}."""
+        """{"others_cpu_mean": cores used on average by other processes, "quiet", "busiest",
+        "steal_cpu_mean": cores the hypervisor took for other guests (None off Linux)}.
+
+        Steal is what no process list shows: on a shared VM a neighbour's load
+        slows every step of a run while ``others_cpu_mean`` stays at zero."""
         exclude = (exclude or set()) | {os.getpid()}
         elapsed = max(time.monotonic() - self.started, 1e-6)
         after = _cpu_ticks()
@@ -106,5 +120,8 @@ class CpuWatch:
                 used.append({"pid": pid, "cpu": round(share, 3), "cmd": cmd[:160]})
         used.sort(key=lambda p: -p["cpu"])
         total = round(sum(p["cpu"] for p in used), 3)
+        steal_after = _steal_ticks()
+        steal = (None if steal_after is None or self.steal_before is None
+                 else round((steal_after - self.steal_before) / CLOCK_TICKS / elapsed, 3))
         return {"window_s": round(elapsed, 2), "others_cpu_mean": total, "quiet": total < 0.2,
-                "busiest": used[:5]}
+                "busiest": used[:5], "steal_cpu_mean": steal}

@@ -273,20 +273,23 @@ def prefill_probe_result(probes: list[dict], collector: IterationCollector) -> l
 
 
 #: decode probes: (requests, prompt tokens) batches that generate STEP_PROBE_TOKENS tokens together;
-#: two sizes at short contexts and one at long contexts separate per-step, per-request and
-#: per-context-token costs
-STEP_PROBE_BATCHES = ((1, PROBE_PROMPT_TOKENS), (8, PROBE_PROMPT_TOKENS), (8, PREFILL_PROBE_TOKENS))
+#: two sizes at short contexts and two at long contexts separate per-step, per-request and
+#: per-context-token costs, with one point more than the three terms so that one noisy batch
+#: does not set them all
+STEP_PROBE_BATCHES = ((1, PROBE_PROMPT_TOKENS), (8, PROBE_PROMPT_TOKENS), (1, PREFILL_PROBE_TOKENS),
+                      (8, PREFILL_PROBE_TOKENS))
 STEP_PROBE_TOKENS = 128
 
 
 def decode_probe_batches(kv_tokens: int | None) -> list[tuple[int, int]]:
     """STEP_PROBE_BATCHES that fit a KV cache of ``kv_tokens`` tokens (80% of it) without preemption.
 
-    A short-prompt batch shrinks to what fits. The long-context batch keeps 8
+    A short-prompt batch shrinks to what fits. A long-context batch keeps its
     requests and shortens their prompts, down to 192 tokens; below that it
-    takes 4 requests with longer prompts (a small cache, as in the CI
-    scenario's 64 blocks, is exactly where long contexts dominate); it is
-    dropped when even those do not fit. Unknown capacity: all of them.
+    takes half as many requests with longer prompts (a small cache, as in the
+    CI scenario's 64 blocks, is exactly where long contexts dominate); it is
+    dropped when even those do not fit. The batches run one after the other,
+    so each has the cache to itself. Unknown capacity: all of them.
     """
     if kv_tokens is None:
         return list(STEP_PROBE_BATCHES)
@@ -298,7 +301,7 @@ def decode_probe_batches(kv_tokens: int | None) -> list[tuple[int, int]]:
             if batch >= 1:
                 out.append((batch, prompt))
             continue
-        for size in (batch, batch // 2):
+        for size in sorted({batch, max(batch // 2, 1)}, reverse=True):
             fitting = min(prompt, room // size - STEP_PROBE_TOKENS - 2)
             if fitting >= 192:
                 out.append((size, fitting))
@@ -310,7 +313,7 @@ async def _probe_decode_steps(client, url: str, model: str, kv_tokens: int | Non
     """Run known decode batches, one after the other: for each (requests, prompt tokens) in
     STEP_PROBE_BATCHES (as many as fit ``kv_tokens``, ``decode_probe_batches``), that many
     streaming requests generating STEP_PROBE_TOKENS tokens
-    together (~3 s in all). Their steps in the iteration log tell what an engine step of a
+    together (~4 s in all). Their steps in the iteration log tell what an engine step of a
     known composition costs on this server, with the time between steps and the streaming of
     the tokens to a client included (``decode_probe_result``). A batch the server refuses
     (e.g. prompts beyond its max_model_len) is skipped."""

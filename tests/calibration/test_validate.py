@@ -78,20 +78,32 @@ def test_a_faithful_model_passes_and_a_slow_one_fails(truth):
     assert e2e.error > 0.3 and e2e.within_envelope is False
 
 
-def test_envelope_rule_applies_only_when_live_runs_spread_more_than_the_tolerance():
+def test_a_metric_passes_within_tolerance_of_a_median_the_live_runs_cannot_rule_out():
     metric = validate.Metric("x", "x", "s", "relative", lambda r: r)
     tight = validate.Tolerance("relative", 0.05)
-    # live spread 40% > 5%: a prediction 10% off but inside the envelope passes
+    # live runs 1.0-1.4: a prediction 10% off their median but inside their envelope passes
     row = validate.compare_metric(metric, [1.0, 1.2, 1.4], [1.32], tight)
     assert row.within_tolerance is False and row.within_envelope and row.passed
-    assert row.live_spread == pytest.approx(0.4 / 1.2)
-    # live spread 2% < 5%: 10% off fails even though inside... (it cannot be inside)
+    assert row.envelope_error == 0.0 and row.live_spread == pytest.approx(0.4 / 1.2)
+    # just outside the envelope: within 5% of its edge passes, beyond fails
+    row = validate.compare_metric(metric, [1.0, 1.2, 1.4], [1.45], tight)
+    assert row.within_envelope is False and row.envelope_error == pytest.approx(0.05 / 1.4) and row.passed
+    row = validate.compare_metric(metric, [1.0, 1.2, 1.4], [0.9], tight)
+    assert row.envelope_error == pytest.approx(-0.1) and row.passed is False
+    # runs that agree pin the median down: 10% off fails
     row = validate.compare_metric(metric, [1.0, 1.01, 1.02], [1.11], tight)
-    assert row.passed is False
+    assert row.passed is False and row.envelope_error == pytest.approx(0.09 / 1.02)
+    # one run: the plain tolerance on the error
+    row = validate.compare_metric(metric, [1.0], [1.04], tight)
+    assert row.passed and row.envelope_error == pytest.approx(row.error)
     # points for KV usage
     kv = validate.Metric("kv", "kv", "%", "points", lambda r: r)
+    row = validate.compare_metric(kv, [50.0, 52.0, 51.0], [55.5], validate.Tolerance("points", 3.0))
+    assert row.error == pytest.approx(4.5) and row.envelope_error == pytest.approx(3.5)
+    assert row.passed is False
     row = validate.compare_metric(kv, [50.0, 52.0, 51.0], [54.5], validate.Tolerance("points", 3.0))
-    assert row.error == pytest.approx(3.5) and row.passed is False
+    assert row.within_tolerance is False and row.passed
+    assert "pass within live noise (+2.5 pt" in validate.metrics_markdown([row])
 
 
 def test_kv_usage_is_compared_as_vllm_reports_it(truth):

@@ -12,9 +12,9 @@ process, so the live envelope has to sample that drift too; runs back to back
 on one server would all share one draw of it.
 
 Tolerances (start of issue 7; tighten them as fidelity improves): E2E p50 and
-p99 within 15%, TTFT p50 within 25%, mean KV usage within 5 points, or, where
-the five live runs spread more than that, the simulated median inside the
-live envelope. The report stays in ``$RLLM_SIM_ARTIFACTS/validation-loop``
+p99 within 15%, TTFT p50 within 25%, mean KV usage within 5 points, of the
+live median or of another median the five live runs cannot rule out (a value
+in their min-max range: calibration/validate.py). The report stays in ``$RLLM_SIM_ARTIFACTS/validation-loop``
 (default ``runs/ci/validation-loop``) as a CI artifact.
 """
 
@@ -35,8 +35,8 @@ from simulator.results import RunResult
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: live runs: under KV pressure fresh servers spread by more than the tolerances, and then the
-#: simulated median must lie inside the live envelope; the min-max of n runs holds the median of
-#: their distribution with probability 1 - 2^(1-n): 75% for 3 runs, 94% for 5
+#: verdict is against the live envelope; the min-max of n runs holds the median of their
+#: distribution with probability 1 - 2^(1-n): 75% for 3 runs, 94% for 5
 LIVE_RUNS = 5
 
 

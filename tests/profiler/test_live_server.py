@@ -115,6 +115,8 @@ def test_cpu_watch_sees_a_busy_process_and_leaves_out_excluded_ones():
         assert any(p["pid"] == busy.pid and p["cpu"] > 0.3 for p in seen["busiest"])
         assert seen["others_cpu_mean"] > 0.3 and seen["quiet"] is False
         assert all(p["pid"] != busy.pid for p in watch.stop(exclude={busy.pid})["busiest"])
+        # a VM's stolen time is a share of the machine's cores: never negative, never more than all of them
+        assert seen["steal_cpu_mean"] is None or 0.0 <= seen["steal_cpu_mean"] <= os.cpu_count()
     finally:
         busy.kill()
         busy.wait()
@@ -174,14 +176,14 @@ def test_replay_gives_exact_lengths_and_per_step_ground_truth(server, tmp_path):
     assert steps["prefill_tokens"].sum() == 6 * 48 - hits
     assert steps["kv_usage"][-1] == 0.0
     assert res.summary["async_scheduling"] is False  # vLLM's CPU platform turns it off
-    # 1, then 8 requests on short prompts, then 8 on long ones, decoding 128 tokens together
+    # 1, then 8 requests on short prompts, then 1 and 8 on long ones, decoding 128 tokens together
     probes = res.summary["live"]["decode_probe"]
-    assert [(p["batch"], p["prompt_tokens"]) for p in probes] == [(1, 32), (8, 32), (8, 384)]
+    assert [(p["batch"], p["prompt_tokens"]) for p in probes] == [(1, 32), (8, 32), (1, 384), (8, 384)]
     assert all(p["steps"] >= 100 for p in probes)
     assert all(p["elapsed_median_s"] < p["wall_per_step_s"] < 0.1 for p in probes)  # wall has the gap
     assert probes[2]["context_first"] == 386 and probes[2]["context_last"] > 480
     after = res.summary["live"]["decode_probe_after"]  # the same batches once the workload is done
-    assert [p["batch"] for p in after] == [1, 8, 8] and all(p["steps"] >= 100 for p in after)
+    assert [p["batch"] for p in after] == [1, 8, 1, 8] and all(p["steps"] >= 100 for p in after)
     assert steps["decode_tokens"].sum() == sum(o - 1 for o in [12, 30, 7, 25, 16, 9])  # probes left out
     assert 0.0 < res.summary["live"]["request_overhead_s"] < 0.1
     loaded = res.summary["live"]["loaded_probe"]  # lone requests during a decode batch, before and after

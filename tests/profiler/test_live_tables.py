@@ -226,11 +226,12 @@ def test_decode_probe_batches_fit_the_kv_cache():
     assert decode_probe_batches(1_000_000) == list(STEP_PROBE_BATCHES)
     # 64 blocks of 32 tokens (the CI scenario): 4 long requests that fill 80% of the cache
     batches = decode_probe_batches(63 * 32)
-    assert batches[:2] == [(1, 32), (8, 32)] and batches[2] == (4, 1612 // 4 - 130)
-    assert sum(b * (p + 130) for b, p in batches[2:]) <= 0.8 * 63 * 32
+    assert batches[:3] == [(1, 32), (8, 32), (1, 384)] and batches[3] == (4, 1612 // 4 - 130)
+    assert all(b * (p + 130) <= 0.8 * 63 * 32 for b, p in batches)  # each batch runs alone
     # a cache a little short of 8 x 514 tokens: 8 requests with shorter prompts
-    assert decode_probe_batches(4000) == [(1, 32), (8, 32), (8, 3200 // 8 - 130)]
-    assert decode_probe_batches(700)[2:] == []  # not even 4 x 322 tokens: no long-context batch
+    assert decode_probe_batches(4000) == [(1, 32), (8, 32), (1, 384), (8, 3200 // 8 - 130)]
+    # not even 4 x 322 tokens: one long request, no long batch
+    assert decode_probe_batches(700) == [(1, 32), (3, 32), (1, 384)]
     assert decode_probe_batches(100) == []
 
 
