@@ -93,32 +93,34 @@ class NativeScheduler:
         num_spec_tokens = cfg.speculative.num_speculative_tokens
         prefill_scheduled = False
         i = 0
+        max_model_len = self.max_model_len
+        allocate, cache_full_blocks = kv.allocate, kv.cache_full_blocks
         while i < len(running) and budget > 0:
             req = running[i]
-            if (
-                req.placeholders > 0
-                and req.num_computed + 2 - req.placeholders >= req.num_prompt + req.max_tokens
-            ):
+            computed, placeholders = req.num_computed, req.placeholders
+            if placeholders > 0 and computed + 2 - placeholders >= req.num_prompt + req.max_tokens:
                 i += 1  # async: the step in flight already reaches max_tokens
                 continue
-            n = req.num_tokens + req.spec_tokens + req.placeholders - req.num_computed
+            num_tokens = req.num_prompt + req.num_output
+            n = num_tokens + req.spec_tokens + placeholders - computed
             if 0 < threshold < n:
                 n = threshold
-            n = min(n, budget, self.max_model_len - req.num_computed - 1)
+            n = min(n, budget, max_model_len - computed - 1)
             if n <= 0:
                 i += 1
                 continue
-            allocated = kv.allocate(req.rid, min(req.num_computed + n, self.max_model_len))
+            slots = computed + n if computed + n < max_model_len else max_model_len
+            allocated = allocate(req.rid, slots)
             while not allocated:
                 victim = running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim.rid)
                 if victim is req:
                     break
-                allocated = kv.allocate(req.rid, min(req.num_computed + n, self.max_model_len))
+                allocated = allocate(req.rid, slots)
             if not allocated:
                 break
-            kv.cache_full_blocks(req, min(req.num_computed + n, req.num_tokens))
+            cache_full_blocks(req, computed + n if computed + n < num_tokens else num_tokens)
             scheduled[req.rid] = n
             budget -= n
             i += 1
@@ -200,22 +202,29 @@ class NativeScheduler:
         batch = out.batch
         requests = self.requests
         track_prefill = self.config.speculative.enabled
+        async_scheduling = self.async_scheduling
+        spec_tokens = out.spec_tokens
+        decode_context, decode_spec = batch.decode_context.append, batch.decode_spec_tokens.append
+        prefill_tokens, prefill_context = batch.prefill_tokens.append, batch.prefill_context.append
+        sampling = out.sampling.add
         for rid, n in out.num_scheduled.items():
             req = requests[rid]
             before = req.num_computed
-            num_spec = out.spec_tokens.get(rid, 0)
-            if before >= req.num_tokens - 1 + req.placeholders and n - num_spec <= 1:
-                batch.decode_context.append(before + 1)
-                batch.decode_spec_tokens.append(num_spec)
+            num_spec = spec_tokens.get(rid, 0) if spec_tokens else 0
+            num_tokens = req.num_prompt + req.num_output
+            placeholders = req.placeholders
+            if before >= num_tokens - 1 + placeholders and n - num_spec <= 1:
+                decode_context(before + 1)
+                decode_spec(num_spec)
             else:
-                batch.prefill_tokens.append(n)
-                batch.prefill_context.append(before)
+                prefill_tokens(n)
+                prefill_context(before)
             req.num_computed = before + n
             req.in_flight_tokens += n
-            if req.num_computed >= req.num_tokens + req.placeholders:
-                out.sampling.add(rid)
-                if self.async_scheduling:
-                    req.placeholders += 1 + num_spec
+            if before + n >= num_tokens + placeholders:
+                sampling(rid)
+                if async_scheduling:
+                    req.placeholders = placeholders + 1 + num_spec
                 if track_prefill:
                     self._prefilling.discard(rid)
             elif track_prefill:
@@ -242,20 +251,27 @@ class NativeScheduler:
         """
         finished: list[SimRequest] = []
         requests = self.requests
+        spec_tokens, spec_padding = out.spec_tokens, out.spec_padding
+        async_scheduling = self.async_scheduling
+        cache_full_blocks = self.kv.cache_full_blocks
+        max_model_len = self.max_model_len
+        finished_status, running_status = Status.FINISHED, Status.RUNNING
         for rid, n in out.num_scheduled.items():
             req = requests[rid]
             req.in_flight_tokens -= n
             stale = req.stale_tokens > 0
             if stale:
                 req.stale_tokens -= n
-            if req.status >= Status.FINISHED:
+            if req.status >= finished_status:
                 continue
             generated = sampled.get(rid, 0)
             if not generated:
                 continue
-            if rid in out.spec_padding:
-                generated = 1
-            num_spec = out.spec_tokens.get(rid, 0)
+            num_spec = 0
+            if spec_tokens:
+                if rid in spec_padding:
+                    generated = 1
+                num_spec = spec_tokens.get(rid, 0)
             if num_spec:
                 rejected = num_spec - (generated - 1)
                 if not stale:
@@ -263,16 +279,34 @@ class NativeScheduler:
                         req.num_computed -= rejected
                     if req.placeholders > 0:
                         req.placeholders -= rejected
-            delivered, stopped = self._deliver(req, generated, now)
+            # deliver the tokens one by one until a stop condition (vLLM's check_stop)
+            num_output = req.num_output
+            num_tokens = req.num_prompt + num_output
+            room = req.max_tokens - num_output
+            if max_model_len - num_tokens < room:
+                room = max_model_len - num_tokens
+            delivered = generated if generated < room else room
+            if delivered > 0:
+                if num_output == 0:
+                    req.first_token_s = now
+                if req.first_visible_s < 0 and num_output + delivered > req.reasoning_tokens:
+                    req.first_visible_s = now
+                num_output += delivered
+                req.num_output = num_output
+                req.last_token_s = now
+                stopped = num_output >= req.max_tokens or num_tokens + delivered >= max_model_len
+            else:
+                delivered, stopped = 0, True
             if not stale:
-                req.placeholders = max(req.placeholders - delivered, 0)
-            if self.async_scheduling and req.status == Status.RUNNING:
+                placeholders = req.placeholders - delivered
+                req.placeholders = placeholders if placeholders > 0 else 0
+            if async_scheduling and req.status == running_status:
                 # As vLLM: only the AsyncScheduler caches blocks when output arrives
                 # (the sync one waits for the next allocation, which matters for
                 # blocks filled by accepted drafts), and it does so before a
                 # finishing request is freed, so that block goes to the back of
                 # the free queue.
-                self.kv.cache_full_blocks(req, req.num_computed - req.placeholders)
+                cache_full_blocks(req, req.num_computed - req.placeholders)
             if stopped:
                 self._finish(req, now)
                 finished.append(req)
@@ -280,21 +314,6 @@ class NativeScheduler:
             done = {r.rid for r in finished}
             self.running = [r for r in self.running if r.rid not in done]
         return finished
-
-    def _deliver(self, req: SimRequest, generated: int, now: float) -> tuple[int, bool]:
-        """Append output tokens one by one until a stop condition; return (count, stopped)."""
-        room = min(req.max_tokens - req.num_output, self.max_model_len - req.num_tokens)
-        delivered = min(generated, max(room, 0))
-        if delivered <= 0:
-            return 0, True
-        if req.num_output == 0:
-            req.first_token_s = now
-        if req.first_visible_s < 0 and req.num_output + delivered > req.reasoning_tokens:
-            req.first_visible_s = now
-        req.num_output += delivered
-        req.last_token_s = now
-        stopped = req.num_output >= req.max_tokens or req.num_tokens >= self.max_model_len
-        return delivered, stopped
 
     def _finish(self, req: SimRequest, now: float) -> None:
         if req.status == Status.PREEMPTED:
