@@ -16,6 +16,7 @@ fast path's time grows with the request count.
     python benchmarks/bench_simulator.py            # full (a few minutes)
     python benchmarks/bench_simulator.py --quick    # 200 requests instead of 1,000
     python benchmarks/bench_simulator.py --large    # growth up to 100k requests (slow)
+    python benchmarks/bench_simulator.py --servegen # also ServeGen's peak hour of R1 traffic (~5 min)
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def spec_for(rate: float, n: int, lengths_file: str | None = LENGTHS):
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=overrides)
     return cfg
+
+
+def servegen_spec(duration_s: int):
+    """ServeGen's busiest hour of DeepSeek-R1 traffic (conf/workload/servegen.yaml), or its first
+    ``duration_s`` seconds."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return compose("config", overrides=["workload=servegen", f"workload.duration_s={duration_s}"])
 
 
 def timed_simulation(cfg, fast: bool):
@@ -102,6 +112,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests, faster")
     parser.add_argument("--large", action="store_true", help="also 100k requests (slow)")
+    parser.add_argument("--servegen", action="store_true",
+                        help="also ServeGen's peak hour (~133k requests, ~37 req/s; fast path only, "
+                             "with the step-by-step ratio on its first minute)")
     args = parser.parse_args()
     n = 200 if args.quick else 1000
     timed_simulation(spec_for(1.0, 10), fast=True)  # warm-up: imports, performance model
@@ -125,6 +138,20 @@ def main() -> int:
     for count in counts:
         t, r = timed_simulation(spec_for(4.0, count, lengths_file=None), fast=True)
         print(f"| {count} | {t:.2f} | {r.summary['steps']} |")
+    if args.servegen:
+        print()
+        print("# ServeGen peak hour of DeepSeek-R1 traffic, H100 + R1-Distill-Qwen-7B (issue 5 target: <= 60 s)")
+        print("| traffic | requests | steps | preemptions | fast (s) | step-by-step (s) | speed-up | same results |")
+        print("|---|---|---|---|---|---|---|---|")
+        cfg = servegen_spec(60)
+        t_fast, fast = timed_simulation(cfg, fast=True)
+        t_slow, slow = timed_simulation(cfg, fast=False)
+        print(f"| first minute | {len(fast.requests['arrival_s'])} | {fast.summary['steps']} | "
+              f"{fast.summary['preemptions']} | {t_fast:.1f} | {t_slow:.1f} | {t_slow / t_fast:.1f}x | "
+              f"{agree(fast, slow)} |")
+        t_fast, fast = timed_simulation(servegen_spec(3600), fast=True)
+        print(f"| hour | {len(fast.requests['arrival_s'])} | {fast.summary['steps']} | "
+              f"{fast.summary['preemptions']} | {t_fast:.0f} | - | - | - |")
     return 0
 
 
