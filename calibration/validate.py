@@ -430,8 +430,7 @@ def write_report(report: ValidationReport, live: Sequence[RunResult], sim: Seque
     md += [f"**Verdict:** {verdict}", ""]
     for key in ("scenario", "workload", "live_runs", "sim_runs", "performance_model", "step_gap_s",
                 "step_gap_per_request_s", "step_gap_source", "request_overhead_s", "request_overhead_source",
-                "jitter",
-                "async_scheduling", "machine", "notes"):
+                "jitter", "async_scheduling", "machine", "notes"):
         if key in ctx:
             md.append(f"- **{key}**: {ctx[key] if not isinstance(ctx[key], dict | list) else json.dumps(ctx[key], default=_json_default)}")
     md += ["", "## Metrics", "",

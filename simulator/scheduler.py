@@ -93,6 +93,8 @@ class NativeScheduler:
         num_spec_tokens = cfg.speculative.num_speculative_tokens
         prefill_scheduled = False
         i = 0
+        # the loops below run once per request per step, the simulator's hottest code: they bind
+        # methods to locals and spell out SimRequest.num_tokens (num_prompt + num_output)
         max_model_len = self.max_model_len
         allocate, cache_full_blocks = kv.allocate, kv.cache_full_blocks
         while i < len(running) and budget > 0:

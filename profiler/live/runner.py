@@ -279,6 +279,14 @@ def prefill_probe_result(probes: list[dict], collector: IterationCollector) -> l
 STEP_PROBE_BATCHES = ((1, PROBE_PROMPT_TOKENS), (8, PROBE_PROMPT_TOKENS), (1, PREFILL_PROBE_TOKENS),
                       (8, PREFILL_PROBE_TOKENS))
 STEP_PROBE_TOKENS = 128
+#: the probes use at most this share of the KV cache, so that none of them is preempted
+PROBE_KV_SHARE = 0.8
+
+
+def _short_probes_that_fit(kv_tokens: int) -> int:
+    """How many requests of PROBE_PROMPT_TOKENS-token prompts generating STEP_PROBE_TOKENS
+    tokens fit PROBE_KV_SHARE of a ``kv_tokens``-token cache together."""
+    return int(PROBE_KV_SHARE * kv_tokens) // (PROBE_PROMPT_TOKENS + STEP_PROBE_TOKENS + 2)
 
 
 def decode_probe_batches(kv_tokens: int | None) -> list[tuple[int, int]]:
@@ -293,11 +301,11 @@ def decode_probe_batches(kv_tokens: int | None) -> list[tuple[int, int]]:
     """
     if kv_tokens is None:
         return list(STEP_PROBE_BATCHES)
-    room = int(0.8 * kv_tokens)
+    room = int(PROBE_KV_SHARE * kv_tokens)
     out = []
     for batch, prompt in STEP_PROBE_BATCHES:
         if prompt <= PROBE_PROMPT_TOKENS:
-            batch = min(batch, room // (prompt + STEP_PROBE_TOKENS + 2))
+            batch = min(batch, _short_probes_that_fit(kv_tokens))
             if batch >= 1:
                 out.append((batch, prompt))
             continue
@@ -378,7 +386,7 @@ async def _probe_loaded_ttft(client, url: str, model: str, kv_tokens: int | None
     """
     batch = LOADED_PROBE_BATCH
     if kv_tokens is not None:
-        batch = min(batch, int(0.8 * kv_tokens) // (PROBE_PROMPT_TOKENS + STEP_PROBE_TOKENS + 2) - 1)
+        batch = min(batch, _short_probes_that_fit(kv_tokens) - 1)  # room for the lone request
         if batch < 1:
             return None
     rng = np.random.default_rng()
