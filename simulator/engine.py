@@ -25,6 +25,7 @@ from simulator.engine_config import EngineConfig
 from simulator.performance import KVCapacity, PerformanceModel
 from simulator.request import SimRequest, Status
 from simulator.scheduler import NativeScheduler, SchedulerOutput
+from simulator.steady import SteadyScheduler
 from simulator.workload import Workload
 
 STEP_COLUMNS = ("start_s", "end_s", "running", "waiting", "kv_blocks_used", "prefill_tokens",
@@ -147,7 +148,13 @@ class Engine:
             # vLLM turns async scheduling off for n-gram speculative decoding
             async_scheduling = not (config.speculative.enabled and config.speculative.method == "ngram")
         self.async_scheduling = async_scheduling
+        probe = perf.decode_times(1, np.ones(1))
+        self._decode_fn = perf.decode_times if probe is not None else None
+        self.fast = bool(fast and self._decode_fn is not None and not keep_decisions
+                         and scheduler_factory in (None, NativeScheduler))
         factory = scheduler_factory or NativeScheduler
+        if self.fast and not config.speculative.enabled:
+            factory = SteadyScheduler  # same decisions, with steady decoders kept lazily
         self.scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
         self.rng = random.Random(seed)
         self.env = simpy.Environment()
@@ -155,10 +162,6 @@ class Engine:
         self.requests: list[SimRequest] = []
         self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
         self.on_progress = on_progress
-        probe = perf.decode_times(1, np.ones(1))
-        self._decode_fn = perf.decode_times if probe is not None else None
-        self.fast = bool(fast and self._decode_fn is not None and not keep_decisions
-                         and isinstance(self.scheduler, NativeScheduler))
         self._horizon = fast_forward.INITIAL_HORIZON
         self._next_arrival = 0
         # arrivals that will join the queue (not rejected), for the fast path's waiting counts
@@ -230,7 +233,7 @@ class Engine:
                     continue
             self._before_schedule()
             out = sched.schedule()
-            if not out.num_scheduled:
+            if not out.has_work:
                 if out.preempted:
                     # a step that only preempted (a lone request short of a block preempts
                     # itself): like vLLM's engine, schedule again at once
@@ -256,12 +259,12 @@ class Engine:
             if sched.has_requests():
                 self._before_schedule()
                 out = sched.schedule()
-                if out.num_scheduled:
+                if out.has_work:
                     start = in_flight[-1][2] if in_flight else env.now
                     in_flight.append((out, start, start + self._step_time(out)))
                     if len(in_flight) < 2:
                         continue
-                only_preempted = bool(out.preempted) and not out.num_scheduled
+                only_preempted = bool(out.preempted) and not out.has_work
             if not in_flight:
                 if only_preempted:
                     continue  # as in the sync loop: vLLM's engine schedules again at once
@@ -307,6 +310,8 @@ class Engine:
 
     def _fast_sync(self) -> float | None:
         """Advance a run of pure-decode steps under sync scheduling; return its duration."""
+        if not self.scheduler.ready_for_run():
+            return None
         now = self.env.now
 
         def schedule_times(times: np.ndarray) -> np.ndarray:
@@ -323,6 +328,8 @@ class Engine:
     def _fast_async(self, in_flight: deque) -> float | None:
         """Advance pure-decode steps with one step in flight; return the time to the last update."""
         sched = self.scheduler
+        if not sched.ready_for_run():
+            return None
         out_j, start_j, end_j = in_flight[0]
         running = sched.running
         scheduled = out_j.num_scheduled
@@ -377,7 +384,7 @@ class Engine:
         self.steps.add_step(
             start, now, sched.num_running, sched.num_waiting, sched.kv.num_used_blocks,
             sum(batch.prefill_tokens), len(batch.decode_context) + sum(batch.decode_spec_tokens),
-            len(out.num_scheduled), len(out.preempted),
+            len(out.num_scheduled) + out.num_steady, len(out.preempted),
         )
         if self.decisions is not None:
             self.decisions.append(out)
@@ -431,6 +438,8 @@ class Engine:
         loop = env.process(self._run_async() if self.async_scheduling else self._run_sync())
         env.run(until=loop)  # the loop ends when every request has, or on request_stop
         self.interrupted = self._stop_requested
+        if isinstance(self.scheduler, SteadyScheduler):
+            self.scheduler.materialize()
         unfinished = [r for r in self.requests if r.status < Status.FINISHED]
         if unfinished and not self.interrupted:
             raise RuntimeError(f"{len(unfinished)} requests never finished: {self._state()}")

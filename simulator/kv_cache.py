@@ -90,6 +90,19 @@ class FreeBlockQueue:
         pos[out] = -1
         return out
 
+    def pop_one(self) -> int:
+        """Take the first block (the queue is not empty)."""
+        buf, pos = self._buf, self._pos
+        head = self._head
+        block = buf.item(head)
+        while pos.item(block) != head:  # skip holes
+            head += 1
+            block = buf.item(head)
+        self._head = head + 1
+        pos[block] = -1
+        self._len -= 1
+        return block
+
     def remove(self, block: int) -> None:
         """Take ``block`` out from wherever it is (a prefix hit on a free cached block)."""
         if self._pos[block] < 0:
@@ -329,6 +342,23 @@ class KVCacheManager:
         if num_new:
             blocks.extend(self.take_free_blocks(num_new).tolist())
         self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + (len(hit_blocks) + num_new) * self.clock
+        return True
+
+    def append_block(self, rid: int) -> bool:
+        """One more block for ``rid``, which holds blocks (a decode crossing a block boundary):
+        ``allocate`` of one slot past its blocks, without the general case's work."""
+        if not len(self.free_queue):
+            return False
+        block = self.free_queue.pop_one()
+        if self.enable_caching:
+            owner = self._owner.item(block)
+            if owner != NO_HASH:
+                if owner == SHARED:
+                    self._evict_shared(block)
+                self._owner[block] = NO_HASH
+        self._ref[block] = 1
+        self.req_blocks[rid].append(block)
+        self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + self.clock
         return True
 
     def take_free_blocks(self, n: int) -> np.ndarray:

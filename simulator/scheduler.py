@@ -36,10 +36,18 @@ class SchedulerOutput:
     resumed: list[int] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
     batch: StepBatch = field(default_factory=StepBatch)
+    #: running requests decoding one token in this step without being listed in
+    #: num_scheduled (the steady decoders of simulator.steady; 0 otherwise)
+    num_steady: int = 0
 
     @property
     def total_tokens(self) -> int:
-        return sum(self.num_scheduled.values())
+        return sum(self.num_scheduled.values()) + self.num_steady
+
+    @property
+    def has_work(self) -> bool:
+        """Whether the step runs anything."""
+        return bool(self.num_scheduled) or self.num_steady > 0
 
 
 class NativeScheduler:
@@ -75,22 +83,35 @@ class NativeScheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def ready_for_run(self) -> bool:
+        """Whether the engine may plan a run of pure-decode steps now (simulator.fast_forward
+        reads every running request's state; SteadyScheduler first brings it up to date)."""
+        return True
+
     # --- scheduling -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Decide the next step's batch (vLLM's Scheduler.schedule)."""
         self.step += 1
         cfg = self.config
-        kv = self.kv
         out = SchedulerOutput(step=self.step)
-        scheduled = out.num_scheduled
         budget = cfg.max_num_batched_tokens
         threshold = cfg.long_prefill_token_threshold
         if len(self.running) + len(self.waiting) <= 1:
             threshold = 0  # nobody to starve: let a lone prefill use the whole budget
+        budget, prefill_scheduled = self._schedule_running(out, budget, threshold)
+        if not out.preempted:  # no admissions in a step that preempted
+            self._schedule_waiting(out, budget, threshold, prefill_scheduled)
+        self._after_schedule(out)
+        return out
 
-        # 1. running requests, in admission order
+    def _schedule_running(self, out: SchedulerOutput, budget: int, threshold: int) -> tuple[int, bool]:
+        """Serve the running requests in admission order, preempting from the back when a KV
+        block is short; return the budget left and whether a prefill chunk was scheduled
+        (speculation only)."""
+        kv = self.kv
+        scheduled = out.num_scheduled
         running = self.running
-        num_spec_tokens = cfg.speculative.num_speculative_tokens
+        num_spec_tokens = self.config.speculative.num_speculative_tokens
         prefill_scheduled = False
         i = 0
         # the loops below run once per request per step, the simulator's hottest code: they bind
@@ -133,71 +154,80 @@ class NativeScheduler:
                 if num_spec > 0:
                     out.spec_tokens[req.rid] = min(num_spec, req.spec_tokens)
                 req.spec_tokens = 0
+        return budget, prefill_scheduled
 
-        # 2. waiting requests, first come first served (none if anything was preempted)
-        running_scheduled = bool(scheduled)
-        if not out.preempted:
-            skipped: list[SimRequest] = []
-            waiting = self.waiting
-            while budget > 0 and waiting:
-                if len(running) >= cfg.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, threshold: int,
+                          prefill_scheduled: bool) -> None:
+        """Admit waiting requests first come first served, within the budget, max_num_seqs and
+        the free KV blocks."""
+        cfg = self.config
+        kv = self.kv
+        scheduled = out.num_scheduled
+        running = self.running
+        num_spec_tokens = cfg.speculative.num_speculative_tokens
+        running_scheduled = bool(scheduled) or out.num_steady > 0
+        skipped: list[SimRequest] = []
+        waiting = self.waiting
+        while budget > 0 and waiting:
+            if len(running) >= cfg.max_num_seqs:
+                break
+            req = waiting[0]
+            if req.stale_tokens:
+                skipped.append(waiting.popleft())  # output of a preempted step still in flight
+                continue
+            hits: list[int] = []
+            if req.num_computed == 0:
+                hits = kv.computed_blocks(req, req.num_tokens)
+            num_computed = len(hits) * self.block_size
+            n = req.num_tokens - num_computed
+            padded = (
+                num_spec_tokens
+                and n == 1
+                and not prefill_scheduled
+                and (running_scheduled or num_computed > 0)
+                and num_computed + 2 + num_spec_tokens <= self.max_model_len
+            )
+            if padded:
+                # vLLM pads a one-token decode to the uniform speculative size
+                # (for CUDA graphs), with draft slots that are never accepted
+                if 1 + num_spec_tokens > budget:
                     break
-                req = waiting[0]
-                if req.stale_tokens:
-                    skipped.append(waiting.popleft())  # output of a preempted step still in flight
-                    continue
-                hits: list[int] = []
-                if req.num_computed == 0:
-                    hits = kv.computed_blocks(req, req.num_tokens)
-                num_computed = len(hits) * self.block_size
-                n = req.num_tokens - num_computed
-                padded = (
-                    num_spec_tokens
-                    and n == 1
-                    and not prefill_scheduled
-                    and (running_scheduled or num_computed > 0)
-                    and num_computed + 2 + num_spec_tokens <= self.max_model_len
-                )
-                if padded:
-                    # vLLM pads a one-token decode to the uniform speculative size
-                    # (for CUDA graphs), with draft slots that are never accepted
-                    if 1 + num_spec_tokens > budget:
-                        break
-                    n = 1 + num_spec_tokens
-                if 0 < threshold < n:
-                    n = threshold
-                if not cfg.enable_chunked_prefill and n > budget:
-                    break
-                n = min(n, budget)
-                if not kv.allocate(
-                    req.rid,
-                    min(num_computed + n, self.max_model_len),
-                    hits,
-                    full_sequence_tokens=min(req.num_tokens, self.max_model_len),
-                ):
-                    break
-                if req.num_preemptions == 0 or req.num_cached_tokens < 0:
-                    kv.record_prefix_lookup(req.num_tokens, num_computed)
-                waiting.popleft()
-                running.append(req)
-                if req.first_scheduled_s < 0:
-                    req.first_scheduled_s = kv.clock
-                (out.new if req.status == Status.WAITING else out.resumed).append(req.rid)
-                scheduled[req.rid] = n
-                if padded:
-                    out.spec_tokens[req.rid] = num_spec_tokens
-                    out.spec_padding.add(req.rid)
-                budget -= n
-                req.status = Status.RUNNING
-                req.num_computed = num_computed
-                if req.num_cached_tokens < 0:
-                    req.num_cached_tokens = num_computed
-                kv.cache_full_blocks(req, min(num_computed + n, req.num_tokens))
-            if skipped:
-                waiting.extendleft(reversed(skipped))
+                n = 1 + num_spec_tokens
+            if 0 < threshold < n:
+                n = threshold
+            if not cfg.enable_chunked_prefill and n > budget:
+                break
+            n = min(n, budget)
+            if not kv.allocate(
+                req.rid,
+                min(num_computed + n, self.max_model_len),
+                hits,
+                full_sequence_tokens=min(req.num_tokens, self.max_model_len),
+            ):
+                break
+            if req.num_preemptions == 0 or req.num_cached_tokens < 0:
+                kv.record_prefix_lookup(req.num_tokens, num_computed)
+            waiting.popleft()
+            running.append(req)
+            self._on_admit(req)
+            if req.first_scheduled_s < 0:
+                req.first_scheduled_s = kv.clock
+            (out.new if req.status == Status.WAITING else out.resumed).append(req.rid)
+            scheduled[req.rid] = n
+            if padded:
+                out.spec_tokens[req.rid] = num_spec_tokens
+                out.spec_padding.add(req.rid)
+            budget -= n
+            req.status = Status.RUNNING
+            req.num_computed = num_computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+            kv.cache_full_blocks(req, min(num_computed + n, req.num_tokens))
+        if skipped:
+            waiting.extendleft(reversed(skipped))
 
-        self._after_schedule(out)
-        return out
+    def _on_admit(self, req: SimRequest) -> None:
+        """Hook: ``req`` was just appended to the running requests."""
 
     def _after_schedule(self, out: SchedulerOutput) -> None:
         """Advance computed tokens and describe the batch (vLLM's _update_after_schedule)."""
@@ -313,8 +343,14 @@ class NativeScheduler:
                 self._finish(req, now)
                 finished.append(req)
         if finished:
-            done = {r.rid for r in finished}
-            self.running = [r for r in self.running if r.rid not in done]
+            running = self.running
+            if len(finished) <= 4:
+                for r in finished:
+                    with contextlib.suppress(ValueError):  # a preempted one finishes from the queue
+                        running.remove(r)
+            else:
+                done = {r.rid for r in finished}
+                self.running = [r for r in running if r.rid not in done]
         return finished
 
     def _finish(self, req: SimRequest, now: float) -> None:
