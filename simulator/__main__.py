@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulator.configure import CONF_DIR, check_group_choices
+from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
 from simulator.errors import ConfigError
 
 
@@ -106,6 +106,7 @@ def main() -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    skip_hydra_mode_probe(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _task(cfg) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from simulator.configure import CONF_DIR, check_group_choices
+from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
 from simulator.errors import ConfigError
 
 
@@ -42,6 +42,7 @@ def main() -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    skip_hydra_mode_probe(sys.argv[1:])
 
     @hydra.main(config_path=str(CONF_DIR), config_name="planner", version_base=None)
     def _task(cfg) -> None:

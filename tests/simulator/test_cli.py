@@ -130,3 +130,33 @@ def test_ctrl_c_writes_partial_results(tmp_path):
     assert requests["arrival_s"].max() <= partial["interrupted_at_s"]
     for name in ("timeline.parquet", "resolved_config.yaml", "workload.parquet"):
         assert (tmp_path / name).exists(), name
+
+
+def test_the_config_is_composed_once(tmp_path, monkeypatch):
+    # Hydra composes the config a first time only to read hydra.mode; the command line skips that
+    from hydra._internal.hydra import Hydra
+
+    import simulator.__main__ as cli
+
+    modes = []
+    compose = Hydra.compose_config
+
+    def counting(self, *args, **kwargs):
+        modes.append(kwargs.get("run_mode"))
+        return compose(self, *args, **kwargs)
+
+    monkeypatch.setattr(Hydra, "compose_config", counting)
+    monkeypatch.setattr(Hydra, "get_mode", Hydra.get_mode)  # restored after the test
+    monkeypatch.setattr(sys, "argv", ["simulator", f"hydra.run.dir={tmp_path}", "progress=false",
+                                      "plots=false", "workload.num_requests=10"])
+    assert cli.main() == 0
+    assert len(modes) == 1
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_hydra_mode_set_on_the_command_line_still_sweeps(tmp_path):
+    cmd = [sys.executable, "-m", "simulator", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}",
+           "progress=false", "plots=false", "workload.num_requests=20", "workload.rate=1,8"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "0" / "summary.json").exists() and (tmp_path / "1" / "summary.json").exists()
