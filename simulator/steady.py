@@ -62,6 +62,8 @@ class SteadyScheduler(NativeScheduler):
         self._applied_step = 0
         self._applied_s = 0.0
         self._in_schedule = False
+        #: request-steps advanced lazily so far (a diagnostic: how much the steady set saved)
+        self.steady_request_steps = 0
         self._ordinary_steps = 0
         self._last_scheduled = -1
 
@@ -185,6 +187,7 @@ class SteadyScheduler(NativeScheduler):
         super()._after_schedule(out)
         n = out.num_steady
         if n:
+            self.steady_request_steps += n
             # each steady request attends over its computed tokens + 1: at step s that is
             # (computed at entry - entry step + 1) + s, summed here; the count and the sum are
             # exact, the split between requests is not kept

@@ -115,3 +115,41 @@ def test_a_stopped_run_reports_steady_requests_as_they_are(async_scheduling):
         assert (x.status, x.num_output, x.num_computed, x.last_token_s) == \
                (y.status, y.num_output, y.num_computed, y.last_token_s), x.rid
     assert_same_results(a, b)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    blocks=st.sampled_from([None, 400, 1500]),
+    prefix=st.booleans(),
+    async_scheduling=st.booleans(),
+)
+def test_steady_decoders_and_decode_runs_together_match_the_step_by_step_path(seed, blocks, prefix,
+                                                                                async_scheduling):
+    # many requests at once: the fast path alternates runs of identical steps with steady
+    # decoders (and hands requests from one to the other) and must still give the reference results
+    from simulator.engine import simulate
+
+    w = make_workload(n=90, seed=seed, rate=60, prompt=(20, 400), output=(50, 1200),
+                      prefix_groups=3 if prefix else 0, prefix_tokens=48 if prefix else 0)
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=2048, enable_prefix_caching=prefix)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert slow.summary["steps"] == fast.summary["steps"]
+    assert_same_results(slow, fast)
+
+
+def test_the_fast_path_uses_both_mechanisms_under_load(monkeypatch):
+    w = make_workload(n=90, seed=1, rate=60, prompt=(20, 400), output=(50, 1200))
+    cfg = EngineConfig(num_gpu_blocks_override=1500, max_model_len=2048)
+    perf = VectorLinearModel()
+    kv = perf.kv_capacity(cfg.block_size, cfg.gpu_memory_utilization, cfg.num_gpu_blocks_override)
+    scheduled = []
+    schedule = SteadyScheduler.schedule
+    monkeypatch.setattr(SteadyScheduler, "schedule", lambda self: scheduled.append(1) or schedule(self))
+    engine = Engine(w, cfg, perf, kv, fast=True)
+    run = engine.run()
+    assert isinstance(engine.scheduler, SteadyScheduler)
+    steps = len(run.steps)
+    assert len(scheduled) < steps / 3  # most steps come from runs of identical steps
+    assert engine.scheduler.steady_request_steps > 2000  # and steady decoders carry the ordinary ones
