@@ -80,7 +80,7 @@ def plan(
     if n == 0 or n > cfg.max_num_batched_tokens or cfg.speculative.enabled:
         return None
     waiting = sched.waiting
-    if waiting and not _head_blocked(sched, waiting[0]):
+    if waiting and not head_blocked(sched, waiting[0]):
         return None
     lag = in_flight_steps
     remaining = []
@@ -126,7 +126,7 @@ def plan(
     return DecodeRun(k=k, step_times=times[:k], computed=c, block_steps=steps, block_owners=owners)
 
 
-def _head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
+def head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
     """True if the head of the queue cannot be admitted until something finishes."""
     if len(sched.running) >= sched.config.max_num_seqs:
         return True

@@ -30,7 +30,7 @@ from collections import deque
 from operator import attrgetter
 
 from simulator.engine_config import EngineConfig
-from simulator.fast_forward import _head_blocked
+from simulator.fast_forward import head_blocked
 from simulator.request import SimRequest, Status
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
@@ -321,7 +321,7 @@ class SteadyScheduler(NativeScheduler):
                     or r.num_computed != r.num_prompt + r.num_output - 1 + lag
                     or r.max_tokens - r.num_output - lag <= min_steps):
                 return False
-        if self.waiting and not _head_blocked(self, self.waiting[0]):
+        if self.waiting and not head_blocked(self, self.waiting[0]):
             return False
         exits = self._exits
         while exits and (exits[0][2].steady_from < 0 or exits[0][2].steady_exit != exits[0][0]):
