@@ -85,11 +85,13 @@ def plan(
     lag = in_flight_steps
     remaining = []
     for r in running:
-        if r.placeholders != lag or r.num_computed != r.num_tokens - 1 + lag or r.stale_tokens:
+        if r.placeholders != lag or r.num_computed != r.num_prompt + r.num_output - 1 + lag or r.stale_tokens:
             return None
         remaining.append(r.max_tokens - r.num_output - lag)
     # the step delivering a request's last token goes through the ordinary path
     k_max = min(remaining) - (1 - lag)
+    if k_max < 1:
+        return None
     c = np.fromiter((r.num_computed for r in running), dtype=np.int64, count=n)
     k_max = min(k_max, int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
     if k_max < 1:

@@ -209,6 +209,42 @@ def test_caching_many_requests_at_once_equals_one_by_one():
     assert [len(h) for h in hits] == [2, 3, 0, 4]
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_one_block_at_a_boundary_is_what_allocate_gives(caching):
+    # a decode crossing a block boundary takes its block through append_block: the same block,
+    # the same evictions (shared and private names), the same queue and accounting as allocate
+    def history():
+        kv = KVCacheManager(num_blocks=14, block_size=4, enable_prefix_caching=caching)
+        kv.clock = 1.0
+        reqs = [request(0, group=0, prefix=8, block_size=4), request(1, block_size=4),
+                request(2, block_size=4)]
+        for r, slots in zip(reqs, (8, 12, 4), strict=True):
+            assert kv.allocate(r.rid, slots)
+            kv.cache_full_blocks(r, slots)
+        kv.free(0)  # shared prefix blocks, named, to the back of the queue
+        kv.free(1)  # private blocks named in bulk, to the back
+        kv.clock = 2.5
+        return kv
+
+    a, b = history(), history()
+    while True:  # request 2 grows one block at a time until the cache is full
+        held = len(a.req_blocks[2])
+        grown_a = a.allocate(2, held * 4 + 1)
+        grown_b = b.append_block(2)
+        assert grown_a == grown_b
+        assert a.req_blocks == b.req_blocks
+        assert a.free_queue.blocks().tolist() == b.free_queue.blocks().tolist()
+        assert a.computed_blocks(request(3, group=0, prefix=8, block_size=4), 9) == \
+               b.computed_blocks(request(3, group=0, prefix=8, block_size=4), 9)
+        assert a.computed_blocks(request(1, block_size=4), 13) == b.computed_blocks(request(1, block_size=4), 13)
+        if not grown_a:
+            break
+    a.free(2)
+    b.free(2)
+    assert a.block_seconds == b.block_seconds
+    assert a.num_used_blocks == b.num_used_blocks == 0
+
+
 def test_block_seconds_integrate_held_blocks_over_time():
     kv = KVCacheManager(num_blocks=10, block_size=16)
     kv.clock = 0.0
