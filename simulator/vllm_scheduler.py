@@ -242,7 +242,8 @@ class VllmKV:
 
     @property
     def usage(self) -> float:
-        return 1.0 - self.pool.get_num_free_blocks() / self.num_blocks
+        """vLLM's own kv_cache_usage (the null block excluded, as KVCacheManager.usage)."""
+        return self.pool.get_usage()
 
     def num_blocks_of(self, rid: int) -> int:
         return len(self.group.req_to_blocks.get(str(rid), ()))
