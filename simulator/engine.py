@@ -57,22 +57,31 @@ class StepLog:
         self._counts.append(1)
 
     def add_run(self, k: int, start_s: np.ndarray, end_s: np.ndarray, waiting: np.ndarray,
-                kv_blocks_used: np.ndarray, batch_size: int, first_preempted: int) -> None:
-        """Append k pure-decode steps of ``batch_size`` running requests each; only the
-        first may report preemptions (those of the step the run started from)."""
+                kv_blocks_used: np.ndarray, running: np.ndarray, batch_size: np.ndarray,
+                first_preempted: int) -> None:
+        """Append k pure-decode steps: per step its batch and the requests running after it
+        (they change only where requests finish); only the first step may report preemptions
+        (those of the step the run started from)."""
         self._flush()
         for name, array in (("start_s", start_s), ("end_s", end_s), ("waiting", waiting),
                             ("kv_blocks_used", kv_blocks_used)):
             self._chunks[name].append(array)
+        # run-length encoded: a new value where the batch or the running count changes, and
+        # after the first step (its preemptions)
+        if batch_size[0] == batch_size[-1] and running[0] == running[-1]:
+            bounds = [1] if k > 1 else []
+        else:
+            change = np.flatnonzero((np.diff(batch_size) != 0) | (np.diff(running) != 0)) + 1
+            bounds = sorted({1, *change.tolist()} - {k}) if k > 1 else []
         values = self._values
-        for count, preempted in ((1, first_preempted), (k - 1, 0)):
-            if count:
-                values["running"].append(batch_size)
-                values["prefill_tokens"].append(0)
-                values["decode_tokens"].append(batch_size)
-                values["batch_size"].append(batch_size)
-                values["preempted"].append(preempted)
-                self._counts.append(count)
+        for a, b in zip([0, *bounds], [*bounds, k], strict=True):
+            size = int(batch_size[a])
+            values["running"].append(int(running[a]))
+            values["prefill_tokens"].append(0)
+            values["decode_tokens"].append(size)
+            values["batch_size"].append(size)
+            values["preempted"].append(first_preempted if a == 0 else 0)
+            self._counts.append(b - a)
 
     def _flush(self) -> None:
         if self._rows["end_s"]:
@@ -360,14 +369,13 @@ class Engine:
     def _fast_apply(self, run, sched_at: np.ndarray, token_times: np.ndarray, starts: np.ndarray,
                     first_preempted: int = 0) -> None:
         sched = self.scheduler
-        kv = sched.kv
-        used = kv.num_used_blocks + fast_forward.take_blocks(sched, run, sched_at)
-        fast_forward.deliver(sched.running, run.k, token_times)
-        lag = 1 if self.async_scheduling else 0  # placeholders each running request holds
-        kv.cache_many(sched.running, (run.computed + run.k - lag).tolist())
+        lag = 1 if self.async_scheduling else 0  # steps in flight when a step is scheduled
+        applied = fast_forward.apply_run(sched, run, sched_at, token_times, lag)
         sched.step += run.k
-        self.steps.add_run(run.k, starts, token_times, self._waiting_at(token_times), used,
-                           len(sched.running), first_preempted)
+        self.steps.add_run(run.k, starts, token_times, self._waiting_at(token_times), applied.kv_blocks_used,
+                           applied.running, applied.batch, first_preempted)
+        if applied.finished:
+            self._count_finished(len(applied.finished))
 
     # --- step bookkeeping ---------------------------------------------------------
     def _before_schedule(self) -> None:

@@ -1,14 +1,17 @@
-"""The fast path: many identical decode steps advanced at once, exactly.
+"""The fast path: many decode steps advanced at once, exactly.
 
 Reasoning requests spend most of their life decoding. Between events that
-change the batch (an arrival that can be admitted, a request's last token, a
-KV block that cannot be had), every engine step schedules the same running
-requests one token each, so the steps can be computed in closed form: step
-times come vectorised from ``PerformanceModel.decode_times``, new KV blocks are
-taken in the order the step-by-step scheduler would take them, and the
-timeline gets one row per step. The results equal the step-by-step path's
-(tests/simulator/test_fast_forward.py checks it); the event that ends a run
-of decode steps is left to the ordinary path.
+change the batch (an arrival that can be admitted, a KV block that cannot be
+had), every engine step schedules the running requests one token each, so the
+steps can be computed in closed form: step times come vectorised from
+``PerformanceModel.decode_times``, new KV blocks are taken in the order the
+step-by-step scheduler would take them, and the timeline gets one row per step.
+A request's last token does not end a run when nobody waits: the run goes on
+with one request fewer, its blocks freed between the steps scheduled before and
+after its last output (with requests waiting, the freed blocks might admit the
+head, so the run stops before). The results equal the step-by-step path's
+(tests/simulator/test_fast_forward.py checks it); the event that ends a run is
+left to the ordinary path.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulator.request import SimRequest
+from simulator.request import SimRequest, Status
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
 #: steps computed ahead per attempt (the engine plans up to twice the last run)
@@ -36,21 +39,26 @@ class DecodeRun:
     # (1..k) and the running index of the request it goes to
     block_steps: np.ndarray
     block_owners: np.ndarray
+    # each running request's last step (it is in steps 1..last): its tokens after the step in
+    # flight; a request with last + in-flight steps <= k finishes inside the run
+    last_steps: np.ndarray
 
 
-def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k: int
+def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(steps, running indices) of every new block the requests need in steps 1..k, in vLLM's order.
 
     At step i a request with c computed tokens before the run allocates slots
     for c + i tokens; it needs a new block when that passes its held blocks.
-    Within a step, blocks go to the running requests in order.
+    Within a step, blocks go to the running requests in order. ``k`` may be an
+    array: each request's own last step.
     """
     first = held * block_size - c + 1  # first step needing a new block (>= 1)
     needing = np.flatnonzero(first <= k)
     if not len(needing):
         return needing, needing
-    counts = (k - first[needing]) // block_size + 1
+    last = k[needing] if isinstance(k, np.ndarray) else k
+    counts = (last - first[needing]) // block_size + 1
     owners = np.repeat(needing, counts)
     rank = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)
     steps = first[owners] + block_size * rank
@@ -88,19 +96,40 @@ def plan(
         if r.placeholders != lag or r.num_computed != r.num_prompt + r.num_output - 1 + lag or r.stale_tokens:
             return None
         remaining.append(r.max_tokens - r.num_output - lag)
-    # the step delivering a request's last token goes through the ordinary path
-    k_max = min(remaining) - (1 - lag)
+    # A request with m tokens to come after the step in flight is in the run's steps 1..m and
+    # finishes when the output of step m arrives. With requests waiting, the run stops before
+    # the first finish (the blocks it frees may admit the head); else finishes happen inside
+    # the run, and only the last request's goes through the ordinary path.
+    through_finishes = not waiting
+    k_max = (max(remaining) if through_finishes else min(remaining)) - (1 - lag)
     if k_max < 1:
         return None
     c = np.fromiter((r.num_computed for r in running), dtype=np.int64, count=n)
     k_max = min(k_max, int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
     if k_max < 1:
         return None
-    context = int(c.sum())
+    last_steps = np.array(remaining, dtype=np.int64)
+    if through_finishes and min(remaining) < k_max:
+        by_last = np.argsort(last_steps, kind="stable")
+        sorted_last = last_steps[by_last]
+        context_from = np.concatenate((np.cumsum(c[by_last][::-1])[::-1], [0]))  # sum of c, last >= t
 
-    def step_times(first: int, last: int) -> np.ndarray:
-        """Times of steps first..last (each adds one token per running request)."""
-        return decode_times(n, context + n * np.arange(first, last + 1, dtype=np.float64))
+        def step_times(first: int, last: int) -> np.ndarray:
+            """Times of steps first..last: each has the requests not finished before it."""
+            t = np.arange(first, last + 1, dtype=np.int64)
+            gone = np.searchsorted(sorted_last, t, side="left")  # requests whose last step < t
+            total = (context_from[gone] + (n - gone) * t).astype(np.float64)
+            out = np.empty(len(t))
+            bounds = np.flatnonzero(np.diff(gone)) + 1
+            for a, b in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(t)])), strict=True):
+                out[a:b] = decode_times(n - int(gone[a]), total[a:b])
+            return out
+    else:
+        context = int(c.sum())
+
+        def step_times(first: int, last: int) -> np.ndarray:
+            """Times of steps first..last (each adds one token per running request)."""
+            return decode_times(n, context + n * np.arange(first, last + 1, dtype=np.float64))
 
     times = step_times(1, min(k_max, horizon))
     k = len(times)
@@ -117,15 +146,18 @@ def plan(
     if k < 1:
         return None
     held = np.fromiter((len(sched.kv.req_blocks[r.rid]) for r in running), dtype=np.int64, count=n)
-    steps, owners = _crossing_steps(c, held, sched.block_size, k)
+    steps, owners = _crossing_steps(c, held, sched.block_size, np.minimum(last_steps, k))
     free = sched.kv.num_free_blocks
     if len(steps) > free:
-        k = int(steps[free]) - 1  # that step would preempt
+        # that step would preempt (blocks freed by finishes inside the run are not counted:
+        # the run may end earlier than it could, never later)
+        k = int(steps[free]) - 1
         if k < 1:
             return None
         kept = int(np.searchsorted(steps, k, side="right"))
         steps, owners = steps[:kept], owners[:kept]
-    return DecodeRun(k=k, step_times=times[:k], computed=c, block_steps=steps, block_owners=owners)
+    return DecodeRun(k=k, step_times=times[:k], computed=c, block_steps=steps, block_owners=owners,
+                     last_steps=last_steps)
 
 
 def head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
@@ -140,44 +172,109 @@ def head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
     return kv.blocks_needed(head.rid, full, hits) > kv.num_free_blocks
 
 
-def take_blocks(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray) -> np.ndarray:
-    """Hand out the run's new blocks in order; return blocks used after each step.
+@dataclass
+class AppliedRun:
+    """What a run did, row by row (a row is a step whose output arrives in the run)."""
 
-    Blocks leave the free queue in the step-by-step order (step, then running
-    order), so eviction from the prefix cache is the same; each block counts
-    toward block-seconds from the time its step is scheduled.
+    kv_blocks_used: np.ndarray  # after each row's output
+    batch: np.ndarray  # requests in each row's step
+    running: np.ndarray  # requests still running after each row's output
+    finished: list[SimRequest]
+
+
+def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,
+              in_flight_steps: int) -> AppliedRun:
+    """Carry out a planned run: new KV blocks, tokens, and the requests finishing inside it.
+
+    Row i's output arrives at ``token_times[i]``; step t of the run is scheduled at
+    ``sched_at[t - 1]``. Blocks leave the free queue in the step-by-step order (step,
+    then running order); a request finishing inside the run frees its blocks after the
+    blocks of the steps scheduled before its last output and before the later ones', as
+    the engine's loop does.
     """
     kv = sched.kv
+    running = sched.running
+    n, k, lag = len(running), run.k, in_flight_steps
+    last = run.last_steps
     steps, owners = run.block_steps, run.block_owners
-    if len(steps):
-        blocks = kv.take_free_blocks(len(steps))
-        n = len(sched.running)
-        counts = np.bincount(owners, minlength=n)
-        acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n).tolist()
-        by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
-        start = 0
-        for idx, count in enumerate(counts.tolist()):
-            if count:
-                end = start + count
-                kv.add_taken_blocks(sched.running[idx].rid, by_request[start:end], acquired_s[idx])
-                start = end
+    row_steps = np.arange(1 - lag, k + 1 - lag)  # the step whose output each row applies
+    sorted_last = np.sort(last)
+    batch = n - np.searchsorted(sorted_last, row_steps, side="left")
+    still = n - np.searchsorted(sorted_last, row_steps, side="right")
+    used = kv.num_used_blocks + np.cumsum(np.bincount(steps - 1, minlength=k))
+    finishing = np.flatnonzero(last + lag <= k)
+    finished: list[SimRequest] = []
+    if not len(finishing):
+        _hand_out(kv, running, steps, owners, sched_at)
+        deliver(running, k, token_times)
+        kv.cache_many(running, (run.computed + k - lag).tolist())
+    else:
+        released = np.zeros(k, dtype=np.int64)
+        taken = 0
+        finishing = finishing[np.argsort(last[finishing], kind="stable")]  # by last step, then order
+        for i in finishing.tolist():
+            row = int(last[i]) + lag - 1  # the row bringing its last token
+            cut = int(np.searchsorted(steps, row + 1, side="right"))  # steps scheduled before it
+            if cut > taken:
+                _hand_out(kv, running, steps[taken:cut], owners[taken:cut], sched_at)
+                taken = cut
+            req = running[i]
+            kv.clock = float(token_times[row])
+            before = kv.num_used_blocks
+            kv.cache_full_blocks(req, int(run.computed[i] + last[i]))
+            kv.free(req.rid)
+            released[row] += before - kv.num_used_blocks
+            finished.append(req)
+        _hand_out(kv, running, steps[taken:], owners[taken:], sched_at)
+        used = used - np.cumsum(released)
+        counts = np.minimum(last + lag, k)
+        deliver(running, k, token_times, counts.tolist(), np.minimum(last, k).tolist())
+        for req in finished:
+            req.status = Status.FINISHED
+            req.finish_s = req.last_token_s
+            req.placeholders = req.in_flight_tokens = 0
+        done = set(finishing.tolist())
+        going_on = [i for i in range(n) if i not in done]
+        sched.running = [running[i] for i in going_on]
+        kv.cache_many(sched.running, (run.computed[going_on] + k - lag).tolist())
     kv.clock = float(sched_at[-1])
-    return np.cumsum(np.bincount(steps - 1, minlength=run.k))
+    return AppliedRun(used, batch, still, finished)
 
 
-def deliver(running: list[SimRequest], k: int, token_times: np.ndarray) -> None:
-    """Each running request gets one token at each of ``token_times`` (k of them)."""
-    last = float(token_times[-1])
-    for r in running:
+def _hand_out(kv, running: list[SimRequest], steps: np.ndarray, owners: np.ndarray,
+              sched_at: np.ndarray) -> None:
+    """Take ``len(steps)`` blocks from the free queue and give each to its owner (a running
+    index); each counts toward block-seconds from the time its step is scheduled."""
+    if not len(steps):
+        return
+    blocks = kv.take_free_blocks(len(steps))
+    n = len(running)
+    counts = np.bincount(owners, minlength=n)
+    acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n).tolist()
+    by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
+    start = 0
+    for idx, count in enumerate(counts.tolist()):
+        if count:
+            end = start + count
+            kv.add_taken_blocks(running[idx].rid, by_request[start:end], acquired_s[idx])
+            start = end
+
+
+def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: list[int] | None = None,
+            scheduled: list[int] | None = None) -> None:
+    """Each running request gets one token at each of ``token_times`` (k of them), or, per
+    request, its first ``tokens[i]`` of them after ``scheduled[i]`` steps of compute."""
+    for i, r in enumerate(running):
+        d = k if tokens is None else tokens[i]
         if r.num_output == 0:
             r.first_token_s = float(token_times[0])
         if r.first_visible_s < 0:
-            i = r.reasoning_tokens - r.num_output  # 0-based index of the first visible token
-            if 0 <= i < k:
-                r.first_visible_s = float(token_times[i])
-        r.num_output += k
-        r.num_computed += k
-        r.last_token_s = last
+            j = r.reasoning_tokens - r.num_output  # 0-based index of the first visible token
+            if 0 <= j < d:
+                r.first_visible_s = float(token_times[j])
+        r.num_output += d
+        r.num_computed += k if scheduled is None else scheduled[i]
+        r.last_token_s = float(token_times[d - 1])
 
 
 def synthesize_step(sched: NativeScheduler) -> SchedulerOutput:

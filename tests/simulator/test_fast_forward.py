@@ -114,3 +114,28 @@ def test_crossing_steps_follow_the_step_by_step_allocation_order(requests, block
                 blocks[idx] += 1
     steps, owners = _crossing_steps(c, held, block_size, k)
     assert list(zip(steps.tolist(), owners.tolist(), strict=True)) == expected
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("prefix", [False, True])
+def test_requests_finish_inside_decode_runs_as_step_by_step(async_scheduling, prefix, monkeypatch):
+    # a burst of requests of different lengths and no queue: the runs go on through
+    # completions, whose freed blocks the others take inside the same run (a tight KV cache)
+    from simulator import fast_forward
+
+    w = make_workload(n=12, seed=4, rate=50, prompt=(40, 300), output=(100, 1500),
+                      prefix_groups=2 if prefix else 0, prefix_tokens=32 if prefix else 0)
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=2048, enable_prefix_caching=prefix)
+    inside = []
+    apply_run = fast_forward.apply_run
+
+    def counting(*args, **kwargs):
+        applied = apply_run(*args, **kwargs)
+        inside.extend(applied.finished)
+        return applied
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert len(inside) >= 5  # most completions happened inside runs
+    assert_same(slow, fast)
