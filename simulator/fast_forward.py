@@ -110,20 +110,25 @@ def plan(
         return None
     last_steps = np.array(remaining, dtype=np.int64)
     if through_finishes and min(remaining) < k_max:
+        # the batch shrinks after each request's last step: segments of steps with the same
+        # requests, each (first step, its request count, their computed tokens before the run)
         by_last = np.argsort(last_steps, kind="stable")
-        sorted_last = last_steps[by_last]
-        context_from = np.concatenate((np.cumsum(c[by_last][::-1])[::-1], [0]))  # sum of c, last >= t
+        ends = last_steps[by_last].tolist()
+        sums = np.cumsum(c[by_last][::-1])[::-1].tolist()  # computed tokens of requests i.. in order
+        segments = [(1, n, sums[0])]
+        for i, end in enumerate(ends[:-1]):
+            if end != ends[i + 1]:
+                segments.append((end + 1, n - i - 1, sums[i + 1]))
 
         def step_times(first: int, last: int) -> np.ndarray:
             """Times of steps first..last: each has the requests not finished before it."""
-            t = np.arange(first, last + 1, dtype=np.int64)
-            gone = np.searchsorted(sorted_last, t, side="left")  # requests whose last step < t
-            total = (context_from[gone] + (n - gone) * t).astype(np.float64)
-            out = np.empty(len(t))
-            bounds = np.flatnonzero(np.diff(gone)) + 1
-            for a, b in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(t)])), strict=True):
-                out[a:b] = decode_times(n - int(gone[a]), total[a:b])
-            return out
+            parts = []
+            for j, (start, count, context) in enumerate(segments):
+                stop = segments[j + 1][0] - 1 if j + 1 < len(segments) else last
+                a, b = max(start, first), min(stop, last)
+                if a <= b:
+                    parts.append(decode_times(count, context + count * np.arange(a, b + 1, dtype=np.float64)))
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
     else:
         context = int(c.sum())
 
