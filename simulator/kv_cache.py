@@ -347,9 +347,10 @@ class KVCacheManager:
     def append_block(self, rid: int) -> bool:
         """One more block for ``rid``, which holds blocks (a decode crossing a block boundary):
         ``allocate`` of one slot past its blocks, without the general case's work."""
-        if not len(self.free_queue):
+        queue = self.free_queue
+        if not queue._len:
             return False
-        block = self.free_queue.pop_one()
+        block = queue.pop_one()
         if self.enable_caching:
             owner = self._owner.item(block)
             if owner != NO_HASH:
@@ -358,7 +359,8 @@ class KVCacheManager:
                 self._owner[block] = NO_HASH
         self._ref[block] = 1
         self.req_blocks[rid].append(block)
-        self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + self.clock
+        acquired = self._acquired_s
+        acquired[rid] = acquired.get(rid, 0.0) + self.clock
         return True
 
     def take_free_blocks(self, n: int) -> np.ndarray:

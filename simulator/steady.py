@@ -114,16 +114,24 @@ class SteadyScheduler(NativeScheduler):
         scheduled = out.num_scheduled
         block_size = self.block_size
         max_model_len = self.max_model_len
+        append_block, events = kv.append_block, self._events
         for order in sorted(todo):
             req = todo[order]
             if req.status != running_status:
                 continue  # preempted earlier in this step
             if req.steady_from >= 0:
-                if req.steady_exit != s:  # a block boundary: one more block, in running order
-                    if not self._append_block(req, out):
+                exit_step = req.steady_exit
+                if exit_step != s:  # a block boundary: one more block, in running order
+                    if not append_block(req.rid) and not self._append_block(req, out):
                         break
-                    req.steady_cross += block_size
-                    self._add_event(req)
+                    # the next event (as _add_event; spelled out: the hottest loop under load)
+                    cross = req.steady_cross = req.steady_cross + block_size
+                    step = cross if cross < exit_step else exit_step
+                    bucket = events.get(step)
+                    if bucket is None:
+                        events[step] = [req]
+                    else:
+                        bucket.append(req)
                     continue
                 self._leave(req)
             elif self._enter(req, s):
