@@ -122,7 +122,8 @@ class SteadyScheduler(NativeScheduler):
             if req.steady_from >= 0:
                 exit_step = req.steady_exit
                 if exit_step != s:  # a block boundary: one more block, in running order
-                    if not append_block(req.rid) and not self._append_block(req, out):
+                    if not append_block(req.rid) and not self._make_room(
+                            req, out, lambda req=req: append_block(req.rid)):
                         break
                     # the next event (as _add_event; spelled out: the hottest loop under load)
                     cross = req.steady_cross = req.steady_cross + block_size
@@ -147,7 +148,8 @@ class SteadyScheduler(NativeScheduler):
             n = min(n, max_model_len - computed - 1)  # the budget covers everyone (demand above)
             if n <= 0:
                 continue
-            if not self._allocate(req, min(computed + n, max_model_len), out):
+            slots = min(computed + n, max_model_len)
+            if not self._make_room(req, out, lambda req=req, slots=slots: kv.allocate(req.rid, slots)):
                 break
             kv.cache_full_blocks(req, min(computed + n, num_tokens))
             scheduled[req.rid] = n
@@ -166,24 +168,11 @@ class SteadyScheduler(NativeScheduler):
             n = threshold
         return max(min(n, self.max_model_len - computed - 1), 0)
 
-    def _allocate(self, req: SimRequest, slots: int, out: SchedulerOutput) -> bool:
-        """Blocks for ``slots`` tokens of ``req``, preempting from the back of the running
-        requests while they are short; False if ``req`` itself was preempted."""
-        allocate = self.kv.allocate
+    def _make_room(self, req: SimRequest, out: SchedulerOutput, allocate) -> bool:
+        """Call ``allocate()`` (KV blocks for ``req``) until it succeeds, preempting from the
+        back of the running requests meanwhile; False if ``req`` itself was preempted."""
         running = self.running
-        while not allocate(req.rid, slots):
-            victim = running.pop()
-            self._preempt(victim)
-            out.preempted.append(victim.rid)
-            if victim is req:
-                return False
-        return True
-
-    def _append_block(self, req: SimRequest, out: SchedulerOutput) -> bool:
-        """``_allocate`` of the one block a steady request needs at a block boundary."""
-        append_block = self.kv.append_block
-        running = self.running
-        while not append_block(req.rid):
+        while not allocate():
             victim = running.pop()
             self._preempt(victim)
             out.preempted.append(victim.rid)
