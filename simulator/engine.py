@@ -456,7 +456,7 @@ class Engine:
         loop = env.process(self._run_async() if self.async_scheduling else self._run_sync())
         env.run(until=loop)  # the loop ends when every request has, or on request_stop
         self.interrupted = self._stop_requested
-        if isinstance(self.scheduler, SteadyScheduler):
+        if isinstance(self.scheduler, NativeScheduler):  # (the vLLM reference keeps no lazy state)
             self.scheduler.materialize()
         unfinished = [r for r in self.requests if r.status < Status.FINISHED]
         if unfinished and not self.interrupted:

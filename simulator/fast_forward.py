@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulator.request import SimRequest, Status
+from simulator.request import SimRequest
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
 #: steps computed ahead per attempt (the engine plans up to twice the last run)
@@ -224,10 +224,10 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
                 _hand_out(kv, running, steps[taken:cut], owners[taken:cut], sched_at)
                 taken = cut
             req = running[i]
-            kv.clock = float(token_times[row])
+            now = kv.clock = float(token_times[row])
             before = kv.num_used_blocks
             kv.cache_full_blocks(req, int(run.computed[i] + last[i]))
-            kv.free(req.rid)
+            sched.finish(req, now)
             released[row] += before - kv.num_used_blocks
             finished.append(req)
         _hand_out(kv, running, steps[taken:], owners[taken:], sched_at)
@@ -235,9 +235,7 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
         counts = np.minimum(last + lag, k)
         deliver(running, k, token_times, counts.tolist(), np.minimum(last, k).tolist())
         for req in finished:
-            req.status = Status.FINISHED
-            req.finish_s = req.last_token_s
-            req.placeholders = req.in_flight_tokens = 0
+            req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
         done = set(finishing.tolist())
         going_on = [i for i in range(n) if i not in done]
         sched.running = [running[i] for i in going_on]

@@ -83,6 +83,10 @@ class NativeScheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def materialize(self) -> None:
+        """Bring every running request's state up to date (a no-op here: SteadyScheduler keeps
+        some of it lazily)."""
+
     def ready_for_run(self) -> bool:
         """Whether the engine may plan a run of pure-decode steps now (simulator.fast_forward
         reads every running request's state; SteadyScheduler first brings it up to date)."""
@@ -340,7 +344,7 @@ class NativeScheduler:
                 # the free queue.
                 cache_full_blocks(req, req.num_computed - req.placeholders)
             if stopped:
-                self._finish(req, now)
+                self.finish(req, now)
                 finished.append(req)
         if finished:
             running = self.running
@@ -353,7 +357,8 @@ class NativeScheduler:
                 self.running = [r for r in running if r.rid not in done]
         return finished
 
-    def _finish(self, req: SimRequest, now: float) -> None:
+    def finish(self, req: SimRequest, now: float) -> None:
+        """A request's last token arrived at ``now``: it is done and its blocks are freed."""
         if req.status == Status.PREEMPTED:
             with contextlib.suppress(ValueError):
                 self.waiting.remove(req)

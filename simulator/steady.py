@@ -67,10 +67,6 @@ class SteadyScheduler(NativeScheduler):
         self._ordinary_steps = 0
         self._last_scheduled = -1
 
-    @property
-    def num_steady(self) -> int:
-        return self._steady_count
-
     # --- the step ---------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         # count the ordinary steps since the last run of identical steps (which moved self.step)
