@@ -39,8 +39,8 @@ class StepLog:
     value per run for the columns constant over a run (batch and preemptions,
     run-length encoded); ``columns()`` joins them."""
 
-    ARRAY_COLUMNS = ("start_s", "end_s", "waiting", "kv_blocks_used")
-    RUN_COLUMNS = ("running", "prefill_tokens", "decode_tokens", "batch_size", "preempted")
+    ARRAY_COLUMNS = ("start_s", "end_s", "kv_blocks_used")
+    RUN_COLUMNS = ("running", "waiting", "prefill_tokens", "decode_tokens", "batch_size", "preempted")
 
     def __init__(self) -> None:
         self._chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.ARRAY_COLUMNS}
@@ -56,32 +56,33 @@ class StepLog:
             column.append(value)
         self._counts.append(1)
 
-    def add_run(self, k: int, start_s: np.ndarray, end_s: np.ndarray, waiting: np.ndarray,
-                kv_blocks_used: np.ndarray, running: np.ndarray, batch_size: np.ndarray,
+    def add_run(self, k: int, start_s: np.ndarray, end_s: np.ndarray, kv_blocks_used: np.ndarray,
+                segments: list[tuple[int, int, int, int]], waiting: int, waiting_changes: dict[int, int],
                 first_preempted: int) -> None:
-        """Append k pure-decode steps: per step its batch and the requests running after it
-        (they change only where requests finish); only the first step may report preemptions
-        (those of the step the run started from)."""
+        """Append the k steps of a run: per-step times and KV blocks; ``segments`` from row 0
+        on, (row, batch, running after it, prompt tokens prefilled; the rest of the batch
+        decodes), where they change; the queue length, ``waiting`` at the first row, changed
+        by ``waiting_changes[row]``; only the first step may report preemptions (those of
+        the step the run started from)."""
         self._flush()
-        for name, array in (("start_s", start_s), ("end_s", end_s), ("waiting", waiting),
-                            ("kv_blocks_used", kv_blocks_used)):
+        for name, array in (("start_s", start_s), ("end_s", end_s), ("kv_blocks_used", kv_blocks_used)):
             self._chunks[name].append(array)
-        # run-length encoded: a new value where the batch or the running count changes, and
-        # after the first step (its preemptions)
-        if batch_size[0] == batch_size[-1] and running[0] == running[-1]:
-            bounds = [1] if k > 1 else []
-        else:
-            change = np.flatnonzero((np.diff(batch_size) != 0) | (np.diff(running) != 0)) + 1
-            bounds = sorted({1, *change.tolist()} - {k}) if k > 1 else []
+        bounds = sorted({0, *([1] if k > 1 else []), *(row for row, *_ in segments), *waiting_changes})
         values = self._values
-        for a, b in zip([0, *bounds], [*bounds, k], strict=True):
-            size = int(batch_size[a])
-            values["running"].append(int(running[a]))
-            values["prefill_tokens"].append(0)
-            values["decode_tokens"].append(size)
-            values["batch_size"].append(size)
-            values["preempted"].append(first_preempted if a == 0 else 0)
-            self._counts.append(b - a)
+        counts = self._counts
+        seg = -1
+        for i, row in enumerate(bounds):
+            while seg + 1 < len(segments) and segments[seg + 1][0] <= row:
+                seg += 1
+            _, batch, running, prefill = segments[seg]
+            waiting += waiting_changes.get(row, 0)
+            values["running"].append(running)
+            values["waiting"].append(waiting)
+            values["prefill_tokens"].append(prefill)
+            values["decode_tokens"].append(batch - (prefill > 0))
+            values["batch_size"].append(batch)
+            values["preempted"].append(first_preempted if row == 0 else 0)
+            counts.append((bounds[i + 1] if i + 1 < len(bounds) else k) - row)
 
     def _flush(self) -> None:
         if self._rows["end_s"]:
@@ -174,11 +175,14 @@ class Engine:
         self._horizon = fast_forward.INITIAL_HORIZON
         self._pace = 0.0  # the latest step's duration
         self._next_arrival = 0
-        # arrivals that will join the queue (not rejected), for the fast path's waiting counts
+        # the arrivals as the fast path reads them (too_long: rejected at arrival)
         w = workload
         too_long = w.prompt_tokens + w.output_tokens > min(
             config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
-        self._queued_arrivals = np.cumsum(~too_long)
+        self._arrival_s = w.arrival_s.tolist()
+        shared = np.where(w.prefix_group >= 0, w.prefix_tokens, 0) // config.block_size
+        self._arrival_info = fast_forward.Arrivals(time_s=w.arrival_s, queued=~too_long, prompt=w.prompt_tokens,
+                                                   max_tokens=w.output_tokens, private=shared == 0)
         self._wake: simpy.Event | None = None
         self._arrivals_done = False
         self._finished = 0
@@ -191,28 +195,18 @@ class Engine:
 
     # --- processes --------------------------------------------------------------
     def _arrivals(self):
-        w = self.workload
+        arrival = self._arrival_s
         env = self.env
-        arrival = w.arrival_s.tolist()
-        prompt = w.prompt_tokens.tolist()
-        output = w.output_tokens.tolist()
-        reasoning = w.reasoning_tokens.tolist()
-        group = w.prefix_group.tolist()
-        prefix = w.prefix_tokens.tolist()
-        block_size = self.config.block_size
         for rid in range(len(arrival)):
+            if rid < self._next_arrival:
+                continue  # a decode run admitted it
             if arrival[rid] > env.now:
                 yield env.timeout(arrival[rid] - env.now)
+                if rid < self._next_arrival:
+                    continue  # admitted by a decode run planned meanwhile
             self._next_arrival = rid + 1
-            req = SimRequest(rid, arrival[rid], prompt[rid], output[rid], reasoning[rid],
-                             group[rid], prefix[rid], block_size)
-            self.requests.append(req)
-            reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
-            if reason:
-                req.status = Status.REJECTED
-                req.reject_reason = reason
-                req.finish_s = env.now
-                self._count_finished(1)
+            req = self._new_request(rid)
+            if req.status == Status.REJECTED:
                 continue
             self.scheduler.add_request(req)
             if self._wake is not None and not self._wake.triggered:
@@ -220,6 +214,21 @@ class Engine:
         self._arrivals_done = True
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
+
+    def _new_request(self, rid: int) -> SimRequest:
+        """Request ``rid`` at its arrival: rejected if it can never run, else still to queue."""
+        w = self.workload
+        req = SimRequest(rid, self._arrival_s[rid], int(w.prompt_tokens[rid]), int(w.output_tokens[rid]),
+                         int(w.reasoning_tokens[rid]), int(w.prefix_group[rid]), int(w.prefix_tokens[rid]),
+                         self.config.block_size)
+        self.requests.append(req)
+        reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
+        if reason:
+            req.status = Status.REJECTED
+            req.reject_reason = reason
+            req.finish_s = req.arrival_s
+            self._count_finished(1)
+        return req
 
     def _idle(self):
         """Wait for the next arrival; False when none will come."""
@@ -294,23 +303,29 @@ class Engine:
         self._pace = self.perf.step_time(out.batch)
         return self._pace
 
-    def _waiting_at(self, times: np.ndarray) -> np.ndarray:
-        """Queue length at each time, counting requests that arrive meanwhile."""
-        waiting = len(self.scheduler.waiting)
+    def _waiting_changes(self, times: np.ndarray, admissions) -> dict[int, int]:
+        """How the queue changes over a run's rows (row times ``times``): +1 at the first row
+        at or after each arrival that joins it (not rejected), -1 at the row an admitted one
+        leaves it (the output before its prefill is scheduled)."""
         i = self._next_arrival
-        if i >= len(self.workload.arrival_s) or self.workload.arrival_s[i] > times[-1]:
-            return np.full(len(times), waiting)
-        arrived = i + np.searchsorted(self.workload.arrival_s[i:], times, side="right")
-        before = self._queued_arrivals[i - 1] if i else 0
-        queued = np.where(arrived > i, self._queued_arrivals[np.maximum(arrived - 1, 0)] - before, 0)
-        return waiting + queued
+        arrival = self.workload.arrival_s
+        changes: dict[int, int] = {}
+        if i >= len(arrival) or arrival[i] > times[-1]:
+            return changes
+        j = int(np.searchsorted(arrival, times[-1], side="right"))
+        joining = arrival[i:j][self._arrival_info.queued[i:j]]
+        for row in np.searchsorted(times, joining, side="left").tolist():
+            changes[row] = changes.get(row, 0) + 1
+        for a in admissions:
+            changes[a.step - 1] = changes.get(a.step - 1, 0) - 1
+        return changes
 
     def _next_arrival_s(self) -> float:
         i = self._next_arrival
         arrival = self.workload.arrival_s
         return float(arrival[i]) if i < len(arrival) else float("inf")
 
-    def _plan(self, schedule_times_from, lag: int):
+    def _plan(self, base: float, lag: int):
         horizon = self._horizon
         next_arrival = self._next_arrival_s()
         if self._pace > 0 and next_arrival != float("inf") and not self.scheduler.waiting:
@@ -318,7 +333,8 @@ class Engine:
             # reach it at the last step's pace (one vectorised call rather than two)
             reach = (next_arrival - self.env.now) / self._pace * 1.05 + 8
             horizon = int(min(max(reach, fast_forward.INITIAL_HORIZON // 4), fast_forward.MAX_HORIZON))
-        run = fast_forward.plan(self.scheduler, self._decode_fn, schedule_times_from, next_arrival, horizon, lag)
+        run = fast_forward.plan(self.scheduler, self._decode_fn, self.perf.step_time, self.env.now, base,
+                                self._arrival_info, self._next_arrival, horizon, lag)
         # plan next time up to twice as many steps as this run had: step times
         # computed beyond the event that ends a run are wasted
         k = run.k if run is not None else 0
@@ -332,11 +348,7 @@ class Engine:
         if not self.scheduler.ready_for_run():
             return None
         now = self.env.now
-
-        def schedule_times(times: np.ndarray) -> np.ndarray:
-            return np.cumsum(np.concatenate(([now], times)))[:-1]
-
-        run = self._plan(schedule_times, 0)
+        run = self._plan(now, 0)
         if run is None:
             return None
         t = np.cumsum(np.concatenate(([now], run.step_times)))
@@ -358,12 +370,7 @@ class Engine:
                 or scheduled.keys() != {r.rid for r in running}):
             return None
         now = self.env.now
-
-        def schedule_times(times: np.ndarray) -> np.ndarray:
-            ends = np.cumsum(np.concatenate(([end_j], times)))
-            return np.concatenate(([now], ends[:-2]))
-
-        run = self._plan(schedule_times, 1)
+        run = self._plan(end_j, 1)
         if run is None:
             return None
         k = run.k
@@ -380,10 +387,20 @@ class Engine:
                     first_preempted: int = 0) -> None:
         sched = self.scheduler
         lag = 1 if self.async_scheduling else 0  # steps in flight when a step is scheduled
-        applied = fast_forward.apply_run(sched, run, sched_at, token_times, lag)
+        waiting = self._waiting_changes(token_times, run.admissions)
+        admitted = []
+        if run.admissions:
+            # the run admits arrivals that have not happened yet in SimPy time: they are
+            # created here (with the rejected ones among them), and the arrival process skips them
+            for rid in range(self._next_arrival, run.admissions[-1].rid + 1):
+                req = self._new_request(rid)
+                if req.status != Status.REJECTED:
+                    admitted.append(req)
+            self._next_arrival = run.admissions[-1].rid + 1
+        applied = fast_forward.apply_run(sched, run, sched_at, token_times, lag, admitted)
         sched.step += run.k
-        self.steps.add_run(run.k, starts, token_times, self._waiting_at(token_times), applied.kv_blocks_used,
-                           applied.running, applied.batch, first_preempted)
+        self.steps.add_run(run.k, starts, token_times, applied.kv_blocks_used, applied.segments,
+                           len(sched.waiting), waiting, first_preempted)
         if applied.finished:
             self._count_finished(len(applied.finished))
 

@@ -1,26 +1,34 @@
 """The fast path: many decode steps advanced at once, exactly.
 
 Reasoning requests spend most of their life decoding. Between events that
-change the batch (an arrival that can be admitted, a KV block that cannot be
-had), every engine step schedules the running requests one token each, so the
-steps can be computed in closed form: step times come vectorised from
-``PerformanceModel.decode_times``, new KV blocks are taken in the order the
-step-by-step scheduler would take them, and the timeline gets one row per step.
-A request's last token does not end a run when nobody waits: the run goes on
-with one request fewer, its blocks freed between the steps scheduled before and
-after its last output (with requests waiting, the freed blocks might admit the
-head, so the run stops before). The results equal the step-by-step path's
-(tests/simulator/test_fast_forward.py checks it); the event that ends a run is
-left to the ordinary path.
+change the batch in ways that depend on the queue (a request that must wait, a
+KV block that cannot be had), every engine step schedules the running requests
+one token each, so the steps can be computed in closed form: step times come
+vectorised from ``PerformanceModel.decode_times``, new KV blocks are taken in
+the order the step-by-step scheduler would take them, and the timeline gets one
+row per step.
+
+A run goes on through two events whose outcome is known in advance:
+- a request's last token, when nobody waits: the request leaves the batch after
+  its last step, its blocks freed between the steps scheduled before and after
+  its last output (with requests waiting, the freed blocks might admit the
+  head, so the run stops before);
+- an arrival that the next step admits whole (nobody else waits, its prompt fits
+  the token budget, its blocks fit, it has no prefix-cache hit to look up): that
+  step prefills it alongside the decodes (one ``step_time`` call) and the
+  request decodes with the others from the next step on.
+The results equal the step-by-step path's (tests/simulator/test_fast_forward.py
+checks it); the event that ends a run is left to the ordinary path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from simulator.request import SimRequest
+from simulator.performance import StepBatch
+from simulator.request import SimRequest, Status
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
 #: steps computed ahead per attempt (the engine plans up to twice the last run)
@@ -29,31 +37,60 @@ MAX_HORIZON = 1 << 16
 
 
 @dataclass
+class Arrivals:
+    """The workload's arrivals as the fast path reads them (whole columns, by request id)."""
+
+    time_s: np.ndarray
+    queued: np.ndarray  # joins the queue (False: rejected at arrival)
+    prompt: np.ndarray
+    max_tokens: np.ndarray
+    #: no block of the prompt can be a prefix-cache hit for a new request (no shared prefix)
+    private: np.ndarray
+
+
+@dataclass
+class Admission:
+    """An arrival the run admits: its prefill is step ``step`` of the run."""
+
+    step: int
+    rid: int
+    prompt: int
+
+
+@dataclass
 class DecodeRun:
-    """k pure-decode steps planned from the current state."""
+    """k steps planned from the current state: pure decodes, and prefills of admitted arrivals.
+
+    The run's members are the running requests (in running order), then the admitted
+    ones (in admission order). Member i decodes one token in steps first..last of the
+    run, with ``computed[i]`` computed tokens before its first one (an admitted request
+    is prefilled in the step before its first).
+    """
 
     k: int
     step_times: np.ndarray  # d_1..d_k (async: of S_{j+1}..S_{j+k})
-    computed: np.ndarray  # each running request's computed tokens before the run
-    # each new KV block of the run, in the order the blocks are taken: its step
-    # (1..k) and the running index of the request it goes to
+    first_steps: np.ndarray
+    computed: np.ndarray
+    # each member's last step (it is in steps first..last): a member with last + in-flight
+    # steps <= k finishes inside the run
+    last_steps: np.ndarray
+    # each new KV block of the run, in the order the blocks are taken: its step (1..k)
+    # and the member it goes to (an admitted request's prompt blocks included)
     block_steps: np.ndarray
     block_owners: np.ndarray
-    # each running request's last step (it is in steps 1..last): its tokens after the step in
-    # flight; a request with last + in-flight steps <= k finishes inside the run
-    last_steps: np.ndarray
+    admissions: list[Admission] = field(default_factory=list)
 
 
-def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k
+def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps=None
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, running indices) of every new block the requests need in steps 1..k, in vLLM's order.
+    """(steps, member indices) of every new block the members need in steps 1..k, in vLLM's order.
 
-    At step i a request with c computed tokens before the run allocates slots
-    for c + i tokens; it needs a new block when that passes its held blocks.
-    Within a step, blocks go to the running requests in order. ``k`` may be an
-    array: each request's own last step.
+    A member decoding from step f with c computed tokens before it allocates, at
+    step i >= f, slots for c + (i - f) + 1 tokens; it needs a new block when that
+    passes its held blocks. Within a step, blocks go to the members in order.
+    ``k`` may be an array: each member's own last step; ``first_steps`` defaults to 1.
     """
-    first = held * block_size - c + 1  # first step needing a new block (>= 1)
+    first = held * block_size - c + (1 if first_steps is None else first_steps)  # first step needing one
     needing = np.flatnonzero(first <= k)
     if not len(needing):
         return needing, needing
@@ -66,21 +103,81 @@ def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k
     return steps[order], owners[order]
 
 
+class _Members:
+    """The run's members while it is planned: first decode step, computed tokens before it,
+    last step (numpy arrays, running requests first)."""
+
+    def __init__(self, computed: np.ndarray, last_steps: list[int]):
+        self.first = np.ones(len(last_steps), dtype=np.int64)
+        self.computed = computed
+        self.last = np.array(last_steps, dtype=np.int64)
+
+    def add(self, first: int, computed: int, last: int) -> None:
+        self.first = np.append(self.first, first)
+        self.computed = np.append(self.computed, computed)
+        self.last = np.append(self.last, last)
+
+    def decoders_at(self, step: int) -> np.ndarray:
+        """Which members decode in ``step``."""
+        return (self.first <= step) & (self.last >= step)
+
+    def step_times(self, decode_times, first: int, last: int) -> np.ndarray:
+        """Times of the pure-decode steps first..last: step t has the members decoding in it,
+        each attending over its computed tokens before t plus the one it computes."""
+        f, c, end = self.first, self.computed, self.last
+        steps = np.arange(first, last + 1, dtype=np.float64)
+        if f.max() <= first and end.min() >= last:  # the same members throughout
+            return decode_times(len(end), float((c - f + 1).sum()) + len(end) * steps)
+        # segments of steps with the same members: a member decodes in [max(f, first), min(end, last)]
+        active = (f <= last) & (end >= first)
+        lo = np.maximum(f[active], first)
+        hi = np.minimum(end[active], last) + 1
+        weight = (c - f + 1)[active].astype(np.float64)
+        points = np.unique(np.concatenate(([first, last + 1], lo, hi)))  # segment starts, then last + 1
+        size = len(points)
+        at_lo, at_hi = np.searchsorted(points, lo), np.searchsorted(points, hi)
+        counts = np.cumsum(np.bincount(at_lo, minlength=size) - np.bincount(at_hi, minlength=size)).tolist()
+        bases = np.cumsum(np.bincount(at_lo, weight, size) - np.bincount(at_hi, weight, size)).tolist()
+        bounds = points.tolist()
+        parts = []
+        for j in range(size - 1):
+            count = counts[j]
+            if count < 1:
+                raise RuntimeError("a planned decode run has a step without requests")
+            a, b = bounds[j] - first, bounds[j + 1] - first
+            parts.append(decode_times(count, bases[j] + count * steps[a:b]))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def prefill_step_time(self, step_time, step: int, prompt: int) -> float:
+        """Time of ``step``: the members decoding in it, and a whole prompt prefilled."""
+        decoders = self.decoders_at(step)
+        context = (self.computed + (step - self.first) + 1)[decoders].tolist()
+        return step_time(StepBatch(prefill_tokens=[prompt], prefill_context=[0], decode_context=context,
+                                   decode_spec_tokens=[0] * len(context)))
+
+
 def plan(
     sched: NativeScheduler,
     decode_times,
-    schedule_times_from,
-    next_arrival_s: float,
+    step_time,
+    now: float,
+    base: float,
+    arrivals: Arrivals | None,
+    next_arrival: int,
     horizon: int,
     in_flight_steps: int,
 ) -> DecodeRun | None:
-    """Plan a run of pure-decode steps, or None if the next step is not one.
+    """Plan a run of steps from the current state, or None if the next step is not one.
 
-    Step times are computed for ``horizon`` steps first; when the next arrival
-    (which ends the run) lies beyond them, for as many more as should reach it.
-    ``schedule_times_from(step_times)`` gives, for each planned step, the time
-    at which it would be scheduled (sync and async scheduling differ).
-    ``in_flight_steps`` is 0 under sync scheduling and 1 under async.
+    Step times are computed for ``horizon`` steps first, and for as many more as
+    reach the next arrival; an arrival that the step after it admits whole joins
+    the run (see the module docstring), else the run ends with the last step
+    scheduled before it. ``arrivals`` (None: no more) are read from index
+    ``next_arrival`` on. Step 1 is scheduled ``now``; a later step t when the
+    step before the steps in flight ends: at ``base`` plus the times of steps
+    1..t-1-``in_flight_steps`` (sync scheduling: ``base`` is ``now``; async: the
+    end of the step in flight). ``in_flight_steps`` is 0 under sync scheduling
+    and 1 under async.
     """
     cfg = sched.config
     running = sched.running
@@ -100,69 +197,125 @@ def plan(
     # finishes when the output of step m arrives. With requests waiting, the run stops before
     # the first finish (the blocks it frees may admit the head); else finishes happen inside
     # the run, and only the last request's goes through the ordinary path.
-    through_finishes = not waiting
-    k_max = (max(remaining) if through_finishes else min(remaining)) - (1 - lag)
-    if k_max < 1:
-        return None
     c = np.fromiter((r.num_computed for r in running), dtype=np.int64, count=n)
-    k_max = min(k_max, int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
-    if k_max < 1:
-        return None
-    last_steps = np.array(remaining, dtype=np.int64)
-    if through_finishes and min(remaining) < k_max:
-        # the batch shrinks after each request's last step: segments of steps with the same
-        # requests, each (first step, its request count, their computed tokens before the run)
-        by_last = np.argsort(last_steps, kind="stable")
-        ends = last_steps[by_last].tolist()
-        sums = np.cumsum(c[by_last][::-1])[::-1].tolist()  # computed tokens of requests i.. in order
-        segments = [(1, n, sums[0])]
-        for i, end in enumerate(ends[:-1]):
-            if end != ends[i + 1]:
-                segments.append((end + 1, n - i - 1, sums[i + 1]))
-
-        def step_times(first: int, last: int) -> np.ndarray:
-            """Times of steps first..last: each has the requests not finished before it."""
-            parts = []
-            for j, (start, count, context) in enumerate(segments):
-                stop = segments[j + 1][0] - 1 if j + 1 < len(segments) else last
-                a, b = max(start, first), min(stop, last)
-                if a <= b:
-                    parts.append(decode_times(count, context + count * np.arange(a, b + 1, dtype=np.float64)))
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    cap = min(int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
+    members = _Members(c, remaining)
+    admissions: list[Admission] = []
+    if waiting:
+        k_max = min(min(remaining) - (1 - lag), cap)
+        if k_max < 1:
+            return None
+        times = members.step_times(decode_times, 1, min(k_max, horizon))
     else:
-        context = int(c.sum())
-
-        def step_times(first: int, last: int) -> np.ndarray:
-            """Times of steps first..last (each adds one token per running request)."""
-            return decode_times(n, context + n * np.arange(first, last + 1, dtype=np.float64))
-
-    times = step_times(1, min(k_max, horizon))
+        k_max = min(max(remaining) - (1 - lag), cap)
+        if k_max < 1:
+            return None
+        times = members.step_times(decode_times, 1, min(k_max, horizon))
+        if arrivals is not None:
+            times, k_max = _admit_arrivals(sched, members, admissions, arrivals, next_arrival, times, k_max,
+                                           decode_times, step_time, now, base, horizon, lag)
     k = len(times)
-    if not waiting and next_arrival_s != float("inf"):
-        # the run ends with the last step scheduled before the next arrival; while
-        # that lies beyond the steps computed, compute as many more as should reach it
-        while True:
-            sched_at = schedule_times_from(times)
-            k = int(np.searchsorted(sched_at, next_arrival_s, side="left"))
-            if k < len(times) or len(times) == k_max:
-                break
-            more = int((next_arrival_s - sched_at[-1]) / times[-1] * 1.1) + 16
-            times = np.concatenate((times, step_times(len(times) + 1, min(len(times) + more, k_max))))
     if k < 1:
         return None
+    return _fit_kv(sched, members, admissions, times, k)
+
+
+def _admit_arrivals(sched, members: _Members, admissions: list[Admission], arrivals: Arrivals, index: int,
+                    times: np.ndarray, k_max: int, decode_times, step_time, now: float, base: float,
+                    horizon: int, lag: int) -> tuple[np.ndarray, int]:
+    """Go through the arrivals the run reaches: each one the step after it admits whole joins
+    the run (``members``, ``admissions``); the first other one ends it. Returns the step
+    times and the last step the members need.
+
+    Step 1 is scheduled ``now``, step t >= 2 at ``ends[t - 1 - lag]``, where ``ends[m]`` is
+    ``base`` plus the first m step times, summed in order as the engine sums them.
+    """
+    cfg = sched.config
+    caching = sched.kv.enable_caching
+    budget, threshold = cfg.max_num_batched_tokens, cfg.long_prefill_token_threshold
+    queued, arrival_s = arrivals.queued, arrivals.time_s
+    total = len(arrival_s)
+    ends = np.cumsum(np.concatenate(([base], times)))
+    while True:
+        while index < total and not queued[index]:
+            index += 1  # rejected at arrival: it never waits
+        if index >= total:
+            return times, k_max
+        t = float(arrival_s[index])
+        if t <= now:
+            return times[:0], k_max  # it is in the queue before step 1
+        step = int(np.searchsorted(ends, t, side="left")) + 1 + lag  # the first step scheduled after it
+        if step > len(times):
+            if len(times) >= k_max:
+                return times, k_max
+            more = int((t - ends[-1]) / times[-1] * 1.1) + 16
+            extra = members.step_times(decode_times, len(times) + 1, min(len(times) + more, k_max))
+            times = np.concatenate((times, extra))
+            ends = np.concatenate((ends, np.cumsum(np.concatenate(([ends[-1]], extra)))[1:]))
+            continue
+        prompt = int(arrivals.prompt[index])
+        decoders = members.decoders_at(step)
+        admitted = (
+            step >= 2
+            and not (admissions and step <= admissions[-1].step)  # one arrival per step
+            and (arrivals.private[index] or not caching)
+            and prompt + int(np.count_nonzero(decoders)) <= budget  # whole, in this step's budget
+            and not (threshold and prompt > threshold)
+            and int(np.count_nonzero(members.last > step - 1 - lag)) < cfg.max_num_seqs
+        )
+        if not admitted:
+            return times[: step - 1], k_max
+        last = step + int(arrivals.max_tokens[index]) - 1
+        prefill = members.prefill_step_time(step_time, step, prompt)
+        members.add(step + 1, prompt, last)
+        admissions.append(Admission(step, index, prompt))
+        k_max = min(max(k_max, last - (1 - lag)), MAX_HORIZON)
+        index += 1
+        # the steps from this one on change: recompute them up to about the next arrival
+        upto = min(k_max, step + horizon)
+        if index < total:
+            pace = float(times[step - 2])
+            scheduled = float(ends[step - 1 - lag])
+            upto = min(k_max, step + max(16, int((float(arrival_s[index]) - scheduled) / pace * 1.1) + 16))
+        tail = members.step_times(decode_times, step + 1, upto) if upto > step else times[:0]
+        times = np.concatenate((times[: step - 1], [prefill], tail))
+        ends = np.concatenate((ends[:step], np.cumsum(np.concatenate(([ends[step - 1]], times[step - 1:])))[1:]))
+
+
+def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.ndarray, k: int
+            ) -> DecodeRun | None:
+    """The run cut before its first step short of a free KV block (blocks freed inside the run
+    are not counted: the run may end earlier than it could, never later) and before any
+    admission whose prefill would be its last step."""
+    running = sched.running
+    n = len(running)
+    bs = sched.block_size
     held = np.fromiter((len(sched.kv.req_blocks[r.rid]) for r in running), dtype=np.int64, count=n)
-    steps, owners = _crossing_steps(c, held, sched.block_size, np.minimum(last_steps, k))
+    if admissions:
+        prompt_blocks = np.array([-(-a.prompt // bs) for a in admissions], dtype=np.int64)
+        held = np.concatenate((held, prompt_blocks))
+    first, computed, last = members.first, members.computed, members.last
+    steps, owners = _crossing_steps(computed, held, bs, np.minimum(last, k), first)
+    if admissions:
+        admitted = np.arange(n, n + len(admissions))
+        steps = np.concatenate((steps, np.repeat([a.step for a in admissions], prompt_blocks)))
+        owners = np.concatenate((owners, np.repeat(admitted, prompt_blocks)))
+        order = np.lexsort((owners, steps))
+        steps, owners = steps[order], owners[order]
     free = sched.kv.num_free_blocks
     if len(steps) > free:
-        # that step would preempt (blocks freed by finishes inside the run are not counted:
-        # the run may end earlier than it could, never later)
+        # that step would preempt, or not admit
         k = int(steps[free]) - 1
         if k < 1:
             return None
-        kept = int(np.searchsorted(steps, k, side="right"))
-        steps, owners = steps[:kept], owners[:kept]
-    return DecodeRun(k=k, step_times=times[:k], computed=c, block_steps=steps, block_owners=owners,
-                     last_steps=last_steps)
+    while admissions and admissions[-1].step >= k:
+        k = min(k, admissions.pop().step - 1)
+    m = n + len(admissions)
+    keep = (steps <= k) & (owners < m)
+    if not keep.all():
+        steps, owners = steps[keep], owners[keep]
+    return DecodeRun(k=k, step_times=times[:k], first_steps=first[:m], computed=computed[:m],
+                     last_steps=last[:m], block_steps=steps, block_owners=owners, admissions=admissions)
 
 
 def head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
@@ -182,37 +335,43 @@ class AppliedRun:
     """What a run did, row by row (a row is a step whose output arrives in the run)."""
 
     kv_blocks_used: np.ndarray  # after each row's output
-    batch: np.ndarray  # requests in each row's step
-    running: np.ndarray  # requests still running after each row's output
+    #: from row 0 on, each row where one of these changes: (row, requests in its step,
+    #: requests running after its output, prompt tokens prefilled in its step)
+    segments: list[tuple[int, int, int, int]]
     finished: list[SimRequest]
 
 
 def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,
-              in_flight_steps: int) -> AppliedRun:
-    """Carry out a planned run: new KV blocks, tokens, and the requests finishing inside it.
+              in_flight_steps: int, admitted: list[SimRequest] = ()) -> AppliedRun:
+    """Carry out a planned run: admissions, new KV blocks, tokens, and the requests finishing inside it.
 
-    Row i's output arrives at ``token_times[i]``; step t of the run is scheduled at
-    ``sched_at[t - 1]``. Blocks leave the free queue in the step-by-step order (step,
-    then running order); a request finishing inside the run frees its blocks after the
-    blocks of the steps scheduled before its last output and before the later ones', as
-    the engine's loop does.
+    ``admitted`` are the requests of ``run.admissions``, just arrived. Row i's output
+    arrives at ``token_times[i]``; step t of the run is scheduled at ``sched_at[t - 1]``.
+    Blocks leave the free queue in the step-by-step order (step, then running order); a
+    request finishing inside the run frees its blocks after the blocks of the steps
+    scheduled before its last output and before the later ones', as the engine's loop does.
     """
     kv = sched.kv
     running = sched.running
     n, k, lag = len(running), run.k, in_flight_steps
-    last = run.last_steps
+    members = running + list(admitted) if admitted else running
+    first, computed, last = run.first_steps, run.computed, run.last_steps
     steps, owners = run.block_steps, run.block_owners
-    row_steps = np.arange(1 - lag, k + 1 - lag)  # the step whose output each row applies
-    sorted_last = np.sort(last)
-    batch = n - np.searchsorted(sorted_last, row_steps, side="left")
-    still = n - np.searchsorted(sorted_last, row_steps, side="right")
     used = kv.num_used_blocks + np.cumsum(np.bincount(steps - 1, minlength=k))
+    if admitted:
+        for a, req in zip(run.admissions, admitted, strict=True):
+            sched.requests[req.rid] = req
+            kv.req_blocks[req.rid] = []
+            kv.record_prefix_lookup(a.prompt, 0)
+            req.status = Status.RUNNING
+            req.first_scheduled_s = float(sched_at[a.step - 1])
+            req.num_cached_tokens = 0
     finishing = np.flatnonzero(last + lag <= k)
     finished: list[SimRequest] = []
-    if not len(finishing):
-        _hand_out(kv, running, steps, owners, sched_at)
+    if not len(finishing) and not admitted:
+        _hand_out(kv, members, steps, owners, sched_at)
         deliver(running, k, token_times)
-        kv.cache_many(running, (run.computed + k - lag).tolist())
+        kv.cache_many(running, (computed + k - lag).tolist())
     else:
         released = np.zeros(k, dtype=np.int64)
         taken = 0
@@ -221,27 +380,85 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
             row = int(last[i]) + lag - 1  # the row bringing its last token
             cut = int(np.searchsorted(steps, row + 1, side="right"))  # steps scheduled before it
             if cut > taken:
-                _hand_out(kv, running, steps[taken:cut], owners[taken:cut], sched_at)
+                _hand_out(kv, members, steps[taken:cut], owners[taken:cut], sched_at)
                 taken = cut
-            req = running[i]
+            req = members[i]
             now = kv.clock = float(token_times[row])
             before = kv.num_used_blocks
-            kv.cache_full_blocks(req, int(run.computed[i] + last[i]))
+            kv.cache_full_blocks(req, int(computed[i] + last[i] - first[i] + 1))
             sched.finish(req, now)
             released[row] += before - kv.num_used_blocks
             finished.append(req)
-        _hand_out(kv, running, steps[taken:], owners[taken:], sched_at)
+        _hand_out(kv, members, steps[taken:], owners[taken:], sched_at)
         used = used - np.cumsum(released)
-        counts = np.minimum(last + lag, k)
-        deliver(running, k, token_times, counts.tolist(), np.minimum(last, k).tolist())
+        counts = np.minimum(last[:n] + lag, k)
+        deliver(running, k, token_times, counts.tolist(), np.minimum(last[:n], k).tolist())
+        for j, (a, req) in enumerate(zip(run.admissions, admitted, strict=True)):
+            _deliver_admitted(req, a, int(last[n + j]), k, lag, token_times)
         for req in finished:
             req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
         done = set(finishing.tolist())
-        going_on = [i for i in range(n) if i not in done]
-        sched.running = [running[i] for i in going_on]
-        kv.cache_many(sched.running, (run.computed[going_on] + k - lag).tolist())
+        going_on = [i for i in range(len(members)) if i not in done]
+        sched.running = [members[i] for i in going_on]
+        for req in admitted:
+            sched._on_admit(req)
+        kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
     kv.clock = float(sched_at[-1])
-    return AppliedRun(used, batch, still, finished)
+    return AppliedRun(used, _row_segments(run, n, lag), finished)
+
+
+def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int, int]]:
+    """Where the run's rows change, as (row, batch, running after it, prompt tokens prefilled),
+    from row 0 on. Row r applies the output of step r + 1 - lag; the ``n`` running requests
+    are in the step in flight too. A member leaves the batch after its last step and the
+    running requests with its last output; an admitted request is running from the output
+    before its prefill is scheduled, and in the batch from its prefill on."""
+    k = run.k
+    last = run.last_steps
+    changes: dict[int, list[int]] = {}
+
+    def change(row: int, batch: int = 0, running: int = 0, prefill: int | None = None) -> None:
+        if row < k:
+            entry = changes.setdefault(row, [0, 0, None])
+            entry[0] += batch
+            entry[1] += running
+            if prefill is not None:
+                entry[2] = prefill
+
+    for end in last[last + lag - 1 < k].tolist():
+        change(end - 1 + lag, running=-1)
+        change(end + lag, batch=-1)
+    for a in run.admissions:
+        change(a.step - 1, running=1)
+        change(a.step - 1 + lag, batch=1, prefill=a.prompt)
+        change(a.step + lag, prefill=0)
+    segments = []
+    batch, running, prefill = n, n, 0
+    if 0 not in changes:
+        segments.append((0, batch, running, prefill))
+    for row in sorted(changes):
+        d_batch, d_running, new_prefill = changes[row]
+        batch += d_batch
+        running += d_running
+        if new_prefill is not None:
+            prefill = new_prefill
+        segments.append((row, batch, running, prefill))
+    return segments
+
+
+def _deliver_admitted(req: SimRequest, admission: Admission, last: int, k: int, lag: int,
+                      token_times: np.ndarray) -> None:
+    """An admitted request's tokens: its first from its prefill step, then one a step."""
+    step = admission.step
+    row = step - 1 + lag  # the row bringing its first token
+    d = min(last, k - lag) - step + 1  # its tokens whose output arrives in the run
+    req.first_token_s = float(token_times[row])
+    if req.reasoning_tokens < d:
+        req.first_visible_s = float(token_times[row + req.reasoning_tokens])
+    req.num_output = d
+    req.last_token_s = float(token_times[row + d - 1])
+    req.num_computed = admission.prompt + min(last, k) - step
+    req.placeholders = req.in_flight_tokens = lag  # the step in flight (if still running)
 
 
 def _hand_out(kv, running: list[SimRequest], steps: np.ndarray, owners: np.ndarray,

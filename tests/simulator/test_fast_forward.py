@@ -41,19 +41,21 @@ def test_fast_path_matches_step_by_step_on_reasoning_lengths(async_scheduling, b
     n=st.integers(1, 40),
     seed=st.integers(0, 1000),
     rate=st.floats(0.2, 30),
-    blocks=st.sampled_from([None, 60, 150]),
+    blocks=st.sampled_from([None, 60, 150, 400]),
     max_num_seqs=st.sampled_from([2, 8, 256]),
     budget=st.sampled_from([32, 512, 8192]),
     prefix=st.booleans(),
     groups=st.sampled_from([0, 3]),
     async_scheduling=st.booleans(),
+    threshold=st.sampled_from([0, 0, 64]),
 )
 def test_fast_path_matches_on_varied_workloads(n, seed, rate, blocks, max_num_seqs, budget, prefix,
-                                                groups, async_scheduling):
+                                                groups, async_scheduling, threshold):
     w = make_workload(n=n, seed=seed, rate=rate, prompt=(1, 700), output=(1, 900),
                       prefix_groups=groups, prefix_tokens=48 if groups else 0)
     cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=2048, max_num_seqs=min(max_num_seqs, budget),
-                       max_num_batched_tokens=budget, enable_prefix_caching=prefix)
+                       max_num_batched_tokens=budget, enable_prefix_caching=prefix,
+                       long_prefill_token_threshold=threshold)
     slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
     fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
     assert_same(slow, fast)
@@ -100,19 +102,23 @@ def test_fast_path_matches_under_prefix_cache_eviction_and_recompute(async_sched
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 3)), min_size=1, max_size=8),
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 3), st.integers(1, 30), st.integers(0, 80)),
+                min_size=1, max_size=8),
        st.sampled_from([1, 4, 16]), st.integers(1, 70))
 def test_crossing_steps_follow_the_step_by_step_allocation_order(requests, block_size, k):
-    # each running request, with c computed tokens, holds just enough blocks (plus some spare)
-    c = np.array([tokens for tokens, _ in requests])
-    held = np.array([-(-tokens // block_size) + spare for tokens, spare in requests])
+    # each member, with c computed tokens before its first decode step f, holds just enough
+    # blocks (plus some spare) and decodes in steps f..last
+    c = np.array([tokens for tokens, *_ in requests])
+    held = np.array([-(-tokens // block_size) + spare for tokens, spare, *_ in requests])
+    first = np.array([f for *_, f, _ in requests])
+    last = np.array([f + length for *_, f, length in requests])
     expected, blocks = [], held.copy()
     for step in range(1, k + 1):  # as the scheduler allocates: step by step, in running order
         for idx in range(len(requests)):
-            if c[idx] + step > blocks[idx] * block_size:
+            if first[idx] <= step <= last[idx] and c[idx] + step - first[idx] + 1 > blocks[idx] * block_size:
                 expected.append((step, idx))
                 blocks[idx] += 1
-    steps, owners = _crossing_steps(c, held, block_size, k)
+    steps, owners = _crossing_steps(c, held, block_size, np.minimum(last, k), first)
     assert list(zip(steps.tolist(), owners.tolist(), strict=True)) == expected
 
 
@@ -139,3 +145,36 @@ def test_requests_finish_inside_decode_runs_as_step_by_step(async_scheduling, pr
     fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
     assert len(inside) >= 5  # most completions happened inside runs
     assert_same(slow, fast)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize(("prefix", "threshold", "blocks"), [(False, 0, None), (True, 0, 700), (True, 200, None)])
+def test_arrivals_are_admitted_inside_decode_runs_as_step_by_step(async_scheduling, prefix, threshold, blocks,
+                                                                  monkeypatch):
+    # light load: long decodes, arrivals a few seconds apart, some with a shared prefix (a
+    # prefix-cache lookup ends a run), prompts above the chunking threshold (so do they), and
+    # a KV cache that runs short: most arrivals join a run, the others end one
+    from simulator import fast_forward
+
+    w = make_workload(n=40, seed=8, rate=0.6, prompt=(20, 400), output=(200, 3000),
+                      prefix_groups=2 if prefix else 0, prefix_tokens=32 if prefix else 0)
+    if prefix:
+        w.prefix_group[::2] = -1  # half the requests share no prefix
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=4096, enable_prefix_caching=prefix,
+                       long_prefill_token_threshold=threshold)
+    admitted = []
+    apply_run = fast_forward.apply_run
+
+    def counting(sched, run, *args, **kwargs):
+        admitted.extend(a.rid for a in run.admissions)
+        return apply_run(sched, run, *args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert len(admitted) >= 5  # arrivals joined runs
+    if prefix:  # those with a shared prefix (or a prompt to chunk) ended runs instead
+        assert len(admitted) <= 0.6 * len(w)
+    if blocks:
+        assert slow.summary["kv_usage"]["peak"] > 0.8  # the KV cache did run short
