@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from simulator.configure import CONF_DIR, build_run  # noqa: E402
 from simulator.engine import simulate  # noqa: E402
+from simulator.huge_pages import avoid_huge_pages  # noqa: E402
 
 VIDUR_LOOP_S = 77.0  # Vidur on a 2-core machine, 1,000 requests at 0.08 req/s (issue 5)
 LENGTHS = "data/bench/reasoning_lengths_20k.csv"
@@ -121,6 +122,7 @@ def main() -> int:
                         help="also ServeGen's peak hour (~133k requests, ~37 req/s; fast path only, "
                              "with the step-by-step ratio on its first five minutes)")
     args = parser.parse_args()
+    avoid_huge_pages()  # as `python -m simulator` does (simulator/huge_pages.py)
     n = 200 if args.quick else 1000
     timed_simulation(spec_for(1.0, 10), fast=True)  # warm-up: imports, performance model
     print(f"# simulator speed, {n} requests of {LENGTHS}, Gamma cv 2, H100 + R1-Distill-Qwen-7B")

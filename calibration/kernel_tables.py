@@ -303,25 +303,42 @@ def resolve_version(system: str, version: str | None = None) -> str:
 
 @lru_cache(maxsize=8)
 def load_tables(system: str, version: str | None = None) -> KernelTables:
-    """Read and index one system's tables (cached: the CSVs are read once per process)."""
-    import yaml
+    """Read and index one system's tables (the CSVs are read once per process, and their
+    indexed form is kept on disk for the next one: calibration.table_cache)."""
+    from calibration.table_cache import cached
 
     version = resolve_version(system, version)
+    sources = [Path(__file__), *_table_paths(system, version).values(), DATA_DIR / f"{system}.yaml"]
+    existing = [p for p in sources if p.exists()]
+    return cached(f"kernel-tables-{system}-{version}", existing, lambda: _read_tables(system, version))
+
+
+#: the tables of a system, each in its folder under data/<system>/<folder>/vllm/<version>/
+TABLE_FILES = {"gemm_perf.csv": "gemm", "context_attention_perf.csv": "attention",
+               "generation_attention_perf.csv": "attention", "custom_allreduce_perf.csv": "comm"}
+
+
+def _table_paths(system: str, version: str) -> dict[str, Path]:
+    """Each table file of ``system`` at ``version``, by file name."""
     base = DATA_DIR / "data" / system
+    return {name: base / folder / "vllm" / version / name for name, folder in TABLE_FILES.items()}
 
-    def path(op: str, name: str) -> Path:
-        return base / op / "vllm" / version / name
 
-    gemm_rows = read_columns(path("gemm", "gemm_perf.csv"), ["gemm_dtype", "m", "n", "k", "latency"],
+def _read_tables(system: str, version: str) -> KernelTables:
+    """Read and index one system's tables from their CSVs."""
+    import yaml
+
+    paths = _table_paths(system, version)
+    gemm_rows = read_columns(paths["gemm_perf.csv"], ["gemm_dtype", "m", "n", "k", "latency"],
                              text=("gemm_dtype",))
     gemm = {}
     for table_dtype, key in (("bfloat16", "bf16"), ("fp8", "fp8")):
         part = _rows_where(gemm_rows, gemm_rows["gemm_dtype"] == table_dtype)
         if len(part["m"]):
             gemm[key] = _gemm_table(part)
-    context = _attention_table(_read_attention(path("attention", "context_attention_perf.csv")), "context")
-    generation = _attention_table(_read_attention(path("attention", "generation_attention_perf.csv")), "generation")
-    ar = read_columns(path("comm", "custom_allreduce_perf.csv"), text=("backend",))
+    context = _attention_table(_read_attention(paths["context_attention_perf.csv"]), "context")
+    generation = _attention_table(_read_attention(paths["generation_attention_perf.csv"]), "generation")
+    ar = read_columns(paths["custom_allreduce_perf.csv"], text=("backend",))
     if "backend" in ar:
         ar = _rows_where(ar, ar["backend"] == "vllm_graph")
     by_gpus = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
@@ -82,11 +83,15 @@ def run(cfg) -> dict:
     if plots is not None:
         plots.submit(result, out_dir, f"{spec.model.name} on {spec.hardware.name} x{spec.tp}, "
                                       f"{spec.workload.name}")
-    result.write(out_dir)
-    (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    write_workload(spec.workload, out_dir / "workload.parquet")
-    if plots is not None:
-        plots.wait()
+    # the tables are encoded on another thread (pyarrow releases the GIL) while this one
+    # writes the rest and the plots are drawn
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tables = pool.submit(result.write, out_dir)
+        (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_workload(spec.workload, out_dir / "workload.parquet")
+        if plots is not None:
+            plots.wait()
+        tables.result()
     print_summary(result.summary, out_dir)
     if not spec.perf.calibrated:
         print("warning: the performance model is UNCALIBRATED (roofline)")
@@ -101,6 +106,9 @@ def run(cfg) -> dict:
 def main() -> int:
     import hydra
 
+    from simulator.huge_pages import avoid_huge_pages
+
+    avoid_huge_pages()
     try:
         check_group_choices(sys.argv[1:])
     except ConfigError as err:

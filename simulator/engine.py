@@ -28,31 +28,32 @@ from simulator.scheduler import NativeScheduler, SchedulerOutput
 from simulator.steady import SteadyScheduler
 from simulator.workload import Workload
 
-STEP_COLUMNS = ("start_s", "end_s", "running", "waiting", "kv_blocks_used", "prefill_tokens",
+#: the step log's columns: per step its end and duration, then the counts
+STEP_COLUMNS = ("end_s", "step_s", "kv_blocks_used", "running", "waiting", "prefill_tokens",
                 "decode_tokens", "batch_size", "preempted")
-_FLOAT_COLUMNS = ("start_s", "end_s")
 
 
 class StepLog:
     """Per-step columns, kept cheaply: single steps go into plain lists, runs of
-    fast-forwarded steps arrive as numpy arrays (times, queue, KV) and as one
-    value per run for the columns constant over a run (batch and preemptions,
-    run-length encoded); ``columns()`` joins them."""
+    fast-forwarded steps arrive as numpy arrays (times, KV) and as one value per
+    stretch of steps for the columns that change rarely (batch, queues and
+    preemptions, run-length encoded); ``columns()`` joins them. Counts are
+    int32: a long run has millions of steps, and its columns are written once."""
 
-    ARRAY_COLUMNS = ("start_s", "end_s", "kv_blocks_used")
+    ROW_COLUMNS = ("end_s", "step_s", "kv_blocks_used")
     RUN_COLUMNS = ("running", "waiting", "prefill_tokens", "decode_tokens", "batch_size", "preempted")
 
     def __init__(self) -> None:
-        self._chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.ARRAY_COLUMNS}
-        self._rows: dict[str, list] = {name: [] for name in self.ARRAY_COLUMNS}
+        self._chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.ROW_COLUMNS}
+        self._rows: dict[str, list] = {name: [] for name in self.ROW_COLUMNS}
         self._values: dict[str, list[int]] = {name: [] for name in self.RUN_COLUMNS}
         self._counts: list[int] = []  # steps each run-length value covers
         self._row_lists = tuple(self._rows[name] if name in self._rows else self._values[name]
                                 for name in STEP_COLUMNS)
 
-    def add_step(self, *values) -> None:
-        """Append one step's values, in STEP_COLUMNS order."""
-        for column, value in zip(self._row_lists, values, strict=True):
+    def add_step(self, start_s: float, end_s: float, *counts: int) -> None:
+        """Append one step: its start and end, then its counts in STEP_COLUMNS order."""
+        for column, value in zip(self._row_lists, (end_s, end_s - start_s, *counts), strict=True):
             column.append(value)
         self._counts.append(1)
 
@@ -65,7 +66,7 @@ class StepLog:
         by ``waiting_changes[row]``; only the first step may report preemptions (those of
         the step the run started from)."""
         self._flush()
-        for name, array in (("start_s", start_s), ("end_s", end_s), ("kv_blocks_used", kv_blocks_used)):
+        for name, array in (("end_s", end_s), ("step_s", end_s - start_s), ("kv_blocks_used", kv_blocks_used)):
             self._chunks[name].append(array)
         bounds = sorted({0, *([1] if k > 1 else []), *(row for row, *_ in segments), *waiting_changes})
         values = self._values
@@ -94,18 +95,17 @@ class StepLog:
         return sum(self._counts)
 
     def columns(self) -> dict[str, np.ndarray]:
-        """Every step's values, one numpy array per column."""
+        """Every step's values, one numpy array per column (STEP_COLUMNS)."""
         self._flush()
         out = {}
+        for name in self.ROW_COLUMNS:
+            dtype = np.int32 if name == "kv_blocks_used" else np.float64
+            parts = self._chunks[name]
+            out[name] = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+            parts[:] = [out[name]]  # keep one copy, not the chunks as well
         counts = np.array(self._counts, dtype=np.int64)
-        for name in STEP_COLUMNS:
-            dtype = np.float64 if name in _FLOAT_COLUMNS else np.int64
-            if name in self._values:
-                out[name] = np.repeat(np.array(self._values[name], dtype=dtype), counts)
-            else:
-                parts = self._chunks[name]
-                out[name] = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-                parts[:] = [out[name]]  # keep one copy, not the chunks as well
+        for name in self.RUN_COLUMNS:
+            out[name] = np.repeat(np.array(self._values[name], dtype=np.int32), counts)
         return out
 
 
@@ -417,7 +417,7 @@ class Engine:
         self._propose_drafts(out)
         batch = out.batch
         self.steps.add_step(
-            start, now, sched.num_running, sched.num_waiting, sched.kv.num_used_blocks,
+            start, now, sched.kv.num_used_blocks, sched.num_running, sched.num_waiting,
             sum(batch.prefill_tokens), len(batch.decode_context) + sum(batch.decode_spec_tokens),
             len(out.num_scheduled) + out.num_steady, len(out.preempted),
         )

@@ -125,14 +125,15 @@ class _Members:
         """Times of the pure-decode steps first..last: step t has the members decoding in it,
         each attending over its computed tokens before t plus the one it computes."""
         f, c, end = self.first, self.computed, self.last
-        steps = np.arange(first, last + 1, dtype=np.float64)
+        # the total context of count members in steps a..b-1: base + count * t (exact integers)
         if f.max() <= first and end.min() >= last:  # the same members throughout
-            return decode_times(len(end), float((c - f + 1).sum()) + len(end) * steps)
+            n, base = len(end), int((c - f + 1).sum())
+            return decode_times(n, np.arange(base + n * first, base + n * (last + 1), n, dtype=np.float64))
         # segments of steps with the same members: a member decodes in [max(f, first), min(end, last)]
         active = (f <= last) & (end >= first)
         lo = np.maximum(f[active], first)
         hi = np.minimum(end[active], last) + 1
-        weight = (c - f + 1)[active].astype(np.float64)
+        weight = (c - f + 1)[active]
         points = np.unique(np.concatenate(([first, last + 1], lo, hi)))  # segment starts, then last + 1
         size = len(points)
         at_lo, at_hi = np.searchsorted(points, lo), np.searchsorted(points, hi)
@@ -141,11 +142,11 @@ class _Members:
         bounds = points.tolist()
         parts = []
         for j in range(size - 1):
-            count = counts[j]
+            count, base = counts[j], int(bases[j])
             if count < 1:
                 raise RuntimeError("a planned decode run has a step without requests")
-            a, b = bounds[j] - first, bounds[j + 1] - first
-            parts.append(decode_times(count, bases[j] + count * steps[a:b]))
+            a, b = bounds[j], bounds[j + 1]
+            parts.append(decode_times(count, np.arange(base + count * a, base + count * b, count, dtype=np.float64)))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def prefill_step_time(self, step_time, step: int, prompt: int) -> float:

@@ -66,15 +66,20 @@ def time_weighted_kv(time_s: np.ndarray, usage: np.ndarray, end_s: float) -> dic
     u = np.asarray(usage, dtype=float)
     if t.size == 0:
         return {"mean": 0.0, "peak": 0.0, "std": 0.0, "seconds_above_95pct": 0.0}
-    start = 0.0
-    edges = np.append(t, max(end_s, t[-1]))
-    dt = np.diff(edges)
-    total = edges[-1] - start
+    end = max(end_s, float(t[-1]))
+    dt = np.empty_like(t)  # how long each sample holds
+    np.subtract(t[1:], t[:-1], out=dt[:-1])
+    dt[-1] = end - t[-1]
+    total = end  # from 0: the cache is empty before the first sample
     if total <= 0:
         return {"mean": float(u.mean()), "peak": float(u.max()), "std": float(u.std()),
                 "seconds_above_95pct": 0.0}
-    mean = float((u * dt).sum() / total)
-    var = float(((u - mean) ** 2 * dt).sum() / total)
+    weighted = u * dt
+    mean = float(weighted.sum() / total)
+    np.subtract(u, mean, out=weighted)  # reused: (u - mean)^2 dt
+    np.square(weighted, out=weighted)
+    weighted *= dt
+    var = float(weighted.sum() / total)
     return {
         "mean": mean,
         "peak": float(u.max()),

@@ -37,6 +37,9 @@ def print_outcome(outcome) -> None:
 def main() -> int:
     import hydra
 
+    from simulator.huge_pages import avoid_huge_pages
+
+    avoid_huge_pages()
     try:
         check_group_choices(sys.argv[1:])
     except ConfigError as err:

@@ -201,11 +201,10 @@ def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> RunResult:
         "reject_reason": np.array([r.reject_reason for r in reqs], dtype=object),
     }
     s = run.steps.columns()
-    end = s["end_s"]
     used = s["kv_blocks_used"]
     timeline = {
-        "time_s": end,
-        "step_time_s": end - s["start_s"],
+        "time_s": s["end_s"],
+        "step_time_s": s["step_s"],
         "running": s["running"],
         "waiting": s["waiting"],
         "kv_blocks_used": used,

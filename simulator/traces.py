@@ -107,7 +107,7 @@ def _integers(
 ) -> np.ndarray:
     """Non-negative integers parsed from strings; ConfigError names the first bad one."""
     try:
-        parsed = np.asarray(values).astype(np.float64)
+        parsed = np.array(values, dtype=np.float64)
         if (
             np.all(np.isfinite(parsed))
             and np.all(parsed >= 0)
