@@ -153,6 +153,9 @@ class _Members:
         """Time of ``step``: the members decoding in it, and a whole prompt prefilled."""
         decoders = self.decoders_at(step)
         context = (self.computed + (step - self.first) + 1)[decoders].tolist()
+        if prompt == 1:  # one token to compute: vLLM's batch counts it as a decode
+            context.append(1)
+            return step_time(StepBatch(decode_context=context, decode_spec_tokens=[0] * len(context)))
         return step_time(StepBatch(prefill_tokens=[prompt], prefill_context=[0], decode_context=context,
                                    decode_spec_tokens=[0] * len(context)))
 
@@ -431,7 +434,7 @@ def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int,
         change(end + lag, batch=-1)
     for a in run.admissions:
         change(a.step - 1, running=1)
-        change(a.step - 1 + lag, batch=1, prefill=a.prompt)
+        change(a.step - 1 + lag, batch=1, prefill=a.prompt if a.prompt > 1 else 0)  # (one token: a decode)
         change(a.step + lag, prefill=0)
     segments = []
     batch, running, prefill = n, n, 0

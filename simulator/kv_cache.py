@@ -393,8 +393,8 @@ class KVCacheManager:
         self.req_blocks[rid].extend(blocks)
         self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + acquired_s
 
-    def free(self, rid: int) -> None:
-        """Release a request's blocks, tail first.
+    def free(self, rid: int, finished: bool = False) -> None:
+        """Release a request's blocks, tail first (``finished``: for good, not preempted).
 
         As vLLM's BlockPool.free_blocks: blocks without a content hash can
         never be hit, so they go to the front of the free queue (reused first);
@@ -408,6 +408,14 @@ class KVCacheManager:
         self.block_seconds[rid] = (self.block_seconds.get(rid, 0.0)
                                    + len(blocks) * self.clock - self._acquired_s.pop(rid))
         held = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+        if finished and (self._owner[held] == NO_HASH).all():
+            # The usual finish: private blocks only, none named yet, each held by this request
+            # alone. Its registered blocks (the first num_cached) are cached; only the request
+            # itself could ever hit them, and it is done, so their names are not recorded.
+            self._ref[held] = 0
+            self.free_queue.push_front(held[num_cached:][::-1])
+            self.free_queue.push_back(held[:num_cached][::-1])
+            return
         if num_cached:
             self._name_private_blocks(rid, held, num_cached)
         tail_first = held[::-1]

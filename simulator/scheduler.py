@@ -364,4 +364,4 @@ class NativeScheduler:
                 self.waiting.remove(req)
         req.status = Status.FINISHED
         req.finish_s = now
-        self.kv.free(req.rid)
+        self.kv.free(req.rid, finished=True)

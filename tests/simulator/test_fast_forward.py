@@ -178,3 +178,14 @@ def test_arrivals_are_admitted_inside_decode_runs_as_step_by_step(async_scheduli
         assert len(admitted) <= 0.6 * len(w)
     if blocks:
         assert slow.summary["kv_usage"]["peak"] > 0.8  # the KV cache did run short
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_one_token_prompts_admitted_inside_runs_are_decodes(async_scheduling):
+    # vLLM's batch counts a one-token prompt as a decode (its step time and the timeline say so)
+    w = make_workload(n=30, seed=2, rate=1.0, prompt=(1, 3), output=(100, 600))
+    cfg = EngineConfig(max_model_len=2048)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert (w.prompt_tokens == 1).sum() >= 5
+    assert_same(slow, fast)

@@ -56,10 +56,14 @@ def test_async_scheduler_caches_the_last_block_before_freeing_a_finished_request
     step1 = s.schedule()
     step2 = s.schedule()  # scheduled while step 1 is in flight
     s.update_from_output(step1, dict.fromkeys(step1.sampling, 1), 0.1)
+    full, partial = s.kv.req_blocks[0][:2], s.kv.req_blocks[0][2:]
     assert s.update_from_output(step2, dict.fromkeys(step2.sampling, 1), 0.2) == [req]
     assert req.status == Status.FINISHED
-    # both full blocks were cached before the free, so both can still be hit
-    assert len(s.kv.computed_blocks(req, 33)) == 2
+    # both full blocks were cached before the free: they go to the back of the free queue
+    # (evicted last), tail first; the partial block, never cached, to the front
+    queue = s.kv.free_queue.blocks().tolist()
+    assert queue[-2:] == full[::-1]
+    assert queue[: len(partial)] == partial[::-1]
 
 
 def test_sync_scheduler_caches_blocks_filled_by_accepted_drafts_only_at_the_next_step():
