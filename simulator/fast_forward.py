@@ -24,6 +24,7 @@ checks it); the event that ends a run is left to the ordinary path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -105,26 +106,40 @@ def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_s
 
 class _Members:
     """The run's members while it is planned: first decode step, computed tokens before it,
-    last step (numpy arrays, running requests first)."""
+    last step (running requests first). Kept as lists, with numpy copies made when needed."""
 
     def __init__(self, computed: np.ndarray, last_steps: list[int]):
-        self.first = np.ones(len(last_steps), dtype=np.int64)
-        self.computed = computed
-        self.last = np.array(last_steps, dtype=np.int64)
+        self.first = [1] * len(last_steps)
+        self.computed = computed.tolist()
+        self.last = list(last_steps)
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def add(self, first: int, computed: int, last: int) -> None:
-        self.first = np.append(self.first, first)
-        self.computed = np.append(self.computed, computed)
-        self.last = np.append(self.last, last)
+        self.first.append(first)
+        self.computed.append(computed)
+        self.last.append(last)
+        self._arrays = None
 
-    def decoders_at(self, step: int) -> np.ndarray:
-        """Which members decode in ``step``."""
-        return (self.first <= step) & (self.last >= step)
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first steps, computed tokens, last steps) as numpy arrays."""
+        if self._arrays is None:
+            self._arrays = tuple(np.array(x, dtype=np.int64) for x in (self.first, self.computed, self.last))
+        return self._arrays
+
+    def decoding(self, step: int) -> int:
+        """How many members decode in ``step``."""
+        return sum(1 for f, end in zip(self.first, self.last, strict=True) if f <= step <= end)
+
+    def running_after(self, step: int) -> int:
+        """How many members have steps after ``step`` (those with none left have finished)."""
+        return sum(1 for end in self.last if end > step)
 
     def step_times(self, decode_times, first: int, last: int) -> np.ndarray:
         """Times of the pure-decode steps first..last: step t has the members decoding in it,
         each attending over its computed tokens before t plus the one it computes."""
-        f, c, end = self.first, self.computed, self.last
+        if len(self.last) <= 16:  # few members (light load): plain Python is quicker than numpy
+            return self._few_step_times(decode_times, first, last)
+        f, c, end = self.arrays()
         # the total context of count members in steps a..b-1: base + count * t (exact integers)
         if f.max() <= first and end.min() >= last:  # the same members throughout
             n, base = len(end), int((c - f + 1).sum())
@@ -149,10 +164,32 @@ class _Members:
             parts.append(decode_times(count, np.arange(base + count * a, base + count * b, count, dtype=np.float64)))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _few_step_times(self, decode_times, first: int, last: int) -> np.ndarray:
+        """``step_times`` for a few members, segment by segment in Python."""
+        spans = []  # (first step, step after the last, computed + 1 - first decode step) in the window
+        points = {first, last + 1}
+        for f, c, end in zip(self.first, self.computed, self.last, strict=True):
+            lo, hi = max(f, first), min(end, last) + 1
+            if lo < hi:
+                spans.append((lo, hi, c - f + 1))
+                points.update((lo, hi))
+        bounds = sorted(points)
+        parts = []
+        for a, b in pairwise(bounds):
+            count = base = 0
+            for lo, hi, weight in spans:
+                if lo <= a < hi:
+                    count += 1
+                    base += weight
+            if count < 1:
+                raise RuntimeError("a planned decode run has a step without requests")
+            parts.append(decode_times(count, np.arange(base + count * a, base + count * b, count, dtype=np.float64)))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def prefill_step_time(self, step_time, step: int, prompt: int) -> float:
         """Time of ``step``: the members decoding in it, and a whole prompt prefilled."""
-        decoders = self.decoders_at(step)
-        context = (self.computed + (step - self.first) + 1)[decoders].tolist()
+        context = [c + (step - f) + 1 for f, c, end in zip(self.first, self.computed, self.last, strict=True)
+                   if f <= step <= end]
         if prompt == 1:  # one token to compute: vLLM's batch counts it as a decode
             context.append(1)
             return step_time(StepBatch(decode_context=context, decode_spec_tokens=[0] * len(context)))
@@ -258,14 +295,13 @@ def _admit_arrivals(sched, members: _Members, admissions: list[Admission], arriv
             ends = np.concatenate((ends, np.cumsum(np.concatenate(([ends[-1]], extra)))[1:]))
             continue
         prompt = int(arrivals.prompt[index])
-        decoders = members.decoders_at(step)
         admitted = (
             step >= 2
             and not (admissions and step <= admissions[-1].step)  # one arrival per step
             and (arrivals.private[index] or not caching)
-            and prompt + int(np.count_nonzero(decoders)) <= budget  # whole, in this step's budget
+            and prompt + members.decoding(step) <= budget  # whole, in this step's budget
             and not (threshold and prompt > threshold)
-            and int(np.count_nonzero(members.last > step - 1 - lag)) < cfg.max_num_seqs
+            and members.running_after(step - 1 - lag) < cfg.max_num_seqs
         )
         if not admitted:
             return times[: step - 1], k_max
@@ -298,7 +334,7 @@ def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.nda
     if admissions:
         prompt_blocks = np.array([-(-a.prompt // bs) for a in admissions], dtype=np.int64)
         held = np.concatenate((held, prompt_blocks))
-    first, computed, last = members.first, members.computed, members.last
+    first, computed, last = members.arrays()
     steps, owners = _crossing_steps(computed, held, bs, np.minimum(last, k), first)
     if admissions:
         admitted = np.arange(n, n + len(admissions))
