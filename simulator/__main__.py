@@ -131,5 +131,24 @@ def main() -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the process without Python's teardown (freeing every module and object, and
+    pyarrow's thread pools: ~0.1 s of a 1.3 s light run). Everything has been written and
+    closed by then; the output streams and logs are flushed here."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as stop:  # Hydra's and ours (2: bad input, 130: interrupted)
+        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, int | None):
+            print(stop.code, file=sys.stderr)
+    exit_now(status)
