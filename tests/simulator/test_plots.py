@@ -57,3 +57,19 @@ def test_a_drawing_error_is_raised_and_cancel_ends_the_process(result, tmp_path)
     idle.cancel()
     assert not process.is_alive() and process.exitcode == 0
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_an_error_in_the_forked_drawing_is_raised(result, tmp_path, monkeypatch):
+    import simulator.plots as plots_module
+
+    def broken(*args):
+        raise ValueError("no CDF today")
+
+    last = list(PLOTS)[-1]
+    monkeypatch.setitem(plots_module.PLOTS, last, broken)
+    plots = BackgroundPlots()
+    plots.submit(result, tmp_path, "t")
+    with pytest.raises(RuntimeError, match=f"drawing {last} failed"):
+        plots.wait()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(list(PLOTS)[:-1])
