@@ -7,10 +7,10 @@ on one H100 with vLLM's defaults: the simulator's default calibration.
 
 Prints, per case: simulation wall time (workload generation to final metrics,
 after one untimed warm-up run has paid the imports and built the performance
-model; for the fast path the median of 3 runs) of the fast path and of the
+model; for the fast path the median of 5 runs) of the fast path and of the
 step-by-step path, their ratio, the ratio against Vidur's loop time measured by
 others on the same workload and machine size (77 s for 1,000 requests), whether
-both paths agree, and the whole-process time (median of 3) and peak RSS of the
+both paths agree, and the whole-process time (median of 5) and peak RSS of the
 equivalent `python -m simulator` command. Then how the fast path's time grows
 with the request count.
 
@@ -87,19 +87,20 @@ def agree(a, b) -> bool:
     return True
 
 
-# A child's ru_maxrss also counts its parent's memory (Linux keeps the high-water
-# mark across fork and exec), so the simulator process reports its own peak (VmHWM).
+# A child's ru_maxrss also counts its parent's memory (Linux keeps the high-water mark across
+# fork and exec), so the simulator process reports its own peak (VmHWM), just before it ends
+# as `python -m simulator` ends.
 RUN_AND_REPORT_PEAK = """
-import atexit, runpy, sys
-def peak():
-    status = open("/proc/self/status").read()
-    print("VmHWM", status.split("VmHWM:")[1].split()[0], file=sys.stderr)
-atexit.register(peak)
-runpy.run_module("simulator", run_name="__main__", alter_sys=True)
+import sys
+import simulator.__main__ as cli
+sys.argv[0] = "simulator"
+status = cli.exit_status()
+print("VmHWM", open("/proc/self/status").read().split("VmHWM:")[1].split()[0], file=sys.stderr)
+cli.exit_now(status)
 """
 
 
-def whole_process(rate: float, n: int, repeats: int = 3) -> tuple[float, float]:
+def whole_process(rate: float, n: int, repeats: int = 5) -> tuple[float, float]:
     """Median wall time and peak RSS (MB) of `python -m simulator ...` for the case, plots
     included, over ``repeats`` runs (one process start varies by ~0.2 s on 2 cores)."""
     cmd = [sys.executable, "-c", RUN_AND_REPORT_PEAK, "workload=gamma", f"workload.rate={rate}",
@@ -130,7 +131,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for rate in (0.08, 1.0):
         cfg = spec_for(rate, n)
-        t_fast, fast = timed_simulation(cfg, fast=True, repeats=3)
+        t_fast, fast = timed_simulation(cfg, fast=True, repeats=5)
         t_slow, slow = timed_simulation(cfg, fast=False)
         same = agree(fast, slow)
         wall, rss = whole_process(rate, n)

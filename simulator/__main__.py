@@ -144,11 +144,18 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def exit_status() -> int:
+    """Run ``main()``; its exit status, Hydra's and ours (2: bad input, 130: interrupted)."""
     try:
-        status = main()
-    except SystemExit as stop:  # Hydra's and ours (2: bad input, 130: interrupted)
-        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if not isinstance(stop.code, int | None):
+        return main()
+    except SystemExit as stop:
+        if isinstance(stop.code, int):
+            return stop.code
+        if stop.code is not None:
             print(stop.code, file=sys.stderr)
-    exit_now(status)
+            return 1
+        return 0
+
+
+if __name__ == "__main__":
+    exit_now(exit_status())

@@ -67,25 +67,43 @@ def time_weighted_kv(time_s: np.ndarray, usage: np.ndarray, end_s: float) -> dic
     if t.size == 0:
         return {"mean": 0.0, "peak": 0.0, "std": 0.0, "seconds_above_95pct": 0.0}
     end = max(end_s, float(t[-1]))
-    dt = np.empty_like(t)  # how long each sample holds
-    np.subtract(t[1:], t[:-1], out=dt[:-1])
-    dt[-1] = end - t[-1]
     total = end  # from 0: the cache is empty before the first sample
     if total <= 0:
         return {"mean": float(u.mean()), "peak": float(u.max()), "std": float(u.std()),
                 "seconds_above_95pct": 0.0}
-    weighted = u * dt
-    mean = float(weighted.sum() / total)
-    np.subtract(u, mean, out=weighted)  # reused: (u - mean)^2 dt
-    np.square(weighted, out=weighted)
-    weighted *= dt
-    var = float(weighted.sum() / total)
+    # in pieces of CHUNK samples: a million-step timeline needs no timeline-sized temporaries
+    weighted = above = 0.0
+    for a, dt in _holding_times(t, end):
+        ui = u[a : a + len(dt)]
+        weighted += float(np.dot(ui, dt))
+        above += float(dt[ui > 0.95].sum())
+    mean = weighted / total
+    spread = 0.0
+    for a, dt in _holding_times(t, end):
+        d = u[a : a + len(dt)] - mean
+        spread += float(np.dot(d * d, dt))
     return {
         "mean": mean,
         "peak": float(u.max()),
-        "std": var ** 0.5,
-        "seconds_above_95pct": float(dt[u > 0.95].sum()),
+        "std": (spread / total) ** 0.5,
+        "seconds_above_95pct": above,
     }
+
+
+CHUNK = 1 << 16
+
+
+def _holding_times(t: np.ndarray, end: float):
+    """(first index, how long samples a, a+1, ... hold) for consecutive pieces of ``t``."""
+    n = len(t)
+    for a in range(0, n, CHUNK):
+        b = min(a + CHUNK, n)
+        stop = min(b, n - 1)  # samples a..stop-1 are followed by another
+        dt = np.empty(b - a)
+        np.subtract(t[a + 1 : stop + 1], t[a:stop], out=dt[: stop - a])
+        if b == n:
+            dt[-1] = end - t[-1]  # the last sample holds until the end
+        yield a, dt
 
 
 def goodput(requests: dict[str, np.ndarray], slo: SLO, duration_s: float) -> dict[str, float]:
