@@ -82,24 +82,25 @@ class DecodeRun:
     admissions: list[Admission] = field(default_factory=list)
 
 
-def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps=None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps=None,
+                    extra: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(steps, member indices) of every new block the members need in steps 1..k, in vLLM's order.
 
     A member decoding from step f with c computed tokens before it allocates, at
     step i >= f, slots for c + (i - f) + 1 tokens; it needs a new block when that
     passes its held blocks. Within a step, blocks go to the members in order.
     ``k`` may be an array: each member's own last step; ``first_steps`` defaults to 1.
+    ``extra`` (steps, members) are more blocks to order along (prompt blocks).
     """
     first = held * block_size - c + (1 if first_steps is None else first_steps)  # first step needing one
     needing = np.flatnonzero(first <= k)
-    if not len(needing):
-        return needing, needing
     last = k[needing] if isinstance(k, np.ndarray) else k
     counts = (last - first[needing]) // block_size + 1
     owners = np.repeat(needing, counts)
     rank = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)
     steps = first[owners] + block_size * rank
+    if extra is not None:
+        steps, owners = np.concatenate((steps, extra[0])), np.concatenate((owners, extra[1]))
     order = np.lexsort((owners, steps))
     return steps[order], owners[order]
 
@@ -335,13 +336,11 @@ def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.nda
         prompt_blocks = np.array([-(-a.prompt // bs) for a in admissions], dtype=np.int64)
         held = np.concatenate((held, prompt_blocks))
     first, computed, last = members.arrays()
-    steps, owners = _crossing_steps(computed, held, bs, np.minimum(last, k), first)
-    if admissions:
-        admitted = np.arange(n, n + len(admissions))
-        steps = np.concatenate((steps, np.repeat([a.step for a in admissions], prompt_blocks)))
-        owners = np.concatenate((owners, np.repeat(admitted, prompt_blocks)))
-        order = np.lexsort((owners, steps))
-        steps, owners = steps[order], owners[order]
+    prompts = None
+    if admissions:  # an admitted request's prompt blocks, taken in its prefill step
+        prompts = (np.repeat([a.step for a in admissions], prompt_blocks),
+                   np.repeat(np.arange(n, n + len(admissions)), prompt_blocks))
+    steps, owners = _crossing_steps(computed, held, bs, np.minimum(last, k), first, prompts)
     free = sched.kv.num_free_blocks
     if len(steps) > free:
         # that step would preempt, or not admit
@@ -397,7 +396,8 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
     members = running + list(admitted) if admitted else running
     first, computed, last = run.first_steps, run.computed, run.last_steps
     steps, owners = run.block_steps, run.block_owners
-    used = kv.num_used_blocks + np.cumsum(np.bincount(steps - 1, minlength=k))
+    used_before = kv.num_used_blocks
+    taken_at = np.bincount(steps - 1, minlength=k)  # blocks taken by each row's time, less those freed
     if admitted:
         for a, req in zip(run.admissions, admitted, strict=True):
             sched.requests[req.rid] = req
@@ -413,7 +413,6 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
         deliver(running, k, token_times)
         kv.cache_many(running, (computed + k - lag).tolist())
     else:
-        released = np.zeros(k, dtype=np.int64)
         taken = 0
         finishing = finishing[np.argsort(last[finishing], kind="stable")]  # by last step, then order
         for i in finishing.tolist():
@@ -427,10 +426,9 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
             before = kv.num_used_blocks
             kv.cache_full_blocks(req, int(computed[i] + last[i] - first[i] + 1))
             sched.finish(req, now)
-            released[row] += before - kv.num_used_blocks
+            taken_at[row] -= before - kv.num_used_blocks
             finished.append(req)
         _hand_out(kv, members, steps[taken:], owners[taken:], sched_at)
-        used = used - np.cumsum(released)
         counts = np.minimum(last[:n] + lag, k)
         deliver(running, k, token_times, counts.tolist(), np.minimum(last[:n], k).tolist())
         for j, (a, req) in enumerate(zip(run.admissions, admitted, strict=True)):
@@ -444,6 +442,8 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
             sched._on_admit(req)
         kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
     kv.clock = float(sched_at[-1])
+    used = np.cumsum(taken_at)
+    used += used_before
     return AppliedRun(used, _row_segments(run, n, lag), finished)
 
 
