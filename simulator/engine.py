@@ -58,13 +58,13 @@ class StepLog:
         self._counts.append(1)
 
     def add_run(self, k: int, start_s: np.ndarray, end_s: np.ndarray, kv_blocks_used: np.ndarray,
-                segments: list[tuple[int, int, int, int]], waiting: int, waiting_changes: dict[int, int],
+                segments: list[tuple[int, int, int, int, int]], waiting: int, waiting_changes: dict[int, int],
                 first_preempted: int) -> None:
         """Append the k steps of a run: per-step times and KV blocks; ``segments`` from row 0
-        on, (row, batch, running after it, prompt tokens prefilled; the rest of the batch
-        decodes), where they change; the queue length, ``waiting`` at the first row, changed
-        by ``waiting_changes[row]``; only the first step may report preemptions (those of
-        the step the run started from)."""
+        on, (row, batch, running after it, prompt tokens prefilled, requests prefilling; the
+        rest of the batch decodes), where they change; the queue length, ``waiting`` at the
+        first row, changed by ``waiting_changes[row]``; only the first step may report
+        preemptions (those of the step the run started from)."""
         self._flush()
         for name, array in (("end_s", end_s), ("step_s", end_s - start_s), ("kv_blocks_used", kv_blocks_used)):
             self._chunks[name].append(array)
@@ -75,12 +75,12 @@ class StepLog:
         for i, row in enumerate(bounds):
             while seg + 1 < len(segments) and segments[seg + 1][0] <= row:
                 seg += 1
-            _, batch, running, prefill = segments[seg]
+            _, batch, running, prefill, prefilling = segments[seg]
             waiting += waiting_changes.get(row, 0)
             values["running"].append(running)
             values["waiting"].append(waiting)
             values["prefill_tokens"].append(prefill)
-            values["decode_tokens"].append(batch - (prefill > 0))
+            values["decode_tokens"].append(batch - prefilling)
             values["batch_size"].append(batch)
             values["preempted"].append(first_preempted if row == 0 else 0)
             counts.append((bounds[i + 1] if i + 1 < len(bounds) else k) - row)

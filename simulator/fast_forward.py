@@ -187,14 +187,13 @@ class _Members:
             parts.append(decode_times(count, np.arange(base + count * a, base + count * b, count, dtype=np.float64)))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def prefill_step_time(self, step_time, step: int, prompt: int) -> float:
-        """Time of ``step``: the members decoding in it, and a whole prompt prefilled."""
+    def prefill_step_time(self, step_time, step: int, prompts: list[int]) -> float:
+        """Time of ``step``: the members decoding in it, and whole prompts prefilled (in order)."""
         context = [c + (step - f) + 1 for f, c, end in zip(self.first, self.computed, self.last, strict=True)
                    if f <= step <= end]
-        if prompt == 1:  # one token to compute: vLLM's batch counts it as a decode
-            context.append(1)
-            return step_time(StepBatch(decode_context=context, decode_spec_tokens=[0] * len(context)))
-        return step_time(StepBatch(prefill_tokens=[prompt], prefill_context=[0], decode_context=context,
+        context += [1] * prompts.count(1)  # one token to compute: vLLM's batch counts it as a decode
+        long = [p for p in prompts if p > 1]
+        return step_time(StepBatch(prefill_tokens=long, prefill_context=[0] * len(long), decode_context=context,
                                    decode_spec_tokens=[0] * len(context)))
 
 
@@ -296,18 +295,19 @@ def _admit_arrivals(sched, members: _Members, admissions: list[Admission], arriv
             ends = np.concatenate((ends, np.cumsum(np.concatenate(([ends[-1]], extra)))[1:]))
             continue
         prompt = int(arrivals.prompt[index])
+        # the arrivals already admitted in this step (bursts: arrivals within one step's time)
+        same_step = [a.prompt for a in admissions if a.step == step]
         admitted = (
             step >= 2
-            and not (admissions and step <= admissions[-1].step)  # one arrival per step
             and (arrivals.private[index] or not caching)
-            and prompt + members.decoding(step) <= budget  # whole, in this step's budget
+            and prompt + sum(same_step) + members.decoding(step) <= budget  # whole, in this step's budget
             and not (threshold and prompt > threshold)
             and members.running_after(step - 1 - lag) < cfg.max_num_seqs
         )
         if not admitted:
             return times[: step - 1], k_max
         last = step + int(arrivals.max_tokens[index]) - 1
-        prefill = members.prefill_step_time(step_time, step, prompt)
+        prefill = members.prefill_step_time(step_time, step, [*same_step, prompt])
         members.add(step + 1, prompt, last)
         admissions.append(Admission(step, index, prompt))
         k_max = min(max(k_max, last - (1 - lag)), MAX_HORIZON)
@@ -375,8 +375,8 @@ class AppliedRun:
 
     kv_blocks_used: np.ndarray  # after each row's output
     #: from row 0 on, each row where one of these changes: (row, requests in its step,
-    #: requests running after its output, prompt tokens prefilled in its step)
-    segments: list[tuple[int, int, int, int]]
+    #: requests running after its output, prompt tokens prefilled in its step, requests prefilling)
+    segments: list[tuple[int, int, int, int, int]]
     finished: list[SimRequest]
 
 
@@ -447,42 +447,44 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
     return AppliedRun(used, _row_segments(run, n, lag), finished)
 
 
-def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int, int]]:
-    """Where the run's rows change, as (row, batch, running after it, prompt tokens prefilled),
-    from row 0 on. Row r applies the output of step r + 1 - lag; the ``n`` running requests
-    are in the step in flight too. A member leaves the batch after its last step and the
-    running requests with its last output; an admitted request is running from the output
-    before its prefill is scheduled, and in the batch from its prefill on."""
+def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int, int, int]]:
+    """Where the run's rows change, as (row, batch, running after it, prompt tokens prefilled,
+    requests prefilling), from row 0 on. Row r applies the output of step r + 1 - lag; the
+    ``n`` running requests are in the step in flight too. A member leaves the batch after its
+    last step and the running requests with its last output; an admitted request is running
+    from the output before its prefill is scheduled, and in the batch from its prefill on (a
+    one-token prompt is a decode there, as vLLM's batch counts it)."""
     k = run.k
     last = run.last_steps
-    changes: dict[int, list[int]] = {}
+    changes: dict[int, list[int]] = {}  # row -> [batch change, running change]
+    prefills: dict[int, list[int]] = {}  # row -> [prompt tokens, requests]: the row's prefills
 
-    def change(row: int, batch: int = 0, running: int = 0, prefill: int | None = None) -> None:
+    def change(row: int, batch: int = 0, running: int = 0) -> None:
         if row < k:
-            entry = changes.setdefault(row, [0, 0, None])
+            entry = changes.setdefault(row, [0, 0])
             entry[0] += batch
             entry[1] += running
-            if prefill is not None:
-                entry[2] = prefill
 
     for end in last[last + lag - 1 < k].tolist():
         change(end - 1 + lag, running=-1)
         change(end + lag, batch=-1)
     for a in run.admissions:
         change(a.step - 1, running=1)
-        change(a.step - 1 + lag, batch=1, prefill=a.prompt if a.prompt > 1 else 0)  # (one token: a decode)
-        change(a.step + lag, prefill=0)
+        change(a.step - 1 + lag, batch=1)
+        change(a.step + lag)  # its prefill is over
+        if a.prompt > 1:
+            entry = prefills.setdefault(a.step - 1 + lag, [0, 0])
+            entry[0] += a.prompt
+            entry[1] += 1
     segments = []
-    batch, running, prefill = n, n, 0
+    batch, running = n, n
     if 0 not in changes:
-        segments.append((0, batch, running, prefill))
+        segments.append((0, batch, running, 0, 0))
     for row in sorted(changes):
-        d_batch, d_running, new_prefill = changes[row]
+        d_batch, d_running = changes[row]
         batch += d_batch
         running += d_running
-        if new_prefill is not None:
-            prefill = new_prefill
-        segments.append((row, batch, running, prefill))
+        segments.append((row, batch, running, *prefills.get(row, (0, 0))))
     return segments
 
 

@@ -189,3 +189,37 @@ def test_one_token_prompts_admitted_inside_runs_are_decodes(async_scheduling):
     fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
     assert (w.prompt_tokens == 1).sum() >= 5
     assert_same(slow, fast)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("budget", [512, 8192])
+def test_bursts_admitted_together_inside_runs_as_step_by_step(async_scheduling, budget, monkeypatch):
+    # arrivals in bursts of three within a millisecond, while long decodes run: one step admits
+    # them together (within the token budget; the rest of a burst ends the run), one-token
+    # prompts among them
+    from simulator import fast_forward
+    from simulator.workload import Workload
+
+    rng = np.random.default_rng(5)
+    bursts = np.arange(1, 21) * 0.7
+    arrival = np.concatenate(([0.0], np.repeat(bursts, 3) + np.tile([0.0, 0.0002, 0.0004], len(bursts))))
+    n = len(arrival)
+    prompt = rng.integers(40, 300, n)
+    prompt[rng.random(n) < 0.25] = 1
+    output = rng.integers(300, 1500, n)
+    w = Workload(arrival_s=arrival, prompt_tokens=prompt, output_tokens=output,
+                 reasoning_tokens=output // 2, domain=np.full(n, "math", object))
+    cfg = EngineConfig(max_model_len=4096, max_num_batched_tokens=budget, max_num_seqs=min(256, budget))
+    shared = []
+    apply_run = fast_forward.apply_run
+
+    def counting(sched, run, *args, **kwargs):
+        steps = [a.step for a in run.admissions]
+        shared.extend(s for s in set(steps) if steps.count(s) > 1)
+        return apply_run(sched, run, *args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert len(shared) >= 5  # steps that admitted two or three arrivals of a burst
