@@ -109,17 +109,29 @@ class _Members:
     """The run's members while it is planned: first decode step, computed tokens before it,
     last step (running requests first). Kept as lists, with numpy copies made when needed."""
 
-    def __init__(self, computed: np.ndarray, last_steps: list[int]):
+    def __init__(self, computed: np.ndarray, last_steps: list[int], held: list[int]):
         self.first = [1] * len(last_steps)
         self.computed = computed.tolist()
         self.last = list(last_steps)
+        self.held = held  # KV blocks each holds before its first decode step
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    def add(self, first: int, computed: int, last: int) -> None:
+    def add(self, first: int, computed: int, last: int, held: int) -> None:
         self.first.append(first)
         self.computed.append(computed)
         self.last.append(last)
+        self.held.append(held)
         self._arrays = None
+
+    def new_blocks_through(self, step: int, block_size: int) -> int:
+        """KV blocks the members' decodes take in steps 1..``step`` (not the prompts')."""
+        total = 0
+        for f, c, end, held in zip(self.first, self.computed, self.last, self.held, strict=True):
+            if f <= step and f <= end:
+                need = -(-(c + min(step, end) - f + 1) // block_size) - held
+                if need > 0:
+                    total += need
+        return total
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(first steps, computed tokens, last steps) as numpy arrays."""
@@ -240,7 +252,8 @@ def plan(
     # the run, and only the last request's goes through the ordinary path.
     c = np.fromiter((r.num_computed for r in running), dtype=np.int64, count=n)
     cap = min(int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
-    members = _Members(c, remaining)
+    held = [len(sched.kv.req_blocks[r.rid]) for r in running]
+    members = _Members(c, remaining, held)
     admissions: list[Admission] = []
     if waiting:
         k_max = min(min(remaining) - (1 - lag), cap)
@@ -261,66 +274,120 @@ def plan(
     return _fit_kv(sched, members, admissions, times, k)
 
 
+class _StepClock:
+    """A run's step times while it is planned, and when each step is scheduled.
+
+    Step 1 is scheduled ``now``, step t >= 2 at ``ends[t - 1 - lag]``, where ``ends[m]`` is
+    ``base`` plus the first m step times, summed in order as the engine sums them. Steps
+    before the latest admission no longer change: they are kept as finished chunks, so an
+    admission costs work for the steps after it only.
+    """
+
+    def __init__(self, times: np.ndarray, now: float, base: float, lag: int):
+        self.now, self.lag = now, lag
+        self.chunks: list[np.ndarray] = []  # steps 1..offset
+        self.offset = 0
+        self.tail = times  # steps offset+1 .. offset+len(tail)
+        self.tail_ends = np.cumsum(np.concatenate(([base], times)))  # ends[offset + i]
+
+    def __len__(self) -> int:
+        return self.offset + len(self.tail)
+
+    def step_after(self, t: float) -> int:
+        """The first step scheduled at or after time ``t`` (> now); may be beyond the steps known."""
+        return self.offset + int(np.searchsorted(self.tail_ends, t, side="left")) + 1 + self.lag
+
+    def time_of(self, step: int) -> float:
+        return float(self.tail[step - 1 - self.offset])
+
+    def scheduled_at(self, step: int) -> float:
+        return float(self.tail_ends[step - 1 - self.lag - self.offset])
+
+    def extend(self, times: np.ndarray) -> None:
+        """Times of the steps after the known ones."""
+        self.tail = np.concatenate((self.tail, times))
+        self.tail_ends = np.concatenate((self.tail_ends, np.cumsum(np.concatenate(([self.tail_ends[-1]], times)))[1:]))
+
+    def replace_from(self, step: int, times: np.ndarray) -> None:
+        """New times for ``step`` on; steps before ``step - 1`` become final."""
+        keep = step - 2 - self.offset  # tail entries of steps before step - 1
+        self.chunks.append(self.tail[:keep])
+        start = self.tail_ends[keep]
+        self.tail = np.concatenate((self.tail[keep : keep + 1], times))
+        self.tail_ends = np.cumsum(np.concatenate(([start], self.tail)))
+        self.offset = step - 2
+
+    def times(self, k: int | None = None) -> np.ndarray:
+        """The times of steps 1..k (all known ones by default)."""
+        tail = self.tail if k is None else self.tail[: k - self.offset]
+        return np.concatenate((*self.chunks, tail)) if self.chunks else tail
+
+
 def _admit_arrivals(sched, members: _Members, admissions: list[Admission], arrivals: Arrivals, index: int,
                     times: np.ndarray, k_max: int, decode_times, step_time, now: float, base: float,
                     horizon: int, lag: int) -> tuple[np.ndarray, int]:
     """Go through the arrivals the run reaches: each one the step after it admits whole joins
     the run (``members``, ``admissions``); the first other one ends it. Returns the step
-    times and the last step the members need.
-
-    Step 1 is scheduled ``now``, step t >= 2 at ``ends[t - 1 - lag]``, where ``ends[m]`` is
-    ``base`` plus the first m step times, summed in order as the engine sums them.
+    times and the last step the members need (see ``_StepClock`` for ``now`` and ``base``).
     """
     cfg = sched.config
     caching = sched.kv.enable_caching
     budget, threshold = cfg.max_num_batched_tokens, cfg.long_prefill_token_threshold
     queued, arrival_s = arrivals.queued, arrivals.time_s
     total = len(arrival_s)
-    ends = np.cumsum(np.concatenate(([base], times)))
+    clock = _StepClock(times, now, base, lag)
+    bs, free = sched.block_size, sched.kv.num_free_blocks
+    prompt_blocks = 0  # blocks of the prompts admitted so far
     while True:
         while index < total and not queued[index]:
             index += 1  # rejected at arrival: it never waits
         if index >= total:
-            return times, k_max
+            return clock.times(), k_max
         t = float(arrival_s[index])
         if t <= now:
             return times[:0], k_max  # it is in the queue before step 1
-        step = int(np.searchsorted(ends, t, side="left")) + 1 + lag  # the first step scheduled after it
-        if step > len(times):
-            if len(times) >= k_max:
-                return times, k_max
-            more = int((t - ends[-1]) / times[-1] * 1.1) + 16
-            extra = members.step_times(decode_times, len(times) + 1, min(len(times) + more, k_max))
-            times = np.concatenate((times, extra))
-            ends = np.concatenate((ends, np.cumsum(np.concatenate(([ends[-1]], extra)))[1:]))
+        step = clock.step_after(t)
+        known = len(clock)
+        if step > known:
+            if known >= k_max:
+                return clock.times(), k_max
+            more = int((t - clock.tail_ends[-1]) / clock.tail[-1] * 1.1) + 16
+            clock.extend(members.step_times(decode_times, known + 1, min(known + more, k_max)))
             continue
         prompt = int(arrivals.prompt[index])
         # the arrivals already admitted in this step (bursts: arrivals within one step's time)
-        same_step = [a.prompt for a in admissions if a.step == step]
+        same_step = []
+        for a in reversed(admissions):
+            if a.step != step:
+                break
+            same_step.insert(0, a.prompt)
+        blocks = -(-prompt // bs)
         admitted = (
             step >= 2
             and (arrivals.private[index] or not caching)
             and prompt + sum(same_step) + members.decoding(step) <= budget  # whole, in this step's budget
             and not (threshold and prompt > threshold)
             and members.running_after(step - 1 - lag) < cfg.max_num_seqs
+            # its blocks, after every block taken so far (none freed counted: see _fit_kv)
+            and prompt_blocks + blocks + members.new_blocks_through(step, bs) <= free
         )
         if not admitted:
-            return times[: step - 1], k_max
+            return clock.times(step - 1), k_max
+        prompt_blocks += blocks
         last = step + int(arrivals.max_tokens[index]) - 1
         prefill = members.prefill_step_time(step_time, step, [*same_step, prompt])
-        members.add(step + 1, prompt, last)
+        members.add(step + 1, prompt, last, blocks)
         admissions.append(Admission(step, index, prompt))
         k_max = min(max(k_max, last - (1 - lag)), MAX_HORIZON)
         index += 1
         # the steps from this one on change: recompute them up to about the next arrival
         upto = min(k_max, step + horizon)
         if index < total:
-            pace = float(times[step - 2])
-            scheduled = float(ends[step - 1 - lag])
-            upto = min(k_max, step + max(16, int((float(arrival_s[index]) - scheduled) / pace * 1.1) + 16))
+            pace = clock.time_of(step - 1)
+            reach = (float(arrival_s[index]) - clock.scheduled_at(step)) / pace * 1.1
+            upto = min(k_max, step + max(16, int(reach) + 16))
         tail = members.step_times(decode_times, step + 1, upto) if upto > step else times[:0]
-        times = np.concatenate((times[: step - 1], [prefill], tail))
-        ends = np.concatenate((ends[:step], np.cumsum(np.concatenate(([ends[step - 1]], times[step - 1:])))[1:]))
+        clock.replace_from(step, np.concatenate(([prefill], tail)))
 
 
 def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.ndarray, k: int
@@ -331,10 +398,8 @@ def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.nda
     running = sched.running
     n = len(running)
     bs = sched.block_size
-    held = np.fromiter((len(sched.kv.req_blocks[r.rid]) for r in running), dtype=np.int64, count=n)
-    if admissions:
-        prompt_blocks = np.array([-(-a.prompt // bs) for a in admissions], dtype=np.int64)
-        held = np.concatenate((held, prompt_blocks))
+    held = np.array(members.held, dtype=np.int64)
+    prompt_blocks = held[n:]
     first, computed, last = members.arrays()
     prompts = None
     if admissions:  # an admitted request's prompt blocks, taken in its prefill step
