@@ -6,13 +6,15 @@ tokens, outputs ~5,800 on average, up to 32k), Gamma arrivals with cv 2 at
 on one H100 with vLLM's defaults: the simulator's default calibration.
 
 Prints, per case: simulation wall time (workload generation to final metrics,
-after one untimed warm-up run has paid the imports and built the performance
-model; for the fast path the median of 5 runs) of the fast path and of the
-step-by-step path, their ratio, the ratio against Vidur's loop time measured by
-others on the same workload and machine size (77 s for 1,000 requests), whether
-both paths agree, and the whole-process time (median of 5) and peak RSS of the
-equivalent `python -m simulator` command. Then how the fast path's time grows
-with the request count.
+after an untimed run of the same case has paid the imports, built the
+performance model and touched the memory such a run needs, as Vidur's loop
+time leaves out its warm start; for the fast path the median of 5 runs) of the
+fast path and of the step-by-step path, their ratio, the ratio against Vidur's
+loop time measured by others on the same workload and machine size (77 s for
+1,000 requests), whether both paths agree, and the whole-process time (median
+of 5, cold: a new process each) and peak RSS of the equivalent
+`python -m simulator` command. Then how the fast path's time grows with the
+request count.
 
     python benchmarks/bench_simulator.py            # full (a few minutes)
     python benchmarks/bench_simulator.py --quick    # 200 requests instead of 1,000
@@ -131,6 +133,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for rate in (0.08, 1.0):
         cfg = spec_for(rate, n)
+        timed_simulation(cfg, fast=True)  # warm-up (the whole process below is cold)
         t_fast, fast = timed_simulation(cfg, fast=True, repeats=5)
         t_slow, slow = timed_simulation(cfg, fast=False)
         same = agree(fast, slow)
