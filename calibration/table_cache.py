@@ -28,7 +28,12 @@ def cache_dir() -> Path | None:
     explicit = os.environ.get("RLLM_SIM_CACHE_DIR")
     if explicit:
         return None if explicit.lower() == "off" else Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no home directory to be found
+            return None
     return Path(base) / "rllm-sim"
 
 

@@ -577,14 +577,13 @@ def _hand_out(kv, running: list[SimRequest], steps: np.ndarray, owners: np.ndarr
     blocks = kv.take_free_blocks(len(steps))
     n = len(running)
     counts = np.bincount(owners, minlength=n)
-    acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n).tolist()
+    present = np.flatnonzero(counts)  # the members that get blocks
+    acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n)[present].tolist()
     by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
     start = 0
-    for idx, count in enumerate(counts.tolist()):
-        if count:
-            end = start + count
-            kv.add_taken_blocks(running[idx].rid, by_request[start:end], acquired_s[idx])
-            start = end
+    for idx, end, acquired in zip(present.tolist(), np.cumsum(counts[present]).tolist(), acquired_s, strict=True):
+        kv.add_taken_blocks(running[idx].rid, by_request[start:end], acquired)
+        start = end
 
 
 def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: list[int] | None = None,

@@ -48,6 +48,7 @@ class FreeBlockQueue:
         self._buf = np.zeros(3 * num_blocks + 3, dtype=np.int64)
         self._head = self._tail = num_blocks + 1
         self._len = 0
+        self._holes = 0  # entries left by ``remove`` not yet skipped
 
     def __len__(self) -> int:
         return self._len
@@ -74,9 +75,16 @@ class FreeBlockQueue:
                 if pos.item(block) == head:
                     out.append(block)
                     pos[block] = -1
+                else:
+                    self._holes -= 1
                 head += 1
             self._head = head
             return np.array(out, dtype=np.int64)
+        if not self._holes:  # the first n entries are the blocks
+            out = buf[self._head : self._head + n].copy()
+            self._head += n
+            pos[out] = -1
+            return out
         parts = []
         while n:
             seg = buf[self._head : self._head + n]
@@ -84,6 +92,7 @@ class FreeBlockQueue:
             self._head += n
             if not live.all():
                 seg = seg[live]
+                self._holes -= n - len(seg)
             parts.append(seg)
             n -= len(seg)
         out = parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
@@ -96,6 +105,7 @@ class FreeBlockQueue:
         head = self._head
         block = buf.item(head)
         while pos.item(block) != head:  # skip holes
+            self._holes -= 1
             head += 1
             block = buf.item(head)
         self._head = head + 1
@@ -109,6 +119,7 @@ class FreeBlockQueue:
             raise KeyError(f"block {block} is not free")
         self._pos[block] = -1
         self._len -= 1
+        self._holes += 1
 
     def push_front(self, blocks: np.ndarray) -> None:
         """Put ``blocks`` before the current front, in their order."""
@@ -137,6 +148,7 @@ class FreeBlockQueue:
 
     def _repack(self) -> None:
         live = self.blocks()
+        self._holes = 0
         self._head = len(self._pos) + 1
         self._tail = self._head + len(live)
         self._buf[self._head : self._tail] = live
@@ -164,6 +176,7 @@ class KVCacheManager:
         self._serial = np.zeros(num_blocks, dtype=np.int64)
         self._next_serial = 0
         self._private_owners: set[int] = set()
+        self._any_names = False  # whether any block was ever named (else every owner is NO_HASH)
         # shared name (group, index) -> the blocks holding it, oldest first. Like vLLM,
         # duplicates are kept (two requests may compute the same prefix block at once),
         # so evicting one copy leaves the other findable.
@@ -266,6 +279,7 @@ class KVCacheManager:
         for i in range(done, min(full, req.num_shared_blocks)):
             block = blocks[i]
             if owner[block] == NO_HASH:
+                self._any_names = True
                 name = (req.prefix_group, i)
                 self._shared.setdefault(name, {})[block] = None
                 self._shared_name[block] = name
@@ -292,6 +306,7 @@ class KVCacheManager:
         blocks, index = blocks[fresh], index[fresh]
         if not len(blocks):
             return
+        self._any_names = True
         self._owner[blocks] = rid
         self._index[blocks] = index
         self._serial[blocks] = np.arange(self._next_serial, self._next_serial + len(blocks))
@@ -367,7 +382,7 @@ class KVCacheManager:
         """Take ``n`` blocks from the front of the free queue, evicting their cached content."""
         blocks = self.free_queue.pop_front(n)
         owner = self._owner
-        if self.enable_caching:
+        if self._any_names:  # (else no block has content to evict)
             if n <= 2:
                 for b in blocks.tolist():
                     if owner[b] == SHARED:
@@ -408,7 +423,7 @@ class KVCacheManager:
         self.block_seconds[rid] = (self.block_seconds.get(rid, 0.0)
                                    + len(blocks) * self.clock - self._acquired_s.pop(rid))
         held = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
-        if finished and (self._owner[held] == NO_HASH).all():
+        if finished and (not self._any_names or (self._owner[held] == NO_HASH).all()):
             # The usual finish: private blocks only, none named yet, each held by this request
             # alone. Its registered blocks (the first num_cached) are cached; only the request
             # itself could ever hit them, and it is done, so their names are not recorded.

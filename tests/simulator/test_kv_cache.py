@@ -370,3 +370,38 @@ def test_kv_cache_matches_the_reference_block_pool(ops, num_blocks):
     assert kv.free_queue.blocks().tolist() == list(ref.free_queue)
     for req in reqs:  # what each request would find on coming back
         assert kv.computed_blocks(req, 200) == ref.computed_blocks(req, 200)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["pop", "pop1", "pop_one", "remove", "front", "back"]),
+                          st.integers(0, 1000)), max_size=80))
+def test_queue_matches_a_list_and_counts_its_holes(ops):
+    # the queue against a plain list model; the hole count (which lets a pop skip the check
+    # for holes) is always the number of dead entries in the queue's stretch
+    size = 12
+    q = FreeBlockQueue(size)
+    q.push_back(np.arange(1, size))
+    model = list(range(1, size))
+    out: list[int] = []  # blocks taken, to push again
+    for op, x in ops:
+        if op in ("pop", "pop1", "pop_one") and model:
+            n = 1 if op != "pop" else 1 + x % len(model)
+            got = [q.pop_one()] if op == "pop_one" else q.pop_front(n).tolist()
+            assert got == model[: len(got)]
+            del model[: len(got)]
+            out += got
+        elif op == "remove" and model:
+            b = model.pop(x % len(model))
+            q.remove(b)
+            out.append(b)
+        elif op in ("front", "back") and out:
+            b = out.pop(x % len(out))
+            if op == "front":
+                q.push_front(np.array([b]))
+                model.insert(0, b)
+            else:
+                q.push_back(np.array([b]))
+                model.append(b)
+        assert q.blocks().tolist() == model and len(q) == len(model)
+        stretch = q._buf[q._head : q._tail]
+        assert q._holes == int((q._pos[stretch] != np.arange(q._head, q._tail)).sum())
