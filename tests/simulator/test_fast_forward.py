@@ -223,3 +223,30 @@ def test_bursts_admitted_together_inside_runs_as_step_by_step(async_scheduling, 
     fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
     assert_same(slow, fast)
     assert len(shared) >= 5  # steps that admitted two or three arrivals of a burst
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(0, 500), st.integers(0, 40)), min_size=1, max_size=12),
+       st.integers(1, 20), st.integers(0, 40))
+def test_step_times_of_few_members_equal_the_numpy_segments(members, first, width):
+    # two ways to the same step times: segment by segment in Python (a few members) and with
+    # numpy (many); members decode from step f, with c tokens computed, until f + length
+    from simulator.fast_forward import _Members
+
+    def decode_times(count, total):
+        return 1e-3 * count + 1e-7 * np.asarray(total)  # distinct per count and context
+
+    last = first + width
+    group = _Members(np.array([c for _, c, _ in members]), [f + n for f, _, n in members], [0] * len(members))
+    group.first = [f for f, _, _ in members]
+    active = [(f, c, f + n) for f, c, n in members]
+    if any(not any(f <= t <= end for f, _, end in active) for t in range(first, last + 1)):
+        return  # a step without members is not a run's
+    few = group._few_step_times(decode_times, first, last)
+    group.last = group.last + [0] * 17  # more than a few: the numpy path (the extra members never decode)
+    group.first = group.first + [10**6] * 17
+    group.computed = group.computed + [0] * 17
+    group.held = group.held + [0] * 17
+    group._arrays = None
+    many = group.step_times(decode_times, first, last)
+    np.testing.assert_array_equal(many, few)
