@@ -13,10 +13,11 @@ A run goes on through two events whose outcome is known in advance:
   its last step, its blocks freed between the steps scheduled before and after
   its last output (with requests waiting, the freed blocks might admit the
   head, so the run stops before);
-- an arrival that the next step admits whole (nobody else waits, its prompt fits
-  the token budget, its blocks fit, it has no prefix-cache hit to look up): that
-  step prefills it alongside the decodes (one ``step_time`` call) and the
-  request decodes with the others from the next step on.
+- an arrival that the next step admits whole (no one else waits but arrivals of
+  the same burst, admitted with it in order; the prompts fit the token budget,
+  their blocks fit, none has a prefix-cache hit to look up): that step prefills
+  them alongside the decodes (one ``step_time`` call) and the requests decode
+  with the others from the next step on.
 The results equal the step-by-step path's (tests/simulator/test_fast_forward.py
 checks it); the event that ends a run is left to the ordinary path.
 """
