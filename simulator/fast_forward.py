@@ -83,17 +83,17 @@ class DecodeRun:
     admissions: list[Admission] = field(default_factory=list)
 
 
-def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps=None,
+def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps: np.ndarray,
                     extra: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(steps, member indices) of every new block the members need in steps 1..k, in vLLM's order.
 
     A member decoding from step f with c computed tokens before it allocates, at
     step i >= f, slots for c + (i - f) + 1 tokens; it needs a new block when that
     passes its held blocks. Within a step, blocks go to the members in order.
-    ``k`` may be an array: each member's own last step; ``first_steps`` defaults to 1.
+    ``k`` may be an array: each member's own last step.
     ``extra`` (steps, members) are more blocks to order along (prompt blocks).
     """
-    first = held * block_size - c + (1 if first_steps is None else first_steps)  # first step needing one
+    first = held * block_size - c + first_steps  # first step needing one
     needing = np.flatnonzero(first <= k)
     last = k[needing] if isinstance(k, np.ndarray) else k
     counts = (last - first[needing]) // block_size + 1
@@ -256,19 +256,13 @@ def plan(
     held = [len(sched.kv.req_blocks[r.rid]) for r in running]
     members = _Members(c, remaining, held)
     admissions: list[Admission] = []
-    if waiting:
-        k_max = min(min(remaining) - (1 - lag), cap)
-        if k_max < 1:
-            return None
-        times = members.step_times(decode_times, 1, min(k_max, horizon))
-    else:
-        k_max = min(max(remaining) - (1 - lag), cap)
-        if k_max < 1:
-            return None
-        times = members.step_times(decode_times, 1, min(k_max, horizon))
-        if arrivals is not None:
-            times, k_max = _admit_arrivals(sched, members, admissions, arrivals, next_arrival, times, k_max,
-                                           decode_times, step_time, now, base, horizon, lag)
+    k_max = min((min(remaining) if waiting else max(remaining)) - (1 - lag), cap)
+    if k_max < 1:
+        return None
+    times = members.step_times(decode_times, 1, min(k_max, horizon))
+    if not waiting and arrivals is not None:
+        times, k_max = _admit_arrivals(sched, members, admissions, arrivals, next_arrival, times, k_max,
+                                       decode_times, step_time, now, base, horizon, lag)
     k = len(times)
     if k < 1:
         return None
@@ -284,8 +278,8 @@ class _StepClock:
     admission costs work for the steps after it only.
     """
 
-    def __init__(self, times: np.ndarray, now: float, base: float, lag: int):
-        self.now, self.lag = now, lag
+    def __init__(self, times: np.ndarray, base: float, lag: int):
+        self.lag = lag
         self.chunks: list[np.ndarray] = []  # steps 1..offset
         self.offset = 0
         self.tail = times  # steps offset+1 .. offset+len(tail)
@@ -336,7 +330,7 @@ def _admit_arrivals(sched, members: _Members, admissions: list[Admission], arriv
     budget, threshold = cfg.max_num_batched_tokens, cfg.long_prefill_token_threshold
     queued, arrival_s = arrivals.queued, arrivals.time_s
     total = len(arrival_s)
-    clock = _StepClock(times, now, base, lag)
+    clock = _StepClock(times, base, lag)
     bs, free = sched.block_size, sched.kv.num_free_blocks
     prompt_blocks = 0  # blocks of the prompts admitted so far
     while True:
