@@ -1,7 +1,9 @@
 """`python -m profiler model=tiny-llama optimization=none [grid=smoke] [key=value ...]`
 
 Profiles a real vLLM engine and writes a Profile to
-calibration/profiles/<hardware>/<model>/<optimization>/ (or output_dir=...).
+calibration/profiles/<hardware>-<machine key>/<model>/<optimization>/ (or output_dir=...);
+the key names this machine's fingerprint (CPU or GPU model, cores, ISA, vLLM and torch
+versions), so a profile of another machine is never resumed or reused.
 Settings: conf/profiler.yaml; optimizations: conf/profiler/optimization/;
 grids: conf/profiler/grid/. Run from any Python: without vLLM it re-runs itself
 in the engine env made by scripts/setup_vllm_cpu.sh.
@@ -31,6 +33,9 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise ConfigError("arguments", f"expected key=value, got {arg!r} (e.g. model=tiny-llama optimization=none)")
+        if key.split(".")[0] in ("hydra", "+hydra", "++hydra"):
+            raise ConfigError(key, f"Hydra's own settings do not apply to the profiler; it writes where "
+                              f"output_dir says, got {arg!r}")
         if key in GROUPS:
             check_choice(key, value, folders[key])
             groups.append(f"{GROUPS[key]}={value}")
@@ -41,6 +46,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def compose(groups: list[str], values: list[str]):
     """conf/profiler.yaml with the chosen group files, then the key=value settings on top."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -49,14 +55,29 @@ def compose(groups: list[str], values: list[str]):
 
     from profiler.settings import CONF_DIR
 
+    def first_line(err: Exception) -> str:
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = hydra_compose(config_name="profiler", overrides=groups)
-        OmegaConf.set_struct(cfg, False)
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(values))
     except (HydraException, OmegaConfBaseException) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError("arguments", first) from None
+        raise ConfigError("arguments", first_line(err)) from None
+    OmegaConf.set_struct(cfg, False)
+    if any(arg.partition("=")[0].startswith("model.") for arg in values):  # the tiny model's shape
+        cfg.model = {"name": cfg.model}
+        values = [f"model.name={arg.partition('=')[2]}" if arg.partition("=")[0] == "model" else arg
+                  for arg in values]
+    for arg in values:
+        key, _, value = arg.partition("=")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+            raise ConfigError(key, f"must be a YAML value ({first_line(err)}), got {value!r}") from None
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(getattr(err, "full_key", None) or "arguments"), first_line(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from simulator.errors import ConfigError, require
+from profiler.field_types import check_fields, check_known
+from simulator.errors import require
 
 PHASES = ("prefill", "decode", "mixed", "prefix", "spec")
 EXTRA_PHASES = ("prefix", "spec")
@@ -29,12 +30,18 @@ class MixedSpec:
     wave_size: int = 4
     wave_every_steps: int = 6
 
+    def __post_init__(self) -> None:
+        check_fields(self, "grid.mixed.")
+
 
 @dataclass(frozen=True)
 class PrefixSpec:
     prefix_lengths: tuple[int, ...] = (512, 2048, 6144)
     suffix_lengths: tuple[int, ...] = (64, 512)
     requests_per_prefix: int = 3
+
+    def __post_init__(self) -> None:
+        check_fields(self, "grid.prefix.")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class SpecSpec:
     contexts: tuple[int, ...] = (256, 2048)
     steps: int = 8
     pattern_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        check_fields(self, "grid.spec.")
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class GridSpec:
     spec: SpecSpec = field(default_factory=SpecSpec)
 
     def __post_init__(self) -> None:
+        check_fields(self, "grid.")
         require(self.repeats >= 1, "grid.repeats", "must be >= 1")
         for key in ("prefill_chunks", "decode_batches", "decode_contexts"):
             values = getattr(self, key)
@@ -73,17 +84,12 @@ class GridSpec:
     def from_dict(cls, data: dict[str, Any]) -> GridSpec:
         data = dict(data)
         sub = {"mixed": MixedSpec, "prefix": PrefixSpec, "spec": SpecSpec}
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError("grid", f"unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
+        check_known(data, cls.__dataclass_fields__, "grid.")
         for key, typ in sub.items():
             if key in data:
+                require(isinstance(data[key] or {}, dict), f"grid.{key}", f"must be a mapping, got {data[key]!r}")
                 part = dict(data[key] or {})
-                bad = set(part) - set(typ.__dataclass_fields__)
-                if bad:
-                    raise ConfigError(f"grid.{key}", f"unknown fields {sorted(bad)}; "
-                                      f"allowed: {sorted(typ.__dataclass_fields__)}")
+                check_known(part, typ.__dataclass_fields__, f"grid.{key}.")
                 data[key] = typ(**{k: tuple(v) if isinstance(v, list) else v for k, v in part.items()})
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 

@@ -1,12 +1,16 @@
 """What the profiler runs on: CPU model and cores, or GPU name and count, as a record.
 
-The record's ``slug`` names the hardware directory of the profile:
-``cpu-<vendor>-<cores>c`` on a CPU (e.g. ``cpu-amd-2c``), the GPU's name on a GPU
-(e.g. ``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3``, with ``-x<N>`` for N GPUs).
+The record's ``slug`` names the hardware: ``cpu-<vendor>-<cores>c`` on a CPU (e.g.
+``cpu-amd-2c``), the GPU's name on a GPU (e.g. ``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3``,
+with ``-x<N>`` for N GPUs). The machine fingerprint (model string, cores or GPUs, ISA flags,
+vLLM and torch versions) identifies the machine a profile measured; its 8-hex ``machine_key``
+completes the profile's hardware directory (``cpu-amd-2c-1a2b3c4d``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import re
@@ -96,3 +100,64 @@ def detect_gpu(names: list[str], memory_total_bytes: int, driver: str = "") -> H
                         count=len(names), slug=gpu_slug(name, len(names)),
                         memory_total_bytes=memory_total_bytes,
                         details={"devices": names, "driver": driver})
+
+
+#: what identifies the machine a profile measured (beyond the hardware record: the software)
+MACHINE_FIELDS = ("kind", "name", "count", "arch", "isa", "devices", "vllm", "torch")
+
+
+def machine_fingerprint(hardware: HardwareInfo, vllm: str | None, torch: str | None) -> dict[str, Any]:
+    """The measured machine: CPU model string or GPU names, cores or GPUs, architecture, the ISA
+    flags that change kernels (avx2/avx512/amx), and the engine's vLLM and torch versions."""
+    details = hardware.details or {}
+    return {"kind": hardware.kind, "name": hardware.name, "count": int(hardware.count),
+            "arch": details.get("machine"), "isa": sorted(details.get("isa") or []),
+            "devices": list(details.get("devices") or []), "vllm": vllm, "torch": torch}
+
+
+def machine_key(fingerprint: dict[str, Any]) -> str:
+    """8 hex digits naming a machine fingerprint (in profile directory names)."""
+    data = {k: fingerprint.get(k) for k in MACHINE_FIELDS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def fingerprint_of_meta(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The machine fingerprint a profile's metadata records (derived from its hardware and
+    versions for profiles written before fingerprints were stored); None if it has neither."""
+    stored = (meta.get("machine") or {}).get("fingerprint")
+    if stored:
+        return stored
+    if "hardware" not in meta:
+        return None
+    hw = meta["hardware"]
+    info = HardwareInfo(kind=hw.get("kind", "?"), name=hw.get("name", "?"), vendor=hw.get("vendor", ""),
+                        count=int(hw.get("count", 0)), slug=hw.get("slug", ""),
+                        memory_total_bytes=int(hw.get("memory_total_bytes", 0)), details=hw.get("details") or {})
+    versions = meta.get("versions") or {}
+    return machine_fingerprint(info, versions.get("vllm"), versions.get("torch"))
+
+
+def describe_machine(fingerprint: dict[str, Any]) -> str:
+    """One phrase: 'AMD EPYC, 2 cores, avx512, vllm 0.32.0, torch 2.13.0+cpu'."""
+    unit = "cores" if fingerprint.get("kind") == "cpu" else "GPUs"
+    isa = sorted({flag[:6] if flag.startswith("avx512") else flag[:3] if flag.startswith("amx") else flag
+                  for flag in fingerprint.get("isa") or []})
+    parts = [str(fingerprint.get("name")), f"{fingerprint.get('count')} {unit}", *isa,
+             f"vllm {fingerprint.get('vllm')}", f"torch {fingerprint.get('torch')}"]
+    return ", ".join(parts)
+
+
+def machine_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """'name: 'Intel Xeon' there, 'AMD EPYC' here; torch: ...' for the fields that differ."""
+    diffs = []
+    for k in MACHINE_FIELDS:
+        a, b = theirs.get(k), ours.get(k)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            only_here, only_there = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+            diffs.append(f"{k}: " + ", ".join(filter(None, [only_here and f"only here {' '.join(only_here)}",
+                                                            only_there and f"only there {' '.join(only_there)}"])))
+        else:
+            diffs.append(f"{k}: {a!r} there, {b!r} here")
+    return "; ".join(diffs) or "same fingerprint"

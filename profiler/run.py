@@ -22,8 +22,17 @@ from profiler.device_memory import peak_rss_bytes, process_rss_bytes, read_gpus
 from profiler.engine import EngineOutOfMemory, EngineSession, model_folder_config
 from profiler.engine_env import is_cpu_build
 from profiler.grid import GridPoint, build_points, kv_tokens_needed
-from profiler.hardware import HardwareInfo, detect_cpu, detect_gpu
+from profiler.hardware import (
+    HardwareInfo,
+    describe_machine,
+    detect_cpu,
+    detect_gpu,
+    machine_fingerprint,
+    machine_key,
+)
+from profiler.location import profile_location, writable_directory
 from profiler.phases import PhaseRunner
+from profiler.portable import portable, portable_path
 from profiler.prompts import TokenStreams
 from profiler.settings import TINY_MODEL, ProfilerSettings
 from profiler.store import PointStore
@@ -33,12 +42,12 @@ from simulator.model_arch import ModelArchitecture
 GIB = 1024**3
 
 
-def resolve_model(model: str) -> Path | str:
-    """tiny-llama -> the cached tiny model folder; a folder -> itself; else a hub name (offline cache)."""
+def resolve_model(model: str, shape: dict[str, Any] | None = None) -> Path | str:
+    """tiny-llama (of this shape) -> its cached folder; a folder -> itself; else a hub name (offline cache)."""
     if model == TINY_MODEL:
         from profiler.tiny_model import ensure_tiny_model
 
-        return ensure_tiny_model()
+        return ensure_tiny_model(shape=shape)
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -46,7 +55,35 @@ def resolve_model(model: str) -> Path | str:
         return path.resolve()
     if model.startswith((".", "/", "~")):
         raise ConfigError("model", f"no such model folder {model}")
+    if not _in_hub_cache(model):
+        raise ConfigError("model", f"must be {TINY_MODEL}, a model folder or a hub model already in the local "
+                          f"Hugging Face cache (the profiler runs offline), got {model!r}")
     return model  # hub name: vLLM resolves it from the local cache (HF_HUB_OFFLINE=1)
+
+
+def _in_hub_cache(name: str) -> bool:
+    """True when the local Hugging Face cache holds the hub model's config.json."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except (ImportError, ValueError):  # a name the hub client rejects ('a/b/c') is not cached either
+        return False
+
+
+def model_identity(model: Path | str, requested: str, shape: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model as a profile records it: its name and how to get it again (the tiny model's
+    build recipe, a folder's path relative to the checkout or home and its config's hash, or
+    the hub name), never this machine's absolute path."""
+    if requested == TINY_MODEL:
+        from profiler.tiny_model import identity
+
+        return identity(shape)
+    if isinstance(model, Path):
+        config = (model / "config.json").read_bytes()
+        return {"name": model.name, "folder": portable_path(model),
+                "config_sha256": hashlib.sha256(config).hexdigest()}
+    return {"name": model, "hub": model}
 
 
 def llm_kwargs(settings: ProfilerSettings, model: Path | str, cpu: bool) -> dict[str, Any]:
@@ -115,14 +152,14 @@ def versions() -> dict[str, str]:
     }
 
 
-def fingerprint(settings: ProfilerSettings, hardware: HardwareInfo, vers: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs' points comparable (resume only mixes runs with equal fingerprints)."""
+def fingerprint(settings: ProfilerSettings, hardware: HardwareInfo, machine: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs' points comparable (resume only mixes runs with equal fingerprints):
+    the settings and the machine (profiler.hardware.machine_fingerprint)."""
     data = settings.to_dict()
-    for key in ("progress", "verbose", "resume", "output_dir"):
+    for key in ("progress", "verbose", "resume", "output_dir", "hardware_name", "model_name"):  # names only
         data.pop(key, None)
     data["hardware"] = hardware.slug
-    data["vllm"] = vers.get("vllm")
-    data["torch"] = vers.get("torch")
+    data["machine"] = machine
     return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 
@@ -225,19 +262,27 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     """Profile one model under one optimization; return the profile directory."""
     started = time.time()
     cpu = is_cpu_build()
-    model = resolve_model(settings.model)
+    model = resolve_model(settings.model, settings.model_shape)
     hardware = detect_hardware(process_info, cpu)
     vers = versions()
-    out = settings.output_path(hardware.slug)
-    fp = fingerprint(settings, hardware, vers)
+    machine = machine_fingerprint(hardware, vers.get("vllm"), vers.get("torch"))
+    key = machine_key(machine)
+    location = profile_location(settings, hardware.slug, machine, key)
+    if location.note:
+        print(location.note, file=sys.stderr)
+    out = writable_directory(location.path, "output_dir")
+    fp = fingerprint(settings, hardware, machine)
     if settings.resume and (out / META_FILE).exists():
         meta = json.loads((out / META_FILE).read_text())
         if meta.get("run", {}).get("fingerprint_sha256") == _digest(fp):
-            print(f"[profiler] {out} is complete for these settings; nothing to do (resume=false redoes it)")
+            print(f"[profiler] {out} already holds this profile, measured {meta.get('created')} on a machine "
+                  f"with this fingerprint ({describe_machine(machine)}, key {key}); nothing to do "
+                  "(resume=false measures again)")
             return out
     store = PointStore(out, fp, settings.resume)
     if store.resumed:
-        print(f"[profiler] resuming: {store.resumed} grid points already measured in {store.dir}")
+        print(f"[profiler] resuming: {store.resumed} grid points already measured in {store.dir} "
+              f"on a machine with this fingerprint (key {key})")
 
     kwargs = llm_kwargs(settings, model, cpu)
     if cpu:
@@ -292,6 +337,8 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     bar.close()
 
     steps = store.steps()
+    source = settings.resolved_model_name if settings.model == TINY_MODEL else (
+        portable_path(model) if isinstance(model, Path) else model)
     gpus = read_gpus() if hardware.kind == "gpu" else None
     num_spec = runner.num_spec
     meta = {
@@ -300,8 +347,10 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "hardware": {**hardware.to_dict(), "omp_num_threads": process_info.get("omp_num_threads"),
                      "cpu_threads": process_info.get("cpu_threads")},
+        "machine": {"key": key, "fingerprint": machine},
         "versions": vers,
-        "model": {"name": settings.resolved_model_name, "source": str(model), "architecture": arch.to_dict()},
+        "model": {"name": settings.resolved_model_name, "source": source,
+                  "identity": model_identity(model, settings.model, settings.model_shape), "architecture": arch.to_dict()},
         "optimization": {"name": settings.optimization.name,
                          "engine_args": settings.optimization.engine_args,
                          "phases": list(settings.optimization.phases)},
@@ -335,7 +384,7 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
             "settings": fp,
         },
     }
-    Profile(meta=meta, steps=steps).save(out)
+    Profile(meta=portable(meta, {str(model): source}), steps=steps).save(out)
     store.cleanup()
     ok = sum(1 for p in meta["points"] if p["status"] == "ok")
     share = meta["summary"]["disturbed_share"]

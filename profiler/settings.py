@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from profiler.field_types import check_fields, check_known
 from profiler.grid import EXTRA_PHASES, GridSpec
 from simulator.errors import ConfigError, require
 
@@ -38,6 +39,7 @@ class OptimizationSpec:
     phases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_fields(self, "optimization.")
         bad = [p for p in self.phases if p not in EXTRA_PHASES]
         require(not bad, "optimization.phases", f"unknown {bad}; allowed: {list(EXTRA_PHASES)}")
         spec = self.engine_args.get("speculative_config")
@@ -64,6 +66,7 @@ class EngineSettings:
     extra_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self, "engine.")
         require(self.block_size is None or self.block_size >= 1, "engine.block_size", "must be >= 1 or null")
         require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         require(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", "must be >= 1")
@@ -79,6 +82,8 @@ class ProfilerSettings:
     grid: GridSpec
     engine: EngineSettings
     model_name: str | None = None
+    #: the tiny model's shape (model.layers=6 ...; profiler.tiny_model.SHAPE_KEYS), {} for the default
+    model_shape: dict[str, Any] = field(default_factory=dict)
     hardware_name: str | None = None
     output_dir: str | None = None
     resume: bool = True
@@ -86,19 +91,24 @@ class ProfilerSettings:
     progress: bool = True
     verbose: bool = False
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.model_shape:
+            require(self.model == TINY_MODEL, f"model.{next(iter(self.model_shape))}",
+                    f"shape settings apply to {TINY_MODEL} only, got model {self.model!r}")
+            from profiler.tiny_model import check_shape
+
+            check_shape(self.model_shape)
+
     @property
     def resolved_model_name(self) -> str:
         if self.model_name:
             return self.model_name
         if self.model == TINY_MODEL:
-            return TINY_MODEL
-        return Path(self.model.rstrip("/")).name.lower()
+            from profiler.tiny_model import tiny_model_name
 
-    def output_path(self, hardware_slug: str) -> Path:
-        if self.output_dir:
-            return Path(self.output_dir)
-        hardware = self.hardware_name or hardware_slug
-        return PROFILES_DIR / hardware / self.resolved_model_name / self.optimization.name
+            return tiny_model_name(self.model_shape)
+        return Path(self.model.rstrip("/")).name.lower()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,36 +129,36 @@ def _plain(value: Any) -> Any:
 def settings_from_config(cfg: Any) -> ProfilerSettings:
     """Validate the composed Hydra config into ProfilerSettings."""
     data = _plain(cfg)
+    top_known = {"model", "model_name", "hardware_name", "output_dir", "resume", "seed", "progress",
+                 "verbose", "optimization", "grid", "engine"}
+    check_known(set(data), top_known)
+    for key in ("optimization", "grid", "engine"):
+        require(isinstance(data.get(key) or {}, dict), key, f"must be a mapping of settings, got {data.get(key)!r}")
     opt = dict(data.get("optimization") or {})
     grid = dict(data.get("grid") or {})
     engine = dict(data.get("engine") or {})
-    known_engine = set(EngineSettings.__dataclass_fields__)
-    unknown = set(engine) - known_engine
-    if unknown:
-        raise ConfigError("engine", f"unknown fields {sorted(unknown)}; allowed: {sorted(known_engine)}; "
-                          "other vLLM arguments go in engine.extra_args")
-    opt_known = set(OptimizationSpec.__dataclass_fields__)
-    bad_opt = set(opt) - opt_known
-    if bad_opt:
-        raise ConfigError("optimization", f"unknown fields {sorted(bad_opt)}; allowed: {sorted(opt_known)}")
-    top_known = {"model", "model_name", "hardware_name", "output_dir", "resume", "seed", "progress",
-                 "verbose", "optimization", "grid", "engine"}
-    bad_top = set(data) - top_known - {"hydra"}
-    if bad_top:
-        raise ConfigError("profiler", f"unknown settings {sorted(bad_top)}; allowed: {sorted(top_known)}")
-    require(bool(data.get("model")), "model", "must name tiny-llama, a model folder or a cached hub model")
+    check_known(engine, EngineSettings.__dataclass_fields__, "engine.",
+                "other vLLM arguments go in engine.extra_args")
+    check_known(opt, OptimizationSpec.__dataclass_fields__, "optimization.")
+    model = data.get("model")
+    shape = {}
+    if isinstance(model, dict):
+        shape = {k: v for k, v in model.items() if k != "name"}
+        model = model.get("name")
+    require(bool(model), "model", f"must name tiny-llama, a model folder or a cached hub model, got {model!r}")
     return ProfilerSettings(
-        model=str(data["model"]),
+        model=str(model),
+        model_shape=shape,
         model_name=data.get("model_name"),
         hardware_name=data.get("hardware_name"),
         output_dir=data.get("output_dir"),
-        resume=bool(data.get("resume", True)),
-        seed=int(data.get("seed", 0)),
-        progress=bool(data.get("progress", True)),
-        verbose=bool(data.get("verbose", False)),
+        resume=data.get("resume", True),
+        seed=data.get("seed", 0),
+        progress=data.get("progress", True),
+        verbose=data.get("verbose", False),
         optimization=OptimizationSpec(
             name=str(opt.get("name", "none")),
-            engine_args=dict(opt.get("engine_args") or {}),
+            engine_args=opt.get("engine_args") or {},
             phases=tuple(opt.get("phases") or ()),
         ),
         grid=GridSpec.from_dict(grid),

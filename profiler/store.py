@@ -1,7 +1,7 @@
 """Point-by-point storage of a profiler run, so that a killed run resumes where it stopped.
 
 While a run is going, ``<out>/.partial/`` holds ``run.json`` (the settings'
-fingerprint), one Parquet file of steps per finished grid point, and
+and the machine's fingerprint), one Parquet file of steps per finished grid point, and
 ``points.jsonl`` with one line per finished point (written after its steps, so
 a line means the point is complete). ``finish`` merges them into the profile.
 """
@@ -20,6 +20,7 @@ from calibration.profile import read_steps, steps_frame, write_steps
 from simulator.errors import ConfigError
 
 PARTIAL = ".partial"
+RUN_FILE = "run.json"
 
 
 class PointStore:
@@ -31,7 +32,7 @@ class PointStore:
         self.fingerprint = fingerprint
         self.points: dict[str, dict[str, Any]] = {}
         self.resumed = 0
-        run_file = self.dir / "run.json"
+        run_file = self.dir / RUN_FILE
         if self.dir.exists() and resume and run_file.exists():
             previous = json.loads(run_file.read_text())
             if previous != fingerprint:

@@ -1,7 +1,9 @@
 """A tiny random-weight Llama and its tokenizer, built locally with no model hub.
 
 `ensure_tiny_model()` returns the cached folder (building it on first use);
-vLLM loads it like any Hugging Face model folder. The build is deterministic:
+vLLM loads it like any Hugging Face model folder. Another shape
+(``ensure_tiny_model(shape={"layers": 6, "hidden": 768, ...})``, keys in ``SHAPE_KEYS``)
+is another model: its own name (``tiny_model_name``), folder and recipe hash. The build is deterministic:
 fixed seed, a byte-level BPE tokenizer trained on a fixed list of Python
 standard-library modules, so two builds on the same Python give identical files.
 
@@ -38,6 +40,11 @@ TINY_LLAMA_CONFIG = {
     "tie_word_embeddings": False,
 }
 
+#: shape settings (model.<key>=... on the command line) -> Hugging Face config keys
+SHAPE_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+              "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size", "vocab": "vocab_size",
+              "max_position": "max_position_embeddings"}
+
 #: standard-library modules the tokenizer is trained on (present in every CPython 3.11)
 CORPUS_MODULES = (
     "argparse.py", "collections/__init__.py", "csv.py", "dataclasses.py", "datetime.py",
@@ -61,10 +68,57 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else REPO_ROOT / ".cache") / "models"
 
 
-def _recipe_fingerprint() -> str:
-    recipe = {"version": RECIPE_VERSION, "seed": SEED, "config": TINY_LLAMA_CONFIG,
+def check_shape(shape: dict | None) -> dict[str, int]:
+    """The shape settings, validated (ConfigError naming model.<key>)."""
+    from simulator.errors import ConfigError
+
+    shape = dict(shape or {})
+    for key, value in shape.items():
+        if key not in SHAPE_KEYS:
+            raise ConfigError(f"model.{key}", f"unknown shape setting; allowed: {', '.join(SHAPE_KEYS)}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"model.{key}", f"must be an integer >= 1, got {value!r}")
+    config = model_config(shape, checked=True)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    if config["hidden_size"] % heads or (config["hidden_size"] // heads) % 2:
+        raise ConfigError("model.heads", f"must divide model.hidden ({config['hidden_size']}) into an even head "
+                          f"size, got {heads}")
+    if heads % kv_heads:
+        raise ConfigError("model.kv_heads", f"must divide model.heads ({heads}), got {kv_heads}")
+    if config["vocab_size"] < 512:
+        raise ConfigError("model.vocab", f"must be >= 512 (the tokenizer's bytes and merges), "
+                          f"got {config['vocab_size']}")
+    return shape
+
+
+def model_config(shape: dict | None = None, checked: bool = False) -> dict:
+    """The Hugging Face config of the tiny model of this shape (intermediate: 3 x hidden unless given)."""
+    shape = dict(shape or {}) if checked else check_shape(shape)
+    config = dict(TINY_LLAMA_CONFIG)
+    if "hidden" in shape and "intermediate" not in shape:
+        config["intermediate_size"] = 3 * shape["hidden"]
+    config.update({SHAPE_KEYS[k]: v for k, v in shape.items()})
+    return config
+
+
+def tiny_model_name(shape: dict | None = None) -> str:
+    """'tiny-llama' for the default shape, else e.g. 'tiny-llama-layers6-hidden768-heads12-kv_heads4'."""
+    config = model_config(shape)
+    derived = {**TINY_LLAMA_CONFIG, "intermediate_size": 3 * config["hidden_size"]}
+    return "-".join([TINY_MODEL_NAME, *(f"{k}{config[key]}" for k, key in SHAPE_KEYS.items()
+                                        if config[key] != derived[key])])
+
+
+def _recipe_fingerprint(shape: dict | None = None) -> str:
+    recipe = {"version": RECIPE_VERSION, "seed": SEED, "config": model_config(shape),
               "corpus": CORPUS_MODULES, "special": SPECIAL_TOKENS, "chat": CHAT_TEMPLATE}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity(shape: dict | None = None) -> dict:
+    """What a profile records of the tiny model: its name, shape and build recipe, not its folder."""
+    return {"name": tiny_model_name(shape), "built_by": "profiler.tiny_model", "recipe": _recipe_fingerprint(shape),
+            "recipe_version": RECIPE_VERSION, "seed": SEED, "config": model_config(shape)}
 
 
 def _corpus_files() -> list[Path]:
@@ -76,7 +130,7 @@ def _corpus_files() -> list[Path]:
     return files
 
 
-def _train_tokenizer(out_dir: Path) -> None:
+def _train_tokenizer(out_dir: Path, config: dict) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -84,7 +138,7 @@ def _train_tokenizer(out_dir: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_LLAMA_CONFIG["vocab_size"],
+        vocab_size=config["vocab_size"],
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -96,41 +150,42 @@ def _train_tokenizer(out_dir: Path) -> None:
         bos_token=SPECIAL_TOKENS[0],
         eos_token=SPECIAL_TOKENS[1],
         pad_token=SPECIAL_TOKENS[2],
-        model_max_length=TINY_LLAMA_CONFIG["max_position_embeddings"],
+        model_max_length=config["max_position_embeddings"],
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
 
 
-def _build_weights(out_dir: Path, bos_id: int, eos_id: int, pad_id: int) -> None:
+def _build_weights(out_dir: Path, config: dict, bos_id: int, eos_id: int, pad_id: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        **TINY_LLAMA_CONFIG,
+    hf_config = LlamaConfig(
+        **config,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         torch_dtype="bfloat16",
     )
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(hf_config).to(torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def build_tiny_model(out_dir: str | Path) -> Path:
-    """Build the tiny Llama (random weights, seed 0) and its tokenizer into out_dir."""
+def build_tiny_model(out_dir: str | Path, shape: dict | None = None) -> Path:
+    """Build the tiny Llama of this shape (random weights, seed 0) and its tokenizer into out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _train_tokenizer(out_dir)
+    config = model_config(shape)
+    _train_tokenizer(out_dir, config)
     vocab = json.loads((out_dir / "tokenizer.json").read_text())["model"]["vocab"]
     special = {tok["content"]: tok["id"] for tok in json.loads(
         (out_dir / "tokenizer.json").read_text())["added_tokens"]}
-    assert len(vocab) <= TINY_LLAMA_CONFIG["vocab_size"]
-    _build_weights(out_dir, special[SPECIAL_TOKENS[0]], special[SPECIAL_TOKENS[1]],
+    assert len(vocab) <= config["vocab_size"]
+    _build_weights(out_dir, config, special[SPECIAL_TOKENS[0]], special[SPECIAL_TOKENS[1]],
                    special[SPECIAL_TOKENS[2]])
     (out_dir / "rllm_sim_model.json").write_text(json.dumps(
-        {"name": TINY_MODEL_NAME, "recipe": _recipe_fingerprint(), "seed": SEED,
+        {"name": tiny_model_name(shape), "recipe": _recipe_fingerprint(shape), "seed": SEED,
          "built_by": "profiler.tiny_model.build_tiny_model"}, indent=2) + "\n")
     return out_dir
 
@@ -146,24 +201,26 @@ def _lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _is_current(folder: Path) -> bool:
+def _is_current(folder: Path, shape: dict | None) -> bool:
     marker = folder / "rllm_sim_model.json"
     if not marker.exists() or not (folder / "model.safetensors").exists():
         return False
-    return json.loads(marker.read_text()).get("recipe") == _recipe_fingerprint()
+    return json.loads(marker.read_text()).get("recipe") == _recipe_fingerprint(shape)
 
 
-def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
-    """The tiny model's folder, built once and cached (safe across concurrent processes)."""
-    folder = Path(cache_dir or default_cache_dir()) / TINY_MODEL_NAME
-    if _is_current(folder):
+def ensure_tiny_model(cache_dir: str | Path | None = None, shape: dict | None = None) -> Path:
+    """The folder of the tiny model of this shape, built once and cached (safe across
+    concurrent processes)."""
+    name = tiny_model_name(shape)
+    folder = Path(cache_dir or default_cache_dir()) / name
+    if _is_current(folder, shape):
         return folder
-    with _lock(folder.parent / f".{TINY_MODEL_NAME}.lock"):
-        if _is_current(folder):
+    with _lock(folder.parent / f".{name}.lock"):
+        if _is_current(folder, shape):
             return folder
-        staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}-", dir=folder.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
         try:
-            build_tiny_model(staging)
+            build_tiny_model(staging, shape)
             if folder.exists():
                 shutil.rmtree(folder)
             staging.rename(folder)

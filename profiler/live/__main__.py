@@ -29,10 +29,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
+from profiler.field_types import check_values
+from profiler.live.loopback import check_loopback_url
 from profiler.live.server import ServerError
+from profiler.location import writable_directory
 from simulator.engine_config import EngineConfig, parse_key_values
 from simulator.errors import ConfigError
 from simulator.workload import Workload
@@ -60,6 +64,7 @@ def load_engine(name: str | None, overrides: list[str]) -> EngineConfig:
     else:
         data = dict(CPU_SERVER_ENGINE)
     data.update(parse_key_values(overrides, "engine"))
+    check_values(EngineConfig, data, "engine.")
     return EngineConfig.from_dict(data)
 
 
@@ -87,13 +92,15 @@ def _run(args) -> int:
     from profiler.live.server import ServerSpec, resolve_model
     from simulator.metrics import SLO
 
+    if args.url:
+        check_loopback_url(args.url)
     workload = load_workload(args.workload, args.w)
     engine = load_engine(args.engine, args.e)
     config = LiveRunConfig(request_timeout_s=args.timeout, scrape_interval_s=args.scrape_interval,
                            token_seed=args.token_seed, warmup_requests=args.warmup,
                            overhead_probes=args.probes,
                            slo=SLO.from_dict(parse_key_values(args.slo, "slo")))
-    out = Path(args.out)
+    out = writable_directory(Path(args.out), "--out")
     progress = not args.no_progress
     if args.url:
         if args.runs != 1:
@@ -124,15 +131,30 @@ def _import_bench(args) -> int:
     from simulator.metrics import SLO
 
     result, workload = read_bench_result(args.result, slo=SLO.from_dict(parse_key_values(args.slo, "slo")))
-    out = Path(args.out)
+    out = writable_directory(Path(args.out), "--out")
     result.write(out)
     workload.save(out / "workload.parquet")
     print(f"{out}: {summary_line(result)}")
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's bad-input form: one line naming the flag, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        field, sep, rest = message.partition(": ")
+        if field.startswith("argument "):
+            field, message = field.removeprefix("argument ").split("/")[-1], rest
+        elif sep and field == "the following arguments are required":
+            field, message = rest.split(", ")[0], "is required"
+        else:
+            field = "arguments"
+        print(f"error: {field}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m profiler.live", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m profiler.live", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="replay a workload on a live vLLM server")
     run.add_argument("--workload", required=True, help="workload.parquet or a conf/workload name")

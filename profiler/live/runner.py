@@ -37,6 +37,7 @@ import numpy as np
 
 from profiler.live import client as live_client
 from profiler.live.iteration_log import IterationRecord, parse_line, steps_table
+from profiler.live.loopback import check_loopback_url
 from profiler.live.machine import CpuWatch, machine_state
 from profiler.live.metrics import MetricsScraper, parse_labels
 from profiler.live.server import LogLine, ServerError, ServerSpec, VllmServer, descendants
@@ -576,8 +577,8 @@ def run_live(
     """
     if sum(x is not None for x in (spec, server, url)) != 1:
         raise ConfigError("live", "give exactly one of a server spec, a running server or a URL")
-    if url is not None and not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
-        raise ConfigError("live.url", f"{url} is not on loopback; only 127.0.0.1 servers are allowed")
+    if url is not None:
+        url = check_loopback_url(url)
     config = config or LiveRunConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,10 @@ def test_kv_tokens_needed_counts_whole_blocks_per_request():
 @pytest.mark.parametrize("data, field", [
     ({"repeats": 0}, "grid.repeats"),
     ({"decode_batches": []}, "grid.decode_batches"),
-    ({"bogus": 1}, "grid"),
-    ({"mixed": {"requests": 3, "speed": 2}}, "grid.mixed"),
+    ({"bogus": 1}, "grid.bogus"),
+    ({"mixed": {"requests": 3, "speed": 2}}, "grid.mixed.speed"),
+    ({"repeats": "3"}, "grid.repeats"),
+    ({"spec": {"batches": [1, 2.5]}}, "grid.spec.batches"),
 ])
 def test_bad_grids_name_the_field(data, field):
     with pytest.raises(ConfigError) as err:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -19,6 +21,7 @@ import pytest
 
 from calibration.profile import Profile
 from profiler.grid import GridSpec, build_points
+from profiler.tiny_model import ensure_tiny_model
 from simulator.model_arch import ModelArchitecture
 
 from .engine_runs import REPO, needs_engine, profiler_command, profiler_env, run_profiler
@@ -124,7 +127,7 @@ def test_kv_capacity_is_the_engines_own_count(resumed_run):
 
 def test_bytes_per_token_match_the_architecture(resumed_run):
     profile = resumed_run["profile"]
-    config = json.loads(Path(profile.meta["model"]["source"], "config.json").read_text())
+    config = json.loads((ensure_tiny_model() / "config.json").read_text())
     arch = ModelArchitecture.from_hf_config(config)
     kv = profile.meta["kv"]
     assert kv["bytes_per_token"] == arch.kv_bytes_per_token() == 2 * 4 * 2 * 64 * 2
@@ -142,6 +145,70 @@ def test_metadata_records_versions_hardware_and_settings(resumed_run):
     assert meta["memory"]["weights_bytes"] == 2 * resumed_run["profile"].architecture.num_params
     assert meta["memory"]["weights_source"].startswith("architecture")
     assert meta["memory"]["rss_after_engine"] > meta["memory"]["rss_before_engine"]
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_metadata_records_no_absolute_path_and_the_models_identity(resumed_run):
+    meta = resumed_run["profile"].meta
+    home = os.path.expanduser("~")
+    leaks = [s for s in _strings(meta) if s.startswith("/") or home in s or str(REPO) in s]
+    assert not leaks
+    assert meta["model"]["source"] == "tiny-llama" == meta["engine"]["llm_kwargs"]["model"]
+    assert meta["model"]["identity"]["recipe"] == json.loads(
+        (ensure_tiny_model() / "rllm_sim_model.json").read_text())["recipe"]
+
+
+def test_a_complete_profile_is_reused_with_a_line_naming_the_machine(resumed_run):
+    meta = resumed_run["profile"].meta
+    again = run_profiler(*SMOKE, "optimization=none", f"output_dir={resumed_run['out']}", timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    line = next(ln for ln in again.stdout.splitlines() if "already holds this profile" in ln)
+    assert meta["machine"]["key"] in line and meta["machine"]["fingerprint"]["name"] in line
+    assert "nothing to do" in line
+
+
+def test_another_machines_profile_is_left_alone_and_this_machine_gets_its_own(tmp_path):
+    theirs = tmp_path / "profile"
+    shutil.copytree(REPO / "calibration/profiles/cpu-amd-2c/tiny-llama/none", theirs)
+    meta = json.loads((theirs / "profile.json").read_text())
+    meta["machine"]["fingerprint"]["name"] = "Some Other CPU"
+    (theirs / "profile.json").write_text(json.dumps(meta))
+    before = (theirs / "profile.json").read_bytes()
+    result = run_profiler(*SMOKE, *REDUCED, "optimization=none", f"output_dir={theirs}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [ln for ln in result.stderr.splitlines() if "not reusing" in ln]
+    assert len(notes) == 1 and "name: 'Some Other CPU' there" in notes[0]
+    assert (theirs / "profile.json").read_bytes() == before
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("profile-")]
+    assert len(moved) == 1
+    ours = Profile.load(moved[0])
+    assert moved[0].name == f"profile-{ours.meta['machine']['key']}"
+    assert ours.meta["machine"]["fingerprint"]["name"] != "Some Other CPU"
+
+
+def test_another_tiny_shape_is_profiled_as_its_own_model(tmp_path):
+    shape = ["model.layers=2", "model.hidden=256", "model.heads=4", "model.kv_heads=1"]
+    out = tmp_path / "shape"
+    result = run_profiler(*SMOKE, *REDUCED, *shape, "optimization=none", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    profile = Profile.load(out)
+    assert profile.meta["model"]["name"] == profile.meta["model"]["source"] == \
+        "tiny-llama-layers2-hidden256-heads4-kv_heads1"
+    arch = profile.architecture
+    assert (arch.num_layers, arch.hidden_size, arch.num_key_value_heads) == (2, 256, 1)
+    # vLLM's own KV cache: 2 (K and V) x 2 layers x 1 KV head x 64 head size x 2 bytes
+    assert profile.meta["kv"]["bytes_per_token"] == 2 * 2 * 1 * 64 * 2
+    assert profile.meta["model"]["identity"]["config"]["num_hidden_layers"] == 2
 
 
 def test_fp8_kv_halves_bytes_per_token_and_out_of_memory_points_are_skipped(tmp_path):

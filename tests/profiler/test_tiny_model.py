@@ -50,3 +50,19 @@ def test_ensure_is_cached(cached):
     mtime = (cached / "model.safetensors").stat().st_mtime
     assert ensure_tiny_model() == cached
     assert (cached / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_another_shape_is_another_model(tmp_path, cached):
+    from profiler.tiny_model import ensure_tiny_model, identity
+
+    shape = {"layers": 2, "hidden": 256, "heads": 4, "kv_heads": 1}
+    folder = ensure_tiny_model(tmp_path, shape=shape)
+    assert folder.name == "tiny-llama-layers2-hidden256-heads4-kv_heads1" != cached.name
+    config = json.loads((folder / "config.json").read_text())
+    arch = ModelArchitecture.from_hf_config(config)
+    assert (arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads,
+            arch.intermediate_size) == (2, 256, 4, 1, 768)
+    assert identity(shape)["recipe"] != identity()["recipe"]
+    marker = json.loads((folder / "rllm_sim_model.json").read_text())
+    assert marker["recipe"] == identity(shape)["recipe"] and marker["name"] == folder.name
+    assert ensure_tiny_model(tmp_path, shape=shape) == folder  # cached, not rebuilt
