@@ -1,7 +1,8 @@
 """Simulator speed (issue 5): the fast path against the step-by-step path, in one run.
 
-Workload: the first N rows of data/bench/reasoning_lengths_20k.csv (prompts ~500
-tokens, outputs ~5,800 on average, up to 32k), Gamma arrivals with cv 2 at
+Workload: the first N rows of data/bench/reasoning_lengths_20k.csv (math reasoning
+requests: prompts ~140 tokens, outputs ~5,200 on average, up to 32k; see
+data/bench/PROVENANCE.md), Gamma arrivals with cv 2 at
 0.08 req/s (light) and 1 req/s (the KV cache fills), DeepSeek-R1-Distill-Qwen-7B
 on one H100 with vLLM's defaults: the simulator's default calibration.
 
@@ -10,8 +11,8 @@ after an untimed run of the same case has paid the imports, built the
 performance model and touched the memory such a run needs, as Vidur's loop
 time leaves out its warm start; for the fast path the median of 5 runs) of the
 fast path and of the step-by-step path, their ratio, the ratio against Vidur's
-loop time measured by others on the same workload and machine size (77 s for
-1,000 requests), whether both paths agree, and the whole-process time (median
+loop time measured by others on the same machine size (77 s for 1,000 requests
+of an earlier length list with outputs ~5,800 on average), whether both paths agree, and the whole-process time (median
 of 5, cold: a new process each) and peak RSS of the equivalent
 `python -m simulator` command. Then how the fast path's time grows with the
 request count.

@@ -116,8 +116,9 @@ def test_mooncake_groups_on_hand_made_cases():
 def test_lengths_csv():
     prompt, output = read_lengths_csv(BENCH)
     assert len(prompt) == len(output) == 20000
-    assert prompt[:2].tolist() == [574, 694] and output[:2].tolist() == [2702, 16207]
-    assert output.mean() == pytest.approx(5800, rel=0.01)
+    assert prompt.min() >= 1 and output.min() >= 1
+    assert (prompt + output).max() <= 32768  # every request fits the default 32k context
+    assert 3000 < output.mean() < 8000  # long reasoning outputs (benchmarks/make_reasoning_lengths.py)
 
 
 def test_servegen_client_windows_and_datasets():
