@@ -1,0 +1,1 @@
+"""Examples that drive the simulator (run from the repository root)."""
