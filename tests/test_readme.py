@@ -48,6 +48,7 @@ QUICK = [
     ("python -m calibration list", {}),
     ("python -m calibration fit", {"out": "{tmp}/fit.json"}),
     ("python examples/compare_optimizations.py", {"--requests": "40"}),
+    ("python -m examples.paper_findings", {"quick": "true", "max_requests": "40", "out": "{tmp}"}),
 ]
 
 
