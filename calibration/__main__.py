@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not type(err).__module__.startswith(("hydra.", "omegaconf.")):
+            raise
+        # a configuration error a command did not name itself: still one line
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        print(f"error: configuration: {first}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,15 +34,25 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
+from calibration.cli_args import (
+    OneLineParser,
+    arg_type,
+    existing_file_arg,
+    hydra_error,
+    int_arg,
+    number_arg,
+    output_file_arg,
+    positive_int_arg,
+    seed_arg,
+)
 from simulator.engine_config import EngineConfig, parse_key_values
 from simulator.errors import ConfigError
 from simulator.workload import Workload
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m calibration agreement",
         description="Step-by-step agreement of the native scheduler with vLLM's own scheduler.",
         epilog=__doc__.split("\n\n", 1)[1],
@@ -51,19 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="simulator config overrides (workload=..., engine.X=...)")
     p.add_argument("--scenario", action="append", default=[],
                    help="a live CPU validation scenario, or 'all' (repeatable)")
-    p.add_argument("--workload", type=Path, default=None, help="a workload.parquet to use instead")
+    p.add_argument("--workload", type=arg_type(existing_file_arg, "--workload"), default=None,
+                   help="a workload.parquet to use instead")
     p.add_argument("-e", "--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="engine setting (EngineConfig field) applied on top (repeatable)")
-    p.add_argument("--requests", type=int, default=None, help="only the first N requests")
+    p.add_argument("--requests", type=arg_type(positive_int_arg, "--requests"), default=None,
+                   help="only the first N requests")
     p.add_argument("--scheduling", choices=("sync", "async", "both"), default="both")
     p.add_argument("--free-running", action="store_true",
                    help="also compare two independent simulations by step index")
-    p.add_argument("--show", type=int, default=3, help="divergent steps to print per case")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: the workload's)")
-    p.add_argument("--min-rate", type=float, default=None,
+    p.add_argument("--show", type=arg_type(_count_arg, "--show"), default=3,
+                   help="divergent steps to print per case")
+    p.add_argument("--seed", type=arg_type(seed_arg, "--seed"), default=None,
+                   help="seed (default: the workload's)")
+    p.add_argument("--min-rate", type=arg_type(_rate_arg, "--min-rate"), default=None,
                    help="exit 1 if a lockstep agreement is below this (e.g. 0.99)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--json", type=arg_type(output_file_arg, "--json"), default=None,
+                   help="also write the results as JSON")
     return p
+
+
+def _count_arg(field: str, text: str) -> int:
+    return int_arg(field, text, minimum=0)
+
+
+def _rate_arg(field: str, text: str) -> float:
+    return number_arg(field, text, 0.0, 1.0)
 
 
 def _engine_with(engine: EngineConfig, items: list[str], base: dict | None = None) -> EngineConfig:
@@ -75,12 +98,16 @@ def _engine_with(engine: EngineConfig, items: list[str], base: dict | None = Non
 def _base_run(overrides: list[str]):
     """The simulator's RunSpec for these Hydra overrides (defaults from conf/)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     from simulator.configure import CONF_DIR, build_run, check_group_choices
 
     check_group_choices(overrides)
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=list(overrides))
+    except HydraException as err:
+        raise hydra_error(err, list(overrides)) from None
     return build_run(cfg)
 
 
@@ -89,8 +116,8 @@ def main(argv: list[str]) -> int:
     from simulator import scheduler_diff
     from simulator.vllm_scheduler import require_vllm, vllm_version
 
+    spec = _base_run(args.overrides)  # the configuration first: its errors need no vLLM
     require_vllm()  # fail early, in one line, without vLLM
-    spec = _base_run(args.overrides)
     todo = _cases(args, spec)
     modes = {"sync": [False], "async": [True], "both": [False, True]}[args.scheduling]
     print(f"vLLM: {vllm_version()}; step times: {spec.perf.name}")

@@ -1,14 +1,15 @@
 """`python -m calibration fit profile=<dir> [out=<file>] [test_fraction=0.25] [seed=0]`
 
 Fits the six-term step-time model (calibration/fit.py) to a profiler profile,
-prints the held-out error, and saves the model with its fit report to
-<dir>/fit.json (or out=<file>).
+prints the held-out error, and saves the model with its fit report to a new run
+directory, ``outputs/fit/<date>/<time>/fit.json`` under the working directory
+(or to out=<file>). The profile directory is only read: a shipped profile's
+fit.json is never overwritten.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from calibration.cli_args import fraction_arg, new_run_dir, output_file_arg, seed_arg
 from calibration.fit import FIT_FILE, TERMS, fit_profile, save_fitted_model
 from calibration.profile import Profile
 from simulator.errors import ConfigError
@@ -23,7 +24,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         if not sep or key not in ARGS:
             raise ConfigError("arguments", f"expected one of {sorted(ARGS)} as key=value, got {arg!r}")
         args[key] = value
-    if "profile" not in args:
+    if not args.get("profile"):
         raise ConfigError("profile", "missing: python -m calibration fit profile=<profile dir>")
     return args
 
@@ -56,15 +57,15 @@ def format_report(model) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        test_fraction = float(args.get("test_fraction", 0.25))
-        seed = int(args.get("seed", 0))
-    except ValueError as err:
-        raise ConfigError("arguments", str(err)) from None
+    test_fraction = fraction_arg("test_fraction", args.get("test_fraction", "0.25"))
+    seed = seed_arg("seed", args.get("seed", "0"))
+    out = output_file_arg("out", args["out"]) if "out" in args else new_run_dir("fit") / FIT_FILE
     profile = Profile.load(args["profile"])
     model = fit_profile(profile, test_fraction=test_fraction, seed=seed)
-    out = Path(args.get("out") or Path(args["profile"]) / FIT_FILE)
-    save_fitted_model(model, out)
     print(format_report(model))
+    try:
+        save_fitted_model(model, out)
+    except OSError as err:
+        raise ConfigError("out", f"a path that can be written, got {str(out)!r} ({err.strerror or err})") from None
     print(f"  saved to {out}")
     return 0

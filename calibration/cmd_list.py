@@ -9,12 +9,12 @@ also lists the selections that fail, with the reason.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 
 from calibration import catalog
-from calibration.registry import SOURCES, TP_CHOICES, check_selection
+from calibration.cli_args import OneLineParser, arg_type, positive_int_arg
+from calibration.registry import SOURCES, TP_CHOICES, USER_SOURCES, check_selection
 from simulator.engine_config import EngineConfig
 from simulator.errors import ConfigError
 
@@ -59,7 +59,7 @@ def rows(hardware: list[str], models: list[str], optimizations: list[str], tps: 
 
 def _print_table(table: list[dict]) -> None:
     if not table:
-        print("nothing available for that selection")
+        print("nothing available for that selection (--all says why)")
         return
     widths = {c: max(len(c), *(len(str(r[c])) for r in table)) for c in COLUMNS[:-1]}
     print("  ".join(c.ljust(widths[c]) for c in COLUMNS[:-1]) + "  built_from")
@@ -68,12 +68,13 @@ def _print_table(table: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m calibration list", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m calibration list", description=__doc__.splitlines()[0])
     parser.add_argument("--hardware", nargs="*", default=None, help="hardware names (conf/hardware)")
     parser.add_argument("--model", nargs="*", default=None, help="model names (conf/model)")
     parser.add_argument("--optimization", nargs="*", default=None, help="optimization names (conf/optimization)")
-    parser.add_argument("--tp", nargs="*", type=int, default=list(TP_CHOICES))
-    parser.add_argument("--source", default="auto", choices=[s for s in SOURCES if s != "profile"])
+    parser.add_argument("--tp", nargs="+", type=arg_type(positive_int_arg, "--tp"), default=list(TP_CHOICES),
+                        help=f"tensor-parallel sizes (positive integers; default {' '.join(map(str, TP_CHOICES))})")
+    parser.add_argument("--source", default="auto", choices=[s for s in SOURCES if s not in USER_SOURCES])
     parser.add_argument("--all", action="store_true", help="also list failing selections and why")
     parser.add_argument("--csv", action="store_true", help="write CSV to stdout")
     args = parser.parse_args(argv)

@@ -48,6 +48,16 @@ from pathlib import Path
 import numpy as np
 
 from calibration import validate
+from calibration.cli_args import (
+    OneLineParser,
+    arg_type,
+    existing_dir_arg,
+    existing_file_arg,
+    nonnegative_arg,
+    number_arg,
+    output_dir_arg,
+    positive_int_arg,
+)
 from calibration.live_model import JitteredModel, StepGapModel, add_request_overhead
 from calibration.validation_scenarios import CPU_ENGINE, SCENARIOS, get_scenario
 from simulator.engine_config import EngineConfig, parse_key_values
@@ -69,14 +79,17 @@ TOLERANCE_SETS = {"ci": validate.CI_TOLERANCES, "fidelity": validate.FIDELITY_TA
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m calibration validate",
-                                description="Validate the simulator against live vLLM runs.")
-    p.add_argument("--scenario", default=None, help=f"one of {', '.join(SCENARIOS)} (default ci-reasoning)")
-    p.add_argument("--requests", type=int, default=None, help="override the scenario's request count")
-    p.add_argument("--workload", default=None, help="a workload.parquet instead of a scenario")
+    p = OneLineParser(prog="python -m calibration validate",
+                      description="Validate the simulator against live vLLM runs.")
+    p.add_argument("--scenario", default=None, choices=sorted(SCENARIOS), help="default ci-reasoning")
+    p.add_argument("--requests", type=arg_type(positive_int_arg, "--requests"), default=None,
+                   help="override the scenario's request count")
+    p.add_argument("--workload", type=arg_type(existing_file_arg, "--workload"), default=None,
+                   help="a workload.parquet instead of a scenario")
     p.add_argument("-e", action="append", default=[], metavar="KEY=VALUE", help="engine setting")
     p.add_argument("--model", default="tiny-llama", help="model for profiling and the live server")
-    p.add_argument("--profile", default=None, help="existing profile directory (else profile now)")
+    p.add_argument("--profile", type=arg_type(_profile_arg, "--profile"), default=None,
+                   help="existing profile directory (else profile now)")
     p.add_argument("--optimization", default=None,
                    help="profiler optimization when profiling now (default: the scenario's, else none)")
     p.add_argument("--spec-acceptance", default="live", choices=("live", "config"),
@@ -85,17 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="validation",
                    help="profiler grid when profiling now: validation (smoke widened to the scenarios' "
                         "batch sizes, ~20 s), or a conf/profiler/grid name (smoke, default)")
-    p.add_argument("--live-runs", nargs="*", default=None, help="existing live run directories")
-    p.add_argument("--runs", type=int, default=3, help="live runs to make (>= 3 recommended)")
+    p.add_argument("--live-runs", nargs="+", type=arg_type(existing_dir_arg, "--live-runs"), default=None,
+                   help="existing live run directories")
+    p.add_argument("--runs", type=arg_type(positive_int_arg, "--runs"), default=3,
+                   help="live runs to make (>= 3 recommended)")
     p.add_argument("--fresh-server", action="store_true", default=True,
                    help="a fresh server per live run (default): samples the process-to-process drift")
     p.add_argument("--same-server", dest="fresh_server", action="store_false",
                    help="all live runs back to back on one server (saves a start-up per run)")
-    p.add_argument("--kv-cache-space-gib", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout of live runs (s)")
-    p.add_argument("--sim-seeds", type=int, default=5, help="simulated runs (seeds)")
-    p.add_argument("--step-sigma", type=float, default=0.05, help="per-step lognormal jitter of step times")
-    p.add_argument("--run-sigma", type=float, default=0.03, help="per-run lognormal scale of step times")
+    p.add_argument("--kv-cache-space-gib", type=arg_type(positive_int_arg, "--kv-cache-space-gib"), default=1)
+    p.add_argument("--timeout", type=arg_type(_seconds_arg, "--timeout"), default=300.0,
+                   help="per-request timeout of live runs (s)")
+    p.add_argument("--sim-seeds", type=arg_type(positive_int_arg, "--sim-seeds"), default=5,
+                   help="simulated runs (seeds)")
+    p.add_argument("--step-sigma", type=arg_type(nonnegative_arg, "--step-sigma"), default=0.05,
+                   help="per-step lognormal jitter of step times")
+    p.add_argument("--run-sigma", type=arg_type(nonnegative_arg, "--run-sigma"), default=0.03,
+                   help="per-run lognormal scale of step times")
     p.add_argument("--step-gap", default="probe",
                    help="time added to every simulated step: probe (server minus model on the live runs' "
                         "decode probe), none, gap (the live logs' inter-step gap) or seconds")
@@ -106,9 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-request API-server time added to simulated TTFT/E2E: measured (the live "
                         "runs' probes, idle and busy), none, or seconds (idle and busy alike)")
     p.add_argument("--tolerances", default="ci", choices=sorted(TOLERANCE_SETS))
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, type=arg_type(output_dir_arg, "--out"), help="output directory")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _seconds_arg(field: str, text: str) -> float:
+    return number_arg(field, text, low=0.0, open_low=True)
+
+
+def _profile_arg(field: str, text: str) -> Path:
+    """A profile directory (with profile.json) or a fit.json file."""
+    path = Path(text)
+    if not ((path / "profile.json").is_file() or (path.is_file() and path.suffix == ".json")):
+        raise ConfigError(field, f"a profile directory (with profile.json) or a fit.json, got {text!r}")
+    return path
 
 
 def _parse_engine(items: list[str], base: dict) -> EngineConfig:
@@ -429,16 +460,14 @@ def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, s
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.runs < 1 or args.sim_seeds < 1:
-        raise ConfigError("runs", "--runs and --sim-seeds must be >= 1")
-    # refuse bad offsets now, before the profile and the live runs they would follow
+    # refuse bad input now, before the profile and the live runs it would follow
     step_gap(args.step_gap, [])
     prefill_offset(args.prefill_offset, [])
     request_overhead(args.request_overhead, [])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     workload, engine, name, optimization = workload_and_engine(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     workload.save(out / "workload.parquet")
     profile_dir = Path(args.profile) if args.profile else run_profiler(args.model, args.grid, out / "profile",
                                                                         engine, optimization)

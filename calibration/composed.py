@@ -98,8 +98,23 @@ class KernelSource(Protocol):
     def describe(self) -> str: ...
 
 
+def layer_elementwise(hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int) -> list[tuple[str, int, int]]:
+    """The element-wise kernels of one layer as (op, width, count per layer), widths per GPU.
+
+    The kernel profiler measures these at the model's shapes (``elementwise_perf.csv``)
+    and the composed model prices a layer with them: a residual add and an RMSNorm
+    before attention and before the MLP, rotary on q and k, SiLU(gate) * up.
+    """
+    return [("residual_add", hidden, 2), ("rmsnorm", hidden, 2),
+            ("rotary", (heads + kv_heads) * head_dim, 1), ("silu_mul", inter, 1)]
+
+
 class TableKernels:
-    """KernelSource backed by aiconfigurator's measured tables (memory ops by roofline)."""
+    """KernelSource backed by measured tables (aiconfigurator's, or the kernel profiler's).
+
+    Memory-bound kernels are priced by roofline, unless the tables measured them
+    (``KernelTables.elementwise``: the kernel profiler's tables).
+    """
 
     def __init__(self, tables, hardware: Hardware):
         self.tables = tables
@@ -131,9 +146,28 @@ class TableKernels:
         return self.tables.generation.grid(heads, kv_heads, self._kv(kv_dtype))(batch, kv_len, 1.0)
 
     def _check_head_dim(self, head_dim: int) -> None:
-        if head_dim != TABLE_HEAD_DIM:
+        measured = getattr(self.tables, "head_dim", TABLE_HEAD_DIM)
+        if head_dim != measured:
             raise ConfigError("model.head_dim", f"attention tables were measured for head_dim "
-                                                f"{TABLE_HEAD_DIM} only, not {head_dim}")
+                                                f"{measured} only, not {head_dim}")
+
+    def layer_elementwise_ms(self, m: np.ndarray, ops: list[tuple[str, int, int]]) -> np.ndarray | None:
+        """One layer's measured element-wise kernels for m tokens, or None when any was not measured."""
+        table = getattr(self.tables, "elementwise", None)
+        if table is None:
+            return None
+        total = np.zeros(np.shape(m))
+        for op, width, count in ops:
+            ms = table.latency_ms(op, width, m)
+            if ms is None:
+                return None
+            total = total + count * ms
+        return total
+
+    def sampler_ms(self, rows: np.ndarray, vocab: int) -> np.ndarray | None:
+        """The measured sampler (softmax and argmax over the vocabulary) for ``rows``, or None."""
+        table = getattr(self.tables, "elementwise", None)
+        return None if table is None else table.latency_ms("sampler", vocab, rows)
 
     def allreduce_ms(self, num_gpus, elements):
         return self.tables.allreduce.latency_ms(num_gpus, elements)
@@ -359,7 +393,13 @@ class ComposedPerformanceModel(PerformanceModel):
         ]
         if dtype_bytes(w) < act:              # per-token activation quantization before o and down
             per_token_ops += [q_dim * (act + 1), sh.inter * (act + 1)]
+        measured = getattr(k, "layer_elementwise_ms", lambda m, ops: None)(
+            m, layer_elementwise(h, sh.heads, sh.kv_heads, d, sh.inter))
+        if measured is not None:  # norms, adds, rotary, SiLU measured; KV write, quantization: roofline
+            per_token_ops = [b for i, b in enumerate(per_token_ops) if i == 3 or i >= 5]
         mem = sum(np.where(m > 0, k.memory_op_ms(m * b), 0.0) for b in per_token_ops)
+        if measured is not None:
+            mem = mem + measured
         comm = 2 * k.allreduce_ms(self.tp, m * h) if self.tp > 1 else 0.0
         layer_ms = gemm + mem + comm
         edges = np.where(m > 0, 2 * k.memory_op_ms(m * 2 * h * act), 0.0)  # embedding, final norm
@@ -372,6 +412,9 @@ class ComposedPerformanceModel(PerformanceModel):
         logits_bytes = r * self.arch.vocab_size * 4 * SAMPLER_LOGIT_PASSES
         bandwidth = self.hardware.memory_bandwidth_gbps * 1e9 * MEMORY_EFFICIENCY
         sampler = SAMPLER_FIXED_S + logits_bytes / bandwidth
+        measured = getattr(self.kernels, "sampler_ms", lambda r, v: None)(r, self.arch.vocab_size)
+        if measured is not None:
+            sampler = 1e-3 * measured
         return np.where(r > 0, 1e-3 * lm + sampler, 0.0)
 
     # --- the hot path -------------------------------------------------------------
@@ -499,4 +542,8 @@ class ComposedPerformanceModel(PerformanceModel):
             "kv_cache_dtype": self.kv_dtype,
             "step_overhead_s": self.overhead_s,
         })
+        checks = getattr(getattr(self.kernels, "tables", None), "checks", None)
+        if checks:  # rows of the kernel tables rejected as faster than physics (calibration.plausibility)
+            out["kernel_rows_rejected"] = dict(checks["rejected"])
+            out["kernel_rows_checked"] = dict(checks["checked"])
         return out

@@ -252,6 +252,7 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
         "profile_created": profile.meta.get("created"),
         "profile_steps": int(len(profile.steps)),
         "fitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
     }
     return FittedPerformanceModel(
         coefficients=result.coefficients, kv=profile.meta["kv"], memory=profile.meta["memory"],
@@ -259,6 +260,15 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
         hardware=profile.meta["hardware"], report=report,
         source=str(profile.path) if profile.path else profile.name,
     )
+
+
+def _versions() -> dict[str, str]:
+    """The numerical libraries a fit depends on (its last digits differ between versions and machines)."""
+    import platform
+
+    import scipy
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__}
 
 
 def save_fitted_model(model: FittedPerformanceModel, path: str | Path) -> Path:
@@ -280,18 +290,30 @@ def load_fitted_model(path: str | Path) -> PerformanceModel:
     path = Path(path)
     if path.is_file() and path.name != META_FILE:
         try:
-            return FittedPerformanceModel.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
+            data = json.loads(path.read_text())
+        except ValueError as err:  # not JSON, or not text at all
             raise ConfigError("fit", f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("fit", f"{path} is not a fitted step model (a JSON {type(data).__name__})")
+        try:
+            return FittedPerformanceModel.from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError("fit", f"{path} is not a complete fitted step model ({type(err).__name__}: "
+                                     f"{err})") from None
     folder = path.parent if path.name == META_FILE else path
     if not (folder / META_FILE).exists():
         raise ConfigError("profile", f"no profile at {folder} (missing {META_FILE})")
     fit_file = folder / FIT_FILE
     if fit_file.exists():
-        saved = json.loads(fit_file.read_text())
-        meta = json.loads((folder / META_FILE).read_text())
-        report = saved.get("report", {})
-        if (report.get("profile_created") == meta.get("created")
-                and report.get("profile_steps") == meta.get("summary", {}).get("steps")):
-            return FittedPerformanceModel.from_dict(saved)
+        try:
+            saved = json.loads(fit_file.read_text())
+            meta = json.loads((folder / META_FILE).read_text())
+            report = saved.get("report", {})
+            if (report.get("profile_created") == meta.get("created")
+                    and report.get("profile_steps") == meta.get("summary", {}).get("steps")):
+                return FittedPerformanceModel.from_dict(saved)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable fit.json (or profile.json: Profile.load says why) is not used
     return fit_profile(Profile.load(folder))

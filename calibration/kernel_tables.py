@@ -11,6 +11,14 @@ hold latencies in milliseconds of vLLM's own kernels measured on real GPUs:
 - ``custom_allreduce_perf.csv``: vLLM's custom all-reduce of ``message_size``
   bf16 elements on ``num_gpus`` NVLink-connected GPUs (CUDA-graph rows used).
 
+Every row is first checked against the card's roofline (``calibration.plausibility``):
+a row faster than physics is dropped, counted, and its place filled from its
+neighbours as a hole would be. Tables written by the kernel profiler
+(``python -m profiler.kernels``) have the same files, in one folder with a
+``kernels.json`` provenance record, plus ``elementwise_perf.csv``
+(norms, rotary, activation, residual add and the sampler); ``load_table_dir``
+reads them.
+
 This module reads them and interpolates. All interpolation is linear in
 log(latency) against log(size), which reproduces power laws exactly (latency
 proportional to m, n, k or to a length squared) and is what makes sparse
@@ -22,7 +30,7 @@ m, n, k, batch, message size and decode KV length; quadratic in prefill length.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -244,6 +252,14 @@ class KernelTables:
     generation: AttentionTable
     allreduce: AllReduceTable
     spec: dict
+    #: plausibility.Rejections.to_dict() of the rows read (rows rejected per kernel family)
+    checks: dict = field(default_factory=dict)
+    #: the head dim the attention rows were measured at
+    head_dim: int = 128
+    #: measured element-wise kernels and sampler (kernel profiler tables only)
+    elementwise: ElementwiseTable | None = None
+    #: where the tables come from: "aiconfigurator", or the profiler's folder and provenance
+    origin: dict = field(default_factory=dict)
 
     @property
     def gemm_dtypes(self) -> list[str]:
@@ -259,8 +275,36 @@ class KernelTables:
             )
         return self.gemm[key]
 
+    @property
+    def rejections(self):
+        from calibration.plausibility import Rejections
+
+        return Rejections.from_dict(self.checks)
+
     def describe(self) -> str:
-        return f"aiconfigurator {self.system} vLLM {self.version} kernel tables (Apache-2.0)"
+        if self.origin.get("source") == "kernel-profiler":
+            o = self.origin
+            head = (f"kernel profiler tables {o.get('folder', '')} (measured on {o.get('device', '?')}, "
+                    f"torch {o.get('torch', '?')}, {o.get('created', '?')})")
+        else:
+            head = f"aiconfigurator {self.system} vLLM {self.version} kernel tables (Apache-2.0)"
+        return f"{head}; {self.rejections.summary()}" if self.checks else head
+
+
+@dataclass(frozen=True)
+class ElementwiseTable:
+    """Measured latency (ms) of element-wise kernels by (op, width) against token count."""
+
+    by_op: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]
+
+    def latency_ms(self, op: str, width: int, tokens: np.ndarray) -> np.ndarray | None:
+        """Interpolated latency at each token count (0 gives 0), or None when (op, width) was not measured."""
+        if (op, int(width)) not in self.by_op:
+            return None
+        size, ms = self.by_op[(op, int(width))]
+        tokens = np.asarray(tokens, dtype=float)
+        out = interp_loglog(np.maximum(tokens, 1), size, ms, power=1.0)
+        return np.where(tokens > 0, out, 0.0)
 
 
 def available_systems() -> dict[str, list[str]]:
@@ -305,12 +349,93 @@ def resolve_version(system: str, version: str | None = None) -> str:
 def load_tables(system: str, version: str | None = None) -> KernelTables:
     """Read and index one system's tables (the CSVs are read once per process, and their
     indexed form is kept on disk for the next one: calibration.table_cache)."""
+    from calibration import plausibility
     from calibration.table_cache import cached
 
     version = resolve_version(system, version)
-    sources = [Path(__file__), *_table_paths(system, version).values(), DATA_DIR / f"{system}.yaml"]
+    card = hardware_for_system(system)
+    sources = [Path(__file__), Path(plausibility.__file__), *_table_paths(system, version).values(),
+               DATA_DIR / f"{system}.yaml", *([card[1]] if card else [])]
     existing = [p for p in sources if p.exists()]
-    return cached(f"kernel-tables-{system}-{version}", existing, lambda: _read_tables(system, version))
+
+    def decode(arrays: Mapping[str, np.ndarray]) -> KernelTables:
+        tables = tables_from_arrays(arrays)
+        if (tables.system, tables.version) != (system, version):
+            raise ValueError(f"holds {tables.system} {tables.version}")
+        return tables
+
+    return cached(f"kernel-tables-{system}-{version}", existing, lambda: _read_tables(system, version),
+                  encode=tables_to_arrays, decode=decode)
+
+
+def tables_to_arrays(tables: KernelTables) -> dict[str, np.ndarray]:
+    """KernelTables as named plain arrays (numbers and fixed-width text; no objects)."""
+    out = {"system": np.array(tables.system), "version": np.array(tables.version),
+           "spec": np.array(repr(tables.spec)),  # a Python literal: read back by ast.literal_eval
+           "checks": np.array(repr(tables.checks)), "head_dim": np.array(tables.head_dim, dtype=np.int64)}
+    for dtype, g in tables.gemm.items():
+        for axis in ("m", "n", "k", "ms"):
+            out[f"gemm.{dtype}.{axis}"] = getattr(g, axis)
+    for kind, att in (("context", tables.context), ("generation", tables.generation)):
+        measured = att.slices._measured if isinstance(att.slices, CompletedGrids) else dict(att.slices)
+        keys = list(measured)
+        out[f"{kind}.batch"], out[f"{kind}.length"] = att.batch, att.length
+        out[f"{kind}.heads"] = np.array([[h, kv] for h, kv, _ in keys], dtype=np.int64).reshape(-1, 2)
+        out[f"{kind}.kv_dtype"] = np.array([d for _, _, d in keys], dtype=str)
+        out[f"{kind}.grids"] = np.stack([measured[k] for k in keys]) if keys else \
+            np.zeros((0, len(att.batch), len(att.length)))
+    for gpus, (size, ms) in tables.allreduce.by_gpus.items():
+        out[f"allreduce.{gpus}.size"], out[f"allreduce.{gpus}.ms"] = size, ms
+    return out
+
+
+def tables_from_arrays(arrays: Mapping[str, np.ndarray]) -> KernelTables:
+    """The KernelTables ``tables_to_arrays`` stored; ValueError when the arrays do not hold one."""
+    import ast
+
+    def get(name: str, kind: str, ndim: int) -> np.ndarray:
+        value = arrays[name]
+        if value.dtype.kind != kind or value.ndim != ndim:
+            raise ValueError(f"{name}: dtype {value.dtype}, {value.ndim} dimensions")
+        return value
+
+    def axis(name: str) -> np.ndarray:
+        value = get(name, "f", 1)
+        if len(value) < 2 or not np.all(np.diff(value) > 0) or value[0] <= 0:
+            raise ValueError(f"{name}: not an increasing positive axis")
+        return value
+
+    gemm = {}
+    for dtype in sorted({name.split(".")[1] for name in arrays if name.startswith("gemm.")}):
+        m, n, k = (axis(f"gemm.{dtype}.{a}") for a in "mnk")
+        ms = get(f"gemm.{dtype}.ms", "f", 3)
+        if ms.shape != (len(m), len(n), len(k)) or not np.all(ms > 0):
+            raise ValueError(f"gemm.{dtype}.ms: shape {ms.shape}")
+        gemm[dtype] = GemmTable(m, n, k, ms)
+    attention = {}
+    for kind in ("context", "generation"):
+        batch, length = axis(f"{kind}.batch"), axis(f"{kind}.length")
+        heads, dtypes = get(f"{kind}.heads", "i", 2), get(f"{kind}.kv_dtype", "U", 1)
+        grids = get(f"{kind}.grids", "f", 3)
+        if heads.shape[1:] != (2,) or len(heads) != len(dtypes) or \
+                grids.shape != (len(heads), len(batch), len(length)):
+            raise ValueError(f"{kind}: inconsistent shapes")
+        measured = {(int(h), int(kv), str(d)): grids[i] for i, ((h, kv), d) in enumerate(zip(heads, dtypes, strict=True))}
+        attention[kind] = AttentionTable(kind, batch, length,
+                                         CompletedGrids(measured, batch, length, 2.0 if kind == "context" else 1.0))
+    by_gpus = {}
+    for gpus in sorted({int(name.split(".")[1]) for name in arrays if name.startswith("allreduce.")}):
+        size, ms = get(f"allreduce.{gpus}.size", "f", 1), get(f"allreduce.{gpus}.ms", "f", 1)
+        if size.shape != ms.shape or not len(size) or not np.all(np.diff(size) > 0) or not np.all(ms > 0):
+            raise ValueError(f"allreduce.{gpus}: shapes {size.shape} and {ms.shape}")
+        by_gpus[gpus] = (size, ms)
+    spec = ast.literal_eval(str(get("spec", "U", 0)))  # literals only: never runs code
+    checks = ast.literal_eval(str(get("checks", "U", 0)))
+    if not isinstance(spec, dict) or not isinstance(checks, dict):
+        raise ValueError("spec or checks: not a mapping")
+    return KernelTables(str(get("system", "U", 0)), str(get("version", "U", 0)), gemm, attention["context"],
+                        attention["generation"], AllReduceTable(by_gpus), spec, checks,
+                        int(get("head_dim", "i", 0)), origin={"source": "aiconfigurator"})
 
 
 #: the tables of a system, each in its folder under data/<system>/<folder>/vllm/<version>/
@@ -324,33 +449,139 @@ def _table_paths(system: str, version: str) -> dict[str, Path]:
     return {name: base / folder / "vllm" / version / name for name, folder in TABLE_FILES.items()}
 
 
+def hardware_for_system(system: str):
+    """(Hardware, its conf file) of the conf/hardware entry whose ``kernel_tables`` is ``system``, or None."""
+    from calibration import catalog
+
+    for name in catalog.names("hardware"):
+        hardware = catalog.load_hardware(name)
+        if hardware.kernel_tables == system:
+            return hardware, catalog.CONF_DIR / "hardware" / f"{name}.yaml"
+    return None
+
+
 def _read_tables(system: str, version: str) -> KernelTables:
-    """Read and index one system's tables from their CSVs."""
+    """Read, check against the card's roofline and index one system's tables from their CSVs."""
     import yaml
 
-    paths = _table_paths(system, version)
+    from calibration.plausibility import Rejections, Roofline
+
+    card = hardware_for_system(system)
+    roofline = Roofline.of(card[0]) if card else None
+    spec_path = DATA_DIR / f"{system}.yaml"
+    spec = yaml.safe_load(spec_path.read_text()) if spec_path.exists() else {}
+    checks = Rejections(roofline.card if roofline else "")
+    tables = _read_kernel_csvs(_table_paths(system, version), roofline, checks)
+    return KernelTables(system, version, *tables[:4], spec, checks.to_dict() if roofline else {}, tables[4],
+                        origin={"source": "aiconfigurator"})
+
+
+def _read_kernel_csvs(paths: Mapping[str, Path], roofline, checks):
+    """(gemm tables by dtype, context, generation, all-reduce tables, head dim) from the four CSVs.
+
+    With a ``roofline`` (plausibility.Roofline), rows faster than physics are dropped
+    and counted in ``checks`` (plausibility.Rejections) before the tables are indexed.
+    """
+    from calibration.plausibility import implausible
+
+    def keep(family: str, rows: dict[str, np.ndarray], floor_s) -> dict[str, np.ndarray]:
+        bad = implausible(rows["latency"], floor_s)
+        checks.add(family, bad)
+        return _rows_where(rows, ~bad)
+
     gemm_rows = read_columns(paths["gemm_perf.csv"], ["gemm_dtype", "m", "n", "k", "latency"],
                              text=("gemm_dtype",))
     gemm = {}
     for table_dtype, key in (("bfloat16", "bf16"), ("fp8", "fp8")):
         part = _rows_where(gemm_rows, gemm_rows["gemm_dtype"] == table_dtype)
+        if roofline is not None and len(part["m"]):
+            part = keep("gemm", part, roofline.gemm_s(part["m"], part["n"], part["k"], key))
         if len(part["m"]):
             gemm[key] = _gemm_table(part)
-    context = _attention_table(_read_attention(paths["context_attention_perf.csv"]), "context")
-    generation = _attention_table(_read_attention(paths["generation_attention_perf.csv"]), "generation")
+    attention, head_dims = {}, set()
+    for kind in ("context", "generation"):
+        cols = _read_attention(paths[f"{kind}_attention_perf.csv"])
+        head_dims.update(np.unique(cols["head_dim"]).astype(int).tolist())
+        if roofline is not None and len(cols["latency"]):
+            fp8 = np.isin(cols["kv_cache_dtype"].astype(str), ["fp8", "fp8_e4m3", "fp8_e5m2"])
+            kv_bytes = np.where(fp8, 1.0, 2.0)
+            if kind == "context":  # ``step``: tokens cached before the chunk (always 0 in aiconfigurator's)
+                floor = roofline.context_attention_s(cols["batch_size"], cols["isl"], cols["num_heads"],
+                                                     cols["num_key_value_heads"], cols["head_dim"], kv_bytes,
+                                                     cols["step"])
+            else:
+                floor = roofline.generation_attention_s(cols["batch_size"], cols["isl"] + cols["step"],
+                                                        cols["num_heads"], cols["num_key_value_heads"],
+                                                        cols["head_dim"], kv_bytes)
+            cols = keep(f"{kind}_attention", cols, floor)
+        if kind == "context":  # the grid holds chunks without cached context; the other rows are checks
+            cols = _rows_where(cols, cols["step"] == 0)
+        attention[kind] = _attention_table(cols, kind)
+    if len(head_dims) > 1:
+        raise ConfigError("kernel_tables", f"attention rows of several head dims {sorted(head_dims)}")
     ar = read_columns(paths["custom_allreduce_perf.csv"], text=("backend",))
-    if "backend" in ar:
-        ar = _rows_where(ar, ar["backend"] == "vllm_graph")
+    if "backend" in ar and len(ar["latency"]):
+        graphs = np.array([str(b).endswith("graph") for b in ar["backend"]], dtype=bool)
+        ar = _rows_where(ar, graphs) if graphs.any() else ar
+    if roofline is not None and len(ar.get("latency", ())):
+        ar = keep("allreduce", ar, roofline.allreduce_s(ar["message_size"], ar["num_gpus"]))
     by_gpus = {}
-    for gpus in np.unique(ar["num_gpus"]):
+    for gpus in np.unique(ar.get("num_gpus", np.zeros(0))):
         part = _rows_where(ar, ar["num_gpus"] == gpus)
         # repeated measurements of one message size are averaged
         sizes, which = np.unique(part["message_size"], return_inverse=True)
         latency = np.bincount(which, weights=part["latency"].astype(float)) / np.bincount(which)
         by_gpus[int(gpus)] = (sizes.astype(float), latency)
-    spec_path = DATA_DIR / f"{system}.yaml"
-    spec = yaml.safe_load(spec_path.read_text()) if spec_path.exists() else {}
-    return KernelTables(system, version, gemm, context, generation, AllReduceTable(by_gpus), spec)
+    head_dim = head_dims.pop() if head_dims else 128
+    return gemm, attention["context"], attention["generation"], AllReduceTable(by_gpus), head_dim
+
+
+#: the kernel profiler's provenance record in its table folder
+PROVENANCE_FILE = "kernels.json"
+ELEMENTWISE_FILE = "elementwise_perf.csv"
+
+
+def load_table_dir(folder: str | Path) -> KernelTables:
+    """Tables the kernel profiler wrote into ``folder``, checked against the card it recorded."""
+    import json
+
+    from calibration.plausibility import Rejections, Roofline, implausible
+    from simulator.hardware import Hardware
+
+    folder = Path(folder)
+    meta_path = folder / PROVENANCE_FILE
+    if not meta_path.is_file():
+        raise ConfigError("perf.tables", f"a folder written by python -m profiler.kernels ({PROVENANCE_FILE} "
+                                         f"inside), got {str(folder)!r}")
+    meta = json.loads(meta_path.read_text())
+    paths = {name: folder / name for name in TABLE_FILES}
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if missing:
+        raise ConfigError("perf.tables", f"{folder} lacks {', '.join(missing)} (did the profiler finish?)")
+    hardware = Hardware.from_dict(dict(meta["hardware"]))
+    roofline = Roofline.of(hardware)
+    checks = Rejections(hardware.name)
+    gemm, context, generation, allreduce, head_dim = _read_kernel_csvs(paths, roofline, checks)
+    elementwise = None
+    if (folder / ELEMENTWISE_FILE).is_file():
+        cols = read_columns(folder / ELEMENTWISE_FILE, ["op", "tokens", "width", "bytes", "latency"], text=("op",))
+        if len(cols["latency"]):
+            bad = implausible(cols["latency"], roofline.elementwise_s(cols["bytes"]))
+            checks.add("elementwise", bad)
+            cols = _rows_where(cols, ~bad)
+        ops = cols["op"].astype(str)
+        by_op = {}
+        for op, width in sorted(set(zip(ops.tolist(), cols["width"].astype(int).tolist(), strict=True))):
+            part = _rows_where(cols, (ops == op) & (cols["width"] == width))
+            sizes, which = np.unique(part["tokens"], return_inverse=True)
+            latency = np.bincount(which, weights=part["latency"].astype(float)) / np.bincount(which)
+            by_op[(op, width)] = (sizes.astype(float), latency)
+        elementwise = ElementwiseTable(by_op)
+    origin = {"source": "kernel-profiler", "folder": str(folder), "device": meta.get("device", {}).get("name"),
+              "torch": meta.get("versions", {}).get("torch"), "created": meta.get("created"),
+              "hardware": hardware.name, "model": meta.get("model", {}).get("name"), "tp": meta.get("tp")}
+    return KernelTables(f"kernels:{folder.name}", str(meta.get("versions", {}).get("torch", "")), gemm, context,
+                        generation, allreduce, {}, checks.to_dict(), head_dim, elementwise, origin)
 
 
 def read_columns(path: Path, names: list[str] | None = None, text: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -396,7 +627,8 @@ _NUMPY_TYPES = {"int32": np.int32, "int64": np.int64, "double": np.float64}
 
 
 def _read_attention(path: Path) -> dict[str, np.ndarray]:
-    names = ["batch_size", "isl", "step", "num_heads", "num_key_value_heads", "kv_cache_dtype", "latency"]
+    names = ["batch_size", "isl", "step", "num_heads", "num_key_value_heads", "head_dim", "kv_cache_dtype",
+             "latency"]
     return read_columns(path, names, text=("kv_cache_dtype",))
 
 
@@ -413,14 +645,36 @@ def _gemm_table(part: dict[str, np.ndarray]) -> GemmTable:
     ni = np.searchsorted(n, part["n"])
     ki = np.searchsorted(k, part["k"])
     cube[mi, ni, ki] = part["latency"].astype(float)
-    # A few (n, k) pairs were not measured: take them from the neighbouring n
-    # scaled linearly in n (GEMM time grows as n at fixed m, k).
-    for ni_, ki_ in zip(*np.nonzero(np.isnan(cube).any(axis=0)), strict=True):
-        src = ni_ - 1 if ni_ > 0 else ni_ + 1
-        cube[:, ni_, ki_] = cube[:, src, ki_] * n[ni_] / n[src]
-    if np.isnan(cube).any():
-        raise ConfigError("kernel_tables", "GEMM table has unfillable holes")
-    return GemmTable(m, n, k, cube)
+    return GemmTable(m, n, k, _fill_gemm(cube, m, n, k))
+
+
+def _fill_gemm(cube: np.ndarray, m: np.ndarray, n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Fill the holes of a GEMM cube (cells never measured, or rejected as faster than physics).
+
+    Along m, a hole between measured cells is interpolated in log-log, one above
+    them grows linearly in m, one below takes the smallest measured m (small GEMMs
+    are bound by reading the weights). An (n, k) pair with no cell at all takes the
+    nearest measured pair in log(n k), scaled by n k (GEMM time grows as n k at fixed m).
+    """
+    cube = cube.copy()
+    empty, full = [], []
+    for ni, ki in np.ndindex(cube.shape[1], cube.shape[2]):
+        col = cube[:, ni, ki]
+        valid = np.flatnonzero(~np.isnan(col))
+        if not len(valid):
+            empty.append((ni, ki))
+            continue
+        full.append((ni, ki))
+        holes = np.isnan(col)
+        if holes.any():
+            col[holes] = interp_loglog(m[holes], m[valid], col[valid], power=1.0)
+    if not full:
+        raise ConfigError("kernel_tables", "GEMM table has no measured (n, k) pair")
+    size = np.log(n)[:, None] + np.log(k)[None, :]
+    for ni, ki in empty:
+        src = min(full, key=lambda p: (abs(size[p] - size[ni, ki]), p))
+        cube[:, ni, ki] = cube[:, src[0], src[1]] * n[ni] * k[ki] / (n[src[0]] * k[src[1]])
+    return cube
 
 
 def _attention_table(cols: dict[str, np.ndarray], kind: str) -> AttentionTable:

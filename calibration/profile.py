@@ -115,7 +115,11 @@ def read_steps(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise ConfigError("profile", f"no steps table {path}")
-    frame = pd.read_parquet(path)
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError("profile", f"{path} is not a readable steps table: {first}") from None
     validate_steps(frame, str(path))
     for column in LIST_COLUMNS:
         frame[column] = [list(map(int, v)) for v in frame[column]]
@@ -155,6 +159,8 @@ def validate_steps(frame: pd.DataFrame, where: str = "steps") -> None:
 
 def validate_meta(meta: dict[str, Any], where: str = "profile.json") -> None:
     """Check the metadata has what readers rely on."""
+    if not isinstance(meta, dict):
+        raise ConfigError("profile", f"{where} is not an rllm-sim profile (a JSON {type(meta).__name__})")
     if meta.get("format") != FORMAT_NAME:
         raise ConfigError("profile", f"{where} is not an rllm-sim profile (format={meta.get('format')!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -203,7 +209,7 @@ class Profile:
             raise ConfigError("profile", f"no profile at {folder} (missing {META_FILE})")
         try:
             meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # not JSON, or not text at all
             raise ConfigError("profile", f"{meta_path} is not valid JSON: {err}") from None
         validate_meta(meta, str(meta_path))
         return cls(meta=meta, steps=read_steps(folder / STEPS_FILE), path=folder)

@@ -7,6 +7,8 @@
 - ``blis``: BLIS's fitted linear coefficients (H100/A100; a reference, never chosen by auto);
 - ``roofline``: peak-FLOPs/bandwidth roofline, for any hardware, labelled uncalibrated;
 - ``profile``: fitted from a profiler run (``perf.profile``), by ``calibration.fit``;
+- ``kernels``: composed from tables the kernel profiler measured (``perf.tables``:
+  the folder ``python -m profiler.kernels`` wrote), on the hardware they record;
 - ``auto``: the best calibrated source there is for the hardware, in the order
   aiconfigurator, llmservingsim, then roofline (uncalibrated).
 
@@ -28,7 +30,9 @@ from simulator.hardware import GIB, Hardware
 from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
 from simulator.performance import MemoryBreakdown, PerformanceModel
 
-SOURCES = ("auto", "aiconfigurator", "llmservingsim", "blis", "roofline", "profile")
+SOURCES = ("auto", "aiconfigurator", "llmservingsim", "blis", "roofline", "profile", "kernels")
+#: sources that need a file of the user's (perf.profile, perf.tables): not listed by ``calibration list``
+USER_SOURCES = ("profile", "kernels")
 TP_CHOICES = (1, 2, 4, 8)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 DEFAULT_MAX_NUM_SEQS = 1024
@@ -124,6 +128,12 @@ def resolve_source(
         return SourceChoice("profile", True, f"fitted profile {perf.get('profile')}", weight, kv)
     if source == "roofline":
         return SourceChoice("roofline", False, f"roofline from {hardware.name} specs (uncalibrated)", weight, kv)
+    if source == "kernels":
+        tables = _profiled_tables(perf, hardware)
+        if ("bf16" if weight == "fp16" else weight) not in tables.gemm:
+            raise ConfigError("optimization.weight_dtype", f"{weight} weights: the tables in {perf.get('tables')} "
+                                                           f"measure {', '.join(tables.gemm_dtypes)} GEMMs only")
+        return SourceChoice("kernels", True, tables.describe(), weight, kv)
 
     system = _table_system(hardware)
     if source in ("auto", "aiconfigurator") and system:
@@ -162,6 +172,20 @@ def resolve_source(
 
     return SourceChoice("roofline", False, f"roofline from {hardware.name} specs (uncalibrated: no measured "
                                            f"tables for this hardware)", weight, kv)
+
+
+def _profiled_tables(perf: Mapping, hardware: Hardware) -> kernel_tables.KernelTables:
+    """The kernel profiler's tables named by ``perf.tables``, measured on ``hardware``."""
+    folder = perf.get("tables")
+    if not folder:
+        raise ConfigError("perf.tables", "source=kernels needs perf.tables=<folder written by python -m "
+                                         "profiler.kernels>")
+    tables = kernel_tables.load_table_dir(str(folder))
+    measured_on = tables.origin.get("hardware")
+    if measured_on != hardware.name:
+        raise ConfigError("hardware", f"{measured_on} (the tables in {folder} were measured on it), "
+                                      f"got {hardware.name}")
+    return tables
 
 
 def _engine_limits(engine: Any) -> tuple[int, int, float, int | None, int | None]:
@@ -258,6 +282,16 @@ def build_performance_model(
             weight_dtype="bf16" if choice.weight_dtype == "fp16" else choice.weight_dtype,
             kv_dtype=choice.kv_dtype,
             name=f"aiconfigurator:{tables.system}:{arch.name}:{choice.weight_dtype}:kv-{choice.kv_dtype}:tp{tp}",
+            **common)
+    elif choice.source == "kernels":
+        from calibration.composed import ComposedPerformanceModel, TableKernels
+
+        tables = _profiled_tables(dict(perf or {}), hardware)
+        pm = ComposedPerformanceModel(
+            arch, hardware, TableKernels(tables, hardware), tp=tp,
+            weight_dtype="bf16" if choice.weight_dtype == "fp16" else choice.weight_dtype,
+            kv_dtype=choice.kv_dtype,
+            name=f"kernels:{tables.origin.get('folder')}:{arch.name}:{choice.weight_dtype}:kv-{choice.kv_dtype}:tp{tp}",
             **common)
     elif choice.source == "llmservingsim":
         via = catalog.load_model(choice.via_model) if choice.via_model else arch

@@ -34,6 +34,30 @@ def print_outcome(outcome) -> None:
     print("\n".join(lines))
 
 
+#: what Hydra writes into a run directory before the plan starts
+HYDRA_FILES = {".hydra", "plan.log"}
+
+
+def remove_if_new(out_dir: Path, was_new: bool) -> None:
+    """Remove a run directory this plan made and computed no point in (it stopped on bad
+    input), and the empty folders above it up to the working directory."""
+    from simulator.plan_runner import POINTS
+
+    if not was_new or not out_dir.is_dir() or (out_dir / POINTS).exists():
+        return
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    here = Path.cwd().resolve()
+    for parent in out_dir.resolve().parents:
+        if parent == here or here not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+
+
 def main() -> int:
     import hydra
 
@@ -54,10 +78,12 @@ def main() -> int:
         from simulator.plan_runner import run_plan
 
         out_dir = Path(HydraConfig.get().runtime.output_dir)
+        was_new = not out_dir.is_dir() or not {p.name for p in out_dir.iterdir()} - HYDRA_FILES  # else a resume
         try:
             outcome = run_plan(cfg, out_dir, progress=bool(cfg.get("progress", True)))
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
+            remove_if_new(out_dir, was_new)
             sys.exit(2)
         except KeyboardInterrupt:
             print(f"interrupted: finished points are in {out_dir}/points.parquet; rerun with "

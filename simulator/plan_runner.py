@@ -111,12 +111,30 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError("plan.ray_address", f"cannot attach to Ray at {address!r}: {first}") from None
     else:
+        choose_local_auth()
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  logging_level="WARNING")
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def choose_local_auth() -> None:
+    """Start a local Ray cluster with token authentication chosen explicitly.
+
+    Ray 2.60 turns token authentication on for a new local cluster when ``RAY_AUTH_MODE`` is
+    unset, and warns on every start that it did; setting the mode explicitly keeps the same
+    protection without the warning (Ray's own ``_enable_token_auth``: the variable, for this
+    process and the cluster's, and Ray's cached config). A mode the user set is kept.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # a Ray without token authentication: nothing to choose
+        return
+    _enable_token_auth()
 
 
 def _error_row(job: PointJob, err: BaseException) -> dict[str, Any]:

@@ -53,3 +53,40 @@ def test_without_vllm_the_command_says_how_to_get_it(capsys):
     assert calibration_main(["agreement", "--scenario", "light"]) == 2
     err = capsys.readouterr().err
     assert "engine.scheduler: needs vLLM installed: run scripts/setup_vllm_cpu.sh" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--requests", "0"], "error: --requests: a positive integer, got '0'"),
+    (["--seed", "abc"], "error: --seed: an integer >= 0, got 'abc'"),
+    (["--show", "-1"], "error: --show: an integer >= 0, got '-1'"),
+    (["--min-rate", "1.5"], "error: --min-rate: a number in [0, 1], got '1.5'"),
+    (["--workload", "/nonexistent.parquet"], "error: --workload: an existing file, got '/nonexistent.parquet'"),
+    (["--json", "/dev/null/a.json"], "error: --json: a path that can be written, got '/dev/null/a.json'"),
+    (["--scheduling", "later"], "error: --scheduling: invalid choice: 'later'"),
+])
+def test_bad_arguments_are_one_line_errors_naming_the_option(argv, expected):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "calibration", "agreement", "--scenario", "light", *argv],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["workload=mooncake", "workload.rate=6"],
+     "error: workload.rate: not a setting of workload (workload=mooncake); closest: rate_scale"),
+    (["workload.rte=2"], "error: workload.rte: not a setting of workload (its default); closest: rate"),
+    (["engine.max_num_seq=5"], "error: engine.max_num_seq: not a setting of engine (its default); "
+                               "closest: max_num_seqs"),
+    (["workload.rate=["], "error: workload.rate: cannot be read: "),
+])
+def test_configuration_errors_are_one_line_naming_the_setting(overrides, expected):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "calibration", "agreement", *overrides],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from calibration.cmd_list import main
 
 
@@ -36,3 +38,18 @@ def test_bad_name_is_a_one_line_error():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: hardware: unknown hardware 'tpu'; allowed: "
                                    "a100, b200, h100, h200, l40s, rtxpro6000")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--tp", "0"], "error: --tp: a positive integer, got '0'"),
+    (["--tp", "-1"], "error: --tp: a positive integer, got '-1'"),
+    (["--tp", "two"], "error: --tp: a positive integer, got 'two'"),
+    (["--tp"], "error: --tp: expected at least one argument"),
+    (["--source", "magic"], "error: --source: invalid choice: 'magic'"),
+    (["--bogus"], "error: arguments: unrecognized arguments: --bogus"),
+])
+def test_bad_arguments_are_one_line_errors_naming_the_option(argv, expected):
+    proc = subprocess.run([sys.executable, "-m", "calibration", "list", *argv],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr

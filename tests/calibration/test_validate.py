@@ -361,3 +361,29 @@ def test_bad_offsets_are_refused_before_anything_runs(tmp_path, option, field):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {field}: must be ")
     assert not out.exists()  # nothing profiled, nothing replayed
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--runs", "0"], "error: --runs: a positive integer, got '0'"),
+    (["--sim-seeds", "x"], "error: --sim-seeds: a positive integer, got 'x'"),
+    (["--requests", "-5"], "error: --requests: a positive integer, got '-5'"),
+    (["--timeout", "0"], "error: --timeout: a number > 0, got '0'"),
+    (["--step-sigma", "-0.1"], "error: --step-sigma: a number >= 0, got '-0.1'"),
+    (["--run-sigma", "inf"], "error: --run-sigma: a number >= 0, got 'inf'"),
+    (["--scenario", "nope"], "error: --scenario: invalid choice: 'nope'"),
+    (["--profile", "/nonexistent"], "error: --profile: a profile directory (with profile.json) or a fit.json"),
+    (["--workload", "/nonexistent.parquet"], "error: --workload: an existing file, got '/nonexistent.parquet'"),
+    (["--live-runs", "/nonexistent"], "error: --live-runs: an existing directory, got '/nonexistent'"),
+    (["--out", "/dev/null/v"], "error: --out: a path that can be written, got '/dev/null/v'"),
+])
+def test_bad_arguments_are_one_line_before_anything_runs(tmp_path, args, expected):
+    import subprocess
+    import sys
+
+    out = tmp_path / "v"
+    argv = ["--out", str(out), *args]
+    proc = subprocess.run([sys.executable, "-m", "calibration", "validate", *argv],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not out.exists()

@@ -30,7 +30,18 @@ def servegen_output():
 def test_shipped_defaults_are_what_the_fit_derives_from_the_shared_data():
     with open(DEFAULT_LENGTHS_PATH) as handle:
         shipped = yaml.safe_load(handle)
-    assert length_fit.fit() == shipped
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    # the YAML rounds to 3-4 digits; another machine's EM and least squares may round across one
+    # unit in the last digit (at most 0.8% of any shipped value): 1% relative
+    fitted, expected = flat(length_fit.fit()), flat(shipped)
+    assert fitted.keys() == expected.keys()
+    assert fitted == pytest.approx(expected, rel=0.01)
 
 
 def test_servegen_pooling_reproduces_the_published_summary(servegen_output):

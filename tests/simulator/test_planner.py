@@ -340,9 +340,39 @@ def test_cli_bad_name_exits_2_with_one_line(tmp_path):
 def test_cli_without_ray_says_how_to_install(tmp_path):
     code = ("import sys; sys.modules['ray'] = None; sys.argv[0] = 'plan'; "
             "from simulator.plan import main; sys.exit(main())")
-    proc = run_cli(f"hydra.run.dir={tmp_path}", *SMALL, code=code)
+    proc = run_cli(f"hydra.run.dir={tmp_path / 'run'}", *SMALL, code=code)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("pip install -e '.[plan]'")
+    assert not (tmp_path / "run").exists()  # nothing computed: the run folder is gone too
+
+
+def plan_in(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The planner CLI run in ``cwd`` (default run folders land there), Ray's auth mode unset."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    return subprocess.run([sys.executable, "-m", "simulator.plan", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("bad", ["plan.replicas=[0]", "workload.rate=-1", "plan.engine.block_size=[16,48]"])
+def test_cli_bad_input_leaves_no_run_folder(tmp_path, bad):
+    proc = plan_in(tmp_path, *SMALL, bad)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []  # no outputs/plan/<date>/<time> left behind
+
+
+def test_cli_on_a_local_ray_prints_no_token_warning(tmp_path):
+    """The planner starts its own local Ray with token authentication chosen, so Ray has
+    nothing to warn about; the plan runs as before."""
+    proc = plan_in(tmp_path, *SMALL, "plan.hardware=[h100]", "plan.tp=[1]", "plan.replicas=[1]",
+                   "plan.num_cpus=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Token authentication" not in proc.stderr and "RAY_AUTH_MODE" not in proc.stderr
+    assert "cheapest point meeting the SLO" in proc.stdout
+    (run,) = (tmp_path / "outputs" / "plan").glob("*/*")
+    assert json.loads((run / "plan.json").read_text())["points"]["total"] == 1
 
 
 def test_cli_attaches_to_a_ray_cluster_and_writes_the_plan(ray_local, tmp_path):
