@@ -24,7 +24,8 @@ from simulator import fast_forward
 from simulator.engine_config import EngineConfig
 from simulator.performance import KVCapacity, PerformanceModel
 from simulator.request import SimRequest, Status
-from simulator.scheduler import NativeScheduler, SchedulerOutput
+from simulator.scheduler import NativeScheduler
+from simulator.scheduler_interface import Scheduler, SchedulerOutput
 from simulator.steady import SteadyScheduler
 from simulator.workload import Workload
 
@@ -165,7 +166,7 @@ class Engine:
         factory = scheduler_factory or NativeScheduler
         if self.fast and not config.speculative.enabled:
             factory = SteadyScheduler  # same decisions, with steady decoders kept lazily
-        self.scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
+        self.scheduler: Scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
         self.rng = random.Random(seed)
         self.env = simpy.Environment()
         self.steps = StepLog()
@@ -473,8 +474,7 @@ class Engine:
         loop = env.process(self._run_async() if self.async_scheduling else self._run_sync())
         env.run(until=loop)  # the loop ends when every request has, or on request_stop
         self.interrupted = self._stop_requested
-        if isinstance(self.scheduler, NativeScheduler):  # (the vLLM reference keeps no lazy state)
-            self.scheduler.materialize()
+        self.scheduler.materialize()
         unfinished = [r for r in self.requests if r.status < Status.FINISHED]
         if unfinished and not self.interrupted:
             raise RuntimeError(f"{len(unfinished)} requests never finished: {self._state()}")

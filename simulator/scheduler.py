@@ -13,44 +13,17 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 from simulator.engine_config import EngineConfig
 from simulator.kv_cache import KVCacheManager
-from simulator.performance import StepBatch
 from simulator.request import SimRequest, Status
+from simulator.scheduler_interface import Scheduler, SchedulerOutput
+
+__all__ = ["NativeScheduler", "SchedulerOutput"]
 
 
-@dataclass(slots=True)
-class SchedulerOutput:
-    """One step's decisions, in the order vLLM makes them."""
-
-    step: int
-    num_scheduled: dict[int, int] = field(default_factory=dict)
-    spec_tokens: dict[int, int] = field(default_factory=dict)
-    #: requests whose draft slots are padding (vLLM pads a resumed one-token decode to the
-    #: uniform speculative size); padding drafts are never accepted
-    spec_padding: set[int] = field(default_factory=set)
-    sampling: set[int] = field(default_factory=set)
-    new: list[int] = field(default_factory=list)
-    resumed: list[int] = field(default_factory=list)
-    preempted: list[int] = field(default_factory=list)
-    batch: StepBatch = field(default_factory=StepBatch)
-    #: running requests decoding one token in this step without being listed in
-    #: num_scheduled (the steady decoders of simulator.steady; 0 otherwise)
-    num_steady: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_scheduled.values()) + self.num_steady
-
-    @property
-    def has_work(self) -> bool:
-        """Whether the step runs anything."""
-        return bool(self.num_scheduled) or self.num_steady > 0
-
-
-class NativeScheduler:
+class NativeScheduler(Scheduler):
     """vLLM V1's scheduling policy over SimRequest objects and a KVCacheManager."""
 
     def __init__(self, config: EngineConfig, num_blocks: int, async_scheduling: bool = True):
@@ -82,10 +55,6 @@ class NativeScheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
-
-    def materialize(self) -> None:
-        """Bring every running request's state up to date (a no-op here: SteadyScheduler keeps
-        some of it lazily)."""
 
     def ready_for_run(self) -> bool:
         """Whether the engine may plan a run of pure-decode steps now (simulator.fast_forward
@@ -356,6 +325,16 @@ class NativeScheduler:
                 done = {r.rid for r in finished}
                 self.running = [r for r in running if r.rid not in done]
         return finished
+
+    def finish_requests(self, rids: Iterable[int], now: float) -> list[SimRequest]:
+        done = [self.requests[rid] for rid in rids if self.requests[rid].status < Status.FINISHED]
+        for req in done:
+            if req.status == Status.WAITING:
+                self.waiting.remove(req)
+            self.finish(req, now)
+        if done:
+            self.running = [r for r in self.running if r.status == Status.RUNNING]
+        return done
 
     def finish(self, req: SimRequest, now: float) -> None:
         """A request's last token arrived at ``now``: it is done and its blocks are freed."""
