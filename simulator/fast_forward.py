@@ -31,6 +31,7 @@ import numpy as np
 
 from simulator.performance import StepBatch
 from simulator.request import SimRequest, Status
+from simulator.rules import deliver_tokens, fits_whole, has_seat
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
 #: steps computed ahead per attempt (the engine plans up to twice the last run)
@@ -239,7 +240,7 @@ def plan(
     if n == 0 or n > cfg.max_num_batched_tokens or cfg.speculative.enabled:
         return None
     waiting = sched.waiting
-    if waiting and not head_blocked(sched, waiting[0]):
+    if waiting and not sched.head_blocked():
         return None
     lag = in_flight_steps
     remaining = []
@@ -362,9 +363,10 @@ def _admit_arrivals(sched, members: _Members, admissions: list[Admission], arriv
             and (arrivals.private[index] or not caching)
             and prompt + sum(same_step) + members.decoding(step) <= budget  # whole, in this step's budget
             and not (threshold and prompt > threshold)
-            and members.running_after(step - 1 - lag) < cfg.max_num_seqs
-            # its blocks, after every block taken so far (none freed counted: see _fit_kv)
-            and prompt_blocks + blocks + members.new_blocks_through(step, bs) <= free
+            # the admission gate, on the free blocks left after every block taken so far (none
+            # freed counted: see _fit_kv)
+            and has_seat(members.running_after(step - 1 - lag), cfg.max_num_seqs)
+            and fits_whole(blocks, free - prompt_blocks - members.new_blocks_through(step, bs))
         )
         if not admitted:
             return clock.times(step - 1), k_max
@@ -415,18 +417,6 @@ def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.nda
         steps, owners = steps[keep], owners[keep]
     return DecodeRun(k=k, step_times=times[:k], first_steps=first[:m], computed=computed[:m],
                      last_steps=last[:m], block_steps=steps, block_owners=owners, admissions=admissions)
-
-
-def head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
-    """True if the head of the queue cannot be admitted until something finishes."""
-    if len(sched.running) >= sched.config.max_num_seqs:
-        return True
-    if head.stale_tokens:
-        return False
-    kv = sched.kv
-    hits = kv.computed_blocks(head, head.num_tokens) if head.num_computed == 0 else []
-    full = min(head.num_tokens, sched.max_model_len)
-    return kv.blocks_needed(head.rid, full, hits) > kv.num_free_blocks
 
 
 @dataclass
@@ -554,11 +544,7 @@ def _deliver_admitted(req: SimRequest, admission: Admission, last: int, k: int, 
     step = admission.step
     row = step - 1 + lag  # the row bringing its first token
     d = min(last, k - lag) - step + 1  # its tokens whose output arrives in the run
-    req.first_token_s = float(token_times[row])
-    if req.reasoning_tokens < d:
-        req.first_visible_s = float(token_times[row + req.reasoning_tokens])
-    req.num_output = d
-    req.last_token_s = float(token_times[row + d - 1])
+    deliver_tokens(req, d, token_times, start=row)
     req.num_computed = admission.prompt + min(last, k) - step
     req.placeholders = req.in_flight_tokens = lag  # the step in flight (if still running)
 
@@ -586,16 +572,8 @@ def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: 
     """Each running request gets one token at each of ``token_times`` (k of them), or, per
     request, its first ``tokens[i]`` of them after ``scheduled[i]`` steps of compute."""
     for i, r in enumerate(running):
-        d = k if tokens is None else tokens[i]
-        if r.num_output == 0:
-            r.first_token_s = float(token_times[0])
-        if r.first_visible_s < 0:
-            j = r.reasoning_tokens - r.num_output  # 0-based index of the first visible token
-            if 0 <= j < d:
-                r.first_visible_s = float(token_times[j])
-        r.num_output += d
+        deliver_tokens(r, k if tokens is None else tokens[i], token_times)
         r.num_computed += k if scheduled is None else scheduled[i]
-        r.last_token_s = float(token_times[d - 1])
 
 
 def synthesize_step(sched: NativeScheduler) -> SchedulerOutput:

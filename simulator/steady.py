@@ -30,8 +30,8 @@ from collections import deque
 from operator import attrgetter
 
 from simulator.engine_config import EngineConfig
-from simulator.fast_forward import head_blocked
 from simulator.request import SimRequest, Status
+from simulator.rules import running_tokens
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
 _order = attrgetter("order")
@@ -95,8 +95,9 @@ class SteadyScheduler(NativeScheduler):
             specials = [r for r in self._specials if r.steady_from < 0 and r.status == running_status]
         self._specials = specials  # requests leaving the steady set in this step join it
         demand = self._steady_count
+        max_model_len = self.max_model_len
         for r in specials:
-            demand += self._demand(r, threshold)
+            demand += running_tokens(r, threshold, max_model_len)
         if demand > budget:
             # the budget runs out part-way through the running requests: who is served depends
             # on everyone's position, so this step goes the ordinary way
@@ -106,11 +107,8 @@ class SteadyScheduler(NativeScheduler):
         for r in self._events.pop(s, ()):
             if r.steady_from >= 0 and min(r.steady_cross, r.steady_exit) == s:
                 todo[r.order] = r
-        kv = self.kv
-        scheduled = out.num_scheduled
         block_size = self.block_size
-        max_model_len = self.max_model_len
-        append_block, events = kv.append_block, self._events
+        append_block, events = self.kv.append_block, self._events
         for order in sorted(todo):
             req = todo[order]
             if req.status != running_status:
@@ -133,48 +131,13 @@ class SteadyScheduler(NativeScheduler):
                 self._leave(req)
             elif self._enter(req, s):
                 continue
-            # the ordinary scheduling of one running request (NativeScheduler._schedule_running)
-            computed, placeholders = req.num_computed, req.placeholders
-            if placeholders > 0 and computed + 2 - placeholders >= req.num_prompt + req.max_tokens:
-                continue
-            num_tokens = req.num_prompt + req.num_output
-            n = num_tokens + placeholders - computed
-            if 0 < threshold < n:
-                n = threshold
-            n = min(n, max_model_len - computed - 1)  # the budget covers everyone (demand above)
-            if n <= 0:
-                continue
-            slots = min(computed + n, max_model_len)
-            if not self._make_room(req, out, lambda req=req, slots=slots: kv.allocate(req.rid, slots)):
+            n = self._schedule_one(req, out, budget, threshold)  # the budget covers everyone (demand above)
+            if n < 0:
                 break
-            kv.cache_full_blocks(req, min(computed + n, num_tokens))
-            scheduled[req.rid] = n
             budget -= n
         self._specials = [r for r in self._specials if r.steady_from < 0 and r.status == running_status]
         out.num_steady = self._steady_count
         return budget - self._steady_count, False
-
-    def _demand(self, req: SimRequest, threshold: int) -> int:
-        """Tokens the ordinary scheduling would give ``req`` with an unlimited budget."""
-        computed, placeholders = req.num_computed, req.placeholders
-        if placeholders > 0 and computed + 2 - placeholders >= req.num_prompt + req.max_tokens:
-            return 0
-        n = req.num_prompt + req.num_output + req.spec_tokens + placeholders - computed
-        if 0 < threshold < n:
-            n = threshold
-        return max(min(n, self.max_model_len - computed - 1), 0)
-
-    def _make_room(self, req: SimRequest, out: SchedulerOutput, allocate) -> bool:
-        """Call ``allocate()`` (KV blocks for ``req``) until it succeeds, preempting from the
-        back of the running requests meanwhile; False if ``req`` itself was preempted."""
-        running = self.running
-        while not allocate():
-            victim = running.pop()
-            self._preempt(victim)
-            out.preempted.append(victim.rid)
-            if victim is req:
-                return False
-        return True
 
     def _after_schedule(self, out: SchedulerOutput) -> None:
         super()._after_schedule(out)
@@ -314,7 +277,7 @@ class SteadyScheduler(NativeScheduler):
                     or r.num_computed != r.num_prompt + r.num_output - 1 + lag
                     or r.max_tokens - r.num_output - lag <= min_steps):
                 return False
-        if self.waiting and not head_blocked(self, self.waiting[0]):
+        if self.waiting and not self.head_blocked():
             return False
         exits = self._exits
         while exits and (exits[0][2].steady_from < 0 or exits[0][2].steady_exit != exits[0][0]):

@@ -39,6 +39,7 @@ from typing import Any
 from simulator.engine_config import EngineConfig
 from simulator.errors import ConfigError
 from simulator.request import SimRequest, Status
+from simulator.rules import deliver_tokens
 from simulator.scheduler_interface import Scheduler, SchedulerOutput
 
 #: prompt token id of prefix group g (far above any request's own id r + 1)
@@ -438,14 +439,9 @@ class VllmScheduler(Scheduler):
             if sim.status >= Status.FINISHED:
                 continue
             vreq = vreqs[rid]
-            num_output = vreq.num_output_tokens
-            if num_output > sim.num_output:
-                if sim.num_output == 0:
-                    sim.first_token_s = now
-                if sim.first_visible_s < 0 and num_output > sim.reasoning_tokens:
-                    sim.first_visible_s = now
-                sim.num_output = num_output
-                sim.last_token_s = now
+            delivered = vreq.num_output_tokens - sim.num_output
+            if delivered > 0:
+                deliver_tokens(sim, delivered, (now,) * delivered)
             sim.num_computed = vreq.num_computed_tokens
             sim.placeholders = vreq.num_output_placeholders
             if vreq.is_finished():
