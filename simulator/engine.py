@@ -380,8 +380,7 @@ class Engine:
         starts = np.concatenate(([start_j], e[: k - 1]))
         self._fast_apply(run, sched_at=sched_at, token_times=e[:k], starts=starts,
                          first_preempted=len(out_j.preempted))
-        sched.step -= 1
-        in_flight[0] = (fast_forward.synthesize_step(sched), float(e[k - 1]), float(e[k]))
+        in_flight[0] = (sched.decode_step(), float(e[k - 1]), float(e[k]))
         return float(e[k - 1]) - now
 
     def _fast_apply(self, run, sched_at: np.ndarray, token_times: np.ndarray, starts: np.ndarray,
@@ -399,7 +398,7 @@ class Engine:
                     admitted.append(req)
             self._next_arrival = run.admissions[-1].rid + 1
         applied = fast_forward.apply_run(sched, run, sched_at, token_times, lag, admitted)
-        sched.step += run.k
+        sched.count_steps(run.k)
         self.steps.add_run(run.k, starts, token_times, applied.kv_blocks_used, applied.segments,
                            len(sched.waiting), waiting, first_preempted)
         if applied.finished:

@@ -30,9 +30,9 @@ from itertools import pairwise
 import numpy as np
 
 from simulator.performance import StepBatch
-from simulator.request import SimRequest, Status
+from simulator.request import SimRequest
 from simulator.rules import deliver_tokens, fits_whole, has_seat
-from simulator.scheduler import NativeScheduler, SchedulerOutput
+from simulator.scheduler import NativeScheduler
 
 #: steps computed ahead per attempt (the engine plans up to twice the last run)
 INITIAL_HORIZON = 256
@@ -254,7 +254,7 @@ def plan(
     # the run, and only the last request's goes through the ordinary path.
     c = np.fromiter((r.num_computed for r in running), dtype=np.int64, count=n)
     cap = min(int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
-    held = [len(sched.kv.req_blocks[r.rid]) for r in running]
+    held = [sched.kv.num_blocks_of(r.rid) for r in running]
     members = _Members(c, remaining, held)
     admissions: list[Admission] = []
     k_max = min((min(remaining) if waiting else max(remaining)) - (1 - lag), cap)
@@ -450,12 +450,7 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
     taken_at = np.bincount(steps - 1, minlength=k)  # blocks taken by each row's time, less those freed
     if admitted:
         for a, req in zip(run.admissions, admitted, strict=True):
-            sched.requests[req.rid] = req
-            kv.req_blocks[req.rid] = []
-            kv.record_prefix_lookup(a.prompt, 0)
-            req.status = Status.RUNNING
-            req.first_scheduled_s = float(sched_at[a.step - 1])
-            req.num_cached_tokens = 0
+            sched.admit_whole(req, float(sched_at[a.step - 1]))
     finishing = np.flatnonzero(last + lag <= k)
     finished: list[SimRequest] = []
     if not len(finishing) and not admitted:
@@ -487,9 +482,7 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
             req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
         done = set(finishing.tolist())
         going_on = [i for i in range(len(members)) if i not in done]
-        sched.running = [members[i] for i in going_on]
-        for req in admitted:
-            sched._on_admit(req)
+        sched.replace_running([members[i] for i in going_on], admitted)
         kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
     kv.clock = float(sched_at[-1])
     used = np.cumsum(taken_at)
@@ -574,14 +567,3 @@ def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: 
     for i, r in enumerate(running):
         deliver_tokens(r, k if tokens is None else tokens[i], token_times)
         r.num_computed += k if scheduled is None else scheduled[i]
-
-
-def synthesize_step(sched: NativeScheduler) -> SchedulerOutput:
-    """The SchedulerOutput of a pure-decode step over the current running requests."""
-    sched.step += 1
-    out = SchedulerOutput(step=sched.step)
-    for r in sched.running:
-        out.num_scheduled[r.rid] = 1
-        out.sampling.add(r.rid)
-        out.batch.decode_context.append(r.num_computed)
-    return out

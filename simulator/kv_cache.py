@@ -402,6 +402,11 @@ class KVCacheManager:
         if not copies:
             del self._shared[name]
 
+    def open_table(self, rid: int) -> None:
+        """Start ``rid``'s block table, empty (a run of steps admits it; its blocks come
+        through ``add_taken_blocks``)."""
+        self.req_blocks[rid] = []
+
     def add_taken_blocks(self, rid: int, blocks: list[int], acquired_s: float) -> None:
         """Give ``rid`` blocks already taken by ``take_free_blocks``; ``acquired_s`` sums their
         acquisition clocks (the fast path hands out a run's blocks in bulk)."""

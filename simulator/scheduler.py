@@ -219,6 +219,37 @@ class NativeScheduler(Scheduler):
         if skipped:
             waiting.extendleft(reversed(skipped))
 
+    # --- runs of steps (simulator.fast_forward) ------------------------------------
+    def admit_whole(self, req: SimRequest, scheduled_s: float) -> None:
+        """Admit an arrival as a run of steps does: its whole prompt in one step, no prefix hit
+        looked up, its blocks handed out with the run's (``replace_running`` then lists it)."""
+        self.requests[req.rid] = req
+        self.kv.open_table(req.rid)
+        self.kv.record_prefix_lookup(req.num_prompt, 0)
+        req.status = Status.RUNNING
+        req.first_scheduled_s = scheduled_s
+        req.num_cached_tokens = 0
+
+    def replace_running(self, running: list[SimRequest], admitted: Iterable[SimRequest] = ()) -> None:
+        """The running requests after a run of steps, with the ``admitted`` ones among them."""
+        self.running = running
+        for req in admitted:
+            self._on_admit(req)
+
+    def count_steps(self, k: int) -> None:
+        """``k`` steps were scheduled by a run of steps."""
+        self.step += k
+
+    def decode_step(self) -> SchedulerOutput:
+        """The latest step, as one pure-decode step over the running requests (the step a run
+        of steps leaves in flight)."""
+        out = SchedulerOutput(step=self.step)
+        for r in self.running:
+            out.num_scheduled[r.rid] = 1
+            out.sampling.add(r.rid)
+            out.batch.decode_context.append(r.num_computed)
+        return out
+
     def _on_admit(self, req: SimRequest) -> None:
         """Hook: ``req`` was just appended to the running requests."""
 

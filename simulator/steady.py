@@ -187,7 +187,7 @@ class SteadyScheduler(NativeScheduler):
         if j_exit < 1:
             return False
         kv = self.kv
-        j_cross = len(kv.req_blocks[req.rid]) * self.block_size - computed
+        j_cross = kv.num_blocks_of(req.rid) * self.block_size - computed
         if j_cross < 1:
             return False
         if kv.enable_caching:
