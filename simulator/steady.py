@@ -27,20 +27,28 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import deque
-from operator import attrgetter
+from dataclasses import dataclass
 
 from simulator.engine_config import EngineConfig
 from simulator.request import SimRequest, Status
 from simulator.rules import running_tokens
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
-_order = attrgetter("order")
-
 #: requests become steady only with this many running and after this many ordinary steps in a
 #: row: entering and leaving costs a few ordinary steps' work, lost when a run of identical
 #: steps (simulator.fast_forward, cheaper still) follows at once
 STEADY_MIN_RUNNING = 16
 STEADY_AFTER_STEPS = 4
+
+
+@dataclass(slots=True)
+class _Steady:
+    """A steady request's stretch: the step it began, its next KV block step, its last step + 1."""
+
+    req: SimRequest
+    start: int
+    cross: int
+    exit: int
 
 
 class SteadyScheduler(NativeScheduler):
@@ -52,9 +60,11 @@ class SteadyScheduler(NativeScheduler):
         super().__init__(config, num_blocks, async_scheduling=async_scheduling)
         self._lag = 1 if async_scheduling else 0  # steps in flight when a step is scheduled
         self._specials: list[SimRequest] = []  # running, not steady, in running order
+        self._order: dict[int, int] = {}  # request id -> admission order among running requests
         self._next_order = 0
-        self._events: dict[int, list[SimRequest]] = {}  # step -> steady requests with an event
-        self._exits: list[tuple[int, int, SimRequest]] = []  # heap: (last step + 1, seq, request)
+        self._steady: dict[int, _Steady] = {}  # request id -> its stretch, while it is steady
+        self._events: dict[int, list[_Steady]] = {}  # step -> steady stretches with an event
+        self._exits: list[tuple[int, int, _Steady]] = []  # heap: (last step + 1, seq, stretch)
         self._exit_seq = 0
         self._steady_count = 0
         self._steady_base = 0  # sum over steady requests of (computed at entry - entry step + 1)
@@ -79,7 +89,7 @@ class SteadyScheduler(NativeScheduler):
             self._last_scheduled = self.step
 
     def _on_admit(self, req: SimRequest) -> None:
-        req.order = self._next_order
+        self._order[req.rid] = self._next_order
         self._next_order += 1
         if self._steady_count:  # else the running requests are all ordinary
             self._specials.append(req)
@@ -87,12 +97,13 @@ class SteadyScheduler(NativeScheduler):
     def _schedule_running(self, out: SchedulerOutput, budget: int, threshold: int) -> tuple[int, bool]:
         s = self.step
         running_status = Status.RUNNING
+        steady = self._steady
         if not self._steady_count:
             if len(self.running) < STEADY_MIN_RUNNING or self._ordinary_steps < STEADY_AFTER_STEPS:
                 return super()._schedule_running(out, budget, threshold)
             specials = list(self.running)
         else:
-            specials = [r for r in self._specials if r.steady_from < 0 and r.status == running_status]
+            specials = [r for r in self._specials if r.rid not in steady and r.status == running_status]
         self._specials = specials  # requests leaving the steady set in this step join it
         demand = self._steady_count
         max_model_len = self.max_model_len
@@ -103,30 +114,32 @@ class SteadyScheduler(NativeScheduler):
             # on everyone's position, so this step goes the ordinary way
             self.materialize()
             return super()._schedule_running(out, budget, threshold)
-        todo = {r.order: r for r in specials}
-        for r in self._events.pop(s, ()):
-            if r.steady_from >= 0 and min(r.steady_cross, r.steady_exit) == s:
-                todo[r.order] = r
+        order = self._order
+        todo = {order[r.rid]: r for r in specials}
+        for st in self._events.pop(s, ()):
+            if steady.get(st.req.rid) is st and min(st.cross, st.exit) == s:
+                todo[order[st.req.rid]] = st.req
         block_size = self.block_size
         append_block, events = self.kv.append_block, self._events
         for order in sorted(todo):
             req = todo[order]
             if req.status != running_status:
                 continue  # preempted earlier in this step
-            if req.steady_from >= 0:
-                exit_step = req.steady_exit
+            st = steady.get(req.rid)
+            if st is not None:
+                exit_step = st.exit
                 if exit_step != s:  # a block boundary: one more block, in running order
                     if not append_block(req.rid) and not self._make_room(
                             req, out, lambda req=req: append_block(req.rid)):
                         break
                     # the next event (as _add_event; spelled out: the hottest loop under load)
-                    cross = req.steady_cross = req.steady_cross + block_size
+                    cross = st.cross = st.cross + block_size
                     step = cross if cross < exit_step else exit_step
                     bucket = events.get(step)
                     if bucket is None:
-                        events[step] = [req]
+                        events[step] = [st]
                     else:
-                        bucket.append(req)
+                        bucket.append(st)
                     continue
                 self._leave(req)
             elif self._enter(req, s):
@@ -135,7 +148,7 @@ class SteadyScheduler(NativeScheduler):
             if n < 0:
                 break
             budget -= n
-        self._specials = [r for r in self._specials if r.steady_from < 0 and r.status == running_status]
+        self._specials = [r for r in self._specials if r.rid not in steady and r.status == running_status]
         out.num_steady = self._steady_count
         return budget - self._steady_count, False
 
@@ -163,9 +176,13 @@ class SteadyScheduler(NativeScheduler):
         return finished
 
     def _preempt(self, req: SimRequest) -> None:
-        if req.steady_from >= 0:
+        if req.rid in self._steady:
             self._leave(req)
         super()._preempt(req)
+
+    def finish(self, req: SimRequest, now: float) -> None:
+        self._order.pop(req.rid, None)
+        super().finish(req, now)
 
     # --- entering and leaving the steady set -------------------------------------------
     def _enter(self, req: SimRequest, s: int) -> bool:
@@ -194,35 +211,33 @@ class SteadyScheduler(NativeScheduler):
             kv.cache_full_blocks(req, num_tokens)  # what the ordinary scheduling does in step s
             if kv.num_cached_blocks_of(req.rid) < req.num_shared_blocks:
                 return False
-        req.steady_from = s
-        req.steady_cross = s + j_cross
-        req.steady_exit = s + j_exit
-        self._add_event(req)
+        st = self._steady[req.rid] = _Steady(req, s, s + j_cross, s + j_exit)
+        self._add_event(st)
         self._exit_seq += 1
-        heapq.heappush(self._exits, (req.steady_exit, self._exit_seq, req))
+        heapq.heappush(self._exits, (st.exit, self._exit_seq, st))
         self._steady_count += 1
         self._steady_base += computed - s + 1
         return True
 
-    def _add_event(self, req: SimRequest) -> None:
-        step = req.steady_cross if req.steady_cross < req.steady_exit else req.steady_exit
+    def _add_event(self, st: _Steady) -> None:
+        step = st.cross if st.cross < st.exit else st.exit
         bucket = self._events.get(step)
         if bucket is None:
-            self._events[step] = [req]
+            self._events[step] = [st]
         else:
-            bucket.append(req)
+            bucket.append(st)
 
     def _leave(self, req: SimRequest) -> None:
         """Give a steady request its current values and make it ordinary again."""
         self._settle(req)
-        bisect.insort(self._specials, req, key=_order)
+        order = self._order
+        bisect.insort(self._specials, req, key=lambda r: order[r.rid])
 
     def _settle(self, req: SimRequest) -> None:
-        e = req.steady_from
+        e = self._steady.pop(req.rid).start
         computed = req.num_computed
         self._steady_count -= 1
         self._steady_base -= computed - e + 1
-        req.steady_from = -1
         scheduled_through = self.step - 1 if self._in_schedule else self.step
         k_scheduled = scheduled_through - e + 1
         k_applied = max(self._applied_step - e + 1, 0)
@@ -253,7 +268,7 @@ class SteadyScheduler(NativeScheduler):
         if not self._steady_count:
             return
         for r in self.running:
-            if r.steady_from >= 0:
+            if r.rid in self._steady:
                 self._settle(r)
         self._specials = list(self.running)
         self._events.clear()
@@ -271,7 +286,7 @@ class SteadyScheduler(NativeScheduler):
         lag = self._lag
         min_steps = max(2, self._steady_count // 24)
         for r in self._specials:
-            if r.status != Status.RUNNING or r.steady_from >= 0:
+            if r.status != Status.RUNNING or r.rid in self._steady:
                 continue
             if (r.placeholders != lag or r.stale_tokens or r.spec_tokens
                     or r.num_computed != r.num_prompt + r.num_output - 1 + lag
@@ -280,7 +295,8 @@ class SteadyScheduler(NativeScheduler):
         if self.waiting and not self.head_blocked():
             return False
         exits = self._exits
-        while exits and (exits[0][2].steady_from < 0 or exits[0][2].steady_exit != exits[0][0]):
+        steady = self._steady
+        while exits and (steady.get(exits[0][2].req.rid) is not exits[0][2] or exits[0][2].exit != exits[0][0]):
             heapq.heappop(exits)
         if exits and exits[0][0] - self.step <= min_steps + 1:
             return False
