@@ -285,6 +285,15 @@ class KVCacheManager:
                 self._shared_name[block] = name
                 owner[block] = SHARED
 
+    def cache_private_blocks(self, rid: int, num_tokens: int) -> None:
+        """``cache_full_blocks`` for a request without shared prefix blocks, by its id (an
+        arrival a run of steps admits, before it comes)."""
+        if not self.enable_caching:
+            return
+        full = min(num_tokens // self.block_size, len(self.req_blocks[rid]))
+        if full > self._num_cached_blocks.get(rid, 0):
+            self._num_cached_blocks[rid] = full
+
     def cache_many(self, reqs: list[SimRequest], num_tokens: list[int]) -> None:
         """``cache_full_blocks`` for many requests (the fast path, after a decode run)."""
         if not self.enable_caching:

@@ -57,11 +57,6 @@ class NativeScheduler(Scheduler):
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def ready_for_run(self) -> bool:
-        """Whether the engine may plan a run of pure-decode steps now (simulator.fast_forward
-        reads every running request's state; SteadyScheduler first brings it up to date)."""
-        return True
-
     # --- scheduling -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Decide the next step's batch (vLLM's Scheduler.schedule)."""
@@ -222,19 +217,20 @@ class NativeScheduler(Scheduler):
     # --- runs of steps (simulator.fast_forward) ------------------------------------
     def admit_whole(self, req: SimRequest, scheduled_s: float) -> None:
         """Admit an arrival as a run of steps does: its whole prompt in one step, no prefix hit
-        looked up, its blocks handed out with the run's (``replace_running`` then lists it)."""
+        (the run looked none up and gave it its blocks)."""
         self.requests[req.rid] = req
-        self.kv.open_table(req.rid)
-        self.kv.record_prefix_lookup(req.num_prompt, 0)
         req.status = Status.RUNNING
         req.first_scheduled_s = scheduled_s
         req.num_cached_tokens = 0
 
-    def replace_running(self, running: list[SimRequest], admitted: Iterable[SimRequest] = ()) -> None:
-        """The running requests after a run of steps, with the ``admitted`` ones among them."""
+    def replace_running(self, running: list[SimRequest]) -> None:
+        """The running requests after a run of steps (some finished)."""
         self.running = running
-        for req in admitted:
-            self._on_admit(req)
+
+    def join_running(self, req: SimRequest) -> None:
+        """``req``, admitted by a run of steps, runs after the others."""
+        self.running.append(req)
+        self._on_admit(req)
 
     def count_steps(self, k: int) -> None:
         """``k`` steps were scheduled by a run of steps."""

@@ -13,11 +13,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from simulator.engine_config import EngineConfig
 from simulator.performance import StepBatch
 from simulator.request import SimRequest
+
+if TYPE_CHECKING:
+    from simulator.fast_forward import Advance, InFlight
 
 
 @dataclass(slots=True)
@@ -129,9 +132,12 @@ class Scheduler(ABC):
         return SchedulerStats(self.num_running, self.num_waiting, kv.usage, kv.num_used_blocks,
                               kv.prefix_queries, kv.prefix_hits)
 
-    def advance(self, until: float) -> object | None:
-        """Cover many steps at once, none scheduled after ``until``, or None (the default): the
-        engine then takes one step with ``schedule()``."""
+    def advance(self, now: float, pace: float = 0.0, next_arrival: int = 0,
+                in_flight: InFlight | None = None) -> Advance | None:
+        """Cover many steps at once from ``now`` and return what they did (a
+        simulator.fast_forward.Advance), or None (the default): the engine then takes one step
+        with ``schedule()``. ``pace``: the latest step's time; ``next_arrival``: the first
+        arrival not queued yet; ``in_flight``: the step in flight (async scheduling)."""
         return None
 
     def materialize(self) -> None:

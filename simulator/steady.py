@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from simulator.engine_config import EngineConfig
+from simulator.fast_forward import Advance, InFlight, Runs
 from simulator.request import SimRequest, Status
 from simulator.rules import running_tokens
 from simulator.scheduler import NativeScheduler, SchedulerOutput
@@ -76,6 +77,22 @@ class SteadyScheduler(NativeScheduler):
         self.steady_request_steps = 0
         self._ordinary_steps = 0
         self._last_scheduled = -1
+        self._runs: Runs | None = None
+
+    # --- runs of steps (simulator.fast_forward) ------------------------------------
+    def use_runs(self, runs: Runs) -> None:
+        """Advance by runs of steps where it can (``advance``)."""
+        self._runs = runs
+
+    def add_request(self, request: SimRequest) -> None:
+        if self._runs is None or not self._runs.join(request):  # (else a run admitted it)
+            super().add_request(request)
+
+    def advance(self, now: float, pace: float = 0.0, next_arrival: int = 0,
+                in_flight: InFlight | None = None) -> Advance | None:
+        if self._runs is None or not self.ready_for_run():
+            return None
+        return self._runs.advance(now, pace, next_arrival, in_flight)
 
     # --- the step ---------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
