@@ -466,7 +466,7 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
     running = sched.running
     n, k, lag = len(running), run.k, in_flight_steps
     admissions = run.admissions
-    rids = [r.rid for r in running] + [a.rid for a in admissions]
+    admitted = [a.rid for a in admissions]
     first, computed, last = run.first_steps, run.computed, run.last_steps
     steps, owners = run.block_steps, run.block_owners
     used_before = kv.num_used_blocks
@@ -479,7 +479,7 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
     finishing = np.flatnonzero(last + lag <= k)
     finished: list[int] = []
     if not len(finishing) and not admissions:
-        _hand_out(kv, rids, steps, owners, sched_at)
+        _hand_out(kv, running, admitted, steps, owners, sched_at)
         deliver(running, k, token_times)
         kv.cache_many(running, (computed + k - lag).tolist())
     else:
@@ -489,7 +489,7 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
             row = int(last[i]) + lag - 1  # the row bringing its last token
             cut = int(np.searchsorted(steps, row + 1, side="right"))  # steps scheduled before it
             if cut > taken:
-                _hand_out(kv, rids, steps[taken:cut], owners[taken:cut], sched_at)
+                _hand_out(kv, running, admitted, steps[taken:cut], owners[taken:cut], sched_at)
                 taken = cut
             now = kv.clock = float(token_times[row])
             before = kv.num_used_blocks
@@ -499,22 +499,24 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
                 kv.cache_full_blocks(req, tokens)
                 sched.finish(req, now)
                 req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
+                finished.append(req.rid)
             else:
-                kv.cache_private_blocks(rids[i], tokens)
-                kv.free(rids[i], finished=True)
-                joining[rids[i]].finish_s = now
+                rid = admitted[i - n]
+                kv.cache_private_blocks(rid, tokens)
+                kv.free(rid, finished=True)
+                joining[rid].finish_s = now
+                finished.append(rid)
             taken_at[row] -= before - kv.num_used_blocks
-            finished.append(rids[i])
-        _hand_out(kv, rids, steps[taken:], owners[taken:], sched_at)
+        _hand_out(kv, running, admitted, steps[taken:], owners[taken:], sched_at)
         counts = np.minimum(last[:n] + lag, k)
         deliver(running, k, token_times, counts.tolist(), np.minimum(last[:n], k).tolist())
         done = set(finishing.tolist())
         going_on = [i for i in range(n) if i not in done]
         sched.replace_running([running[i] for i in going_on])
         kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
-        for i in range(n, len(rids)):
+        for i, rid in enumerate(admitted, n):
             if i not in done:
-                kv.cache_private_blocks(rids[i], int(computed[i] + (k + 1 - lag) - first[i]))
+                kv.cache_private_blocks(rid, int(computed[i] + (k + 1 - lag) - first[i]))
     kv.clock = float(sched_at[-1])
     used = np.cumsum(taken_at)
     used += used_before
@@ -585,21 +587,22 @@ def _deliver_admitted(req: SimRequest, admission: Admission, last: int, k: int, 
     req.placeholders = req.in_flight_tokens = lag  # the step in flight (if still running)
 
 
-def _hand_out(kv, rids: list[int], steps: np.ndarray, owners: np.ndarray, sched_at: np.ndarray) -> None:
-    """Take ``len(steps)`` blocks from the free queue and give each to its owner (an index into
-    the members' ids ``rids``); each counts toward block-seconds from the time its step is
-    scheduled."""
+def _hand_out(kv, running: list[SimRequest], admitted: list[int], steps: np.ndarray, owners: np.ndarray,
+              sched_at: np.ndarray) -> None:
+    """Take ``len(steps)`` blocks from the free queue and give each to its owner (a member's
+    index: the running requests, then the ids of the ``admitted`` arrivals); each counts
+    toward block-seconds from the time its step is scheduled."""
     if not len(steps):
         return
     blocks = kv.take_free_blocks(len(steps))
-    n = len(rids)
-    counts = np.bincount(owners, minlength=n)
+    n = len(running)
+    counts = np.bincount(owners, minlength=n + len(admitted))
     present = np.flatnonzero(counts)  # the members that get blocks
     acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n)[present].tolist()
     by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
     start = 0
     for idx, end, acquired in zip(present.tolist(), np.cumsum(counts[present]).tolist(), acquired_s, strict=True):
-        kv.add_taken_blocks(rids[idx], by_request[start:end], acquired)
+        kv.add_taken_blocks(running[idx].rid if idx < n else admitted[idx - n], by_request[start:end], acquired)
         start = end
 
 

@@ -308,6 +308,7 @@ class NativeScheduler(Scheduler):
         cache_full_blocks = self.kv.cache_full_blocks
         max_model_len = self.max_model_len
         finished_status, running_status = Status.FINISHED, Status.RUNNING
+        at_now = (now,) * (1 + self.config.speculative.num_speculative_tokens)  # token i's time
         for rid, n in out.num_scheduled.items():
             req = requests[rid]
             req.in_flight_tokens -= n
@@ -339,7 +340,7 @@ class NativeScheduler(Scheduler):
                 room = max_model_len - num_tokens
             delivered = generated if generated < room else room
             if delivered > 0:
-                deliver_tokens(req, delivered, (now,) * delivered)
+                deliver_tokens(req, delivered, at_now)
                 stopped = num_output + delivered >= req.max_tokens or num_tokens + delivered >= max_model_len
             else:
                 delivered, stopped = 0, True
