@@ -205,7 +205,7 @@ class Engine:
         env = self.env
         for rid in range(len(arrival)):
             if rid < self._next_arrival:
-                continue  # a run admitted it: it comes through _join
+                continue  # a run admitted it: it comes through _arrive
             if arrival[rid] > env.now:
                 yield env.timeout(arrival[rid] - env.now)
                 if rid < self._next_arrival:
@@ -254,8 +254,9 @@ class Engine:
             if self.fast:
                 adv = sched.advance(env.now, self._pace, self._next_arrival)
                 if adv is not None:
-                    self._after_run(adv)
+                    admitted = self._after_run(adv)
                     yield env.timeout(adv.wait_s)
+                    self._arrive(admitted)
                     continue
             self._before_schedule()
             out = sched.schedule()
@@ -279,10 +280,10 @@ class Engine:
             if self.fast and len(in_flight) == 1 and sched.has_requests():
                 adv = sched.advance(env.now, self._pace, self._next_arrival, fast_forward.InFlight(*in_flight[0]))
                 if adv is not None:
-                    self._after_run(adv)
+                    admitted = self._after_run(adv)
                     yield env.timeout(adv.wait_s)
-                    # the step left in flight decodes every running request, the run's arrivals
-                    # (come meanwhile) among them
+                    self._arrive(admitted)
+                    # the step left in flight decodes every running request, the run's arrivals among them
                     in_flight[0] = (sched.decode_step(), *adv.in_flight_s)
                     continue
             only_preempted = False
@@ -314,25 +315,23 @@ class Engine:
         self._pace = self.perf.step_time(out.batch)
         return self._pace
 
-    def _after_run(self, adv: fast_forward.Advance) -> None:
-        """Log a run's steps; the arrivals it admits come at their own time (``_join``)."""
+    def _after_run(self, adv: fast_forward.Advance) -> range:
+        """Log a run's steps; return the arrivals it admitted (and those rejected among them),
+        which come during the run: they are made when it is over (``_arrive``)."""
         applied = adv.applied
         self.steps.add_run(adv.k, adv.starts, adv.token_times, applied.kv_blocks_used, applied.segments,
                            self.scheduler.num_waiting, adv.waiting_changes, adv.first_preempted)
         self._pace = adv.last_step_s
-        if adv.next_arrival > self._next_arrival:
-            self.env.process(self._join(range(self._next_arrival, adv.next_arrival)))
-            self._next_arrival = adv.next_arrival
+        admitted = range(self._next_arrival, max(adv.next_arrival, self._next_arrival))
+        self._next_arrival = admitted.stop  # (the arrival process skips them)
         if applied.finished:
             self._count_finished(len(applied.finished))
+        return admitted
 
-    def _join(self, rids: range):
-        """The arrivals a run admitted (and those rejected among them), each at its time."""
-        arrival = self._arrival_s
-        env = self.env
+    def _arrive(self, rids: range) -> None:
+        """Arrivals that came during a run, made at its end (never ahead of SimPy's clock); the
+        scheduler gives those the run admitted what it did to them."""
         for rid in rids:
-            if arrival[rid] > env.now:
-                yield env.timeout(arrival[rid] - env.now)
             req = self._new_request(rid)
             if req.status != Status.REJECTED:
                 self.scheduler.add_request(req)

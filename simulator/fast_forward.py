@@ -25,8 +25,8 @@ checks it); the event that ends a run is left to the ordinary path.
 run from the scheduler's state, applies it at once and hands the engine what to
 log. The clock stays SimPy's: the arrivals a run admits are not made ahead of
 time; the run hands out their KV blocks by request id and keeps the rest of what
-it did to them (``Joining``) until each comes, at its arrival time, through the
-scheduler's ``add_request``.
+it did to them (``Joining``) until they come, through the scheduler's
+``add_request``, when the engine's clock reaches the end of the run.
 """
 
 from __future__ import annotations
@@ -645,8 +645,8 @@ class Advance:
 class Runs:
     """The fast path of one scheduler: runs of steps planned from its state and applied at once.
 
-    ``advance`` plans a run and applies it; the arrivals the run admits come later, at their
-    own time, through ``join``.
+    ``advance`` plans a run and applies it; the arrivals the run admits come later (when the
+    engine's clock reaches the run's end), through ``join``.
     """
 
     def __init__(self, sched: NativeScheduler, decode_times, step_time, arrivals: Arrivals,
