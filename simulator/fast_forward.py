@@ -261,7 +261,7 @@ def plan(
     # the run, and only the last request's goes through the ordinary path.
     c = np.fromiter((r.num_computed for r in running), dtype=np.int64, count=n)
     cap = min(int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
-    held = [sched.kv.num_blocks_of(r.rid) for r in running]
+    held = sched.kv.num_blocks_held(running)
     members = _Members(c, remaining, held)
     admissions: list[Admission] = []
     k_max = min((min(remaining) if waiting else max(remaining)) - (1 - lag), cap)

@@ -212,6 +212,11 @@ class KVCacheManager:
     def num_blocks_of(self, rid: int) -> int:
         return len(self.req_blocks.get(rid, ()))
 
+    def num_blocks_held(self, reqs: list[SimRequest]) -> list[int]:
+        """``num_blocks_of`` each of ``reqs``, which hold blocks (the fast path, for many)."""
+        blocks = self.req_blocks
+        return [len(blocks[r.rid]) for r in reqs]
+
     def num_cached_blocks_of(self, rid: int) -> int:
         """How many of the request's blocks are registered in the prefix cache."""
         return self._num_cached_blocks.get(rid, 0)
