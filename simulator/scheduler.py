@@ -94,11 +94,12 @@ class NativeScheduler(Scheduler):
                     prefill_scheduled = True
         return budget, prefill_scheduled
 
-    def _schedule_one(self, req: SimRequest, out: SchedulerOutput, budget: int, threshold: int) -> int:
+    def _schedule_one(self, req: SimRequest, out: SchedulerOutput, budget: int, threshold: int, n: int = -1) -> int:
         """Schedule one running request within ``budget``: the tokens scheduled (0: none), or
-        -1 if it was itself preempted to make room. Runs once per request per step, the
-        simulator's hottest code."""
-        n = running_tokens(req, threshold, self.max_model_len)
+        -1 if it was itself preempted to make room (``n``: its ``running_tokens`` if known).
+        Runs once per request per step, the simulator's hottest code."""
+        if n < 0:
+            n = running_tokens(req, threshold, self.max_model_len)
         if n > budget:
             n = budget
         if n <= 0:

@@ -50,6 +50,7 @@ class _Steady:
     start: int
     cross: int
     exit: int
+    live: bool = True  # False once the request has left the steady set
 
 
 class SteadyScheduler(NativeScheduler):
@@ -122,27 +123,25 @@ class SteadyScheduler(NativeScheduler):
         else:
             specials = [r for r in self._specials if r.rid not in steady and r.status == running_status]
         self._specials = specials  # requests leaving the steady set in this step join it
-        demand = self._steady_count
         max_model_len = self.max_model_len
-        for r in specials:
-            demand += running_tokens(r, threshold, max_model_len)
-        if demand > budget:
+        demands = [running_tokens(r, threshold, max_model_len) for r in specials]
+        if self._steady_count + sum(demands) > budget:
             # the budget runs out part-way through the running requests: who is served depends
             # on everyone's position, so this step goes the ordinary way
             self.materialize()
             return super()._schedule_running(out, budget, threshold)
         order = self._order
-        todo = {order[r.rid]: r for r in specials}
+        # order -> (request, its steady stretch or None, its tokens if known, else -1)
+        todo = {order[r.rid]: (r, None, n) for r, n in zip(specials, demands, strict=True)}
         for st in self._events.pop(s, ()):
-            if steady.get(st.req.rid) is st and min(st.cross, st.exit) == s:
-                todo[order[st.req.rid]] = st.req
+            if st.live and min(st.cross, st.exit) == s:
+                todo[order[st.req.rid]] = (st.req, st, -1)
         block_size = self.block_size
         append_block, events = self.kv.append_block, self._events
         for order in sorted(todo):
-            req = todo[order]
+            req, st, n = todo[order]
             if req.status != running_status:
-                continue  # preempted earlier in this step
-            st = steady.get(req.rid)
+                continue  # preempted earlier in this step (a steady one left the set then)
             if st is not None:
                 exit_step = st.exit
                 if exit_step != s:  # a block boundary: one more block, in running order
@@ -161,7 +160,7 @@ class SteadyScheduler(NativeScheduler):
                 self._leave(req)
             elif self._enter(req, s):
                 continue
-            n = self._schedule_one(req, out, budget, threshold)  # the budget covers everyone (demand above)
+            n = self._schedule_one(req, out, budget, threshold, n)  # the budget covers everyone (demands above)
             if n < 0:
                 break
             budget -= n
@@ -251,7 +250,9 @@ class SteadyScheduler(NativeScheduler):
         bisect.insort(self._specials, req, key=lambda r: order[r.rid])
 
     def _settle(self, req: SimRequest) -> None:
-        e = self._steady.pop(req.rid).start
+        st = self._steady.pop(req.rid)
+        st.live = False
+        e = st.start
         computed = req.num_computed
         self._steady_count -= 1
         self._steady_base -= computed - e + 1
@@ -312,8 +313,7 @@ class SteadyScheduler(NativeScheduler):
         if self.waiting and not self.head_blocked():
             return False
         exits = self._exits
-        steady = self._steady
-        while exits and (steady.get(exits[0][2].req.rid) is not exits[0][2] or exits[0][2].exit != exits[0][0]):
+        while exits and (not exits[0][2].live or exits[0][2].exit != exits[0][0]):
             heapq.heappop(exits)
         if exits and exits[0][0] - self.step <= min_steps + 1:
             return False
