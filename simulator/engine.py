@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 import simpy
@@ -24,7 +25,8 @@ from simulator import fast_forward
 from simulator.engine_config import EngineConfig
 from simulator.performance import KVCapacity, PerformanceModel
 from simulator.request import SimRequest, Status
-from simulator.scheduler import NativeScheduler, SchedulerOutput
+from simulator.scheduler import NativeScheduler
+from simulator.scheduler_interface import Scheduler, SchedulerOutput
 from simulator.steady import SteadyScheduler
 from simulator.workload import Workload
 
@@ -165,29 +167,33 @@ class Engine:
         factory = scheduler_factory or NativeScheduler
         if self.fast and not config.speculative.enabled:
             factory = SteadyScheduler  # same decisions, with steady decoders kept lazily
-        self.scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
+        self.scheduler: Scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
         self.rng = random.Random(seed)
         self.env = simpy.Environment()
         self.steps = StepLog()
         self.requests: list[SimRequest] = []
         self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
         self.on_progress = on_progress
-        self._horizon = fast_forward.INITIAL_HORIZON
         self._pace = 0.0  # the latest step's duration
-        self._next_arrival = 0
-        # the arrivals as the fast path reads them (too_long: rejected at arrival)
-        w = workload
-        too_long = w.prompt_tokens + w.output_tokens > min(
-            config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
-        self._arrival_s = w.arrival_s.tolist()
-        shared = np.where(w.prefix_group >= 0, w.prefix_tokens, 0) // config.block_size
-        self._arrival_info = fast_forward.Arrivals(time_s=w.arrival_s, queued=~too_long, prompt=w.prompt_tokens,
-                                                   max_tokens=w.output_tokens, private=shared == 0)
+        self._next_arrival = 0  # the first arrival neither queued nor admitted by a run
+        self._arrival_s = workload.arrival_s.tolist()
+        if isinstance(self.scheduler, SteadyScheduler):
+            self.scheduler.use_runs(fast_forward.Runs(self.scheduler, self._decode_fn, perf.step_time,
+                                                      self._arrivals_columns(), async_scheduling))
         self._wake: simpy.Event | None = None
         self._arrivals_done = False
         self._finished = 0
         self._stop_requested = False
         self.interrupted = False
+
+    def _arrivals_columns(self) -> fast_forward.Arrivals:
+        """The arrivals as the fast path reads them (too_long: rejected at arrival)."""
+        w, config, kv = self.workload, self.config, self.kv_capacity
+        too_long = w.prompt_tokens + w.output_tokens > min(
+            config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
+        shared = np.where(w.prefix_group >= 0, w.prefix_tokens, 0) // config.block_size
+        return fast_forward.Arrivals(time_s=w.arrival_s, queued=~too_long, prompt=w.prompt_tokens,
+                                     max_tokens=w.output_tokens, private=shared == 0)
 
     def request_stop(self) -> None:
         """Stop at the next step boundary (e.g. on Ctrl-C); ``run`` then returns what was simulated."""
@@ -199,11 +205,11 @@ class Engine:
         env = self.env
         for rid in range(len(arrival)):
             if rid < self._next_arrival:
-                continue  # a decode run admitted it
+                continue  # a run admitted it: it comes through _arrive
             if arrival[rid] > env.now:
                 yield env.timeout(arrival[rid] - env.now)
                 if rid < self._next_arrival:
-                    continue  # admitted by a decode run planned meanwhile
+                    continue  # admitted by a run planned meanwhile
             self._next_arrival = rid + 1
             req = self._new_request(rid)
             if req.status == Status.REJECTED:
@@ -246,9 +252,11 @@ class Engine:
                 yield self._wake
                 continue
             if self.fast:
-                delay = self._fast_sync()
-                if delay is not None:
-                    yield env.timeout(delay)
+                adv = sched.advance(env.now, self._pace, self._next_arrival)
+                if adv is not None:
+                    admitted = self._after_run(adv)
+                    yield env.timeout(adv.wait_s)
+                    self._arrive(admitted)
                     continue
             self._before_schedule()
             out = sched.schedule()
@@ -270,9 +278,13 @@ class Engine:
         in_flight: deque[tuple[SchedulerOutput, float, float]] = deque()
         while not self._stop_requested:
             if self.fast and len(in_flight) == 1 and sched.has_requests():
-                delay = self._fast_async(in_flight)
-                if delay is not None:
-                    yield env.timeout(delay)
+                adv = sched.advance(env.now, self._pace, self._next_arrival, fast_forward.InFlight(*in_flight[0]))
+                if adv is not None:
+                    admitted = self._after_run(adv)
+                    yield env.timeout(adv.wait_s)
+                    self._arrive(admitted)
+                    # the step left in flight decodes every running request, the run's arrivals among them
+                    in_flight[0] = (sched.decode_step(), *adv.in_flight_s)
                     continue
             only_preempted = False
             if sched.has_requests():
@@ -303,106 +315,26 @@ class Engine:
         self._pace = self.perf.step_time(out.batch)
         return self._pace
 
-    def _waiting_changes(self, times: np.ndarray, admissions) -> dict[int, int]:
-        """How the queue changes over a run's rows (row times ``times``): +1 at the first row
-        at or after each arrival that joins it (not rejected), -1 at the row an admitted one
-        leaves it (the output before its prefill is scheduled)."""
-        i = self._next_arrival
-        arrival = self.workload.arrival_s
-        changes: dict[int, int] = {}
-        if i >= len(arrival) or arrival[i] > times[-1]:
-            return changes
-        j = int(np.searchsorted(arrival, times[-1], side="right"))
-        joining = arrival[i:j][self._arrival_info.queued[i:j]]
-        for row in np.searchsorted(times, joining, side="left").tolist():
-            changes[row] = changes.get(row, 0) + 1
-        for a in admissions:
-            changes[a.step - 1] = changes.get(a.step - 1, 0) - 1
-        return changes
-
-    def _next_arrival_s(self) -> float:
-        i = self._next_arrival
-        arrival = self.workload.arrival_s
-        return float(arrival[i]) if i < len(arrival) else float("inf")
-
-    def _plan(self, base: float, lag: int):
-        horizon = self._horizon
-        next_arrival = self._next_arrival_s()
-        if self._pace > 0 and next_arrival != float("inf") and not self.scheduler.waiting:
-            # nobody waits, so the next arrival is likely what ends the run: as many steps as
-            # reach it at the last step's pace (one vectorised call rather than two)
-            reach = (next_arrival - self.env.now) / self._pace * 1.05 + 8
-            horizon = int(min(max(reach, fast_forward.INITIAL_HORIZON // 4), fast_forward.MAX_HORIZON))
-        run = fast_forward.plan(self.scheduler, self._decode_fn, self.perf.step_time, self.env.now, base,
-                                self._arrival_info, self._next_arrival, horizon, lag)
-        # plan next time up to twice as many steps as this run had: step times
-        # computed beyond the event that ends a run are wasted
-        k = run.k if run is not None else 0
-        self._horizon = min(max(2 * k, fast_forward.INITIAL_HORIZON), fast_forward.MAX_HORIZON)
-        if run is not None:
-            self._pace = float(run.step_times[-1])
-        return run
-
-    def _fast_sync(self) -> float | None:
-        """Advance a run of pure-decode steps under sync scheduling; return its duration."""
-        if not self.scheduler.ready_for_run():
-            return None
-        now = self.env.now
-        run = self._plan(now, 0)
-        if run is None:
-            return None
-        t = np.cumsum(np.concatenate(([now], run.step_times)))
-        starts, ends = t[:-1], t[1:]
-        self._fast_apply(run, sched_at=starts, token_times=ends, starts=starts)
-        return float(ends[-1]) - now
-
-    def _fast_async(self, in_flight: deque) -> float | None:
-        """Advance pure-decode steps with one step in flight; return the time to the last update."""
-        sched = self.scheduler
-        if not sched.ready_for_run():
-            return None
-        out_j, start_j, end_j = in_flight[0]
-        running = sched.running
-        scheduled = out_j.num_scheduled
-        # the step in flight must be one token for each running request (counts are >= 1)
-        if (len(scheduled) != len(running) or out_j.spec_tokens
-                or sum(scheduled.values()) != len(running)
-                or scheduled.keys() != {r.rid for r in running}):
-            return None
-        now = self.env.now
-        run = self._plan(end_j, 1)
-        if run is None:
-            return None
-        k = run.k
-        e = np.cumsum(np.concatenate(([end_j], run.step_times)))  # e[i]: end of S_{j+i}
-        sched_at = np.concatenate(([now], e[: k - 1]))
-        starts = np.concatenate(([start_j], e[: k - 1]))
-        self._fast_apply(run, sched_at=sched_at, token_times=e[:k], starts=starts,
-                         first_preempted=len(out_j.preempted))
-        sched.step -= 1
-        in_flight[0] = (fast_forward.synthesize_step(sched), float(e[k - 1]), float(e[k]))
-        return float(e[k - 1]) - now
-
-    def _fast_apply(self, run, sched_at: np.ndarray, token_times: np.ndarray, starts: np.ndarray,
-                    first_preempted: int = 0) -> None:
-        sched = self.scheduler
-        lag = 1 if self.async_scheduling else 0  # steps in flight when a step is scheduled
-        waiting = self._waiting_changes(token_times, run.admissions)
-        admitted = []
-        if run.admissions:
-            # the run admits arrivals that have not happened yet in SimPy time: they are
-            # created here (with the rejected ones among them), and the arrival process skips them
-            for rid in range(self._next_arrival, run.admissions[-1].rid + 1):
-                req = self._new_request(rid)
-                if req.status != Status.REJECTED:
-                    admitted.append(req)
-            self._next_arrival = run.admissions[-1].rid + 1
-        applied = fast_forward.apply_run(sched, run, sched_at, token_times, lag, admitted)
-        sched.step += run.k
-        self.steps.add_run(run.k, starts, token_times, applied.kv_blocks_used, applied.segments,
-                           len(sched.waiting), waiting, first_preempted)
+    def _after_run(self, adv: fast_forward.Advance) -> range:
+        """Log a run's steps; return the arrivals it admitted (and those rejected among them),
+        which come during the run: they are made when it is over (``_arrive``)."""
+        applied = adv.applied
+        self.steps.add_run(adv.k, adv.starts, adv.token_times, applied.kv_blocks_used, applied.segments,
+                           self.scheduler.num_waiting, adv.waiting_changes, adv.first_preempted)
+        self._pace = adv.last_step_s
+        admitted = range(self._next_arrival, max(adv.next_arrival, self._next_arrival))
+        self._next_arrival = admitted.stop  # (the arrival process skips them)
         if applied.finished:
             self._count_finished(len(applied.finished))
+        return admitted
+
+    def _arrive(self, rids: range) -> None:
+        """Arrivals that came during a run, made at its end (never ahead of SimPy's clock); the
+        scheduler gives those the run admitted what it did to them."""
+        for rid in rids:
+            req = self._new_request(rid)
+            if req.status != Status.REJECTED:
+                self.scheduler.add_request(req)
 
     # --- step bookkeeping ---------------------------------------------------------
     def _before_schedule(self) -> None:
@@ -473,8 +405,8 @@ class Engine:
         loop = env.process(self._run_async() if self.async_scheduling else self._run_sync())
         env.run(until=loop)  # the loop ends when every request has, or on request_stop
         self.interrupted = self._stop_requested
-        if isinstance(self.scheduler, NativeScheduler):  # (the vLLM reference keeps no lazy state)
-            self.scheduler.materialize()
+        self.scheduler.materialize()
+        self.requests.sort(key=attrgetter("rid"))  # (a run's arrivals and the next may come at one time)
         unfinished = [r for r in self.requests if r.status < Status.FINISHED]
         if unfinished and not self.interrupted:
             raise RuntimeError(f"{len(unfinished)} requests never finished: {self._state()}")

@@ -20,6 +20,13 @@ A run goes on through two events whose outcome is known in advance:
   with the others from the next step on.
 The results equal the step-by-step path's (tests/simulator/test_fast_forward.py
 checks it); the event that ends a run is left to the ordinary path.
+
+``Runs`` is the fast path behind the scheduler interface (``advance``): it plans a
+run from the scheduler's state, applies it at once and hands the engine what to
+log. The clock stays SimPy's: the arrivals a run admits are not made ahead of
+time; the run hands out their KV blocks by request id and keeps the rest of what
+it did to them (``Joining``) until they come, through the scheduler's
+``add_request``, when the engine's clock reaches the end of the run.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 
 from simulator.performance import StepBatch
 from simulator.request import SimRequest, Status
+from simulator.rules import deliver_tokens, fits_whole, has_seat
 from simulator.scheduler import NativeScheduler, SchedulerOutput
 
 #: steps computed ahead per attempt (the engine plans up to twice the last run)
@@ -239,7 +247,7 @@ def plan(
     if n == 0 or n > cfg.max_num_batched_tokens or cfg.speculative.enabled:
         return None
     waiting = sched.waiting
-    if waiting and not head_blocked(sched, waiting[0]):
+    if waiting and not sched.head_blocked():
         return None
     lag = in_flight_steps
     remaining = []
@@ -253,7 +261,7 @@ def plan(
     # the run, and only the last request's goes through the ordinary path.
     c = np.fromiter((r.num_computed for r in running), dtype=np.int64, count=n)
     cap = min(int(cfg.max_model_len - 1 - c.max()), MAX_HORIZON)
-    held = [len(sched.kv.req_blocks[r.rid]) for r in running]
+    held = sched.kv.num_blocks_held(running)
     members = _Members(c, remaining, held)
     admissions: list[Admission] = []
     k_max = min((min(remaining) if waiting else max(remaining)) - (1 - lag), cap)
@@ -362,9 +370,10 @@ def _admit_arrivals(sched, members: _Members, admissions: list[Admission], arriv
             and (arrivals.private[index] or not caching)
             and prompt + sum(same_step) + members.decoding(step) <= budget  # whole, in this step's budget
             and not (threshold and prompt > threshold)
-            and members.running_after(step - 1 - lag) < cfg.max_num_seqs
-            # its blocks, after every block taken so far (none freed counted: see _fit_kv)
-            and prompt_blocks + blocks + members.new_blocks_through(step, bs) <= free
+            # the admission gate, on the free blocks left after every block taken so far (none
+            # freed counted: see _fit_kv)
+            and has_seat(members.running_after(step - 1 - lag), cfg.max_num_seqs)
+            and fits_whole(blocks, free - prompt_blocks - members.new_blocks_through(step, bs))
         )
         if not admitted:
             return clock.times(step - 1), k_max
@@ -417,16 +426,17 @@ def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.nda
                      last_steps=last[:m], block_steps=steps, block_owners=owners, admissions=admissions)
 
 
-def head_blocked(sched: NativeScheduler, head: SimRequest) -> bool:
-    """True if the head of the queue cannot be admitted until something finishes."""
-    if len(sched.running) >= sched.config.max_num_seqs:
-        return True
-    if head.stale_tokens:
-        return False
-    kv = sched.kv
-    hits = kv.computed_blocks(head, head.num_tokens) if head.num_computed == 0 else []
-    full = min(head.num_tokens, sched.max_model_len)
-    return kv.blocks_needed(head.rid, full, hits) > kv.num_free_blocks
+@dataclass
+class Joining:
+    """What a run did to an arrival it admits, for when the arrival comes (``join``)."""
+
+    admission: Admission
+    scheduled_s: float  # when its prefill step is scheduled
+    last: int  # its last step
+    k: int  # the run's steps
+    lag: int
+    token_times: np.ndarray  # the run's
+    finish_s: float = -1.0  # when it finished inside the run (-1: it runs on)
 
 
 @dataclass
@@ -437,39 +447,39 @@ class AppliedRun:
     #: from row 0 on, each row where one of these changes: (row, requests in its step,
     #: requests running after its output, prompt tokens prefilled in its step, requests prefilling)
     segments: list[tuple[int, int, int, int, int]]
-    finished: list[SimRequest]
+    finished: list[int]  # the ids of the requests that finished inside the run
+    joining: dict[int, Joining]  # by request id, the arrivals it admits
 
 
 def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,
-              in_flight_steps: int, admitted: list[SimRequest] = ()) -> AppliedRun:
+              in_flight_steps: int) -> AppliedRun:
     """Carry out a planned run: admissions, new KV blocks, tokens, and the requests finishing inside it.
 
-    ``admitted`` are the requests of ``run.admissions``, just arrived. Row i's output
-    arrives at ``token_times[i]``; step t of the run is scheduled at ``sched_at[t - 1]``.
-    Blocks leave the free queue in the step-by-step order (step, then running order); a
-    request finishing inside the run frees its blocks after the blocks of the steps
-    scheduled before its last output and before the later ones', as the engine's loop does.
+    Row i's output arrives at ``token_times[i]``; step t of the run is scheduled at
+    ``sched_at[t - 1]``. Blocks leave the free queue in the step-by-step order (step, then
+    running order); a request finishing inside the run frees its blocks after the blocks of
+    the steps scheduled before its last output and before the later ones', as the engine's
+    loop does. The arrivals the run admits have not come yet: their blocks are handed out
+    now, by request id, and the rest waits in ``AppliedRun.joining`` for their arrival.
     """
     kv = sched.kv
     running = sched.running
     n, k, lag = len(running), run.k, in_flight_steps
-    members = running + list(admitted) if admitted else running
+    admissions = run.admissions
+    admitted = [a.rid for a in admissions]
     first, computed, last = run.first_steps, run.computed, run.last_steps
     steps, owners = run.block_steps, run.block_owners
     used_before = kv.num_used_blocks
     taken_at = np.bincount(steps - 1, minlength=k)  # blocks taken by each row's time, less those freed
-    if admitted:
-        for a, req in zip(run.admissions, admitted, strict=True):
-            sched.requests[req.rid] = req
-            kv.req_blocks[req.rid] = []
-            kv.record_prefix_lookup(a.prompt, 0)
-            req.status = Status.RUNNING
-            req.first_scheduled_s = float(sched_at[a.step - 1])
-            req.num_cached_tokens = 0
+    joining = {}
+    for j, a in enumerate(admissions):
+        kv.open_table(a.rid)
+        kv.record_prefix_lookup(a.prompt, 0)
+        joining[a.rid] = Joining(a, float(sched_at[a.step - 1]), int(last[n + j]), k, lag, token_times)
     finishing = np.flatnonzero(last + lag <= k)
-    finished: list[SimRequest] = []
-    if not len(finishing) and not admitted:
-        _hand_out(kv, members, steps, owners, sched_at)
+    finished: list[int] = []
+    if not len(finishing) and not admissions:
+        _hand_out(kv, running, admitted, steps, owners, sched_at)
         deliver(running, k, token_times)
         kv.cache_many(running, (computed + k - lag).tolist())
     else:
@@ -479,32 +489,50 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
             row = int(last[i]) + lag - 1  # the row bringing its last token
             cut = int(np.searchsorted(steps, row + 1, side="right"))  # steps scheduled before it
             if cut > taken:
-                _hand_out(kv, members, steps[taken:cut], owners[taken:cut], sched_at)
+                _hand_out(kv, running, admitted, steps[taken:cut], owners[taken:cut], sched_at)
                 taken = cut
-            req = members[i]
             now = kv.clock = float(token_times[row])
             before = kv.num_used_blocks
-            kv.cache_full_blocks(req, int(computed[i] + last[i] - first[i] + 1))
-            sched.finish(req, now)
+            tokens = int(computed[i] + last[i] - first[i] + 1)
+            if i < n:
+                req = running[i]
+                kv.cache_full_blocks(req, tokens)
+                sched.finish(req, now)
+                req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
+                finished.append(req.rid)
+            else:
+                rid = admitted[i - n]
+                kv.cache_private_blocks(rid, tokens)
+                kv.free(rid, finished=True)
+                joining[rid].finish_s = now
+                finished.append(rid)
             taken_at[row] -= before - kv.num_used_blocks
-            finished.append(req)
-        _hand_out(kv, members, steps[taken:], owners[taken:], sched_at)
+        _hand_out(kv, running, admitted, steps[taken:], owners[taken:], sched_at)
         counts = np.minimum(last[:n] + lag, k)
         deliver(running, k, token_times, counts.tolist(), np.minimum(last[:n], k).tolist())
-        for j, (a, req) in enumerate(zip(run.admissions, admitted, strict=True)):
-            _deliver_admitted(req, a, int(last[n + j]), k, lag, token_times)
-        for req in finished:
-            req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
         done = set(finishing.tolist())
-        going_on = [i for i in range(len(members)) if i not in done]
-        sched.running = [members[i] for i in going_on]
-        for req in admitted:
-            sched._on_admit(req)
+        going_on = [i for i in range(n) if i not in done]
+        sched.replace_running([running[i] for i in going_on])
         kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
+        for i, rid in enumerate(admitted, n):
+            if i not in done:
+                kv.cache_private_blocks(rid, int(computed[i] + (k + 1 - lag) - first[i]))
     kv.clock = float(sched_at[-1])
     used = np.cumsum(taken_at)
     used += used_before
-    return AppliedRun(used, _row_segments(run, n, lag), finished)
+    return AppliedRun(used, _row_segments(run, n, lag), finished, joining)
+
+
+def join(sched: NativeScheduler, req: SimRequest, joining: Joining) -> None:
+    """An arrival that a run admitted comes: it gets what the run did to it."""
+    sched.admit_whole(req, joining.scheduled_s)
+    _deliver_admitted(req, joining.admission, joining.last, joining.k, joining.lag, joining.token_times)
+    if joining.finish_s >= 0:
+        req.status = Status.FINISHED
+        req.finish_s = joining.finish_s
+        req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
+    else:
+        sched.join_running(req)
 
 
 def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int, int, int]]:
@@ -554,30 +582,27 @@ def _deliver_admitted(req: SimRequest, admission: Admission, last: int, k: int, 
     step = admission.step
     row = step - 1 + lag  # the row bringing its first token
     d = min(last, k - lag) - step + 1  # its tokens whose output arrives in the run
-    req.first_token_s = float(token_times[row])
-    if req.reasoning_tokens < d:
-        req.first_visible_s = float(token_times[row + req.reasoning_tokens])
-    req.num_output = d
-    req.last_token_s = float(token_times[row + d - 1])
+    deliver_tokens(req, d, token_times, start=row)
     req.num_computed = admission.prompt + min(last, k) - step
     req.placeholders = req.in_flight_tokens = lag  # the step in flight (if still running)
 
 
-def _hand_out(kv, running: list[SimRequest], steps: np.ndarray, owners: np.ndarray,
+def _hand_out(kv, running: list[SimRequest], admitted: list[int], steps: np.ndarray, owners: np.ndarray,
               sched_at: np.ndarray) -> None:
-    """Take ``len(steps)`` blocks from the free queue and give each to its owner (a running
-    index); each counts toward block-seconds from the time its step is scheduled."""
+    """Take ``len(steps)`` blocks from the free queue and give each to its owner (a member's
+    index: the running requests, then the ids of the ``admitted`` arrivals); each counts
+    toward block-seconds from the time its step is scheduled."""
     if not len(steps):
         return
     blocks = kv.take_free_blocks(len(steps))
     n = len(running)
-    counts = np.bincount(owners, minlength=n)
+    counts = np.bincount(owners, minlength=n + len(admitted))
     present = np.flatnonzero(counts)  # the members that get blocks
     acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n)[present].tolist()
     by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
     start = 0
     for idx, end, acquired in zip(present.tolist(), np.cumsum(counts[present]).tolist(), acquired_s, strict=True):
-        kv.add_taken_blocks(running[idx].rid, by_request[start:end], acquired)
+        kv.add_taken_blocks(running[idx].rid if idx < n else admitted[idx - n], by_request[start:end], acquired)
         start = end
 
 
@@ -586,24 +611,129 @@ def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: 
     """Each running request gets one token at each of ``token_times`` (k of them), or, per
     request, its first ``tokens[i]`` of them after ``scheduled[i]`` steps of compute."""
     for i, r in enumerate(running):
-        d = k if tokens is None else tokens[i]
-        if r.num_output == 0:
-            r.first_token_s = float(token_times[0])
-        if r.first_visible_s < 0:
-            j = r.reasoning_tokens - r.num_output  # 0-based index of the first visible token
-            if 0 <= j < d:
-                r.first_visible_s = float(token_times[j])
-        r.num_output += d
+        deliver_tokens(r, k if tokens is None else tokens[i], token_times)
         r.num_computed += k if scheduled is None else scheduled[i]
-        r.last_token_s = float(token_times[d - 1])
 
 
-def synthesize_step(sched: NativeScheduler) -> SchedulerOutput:
-    """The SchedulerOutput of a pure-decode step over the current running requests."""
-    sched.step += 1
-    out = SchedulerOutput(step=sched.step)
-    for r in sched.running:
-        out.num_scheduled[r.rid] = 1
-        out.sampling.add(r.rid)
-        out.batch.decode_context.append(r.num_computed)
-    return out
+@dataclass(slots=True)
+class InFlight:
+    """A step scheduled and not yet applied (async scheduling): its decisions, start and end."""
+
+    out: SchedulerOutput
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class Advance:
+    """What one ``Runs.advance`` covered: ``k`` steps, for the engine's clock and step log."""
+
+    k: int
+    wait_s: float  # from now to the last output the run applies
+    starts: np.ndarray  # each row's step start
+    token_times: np.ndarray  # when each row's output arrives
+    applied: AppliedRun
+    waiting_changes: dict[int, int]  # row -> change of the queue's length
+    first_preempted: int  # preemptions of the step the run started from (its first row)
+    #: async: start and end of the step the run leaves in flight, a decode step of the running
+    #: requests (``NativeScheduler.decode_step`` once the run's arrivals have come)
+    in_flight_s: tuple[float, float] | None
+    next_arrival: int  # the first arrival neither queued nor admitted by the run
+    last_step_s: float  # the time of the run's last step
+
+
+class Runs:
+    """The fast path of one scheduler: runs of steps planned from its state and applied at once.
+
+    ``advance`` plans a run and applies it; the arrivals the run admits come later (when the
+    engine's clock reaches the run's end), through ``join``.
+    """
+
+    def __init__(self, sched: NativeScheduler, decode_times, step_time, arrivals: Arrivals,
+                 async_scheduling: bool):
+        self.sched = sched
+        self._decode_times = decode_times
+        self._step_time = step_time
+        self.arrivals = arrivals
+        self._lag = 1 if async_scheduling else 0  # steps in flight when a step is scheduled
+        self._horizon = INITIAL_HORIZON
+        self._joining: dict[int, Joining] = {}
+
+    def join(self, req: SimRequest) -> bool:
+        """If a run admitted ``req`` (just arrived), give it what the run did to it; True if so."""
+        joining = self._joining.pop(req.rid, None)
+        if joining is None:
+            return False
+        join(self.sched, req, joining)
+        return True
+
+    def advance(self, now: float, pace: float, next_arrival: int, in_flight: InFlight | None) -> Advance | None:
+        """Apply a run of steps from ``now``, or None if the next step is not one. ``pace`` is the
+        latest step's time; arrivals from ``next_arrival`` on are not queued yet; under async
+        scheduling ``in_flight`` is the step in flight (it must be one token per running request)."""
+        sched = self.sched
+        if in_flight is None:
+            base = now
+        else:
+            running = sched.running
+            scheduled = in_flight.out.num_scheduled
+            if (len(scheduled) != len(running) or in_flight.out.spec_tokens
+                    or sum(scheduled.values()) != len(running)
+                    or scheduled.keys() != {r.rid for r in running}):
+                return None
+            base = in_flight.end_s
+        run = self._plan(now, base, pace, next_arrival)
+        if run is None:
+            return None
+        k, lag = run.k, self._lag
+        e = np.cumsum(np.concatenate(([base], run.step_times)))  # e[i]: end of the run's step i
+        if in_flight is None:
+            starts = sched_at = e[:-1]
+            token_times, wait_s = e[1:], float(e[-1]) - now
+        else:
+            sched_at = np.concatenate(([now], e[: k - 1]))
+            starts = np.concatenate(([in_flight.start_s], e[: k - 1]))
+            token_times, wait_s = e[:k], float(e[k - 1]) - now
+        waiting = self._waiting_changes(next_arrival, token_times, run.admissions)
+        applied = apply_run(sched, run, sched_at, token_times, lag)
+        self._joining.update(applied.joining)
+        sched.count_steps(k)
+        left = (float(e[k - 1]), float(e[k])) if in_flight is not None else None
+        last = run.admissions[-1].rid + 1 if run.admissions else next_arrival
+        first_preempted = len(in_flight.out.preempted) if in_flight is not None else 0
+        return Advance(k, wait_s, starts, token_times, applied, waiting, first_preempted, left, last,
+                       float(run.step_times[-1]))
+
+    def _plan(self, now: float, base: float, pace: float, next_arrival: int) -> DecodeRun | None:
+        horizon = self._horizon
+        arrival_s = self.arrivals.time_s
+        next_s = float(arrival_s[next_arrival]) if next_arrival < len(arrival_s) else float("inf")
+        if pace > 0 and next_s != float("inf") and not self.sched.waiting:
+            # nobody waits, so the next arrival is likely what ends the run: as many steps as
+            # reach it at the last step's pace (one vectorised call rather than two)
+            reach = (next_s - now) / pace * 1.05 + 8
+            horizon = int(min(max(reach, INITIAL_HORIZON // 4), MAX_HORIZON))
+        run = plan(self.sched, self._decode_times, self._step_time, now, base, self.arrivals, next_arrival,
+                   horizon, self._lag)
+        # plan next time up to twice as many steps as this run had: step times
+        # computed beyond the event that ends a run are wasted
+        k = run.k if run is not None else 0
+        self._horizon = min(max(2 * k, INITIAL_HORIZON), MAX_HORIZON)
+        return run
+
+    def _waiting_changes(self, next_arrival: int, times: np.ndarray, admissions: list[Admission]) -> dict[int, int]:
+        """How the queue changes over a run's rows (row times ``times``): +1 at the first row
+        at or after each arrival that joins it (not rejected), -1 at the row an admitted one
+        leaves it (the output before its prefill is scheduled)."""
+        i = next_arrival
+        arrival = self.arrivals.time_s
+        changes: dict[int, int] = {}
+        if i >= len(arrival) or arrival[i] > times[-1]:
+            return changes
+        j = int(np.searchsorted(arrival, times[-1], side="right"))
+        joining = arrival[i:j][self.arrivals.queued[i:j]]
+        for row in np.searchsorted(times, joining, side="left").tolist():
+            changes[row] = changes.get(row, 0) + 1
+        for a in admissions:
+            changes[a.step - 1] = changes.get(a.step - 1, 0) - 1
+        return changes

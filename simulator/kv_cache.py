@@ -212,6 +212,11 @@ class KVCacheManager:
     def num_blocks_of(self, rid: int) -> int:
         return len(self.req_blocks.get(rid, ()))
 
+    def num_blocks_held(self, reqs: list[SimRequest]) -> list[int]:
+        """``num_blocks_of`` each of ``reqs``, which hold blocks (the fast path, for many)."""
+        blocks = self.req_blocks
+        return [len(blocks[r.rid]) for r in reqs]
+
     def num_cached_blocks_of(self, rid: int) -> int:
         """How many of the request's blocks are registered in the prefix cache."""
         return self._num_cached_blocks.get(rid, 0)
@@ -284,6 +289,15 @@ class KVCacheManager:
                 self._shared.setdefault(name, {})[block] = None
                 self._shared_name[block] = name
                 owner[block] = SHARED
+
+    def cache_private_blocks(self, rid: int, num_tokens: int) -> None:
+        """``cache_full_blocks`` for a request without shared prefix blocks, by its id (an
+        arrival a run of steps admits, before it comes)."""
+        if not self.enable_caching:
+            return
+        full = min(num_tokens // self.block_size, len(self.req_blocks[rid]))
+        if full > self._num_cached_blocks.get(rid, 0):
+            self._num_cached_blocks[rid] = full
 
     def cache_many(self, reqs: list[SimRequest], num_tokens: list[int]) -> None:
         """``cache_full_blocks`` for many requests (the fast path, after a decode run)."""
@@ -401,6 +415,11 @@ class KVCacheManager:
         del copies[block]
         if not copies:
             del self._shared[name]
+
+    def open_table(self, rid: int) -> None:
+        """Start ``rid``'s block table, empty (a run of steps admits it; its blocks come
+        through ``add_taken_blocks``)."""
+        self.req_blocks[rid] = []
 
     def add_taken_blocks(self, rid: int, blocks: list[int], acquired_s: float) -> None:
         """Give ``rid`` blocks already taken by ``take_free_blocks``; ``acquired_s`` sums their

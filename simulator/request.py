@@ -28,9 +28,6 @@ class SimRequest:
         "in_flight_tokens", "stale_tokens", "num_preemptions", "num_cached_tokens",
         "first_scheduled_s", "first_token_s", "first_visible_s", "last_token_s",
         "finish_s", "reject_reason",
-        # simulator.steady's bookkeeping: admission order among running requests, and the
-        # step a steady run began (-1: not steady), its next KV block step and its last step + 1
-        "order", "steady_from", "steady_cross", "steady_exit",
     )
 
     def __init__(
@@ -71,10 +68,6 @@ class SimRequest:
         self.last_token_s = -1.0
         self.finish_s = -1.0
         self.reject_reason = ""
-        self.order = -1
-        self.steady_from = -1
-        self.steady_cross = -1
-        self.steady_exit = -1
 
     @property
     def num_tokens(self) -> int:

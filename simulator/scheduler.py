@@ -13,44 +13,18 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
 from simulator.engine_config import EngineConfig
 from simulator.kv_cache import KVCacheManager
-from simulator.performance import StepBatch
 from simulator.request import SimRequest, Status
+from simulator.rules import deliver_tokens, fits_whole, has_seat, running_tokens
+from simulator.scheduler_interface import Scheduler, SchedulerOutput
+
+__all__ = ["NativeScheduler", "SchedulerOutput"]
 
 
-@dataclass(slots=True)
-class SchedulerOutput:
-    """One step's decisions, in the order vLLM makes them."""
-
-    step: int
-    num_scheduled: dict[int, int] = field(default_factory=dict)
-    spec_tokens: dict[int, int] = field(default_factory=dict)
-    #: requests whose draft slots are padding (vLLM pads a resumed one-token decode to the
-    #: uniform speculative size); padding drafts are never accepted
-    spec_padding: set[int] = field(default_factory=set)
-    sampling: set[int] = field(default_factory=set)
-    new: list[int] = field(default_factory=list)
-    resumed: list[int] = field(default_factory=list)
-    preempted: list[int] = field(default_factory=list)
-    batch: StepBatch = field(default_factory=StepBatch)
-    #: running requests decoding one token in this step without being listed in
-    #: num_scheduled (the steady decoders of simulator.steady; 0 otherwise)
-    num_steady: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_scheduled.values()) + self.num_steady
-
-    @property
-    def has_work(self) -> bool:
-        """Whether the step runs anything."""
-        return bool(self.num_scheduled) or self.num_steady > 0
-
-
-class NativeScheduler:
+class NativeScheduler(Scheduler):
     """vLLM V1's scheduling policy over SimRequest objects and a KVCacheManager."""
 
     def __init__(self, config: EngineConfig, num_blocks: int, async_scheduling: bool = True):
@@ -83,15 +57,6 @@ class NativeScheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def materialize(self) -> None:
-        """Bring every running request's state up to date (a no-op here: SteadyScheduler keeps
-        some of it lazily)."""
-
-    def ready_for_run(self) -> bool:
-        """Whether the engine may plan a run of pure-decode steps now (simulator.fast_forward
-        reads every running request's state; SteadyScheduler first brings it up to date)."""
-        return True
-
     # --- scheduling -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Decide the next step's batch (vLLM's Scheduler.schedule)."""
@@ -112,53 +77,78 @@ class NativeScheduler:
         """Serve the running requests in admission order, preempting from the back when a KV
         block is short; return the budget left and whether a prefill chunk was scheduled
         (speculation only)."""
-        kv = self.kv
-        scheduled = out.num_scheduled
         running = self.running
+        schedule_one = self._schedule_one
         num_spec_tokens = self.config.speculative.num_speculative_tokens
         prefill_scheduled = False
         i = 0
-        # the loops below run once per request per step, the simulator's hottest code: they bind
-        # methods to locals and spell out SimRequest.num_tokens (num_prompt + num_output)
-        max_model_len = self.max_model_len
-        allocate, cache_full_blocks = kv.allocate, kv.cache_full_blocks
         while i < len(running) and budget > 0:
             req = running[i]
-            computed, placeholders = req.num_computed, req.placeholders
-            if placeholders > 0 and computed + 2 - placeholders >= req.num_prompt + req.max_tokens:
-                i += 1  # async: the step in flight already reaches max_tokens
-                continue
-            num_tokens = req.num_prompt + req.num_output
-            n = num_tokens + req.spec_tokens + placeholders - computed
-            if 0 < threshold < n:
-                n = threshold
-            n = min(n, budget, max_model_len - computed - 1)
-            if n <= 0:
-                i += 1
-                continue
-            slots = computed + n if computed + n < max_model_len else max_model_len
-            allocated = allocate(req.rid, slots)
-            while not allocated:
-                victim = running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim.rid)
-                if victim is req:
-                    break
-                allocated = allocate(req.rid, slots)
-            if not allocated:
+            n = schedule_one(req, out, budget, threshold)
+            if n < 0:
                 break
-            cache_full_blocks(req, computed + n if computed + n < num_tokens else num_tokens)
-            scheduled[req.rid] = n
-            budget -= n
             i += 1
-            if num_spec_tokens and req.rid in self._prefilling:
-                prefill_scheduled = True
-            if req.spec_tokens:
-                num_spec = n + req.num_computed - req.num_tokens - req.placeholders
-                if num_spec > 0:
-                    out.spec_tokens[req.rid] = min(num_spec, req.spec_tokens)
-                req.spec_tokens = 0
+            if n:
+                budget -= n
+                if num_spec_tokens and req.rid in self._prefilling:
+                    prefill_scheduled = True
         return budget, prefill_scheduled
+
+    def _schedule_one(self, req: SimRequest, out: SchedulerOutput, budget: int, threshold: int, n: int = -1) -> int:
+        """Schedule one running request within ``budget``: the tokens scheduled (0: none), or
+        -1 if it was itself preempted to make room (``n``: its ``running_tokens`` if known).
+        Runs once per request per step, the simulator's hottest code."""
+        if n < 0:
+            n = running_tokens(req, threshold, self.max_model_len)
+        if n > budget:
+            n = budget
+        if n <= 0:
+            return 0
+        computed, rid = req.num_computed, req.rid
+        slots = computed + n if computed + n < self.max_model_len else self.max_model_len
+        allocate = self.kv.allocate
+        if not allocate(rid, slots) and not self._make_room(req, out, lambda: allocate(rid, slots)):
+            return -1
+        num_tokens = req.num_prompt + req.num_output
+        self.kv.cache_full_blocks(req, computed + n if computed + n < num_tokens else num_tokens)
+        out.num_scheduled[rid] = n
+        if req.spec_tokens:
+            num_spec = n + computed - num_tokens - req.placeholders
+            if num_spec > 0:
+                out.spec_tokens[rid] = min(num_spec, req.spec_tokens)
+            req.spec_tokens = 0
+        return n
+
+    def _make_room(self, req: SimRequest, out: SchedulerOutput, allocate: Callable[[], bool]) -> bool:
+        """Call ``allocate()`` (KV blocks for ``req``) until it succeeds, preempting from the
+        back of the running requests meanwhile; False if ``req`` itself was preempted."""
+        running = self.running
+        while not allocate():
+            victim = running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim.rid)
+            if victim is req:
+                return False
+        return True
+
+    def head_blocked(self) -> bool:
+        """Whether the head of the queue cannot be admitted until something finishes."""
+        if not has_seat(len(self.running), self.config.max_num_seqs):
+            return True
+        head = self.waiting[0]
+        if head.stale_tokens:
+            return False
+        return not fits_whole(self._blocks_to_admit(head), self.kv.num_free_blocks)
+
+    def _blocks_to_admit(self, req: SimRequest, hits: list[int] | None = None) -> int:
+        """Free KV blocks admitting waiting ``req`` takes for its whole sequence."""
+        if hits is None:
+            hits = self._prefix_hits(req)
+        return self.kv.blocks_needed(req.rid, min(req.num_tokens, self.max_model_len), hits)
+
+    def _prefix_hits(self, req: SimRequest) -> list[int]:
+        """The prefix-cache blocks a waiting request finds (none if it computed some already)."""
+        return self.kv.computed_blocks(req, req.num_tokens) if req.num_computed == 0 else []
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, threshold: int,
                           prefill_scheduled: bool) -> None:
@@ -173,15 +163,13 @@ class NativeScheduler:
         skipped: list[SimRequest] = []
         waiting = self.waiting
         while budget > 0 and waiting:
-            if len(running) >= cfg.max_num_seqs:
+            if not has_seat(len(running), cfg.max_num_seqs):
                 break
             req = waiting[0]
             if req.stale_tokens:
                 skipped.append(waiting.popleft())  # output of a preempted step still in flight
                 continue
-            hits: list[int] = []
-            if req.num_computed == 0:
-                hits = kv.computed_blocks(req, req.num_tokens)
+            hits = self._prefix_hits(req)
             num_computed = len(hits) * self.block_size
             n = req.num_tokens - num_computed
             padded = (
@@ -202,12 +190,9 @@ class NativeScheduler:
             if not cfg.enable_chunked_prefill and n > budget:
                 break
             n = min(n, budget)
-            if not kv.allocate(
-                req.rid,
-                min(num_computed + n, self.max_model_len),
-                hits,
-                full_sequence_tokens=min(req.num_tokens, self.max_model_len),
-            ):
+            if not fits_whole(self._blocks_to_admit(req, hits), kv.num_free_blocks):
+                break
+            if not kv.allocate(req.rid, min(num_computed + n, self.max_model_len), hits):
                 break
             if req.num_preemptions == 0 or req.num_cached_tokens < 0:
                 kv.record_prefix_lookup(req.num_tokens, num_computed)
@@ -229,6 +214,38 @@ class NativeScheduler:
             kv.cache_full_blocks(req, min(num_computed + n, req.num_tokens))
         if skipped:
             waiting.extendleft(reversed(skipped))
+
+    # --- runs of steps (simulator.fast_forward) ------------------------------------
+    def admit_whole(self, req: SimRequest, scheduled_s: float) -> None:
+        """Admit an arrival as a run of steps does: its whole prompt in one step, no prefix hit
+        (the run looked none up and gave it its blocks)."""
+        self.requests[req.rid] = req
+        req.status = Status.RUNNING
+        req.first_scheduled_s = scheduled_s
+        req.num_cached_tokens = 0
+
+    def replace_running(self, running: list[SimRequest]) -> None:
+        """The running requests after a run of steps (some finished)."""
+        self.running = running
+
+    def join_running(self, req: SimRequest) -> None:
+        """``req``, admitted by a run of steps, runs after the others."""
+        self.running.append(req)
+        self._on_admit(req)
+
+    def count_steps(self, k: int) -> None:
+        """``k`` steps were scheduled by a run of steps."""
+        self.step += k
+
+    def decode_step(self) -> SchedulerOutput:
+        """The latest step, as one pure-decode step over the running requests (the step a run
+        of steps leaves in flight)."""
+        out = SchedulerOutput(step=self.step)
+        for r in self.running:
+            out.num_scheduled[r.rid] = 1
+            out.sampling.add(r.rid)
+            out.batch.decode_context.append(r.num_computed)
+        return out
 
     def _on_admit(self, req: SimRequest) -> None:
         """Hook: ``req`` was just appended to the running requests."""
@@ -292,6 +309,7 @@ class NativeScheduler:
         cache_full_blocks = self.kv.cache_full_blocks
         max_model_len = self.max_model_len
         finished_status, running_status = Status.FINISHED, Status.RUNNING
+        at_now = (now,) * (1 + self.config.speculative.num_speculative_tokens)  # token i's time
         for rid, n in out.num_scheduled.items():
             req = requests[rid]
             req.in_flight_tokens -= n
@@ -323,14 +341,8 @@ class NativeScheduler:
                 room = max_model_len - num_tokens
             delivered = generated if generated < room else room
             if delivered > 0:
-                if num_output == 0:
-                    req.first_token_s = now
-                if req.first_visible_s < 0 and num_output + delivered > req.reasoning_tokens:
-                    req.first_visible_s = now
-                num_output += delivered
-                req.num_output = num_output
-                req.last_token_s = now
-                stopped = num_output >= req.max_tokens or num_tokens + delivered >= max_model_len
+                deliver_tokens(req, delivered, at_now)
+                stopped = num_output + delivered >= req.max_tokens or num_tokens + delivered >= max_model_len
             else:
                 delivered, stopped = 0, True
             if not stale:
@@ -356,6 +368,16 @@ class NativeScheduler:
                 done = {r.rid for r in finished}
                 self.running = [r for r in running if r.rid not in done]
         return finished
+
+    def finish_requests(self, rids: Iterable[int], now: float) -> list[SimRequest]:
+        done = [self.requests[rid] for rid in rids if self.requests[rid].status < Status.FINISHED]
+        for req in done:
+            if req.status == Status.WAITING:
+                self.waiting.remove(req)
+            self.finish(req, now)
+        if done:
+            self.running = [r for r in self.running if r.status == Status.RUNNING]
+        return done
 
     def finish(self, req: SimRequest, now: float) -> None:
         """A request's last token arrived at ``now``: it is done and its blocks are freed."""

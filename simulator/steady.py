@@ -27,20 +27,30 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import deque
-from operator import attrgetter
+from dataclasses import dataclass
 
 from simulator.engine_config import EngineConfig
-from simulator.fast_forward import head_blocked
+from simulator.fast_forward import Advance, InFlight, Runs
 from simulator.request import SimRequest, Status
+from simulator.rules import running_tokens
 from simulator.scheduler import NativeScheduler, SchedulerOutput
-
-_order = attrgetter("order")
 
 #: requests become steady only with this many running and after this many ordinary steps in a
 #: row: entering and leaving costs a few ordinary steps' work, lost when a run of identical
 #: steps (simulator.fast_forward, cheaper still) follows at once
 STEADY_MIN_RUNNING = 16
 STEADY_AFTER_STEPS = 4
+
+
+@dataclass(slots=True)
+class _Steady:
+    """A steady request's stretch: the step it began, its next KV block step, its last step + 1."""
+
+    req: SimRequest
+    start: int
+    cross: int
+    exit: int
+    live: bool = True  # False once the request has left the steady set
 
 
 class SteadyScheduler(NativeScheduler):
@@ -52,9 +62,11 @@ class SteadyScheduler(NativeScheduler):
         super().__init__(config, num_blocks, async_scheduling=async_scheduling)
         self._lag = 1 if async_scheduling else 0  # steps in flight when a step is scheduled
         self._specials: list[SimRequest] = []  # running, not steady, in running order
+        self._order: dict[int, int] = {}  # request id -> admission order among running requests
         self._next_order = 0
-        self._events: dict[int, list[SimRequest]] = {}  # step -> steady requests with an event
-        self._exits: list[tuple[int, int, SimRequest]] = []  # heap: (last step + 1, seq, request)
+        self._steady: dict[int, _Steady] = {}  # request id -> its stretch, while it is steady
+        self._events: dict[int, list[_Steady]] = {}  # step -> steady stretches with an event
+        self._exits: list[tuple[int, int, _Steady]] = []  # heap: (last step + 1, seq, stretch)
         self._exit_seq = 0
         self._steady_count = 0
         self._steady_base = 0  # sum over steady requests of (computed at entry - entry step + 1)
@@ -66,6 +78,22 @@ class SteadyScheduler(NativeScheduler):
         self.steady_request_steps = 0
         self._ordinary_steps = 0
         self._last_scheduled = -1
+        self._runs: Runs | None = None
+
+    # --- runs of steps (simulator.fast_forward) ------------------------------------
+    def use_runs(self, runs: Runs) -> None:
+        """Advance by runs of steps where it can (``advance``)."""
+        self._runs = runs
+
+    def add_request(self, request: SimRequest) -> None:
+        if self._runs is None or not self._runs.join(request):  # (else a run admitted it)
+            super().add_request(request)
+
+    def advance(self, now: float, pace: float = 0.0, next_arrival: int = 0,
+                in_flight: InFlight | None = None) -> Advance | None:
+        if self._runs is None or not self.ready_for_run():
+            return None
+        return self._runs.advance(now, pace, next_arrival, in_flight)
 
     # --- the step ---------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -79,7 +107,7 @@ class SteadyScheduler(NativeScheduler):
             self._last_scheduled = self.step
 
     def _on_admit(self, req: SimRequest) -> None:
-        req.order = self._next_order
+        self._order[req.rid] = self._next_order
         self._next_order += 1
         if self._steady_count:  # else the running requests are all ordinary
             self._specials.append(req)
@@ -87,94 +115,58 @@ class SteadyScheduler(NativeScheduler):
     def _schedule_running(self, out: SchedulerOutput, budget: int, threshold: int) -> tuple[int, bool]:
         s = self.step
         running_status = Status.RUNNING
+        steady = self._steady
         if not self._steady_count:
             if len(self.running) < STEADY_MIN_RUNNING or self._ordinary_steps < STEADY_AFTER_STEPS:
                 return super()._schedule_running(out, budget, threshold)
             specials = list(self.running)
         else:
-            specials = [r for r in self._specials if r.steady_from < 0 and r.status == running_status]
+            specials = [r for r in self._specials if r.rid not in steady and r.status == running_status]
         self._specials = specials  # requests leaving the steady set in this step join it
-        demand = self._steady_count
-        for r in specials:
-            demand += self._demand(r, threshold)
-        if demand > budget:
+        max_model_len = self.max_model_len
+        demands = [running_tokens(r, threshold, max_model_len) for r in specials]
+        if self._steady_count + sum(demands) > budget:
             # the budget runs out part-way through the running requests: who is served depends
             # on everyone's position, so this step goes the ordinary way
             self.materialize()
             return super()._schedule_running(out, budget, threshold)
-        todo = {r.order: r for r in specials}
-        for r in self._events.pop(s, ()):
-            if r.steady_from >= 0 and min(r.steady_cross, r.steady_exit) == s:
-                todo[r.order] = r
-        kv = self.kv
-        scheduled = out.num_scheduled
+        order = self._order
+        # order -> (request, its steady stretch or None, its tokens if known, else -1)
+        todo = {order[r.rid]: (r, None, n) for r, n in zip(specials, demands, strict=True)}
+        for st in self._events.pop(s, ()):
+            if st.live and min(st.cross, st.exit) == s:
+                todo[order[st.req.rid]] = (st.req, st, -1)
         block_size = self.block_size
-        max_model_len = self.max_model_len
-        append_block, events = kv.append_block, self._events
+        append_block, events = self.kv.append_block, self._events
         for order in sorted(todo):
-            req = todo[order]
+            req, st, n = todo[order]
             if req.status != running_status:
-                continue  # preempted earlier in this step
-            if req.steady_from >= 0:
-                exit_step = req.steady_exit
+                continue  # preempted earlier in this step (a steady one left the set then)
+            if st is not None:
+                exit_step = st.exit
                 if exit_step != s:  # a block boundary: one more block, in running order
                     if not append_block(req.rid) and not self._make_room(
                             req, out, lambda req=req: append_block(req.rid)):
                         break
                     # the next event (as _add_event; spelled out: the hottest loop under load)
-                    cross = req.steady_cross = req.steady_cross + block_size
+                    cross = st.cross = st.cross + block_size
                     step = cross if cross < exit_step else exit_step
                     bucket = events.get(step)
                     if bucket is None:
-                        events[step] = [req]
+                        events[step] = [st]
                     else:
-                        bucket.append(req)
+                        bucket.append(st)
                     continue
                 self._leave(req)
             elif self._enter(req, s):
                 continue
-            # the ordinary scheduling of one running request (NativeScheduler._schedule_running)
-            computed, placeholders = req.num_computed, req.placeholders
-            if placeholders > 0 and computed + 2 - placeholders >= req.num_prompt + req.max_tokens:
-                continue
-            num_tokens = req.num_prompt + req.num_output
-            n = num_tokens + placeholders - computed
-            if 0 < threshold < n:
-                n = threshold
-            n = min(n, max_model_len - computed - 1)  # the budget covers everyone (demand above)
-            if n <= 0:
-                continue
-            slots = min(computed + n, max_model_len)
-            if not self._make_room(req, out, lambda req=req, slots=slots: kv.allocate(req.rid, slots)):
+            n = self._schedule_one(req, out, budget, threshold, n)  # the budget covers everyone (demands above)
+            if n < 0:
                 break
-            kv.cache_full_blocks(req, min(computed + n, num_tokens))
-            scheduled[req.rid] = n
             budget -= n
-        self._specials = [r for r in self._specials if r.steady_from < 0 and r.status == running_status]
+        self._specials = [r for r in self._specials if r.rid not in steady and r.status == running_status]
         out.num_steady = self._steady_count
         return budget - self._steady_count, False
-
-    def _demand(self, req: SimRequest, threshold: int) -> int:
-        """Tokens the ordinary scheduling would give ``req`` with an unlimited budget."""
-        computed, placeholders = req.num_computed, req.placeholders
-        if placeholders > 0 and computed + 2 - placeholders >= req.num_prompt + req.max_tokens:
-            return 0
-        n = req.num_prompt + req.num_output + req.spec_tokens + placeholders - computed
-        if 0 < threshold < n:
-            n = threshold
-        return max(min(n, self.max_model_len - computed - 1), 0)
-
-    def _make_room(self, req: SimRequest, out: SchedulerOutput, allocate) -> bool:
-        """Call ``allocate()`` (KV blocks for ``req``) until it succeeds, preempting from the
-        back of the running requests meanwhile; False if ``req`` itself was preempted."""
-        running = self.running
-        while not allocate():
-            victim = running.pop()
-            self._preempt(victim)
-            out.preempted.append(victim.rid)
-            if victim is req:
-                return False
-        return True
 
     def _after_schedule(self, out: SchedulerOutput) -> None:
         super()._after_schedule(out)
@@ -200,9 +192,13 @@ class SteadyScheduler(NativeScheduler):
         return finished
 
     def _preempt(self, req: SimRequest) -> None:
-        if req.steady_from >= 0:
+        if req.rid in self._steady:
             self._leave(req)
         super()._preempt(req)
+
+    def finish(self, req: SimRequest, now: float) -> None:
+        self._order.pop(req.rid, None)
+        super().finish(req, now)
 
     # --- entering and leaving the steady set -------------------------------------------
     def _enter(self, req: SimRequest, s: int) -> bool:
@@ -224,42 +220,42 @@ class SteadyScheduler(NativeScheduler):
         if j_exit < 1:
             return False
         kv = self.kv
-        j_cross = len(kv.req_blocks[req.rid]) * self.block_size - computed
+        j_cross = kv.num_blocks_of(req.rid) * self.block_size - computed
         if j_cross < 1:
             return False
         if kv.enable_caching:
             kv.cache_full_blocks(req, num_tokens)  # what the ordinary scheduling does in step s
             if kv.num_cached_blocks_of(req.rid) < req.num_shared_blocks:
                 return False
-        req.steady_from = s
-        req.steady_cross = s + j_cross
-        req.steady_exit = s + j_exit
-        self._add_event(req)
+        st = self._steady[req.rid] = _Steady(req, s, s + j_cross, s + j_exit)
+        self._add_event(st)
         self._exit_seq += 1
-        heapq.heappush(self._exits, (req.steady_exit, self._exit_seq, req))
+        heapq.heappush(self._exits, (st.exit, self._exit_seq, st))
         self._steady_count += 1
         self._steady_base += computed - s + 1
         return True
 
-    def _add_event(self, req: SimRequest) -> None:
-        step = req.steady_cross if req.steady_cross < req.steady_exit else req.steady_exit
+    def _add_event(self, st: _Steady) -> None:
+        step = st.cross if st.cross < st.exit else st.exit
         bucket = self._events.get(step)
         if bucket is None:
-            self._events[step] = [req]
+            self._events[step] = [st]
         else:
-            bucket.append(req)
+            bucket.append(st)
 
     def _leave(self, req: SimRequest) -> None:
         """Give a steady request its current values and make it ordinary again."""
         self._settle(req)
-        bisect.insort(self._specials, req, key=_order)
+        order = self._order
+        bisect.insort(self._specials, req, key=lambda r: order[r.rid])
 
     def _settle(self, req: SimRequest) -> None:
-        e = req.steady_from
+        st = self._steady.pop(req.rid)
+        st.live = False
+        e = st.start
         computed = req.num_computed
         self._steady_count -= 1
         self._steady_base -= computed - e + 1
-        req.steady_from = -1
         scheduled_through = self.step - 1 if self._in_schedule else self.step
         k_scheduled = scheduled_through - e + 1
         k_applied = max(self._applied_step - e + 1, 0)
@@ -290,7 +286,7 @@ class SteadyScheduler(NativeScheduler):
         if not self._steady_count:
             return
         for r in self.running:
-            if r.steady_from >= 0:
+            if r.rid in self._steady:
                 self._settle(r)
         self._specials = list(self.running)
         self._events.clear()
@@ -308,16 +304,16 @@ class SteadyScheduler(NativeScheduler):
         lag = self._lag
         min_steps = max(2, self._steady_count // 24)
         for r in self._specials:
-            if r.status != Status.RUNNING or r.steady_from >= 0:
+            if r.status != Status.RUNNING or r.rid in self._steady:
                 continue
             if (r.placeholders != lag or r.stale_tokens or r.spec_tokens
                     or r.num_computed != r.num_prompt + r.num_output - 1 + lag
                     or r.max_tokens - r.num_output - lag <= min_steps):
                 return False
-        if self.waiting and not head_blocked(self, self.waiting[0]):
+        if self.waiting and not self.head_blocked():
             return False
         exits = self._exits
-        while exits and (exits[0][2].steady_from < 0 or exits[0][2].steady_exit != exits[0][0]):
+        while exits and (not exits[0][2].live or exits[0][2].exit != exits[0][0]):
             heapq.heappop(exits)
         if exits and exits[0][0] - self.step <= min_steps + 1:
             return False

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,7 +39,8 @@ from typing import Any
 from simulator.engine_config import EngineConfig
 from simulator.errors import ConfigError
 from simulator.request import SimRequest, Status
-from simulator.scheduler import SchedulerOutput
+from simulator.rules import deliver_tokens
+from simulator.scheduler_interface import Scheduler, SchedulerOutput
 
 #: prompt token id of prefix group g (far above any request's own id r + 1)
 PREFIX_TOKEN_BASE = 1_000_000_000
@@ -103,6 +105,7 @@ def _import_vllm() -> SimpleNamespace:
         DraftTokenIds=outputs.DraftTokenIds,
         ModelRunnerOutput=outputs.ModelRunnerOutput,
         Request=request.Request,
+        RequestStatus=request.RequestStatus,
         StructuredOutputManager=structured_output.StructuredOutputManager,
     )
 
@@ -265,8 +268,8 @@ class VllmKV:
             self.prefix_hits += stats.hits
 
 
-class VllmScheduler:
-    """NativeScheduler's interface over vLLM's real V1 scheduler (no model executed)."""
+class VllmScheduler(Scheduler):
+    """The scheduler interface over vLLM's real V1 scheduler (no model executed)."""
 
     def __init__(self, config: EngineConfig, num_blocks: int, async_scheduling: bool = True):
         v = _import_vllm()
@@ -436,14 +439,9 @@ class VllmScheduler:
             if sim.status >= Status.FINISHED:
                 continue
             vreq = vreqs[rid]
-            num_output = vreq.num_output_tokens
-            if num_output > sim.num_output:
-                if sim.num_output == 0:
-                    sim.first_token_s = now
-                if sim.first_visible_s < 0 and num_output > sim.reasoning_tokens:
-                    sim.first_visible_s = now
-                sim.num_output = num_output
-                sim.last_token_s = now
+            delivered = vreq.num_output_tokens - sim.num_output
+            if delivered > 0:
+                deliver_tokens(sim, delivered, (now,) * delivered)
             sim.num_computed = vreq.num_computed_tokens
             sim.placeholders = vreq.num_output_placeholders
             if vreq.is_finished():
@@ -455,3 +453,13 @@ class VllmScheduler:
         if self.config.speculative.enabled:
             self._draft_candidates = sorted(out.sampling)
         return finished
+
+    def finish_requests(self, rids: Iterable[int], now: float) -> list[SimRequest]:
+        done = [self.requests[rid] for rid in rids if self.requests[rid].status < Status.FINISHED]
+        self.scheduler.finish_requests([str(r.rid) for r in done], self._v.RequestStatus.FINISHED_ABORTED)
+        for sim in done:
+            sim.status = Status.FINISHED
+            sim.finish_s = now
+            self.kv.observe(sim.rid)
+            self._vllm_requests.pop(sim.rid, None)
+        return done

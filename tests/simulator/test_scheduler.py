@@ -152,3 +152,16 @@ def test_engine_settings_vllm_refuses_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"engine.max_num_batched_tokens: must be >= max_num_seqs=256"):
         EngineConfig(max_num_seqs=256, max_num_batched_tokens=128)
     assert EngineConfig(max_num_seqs=128, max_num_batched_tokens=128).max_num_batched_tokens == 128
+
+
+def test_finish_requests_aborts_running_and_waiting_ones():
+    s = make(num_blocks=100, max_num_seqs=1)
+    s.add_request(req(0, 40, 10))
+    s.add_request(req(1, 40, 10))
+    step(s)
+    assert s.num_running == 1 and s.num_waiting == 1 and s.kv.num_used_blocks > 0
+    done = s.finish_requests([0, 1], 2.0)
+    assert [r.rid for r in done] == [0, 1]
+    assert all(r.status == Status.FINISHED and r.finish_s == 2.0 for r in done)
+    assert not s.has_requests() and s.kv.num_used_blocks == 0
+    assert s.stats().num_running == 0 and s.kv_usage == 0.0

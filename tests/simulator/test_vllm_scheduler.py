@@ -169,3 +169,17 @@ def test_building_vllms_scheduler_leaves_the_environment_alone(monkeypatch):
     VllmScheduler(EngineConfig(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=64), num_blocks=64)
     after = dict(__import__("os").environ)
     assert after == before
+
+
+def test_finish_requests_aborts_in_vllm_too():
+    from simulator.request import SimRequest, Status
+
+    s = VllmScheduler(EngineConfig(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=1), num_blocks=64)
+    s.add_request(SimRequest(0, 0.0, 40, 10))
+    s.add_request(SimRequest(1, 0.0, 40, 10))
+    out = s.schedule()
+    s.update_from_output(out, dict.fromkeys(out.sampling, 1), 0.1)
+    assert s.num_running == 1 and s.num_waiting == 1
+    done = s.finish_requests([0, 1], 1.0)
+    assert [r.rid for r in done] == [0, 1] and all(r.status == Status.FINISHED for r in done)
+    assert not s.has_requests() and s.kv.num_used_blocks == 0 and s.stats().num_waiting == 0
