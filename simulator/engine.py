@@ -10,6 +10,7 @@ step k+1 is scheduled before step k's output is applied.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import signal
 import threading
@@ -111,6 +112,16 @@ class StepLog:
         return out
 
 
+def delay_until(now: float, t: float) -> float:
+    """The timeout that brings SimPy's clock from ``now`` to no earlier than ``t``:
+    ``now + (t - now)`` can round an ulp below ``t`` (a request would then be scheduled
+    before it arrives)."""
+    delay = t - now
+    while now + delay < t:
+        delay = math.nextafter(delay, math.inf)
+    return delay
+
+
 @dataclass
 class EngineRun:
     """Everything one simulation produced, before it is tabulated."""
@@ -184,6 +195,9 @@ class Engine:
         self._arrivals_done = False
         self._finished = 0
         self._stop_requested = False
+        # preemptions of schedule() calls that scheduled nothing: no step of theirs is
+        # logged, so the next logged step counts them
+        self._unlogged_preemptions = 0
         self.interrupted = False
 
     def _arrivals_columns(self) -> fast_forward.Arrivals:
@@ -207,7 +221,7 @@ class Engine:
             if rid < self._next_arrival:
                 continue  # a run admitted it: it comes through _arrive
             if arrival[rid] > env.now:
-                yield env.timeout(arrival[rid] - env.now)
+                yield env.timeout(delay_until(env.now, arrival[rid]))
                 if rid < self._next_arrival:
                     continue  # admitted by a run planned meanwhile
             self._next_arrival = rid + 1
@@ -264,6 +278,7 @@ class Engine:
                 if out.preempted:
                     # a step that only preempted (a lone request short of a block preempts
                     # itself): like vLLM's engine, schedule again at once
+                    self._unlogged_preemptions += len(out.preempted)
                     continue
                 if not self._idle():
                     raise RuntimeError(f"scheduler stalled at t={env.now:.3f}s: {self._state()}")
@@ -296,6 +311,8 @@ class Engine:
                     if len(in_flight) < 2:
                         continue
                 only_preempted = bool(out.preempted) and not out.has_work
+                if only_preempted:
+                    self._unlogged_preemptions += len(out.preempted)
             if not in_flight:
                 if only_preempted:
                     continue  # as in the sync loop: vLLM's engine schedules again at once
@@ -307,7 +324,7 @@ class Engine:
                 continue
             out, start, end = in_flight.popleft()
             if end > env.now:
-                yield env.timeout(end - env.now)
+                yield env.timeout(delay_until(env.now, end))
             self._apply(out, start)
 
     # --- step times and the fast path --------------------------------------------------
@@ -319,8 +336,9 @@ class Engine:
         """Log a run's steps; return the arrivals it admitted (and those rejected among them),
         which come during the run: they are made when it is over (``_arrive``)."""
         applied = adv.applied
+        first_preempted = adv.first_preempted + self._take_unlogged_preemptions()
         self.steps.add_run(adv.k, adv.starts, adv.token_times, applied.kv_blocks_used, applied.segments,
-                           self.scheduler.num_waiting, adv.waiting_changes, adv.first_preempted)
+                           self.scheduler.num_waiting, adv.waiting_changes, first_preempted)
         self._pace = adv.last_step_s
         admitted = range(self._next_arrival, max(adv.next_arrival, self._next_arrival))
         self._next_arrival = admitted.stop  # (the arrival process skips them)
@@ -351,7 +369,8 @@ class Engine:
         self.steps.add_step(
             start, now, sched.kv.num_used_blocks, sched.num_running, sched.num_waiting,
             sum(batch.prefill_tokens), len(batch.decode_context) + sum(batch.decode_spec_tokens),
-            len(out.num_scheduled) + out.num_steady, len(out.preempted),
+            len(out.num_scheduled) + out.num_steady,
+            len(out.preempted) + self._take_unlogged_preemptions(),
         )
         if self.decisions is not None:
             self.decisions.append(out)
@@ -388,6 +407,10 @@ class Engine:
                 continue
             room = self.config.max_model_len - req.num_tokens - 1
             req.spec_tokens = min(k, room) if (room > 0 and rand() < spec.proposal_rate) else 0
+
+    def _take_unlogged_preemptions(self) -> int:
+        n, self._unlogged_preemptions = self._unlogged_preemptions, 0
+        return n
 
     def _count_finished(self, n: int) -> None:
         self._finished += n

@@ -251,10 +251,6 @@ def two_requests(arrival_s, prompt=(1, 1), output=(1, 1)) -> Workload:
                     reasoning_tokens=np.zeros(2, np.int64), domain=np.full(2, "math", object))
 
 
-@pytest.mark.xfail(strict=True, reason="the arrival process waits timeout(arrival - now), and SimPy's "
-                   "now + (arrival - now) can be an ulp below arrival: request 1 (arrival "
-                   "3.9999999999999996, clock last at 1.9511367522800154) is scheduled at 3.999999999999999, "
-                   "queue_s = -4.4e-16")
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_no_request_is_scheduled_before_it_arrives(async_scheduling, fast):
@@ -263,9 +259,6 @@ def test_no_request_is_scheduled_before_it_arrives(async_scheduling, fast):
     assert np.all(r.requests["queue_s"] >= 0)
 
 
-@pytest.mark.xfail(strict=True, reason="a schedule() call that preempts but schedules nothing (here: "
-                   "async, request 1 preempted for lack of a block while step 2 is in flight) logs no "
-                   "step, so its preemption is missing from timeline.preempted (0 against 1 in requests)")
 @pytest.mark.parametrize("fast", [False, True])
 def test_timeline_counts_the_preemptions_of_a_schedule_that_ran_nothing(fast):
     w = two_requests([0.0, 0.0], output=(2, 3))
