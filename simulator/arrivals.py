@@ -26,6 +26,44 @@ import numpy as np
 from simulator.errors import ConfigError, require
 
 FAMILIES = ("gamma", "weibull")
+# Times are float64 seconds: up to 2**32 s (~136 years) they keep a resolution of 2**-20 s (~1 us).
+MAX_SPAN_S = float(2**32)
+# Rates (requests/s) whose gaps stay representable and distinct: 1 request a ~11.6 days .. 1 a ns.
+MIN_RATE, MAX_RATE = 1e-6, 1e9
+# Memory one request takes through a simulation (workload arrays, engine state, per-request results).
+BYTES_PER_REQUEST = 2048
+
+
+def max_num_requests() -> int:
+    """The most requests a workload may hold: what available memory fits at BYTES_PER_REQUEST."""
+    import os
+
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        available = 16 * 2**30
+    return max(1_000_000, int(available // BYTES_PER_REQUEST))
+
+
+def check_request_count(n: float, field: str) -> None:
+    """Refuse a workload of n requests that memory cannot hold, up front."""
+    cap = max_num_requests()
+    require(
+        n <= cap,
+        field,
+        f"{n:.4g} requests would need ~{n * BYTES_PER_REQUEST / 2**30:.3g} GiB "
+        f"({BYTES_PER_REQUEST} bytes each); allowed: at most {cap} on this machine",
+    )
+
+
+def check_span(n: float, rate: float, field: str = "workload.rate") -> None:
+    """Refuse a trace whose span n / rate exceeds MAX_SPAN_S (float64 times would lose microseconds)."""
+    require(
+        n / rate <= MAX_SPAN_S,
+        field,
+        f"{n:.4g} requests at {rate:g} req/s span {n / rate:.3g} s; allowed: a span of at most "
+        f"{MAX_SPAN_S:.4g} s (float64 times keep ~1 us resolution), so rate >= {n / MAX_SPAN_S:.3g}",
+    )
 
 
 @dataclass(frozen=True)
@@ -74,9 +112,13 @@ class RateWindow:
 def check_rate(rate: float, field: str = "workload.rate") -> None:
     """Raise ConfigError unless rate is a positive finite number."""
     require(
-        isinstance(rate, int | float) and math.isfinite(rate) and rate > 0,
+        isinstance(rate, int | float)
+        and not isinstance(rate, bool)
+        and math.isfinite(rate)
+        and MIN_RATE <= rate <= MAX_RATE,
         field,
-        f"must be a positive number of requests/s, got {rate!r}",
+        f"must be a positive number of requests/s in [{MIN_RATE:g}, {MAX_RATE:g}] (slower: times lose precision; "
+        f"faster: gaps under 1 ns), got {rate!r}",
     )
 
 
@@ -105,6 +147,7 @@ def check_size(num_requests: int | None, duration_s: float | None) -> None:
             "workload.num_requests",
             f"must be a positive integer, got {num_requests!r}",
         )
+        check_request_count(num_requests, "workload.num_requests")
     else:
         require(
             isinstance(duration_s, int | float) and not math.isnan(duration_s) and duration_s > 0,

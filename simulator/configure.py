@@ -63,8 +63,59 @@ def engine_config(engine: dict[str, Any], optimization: dict[str, Any]) -> Engin
     return EngineConfig.from_dict(merged)
 
 
-def build_run(cfg) -> RunSpec:
-    """Validate a full simulator config and build its records."""
+TOP_LEVEL_FLAGS = ("plots", "progress")
+SIZE_KEYS = ("num_requests", "duration_s")
+
+
+def check_flags(cfg) -> None:
+    """Refuse top-level booleans given as anything but true/false (e.g. ``plots=maybe``)."""
+    for name in TOP_LEVEL_FLAGS:
+        value = cfg.get(name, True)
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, got {value!r}")
+
+
+def check_tp(value) -> int:
+    """The tensor-parallel size: a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError("tp", f"must be a positive integer (GPUs per replica), got {value!r}")
+    return value
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides of the running Hydra app (``[]`` outside one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return list(HydraConfig.get().overrides.task)
+    except ImportError:  # pragma: no cover
+        pass
+    return []
+
+
+def resolve_size(workload: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A workload whose size given on the command line replaces its YAML's default size.
+
+    Each workload YAML sets one of num_requests / duration_s; when the command
+    line sets only the other one (``workload=mooncake workload.num_requests=400``),
+    the YAML's default no longer applies and is cleared. Setting both keeps both.
+    """
+    pairs = (item.lstrip("+~").split("=", 1) for item in overrides)
+    given = {p[0] for p in pairs if len(p) == 2 and p[1].strip().lower() not in ("null", "none", "~")}
+    named = [k for k in SIZE_KEYS if f"workload.{k}" in given]
+    if len(named) != 1:
+        return workload
+    other = SIZE_KEYS[1 - SIZE_KEYS.index(named[0])]
+    return {**workload, other: None}
+
+
+def build_run(cfg, overrides: list[str] | None = None) -> RunSpec:
+    """Validate a full simulator config and build its records.
+
+    ``overrides`` are the command-line overrides (default: those of the running
+    Hydra app); they tell a size the user gave from the workload's default one.
+    """
     from calibration.registry import build_performance_model
     from simulator.workload_builder import build_workload
 
@@ -72,11 +123,15 @@ def build_run(cfg) -> RunSpec:
     for group in ("workload", "engine", "hardware", "model", "optimization", "perf", "slo"):
         if group not in plain:
             raise ConfigError(group, "missing config group")
+    check_flags(plain)
+    if overrides is None:
+        overrides = command_line_overrides()
+    plain["workload"] = resolve_size(dict(plain["workload"]), overrides)
     optimization = dict(plain["optimization"] or {})
     engine = engine_config(plain["engine"], optimization)
     hardware = Hardware.from_dict(plain["hardware"])
     model = ModelArchitecture.from_dict(plain["model"])
-    tp = int(plain.get("tp", 1))
+    tp = check_tp(plain.get("tp", 1))
     perf = build_performance_model(hardware, model, optimization, tp, plain["perf"], engine=engine)
     profiled = getattr(perf, "architecture", None)
     if isinstance(profiled, ModelArchitecture):

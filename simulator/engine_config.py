@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -24,6 +25,13 @@ class SpeculativeConfig:
     proposal_rate: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, "engine.speculative", {"acceptance_rate"})
+        require(
+            isinstance(self.acceptance_rate, (list, tuple))
+            and all(isinstance(r, numbers.Real) and not isinstance(r, bool) for r in self.acceptance_rate),
+            "engine.speculative.acceptance_rate",
+            f"must be a list of numbers in [0, 1], got {self.acceptance_rate!r}",
+        )
         require(self.num_speculative_tokens >= 0, "engine.speculative.num_speculative_tokens", "must be >= 0")
         rates = tuple(float(r) for r in self.acceptance_rate)
         object.__setattr__(self, "acceptance_rate", rates)
@@ -68,31 +76,49 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "engine", {"speculative"})
         require(self.block_size >= 1, "engine.block_size", "must be >= 1")
         require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")
         require(self.max_model_len >= 2, "engine.max_model_len", "must be >= 2")
+        require(
+            self.max_num_batched_tokens >= self.block_size,
+            "engine.max_num_batched_tokens",
+            f"must be >= block_size={self.block_size} (a step must fit at least one KV block), "
+            f"got {self.max_num_batched_tokens}",
+        )
         require(  # vLLM's SchedulerConfig refuses it too
             self.max_num_batched_tokens >= self.max_num_seqs,
             "engine.max_num_batched_tokens",
             f"must be >= max_num_seqs={self.max_num_seqs} (vLLM refuses a smaller token budget), "
             f"got {self.max_num_batched_tokens}",
         )
-        require(
-            self.max_model_len % self.block_size == 0,
-            "engine.block_size",
-            f"{self.block_size} does not divide max_model_len={self.max_model_len}; "
-            "allowed: a divisor of max_model_len such as 16, 32, 64 or 128",
-        )
+        if self.max_model_len % self.block_size:
+            # a power-of-two block size (vLLM's) blames max_model_len; any other blames block_size
+            if self.block_size & (self.block_size - 1) == 0:
+                nearest = max(1, round(self.max_model_len / self.block_size)) * self.block_size
+                raise ConfigError(
+                    "engine.max_model_len",
+                    f"must be a multiple of block_size={self.block_size} (e.g. {nearest}), "
+                    f"got {self.max_model_len}",
+                )
+            raise ConfigError(
+                "engine.block_size",
+                f"{self.block_size} does not divide max_model_len={self.max_model_len}; "
+                "allowed: a divisor of max_model_len such as 16, 32, 64 or 128",
+            )
         require(
             0 < self.gpu_memory_utilization <= 1,
             "engine.gpu_memory_utilization",
             "must lie in (0, 1]",
         )
+        full = -(-self.max_model_len // self.block_size) + 1
         require(
-            self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+            self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 2,
             "engine.num_gpu_blocks_override",
-            "must be >= 1 or null",
+            f"must be null or >= 2 blocks (one is vLLM's null block; {full} blocks hold a request of "
+            f"max_model_len={self.max_model_len} tokens, fewer reject longer requests), "
+            f"got {self.num_gpu_blocks_override}",
         )
         require(self.long_prefill_token_threshold >= 0, "engine.long_prefill_token_threshold", "must be >= 0")
         require(
@@ -129,6 +155,33 @@ class EngineConfig:
                 )
             spec = SpeculativeConfig(**spec)
         return cls(speculative=spec, **data)
+
+
+_KINDS = {
+    "int": (numbers.Integral, "an integer"),
+    "float": (numbers.Real, "a number"),
+    "bool": (bool, "true or false"),
+    "str": (str, "a string"),
+}
+
+
+def check_field_types(record, prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """Refuse a field whose value has the wrong type (e.g. ``block_size=abc``), naming it."""
+    for f in fields(record):
+        if f.name in skip:
+            continue
+        value = getattr(record, f.name)
+        annotation = str(f.type)
+        if value is None and "None" in annotation:
+            continue
+        kind = annotation.split("|")[0].strip()
+        if kind not in _KINDS:
+            continue
+        types, words = _KINDS[kind]
+        ok = isinstance(value, types) and (kind == "bool" or not isinstance(value, bool))
+        if not ok:
+            allowed = f"{words} or null" if "None" in annotation else words
+            raise ConfigError(f"{prefix}.{f.name}", f"must be {allowed}, got {value!r}")
 
 
 def parse_key_values(items: list[str] | None, field: str) -> dict[str, Any]:

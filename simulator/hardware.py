@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from simulator.engine_config import check_field_types
 from simulator.errors import ConfigError
 
 GIB = 1024**3
@@ -28,6 +29,7 @@ class Hardware:
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "hardware")
         for f in ("memory_gib", "memory_bandwidth_gbps", "bf16_tflops"):
             if not float(getattr(self, f)) > 0:
                 raise ConfigError(f"hardware.{f}", "must be > 0")

@@ -53,6 +53,7 @@ from simulator.traces import Distribution, read_servegen_client, servegen_client
 SERVEGEN_DIR = "data/workloads/servegen-deepseek-r1"
 MAX_OUTPUT_TOKENS = 32768
 MAX_PROMPT_TOKENS = 32768
+MAX_MODEL_LEN = 32768  # the default engine's context window (conf/engine/vllm_default.yaml)
 
 # Published means for R1-Distill-Qwen-7B (32k budget), from the study.
 GSM8K_MEAN_OUTPUT = 2460.0
@@ -303,6 +304,7 @@ def fit(directory: str | Path = SERVEGEN_DIR) -> dict:
     return {
         "max_output_tokens": MAX_OUTPUT_TOKENS,
         "max_prompt_tokens": MAX_PROMPT_TOKENS,
+        "max_model_len": MAX_MODEL_LEN,
         "reason_ratio_mean": round(ratio.mean, 3),
         "mix": dict(PRODUCTION_MIX),
         "domains": domains,
@@ -337,6 +339,8 @@ def to_yaml(config: Mapping, check: Mapping[str, Mapping[str, float]] | None = N
     lines += [
         f"max_output_tokens: {config['max_output_tokens']}",
         f"max_prompt_tokens: {config['max_prompt_tokens']}",
+        "# context window: prompt <= max_model_len - 1, output <= max_model_len - prompt (as vLLM serves)",
+        f"max_model_len: {config['max_model_len']}",
         "# reasoning share used when lengths come from a file and workload.reason_ratio is null",
         f"reason_ratio_mean: {config['reason_ratio_mean']}",
         "mix: {" + ", ".join(f"{k}: {v}" for k, v in config["mix"].items()) + "}",

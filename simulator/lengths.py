@@ -8,6 +8,9 @@ workload's domain mix, its difficulty from the domain's mix, then:
   rounded and clipped to [1, max_output_tokens];
 - prompt tokens ~ LogNormal(median, sigma) of its domain, clipped to
   [1, max_prompt_tokens];
+- both then fit the context window ``max_model_len`` as vLLM serves them:
+  prompt <= max_model_len - 1, output <= max_model_len - prompt (vLLM's
+  default max_tokens), so the default engine never has to reject one;
 - reasoning tokens = round(reason_ratio · output), the ratio drawn per request
   from the domain's Beta(alpha, beta) law (or fixed by the caller).
 
@@ -143,6 +146,7 @@ class LengthModel:
     max_output_tokens: int = 32768
     max_prompt_tokens: int = 32768
     reason_ratio_mean: float = 0.72
+    max_model_len: int = 32768
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> LengthModel:
@@ -184,7 +188,13 @@ class LengthModel:
         mix = parse_mix(cfg.get("mix") or dict.fromkeys(names, 1.0), f"{field}.mix", names)
         ratio = float(cfg.get("reason_ratio_mean", 0.72))
         require(0 <= ratio <= 1, f"{field}.reason_ratio_mean", f"must lie in [0, 1], got {ratio}")
-        return cls(domains, mix, max_output, max_prompt, ratio)
+        context = cfg.get("max_model_len", 32768)
+        require(
+            isinstance(context, int) and not isinstance(context, bool) and context >= 2,
+            f"{field}.max_model_len",
+            f"must be an integer >= 2 (prompt + output tokens), got {context!r}",
+        )
+        return cls(domains, mix, max_output, max_prompt, ratio, context)
 
     @classmethod
     def default(cls) -> LengthModel:
@@ -255,8 +265,12 @@ class LengthModel:
         prompt_median = np.log([self.domains[d].prompt.median for d in names])
         prompt_sigma = np.array([self.domains[d].prompt.sigma for d in names])
         prompt = _lognormal(
-            rng, prompt_median[domain_index], prompt_sigma[domain_index], self.max_prompt_tokens
+            rng,
+            prompt_median[domain_index],
+            prompt_sigma[domain_index],
+            min(self.max_prompt_tokens, self.max_model_len - 1),
         )
+        output = np.minimum(output, self.max_model_len - prompt)
         if reason_ratio is None:
             alpha = np.array([self.domains[d].reason_ratio.alpha for d in names])
             beta = np.array([self.domains[d].reason_ratio.beta for d in names])

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from simulator.engine_config import check_field_types
 from simulator.errors import ConfigError, require
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4,
@@ -44,6 +45,7 @@ class ModelArchitecture:
     family: str = "llama"
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model")
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         for f in ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",

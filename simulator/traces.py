@@ -21,6 +21,7 @@ import functools
 import itertools
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,39 @@ def resolve_path(path: str | Path, field: str = "workload.path", directory: bool
     raise ConfigError(field, f"no such {kind} {path} (looked for {tried})")
 
 
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr (input accepted, but changed or suspicious)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_text(path: Path, field: str, expected: str) -> str:
+    """A file's text; ConfigError naming field and the expected format if it is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            field, f"{path.name} is not UTF-8 text (byte {error.start}); expected {expected}"
+        ) from None
+
+
+def clamp_zero_outputs(output: np.ndarray, source: str) -> np.ndarray:
+    """Outputs of 0 tokens raised to 1 (the engine emits at least one token), with a warning."""
+    zeros = int(np.count_nonzero(output == 0))
+    if zeros:
+        warn(f"{source}: {zeros} request(s) with 0 output tokens run with 1 (vLLM emits >= 1 token)")
+    return np.maximum(output, 1)
+
+
+def require_prompts(prompt: np.ndarray, field: str, source: str) -> None:
+    """Refuse prompts of 0 tokens (vLLM rejects an empty prompt)."""
+    zeros = int(np.count_nonzero(prompt == 0))
+    require(
+        zeros == 0,
+        field,
+        f"{source}: {zeros} request(s) have 0 prompt tokens; allowed: >= 1 (vLLM rejects empty prompts)",
+    )
+
+
 def _bad(
     path: Path, line: int, column: str, value: str, expected: str, field: str = "workload.path"
 ) -> ConfigError:
@@ -75,7 +109,7 @@ def _read_csv_columns(
     path: Path, columns: Sequence[str], has_header: bool = True, field: str = "workload.path"
 ) -> dict[str, list[str]]:
     """The named columns of a small CSV file as lists of strings (data from line 2, or 1)."""
-    lines = path.read_text().splitlines()
+    lines = read_text(path, field, f"a CSV file with columns {list(columns)}").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if has_header:
@@ -132,7 +166,7 @@ def read_azure_csv(path: str | Path) -> TraceRequests:
     """Azure LLM inference trace 2023: arrivals from TIMESTAMP, lengths from the token columns.
 
     Zero token counts are raised to 1 (a request has at least one prompt and
-    one output token).
+    one output token), with a warning; rows out of time order are sorted, with a warning.
     """
     path = resolve_path(path)
     columns = _read_csv_columns(path, ["TIMESTAMP", "ContextTokens", "GeneratedTokens"])
@@ -148,13 +182,19 @@ def read_azure_csv(path: str | Path) -> TraceRequests:
                 ) from None
         raise
     seconds = (stamps - stamps.min()) / np.timedelta64(1, "s")
+    unsorted = int(np.count_nonzero(np.diff(seconds) < 0))
+    if unsorted:
+        warn(f"{path.name}: {unsorted} TIMESTAMP(s) earlier than the row before; requests sorted by time")
     order = np.argsort(seconds, kind="stable")
     prompt = _integers(path, "ContextTokens", columns["ContextTokens"])
     output = _integers(path, "GeneratedTokens", columns["GeneratedTokens"])
+    zero_prompts = int(np.count_nonzero(prompt == 0))
+    if zero_prompts:
+        warn(f"{path.name}: {zero_prompts} request(s) with 0 ContextTokens run with 1 prompt token")
     return TraceRequests(
         arrival_s=seconds[order],
         prompt_tokens=np.maximum(prompt[order], 1),
-        output_tokens=np.maximum(output[order], 1),
+        output_tokens=clamp_zero_outputs(output[order], f"{path.name} GeneratedTokens"),
     )
 
 
@@ -166,7 +206,8 @@ def read_lengths_csv(
     names = ["num_prefill_tokens", "num_decode_tokens"]
     columns = _read_csv_columns(path, names, field=field)
     prompt, output = (_integers(path, name, columns[name], field=field) for name in names)
-    return np.maximum(prompt, 1), np.maximum(output, 1)
+    require_prompts(prompt, field, f"{path.name} column num_prefill_tokens")
+    return prompt, clamp_zero_outputs(output, f"{path.name} column num_decode_tokens")
 
 
 def read_mooncake_jsonl(
@@ -179,39 +220,44 @@ def read_mooncake_jsonl(
     """
     path = resolve_path(path)
     stamps, prompts, outputs, hashes = [], [], [], []
-    with open(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(
-                    "workload.path", f"{path.name} line {number}: not JSON ({error.msg})"
-                ) from None
-            require(
-                isinstance(row, dict),
-                "workload.path",
-                f"{path.name} line {number}: not a JSON object",
+    text = read_text(path, "workload.path", "a Mooncake JSONL file (one JSON object a line)")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                "workload.path", f"{path.name} line {number}: not JSON ({error.msg})"
+            ) from None
+        require(
+            isinstance(row, dict),
+            "workload.path",
+            f"{path.name} line {number}: not a JSON object",
+        )
+        for key, expected in (
+            ("timestamp", "a number of ms >= 0"),
+            ("input_length", "an integer >= 1"),
+            ("output_length", "an integer >= 1"),
+        ):
+            value = row.get(key)
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
             )
-            for key, expected in (
-                ("timestamp", "a number of ms >= 0"),
-                ("input_length", "an integer >= 1"),
-                ("output_length", "an integer >= 1"),
-            ):
-                value = row.get(key)
-                ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-                if key != "timestamp":
-                    ok = ok and value == int(value) and value >= 1
-                if not ok:
-                    raise _bad(path, number, key, str(value), expected)
-            ids = row.get("hash_ids", [])
-            if not isinstance(ids, list):
-                raise _bad(path, number, "hash_ids", str(ids)[:40], "a list of integers")
-            stamps.append(row["timestamp"])
-            prompts.append(int(row["input_length"]))
-            outputs.append(int(row["output_length"]))
-            hashes.append(ids)
+            if key != "timestamp":
+                ok = ok and value == int(value) and value >= 1
+            if not ok:
+                raise _bad(path, number, key, str(value), expected)
+        ids = row.get("hash_ids", [])
+        if not isinstance(ids, list):
+            raise _bad(path, number, "hash_ids", str(ids)[:40], "a list of integers")
+        stamps.append(row["timestamp"])
+        prompts.append(int(row["input_length"]))
+        outputs.append(int(row["output_length"]))
+        hashes.append(ids)
     require(len(stamps) > 0, "workload.path", f"{path.name} has no requests")
     if set(map(type, itertools.chain.from_iterable(hashes))) - {int}:
         number = next(i for i, ids in enumerate(hashes, 1) if set(map(type, ids)) - {int})
@@ -427,11 +473,11 @@ def _read_servegen_client(directory: str, client: int) -> ServeGenClient:
 def _servegen_raw(directory: str, client: int) -> dict:
     path = Path(directory) / f"chunk-{client}-dataset.json"
     require(path.is_file(), "workload.clients", f"no ServeGen client {client}: {path} is missing")
-    with open(path) as handle:
-        try:
-            raw = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ConfigError("workload.path", f"{path.name}: not JSON ({error.msg})") from None
+    text = read_text(path, "workload.path", "a ServeGen dataset JSON file")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError("workload.path", f"{path.name}: not JSON ({error.msg})") from None
     require(
         isinstance(raw, dict) and len(raw) > 0, "workload.path", f"{path.name}: no dataset windows"
     )

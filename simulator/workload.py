@@ -130,12 +130,16 @@ class Workload:
         missing = {"arrival_s", "prompt_tokens", "output_tokens"} - set(frame.columns)
         if missing:
             raise ConfigError("workload", f"table lacks columns {sorted(missing)}")
+        from simulator.traces import clamp_zero_outputs, require_prompts
+
         frame = frame.sort_values("arrival_s", kind="stable")
         n = len(frame)
+        prompt = frame["prompt_tokens"].to_numpy()
+        require_prompts(prompt, "workload.path", f"{name} column prompt_tokens")
         return cls(
             arrival_s=frame["arrival_s"].to_numpy(),
-            prompt_tokens=frame["prompt_tokens"].to_numpy(),
-            output_tokens=frame["output_tokens"].to_numpy(),
+            prompt_tokens=prompt,
+            output_tokens=clamp_zero_outputs(frame["output_tokens"].to_numpy(), f"{name} column output_tokens"),
             reasoning_tokens=frame["reasoning_tokens"].to_numpy()
             if "reasoning_tokens" in frame
             else np.zeros(n, np.int64),
@@ -158,4 +162,12 @@ class Workload:
         path = Path(path)
         if not path.exists():
             raise ConfigError("workload.path", f"no such file {path}")
-        return cls.from_frame(pd.read_parquet(path), name=path.stem)
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... on a corrupt file
+            raise ConfigError(
+                "workload.path",
+                f"{path.name} is not a readable Parquet file ({type(error).__name__}); expected a "
+                "workload saved by Workload.save (.parquet) or its CSV (.csv)",
+            ) from None
+        return cls.from_frame(frame, name=path.stem)

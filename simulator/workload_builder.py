@@ -39,10 +39,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from simulator.arrivals import (
+    MAX_SPAN_S,
     RateWindow,
     check_cv,
     check_rate,
+    check_request_count,
     check_size,
+    check_span,
     gamma_arrivals,
     piecewise_arrivals,
     superposed_arrivals,
@@ -226,12 +229,15 @@ def _gamma(
     check_cv(cv)
     exact = bool(cfg.get("exact_rate", True))
     if size.num_requests is not None:
+        check_span(size.num_requests, rate)
         return Draft(gamma_arrivals(arrival_rng, rate, cv, size.num_requests, exact))
     require(
-        math.isfinite(size.duration_s),
+        math.isfinite(size.duration_s) and size.duration_s <= MAX_SPAN_S,
         "workload.duration_s",
-        "must be finite for generated arrivals (.inf only replays a whole trace)",
+        f"must be finite for generated arrivals and at most {MAX_SPAN_S:.4g} s (float64 times keep "
+        f"~1 us resolution; .inf only replays a whole trace), got {size.duration_s}",
     )
+    check_request_count(rate * size.duration_s, "workload.duration_s")
     window = RateWindow(size.duration_s, rate, cv)
     return Draft(
         piecewise_arrivals(arrival_rng, [window], duration_s=size.duration_s, exact_rate=exact)
@@ -376,7 +382,15 @@ def _file(cfg: Mapping, size: Size, _: np.random.Generator, __: np.random.Genera
     if path.suffix == ".csv":
         import pandas as pd
 
-        saved = Workload.from_frame(pd.read_csv(path), name=path.stem)
+        try:
+            frame = pd.read_csv(path)
+        except (UnicodeDecodeError, ValueError) as error:  # pandas' ParserError is a ValueError
+            raise ConfigError(
+                "workload.path",
+                f"{path.name} is not a readable CSV ({type(error).__name__}); expected the CSV of a "
+                "saved workload (arrival_s, prompt_tokens, output_tokens, ...)",
+            ) from None
+        saved = Workload.from_frame(frame, name=path.stem)
     else:
         saved = Workload.load(path)
     keep = _select(saved.arrival_s, size, len(saved))

@@ -97,7 +97,9 @@ def test_samples_are_clipped_and_consistent(model):
     assert np.all(
         (lengths.reasoning_tokens >= 0) & (lengths.reasoning_tokens <= lengths.output_tokens)
     )
-    assert np.any(lengths.output_tokens == model.max_output_tokens)  # the long tail hits the cap
+    total = lengths.prompt_tokens + lengths.output_tokens
+    assert total.max() <= model.max_model_len  # prompt + output fit the context window
+    assert np.any(total == model.max_model_len)  # the long tail hits the cap
 
 
 def test_domain_mix_is_respected(model):
