@@ -7,8 +7,9 @@ The measurements (``../shared/data/gpu-measurements/h200-r1-distill-qwen-7b/h200
 see its README) are a plain PyTorch decoder of the model's shape run as CUDA graphs: no
 host-side work, so they are compared with the predicted GPU time (the step minus the
 model's fixed per-step overhead). Per step: the whole step, its GEMMs (the four
-projections of every layer plus the LM head) and its attention, measured, predicted,
-and predicted / measured. Runs on a CPU.
+projections of every layer plus the LM head), its attention and the rest (norms, rotary,
+activation, KV write, sampler: an upper bound here, PyTorch's element-wise kernels are
+unfused), measured, predicted, and predicted / measured. Runs on a CPU.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", default="r1-distill-qwen-7b")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    from calibration.non_kernel import non_kernel_ms
     from calibration.registry import build_performance_model
 
     perf = {"source": "kernels", "tables": args.tables} if args.tables else {"source": "aiconfigurator"}
@@ -86,12 +88,14 @@ def main(argv: list[str]) -> int:
     rows = compare(pm, measured_steps(Path(args.steps)))
     print(f"{pm.describe()['built_from']}")
     print(f"{'step':<22}{'whole ms':>10}{'pred':>9}{'ratio':>7}{'GEMM ms':>10}{'pred':>9}{'ratio':>7}"
-          f"{'attn ms':>10}{'pred':>9}{'ratio':>7}")
+          f"{'attn ms':>10}{'pred':>9}{'ratio':>7}{'rest ms':>10}{'pred':>9}")
     for r in rows:
         cells = []
         for key in ("", "gemm_", "attention_"):
             meas, pred = r[f"measured_{key}ms"], r[f"predicted_{key}ms"]
             cells.append(f"{meas:>10.2f}{pred:>9.2f}{pred / meas:>7.2f}" if meas else f"{'-':>10}{pred:>9.2f}{'':>7}")
+        if r["measured_gemm_ms"] and r["measured_attention_ms"]:  # the work between the kernels
+            cells.append(f"{non_kernel_ms(r, 'measured'):>10.2f}{non_kernel_ms(r, 'predicted'):>9.2f}")
         print(f"{r['step']:<22}" + "".join(cells))
     ratios = np.array([r["predicted_ms"] / r["measured_ms"] for r in rows])
     print(f"whole step predicted / measured: median {np.median(ratios):.2f}, range {ratios.min():.2f}-"

@@ -2,8 +2,9 @@
 
 One row per (hardware, model, tp) that fits: the source ``perf.source`` picks,
 whether it is calibrated on measurements, the optimizations it supports, the
-KV blocks vLLM would get (bf16, block 16, vLLM's default engine settings) and
-what the step-time model is built from. Filters narrow the table; ``--all``
+KV blocks vLLM would get (bf16, block 16, vLLM's default engine settings),
+the attention tables the model's KV heads lie beyond (priced by KV bytes, see
+``kernel_tables.AttentionTable``) and what the step-time model is built from. Filters narrow the table; ``--all``
 also lists the selections that fail, with the reason.
 """
 
@@ -18,7 +19,8 @@ from calibration.registry import SOURCES, TP_CHOICES, USER_SOURCES, check_select
 from simulator.engine_config import EngineConfig
 from simulator.errors import ConfigError
 
-COLUMNS = ("hardware", "model", "tp", "source", "calibrated", "optimizations", "kv_blocks", "built_from")
+COLUMNS = ("hardware", "model", "tp", "source", "calibrated", "optimizations", "kv_blocks", "extrapolated",
+           "built_from")
 
 
 def rows(hardware: list[str], models: list[str], optimizations: list[str], tps: list[int],
@@ -45,7 +47,7 @@ def rows(hardware: list[str], models: list[str], optimizations: list[str], tps: 
                 if base is None:
                     if include_failures:
                         out.append({"hardware": hw_name, "model": model_name, "tp": tp, "source": "-",
-                                    "calibrated": "-", "optimizations": "", "kv_blocks": 0,
+                                    "calibrated": "-", "optimizations": "", "kv_blocks": 0, "extrapolated": "-",
                                     "built_from": f"unavailable: {reason}"})
                     continue
                 choice, blocks = base
@@ -53,8 +55,19 @@ def rows(hardware: list[str], models: list[str], optimizations: list[str], tps: 
                 out.append({"hardware": hw_name, "model": model_name, "tp": tp, "source": choice.source,
                             "calibrated": "yes" if choice.calibrated else "NO",
                             "optimizations": ",".join(ok), "kv_blocks": blocks,
+                            "extrapolated": _extrapolated(hw, arch, tp, choice.source),
                             "built_from": choice.built_from + via})
     return out
+
+
+def _extrapolated(hw, arch, tp: int, source: str) -> str:
+    """KV-head extrapolation of the shipped tables for one selection ("-" when none or not table-based)."""
+    if source != "aiconfigurator" or not hw.kernel_tables:
+        return "-"
+    from calibration.composed import LayerShapes
+    from calibration.kernel_tables import kv_heads_extrapolation, load_tables
+
+    return kv_heads_extrapolation(load_tables(hw.kernel_tables), LayerShapes.of(arch, tp).kv_heads) or "-"
 
 
 def _print_table(table: list[dict]) -> None:
@@ -94,5 +107,8 @@ def main(argv: list[str]) -> int:
         print(f"\n{len(table)} rows; KV blocks for bf16 weights and KV at gpu_memory_utilization=0.9, "
               f"block_size=16, max_num_batched_tokens=8192, max_num_seqs=1024, max_model_len=32768 "
               f"(capped at each model's max_position_embeddings),\n"
-              f"as vLLM sizes the cache (source blis itself uses BLIS's own total_kv_blocks / tp).")
+              f"as vLLM sizes the cache (source blis itself uses BLIS's own total_kv_blocks / tp).\n"
+              f"extrapolated: attention tables the model's KV heads lie beyond; a run also counts every "
+              f"step priced beyond a table's batch, context or token range\n(summary.json: "
+              f"metadata.performance_model.extrapolated_queries).")
     return 0

@@ -27,7 +27,8 @@ Approximations, stated:
 - Several prefill chunks in one step are priced as ``n`` chunks of one
   effective length ``s`` with the same attention work: ``n s^2 = sum q(2c + q)``
   for chunks of q new tokens over c cached tokens. The result is never below
-  the time to read the chunks' whole KV (context + new tokens) once.
+  the time to read the chunks' whole KV (context + new tokens) once at the
+  card's copy ceiling (``COPY_CEILING_FRACTION``); decode attention neither.
 - Decode sequences of different KV lengths are priced as a uniform batch at
   their mean KV length (the kernels are bound by the total KV read).
 - Speculative verify tokens are extra rows in every GEMM and in the LM head;
@@ -63,6 +64,12 @@ GRID_MAX_LEN = 1 << 18
 #: (``mem_bw_empirical_scaling_factor: 0.8``, ``mem_empirical_constant_latency: 3 us``)
 MEMORY_EFFICIENCY = 0.8
 MEMORY_OP_LATENCY_S = 3e-6
+#: The fastest any kernel streams memory, as a fraction of the datasheet bandwidth: a 4 GiB
+#: device-to-device copy on a real H200 moved 4,242 GB/s (read + write) of its 4,800
+#: (``../shared/data/gpu-measurements/h200-r1-distill-qwen-7b``, ``kind: ceiling``). Attention
+#: (prefill and decode) is never priced below reading its KV once at this ceiling: a physical
+#: floor for table cells extrapolated beyond the measured KV heads, batches or lengths.
+COPY_CEILING_FRACTION = 4242 / 4800
 #: vLLM's sampler: a fixed cost plus two fp32 passes over the logits. The 25 us and
 #: the two passes match LLMServingSim's measured sampler on an RTX PRO 6000
 #: (24.7 us at 1 sequence, 164 us at 256 sequences of a 128,256-token vocabulary).
@@ -172,12 +179,58 @@ class TableKernels:
     def allreduce_ms(self, num_gpus, elements):
         return self.tables.allreduce.latency_ms(num_gpus, elements)
 
+    def measured_range(self, kv_heads: int, kv_dtype: str) -> MeasuredRange:
+        """How far the tables reach for a model with ``kv_heads`` KV heads per GPU."""
+        t, kv = self.tables, self._kv(kv_dtype)
+        return MeasuredRange(
+            tokens=float(min(g.m[-1] for g in t.gemm.values())),
+            decode_batch=float(t.generation.batch[-1]), decode_context=float(t.generation.length[-1]),
+            prefill_batch=float(t.context.batch[-1]), prefill_length=float(t.context.length[-1]),
+            decode_kv_heads_beyond=kv_heads > t.generation.kv_heads_measured(kv),
+            prefill_kv_heads_beyond=kv_heads > t.context.kv_heads_measured(kv))
+
     def memory_op_ms(self, nbytes):
         nbytes = np.asarray(nbytes, dtype=float)
         return 1e3 * (MEMORY_OP_LATENCY_S + nbytes / (self.bandwidth * MEMORY_EFFICIENCY))
 
     def describe(self) -> str:
         return "; ".join([self.tables.describe(), *self.notes])
+
+
+ACT_BYTES = 2  # bf16 activations
+
+
+def layer_memory_ops(sh: LayerShapes, weight_dtype: str, kv_dtype: str) -> dict[str, int]:
+    """Bytes read and written per token by one layer's memory-bound kernels, by kernel (vLLM's fused ones)."""
+    act, q_dim, kv_dim = ACT_BYTES, sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+    ops = {
+        "add_rmsnorm_attn": 4 * sh.hidden * act,             # fused residual add + RMSNorm before attention
+        "add_rmsnorm_mlp": 4 * sh.hidden * act,              # the same before the MLP
+        "rotary": 2 * (q_dim + kv_dim) * act,                # rotary embedding on q and k
+        "kv_cache_write": 2 * kv_dim * (act + dtype_bytes(kv_dtype)),  # K and V into the paged cache
+        "silu_mul": 3 * sh.inter * act,                      # SiLU(gate) * up
+    }
+    if dtype_bytes(weight_dtype) < act:  # per-token activation quantization before o and down
+        ops.update(quant_o=q_dim * (act + 1), quant_down=sh.inter * (act + 1))
+    return ops
+
+
+@dataclass(frozen=True)
+class MeasuredRange:
+    """The largest query each kernel table measured; beyond it the model extrapolates."""
+
+    tokens: float = math.inf
+    decode_batch: float = math.inf
+    decode_context: float = math.inf
+    prefill_batch: float = math.inf
+    prefill_length: float = math.inf
+    decode_kv_heads_beyond: bool = False
+    prefill_kv_heads_beyond: bool = False
+
+
+#: the axes on which a step's queries are counted when they leave the measured range
+EXTRAPOLATION_AXES = ("tokens", "decode_batch", "decode_context", "decode_kv_heads",
+                      "prefill_batch", "prefill_length", "prefill_kv_heads")
 
 
 @dataclass(frozen=True)
@@ -349,9 +402,9 @@ class ComposedPerformanceModel(PerformanceModel):
         self.max_tokens = max(int(max_num_batched_tokens), 16384)
         self.max_rows = max(int(max_num_seqs), 1024) * 4
         kv_layer_bytes = 2 * self.shapes.kv_heads * arch.head_dim * dtype_bytes(kv_dtype)
-        #: seconds to read one token's KV across all layers once
+        #: seconds to read one token's KV across all layers once, at the card's copy ceiling
         self.kv_read_s_per_token = (arch.num_layers * kv_layer_bytes
-                                    / (hardware.memory_bandwidth_gbps * 1e9 * MEMORY_EFFICIENCY))
+                                    / (hardware.memory_bandwidth_gbps * 1e9 * COPY_CEILING_FRACTION))
         dense = self._dense_seconds(np.arange(self.max_tokens + 1))
         self.dense_s = np.maximum.accumulate(dense)
         self.head_s = self._head_seconds(np.arange(self.max_rows + 1))
@@ -365,12 +418,24 @@ class ComposedPerformanceModel(PerformanceModel):
             lambda b, s: layers * 1e-3 * kernels.context_attention_ms(
                 sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, s),
             GRID_MAX_SEQS, GRID_MAX_LEN, x_power=1.0, y_power=2.0)
+        # decode attention is never faster than reading the batch's KV once (prefill: in step_time)
         self.generation_grid = LogGrid2D(
-            lambda b, kv: layers * 1e-3 * kernels.generation_attention_ms(
-                sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, kv),
+            lambda b, kv: np.maximum(layers * 1e-3 * kernels.generation_attention_ms(
+                sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, kv), b * kv * self.kv_read_s_per_token),
             GRID_MAX_SEQS, GRID_MAX_LEN, x_power=1.0, y_power=1.0)
         #: per decode-sequence count: the step's fixed part and the attention grid at that count
         self._decode_by_count: dict[int, tuple[float, LogGridColumn]] = {}
+        ranged = getattr(kernels, "measured_range", None)
+        self.measured_range = ranged(sh.kv_heads, kv_dtype) if ranged else MeasuredRange()
+        r = self.measured_range
+        self._top_m, self._top_db, self._top_dc = r.tokens, r.decode_batch, r.decode_context
+        self._top_pb, self._top_pl = r.prefill_batch, r.prefill_length
+        if r.decode_kv_heads_beyond:  # every decode query is then out of range
+            self._top_db = 0.0
+        if r.prefill_kv_heads_beyond:
+            self._top_pb = 0.0
+        #: queries priced outside the tables' measured range, by axis (see EXTRAPOLATION_AXES)
+        self.extrapolations = dict.fromkeys(EXTRAPOLATION_AXES, 0)
 
     # --- construction ------------------------------------------------------------
     def _dense_seconds(self, m: np.ndarray) -> np.ndarray:
@@ -382,27 +447,18 @@ class ComposedPerformanceModel(PerformanceModel):
                 + k.gemm_ms(m, h, q_dim, w)
                 + k.gemm_ms(m, 2 * sh.inter, h, w)
                 + k.gemm_ms(m, h, sh.inter, w))
-        act = 2  # bf16 activations
-        kv_bytes = dtype_bytes(self.kv_dtype)
-        per_token_ops = [
-            4 * h * act,                      # fused add + RMSNorm before attention
-            4 * h * act,                      # fused add + RMSNorm before the MLP
-            2 * (q_dim + kv_dim) * act,       # rotary embedding on q and k
-            2 * kv_dim * (act + kv_bytes),    # write K and V into the paged cache
-            3 * sh.inter * act,               # SiLU(gate) * up
-        ]
-        if dtype_bytes(w) < act:              # per-token activation quantization before o and down
-            per_token_ops += [q_dim * (act + 1), sh.inter * (act + 1)]
+        ops = layer_memory_ops(sh, w, self.kv_dtype)
         measured = getattr(k, "layer_elementwise_ms", lambda m, ops: None)(
             m, layer_elementwise(h, sh.heads, sh.kv_heads, d, sh.inter))
         if measured is not None:  # norms, adds, rotary, SiLU measured; KV write, quantization: roofline
-            per_token_ops = [b for i, b in enumerate(per_token_ops) if i == 3 or i >= 5]
+            ops = {name: b for name, b in ops.items() if name == "kv_cache_write" or name.startswith("quant")}
+        per_token_ops = list(ops.values())
         mem = sum(np.where(m > 0, k.memory_op_ms(m * b), 0.0) for b in per_token_ops)
         if measured is not None:
             mem = mem + measured
         comm = 2 * k.allreduce_ms(self.tp, m * h) if self.tp > 1 else 0.0
         layer_ms = gemm + mem + comm
-        edges = np.where(m > 0, 2 * k.memory_op_ms(m * 2 * h * act), 0.0)  # embedding, final norm
+        edges = np.where(m > 0, 2 * k.memory_op_ms(m * 2 * h * ACT_BYTES), 0.0)  # embedding, final norm
         return 1e-3 * (arch.num_layers * layer_ms + edges)
 
     def _head_seconds(self, r: np.ndarray) -> np.ndarray:
@@ -429,6 +485,8 @@ class ComposedPerformanceModel(PerformanceModel):
         m = (sum(pt) if n_pre else 0) + n_dec + spec
         rows = n_pre + n_dec + spec
         t = self.overhead_s
+        if m > self._top_m:
+            self.extrapolations["tokens"] += 1
         if m <= self.max_tokens:
             t += self._dense[m]
         else:
@@ -443,11 +501,29 @@ class ComposedPerformanceModel(PerformanceModel):
             for q, c in zip(pt, batch.prefill_context, strict=False):
                 work += q * (2 * c + q)
                 kv_tokens += q + c
-            attn = self.context_grid(n_pre, math.sqrt(work / n_pre))
+            s_eff = math.sqrt(work / n_pre)
+            if n_pre > self._top_pb or s_eff > self._top_pl:
+                self._count_prefill(n_pre, s_eff)
+            attn = self.context_grid(n_pre, s_eff)
             t += max(attn, kv_tokens * self.kv_read_s_per_token)
         if n_dec:
-            t += self.generation_grid(n_dec, sum(dc) / n_dec)
+            kv = sum(dc) / n_dec
+            if n_dec > self._top_db or kv > self._top_dc:
+                self._count_decode(n_dec, kv)
+            t += self.generation_grid(n_dec, kv)
         return t
+
+    def _count_prefill(self, chunks: float, length: float, n: int = 1) -> None:
+        r, e = self.measured_range, self.extrapolations
+        e["prefill_kv_heads"] += n if r.prefill_kv_heads_beyond else 0
+        e["prefill_batch"] += n if chunks > r.prefill_batch else 0
+        e["prefill_length"] += n if length > r.prefill_length else 0
+
+    def _count_decode(self, seqs: float, kv: float, n: int = 1) -> None:
+        r, e = self.measured_range, self.extrapolations
+        e["decode_kv_heads"] += n if r.decode_kv_heads_beyond else 0
+        e["decode_batch"] += n if seqs > r.decode_batch else 0
+        e["decode_context"] += n if kv > r.decode_context else 0
 
     def decode_times(self, num_seqs: int, total_context) -> np.ndarray:
         """Pure-decode step times: they depend only on the sequence count and their total KV."""
@@ -458,6 +534,11 @@ class ComposedPerformanceModel(PerformanceModel):
         base, attention = per_count
         total = np.asarray(total_context, dtype=float)
         kv_mean = np.divide(total, num_seqs, out=np.empty(total.shape))
+        if num_seqs > self._top_db:
+            self._count_decode(num_seqs, 0.0, total.size)
+        if num_seqs > self._top_m:
+            self.extrapolations["tokens"] += total.size
+        self.extrapolations["decode_context"] += int(np.count_nonzero(kv_mean > self._top_dc))
         out = attention(kv_mean.reshape(-1))
         out += base
         return out.reshape(total.shape)
@@ -492,8 +573,22 @@ class ComposedPerformanceModel(PerformanceModel):
         s_eff = np.sqrt(np.maximum(p * (2 * c + p), 1.0))
         ctx = np.maximum(self.context_grid.many(np.ones_like(s_eff), s_eff), (p + c) * self.kv_read_s_per_token)
         gen = self.generation_grid.many(np.maximum(n, 1), kv)
+        self._count_arrays(has_pre, s_eff, n, kv, m)
         out = self.overhead_s + dense + head + np.where(has_pre, ctx, 0.0) + np.where(n > 0, gen, 0.0)
         return np.where((m > 0), out, 0.0)
+
+    def _count_arrays(self, has_pre: np.ndarray, s_eff: np.ndarray, n: np.ndarray, kv: np.ndarray,
+                      m: np.ndarray) -> None:
+        """``_count_prefill``/``_count_decode`` over the steps of ``step_time_arrays``."""
+        r, e = self.measured_range, self.extrapolations
+        dec = n > 0
+        e["tokens"] += int(np.count_nonzero(m > r.tokens))
+        e["prefill_kv_heads"] += int(np.count_nonzero(has_pre)) if r.prefill_kv_heads_beyond else 0
+        e["prefill_batch"] += int(np.count_nonzero(has_pre)) if r.prefill_batch < 1 else 0
+        e["prefill_length"] += int(np.count_nonzero(has_pre & (s_eff > r.prefill_length)))
+        e["decode_kv_heads"] += int(np.count_nonzero(dec)) if r.decode_kv_heads_beyond else 0
+        e["decode_batch"] += int(np.count_nonzero(n > r.decode_batch))
+        e["decode_context"] += int(np.count_nonzero(dec & (kv > r.decode_context)))
 
     def components(self, batch: StepBatch) -> dict[str, float]:
         """The step time split into its parts (seconds), for inspection and reports."""
@@ -541,6 +636,7 @@ class ComposedPerformanceModel(PerformanceModel):
             "weight_dtype": self.weight_dtype,
             "kv_cache_dtype": self.kv_dtype,
             "step_overhead_s": self.overhead_s,
+            "extrapolated_queries": {k: v for k, v in self.extrapolations.items() if v},
         })
         checks = getattr(getattr(self.kernels, "tables", None), "checks", None)
         if checks:  # rows of the kernel tables rejected as faster than physics (calibration.plausibility)

@@ -24,7 +24,10 @@ log(latency) against log(size), which reproduces power laws exactly (latency
 proportional to m, n, k or to a length squared) and is what makes sparse
 power-of-two tables usable between their points. Beyond a table's last point
 the latency is extrapolated with the physical scaling of that axis: linear in
-m, n, k, batch, message size and decode KV length; quadratic in prefill length.
+m, n, k, batch, message size and decode KV length; quadratic in prefill length;
+beyond the measured KV heads, by the KV bytes read (``AttentionTable._beyond_kv``).
+The composed model counts every step priced beyond a table's range
+(``composed.MeasuredRange``).
 """
 
 from __future__ import annotations
@@ -198,16 +201,38 @@ class AttentionTable:
         if kv_heads in kv_avail:
             return self._at_kv(heads, kv_heads, dtype)
         if kv_heads > kv_avail[-1]:
-            # More KV heads than measured (MHA such as Llama-2): the latency above
-            # the kernel's floor grows with the KV heads read.
-            top = kv_avail[-1]
-            base = self._at_kv(heads, top, dtype)
-            floor = base.min()
-            return floor + (base - floor) * kv_heads / top
+            return self._beyond_kv(heads, kv_heads, kv_avail, dtype)
         lo = max(k for k in kv_avail if k < kv_heads)
         hi = min(k for k in kv_avail if k > kv_heads)
         w = (kv_heads - lo) / (hi - lo)
         return (1 - w) * self._at_kv(heads, lo, dtype) + w * self._at_kv(heads, hi, dtype)
+
+    def _beyond_kv(self, heads: int, kv_heads: int, kv_avail: list[int], dtype: str) -> np.ndarray:
+        """More KV heads than measured (MHA such as Llama-2): scale by the KV bytes read.
+
+        At a fixed (batch, length) cell the KV bytes an attention kernel reads are
+        proportional to the KV heads, so each cell is fitted ``t = a + b x kv_heads``
+        (least squares over the measured KV-head rows, ``a, b >= 0``) and evaluated
+        at ``kv_heads``: a kernel whose time is all bytes scales exactly with them,
+        and a fixed cost ``a`` is not multiplied. Never below the largest measured row.
+        """
+        rows = list(kv_avail)
+        x = np.array(rows, dtype=float)
+        ys = np.stack([self._at_kv(heads, k, dtype) for k in rows])
+        top = ys[-1]
+        if len(rows) == 1:
+            return top * kv_heads / x[0]
+        xm = x.mean()
+        slope = np.tensordot(x - xm, ys - ys.mean(axis=0), axes=(0, 0)) / np.sum((x - xm) ** 2)
+        slope = np.maximum(slope, 0.0)
+        intercept = np.maximum(ys.mean(axis=0) - slope * xm, 0.0)
+        slope = np.where(intercept > 0, slope, ys.mean(axis=0) / xm)
+        return np.maximum(intercept + slope * kv_heads, top)
+
+    def kv_heads_measured(self, kv_dtype: str) -> int:
+        """The largest KV-head count measured for this KV dtype (0 when none)."""
+        dtype = KV_TABLE_DTYPES.get(kv_dtype)
+        return max((kv for (_, kv, d) in self.slices if d == dtype), default=0)
 
     def _at_kv(self, heads: int, kv_heads: int, dtype: str) -> np.ndarray:
         h_avail = sorted(h for (h, kv, d) in self.slices if kv == kv_heads and d == dtype)
@@ -289,6 +314,16 @@ class KernelTables:
         else:
             head = f"aiconfigurator {self.system} vLLM {self.version} kernel tables (Apache-2.0)"
         return f"{head}; {self.rejections.summary()}" if self.checks else head
+
+
+def kv_heads_extrapolation(tables: KernelTables, kv_heads: int, kv_dtype: str = "bf16") -> str:
+    """Which attention tables a model with ``kv_heads`` KV heads per GPU is priced beyond ("" when none)."""
+    out = []
+    for name, table in (("decode", tables.generation), ("prefill", tables.context)):
+        top = table.kv_heads_measured(kv_dtype) or table.kv_heads_measured("bf16")
+        if kv_heads > top:
+            out.append(f"{name} kv_heads {kv_heads}>{top} (scaled by KV bytes)")
+    return ", ".join(out)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def test_failures_with_reasons_and_csv(capsys):
     assert main(["--hardware", "h100", "--model", "r1-distill-llama-70b", "--optimization", "none",
                  "--tp", "1", "--all", "--csv"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "hardware,model,tp,source,calibrated,optimizations,kv_blocks,built_from"
+    assert out.splitlines()[0] == "hardware,model,tp,source,calibrated,optimizations,kv_blocks,extrapolated,built_from"
     assert "unavailable: tp: r1-distill-llama-70b does not fit on h100 at tp=1" in out
 
 
