@@ -134,6 +134,13 @@ class EngineConfig:
             )
         if isinstance(self.speculative, dict):
             object.__setattr__(self, "speculative", SpeculativeConfig(**self.speculative))
+        k = self.speculative.num_speculative_tokens
+        require(  # a decode with k draft tokens schedules 1 + k tokens; a smaller budget stalls
+            self.max_num_batched_tokens >= 1 + k,
+            "engine.max_num_batched_tokens",
+            f"must be >= 1 + num_speculative_tokens={1 + k} (one speculative decode), "
+            f"got {self.max_num_batched_tokens}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -47,6 +47,8 @@ class Hardware:
         unknown = set(data) - known
         if unknown:
             raise ConfigError("hardware", f"unknown fields {sorted(unknown)}; allowed: {sorted(known)}")
+        if "kernel_tables" in data and data["kernel_tables"] is None:  # null: no tables, as ""
+            data = {**data, "kernel_tables": ""}
         return cls(**data)
 
     @classmethod

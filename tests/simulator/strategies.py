@@ -82,6 +82,8 @@ def engines(draw) -> EngineConfig:
         budget = max(budget, max_num_seqs)
     threshold = draw(st.sampled_from([0, 0, 1, 24, 300])) if chunked else 0
     num_spec = draw(st.sampled_from([0, 0, 0, 0, 0, 1, 2, 4]))
+    # (a budget under 1 + num_spec can stall the engine: 'scheduler stalled', see the lead's report)
+    budget = max(budget, 1 + num_spec)
     speculative = SpeculativeConfig(
         method="ngram",
         num_speculative_tokens=num_spec,

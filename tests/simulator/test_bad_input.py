@@ -202,3 +202,15 @@ def test_cli_refuses_progress_that_is_not_a_boolean(tmp_path):
 def test_a_null_size_on_the_command_line_keeps_the_default_one():
     workload = {"num_requests": None, "duration_s": float("inf")}
     assert resolve_size(workload, ["workload.num_requests=null"]) == workload
+
+
+def test_a_budget_below_one_speculative_decode_is_refused():
+    """A decode with k draft tokens schedules 1 + k tokens: a smaller budget would stall the engine."""
+    from simulator.engine_config import EngineConfig
+    from simulator.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"engine.max_num_batched_tokens: must be >= 1 \+ num_speculative"):
+        EngineConfig(block_size=1, max_model_len=64, max_num_seqs=1, max_num_batched_tokens=1,
+                     speculative={"num_speculative_tokens": 1, "acceptance_rate": [0.5]})
+    EngineConfig(block_size=1, max_model_len=64, max_num_seqs=1, max_num_batched_tokens=2,
+                 speculative={"num_speculative_tokens": 1, "acceptance_rate": [0.5]})

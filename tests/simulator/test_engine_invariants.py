@@ -54,9 +54,6 @@ def property_examples() -> int:
 
 
 EXAMPLES = property_examples()
-#: the SimPy clock may reach an arrival an ulp early (test_no_request_is_scheduled_before_it_arrives);
-#: 0 once the engine lands its clock on absolute times
-CLOCK_SLACK = 4 * np.finfo(float).eps
 PROPERTY_SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -155,7 +152,7 @@ def check_invariants(case: Case, result, decisions=None) -> None:
         assert len(used) == 0  # nothing ran
     assert req["preemptions"].sum() == summary["preemptions"]
     # (should be ==: test_timeline_counts_the_preemptions_of_a_schedule_that_ran_nothing)
-    assert tl["preempted"].sum() <= req["preemptions"].sum()
+    assert tl["preempted"].sum() == req["preemptions"].sum()
     assert np.all(req["kv_block_seconds"] >= 0)
     assert np.all(req["kv_block_seconds"][rejected] == 0)
 
@@ -180,7 +177,7 @@ def check_invariants(case: Case, result, decisions=None) -> None:
     queue, ttft, ttfvt, e2e = (req[k][done] for k in ("queue_s", "ttft_s", "ttfvt_s", "e2e_s"))
     assert np.all(np.isfinite(queue) & np.isfinite(ttft) & np.isfinite(e2e))
     # (should be >= 0: test_no_request_is_scheduled_before_it_arrives)
-    assert np.all(queue >= -CLOCK_SLACK * np.maximum(req["arrival_s"][done], 1.0))
+    assert np.all(queue >= 0)
     assert np.all(ttft > queue)
     all_reasoning = w.reasoning_tokens[rid][done] >= w.output_tokens[rid][done]
     np.testing.assert_array_equal(np.isnan(ttfvt), all_reasoning)
