@@ -181,11 +181,12 @@ class NativeScheduler(Scheduler):
             )
             if padded:
                 # vLLM pads a one-token decode to the uniform speculative size
-                # (for CUDA graphs), with draft slots that are never accepted
+                # (for CUDA graphs), with draft slots that are never accepted; the
+                # long-prefill threshold does not cut the padding
                 if 1 + num_spec_tokens > budget:
                     break
                 n = 1 + num_spec_tokens
-            if 0 < threshold < n:
+            elif 0 < threshold < n:
                 n = threshold
             if not cfg.enable_chunked_prefill and n > budget:
                 break

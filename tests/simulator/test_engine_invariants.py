@@ -43,7 +43,7 @@ from simulator.engine_config import EngineConfig
 from simulator.metrics import SLO
 from simulator.workload import Workload
 from tests.simulator.conftest import LinearModel, VectorLinearModel, make_workload
-from tests.simulator.strategies import Case, cases
+from tests.simulator.strategies import Case, TinyGPU, cases
 
 
 def property_examples() -> int:
@@ -294,3 +294,29 @@ def test_a_stopped_run_is_the_prefix_of_the_full_run():
         np.testing.assert_array_equal(partial.requests[column][done], full.requests[column][ids], column)
     steps = len(partial.timeline["time_s"])
     np.testing.assert_array_equal(partial.timeline["kv_blocks_used"], full.timeline["kv_blocks_used"][:steps])
+
+
+def test_a_padded_speculative_decode_is_not_cut_by_the_long_prefill_threshold():
+    """A one-token remainder admitted with a prefix hit is padded to 1 + k tokens; the threshold
+    (1 here) must not cut it to 1 token while its draft slot stays counted (3 tokens in a 2-token
+    budget, found by the property test)."""
+    prompt = [12, 1, 1, 1, 1, 1, 1, 47, 1, 1, 1, 27, 33, 1, 8, 47, 1, 1, 1, 1, 10, 31, 26, 2, 1, 1, 1, 1,
+              1, 1, 1, 1, 1, 1, 1, 4, 1, 43, 1, 1]
+    group = [0, -1, 0, -1, 0, -1, 0, 0, 0, -1, 0, 0, 0, -1, 0, 0, -1, -1, 0, -1, 0, 0, 0, 0, -1, -1, -1,
+             0, -1, -1, -1, -1, 0, 0, -1, 0, 0, 0, -1, -1]
+    n = len(prompt)
+    w = Workload(arrival_s=np.zeros(n), prompt_tokens=np.array(prompt), output_tokens=np.ones(n, np.int64),
+                 reasoning_tokens=np.zeros(n, np.int64), domain=np.full(n, "math", object),
+                 prefix_group=np.array(group), prefix_tokens=(np.array(group) >= 0).astype(np.int64))
+    config = EngineConfig(block_size=1, max_num_seqs=2, max_num_batched_tokens=2, max_model_len=16,
+                          long_prefill_token_threshold=1, enable_prefix_caching=True,
+                          speculative={"method": "ngram", "num_speculative_tokens": 1,
+                                       "acceptance_rate": [0.0], "proposal_rate": 1.0})
+    r = simulate(w, config, TinyGPU("auto", 3072), keep_decisions=True)
+    padded = [out for out in r.decisions if out.spec_padding]
+    assert padded, "the case pads a decode"
+    for out in r.decisions:
+        assert out.total_tokens <= 2
+        assert sum(out.batch.prefill_tokens) + len(out.batch.decode_context) + sum(out.batch.decode_spec_tokens) <= 2
+    tl = r.timeline
+    assert np.all(np.asarray(tl["prefill_tokens"]) + np.asarray(tl["decode_tokens"]) <= 2)
