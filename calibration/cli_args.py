@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from simulator.cli_errors import hydra_error  # noqa: F401 - re-exported
+from simulator.cli_errors import writable_folder as _writable_folder
 from simulator.errors import ConfigError
 
 
@@ -126,17 +128,6 @@ def output_dir_arg(field: str, text: str) -> Path:
     return Path(text)
 
 
-def _writable_folder(field: str, folder: Path, text: str) -> None:
-    """The folder exists and is writable, or its nearest existing ancestor is (nothing is made)."""
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(field, f"a path that can be written, got {text!r} ({existing} is not a directory)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(field, f"a path that can be written, got {text!r} ({existing} is not writable)")
-
-
 def new_run_dir(kind: str, root: Path | str = "outputs") -> Path:
     """``outputs/<kind>/<date>/<time>`` under the working directory, a new folder for every run."""
     now = dt.datetime.now()
@@ -146,67 +137,3 @@ def new_run_dir(kind: str, root: Path | str = "outputs") -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
-
-
-def hydra_error(err: Exception, overrides: list[str], config_name: str = "config") -> ConfigError:
-    """A Hydra composition error as one line naming the setting (and, for a mistyped key,
-    the closest valid ones), instead of Hydra's multi-line message."""
-    import difflib
-    import re
-
-    text = str(err)
-    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(err).__name__]
-    wrong = re.match(r"Could not override '([^']+)'", text)
-    if wrong:
-        key = wrong.group(1)
-        parent, _, leaf = key.rpartition(".")
-        valid = _keys_under(parent, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")],
-                            config_name)
-        if valid is None:
-            return ConfigError(key, "not a setting of this configuration")
-        closest = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
-        hint = f"closest: {', '.join(closest)}" if closest else f"allowed: {', '.join(valid)}"
-        where = f"{parent} ({_group_choice(parent, overrides)})" if parent else "the configuration"
-        return ConfigError(key, f"not a setting of {where}; {hint}")
-    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
-    if missing:
-        return ConfigError(missing.group(1), f"unknown choice {missing.group(2)!r}")
-    bad = _unparsable(overrides)
-    field = bad.split("=", 1)[0].lstrip("+~") if bad else "overrides"
-    return ConfigError(field, f"cannot be read: {lines[0]}" + (f" (in {bad!r})" if bad else ""))
-
-
-def _unparsable(overrides: list[str]) -> str | None:
-    """The first override Hydra's grammar cannot parse, if any."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
-    for override in overrides:
-        try:
-            parser.parse_override(override)
-        except HydraException:
-            return override
-    return None
-
-
-def _group_choice(group: str, overrides: list[str]) -> str:
-    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == group]
-    return f"{group}={chosen[-1]}" if chosen else "its default"
-
-
-def _keys_under(path: str, overrides: list[str], config_name: str) -> list[str] | None:
-    """The keys of the config node at ``path`` (dotted) with these overrides, or None."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import DictConfig
-
-    from simulator.configure import CONF_DIR
-
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base=None):
-            node = compose(config_name, overrides=overrides)
-    except Exception:  # noqa: BLE001 - another override is wrong too: no suggestion
-        return None
-    for part in [p for p in path.split(".") if p]:
-        node = node.get(part) if isinstance(node, DictConfig) else None
-    return sorted(str(k) for k in node) if isinstance(node, DictConfig) else None

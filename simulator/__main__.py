@@ -6,9 +6,9 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
 from simulator.errors import ConfigError
 
 
@@ -23,6 +23,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     lines = [
         f"requests   {summary['completed']} completed, {summary['rejected']} rejected "
         f"over {summary['duration_s']:.0f} s",
+        *(f"  rejected {n}: {reason}" for reason, n in summary.get("rejected_by_reason", {}).items()),
         f"TTFT       p50 {ms(summary['ttft_s'], 'p50')}  p99 {ms(summary['ttft_s'], 'p99')}",
         f"TTFVT      p50 {ms(summary['ttfvt_s'], 'p50')}  p99 {ms(summary['ttfvt_s'], 'p99')}",
         f"TPOT       p50 {ms(summary['tpot_s'], 'p50')}  p99 {ms(summary['tpot_s'], 'p99')}",
@@ -46,9 +47,10 @@ def run(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from simulator.configure import build_run, versions
+    from simulator.configure import build_run, command_line_overrides, versions
     from simulator.engine import simulate
-    from simulator.results import write_workload
+    from simulator.results import rejection_reasons, write_workload
+    from simulator.speculation import speculative_rates
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     plots = None
@@ -77,7 +79,9 @@ def run(cfg) -> dict:
         "optimization": spec.optimization.get("name", "none"),
         "simulation_wall_s": elapsed,
         "workload": {"name": spec.workload.name, "requests": len(spec.workload)},
+        "speculative_rates": speculative_rates(spec.engine, spec.optimization, command_line_overrides()),
     }
+    result.summary["rejected_by_reason"] = rejection_reasons(result.requests)
     if not spec.perf.calibrated:
         result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
     if plots is not None:
@@ -85,7 +89,7 @@ def run(cfg) -> dict:
                                       f"{spec.workload.name}")
     # the tables are encoded on another thread (pyarrow releases the GIL) while this one
     # writes the rest and the plots are drawn
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with deferred_signals() as deferred, ThreadPoolExecutor(max_workers=1) as pool:
         tables = pool.submit(result.write, out_dir)
         (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_workload(spec.workload, out_dir / "workload.parquet")
@@ -95,34 +99,92 @@ def run(cfg) -> dict:
     print_summary(result.summary, out_dir)
     if not spec.perf.calibrated:
         print("warning: the performance model is UNCALIBRATED (roofline)")
+    rates = result.metadata["speculative_rates"]
+    if rates and rates.get("warning"):
+        print(f"warning: {rates['warning']}", file=sys.stderr)
     partial = result.summary.get("partial")
     if partial:
         print(f"interrupted at {partial['interrupted_at_s']:.0f} s of simulated time: partial results "
               f"({partial['unfinished']} requests unfinished, {partial['not_arrived']} not yet arrived) "
               f"in {out_dir}", file=sys.stderr)
+    if deferred and not partial:
+        print(f"interrupted while writing: every file was written to {out_dir}", file=sys.stderr)
+        sys.exit(130)
     return result.summary
+
+
+def interrupted_early(cfg, out_dir: Path) -> None:
+    """Ctrl-C before the simulation: write the config, say so in one line, exit 130."""
+    from omegaconf import OmegaConf
+
+    with deferred_signals():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    print(f"interrupted: nothing was simulated yet; the config is in {out_dir}", file=sys.stderr)
+    sys.exit(130)
+
+
+@contextmanager
+def deferred_signals():
+    """Hold SIGINT and SIGTERM while files are written (one note line on the first); the
+    yielded list holds the signals received, so the caller can exit 130 afterwards."""
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def hold(signum, frame) -> None:
+        if not received:
+            print("interrupt received: finishing writing the results first", file=sys.stderr)
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main() -> int:
     import hydra
 
+    from simulator.cli_errors import check_run_dir, one_line_hydra_errors
+    from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
     from simulator.huge_pages import avoid_huge_pages
 
     avoid_huge_pages()
     try:
         check_group_choices(sys.argv[1:])
+        check_run_dir(sys.argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     skip_hydra_mode_probe(sys.argv[1:])
+    one_line_hydra_errors("config")
+
+    import signal
+
+    early: list[int] = []  # Ctrl-C while Hydra composes is held to here (it would corrupt omegaconf)
+    signal.signal(signal.SIGINT, lambda signum, frame: early.append(signum))
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if early:
+                raise KeyboardInterrupt
             summary = run(cfg)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # before anything was simulated (run() keeps later ones)
+            interrupted_early(cfg, Path(HydraConfig.get().runtime.output_dir))
         if summary.get("partial"):
             sys.exit(130)
         return json.loads(json.dumps(summary["goodput"]))
@@ -148,6 +210,9 @@ def exit_status() -> int:
     """Run ``main()``; its exit status, Hydra's and ours (2: bad input, 130: interrupted)."""
     try:
         return main()
+    except KeyboardInterrupt:
+        print("interrupted: nothing was simulated yet", file=sys.stderr)
+        return 130
     except SystemExit as stop:
         if isinstance(stop.code, int):
             return stop.code

@@ -58,9 +58,15 @@ def engine_config(engine: dict[str, Any], optimization: dict[str, Any]) -> Engin
         merged["kv_cache_dtype"] = optimization["kv_cache_dtype"]
     if optimization.get("enable_prefix_caching") is not None:
         merged["enable_prefix_caching"] = bool(optimization["enable_prefix_caching"])
-    if optimization.get("speculative"):
-        merged["speculative"] = dict(optimization["speculative"])
-    return EngineConfig.from_dict(merged)
+    if not optimization.get("speculative"):
+        return EngineConfig.from_dict(merged)
+    merged["speculative"] = dict(optimization["speculative"])
+    try:
+        return EngineConfig.from_dict(merged)
+    except ConfigError as err:  # name the group the user set it in
+        if not err.field.startswith("engine.speculative"):
+            raise
+        raise ConfigError("optimization" + err.field[len("engine"):], str(err)[len(err.field) + 2:]) from None
 
 
 TOP_LEVEL_FLAGS = ("plots", "progress")

@@ -8,6 +8,9 @@ from typing import Any
 
 from simulator.errors import ConfigError, require
 
+# speculative methods the simulator models (EAGLE, MTP, draft models: not modelled)
+SPECULATIVE_METHODS = ("ngram",)
+
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
@@ -26,6 +29,8 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "engine.speculative", {"acceptance_rate"})
+        require(self.method in SPECULATIVE_METHODS, "engine.speculative.method",
+                f"{self.method!r} is not modelled; allowed: {', '.join(SPECULATIVE_METHODS)}")
         require(
             isinstance(self.acceptance_rate, (list, tuple))
             and all(isinstance(r, numbers.Real) and not isinstance(r, bool) for r in self.acceptance_rate),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from simulator.cli_errors import check_run_dir, one_line_hydra_errors
 from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
 from simulator.errors import ConfigError
 
@@ -66,10 +67,12 @@ def main() -> int:
     avoid_huge_pages()
     try:
         check_group_choices(sys.argv[1:])
+        check_run_dir(sys.argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     skip_hydra_mode_probe(sys.argv[1:])
+    one_line_hydra_errors("planner")
 
     @hydra.main(config_path=str(CONF_DIR), config_name="planner", version_base=None)
     def _task(cfg) -> None:

@@ -228,3 +228,18 @@ def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> RunResult:
         "hit_rate": run.prefix_hits / run.prefix_queries if run.prefix_queries else 0.0,
     }
     return RunResult(requests=requests, timeline=timeline, summary=summary)
+
+
+def rejection_reasons(requests: dict[str, np.ndarray]) -> dict[str, int]:
+    """How many requests were rejected for each reason, the reason without the request's
+    own token count (``prompt+max_tokens=5000 exceeds max_model_len=2048`` counts under
+    ``exceeds max_model_len=2048``), most frequent first."""
+    from collections import Counter
+
+    status = requests.get("status")
+    reasons = requests.get("reject_reason")
+    if status is None or reasons is None:
+        return {}
+    counts = Counter(str(r).split(" ", 1)[-1] if str(r).startswith("prompt+max_tokens=") else str(r)
+                     for s, r in zip(status, reasons, strict=True) if s == "rejected")
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
