@@ -11,29 +11,12 @@ import argparse
 import datetime as dt
 import math
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
-from simulator.cli_errors import hydra_error  # noqa: F401 - re-exported
+from simulator.cli_errors import OneLineParser, hydra_error  # noqa: F401 - re-exported
 from simulator.cli_errors import writable_folder as _writable_folder
 from simulator.errors import ConfigError
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line naming the option, exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        field, sep, rest = message.partition(": ")
-        if field.startswith("argument "):
-            field, message = field.removeprefix("argument ").split("/")[-1], rest
-        elif sep and field == "the following arguments are required":
-            field, message = rest.split(", ")[0], "is required"
-        else:
-            field = "arguments"
-        print(f"error: {field}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def arg_type(check: Callable[[str, str], object], field: str) -> Callable[[str], object]:

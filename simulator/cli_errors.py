@@ -3,10 +3,12 @@ composition errors and output folders, each reported as one ConfigError line."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from simulator.errors import ConfigError
 
@@ -159,3 +161,18 @@ def probe_run_dir(text: str, field: str = "hydra.run.dir") -> None:
         for p in reversed(made):
             with contextlib.suppress(OSError):
                 p.rmdir()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the option, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        field, sep, rest = message.partition(": ")
+        if field.startswith("argument "):
+            field, message = field.removeprefix("argument ").split("/")[-1], rest
+        elif sep and field == "the following arguments are required":
+            field, message = rest.split(", ")[0], "is required"
+        else:
+            field = "arguments"
+        print(f"error: {field}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import yaml
 
@@ -37,6 +36,7 @@ from profiler.field_types import check_values
 from profiler.live.loopback import check_loopback_url
 from profiler.live.server import ServerError
 from profiler.location import writable_directory
+from simulator.cli_errors import OneLineParser
 from simulator.engine_config import EngineConfig, parse_key_values
 from simulator.errors import ConfigError
 from simulator.workload import Workload
@@ -136,21 +136,6 @@ def _import_bench(args) -> int:
     workload.save(out / "workload.parquet")
     print(f"{out}: {summary_line(result)}")
     return 0
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with the project's bad-input form: one line naming the flag, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        field, sep, rest = message.partition(": ")
-        if field.startswith("argument "):
-            field, message = field.removeprefix("argument ").split("/")[-1], rest
-        elif sep and field == "the following arguments are required":
-            field, message = rest.split(", ")[0], "is required"
-        else:
-            field = "arguments"
-        print(f"error: {field}: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
