@@ -61,7 +61,9 @@ def test_hardware_ordering_is_physical():
 def test_optimizations_load_into_an_engine_config(name):
     opt = load_optimization(name)
     assert opt["name"] == name
-    assert set(opt) == {"name", "weight_dtype", "kv_cache_dtype", "enable_prefix_caching", "speculative"}
+    required = {"name", "weight_dtype", "kv_cache_dtype", "enable_prefix_caching", "speculative"}
+    assert required <= set(opt) <= required | {"speculative_rates"}  # where draft rates come from
+    assert ("speculative_rates" in opt) == (name == "spec_ngram")
     engine = EngineConfig.from_dict({"speculative": opt["speculative"] or {},
                                      "enable_prefix_caching": opt["enable_prefix_caching"]})
     assert engine.speculative.enabled == (name == "spec_ngram")
