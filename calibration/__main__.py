@@ -1,6 +1,6 @@
 """`python -m calibration <command> ...`: one module per command.
 
-Commands: list, fit, validate, agreement. Each lives in ``calibration/cmd_<name>.py``
+Commands: list, fit, validate, agreement, accuracy. Each lives in ``calibration/cmd_<name>.py``
 with a ``main(argv: list[str]) -> int`` function.
 """
 
@@ -14,6 +14,7 @@ COMMANDS = {
     "fit": "calibration.cmd_fit",
     "validate": "calibration.cmd_validate",
     "agreement": "calibration.cmd_agreement",
+    "accuracy": "calibration.cmd_accuracy",
 }
 
 

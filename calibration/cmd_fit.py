@@ -1,6 +1,6 @@
 """`python -m calibration fit profile=<dir> [out=<file>] [test_fraction=0.25] [seed=0]`
 
-Fits the six-term step-time model (calibration/fit.py) to a profiler profile,
+Fits the step-time model (calibration/fit.py) to a profiler profile,
 prints the held-out error, and saves the model with its fit report to a new run
 directory, ``outputs/fit/<date>/<time>/fit.json`` under the working directory
 (or to out=<file>). The profile directory is only read: a shipped profile's
@@ -50,6 +50,15 @@ def format_report(model) -> str:
     lines.append("  coefficients:")
     for term in TERMS:
         lines.append(f"    {term:<20} {model.coefficients[term]:.4e}  ({report['terms'][term]})")
+    lines.append(f"    decode_knee          {model.decode_knee}  (decode requests a step holds at the cost of one)")
+    if model.serving:
+        o = model.serving
+        lines.append(f"  serving (vllm serve, {o['probe_sets']} probe rounds): per step {o['per_step_s'] * 1e3:+.2f} ms, "
+                     f"per request in a step {o['per_request_s'] * 1e6:+.0f} us, per KV token "
+                     f"{o['per_context_token_s'] * 1e9:+.1f} ns, per prefill token {o['per_prefill_token_s'] * 1e6:+.2f} us, "
+                     f"per request {o['request_overhead_s'] * 1e3:.1f} ms idle / {o['busy_overhead_s'] * 1e3:+.1f} ms busy")
+    else:
+        lines.append("  serving: not measured (the profile has no serving phase): perf=profile simulates the bare engine")
     kv = model.kv
     lines.append(f"  KV: {kv['num_gpu_blocks']} blocks x {kv['block_size']} tokens, {kv['bytes_per_token']} bytes/token")
     return "\n".join(lines)

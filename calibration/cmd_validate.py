@@ -21,6 +21,8 @@ or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
 times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
 back on one), each with machine state recorded; (4) ``--sim-seeds``
 simulations with step-time jitter, using the fitted model plus the server's
+overheads: the profile's own (its serving phase; exactly what ``perf=profile``
+applies, calibration/serving.py) when it has them, else (said on stderr) the
 step-time offsets measured on each live run's probes, never on the workload
 (per step, per request and per KV token from the decode probes,
 ``--step-gap``; per prefill token from the prefill probes,
@@ -47,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import validate
+from calibration import serving, validate
 from calibration.cli_args import (
     OneLineParser,
     arg_type,
@@ -115,15 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step lognormal jitter of step times")
     p.add_argument("--run-sigma", type=arg_type(nonnegative_arg, "--run-sigma"), default=0.03,
                    help="per-run lognormal scale of step times")
-    p.add_argument("--step-gap", default="probe",
-                   help="time added to every simulated step: probe (server minus model on the live runs' "
-                        "decode probe), none, gap (the live logs' inter-step gap) or seconds")
-    p.add_argument("--prefill-offset", default="probe",
-                   help="time added per prefill token: probe (server minus model on the live runs' "
-                        "isolated prefill probes), none, or seconds per token")
-    p.add_argument("--request-overhead", default="measured",
-                   help="per-request API-server time added to simulated TTFT/E2E: measured (the live "
-                        "runs' probes, idle and busy), none, or seconds (idle and busy alike)")
+    p.add_argument("--step-gap", default="auto",
+                   help="time added to every simulated step: auto (the profile's serving overheads, as "
+                        "perf=profile applies them; probe when the profile has none), probe (server minus "
+                        "model on the live runs' decode probe), none, gap (the live logs' inter-step gap) "
+                        "or seconds")
+    p.add_argument("--prefill-offset", default="auto",
+                   help="time added per prefill token: auto (the profile's, else probe), probe (server minus "
+                        "model on the live runs' isolated prefill probes), none, or seconds per token")
+    p.add_argument("--request-overhead", default="auto",
+                   help="per-request API-server time added to simulated TTFT/E2E: auto (the profile's idle "
+                        "overhead, as the simulator's client-observed figures; else measured), measured (the "
+                        "live runs' probes, idle and busy), none, or seconds (idle and busy alike)")
     p.add_argument("--tolerances", default="ci", choices=sorted(TOLERANCE_SETS))
     p.add_argument("--out", required=True, type=arg_type(output_dir_arg, "--out"), help="output directory")
     p.add_argument("--no-progress", action="store_true")
@@ -171,6 +176,12 @@ def run_profiler(model: str, grid: str, out_dir: Path, engine: EngineConfig, opt
     return out_dir
 
 
+def profile_overheads(fitted) -> serving.ServingOverheads | None:
+    """The serving overheads the profile's serving phase measured, or None."""
+    data = getattr(fitted, "serving", None)
+    return serving.ServingOverheads.from_dict(data) if data else None
+
+
 def load_model(profile_dir: Path):
     try:
         from calibration.fit import load_fitted_model
@@ -215,52 +226,16 @@ class StepOffsets:
 
 def probe_offsets(model, live: list[RunResult]) -> tuple[float, float, float] | None:
     """(per step, per request in the step, per KV token attended) the server spends beyond
-    the model, from the decode probes.
+    the model, from the live runs' decode probes (``summary.live.decode_probe`` and
+    ``decode_probe_after``: known decode batches before and after the workload);
+    calibration.serving.decode_offsets does the arithmetic for live runs and profiles alike.
+    None without probes."""
+    return serving.decode_offsets(model, probe_sets(live))
 
-    Each live run first runs known decode batches (``summary.live.decode_probe``:
-    1 and 8 requests on 32-token prompts, and 1 and 8 on 384-token prompts,
-    generating 128 tokens together, streamed to the client), and runs them again after
-    the workload (``decode_probe_after``) so that the two sets bracket it. Per
-    batch, the server's wall time per step minus the fitted model's step time
-    for the same steps (median over runs) is what the server adds to the
-    profiled in-process step: IPC between vLLM's API, engine-core and worker
-    processes, streaming every token out of the API server (which on our CPUs
-    shares a core with the engine core and the client), and process-to-process
-    drift, which shows most in attention over long contexts. A plane through
-    those offsets against the batch size and the KV tokens attended gives the
-    three terms (a line against the batch size when the runs have no
-    long-context batch). Terms may be negative (output processing that the
-    profiled in-process step pays and a server overlaps on another core;
-    StepGapModel never lets a step fall below half its profiled time). None
-    without probes.
-    """
-    from simulator.performance import StepBatch
 
-    groups: dict[tuple[int, int], list[tuple[float, float]]] = {}
-    for r in live:
-        live_summary = r.summary.get("live", {})
-        for probe in (live_summary.get("decode_probe") or []) + (live_summary.get("decode_probe_after") or []):
-            batch = int(probe["batch"])
-            contexts = np.arange(int(probe["context_first"]), int(probe["context_last"]) + 1)
-            predicted = np.mean([model.step_time(StepBatch(decode_context=[int(c)] * batch)) for c in contexts])
-            key = (batch, int(probe.get("prompt_tokens", probe["context_first"] - 2)))
-            groups.setdefault(key, []).append((float(probe["wall_per_step_s"]) - float(predicted),
-                                               float(batch * contexts.mean())))
-    if not groups:
-        return None
-    keys = sorted(groups)
-    offsets = np.array([np.median([o for o, _ in groups[k]]) for k in keys])
-    batches = np.array([k[0] for k in keys], dtype=float)
-    kv_tokens = np.array([np.mean([c for _, c in groups[k]]) for k in keys])
-    if len(set(batches)) == 1:
-        return float(np.median(offsets)), 0.0, 0.0
-    # KV tokens vary apart from the batch size only with a long-context batch
-    design = np.column_stack((np.ones_like(batches), batches, kv_tokens))
-    if np.linalg.matrix_rank(design) < 3:
-        per_request, per_step = np.polyfit(batches, offsets, 1)
-        return float(per_step), float(per_request), 0.0
-    per_step, per_request, per_context = np.linalg.lstsq(design, offsets, rcond=None)[0]
-    return float(per_step), float(per_request), float(per_context)
+def probe_sets(live: list[RunResult]) -> list[dict]:
+    """The live runs' probe sets (calibration.serving)."""
+    return [r.summary.get("live", {}) for r in live]
 
 
 def step_gap(arg: str, live: list[RunResult], model=None) -> StepOffsets:
@@ -297,32 +272,9 @@ def step_gap(arg: str, live: list[RunResult], model=None) -> StepOffsets:
 
 
 def probe_prefill_per_token(model, live: list[RunResult]) -> float | None:
-    """What a prefill token costs on the server beyond the model, from the isolated prefill probes.
-
-    Each live run first sends lone requests of two prompt lengths
-    (``summary.live.prefill_probe``: 32 and 384 tokens); each one's prefill is
-    a step of its own in the iteration log. Per length, the logged step time
-    minus the model's time for the same prefill (median over runs), and the
-    slope of those residuals against the prompt length is the extra time per
-    prefill token: the decode probes cannot see it, yet a server process
-    slower than the profiled one at prefill shows in every TTFT and every
-    recompute after a preemption. Only the slope is taken (what both sides add
-    per step is the decode probes' business). None without probes at two lengths.
-    """
-    from simulator.performance import StepBatch
-
-    by_length: dict[int, list[float]] = {}
-    for r in live:
-        for probe in r.summary.get("live", {}).get("prefill_probe") or []:
-            n = int(probe["tokens"])
-            predicted = model.step_time(StepBatch(prefill_tokens=[n], prefill_context=[0]))
-            by_length.setdefault(n, []).append(float(probe["elapsed_s"]) - float(predicted))
-    if len(by_length) < 2:
-        return None
-    lengths = np.array(sorted(by_length), dtype=float)
-    residuals = np.array([np.median(by_length[int(n)]) for n in lengths])
-    slope, _ = np.polyfit(lengths, residuals, 1)
-    return float(slope)
+    """What a prefill token costs on the server beyond the model, from the live runs' isolated
+    prefill probes (calibration.serving.prefill_per_token). None without probes at two lengths."""
+    return serving.prefill_per_token(model, probe_sets(live))
 
 
 def prefill_offset(arg: str, live: list[RunResult], model=None) -> tuple[float, str]:
@@ -358,37 +310,13 @@ def request_overhead(arg: str, live: list[RunResult]) -> tuple[float, str]:
 
 def busy_overhead(model, live: list[RunResult], engine: EngineConfig, idle_overhead_s: float,
                   async_scheduling: bool) -> tuple[float, str]:
-    """Extra per-request time outside the engine when a request arrives at a busy server.
-
-    Each live run sends lone short requests while a decode batch streams
-    (``summary.live.loaded_probe``). The same requests are simulated with the
-    validation's step model; the live TTFT minus the simulated one minus the
-    idle overhead (median over all probes and runs) is what a busy API server
-    and client add: they stream the batch's tokens on a core they share, so a
-    new request waits longer to get in and its first token to get out. The
-    isolated probes, sent to an idle server, cannot see it.
-    """
-    from simulator.engine import simulate
-
-    extras = []
-    for r in live:
-        for probe in r.summary.get("live", {}).get("loaded_probe") or []:
-            # the batch goes out at once, the lone requests from 0.25 s on: already in arrival order
-            batch, lone = len(probe["batch_send_s"]), probe["lone"]
-            arrivals = np.array(list(probe["batch_send_s"]) + [p["send_s"] for p in lone])
-            if np.any(np.diff(arrivals) < 0):
-                continue
-            n = len(arrivals)
-            probe_workload = Workload(
-                arrival_s=arrivals - arrivals[0], prompt_tokens=np.full(n, probe["prompt_tokens"]),
-                output_tokens=[probe["batch_output_tokens"]] * batch + [probe["lone_output_tokens"]] * len(lone),
-                reasoning_tokens=np.zeros(n), domain=np.full(n, "probe", object), name="loaded-probe")
-            sim = simulate(probe_workload, engine, model, async_scheduling=async_scheduling)
-            for p, sim_ttft in zip(lone, sim.requests["ttft_s"][batch:], strict=True):  # rows in arrival order
-                extras.append(float(p["ttft_s"]) - float(sim_ttft) - idle_overhead_s)
-    if not extras:
+    """Extra per-request time outside the engine when a request arrives at a busy server, from
+    the live runs' loaded probes (calibration.serving.busy_overhead)."""
+    extra = serving.busy_overhead(model, probe_sets(live), engine, idle_overhead_s, async_scheduling)
+    if extra is None:
         return 0.0, "no loaded probes: none added"
-    return float(np.median(extras)), f"median of {len(extras)} loaded probes (live TTFT minus simulated)"
+    n = sum(len(p["lone"]) for r in live for p in r.summary.get("live", {}).get("loaded_probe") or [])
+    return extra, f"median of {n} loaded probes (live TTFT minus simulated)"
 
 
 def acceptance_given_previous(mean_accepted: float, k: int) -> float:
@@ -439,6 +367,16 @@ def speculation_for_simulator(source: str, engine: EngineConfig, live: list[RunR
     return dataclasses.replace(engine, speculative=measured), f"median of {len(rates)} live runs' counters"
 
 
+def seeds_draw(step_sigma: float, run_sigma: float, engine: EngineConfig) -> str:
+    """What differs between the simulated seeds: the workload is the replayed one in all of them."""
+    drawn = [name for name, on in (("per-step jitter (--step-sigma)", step_sigma > 0),
+                                   ("per-run scale (--run-sigma)", run_sigma > 0),
+                                   ("draft acceptance", engine.speculative.enabled)) if on]
+    if not drawn:
+        return "nothing is drawn at random (no jitter, no speculation): every seed gives the same run"
+    return "the same replayed workload in every seed; each seed draws " + ", ".join(drawn)
+
+
 def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, step_sigma: float,
                   run_sigma: float, async_scheduling: bool, out: Path, overhead_s: float = 0.0,
                   busy_extra_s: float = 0.0) -> list[RunResult]:
@@ -461,9 +399,12 @@ def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, s
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     # refuse bad input now, before the profile and the live runs it would follow
-    step_gap(args.step_gap, [])
-    prefill_offset(args.prefill_offset, [])
-    request_overhead(args.request_overhead, [])
+    if args.step_gap != "auto":
+        step_gap(args.step_gap, [])
+    if args.prefill_offset != "auto":
+        prefill_offset(args.prefill_offset, [])
+    if args.request_overhead != "auto":
+        request_overhead(args.request_overhead, [])
     started = time.time()
     workload, engine, name, optimization = workload_and_engine(args)
     out = Path(args.out)
@@ -476,26 +417,50 @@ def main(argv: list[str]) -> int:
     if not live:
         print("error: live: no live run finished", file=sys.stderr)
         return 3
-    if args.step_gap == "probe" and engine.speculative.enabled:
+    profiled = profile_overheads(fitted)
+    if "auto" in (args.step_gap, args.prefill_offset, args.request_overhead):
+        print("[validate] overheads: " + (f"the profile's ({profiled.source})" if profiled else
+              "the profile has none (no serving phase): measuring them on the live runs' probes"),
+              file=sys.stderr, flush=True)
+    gap_mode = ("profile" if profiled else "probe") if args.step_gap == "auto" else args.step_gap
+    prefill_mode = ("profile" if profiled else "probe") if args.prefill_offset == "auto" else args.prefill_offset
+    request_mode = ("profile" if profiled else "measured") if args.request_overhead == "auto" \
+        else args.request_overhead
+    if gap_mode == "profile":
+        offsets = StepOffsets(profiled.per_step_s, profiled.per_request_s, profiled.per_context_token_s,
+                              "profile: " + profiled.source)
+    elif gap_mode == "probe" and engine.speculative.enabled:
         # a probe step's drafts are not in the iteration log, so server minus model cannot be
         # taken on them; the live runs' inter-step gap is what the server adds to a whole step
         offsets = step_gap("gap", live, fitted)
         offsets = dataclasses.replace(offsets, source="gap (probes skipped: speculative steps' drafts "
                                                       "are not logged): " + offsets.source)
     else:
-        offsets = step_gap(args.step_gap, live, fitted)
+        offsets = step_gap(gap_mode, live, fitted)
     async_flags = {r.summary.get("async_scheduling") for r in live} - {None}
     async_scheduling = async_flags.pop() if len(async_flags) == 1 else False
-    overhead, overhead_source = request_overhead(args.request_overhead, live)
-    per_prefill_token, prefill_source = prefill_offset(args.prefill_offset, live, fitted)
-    model = StepGapModel(fitted, offsets.per_step, offsets.per_request, per_prefill_token,
-                         offsets.per_context_token)
+    if request_mode == "profile":
+        overhead, overhead_source = profiled.request_overhead_s, "profile (idle; as the simulator's front end)"
+    else:
+        overhead, overhead_source = request_overhead(request_mode, live)
+    if prefill_mode == "profile":
+        per_prefill_token, prefill_source = profiled.per_prefill_token_s, "profile: " + profiled.source
+    else:
+        per_prefill_token, prefill_source = prefill_offset(prefill_mode, live, fitted)
+    if gap_mode == prefill_mode == "profile":
+        model = serving.ServedModel(fitted, profiled)  # exactly what perf=profile simulates
+    else:
+        model = StepGapModel(fitted, offsets.per_step, offsets.per_request, per_prefill_token,
+                             offsets.per_context_token)
     sim_engine, spec_source = engine, None
     if engine.speculative.enabled:
         sim_engine, spec_source = speculation_for_simulator(args.spec_acceptance, engine, live, workload)
     busy_extra, busy_source = 0.0, "not used"
-    if args.request_overhead == "measured":
+    if request_mode == "measured":
         busy_extra, busy_source = busy_overhead(model, live, sim_engine, overhead, async_scheduling)
+    seeds_note = seeds_draw(args.step_sigma, args.run_sigma, sim_engine)
+    if seeds_note.startswith("nothing"):
+        print(f"[validate] note: --sim-seeds {args.sim_seeds}: {seeds_note}", file=sys.stderr, flush=True)
     sim = simulate_runs(workload, sim_engine, model, args.sim_seeds, args.step_sigma, args.run_sigma,
                         async_scheduling, out, overhead, busy_extra)
     machines = [r.metadata.get("machine", {}) for r in live]
@@ -519,6 +484,7 @@ def main(argv: list[str]) -> int:
         "busy_overhead_s": busy_extra,
         "busy_overhead_source": busy_source,
         "jitter": {"step_sigma": args.step_sigma, "run_sigma": args.run_sigma},
+        "sim_seeds_draw": seeds_note,
         "async_scheduling": async_scheduling,
         "speculation": ({**dataclasses.asdict(sim_engine.speculative), "source": spec_source}
                         if spec_source else None),

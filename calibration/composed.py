@@ -49,6 +49,7 @@ from typing import Protocol
 import numpy as np
 
 from calibration.memory import MemoryModel
+from calibration.sparse import SparseParts
 from simulator.errors import ConfigError
 from simulator.hardware import Hardware
 from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
@@ -210,7 +211,8 @@ def layer_memory_ops(sh: LayerShapes, weight_dtype: str, kv_dtype: str) -> dict[
         "kv_cache_write": 2 * kv_dim * (act + dtype_bytes(kv_dtype)),  # K and V into the paged cache
         "silu_mul": 3 * sh.inter * act,                      # SiLU(gate) * up
     }
-    if dtype_bytes(weight_dtype) < act:  # per-token activation quantization before o and down
+    # per-token activation quantization before o and down (not for weight-only int4, W4A16)
+    if weight_dtype != "int4" and dtype_bytes(weight_dtype) < act:
         ops.update(quant_o=q_dim * (act + 1), quant_down=sh.inter * (act + 1))
     return ops
 
@@ -386,6 +388,10 @@ class ComposedPerformanceModel(PerformanceModel):
         overhead_s: float = STEP_OVERHEAD_S,
         name: str = "",
         calibrated: bool = True,
+        host_s_per_token: float = 0.0,
+        host_s_per_row: float = 0.0,
+        expert_parallel: bool = False,
+        data_parallel_size: int = 1,
     ):
         self.arch = arch
         self.hardware = hardware
@@ -395,38 +401,70 @@ class ComposedPerformanceModel(PerformanceModel):
         self.kv_dtype = kv_dtype
         self.overhead_s = overhead_s
         self.calibrated = calibrated
+        #: host work outside the kernels per scheduled token (prefix-cache block hashing), part
+        #: of the dense cost of a step of m tokens, and per scheduled request (prefix-cache
+        #: bookkeeping), part of the head cost of r rows (calibration.prefix_caching_cost)
+        self.host_s_per_token = host_s_per_token
+        self.host_s_per_row = host_s_per_row
+        #: mixture of experts: experts spread whole over the GPUs (vLLM's enable_expert_parallel)
+        #: rather than split tp ways; with data_parallel_size > 1, that many engines (this one
+        #: of them, equally loaded) run attention apart and their MoE layers together
+        self.expert_parallel = bool(expert_parallel) or data_parallel_size > 1
+        self.data_parallel_size = int(data_parallel_size)
         self.name = name or f"composed:{hardware.name}:{arch.name}:{weight_dtype}:kv-{kv_dtype}:tp{tp}"
         self.memory_model = MemoryModel(arch, hardware, tp, weight_dtype, kv_dtype,
-                                        max_num_batched_tokens, max_num_seqs)
+                                        max_num_batched_tokens, max_num_seqs,
+                                        expert_ranks=tp * self.data_parallel_size)
         self.shapes = LayerShapes.of(arch, tp)
         self.max_tokens = max(int(max_num_batched_tokens), 16384)
         self.max_rows = max(int(max_num_seqs), 1024) * 4
         kv_layer_bytes = 2 * self.shapes.kv_heads * arch.head_dim * dtype_bytes(kv_dtype)
-        #: seconds to read one token's KV across all layers once, at the card's copy ceiling
-        self.kv_read_s_per_token = (arch.num_layers * kv_layer_bytes
+        #: MoE, latent attention and sliding windows (calibration.sparse); None for a dense model
+        self.sparse = SparseParts(self) if (arch.is_moe or arch.is_mla or arch.sliding_window_layers) else None
+        if arch.is_mla:
+            kv_layer_bytes = (arch.kv_lora_rank + arch.qk_rope_head_dim) * dtype_bytes(kv_dtype)
+        #: seconds to read one token's KV across all (full-attention) layers once, at the card's copy ceiling
+        self.kv_read_s_per_token = (arch.full_attention_layers * kv_layer_bytes
                                     / (hardware.memory_bandwidth_gbps * 1e9 * COPY_CEILING_FRACTION))
-        dense = self._dense_seconds(np.arange(self.max_tokens + 1))
+        dense = (self._dense_seconds(np.arange(self.max_tokens + 1)) if self.sparse is None
+                 else self.sparse.dense_seconds(np.arange(self.max_tokens + 1)))
         self.dense_s = np.maximum.accumulate(dense)
         self.head_s = self._head_seconds(np.arange(self.max_rows + 1))
         self._dense = self.dense_s.tolist()
         self._head = self.head_s.tolist()
         self._dense_slope = float(self.dense_s[-1] - self.dense_s[-1025]) / 1024
         self._head_slope = float(self.head_s[-1] - self.head_s[-257]) / 256
-        layers = arch.num_layers
+        layers = arch.full_attention_layers
         sh = self.shapes
+        context_ms, generation_ms = kernels.context_attention_ms, kernels.generation_attention_ms
+        if self.sparse is not None:
+            context_ms, generation_ms = self.sparse.context_attention_ms, self.sparse.generation_attention_ms
         self.context_grid = LogGrid2D(
-            lambda b, s: layers * 1e-3 * kernels.context_attention_ms(
+            lambda b, s: layers * 1e-3 * context_ms(
                 sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, s),
             GRID_MAX_SEQS, GRID_MAX_LEN, x_power=1.0, y_power=2.0)
         # decode attention is never faster than reading the batch's KV once (prefill: in step_time)
         self.generation_grid = LogGrid2D(
-            lambda b, kv: np.maximum(layers * 1e-3 * kernels.generation_attention_ms(
+            lambda b, kv: np.maximum(layers * 1e-3 * generation_ms(
                 sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, kv), b * kv * self.kv_read_s_per_token),
             GRID_MAX_SEQS, GRID_MAX_LEN, x_power=1.0, y_power=1.0)
+        #: sliding-window layers: attention over at most ``window`` tokens (None without them)
+        self.window = arch.sliding_window if arch.sliding_window_layers else 0
+        self.sliding_context_grid = self.sliding_generation_grid = None
+        if self.window:
+            sw = arch.sliding_window_layers
+            self.sliding_context_grid = LogGrid2D(
+                lambda b, s: sw * 1e-3 * context_ms(sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, s),
+                GRID_MAX_SEQS, GRID_MAX_LEN, x_power=1.0, y_power=2.0)
+            self.sliding_generation_grid = LogGrid2D(
+                lambda b, kv: sw * 1e-3 * generation_ms(sh.heads, sh.kv_heads, sh.head_dim, kv_dtype, b, kv),
+                GRID_MAX_SEQS, GRID_MAX_LEN, x_power=1.0, y_power=1.0)
         #: per decode-sequence count: the step's fixed part and the attention grid at that count
         self._decode_by_count: dict[int, tuple[float, LogGridColumn]] = {}
         ranged = getattr(kernels, "measured_range", None)
         self.measured_range = ranged(sh.kv_heads, kv_dtype) if ranged else MeasuredRange()
+        if self.sparse is not None and self.sparse.attention is not kernels:  # attention not from the tables
+            self.measured_range = MeasuredRange(tokens=self.measured_range.tokens)
         r = self.measured_range
         self._top_m, self._top_db, self._top_dc = r.tokens, r.decode_batch, r.decode_context
         self._top_pb, self._top_pl = r.prefill_batch, r.prefill_length
@@ -457,9 +495,15 @@ class ComposedPerformanceModel(PerformanceModel):
         if measured is not None:
             mem = mem + measured
         comm = 2 * k.allreduce_ms(self.tp, m * h) if self.tp > 1 else 0.0
-        layer_ms = gemm + mem + comm
+        layer_ms = gemm + mem + comm + self._non_kernel_ms(m)
         edges = np.where(m > 0, 2 * k.memory_op_ms(m * 2 * h * ACT_BYTES), 0.0)  # embedding, final norm
-        return 1e-3 * (arch.num_layers * layer_ms + edges)
+        return 1e-3 * (arch.num_layers * layer_ms + edges) + m * self.host_s_per_token
+
+    def _non_kernel_ms(self, m: np.ndarray) -> np.ndarray:
+        """A layer's work beyond the common kernels, from data (``calibration.non_kernel``): ms for m tokens."""
+        from calibration.non_kernel import non_kernel_layer_ms
+
+        return non_kernel_layer_ms(self.kernels, self.arch, self.shapes, m)
 
     def _head_seconds(self, r: np.ndarray) -> np.ndarray:
         """LM head GEMM (kept in bf16 by vLLM's quantization) plus the sampler, for r rows."""
@@ -471,7 +515,7 @@ class ComposedPerformanceModel(PerformanceModel):
         measured = getattr(self.kernels, "sampler_ms", lambda r, v: None)(r, self.arch.vocab_size)
         if measured is not None:
             sampler = 1e-3 * measured
-        return np.where(r > 0, 1e-3 * lm + sampler, 0.0)
+        return np.where(r > 0, 1e-3 * lm + sampler + r * self.host_s_per_row, 0.0)
 
     # --- the hot path -------------------------------------------------------------
     def step_time(self, batch: StepBatch) -> float:
@@ -506,12 +550,27 @@ class ComposedPerformanceModel(PerformanceModel):
                 self._count_prefill(n_pre, s_eff)
             attn = self.context_grid(n_pre, s_eff)
             t += max(attn, kv_tokens * self.kv_read_s_per_token)
+            if self.window:
+                t += self._sliding_prefill(pt, batch.prefill_context)
         if n_dec:
             kv = sum(dc) / n_dec
             if n_dec > self._top_db or kv > self._top_dc:
                 self._count_decode(n_dec, kv)
             t += self.generation_grid(n_dec, kv)
+            if self.window:
+                t += self.sliding_generation_grid(n_dec, min(kv, self.window))
         return t
+
+    def _sliding_prefill(self, prefill_tokens, prefill_context) -> float:
+        """Sliding-window layers' prefill attention: each new token attends over at most the window.
+
+        Priced as chunks of one effective length with the same work, counting
+        ``q min(2c + q, 2 window)`` per chunk of q new tokens over c cached (full attention: ``q (2c + q)``).
+        """
+        w2 = 2 * self.window
+        work = sum(q * min(2 * c + q, w2) for q, c in zip(prefill_tokens, prefill_context, strict=False))
+        n = len(prefill_tokens)
+        return self.sliding_context_grid(n, math.sqrt(work / n))
 
     def _count_prefill(self, chunks: float, length: float, n: int = 1) -> None:
         r, e = self.measured_range, self.extrapolations
@@ -539,8 +598,15 @@ class ComposedPerformanceModel(PerformanceModel):
         if num_seqs > self._top_m:
             self.extrapolations["tokens"] += total.size
         self.extrapolations["decode_context"] += int(np.count_nonzero(kv_mean > self._top_dc))
+        sliding = None
+        if self.window:  # (before ``attention``, which works in kv_mean's buffer)
+            flat = kv_mean.reshape(-1)
+            sliding = self.sliding_generation_grid.many(np.full(flat.shape, float(num_seqs)),
+                                                        np.minimum(flat, self.window))
         out = attention(kv_mean.reshape(-1))
         out += base
+        if sliding is not None:
+            out += sliding
         return out.reshape(total.shape)
 
     def step_time_arrays(
@@ -575,6 +641,11 @@ class ComposedPerformanceModel(PerformanceModel):
         gen = self.generation_grid.many(np.maximum(n, 1), kv)
         self._count_arrays(has_pre, s_eff, n, kv, m)
         out = self.overhead_s + dense + head + np.where(has_pre, ctx, 0.0) + np.where(n > 0, gen, 0.0)
+        if self.window:
+            s_sw = np.sqrt(np.maximum(p * np.minimum(2 * c + p, 2 * self.window), 1.0))
+            out = out + np.where(has_pre, self.sliding_context_grid.many(np.ones_like(s_sw), s_sw), 0.0)
+            out = out + np.where(n > 0, self.sliding_generation_grid.many(np.maximum(n, 1),
+                                                                          np.minimum(kv, self.window)), 0.0)
         return np.where((m > 0), out, 0.0)
 
     def _count_arrays(self, has_pre: np.ndarray, s_eff: np.ndarray, n: np.ndarray, kv: np.ndarray,
@@ -607,6 +678,10 @@ class ComposedPerformanceModel(PerformanceModel):
             out["context_attention"] = max(attn, kv_tokens * self.kv_read_s_per_token)
         if dc:
             out["generation_attention"] = self.generation_grid(len(dc), sum(dc) / len(dc))
+        if self.window:
+            out["sliding_attention"] = ((self._sliding_prefill(pt, batch.prefill_context) if pt else 0.0)
+                                        + (self.sliding_generation_grid(len(dc), min(sum(dc) / len(dc), self.window))
+                                           if dc else 0.0))
         return out
 
     def _dense_at(self, m: int) -> float:
@@ -623,6 +698,13 @@ class ComposedPerformanceModel(PerformanceModel):
     def kv_bytes_per_token(self) -> int:
         return self.memory_model.kv_bytes_per_token()
 
+    def kv_groups(self):
+        if not self.arch.sliding_window_layers:
+            return None
+        from simulator.kv_layout import model_kv_groups
+
+        return model_kv_groups(self.arch)
+
     def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
         return self.memory_model.breakdown(gpu_memory_utilization)
 
@@ -638,6 +720,11 @@ class ComposedPerformanceModel(PerformanceModel):
             "step_overhead_s": self.overhead_s,
             "extrapolated_queries": {k: v for k, v in self.extrapolations.items() if v},
         })
+        if self.sparse is not None:  # what each sparse part's time comes from (measured or roofline)
+            out["step_time_sources"] = dict(self.sparse.sources)
+            if self.arch.is_moe:
+                out["expert_parallel"] = self.expert_parallel
+                out["data_parallel_size"] = self.data_parallel_size
         checks = getattr(getattr(self.kernels, "tables", None), "checks", None)
         if checks:  # rows of the kernel tables rejected as faster than physics (calibration.plausibility)
             out["kernel_rows_rejected"] = dict(checks["rejected"])

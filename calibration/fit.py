@@ -1,9 +1,10 @@
-"""A step-time model fitted to a profile: six physical terms, non-negative least squares.
+"""A step-time model fitted to a profile: seven physical terms, non-negative least squares.
 
     step_time = overhead
               + per_prefill_token   x  sum(prefill_tokens)
               + per_attention_pair  x  sum(q * (c + (q + 1) / 2))   (prefill chunk q over context c)
-              + per_decode_seq      x  number of decoding requests
+              + decode_step         x  [the step decodes at all]
+              + per_decode_seq      x  max(0, decoding requests - decode_knee)
               + per_decode_kv_token x  sum(decode_context)           (KV tokens read by decodes)
               + per_spec_token      x  sum(decode_spec_tokens)       (speculative verify)
 
@@ -13,6 +14,13 @@ row divided by its measured time), which is what the reported absolute
 percentage errors measure. Grid points (all steps of one point together) are
 split into a training and a held-out set; the saved model is the one fitted on
 the training set, and its report gives the held-out median and p90 APE.
+
+The decode terms are a roofline knee: a decode batch of up to ``decode_knee``
+requests costs about the same as one (the layers' weights are read once
+whatever the batch; on the shipped CPU profiles batches of 1 and 4 take the
+same time), and each request beyond it adds ``per_decode_seq`` (its GEMM row,
+LM-head row and sampling). The knee is chosen from DECODE_KNEES by the
+training error; a knee of 0 is the plain linear law.
 
 KV capacity, bytes per token and memory come from the profile, not from the fit.
 """
@@ -28,20 +36,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibration.profile import META_FILE, Profile
+from calibration.profile import META_FILE, Profile, engine_settings
 from simulator.errors import ConfigError
 from simulator.model_arch import ModelArchitecture
 from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
 
 FIT_FILE = "fit.json"
 FIT_FORMAT = "rllm-sim-fitted-step-model"
-TERMS = ("overhead", "per_prefill_token", "per_attention_pair", "per_decode_seq",
+FIT_FORMAT_VERSION = 2
+TERMS = ("overhead", "per_prefill_token", "per_attention_pair", "decode_step", "per_decode_seq",
          "per_decode_kv_token", "per_spec_token")
+#: terms a fit.json of format version 1 lacks (read as 0: that version's model)
+NEW_TERMS = ("decode_step",)
+#: knees tried (requests a decode batch holds at the cost of one); a larger one must lower the
+#: training error by KNEE_GAIN (relative) to be chosen, so that noise does not pick it
+DECODE_KNEES = (0, 1, 2, 4, 8, 16, 32)
+KNEE_GAIN = 0.02
 TERM_MEANING = {
     "overhead": "seconds per step (scheduling, launch, sampling set-up)",
     "per_prefill_token": "seconds per prefill token (GEMMs, norms, KV writes)",
     "per_attention_pair": "seconds per (query token, key token) pair of prefill attention",
-    "per_decode_seq": "seconds per decoding request (GEMM row, LM head, sampler)",
+    "decode_step": "seconds per step that decodes (weights read once for a small decode batch)",
+    "per_decode_seq": "seconds per decoding request beyond decode_knee (GEMM row, LM head, sampler)",
     "per_decode_kv_token": "seconds per KV token a decoding request attends over",
     "per_spec_token": "seconds per speculative draft token verified",
 }
@@ -50,8 +66,8 @@ TERM_MEANING = {
 OUTLIER_MADS = 4.0
 
 
-def features(frame: pd.DataFrame) -> np.ndarray:
-    """The six terms' quantities per step (columns in TERMS order)."""
+def features(frame: pd.DataFrame, decode_knee: int = 0) -> np.ndarray:
+    """The terms' quantities per step (columns in TERMS order)."""
     n = len(frame)
     x = np.zeros((n, len(TERMS)))
     x[:, 0] = 1.0
@@ -62,21 +78,24 @@ def features(frame: pd.DataFrame) -> np.ndarray:
         c = np.asarray(context, dtype=np.float64)
         x[i, 1] = q.sum()
         x[i, 2] = float(np.sum(q * (c + (q + 1.0) / 2.0)))
-        x[i, 3] = len(dctx)
-        x[i, 4] = float(np.sum(dctx))
-        x[i, 5] = float(np.sum(spec))
+        x[i, 3] = 1.0 if len(dctx) else 0.0
+        x[i, 4] = max(0, len(dctx) - decode_knee)
+        x[i, 5] = float(np.sum(dctx))
+        x[i, 6] = float(np.sum(spec))
     return x
 
 
-def batch_features(batch: StepBatch) -> tuple[float, float, float, float, float]:
-    """(prefill tokens, attention pairs, decode seqs, decode KV tokens, spec tokens) of a StepBatch."""
+def batch_features(batch: StepBatch, decode_knee: int = 0) -> tuple[float, float, float, float, float, float]:
+    """(prefill tokens, attention pairs, decodes at all, decode seqs beyond the knee, decode KV tokens,
+    spec tokens) of a StepBatch."""
     prefill = 0.0
     pairs = 0.0
     for q, c in zip(batch.prefill_tokens, batch.prefill_context, strict=False):
         prefill += q
         pairs += q * (c + (q + 1) / 2)
-    return prefill, pairs, float(len(batch.decode_context)), float(sum(batch.decode_context)), \
-        float(sum(batch.decode_spec_tokens))
+    seqs = len(batch.decode_context)
+    return prefill, pairs, 1.0 if seqs else 0.0, float(max(0, seqs - decode_knee)), \
+        float(sum(batch.decode_context)), float(sum(batch.decode_spec_tokens))
 
 
 def nnls_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -115,15 +134,28 @@ def split_groups(frame: pd.DataFrame, test_fraction: float, seed: int) -> np.nda
 class FitResult:
     coefficients: dict[str, float]
     report: dict[str, Any]
+    decode_knee: int = 0
+
+
+def _robust_fit(x: np.ndarray, y: np.ndarray, used: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(coefficients, inlier rows, their mean APE): a fit on ``used``, refitted without outliers."""
+    coef = nnls_relative(x[used], y[used])
+    residual = (x[used] @ coef - y[used]) / y[used]
+    mad = float(np.median(np.abs(residual - np.median(residual)))) or 1e-9
+    inliers = used[np.abs(residual - np.median(residual)) <= OUTLIER_MADS * 1.4826 * mad]
+    if len(inliers) >= len(TERMS) + 2 and len(inliers) < len(used):
+        coef = nnls_relative(x[inliers], y[inliers])
+    else:
+        inliers = used
+    return coef, inliers, float(np.mean(ape(x[inliers] @ coef, y[inliers])))
 
 
 def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -> FitResult:
-    """Fit the six terms to a steps table (measured steps only) and report held-out errors."""
+    """Fit the terms (and the decode knee) to a steps table (measured steps only); report held-out errors."""
     if len(frame) < len(TERMS) + 2:
         raise ConfigError("profile", f"has {len(frame)} measured steps; a fit needs at least {len(TERMS) + 2}")
     if not 0 < test_fraction < 1:
         raise ConfigError("test_fraction", f"must lie in (0, 1), got {test_fraction}")
-    x = features(frame)
     y = frame["wall_s"].to_numpy(dtype=np.float64)
     held = split_groups(frame, test_fraction, seed)
     disturbed = frame["disturbed"].to_numpy(dtype=bool) if "disturbed" in frame else np.zeros(len(frame), bool)
@@ -132,12 +164,13 @@ def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -
         disturbed = np.zeros(len(frame), bool)
     train = ~held & ~disturbed
     used = np.flatnonzero(train)
-    coef = nnls_relative(x[used], y[used])
-    residual = (x[used] @ coef - y[used]) / y[used]
-    mad = float(np.median(np.abs(residual - np.median(residual)))) or 1e-9
-    inliers = used[np.abs(residual - np.median(residual)) <= OUTLIER_MADS * 1.4826 * mad]
-    if len(inliers) >= len(TERMS) + 2 and len(inliers) < len(used):
-        coef = nnls_relative(x[inliers], y[inliers])
+    best = None
+    for knee in DECODE_KNEES:  # ascending: a larger knee must earn its place
+        x_k = features(frame, knee)
+        coef_k, inliers_k, error = _robust_fit(x_k, y, used)
+        if best is None or error < (1 - KNEE_GAIN) * best[0]:
+            best = (error, knee, x_k, coef_k, inliers_k)
+    _, knee, x, coef, inliers = best
     predicted = x @ coef
     errors = ape(predicted, y)
     phases = frame["phase"].to_numpy()
@@ -152,9 +185,11 @@ def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -
         "disturbed_steps_used": fallback,
         "train_outliers_dropped": int(len(used) - len(inliers)) if len(inliers) < len(used) else 0,
         "held_out_by_phase": {p: _stats(errors[test & (phases == p)]) for p in sorted(set(phases[test]))},
+        "decode_knee": knee,
         "terms": TERM_MEANING,
     }
-    return FitResult(coefficients=dict(zip(TERMS, map(float, coef), strict=True)), report=report)
+    return FitResult(coefficients=dict(zip(TERMS, map(float, coef), strict=True)), report=report,
+                     decode_knee=knee)
 
 
 class FittedPerformanceModel(PerformanceModel):
@@ -164,12 +199,18 @@ class FittedPerformanceModel(PerformanceModel):
 
     def __init__(self, coefficients: dict[str, float], kv: dict[str, Any], memory: dict[str, Any],
                  architecture: dict[str, Any], name: str, hardware: dict[str, Any] | None = None,
-                 report: dict[str, Any] | None = None, source: str = ""):
-        missing = [t for t in TERMS if t not in coefficients]
+                 report: dict[str, Any] | None = None, source: str = "", decode_knee: int = 0,
+                 serving: dict[str, Any] | None = None, engine: dict[str, Any] | None = None):
+        missing = [t for t in TERMS if t not in coefficients and t not in NEW_TERMS]
         if missing:
             raise ConfigError("fit", f"coefficients lack {missing}")
-        self.coefficients = {t: float(coefficients[t]) for t in TERMS}
+        self.coefficients = {t: float(coefficients.get(t, 0.0)) for t in TERMS}
         self._c = tuple(self.coefficients[t] for t in TERMS)
+        self.decode_knee = int(decode_knee)
+        #: the server's overheads measured by the profiler's serving phase (ServingOverheads), or None
+        self.serving = dict(serving) if serving else None
+        #: the profiled engine's settings (calibration.profile.engine_settings)
+        self.engine_settings = dict(engine) if engine else None
         self.kv = dict(kv)
         self.memory_info = dict(memory)
         self.architecture = ModelArchitecture.from_dict(architecture)
@@ -177,18 +218,21 @@ class FittedPerformanceModel(PerformanceModel):
         self.report = dict(report or {})
         self.name = name
         self.source = source
+        if self.hardware.get("slug"):
+            self.hardware_label = str(self.hardware["slug"])
 
     def step_time(self, batch: StepBatch) -> float:
-        c0, c_tok, c_attn, c_seq, c_kv, c_spec = self._c
-        prefill, pairs, seqs, kv_tokens, spec = batch_features(batch)
-        base = c0 + c_seq * seqs + c_kv * kv_tokens
+        c0, c_tok, c_attn, c_dec, c_seq, c_kv, c_spec = self._c
+        prefill, pairs, decodes, seqs, kv_tokens, spec = batch_features(batch, self.decode_knee)
+        base = c0 + c_dec * decodes + c_seq * seqs + c_kv * kv_tokens
         return base + c_tok * prefill + c_attn * pairs + c_spec * spec
 
     def decode_times(self, num_seqs: int, total_context):
         """Pure-decode steps: the same arithmetic as step_time, vectorised (bit-identical)."""
-        c0, _, _, c_seq, c_kv, _ = self._c
+        c0, _, _, c_dec, c_seq, c_kv, _ = self._c
         total = np.asarray(total_context, dtype=np.float64)
-        return c0 + c_seq * float(num_seqs) + c_kv * total
+        decodes = 1.0 if num_seqs else 0.0
+        return c0 + c_dec * decodes + c_seq * float(max(0, num_seqs - self.decode_knee)) + c_kv * total
 
     def kv_bytes_per_token(self) -> int:
         return int(self.kv["bytes_per_token"])
@@ -225,13 +269,15 @@ class FittedPerformanceModel(PerformanceModel):
     def describe(self) -> dict:
         held = self.report.get("held_out", {})
         return {**super().describe(), "source": self.source, "coefficients": self.coefficients,
+                "decode_knee": self.decode_knee,
                 "held_out_median_ape": held.get("median_ape"), "held_out_p90_ape": held.get("p90_ape")}
 
     # --- persistence ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FIT_FORMAT, "format_version": 1, "name": self.name, "source": self.source,
-                "coefficients": self.coefficients, "kv": self.kv, "memory": self.memory_info,
-                "architecture": self.architecture.to_dict(), "hardware": self.hardware,
+        return {"format": FIT_FORMAT, "format_version": FIT_FORMAT_VERSION, "name": self.name,
+                "source": self.source, "coefficients": self.coefficients, "decode_knee": self.decode_knee,
+                "kv": self.kv, "memory": self.memory_info, "architecture": self.architecture.to_dict(),
+                "hardware": self.hardware, "engine": self.engine_settings, "serving": self.serving,
                 "report": self.report}
 
     @classmethod
@@ -240,7 +286,9 @@ class FittedPerformanceModel(PerformanceModel):
             raise ConfigError("fit", f"not a fitted step model (format={data.get('format')!r})")
         return cls(coefficients=data["coefficients"], kv=data["kv"], memory=data["memory"],
                    architecture=data["architecture"], name=data["name"], hardware=data.get("hardware"),
-                   report=data.get("report"), source=data.get("source", ""))
+                   report=data.get("report"), source=data.get("source", ""),
+                   decode_knee=int(data.get("decode_knee") or 0), serving=data.get("serving"),
+                   engine=data.get("engine"))
 
 
 def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) -> FittedPerformanceModel:
@@ -254,12 +302,36 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
         "fitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    return FittedPerformanceModel(
+    model = FittedPerformanceModel(
         coefficients=result.coefficients, kv=profile.meta["kv"], memory=profile.meta["memory"],
         architecture=profile.meta["model"]["architecture"], name=f"fitted:{profile.name}",
         hardware=profile.meta["hardware"], report=report,
-        source=str(profile.path) if profile.path else profile.name,
+        source=str(profile.path) if profile.path else profile.name, decode_knee=result.decode_knee,
+        engine=engine_settings(profile.meta),
     )
+    model.serving = serving_of(profile, model)
+    return model
+
+
+def serving_of(profile: Profile, model: FittedPerformanceModel) -> dict[str, Any] | None:
+    """The serving phase's overheads against ``model`` (ServingOverheads as a dict), or None when
+    the profile has no serving phase."""
+    serving = profile.meta.get("serving") or {}
+    probes = serving.get("probes") or []
+    if not probes:
+        return None
+    from calibration.serving import overheads_from_probes
+    from simulator.engine_config import EngineConfig
+
+    settings = dict(model.engine_settings or {})
+    async_scheduling = bool(settings.pop("async_scheduling", False))
+    engine = EngineConfig.from_dict(settings)
+    busy = [m for m in serving.get("machine") or [] if not m.get("quiet", True)]
+    source = (f"profile serving phase: {len(probes)} probe rounds on `vllm serve` "
+              f"({serving.get('servers', 1)} server(s), loopback"
+              + (f"; other processes busy on {len(busy)} of them: noisy" if busy else "") + ")")
+    speculative = bool((profile.meta.get("optimization") or {}).get("engine_args", {}).get("speculative_config"))
+    return overheads_from_probes(model, probes, engine, async_scheduling, source, speculative).to_dict()
 
 
 def _versions() -> dict[str, str]:
@@ -284,8 +356,8 @@ def load_fitted_model(path: str | Path) -> PerformanceModel:
     """A FittedPerformanceModel from a fit.json, or from a profile directory.
 
     A profile directory with a fit.json made from this very profile (same creation
-    time and step count) loads that fit; otherwise the profile is fitted now
-    (deterministically; nothing is written).
+    time and step count) by this fit's format version loads that fit; otherwise the
+    profile is fitted now (deterministically; nothing is written).
     """
     path = Path(path)
     if path.is_file() and path.name != META_FILE:
@@ -312,7 +384,8 @@ def load_fitted_model(path: str | Path) -> PerformanceModel:
             meta = json.loads((folder / META_FILE).read_text())
             report = saved.get("report", {})
             if (report.get("profile_created") == meta.get("created")
-                    and report.get("profile_steps") == meta.get("summary", {}).get("steps")):
+                    and report.get("profile_steps") == meta.get("summary", {}).get("steps")
+                    and saved.get("format_version", 1) >= FIT_FORMAT_VERSION):
                 return FittedPerformanceModel.from_dict(saved)
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # an unreadable fit.json (or profile.json: Profile.load says why) is not used

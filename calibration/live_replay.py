@@ -49,6 +49,9 @@ class LiveRun:
     series: dict[str, np.ndarray]
     engine_kwargs: dict
     name: str
+    #: arrival at the API server (its ``arrival_time``, another clock), aligned so that the
+    #: request that waited least for the engine to take it waited zero; None if not recorded
+    api_arrival_s: np.ndarray | None = None
 
     @property
     def ttft_s(self) -> np.ndarray:
@@ -83,6 +86,10 @@ def load_live_run(run_dir: str | Path = DEFAULT_RUN) -> LiveRun:
         table = list(csv.DictReader(fh))
     series = {key: np.array([float(r[key]) for r in table]) for key in table[0]} if table else {}
     meta = json.loads((vdir / "meta.json").read_text())
+    api = None
+    if all("arrival_time" in r for r in rows):
+        gap = col("queued_ts") - col("arrival_time")  # a constant clock offset plus the front end's time
+        api = col("arrival_time") + gap.min() - t0
     return LiveRun(
         arrival_s=col("queued_ts") - t0,
         scheduled_s=col("scheduled_ts") - t0,
@@ -93,6 +100,7 @@ def load_live_run(run_dir: str | Path = DEFAULT_RUN) -> LiveRun:
         series=series,
         engine_kwargs=dict(meta.get("engine_kwargs", {})),
         name=f"{run_dir.parent.name}/{run_dir.name}",
+        api_arrival_s=api,
     )
 
 

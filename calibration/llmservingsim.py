@@ -12,7 +12,11 @@ real GPUs, one transformer layer at a time:
 - ``per_sequence.csv``: LM head and sampler by number of sequences.
 
 A step is then ``layers x (dense ops(tokens) + attention) + embedding +
-final norm + LM head + sampler + overhead``. Batches that the profile's
+final norm + LM head + sampler + overhead``. Qwen3's per-head q/k norm
+(``qk_norm``) is a layer op where the profile has it. Under tensor parallelism
+the profile times one rank's shard (a shrunk model on one GPU: no collective),
+so the step adds two all-reduces a layer priced from the card's interconnect
+(``roofline.RooflineKernels.allreduce_ms``). Batches that the profile's
 single-chunk, uniform-decode grid cannot express exactly are reduced to it:
 several prefill chunks become one chunk of their total tokens over the context
 that gives the same attention work, and decode KV lengths are replaced by
@@ -43,6 +47,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data" / "llmservingsim" / "perf"
 GPU_DIRS = {"rtxpro6000": "RTXPRO6000", "rtx4090": "RTX4090", "h100": "H100"}
 GPU_DIRS_INV = {v: k for k, v in GPU_DIRS.items()}
 LAYER_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "act_fn", "rotary_emb")
+#: layer ops some models have and others lack (Qwen3's q/k RMSNorm)
+OPTIONAL_LAYER_OPS = ("qk_norm",)
 LAYER_NORMS_PER_LAYER = 2
 MAX_TOKENS = 16384
 
@@ -228,7 +234,12 @@ class LLMServingSimPerformanceModel(PerformanceModel):
             out = np.interp(np.log(np.clip(x, xs[0], xs[-1])), np.log(xs), ys)
             return np.where(x > xs[-1], ys[-1] * x / xs[-1], out) * (x > 0)
 
-        layer = sum(curve(ops[op], m) for op in LAYER_OPS) + LAYER_NORMS_PER_LAYER * curve(ops["layernorm"], m)
+        layer_ops = LAYER_OPS + tuple(op for op in OPTIONAL_LAYER_OPS if op in ops)
+        layer = sum(curve(ops[op], m) for op in layer_ops) + LAYER_NORMS_PER_LAYER * curve(ops["layernorm"], m)
+        if key.tp > 1:  # the profile times one shard alone: add the layer's two all-reduces
+            from calibration.roofline import RooflineKernels
+
+            layer = layer + 2 * 1e3 * RooflineKernels(hardware).allreduce_ms(key.tp, m * arch.hidden_size)
         dense_us = arch.num_layers * layer + curve(ops["embedding"], m) + curve(ops["final_layernorm"], m)
         self._dense = (1e-6 * dense_us).tolist()
         rows = np.arange(4097, dtype=float)
@@ -270,4 +281,7 @@ class LLMServingSimPerformanceModel(PerformanceModel):
         out.update({"built_from": self.key.describe(), "hardware": self.hardware.name,
                     "model": self.arch.name, "tp": self.key.tp, "step_overhead_s": self.overhead_s,
                     "via_model": self.via_model})
+        if self.key.tp > 1:
+            out["allreduce"] = (f"roofline from {self.hardware.name}'s interconnect "
+                                f"({self.hardware.interconnect_gbps} GB/s): the profile times no collective")
         return out

@@ -36,15 +36,48 @@ CUDA_GRAPH_BASE_BYTES = int(0.25 * GIB)
 CUDA_GRAPH_PER_LAYER_BYTES = int(0.01 * GIB)
 
 
-def weight_bytes(arch: ModelArchitecture, weight_dtype: str, tp: int) -> int:
+#: Bytes per weight stored beside grouped low-bit weights: GPTQ and AWQ checkpoints (group size
+#: 128) keep one fp16 scale and one packed 4-bit zero point per 128 weights. fp8 and int8 use
+#: per-tensor or per-channel scales: negligible.
+GROUP_BYTES_PER_WEIGHT = {"int4": (2 + 0.5) / 128}
+
+
+def weight_bytes(arch: ModelArchitecture, weight_dtype: str, tp: int, expert_ranks: int = 0) -> int:
     """Weight bytes per GPU. Quantized checkpoints keep embeddings, LM head and norms in bf16."""
+    if arch.is_moe or arch.is_mla:
+        return sparse_weight_bytes(arch, weight_dtype, tp, expert_ranks or tp)
     total = arch.num_params
     h, v = arch.hidden_size, arch.vocab_size
     unquantized = v * h * (1 if arch.tie_word_embeddings else 2) + (2 * arch.num_layers + 1) * h
     quantized = total - unquantized
-    wbytes = dtype_bytes(weight_dtype, "optimization.weight_dtype")
+    wbytes = dtype_bytes(weight_dtype, "optimization.weight_dtype") + GROUP_BYTES_PER_WEIGHT.get(weight_dtype, 0.0)
     base = dtype_bytes(arch.dtype, "model.dtype")
     return int((quantized * wbytes + unquantized * base) / tp)
+
+
+def sparse_weight_bytes(arch: ModelArchitecture, weight_dtype: str, tp: int, expert_ranks: int = 0) -> int:
+    """``weight_bytes`` of a mixture-of-experts or latent-attention model.
+
+    Routed experts are in ``arch.expert_dtype`` when the checkpoint ships them so (gpt-oss:
+    MXFP4), else in the weight dtype; routers, embeddings, LM head and norms stay in the model
+    dtype. Experts split over ``expert_ranks`` GPUs (default tp) whether by tensor or by expert
+    parallelism (1/tp of each expert, or whole experts: the same bytes). vLLM replicates MLA's
+    down-projections (``fused_qkv_a_proj``: hidden -> q_lora_rank + kv_lora_rank + rope dim)
+    on every rank.
+    """
+    h, v = arch.hidden_size, arch.vocab_size
+    wbytes = dtype_bytes(weight_dtype, "optimization.weight_dtype") + GROUP_BYTES_PER_WEIGHT.get(weight_dtype, 0.0)
+    base = dtype_bytes(arch.dtype, "model.dtype")
+    ebytes = dtype_bytes(arch.expert_dtype, "model.expert_dtype") if arch.expert_dtype else wbytes
+    unquantized = (v * h * (1 if arch.tie_word_embeddings else 2) + (2 * arch.num_layers + 1) * h
+                   + arch.moe_layers * arch.num_experts * h)
+    experts = arch.expert_params
+    replicated = 0
+    if arch.is_mla:
+        replicated = arch.num_layers * h * (arch.q_lora_rank + arch.kv_lora_rank + arch.qk_rope_head_dim)
+    split = arch.num_params - unquantized - experts - replicated
+    return int((split * wbytes + unquantized * base) / tp + experts * ebytes / (expert_ranks or tp)
+               + replicated * wbytes)
 
 
 def activation_peak_bytes(
@@ -60,6 +93,10 @@ def activation_peak_bytes(
     t = max_num_batched_tokens
     inter = arch.intermediate_size / tp
     forward = t * 2 * (2 * arch.hidden_size + 3 * inter)
+    if arch.is_moe:  # fused MoE's caches: per token and chosen expert, gate/up, activated, output
+        k = arch.num_experts_per_tok
+        forward = max(forward, t * 2 * (2 * arch.hidden_size
+                                        + k * (3 * arch.moe_intermediate_size / tp + arch.hidden_size)))
     rows = min(max_num_seqs, max_num_batched_tokens)
     sampler = rows * arch.vocab_size * 4 * 2
     return int(max(forward, sampler))
@@ -83,6 +120,8 @@ class MemoryModel:
     kv_dtype: str = "bf16"
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 1024
+    #: GPUs the routed experts spread over (0: tp; tp x data_parallel_size with data-parallel attention)
+    expert_ranks: int = 0
 
     def __post_init__(self) -> None:
         check_tp(self.arch, self.tp)
@@ -96,7 +135,7 @@ class MemoryModel:
         """Weights, activation peak, other and KV cache per GPU, in bytes (KV may be negative)."""
         total = self.hardware.memory_bytes
         usable = int(total * gpu_memory_utilization)
-        weights = weight_bytes(self.arch, self.weight_dtype, self.tp)
+        weights = weight_bytes(self.arch, self.weight_dtype, self.tp, self.expert_ranks or self.tp)
         activation = activation_peak_bytes(self.arch, self.tp, self.max_num_batched_tokens,
                                            self.max_num_seqs)
         other = other_bytes(self.arch, self.tp)

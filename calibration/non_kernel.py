@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from calibration.composed import (
+    ACT_BYTES,
     MEMORY_EFFICIENCY,
     MEMORY_OP_LATENCY_S,
     LayerShapes,
@@ -36,6 +36,13 @@ from calibration.llmservingsim import ProfileKey
 from simulator.hardware import Hardware
 from simulator.model_arch import ModelArchitecture
 
+#: model families whose layers also normalise q and k per head (vLLM's Qwen3 code: ``q_norm``, ``k_norm``)
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+#: The TP per-step term (host-side broadcast of each step to the TP workers, beyond the all-reduces the
+#: tables price): none is added. No shipped data set supports a number: LLMServingSim's TP-2 profiles
+#: time one shard on one GPU, BLIS's beta0 does not grow with TP (its fits range 0.04-27 ms with no
+#: trend), and the one shipped real TP-2 run is a validation target (``calibration accuracy``).
+TP_STEP_S = 0.0
 #: rows up to this many tokens fix the latency (a straight line in bytes; beyond, caches bend it)
 SMALL_TOKENS = 64
 #: LLMServingSim's element-wise ops -> (the model's kernel, times per layer)
@@ -53,6 +60,8 @@ class ElementwiseFit:
 
 def profile_layer_us(key: ProfileKey, arch: ModelArchitecture) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, measured us, bytes) of one layer's element-wise ops, summed, at each profiled token count."""
+    import pandas as pd  # (here: a simulation imports this module and must not load pandas)
+
     dense = pd.read_csv(Path(key.path) / "dense.csv")
     per_token = layer_memory_ops(LayerShapes.of(arch, key.tp), "bf16", "bf16")
     parts = []
@@ -70,6 +79,8 @@ def fit_elementwise(key: ProfileKey, arch: ModelArchitecture, hardware: Hardware
 
     ``key``: a ProfileKey, or anything with ``path`` (a folder holding ``dense.csv``), ``tp`` and ``describe()``.
     """
+    import pandas as pd
+
     dense = pd.read_csv(Path(key.path) / "dense.csv")
     per_token = layer_memory_ops(LayerShapes.of(arch, key.tp), "bf16", "bf16")
     ops = dense[dense["layer"].isin(PROFILE_OPS)]
@@ -97,3 +108,25 @@ def layer_kernels() -> int:
 def non_kernel_ms(row: dict, kind: str) -> float:
     """A step's time outside its GEMMs and attention (``kind``: measured or predicted), from a comparison row."""
     return row[f"{kind}_ms"] - row[f"{kind}_gemm_ms"] - row[f"{kind}_attention_ms"]
+
+
+def family_layer_ops(arch: ModelArchitecture, sh: LayerShapes) -> dict[str, int]:
+    """Bytes read and written per token by the element-wise kernels a family adds to every layer.
+
+    Qwen3 normalises q and k per head before rotary (one fused kernel in vLLM 0.19: LLMServingSim
+    times it as ``qk_norm``, 42.5 us a layer at 2,048 tokens for Qwen3-32B on an RTX PRO 6000).
+    The composed model prices these as its other memory-bound kernels (3 us plus bytes at 80% of
+    the bandwidth), which is at or above what vLLM's kernel took at every profiled token count
+    (``tests/calibration/test_non_kernel.py``).
+    """
+    if arch.family in QK_NORM_FAMILIES:
+        return {"qk_norm": 2 * (sh.heads + sh.kv_heads) * sh.head_dim * ACT_BYTES}
+    return {}
+
+
+def non_kernel_layer_ms(kernels, arch: ModelArchitecture, sh: LayerShapes, m: np.ndarray) -> np.ndarray:
+    """One layer's family-specific element-wise kernels for steps of ``m`` tokens, in ms (0 for none)."""
+    total = np.zeros(np.shape(m))
+    for nbytes in family_layer_ops(arch, sh).values():
+        total = total + np.where(np.asarray(m) > 0, kernels.memory_op_ms(np.asarray(m) * nbytes), 0.0)
+    return total

@@ -176,6 +176,28 @@ def validate_meta(meta: dict[str, Any], where: str = "profile.json") -> None:
         raise ConfigError("profile", f"{where}: model lacks 'architecture'")
 
 
+#: EngineConfig fields a profile sets (as the profiled engine resolved them)
+ENGINE_SETTING_KEYS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                       "enable_prefix_caching", "enable_chunked_prefill", "long_prefill_token_threshold")
+
+
+def engine_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The profiled engine's scheduler settings, under EngineConfig's names: what a simulation
+    of this profile runs by default. ``async_scheduling`` is the served engine's (the serving
+    phase reads it from the server), else False on CPU (vLLM's CPU platform turns it off),
+    else null (vLLM's rule). The KV capacity is the profile's own (``kv``)."""
+    resolved = (meta.get("engine") or {}).get("resolved") or {}
+    out = {k: resolved[k] for k in ENGINE_SETTING_KEYS if resolved.get(k) is not None}
+    if "block_size" not in out and meta.get("kv", {}).get("block_size"):
+        out["block_size"] = int(meta["kv"]["block_size"])
+    served = (meta.get("serving") or {}).get("async_scheduling")
+    if served is not None:
+        out["async_scheduling"] = bool(served)
+    elif (meta.get("hardware") or {}).get("kind") == "cpu":
+        out["async_scheduling"] = False
+    return out
+
+
 def batch_of(row: Any) -> StepBatch:
     """The StepBatch of one steps-table row (a dict or a pandas row)."""
     spec = [int(x) for x in row["decode_spec_tokens"]]

@@ -53,7 +53,10 @@ class SourceChoice:
 def shape_key(arch: ModelArchitecture) -> tuple:
     """The numbers that set a model's cost: equal keys mean interchangeable measurements."""
     return (arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads,
-            arch.head_dim, arch.intermediate_size, arch.vocab_size)
+            arch.head_dim, arch.intermediate_size, arch.vocab_size,
+            # experts, latent attention, sliding windows (all 0 for a dense model)
+            arch.num_experts, arch.num_experts_per_tok, arch.num_shared_experts, arch.moe_intermediate_size,
+            arch.first_k_dense_replace, arch.kv_lora_rank, arch.sliding_window, arch.sliding_window_layers)
 
 
 def equivalent_models(arch: ModelArchitecture) -> list[ModelArchitecture]:
@@ -69,7 +72,12 @@ def equivalent_models(arch: ModelArchitecture) -> list[ModelArchitecture]:
 
 def _dtypes(arch: ModelArchitecture, optimization: Mapping, engine: Any) -> tuple[str, str]:
     weight = str(optimization.get("weight_dtype") or "auto")
-    weight = arch.dtype if weight == "auto" else {"bfloat16": "bf16", "float16": "fp16"}.get(weight, weight)
+    weight = (arch.weight_dtype or arch.dtype) if weight == "auto" else \
+        {"bfloat16": "bf16", "float16": "fp16"}.get(weight, weight)
+    if arch.weight_dtype and dtype_bytes(weight, "optimization.weight_dtype") > dtype_bytes(arch.weight_dtype):
+        # a checkpoint shipped quantized (DeepSeek-R1: FP8) loads as shipped; bf16 is then vLLM's
+        # --dtype, the activations' type
+        weight = arch.weight_dtype
     kv = "auto"
     if engine is not None and getattr(engine, "kv_cache_dtype", "auto") not in (None, "auto"):
         kv = engine.kv_cache_dtype
@@ -139,6 +147,15 @@ def resolve_source(
     if source in ("auto", "aiconfigurator") and system:
         tables = kernel_tables.load_tables(system)
         table_weight = "bf16" if weight == "fp16" else weight
+        from calibration.weight_only import derivation
+
+        derived = derivation(tables, hardware, table_weight)  # int4; fp8 where not measured
+        if derived:
+            return SourceChoice("aiconfigurator", True, f"{tables.describe()}; {derived}", weight, kv)
+        if table_weight not in tables.gemm and table_weight == arch.weight_dtype:
+            # the checkpoint ships in that dtype: its GEMMs are roofline (calibration.sparse), labelled
+            return SourceChoice("aiconfigurator", True, f"{tables.describe()}; {weight} GEMMs roofline "
+                                                        f"(not measured)", weight, kv)
         if table_weight not in tables.gemm:
             raise ConfigError(
                 "optimization.weight_dtype",
@@ -186,6 +203,19 @@ def _profiled_tables(perf: Mapping, hardware: Hardware) -> kernel_tables.KernelT
         raise ConfigError("hardware", f"{measured_on} (the tables in {folder} were measured on it), "
                                       f"got {hardware.name}")
     return tables
+
+
+def _prefix_caching_cost(engine: Any) -> dict[str, Any]:
+    """Host cost of prefix caching per scheduled token and per scheduled request under the
+    engine's settings (vLLM's defaults, caching on with 16-token blocks, when none is given)."""
+    from calibration.prefix_caching_cost import cache_s_per_request, hash_s_per_token
+
+    if engine is None:
+        return {"host_s_per_token": hash_s_per_token(16), "host_s_per_row": cache_s_per_request()}
+    get = engine.get if isinstance(engine, Mapping) else lambda k, d=None: getattr(engine, k, d)
+    on = bool(get("enable_prefix_caching", True))
+    return {"host_s_per_token": hash_s_per_token(int(get("block_size", 16)), on),
+            "host_s_per_row": cache_s_per_request(on)}
 
 
 def _engine_limits(engine: Any) -> tuple[int, int, float, int | None, int | None]:
@@ -270,6 +300,10 @@ def build_performance_model(
     choice = resolve_source(hardware, arch, optimization, tp, perf, engine)
     tokens, seqs, util, max_model_len, override = _engine_limits(engine)
     common = {"max_num_batched_tokens": tokens, "max_num_seqs": seqs}
+    hashing = _prefix_caching_cost(engine)  # composed models only
+    if arch.is_moe and engine is not None:  # vLLM's --enable-expert-parallel (composed models)
+        get = engine.get if isinstance(engine, Mapping) else lambda k, d=None: getattr(engine, k, d)
+        hashing["expert_parallel"] = bool(get("enable_expert_parallel", False))
 
     if choice.source == "profile":
         pm = _fitted(dict(perf or {}))
@@ -277,12 +311,17 @@ def build_performance_model(
         from calibration.composed import ComposedPerformanceModel, TableKernels
 
         tables = kernel_tables.load_tables(hardware.kernel_tables)
+        kernels = TableKernels(tables, hardware)
+        from calibration.weight_only import derived_kernels
+
+        kernels = derived_kernels(kernels, tables, hardware, "bf16" if choice.weight_dtype == "fp16"
+                                  else choice.weight_dtype)
         pm = ComposedPerformanceModel(
-            arch, hardware, TableKernels(tables, hardware), tp=tp,
+            arch, hardware, kernels, tp=tp,
             weight_dtype="bf16" if choice.weight_dtype == "fp16" else choice.weight_dtype,
             kv_dtype=choice.kv_dtype,
             name=f"aiconfigurator:{tables.system}:{arch.name}:{choice.weight_dtype}:kv-{choice.kv_dtype}:tp{tp}",
-            **common)
+            **common, **hashing)
     elif choice.source == "kernels":
         from calibration.composed import ComposedPerformanceModel, TableKernels
 
@@ -292,7 +331,7 @@ def build_performance_model(
             weight_dtype="bf16" if choice.weight_dtype == "fp16" else choice.weight_dtype,
             kv_dtype=choice.kv_dtype,
             name=f"kernels:{tables.origin.get('folder')}:{arch.name}:{choice.weight_dtype}:kv-{choice.kv_dtype}:tp{tp}",
-            **common)
+            **common, **hashing)
     elif choice.source == "llmservingsim":
         via = catalog.load_model(choice.via_model) if choice.via_model else arch
         key = llmservingsim.find_profile(hardware.name, via.hf_name or via.name, tp)
@@ -307,7 +346,7 @@ def build_performance_model(
         from calibration.roofline import roofline_model
 
         pm = roofline_model(arch, hardware, tp=tp, weight_dtype=choice.weight_dtype, kv_dtype=choice.kv_dtype,
-                            **common)
+                            **common, **hashing)
     if choice.source != "profile":
         check_fits(pm.memory(util), pm.kv_bytes_per_token(), hardware, arch, tp, util, max_model_len, override)
     return pm
@@ -321,4 +360,12 @@ def _fitted(perf: dict) -> PerformanceModel:
         from calibration.fit import load_fitted_model
     except ImportError:
         raise ConfigError("perf.source", "source=profile needs calibration.fit, which this build lacks") from None
-    return load_fitted_model(path)
+    model = load_fitted_model(path)
+    serving = perf.get("serving", True)
+    if not isinstance(serving, bool):
+        raise ConfigError("perf.serving", f"must be true or false, got {serving!r}")
+    if serving and getattr(model, "serving", None):
+        from calibration.serving import ServedModel, ServingOverheads
+
+        return ServedModel(model, ServingOverheads.from_dict(model.serving))
+    return model

@@ -88,11 +88,15 @@ def roofline_model(
     kv_dtype: str = "bf16",
     max_num_batched_tokens: int = 8192,
     max_num_seqs: int = 1024,
+    host_s_per_token: float = 0.0,
+    host_s_per_row: float = 0.0,
+    expert_parallel: bool = False,
 ) -> ComposedPerformanceModel:
     """The composed step model over roofline kernels, labelled uncalibrated."""
     return ComposedPerformanceModel(
         arch, hardware, RooflineKernels(hardware), tp=tp, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
         name=f"roofline-UNCALIBRATED:{hardware.name}:{arch.name}:{weight_dtype}:kv-{kv_dtype}:tp{tp}",
-        calibrated=False,
+        calibrated=False, host_s_per_token=host_s_per_token, host_s_per_row=host_s_per_row,
+        expert_parallel=expert_parallel,
     )

@@ -4,6 +4,8 @@ Profiles a real vLLM engine and writes a Profile to
 calibration/profiles/<hardware>-<machine key>/<model>/<optimization>/ (or output_dir=...);
 the key names this machine's fingerprint (CPU or GPU model, cores, ISA, vLLM and torch
 versions), so a profile of another machine is never resumed or reused.
+After the grid it serves the model with `vllm serve` on loopback and stores what the server
+adds per step and per request (serving.repeats=3; serving.enabled=false skips it).
 Settings: conf/profiler.yaml; optimizations: conf/profiler/optimization/;
 grids: conf/profiler/grid/. Run from any Python: without vLLM it re-runs itself
 in the engine env made by scripts/setup_vllm_cpu.sh.

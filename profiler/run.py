@@ -6,6 +6,7 @@ Call ``profiler.engine_env.prepare_process`` before this module imports vLLM
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -337,10 +338,17 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     bar.close()
 
     steps = store.steps()
+    memory = memory_section(session, hardware, arch, tp, rss_after_warmup,
+                            int(steps["rss_bytes"].max()) if len(steps) else 0,
+                            read_gpus() if hardware.kind == "gpu" else None)
+    num_spec = runner.num_spec
+    serving = None
+    if settings.serving.enabled:
+        close_session(session)
+        del runner, session
+        serving = serving_phase(settings, model, resolved, kv, process_info)
     source = settings.resolved_model_name if settings.model == TINY_MODEL else (
         portable_path(model) if isinstance(model, Path) else model)
-    gpus = read_gpus() if hardware.kind == "gpu" else None
-    num_spec = runner.num_spec
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -358,8 +366,7 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
                    "env": {k: os.environ.get(k) for k in sorted(os.environ)
                            if k.startswith(("VLLM_", "OMP_", "HF_HUB_OFFLINE"))}},
         "kv": kv,
-        "memory": memory_section(session, hardware, arch, tp, rss_after_warmup,
-                                 int(steps["rss_bytes"].max()) if len(steps) else 0, gpus),
+        "memory": memory,
         "grid": {**_grid_dict(grid), "left_out": left_out},
         "points": store.point_records(),
         "summary": {
@@ -371,6 +378,7 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
             "prefix_cache": summary.prefix_summary(steps),
             "spec_decode": summary.spec_summary(steps, num_spec),
         },
+        **({"serving": serving} if serving is not None else {}),
         "run": {
             "command": command,
             "seed": settings.seed,
@@ -396,6 +404,35 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
           f"KV {kv['num_gpu_blocks']} blocks x {kv['block_size']} tokens, {kv['bytes_per_token']} B/token, "
           f"{meta['run']['duration_s']} s")
     return out
+
+
+def close_session(session: EngineSession) -> None:
+    """Stop the in-process engine and free its memory (before the serving phase starts a server)."""
+    import gc
+
+    with contextlib.suppress(Exception):
+        session.engine.engine_core.shutdown()
+    session.llm = session.engine = session.core = session.scheduler = session.model_runner = None
+    gc.collect()
+
+
+def serving_phase(settings: ProfilerSettings, model: Path | str, resolved: dict[str, Any], kv: dict[str, Any],
+                  process_info: dict[str, Any]) -> dict[str, Any]:
+    """The serving section (profiler.serving), or one that says why the phase failed (the grid is kept)."""
+    import tempfile
+
+    from profiler.serving import cli_flags, measure_serving, server_engine
+
+    logs = Path(tempfile.mkdtemp(prefix="rllm-sim-serving-"))
+    args = cli_flags({**settings.engine.extra_args, **settings.optimization.engine_args})
+    try:
+        return measure_serving(str(model), server_engine(resolved, kv), int(kv["kv_cache_bytes"]),
+                               settings.serving, list(process_info["cpus"]), logs, settings.seed, args)
+    except Exception as err:  # a failed server must not lose the measured grid
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"[profiler] warning: serving phase failed ({line}); the profile has no serving overheads "
+              f"(server logs in {logs})", file=sys.stderr)
+        return {"probes": [], "error": line, "source": "profiler serving phase (failed)"}
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from profiler.field_types import check_fields, check_known
 from profiler.grid import EXTRA_PHASES, GridSpec
+from profiler.serving import ServingSettings
 from simulator.errors import ConfigError, require
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,8 @@ class ProfilerSettings:
     model_name: str | None = None
     #: the tiny model's shape (model.layers=6 ...; profiler.tiny_model.SHAPE_KEYS), {} for the default
     model_shape: dict[str, Any] = field(default_factory=dict)
+    #: the serving phase (profiler.serving): probes on `vllm serve` after the grid
+    serving: ServingSettings = field(default_factory=ServingSettings)
     hardware_name: str | None = None
     output_dir: str | None = None
     resume: bool = True
@@ -130,13 +133,15 @@ def settings_from_config(cfg: Any) -> ProfilerSettings:
     """Validate the composed Hydra config into ProfilerSettings."""
     data = _plain(cfg)
     top_known = {"model", "model_name", "hardware_name", "output_dir", "resume", "seed", "progress",
-                 "verbose", "optimization", "grid", "engine"}
+                 "verbose", "optimization", "grid", "engine", "serving"}
     check_known(set(data), top_known)
-    for key in ("optimization", "grid", "engine"):
+    for key in ("optimization", "grid", "engine", "serving"):
         require(isinstance(data.get(key) or {}, dict), key, f"must be a mapping of settings, got {data.get(key)!r}")
     opt = dict(data.get("optimization") or {})
     grid = dict(data.get("grid") or {})
     engine = dict(data.get("engine") or {})
+    serving = dict(data.get("serving") or {})
+    check_known(serving, ServingSettings.__dataclass_fields__, "serving.")
     check_known(engine, EngineSettings.__dataclass_fields__, "engine.",
                 "other vLLM arguments go in engine.extra_args")
     check_known(opt, OptimizationSpec.__dataclass_fields__, "optimization.")
@@ -163,4 +168,5 @@ def settings_from_config(cfg: Any) -> ProfilerSettings:
         ),
         grid=GridSpec.from_dict(grid),
         engine=EngineSettings(**{k: v for k, v in engine.items()}),
+        serving=ServingSettings(**serving),
     )

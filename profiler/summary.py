@@ -86,8 +86,13 @@ def spec_summary(steps: pd.DataFrame, num_speculative_tokens: int) -> dict[str, 
     spec_rows = steps[steps["phase"] == "spec"]
     with_drafts = spec_rows[spec_rows["num_spec_tokens"] > 0]
     without = spec_rows[(spec_rows["num_spec_tokens"] == 0) & (spec_rows["num_decode_seqs"] > 0)]
+    offered = drafted > 0  # vLLM's SpecDecodingStats.observe_draft, once per request step with a draft
+    counters = {"num_drafts": int(offered.sum()), "num_draft_tokens": int(drafted.sum()),
+                "num_accepted_tokens": int(accepted[offered].sum()),
+                "accepted_per_pos": [int(np.sum(accepted[offered] > p)) for p in range(num_speculative_tokens)]}
     return {
         "num_speculative_tokens": num_speculative_tokens,
+        "vllm_counters": counters,
         "decode_entries": int(len(drafted)),
         "proposal_rate": float(np.mean(drafted > 0)) if len(drafted) else 0.0,
         "draft_tokens": int(drafted.sum()),

@@ -21,13 +21,15 @@ def print_summary(summary: dict, out_dir: Path) -> None:
 
     kv = summary["kv_usage"]
     lines = [
-        f"requests   {summary['completed']} completed, {summary['rejected']} rejected "
-        f"over {summary['duration_s']:.0f} s",
+        f"requests   {summary['completed']} completed, {summary['rejected']} rejected"
+        + (f", {summary['aborted']} aborted (client timeout)" if summary.get("aborted") else "")
+        + f" over {summary['duration_s']:.0f} s",
         *(f"  rejected {n}: {reason}" for reason, n in summary.get("rejected_by_reason", {}).items()),
         f"TTFT       p50 {ms(summary['ttft_s'], 'p50')}  p99 {ms(summary['ttft_s'], 'p99')}",
         f"TTFVT      p50 {ms(summary['ttfvt_s'], 'p50')}  p99 {ms(summary['ttfvt_s'], 'p99')}",
         f"TPOT       p50 {ms(summary['tpot_s'], 'p50')}  p99 {ms(summary['tpot_s'], 'p99')}",
         f"E2E        p50 {ms(summary['e2e_s'], 'p50')}  p99 {ms(summary['e2e_s'], 'p99')}",
+        *client_lines(summary, ms),
         f"KV cache   mean {kv['mean']:.1%}  peak {kv['peak']:.1%}  "
         f"{kv['seconds_above_95pct']:.0f} s above 95%",
         f"preempted  {summary['preemptions']} preemptions of {summary['requests_preempted']} requests",
@@ -42,16 +44,31 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     print("\n".join(lines))
 
 
+def client_lines(summary: dict, ms) -> list[str]:
+    """TTFT as a client sees it (engine + front end), when the summary has it."""
+    client = summary.get("client_observed")
+    if not client:
+        return []
+    return [f"client TTFT p50 {ms(client['ttft_s'], 'p50')}  p99 {ms(client['ttft_s'], 'p99')}  "
+            f"(engine + front end {1e3 * client['frontend_s']:.1f} ms)"]
+
+
 def run(cfg) -> dict:
     """Build the run from the config, simulate it and write everything to the run dir."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from simulator import frontend
+    from simulator.cluster.cli import cluster_spec, run_cluster
     from simulator.configure import build_run, command_line_overrides, versions
     from simulator.engine import simulate
+    from simulator.output_scale import output_length_scale
     from simulator.results import rejection_reasons, write_workload
     from simulator.speculation import speculative_rates
 
+    cluster = cluster_spec(cfg)  # (checked first: a bad router name fails before anything runs)
+    if not cluster.single:
+        return run_cluster(cfg, cluster)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     plots = None
     if cfg.get("plots", True):
@@ -60,6 +77,7 @@ def run(cfg) -> dict:
         plots = BackgroundPlots()  # loads matplotlib on another core while the run computes
     try:
         spec = build_run(cfg)
+        front = frontend.resolve(cfg.get("frontend_s", "auto"), spec.perf)
         started = time.perf_counter()
         result = simulate(spec.workload, spec.engine, spec.perf, slo=spec.slo, seed=spec.seed,
                           progress=bool(cfg.get("progress", True)), stop_on_interrupt=True)
@@ -73,15 +91,18 @@ def run(cfg) -> dict:
         "versions": versions(),
         "performance_model": spec.perf.describe(),
         "calibrated": spec.perf.calibrated,
-        "hardware": spec.hardware.name,
+        "hardware": spec.perf.hardware_label or spec.hardware.name,
+        **({"notes": spec.notes} if spec.notes else {}),
         "model": spec.model.name,
         "tp": spec.tp,
         "optimization": spec.optimization.get("name", "none"),
         "simulation_wall_s": elapsed,
         "workload": {"name": spec.workload.name, "requests": len(spec.workload)},
         "speculative_rates": speculative_rates(spec.engine, spec.optimization, command_line_overrides()),
+        "output_length_scale": output_length_scale(spec.optimization),
     }
     result.summary["rejected_by_reason"] = rejection_reasons(result.requests)
+    result.summary["client_observed"] = frontend.client_observed(result.requests, front)
     if not spec.perf.calibrated:
         result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
     if plots is not None:
@@ -97,6 +118,9 @@ def run(cfg) -> dict:
             plots.wait()
         tables.result()
     print_summary(result.summary, out_dir)
+    for key in ("engine", "seed"):  # what differs from the profile, a seed that changes nothing
+        if key in spec.notes and (key != "engine" or "except" in spec.notes[key]):
+            print(f"note: {spec.notes[key]}", file=sys.stderr)
     if not spec.perf.calibrated:
         print("warning: the performance model is UNCALIBRATED (roofline)")
     rates = result.metadata["speculative_rates"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ class RunSpec:
     slo: SLO
     tp: int
     seed: int
+    #: what the run's metadata should say about its settings (e.g. engine defaults from a profile)
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def to_plain(cfg) -> dict[str, Any]:
@@ -142,10 +144,25 @@ def build_run(cfg, overrides: list[str] | None = None) -> RunSpec:
     profiled = getattr(perf, "architecture", None)
     if isinstance(profiled, ModelArchitecture):
         model = profiled  # a fitted profile describes its own model (and KV capacity)
-    workload = build_workload(plain["workload"])
+    notes = {}
+    if getattr(perf, "engine_settings", None):  # a profile: its engine's settings are the defaults
+        from calibration.profile_defaults import profiled_engine
+
+        merged, notes["engine"] = profiled_engine(plain["engine"], perf.engine_settings, overrides,
+                                                  getattr(perf, "kv", {}).get("num_gpu_blocks"))
+        engine = engine_config(merged, optimization)
+    from simulator.output_scale import output_length_scale, scale_outputs
+    from simulator.speculation import with_profile_rates
+
+    engine = with_profile_rates(engine, optimization, dict(plain["perf"] or {}), overrides)
+    workload = scale_outputs(build_workload(plain["workload"]), output_length_scale(optimization),
+                             engine.max_model_len)
     slo = SLO.from_dict(plain["slo"])
     seed = int(plain["workload"].get("seed", 0) or 0)
-    return RunSpec(workload, engine, perf, hardware, model, optimization, slo, tp, seed)
+    if plain["workload"].get("kind") == "file" and not engine.speculative.enabled:
+        notes["seed"] = (f"workload.seed={seed} changes nothing: the workload is replayed from a file "
+                         "and the engine draws nothing at random, so every seed gives the same run")
+    return RunSpec(workload, engine, perf, hardware, model, optimization, slo, tp, seed, notes)
 
 
 def versions() -> dict[str, str]:

@@ -9,7 +9,9 @@ step k+1 is scheduled before step k's output is applied.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import heapq
 import math
 import random
 import signal
@@ -24,6 +26,7 @@ import simpy
 
 from simulator import fast_forward
 from simulator.engine_config import EngineConfig
+from simulator.errors import ConfigError
 from simulator.performance import KVCapacity, PerformanceModel
 from simulator.request import SimRequest, Status
 from simulator.scheduler import NativeScheduler
@@ -97,6 +100,18 @@ class StepLog:
     def __len__(self) -> int:
         return sum(self._counts)
 
+    def kv_before(self, t: float) -> int:
+        """KV blocks used after the last step that ended before ``t`` (0 before any): what the
+        replica had reported by then (a cluster's router reads it)."""
+        rows = self._rows["end_s"]
+        if rows and rows[0] < t:
+            return self._rows["kv_blocks_used"][bisect.bisect_left(rows, t) - 1]
+        for ends, used in zip(reversed(self._chunks["end_s"]), reversed(self._chunks["kv_blocks_used"]),
+                              strict=True):
+            if len(ends) and ends[0] < t:
+                return int(used[int(np.searchsorted(ends, t, side="left")) - 1])
+        return 0
+
     def columns(self) -> dict[str, np.ndarray]:
         """Every step's values, one numpy array per column (STEP_COLUMNS)."""
         self._flush()
@@ -146,6 +161,12 @@ def admission_error(prompt: int, max_tokens: int, config: EngineConfig, kv: KVCa
     return ""
 
 
+def _hybrid(kv: KVCapacity) -> bool:
+    """Whether the KV cache has sliding-window groups (simulator.kv_layout)."""
+    groups = getattr(kv, "groups", None)
+    return groups is not None and groups.hybrid
+
+
 class Engine:
     """Drives a scheduler through SimPy time with step times from a PerformanceModel."""
 
@@ -162,11 +183,14 @@ class Engine:
         keep_decisions: bool = False,
         on_progress: Callable[[int], None] | None = None,
         fast: bool = True,
+        env: simpy.Environment | None = None,
     ):
         self.workload = workload
         self.config = config
         self.perf = perf
         self.kv_capacity = kv
+        if async_scheduling is None:
+            async_scheduling = config.async_scheduling
         if async_scheduling is None:
             # vLLM turns async scheduling off for n-gram speculative decoding
             async_scheduling = not (config.speculative.enabled and config.speculative.method == "ngram")
@@ -174,13 +198,23 @@ class Engine:
         probe = perf.decode_times(1, np.ones(1))
         self._decode_fn = perf.decode_times if probe is not None else None
         self.fast = bool(fast and self._decode_fn is not None and not keep_decisions
-                         and scheduler_factory in (None, NativeScheduler))
+                         and scheduler_factory in (None, NativeScheduler)
+                         and not getattr(workload, "has_timeouts", False)  # aborts: step by step
+                         and not _hybrid(kv))  # sliding-window KV groups: step by step
         factory = scheduler_factory or NativeScheduler
         if self.fast and not config.speculative.enabled:
             factory = SteadyScheduler  # same decisions, with steady decoders kept lazily
+        if _hybrid(kv) and not (isinstance(factory, type) and issubclass(factory, NativeScheduler)):
+            raise ConfigError("engine.scheduler", "native (sliding-window models: the hybrid KV allocator "
+                                                  f"is modelled in the native scheduler only), got {config.scheduler}")
         self.scheduler: Scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
+        if _hybrid(kv):  # full-attention and sliding-window KV groups in one pool
+            from simulator.kv_layout import HybridKVCacheManager
+
+            self.scheduler.kv = HybridKVCacheManager(kv.num_blocks, config.block_size,
+                                                     config.enable_prefix_caching, kv.groups)
         self.rng = random.Random(seed)
-        self.env = simpy.Environment()
+        self.env = env if env is not None else simpy.Environment()  # a cluster shares one
         self.steps = StepLog()
         self.requests: list[SimRequest] = []
         self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
@@ -198,6 +232,7 @@ class Engine:
         # preemptions of schedule() calls that scheduled nothing: no step of theirs is
         # logged, so the next logged step counts them
         self._unlogged_preemptions = 0
+        self._deadlines: list[tuple[float, int]] = []  # (arrival + client timeout, rid), a heap
         self.interrupted = False
 
     def _arrivals_columns(self) -> fast_forward.Arrivals:
@@ -240,7 +275,7 @@ class Engine:
         w = self.workload
         req = SimRequest(rid, self._arrival_s[rid], int(w.prompt_tokens[rid]), int(w.output_tokens[rid]),
                          int(w.reasoning_tokens[rid]), int(w.prefix_group[rid]), int(w.prefix_tokens[rid]),
-                         self.config.block_size)
+                         self.config.block_size, int(w.outer_group[rid]), int(w.outer_tokens[rid]))
         self.requests.append(req)
         reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
         if reason:
@@ -248,6 +283,8 @@ class Engine:
             req.reject_reason = reason
             req.finish_s = req.arrival_s
             self._count_finished(1)
+        elif math.isfinite(w.timeout_s[rid]):  # the client gives up then (``_abort_due``)
+            heapq.heappush(self._deadlines, (req.arrival_s + float(w.timeout_s[rid]), rid))
         return req
 
     def _idle(self):
@@ -357,6 +394,20 @@ class Engine:
     # --- step bookkeeping ---------------------------------------------------------
     def _before_schedule(self) -> None:
         self.scheduler.kv.clock = self.env.now
+        if self._deadlines:
+            self._abort_due()
+
+    def _abort_due(self) -> None:
+        """Abort the requests whose client timed out by now (vLLM takes aborts between steps):
+        they leave the scheduler, their blocks are freed, their status is ``aborted``."""
+        now, due = self.env.now, []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            due.append(heapq.heappop(self._deadlines)[1])
+        aborted = self.scheduler.finish_requests(due, now) if due else []
+        for req in aborted:
+            req.status = Status.ABORTED
+        if aborted:
+            self._count_finished(len(aborted))
 
     def _apply(self, out: SchedulerOutput, start: float) -> None:
         now = self.env.now
@@ -423,10 +474,20 @@ class Engine:
 
     # --- entry point ----------------------------------------------------------------
     def run(self) -> EngineRun:
+        loop = self.start()
+        self.env.run(until=loop)  # the loop ends when every request has, or on request_stop
+        return self.collect()
+
+    def start(self, arrivals: bool = True) -> simpy.Process:
+        """Start the engine loop (and, unless a cluster delivers them, the arrivals); return the loop."""
         env = self.env
-        env.process(self._arrivals())
-        loop = env.process(self._run_async() if self.async_scheduling else self._run_sync())
-        env.run(until=loop)  # the loop ends when every request has, or on request_stop
+        if arrivals:
+            env.process(self._arrivals())
+        return env.process(self._run_async() if self.async_scheduling else self._run_sync())
+
+    def collect(self) -> EngineRun:
+        """What the run produced, once its loop has ended."""
+        env = self.env
         self.interrupted = self._stop_requested
         self.scheduler.materialize()
         self.requests.sort(key=attrgetter("rid"))  # (a run's arrivals and the next may come at one time)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from simulator.errors import ConfigError, require
+from simulator.rules import lookahead_tokens
 
 # speculative methods the simulator models (EAGLE, MTP, draft models: not modelled)
 SPECULATIVE_METHODS = ("ngram",)
@@ -20,12 +21,16 @@ class SpeculativeConfig:
     (with probability ``proposal_rate``, since n-gram drafters often find no
     match); draft position i is accepted with probability
     ``acceptance_rate[i]`` given that positions before it were accepted.
+    ``num_lookahead_tokens`` (null: vLLM's rule for the method, 0 for n-gram; see
+    simulator.rules.lookahead_tokens) KV slots are reserved past each scheduled step,
+    as vLLM's allocate_slots does for drafters that write KV of their own (EAGLE: k).
     """
 
     method: str = "ngram"
     num_speculative_tokens: int = 0
     acceptance_rate: tuple[float, ...] = ()
     proposal_rate: float = 1.0
+    num_lookahead_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, "engine.speculative", {"acceptance_rate"})
@@ -48,10 +53,22 @@ class SpeculativeConfig:
             )
         require(all(0 <= r <= 1 for r in rates), "engine.speculative.acceptance_rate", "entries must lie in [0, 1]")
         require(0 <= self.proposal_rate <= 1, "engine.speculative.proposal_rate", "must lie in [0, 1]")
+        require(self.num_lookahead_tokens is None or self.num_lookahead_tokens >= 0,
+                "engine.speculative.num_lookahead_tokens",
+                f"must be null (vLLM's rule for the method) or >= 0, got {self.num_lookahead_tokens}")
 
     @property
     def enabled(self) -> bool:
         return self.num_speculative_tokens > 0
+
+    @property
+    def lookahead(self) -> int:
+        """KV slots reserved past a request's scheduled tokens (0 without speculation)."""
+        if not self.enabled:
+            return 0
+        if self.num_lookahead_tokens is not None:
+            return self.num_lookahead_tokens
+        return lookahead_tokens(self.method, self.num_speculative_tokens)
 
     def rate_at(self, position: int) -> float:
         """Acceptance probability of draft position ``position`` (0-based)."""
@@ -79,6 +96,12 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     scheduler: str = "native"
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    #: vLLM's async scheduling (step k+1 scheduled while step k runs, its output processing
+    #: overlapped); null: vLLM's rule (on, off for n-gram speculation; a profile: its server's)
+    async_scheduling: bool | None = None
+    #: vLLM's --enable-expert-parallel: a mixture-of-experts model's experts are spread whole
+    #: over the tp GPUs instead of each being split tp ways (calibration.sparse)
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self, "engine", {"speculative"})

@@ -31,6 +31,7 @@ it did to them (``Joining``) until they come, through the scheduler's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -56,6 +57,9 @@ class Arrivals:
     max_tokens: np.ndarray
     #: no block of the prompt can be a prefix-cache hit for a new request (no shared prefix)
     private: np.ndarray
+    #: arrivals from this time on are not known yet (a cluster's router has not routed them):
+    #: every output of a run arrives before it
+    known_until_s: float = math.inf
 
 
 @dataclass
@@ -272,9 +276,18 @@ def plan(
         times, k_max = _admit_arrivals(sched, members, admissions, arrivals, next_arrival, times, k_max,
                                        decode_times, step_time, now, base, horizon, lag)
     k = len(times)
+    if arrivals is not None and arrivals.known_until_s < math.inf:
+        k = min(k, _rows_before(times, base, lag, arrivals.known_until_s))
     if k < 1:
         return None
     return _fit_kv(sched, members, admissions, times, k)
+
+
+def _rows_before(times: np.ndarray, base: float, lag: int, until: float) -> int:
+    """The most steps of a run whose outputs all arrive before ``until``: row i of a run
+    arrives at e[i + 1 - lag], e = base + the step times summed in order (as ``Runs.advance``)."""
+    ends = np.cumsum(np.concatenate(([base], times)))
+    return int(np.searchsorted(ends, until, side="left")) - 1 + lag
 
 
 class _StepClock:
@@ -672,16 +685,9 @@ class Runs:
         latest step's time; arrivals from ``next_arrival`` on are not queued yet; under async
         scheduling ``in_flight`` is the step in flight (it must be one token per running request)."""
         sched = self.sched
-        if in_flight is None:
-            base = now
-        else:
-            running = sched.running
-            scheduled = in_flight.out.num_scheduled
-            if (len(scheduled) != len(running) or in_flight.out.spec_tokens
-                    or sum(scheduled.values()) != len(running)
-                    or scheduled.keys() != {r.rid for r in running}):
-                return None
-            base = in_flight.end_s
+        base = self.base(now, in_flight)
+        if base is None:
+            return None
         run = self._plan(now, base, pace, next_arrival)
         if run is None:
             return None
@@ -704,10 +710,24 @@ class Runs:
         return Advance(k, wait_s, starts, token_times, applied, waiting, first_preempted, left, last,
                        float(run.step_times[-1]))
 
+    def base(self, now: float, in_flight: InFlight | None) -> float | None:
+        """When a run from ``now`` could begin its steps: now, or the end of the step in flight
+        (None: that step is not one token per running request, so no run follows it)."""
+        if in_flight is None:
+            return now
+        running = self.sched.running
+        scheduled = in_flight.out.num_scheduled
+        if (len(scheduled) != len(running) or in_flight.out.spec_tokens
+                or sum(scheduled.values()) != len(running)
+                or scheduled.keys() != {r.rid for r in running}):
+            return None
+        return in_flight.end_s
+
     def _plan(self, now: float, base: float, pace: float, next_arrival: int) -> DecodeRun | None:
         horizon = self._horizon
         arrival_s = self.arrivals.time_s
         next_s = float(arrival_s[next_arrival]) if next_arrival < len(arrival_s) else float("inf")
+        next_s = min(next_s, self.arrivals.known_until_s)
         if pace > 0 and next_s != float("inf") and not self.sched.waiting:
             # nobody waits, so the next arrival is likely what ends the run: as many steps as
             # reach it at the last step's pace (one vectorised call rather than two)

@@ -233,9 +233,9 @@ class KVCacheManager:
         wanted = (num_tokens - 1) // self.block_size
         num_shared = min(req.num_shared_blocks, wanted)
         hit: list[int] = []
-        group = req.prefix_group
+        name = req.shared_name
         for i in range(num_shared):
-            blocks = self._shared.get((group, i))
+            blocks = self._shared.get(name(i))
             if not blocks:
                 return hit
             hit.append(next(iter(blocks)))
@@ -285,7 +285,7 @@ class KVCacheManager:
             block = blocks[i]
             if owner[block] == NO_HASH:
                 self._any_names = True
-                name = (req.prefix_group, i)
+                name = req.shared_name(i)
                 self._shared.setdefault(name, {})[block] = None
                 self._shared_name[block] = name
                 owner[block] = SHARED
@@ -459,3 +459,21 @@ class KVCacheManager:
         named = self._owner[released] != NO_HASH
         self.free_queue.push_front(released[~named])
         self.free_queue.push_back(released[named])
+
+    def add_cached_prefix(self, group: int, num_blocks: int) -> int:
+        """Put blocks 0..num_blocks-1 of shared prefix ``group`` into the prefix cache, free
+        and evictable last, as if a request had computed and freed them (KV transferred from
+        another replica, simulator.cluster.disagg); return how many fitted."""
+        n = min(num_blocks, len(self.free_queue)) if self.enable_caching else 0
+        if n <= 0:
+            return 0
+        blocks = self.take_free_blocks(n)
+        for i, block in enumerate(blocks.tolist()):
+            name = (group, i)
+            self._shared.setdefault(name, {})[block] = None
+            self._shared_name[block] = name
+        self._owner[blocks] = SHARED
+        self._any_names = True
+        self._ref[blocks] = 0
+        self.free_queue.push_back(blocks)
+        return n

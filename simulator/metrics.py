@@ -161,6 +161,7 @@ def summarize(requests: dict[str, np.ndarray], timeline: dict[str, np.ndarray], 
         "requests": int(len(status)),
         "completed": int(done.sum()),
         "rejected": int((status == "rejected").sum()),
+        "aborted": int((status == "aborted").sum()),  # the client's timeout ran out (workload.timeout_s)
         "failed": int((status == "failed").sum()),
         "duration_s": duration,
         "ttft_s": percentiles(requests["ttft_s"][done]),

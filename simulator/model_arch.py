@@ -15,7 +15,11 @@ from simulator.engine_config import check_field_types
 from simulator.errors import ConfigError, require
 
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4,
-               "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "int4": 0.5}
+               "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "int4": 0.5,
+               # OCP MX FP4: 4-bit elements plus one 8-bit scale per 32 (4.25 bits)
+               "mxfp4": 4.25 / 8,
+               # int4 with one bf16 scale per group of 32 (compressed-tensors W4A16, Kimi-K2's experts)
+               "int4_g32": (4 + 16 / 32) / 8}
 
 
 def dtype_bytes(dtype: str, field: str = "dtype") -> float:
@@ -27,7 +31,22 @@ def dtype_bytes(dtype: str, field: str = "dtype") -> float:
 
 @dataclass(frozen=True)
 class ModelArchitecture:
-    """A dense decoder-only transformer (Llama / Qwen family)."""
+    """A decoder-only transformer: dense (Llama / Qwen family) unless the optional fields say more.
+
+    Optional, all 0 / "" for a dense model (whose numbers are then unchanged):
+
+    - mixture of experts: ``num_experts`` routed experts of ``moe_intermediate_size``, of which
+      ``num_experts_per_tok`` run per token, plus ``num_shared_experts`` always-on ones of the
+      same size; the first ``first_k_dense_replace`` layers keep a dense MLP of
+      ``intermediate_size``;
+    - multi-head latent attention (DeepSeek): ``kv_lora_rank`` + ``qk_rope_head_dim`` are what a
+      token keeps in the KV cache per layer; ``q_lora_rank``, ``qk_nope_head_dim`` and
+      ``v_head_dim`` shape the projections;
+    - sliding windows: ``sliding_window_layers`` of the layers attend over the last
+      ``sliding_window`` tokens only (gpt-oss alternates sliding and full layers);
+    - ``weight_dtype``: the checkpoint's linear layers when they ship quantized ("fp8" for
+      DeepSeek-R1; "" = ``dtype``); ``expert_dtype``: the routed experts' ("mxfp4" for gpt-oss).
+    """
 
     name: str
     num_layers: int
@@ -43,6 +62,20 @@ class ModelArchitecture:
     dtype: str = "bf16"
     hf_name: str = ""
     family: str = "llama"
+    weight_dtype: str = ""
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    num_shared_experts: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    expert_dtype: str = ""
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    sliding_window: int = 0
+    sliding_window_layers: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
@@ -57,10 +90,79 @@ class ModelArchitecture:
             f"must divide num_attention_heads={self.num_attention_heads}",
         )
         dtype_bytes(self.dtype, "model.dtype")
+        for f in ("weight_dtype", "expert_dtype"):
+            if getattr(self, f):
+                dtype_bytes(getattr(self, f), f"model.{f}")
+        for f in ("num_experts", "num_experts_per_tok", "num_shared_experts", "moe_intermediate_size",
+                  "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                  "qk_nope_head_dim", "v_head_dim", "sliding_window", "sliding_window_layers"):
+            require(int(getattr(self, f)) >= 0, f"model.{f}", "must be >= 0")
+        if self.num_experts:
+            require(0 < self.num_experts_per_tok <= self.num_experts, "model.num_experts_per_tok",
+                    f"must lie in [1, num_experts={self.num_experts}]")
+            require(self.moe_intermediate_size > 0, "model.moe_intermediate_size", "must be > 0 with experts")
+            require(self.first_k_dense_replace < self.num_layers, "model.first_k_dense_replace",
+                    f"must be < num_layers={self.num_layers}")
+        if self.kv_lora_rank:
+            require(self.qk_rope_head_dim > 0 and self.qk_nope_head_dim > 0 and self.v_head_dim > 0,
+                    "model.qk_rope_head_dim", "MLA needs qk_rope_head_dim, qk_nope_head_dim and v_head_dim > 0")
+            require(not self.sliding_window_layers, "model.sliding_window_layers",
+                    "sliding windows with latent attention are not modelled")
+        if self.sliding_window_layers:
+            require(self.sliding_window > 0, "model.sliding_window", "must be > 0 with sliding_window_layers")
+            require(self.sliding_window_layers < self.num_layers, "model.sliding_window_layers",
+                    f"must be < num_layers={self.num_layers} (some layers attend fully)")
+
+    # --- kinds -----------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe_layers(self) -> int:
+        """Layers whose MLP is a mixture of experts."""
+        return self.num_layers - self.first_k_dense_replace if self.is_moe else 0
+
+    @property
+    def full_attention_layers(self) -> int:
+        return self.num_layers - self.sliding_window_layers
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of the routed experts (all layers)."""
+        return self.moe_layers * self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through (routed experts: only its ``num_experts_per_tok``)."""
+        if not self.is_moe:
+            return self.num_params
+        active = self.moe_layers * self.num_experts_per_tok * 3 * self.hidden_size * self.moe_intermediate_size
+        return self.num_params - self.expert_params + active
+
+    def _attention_params(self) -> int:
+        h, q, kv, d = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        if self.is_mla:
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q_proj = (h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * q * qk
+                      if self.q_lora_rank else h * q * qk)
+            kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            kv_b = self.kv_lora_rank * q * (self.qk_nope_head_dim + self.v_head_dim)
+            return q_proj + kv_a + kv_b + q * self.v_head_dim * h
+        attn = h * (q * d) + 2 * h * (kv * d) + (q * d) * h
+        if self.attention_bias:
+            attn += q * d + 2 * kv * d
+        return attn
 
     @property
     def num_params(self) -> int:
         """Parameter count (embeddings and LM head included)."""
+        if self.is_moe or self.is_mla:
+            return self._sparse_params()
         h, q, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
         d = self.head_dim
         attn = h * (q * d) + 2 * h * (kv * d) + (q * d) * h
@@ -73,15 +175,42 @@ class ModelArchitecture:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_layers * layer + embed + head + h
 
+    def _sparse_params(self) -> int:
+        """num_params of a mixture-of-experts or latent-attention model."""
+        h = self.hidden_size
+        dense_layers = self.num_layers - self.moe_layers
+        mlp = dense_layers * 3 * h * self.intermediate_size
+        if self.is_moe:
+            per_moe = (self.num_experts * h  # router
+                       + self.num_shared_experts * 3 * h * self.moe_intermediate_size)
+            mlp += self.moe_layers * per_moe + self.expert_params
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (self._attention_params() + 2 * h) + mlp + embed + h
+
     def weight_bytes(self, weight_dtype: str | None = None, tp: int = 1) -> int:
         """Weight bytes per GPU under tensor parallelism tp."""
-        return int(self.num_params * dtype_bytes(weight_dtype or self.dtype) / tp)
+        return int(self.num_params * dtype_bytes(weight_dtype or self.weight_dtype or self.dtype) / tp)
 
     def kv_bytes_per_token(self, kv_dtype: str | None = None, tp: int = 1) -> int:
-        """KV-cache bytes per token per GPU: 2 (K and V) x layers x KV heads x head_dim."""
+        """KV-cache bytes per token slot per GPU: 2 (K and V) x layers x KV heads x head_dim.
+
+        Latent attention keeps one latent vector of ``kv_lora_rank + qk_rope_head_dim`` per
+        layer, the same on every tensor-parallel rank (vLLM's MLA cache is not split by heads).
+        With sliding-window layers, ``layers`` is the layers of one KV cache group of vLLM's
+        hybrid allocator (simulator.kv_layout): a block of the shared pool holds
+        ``block_size`` tokens of one group.
+        """
         check_tp(self, tp)
+        nbytes = dtype_bytes(kv_dtype or self.dtype)
+        if self.is_mla:
+            return int(self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * nbytes)
         kv_heads = max(1, self.num_key_value_heads // tp)
-        return int(2 * self.num_layers * kv_heads * self.head_dim * dtype_bytes(kv_dtype or self.dtype))
+        layers = self.num_layers
+        if self.sliding_window_layers:
+            from simulator.kv_layout import kv_groups
+
+            layers = kv_groups(self.full_attention_layers, self.sliding_window_layers).group_size
+        return int(2 * layers * kv_heads * self.head_dim * nbytes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

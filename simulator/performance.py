@@ -60,6 +60,9 @@ class KVCapacity:
     num_blocks: int
     block_size: int
     bytes_per_token: int
+    #: vLLM's KV cache groups when full-attention and sliding-window layers share the pool
+    #: (simulator.kv_layout.KVGroups); None: one group of all layers
+    groups: object | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +95,11 @@ class PerformanceModel(ABC):
     name: str = "performance-model"
     #: False for models not calibrated on measurements (roofline); shown in outputs
     calibrated: bool = True
+    #: the hardware the model was measured on, when it knows better than the hardware group
+    #: (a profile: e.g. "cpu-amd-2c"); None: the hardware group's name
+    hardware_label: str | None = None
+    #: engine settings the model was measured with (a profile), the run's defaults; None: none
+    engine_settings: dict | None = None
 
     @abstractmethod
     def step_time(self, batch: StepBatch) -> float:
@@ -135,7 +143,12 @@ class PerformanceModel(ABC):
                 f"model {self.name} leaves no memory for the KV cache "
                 f"(gpu_memory_utilization={gpu_memory_utilization})",
             )
-        return KVCapacity(num_blocks=int(blocks), block_size=block_size, bytes_per_token=per_token)
+        return KVCapacity(num_blocks=int(blocks), block_size=block_size, bytes_per_token=per_token,
+                          groups=self.kv_groups())
+
+    def kv_groups(self):
+        """vLLM's KV cache groups of a hybrid (sliding-window) model, or None (one group)."""
+        return None
 
     def describe(self) -> dict:
         """Provenance for the run record: what this model was built from."""

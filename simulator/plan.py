@@ -15,8 +15,14 @@ from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_p
 from simulator.errors import ConfigError
 
 
-def print_outcome(outcome) -> None:
+def print_outcome(outcome, mode: str = "points") -> None:
     """The verdict, the cheapest few meeting points and where the files are."""
+    if mode == "capacity":
+        print_capacity(outcome)
+        return
+    if mode == "day":
+        print(f"{outcome.verdict}\nresults    {outcome.out_dir} (day_plan.csv, day_plan.png, recommendation.md)")
+        return
     rows = outcome.rows
     from simulator.planner import preference
 
@@ -35,6 +41,26 @@ def print_outcome(outcome) -> None:
     print("\n".join(lines))
 
 
+def print_capacity(outcome) -> None:
+    """Counts, the cheapest few layouts meeting the SLO with their capacity, the verdict."""
+    from simulator.planner import preference
+
+    rows = outcome.rows
+    count = {s: sum(r["status"] == s for r in rows) for s in ("ok", "pruned", "skipped", "infeasible", "error")}
+    meeting = sorted((r for r in rows if r["status"] == "ok" and r["meets_slo"]), key=preference)
+    lines = [f"layouts    {len(rows)} ({outcome.computed} evaluated now, {outcome.reused} reused): "
+             f"{count['ok']} searched, {count['pruned']} pruned, "
+             + (f"{count['skipped']} not proposed by Optuna, " if count["skipped"] else "")
+             + f"{count['infeasible']} cannot run, "
+             f"{count['error']} failed"]
+    for r in meeting[:5]:
+        lines.append(f"  ${r['cost_per_hour_usd']:7.2f}/h  capacity {r['capacity_rps']:7.3g} req/s  "
+                     f"${r['cap_cost_per_1m_output_tokens_usd']:.3g}/1M tok  TTFT p99 {r['ttft_p99_s']:.2f} s  "
+                     f"{r['label']}")
+    lines += [outcome.verdict, f"results    {outcome.out_dir} (capacity.csv, pareto.png, recommendation.md)"]
+    print("\n".join(lines))
+
+
 #: what Hydra writes into a run directory before the plan starts
 HYDRA_FILES = {".hydra", "plan.log"}
 
@@ -44,7 +70,8 @@ def remove_if_new(out_dir: Path, was_new: bool) -> None:
     input), and the empty folders above it up to the working directory."""
     from simulator.plan_runner import POINTS
 
-    if not was_new or not out_dir.is_dir() or (out_dir / POINTS).exists():
+    tables = (POINTS, "capacity.parquet", "day_plan.parquet")
+    if not was_new or not out_dir.is_dir() or any((out_dir / t).exists() for t in tables):
         return
     import shutil
 
@@ -92,8 +119,8 @@ def main() -> int:
             print(f"interrupted: finished points are in {out_dir}/points.parquet; rerun with "
                   f"hydra.run.dir={out_dir} to resume", file=sys.stderr)
             sys.exit(130)
-        print_outcome(outcome)
-        failed = [r for r in outcome.rows if r["status"] == "error"]
+        print_outcome(outcome, str((cfg.get("plan") or {}).get("mode") or "points"))
+        failed = [r for r in outcome.rows if r.get("status") == "error"]
         if failed:
             print(f"error: {len(failed)} points failed (first: {failed[0]['label']}: "
                   f"{failed[0]['reason']}); rerun the same command to retry them", file=sys.stderr)

@@ -56,9 +56,11 @@ class PlanOutcome:
 class PointStore:
     """The points table of one output directory: what is done, and rewriting it safely."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, name: str = POINTS):
         self.out_dir = out_dir
-        self.path = out_dir / POINTS
+        self.name = name
+        self.stem = Path(name).stem
+        self.path = out_dir / name
         self._last_write = 0.0
 
     def load(self, keys: set[str]) -> dict[str, dict[str, Any]]:
@@ -72,9 +74,9 @@ class PointStore:
         rows = frame.to_dict("records")
         if any(r["key"] not in keys for r in rows):
             n = 1
-            while (self.out_dir / f"points.previous-{n}.parquet").exists():
+            while (self.out_dir / f"{self.stem}.previous-{n}.parquet").exists():
                 n += 1
-            frame.to_parquet(self.out_dir / f"points.previous-{n}.parquet", index=False)
+            frame.to_parquet(self.out_dir / f"{self.stem}.previous-{n}.parquet", index=False)
         return {r["key"]: r for r in rows if r["key"] in keys and r["status"] != "error"}
 
     def write(self, rows: list[dict[str, Any]], *, force: bool = True) -> None:
@@ -86,7 +88,7 @@ class PointStore:
         import pandas as pd
 
         frame = pd.DataFrame(sorted(rows, key=lambda r: r["index"]))
-        for name, writer in ((POINTS, frame.to_parquet), ("points.csv", frame.to_csv)):
+        for name, writer in ((self.name, frame.to_parquet), (f"{self.stem}.csv", frame.to_csv)):
             tmp = self.out_dir / f".{name}.tmp"
             writer(tmp, index=False)
             os.replace(tmp, self.out_dir / name)
@@ -145,34 +147,75 @@ def _error_row(job: PointJob, err: BaseException) -> dict[str, Any]:
 
 
 def _run_on_ray(ray, jobs: list[PointJob], workload, slo, rows: dict[str, dict], store: PointStore,
-                bar) -> None:
-    """Submit every job, collect rows as they finish, keep the table on disk current."""
-    task = ray.remote(num_cpus=1, max_retries=0)(evaluate_point)
+                bar, max_in_flight: int | None = None) -> None:
+    """Run every job (at most ``max_in_flight`` at once), collect rows as they finish, keep the
+    table on disk current."""
     workload_ref = ray.put(workload)
-    pending = {task.remote(job, workload_ref, slo): job for job in jobs}
+
+    def done(job: PointJob, result) -> None:
+        row = _error_row(job, result) if isinstance(result, BaseException) else result
+        rows[job.key] = row
+        store.write(list(rows.values()), force=False)
+        bar.update(1)
+        if row["status"] == "ok" and row["meets_slo"]:
+            best = min(r["cost_per_hour_usd"] for r in rows.values() if r["status"] == "ok" and r["meets_slo"])
+            bar.set_postfix_str(f"cheapest meeting ${best:.2f}/h", refresh=False)
+
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                job = pending.pop(ref)
-                try:
-                    row = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    row = _error_row(job, err)
-                rows[job.key] = row
-                store.write(list(rows.values()), force=False)
-                bar.update(1)
-                if row["status"] == "ok" and row["meets_slo"]:
-                    best = min(r["cost_per_hour_usd"] for r in rows.values()
-                               if r["status"] == "ok" and r["meets_slo"])
-                    bar.set_postfix_str(f"cheapest meeting ${best:.2f}/h", refresh=False)
+        ray_map(ray, evaluate_point, [(job, (job, workload_ref, slo)) for job in jobs], done,
+                max_in_flight=max_in_flight)
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
         store.write(list(rows.values()))
 
 
-def run_plan(cfg, out_dir: str | Path, *, progress: bool = True) -> PlanOutcome:
+def ray_map(ray, fn, calls: list[tuple[Any, tuple]], on_result, *,
+            max_in_flight: int | None = None) -> None:
+    """Run ``fn(*args)`` as a Ray task for each (tag, args) of ``calls``, at most ``max_in_flight``
+    at once, calling ``on_result(tag, result_or_exception)`` as each finishes (in completion
+    order). Pass large shared arguments as ``ray.put`` references."""
+    task = ray.remote(num_cpus=1, max_retries=0)(fn)
+    queue = list(calls)
+    pending: dict[Any, Any] = {}
+    limit = max_in_flight or len(queue) or 1
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                tag, args = queue.pop(0)
+                pending[task.remote(*args)] = tag
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                tag = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    result = err
+                on_result(tag, result)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def run_plan(cfg, out_dir: str | Path, *, progress: bool = True, max_in_flight: int | None = None):
+    """Run the plan of ``cfg.plan`` by its ``mode``: ``points`` (every point at the workload's
+    rate), ``capacity`` (rate search, Pareto front) or ``day`` (replicas per window of a day)."""
+    from simulator.configure import to_plain
+
+    mode = str((to_plain(cfg).get("plan") or {}).get("mode") or "points")
+    if mode == "capacity":
+        from simulator.capacity_plan import run_capacity_plan
+
+        return run_capacity_plan(cfg, out_dir, progress=progress, max_in_flight=max_in_flight)
+    if mode == "day":
+        from simulator.day_plan import run_day_plan
+
+        return run_day_plan(cfg, out_dir, progress=progress, max_in_flight=max_in_flight)
+    if mode != "points":
+        raise ConfigError("plan.mode", f"allowed: points, capacity, day, got {mode!r}")
+    return run_points_plan(cfg, out_dir, progress=progress, max_in_flight=max_in_flight)
+
+
+def run_points_plan(cfg, out_dir: str | Path, *, progress: bool = True,
+                    max_in_flight: int | None = None) -> PlanOutcome:
     """Evaluate every point of ``cfg.plan`` (resuming what ``out_dir`` already holds) and
     write the tables, plan.json and the plot."""
     import yaml
@@ -205,7 +248,7 @@ def run_plan(cfg, out_dir: str | Path, *, progress: bool = True) -> PlanOutcome:
         with ray_session(plan.get("ray_address"), plan.get("num_cpus")) as ray, tqdm(
                 total=len(jobs), initial=reused, unit="point", desc="plan points",
                 disable=not progress, mininterval=0.5) as bar:
-            _run_on_ray(ray, todo, workload, slo, rows, store, bar)
+            _run_on_ray(ray, todo, workload, slo, rows, store, bar, max_in_flight)
     ordered = sorted(rows.values(), key=lambda r: r["index"])
     store.write(ordered)
     chosen, closest = choose(ordered)
@@ -218,8 +261,9 @@ def run_plan(cfg, out_dir: str | Path, *, progress: bool = True) -> PlanOutcome:
         "slo": asdict(slo),
         "seed": seed,
         "router": space.router,
-        "router_note": "round robin in arrival order; replicas simulated independently "
-                       "(an approximation: load-aware routers balance long requests better)",
+        "routers": list(space.routers),
+        "router_note": "round_robin: request i in arrival order to replica i mod N, replicas simulated "
+                       "apart; other routers: replicas simulated together (simulator.cluster)",
         "points": {
             "total": len(ordered),
             "ran": sum(r["status"] == "ok" for r in ordered),

@@ -8,11 +8,12 @@ latency tails, KV usage, preemptions and cost. Points that cannot run (the
 model does not fit, the TP size does not divide the heads) become rows with the
 reason instead of errors.
 
-The router is an approximation. ``round_robin`` sends request i (in arrival
-order) to replica i mod N and the replicas never interact. Real routers that
-look at load or prefixes balance long reasoning requests better than this, so
-round robin errs on the pessimistic side for tail latency, and it scatters
-shared prefixes over the replicas (prefix-cache hits are those of one replica).
+``round_robin`` sends request i (in arrival order) to replica i mod N and the
+replicas never interact, so each is simulated on its own; it errs on the
+pessimistic side for tail latency next to routers that look at load, and it
+scatters shared prefixes over the replicas. The other routers (``routers()``)
+run the replicas together in ``simulator.cluster``; ``plan.router`` may list
+several, making the router one more axis (``simulator.layout`` simulates either).
 
 Everything here is pure: no Ray, no files. ``simulator.plan_runner`` runs the
 points on Ray and writes the tables; ``python -m simulator.plan`` is the CLI.
@@ -37,9 +38,9 @@ from simulator.metrics import SLO, goodput, percentiles, time_weighted_kv
 from simulator.workload import Workload
 
 PLANNER_VERSION = 1
-ROUTERS = ("round_robin",)
-PLAN_FIELDS = ("hardware", "model", "tp", "replicas", "optimization", "engine", "router",
-               "ray_address", "num_cpus")
+ROUTERS = ("round_robin",)  # without the cluster simulation; see routers()
+PLAN_FIELDS = ("mode", "hardware", "model", "tp", "replicas", "optimization", "engine", "router",
+               "ray_address", "num_cpus", "search", "day")
 # engine settings a plan may vary (every scalar EngineConfig field)
 ENGINE_SETTINGS = tuple(f.name for f in fields(EngineConfig) if f.name != "speculative")
 NAMED_GROUPS = ("hardware", "model", "optimization")
@@ -56,6 +57,7 @@ class PlanPoint:
     replicas: int
     optimization: str
     engine: tuple[tuple[str, Any], ...] = ()
+    router: str = "round_robin"
 
     @property
     def gpus(self) -> int:
@@ -64,8 +66,9 @@ class PlanPoint:
     def label(self) -> str:
         """A short human name, e.g. ``h100 x2 tp1 fp8_kv max_num_seqs=256``."""
         settings = " ".join(f"{k}={v}" for k, v in self.engine)
+        router = "" if self.router == "round_robin" else self.router
         return " ".join(p for p in (f"{self.hardware} x{self.replicas} tp{self.tp}", self.model,
-                                    self.optimization, settings) if p)
+                                    self.optimization, settings, router) if p)
 
 
 @dataclass(frozen=True)
@@ -78,16 +81,22 @@ class PlanSpace:
     replicas: tuple[int, ...]
     optimization: tuple[str, ...]
     engine: tuple[tuple[str, tuple[Any, ...]], ...] = ()
-    router: str = "round_robin"
+    routers: tuple[str, ...] = ("round_robin",)
+
+    @property
+    def router(self) -> str:
+        """The first router (a plan of one router)."""
+        return self.routers[0]
 
     def points(self) -> list[PlanPoint]:
         """Every combination, replicas varying fastest."""
         names = [k for k, _ in self.engine]
         combos = list(itertools.product(*(values for _, values in self.engine)))
         out = []
-        for hw, model, opt, tp, combo, n in itertools.product(
-                self.hardware, self.model, self.optimization, self.tp, combos, self.replicas):
-            out.append(PlanPoint(len(out), hw, model, tp, n, opt, tuple(zip(names, combo, strict=True))))
+        for hw, model, opt, tp, combo, router, n in itertools.product(
+                self.hardware, self.model, self.optimization, self.tp, combos, self.routers, self.replicas):
+            out.append(PlanPoint(len(out), hw, model, tp, n, opt, tuple(zip(names, combo, strict=True)),
+                                 router))
         return out
 
     @classmethod
@@ -100,6 +109,10 @@ class PlanSpace:
         if unknown:
             raise ConfigError("plan", f"unknown fields {unknown}; allowed: {', '.join(PLAN_FIELDS)}")
         chosen = {}
+        for field in (*NAMED_GROUPS, "tp", "replicas"):
+            if plan.get(field) is not None and not _as_list(plan.get(field), f"plan.{field}"):
+                raise ConfigError(f"plan.{field}", "the candidate space is empty: list at least one "
+                                                   "value, or null for the run's own choice")
         for group in NAMED_GROUPS:
             values = _as_list(plan.get(group), f"plan.{group}")
             allowed = catalog.names(group)
@@ -113,11 +126,24 @@ class PlanSpace:
             chosen[group] = _unique(values or [own])
         tp = _positive_ints(plan.get("tp"), "plan.tp") or (int(cfg.get("tp", 1)),)
         replicas = _positive_ints(plan.get("replicas"), "plan.replicas") or (1,)
-        router = str(plan.get("router") or "round_robin")
-        if router not in ROUTERS:
-            raise ConfigError("plan.router", f"unknown router {router!r}; allowed: {', '.join(ROUTERS)}")
+        allowed = routers()
+        chosen_routers = _unique(str(r) for r in _as_list(plan.get("router"), "plan.router")) or ("round_robin",)
+        for router in chosen_routers:
+            if router not in allowed:
+                raise ConfigError("plan.router", f"unknown router {router!r}; allowed: {', '.join(allowed)}")
         engine = _engine_variations(plan.get("engine"), dict(cfg.get("engine") or {}))
-        return cls(chosen["hardware"], chosen["model"], tp, replicas, chosen["optimization"], engine, router)
+        return cls(chosen["hardware"], chosen["model"], tp, replicas, chosen["optimization"], engine,
+                   chosen_routers)
+
+
+def routers() -> tuple[str, ...]:
+    """The routers a plan may use: ``round_robin`` (replicas simulated apart) and, when the cluster
+    simulation is installed, every router of ``simulator.cluster``."""
+    try:
+        from simulator.cluster import ROUTERS as CLUSTER_ROUTERS
+    except ImportError:
+        return ROUTERS
+    return _unique((*ROUTERS, *CLUSTER_ROUTERS))
 
 
 def _as_list(value, field: str) -> list:
@@ -231,7 +257,7 @@ def resolve_jobs(space: PlanSpace, cfg: Mapping[str, Any], workload: Workload, s
             "perf": perf,
             "tp": point.tp,
             "replicas": point.replicas,
-            "router": space.router,
+            "router": point.router,
             "workload": digest,
             "slo": asdict(slo),
             "seed": seed,
@@ -239,7 +265,7 @@ def resolve_jobs(space: PlanSpace, cfg: Mapping[str, Any], workload: Workload, s
         }
         key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         jobs.append(PointJob(point, settings["hardware"], settings["model"], settings["optimization"],
-                             engine, perf, space.router, seed, key))
+                             engine, perf, point.router, seed, key))
     return jobs
 
 
@@ -305,7 +331,7 @@ def _nan(value) -> float:
 
 METRIC_COLUMNS = ("requests", "completed", "rejected", "attainment", "goodput_rps", "meets_slo",
                   "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s",
-                  "kv_mean", "kv_peak", "preemptions", "output_tokens_per_s", "duration_s")
+                  "kv_mean", "kv_peak", "preemptions", "output_tokens_per_s", "duration_s", "backlog")
 
 
 def base_row(job: PointJob) -> dict[str, Any]:
@@ -328,32 +354,19 @@ def base_row(job: PointJob) -> dict[str, Any]:
 def evaluate_point(job: PointJob, workload: Workload, slo: SLO) -> dict[str, Any]:
     """Simulate one point (every replica) and return its row; a point that cannot run
     returns status ``infeasible`` and the reason."""
-    from calibration.registry import build_performance_model
-    from simulator.configure import engine_config
-    from simulator.engine import simulate
-    from simulator.hardware import Hardware
-    from simulator.model_arch import ModelArchitecture
+    from simulator.layout import build_layout, simulate_layout
 
     started = time.perf_counter()
     row = base_row(job)
     try:
-        hardware = Hardware.from_dict(job.hardware)
-        model = ModelArchitecture.from_dict(job.model)
-        engine = engine_config(job.engine, job.optimization)
-        perf = build_performance_model(hardware, model, job.optimization, job.point.tp, job.perf,
-                                       engine=engine)
-        kv = perf.kv_capacity(engine.block_size, engine.gpu_memory_utilization,
-                              engine.num_gpu_blocks_override)
+        layout = build_layout(job)
+        metrics = simulate_layout(layout, workload, slo)  # a router may refuse a setting
     except ConfigError as err:
         row.update(status="infeasible", reason=str(err), wall_s=time.perf_counter() - started)
         return row
-    results = []
-    for r, index in enumerate(route(workload, job.point.replicas, job.router)):
-        if len(index):
-            results.append(simulate(workload.select(index), engine, perf, slo=slo, seed=job.seed + r))
-    row.update(fleet_metrics(results, job.point.replicas, slo))
-    row.update(calibrated=bool(perf.calibrated), perf_model=perf.describe().get("name", ""),
-               kv_capacity_tokens=int(kv.num_tokens),
+    row.update(metrics)
+    row.update(calibrated=bool(layout.perf.calibrated), perf_model=layout.perf.describe().get("name", ""),
+               kv_capacity_tokens=layout.kv_capacity_tokens,
                cost_per_1m_output_tokens_usd=cost_per_million_tokens(row["cost_per_hour_usd"],
                                                                      row["output_tokens_per_s"]),
                wall_s=time.perf_counter() - started)

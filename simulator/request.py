@@ -11,6 +11,7 @@ class Status(IntEnum):
     PREEMPTED = 2
     FINISHED = 3
     REJECTED = 4
+    ABORTED = 5  # the client gave up (its timeout): left the engine unfinished, blocks freed
 
 
 class SimRequest:
@@ -23,7 +24,7 @@ class SimRequest:
 
     __slots__ = (
         "rid", "arrival_s", "num_prompt", "max_tokens", "reasoning_tokens",
-        "prefix_group", "prefix_tokens", "block_size", "num_shared_blocks",
+        "prefix_group", "prefix_tokens", "block_size", "num_shared_blocks", "outer_group", "num_outer_blocks",
         "status", "num_output", "num_computed", "placeholders", "spec_tokens",
         "in_flight_tokens", "stale_tokens", "num_preemptions", "num_cached_tokens",
         "first_scheduled_s", "first_token_s", "first_visible_s", "last_token_s",
@@ -40,6 +41,8 @@ class SimRequest:
         prefix_group: int = -1,
         prefix_tokens: int = 0,
         block_size: int = 16,
+        outer_group: int = -1,
+        outer_tokens: int = 0,
     ):
         self.rid = rid
         self.arrival_s = arrival_s
@@ -53,6 +56,10 @@ class SimRequest:
         # is ("prefix", prefix_group, i), shared with the group, while it lies wholly in
         # the shared prefix (i < num_shared_blocks), else (rid, i), private.
         self.num_shared_blocks = self.prefix_tokens // block_size
+        # Two-level sharing: the first outer_tokens of the prefix are those of another group's
+        # prefix (a system prompt many groups start with); those blocks carry that group's names.
+        self.outer_group = outer_group if self.prefix_group >= 0 else -1
+        self.num_outer_blocks = min(outer_tokens, self.prefix_tokens) // block_size if self.outer_group >= 0 else 0
         self.status = Status.WAITING
         self.num_output = 0
         self.num_computed = 0
@@ -68,6 +75,13 @@ class SimRequest:
         self.last_token_s = -1.0
         self.finish_s = -1.0
         self.reject_reason = ""
+
+    def shared_name(self, i: int) -> tuple[int, int]:
+        """Content name of shared block i (< num_shared_blocks): the outer group's below
+        num_outer_blocks, else the request's own group's."""
+        if i < self.num_outer_blocks:
+            return (self.outer_group, i)
+        return (self.prefix_group, i)
 
     @property
     def num_tokens(self) -> int:

@@ -18,7 +18,7 @@ from simulator.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
 from simulator.request import Status
 from simulator.workload import Workload
 
-STATUS_NAMES = {Status.FINISHED: "completed", Status.REJECTED: "rejected",
+STATUS_NAMES = {Status.FINISHED: "completed", Status.REJECTED: "rejected", Status.ABORTED: "aborted",
                 # only in a run stopped early (simulate(stop_on_interrupt=True))
                 Status.WAITING: "unfinished", Status.RUNNING: "unfinished", Status.PREEMPTED: "unfinished"}
 
@@ -112,6 +112,10 @@ def write_workload(workload: Workload, path: str | Path) -> None:
         "prefix_group": workload.prefix_group,
         "prefix_tokens": workload.prefix_tokens,
     }
+    if workload.has_outer_groups:  # as Workload.to_frame: only when used
+        columns.update(outer_group=workload.outer_group, outer_tokens=workload.outer_tokens)
+    if workload.has_timeouts:
+        columns["timeout_s"] = workload.timeout_s
     arrays = [arrow_array(values, large_strings=True) for values in columns.values()]
     pq.write_table(pa.Table.from_arrays(arrays, names=list(columns)), path)
 

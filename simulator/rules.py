@@ -31,6 +31,28 @@ def running_tokens(req: SimRequest, threshold: int, max_model_len: int) -> int:
     return n if n > 0 else 0
 
 
+#: vLLM's VllmConfig.num_lookahead_tokens (vllm/config/vllm.py), as an offset to
+#: num_speculative_tokens per drafter: None for drafters that keep no KV of their own
+#: (n-gram: its drafts are scheduled tokens and get their slots as such, so no lookahead),
+#: 0 for EAGLE / MTP / draft models (k slots), 1 for DFlash (k + 1).
+LOOKAHEAD_PAST_SPEC = {"ngram": None, "eagle": 0, "eagle3": 0, "mtp": 0, "draft_model": 0, "dflash": 1}
+
+
+def lookahead_tokens(method: str, num_speculative_tokens: int) -> int:
+    """KV slots vLLM reserves past a request's scheduled tokens for its drafter (0: none)."""
+    extra = LOOKAHEAD_PAST_SPEC.get(method)
+    if not num_speculative_tokens or extra is None:
+        return 0
+    return num_speculative_tokens + extra
+
+
+def slots_needed(computed: int, num_new: int, lookahead: int, max_model_len: int) -> int:
+    """Token slots a request must hold to run ``num_new`` tokens after ``computed`` (vLLM's
+    allocate_slots: computed + new + lookahead, at most max_model_len)."""
+    n = computed + num_new + lookahead
+    return n if n < max_model_len else max_model_len
+
+
 # vLLM's admission gate for a waiting request is both of the next two: a seat, and the KV
 # blocks of its whole sequence.
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from simulator.engine_config import EngineConfig
 from simulator.kv_cache import KVCacheManager
 from simulator.request import SimRequest, Status
-from simulator.rules import deliver_tokens, fits_whole, has_seat, running_tokens
+from simulator.rules import deliver_tokens, fits_whole, has_seat, running_tokens, slots_needed
 from simulator.scheduler_interface import Scheduler, SchedulerOutput
 
 __all__ = ["NativeScheduler", "SchedulerOutput"]
@@ -40,6 +40,9 @@ class NativeScheduler(Scheduler):
         # speculation only: requests whose last scheduled step left them prefilling
         # (vLLM's Request.is_prefill_chunk)
         self._prefilling: set[int] = set()
+        #: KV slots reserved past each request's scheduled tokens for the drafter (vLLM's
+        #: num_lookahead_tokens; 0 without speculation and for n-gram)
+        self._lookahead = config.speculative.lookahead
 
     # --- queue --------------------------------------------------------------
     def add_request(self, request: SimRequest) -> None:
@@ -105,7 +108,7 @@ class NativeScheduler(Scheduler):
         if n <= 0:
             return 0
         computed, rid = req.num_computed, req.rid
-        slots = computed + n if computed + n < self.max_model_len else self.max_model_len
+        slots = slots_needed(computed, n, self._lookahead, self.max_model_len)
         allocate = self.kv.allocate
         if not allocate(rid, slots) and not self._make_room(req, out, lambda: allocate(rid, slots)):
             return -1
@@ -193,7 +196,8 @@ class NativeScheduler(Scheduler):
             n = min(n, budget)
             if not fits_whole(self._blocks_to_admit(req, hits), kv.num_free_blocks):
                 break
-            if not kv.allocate(req.rid, min(num_computed + n, self.max_model_len), hits):
+            if not kv.allocate(req.rid, slots_needed(num_computed, n, self._lookahead, self.max_model_len),
+                               hits):
                 break
             if req.num_preemptions == 0 or req.num_cached_tokens < 0:
                 kv.record_prefix_lookup(req.num_tokens, num_computed)

@@ -273,7 +273,8 @@ class _Lockstep:
             for side in self.sides:
                 side.scheduler.add_request(SimRequest(
                     rid, self.arrival[rid], prompt, output, int(w.reasoning_tokens[rid]),
-                    int(w.prefix_group[rid]), int(w.prefix_tokens[rid]), config.block_size))
+                    int(w.prefix_group[rid]), int(w.prefix_tokens[rid]), config.block_size,
+                    int(w.outer_group[rid]), int(w.outer_tokens[rid])))
 
     def schedule(self):
         """Both schedule; None when neither decided anything, else (native, vllm, index)."""
@@ -392,6 +393,8 @@ def lockstep(
     progress: bool = False,
 ) -> Agreement:
     """Drive both schedulers on one clock with the same arrivals; compare every step."""
+    if async_scheduling is None:
+        async_scheduling = config.async_scheduling
     if async_scheduling is None:
         spec = config.speculative
         async_scheduling = not (spec.enabled and spec.method == "ngram")

@@ -46,6 +46,8 @@ class TraceRequests:
     output_tokens: np.ndarray
     prefix_group: np.ndarray | None = None
     prefix_tokens: np.ndarray | None = None
+    outer_group: np.ndarray | None = None
+    outer_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -238,7 +240,7 @@ def read_mooncake_jsonl(
         for key, expected in (
             ("timestamp", "a number of ms >= 0"),
             ("input_length", "an integer >= 1"),
-            ("output_length", "an integer >= 1"),
+            ("output_length", "an integer >= 0"),
         ):
             value = row.get(key)
             ok = (
@@ -247,8 +249,8 @@ def read_mooncake_jsonl(
                 and math.isfinite(value)
                 and value >= 0
             )
-            if key != "timestamp":
-                ok = ok and value == int(value) and value >= 1
+            if key != "timestamp":  # a recorded 0-token output is accepted (run with 1, a warning)
+                ok = ok and value == int(value) and value >= (1 if key == "input_length" else 0)
             if not ok:
                 raise _bad(path, number, key, str(value), expected)
         ids = row.get("hash_ids", [])
@@ -266,18 +268,29 @@ def read_mooncake_jsonl(
     order = np.argsort(seconds, kind="stable")
     hashes = [hashes[i] for i in order]
     prompt = np.asarray(prompts, dtype=np.int64)[order]
-    group, shared_blocks = mooncake_prefix_groups(hashes)
+    group, shared_blocks, outer, outer_blocks = mooncake_prefix_levels(hashes)
     return TraceRequests(
         arrival_s=seconds[order] - seconds.min(),
         prompt_tokens=prompt,
-        output_tokens=np.asarray(outputs, dtype=np.int64)[order],
+        output_tokens=clamp_zero_outputs(np.asarray(outputs, dtype=np.int64)[order], f"{path.name} output_length"),
         prefix_group=group,
         prefix_tokens=np.minimum(shared_blocks * block_tokens, prompt),
+        outer_group=outer,
+        outer_tokens=np.minimum(outer_blocks * block_tokens, prompt),
     )
 
 
 def mooncake_prefix_groups(hash_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Map Mooncake block-hash lists (in arrival order) to (prefix_group, shared_blocks).
+    """(prefix_group, shared_blocks) of ``mooncake_prefix_levels``."""
+    group, shared, _, _ = mooncake_prefix_levels(hash_ids)
+    return group, shared
+
+
+def mooncake_prefix_levels(
+    hash_ids: Sequence[Sequence[int]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Map Mooncake block-hash lists (in arrival order) to (prefix_group, shared_blocks,
+    outer_group, outer_blocks).
 
     Mooncake's hash ids form a trie: an id always sits at the same position
     behind the same parent, so two requests share exactly their longest common
@@ -291,18 +304,24 @@ def mooncake_prefix_groups(hash_ids: Sequence[Sequence[int]]) -> tuple[np.ndarra
       continuation is private to that request), the chain is redirected along
       the new request;
     - if it leaves a chain where later requests will follow it, it founds a
-      new group (losing its short shared head with the old chain once);
+      new group whose outer group is the old one: the new group's members
+      share its head (the blocks up to the branch point) with the old chain,
+      two-level sharing (a system prompt, then a conversation);
     - otherwise it joins the group, sharing the blocks up to the branch point.
 
     A request's shared_blocks is the longest run it shares with another
     member along the group's chain (0 and group -1 when it shares nothing).
-    The mapping never claims more sharing than the trace has; on the shipped
-    traces it keeps ~96% (conversation) and ~94% (synthetic) of the blocks an
-    unbounded prefix cache would hit.
+    A member of a group founded at a branch has as outer group the chain it
+    branched from, with outer_blocks its head as that chain finally stands
+    (capped by its shared_blocks). The mapping never claims more sharing than
+    the trace has; on the shipped traces the groups alone keep ~96%
+    (conversation) and ~94% (synthetic) of the blocks an unbounded prefix
+    cache would hit, with the outer level ~99% and 100%.
     """
     visits = Counter(itertools.chain.from_iterable(hash_ids))
     owner: dict[int, int] = {}
     chains: list[list[int]] = []
+    parent: dict[int, int] = {}  # a chain founded at a branch of another -> that chain
     group = np.full(len(hash_ids), -1, np.int64)
     for i, path in enumerate(hash_ids):
         depth = 0
@@ -321,7 +340,8 @@ def mooncake_prefix_groups(hash_ids: Sequence[Sequence[int]]) -> tuple[np.ndarra
                 del chain[depth:]
                 _extend_chain(chain, owner, g, path[depth:])
             elif depth < len(path) and visits[path[depth]] >= 2:  # others will follow this branch
-                g = _found_chain(chains, owner, path, start=depth)
+                old, g = g, _found_chain(chains, owner, path, start=depth)
+                parent[g] = old
         group[i] = g
     along = np.zeros(len(hash_ids), np.int64)
     for i, path in enumerate(hash_ids):
@@ -341,7 +361,17 @@ def mooncake_prefix_groups(hash_ids: Sequence[Sequence[int]]) -> tuple[np.ndarra
             shared[members] = np.minimum(along[members], others_best)
         start = stop
     group = np.where(shared > 0, group, -1)
-    return _renumber(group), shared
+    # the outer level: a group's head shared with the chain it branched from (as that chain stands now)
+    outer = np.full(len(hash_ids), -1, np.int64)
+    outer_blocks = np.zeros(len(hash_ids), np.int64)
+    for i in np.flatnonzero(group >= 0):
+        old = parent.get(int(group[i]), -1)
+        if old >= 0:
+            head = min(_common_run(chains[old], chains[group[i]]), int(shared[i]))
+            if head > 0:
+                outer[i], outer_blocks[i] = old, head
+    group, outer = _renumber_levels(group, outer)
+    return group, shared, outer, outer_blocks
 
 
 def _found_chain(
@@ -367,6 +397,14 @@ def _common_run(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def _renumber_levels(group: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_renumber`` of both levels in one numbering (an outer group names its chain's blocks as
+    that chain's own group does), in order of first appearance, outer before inner."""
+    both = np.stack([outer, group], axis=1).reshape(-1)
+    renumbered = _renumber(both).reshape(-1, 2)
+    return renumbered[:, 1].copy(), renumbered[:, 0].copy()
 
 
 def _renumber(group: np.ndarray) -> np.ndarray:

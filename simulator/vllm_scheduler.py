@@ -153,6 +153,11 @@ def _check_speculative(config: EngineConfig, async_scheduling: bool) -> None:
             "the vllm reference scheduler supports ngram speculation under sync scheduling only, "
             f"got {spec.method!r} with async_scheduling={async_scheduling}",
         )
+    if spec.lookahead:
+        raise ConfigError(
+            "engine.speculative.num_lookahead_tokens",
+            f"the vllm reference scheduler reserves vLLM's own lookahead (0 for ngram), got {spec.lookahead}",
+        )
 
 
 def _make_configs(v: SimpleNamespace, config: EngineConfig, num_blocks: int, async_scheduling: bool,
@@ -314,7 +319,9 @@ class VllmScheduler(Scheduler):
     def add_request(self, request: SimRequest) -> None:
         rid = request.rid
         prefix = request.prefix_tokens
-        prompt = [PREFIX_TOKEN_BASE + request.prefix_group] * prefix
+        outer = request.num_outer_blocks * request.block_size  # an outer group's tokens come first
+        prompt = [PREFIX_TOKEN_BASE + request.outer_group] * outer
+        prompt += [PREFIX_TOKEN_BASE + request.prefix_group] * (prefix - outer)
         prompt += [rid + 1] * (request.num_prompt - prefix)
         params = self._v.SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
         vreq = self._v.Request(

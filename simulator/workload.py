@@ -29,6 +29,13 @@ class Workload:
     - ``domain``: a label such as ``math`` or ``chat`` (free text for traces).
     - ``prefix_group``: requests with the same non-negative group share their
       first ``prefix_tokens`` prompt tokens (-1 means no shared prefix).
+    - ``outer_group``, ``outer_tokens``: two-level sharing; the first
+      ``outer_tokens`` of a request's prefix (``<= prefix_tokens``) are those of
+      prefix group ``outer_group`` (a system prompt many groups start with):
+      shared with that group's members and with every request naming it as
+      outer group, across groups; -1: no outer group.
+    - ``timeout_s``: the client's timeout, from arrival (inf: none). A request
+      unfinished by then is aborted: it leaves the engine and frees its blocks.
     """
 
     arrival_s: np.ndarray
@@ -40,6 +47,9 @@ class Workload:
     prefix_tokens: np.ndarray = field(default=None)  # type: ignore[assignment]
     name: str = "workload"
     seed: int = 0
+    outer_group: np.ndarray = field(default=None)  # type: ignore[assignment]
+    outer_tokens: np.ndarray = field(default=None)  # type: ignore[assignment]
+    timeout_s: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
@@ -55,6 +65,15 @@ class Workload:
             "prefix_tokens": np.zeros(n, np.int64)
             if self.prefix_tokens is None
             else np.asarray(self.prefix_tokens, dtype=np.int64),
+            "outer_group": np.full(n, -1, np.int64)
+            if self.outer_group is None
+            else np.asarray(self.outer_group, dtype=np.int64),
+            "outer_tokens": np.zeros(n, np.int64)
+            if self.outer_tokens is None
+            else np.asarray(self.outer_tokens, dtype=np.int64),
+            "timeout_s": np.full(n, np.inf)
+            if self.timeout_s is None
+            else np.broadcast_to(np.asarray(self.timeout_s, dtype=np.float64), (n,)).copy(),
         }
         for key, value in fix.items():
             if len(value) != n:
@@ -80,6 +99,23 @@ class Workload:
             "workload.prefix_tokens",
             "must lie in [0, prompt_tokens]",
         )
+        outer = self.outer_group >= 0
+        require(bool(np.all(self.prefix_group[outer] >= 0)), "workload.outer_group",
+                "needs a prefix_group >= 0 (the outer group's tokens lie inside the group's prefix)")
+        require(
+            bool(np.all((self.outer_tokens >= 0) & (~outer | (self.outer_tokens <= self.prefix_tokens)))),
+            "workload.outer_tokens",
+            "must lie in [0, prefix_tokens]",
+        )
+        require(bool(np.all(self.timeout_s > 0)), "workload.timeout_s", "must be > 0 seconds (inf: none)")
+
+    @property
+    def has_outer_groups(self) -> bool:
+        return bool(np.any(self.outer_group >= 0))
+
+    @property
+    def has_timeouts(self) -> bool:
+        return bool(np.any(np.isfinite(self.timeout_s)))
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -105,24 +141,30 @@ class Workload:
             prefix_tokens=self.prefix_tokens[index],
             name=self.name,
             seed=self.seed,
+            outer_group=self.outer_group[index],
+            outer_tokens=self.outer_tokens[index],
+            timeout_s=self.timeout_s[index],
         )
 
     def to_frame(self):
         """The workload as a pandas DataFrame (one row per request)."""
         import pandas as pd
 
-        return pd.DataFrame(
-            {
-                "request_id": np.arange(len(self)),
-                "arrival_s": self.arrival_s,
-                "prompt_tokens": self.prompt_tokens,
-                "output_tokens": self.output_tokens,
-                "reasoning_tokens": self.reasoning_tokens,
-                "domain": self.domain.astype(str),
-                "prefix_group": self.prefix_group,
-                "prefix_tokens": self.prefix_tokens,
-            }
-        )
+        columns = {
+            "request_id": np.arange(len(self)),
+            "arrival_s": self.arrival_s,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "domain": self.domain.astype(str),
+            "prefix_group": self.prefix_group,
+            "prefix_tokens": self.prefix_tokens,
+        }
+        if self.has_outer_groups:  # (only then: older readers see the columns they know)
+            columns.update(outer_group=self.outer_group, outer_tokens=self.outer_tokens)
+        if self.has_timeouts:
+            columns["timeout_s"] = self.timeout_s
+        return pd.DataFrame(columns)
 
     @classmethod
     def from_frame(cls, frame, name: str = "workload", seed: int = 0) -> Workload:
@@ -148,6 +190,7 @@ class Workload:
             prefix_tokens=frame["prefix_tokens"].to_numpy() if "prefix_tokens" in frame else None,
             name=name,
             seed=seed,
+            **{key: frame[key].to_numpy() for key in ("outer_group", "outer_tokens", "timeout_s") if key in frame},
         )
 
     def save(self, path: str | Path) -> None:

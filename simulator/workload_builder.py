@@ -83,6 +83,7 @@ COMMON_KEYS = frozenset(
         "max_tokens",
         "lengths_file",
         "reason_ratio",
+        "timeout_s",
     }
 )
 LENGTH_MODEL_KEYS = frozenset({"domains", "difficulty", "lengths"})
@@ -105,6 +106,9 @@ class Draft:
     lengths: SampledLengths | None = None
     prefix_group: np.ndarray | None = None
     prefix_tokens: np.ndarray | None = None
+    outer_group: np.ndarray | None = None
+    outer_tokens: np.ndarray | None = None
+    timeout_s: np.ndarray | None = None
 
 
 KindBuilder = Callable[[Mapping, Size, np.random.Generator, np.random.Generator], Draft]
@@ -174,7 +178,19 @@ def build_workload(cfg: Mapping) -> Workload:
         prefix_tokens=prefix_tokens,
         name=str(cfg.get("name") or cfg["kind"]),
         seed=seed,
+        outer_group=draft.outer_group,
+        outer_tokens=None if draft.outer_tokens is None else np.minimum(draft.outer_tokens, prefix_tokens),
+        timeout_s=_timeouts(cfg.get("timeout_s"), draft.timeout_s, n),
     )
+
+
+def _timeouts(value, saved: np.ndarray | None, n: int) -> np.ndarray | None:
+    """``workload.timeout_s`` (seconds > 0 for every request; null: none, or a saved file's own)."""
+    if value is None:
+        return saved
+    seconds = _number(value, "workload.timeout_s")
+    require(seconds > 0, "workload.timeout_s", f"must be > 0 seconds or null, got {value!r}")
+    return np.full(n, seconds)
 
 
 def _kind_of(cfg: Mapping) -> WorkloadKind:
@@ -398,7 +414,8 @@ def _file(cfg: Mapping, size: Size, _: np.random.Generator, __: np.random.Genera
     lengths = SampledLengths(
         saved.domain, saved.prompt_tokens, saved.output_tokens, saved.reasoning_tokens
     )
-    return Draft(saved.arrival_s, lengths, saved.prefix_group, saved.prefix_tokens)
+    return Draft(saved.arrival_s, lengths, saved.prefix_group, saved.prefix_tokens,
+                 saved.outer_group, saved.outer_tokens, saved.timeout_s)
 
 
 def _replay(cfg: Mapping, size: Size, trace: TraceRequests) -> Draft:
@@ -419,7 +436,9 @@ def _replay(cfg: Mapping, size: Size, trace: TraceRequests) -> Draft:
     )
     group = None if trace.prefix_group is None else trace.prefix_group[keep]
     shared = None if trace.prefix_tokens is None else trace.prefix_tokens[keep]
-    return Draft(shifted[chosen], lengths, group, shared)
+    outer = None if trace.outer_group is None else trace.outer_group[keep]
+    outer_tokens = None if trace.outer_tokens is None else trace.outer_tokens[keep]
+    return Draft(shifted[chosen], lengths, group, shared, outer, outer_tokens)
 
 
 def _select(arrivals: np.ndarray, size: Size, available: int) -> np.ndarray:

@@ -57,12 +57,15 @@ def test_hardware_ordering_is_physical():
 
 
 @pytest.mark.parametrize("name", ["none", "fp8_weights", "fp8_kv", "prefix_cache", "prefix_off", "spec_ngram",
-                                  "int8_weights"])
+                                  "int8_weights", "gptq_int4", "awq_int4"])
 def test_optimizations_load_into_an_engine_config(name):
     opt = load_optimization(name)
     assert opt["name"] == name
-    required = {"name", "weight_dtype", "kv_cache_dtype", "enable_prefix_caching", "speculative"}
-    assert required <= set(opt) <= required | {"speculative_rates"}  # where draft rates come from
+    # every shipped group says how long its model writes (simulator.output_scale)
+    required = {"name", "weight_dtype", "kv_cache_dtype", "enable_prefix_caching", "speculative",
+                "output_length_scale"}
+    # where draft rates come from; how int4 weights are quantized (documentation)
+    assert required <= set(opt) <= required | {"speculative_rates", "weight_quantization"}
     assert ("speculative_rates" in opt) == (name == "spec_ngram")
     engine = EngineConfig.from_dict({"speculative": opt["speculative"] or {},
                                      "enable_prefix_caching": opt["enable_prefix_caching"]})

@@ -27,11 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "calibration" / "profiles").glob("cpu-*/tiny-llama/*/profile.json"))
 ARCH = {"name": "tiny", "num_layers": 4, "hidden_size": 512, "num_attention_heads": 8,
         "num_key_value_heads": 2, "intermediate_size": 1536, "vocab_size": 8192}
-TRUE = dict(zip(TERMS, [4e-3, 2e-4, 3e-8, 5e-4, 2e-7, 1.5e-4], strict=True))
+TRUE = dict(zip(TERMS, [4e-3, 2e-4, 3e-8, 0.0, 5e-4, 2e-7, 1.5e-4], strict=True))
 
 
-def synthetic_rows(n: int, noise: float, seed: int = 1) -> list[dict]:
-    """Steps of random compositions timed by the six-term law with multiplicative noise."""
+def synthetic_rows(n: int, noise: float, seed: int = 1, knee: int = 0, decode_step: float = 0.0) -> list[dict]:
+    """Steps of random compositions timed by the fit's law (TRUE; a decode knee and decode-step
+    cost when given) with multiplicative noise."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -43,7 +44,8 @@ def synthetic_rows(n: int, noise: float, seed: int = 1) -> list[dict]:
         q, c = np.array(prefill, float), np.array(context, float)
         t = (TRUE["overhead"] + TRUE["per_prefill_token"] * q.sum()
              + TRUE["per_attention_pair"] * np.sum(q * (c + (q + 1) / 2))
-             + TRUE["per_decode_seq"] * len(decode) + TRUE["per_decode_kv_token"] * sum(decode)
+             + (decode_step if decode else 0.0) + TRUE["per_decode_seq"] * max(0, len(decode) - knee)
+             + TRUE["per_decode_kv_token"] * sum(decode)
              + TRUE["per_spec_token"] * sum(spec))
         rows.append({
             "point_id": f"p{i // 3}", "phase": ["prefill", "decode", "mixed"][kind], "rep": i % 3,
@@ -74,9 +76,25 @@ def synthetic_profile(n=400, noise=0.03, kind="cpu") -> Profile:
 def test_recovers_known_coefficients_from_noisy_steps():
     result = fit_steps(synthetic_profile(noise=0.03).measured_steps())
     for term, value in TRUE.items():
-        assert result.coefficients[term] == pytest.approx(value, rel=0.15), term
+        if term not in ("decode_step", "per_decode_seq"):  # these two trade against the knee
+            assert result.coefficients[term] == pytest.approx(value, rel=0.15), term
+    model = FittedPerformanceModel(result.coefficients, {}, {}, ARCH, "t", decode_knee=result.decode_knee)
+    for n in (1, 8, 32):  # the decode law the knee and the two terms make together
+        true = TRUE["overhead"] + TRUE["per_decode_seq"] * n + TRUE["per_decode_kv_token"] * 1000 * n
+        assert model.step_time(StepBatch(decode_context=[1000] * n)) == pytest.approx(true, rel=0.05)
     assert result.report["held_out"]["median_ape"] < 0.04
     assert result.report["held_out"]["n"] > 50
+
+
+def test_a_decode_knee_is_found_and_improves_on_the_linear_law():
+    """Decode batches up to 8 cost as much as one (weights read once): the fit finds the knee."""
+    steps = Profile(meta=synthetic_profile().meta,
+                    steps=steps_frame(synthetic_rows(400, 0.02, knee=8, decode_step=1e-3))).measured_steps()
+    result = fit_steps(steps)
+    assert result.decode_knee == 8
+    assert result.coefficients["decode_step"] == pytest.approx(1e-3, rel=0.2)
+    assert result.coefficients["per_decode_seq"] == pytest.approx(TRUE["per_decode_seq"], rel=0.15)
+    assert result.report["held_out"]["median_ape"] < 0.03 and result.report["decode_knee"] == 8
 
 
 def test_coefficients_are_never_negative():
@@ -101,7 +119,7 @@ def test_held_out_rows_are_whole_points():
 def test_step_time_matches_the_features_and_decode_times_are_identical():
     model = fit_profile(synthetic_profile())
     steps = synthetic_profile(n=30).measured_steps()
-    x = features(steps)
+    x = features(steps, model.decode_knee)
     coef = np.array([model.coefficients[t] for t in TERMS])
     for (_, row), expected in zip(steps.iterrows(), x @ coef, strict=True):
         batch = StepBatch(list(row["prefill_tokens"]), list(row["prefill_context"]),

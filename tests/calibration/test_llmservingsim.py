@@ -35,8 +35,10 @@ def measured(path, **match):
 
 def test_profiles_shipped():
     keys = available_profiles()
-    assert [(k.gpu, k.model, k.tp) for k in keys] == [("RTXPRO6000", "meta-llama/Llama-3.1-8B", 1)]
-    with pytest.raises(ConfigError, match="allowed: rtxpro6000/meta-llama/Llama-3.1-8B/tp1"):
+    assert [(k.gpu, k.model, k.tp) for k in keys if k.gpu == "RTXPRO6000"] == [
+        ("RTXPRO6000", "Qwen/Qwen3-32B", 1), ("RTXPRO6000", "Qwen/Qwen3-32B", 2),
+        ("RTXPRO6000", "meta-llama/Llama-3.1-8B", 1)]
+    with pytest.raises(ConfigError, match="allowed: .*rtxpro6000/meta-llama/Llama-3.1-8B/tp1"):
         find_profile("rtxpro6000", "meta-llama/Llama-3.1-8B", 2)
 
 

@@ -83,3 +83,42 @@ def test_the_model_stays_below_a_real_h200s_non_kernel_time():
     assert len(rows) >= 10
     for row in rows:
         assert 0 < non_kernel_ms(row, "predicted") <= non_kernel_ms(row, "measured"), row["step"]
+
+
+def test_family_term_scales_with_tokens_times_layers():
+    """Qwen3's q/k norm: the dense cost grows by layers x (3 us + m x bytes at 80% of the bandwidth),
+    exactly; a family without it (Llama) gets nothing."""
+    from calibration.composed import ACT_BYTES
+    from calibration.non_kernel import family_layer_ops
+    from calibration.registry import build_performance_model
+
+    pm = build_performance_model("h100", "qwen3-8b", None, 1, {"source": "aiconfigurator"})
+    sh, arch = pm.shapes, pm.arch
+    per_token = 2 * (sh.heads + sh.kv_heads) * sh.head_dim * ACT_BYTES
+    assert family_layer_ops(arch, sh) == {"qk_norm": per_token}
+    m = np.array([0, 1, 64, 2048, 8192])
+    with_term = pm._dense_seconds(m)
+    pm._non_kernel_ms = lambda tokens: np.zeros(np.shape(tokens))  # the term switched off
+    plain = pm._dense_seconds(m)
+    bandwidth = pm.hardware.memory_bandwidth_gbps * 1e9 * MEMORY_EFFICIENCY
+    expected = np.where(m > 0, arch.num_layers * (MEMORY_OP_LATENCY_S + m * per_token / bandwidth), 0.0)
+    assert np.allclose(with_term - plain, expected, rtol=1e-9, atol=1e-15)
+    assert family_layer_ops(load_model("llama-3.1-8b"), LayerShapes.of(load_model("llama-3.1-8b"), 1)) == {}
+
+
+def test_family_term_charges_at_least_what_vllms_qk_norm_took():
+    """LLMServingSim's Qwen3-32B profile (RTX PRO 6000) times vLLM's qk_norm: the model's charge is
+    at or above it from 64 tokens on (at 1-16 tokens both are the ~2-3 us launch floor)."""
+    import pandas as pd
+
+    from calibration.non_kernel import family_layer_ops
+
+    arch, hw = load_model("qwen3-32b"), load_hardware("rtxpro6000")
+    key = find_profile("rtxpro6000", arch.hf_name, 1)
+    dense = pd.read_csv(Path(key.path) / "dense.csv")
+    rows = dense[(dense["layer"] == "qk_norm") & (dense["tokens"] >= 64)]
+    assert len(rows) > 10
+    [per_token] = family_layer_ops(arch, LayerShapes.of(arch, 1)).values()
+    charged = model_layer_us(per_token * rows["tokens"].to_numpy(), 1, hw)
+    assert (charged >= rows["time_us"].to_numpy()).all()
+    assert (charged <= 3.0 * rows["time_us"].to_numpy()).all()  # and not far above it

@@ -86,10 +86,13 @@ def test_a_model_that_does_not_fit_names_hardware_tp_and_numbers():
     assert fits.kv_capacity(16).num_tokens >= 8192
 
 
-def test_fp8_weights_only_where_tables_have_them():
+def test_fp8_weights_measured_or_derived_and_labelled():
     assert build_performance_model("h100", "r1-distill-qwen-7b", "fp8_weights", 1).weight_dtype == "fp8"
-    with pytest.raises(ConfigError, match=r"^optimization.weight_dtype: fp8 weights: h200_sxm tables"):
-        build_performance_model("h200", "r1-distill-qwen-7b", "fp8_weights", 1)
+    # H200 and A100 tables lack fp8 GEMMs: derived from their bf16 ones (calibration.weight_only), labelled
+    h200 = build_performance_model("h200", "r1-distill-qwen-7b", "fp8_weights", 1)
+    assert "fp8 / bf16 ratio measured on h100_sxm" in h200.describe()["built_from"]
+    a100 = build_performance_model("a100", "r1-distill-qwen-7b", "fp8_weights", 1)
+    assert "fp8 GEMMs bounded from the measured bf16 GEMMs" in a100.describe()["built_from"]
     with pytest.raises(ConfigError, match=r"^optimization.weight_dtype: int8 weights"):
         build_performance_model("h100", "r1-distill-qwen-7b", "int8_weights", 1)
     rough = build_performance_model("h200", "r1-distill-qwen-7b", "fp8_weights", 1, {"source": "roofline"})
@@ -119,16 +122,17 @@ def test_profile_source_without_fit_module(monkeypatch):
 
 
 def test_every_shipped_table_selection_builds():
-    """Every shipped model on H100 at the smallest tp that holds it: calibrated, positive, finite."""
+    """Every shipped model on H100 (H200 if no H100 node holds it: DeepSeek-R1) at the smallest tp
+    that holds it: calibrated, positive, finite."""
     batch = StepBatch(prefill_tokens=[1500], prefill_context=[500], decode_context=[3000] * 100)
     engine = EngineConfig(max_model_len=8192)
     for name in names("model"):
         arch = load_model(name)
-        for tp in (1, 2, 4, 8):
+        for hardware, tp in [(hw, tp) for hw in ("h100", "h200") for tp in (1, 2, 4, 8)]:
             if arch.num_attention_heads % tp:
                 continue
             try:
-                pm = build_performance_model("h100", arch, "none", tp, engine=engine)
+                pm = build_performance_model(hardware, arch, "none", tp, engine=engine)
             except ConfigError as err:
                 assert err.field == "tp"
                 continue
@@ -136,4 +140,4 @@ def test_every_shipped_table_selection_builds():
             assert resolve_source(pm.hardware, arch, {}, tp).source == "aiconfigurator"
             break
         else:
-            pytest.fail(f"{name} fits on no H100 tp")
+            pytest.fail(f"{name} fits on no H100 or H200 tp")

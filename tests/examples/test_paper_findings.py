@@ -60,6 +60,12 @@ def test_prefix_caching_cuts_prefill_tokens_on_a_shared_prefix():
     assert on["prefill_tokens"] < off["prefill_tokens"]
 
 
+def test_int4_weights_free_memory_for_more_kv_blocks():
+    blocks = {opt: pf.model_spec("r1-distill-qwen-7b", 2, opt).perf.kv_capacity(16, 0.9).num_blocks
+              for opt in ("none", "gptq_int4", "awq_int4")}
+    assert blocks["gptq_int4"] > blocks["none"] and blocks["awq_int4"] > blocks["none"]
+
+
 def test_speculative_decoding_lowers_e2e_at_light_load(study):
     batch = pf.make_batch(study, ["GSM8K"], 8, pf.poisson(0.05), 1, ordinary=False)
     e2e = {opt: pf.run_metrics(pf.simulate(pf.model_spec("r1-distill-qwen-7b", 2, opt), batch.workload, 1))
@@ -72,12 +78,20 @@ def test_quick_report_end_to_end_and_same_seed_same_findings(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     assert pf.main(["quick=true", f"out={first}", "seed=5"]) == 0
     names = {"report.md", "findings.json", "pilot_kv.png", "pilot_running.png", "gamma.png",
-             "difficulty.png", "optimizations.png", "budgets.png"}
+             "difficulty.png", "optimizations.png", "spec_pressure.png", "budgets.png"}
     assert names <= {p.name for p in first.iterdir()}
     for png in first.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     findings = json.loads((first / "findings.json").read_text())
-    assert {"pilot", "gamma", "difficulty", "optimizations", "budgets", "run"} <= set(findings)
+    assert {"pilot", "gamma", "difficulty", "optimizations", "budgets", "run", "output_length",
+            "spec_acceptance", "spec_under_kv_pressure"} <= set(findings)
+    # longer thinking costs int4 its time gain; higher acceptance shortens speculative runs
+    times = [r["time_change"] for r in findings["output_length"]["gptq_int4"]]
+    assert times == sorted(times) and times[0] < times[-1]
+    spec = [r["time_change"] for r in findings["spec_acceptance"]["rows"]]
+    assert spec == sorted(spec, reverse=True)
+    assert findings["optimizations"]["spec_ngram"]["speculative_rates"]["source"] == "placeholder"
+    assert "not measured" in findings["optimizations"]["gptq_int4"]["performance_model"]
     assert findings["run"]["seed"] == 5
     report = (first / "report.md").read_text()
     for png in names - {"report.md", "findings.json"}:

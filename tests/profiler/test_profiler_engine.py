@@ -28,7 +28,7 @@ from .engine_runs import REPO, needs_engine, profiler_command, profiler_env, run
 
 pytestmark = [needs_engine, pytest.mark.engine]
 
-SMOKE = ["model=tiny-llama", "grid=smoke", "progress=false"]
+SMOKE = ["model=tiny-llama", "grid=smoke", "progress=false", "serving.enabled=false"]  # the serving phase: tests/profiler/test_serving.py
 #: only the phase an optimization adds, plus one prefill and one decode point
 REDUCED = ["grid.prefill_chunks=[64]", "grid.prefill_contexts=[256]", "grid.decode_batches=[2]",
            "grid.decode_contexts=[128]", "grid.mixed.requests=0"]

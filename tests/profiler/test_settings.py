@@ -83,7 +83,7 @@ def test_weight_estimate_keeps_embeddings_in_model_dtype():
 
 
 @pytest.mark.parametrize("argv, field, hint", [
-    (["engin.block_size=3"], "engin", "did you mean engine?"),
+    (["engin.block_size=3"], "engin", "did you mean engine"),
     (["engine.max_num_seq=5"], "engine.max_num_seq", "did you mean engine.max_num_seqs "),
     (["grid.repeat=5"], "grid.repeat", "did you mean grid.repeats?"),
 ])

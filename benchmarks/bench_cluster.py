@@ -1,0 +1,88 @@
+"""Cluster benchmark (not a test): a cluster's CPU time against its replicas' single-replica times.
+
+    python benchmarks/bench_cluster.py                          # 4 replicas, 4,000 gamma requests
+    python benchmarks/bench_cluster.py --replicas 8 --requests 8000 --routers least_outstanding
+
+For each router, the cluster is simulated on one clock (simulator.cluster); then each replica's
+requests (as that router sent them) are simulated alone with ``simulator.engine.simulate``. It
+prints the cluster's CPU time, the sum of the single-replica CPU times and their ratio (issue 19's
+target: at most 2x). CPU time (this process's), not wall time: the 2-core machine is shared.
+``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
+TPOT, E2E, SLO attainment). Overrides (``--set workload.rate=40``) go to the simulator's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--routers", nargs="+", default=["round_robin", "least_outstanding", "prefix_affinity"])
+    parser.add_argument("--disaggregated", action="store_true",
+                        help="also compare colocated replicas with prefill/decode splits of them")
+    parser.add_argument("--staleness", type=float, default=0.0, help="cluster.staleness_s")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. workload.rate=40")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_dir
+
+    from simulator.cluster import ClusterSpec, simulate_cluster
+    from simulator.configure import CONF_DIR, build_run
+    from simulator.engine import simulate
+
+    overrides = [f"workload.num_requests={args.requests}", *args.set]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    spec = build_run(cfg, overrides)
+    print(f"{len(spec.workload)} requests of {spec.workload.name}, {args.replicas} replicas, staleness {args.staleness} s, "
+          f"{spec.model.name} on {spec.hardware.name}")
+    print(f"{'router':<20}{'cluster CPU s':>14}{'sum single CPU s':>18}{'ratio':>7}{'p99 TTFT s':>12}")
+    for router in args.routers:
+        started = time.process_time()
+        out = simulate_cluster(spec.workload, spec.engine, spec.perf, ClusterSpec(replicas=args.replicas, router=router,
+                                                                                  staleness_s=args.staleness),
+                               slo=spec.slo, seed=spec.seed)
+        cluster_s = time.process_time() - started
+        single_s = 0.0
+        replica = out.result.requests["replica"]
+        for index in range(args.replicas):
+            ids = out.result.requests["request_id"][replica == index]
+            started = time.process_time()
+            simulate(spec.workload.select(ids), spec.engine, spec.perf, slo=spec.slo, seed=spec.seed + index)
+            single_s += time.process_time() - started
+        ttft = out.result.summary["ttft_s"]["p99"]
+        print(f"{router:<20}{cluster_s:>14.2f}{single_s:>18.2f}{cluster_s / single_s:>7.2f}{ttft:>12.3f}")
+    if args.disaggregated:
+        disaggregation(spec, args.replicas)
+
+
+def disaggregation(spec, replicas: int) -> None:
+    """Colocated replicas against prefill/decode splits of the same GPUs (least outstanding)."""
+    from simulator.cluster import ClusterSpec, simulate_cluster
+
+    print(f"\n{'layout':<16}{'TTFT p50':>9}{'p99':>8}{'TPOT p50 ms':>12}{'p99':>7}{'E2E p99':>9}{'SLO met':>8}{'CPU s':>7}")
+    layouts = [ClusterSpec(replicas=replicas, router="least_outstanding")]
+    layouts += [ClusterSpec(prefill_replicas=p, decode_replicas=replicas - p, router="least_outstanding")
+                for p in range(1, replicas)]
+    for layout in layouts:
+        started = time.process_time()
+        s = simulate_cluster(spec.workload, spec.engine, spec.perf, layout, slo=spec.slo, seed=spec.seed,
+                             link_gbps=spec.hardware.interconnect_gbps).result.summary
+        name = (f"{layout.prefill_replicas}P+{layout.decode_replicas}D" if layout.disaggregated
+                else f"{layout.replicas} colocated")
+        print(f"{name:<16}{s['ttft_s']['p50']:>9.3f}{s['ttft_s']['p99']:>8.3f}{s['tpot_s']['p50'] * 1e3:>12.1f}"
+              f"{s['tpot_s']['p99'] * 1e3:>7.1f}{s['e2e_s']['p99']:>9.1f}{s['goodput']['attainment']:>8.1%}"
+              f"{time.process_time() - started:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()

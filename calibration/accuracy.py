@@ -1,0 +1,216 @@
+"""The accuracy table: every real GPU run the project ships, replayed through the simulator.
+
+Each run (``calibration/data/live-runs/<source>/<GPU>/<model>/``: per-request
+server timestamps and the engine's settings) is simulated with the requests'
+own arrival times and token counts, the run's engine settings and the best
+calibrated step-time model the project has for that card and model
+(``perf.source=auto``; never fitted to the run), on the card as the run's
+``config.json`` describes it (its GPU-to-GPU link; ``run_hardware``). Per run, signed errors
+(simulated / live - 1) of TTFT and E2E at p50, p90 and p99, in two views:
+
+- ``engine``: as the engine sees a request, from its arrival at the engine
+  core (``queued_ts``) to its first and last token. The simulation's arrivals
+  are these times.
+- ``client``: the simulated engine figures plus the front-end term
+  (``simulator.frontend``), against the live run from the API server's
+  ``arrival_time`` (another clock, aligned on the request that waited least
+  for the engine core to take it) to the first and last token. The live figure
+  therefore holds the server's input processing and the wait for the engine
+  loop, but not the HTTP transfer and the streamed chunk's way back, which
+  these runs do not record.
+
+A run that one engine cannot replay (data parallel: several engines behind one
+server) or whose model or card has no configuration is listed with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration import catalog
+from calibration.live_replay import (
+    DATA_DIR,
+    LiveRun,
+    live_engine_config,
+    live_workload,
+    load_live_run,
+)
+from simulator.errors import ConfigError
+
+RUNS_ROOT = DATA_DIR.parent
+QUANTILES = (50, 90, 99)
+METRICS = ("ttft", "e2e")
+VIEWS = ("engine", "client")
+DOCS_BEGIN = "<!-- accuracy:begin (python -m calibration accuracy --update-docs) -->"
+DOCS_END = "<!-- accuracy:end -->"
+
+
+def shipped_runs(root: Path = RUNS_ROOT) -> list[Path]:
+    """Every shipped live run folder (one holding ``vllm/requests.jsonl``)."""
+    return sorted(p.parent.parent for p in root.glob("*/*/*/vllm/requests.jsonl"))
+
+
+def run_name(run_dir: Path) -> str:
+    return f"{run_dir.parent.name}/{run_dir.name}"
+
+
+@dataclass
+class RunAccuracy:
+    """One run's replay: errors by (view, metric, quantile), or why it was not replayed."""
+
+    name: str
+    hardware: str = ""
+    model: str = ""
+    tp: int = 1
+    requests: int = 0
+    perf_model: str = ""
+    calibrated: bool = False
+    frontend_s: float = 0.0
+    skipped: str = ""
+    rows: list[dict] = field(default_factory=list)  # view, metric, quantile, live_s, sim_s, error
+
+    def error(self, view: str, metric: str, q: int) -> float:
+        return next(r["error"] for r in self.rows if (r["view"], r["metric"], r["quantile"]) == (view, metric, q))
+
+
+def _conf_model(hf_name: str) -> str | None:
+    for name in catalog.names("model"):
+        try:
+            arch = catalog.load_model(name)
+        except ConfigError:  # another model's config: not this run's concern
+            continue
+        if (arch.hf_name or "").lower() == hf_name.lower():
+            return arch.name
+    return None
+
+
+def _hardware(run_dir: Path) -> str | None:
+    from calibration.llmservingsim import GPU_DIRS_INV
+
+    name = GPU_DIRS_INV.get(run_dir.parent.name, run_dir.parent.name.lower())
+    return name if name in catalog.names("hardware") else None
+
+
+def run_hardware(run_dir: Path, name: str):
+    """The card, with the GPU-to-GPU link the run's ``config.json`` records (``link_bw``, GB/s) if any.
+
+    LLMServingSim's cluster description of the machine it ran on (16 GB/s for its RTX PRO 6000
+    runs: PCIe without NVLink); it prices the all-reduces of a TP > 1 step. The same value
+    for all its runs: a description of the machine, not fitted to one run.
+    """
+    from dataclasses import replace
+
+    card = catalog.load_hardware(name)
+    cfg = run_dir / "config.json"
+    link = json.loads(cfg.read_text()).get("link_bw") if cfg.exists() else None
+    return replace(card, interconnect_gbps=float(link)) if link else card
+
+
+def live_latencies(run: LiveRun) -> dict[tuple[str, str], np.ndarray]:
+    """Per (view, metric) the live per-request seconds (see the module docstring)."""
+    out = {("engine", "ttft"): run.first_token_s - run.arrival_s, ("engine", "e2e"): run.last_token_s - run.arrival_s}
+    if run.api_arrival_s is not None:
+        out[("client", "ttft")] = run.first_token_s - run.api_arrival_s
+        out[("client", "e2e")] = run.last_token_s - run.api_arrival_s
+    return out
+
+
+def replay_run(run_dir: Path, frontend_s: float | None = None, seed: int = 0) -> RunAccuracy:
+    """Simulate one live run and compare; ``frontend_s`` None: the front-end term's GPU default."""
+    from calibration.registry import build_performance_model
+    from simulator import frontend
+    from simulator.engine import simulate
+
+    run = load_live_run(run_dir)
+    kw = run.engine_kwargs
+    hf = str(kw.get("model") or "")
+    out = RunAccuracy(name=run_name(run_dir), requests=len(run.arrival_s), tp=int(kw.get("tensor_parallel_size") or 1))
+    hardware, model = _hardware(run_dir), _conf_model(hf)
+    out.hardware, out.model = hardware or run_dir.parent.name, model or hf
+    dp = int(kw.get("data_parallel_size") or 1)
+    if dp > 1:
+        out.skipped = f"data_parallel_size {dp}: {dp} engines behind one server, not one engine's replay"
+    elif hardware is None:
+        out.skipped = f"no conf/hardware for {run_dir.parent.name}"
+    elif model is None:
+        out.skipped = f"no conf/model with hf_name {hf}"
+    if out.skipped:
+        return out
+    config = live_engine_config(run)
+    card = run_hardware(run_dir, hardware)
+    out.hardware = f"{hardware} (link {card.interconnect_gbps:g} GB/s)" if out.tp > 1 else hardware
+    perf = build_performance_model(card, model, "none", out.tp, {"source": "auto"}, engine=config)
+    front = frontend.resolve("auto" if frontend_s is None else frontend_s, perf)
+    out.perf_model, out.calibrated, out.frontend_s = perf.name, bool(perf.calibrated), front.seconds
+    result = simulate(live_workload(run), config, perf, seed=seed)
+    done = np.asarray(result.requests["status"]) == "completed"
+    sim = {m: np.asarray(result.requests[f"{m}_s"], dtype=float)[done] for m in METRICS}
+    for (view, metric), live in live_latencies(run).items():
+        values = sim[metric] + (front.seconds if view == "client" else 0.0)
+        for q in QUANTILES:
+            lv, sv = float(np.percentile(live, q)), float(np.percentile(values, q))
+            out.rows.append({"view": view, "metric": metric, "quantile": q, "live_s": lv, "sim_s": sv,
+                             "error": sv / lv - 1})
+    return out
+
+
+def replay_all(runs: list[Path] | None = None, frontend_s: float | None = None, seed: int = 0) -> list[RunAccuracy]:
+    return [replay_run(r, frontend_s, seed) for r in (runs if runs is not None else shipped_runs())]
+
+
+def write_csv(results: list[RunAccuracy], path: Path) -> None:
+    head = ["run", "hardware", "model", "tp", "requests", "perf_model", "calibrated", "frontend_s",
+            "view", "metric", "quantile", "live_s", "sim_s", "error", "skipped"]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(head)
+        for r in results:
+            base = [r.name, r.hardware, r.model, r.tp, r.requests, r.perf_model, r.calibrated, r.frontend_s]
+            if r.skipped:
+                w.writerow(base + ["", "", "", "", "", "", r.skipped])
+            for row in r.rows:
+                w.writerow(base + [row["view"], row["metric"], row["quantile"], f"{row['live_s']:.6f}",
+                                   f"{row['sim_s']:.6f}", f"{row['error']:.6f}", ""])
+
+
+def markdown(results: list[RunAccuracy]) -> str:
+    """One line per run and view: signed errors, and the runs not replayed with the reason."""
+    cols = [f"{m.upper()} p{q}" for m in ("TTFT", "E2E") for q in QUANTILES]
+    lines = ["| run | TP | step model | view | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
+    for r in results:
+        if r.skipped:
+            continue
+        for view in VIEWS:
+            if not any(row["view"] == view for row in r.rows):
+                continue
+            cells = [f"{r.error(view, m, q):+.1%}" for m in METRICS for q in QUANTILES]
+            label = view if view == "engine" else f"client (+{1e3 * r.frontend_s:.1f} ms)"
+            lines.append(f"| {r.name} | {r.tp} | {r.perf_model.split(':')[0]} | {label} | " + " | ".join(cells) + " |")
+    skipped = [f"- {r.name}: not replayed ({r.skipped})" for r in results if r.skipped]
+    return "\n".join(lines + ([""] + skipped if skipped else []))
+
+
+def docs_section(results: list[RunAccuracy], when: str | None = None) -> str:
+    when = when or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    return (f"{DOCS_BEGIN}\nMeasured {when} by `python -m calibration accuracy` (signed error, simulated / live - 1; "
+            f"method in `calibration/accuracy.py`):\n\n{markdown(results)}\n{DOCS_END}")
+
+
+def update_docs(path: Path, results: list[RunAccuracy]) -> None:
+    """Replace the marked section of ``path`` (docs/accuracy.md) with this table."""
+    text = path.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise ConfigError("--update-docs", f"{path} lacks the markers {DOCS_BEGIN!r} ... {DOCS_END!r}")
+    head, rest = text.split(DOCS_BEGIN, 1)
+    tail = rest.split(DOCS_END, 1)[1]
+    path.write_text(head + docs_section(results) + tail)
+
+
+def to_json(results: list[RunAccuracy]) -> str:
+    return json.dumps([r.__dict__ for r in results], indent=1)

@@ -1,0 +1,82 @@
+"""Replay a real data-parallel, expert-parallel vLLM run of a mixture-of-experts model.
+
+The run: LLMServingSim's live vLLM 0.19 run of Qwen3-30B-A3B-Instruct-2507 on two RTX PRO 6000
+(``data_parallel_size`` 2, ``enable_expert_parallel``, tp 1; 300 ShareGPT requests at ~10 req/s,
+``calibration/data/live-runs/llmservingsim``). Two engines run attention apart and their MoE layers
+together (each GPU holds 64 of the 128 experts; the tokens of both are gathered before the experts
+and reduce-scattered after, over the machine's 16 GB/s link from the run's ``config.json``).
+
+The replay, stated:
+
+- requests go to the two engines in turn, by arrival (vLLM's API server sends each to the engine
+  with the fewest waiting and running requests; the run does not record which it chose);
+- each engine is simulated alone with the step model of one rank
+  (``ComposedPerformanceModel(..., data_parallel_size=2)``): its MoE layers are timed for twice its
+  own tokens (the other engine assumed as loaded) on the busiest GPU's experts, plus the gather;
+- no measured kernels exist for this card and model: GEMMs and attention are roofline
+  (uncalibrated), the fused MoE layer is the fit to LLMServingSim's H100 measurement
+  (``calibration.moe``) scaled by this card's bandwidth and peak. Nothing is fitted to the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from calibration.live_replay import DATA_DIR, live_engine_config, load_live_run
+from simulator.workload import Workload
+
+RUN = DATA_DIR / "RTXPRO6000" / "Qwen3-30B-A3B-Instruct-2507"
+QUANTILES = (50, 90, 99)
+
+
+def replay(run_dir: Path = RUN, model: str = "qwen3-30b-a3b", hardware: str = "rtxpro6000",
+           seed: int = 0) -> dict:
+    """Simulated vs live TTFT and E2E (engine view) at p50/p90/p99, with the signed errors."""
+    from calibration import catalog
+    from calibration.accuracy import run_hardware
+    from calibration.composed import ComposedPerformanceModel
+    from calibration.roofline import RooflineKernels
+    from simulator.engine import simulate
+
+    run = load_live_run(run_dir)
+    kw = run.engine_kwargs
+    dp = int(kw.get("data_parallel_size") or 1)
+    config = live_engine_config(run)
+    card = run_hardware(run_dir, hardware)
+    arch = catalog.load_model(model)
+    perf = ComposedPerformanceModel(
+        arch, card, RooflineKernels(card), tp=int(kw.get("tensor_parallel_size") or 1),
+        expert_parallel=bool(kw.get("enable_expert_parallel")), data_parallel_size=dp,
+        max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+        name=f"roofline+moe-fit:{card.name}:{arch.name}:dp{dp}-ep", calibrated=False)
+    n = len(run.arrival_s)
+    sim = {"ttft": np.empty(n), "e2e": np.empty(n)}
+    for rank in range(dp):
+        idx = np.arange(rank, n, dp)
+        part = Workload(arrival_s=run.arrival_s[idx], prompt_tokens=run.prompt_tokens[idx],
+                        output_tokens=run.output_tokens[idx], reasoning_tokens=np.zeros(len(idx), np.int64),
+                        domain=np.full(len(idx), "chat", object), name=f"live:{run.name}:dp{rank}")
+        result = simulate(part, config, perf, seed=seed)
+        status = np.asarray(result.requests["status"])
+        if not (status == "completed").all():
+            raise RuntimeError(f"engine {rank}: {int((status != 'completed').sum())} requests not completed")
+        for metric in sim:
+            sim[metric][idx] = np.asarray(result.requests[f"{metric}_s"], dtype=float)
+    live = {"ttft": run.first_token_s - run.arrival_s, "e2e": run.last_token_s - run.arrival_s}
+    rows = []
+    for metric in ("ttft", "e2e"):
+        for q in QUANTILES:
+            lv, sv = float(np.percentile(live[metric], q)), float(np.percentile(sim[metric], q))
+            rows.append({"metric": metric, "quantile": q, "live_s": lv, "sim_s": sv, "error": sv / lv - 1})
+    return {"run": f"{run_dir.parent.name}/{run_dir.name}", "perf_model": perf.name, "dp": dp, "rows": rows,
+            "describe": perf.describe()}
+
+
+if __name__ == "__main__":  # python -m calibration.dp_replay
+    out = replay()
+    print(out["run"], out["perf_model"])
+    for r in out["rows"]:
+        print(f"{r['metric'].upper()} p{r['quantile']}: live {r['live_s']:.3f} s, sim {r['sim_s']:.3f} s, "
+              f"{r['error']:+.1%}")

@@ -1,0 +1,219 @@
+"""The serving path: what a `vllm serve` process adds to the profiled engine steps.
+
+The profiler times ``LLMEngine.step()`` in-process. A server also spends time
+per step and per request outside that (IPC between its API, engine-core and
+worker processes, streaming every token out, HTTP). Probes measure it: known
+decode batches and lone requests sent to a server whose iteration log times
+every step (``profiler.live.runner``). A *probe set* is one round of them, as
+the live runner stores it in ``summary["live"]`` (keys ``decode_probe``,
+``decode_probe_after``, ``prefill_probe``, ``request_overhead_s``,
+``loaded_probe``); the profiler's serving phase stores its rounds in
+``profile.json["serving"]["probes"]`` in the same shape.
+
+This module turns probe sets into ``ServingOverheads`` against a fitted step
+model and applies them (``ServedModel``): ``perf=profile`` and
+``calibration validate`` both go through ``overheads_from_probes`` and
+``ServedModel``, so they predict the same thing. The per-request time outside
+the steps is counted once, by the simulator's front-end term
+(``simulator.frontend``: client-observed TTFT and E2E).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calibration.live_model import StepGapModel
+from simulator.performance import PerformanceModel, StepBatch
+
+
+@dataclass(frozen=True)
+class ServingOverheads:
+    """Per step, per request in a step, per KV token attended and per prefill token (added to
+    step times), and per request outside the steps, idle and busy server (added to TTFT/E2E)."""
+
+    per_step_s: float = 0.0
+    per_request_s: float = 0.0
+    per_context_token_s: float = 0.0
+    per_prefill_token_s: float = 0.0
+    request_overhead_s: float = 0.0
+    busy_overhead_s: float = 0.0
+    probe_sets: int = 0
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingOverheads:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def decode_offsets(model: PerformanceModel, probe_sets: list[dict],
+                   per_context: float | None = None) -> tuple[float, float, float] | None:
+    """(per step, per request in the step, per KV token attended) the server spends beyond the
+    model, from the decode probes (before and after a run).
+
+    Per probe batch, the server's wall time per step minus the model's step time
+    for the same steps (median over probe sets); a plane through those offsets
+    against the batch size and the KV tokens attended gives the three terms (a
+    line against the batch size when no long-context batch was probed). Terms
+    may be negative (work the in-process step pays and a server overlaps on
+    another core). ``per_context`` given: that per-KV-token term, and the other two fitted
+    to what it leaves. None without probes.
+    """
+    groups: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for probes in probe_sets:
+        for probe in (probes.get("decode_probe") or []) + (probes.get("decode_probe_after") or []):
+            batch = int(probe["batch"])
+            contexts = np.arange(int(probe["context_first"]), int(probe["context_last"]) + 1)
+            predicted = np.mean([model.step_time(StepBatch(decode_context=[int(c)] * batch)) for c in contexts])
+            key = (batch, int(probe.get("prompt_tokens", probe["context_first"] - 2)))
+            groups.setdefault(key, []).append((float(probe["wall_per_step_s"]) - float(predicted),
+                                               float(batch * contexts.mean())))
+    if not groups:
+        return None
+    keys = sorted(groups)
+    offsets = np.array([np.median([o for o, _ in groups[k]]) for k in keys])
+    batches = np.array([k[0] for k in keys], dtype=float)
+    kv_tokens = np.array([np.mean([c for _, c in groups[k]]) for k in keys])
+    if per_context is not None:
+        offsets = offsets - per_context * kv_tokens
+        if len(set(batches)) == 1:
+            return float(np.median(offsets)), 0.0, float(per_context)
+        per_request, per_step = np.polyfit(batches, offsets, 1)
+        return float(per_step), float(per_request), float(per_context)
+    if len(set(batches)) == 1:
+        return float(np.median(offsets)), 0.0, 0.0
+    design = np.column_stack((np.ones_like(batches), batches, kv_tokens))
+    if np.linalg.matrix_rank(design) < 3:
+        per_request, per_step = np.polyfit(batches, offsets, 1)
+        return float(per_step), float(per_request), 0.0
+    per_step, per_request, per_context = np.linalg.lstsq(design, offsets, rcond=None)[0]
+    return float(per_step), float(per_request), float(per_context)
+
+
+def prefill_per_token(model: PerformanceModel, probe_sets: list[dict]) -> float | None:
+    """Extra time per prefill token on the server: the slope, against the prompt length, of the
+    isolated prefill probes' logged step times minus the model's (median per length). None
+    without probes at two lengths."""
+    by_length: dict[int, list[float]] = {}
+    for probes in probe_sets:
+        for probe in probes.get("prefill_probe") or []:
+            n = int(probe["tokens"])
+            predicted = model.step_time(StepBatch(prefill_tokens=[n], prefill_context=[0]))
+            by_length.setdefault(n, []).append(float(probe["elapsed_s"]) - float(predicted))
+    if len(by_length) < 2:
+        return None
+    lengths = np.array(sorted(by_length), dtype=float)
+    residuals = np.array([np.median(by_length[int(n)]) for n in lengths])
+    slope, _ = np.polyfit(lengths, residuals, 1)
+    return float(slope)
+
+
+def idle_overhead(probe_sets: list[dict]) -> float | None:
+    """Median per-request time outside the steps on an idle server (isolated short probes)."""
+    measured = [p.get("request_overhead_s") for p in probe_sets]
+    measured = [float(m) for m in measured if m is not None]
+    return max(float(np.median(measured)), 0.0) if measured else None
+
+
+def busy_overhead(model: PerformanceModel, probe_sets: list[dict], engine, idle_s: float,
+                  async_scheduling: bool) -> float | None:
+    """Extra per-request time when a request arrives at a busy server: lone short requests sent
+    while a decode batch streams (``loaded_probe``), live TTFT minus the same requests simulated
+    with ``model`` minus the idle overhead (median). None without loaded probes."""
+    from simulator.engine import simulate
+    from simulator.workload import Workload
+
+    extras = []
+    for probes in probe_sets:
+        for probe in probes.get("loaded_probe") or []:
+            batch, lone = len(probe["batch_send_s"]), probe["lone"]
+            arrivals = np.array(list(probe["batch_send_s"]) + [p["send_s"] for p in lone])
+            if np.any(np.diff(arrivals) < 0):
+                continue
+            n = len(arrivals)
+            workload = Workload(
+                arrival_s=arrivals - arrivals[0], prompt_tokens=np.full(n, probe["prompt_tokens"]),
+                output_tokens=[probe["batch_output_tokens"]] * batch + [probe["lone_output_tokens"]] * len(lone),
+                reasoning_tokens=np.zeros(n), domain=np.full(n, "probe", object), name="loaded-probe")
+            sim = simulate(workload, engine, model, async_scheduling=async_scheduling)
+            for p, sim_ttft in zip(lone, sim.requests["ttft_s"][batch:], strict=True):
+                extras.append(float(p["ttft_s"]) - float(sim_ttft) - idle_s)
+    return float(np.median(extras)) if extras else None
+
+
+#: a server process runs the profiled kernels, 10-30% faster or slower (../shared/vllm-cpu.md):
+#: a per-token difference beyond this share of the fit's own per-token cost is probe noise
+#: (4 probe batches extrapolated to long contexts), so it is clamped to it
+DRIFT_BOUND = 0.5
+
+
+def _bounded(model: PerformanceModel, per_context: float, prefill: float | None
+             ) -> tuple[float, float | None, list[str]]:
+    """The per-KV-token and per-prefill-token terms within DRIFT_BOUND of the fit's own."""
+    coefficients = getattr(model, "coefficients", None) or {}
+    clamped = []
+    kv_cost = coefficients.get("per_decode_kv_token")
+    if kv_cost is not None and abs(per_context) > DRIFT_BOUND * kv_cost:
+        per_context = float(np.clip(per_context, -DRIFT_BOUND * kv_cost, DRIFT_BOUND * kv_cost))
+        clamped.append("per KV token")
+    token_cost = coefficients.get("per_prefill_token")
+    if prefill is not None and token_cost is not None and abs(prefill) > DRIFT_BOUND * token_cost:
+        prefill = float(np.clip(prefill, -DRIFT_BOUND * token_cost, DRIFT_BOUND * token_cost))
+        clamped.append("per prefill token")
+    return per_context, prefill, clamped
+
+
+def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engine, async_scheduling: bool,
+                          source: str, speculative: bool = False) -> ServingOverheads:
+    """Every overhead term from probe sets, against the bare step model ``model``; terms the
+    probes cannot give are 0 (``source`` says which were measured). ``speculative``: the
+    server drafted, so its decode steps are not the logged batches: the per-step term is the
+    median inter-step gap instead."""
+    steps = decode_offsets(model, probe_sets)
+    if speculative:
+        gaps = [float(p["inter_step_gap_s"]) for p in probe_sets if p.get("inter_step_gap_s")]
+        steps = (float(np.median(gaps)), 0.0, 0.0) if gaps else None
+        source += "; speculative: per step = the inter-step gap"
+    prefill = prefill_per_token(model, probe_sets)
+    idle = idle_overhead(probe_sets)
+    per_step, per_request, per_context = steps or (0.0, 0.0, 0.0)
+    per_context, prefill, clamped = _bounded(model, per_context, prefill)
+    if steps is not None and "per KV token" in clamped:  # the other two terms, refitted around it
+        per_step, per_request, per_context = decode_offsets(model, probe_sets, per_context)
+    if clamped:
+        source += f"; {' and '.join(clamped)} clamped to {DRIFT_BOUND:.0%} of the fit's own"
+    stepped = StepGapModel(model, per_step, per_request, prefill or 0.0, per_context)
+    busy = busy_overhead(stepped, probe_sets, engine, idle or 0.0, async_scheduling)
+    missing = [name for name, value in (("decode probes", steps), ("prefill probes", prefill),
+                                        ("idle request probes", idle), ("loaded probes", busy))
+               if value is None]
+    note = f" (none: {', '.join(missing)}; their terms are 0)" if missing else ""
+    return ServingOverheads(per_step, per_request, per_context, prefill or 0.0, idle or 0.0, busy or 0.0,
+                            len(probe_sets), source + note)
+
+
+class ServedModel(StepGapModel):
+    """A bare step model plus a server's overheads: the step terms on every step
+    (``StepGapModel``); the per-request time outside the steps is ``request_overhead_s`` in
+    ``describe()``, which the simulator adds to client-observed TTFT and E2E
+    (``simulator.frontend``) and ``calibration validate`` to the simulated requests."""
+
+    def __init__(self, base: PerformanceModel, overheads: ServingOverheads):
+        super().__init__(base, overheads.per_step_s, overheads.per_request_s, overheads.per_prefill_token_s,
+                         overheads.per_context_token_s)
+        self.overheads = overheads
+        self.name = f"{base.name}+served"
+        for attr in ("architecture", "engine_settings", "hardware_label", "on_gpu", "kv"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "serving": self.overheads.to_dict(),
+                "request_overhead_s": self.overheads.request_overhead_s}

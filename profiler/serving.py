@@ -1,0 +1,197 @@
+"""The profiler's serving phase: what `vllm serve` adds to the profiled engine steps.
+
+After the grid, the in-process engine is closed and the same model is served by
+``vllm serve`` (``python -m vllm.entrypoints.openai.api_server``) on loopback
+with the profiled engine's settings. The live runner's probes then run
+``repeats`` times on each of ``servers`` fresh servers: isolated short and long
+requests (per-request time outside the steps, and per prefill token), known
+decode batches before and after (per step, per request, per KV token) and lone
+requests during a decode batch (a busy server). The raw rounds go into
+``profile.json["serving"]``; ``calibration.serving`` turns them into overhead
+terms against the fit, so ``perf=profile`` simulates a server, not a bare engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulator.engine_config import EngineConfig
+from simulator.errors import require
+
+#: environment the in-process profiler sets that a server must not inherit
+PROFILER_ONLY_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """``serving.enabled``, ``serving.repeats`` (probe rounds per server), ``serving.servers``."""
+
+    enabled: bool = True
+    repeats: int = 3
+    servers: int = 1
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.enabled, bool), "serving.enabled", f"must be true or false, got {self.enabled!r}")
+        require(isinstance(self.repeats, int) and not isinstance(self.repeats, bool) and self.repeats >= 1,
+                "serving.repeats", f"must be an integer >= 1, got {self.repeats!r}")
+        require(isinstance(self.servers, int) and not isinstance(self.servers, bool) and self.servers >= 1,
+                "serving.servers", f"must be an integer >= 1, got {self.servers!r}")
+
+
+def server_engine(resolved: dict[str, Any], kv: dict[str, Any]) -> EngineConfig:
+    """The simulator-side EngineConfig of the profiled engine (the server gets the same flags)."""
+    return EngineConfig(
+        block_size=int(kv["block_size"]),
+        max_num_seqs=int(resolved["max_num_seqs"]),
+        max_num_batched_tokens=int(resolved["max_num_batched_tokens"]),
+        max_model_len=int(resolved["max_model_len"]),
+        enable_prefix_caching=bool(resolved.get("enable_prefix_caching", True)),
+        enable_chunked_prefill=bool(resolved.get("enable_chunked_prefill", True)),
+        long_prefill_token_threshold=int(resolved.get("long_prefill_token_threshold") or 0),
+        gpu_memory_utilization=float(resolved.get("gpu_memory_utilization") or 0.9),
+        num_gpu_blocks_override=resolved.get("num_gpu_blocks_override"),
+        kv_cache_dtype=str(resolved.get("kv_cache_dtype") or "auto"),
+    )
+
+
+def cli_flags(engine_args: dict[str, Any]) -> tuple[str, ...]:
+    """vllm.LLM keyword arguments (an optimization's) as `vllm serve` flags."""
+    import json
+
+    flags: list[str] = []
+    for key, value in engine_args.items():
+        if key in ("kv_cache_dtype",):
+            continue  # EngineConfig carries it (server.engine_flags)
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return tuple(flags)
+
+
+@contextlib.contextmanager
+def server_environment(cpus: list[int]) -> Iterator[None]:
+    """While serving: every CPU the profiler was given and none of its in-process settings
+    (the server runs its engine core and worker in processes of their own, as deployed)."""
+    saved = {k: os.environ.get(k) for k in PROFILER_ONLY_ENV}
+    affinity = os.sched_getaffinity(0)
+    for key in PROFILER_ONLY_ENV:
+        os.environ.pop(key, None)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, affinity)
+        for key, value in saved.items():
+            if value is not None:
+                os.environ[key] = value
+
+
+async def _rounds(url: str, repeats: int) -> list[dict[str, Any]]:
+    """Warm up (short requests and one round of decode batches: a fresh server's first steps are
+    slow), then ``repeats`` rounds of the live runner's probes: their raw windows."""
+    from profiler.live import client as live_client
+    from profiler.live import runner
+
+    out = []
+    async with live_client.http_client(120.0) as client:
+        model = await live_client.served_model(client, url)
+        await runner._warm_up(client, url, model, 2)
+        await runner._wait_idle(client, url, 60.0)
+        lengths = [runner.PROBE_PROMPT_TOKENS] * 5 + [runner.PREFILL_PROBE_TOKENS] * 3
+        kv_tokens = await runner._kv_capacity_tokens(client, url)
+        await runner._probe_decode_steps(client, url, model, kv_tokens)  # warm-up round, not kept
+        await runner._wait_idle(client, url, 60.0)
+        for _ in range(repeats):
+            isolated = await runner._probe_isolated_requests(client, url, model, lengths)
+            kv_tokens = await runner._kv_capacity_tokens(client, url)
+            decode = await runner._probe_decode_steps(client, url, model, kv_tokens)
+            loaded = await runner._probe_loaded_ttft(client, url, model, kv_tokens)
+            await runner._wait_idle(client, url, 60.0)
+            decode_after = await runner._probe_decode_steps(client, url, model, kv_tokens)
+            await runner._wait_idle(client, url, 60.0)
+            out.append({"isolated": isolated, "decode": decode, "loaded": loaded, "decode_after": decode_after})
+    return out
+
+
+def probe_set(raw: dict[str, Any], collector) -> dict[str, Any]:
+    """One round's raw windows matched with the iteration log: a probe set (calibration.serving)."""
+    from profiler.live import runner
+    from profiler.live.iteration_log import inter_step_gap, steps_table
+
+    start = min([p["send"] for p in raw["isolated"]] or [0.0])
+    gap = inter_step_gap(steps_table(collector.between(start, time.monotonic()), start)) or 0.0
+    return {
+        "request_overhead_s": runner.request_overhead(raw["isolated"], collector, gap),
+        "prefill_probe": runner.prefill_probe_result(raw["isolated"], collector),
+        "decode_probe": runner.decode_probe_result(raw["decode"], collector),
+        "decode_probe_after": runner.decode_probe_result(raw["decode_after"], collector),
+        "loaded_probe": [raw["loaded"]] if raw["loaded"] else [],
+        "inter_step_gap_s": gap,
+    }
+
+
+def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: ServingSettings, cpus: list[int],
+                    log_dir: Path, seed: int = 0, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Probe ``settings.servers`` fresh servers ``settings.repeats`` times each; the serving section."""
+    from profiler.live.machine import CpuWatch
+    from profiler.live.runner import IterationCollector, async_scheduling_of, vllm_version_of
+    from profiler.live.server import ServerSpec, VllmServer, descendants
+
+    spec = ServerSpec(model=str(model), engine=engine, kv_cache_space_gib=max(1, math.ceil(kv_bytes / GIB)),
+                      seed=seed, extra_args=extra_args)
+    probes: list[dict[str, Any]] = []
+    async_flags: set[bool] = set()
+    command: list[str] = []
+    version = None
+    machine: list[dict[str, Any]] = []  # other processes' CPU while each server was probed
+    started = time.time()
+    with server_environment(cpus):
+        for i in range(settings.servers):
+            collector = IterationCollector()
+            server = VllmServer(spec, log_dir / f"server-{i}.log", on_line=collector.feed)
+            print(f"[profiler] serving phase: starting vllm serve {i + 1}/{settings.servers} on loopback",
+                  file=sys.stderr, flush=True)
+            with server:
+                watch = CpuWatch()
+                rounds = asyncio.run(_rounds(server.url, settings.repeats))
+                pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
+                machine.append(watch.stop(exclude=pids))
+                time.sleep(0.3)  # the last iteration-log lines
+                probes += [probe_set(raw, collector) for raw in rounds]
+                log_text = server.log_path.read_text(errors="replace")
+                async_flags.add(async_scheduling_of(log_text, server.command))
+                command, version = server.command, vllm_version_of(log_text)
+    busy = [m for m in machine if not m.get("quiet", True)]
+    if busy:
+        print(f"[profiler] warning: other processes used {max(m['others_cpu_mean'] for m in busy):.1f} cores "
+              "while the server was probed: its overheads are noisy (profile on a quiet machine)",
+              file=sys.stderr)
+    return {
+        "probes": probes,
+        "machine": machine,
+        "servers": settings.servers,
+        "repeats": settings.repeats,
+        "async_scheduling": async_flags.pop() if len(async_flags) == 1 else None,
+        "engine": engine.to_dict(),
+        "kv_cache_space_gib": spec.kv_cache_space_gib,
+        "server_command": ["<model>" if c == str(model) else c for c in command[2:]],
+        "vllm_version": version,
+        "duration_s": round(time.time() - started, 1),
+        "source": "profiler serving phase: probes on `vllm serve` over loopback (profiler/serving.py)",
+    }

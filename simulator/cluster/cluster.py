@@ -1,0 +1,405 @@
+"""A cluster: replicas behind a router, simulated together on one SimPy clock.
+
+Every replica is the single-replica engine (simulator.cluster.replica) with its
+native scheduler and fast path. Requests reach the router at their arrival
+times, in arrival order; the router chooses a replica from the replicas'
+reports as of the latest report time (``staleness_s``: reports at multiples of
+it; 0: the current state) and its own count of what it sent. A router that
+reads no reports (round robin) routes every request up front; the others
+decide at the arrival time, or earlier once every replica's report for it is
+already known (the same decision either way). A replica's fast path ends its
+runs before the next arrival not routed yet, so the results equal the
+step-by-step path's (tests/simulator/cluster/test_cluster.py).
+
+With ``prefill_replicas`` and ``decode_replicas`` the cluster is disaggregated
+(simulator.cluster.disagg): the router sends each request to a prefill replica,
+its KV goes over the link to a decode replica, which generates the output.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, fields, replace
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import simpy
+
+from simulator.cluster import disagg
+from simulator.cluster.replica import ClusterEnvironment, ReplicaEngine, at_time
+from simulator.cluster.router import ROUTERS, RouteRequest, make_router
+from simulator.engine_config import EngineConfig
+from simulator.errors import ConfigError
+from simulator.metrics import SLO
+from simulator.performance import PerformanceModel, StepBatch
+from simulator.request import Status
+from simulator.results import RunResult, tabulate
+from simulator.steady import SteadyScheduler
+from simulator.workload import Workload
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The cluster's layout and router (the ``cluster`` config group)."""
+
+    replicas: int = 1
+    router: str = "round_robin"
+    staleness_s: float = 0.0
+    load_cap: int = 16
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
+    prefill_hardware: str | None = None
+    link_gbps: float | None = None
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill_replicas > 0 or self.decode_replicas > 0
+
+    @property
+    def single(self) -> bool:
+        """One plain replica: the plain single-replica run."""
+        return self.replicas == 1 and not self.disaggregated
+
+    @property
+    def num_replicas(self) -> int:
+        return self.prefill_replicas + self.decode_replicas if self.disaggregated else self.replicas
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ClusterSpec:
+        """Validate the ``cluster`` group; ConfigError naming the first bad field."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError("cluster", f"unknown fields {unknown}; allowed: {', '.join(sorted(known))}")
+        data = {k: v for k, v in data.items() if v is not None or k in ("prefill_hardware", "link_gbps")}
+        spec = cls(**data)
+        if spec.router not in ROUTERS:
+            raise ConfigError("cluster.router", f"unknown router {spec.router!r}; allowed: {', '.join(ROUTERS)}")
+        for name, least in (("replicas", 1), ("load_cap", 0), ("prefill_replicas", 0), ("decode_replicas", 0)):
+            value = getattr(spec, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"cluster.{name}", f"must be an integer >= {least}, got {value!r}")
+        if (spec.prefill_replicas > 0) != (spec.decode_replicas > 0):
+            raise ConfigError("cluster.decode_replicas" if spec.prefill_replicas else "cluster.prefill_replicas",
+                              "prefill_replicas and decode_replicas must both be >= 1 for disaggregation, got "
+                              f"{spec.prefill_replicas} and {spec.decode_replicas}")
+        if isinstance(spec.staleness_s, bool) or not isinstance(spec.staleness_s, int | float) \
+                or not spec.staleness_s >= 0 or not math.isfinite(spec.staleness_s):
+            raise ConfigError("cluster.staleness_s", f"must be a number of seconds >= 0, got {spec.staleness_s!r}")
+        if spec.link_gbps is not None and (isinstance(spec.link_gbps, bool) or not isinstance(spec.link_gbps, int | float)
+                                           or not spec.link_gbps > 0):
+            raise ConfigError("cluster.link_gbps", f"must be GB/s > 0 or null, got {spec.link_gbps!r}")
+        return spec
+
+
+@dataclass
+class ClusterResult:
+    """The merged run (tables with a ``replica`` column, the cluster summary) and each replica's."""
+
+    result: RunResult
+    replicas: list[RunResult]
+
+
+def _outer(w: Workload, gid: int) -> tuple[int, int]:
+    """The request's outer prefix group and tokens (two-level sharing), where the workload has them."""
+    outer = getattr(w, "outer_group", None)
+    return (int(outer[gid]), int(w.outer_tokens[gid])) if outer is not None else (-1, 0)
+
+
+class _Pool:
+    """Replicas sharing a router (the whole cluster, or the prefill or decode pool)."""
+
+    def __init__(self, replicas: list[ReplicaEngine], router):
+        self.replicas = replicas
+        self.router = router
+
+    def choose(self, request: RouteRequest, view_s: float, ahead: tuple[ReplicaEngine, np.ndarray] | None = None
+               ) -> ReplicaEngine:
+        """The replica for ``request`` (``ahead``: a replica and the finishes of the run it is about
+        to take, which its report counts)."""
+        reports = [r.report(view_s, i, ahead[1] if ahead is not None and r is ahead[0] else None)
+                   for i, r in enumerate(self.replicas)] if self.router.needs_reports else ()
+        index = self.router.choose(request, reports)
+        self.router.sent(request, index)
+        replica = self.replicas[index]
+        replica.sent += 1
+        return replica
+
+
+class Cluster:
+    """Replicas and routers on one SimPy environment."""
+
+    def __init__(self, workload: Workload, engine: EngineConfig, perf: PerformanceModel, spec: ClusterSpec, *,
+                 seed: int = 0, fast: bool = True, prefill_perf: PerformanceModel | None = None,
+                 link_gbps: float | None = None, async_scheduling: bool | None = None):
+        self.workload = workload
+        self.spec = spec
+        self.env = ClusterEnvironment()
+        n = len(workload)
+        self._next_unrouted = 0  # the first arrival the router has not routed
+        self._routing = False
+        self.ahead = True  # route arrivals ahead of their time where the decision is already known
+        self.ahead_on_finishes = True  # ... for routers reading no KV usage, from bounds on finishes
+        self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
+        common = dict(env=self.env, fast=fast, async_scheduling=async_scheduling)
+        self.transfer: disagg.Transfer | None = None
+        self._handoffs: list[tuple[float, int, int, int]] = []  # (time, request id, prefill replica, local id)
+        self._front_loops_left = 0  # prefill replicas still running (disaggregated)
+        self.transfer_s = np.full(n, np.nan)
+
+        def make(index: int, role: str, config: EngineConfig, model: PerformanceModel, known_until) -> ReplicaEngine:
+            kv = model.kv_capacity(config.block_size, config.gpu_memory_utilization, config.num_gpu_blocks_override)
+            return ReplicaEngine(index, role, n, workload, config, model, kv, seed=seed + index,
+                                 known_until=known_until, on_finish=self._finished, **common)
+
+        if not spec.disaggregated:
+            router = make_router(spec.router, spec.replicas, seed=seed, load_cap=spec.load_cap)
+            self.front = _Pool([make(i, "replica", engine, perf, self._front_known_until)
+                                for i in range(spec.replicas)], router)
+            self.decode = None
+        else:
+            p, d = spec.prefill_replicas, spec.decode_replicas
+            gbps = spec.link_gbps if spec.link_gbps is not None else link_gbps
+            if gbps is None or not gbps > 0:
+                raise ConfigError("cluster.link_gbps", f"the KV-transfer link needs a bandwidth in GB/s > 0, got {gbps!r}")
+            prefill_perf = prefill_perf or perf
+            self.front = _Pool([make(i, "prefill", engine, prefill_perf, self._front_known_until) for i in range(p)],
+                               make_router(spec.router, p, seed=seed, load_cap=spec.load_cap))
+            self._front_loops_left = p
+            self.transfer = disagg.Transfer(self.front.replicas[0].kv_capacity.bytes_per_token, float(gbps),
+                                            int(workload.prompt_tokens.min()) if n else 1,
+                                            int(workload.prefix_group.max()) + 1 if n else 0)
+            decode_engine = replace(engine, enable_prefix_caching=True)  # holds the transferred KV
+            self.decode = _Pool([make(p + i, "decode", decode_engine, perf, self._decode_known_until)
+                                 for i in range(d)],
+                                make_router(spec.router, d, seed=seed + 1, load_cap=spec.load_cap))
+        self.replicas = self.front.replicas + (self.decode.replicas if self.decode else [])
+        #: half the shortest step each replica's model gives (one decode token): a safe lower bound on
+        #: the time between two of its steps' ends
+        self._min_step_s = [0.5 * r.perf.step_time(StepBatch(decode_context=[1], decode_spec_tokens=[0]))
+                            for r in self.replicas]
+
+    # --- routing ----------------------------------------------------------------------
+    def view_time(self, t: float) -> float:
+        """When the reports a decision at ``t`` sees were made."""
+        s = self.spec.staleness_s
+        return min(math.floor(t / s) * s, t) if s > 0 else t
+
+    def _request(self, gid: int) -> RouteRequest:
+        w = self.workload
+        return RouteRequest(gid, float(w.arrival_s[gid]), int(w.prompt_tokens[gid]), int(w.prefix_group[gid]),
+                            int(w.prefix_tokens[gid]))
+
+    def _route(self, gid: int, ahead: tuple[ReplicaEngine, np.ndarray] | None = None) -> ReplicaEngine:
+        """Route arrival ``gid`` (now, or ahead of its time)."""
+        w = self.workload
+        t = float(w.arrival_s[gid])
+        replica = self.front.choose(self._request(gid), self.view_time(t), ahead)
+        prefill = self.decode is not None
+        j = replica.add(gid, t, int(w.prompt_tokens[gid]), 1 if prefill else int(w.output_tokens[gid]),
+                        0 if prefill else int(w.reasoning_tokens[gid]), int(w.prefix_group[gid]),
+                        int(w.prefix_tokens[gid]), *_outer(w, gid))
+        if not prefill:
+            self.replica_of[gid] = replica.index
+        replica.deliver_at(j, t)
+        return replica
+
+    def _arrivals(self):
+        """The router's process: each arrival routed at its time, before the replicas' steps then."""
+        arrival = self.workload.arrival_s.tolist()
+        env = self.env
+        for gid, t in enumerate(arrival):
+            if gid < self._next_unrouted:
+                continue  # routed ahead
+            if t > env.now:
+                event = env.event()
+                at_time(env, t, lambda _e, event=event: event.succeed())
+                yield event
+                if gid < self._next_unrouted:
+                    continue
+            self._next_unrouted = gid + 1
+            self._route(gid)
+        for replica in self.front.replicas:
+            replica.close()
+
+    def _route_ahead(self, new_timeout: simpy.Timeout | None = None) -> None:
+        """Route the next arrivals now, ahead of their time, as far as every replica's reports
+        for them are already known (``ReplicaEngine.determined_until``): the decisions are those
+        made at the arrival times, and the replicas' fast path sees its arrivals earlier."""
+        arrival = self.workload.arrival_s
+        g = self._next_unrouted
+        if g >= len(arrival) or self._routing:
+            return
+        self._routing = True
+        try:
+            horizon = min(self._known_for_router(r, new_timeout) for r in self.front.replicas)
+            now = self.env.now
+            while g < len(arrival):
+                t = float(arrival[g])
+                if t <= now or self.view_time(t) > horizon:
+                    break
+                self._next_unrouted = g + 1
+                replica = self._route(g)
+                horizon = min(horizon, self._known_for_router(replica, new_timeout))
+                g += 1
+        finally:
+            self._routing = False
+
+    def _look_ahead(self, replica: ReplicaEngine, now: float, pace: float, next_arrival: int, in_flight) -> None:
+        """Before ``replica`` plans a run: route the next arrivals whose decisions are known once
+        its own finishes are (from the run it would take if none came to it), until one goes to
+        it; its run then reaches further than the next arrival."""
+        arrival = self.workload.arrival_s
+        g = self._next_unrouted
+        if g >= len(arrival) or self._routing:
+            return
+        others = min((self._known_for_router(r, None) for r in self.front.replicas if r is not replica),
+                     default=math.inf)
+        if self.view_time(float(arrival[g])) > others:
+            return
+        ahead = replica.scheduler._runs.finishes_ahead(now, pace, next_arrival, in_flight)
+        if ahead is None:
+            return
+        finishes, last_row = ahead
+        horizon = min(others, last_row)
+        self._routing = True
+        try:
+            while g < len(arrival):
+                t = float(arrival[g])
+                if t <= now or self.view_time(t) > horizon:
+                    break
+                self._next_unrouted = g + 1
+                chosen = self._route(g, (replica, finishes))
+                g += 1
+                if chosen is replica:
+                    break  # its run changes from here
+                horizon = min(horizon, self._known_for_router(chosen, None))
+        finally:
+            self._routing = False
+
+    def _known_for_router(self, replica: ReplicaEngine, new_timeout: simpy.Timeout | None) -> float:
+        """Until when the router already knows what it would read of ``replica``: its steps
+        (``determined_until``), and for routers that read no KV usage, its finishes, which are
+        known further (``no_finish_until``)."""
+        until = replica.determined_until(new_timeout)
+        if self.front.router.needs_kv or not self.ahead_on_finishes:
+            return until
+        return replica.no_finish_until(until, self._min_step_s[replica.index])
+
+    def _front_known_until(self, now: float) -> float:
+        arrival = self.workload.arrival_s
+        return float(arrival[self._next_unrouted]) if self._next_unrouted < len(arrival) else math.inf
+
+    # --- disaggregation: prefill -> KV transfer -> decode -------------------------------
+    def _finished(self, replica: ReplicaEngine, j: int, finish_s: float, rejected: bool) -> None:
+        if replica.role != "prefill" or rejected:
+            return
+        gid = replica.gid(j)
+        t = finish_s + self.transfer.seconds(int(self.workload.prompt_tokens[gid]))
+        heapq.heappush(self._handoffs, (t, gid, replica.index, j))
+        at_time(self.env, t, lambda _e: self._hand_over())
+
+    def _hand_over(self) -> None:
+        """The transfers due now end: each request joins the decode replica chosen for it (in
+        order of time, then request id, whichever path reported the prefill's end first)."""
+        env, w = self.env, self.workload
+        while self._handoffs and self._handoffs[0][0] <= env.now:
+            t, gid, _, _ = heapq.heappop(self._handoffs)
+            replica = self.decode.choose(self._request(gid), self.view_time(t))
+            prompt = int(w.prompt_tokens[gid])
+            group = self.transfer.group_base + gid
+            bs = replica.config.block_size
+            replica.scheduler.kv.add_cached_prefix(group, prompt // bs)
+            j = replica.add(gid, t, prompt, int(w.output_tokens[gid]), int(w.reasoning_tokens[gid]), group, prompt)
+            self.replica_of[gid] = replica.index
+            self.transfer_s[gid] = self.transfer.seconds(prompt)
+            replica.deliver(j)
+        self._maybe_close_decode()
+
+    def _front_loop_done(self, _event) -> None:
+        self._front_loops_left -= 1
+        self._maybe_close_decode()
+
+    def _maybe_close_decode(self) -> None:
+        if self.decode is not None and not self._front_loops_left and not self._handoffs:
+            for replica in self.decode.replicas:
+                if not replica.closed:
+                    replica.close()
+
+    def _decode_known_until(self, now: float) -> float:
+        """No request reaches a decode replica before the transfers already due, nor before a
+        prefill not reported yet could end (after every prefill replica's known steps) plus the
+        shortest transfer."""
+        due = self._handoffs[0][0] if self._handoffs else math.inf
+        if self._front_loops_left:
+            # (an idle prefill replica's next request is routed at the next arrival at the earliest)
+            known = min(self._front_known_until(now), *(r.determined_until() for r in self.front.replicas))
+            due = min(due, max(known, now) + self.transfer.min_seconds)
+        return due
+
+    # --- the run --------------------------------------------------------------------------
+    def run(self, slo: SLO) -> ClusterResult:
+        env = self.env
+        if len(self.workload) and not self.front.router.needs_reports:
+            for gid in range(len(self.workload)):
+                self._route(gid)  # up front: the replicas' fast path sees their arrivals ahead
+            self._next_unrouted = len(self.workload)
+            for replica in self.front.replicas:
+                replica.close()
+        else:
+            env.process(self._arrivals())
+            if self.ahead:
+                env.on_timeout = self._route_ahead
+                if self.ahead_on_finishes and not self.front.router.needs_kv:
+                    for replica in self.front.replicas:
+                        if isinstance(replica.scheduler, SteadyScheduler):
+                            replica.look_ahead = self._look_ahead
+        loops = []
+        for replica in self.replicas:
+            loop = replica.start_loop()
+            if replica.role == "prefill":
+                loop.callbacks.append(self._front_loop_done)
+            loops.append(loop)
+        env.run(until=simpy.AllOf(env, loops))
+        return self._results(slo)
+
+    def _results(self, slo: SLO) -> ClusterResult:
+        from simulator.cluster.outputs import merge
+
+        per_replica = []
+        for replica in self.replicas:
+            run = replica.collect()
+            unfinished = [r for r in run.requests if r.status < Status.FINISHED]
+            if unfinished:
+                raise RuntimeError(f"replica {replica.index}: {len(unfinished)} requests never finished")
+            gids = replica.column("gid").copy()
+            result = tabulate(run, SimpleNamespace(domain=self.workload.domain[gids]), slo)
+            result.requests["request_id"] = gids[result.requests["request_id"]]
+            result.summary["replica"] = replica.index
+            result.summary["role"] = replica.role
+            result.summary["async_scheduling"] = replica.async_scheduling
+            per_replica.append(result)
+        return ClusterResult(merge(self, per_replica, slo), per_replica)
+
+
+def simulate_cluster(workload: Workload, engine: EngineConfig, perf: PerformanceModel, spec: ClusterSpec, *,
+                     slo=None, seed: int = 0, fast: bool = True, prefill_perf: PerformanceModel | None = None,
+                     link_gbps: float | None = None, async_scheduling: bool | None = None) -> ClusterResult:
+    """Simulate ``workload`` on the cluster ``spec``; one plain replica is exactly
+    ``simulator.engine.simulate`` (its result, with a ``replica`` column of zeros)."""
+    slo = slo if isinstance(slo, SLO) else SLO.from_dict(slo)
+    if spec.single:
+        from simulator.cluster.outputs import single
+
+        return single(workload, engine, perf, spec, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling)
+    if engine.scheduler == "vllm":
+        raise ConfigError("engine.scheduler", "a cluster runs the native scheduler only, got 'vllm'")
+    if getattr(workload, "has_timeouts", False):
+        raise ConfigError("workload.timeout_s", "client timeouts are not modelled in a cluster yet (one replica "
+                                                "only); got finite timeouts")
+    cluster = Cluster(workload, engine, perf, spec, seed=seed, fast=fast, prefill_perf=prefill_perf,
+                      link_gbps=link_gbps, async_scheduling=async_scheduling)
+    return cluster.run(slo)

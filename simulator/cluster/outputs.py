@@ -1,0 +1,142 @@
+"""A cluster's tables and summary: the single-replica ones with a ``replica`` column.
+
+``requests`` has one row per request of the workload (by request id): the
+replica that generated it (``replica``); disaggregated, also the prefill
+replica and the KV transfer time, and the latencies counted from the arrival at
+the cluster (simulator.cluster.disagg). ``timeline`` is every replica's step
+log, replica after replica. The summary is a single run's, over all requests,
+with KV usage per replica folded (mean of the replicas' time-weighted means,
+the peak of any, seconds above 95% summed), plus ``cluster`` (the layout) and
+``replicas`` (each replica's own summary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from simulator.metrics import SLO, summarize
+from simulator.results import RunResult
+
+if TYPE_CHECKING:
+    from simulator.cluster.cluster import Cluster, ClusterResult, ClusterSpec
+
+#: per-request columns a disaggregated run adds after ``replica``
+DISAGG_COLUMNS = ("prefill_replica", "kv_transfer_s")
+
+
+def _concat(results: list[RunResult], table: str, replicas: list[int]) -> dict[str, np.ndarray]:
+    columns = getattr(results[0], table)
+    out = {name: np.concatenate([getattr(r, table)[name] for r in results]) for name in columns}
+    out["replica"] = np.concatenate([np.full(len(getattr(r, table)["status" if table == "requests" else "time_s"]),
+                                             i, dtype=np.int32) for r, i in zip(results, replicas, strict=True)])
+    return out
+
+
+def merge(cluster: Cluster, per_replica: list[RunResult], slo: SLO) -> RunResult:
+    """The cluster's RunResult from its replicas'."""
+    indices = [r.index for r in cluster.replicas]
+    timeline = _concat(per_replica, "timeline", indices)
+    if cluster.decode is None:
+        requests = _concat(per_replica, "requests", indices)
+        order = np.argsort(requests["request_id"], kind="stable")
+        requests = {k: v[order] for k, v in requests.items()}
+        front = per_replica
+    else:
+        p = len(cluster.front.replicas)
+        requests = _disaggregated(cluster, per_replica[:p], per_replica[p:])
+        front = per_replica[:p]
+    end_s = max((r.end_s for r in cluster.replicas), default=0.0)
+    summary = summarize(requests, timeline, slo, end_s)
+    kv = [r.summary["kv_usage"] for r in per_replica]
+    summary["kv_usage"] = {
+        "mean": float(np.mean([k["mean"] for k in kv])),
+        "peak": float(max(k["peak"] for k in kv)),
+        "std": float(np.mean([k["std"] for k in kv])),
+        "seconds_above_95pct": float(sum(k["seconds_above_95pct"] for k in kv)),
+    }
+    summary["kv_cache"] = per_replica[0].summary["kv_cache"]
+    queried = sum(r.summary["prefix_cache"]["queried_tokens"] for r in front)
+    hits = sum(r.summary["prefix_cache"]["hit_tokens"] for r in front)
+    summary["prefix_cache"] = {"queried_tokens": queried, "hit_tokens": hits,
+                               "hit_rate": hits / queried if queried else 0.0}
+    summary["cluster"] = describe(cluster.spec, cluster)
+    summary["replicas"] = [r.summary for r in per_replica]
+    return RunResult(requests=requests, timeline=timeline, summary=summary)
+
+
+def describe(spec: ClusterSpec, cluster: Cluster | None = None) -> dict:
+    """The layout, as the summary records it."""
+    out = asdict(spec)
+    if cluster is not None:
+        out["requests_per_replica"] = [int(r.count) for r in cluster.replicas]
+        if cluster.transfer is not None:
+            out["link_gbps"] = cluster.transfer.link_gbps
+            out["kv_bytes_per_token"] = cluster.transfer.bytes_per_token
+            out["ttft_definition"] = ("arrival at the cluster to the first token streamed by the decode replica: "
+                                      "prefill queue + prefill + KV transfer + decode queue + first decode step")
+    return out
+
+
+def _disaggregated(cluster: Cluster, prefill: list[RunResult], decode: list[RunResult]) -> dict[str, np.ndarray]:
+    """One row per request: the decode replica's, with the latencies counted from the arrival at
+    the cluster; a request that never reached a decode replica keeps its prefill row."""
+    n = len(cluster.workload)
+    p_rows = _by_request(prefill, n)
+    d_rows = _by_request(decode, n)
+    p_cols = _stack(prefill)
+    d_cols = _stack(decode)
+    handed = d_rows >= 0
+    out = {}
+    for name in p_cols:
+        column = p_cols[name][p_rows].copy()
+        if name not in ("arrival_s", "queue_s", "prompt_tokens", "request_id", "domain"):
+            column[handed] = d_cols[name][d_rows[handed]]
+        out[name] = column
+    arrival = out["arrival_s"]
+    d_arrival = d_cols["arrival_s"][d_rows[handed]]
+    for name in ("ttft_s", "ttfvt_s", "e2e_s"):
+        out[name][handed] = d_cols[name][d_rows[handed]] + (d_arrival - arrival[handed])
+    for name in ("preemptions", "kv_block_seconds"):
+        out[name][handed] += p_cols[name][p_rows[handed]]
+    out["replica"] = cluster.replica_of.astype(np.int32)
+    out["replica"][~handed] = _prefill_index(cluster, ~handed)  # never reached a decode replica
+    out["prefill_replica"] = _prefill_index(cluster, np.ones(n, dtype=bool))
+    out["kv_transfer_s"] = cluster.transfer_s.copy()
+    return out
+
+
+def _prefill_index(cluster: Cluster, mask: np.ndarray) -> np.ndarray:
+    """The prefill replica of each request in ``mask``."""
+    index = np.full(len(mask), -1, dtype=np.int32)
+    for replica in cluster.front.replicas:
+        gids = replica.column("gid")
+        index[gids] = replica.index
+    return index[mask]
+
+
+def _stack(results: list[RunResult]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([r.requests[name] for r in results]) for name in results[0].requests}
+
+
+def _by_request(results: list[RunResult], n: int) -> np.ndarray:
+    """Row of each request id in the stacked tables of ``results`` (-1: none)."""
+    rows = np.full(n, -1, dtype=np.int64)
+    ids = np.concatenate([r.requests["request_id"] for r in results]).astype(np.int64)
+    rows[ids] = np.arange(len(ids))
+    return rows
+
+
+def single(workload, engine, perf, spec: ClusterSpec, *, slo: SLO, seed: int, fast: bool,
+           async_scheduling: bool | None) -> ClusterResult:
+    """One plain replica: ``simulator.engine.simulate``'s result, with a ``replica`` column."""
+    from simulator.cluster.cluster import ClusterResult
+    from simulator.engine import simulate
+
+    result = simulate(workload, engine, perf, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling)
+    merged = RunResult(requests={**result.requests, "replica": np.zeros(len(result.requests["request_id"]), np.int32)},
+                       timeline={**result.timeline, "replica": np.zeros(len(result.timeline["time_s"]), np.int32)},
+                       summary={**result.summary, "cluster": describe(spec), "replicas": [result.summary]})
+    return ClusterResult(merged, [result])

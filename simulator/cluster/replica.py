@@ -1,0 +1,318 @@
+"""One replica of a cluster: the single-replica engine on the cluster's SimPy clock.
+
+The replica is ``simulator.engine.Engine`` with its native scheduler and fast
+path; what differs is where its requests come from. A router hands them over
+one by one (``add`` then ``deliver`` at the arrival time), so the replica's
+arrivals grow as the run goes and are known only up to the cluster's next
+routing decision: the fast path is told so (``Arrivals.known_until_s``) and
+ends its runs before it, which keeps its results equal to the step-by-step
+path's. The replica also reports what a router may read: how many of its
+requests had finished by a time, and its KV usage then (``report``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import simpy
+
+from simulator import fast_forward
+from simulator.cluster.router import ReplicaReport
+from simulator.engine import Engine, EngineRun, admission_error, delay_until
+from simulator.request import SimRequest, Status
+from simulator.steady import SteadyScheduler
+
+#: the columns a replica keeps per request routed to it (by its local request id)
+COLUMNS = ("gid", "time_s", "prompt", "max_tokens", "reasoning", "group", "prefix_tokens", "outer_group",
+           "outer_tokens")
+
+
+def at_time(env: simpy.Environment, t: float, callback: Callable[[simpy.Event], None]) -> None:
+    """Call ``callback`` when the clock reaches ``t``, before the engines' own events of that
+    time (SimPy's urgent priority): a request that arrives at ``t`` is routed and queued before
+    any replica schedules a step at ``t``, whichever path (fast or step by step) got there."""
+    event = simpy.Event(env)
+    event._ok = True  # (as simpy.Timeout does; Timeout itself has no priority)
+    event._value = None
+    event.callbacks.append(callback)
+    env.schedule(event, simpy.core.URGENT, delay_until(env.now, t))
+
+
+class ClusterEnvironment(simpy.Environment):
+    """SimPy's environment, noting when each timeout ends (``Timeout.at_s``) and telling the
+    cluster (``on_timeout``) whenever a replica is about to wait: the router may then decide
+    arrivals ahead of their time (simulator.cluster.cluster)."""
+
+    on_timeout: Callable[[simpy.Timeout], None] | None = None
+
+    def timeout(self, delay: float = 0, value=None) -> simpy.Timeout:
+        event = super().timeout(delay, value)
+        event.at_s = self._now + delay  # (as SimPy schedules it)
+        if self.on_timeout is not None:
+            self.on_timeout(event)
+        return event
+
+
+class ReplicaEngine(Engine):
+    """An engine whose requests a cluster routes to it (local ids 0, 1, ... in routing order)."""
+
+    def __init__(self, index: int, role: str, capacity: int, *args,
+                 known_until: Callable[[float], float],
+                 on_finish: Callable[[ReplicaEngine, int, float, bool], None], **kwargs):
+        self.index = index
+        self.role = role  # "replica", "prefill" or "decode"
+        self._cols = {name: np.zeros(capacity, dtype=np.float64 if name == "time_s" else np.int64)
+                      for name in COLUMNS}
+        self._too_long = np.zeros(capacity, dtype=bool)
+        self._private = np.zeros(capacity, dtype=bool)  # no prompt block can be a prefix hit
+        self.count = 0  # requests routed here so far
+        self.sent = 0  # requests the router sent here (its own count)
+        self._known_until = known_until
+        self._on_finish = on_finish
+        self._finish_times: list[float] = []  # heap of finish times reported, not yet counted
+        self._finished_before = 0
+        self._reported: set[int] = set()
+        self.pending = 0  # deliveries scheduled for later
+        self._pending_s: deque[float] = deque()  # their times, in order
+        self.loop: simpy.Process | None = None
+        #: called before each run is planned (the cluster may route arrivals ahead then)
+        self.look_ahead: Callable[..., None] | None = None
+        self.closed = False  # no more requests will be routed here
+        self.end_s = 0.0
+        super().__init__(*args, **kwargs)
+        if isinstance(self.scheduler, SteadyScheduler):
+            self.scheduler.use_runs(ClusterRuns(self, self.scheduler, self._decode_fn, self.perf.step_time,
+                                                self._arrivals_columns(), self.async_scheduling))
+
+    # --- requests routed here -------------------------------------------------------
+    def add(self, gid: int, time_s: float, prompt: int, max_tokens: int, reasoning: int, group: int,
+            prefix_tokens: int, outer_group: int = -1, outer_tokens: int = 0) -> int:
+        """Append a routed request (its arrival here at ``time_s``); return its local id."""
+        j = self.count
+        values = (gid, time_s, prompt, max_tokens, reasoning, group, prefix_tokens, outer_group, outer_tokens)
+        for name, value in zip(COLUMNS, values, strict=True):
+            self._cols[name][j] = value
+        cfg, kv = self.config, self.kv_capacity
+        self._too_long[j] = prompt + max_tokens > min(cfg.max_model_len, (kv.num_blocks - 1) * kv.block_size)
+        self._private[j] = (prefix_tokens if group >= 0 else 0) < cfg.block_size  # as Engine._arrivals_columns
+        self.count = j + 1
+        if self._too_long[j]:  # rejected on arrival: known now, so a router deciding ahead counts it
+            self._report_finish(j, time_s, rejected=True)
+        return j
+
+    def deliver(self, j: int) -> None:
+        """Request ``j`` arrives now (unless a run of steps already admitted it)."""
+        if j < self._next_arrival:
+            return
+        self._next_arrival = j + 1
+        req = self._new_request(j)
+        if req.status != Status.REJECTED:
+            self.scheduler.add_request(req)
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    def deliver_at(self, j: int, t: float) -> None:
+        """Request ``j`` arrives at ``t`` (now or later)."""
+        if t <= self.env.now:
+            self.deliver(j)
+            return
+        self.pending += 1
+        self._pending_s.append(t)
+
+        def arrive(_event) -> None:
+            self.pending -= 1
+            self._pending_s.popleft()
+            self.deliver(j)
+            if self.closed and not self.pending:
+                self.close()
+
+        at_time(self.env, t, arrive)
+
+    def close(self) -> None:
+        """No more requests: the loop ends once the replica is idle."""
+        self.closed = True
+        if self.pending:
+            return  # the last delivery closes it
+        self._arrivals_done = True
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    def gid(self, j: int) -> int:
+        return int(self._cols["gid"][j])
+
+    def column(self, name: str) -> np.ndarray:
+        """A column of the requests routed here (COLUMNS), by local id."""
+        return self._cols[name][: self.count]
+
+    # --- what a router reads ---------------------------------------------------------
+    def report(self, view_s: float, position: int, finishes_ahead: np.ndarray | None = None) -> ReplicaReport:
+        """This replica as reported at ``view_s`` (``position``: its place in its pool): requests
+        sent and not finished before it, and the KV usage after its last step that ended before it
+        (``finishes_ahead``: finishes of a run not taken yet; then the KV usage is not known, nan)."""
+        heap = self._finish_times
+        while heap and heap[0] < view_s:
+            heapq.heappop(heap)
+            self._finished_before += 1
+        if finishes_ahead is not None:
+            ahead = int(np.searchsorted(finishes_ahead, view_s, side="left"))
+            return ReplicaReport(position, self.sent - self._finished_before - ahead, math.nan)
+        used = self.steps.kv_before(view_s)
+        return ReplicaReport(position, self.sent - self._finished_before,
+                             used / max(self.kv_capacity.num_blocks - 1, 1))
+
+    def determined_until(self, new_timeout: simpy.Timeout | None = None) -> float:
+        """A time before which this replica's steps and finishes are all known (logged and
+        reported), given the requests routed to it so far: when its loop next resumes (the end
+        of the step or run it waits for; ``new_timeout`` if it is about to wait for that one),
+        or its next delivery if it is idle."""
+        loop = self.loop
+        if loop is None or not loop.is_alive:
+            return math.inf
+        target = loop.target
+        if self.env.active_process is loop:
+            until = new_timeout.at_s if new_timeout is not None else self.env.now
+        elif isinstance(target, simpy.Timeout) and not target.processed:
+            until = target.at_s
+        elif target is self._wake and not target.triggered:
+            until = math.inf  # idle until a delivery wakes it
+        else:
+            until = self.env.now
+        return min(until, self._pending_s[0]) if self._pending_s else until
+
+    def no_finish_until(self, until: float, min_step_s: float) -> float:
+        """A time before which this replica reports no finish it has not reported yet, given
+        that its steps before ``until`` (its ``determined_until``) are known: every request
+        still to finish needs its tokens left, one per step (more with speculation), its steps
+        ending at least ``min_step_s`` apart, the first at ``until`` at the earliest."""
+        sched = self.scheduler
+        cfg = self.config
+        per_step = 1 + (cfg.speculative.num_speculative_tokens if cfg.speculative.enabled else 0)
+        steady = getattr(sched, "_steady", None) or {}
+        applied = getattr(sched, "_applied_step", 0)
+        least = math.inf
+        for req in (*sched.running, *sched.waiting):
+            if req.status >= Status.FINISHED:
+                continue
+            delivered = req.num_output
+            st = steady.get(req.rid)
+            if st is not None:
+                delivered += max(applied - st.start + 1, 0)  # tokens the steady set has not written yet
+            left = min(req.max_tokens - delivered, cfg.max_model_len - req.num_prompt - delivered)
+            least = min(least, -(-max(left, 1) // per_step))
+            if least <= 1:
+                return until
+        bound = until + (least - 1) * min_step_s if least < math.inf else math.inf
+        runs = getattr(sched, "_runs", None)
+        for rid, joining in (runs._joining.items() if runs is not None else ()):
+            if joining.finish_s >= 0:
+                continue  # finished inside its run: reported
+            a = joining.admission
+            delivered = min(joining.last, joining.k - joining.lag) - a.step + 1
+            left = -(-max(int(self._cols["max_tokens"][rid]) - delivered, 1) // per_step)
+            bound = min(bound, until + (left - 1) * min_step_s)
+        for j in range(self._next_arrival, self.count):  # routed here, not arrived yet
+            if not self._too_long[j]:
+                left = -(-int(self._cols["max_tokens"][j]) // per_step)
+                bound = min(bound, float(self._cols["time_s"][j]) + left * min_step_s)
+        return max(bound, until)
+
+    def _report_finish(self, j: int, finish_s: float, rejected: bool = False) -> None:
+        if j in self._reported:
+            return
+        self._reported.add(j)
+        heapq.heappush(self._finish_times, finish_s)
+        self._on_finish(self, j, finish_s, rejected)
+
+    # --- the engine's hooks -----------------------------------------------------------
+    def _new_request(self, rid: int) -> SimRequest:
+        c = self._cols
+        req = SimRequest(rid, float(c["time_s"][rid]), int(c["prompt"][rid]), int(c["max_tokens"][rid]),
+                         int(c["reasoning"][rid]), int(c["group"][rid]), int(c["prefix_tokens"][rid]),
+                         self.config.block_size, int(c["outer_group"][rid]), int(c["outer_tokens"][rid]))
+        self.requests.append(req)
+        reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
+        if reason:
+            req.status = Status.REJECTED
+            req.reject_reason = reason
+            req.finish_s = req.arrival_s
+            self._count_finished(1)
+            self._report_finish(rid, req.finish_s, rejected=True)
+        return req
+
+    def _arrivals_columns(self) -> fast_forward.Arrivals:
+        return self.arrivals_view(0.0)
+
+    def arrivals_view(self, now: float) -> fast_forward.Arrivals:
+        """The requests routed here as the fast path reads them, known until the next decision."""
+        n = self.count
+        c = self._cols
+        return fast_forward.Arrivals(time_s=c["time_s"][:n], queued=~self._too_long[:n], prompt=c["prompt"][:n],
+                                     max_tokens=c["max_tokens"][:n], private=self._private[:n],
+                                     known_until_s=self._known_until(now))
+
+    def _apply(self, out, start: float) -> None:
+        super()._apply(out, start)
+        now = self.env.now
+        requests = self.scheduler.requests
+        for rid in out.num_scheduled:
+            req = requests[rid]
+            if req.status == Status.FINISHED and req.finish_s == now:
+                self._report_finish(rid, now)
+
+    def _after_run(self, adv: fast_forward.Advance) -> range:
+        admitted = super()._after_run(adv)
+        joining = adv.applied.joining
+        requests = self.scheduler.requests
+        for rid in adv.applied.finished:
+            self._report_finish(rid, joining[rid].finish_s if rid in joining else requests[rid].finish_s)
+        return admitted
+
+    def start_loop(self) -> simpy.Process:
+        """Start the engine loop (the cluster delivers the requests); note when it ends."""
+        loop = self.loop = self.start(arrivals=False)
+        loop.callbacks.append(lambda _event: setattr(self, "end_s", self.env.now))
+        return loop
+
+    def collect(self) -> EngineRun:
+        run = super().collect()
+        run.end_s = self.end_s
+        return run
+
+
+class ClusterRuns(fast_forward.Runs):
+    """The fast path of a replica: its arrivals are re-read before each run (they grow)."""
+
+    def __init__(self, replica: ReplicaEngine, *args):
+        super().__init__(*args)
+        self.replica = replica
+
+    def advance(self, now, pace, next_arrival, in_flight):
+        replica = self.replica
+        if replica.look_ahead is not None:
+            replica.look_ahead(replica, now, pace, next_arrival, in_flight)
+        self.arrivals = arrivals = replica.arrivals_view(now)
+        if arrivals.known_until_s - now < pace:
+            return None  # hardly a step before the next routing decision: not worth planning
+        return super().advance(now, pace, next_arrival, in_flight)
+
+    def finishes_ahead(self, now: float, pace: float, next_arrival: int,
+                       in_flight: fast_forward.InFlight | None) -> tuple[np.ndarray, float] | None:
+        """If no more requests came, the finish times of the run ``advance`` would take now
+        (sorted) and its last output's time; None if there is no run. Changes nothing."""
+        base = self.base(now, in_flight)
+        if base is None:
+            return None
+        arrivals = replace(self.replica.arrivals_view(now), known_until_s=math.inf)
+        run = fast_forward.plan(self.sched, self._decode_times, self._step_time, now, base, arrivals,
+                                next_arrival, self._horizon, self._lag)
+        if run is None:
+            return None
+        e = np.cumsum(np.concatenate(([base], run.step_times)))
+        rows = e[1:] if self._lag == 0 else e[: run.k]
+        last = run.last_steps + self._lag
+        return np.sort(rows[last[last <= run.k] - 1]), float(rows[-1])

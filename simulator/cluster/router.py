@@ -1,0 +1,176 @@
+"""Routers: which replica gets a request, from what a real router can see.
+
+A router sees, per replica, its report (``ReplicaReport``): the requests it has
+outstanding and its KV usage, as of the last report (``cluster.staleness_s``),
+and it keeps what it sent itself (the prefix-affinity router remembers which
+prefixes went where, as llm-d's approximate prefix scorer and vLLM's production
+stack do). Routers register by name (``@register``); ``make_router`` builds one
+from its name.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from simulator.errors import ConfigError
+
+#: name -> router class (see ``register``)
+ROUTERS: dict[str, type[Router]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReport:
+    """One replica as the router sees it.
+
+    ``outstanding``: requests the router sent it and not finished by the report (the router
+    counts its own sends at once); ``kv_usage``: the used share of its KV cache after its
+    last step before the report.
+    """
+
+    index: int
+    outstanding: int
+    kv_usage: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What the router knows of a request: its id, arrival, prompt and shared prefix."""
+
+    rid: int
+    arrival_s: float
+    prompt_tokens: int
+    prefix_group: int
+    prefix_tokens: int
+
+
+class Router(ABC):
+    """Chooses a replica for each request, in arrival order."""
+
+    name: ClassVar[str]
+    #: False: the choice depends on nothing but the order of requests (the cluster may route
+    #: every request up front, so the replicas' fast path sees their arrivals ahead)
+    needs_reports: ClassVar[bool] = True
+    #: False: the choice reads no KV usage, only outstanding requests (which change only when a
+    #: request finishes, so the cluster can often decide ahead)
+    needs_kv: ClassVar[bool] = False
+
+    def __init__(self, num_replicas: int, seed: int = 0, load_cap: int = 16):
+        self.num_replicas = num_replicas
+        self.seed = seed
+        self.load_cap = load_cap
+
+    @abstractmethod
+    def choose(self, request: RouteRequest, reports: Sequence[ReplicaReport]) -> int:
+        """The replica for ``request`` (``reports[i]`` is replica i's report)."""
+
+    def sent(self, request: RouteRequest, replica: int) -> None:  # noqa: B027  (a hook: most need nothing)
+        """The request went to ``replica``."""
+
+
+def register(cls: type[Router]) -> type[Router]:
+    """Class decorator: make a router available under its ``name``."""
+    ROUTERS[cls.name] = cls
+    return cls
+
+
+def make_router(name: str, num_replicas: int, seed: int = 0, load_cap: int = 16,
+                field: str = "cluster.router") -> Router:
+    """The router named ``name``; ConfigError naming ``field`` if there is none."""
+    cls = ROUTERS.get(name)
+    if cls is None:
+        raise ConfigError(field, f"unknown router {name!r}; allowed: {', '.join(ROUTERS)}")
+    return cls(num_replicas, seed=seed, load_cap=load_cap)
+
+
+def _least_loaded(reports: Sequence[ReplicaReport]) -> int:
+    return min(reports, key=lambda r: (r.outstanding, r.index)).index
+
+
+@register
+class RoundRobin(Router):
+    """Request i goes to replica i mod N."""
+
+    name = "round_robin"
+    needs_reports = False
+
+    def __init__(self, num_replicas: int, seed: int = 0, load_cap: int = 16):
+        super().__init__(num_replicas, seed, load_cap)
+        self._next = 0
+
+    def choose(self, request: RouteRequest, reports: Sequence[ReplicaReport]) -> int:
+        replica = self._next
+        self._next = (self._next + 1) % self.num_replicas
+        return replica
+
+
+@register
+class LeastOutstanding(Router):
+    """The replica with the fewest outstanding requests (ties: the lowest index)."""
+
+    name = "least_outstanding"
+
+    def choose(self, request: RouteRequest, reports: Sequence[ReplicaReport]) -> int:
+        return _least_loaded(reports)
+
+
+@register
+class LeastKV(Router):
+    """The replica with the lowest reported KV usage (ties: fewer outstanding, lowest index)."""
+
+    name = "least_kv"
+    needs_kv = True
+
+    def choose(self, request: RouteRequest, reports: Sequence[ReplicaReport]) -> int:
+        return min(reports, key=lambda r: (r.kv_usage, r.outstanding, r.index)).index
+
+
+@register
+class PrefixAffinity(Router):
+    """The replica holding the longest cached prefix of the request, among those within
+    ``load_cap`` outstanding requests of the least loaded (ties and no prefix: the least
+    loaded). What each replica holds is what this router sent it (no eviction seen)."""
+
+    name = "prefix_affinity"
+
+    def __init__(self, num_replicas: int, seed: int = 0, load_cap: int = 16):
+        super().__init__(num_replicas, seed, load_cap)
+        self._held: dict[tuple[int, int], int] = {}  # (replica, group) -> prefix tokens sent there
+
+    def choose(self, request: RouteRequest, reports: Sequence[ReplicaReport]) -> int:
+        least = min(r.outstanding for r in reports)
+        eligible = [r for r in reports if r.outstanding <= least + self.load_cap]
+        group = request.prefix_group
+        if group < 0 or request.prefix_tokens <= 0:
+            return _least_loaded(eligible)
+
+        def match(r: ReplicaReport) -> int:
+            return min(request.prefix_tokens, self._held.get((r.index, group), 0))
+
+        return min(eligible, key=lambda r: (-match(r), r.outstanding, r.index)).index
+
+    def sent(self, request: RouteRequest, replica: int) -> None:
+        if request.prefix_group >= 0 and request.prefix_tokens > 0:
+            key = (replica, request.prefix_group)
+            self._held[key] = max(self._held.get(key, 0), request.prefix_tokens)
+
+
+@register
+class PowerOfTwo(Router):
+    """Two replicas drawn at random (seeded); the one with fewer outstanding requests (ties:
+    the first drawn)."""
+
+    name = "power_of_two"
+
+    def __init__(self, num_replicas: int, seed: int = 0, load_cap: int = 16):
+        super().__init__(num_replicas, seed, load_cap)
+        self._rng = random.Random(seed)
+
+    def choose(self, request: RouteRequest, reports: Sequence[ReplicaReport]) -> int:
+        if self.num_replicas == 1:
+            return 0
+        a, b = self._rng.sample(range(self.num_replicas), 2)
+        return b if reports[b].outstanding < reports[a].outstanding else a

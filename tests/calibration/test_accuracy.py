@@ -1,0 +1,81 @@
+"""``python -m calibration accuracy`` on one small shipped real GPU run (300 requests, seconds)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration import accuracy, cmd_accuracy
+from calibration.live_replay import load_live_run
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = "RTXPRO6000/Llama-3.1-8B"
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accuracy")
+    assert cmd_accuracy.main(["--runs", RUN, "--out", str(out), "--frontend-s", "0.006"]) == 0
+    with (out / "accuracy.csv").open() as fh:
+        return out, list(csv.DictReader(fh))
+
+
+def test_every_view_metric_and_quantile_is_written(written):
+    out, rows = written
+    keys = {(r["view"], r["metric"], r["quantile"]) for r in rows}
+    assert keys == {(v, m, str(q)) for v in accuracy.VIEWS for m in accuracy.METRICS for q in accuracy.QUANTILES}
+    for r in rows:
+        assert r["run"] == RUN and r["perf_model"].startswith("llmservingsim:") and r["calibrated"] == "True"
+        live, sim = float(r["live_s"]), float(r["sim_s"])
+        assert float(r["error"]) == pytest.approx(sim / live - 1, abs=1e-5)  # signed
+    table = (out / "accuracy.md").read_text()
+    assert RUN in table and "client (+6.0 ms)" in table and "engine" in table
+
+
+def test_live_side_is_the_runs_own_percentiles(written):
+    _, rows = written
+    run = load_live_run(accuracy.RUNS_ROOT / "llmservingsim" / RUN)
+    row = {(r["view"], r["metric"], r["quantile"]): r for r in rows}
+    assert float(row["engine", "ttft", "90"]["live_s"]) == pytest.approx(np.percentile(run.ttft_s, 90), rel=1e-6)
+    assert float(row["engine", "e2e", "50"]["live_s"]) == pytest.approx(np.percentile(run.e2e_s, 50), rel=1e-6)
+    # the client view starts at the API server's arrival, never after the engine's
+    assert (run.api_arrival_s <= run.arrival_s + 1e-9).all()
+
+
+def test_client_view_is_the_engine_view_plus_the_front_end(written):
+    _, rows = written
+    row = {(r["view"], r["metric"], r["quantile"]): float(r["sim_s"]) for r in rows}
+    for m in accuracy.METRICS:
+        for q in accuracy.QUANTILES:
+            assert row["client", m, str(q)] - row["engine", m, str(q)] == pytest.approx(0.006, abs=1e-6)
+
+
+def test_a_data_parallel_run_is_listed_with_its_reason():
+    [result] = accuracy.replay_all([accuracy.RUNS_ROOT / "llmservingsim" / "RTXPRO6000" / "Qwen3-30B-A3B-Instruct-2507"])
+    assert "data_parallel_size 2" in result.skipped and not result.rows
+    assert "not replayed" in accuracy.markdown([result])
+
+
+def test_update_docs_replaces_the_marked_section_only(tmp_path, written):
+    doc = tmp_path / "accuracy.md"
+    doc.write_text(f"before\n{accuracy.DOCS_BEGIN}\nold table\n{accuracy.DOCS_END}\nafter\n")
+    result = accuracy.replay_run(accuracy.RUNS_ROOT / "llmservingsim" / RUN)
+    accuracy.update_docs(doc, [result])
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
+    assert RUN in text and "Measured 20" in text
+
+
+@pytest.mark.parametrize("args, field", [(["--runs", "nowhere/none"], "--runs"),
+                                         (["--frontend-s", "-1"], "--frontend-s"),
+                                         (["--seed", "x"], "--seed")])
+def test_bad_input_is_one_line_and_exit_2(args, field, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "calibration", "accuracy", "--out", str(tmp_path), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {field}:"), proc.stderr

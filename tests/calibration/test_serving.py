@@ -1,0 +1,123 @@
+"""The serving path a profile carries: overheads stored in the profile, applied by perf=profile,
+and the same terms in `calibration validate` (issue 21)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from calibration.fit import FIT_FILE, fit_profile, load_fitted_model, save_fitted_model
+from calibration.registry import build_performance_model
+from calibration.serving import ServedModel, ServingOverheads, decode_offsets, overheads_from_probes
+from simulator.engine import simulate
+from simulator.engine_config import EngineConfig
+from simulator.performance import StepBatch
+from simulator.workload import Workload
+from tests.calibration.test_fit import synthetic_profile
+
+ENGINE = EngineConfig(block_size=128, max_num_seqs=128, max_num_batched_tokens=2048, max_model_len=8192)
+
+
+def decode_probe(model, batch: int, prompt: int, extra_s: float) -> dict:
+    """A decode probe whose server step is the model's plus ``extra_s`` (per step)."""
+    first, last = prompt + 2, prompt + 1 + 100
+    contexts = np.arange(first, last + 1)
+    wall = np.mean([model.step_time(StepBatch(decode_context=[int(c)] * batch)) for c in contexts]) + extra_s
+    return {"batch": batch, "prompt_tokens": prompt, "steps": 99, "wall_per_step_s": float(wall),
+            "context_first": first, "context_last": last}
+
+
+def probe_sets(model, per_step: float, per_request: float, rounds: int = 3) -> list[dict]:
+    return [{"decode_probe": [decode_probe(model, b, p, per_step + per_request * b)
+                              for b, p in ((1, 32), (8, 32), (1, 384), (8, 384))],
+             "request_overhead_s": 0.004 + 0.001 * i, "prefill_probe": None, "loaded_probe": []}
+            for i in range(rounds)]
+
+
+def test_probe_sets_give_back_a_known_per_step_and_per_request_cost():
+    bare = fit_profile(synthetic_profile())
+    sets = probe_sets(bare, 0.0015, 0.0002)
+    per_step, per_request, per_context = decode_offsets(bare, sets)
+    assert per_step == pytest.approx(0.0015, abs=1e-9) and per_request == pytest.approx(0.0002, abs=1e-9)
+    assert per_context == pytest.approx(0.0, abs=1e-12)
+    overheads = overheads_from_probes(bare, sets, ENGINE, False, "test")
+    assert overheads.request_overhead_s == pytest.approx(0.005)  # the median round
+    assert "prefill probes" in overheads.source and overheads.per_prefill_token_s == 0.0  # said, not guessed
+
+
+def test_a_profile_with_a_known_per_step_overhead_shifts_step_times_by_exactly_that(tmp_path):
+    profile = synthetic_profile()
+    profile.meta["serving"] = {"probes": probe_sets(fit_profile(profile), 0.002, 0.0), "servers": 1,
+                               "async_scheduling": False}
+    profile.save(tmp_path / "prof")
+    save_fitted_model(fit_profile(profile), tmp_path / "prof" / FIT_FILE)
+    stored = json.loads((tmp_path / "prof" / FIT_FILE).read_text())["serving"]
+    assert stored["per_step_s"] == pytest.approx(0.002, abs=1e-9)
+
+    served = build_performance_model("h100", "r1-distill-qwen-7b", "none", 1,
+                                     {"source": "profile", "profile": str(tmp_path / "prof")})
+    bare = build_performance_model("h100", "r1-distill-qwen-7b", "none", 1,
+                                   {"source": "profile", "profile": str(tmp_path / "prof"), "serving": False})
+    assert isinstance(served, ServedModel) and not isinstance(bare, ServedModel)
+    for batch in (StepBatch(prefill_tokens=[300], prefill_context=[0]), StepBatch(decode_context=[500] * 4)):
+        assert served.step_time(batch) - bare.step_time(batch) == pytest.approx(0.002, abs=1e-9)
+    # one request alone, sync: every simulated step is longer by exactly the overhead
+    workload = Workload(arrival_s=[0.0], prompt_tokens=[300], output_tokens=[20], reasoning_tokens=[0],
+                        domain=np.array(["x"], object))
+    runs = [simulate(workload, ENGINE, m, async_scheduling=False) for m in (served, bare)]
+    steps = [np.asarray(r.timeline["step_time_s"], float) for r in runs]
+    assert len(steps[0]) == len(steps[1]) == 20
+    assert np.allclose(steps[0] - steps[1], 0.002, atol=1e-9)
+    assert served.describe()["request_overhead_s"] == pytest.approx(0.005)  # for the front-end term
+
+
+def test_a_profile_without_a_serving_phase_is_the_bare_engine(tmp_path):
+    synthetic_profile().save(tmp_path / "prof")
+    model = build_performance_model("h100", "r1-distill-qwen-7b", "none", 1,
+                                    {"source": "profile", "profile": str(tmp_path / "prof")})
+    assert not isinstance(model, ServedModel) and load_fitted_model(tmp_path / "prof").serving is None
+
+
+def test_validate_takes_the_profile_overheads_the_simulator_applies():
+    from calibration.cmd_validate import profile_overheads
+
+    bare = fit_profile(synthetic_profile())
+    assert profile_overheads(bare) is None
+    bare.serving = ServingOverheads(per_step_s=0.001, request_overhead_s=0.004, source="p").to_dict()
+    assert profile_overheads(bare) == ServingOverheads.from_dict(bare.serving)
+
+
+def test_perf_serving_must_be_a_boolean(tmp_path):
+    from simulator.errors import ConfigError
+
+    synthetic_profile().save(tmp_path / "prof")
+    with pytest.raises(ConfigError, match="perf.serving: must be true or false"):
+        build_performance_model("h100", "r1-distill-qwen-7b", "none", 1,
+                                {"source": "profile", "profile": str(tmp_path / "prof"), "serving": "yes"})
+
+
+def test_a_speculative_server_is_priced_by_its_inter_step_gap():
+    """Drafting servers' decode steps are not the logged batches: per step = the median gap."""
+    bare = fit_profile(synthetic_profile())
+    sets = [{**s, "inter_step_gap_s": gap} for s, gap in zip(probe_sets(bare, 0.01, 0.001), (0.001, 0.002, 0.004),
+                                                              strict=True)]
+    overheads = overheads_from_probes(bare, sets, ENGINE, False, "test", speculative=True)
+    assert (overheads.per_step_s, overheads.per_request_s, overheads.per_context_token_s) == (0.002, 0.0, 0.0)
+    assert "inter-step gap" in overheads.source
+
+
+def test_a_per_kv_token_term_beyond_process_drift_is_clamped():
+    """Four probe batches extrapolated to long contexts: a per-KV-token difference of 3x the fit's
+    own is noise, bounded to DRIFT_BOUND of it (and said so)."""
+    from calibration.serving import DRIFT_BOUND
+
+    bare = fit_profile(synthetic_profile())
+    kv_cost = bare.coefficients["per_decode_kv_token"]
+    sets = [{"decode_probe": [decode_probe(bare, b, p, 0.001 + 3 * kv_cost * b * (p + 51))
+                              for b, p in ((1, 32), (8, 32), (1, 384), (8, 384))]}]
+    assert decode_offsets(bare, sets)[2] == pytest.approx(3 * kv_cost, rel=1e-6)
+    overheads = overheads_from_probes(bare, sets, ENGINE, False, "test")
+    assert overheads.per_context_token_s == pytest.approx(DRIFT_BOUND * kv_cost)
+    assert "per KV token clamped" in overheads.source

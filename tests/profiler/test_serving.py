@@ -1,0 +1,83 @@
+"""The profiler's serving phase: its settings, the server it starts, the environment it gets,
+and (real engine) what it stores for perf=profile."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from profiler.serving import (
+    PROFILER_ONLY_ENV,
+    ServingSettings,
+    cli_flags,
+    server_engine,
+    server_environment,
+)
+from simulator.errors import ConfigError
+
+
+@pytest.mark.parametrize("kwargs, field", [({"repeats": 0}, "serving.repeats"), ({"servers": "two"}, "serving.servers"),
+                                           ({"enabled": "yes"}, "serving.enabled")])
+def test_bad_serving_settings_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        ServingSettings(**kwargs)
+
+
+def test_the_server_runs_the_profiled_engine_settings():
+    resolved = {"max_num_seqs": 96, "max_num_batched_tokens": 1024, "max_model_len": 4096,
+                "enable_prefix_caching": False, "kv_cache_dtype": "fp8", "num_gpu_blocks_override": None}
+    engine = server_engine(resolved, {"block_size": 64})
+    assert (engine.block_size, engine.max_num_seqs, engine.max_num_batched_tokens, engine.max_model_len) == (
+        64, 96, 1024, 4096)
+    assert engine.enable_prefix_caching is False and engine.kv_cache_dtype == "fp8"
+    flags = cli_flags({"quantization": "int8_per_channel_weight_only", "enable_x": False,
+                       "speculative_config": {"method": "ngram"}, "kv_cache_dtype": "fp8"})
+    assert flags == ("--quantization", "int8_per_channel_weight_only", "--no-enable-x",
+                     "--speculative-config", '{"method": "ngram"}')
+
+
+def test_the_server_gets_every_cpu_and_none_of_the_in_process_settings(monkeypatch):
+    cpus = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    os.sched_setaffinity(0, cpus[:1])
+    try:
+        with server_environment(cpus):
+            assert not any(k in os.environ for k in PROFILER_ONLY_ENV)
+            assert sorted(os.sched_getaffinity(0)) == cpus
+        assert os.environ["OMP_NUM_THREADS"] == "1" and sorted(os.sched_getaffinity(0)) == cpus[:1]
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
+    """The real thing, small: a reduced grid, then one probe round on `vllm serve` (~60 s)."""
+    import math
+
+    from calibration.registry import build_performance_model
+    from calibration.serving import ServedModel
+    from tests.profiler.engine_runs import engine_available, run_profiler
+
+    if not engine_available():
+        pytest.skip("no vLLM engine env (./scripts/setup_vllm_cpu.sh)")
+    out = tmp_path / "profile"
+    result = run_profiler("model=tiny-llama", "grid=smoke", "progress=false", "grid.prefill_chunks=[64]",
+                          "grid.prefill_contexts=[256]", "grid.decode_batches=[1,4]", "grid.decode_contexts=[128]",
+                          "grid.mixed.requests=0", "engine.max_model_len=2048", "serving.repeats=1",
+                          "optimization=none", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((out / "profile.json").read_text())
+    serving = meta["serving"]
+    assert serving["async_scheduling"] is False  # vLLM's CPU platform serves synchronously
+    assert serving["engine"]["max_model_len"] == 2048 and "--max-model-len" in serving["server_command"]
+    (probes,) = serving["probes"]
+    assert probes["decode_probe"] and probes["request_overhead_s"] is not None
+    perf = build_performance_model("h100", "r1-distill-qwen-7b", "none", 1, {"source": "profile", "profile": str(out)})
+    assert isinstance(perf, ServedModel) and perf.hardware_label == meta["hardware"]["slug"]
+    terms = perf.overheads
+    assert all(math.isfinite(v) for v in (terms.per_step_s, terms.per_request_s, terms.request_overhead_s))
+    assert perf.engine_settings["max_model_len"] == 2048 and perf.engine_settings["async_scheduling"] is False

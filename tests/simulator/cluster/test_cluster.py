@@ -1,0 +1,98 @@
+"""Replicas on one clock: the fast path equals step by step, one replica equals the plain run,
+and the tables hold every request once with its replica."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simulator.cluster import ClusterSpec, simulate_cluster
+from simulator.cluster.cluster import Cluster
+from simulator.cluster.plots import plot_kv_per_replica
+from simulator.engine import simulate
+from simulator.engine_config import EngineConfig
+from simulator.metrics import SLO
+from tests.simulator.conftest import VectorLinearModel, make_workload
+
+
+def assert_same(slow, fast):
+    for table in ("requests", "timeline"):
+        a, b = getattr(slow, table), getattr(fast, table)
+        assert list(a) == list(b)
+        for key in a:
+            if a[key].dtype.kind == "f":
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-9, atol=1e-9, err_msg=f"{table}.{key}")
+            else:
+                np.testing.assert_array_equal(b[key], a[key], err_msg=f"{table}.{key}")
+
+
+@pytest.mark.parametrize("router", ["round_robin", "least_outstanding", "least_kv", "prefix_affinity",
+                                    "power_of_two"])
+@pytest.mark.parametrize(("async_scheduling", "staleness"), [(False, 0.0), (True, 0.0), (True, 0.5)])
+def test_fast_path_equals_step_by_step_in_a_cluster(router, async_scheduling, staleness):
+    w = make_workload(n=150, seed=3, rate=8, output=(1, 2000), prefix_groups=3, prefix_tokens=64)
+    cfg = EngineConfig(num_gpu_blocks_override=500, max_model_len=8192)
+    spec = ClusterSpec(replicas=3, router=router, staleness_s=staleness)
+    slow = simulate_cluster(w, cfg, VectorLinearModel(), spec, fast=False, async_scheduling=async_scheduling)
+    fast = simulate_cluster(w, cfg, VectorLinearModel(), spec, fast=True, async_scheduling=async_scheduling)
+    assert_same(slow.result, fast.result)
+    assert slow.result.summary["preemptions"] > 0  # the case covers preemption
+
+
+@pytest.mark.parametrize("router", ["round_robin", "least_kv"])
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_one_replica_on_the_cluster_clock_is_the_plain_engine(router, async_scheduling):
+    w = make_workload(n=120, seed=5, rate=3, output=(1, 2000))
+    cfg = EngineConfig(num_gpu_blocks_override=600, max_model_len=8192)
+    plain = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling)
+    cluster = Cluster(w, cfg, VectorLinearModel(), ClusterSpec(replicas=1, router=router),
+                      async_scheduling=async_scheduling).run(SLO())
+    assert_same(plain, type(plain)({k: v for k, v in cluster.result.requests.items() if k != "replica"},
+                                   {k: v for k, v in cluster.result.timeline.items() if k != "replica"}, {}))
+
+
+def test_tables_hold_each_request_once_with_its_replica(tmp_path):
+    w = make_workload(n=200, seed=7, rate=6, output=(1, 1500))
+    out = simulate_cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(),
+                           ClusterSpec(replicas=3, router="least_outstanding"))
+    requests, timeline, summary = out.result.requests, out.result.timeline, out.result.summary
+    np.testing.assert_array_equal(requests["request_id"], np.arange(len(w)))
+    np.testing.assert_array_equal(requests["arrival_s"], w.arrival_s)
+    for index, replica in enumerate(out.replicas):
+        mine = requests["replica"] == index
+        np.testing.assert_array_equal(np.sort(replica.requests["request_id"]), np.flatnonzero(mine))
+        np.testing.assert_array_equal(timeline["time_s"][timeline["replica"] == index], replica.timeline["time_s"])
+        assert summary["replicas"][index]["requests"] == int(mine.sum())
+    assert summary["completed"] == len(w)
+    assert summary["cluster"]["requests_per_replica"] == [int((requests["replica"] == i).sum()) for i in range(3)]
+    assert summary["kv_usage"]["peak"] == max(r["kv_usage"]["peak"] for r in summary["replicas"])
+    path = plot_kv_per_replica(out.result, tmp_path / "kv_usage_replicas.png")
+    assert path.stat().st_size > 0
+
+
+def test_same_seed_same_cluster():
+    w = make_workload(n=100, seed=2, rate=6, output=(1, 1500))
+    spec = ClusterSpec(replicas=4, router="power_of_two")
+
+    def run(seed):
+        return simulate_cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(), spec, seed=seed).result
+
+    assert_same(run(1), run(1))
+    assert not np.array_equal(run(1).requests["replica"], run(2).requests["replica"])
+
+
+@pytest.mark.parametrize("router", ["least_outstanding", "least_kv", "prefix_affinity", "power_of_two"])
+@pytest.mark.parametrize(("async_scheduling", "staleness"), [(False, 0.0), (True, 0.0), (True, 0.5)])
+def test_deciding_ahead_of_time_changes_no_decision(router, async_scheduling, staleness):
+    """Routing an arrival before its time (where the reports it needs are known) equals routing
+    it at its time: the ground truth for the cluster's look-ahead."""
+    w = make_workload(n=150, seed=8, rate=8, output=(1, 2000), prefix_groups=3, prefix_tokens=64)
+    cfg = EngineConfig(num_gpu_blocks_override=500, max_model_len=8192)
+    spec = ClusterSpec(replicas=3, router=router, staleness_s=staleness)
+
+    def run(ahead: bool):
+        cluster = Cluster(w, cfg, VectorLinearModel(), spec, async_scheduling=async_scheduling)
+        cluster.ahead = ahead
+        return cluster.run(SLO()).result
+
+    assert_same(run(False), run(True))

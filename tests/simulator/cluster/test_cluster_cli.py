@@ -1,0 +1,45 @@
+"""`python -m simulator cluster.replicas=...`: one replica stays the plain run, byte for byte;
+a cluster writes the tables with a replica column and its figure; a bad router is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from tests.simulator.test_cli import SMALL, run_cli
+
+
+def test_one_replica_writes_the_plain_run_byte_for_byte(tmp_path):
+    plain, one = tmp_path / "plain", tmp_path / "one"
+    run_cli(plain, *SMALL, "plots=false")
+    run_cli(one, *SMALL, "plots=false", "cluster.replicas=1", "cluster.router=least_kv")
+    for name in ("requests.parquet", "timeline.parquet", "workload.parquet"):
+        assert (plain / name).read_bytes() == (one / name).read_bytes(), name
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (plain, one))
+    for s in (a, b):
+        s["metadata"].pop("simulation_wall_s")
+    assert a == b
+
+
+def test_a_cluster_run_writes_replica_columns_and_its_figure(tmp_path):
+    proc = run_cli(tmp_path, *SMALL, "cluster.replicas=3", "cluster.router=power_of_two")
+    requests = pd.read_parquet(tmp_path / "requests.parquet")
+    timeline = pd.read_parquet(tmp_path / "timeline.parquet")
+    assert sorted(requests["request_id"]) == list(range(120))
+    assert set(requests["replica"]) <= {0, 1, 2} and set(timeline["replica"]) == {0, 1, 2}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cluster"]["router"] == "power_of_two"
+    assert [r["replica"] for r in summary["replicas"]] == [0, 1, 2]
+    assert sum(r["requests"] for r in summary["replicas"]) == 120
+    for name in ("kv_usage_replicas.png", "latency_cdf.png", "resolved_config.yaml", "workload.parquet"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "router power_of_two" in proc.stdout
+
+
+def test_unknown_router_is_one_line_and_exit_2(tmp_path):
+    proc = run_cli(tmp_path, "cluster.replicas=2", "cluster.router=fastest", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cluster.router: unknown router 'fastest'; allowed: ")
+    assert "least_outstanding" in lines[0]

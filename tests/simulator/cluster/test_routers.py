@@ -1,0 +1,107 @@
+"""Routers: the registry, and what load- and prefix-aware routing buys over round robin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simulator.cluster import ROUTERS, ClusterSpec, simulate_cluster
+from simulator.cluster.router import ReplicaReport, RouteRequest, make_router
+from simulator.engine_config import EngineConfig
+from simulator.errors import ConfigError
+from simulator.workload import Workload
+from tests.simulator.conftest import VectorLinearModel, make_workload
+
+
+def bursty_workload(n: int = 240, seed: int = 0) -> Workload:
+    """Bursts of 12 requests every 6 s; a fifth of them reason for thousands of tokens."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.sort(np.repeat(np.arange(n // 12) * 6.0, 12) + rng.uniform(0, 0.2, n))
+    out = np.where(rng.random(n) < 0.2, rng.integers(2000, 4000, n), rng.integers(50, 300, n))
+    return Workload(arrival_s=arrivals, prompt_tokens=rng.integers(100, 1500, n), output_tokens=out,
+                    reasoning_tokens=out // 2, domain=np.full(n, "math", object))
+
+
+def test_every_router_is_registered_by_name():
+    assert list(ROUTERS) == ["round_robin", "least_outstanding", "least_kv", "prefix_affinity", "power_of_two"]
+    for name in ROUTERS:
+        assert make_router(name, 3).name == name
+
+
+def test_unknown_router_names_the_field_and_the_choices():
+    with pytest.raises(ConfigError) as err:
+        ClusterSpec.from_dict({"replicas": 2, "router": "fastest"})
+    message = str(err.value)
+    assert message.startswith("cluster.router: unknown router 'fastest'") and "\n" not in message
+    assert all(name in message for name in ROUTERS)
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"replicas": 0}, "cluster.replicas"),
+    ({"staleness_s": -1}, "cluster.staleness_s"),
+    ({"prefill_replicas": 2}, "cluster.decode_replicas"),
+    ({"link_gbps": 0}, "cluster.link_gbps"),
+    ({"replica": 2}, "cluster"),
+])
+def test_bad_cluster_settings_name_their_field(data, field):
+    with pytest.raises(ConfigError) as err:
+        ClusterSpec.from_dict(data)
+    assert err.value.field == field
+
+
+def test_routers_choose_from_the_reports():
+    request = RouteRequest(0, 0.0, 100, 3, 64)
+    reports = [ReplicaReport(0, 5, 0.1), ReplicaReport(1, 2, 0.9), ReplicaReport(2, 4, 0.5)]
+    assert make_router("least_outstanding", 3).choose(request, reports) == 1
+    assert make_router("least_kv", 3).choose(request, reports) == 0
+    affinity = make_router("prefix_affinity", 3, load_cap=3)
+    affinity.sent(request, 2)  # replica 2 now holds group 3's prefix
+    assert affinity.choose(request, reports) == 2
+    affinity = make_router("prefix_affinity", 3, load_cap=1)
+    affinity.sent(request, 2)  # ... but is 2 over the least loaded: the cap wins
+    assert affinity.choose(request, reports) == 1
+
+
+def test_power_of_two_is_seeded():
+    reports = [ReplicaReport(i, 0, 0.0) for i in range(8)]
+    request = RouteRequest(0, 0.0, 10, -1, 0)
+
+    def picks(seed):
+        router = make_router("power_of_two", 8, seed=seed)
+        return [router.choose(request, reports) for _ in range(50)]
+
+    assert picks(1) == picks(1)
+    assert picks(1) != picks(2)
+
+
+def test_least_outstanding_tail_ttft_no_worse_than_round_robin_on_bursts():
+    w = bursty_workload()
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=8192)
+    p99 = {router: simulate_cluster(w, cfg, VectorLinearModel(), ClusterSpec(replicas=4, router=router))
+           .result.summary["ttft_s"]["p99"] for router in ("round_robin", "least_outstanding")}
+    assert p99["least_outstanding"] <= p99["round_robin"]
+
+
+def test_prefix_affinity_raises_the_prefix_cache_hit_rate():
+    w = make_workload(n=300, seed=1, rate=4, prompt=(1100, 1600), output=(20, 400), prefix_groups=8,
+                      prefix_tokens=1024)
+    cfg = EngineConfig(max_model_len=8192, num_gpu_blocks_override=2000)
+    rate = {}
+    for router in ("round_robin", "prefix_affinity"):
+        summary = simulate_cluster(w, cfg, VectorLinearModel(), ClusterSpec(replicas=4, router=router)).result.summary
+        assert summary["prefix_cache"]["queried_tokens"] == int(w.prompt_tokens.sum())
+        rate[router] = summary["prefix_cache"]["hit_rate"]
+    assert rate["prefix_affinity"] > rate["round_robin"]
+
+
+def test_stale_reports_change_least_kv_decisions():
+    w = bursty_workload(n=120, seed=2)
+    cfg = EngineConfig(max_num_seqs=4, max_model_len=8192)
+
+    def routes(staleness):
+        out = simulate_cluster(w, cfg, VectorLinearModel(), ClusterSpec(replicas=3, router="least_kv",
+                                                                         staleness_s=staleness))
+        return out.result.requests["replica"]
+
+    assert np.array_equal(routes(0.0), routes(0.0))
+    assert not np.array_equal(routes(0.0), routes(5.0))
