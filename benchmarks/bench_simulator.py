@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from simulator.configure import CONF_DIR, build_run  # noqa: E402
-from simulator.engine import simulate  # noqa: E402
+from simulator.engine.loop import simulate  # noqa: E402
 from simulator.huge_pages import avoid_huge_pages  # noqa: E402
 
 VIDUR_LOOP_S = 77.0  # Vidur on a 2-core machine, 1,000 requests at 0.08 req/s (issue 5)

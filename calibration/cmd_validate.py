@@ -60,11 +60,11 @@ from calibration.cli_args import (
 )
 from calibration.live_model import JitteredModel, StepGapModel, add_request_overhead
 from calibration.validation_scenarios import CPU_ENGINE, SCENARIOS, get_scenario
-from simulator.engine_config import EngineConfig, parse_key_values
-from simulator.errors import ConfigError
-from simulator.metrics import SLO
-from simulator.results import RunResult
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig, parse_key_values
+from simulator.records.errors import ConfigError
+from simulator.records.metrics import SLO
+from simulator.records.run_result import RunResult
+from simulator.records.workload import Workload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: inter-step gap vLLM's iteration log leaves out on our CPUs (../shared/vllm-cpu.md), used
@@ -234,7 +234,7 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float, float] | 
     StepGapModel never lets a step fall below half its profiled time). None
     without probes.
     """
-    from simulator.performance import StepBatch
+    from simulator.records.performance import StepBatch
 
     groups: dict[tuple[int, int], list[tuple[float, float]]] = {}
     for r in live:
@@ -309,7 +309,7 @@ def probe_prefill_per_token(model, live: list[RunResult]) -> float | None:
     recompute after a preemption. Only the slope is taken (what both sides add
     per step is the decode probes' business). None without probes at two lengths.
     """
-    from simulator.performance import StepBatch
+    from simulator.records.performance import StepBatch
 
     by_length: dict[int, list[float]] = {}
     for r in live:
@@ -368,7 +368,7 @@ def busy_overhead(model, live: list[RunResult], engine: EngineConfig, idle_overh
     new request waits longer to get in and its first token to get out. The
     isolated probes, sent to an idle server, cannot see it.
     """
-    from simulator.engine import simulate
+    from simulator.engine.loop import simulate
 
     extras = []
     for r in live:
@@ -442,7 +442,7 @@ def speculation_for_simulator(source: str, engine: EngineConfig, live: list[RunR
 def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, step_sigma: float,
                   run_sigma: float, async_scheduling: bool, out: Path, overhead_s: float = 0.0,
                   busy_extra_s: float = 0.0) -> list[RunResult]:
-    from simulator.engine import simulate
+    from simulator.engine.loop import simulate
 
     results = []
     for seed in range(seeds):

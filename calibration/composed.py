@@ -49,10 +49,10 @@ from typing import Protocol
 import numpy as np
 
 from calibration.memory import MemoryModel
-from simulator.errors import ConfigError
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
-from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture, check_tp, dtype_bytes
+from simulator.records.performance import MemoryBreakdown, PerformanceModel, StepBatch
 
 TABLE_HEAD_DIM = 128
 GRID_PER_OCTAVE = 8

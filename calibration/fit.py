@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibration.profile import META_FILE, Profile
-from simulator.errors import ConfigError
-from simulator.model_arch import ModelArchitecture
-from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.model_arch import ModelArchitecture
+from simulator.records.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.profile import META_FILE, Profile
 
 FIT_FILE = "fit.json"
 FIT_FORMAT = "rllm-sim-fitted-step-model"

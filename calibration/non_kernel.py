@@ -33,8 +33,8 @@ from calibration.composed import (
     layer_memory_ops,
 )
 from calibration.llmservingsim import ProfileKey
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture
 
 #: rows up to this many tokens fix the latency (a straight line in bytes; beyond, caches bend it)
 SMALL_TOKENS = 64

@@ -25,10 +25,10 @@ from typing import Any
 
 from calibration import blis, catalog, kernel_tables, llmservingsim
 from calibration.memory import MemoryModel
-from simulator.errors import ConfigError
-from simulator.hardware import GIB, Hardware
-from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
-from simulator.performance import MemoryBreakdown, PerformanceModel
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import GIB, Hardware
+from simulator.records.model_arch import ModelArchitecture, check_tp, dtype_bytes
+from simulator.records.performance import MemoryBreakdown, PerformanceModel
 
 SOURCES = ("auto", "aiconfigurator", "llmservingsim", "blis", "roofline", "profile", "kernels")
 #: sources that need a file of the user's (perf.profile, perf.tables): not listed by ``calibration list``

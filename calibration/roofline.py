@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.composed import MEMORY_EFFICIENCY, MEMORY_OP_LATENCY_S, ComposedPerformanceModel
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture, dtype_bytes
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture, dtype_bytes
 
 GEMM_EFFICIENCY = 0.75
 ATTENTION_EFFICIENCY = 0.60

@@ -8,7 +8,7 @@ from typing import Any
 
 from profiler.field_types import check_fields, check_known
 from profiler.grid import EXTRA_PHASES, GridSpec
-from simulator.errors import ConfigError, require
+from simulator.records.errors import ConfigError, require
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"

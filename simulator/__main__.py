@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
@@ -48,8 +48,8 @@ def run(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from simulator.configure import build_run, command_line_overrides, versions
-    from simulator.engine import simulate
-    from simulator.results import rejection_reasons, write_workload
+    from simulator.engine.loop import simulate
+    from simulator.records.run_result import rejection_reasons, write_workload
     from simulator.speculation import speculative_rates
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -9,13 +9,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.hardware import Hardware
-from simulator.metrics import SLO
-from simulator.model_arch import ModelArchitecture
-from simulator.performance import PerformanceModel
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import Hardware
+from simulator.records.metrics import SLO
+from simulator.records.model_arch import ModelArchitecture
+from simulator.records.performance import PerformanceModel
+from simulator.records.workload import Workload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
@@ -123,7 +123,7 @@ def build_run(cfg, overrides: list[str] | None = None) -> RunSpec:
     Hydra app); they tell a size the user gave from the workload's default one.
     """
     from calibration.registry import build_performance_model
-    from simulator.workload_builder import build_workload
+    from simulator.workload.builder import build_workload
 
     plain = to_plain(cfg)
     for group in ("workload", "engine", "hardware", "model", "optimization", "perf", "slo"):

@@ -1,4 +1,4 @@
-"""`python -m simulator.plan ...`: what-if capacity planning on Ray (see simulator/planner.py).
+"""`python -m simulator.plan ...`: what-if capacity planning on Ray (see simulator/planning/planner.py).
 
 Every Hydra override of the simulator works here too (workload, slo, engine, perf, ...), plus
 the plan's lists, e.g. ``plan.hardware=[h100,a100] plan.replicas=[1,2,4]``. Rerunning with the
@@ -12,13 +12,13 @@ from pathlib import Path
 
 from simulator.cli_errors import check_run_dir, one_line_hydra_errors
 from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def print_outcome(outcome) -> None:
     """The verdict, the cheapest few meeting points and where the files are."""
     rows = outcome.rows
-    from simulator.planner import preference
+    from simulator.planning.planner import preference
 
     meeting = sorted((r for r in rows if r["status"] == "ok" and r["meets_slo"]), key=preference)
     infeasible = [r for r in rows if r["status"] == "infeasible"]
@@ -42,7 +42,7 @@ HYDRA_FILES = {".hydra", "plan.log"}
 def remove_if_new(out_dir: Path, was_new: bool) -> None:
     """Remove a run directory this plan made and computed no point in (it stopped on bad
     input), and the empty folders above it up to the working directory."""
-    from simulator.plan_runner import POINTS
+    from simulator.planning.runner import POINTS
 
     if not was_new or not out_dir.is_dir() or (out_dir / POINTS).exists():
         return
@@ -78,7 +78,7 @@ def main() -> int:
     def _task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from simulator.plan_runner import run_plan
+        from simulator.planning.runner import run_plan
 
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         was_new = not out_dir.is_dir() or not {p.name for p in out_dir.iterdir()} - HYDRA_FILES  # else a resume

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.results import RunResult
+from simulator.records.run_result import RunResult
 
 
 def _figure(width: float, height: float, ncols: int = 1, margins: dict | None = None):

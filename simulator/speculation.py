@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from simulator.engine_config import EngineConfig
+from simulator.records.engine_config import EngineConfig
 
 PLACEHOLDER = "placeholder"
 RATE_KEYS = ("acceptance_rate", "proposal_rate")

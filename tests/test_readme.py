@@ -40,7 +40,7 @@ SKIPPED = {
 SIM = {"plots": "false", "workload.num_requests": "40", "hydra.run.dir": "{tmp}"}
 QUICK = [
     ("python -m simulator.plan", {**SIM, "workload.num_requests": "30"}),
-    ("python -m simulator.length_fit", {}),
+    ("python -m simulator.workload.length_fit", {}),
     ("python -m simulator -m", {**SIM, "workload.num_requests": "20", "hydra.run.dir": None,
                                 "hydra.sweep.dir": "{tmp}"}),
     ("python -m simulator workload=file", {"plots": "false", "hydra.run.dir": "{tmp}"}),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from calibration.catalog import load_hardware, load_model, load_optimization, names
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
 
 PUBLISHED_PARAMS = {  # parameter counts published on the models' Hugging Face pages
     "r1-distill-qwen-1.5b": 1.78e9, "r1-distill-qwen-7b": 7.62e9, "r1-distill-qwen-14b": 14.8e9,

@@ -6,7 +6,7 @@ import pytest
 
 from calibration.catalog import load_hardware, load_model
 from calibration.roofline import roofline_model
-from simulator.performance import StepBatch
+from simulator.records.performance import StepBatch
 
 BATCHES = [
     StepBatch(decode_context=[1000]),
