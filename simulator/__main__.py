@@ -10,39 +10,39 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from simulator.records.errors import ConfigError
+from simulator.records.summary import Summary
 
 
-def print_summary(summary: dict, out_dir: Path) -> None:
+def print_summary(summary: Summary, out_dir: Path) -> None:
     """A short text summary for the terminal."""
 
     def ms(stat: dict, key: str) -> str:
         v = stat.get(key)
         return "-" if v is None else (f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s")
 
-    kv = summary["kv_usage"]
+    s = summary
+    kv = s.kv_usage
     lines = [
-        f"requests   {summary['completed']} completed, {summary['rejected']} rejected "
-        f"over {summary['duration_s']:.0f} s",
-        *(f"  rejected {n}: {reason}" for reason, n in summary.get("rejected_by_reason", {}).items()),
-        f"TTFT       p50 {ms(summary['ttft_s'], 'p50')}  p99 {ms(summary['ttft_s'], 'p99')}",
-        f"TTFVT      p50 {ms(summary['ttfvt_s'], 'p50')}  p99 {ms(summary['ttfvt_s'], 'p99')}",
-        f"TPOT       p50 {ms(summary['tpot_s'], 'p50')}  p99 {ms(summary['tpot_s'], 'p99')}",
-        f"E2E        p50 {ms(summary['e2e_s'], 'p50')}  p99 {ms(summary['e2e_s'], 'p99')}",
+        f"requests   {s.completed} completed, {s.rejected} rejected over {s.duration_s:.0f} s",
+        *(f"  rejected {n}: {reason}" for reason, n in s.sections.get("rejected_by_reason", {}).items()),
+        f"TTFT       p50 {ms(s.ttft_s, 'p50')}  p99 {ms(s.ttft_s, 'p99')}",
+        f"TTFVT      p50 {ms(s.ttfvt_s, 'p50')}  p99 {ms(s.ttfvt_s, 'p99')}",
+        f"TPOT       p50 {ms(s.tpot_s, 'p50')}  p99 {ms(s.tpot_s, 'p99')}",
+        f"E2E        p50 {ms(s.e2e_s, 'p50')}  p99 {ms(s.e2e_s, 'p99')}",
         f"KV cache   mean {kv['mean']:.1%}  peak {kv['peak']:.1%}  "
         f"{kv['seconds_above_95pct']:.0f} s above 95%",
-        f"preempted  {summary['preemptions']} preemptions of {summary['requests_preempted']} requests",
-        f"throughput {summary['throughput']['output_tokens_per_s']:.0f} output tok/s, "
-        f"{summary['throughput']['requests_per_s']:.3f} req/s",
-        f"goodput    {summary['goodput']['requests_per_s']:.3f} req/s "
-        f"({summary['goodput']['attainment']:.1%} meet the SLO)",
-        f"stragglers slowest 5% hold {summary['stragglers']['kv_block_seconds_share']:.1%} of "
-        f"KV block-seconds, E2E {summary['stragglers']['e2e_over_median']:.1f}x the median",
+        f"preempted  {s.preemptions} preemptions of {s.requests_preempted} requests",
+        f"throughput {s.throughput['output_tokens_per_s']:.0f} output tok/s, "
+        f"{s.throughput['requests_per_s']:.3f} req/s",
+        f"goodput    {s.goodput['requests_per_s']:.3f} req/s ({s.goodput['attainment']:.1%} meet the SLO)",
+        f"stragglers slowest 5% hold {s.stragglers['kv_block_seconds_share']:.1%} of "
+        f"KV block-seconds, E2E {s.stragglers['e2e_over_median']:.1f}x the median",
         f"results    {out_dir}",
     ]
     print("\n".join(lines))
 
 
-def run(cfg) -> dict:
+def run(cfg) -> Summary:
     """Build the run from the config, simulate it and write everything to the run dir."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -81,9 +81,9 @@ def run(cfg) -> dict:
         "workload": {"name": spec.workload.name, "requests": len(spec.workload)},
         "speculative_rates": speculative_rates(spec.engine, spec.optimization, command_line_overrides()),
     }
-    result.summary["rejected_by_reason"] = rejection_reasons(result.requests)
+    result.summary.sections["rejected_by_reason"] = rejection_reasons(result.requests)
     if not spec.perf.calibrated:
-        result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
+        result.summary.sections["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
     if plots is not None:
         plots.submit(result, out_dir, f"{spec.model.name} on {spec.hardware.name} x{spec.tp}, "
                                       f"{spec.workload.name}")
@@ -102,7 +102,7 @@ def run(cfg) -> dict:
     rates = result.metadata["speculative_rates"]
     if rates and rates.get("warning"):
         print(f"warning: {rates['warning']}", file=sys.stderr)
-    partial = result.summary.get("partial")
+    partial = result.summary.sections.get("partial")
     if partial:
         print(f"interrupted at {partial['interrupted_at_s']:.0f} s of simulated time: partial results "
               f"({partial['unfinished']} requests unfinished, {partial['not_arrived']} not yet arrived) "
@@ -185,9 +185,9 @@ def main() -> int:
             sys.exit(2)
         except KeyboardInterrupt:  # before anything was simulated (run() keeps later ones)
             interrupted_early(cfg, Path(HydraConfig.get().runtime.output_dir))
-        if summary.get("partial"):
+        if summary.sections.get("partial"):
             sys.exit(130)
-        return json.loads(json.dumps(summary["goodput"]))
+        return json.loads(json.dumps(summary.goodput))
 
     _task()
     return 0

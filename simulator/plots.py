@@ -53,7 +53,7 @@ def _finish_time_series(fig, ax, path: Path, ylabel: str, title: str) -> Path:
 def plot_kv_usage(result: RunResult, path: Path, title: str = "") -> Path:
     tl = result.timeline
     t, u = _downsample(tl["time_s"], tl["kv_usage"] * 100)
-    mean = result.summary["kv_usage"]["mean"] * 100
+    mean = result.summary.kv_usage["mean"] * 100
     fig, ax = _figure(9, 3.5)
     ax.plot(t, u, lw=0.8, color="tab:blue", label="KV-cache usage")
     ax.axhline(mean, color="tab:red", ls="--", lw=1, label=f"mean {mean:.1f}%")
@@ -115,7 +115,7 @@ def plotted_part(result: RunResult, points: int = PLOT_POINTS) -> RunResult:
     return RunResult(
         requests={k: np.asarray(req[k]) for k in ("status", "ttft_s", "ttfvt_s", "tpot_s", "e2e_s")},
         timeline=dict(zip(columns, sampled, strict=True)),
-        summary={"kv_usage": {"mean": result.summary["kv_usage"]["mean"]}},
+        summary={"kv_usage": {"mean": result.summary.kv_usage["mean"]}},
         metadata={},
     )
 

@@ -27,6 +27,7 @@ from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun, StepLog
 from simulator.engine.steady import SteadyScheduler
+from simulator.engine.tabulate import SimulatedRun, tabulate
 from simulator.records.engine_config import EngineConfig
 from simulator.records.performance import KVCapacity, PerformanceModel
 from simulator.records.workload import Workload
@@ -363,18 +364,17 @@ def simulate(
     keep_decisions: bool = False,
     fast: bool = True,
     stop_on_interrupt: bool = False,
-):
-    """Run a workload through one engine replica and return its RunResult.
+) -> SimulatedRun:
+    """Run a workload through one engine replica and return its RunResult (a SimulatedRun).
 
     ``fast`` advances runs of identical decode steps in closed form (same
     results as the step-by-step path, much faster); ``keep_decisions`` keeps
     every step's SchedulerOutput (and implies the step-by-step path).
     ``stop_on_interrupt`` (main thread only): Ctrl-C (SIGINT) or SIGTERM stops
     the run at the next step boundary and the result holds what was simulated
-    until then (``summary["partial"]``; unfinished requests have status
+    until then (``summary.sections["partial"]``; unfinished requests have status
     ``unfinished``, requests not yet arrived are left out).
     """
-    from simulator.engine.tabulate import tabulate
     from simulator.records.metrics import SLO
 
     kv = perf.kv_capacity(config.block_size, config.gpu_memory_utilization, config.num_gpu_blocks_override)
@@ -401,16 +401,16 @@ def simulate(
             bar.close()
     slo = slo if isinstance(slo, SLO) else SLO.from_dict(slo)
     result = tabulate(run, workload, slo)
-    result.summary["async_scheduling"] = engine.async_scheduling
-    result.summary["scheduler"] = config.scheduler
+    result.summary.sections["async_scheduling"] = engine.async_scheduling
+    result.summary.sections["scheduler"] = config.scheduler
     if engine.interrupted:
-        result.summary["partial"] = {
+        result.summary.sections["partial"] = {
             "interrupted_at_s": run.end_s,
             "unfinished": int(sum(r.status < Status.FINISHED for r in run.requests)),
             "not_arrived": len(workload) - len(run.requests),
         }
     if keep_decisions:
-        result.decisions = run.decisions  # type: ignore[attr-defined]
+        result.decisions = run.decisions
     return result
 
 

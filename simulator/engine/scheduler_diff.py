@@ -163,7 +163,7 @@ def free_running(
         ends = result.timeline["time_s"]
         runs[name] = [Decision.of(out, i, float(ends[i])) for i, out in enumerate(result.decisions)]
         # the Engine keeps executed steps only; count preemptions from the requests
-        preemptions[name] = int(result.summary["preemptions"])
+        preemptions[name] = int(result.summary.preemptions)
     a, b = runs["native"], runs["vllm"]
     empty = Decision(-1, float("nan"), (), ())
     pairs = [(a[i] if i < len(a) else empty, b[i] if i < len(b) else empty)

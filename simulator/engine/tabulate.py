@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from simulator.engine.interface import SchedulerOutput
 from simulator.engine.request import Status
 from simulator.engine.run_log import EngineRun
 from simulator.records.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
@@ -16,7 +19,15 @@ STATUS_NAMES = {Status.FINISHED: "completed", Status.REJECTED: "rejected",
 
 
 
-def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> RunResult:
+@dataclass
+class SimulatedRun(RunResult):
+    """A simulated run's RunResult; ``decisions`` holds every step's SchedulerOutput, in order,
+    when ``simulate(keep_decisions=True)`` asked for them (else None)."""
+
+    decisions: list[SchedulerOutput] | None = None
+
+
+def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> SimulatedRun:
     """Turn an EngineRun into request and timeline columns and a summary."""
     reqs = run.requests
     n = len(reqs)
@@ -75,15 +86,15 @@ def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> RunResult:
     }
     assert tuple(requests) == REQUEST_COLUMNS and tuple(timeline) == TIMELINE_COLUMNS
     summary = summarize(requests, timeline, slo, run.end_s)
-    summary["kv_cache"] = {
+    summary.sections["kv_cache"] = {
         "num_blocks": run.kv.num_blocks,
         "block_size": run.kv.block_size,
         "bytes_per_token": run.kv.bytes_per_token,
         "capacity_tokens": run.kv.num_tokens,
     }
-    summary["prefix_cache"] = {
+    summary.sections["prefix_cache"] = {
         "queried_tokens": run.prefix_queries,
         "hit_tokens": run.prefix_hits,
         "hit_rate": run.prefix_hits / run.prefix_queries if run.prefix_queries else 0.0,
     }
-    return RunResult(requests=requests, timeline=timeline, summary=summary)
+    return SimulatedRun(requests=requests, timeline=timeline, summary=summary)

@@ -276,7 +276,7 @@ def fleet_metrics(results: list, replicas: int, slo: SLO) -> dict[str, Any]:
     reqs = {c: np.concatenate([r.requests[c] for r in results]) for c in columns}
     firsts = [float(np.min(r.requests["arrival_s"])) for r in results]
     start = min(firsts)
-    end = max(f + r.summary["duration_s"] for f, r in zip(firsts, results, strict=True))
+    end = max(f + r.summary.duration_s for f, r in zip(firsts, results, strict=True))
     duration = max(end - start, 1e-9)
     done = reqs["status"] == "completed"
     kv = [time_weighted_kv(r.timeline["time_s"], r.timeline["kv_usage"], end) for r in results]

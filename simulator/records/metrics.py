@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simulator.records.summary import Goodput, KVUsage, Percentiles, Stragglers, Summary
+
 REQUEST_COLUMNS = (
     "request_id", "arrival_s", "domain", "prompt_tokens", "output_tokens", "reasoning_tokens",
     "status", "queue_s", "ttft_s", "ttfvt_s", "tpot_s", "e2e_s", "finish_s", "preemptions",
@@ -46,7 +48,7 @@ class SLO:
         return cls(**data)
 
 
-def percentiles(values: np.ndarray) -> dict[str, float | None]:
+def percentiles(values: np.ndarray) -> Percentiles:
     """{p50, p90, p99, mean} of the finite values (None when there are none)."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
@@ -56,7 +58,7 @@ def percentiles(values: np.ndarray) -> dict[str, float | None]:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(v.mean())}
 
 
-def time_weighted_kv(time_s: np.ndarray, usage: np.ndarray, end_s: float) -> dict[str, float]:
+def time_weighted_kv(time_s: np.ndarray, usage: np.ndarray, end_s: float) -> KVUsage:
     """Mean, peak, std and seconds above 95% of a step-wise KV usage series.
 
     Usage ``usage[i]`` holds from ``time_s[i]`` until the next sample (the last
@@ -108,7 +110,7 @@ def _holding_times(t: np.ndarray, end: float):
         yield a, dt
 
 
-def goodput(requests: dict[str, np.ndarray], slo: SLO, duration_s: float) -> dict[str, float]:
+def goodput(requests: dict[str, np.ndarray], slo: SLO, duration_s: float) -> Goodput:
     """Requests per second meeting every SLO limit, and their share."""
     done = requests["status"] == "completed"
     good = done.copy()
@@ -127,7 +129,7 @@ def goodput(requests: dict[str, np.ndarray], slo: SLO, duration_s: float) -> dic
     }
 
 
-def stragglers(e2e_s: np.ndarray, block_seconds: np.ndarray, share: float = 0.05) -> dict[str, float]:
+def stragglers(e2e_s: np.ndarray, block_seconds: np.ndarray, share: float = 0.05) -> Stragglers:
     """KV block-seconds held by the slowest ``share`` of requests, and their E2E over the median."""
     e2e = np.asarray(e2e_s, dtype=float)
     bs = np.asarray(block_seconds, dtype=float)
@@ -149,35 +151,35 @@ def stragglers(e2e_s: np.ndarray, block_seconds: np.ndarray, share: float = 0.05
 
 
 def summarize(requests: dict[str, np.ndarray], timeline: dict[str, np.ndarray], slo: SLO,
-              end_s: float) -> dict:
-    """The run's summary.json content (without config and provenance)."""
+              end_s: float) -> Summary:
+    """The run's summary (summary.json without config and provenance)."""
     status = requests["status"]
     done = status == "completed"
     first = float(np.min(requests["arrival_s"])) if len(status) else 0.0
     duration = max(end_s - first, 1e-9)
     out_tokens = float(requests["output_tokens"][done].sum())
     kv = time_weighted_kv(timeline["time_s"], timeline["kv_usage"], end_s)
-    return {
-        "requests": int(len(status)),
-        "completed": int(done.sum()),
-        "rejected": int((status == "rejected").sum()),
-        "failed": int((status == "failed").sum()),
-        "duration_s": duration,
-        "ttft_s": percentiles(requests["ttft_s"][done]),
-        "ttfvt_s": percentiles(requests["ttfvt_s"][done]),
-        "tpot_s": percentiles(requests["tpot_s"][done]),
-        "e2e_s": percentiles(requests["e2e_s"][done]),
-        "queue_s": percentiles(requests["queue_s"][done]),
-        "kv_usage": kv,
-        "preemptions": int(requests["preemptions"].sum()),
-        "requests_preempted": int((requests["preemptions"] > 0).sum()),
-        "throughput": {
+    return Summary(
+        requests=int(len(status)),
+        completed=int(done.sum()),
+        rejected=int((status == "rejected").sum()),
+        failed=int((status == "failed").sum()),
+        duration_s=duration,
+        ttft_s=percentiles(requests["ttft_s"][done]),
+        ttfvt_s=percentiles(requests["ttfvt_s"][done]),
+        tpot_s=percentiles(requests["tpot_s"][done]),
+        e2e_s=percentiles(requests["e2e_s"][done]),
+        queue_s=percentiles(requests["queue_s"][done]),
+        kv_usage=kv,
+        preemptions=int(requests["preemptions"].sum()),
+        requests_preempted=int((requests["preemptions"] > 0).sum()),
+        throughput={
             "output_tokens_per_s": out_tokens / duration,
             "requests_per_s": float(done.sum()) / duration,
         },
-        "goodput": goodput(requests, slo, duration),
-        "stragglers": stragglers(requests["e2e_s"][done], requests["kv_block_seconds"][done]),
-        "running_peak": int(timeline["running"].max()) if len(timeline["running"]) else 0,
-        "waiting_peak": int(timeline["waiting"].max()) if len(timeline["waiting"]) else 0,
-        "steps": int(len(timeline["time_s"])),
-    }
+        goodput=goodput(requests, slo, duration),
+        stragglers=stragglers(requests["e2e_s"][done], requests["kv_block_seconds"][done]),
+        running_peak=int(timeline["running"].max()) if len(timeline["running"]) else 0,
+        waiting_peak=int(timeline["waiting"].max()) if len(timeline["waiting"]) else 0,
+        steps=int(len(timeline["time_s"])),
+    )

@@ -13,17 +13,23 @@ from typing import Any
 
 import numpy as np
 
+from simulator.records.summary import Summary
 from simulator.records.workload import Workload
 
 
 @dataclass
 class RunResult:
-    """Column arrays for requests and timeline, plus the summary dictionary."""
+    """Column arrays for requests and timeline, the summary, and the run's provenance
+    (``metadata``: seed, versions, config; written into summary.json under "metadata")."""
 
     requests: dict[str, np.ndarray]
     timeline: dict[str, np.ndarray]
-    summary: dict[str, Any]
+    summary: Summary
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.summary, Summary):  # a summary.json-like mapping
+            self.summary = Summary.from_dict(self.summary)
 
     def requests_frame(self):
         import pandas as pd
@@ -41,7 +47,7 @@ class RunResult:
         out.mkdir(parents=True, exist_ok=True)
         _write_parquet(self.requests, out / "requests.parquet")
         _write_parquet(self.timeline, out / "timeline.parquet")
-        payload = dict(self.summary)
+        payload = self.summary.to_dict()
         if self.metadata:
             payload["metadata"] = self.metadata
         (out / "summary.json").write_text(json.dumps(payload, indent=2, default=json_default))
@@ -65,7 +71,7 @@ class RunResult:
         return cls(
             requests={c: req[c].to_numpy() for c in req.columns},
             timeline={c: tl[c].to_numpy() for c in tl.columns},
-            summary=summary,
+            summary=Summary.from_dict(summary),
             metadata=metadata,
         )
 

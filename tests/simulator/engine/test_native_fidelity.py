@@ -13,8 +13,7 @@ from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
 from simulator.records.engine_config import EngineConfig, SpeculativeConfig
 from simulator.records.workload import Workload
-
-from .conftest import LinearModel
+from tests.simulator.conftest import LinearModel
 
 
 def shared(rid, group=0):
