@@ -255,9 +255,9 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
         "versions": _versions(),
     }
     return FittedPerformanceModel(
-        coefficients=result.coefficients, kv=profile.meta["kv"], memory=profile.meta["memory"],
-        architecture=profile.meta["model"]["architecture"], name=f"fitted:{profile.name}",
-        hardware=profile.meta["hardware"], report=report,
+        coefficients=result.coefficients, kv=profile.meta.kv, memory=profile.meta.memory,
+        architecture=profile.meta.model["architecture"], name=f"fitted:{profile.name}",
+        hardware=profile.meta.hardware, report=report,
         source=str(profile.path) if profile.path else profile.name,
     )
 

@@ -16,7 +16,7 @@ raises ConfigError naming what is wrong.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,16 +187,70 @@ def batch_of(row: Any) -> StepBatch:
     )
 
 
+@dataclass
+class ProfileMeta:
+    """profile.json: the profile's metadata (docs/profile-format.md gives every key's contents).
+
+    The sections every reader relies on are fields; the others (``created``, ``machine``,
+    ``summary``, ``run``, and any later ones) are in ``extra``. ``order`` keeps the file's key
+    order, so that a profile read and saved again is byte-identical. Reads like the dictionary
+    it replaces (``meta["kv"]``, ``meta.get("created")``).
+    """
+
+    format: str  # FORMAT_NAME
+    format_version: int  # readers refuse newer versions than FORMAT_VERSION
+    hardware: dict[str, Any]  # kind, name, vendor, count, slug, memory_total_bytes, details, ...
+    versions: dict[str, Any]  # vllm, vllm_distribution, torch, transformers, python, rllm_sim, ...
+    model: dict[str, Any]  # name, source, architecture (a ModelArchitecture as a dict)
+    optimization: dict[str, Any]  # name, engine_args, phases
+    engine: dict[str, Any]  # llm_kwargs, resolved (the settings vLLM used), env
+    kv: dict[str, Any]  # block_size, num_gpu_blocks, num_tokens, bytes_per_token, ...
+    memory: dict[str, Any]  # weights_bytes, kv_cache_bytes, activation_peak_bytes, ...
+    grid: dict[str, Any]  # the grid's parameters and the points left out
+    points: list[dict[str, Any]]  # every grid point in measuring order, with its status
+    extra: dict[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "profile.json") -> ProfileMeta:
+        """Validated (``validate_meta``) metadata, from profile.json's content."""
+        validate_meta(data, where)
+        known = {k: data[k] for k in REQUIRED_META}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in REQUIRED_META},
+                   order=tuple(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """profile.json's content, in the order read (new keys after)."""
+        values = {k: getattr(self, k) for k in REQUIRED_META} | self.extra
+        keys = [k for k in self.order if k in values] + [k for k in values if k not in self.order]
+        return {k: values[k] for k in keys}
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key) if key in REQUIRED_META else self.extra[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in REQUIRED_META or key in self.extra
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        return default
+
+    def keys(self) -> list[str]:
+        return list(self.to_dict())
+
+
 @dataclass(frozen=True, eq=False)
 class Profile:
     """A profile: the steps table and its metadata (see the module docstring)."""
 
-    meta: dict[str, Any]
+    meta: ProfileMeta  # a profile.json-like dict is validated and converted
     steps: pd.DataFrame
     path: Path | None = None
 
     def __post_init__(self) -> None:
-        validate_meta(self.meta)
+        if not isinstance(self.meta, ProfileMeta):
+            object.__setattr__(self, "meta", ProfileMeta.from_dict(self.meta))
         validate_steps(self.steps)
 
     @classmethod
@@ -211,8 +265,8 @@ class Profile:
             meta = json.loads(meta_path.read_text())
         except ValueError as err:  # not JSON, or not text at all
             raise ConfigError("profile", f"{meta_path} is not valid JSON: {err}") from None
-        validate_meta(meta, str(meta_path))
-        return cls(meta=meta, steps=read_steps(folder / STEPS_FILE), path=folder)
+        return cls(meta=ProfileMeta.from_dict(meta, str(meta_path)), steps=read_steps(folder / STEPS_FILE),
+                   path=folder)
 
     def save(self, folder: str | Path) -> Path:
         """Write steps.parquet and profile.json into folder (atomically, file by file)."""
@@ -220,7 +274,7 @@ class Profile:
         folder.mkdir(parents=True, exist_ok=True)
         write_steps(self.steps, folder / STEPS_FILE)
         tmp = folder / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.meta, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(self.meta.to_dict(), indent=2, sort_keys=False, default=_json_default) + "\n")
         tmp.replace(folder / META_FILE)
         return folder
 
@@ -232,23 +286,23 @@ class Profile:
 
     @property
     def hardware_slug(self) -> str:
-        return str(self.meta["hardware"].get("slug", "unknown"))
+        return str(self.meta.hardware.get("slug", "unknown"))
 
     @property
     def model_name(self) -> str:
-        return str(self.meta["model"].get("name", "model"))
+        return str(self.meta.model.get("name", "model"))
 
     @property
     def optimization(self) -> str:
-        return str(self.meta["optimization"].get("name", "none"))
+        return str(self.meta.optimization.get("name", "none"))
 
     @property
     def architecture(self) -> ModelArchitecture:
-        return ModelArchitecture.from_dict(self.meta["model"]["architecture"])
+        return ModelArchitecture.from_dict(self.meta.model["architecture"])
 
     @property
     def kv_capacity(self) -> KVCapacity:
-        kv = self.meta["kv"]
+        kv = self.meta.kv
         return KVCapacity(num_blocks=int(kv["num_gpu_blocks"]), block_size=int(kv["block_size"]),
                           bytes_per_token=int(kv["bytes_per_token"]))
 

@@ -91,6 +91,8 @@ class Summary:
     sections: dict[str, Any] = field(default_factory=dict)
     #: core fields a summary read from disk did not have (left out again when written)
     absent: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    #: the key order of a summary read from disk (kept when written again)
+    order: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @staticmethod
     def core_names() -> tuple[str, ...]:
@@ -103,13 +105,18 @@ class Summary:
         core = cls.core_names()
         known = {k: data[k] for k in core if k in data}
         sections = {k: v for k, v in data.items() if k not in core}
-        return cls(**known, sections=sections, absent=frozenset(k for k in core if k not in data))
+        return cls(**known, sections=sections, absent=frozenset(k for k in core if k not in data),
+                   order=tuple(data))
 
     def to_dict(self) -> dict[str, Any]:
-        """summary.json's content: the core fields in order, then the sections in order."""
+        """summary.json's content: the core fields in order, then the sections in order (a
+        summary read from disk keeps the file's order, new keys after)."""
         out = {k: getattr(self, k) for k in self.core_names() if k not in self.absent}
         out.update(self.sections)
-        return out
+        if not self.order:
+            return out
+        keys = [k for k in self.order if k in out] + [k for k in out if k not in self.order]
+        return {k: out[k] for k in keys}
 
     # --- reads like the dictionary it replaces ---------------------------------------------
     def _is_core(self, key: str) -> bool:
@@ -142,4 +149,4 @@ class Summary:
         return iter(self.keys())
 
 
-CORE_FIELDS = tuple(f.name for f in fields(Summary) if f.name not in ("sections", "absent"))
+CORE_FIELDS = tuple(f.name for f in fields(Summary) if f.name not in ("sections", "absent", "order"))

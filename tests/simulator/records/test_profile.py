@@ -143,3 +143,17 @@ def test_no_profile_directory_is_one_line(tmp_path):
 def test_batch_of_dict_row():
     batch = batch_of(row(0, "mixed", prefill=[10], context=[5], decode=[7], spec=[2]))
     assert (batch.num_prefill_tokens, batch.num_decode_seqs, batch.num_spec_tokens) == (10, 1, 2)
+
+
+@pytest.mark.parametrize("name", ["none", "spec_ngram", "prefix_cache"])
+def test_a_shipped_profile_saved_again_has_the_same_profile_json(tmp_path, name):
+    from pathlib import Path
+
+    from simulator.records.profile import ProfileMeta
+
+    folder = Path(__file__).resolve().parents[3] / "calibration/profiles/cpu-amd-2c/tiny-llama" / name
+    profile = Profile.load(folder)
+    assert isinstance(profile.meta, ProfileMeta)
+    assert profile.meta.kv["num_gpu_blocks"] == profile.kv_capacity.num_blocks
+    profile.save(tmp_path)
+    assert (tmp_path / "profile.json").read_bytes() == (folder / "profile.json").read_bytes()
