@@ -76,7 +76,7 @@ def assert_identical(a, b, what: str) -> None:
         assert x.keys() == y.keys()
         for key in x:
             np.testing.assert_array_equal(y[key], x[key], err_msg=f"{what}: {table}.{key}")
-    np.testing.assert_equal(b.summary, a.summary, err_msg=f"{what}: summary")
+    np.testing.assert_equal(b.summary.to_dict(), a.summary.to_dict(), err_msg=f"{what}: summary")
 
 
 def assert_same_to_rounding(a, b, what: str) -> None:
@@ -114,7 +114,7 @@ def assert_same_to_rounding(a, b, what: str) -> None:
         else:
             same(x, y, where)
 
-    walk(a.summary, b.summary, "summary")
+    walk(a.summary.to_dict(), b.summary.to_dict(), "summary")
 
 
 def check_invariants(case: Case, result, decisions=None) -> None:
