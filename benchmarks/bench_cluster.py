@@ -4,7 +4,7 @@
     python benchmarks/bench_cluster.py --replicas 8 --requests 8000 --routers least_outstanding
 
 For each router, the cluster is simulated on one clock (simulator.cluster); then each replica's
-requests (as that router sent them) are simulated alone with ``simulator.engine.simulate``. It
+requests (as that router sent them) are simulated alone with ``simulator.engine.loop.simulate``. It
 prints the cluster's CPU time, the sum of the single-replica CPU times and their ratio (issue 19's
 target: at most 2x). CPU time (this process's), not wall time: the 2-core machine is shared.
 ``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
@@ -37,7 +37,7 @@ def main() -> None:
 
     from simulator.cluster import ClusterSpec, simulate_cluster
     from simulator.configure import CONF_DIR, build_run
-    from simulator.engine import simulate
+    from simulator.engine.loop import simulate
 
     overrides = [f"workload.num_requests={args.requests}", *args.set]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

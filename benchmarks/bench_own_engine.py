@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from calibration.validation_scenarios import Scenario  # noqa: E402
-from simulator.engine_config import EngineConfig  # noqa: E402
+from simulator.records.engine_config import EngineConfig  # noqa: E402
 
 #: the engine every shape is profiled, served and simulated with (the issue's user settings)
 BLOCK, MAX_LEN = 128, 8192
@@ -116,7 +116,7 @@ def live(load: Scenario, shape: dict, out: Path, runs: int) -> list:
     from profiler.live.runner import LiveRunConfig, run_series
     from profiler.live.server import ServerSpec
     from profiler.tiny_model import ensure_tiny_model
-    from simulator.results import RunResult
+    from simulator.records.run_result import RunResult
 
     done = sorted((out / "live").glob("run-*/summary.json"))
     if len(done) >= runs:

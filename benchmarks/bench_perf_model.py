@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from calibration.registry import build_performance_model
-from simulator.performance import StepBatch
+from simulator.records.performance import StepBatch
 
 
 def naive_step_time(pm, batch: StepBatch) -> float:

@@ -72,7 +72,7 @@ def config(*overrides: str) -> dict:
 
 
 def timed_plan(cfg: dict, out: Path, workers: int):
-    from simulator.plan_runner import run_plan
+    from simulator.planning.dispatch import run_plan
 
     started = time.perf_counter()
     outcome = run_plan(cfg, out, progress=False, max_in_flight=workers)
@@ -93,7 +93,7 @@ def main() -> int:
               "progress=false", "plots=true"]
     import ray
 
-    from simulator.plan_runner import choose_local_auth
+    from simulator.planning.runner import choose_local_auth
 
     choose_local_auth()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

@@ -46,7 +46,7 @@ def profile(optimization: str, out: Path | None, grid: str, extra: list[str]) ->
 
 
 def point_medians(folder: Path) -> dict[str, float]:
-    from calibration.profile import Profile
+    from simulator.records.profile import Profile
 
     steps = Profile.load(folder).steps
     steps = steps[steps["phase"].isin(["prefill", "decode", "spec"]) & (steps["rep"] >= 0) & ~steps["disturbed"]]
@@ -56,7 +56,7 @@ def point_medians(folder: Path) -> dict[str, float]:
 def agreement(folders: list[Path]) -> dict:
     """Run-to-run differences: per grid point (median step time) and per fitted prediction."""
     from calibration.fit import fit_profile
-    from calibration.profile import Profile
+    from simulator.records.profile import Profile
 
     medians = [point_medians(f) for f in folders]
     common = sorted(set.intersection(*(set(m) for m in medians)))
@@ -96,7 +96,7 @@ def main() -> int:
         seconds, folder = profile(opt, None if args.ship else scratch / opt, args.grid, [])
         folders[opt] = folder
         from calibration.fit import fit_profile
-        from calibration.profile import Profile
+        from simulator.records.profile import Profile
 
         prof = Profile.load(folder)
         held = fit_profile(prof).report["held_out"]["median_ape"]

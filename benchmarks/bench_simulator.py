@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from simulator.configure import CONF_DIR, build_run  # noqa: E402
-from simulator.engine import simulate  # noqa: E402
+from simulator.engine.loop import simulate  # noqa: E402
 from simulator.huge_pages import avoid_huge_pages  # noqa: E402
 
 VIDUR_LOOP_S = 77.0  # Vidur on a 2-core machine, 1,000 requests at 0.08 req/s (issue 5)
@@ -140,7 +140,7 @@ def main() -> int:
         same = agree(fast, slow)
         wall, rss = whole_process(rate, n)
         vidur = f"{VIDUR_LOOP_S / t_fast:.0f}x" if n == 1000 else "-"
-        print(f"| {rate} | {fast.summary['steps']} | {fast.summary['preemptions']} | {t_fast:.2f} | {t_slow:.2f} | "
+        print(f"| {rate} | {fast.summary.steps} | {fast.summary.preemptions} | {t_fast:.2f} | {t_slow:.2f} | "
               f"{t_slow / t_fast:.1f}x | {vidur} | {same} | {wall:.2f} | {rss:.0f} |")
     print()
     print("# growth with request count (fast path, lengths from the default reasoning laws, 4 req/s, cv 2)")
@@ -149,7 +149,7 @@ def main() -> int:
     counts = (1000,) if args.quick else ((1000, 10000, 100000) if args.large else (1000, 10000))
     for count in counts:
         t, r = timed_simulation(spec_for(4.0, count, lengths_file=None), fast=True)
-        print(f"| {count} | {t:.2f} | {r.summary['steps']} |")
+        print(f"| {count} | {t:.2f} | {r.summary.steps} |")
     if args.servegen:
         print()
         print("# ServeGen peak hour of DeepSeek-R1 traffic, H100 + R1-Distill-Qwen-7B (issue 5 target: <= 60 s)")
@@ -158,12 +158,12 @@ def main() -> int:
         cfg = servegen_spec(300)  # the KV cache fills and preemptions begin
         t_fast, fast = timed_simulation(cfg, fast=True)
         t_slow, slow = timed_simulation(cfg, fast=False)
-        print(f"| first five minutes | {len(fast.requests['arrival_s'])} | {fast.summary['steps']} | "
-              f"{fast.summary['preemptions']} | {t_fast:.1f} | {t_slow:.1f} | {t_slow / t_fast:.1f}x | "
+        print(f"| first five minutes | {len(fast.requests['arrival_s'])} | {fast.summary.steps} | "
+              f"{fast.summary.preemptions} | {t_fast:.1f} | {t_slow:.1f} | {t_slow / t_fast:.1f}x | "
               f"{agree(fast, slow)} |")
         t_fast, fast = timed_simulation(servegen_spec(3600), fast=True)
-        print(f"| hour | {len(fast.requests['arrival_s'])} | {fast.summary['steps']} | "
-              f"{fast.summary['preemptions']} | {t_fast:.0f} | - | - | - |")
+        print(f"| hour | {len(fast.requests['arrival_s'])} | {fast.summary.steps} | "
+              f"{fast.summary.preemptions} | {t_fast:.0f} | - | - | - |")
     return 0
 
 

@@ -53,7 +53,7 @@ def _median(value) -> float | None:
 
 
 def compare(pm, steps: list[dict]) -> list[dict]:
-    from simulator.performance import StepBatch
+    from simulator.records.performance import StepBatch
 
     rows = []
     for s in steps:

@@ -6,7 +6,7 @@
 laws (conf/workload/lengths/reasoning.yaml, domain ``math`` at its default
 difficulty mix: easy = GSM8K, medium = MATH-500, hard = AIME output lengths of
 R1-Distill-Qwen-7B, as published by the study). Those laws are fitted by
-``python -m simulator.length_fit`` from ServeGen's DeepSeek-R1 data (Apache-2.0)
+``python -m simulator.workload.length_fit`` from ServeGen's DeepSeek-R1 data (Apache-2.0)
 and the study's published means. Outputs are cut so that prompt + output fits a
 32,768-token context (no request the default engine must reject).
 Columns: num_prefill_tokens, num_decode_tokens.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.lengths import LengthModel
+from simulator.workload.lengths import LengthModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "data/bench/reasoning_lengths_20k.csv"

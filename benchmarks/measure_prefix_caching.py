@@ -44,7 +44,7 @@ def hash_cost() -> float:
 
 def flat_model():
     """A constant step time: the scheduler's CPU time is what is measured, not the model's."""
-    from simulator.performance import MemoryBreakdown, PerformanceModel
+    from simulator.records.performance import MemoryBreakdown, PerformanceModel
 
     class Flat(PerformanceModel):
         name = "flat"
@@ -62,9 +62,9 @@ def flat_model():
 
 
 def scheduler_cost(reps: int = 7, n: int = 400, hash_s_per_block: float = 1e-6) -> None:
-    from simulator.engine import simulate
-    from simulator.engine_config import EngineConfig
-    from simulator.workload import Workload
+    from simulator.engine.loop import simulate
+    from simulator.records.engine_config import EngineConfig
+    from simulator.records.workload import Workload
 
     rng = np.random.default_rng(0)
     w = Workload(arrival_s=np.sort(rng.uniform(0, 5, n)), prompt_tokens=rng.integers(300, 700, n),

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: command: {name!r} is not available in this build", file=sys.stderr)
             return 2
         raise
-    from simulator.errors import ConfigError
+    from simulator.records.errors import ConfigError
 
     try:
         return int(module.main(rest) or 0)

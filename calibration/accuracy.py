@@ -12,7 +12,7 @@ calibrated step-time model the project has for that card and model
   core (``queued_ts``) to its first and last token. The simulation's arrivals
   are these times.
 - ``client``: the simulated engine figures plus the front-end term
-  (``simulator.frontend``), against the live run from the API server's
+  (``simulator.records.frontend``), against the live run from the API server's
   ``arrival_time`` (another clock, aligned on the request that waited least
   for the engine core to take it) to the first and last token. The live figure
   therefore holds the server's input processing and the wait for the engine
@@ -41,7 +41,7 @@ from calibration.live_replay import (
     live_workload,
     load_live_run,
 )
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 RUNS_ROOT = DATA_DIR.parent
 QUANTILES = (50, 90, 99)
@@ -124,8 +124,8 @@ def live_latencies(run: LiveRun) -> dict[tuple[str, str], np.ndarray]:
 def replay_run(run_dir: Path, frontend_s: float | None = None, seed: int = 0) -> RunAccuracy:
     """Simulate one live run and compare; ``frontend_s`` None: the front-end term's GPU default."""
     from calibration.registry import build_performance_model
-    from simulator import frontend
-    from simulator.engine import simulate
+    from simulator.engine.loop import simulate
+    from simulator.records import frontend
 
     run = load_live_run(run_dir)
     kw = run.engine_kwargs

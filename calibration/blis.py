@@ -19,10 +19,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from calibration.memory import MemoryModel
-from simulator.errors import ConfigError
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture
-from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture
+from simulator.records.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "blis" / "derived_blackbox_coefficients_per_model_gpu.csv"
 #: simulator hardware names -> BLIS GPU labels

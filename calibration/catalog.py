@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from simulator.errors import ConfigError
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from simulator.cli_errors import OneLineParser, hydra_error  # noqa: F401 - re-exported
 from simulator.cli_errors import writable_folder as _writable_folder
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def arg_type(check: Callable[[str, str], object], field: str) -> Callable[[str], object]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from calibration import accuracy
 from calibration.cli_args import OneLineParser, arg_type, number_arg, seed_arg
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "accuracy.md"
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shipped runs to replay (default: all), by GPU/model folder name or path")
     p.add_argument("--out", default=None, help="output folder (default runs/accuracy/<UTC time>)")
     p.add_argument("--frontend-s", type=arg_type(_seconds, "--frontend-s"), default=None,
-                   help="front-end seconds for the client view (default: simulator.frontend's GPU default)")
+                   help="front-end seconds for the client view (default: simulator.records.frontend's GPU default)")
     p.add_argument("--seed", type=arg_type(seed_arg, "--seed"), default=0)
     p.add_argument("--update-docs", action="store_true", help=f"rewrite the marked table in {DOCS.name}")
     return p

@@ -1,7 +1,7 @@
 """``python -m calibration agreement``: how often the native scheduler decides as vLLM's own does.
 
 Runs a workload through the native scheduler and vLLM's real V1 scheduler in
-lockstep (simulator/scheduler_diff.py) and prints the share of engine steps on
+lockstep (simulator/engine/scheduler_diff.py) and prints the share of engine steps on
 which both made the same decision (requests scheduled, in order, with their
 token counts, and the preemptions), then the first divergent steps with both
 batches. Needs vLLM installed (the engine env: scripts/setup_vllm_cpu.sh, then
@@ -46,9 +46,9 @@ from calibration.cli_args import (
     positive_int_arg,
     seed_arg,
 )
-from simulator.engine_config import EngineConfig, parse_key_values
-from simulator.errors import ConfigError
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig, parse_key_values
+from simulator.records.errors import ConfigError
+from simulator.records.workload import Workload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +113,8 @@ def _base_run(overrides: list[str]):
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from simulator import scheduler_diff
-    from simulator.vllm_scheduler import require_vllm, vllm_version
+    from simulator.engine import scheduler_diff
+    from simulator.engine.vllm_oracle import require_vllm, vllm_version
 
     spec = _base_run(args.overrides)  # the configuration first: its errors need no vLLM
     require_vllm()  # fail early, in one line, without vLLM

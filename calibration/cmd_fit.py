@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from calibration.cli_args import fraction_arg, new_run_dir, output_file_arg, seed_arg
 from calibration.fit import FIT_FILE, TERMS, fit_profile, save_fitted_model
-from calibration.profile import Profile
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
+from simulator.records.profile import Profile
 
 ARGS = {"profile", "out", "test_fraction", "seed"}
 

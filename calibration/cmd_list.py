@@ -16,8 +16,8 @@ import sys
 from calibration import catalog
 from calibration.cli_args import OneLineParser, arg_type, positive_int_arg
 from calibration.registry import SOURCES, TP_CHOICES, USER_SOURCES, check_selection
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
 
 COLUMNS = ("hardware", "model", "tp", "source", "calibrated", "optimizations", "kv_blocks", "extrapolated",
            "built_from")

@@ -62,11 +62,11 @@ from calibration.cli_args import (
 )
 from calibration.live_model import JitteredModel, StepGapModel, add_request_overhead
 from calibration.validation_scenarios import CPU_ENGINE, SCENARIOS, get_scenario
-from simulator.engine_config import EngineConfig, parse_key_values
-from simulator.errors import ConfigError
-from simulator.metrics import SLO
-from simulator.results import RunResult
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig, parse_key_values
+from simulator.records.errors import ConfigError
+from simulator.records.metrics import SLO
+from simulator.records.run_result import RunResult
+from simulator.records.workload import Workload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: inter-step gap vLLM's iteration log leaves out on our CPUs (../shared/vllm-cpu.md), used
@@ -380,7 +380,7 @@ def seeds_draw(step_sigma: float, run_sigma: float, engine: EngineConfig) -> str
 def simulate_runs(workload: Workload, engine: EngineConfig, model, seeds: int, step_sigma: float,
                   run_sigma: float, async_scheduling: bool, out: Path, overhead_s: float = 0.0,
                   busy_extra_s: float = 0.0) -> list[RunResult]:
-    from simulator.engine import simulate
+    from simulator.engine.loop import simulate
 
     results = []
     for seed in range(seeds):

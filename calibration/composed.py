@@ -48,12 +48,21 @@ from typing import Protocol
 
 import numpy as np
 
+from calibration.layer_terms import (
+    ACT_BYTES,
+    MEMORY_EFFICIENCY,
+    MEMORY_OP_LATENCY_S,
+    STEP_OVERHEAD_S,
+    LayerShapes,
+    layer_memory_ops,
+)
 from calibration.memory import MemoryModel
+from calibration.roofline import RooflineKernels
 from calibration.sparse import SparseParts
-from simulator.errors import ConfigError
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
-from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture, dtype_bytes
+from simulator.records.performance import MemoryBreakdown, PerformanceModel, StepBatch
 
 TABLE_HEAD_DIM = 128
 GRID_PER_OCTAVE = 8
@@ -61,10 +70,6 @@ GRID_PER_OCTAVE = 8
 GRID_MAX_SEQS = 4096
 #: lengths covered by the attention grids (quadratic beyond for prefill, linear for decode)
 GRID_MAX_LEN = 1 << 18
-#: memory-bound kernels not in the tables: aiconfigurator's empirical constants
-#: (``mem_bw_empirical_scaling_factor: 0.8``, ``mem_empirical_constant_latency: 3 us``)
-MEMORY_EFFICIENCY = 0.8
-MEMORY_OP_LATENCY_S = 3e-6
 #: The fastest any kernel streams memory, as a fraction of the datasheet bandwidth: a 4 GiB
 #: device-to-device copy on a real H200 moved 4,242 GB/s (read + write) of its 4,800
 #: (``../shared/data/gpu-measurements/h200-r1-distill-qwen-7b``, ``kind: ceiling``). Attention
@@ -76,16 +81,6 @@ COPY_CEILING_FRACTION = 4242 / 4800
 #: (24.7 us at 1 sequence, 164 us at 256 sequences of a 128,256-token vocabulary).
 SAMPLER_FIXED_S = 25e-6
 SAMPLER_LOGIT_PASSES = 2
-#: Per-step cost outside the measured kernels: input preparation and its
-#: host-to-device copies, embedding look-up, the step's synchronisation and the
-#: gaps between kernels. 0.7 ms is what the BLIS fit of real vLLM 0.11 runs of
-#: Qwen2.5-7B on an H100 (beta0 = 7.05 ms for a step of one short decode) leaves
-#: after this model's GPU time for that step (6.36 ms); see
-#: tests/calibration/test_blis_agreement.py. It is below the 1.3-1.5 ms that
-#: vLLM 0.32's engine loop spends between steps on a CPU (../shared/vllm-cpu.md)
-#: because on a GPU async scheduling (vLLM's default) overlaps that host work
-#: with the previous step's kernels.
-STEP_OVERHEAD_S = 0.7e-3
 
 
 class KernelSource(Protocol):
@@ -198,25 +193,6 @@ class TableKernels:
         return "; ".join([self.tables.describe(), *self.notes])
 
 
-ACT_BYTES = 2  # bf16 activations
-
-
-def layer_memory_ops(sh: LayerShapes, weight_dtype: str, kv_dtype: str) -> dict[str, int]:
-    """Bytes read and written per token by one layer's memory-bound kernels, by kernel (vLLM's fused ones)."""
-    act, q_dim, kv_dim = ACT_BYTES, sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
-    ops = {
-        "add_rmsnorm_attn": 4 * sh.hidden * act,             # fused residual add + RMSNorm before attention
-        "add_rmsnorm_mlp": 4 * sh.hidden * act,              # the same before the MLP
-        "rotary": 2 * (q_dim + kv_dim) * act,                # rotary embedding on q and k
-        "kv_cache_write": 2 * kv_dim * (act + dtype_bytes(kv_dtype)),  # K and V into the paged cache
-        "silu_mul": 3 * sh.inter * act,                      # SiLU(gate) * up
-    }
-    # per-token activation quantization before o and down (not for weight-only int4, W4A16)
-    if weight_dtype != "int4" and dtype_bytes(weight_dtype) < act:
-        ops.update(quant_o=q_dim * (act + 1), quant_down=sh.inter * (act + 1))
-    return ops
-
-
 @dataclass(frozen=True)
 class MeasuredRange:
     """The largest query each kernel table measured; beyond it the model extrapolates."""
@@ -233,30 +209,6 @@ class MeasuredRange:
 #: the axes on which a step's queries are counted when they leave the measured range
 EXTRAPOLATION_AXES = ("tokens", "decode_batch", "decode_context", "decode_kv_heads",
                       "prefill_batch", "prefill_length", "prefill_kv_heads")
-
-
-@dataclass(frozen=True)
-class LayerShapes:
-    """Per-GPU shapes of one transformer layer under tensor parallelism."""
-
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    inter: int
-    vocab: int
-
-    @classmethod
-    def of(cls, arch: ModelArchitecture, tp: int) -> LayerShapes:
-        check_tp(arch, tp)
-        return cls(
-            hidden=arch.hidden_size,
-            heads=arch.num_attention_heads // tp,
-            kv_heads=max(1, arch.num_key_value_heads // tp),
-            head_dim=arch.head_dim,
-            inter=arch.intermediate_size // tp,
-            vocab=arch.vocab_size // tp,
-        )
 
 
 class LogGrid2D:
@@ -701,7 +653,7 @@ class ComposedPerformanceModel(PerformanceModel):
     def kv_groups(self):
         if not self.arch.sliding_window_layers:
             return None
-        from simulator.kv_layout import model_kv_groups
+        from simulator.records.kv_groups import model_kv_groups
 
         return model_kv_groups(self.arch)
 
@@ -730,3 +682,26 @@ class ComposedPerformanceModel(PerformanceModel):
             out["kernel_rows_rejected"] = dict(checks["rejected"])
             out["kernel_rows_checked"] = dict(checks["checked"])
         return out
+
+
+def roofline_model(
+    arch: ModelArchitecture,
+    hardware: Hardware,
+    *,
+    tp: int = 1,
+    weight_dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+    max_num_batched_tokens: int = 8192,
+    max_num_seqs: int = 1024,
+    host_s_per_token: float = 0.0,
+    host_s_per_row: float = 0.0,
+    expert_parallel: bool = False,
+) -> ComposedPerformanceModel:
+    """The composed step model over roofline kernels, labelled uncalibrated."""
+    return ComposedPerformanceModel(
+        arch, hardware, RooflineKernels(hardware), tp=tp, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+        name=f"roofline-UNCALIBRATED:{hardware.name}:{arch.name}:{weight_dtype}:kv-{kv_dtype}:tp{tp}",
+        calibrated=False, host_s_per_token=host_s_per_token, host_s_per_row=host_s_per_row,
+        expert_parallel=expert_parallel,
+    )

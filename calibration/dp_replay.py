@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.live_replay import DATA_DIR, live_engine_config, load_live_run
-from simulator.workload import Workload
+from simulator.records.workload import Workload
 
 RUN = DATA_DIR / "RTXPRO6000" / "Qwen3-30B-A3B-Instruct-2507"
 QUANTILES = (50, 90, 99)
@@ -38,7 +38,7 @@ def replay(run_dir: Path = RUN, model: str = "qwen3-30b-a3b", hardware: str = "r
     from calibration.accuracy import run_hardware
     from calibration.composed import ComposedPerformanceModel
     from calibration.roofline import RooflineKernels
-    from simulator.engine import simulate
+    from simulator.engine.loop import simulate
 
     run = load_live_run(run_dir)
     kw = run.engine_kwargs

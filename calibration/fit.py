@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibration.profile import META_FILE, Profile, engine_settings
-from simulator.errors import ConfigError
-from simulator.model_arch import ModelArchitecture
-from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.model_arch import ModelArchitecture
+from simulator.records.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.profile import META_FILE, Profile, engine_settings
 
 FIT_FILE = "fit.json"
 FIT_FORMAT = "rllm-sim-fitted-step-model"
@@ -209,7 +209,7 @@ class FittedPerformanceModel(PerformanceModel):
         self.decode_knee = int(decode_knee)
         #: the server's overheads measured by the profiler's serving phase (ServingOverheads), or None
         self.serving = dict(serving) if serving else None
-        #: the profiled engine's settings (calibration.profile.engine_settings)
+        #: the profiled engine's settings (simulator.records.profile.engine_settings)
         self.engine_settings = dict(engine) if engine else None
         self.kv = dict(kv)
         self.memory_info = dict(memory)
@@ -321,7 +321,7 @@ def serving_of(profile: Profile, model: FittedPerformanceModel) -> dict[str, Any
     if not probes:
         return None
     from calibration.serving import overheads_from_probes
-    from simulator.engine_config import EngineConfig
+    from simulator.records.engine_config import EngineConfig
 
     settings = dict(model.engine_settings or {})
     async_scheduling = bool(settings.pop("async_scheduling", False))

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "aiconfigurator"
 TABLE_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8"}
@@ -581,7 +581,7 @@ def load_table_dir(folder: str | Path) -> KernelTables:
     import json
 
     from calibration.plausibility import Rejections, Roofline, implausible
-    from simulator.hardware import Hardware
+    from simulator.records.hardware import Hardware
 
     folder = Path(folder)
     meta_path = folder / PROVENANCE_FILE

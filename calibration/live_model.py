@@ -19,9 +19,9 @@ import random
 
 import numpy as np
 
-from simulator.errors import require
-from simulator.metrics import REQUEST_COLUMNS, SLO, summarize
-from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.errors import require
+from simulator.records.metrics import REQUEST_COLUMNS, SLO, summarize
+from simulator.records.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
 
 
 class _Wrapped(PerformanceModel):
@@ -146,7 +146,7 @@ def add_request_overhead(result, overhead_s: float, slo: SLO | None = None, busy
     (``calibration.cmd_validate.busy_overhead``). No request's total goes
     below zero extra. The summary is recomputed with the same function as before.
     """
-    from simulator.results import RunResult
+    from simulator.records.run_result import RunResult
 
     require(overhead_s >= 0 and math.isfinite(overhead_s), "validate.request_overhead_s",
             "must be a finite number >= 0")

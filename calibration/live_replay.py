@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.workload import Workload
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "live-runs" / "llmservingsim"
 DEFAULT_RUN = DATA_DIR / "RTXPRO6000" / "Llama-3.1-8B"
@@ -193,7 +193,7 @@ def replay(run_dir: str | Path = DEFAULT_RUN, hardware: str = "rtxpro6000", mode
            perf_source: str = "llmservingsim", seed: int = 0) -> ReplayReport:
     """Simulate the live run's workload with a model of its card and compare."""
     from calibration.registry import build_performance_model
-    from simulator.engine import simulate
+    from simulator.engine.loop import simulate
 
     run = load_live_run(run_dir)
     config = live_engine_config(run)

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.composed import STEP_OVERHEAD_S
+from calibration.layer_terms import STEP_OVERHEAD_S
 from calibration.memory import MemoryModel
-from simulator.errors import ConfigError
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture
-from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture
+from simulator.records.performance import MemoryBreakdown, PerformanceModel, StepBatch
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "llmservingsim" / "perf"
 #: simulator hardware names -> LLMServingSim's GPU directory names

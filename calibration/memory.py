@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
-from simulator.performance import MemoryBreakdown
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture, check_tp, dtype_bytes
+from simulator.records.performance import MemoryBreakdown
 
 GIB = 1024**3
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.composed import (
+from calibration.layer_terms import (
     ACT_BYTES,
     MEMORY_EFFICIENCY,
     MEMORY_OP_LATENCY_S,
@@ -33,8 +33,8 @@ from calibration.composed import (
     layer_memory_ops,
 )
 from calibration.llmservingsim import ProfileKey
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture
 
 #: model families whose layers also normalise q and k per head (vLLM's Qwen3 code: ``q_norm``, ``k_norm``)
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")

@@ -47,7 +47,7 @@ class Roofline:
 
     @classmethod
     def of(cls, hardware) -> Roofline:
-        """From a simulator.hardware.Hardware (conf/hardware): TFLOP/s and GB/s become /s."""
+        """From a simulator.records.hardware.Hardware (conf/hardware): TFLOP/s and GB/s become /s."""
         bf16 = float(hardware.bf16_tflops) * 1e12
         fp8 = float(hardware.fp8_tflops or 0.0) * 1e12
         link = float(hardware.interconnect_gbps or 0.0) * 1e9

@@ -1,6 +1,6 @@
 """With ``perf=profile`` the profiled engine's settings are the run's defaults.
 
-A profile records the engine it measured (``calibration.profile.engine_settings``:
+A profile records the engine it measured (``simulator.records.profile.engine_settings``:
 block size, max_num_seqs, max_num_batched_tokens, max_model_len, chunked
 prefill, prefix caching, async scheduling; its KV capacity comes with the fit).
 A simulation of it runs those settings unless the command line sets one

@@ -25,17 +25,16 @@ from typing import Any
 
 from calibration import blis, catalog, kernel_tables, llmservingsim
 from calibration.memory import MemoryModel
-from simulator.errors import ConfigError
-from simulator.hardware import GIB, Hardware
-from simulator.model_arch import ModelArchitecture, check_tp, dtype_bytes
-from simulator.performance import MemoryBreakdown, PerformanceModel
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import GIB, Hardware
+from simulator.records.model_arch import ModelArchitecture, check_tp, dtype_bytes
+from simulator.records.performance import MemoryBreakdown, PerformanceModel
 
 SOURCES = ("auto", "aiconfigurator", "llmservingsim", "blis", "roofline", "profile", "kernels")
 #: sources that need a file of the user's (perf.profile, perf.tables): not listed by ``calibration list``
 USER_SOURCES = ("profile", "kernels")
 TP_CHOICES = (1, 2, 4, 8)
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
-DEFAULT_MAX_NUM_SEQS = 1024
 
 
 @dataclass(frozen=True)
@@ -218,15 +217,13 @@ def _prefix_caching_cost(engine: Any) -> dict[str, Any]:
             "host_s_per_row": cache_s_per_request(on)}
 
 
-def _engine_limits(engine: Any) -> tuple[int, int, float, int | None, int | None]:
-    if engine is None:
-        return DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, 0.9, None, None
-    get = engine.get if isinstance(engine, Mapping) else lambda k, d=None: getattr(engine, k, d)
-    return (int(get("max_num_batched_tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS)),
-            int(get("max_num_seqs", DEFAULT_MAX_NUM_SEQS)),
-            float(get("gpu_memory_utilization", 0.9)),
-            get("max_model_len", None),
-            get("num_gpu_blocks_override", None))
+def _engine_limits(engine: EngineConfig | None) -> tuple[int, int, float, int | None, int | None]:
+    """The engine settings memory depends on, from the typed EngineConfig (vLLM's defaults for None)."""
+    if engine is None:  # no engine: its defaults, and no request length to check
+        e = EngineConfig()
+        return e.max_num_batched_tokens, e.max_num_seqs, e.gpu_memory_utilization, None, None
+    return (engine.max_num_batched_tokens, engine.max_num_seqs, engine.gpu_memory_utilization,
+            engine.max_model_len, engine.num_gpu_blocks_override)
 
 
 def check_fits(mem: MemoryBreakdown, kv_bytes_per_token: int, hardware: Hardware, arch: ModelArchitecture,
@@ -343,7 +340,7 @@ def build_performance_model(
         pm = blis.BlisPerformanceModel(row, arch, hardware, kv_dtype=choice.kv_dtype,
                                        via_model=choice.via_model, **common)
     else:
-        from calibration.roofline import roofline_model
+        from calibration.composed import roofline_model
 
         pm = roofline_model(arch, hardware, tp=tp, weight_dtype=choice.weight_dtype, kv_dtype=choice.kv_dtype,
                             **common, **hashing)

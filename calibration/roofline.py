@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.composed import MEMORY_EFFICIENCY, MEMORY_OP_LATENCY_S, ComposedPerformanceModel
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture, dtype_bytes
+from calibration.layer_terms import MEMORY_EFFICIENCY, MEMORY_OP_LATENCY_S
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import dtype_bytes
 
 GEMM_EFFICIENCY = 0.75
 ATTENTION_EFFICIENCY = 0.60
@@ -78,25 +78,3 @@ class RooflineKernels:
         return (f"roofline from {self.hw.name} specs, UNCALIBRATED (efficiencies from the H100 tables: "
                 f"GEMM {GEMM_EFFICIENCY}, attention {ATTENTION_EFFICIENCY}, memory {MEMORY_EFFICIENCY})")
 
-
-def roofline_model(
-    arch: ModelArchitecture,
-    hardware: Hardware,
-    *,
-    tp: int = 1,
-    weight_dtype: str = "bf16",
-    kv_dtype: str = "bf16",
-    max_num_batched_tokens: int = 8192,
-    max_num_seqs: int = 1024,
-    host_s_per_token: float = 0.0,
-    host_s_per_row: float = 0.0,
-    expert_parallel: bool = False,
-) -> ComposedPerformanceModel:
-    """The composed step model over roofline kernels, labelled uncalibrated."""
-    return ComposedPerformanceModel(
-        arch, hardware, RooflineKernels(hardware), tp=tp, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-        name=f"roofline-UNCALIBRATED:{hardware.name}:{arch.name}:{weight_dtype}:kv-{kv_dtype}:tp{tp}",
-        calibrated=False, host_s_per_token=host_s_per_token, host_s_per_row=host_s_per_row,
-        expert_parallel=expert_parallel,
-    )

@@ -15,7 +15,7 @@ model and applies them (``ServedModel``): ``perf=profile`` and
 ``calibration validate`` both go through ``overheads_from_probes`` and
 ``ServedModel``, so they predict the same thing. The per-request time outside
 the steps is counted once, by the simulator's front-end term
-(``simulator.frontend``: client-observed TTFT and E2E).
+(``simulator.records.frontend``: client-observed TTFT and E2E).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from calibration.live_model import StepGapModel
-from simulator.performance import PerformanceModel, StepBatch
+from simulator.records.performance import PerformanceModel, StepBatch
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,8 @@ def busy_overhead(model: PerformanceModel, probe_sets: list[dict], engine, idle_
     """Extra per-request time when a request arrives at a busy server: lone short requests sent
     while a decode batch streams (``loaded_probe``), live TTFT minus the same requests simulated
     with ``model`` minus the idle overhead (median). None without loaded probes."""
-    from simulator.engine import simulate
-    from simulator.workload import Workload
+    from simulator.engine.loop import simulate
+    from simulator.records.workload import Workload
 
     extras = []
     for probes in probe_sets:
@@ -203,7 +203,7 @@ class ServedModel(StepGapModel):
     """A bare step model plus a server's overheads: the step terms on every step
     (``StepGapModel``); the per-request time outside the steps is ``request_overhead_s`` in
     ``describe()``, which the simulator adds to client-observed TTFT and E2E
-    (``simulator.frontend``) and ``calibration validate`` to the simulated requests."""
+    (``simulator.records.frontend``) and ``calibration validate`` to the simulated requests."""
 
     def __init__(self, base: PerformanceModel, overheads: ServingOverheads):
         super().__init__(base, overheads.per_step_s, overheads.per_request_s, overheads.per_prefill_token_s,

@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.moe import measured_fit, moe_ep_layer_seconds, moe_layer_seconds
-from simulator.errors import ConfigError
-from simulator.model_arch import dtype_bytes
+from simulator.records.errors import ConfigError
+from simulator.records.model_arch import dtype_bytes
 
 
 class SparseParts:
@@ -84,7 +84,7 @@ class SparseParts:
 
     def mla_decode_ms(self, heads, kv_dtype, batch, kv_len):
         """Absorbed MLA decode of ``batch`` sequences over ``kv_len`` latent tokens, one layer (roofline)."""
-        from calibration.composed import MEMORY_EFFICIENCY
+        from calibration.layer_terms import MEMORY_EFFICIENCY
         from calibration.roofline import ATTENTION_EFFICIENCY, DECODE_ATTENTION_FLOOR_S
 
         a = self.arch
@@ -109,7 +109,7 @@ class SparseParts:
 
     def dense_seconds(self, m: np.ndarray) -> np.ndarray:
         """All layers' projections, MLP or MoE, element-wise kernels and all-reduces for m tokens."""
-        from calibration.composed import ACT_BYTES, layer_memory_ops
+        from calibration.layer_terms import ACT_BYTES, layer_memory_ops
 
         pm, a, g = self.pm, self.arch, self.gemm_ms
         sh, w, tp = pm.shapes, pm.weight_dtype, pm.tp

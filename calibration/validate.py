@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from simulator.metrics import percentiles, time_weighted_kv
-from simulator.results import RunResult
+from simulator.records.metrics import percentiles, time_weighted_kv
+from simulator.records.run_result import RunResult
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from simulator.arrivals import gamma_arrivals
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.workload import Workload
+from simulator.workload.arrivals import gamma_arrivals
 
 #: vLLM 0.32 CPU server settings shared by the scenarios (block 32: 16 is refused on CPU)
 CPU_ENGINE = {"block_size": 32, "max_num_seqs": 128, "max_num_batched_tokens": 2048,

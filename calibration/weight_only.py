@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from calibration.memory import GROUP_BYTES_PER_WEIGHT
-from simulator.hardware import Hardware
+from simulator.records.hardware import Hardware
 
 #: aiconfigurator's ``mem_bw_empirical_scaling_factor`` (as calibration.composed.MEMORY_EFFICIENCY)
 MEMORY_EFFICIENCY = 0.8

@@ -13,7 +13,7 @@ import argparse
 from hydra import compose, initialize_config_dir
 
 from simulator.configure import CONF_DIR, build_run
-from simulator.engine import simulate
+from simulator.engine.loop import simulate
 
 OPTIMIZATIONS = ("none", "fp8_kv", "prefix_off", "fp8_weights", "spec_ngram")
 

@@ -28,7 +28,7 @@ import numpy as np
 if __package__ in (None, ""):  # `python examples/paper_findings.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulator.errors import ConfigError, require  # noqa: E402
+from simulator.records.errors import ConfigError, require  # noqa: E402
 
 STUDY_PATH = Path(__file__).with_name("paper_study.yaml")
 PILOT_DATASETS = ("GSM8K", "MATH-500", "AIME-2024", "GPQA")
@@ -173,9 +173,9 @@ def _override_field(overrides: tuple[str, ...], message: str) -> str:
 
 def simulate(spec, workload, seed: int):
     """Run a workload on a spec's engine and performance model, with the output lengths its
-    optimization writes (``output_length_scale``, simulator.output_scale)."""
-    from simulator.engine import simulate as run
-    from simulator.output_scale import output_length_scale, scale_outputs
+    optimization writes (``output_length_scale``, simulator.workload.output_scale)."""
+    from simulator.engine.loop import simulate as run
+    from simulator.workload.output_scale import output_length_scale, scale_outputs
 
     workload = scale_outputs(workload, output_length_scale(spec.optimization), spec.engine.max_model_len)
     return run(workload, spec.engine, spec.perf, slo=spec.slo, seed=seed)
@@ -205,7 +205,7 @@ def sample_dataset(study: dict, name: str, n: int, rng: np.random.Generator,
     The reasoning twin draws from the project's length laws; the ordinary model keeps the
     same prompts and draws a short answer (examples/paper_study.yaml, ordinary_output).
     """
-    from simulator.lengths import LengthModel
+    from simulator.workload.lengths import LengthModel
 
     where = study["datasets"][name]
     model = LengthModel.default()
@@ -233,7 +233,7 @@ def _sample_with_difficulty(model, domain: str, n: int, rng: np.random.Generator
     order = rng.permutation(n)
     cat = {k: np.concatenate([getattr(p, k) for p in parts])[order]
            for k in ("prompt_tokens", "output_tokens", "reasoning_tokens")}
-    from simulator.lengths import SampledLengths
+    from simulator.workload.lengths import SampledLengths
 
     lengths = SampledLengths(np.full(n, domain, object), cat["prompt_tokens"],
                              cat["output_tokens"], cat["reasoning_tokens"])
@@ -243,8 +243,8 @@ def _sample_with_difficulty(model, domain: str, n: int, rng: np.random.Generator
 def make_batch(study: dict, names: tuple[str, ...] | list[str], n_each: int, arrivals_of,
                seed: int, ordinary: bool, max_tokens: int | None = None) -> Batch:
     """Requests from several datasets (n_each each, in arrival order), same draws for both twins."""
-    from simulator.lengths import apply_max_tokens
-    from simulator.workload import Workload
+    from simulator.records.workload import Workload
+    from simulator.workload.lengths import apply_max_tokens
 
     prompt, output, reasoning, dataset, difficulty = [], [], [], [], []
     for i, name in enumerate(names):
@@ -274,14 +274,14 @@ def at_once(n: int, _: np.random.Generator) -> np.ndarray:
 
 
 def bursty(n: int, rng: np.random.Generator) -> np.ndarray:
-    from simulator.arrivals import gamma_arrivals
+    from simulator.workload.arrivals import gamma_arrivals
 
     return gamma_arrivals(rng, GAMMA_RATE, GAMMA_CV, n)
 
 
 def poisson(rate: float):
     def arrivals(n: int, rng: np.random.Generator) -> np.ndarray:
-        from simulator.arrivals import gamma_arrivals
+        from simulator.workload.arrivals import gamma_arrivals
 
         return gamma_arrivals(rng, rate, 1.0, n)
 
@@ -693,8 +693,8 @@ def section_optimizations(rep: Report, study: dict, s: Settings) -> None:
 def variant_inputs(spec) -> dict[str, Any]:
     """What a variant's numbers rest on: its output length scale, draft rates and their source,
     and the performance model's description (int4 GEMMs say they are bounded, not measured)."""
-    from simulator.output_scale import output_length_scale
     from simulator.speculation import speculative_rates
+    from simulator.workload.output_scale import output_length_scale
 
     return {"output_length_scale": output_length_scale(spec.optimization),
             "speculative_rates": speculative_rates(spec.engine, spec.optimization, []),
@@ -816,7 +816,7 @@ def section_spec_pressure(rep: Report, study: dict, s: Settings) -> None:
             "blocks the whole batch would hold). vLLM "
             "reserves KV slots past a request's scheduled tokens for drafters that write KV of their own "
             "(`num_lookahead_tokens` = k for EAGLE, MTP and draft models; 0 for n-gram, whose draft "
-            "tokens get slots as scheduled tokens: simulator/rules.py). Preemptions at the smallest "
+            "tokens get slots as scheduled tokens: simulator/engine/rules.py). Preemptions at the smallest "
             "cache: " + ", ".join(f"{k}: {v}" for k, v in last.items()) + ".", "",
             f"![Speculation under KV pressure]({png})", "",
             "Speculation finishes requests in fewer steps, so they hold their blocks for less time, "
@@ -971,7 +971,7 @@ def budget_section(rep: Report, s: Settings, rows: list[dict], what: str, findin
 def user_sections(rep: Report, s: Settings) -> None:
     """Sections 2, 4 and 5 for the user's model, card and traffic."""
     from simulator.configure import CONF_DIR
-    from simulator.lengths import apply_max_tokens
+    from simulator.workload.lengths import apply_max_tokens
 
     base = run_spec(s.overrides)
     workload = base.workload
@@ -1051,7 +1051,7 @@ def user_sections(rep: Report, s: Settings) -> None:
 
 def replace_lengths(workload, output: np.ndarray, reasoning: np.ndarray):
     """The workload with other output and reasoning lengths."""
-    from simulator.workload import Workload
+    from simulator.records.workload import Workload
 
     return Workload(arrival_s=workload.arrival_s, prompt_tokens=workload.prompt_tokens,
                     output_tokens=output, reasoning_tokens=np.minimum(reasoning, output),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 GROUPS = {"optimization": "profiler/optimization@optimization", "grid": "profiler/grid@grid"}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from profiler.device_memory import process_rss_bytes
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 class EngineOutOfMemory(Exception):

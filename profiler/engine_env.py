@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PYTHON_ENV = "RLLM_SIM_ENGINE_PYTHON"

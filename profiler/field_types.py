@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 _NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 

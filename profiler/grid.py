@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from profiler.field_types import check_fields, check_known
-from simulator.errors import require
+from simulator.records.errors import require
 
 PHASES = ("prefill", "decode", "mixed", "prefix", "spec")
 EXTRA_PHASES = ("prefix", "spec")

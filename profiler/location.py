@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calibration.profile import META_FILE
 from profiler.hardware import describe_machine, fingerprint_of_meta, machine_differences
 from profiler.settings import PROFILES_DIR, ProfilerSettings
 from profiler.store import PARTIAL, RUN_FILE
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
+from simulator.records.profile import META_FILE
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from calibration.profile import FORMAT_NAME, FORMAT_VERSION, META_FILE, Profile
 from profiler import summary
 from profiler.device_memory import peak_rss_bytes, process_rss_bytes, read_gpus
 from profiler.engine import EngineOutOfMemory, EngineSession, model_folder_config
@@ -37,8 +36,9 @@ from profiler.portable import portable, portable_path
 from profiler.prompts import TokenStreams
 from profiler.settings import TINY_MODEL, ProfilerSettings
 from profiler.store import PointStore
-from simulator.errors import ConfigError
-from simulator.model_arch import ModelArchitecture
+from simulator.records.errors import ConfigError
+from simulator.records.model_arch import ModelArchitecture
+from simulator.records.profile import FORMAT_NAME, FORMAT_VERSION, META_FILE, Profile
 
 GIB = 1024**3
 
@@ -201,7 +201,7 @@ QUANTIZED_WEIGHT_DTYPE = {"int8_per_channel_weight_only": "int8", "fp8": "fp8", 
 
 def estimated_weight_bytes(arch: ModelArchitecture, quantization: str | None, tp: int) -> int:
     """Linear layers at the quantized dtype; embeddings, LM head and norms stay in the model dtype."""
-    from simulator.model_arch import dtype_bytes
+    from simulator.records.model_arch import dtype_bytes
 
     h, v = arch.hidden_size, arch.vocab_size
     unquantized = v * h * (1 if arch.tie_word_embeddings else 2) + (2 * arch.num_layers + 1) * h

@@ -20,32 +20,15 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator.engine_config import EngineConfig
-from simulator.errors import require
+from profiler.settings import ServingSettings
+from simulator.records.engine_config import EngineConfig
 
 #: environment the in-process profiler sets that a server must not inherit
 PROFILER_ONLY_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")
 GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class ServingSettings:
-    """``serving.enabled``, ``serving.repeats`` (probe rounds per server), ``serving.servers``."""
-
-    enabled: bool = True
-    repeats: int = 3
-    servers: int = 1
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.enabled, bool), "serving.enabled", f"must be true or false, got {self.enabled!r}")
-        require(isinstance(self.repeats, int) and not isinstance(self.repeats, bool) and self.repeats >= 1,
-                "serving.repeats", f"must be an integer >= 1, got {self.repeats!r}")
-        require(isinstance(self.servers, int) and not isinstance(self.servers, bool) and self.servers >= 1,
-                "serving.servers", f"must be an integer >= 1, got {self.servers!r}")
 
 
 def server_engine(resolved: dict[str, Any], kv: dict[str, Any]) -> EngineConfig:

@@ -8,8 +8,7 @@ from typing import Any
 
 from profiler.field_types import check_fields, check_known
 from profiler.grid import EXTRA_PHASES, GridSpec
-from profiler.serving import ServingSettings
-from simulator.errors import ConfigError, require
+from simulator.records.errors import ConfigError, require
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -29,6 +28,23 @@ def check_choice(field_name: str, value: str, folder: Path) -> None:
     names = available(folder)
     if value not in names:
         raise ConfigError(field_name, f"unknown {value!r}; allowed: {', '.join(names)}")
+
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """``serving.enabled``, ``serving.repeats`` (probe rounds per server), ``serving.servers``."""
+
+    enabled: bool = True
+    repeats: int = 3
+    servers: int = 1
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.enabled, bool), "serving.enabled", f"must be true or false, got {self.enabled!r}")
+        require(isinstance(self.repeats, int) and not isinstance(self.repeats, bool) and self.repeats >= 1,
+                "serving.repeats", f"must be an integer >= 1, got {self.repeats!r}")
+        require(isinstance(self.servers, int) and not isinstance(self.servers, bool) and self.servers >= 1,
+                "serving.servers", f"must be an integer >= 1, got {self.servers!r}")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ accepted). The server exports them on ``/metrics`` as ``vllm:spec_decode_num_dra
 ``..._num_draft_tokens_total``, ``..._num_accepted_tokens_total`` and
 ``vllm:spec_decode_num_accepted_tokens_per_pos_total{position="i"}``.
 
-The simulator wants (simulator.engine_config.SpeculativeConfig): ``acceptance_rate[i]``, the
+The simulator wants (simulator.records.engine_config.SpeculativeConfig): ``acceptance_rate[i]``, the
 chance position i is accepted given positions before it were, which is
 ``accepted_per_pos[i] / accepted_per_pos[i-1]`` (``/ num_drafts`` for i = 0); and
 ``proposal_rate``, the share of a request's decode steps that carry a draft (an n-gram drafter

@@ -16,8 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from calibration.profile import read_steps, steps_frame, write_steps
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
+from simulator.records.profile import read_steps, steps_frame, write_steps
 
 PARTIAL = ".partial"
 RUN_FILE = "run.json"

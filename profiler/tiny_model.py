@@ -70,7 +70,7 @@ def default_cache_dir() -> Path:
 
 def check_shape(shape: dict | None) -> dict[str, int]:
     """The shape settings, validated (ConfigError naming model.<key>)."""
-    from simulator.errors import ConfigError
+    from simulator.records.errors import ConfigError
 
     shape = dict(shape or {})
     for key, value in shape.items():

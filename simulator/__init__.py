@@ -12,9 +12,9 @@ if _sys.argv[:1] == ["-m"]:  # `python -m simulator...`: Ctrl-C while loading en
 
     _previous = _signal.signal(_signal.SIGINT, _interrupted)
 
-from simulator.errors import ConfigError  # noqa: E402
-from simulator.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch  # noqa: E402
-from simulator.workload import Workload  # noqa: E402
+from simulator.records.errors import ConfigError  # noqa: E402
+from simulator.records.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch  # noqa: E402
+from simulator.records.workload import Workload  # noqa: E402
 
 if _sys.argv[:1] == ["-m"] and "simulator" not in _sys.orig_argv[1:3]:
     _signal.signal(_signal.SIGINT, _previous)  # simulator/__main__.py replaces it itself

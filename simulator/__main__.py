@@ -9,62 +9,23 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
+from simulator.records.summary import Summary
+from simulator.terminal import print_summary
 
 
-def print_summary(summary: dict, out_dir: Path) -> None:
-    """A short text summary for the terminal."""
-
-    def ms(stat: dict, key: str) -> str:
-        v = stat.get(key)
-        return "-" if v is None else (f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s")
-
-    kv = summary["kv_usage"]
-    lines = [
-        f"requests   {summary['completed']} completed, {summary['rejected']} rejected"
-        + (f", {summary['aborted']} aborted (client timeout)" if summary.get("aborted") else "")
-        + f" over {summary['duration_s']:.0f} s",
-        *(f"  rejected {n}: {reason}" for reason, n in summary.get("rejected_by_reason", {}).items()),
-        f"TTFT       p50 {ms(summary['ttft_s'], 'p50')}  p99 {ms(summary['ttft_s'], 'p99')}",
-        f"TTFVT      p50 {ms(summary['ttfvt_s'], 'p50')}  p99 {ms(summary['ttfvt_s'], 'p99')}",
-        f"TPOT       p50 {ms(summary['tpot_s'], 'p50')}  p99 {ms(summary['tpot_s'], 'p99')}",
-        f"E2E        p50 {ms(summary['e2e_s'], 'p50')}  p99 {ms(summary['e2e_s'], 'p99')}",
-        *client_lines(summary, ms),
-        f"KV cache   mean {kv['mean']:.1%}  peak {kv['peak']:.1%}  "
-        f"{kv['seconds_above_95pct']:.0f} s above 95%",
-        f"preempted  {summary['preemptions']} preemptions of {summary['requests_preempted']} requests",
-        f"throughput {summary['throughput']['output_tokens_per_s']:.0f} output tok/s, "
-        f"{summary['throughput']['requests_per_s']:.3f} req/s",
-        f"goodput    {summary['goodput']['requests_per_s']:.3f} req/s "
-        f"({summary['goodput']['attainment']:.1%} meet the SLO)",
-        f"stragglers slowest 5% hold {summary['stragglers']['kv_block_seconds_share']:.1%} of "
-        f"KV block-seconds, E2E {summary['stragglers']['e2e_over_median']:.1f}x the median",
-        f"results    {out_dir}",
-    ]
-    print("\n".join(lines))
-
-
-def client_lines(summary: dict, ms) -> list[str]:
-    """TTFT as a client sees it (engine + front end), when the summary has it."""
-    client = summary.get("client_observed")
-    if not client:
-        return []
-    return [f"client TTFT p50 {ms(client['ttft_s'], 'p50')}  p99 {ms(client['ttft_s'], 'p99')}  "
-            f"(engine + front end {1e3 * client['frontend_s']:.1f} ms)"]
-
-
-def run(cfg) -> dict:
+def run(cfg) -> Summary:
     """Build the run from the config, simulate it and write everything to the run dir."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from simulator import frontend
-    from simulator.cluster.cli import cluster_spec, run_cluster
+    from simulator.cluster_run import cluster_spec, run_cluster
     from simulator.configure import build_run, command_line_overrides, versions
-    from simulator.engine import simulate
-    from simulator.output_scale import output_length_scale
-    from simulator.results import rejection_reasons, write_workload
+    from simulator.engine.loop import simulate
+    from simulator.records import frontend
+    from simulator.records.run_result import rejection_reasons, write_workload
     from simulator.speculation import speculative_rates
+    from simulator.workload.output_scale import output_length_scale
 
     cluster = cluster_spec(cfg)  # (checked first: a bad router name fails before anything runs)
     if not cluster.single:
@@ -104,7 +65,7 @@ def run(cfg) -> dict:
     result.summary["rejected_by_reason"] = rejection_reasons(result.requests)
     result.summary["client_observed"] = frontend.client_observed(result.requests, front)
     if not spec.perf.calibrated:
-        result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
+        result.summary.sections["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
     if plots is not None:
         plots.submit(result, out_dir, f"{spec.model.name} on {spec.hardware.name} x{spec.tp}, "
                                       f"{spec.workload.name}")
@@ -126,7 +87,7 @@ def run(cfg) -> dict:
     rates = result.metadata["speculative_rates"]
     if rates and rates.get("warning"):
         print(f"warning: {rates['warning']}", file=sys.stderr)
-    partial = result.summary.get("partial")
+    partial = result.summary.sections.get("partial")
     if partial:
         print(f"interrupted at {partial['interrupted_at_s']:.0f} s of simulated time: partial results "
               f"({partial['unfinished']} requests unfinished, {partial['not_arrived']} not yet arrived) "
@@ -209,9 +170,9 @@ def main() -> int:
             sys.exit(2)
         except KeyboardInterrupt:  # before anything was simulated (run() keeps later ones)
             interrupted_early(cfg, Path(HydraConfig.get().runtime.output_dir))
-        if summary.get("partial"):
+        if summary.sections.get("partial"):
             sys.exit(130)
-        return json.loads(json.dumps(summary["goodput"]))
+        return json.loads(json.dumps(summary.goodput))
 
     _task()
     return 0

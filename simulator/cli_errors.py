@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def writable_folder(field: str, folder: Path, text: str) -> None:

@@ -9,13 +9,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.hardware import Hardware
-from simulator.metrics import SLO
-from simulator.model_arch import ModelArchitecture
-from simulator.performance import PerformanceModel
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import Hardware
+from simulator.records.metrics import SLO
+from simulator.records.model_arch import ModelArchitecture
+from simulator.records.performance import PerformanceModel
+from simulator.records.workload import Workload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
@@ -125,7 +125,7 @@ def build_run(cfg, overrides: list[str] | None = None) -> RunSpec:
     Hydra app); they tell a size the user gave from the workload's default one.
     """
     from calibration.registry import build_performance_model
-    from simulator.workload_builder import build_workload
+    from simulator.workload.builder import build_workload
 
     plain = to_plain(cfg)
     for group in ("workload", "engine", "hardware", "model", "optimization", "perf", "slo"):
@@ -151,8 +151,8 @@ def build_run(cfg, overrides: list[str] | None = None) -> RunSpec:
         merged, notes["engine"] = profiled_engine(plain["engine"], perf.engine_settings, overrides,
                                                   getattr(perf, "kv", {}).get("num_gpu_blocks"))
         engine = engine_config(merged, optimization)
-    from simulator.output_scale import output_length_scale, scale_outputs
     from simulator.speculation import with_profile_rates
+    from simulator.workload.output_scale import output_length_scale, scale_outputs
 
     engine = with_profile_rates(engine, optimization, dict(plain["perf"] or {}), overrides)
     workload = scale_outputs(build_workload(plain["workload"]), output_length_scale(optimization),

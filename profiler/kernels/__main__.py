@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:

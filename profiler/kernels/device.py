@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from typing import Any
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def require_device(device: str) -> None:

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import ConfigError
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture
+from simulator.records.errors import ConfigError
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture
 
 
 def log_grid(low: int, high: int, per_octave: int = 1) -> list[int]:
@@ -164,7 +164,7 @@ def parse(argv: list[str]) -> Settings:
     tp = _positive_int("tp", _value(values.get("tp", "1")))
     if tp > hardware.max_gpus_per_node:
         raise ConfigError("tp", f"at most {hardware.max_gpus_per_node} GPUs of one {hardware.name} node, got {tp}")
-    from simulator.model_arch import check_tp
+    from simulator.records.model_arch import check_tp
 
     check_tp(model, tp)
     dtype = values.get("dtype", "auto")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.kernel_tables import ELEMENTWISE_FILE, PROVENANCE_FILE
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 ATTENTION_COLUMNS = ["version", "kernel_source", "batch_size", "isl", "num_heads", "num_key_value_heads", "head_dim",
                      "beam_width", "attn_dtype", "kv_cache_dtype", "step", "window_size", "latency", "timing"]

@@ -37,9 +37,9 @@ from profiler.live.loopback import check_loopback_url
 from profiler.live.server import ServerError
 from profiler.location import writable_directory
 from simulator.cli_errors import OneLineParser
-from simulator.engine_config import EngineConfig, parse_key_values
-from simulator.errors import ConfigError
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig, parse_key_values
+from simulator.records.errors import ConfigError
+from simulator.records.workload import Workload
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -80,7 +80,7 @@ def load_workload(name: str, overrides: list[str]) -> Workload:
         options = sorted(p.stem for p in (CONF_DIR / "workload").glob("*.yaml"))
         raise ConfigError("workload", f"{name!r} is neither a file nor a workload config; "
                                       f"allowed: {', '.join(options)}")
-    from simulator.workload_builder import build_workload
+    from simulator.workload.builder import build_workload
 
     cfg = yaml.safe_load(config_path.read_text()) or {}
     cfg.update(parse_key_values(overrides, "workload"))
@@ -90,7 +90,7 @@ def load_workload(name: str, overrides: list[str]) -> Workload:
 def _run(args) -> int:
     from profiler.live.runner import LiveRunConfig, run_live, run_series, summary_line
     from profiler.live.server import ServerSpec, resolve_model
-    from simulator.metrics import SLO
+    from simulator.records.metrics import SLO
 
     if args.url:
         check_loopback_url(args.url)
@@ -128,7 +128,7 @@ def _run(args) -> int:
 def _import_bench(args) -> int:
     from profiler.live.bench_import import read_bench_result
     from profiler.live.runner import summary_line
-    from simulator.metrics import SLO
+    from simulator.records.metrics import SLO
 
     result, workload = read_bench_result(args.result, slo=SLO.from_dict(parse_key_values(args.slo, "slo")))
     out = writable_directory(Path(args.out), "--out")

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.errors import ConfigError
-from simulator.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
-from simulator.results import RunResult
-from simulator.workload import Workload
+from simulator.records.errors import ConfigError
+from simulator.records.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
+from simulator.records.run_result import RunResult
+from simulator.records.workload import Workload
 
 REQUIRED = ("input_lens", "output_lens", "ttfts", "itls")
 

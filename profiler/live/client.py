@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from simulator.errors import require
-from simulator.workload import Workload
+from simulator.records.errors import require
+from simulator.records.workload import Workload
 
 #: token ids drawn for prompts: regular tokens of any real vocabulary (the tiny
 #: model's special tokens are ids 0-4; real models keep theirs at the ends)

@@ -11,7 +11,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 FIELD = "--url"
 ALLOWED = "an http:// URL of a server on this machine (127.0.0.1, localhost or [::1]) with a port"

@@ -42,11 +42,11 @@ from profiler.live.machine import CpuWatch, machine_state
 from profiler.live.metrics import MetricsScraper, parse_labels
 from profiler.live.server import LogLine, ServerError, ServerSpec, VllmServer, descendants
 from profiler.live.tables import live_result, token_columns
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.metrics import SLO
-from simulator.results import RunResult
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.metrics import SLO
+from simulator.records.run_result import RunResult
+from simulator.records.workload import Workload
 
 EXIT_OK, EXIT_FAILED_REQUESTS, EXIT_SERVER_DIED, EXIT_INTERRUPTED = 0, 1, 3, 130
 

@@ -35,8 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError, require
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError, require
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"

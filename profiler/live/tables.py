@@ -1,8 +1,8 @@
 """Turn what a live run observed into the simulator's RunResult schema.
 
-``requests`` has simulator.metrics.REQUEST_COLUMNS first, then live extras;
+``requests`` has simulator.records.metrics.REQUEST_COLUMNS first, then live extras;
 ``timeline`` has TIMELINE_COLUMNS, one row per engine step from the server's
-iteration log. The summary comes from simulator.metrics.summarize, the very
+iteration log. The summary comes from simulator.records.metrics.summarize, the very
 function that summarises simulated runs, with what only the server knows
 (preemptions, prefix-cache and speculative-decoding counters) filled in from
 its /metrics counters.
@@ -32,8 +32,8 @@ import numpy as np
 
 from profiler.live.client import RequestRecord
 from profiler.live.iteration_log import inter_step_gap
-from simulator.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
-from simulator.results import RunResult
+from simulator.records.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
+from simulator.records.run_result import RunResult
 
 REQUEST_EXTRAS = (
     "scheduled_arrival_s", "send_lag_s", "first_token_s", "last_token_s", "expected_tokens",

@@ -28,16 +28,17 @@ import numpy as np
 import simpy
 
 from simulator.cluster import disagg
+from simulator.cluster.outputs import ClusterResult, merge, single
 from simulator.cluster.replica import ClusterEnvironment, ReplicaEngine, at_time
 from simulator.cluster.router import ROUTERS, RouteRequest, make_router
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.metrics import SLO
-from simulator.performance import PerformanceModel, StepBatch
-from simulator.request import Status
-from simulator.results import RunResult, tabulate
-from simulator.steady import SteadyScheduler
-from simulator.workload import Workload
+from simulator.engine.request import Status
+from simulator.engine.steady import SteadyScheduler
+from simulator.engine.tabulate import tabulate
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.metrics import SLO
+from simulator.records.performance import PerformanceModel, StepBatch
+from simulator.records.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,6 @@ class ClusterSpec:
                                            or not spec.link_gbps > 0):
             raise ConfigError("cluster.link_gbps", f"must be GB/s > 0 or null, got {spec.link_gbps!r}")
         return spec
-
-
-@dataclass
-class ClusterResult:
-    """The merged run (tables with a ``replica`` column, the cluster summary) and each replica's."""
-
-    result: RunResult
-    replicas: list[RunResult]
 
 
 def _outer(w: Workload, gid: int) -> tuple[int, int]:
@@ -367,7 +360,6 @@ class Cluster:
         return self._results(slo)
 
     def _results(self, slo: SLO) -> ClusterResult:
-        from simulator.cluster.outputs import merge
 
         per_replica = []
         for replica in self.replicas:
@@ -389,11 +381,9 @@ def simulate_cluster(workload: Workload, engine: EngineConfig, perf: Performance
                      slo=None, seed: int = 0, fast: bool = True, prefill_perf: PerformanceModel | None = None,
                      link_gbps: float | None = None, async_scheduling: bool | None = None) -> ClusterResult:
     """Simulate ``workload`` on the cluster ``spec``; one plain replica is exactly
-    ``simulator.engine.simulate`` (its result, with a ``replica`` column of zeros)."""
+    ``simulator.engine.loop.simulate`` (its result, with a ``replica`` column of zeros)."""
     slo = slo if isinstance(slo, SLO) else SLO.from_dict(slo)
     if spec.single:
-        from simulator.cluster.outputs import single
-
         return single(workload, engine, perf, spec, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling)
     if engine.scheduler == "vllm":
         raise ConfigError("engine.scheduler", "a cluster runs the native scheduler only, got 'vllm'")

@@ -12,16 +12,25 @@ the peak of any, seconds above 95% summed), plus ``cluster`` (the layout) and
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simulator.metrics import SLO, summarize
-from simulator.results import RunResult
+from simulator.records.metrics import SLO, summarize
+from simulator.records.run_result import RunResult
 
 if TYPE_CHECKING:
-    from simulator.cluster.cluster import Cluster, ClusterResult, ClusterSpec
+    from simulator.cluster.cluster import Cluster, ClusterSpec
+
+@dataclass
+class ClusterResult:
+    """The merged run (tables with a ``replica`` column, the cluster summary) and each replica's."""
+
+    result: RunResult
+    replicas: list[RunResult]
+
+
 
 #: per-request columns a disaggregated run adds after ``replica``
 DISAGG_COLUMNS = ("prefill_replica", "kv_transfer_s")
@@ -131,9 +140,8 @@ def _by_request(results: list[RunResult], n: int) -> np.ndarray:
 
 def single(workload, engine, perf, spec: ClusterSpec, *, slo: SLO, seed: int, fast: bool,
            async_scheduling: bool | None) -> ClusterResult:
-    """One plain replica: ``simulator.engine.simulate``'s result, with a ``replica`` column."""
-    from simulator.cluster.cluster import ClusterResult
-    from simulator.engine import simulate
+    """One plain replica: ``simulator.engine.loop.simulate``'s result, with a ``replica`` column."""
+    from simulator.engine.loop import simulate
 
     result = simulate(workload, engine, perf, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling)
     merged = RunResult(requests={**result.requests, "replica": np.zeros(len(result.requests["request_id"]), np.int32)},

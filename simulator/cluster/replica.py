@@ -1,6 +1,6 @@
 """One replica of a cluster: the single-replica engine on the cluster's SimPy clock.
 
-The replica is ``simulator.engine.Engine`` with its native scheduler and fast
+The replica is ``simulator.engine.loop.Engine`` with its native scheduler and fast
 path; what differs is where its requests come from. A router hands them over
 one by one (``add`` then ``deliver`` at the arrival time), so the replica's
 arrivals grow as the run goes and are known only up to the cluster's next
@@ -21,11 +21,12 @@ from dataclasses import replace
 import numpy as np
 import simpy
 
-from simulator import fast_forward
 from simulator.cluster.router import ReplicaReport
-from simulator.engine import Engine, EngineRun, admission_error, delay_until
-from simulator.request import SimRequest, Status
-from simulator.steady import SteadyScheduler
+from simulator.engine import fast_forward
+from simulator.engine.loop import Engine, admission_error, delay_until
+from simulator.engine.request import SimRequest, Status
+from simulator.engine.run_log import EngineRun
+from simulator.engine.steady import SteadyScheduler
 
 #: the columns a replica keeps per request routed to it (by its local request id)
 COLUMNS = ("gid", "time_s", "prompt", "max_tokens", "reasoning", "group", "prefix_tokens", "outer_group",
@@ -266,9 +267,10 @@ class ReplicaEngine(Engine):
 
     def _after_run(self, adv: fast_forward.Advance) -> range:
         admitted = super()._after_run(adv)
-        joining = adv.applied.joining
+        runs = getattr(self.scheduler, "_runs", None)
+        joining = runs._joining if runs is not None else {}  # arrivals a run admitted, not yet joined
         requests = self.scheduler.requests
-        for rid in adv.applied.finished:
+        for rid in adv.finished:
             self._report_finish(rid, joining[rid].finish_s if rid in joining else requests[rid].finish_s)
         return admitted
 

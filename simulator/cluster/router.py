@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 #: name -> router class (see ``register``)
 ROUTERS: dict[str, type[Router]] = {}

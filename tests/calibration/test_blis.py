@@ -6,8 +6,8 @@ import pytest
 
 from calibration.blis import BlisPerformanceModel, find_coefficients, load_coefficients
 from calibration.catalog import load_hardware, load_model
-from simulator.errors import ConfigError
-from simulator.performance import StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.performance import StepBatch
 
 
 def test_rows_are_unique_and_complete():

@@ -42,7 +42,7 @@ from calibration.blis import find_coefficients
 from calibration.catalog import load_hardware, load_model
 from calibration.composed import ComposedPerformanceModel, TableKernels
 from calibration.kernel_tables import load_tables
-from simulator.performance import StepBatch
+from simulator.records.performance import StepBatch
 
 TOLERANCE = 0.20
 KV = 1024

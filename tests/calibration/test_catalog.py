@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from calibration.catalog import load_hardware, load_model, load_optimization, names
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
 
 PUBLISHED_PARAMS = {  # parameter counts published on the models' Hugging Face pages
     "r1-distill-qwen-1.5b": 1.78e9, "r1-distill-qwen-7b": 7.62e9, "r1-distill-qwen-14b": 14.8e9,
@@ -61,7 +61,7 @@ def test_hardware_ordering_is_physical():
 def test_optimizations_load_into_an_engine_config(name):
     opt = load_optimization(name)
     assert opt["name"] == name
-    # every shipped group says how long its model writes (simulator.output_scale)
+    # every shipped group says how long its model writes (simulator.workload.output_scale)
     required = {"name", "weight_dtype", "kv_cache_dtype", "enable_prefix_caching", "speculative",
                 "output_length_scale"}
     # where draft rates come from; how int4 weights are quantized (documentation)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from calibration.__main__ import main as calibration_main
-from simulator.errors import ConfigError
-from simulator.vllm_scheduler import require_vllm
+from simulator.engine.vllm_oracle import require_vllm
+from simulator.records.errors import ConfigError
 
 try:
     require_vllm()

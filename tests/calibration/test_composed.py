@@ -11,8 +11,8 @@ import pytest
 from calibration.catalog import load_hardware, load_model
 from calibration.composed import STEP_OVERHEAD_S, ComposedPerformanceModel, LogGrid2D, TableKernels
 from calibration.kernel_tables import load_tables
-from simulator.errors import ConfigError
-from simulator.performance import StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.performance import StepBatch
 
 
 def decode(n, kv=1024):

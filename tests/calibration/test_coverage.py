@@ -8,7 +8,7 @@ import pytest
 from calibration.catalog import load_model
 from calibration.composed import ComposedPerformanceModel, TableKernels
 from calibration.kernel_tables import AttentionTable
-from simulator.performance import StepBatch
+from simulator.records.performance import StepBatch
 
 BATCH = np.array([1.0, 2.0, 4.0, 8.0])
 LENGTH = np.array([128.0, 512.0, 2048.0])
@@ -111,7 +111,7 @@ def test_decode_attention_is_never_faster_than_reading_the_kv(qwen7b_h100):
 
 def test_calibration_list_shows_kv_head_extrapolation():
     from calibration.cmd_list import rows
-    from simulator.engine_config import EngineConfig
+    from simulator.records.engine_config import EngineConfig
 
     table = {r["model"]: r["extrapolated"] for r in rows(["h100"], ["llama-2-7b", "r1-distill-qwen-7b"],
                                                            ["none"], [1], "auto", EngineConfig(), False)}

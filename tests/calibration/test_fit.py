@@ -19,9 +19,9 @@ from calibration.fit import (
     load_fitted_model,
     save_fitted_model,
 )
-from calibration.profile import Profile, steps_frame
-from simulator.errors import ConfigError
-from simulator.performance import PerformanceModel, StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.performance import PerformanceModel, StepBatch
+from simulator.records.profile import Profile, steps_frame
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "calibration" / "profiles").glob("cpu-*/tiny-llama/*/profile.json"))

@@ -14,7 +14,7 @@ from calibration.kernel_tables import (
     interp_loglog,
     load_tables,
 )
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def test_shipped_systems_and_versions():

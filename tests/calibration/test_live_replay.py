@@ -29,7 +29,7 @@ from calibration.live_replay import (
     reconstructed_kv_blocks,
     replay,
 )
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

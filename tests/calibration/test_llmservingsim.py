@@ -14,8 +14,8 @@ from calibration.llmservingsim import (
     available_profiles,
     find_profile,
 )
-from simulator.errors import ConfigError
-from simulator.performance import StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.performance import StepBatch
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from calibration.memory import (
     other_bytes,
     weight_bytes,
 )
-from simulator.hardware import GIB
+from simulator.records.hardware import GIB
 
 
 def test_default_model_kv_capacity(qwen7b_h100):

@@ -13,9 +13,9 @@ from calibration.cmd_list import rows as list_rows
 from calibration.composed import ComposedPerformanceModel, TableKernels
 from calibration.kernel_tables import PROVENANCE_FILE, load_table_dir, load_tables
 from calibration.plausibility import MARGIN, Roofline, implausible
-from simulator.engine_config import EngineConfig
-from simulator.hardware import Hardware
-from simulator.model_arch import ModelArchitecture
+from simulator.records.engine_config import EngineConfig
+from simulator.records.hardware import Hardware
+from simulator.records.model_arch import ModelArchitecture
 
 CARD = Hardware(name="test-card", gpu="test", memory_gib=16, memory_bandwidth_gbps=1000, bf16_tflops=100,
                 fp8_tflops=200, interconnect_gbps=100)

@@ -6,9 +6,9 @@ import pytest
 
 from calibration.catalog import load_model, names
 from calibration.registry import build_performance_model, resolve_source
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.performance import StepBatch
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.performance import StepBatch
 
 
 @pytest.mark.parametrize("hardware", ["h100", "h200", "a100"])

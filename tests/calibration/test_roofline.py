@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from calibration.catalog import load_hardware, load_model
-from calibration.roofline import roofline_model
-from simulator.performance import StepBatch
+from calibration.composed import roofline_model
+from simulator.records.performance import StepBatch
 
 BATCHES = [
     StepBatch(decode_context=[1000]),

@@ -11,10 +11,10 @@ import pytest
 from calibration.fit import FIT_FILE, fit_profile, load_fitted_model, save_fitted_model
 from calibration.registry import build_performance_model
 from calibration.serving import ServedModel, ServingOverheads, decode_offsets, overheads_from_probes
-from simulator.engine import simulate
-from simulator.engine_config import EngineConfig
-from simulator.performance import StepBatch
-from simulator.workload import Workload
+from simulator.engine.loop import simulate
+from simulator.records.engine_config import EngineConfig
+from simulator.records.performance import StepBatch
+from simulator.records.workload import Workload
 from tests.calibration.test_fit import synthetic_profile
 
 ENGINE = EngineConfig(block_size=128, max_num_seqs=128, max_num_batched_tokens=2048, max_model_len=8192)
@@ -90,7 +90,7 @@ def test_validate_takes_the_profile_overheads_the_simulator_applies():
 
 
 def test_perf_serving_must_be_a_boolean(tmp_path):
-    from simulator.errors import ConfigError
+    from simulator.records.errors import ConfigError
 
     synthetic_profile().save(tmp_path / "prof")
     with pytest.raises(ConfigError, match="perf.serving: must be true or false"):

@@ -9,9 +9,9 @@ from calibration.catalog import load_hardware, load_model
 from calibration.memory import weight_bytes
 from calibration.moe import expected_experts
 from calibration.registry import build_performance_model
-from simulator.errors import ConfigError
-from simulator.model_arch import dtype_bytes
-from simulator.performance import StepBatch
+from simulator.records.errors import ConfigError
+from simulator.records.model_arch import dtype_bytes
+from simulator.records.performance import StepBatch
 
 GIB = 1024**3
 

@@ -12,9 +12,9 @@ import pytest
 from calibration import validate
 from calibration.live_model import JitteredModel, StepGapModel
 from calibration.validation_scenarios import SCENARIOS, get_scenario
-from simulator.engine import simulate
-from simulator.errors import ConfigError
-from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.engine.loop import simulate
+from simulator.records.errors import ConfigError
+from simulator.records.performance import MemoryBreakdown, PerformanceModel, StepBatch
 
 
 class Linear(PerformanceModel):
@@ -266,7 +266,7 @@ def test_prefill_offset_is_the_slope_of_server_minus_model_over_prompt_length(tr
 def test_busy_overhead_is_loaded_probe_ttft_beyond_the_simulated_one(truth):
     from calibration.cmd_validate import busy_overhead
     from calibration.live_model import add_request_overhead
-    from simulator.workload import Workload
+    from simulator.records.workload import Workload
 
     base, idle = Linear(), 0.005
     # what the simulator says for lone requests sent during a decode batch of 8

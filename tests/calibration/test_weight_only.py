@@ -9,8 +9,8 @@ import pytest
 from calibration.catalog import load_model
 from calibration.memory import weight_bytes
 from calibration.registry import build_performance_model
-from simulator.engine_config import EngineConfig
-from simulator.performance import StepBatch
+from simulator.records.engine_config import EngineConfig
+from simulator.records.performance import StepBatch
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ import pytest
 
 from calibration.validate import CI_TOLERANCES
 from profiler.live.server import find_engine_python
-from simulator.errors import ConfigError
-from simulator.results import RunResult
+from simulator.records.errors import ConfigError
+from simulator.records.run_result import RunResult
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: live runs: under KV pressure fresh servers spread by more than the tolerances, and then the

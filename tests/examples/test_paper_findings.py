@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from examples import paper_findings as pf
-from simulator.workload import Workload
+from simulator.records.workload import Workload
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from profiler import engine_env
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def test_auto_binding_leaves_one_core_like_vllms_server(monkeypatch):

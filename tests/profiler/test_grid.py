@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from profiler.grid import GridSpec, build_points, kv_tokens_needed
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def test_points_cover_the_product_in_measuring_order():

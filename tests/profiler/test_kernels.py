@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 

@@ -16,8 +16,8 @@ import pytest
 
 from profiler.live.runner import EXIT_OK, LiveRunConfig, run_live
 from profiler.live.server import ServerError, free_port
-from simulator.engine_config import EngineConfig
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.workload import Workload
 
 BROKEN = [
     b'data: {"choices": [{"text": "x", "token_ids": [1',  # truncated JSON
@@ -114,7 +114,7 @@ def test_a_server_that_is_not_there_fails_requests_with_a_reason(tmp_path):
 
 
 def test_attaching_to_a_non_loopback_url_is_refused(tmp_path):
-    from simulator.errors import ConfigError
+    from simulator.records.errors import ConfigError
 
     with pytest.raises(ConfigError, match="loopback"):
         run_live(_workload(), tmp_path, url="http://10.0.0.1:8000", engine=ENGINE, progress=False)

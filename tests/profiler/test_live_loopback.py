@@ -6,7 +6,7 @@ import pytest
 
 from profiler.live.__main__ import main
 from profiler.live.loopback import check_loopback_url
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000",

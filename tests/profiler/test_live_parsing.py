@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from profiler.live import client, iteration_log, metrics
-from simulator.errors import ConfigError
-from simulator.workload import Workload
+from simulator.records.errors import ConfigError
+from simulator.records.workload import Workload
 
 DATA = Path(__file__).parent / "data"
 

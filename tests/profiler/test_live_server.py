@@ -40,10 +40,10 @@ from profiler.live.server import (
     server_command,
     server_env,
 )
-from simulator.engine_config import EngineConfig, SpeculativeConfig
-from simulator.errors import ConfigError
-from simulator.results import RunResult
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig, SpeculativeConfig
+from simulator.records.errors import ConfigError
+from simulator.records.run_result import RunResult
+from simulator.records.workload import Workload
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINE = EngineConfig(block_size=32, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=2048,

@@ -14,10 +14,10 @@ from profiler.live.client import RequestRecord
 from profiler.live.iteration_log import IterationRecord, steps_table
 from profiler.live.metrics import METRIC_COLUMNS
 from profiler.live.tables import REQUEST_EXTRAS, live_result, token_columns
-from simulator.errors import ConfigError
-from simulator.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
-from simulator.results import RunResult
-from simulator.workload import Workload
+from simulator.records.errors import ConfigError
+from simulator.records.metrics import REQUEST_COLUMNS, SLO, TIMELINE_COLUMNS, summarize
+from simulator.records.run_result import RunResult
+from simulator.records.workload import Workload
 
 DATA = Path(__file__).parent / "data"
 

@@ -11,7 +11,7 @@ from profiler.hardware import HardwareInfo, fingerprint_of_meta, machine_fingerp
 from profiler.location import profile_location
 from profiler.settings import PROFILES_DIR, settings_from_config
 from profiler.store import PointStore
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 REPO_PROFILE = PROFILES_DIR / "cpu-amd-2c" / "tiny-llama" / "none" / "profile.json"
 

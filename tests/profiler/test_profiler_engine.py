@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from calibration.profile import Profile
 from profiler.grid import GridSpec, build_points
 from profiler.tiny_model import ensure_tiny_model
-from simulator.model_arch import ModelArchitecture
+from simulator.records.model_arch import ModelArchitecture
+from simulator.records.profile import Profile
 
 from .engine_runs import REPO, needs_engine, profiler_command, profiler_env, run_profiler
 

@@ -15,7 +15,7 @@ from profiler.serving import (
     server_engine,
     server_environment,
 )
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 @pytest.mark.parametrize("kwargs, field", [({"repeats": 0}, "serving.repeats"), ({"servers": "two"}, "serving.servers"),

@@ -7,8 +7,8 @@ import pytest
 from profiler.__main__ import compose, split_overrides
 from profiler.run import estimated_weight_bytes, llm_kwargs
 from profiler.settings import settings_from_config
-from simulator.errors import ConfigError
-from simulator.model_arch import ModelArchitecture
+from simulator.records.errors import ConfigError
+from simulator.records.model_arch import ModelArchitecture
 
 
 def settings(*argv: str):

@@ -12,8 +12,8 @@ import pytest
 
 from profiler.spec_counters import SpecCounters, parse_spec_counters
 from profiler.summary import spec_summary
-from simulator.engine_config import EngineConfig, SpeculativeConfig
-from simulator.errors import ConfigError
+from simulator.records.engine_config import EngineConfig, SpeculativeConfig
+from simulator.records.errors import ConfigError
 from simulator.speculation import profile_rates, speculative_rates, with_profile_rates
 from tests.profiler.engine_runs import REPO, needs_engine, profiler_env
 

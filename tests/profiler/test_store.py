@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from profiler.store import PointStore
-from simulator.errors import ConfigError
+from simulator.records.errors import ConfigError
 
 
 def rows(point_id: str, first_step: int, n: int) -> list[dict]:

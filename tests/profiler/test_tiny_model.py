@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from simulator.model_arch import ModelArchitecture
+from simulator.records.model_arch import ModelArchitecture
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")

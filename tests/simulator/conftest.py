@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulator.performance import MemoryBreakdown, PerformanceModel, StepBatch
-from simulator.workload import Workload
+from simulator.records.performance import MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.workload import Workload
 
 
 class LinearModel(PerformanceModel):

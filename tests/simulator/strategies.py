@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from simulator.arrivals import gamma_arrivals
-from simulator.engine_config import EngineConfig, SpeculativeConfig
-from simulator.model_arch import dtype_bytes
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig, SpeculativeConfig
+from simulator.records.model_arch import dtype_bytes
+from simulator.records.workload import Workload
+from simulator.workload.arrivals import gamma_arrivals
 from tests.simulator.conftest import VectorLinearModel
 
 #: KV-cache bytes per token per element byte of the test model (a 16-layer, 8-head-ish shape)

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulator.arrivals import MAX_RATE, MIN_RATE
 from simulator.configure import resolve_size
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.lengths import LengthModel
-from simulator.workload_builder import build_workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.workload.arrivals import MAX_RATE, MIN_RATE
+from simulator.workload.builder import build_workload
+from simulator.workload.lengths import LengthModel
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ("workload.num_requests=20",)
@@ -181,7 +181,7 @@ def test_the_default_run_has_no_request_its_engine_must_reject():
     from hydra import compose, initialize_config_dir
 
     from simulator.configure import CONF_DIR, build_run
-    from simulator.engine import admission_error
+    from simulator.engine.loop import admission_error
 
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         spec = build_run(compose("config"), overrides=[])
@@ -206,8 +206,8 @@ def test_a_null_size_on_the_command_line_keeps_the_default_one():
 
 def test_a_budget_below_one_speculative_decode_is_refused():
     """A decode with k draft tokens schedules 1 + k tokens: a smaller budget would stall the engine."""
-    from simulator.engine_config import EngineConfig
-    from simulator.errors import ConfigError
+    from simulator.records.engine_config import EngineConfig
+    from simulator.records.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"engine.max_num_batched_tokens: must be >= 1 \+ num_speculative"):
         EngineConfig(block_size=1, max_model_len=64, max_num_seqs=1, max_num_batched_tokens=1,

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from simulator.configure import CONF_DIR, build_run
-from simulator.engine import simulate
+from simulator.engine.loop import simulate
 
 
 def run(*overrides: str):

@@ -7,9 +7,9 @@ import multiprocessing
 import numpy as np
 import pytest
 
-from simulator.engine import simulate
-from simulator.engine_config import EngineConfig
+from simulator.engine.loop import simulate
 from simulator.plots import PLOTS, BackgroundPlots, plotted_part, write_plots
+from simulator.records.engine_config import EngineConfig
 from tests.simulator.conftest import LinearModel, make_workload
 
 

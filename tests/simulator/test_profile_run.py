@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from simulator.configure import build_run
-from simulator.engine import simulate
-from simulator.engine_config import EngineConfig
-from simulator.performance import MemoryBreakdown, PerformanceModel
-from simulator.workload import Workload
+from simulator.engine.loop import simulate
+from simulator.records.engine_config import EngineConfig
+from simulator.records.performance import MemoryBreakdown, PerformanceModel
+from simulator.records.workload import Workload
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "calibration" / "profiles" / "cpu-amd-2c" / "tiny-llama" / "none"

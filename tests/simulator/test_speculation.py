@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from simulator.engine_config import EngineConfig, SpeculativeConfig
-from simulator.errors import ConfigError
+from simulator.records.engine_config import EngineConfig, SpeculativeConfig
+from simulator.records.errors import ConfigError
 from simulator.speculation import speculative_rates
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,10 +8,10 @@ import pytest
 
 from simulator.cluster import ClusterSpec, simulate_cluster
 from simulator.cluster.cluster import Cluster
-from simulator.cluster.plots import plot_kv_per_replica
-from simulator.engine import simulate
-from simulator.engine_config import EngineConfig
-from simulator.metrics import SLO
+from simulator.engine.loop import simulate
+from simulator.plots import plot_kv_per_replica
+from simulator.records.engine_config import EngineConfig
+from simulator.records.metrics import SLO
 from tests.simulator.conftest import VectorLinearModel, make_workload
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from simulator.cluster import ClusterSpec, simulate_cluster
-from simulator.engine_config import EngineConfig
+from simulator.records.engine_config import EngineConfig
 from tests.simulator.cluster.test_routers import bursty_workload
 from tests.simulator.conftest import VectorLinearModel
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from simulator.cluster import ClusterSpec, simulate_cluster
-from simulator.engine_config import EngineConfig
-from simulator.performance import StepBatch
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.performance import StepBatch
+from simulator.records.workload import Workload
 from tests.simulator.cluster.test_cluster import assert_same
 from tests.simulator.conftest import VectorLinearModel, make_workload
 
@@ -68,7 +68,7 @@ def test_disaggregated_fast_path_equals_step_by_step(router, staleness, async_sc
 
 def test_disaggregated_decisions_ahead_of_time_change_nothing():
     from simulator.cluster.cluster import Cluster
-    from simulator.metrics import SLO
+    from simulator.records.metrics import SLO
 
     w = make_workload(n=120, seed=5, rate=6, output=(1, 1500))
     spec = ClusterSpec(prefill_replicas=2, decode_replicas=2, router="power_of_two", link_gbps=0.5)

@@ -7,9 +7,9 @@ import pytest
 
 from simulator.cluster import ROUTERS, ClusterSpec, simulate_cluster
 from simulator.cluster.router import ReplicaReport, RouteRequest, make_router
-from simulator.engine_config import EngineConfig
-from simulator.errors import ConfigError
-from simulator.workload import Workload
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.workload import Workload
 from tests.simulator.conftest import VectorLinearModel, make_workload
 
 

@@ -1,0 +1,479 @@
+"""Paged KV cache, as vLLM V1's KVCacheManager and BlockPool keep it.
+
+Blocks hold ``block_size`` tokens. One block (the null block) is reserved,
+as in vLLM, so ``num_blocks - 1`` are usable. Blocks are allocated as tokens are
+scheduled and freed when a request finishes or is preempted. With prefix
+caching on, a full block is registered under the name of its content; freed
+blocks stay cached (and count as free) until they are evicted, least recently
+freed first, so a later request with the same prefix, or a preempted request
+coming back, can reuse them.
+
+Content names (see SimRequest.num_shared_blocks): block i of a request is
+shared within its prefix group while it lies inside the shared prefix, else
+private to the request. Shared names live in a dict (there are few). A private
+name is kept per block, as (owner request, block index) in numpy arrays, and
+given in bulk when the request frees its blocks (only then can it be looked
+up), so the many blocks a long decode fills cost no Python work one by one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simulator.engine.request import SimRequest
+
+#: owner of a block without content name, and of a block holding a shared prefix block
+NO_HASH = -1
+SHARED = -2
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division."""
+    return -(-a // b)
+
+
+class FreeBlockQueue:
+    """vLLM's free-block queue (FreeKVCacheBlockQueue), kept in a numpy buffer.
+
+    The queue is the stretch ``buf[head:tail]``, front first. ``pos[b]`` is the
+    buffer index of block b's entry, -1 when b is not queued; an entry whose
+    index differs from its block's ``pos`` is a hole, left by ``remove`` and
+    skipped by pops (lazy deletion). When a push finds no room at its end, the
+    live entries are packed into the middle of the buffer again.
+    """
+
+    def __init__(self, num_blocks: int):
+        self._pos = np.full(num_blocks, -1, dtype=np.int64)
+        # a third of room on each side of at most num_blocks live entries
+        self._buf = np.zeros(3 * num_blocks + 3, dtype=np.int64)
+        self._head = self._tail = num_blocks + 1
+        self._len = 0
+        self._holes = 0  # entries left by ``remove`` not yet skipped
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, block: int) -> bool:
+        return self._pos[block] >= 0
+
+    def blocks(self) -> np.ndarray:
+        """The queued blocks, front first."""
+        seg = self._buf[self._head : self._tail]
+        return seg[self._pos[seg] == np.arange(self._head, self._tail)]
+
+    def pop_front(self, n: int) -> np.ndarray:
+        """Take the first ``n`` blocks (``n <= len``)."""
+        if n > self._len:
+            raise IndexError(f"pop of {n} blocks from a queue of {self._len}")
+        self._len -= n
+        buf, pos = self._buf, self._pos
+        if n <= 2:  # the step-by-step path takes one block at a time: stay in Python
+            out = []
+            head = self._head
+            while len(out) < n:
+                block = buf.item(head)
+                if pos.item(block) == head:
+                    out.append(block)
+                    pos[block] = -1
+                else:
+                    self._holes -= 1
+                head += 1
+            self._head = head
+            return np.array(out, dtype=np.int64)
+        if not self._holes:  # the first n entries are the blocks
+            out = buf[self._head : self._head + n].copy()
+            self._head += n
+            pos[out] = -1
+            return out
+        parts = []
+        while n:
+            seg = buf[self._head : self._head + n]
+            live = pos[seg] == np.arange(self._head, self._head + n)
+            self._head += n
+            if not live.all():
+                seg = seg[live]
+                self._holes -= n - len(seg)
+            parts.append(seg)
+            n -= len(seg)
+        out = parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        pos[out] = -1
+        return out
+
+    def pop_one(self) -> int:
+        """Take the first block (the queue is not empty)."""
+        buf, pos = self._buf, self._pos
+        head = self._head
+        block = buf.item(head)
+        while pos.item(block) != head:  # skip holes
+            self._holes -= 1
+            head += 1
+            block = buf.item(head)
+        self._head = head + 1
+        pos[block] = -1
+        self._len -= 1
+        return block
+
+    def remove(self, block: int) -> None:
+        """Take ``block`` out from wherever it is (a prefix hit on a free cached block)."""
+        if self._pos[block] < 0:
+            raise KeyError(f"block {block} is not free")
+        self._pos[block] = -1
+        self._len -= 1
+        self._holes += 1
+
+    def push_front(self, blocks: np.ndarray) -> None:
+        """Put ``blocks`` before the current front, in their order."""
+        n = len(blocks)
+        if not n:
+            return
+        if self._head < n:
+            self._repack()
+        self._head -= n
+        self._place(blocks, self._head)
+
+    def push_back(self, blocks: np.ndarray) -> None:
+        """Put ``blocks`` after the current back, in their order."""
+        n = len(blocks)
+        if not n:
+            return
+        if self._tail + n > len(self._buf):
+            self._repack()
+        self._place(blocks, self._tail)
+        self._tail += n
+
+    def _place(self, blocks: np.ndarray, at: int) -> None:
+        self._buf[at : at + len(blocks)] = blocks
+        self._pos[blocks] = np.arange(at, at + len(blocks))
+        self._len += len(blocks)
+
+    def _repack(self) -> None:
+        live = self.blocks()
+        self._holes = 0
+        self._head = len(self._pos) + 1
+        self._tail = self._head + len(live)
+        self._buf[self._head : self._tail] = live
+        self._pos[live] = np.arange(self._head, self._tail)
+
+
+class KVCacheManager:
+    """Blocks per request, free-block accounting and the prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError("the KV cache needs at least 2 blocks (one is vLLM's null block)")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_prefix_caching
+        # block 0 is the null block; the free queue holds the rest in eviction order
+        self.free_queue = FreeBlockQueue(num_blocks)
+        self.free_queue.push_back(np.arange(1, num_blocks, dtype=np.int64))
+        self._ref = np.zeros(num_blocks, dtype=np.int64)
+        # content name of each block: owner NO_HASH (none), SHARED (see _shared_name)
+        # or the request whose private block ``_index`` it holds; ``_serial`` orders
+        # private registrations, so that of two copies the older one answers
+        self._owner = np.full(num_blocks, NO_HASH, dtype=np.int64)
+        self._index = np.zeros(num_blocks, dtype=np.int64)
+        self._serial = np.zeros(num_blocks, dtype=np.int64)
+        self._next_serial = 0
+        self._private_owners: set[int] = set()
+        self._any_names = False  # whether any block was ever named (else every owner is NO_HASH)
+        # shared name (group, index) -> the blocks holding it, oldest first. Like vLLM,
+        # duplicates are kept (two requests may compute the same prefix block at once),
+        # so evicting one copy leaves the other findable.
+        self._shared: dict[tuple[int, int], dict[int, None]] = {}
+        self._shared_name: dict[int, tuple[int, int]] = {}
+        self.req_blocks: dict[int, list[int]] = {}
+        self._num_cached_blocks: dict[int, int] = {}
+        # prefix-cache statistics (tokens)
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        # block-seconds per request: held blocks x time, summed as
+        # (blocks x release clock) - (sum of their acquisition clocks) at each free
+        self.clock = 0.0
+        self.block_seconds: dict[int, float] = {}
+        self._acquired_s: dict[int, float] = {}
+
+    # --- accounting -----------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Free blocks, cached-but-unused ones included (they can be evicted)."""
+        return len(self.free_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks held by requests (the null block excluded)."""
+        return self.num_blocks - 1 - len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """vLLM's kv_cache_usage: the used share of the usable blocks (null block excluded)."""
+        return 1.0 - len(self.free_queue) / (self.num_blocks - 1)
+
+    def num_blocks_of(self, rid: int) -> int:
+        return len(self.req_blocks.get(rid, ()))
+
+    def num_blocks_held(self, reqs: list[SimRequest]) -> list[int]:
+        """``num_blocks_of`` each of ``reqs``, which hold blocks (the fast path, for many)."""
+        blocks = self.req_blocks
+        return [len(blocks[r.rid]) for r in reqs]
+
+    def num_cached_blocks_of(self, rid: int) -> int:
+        """How many of the request's blocks are registered in the prefix cache."""
+        return self._num_cached_blocks.get(rid, 0)
+
+    # --- prefix cache ---------------------------------------------------
+    def computed_blocks(self, req: SimRequest, num_tokens: int) -> list[int]:
+        """Longest run of cached full blocks at the start of the request.
+
+        At most ``num_tokens - 1`` tokens may hit, so that the last token is
+        always computed (vLLM's rule). The request holds no blocks (it waits).
+        """
+        if not self.enable_caching:
+            return []
+        wanted = (num_tokens - 1) // self.block_size
+        num_shared = min(req.num_shared_blocks, wanted)
+        hit: list[int] = []
+        name = req.shared_name
+        for i in range(num_shared):
+            blocks = self._shared.get(name(i))
+            if not blocks:
+                return hit
+            hit.append(next(iter(blocks)))
+        if wanted > num_shared and req.rid in self._private_owners:
+            hit.extend(self._private_hits(req.rid, num_shared, wanted))
+        return hit
+
+    def _private_hits(self, rid: int, start: int, stop: int) -> list[int]:
+        """Cached private blocks start, start+1, ... (< stop) of ``rid``, up to the first miss."""
+        blocks = np.flatnonzero(self._owner == rid)
+        index = self._index[blocks]
+        keep = (index >= start) & (index < stop)
+        blocks, index = blocks[keep], index[keep]
+        order = np.lexsort((self._serial[blocks], index))  # by index, oldest copy first
+        blocks, index = blocks[order], index[order]
+        first = np.ones(len(index), dtype=bool)
+        first[1:] = index[1:] != index[:-1]
+        blocks, index = blocks[first], index[first]
+        gap = np.flatnonzero(index != np.arange(start, start + len(index)))
+        run = int(gap[0]) if len(gap) else len(index)
+        return blocks[:run].tolist()
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
+
+    def cache_full_blocks(self, req: SimRequest, num_tokens: int) -> None:
+        """Register the request's full blocks covering ``num_tokens`` tokens.
+
+        Shared prefix blocks are named at once (other requests look them up);
+        a private block can only be hit by its own request once it has freed
+        it, so private blocks are named in bulk when the request frees them.
+        """
+        if not self.enable_caching:
+            return
+        rid = req.rid
+        done = self._num_cached_blocks.get(rid, 0)
+        if num_tokens // self.block_size <= done:  # the usual case: nothing new is full
+            return
+        blocks = self.req_blocks[rid]
+        full = min(num_tokens // self.block_size, len(blocks))
+        if full <= done:
+            return
+        self._num_cached_blocks[rid] = full
+        owner = self._owner
+        for i in range(done, min(full, req.num_shared_blocks)):
+            block = blocks[i]
+            if owner[block] == NO_HASH:
+                self._any_names = True
+                name = req.shared_name(i)
+                self._shared.setdefault(name, {})[block] = None
+                self._shared_name[block] = name
+                owner[block] = SHARED
+
+    def cache_private_blocks(self, rid: int, num_tokens: int) -> None:
+        """``cache_full_blocks`` for a request without shared prefix blocks, by its id (an
+        arrival a run of steps admits, before it comes)."""
+        if not self.enable_caching:
+            return
+        full = min(num_tokens // self.block_size, len(self.req_blocks[rid]))
+        if full > self._num_cached_blocks.get(rid, 0):
+            self._num_cached_blocks[rid] = full
+
+    def cache_many(self, reqs: list[SimRequest], num_tokens: list[int]) -> None:
+        """``cache_full_blocks`` for many requests (the fast path, after a decode run)."""
+        if not self.enable_caching:
+            return
+        bs = self.block_size
+        cached = self._num_cached_blocks
+        req_blocks = self.req_blocks
+        for req, tokens in zip(reqs, num_tokens, strict=True):
+            if cached.get(req.rid, 0) < req.num_shared_blocks:
+                self.cache_full_blocks(req, tokens)
+            else:
+                cached[req.rid] = min(tokens // bs, len(req_blocks[req.rid]))
+
+    def _name_private_blocks(self, rid: int, blocks: np.ndarray, num_cached: int) -> None:
+        """Name the request's registered blocks ``blocks[:num_cached]`` still without a name."""
+        index = np.arange(num_cached)
+        blocks = blocks[:num_cached]
+        fresh = self._owner[blocks] == NO_HASH
+        blocks, index = blocks[fresh], index[fresh]
+        if not len(blocks):
+            return
+        self._any_names = True
+        self._owner[blocks] = rid
+        self._index[blocks] = index
+        self._serial[blocks] = np.arange(self._next_serial, self._next_serial + len(blocks))
+        self._next_serial += len(blocks)
+        self._private_owners.add(rid)
+
+    # --- allocation -----------------------------------------------------
+    def blocks_needed(self, rid: int, num_tokens: int, hit_blocks: list[int] = ()) -> int:
+        """Free blocks an allocation for ``num_tokens`` slots would consume."""
+        held = len(self.req_blocks.get(rid, ()))
+        need = max(cdiv(num_tokens, self.block_size) - held - len(hit_blocks), 0)
+        if hit_blocks:
+            need += int(np.count_nonzero(self._ref[hit_blocks] == 0))  # free cached ones
+        return need
+
+    def allocate(
+        self,
+        rid: int,
+        num_slots: int,
+        hit_blocks: list[int] = (),
+        full_sequence_tokens: int = 0,
+    ) -> bool:
+        """Give ``rid`` blocks for ``num_slots`` token slots in all.
+
+        ``hit_blocks`` are prefix-cache hits adopted first. When
+        ``full_sequence_tokens`` is set (vLLM's scheduler_reserve_full_isl
+        admission gate), the whole sequence must fit in the free blocks.
+        Returns False, changing nothing, when the blocks are not there.
+        """
+        blocks = self.req_blocks.get(rid)
+        if blocks is not None and not hit_blocks and not full_sequence_tokens \
+                and num_slots <= len(blocks) * self.block_size:
+            return True  # the usual decode step: the held blocks have room
+        free = len(self.free_queue)
+        if full_sequence_tokens and self.blocks_needed(rid, full_sequence_tokens, hit_blocks) > free:
+            return False
+        if self.blocks_needed(rid, num_slots, hit_blocks) > free:
+            return False
+        blocks = self.req_blocks.setdefault(rid, [])
+        num_new = max(cdiv(num_slots, self.block_size) - len(blocks) - len(hit_blocks), 0)
+        if not hit_blocks and not num_new:
+            return True
+        for b in hit_blocks:
+            if self._ref[b] == 0:
+                self.free_queue.remove(b)
+            self._ref[b] += 1
+        blocks.extend(hit_blocks)
+        if num_new:
+            blocks.extend(self.take_free_blocks(num_new).tolist())
+        self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + (len(hit_blocks) + num_new) * self.clock
+        return True
+
+    def append_block(self, rid: int) -> bool:
+        """One more block for ``rid``, which holds blocks (a decode crossing a block boundary):
+        ``allocate`` of one slot past its blocks, without the general case's work."""
+        queue = self.free_queue
+        if not queue._len:
+            return False
+        block = queue.pop_one()
+        if self.enable_caching:
+            owner = self._owner.item(block)
+            if owner != NO_HASH:
+                if owner == SHARED:
+                    self._evict_shared(block)
+                self._owner[block] = NO_HASH
+        self._ref[block] = 1
+        self.req_blocks[rid].append(block)
+        acquired = self._acquired_s
+        acquired[rid] = acquired.get(rid, 0.0) + self.clock
+        return True
+
+    def take_free_blocks(self, n: int) -> np.ndarray:
+        """Take ``n`` blocks from the front of the free queue, evicting their cached content."""
+        blocks = self.free_queue.pop_front(n)
+        owner = self._owner
+        if self._any_names:  # (else no block has content to evict)
+            if n <= 2:
+                for b in blocks.tolist():
+                    if owner[b] == SHARED:
+                        self._evict_shared(b)
+            else:
+                shared = blocks[owner[blocks] == SHARED]
+                for b in shared.tolist():
+                    self._evict_shared(b)
+            owner[blocks] = NO_HASH
+        self._ref[blocks] = 1
+        return blocks
+
+    def _evict_shared(self, block: int) -> None:
+        name = self._shared_name.pop(block)
+        copies = self._shared[name]
+        del copies[block]
+        if not copies:
+            del self._shared[name]
+
+    def open_table(self, rid: int) -> None:
+        """Start ``rid``'s block table, empty (a run of steps admits it; its blocks come
+        through ``add_taken_blocks``)."""
+        self.req_blocks[rid] = []
+
+    def add_taken_blocks(self, rid: int, blocks: list[int], acquired_s: float) -> None:
+        """Give ``rid`` blocks already taken by ``take_free_blocks``; ``acquired_s`` sums their
+        acquisition clocks (the fast path hands out a run's blocks in bulk)."""
+        self.req_blocks[rid].extend(blocks)
+        self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + acquired_s
+
+    def free(self, rid: int, finished: bool = False) -> None:
+        """Release a request's blocks, tail first (``finished``: for good, not preempted).
+
+        As vLLM's BlockPool.free_blocks: blocks without a content hash can
+        never be hit, so they go to the front of the free queue (reused first);
+        cached blocks go to the back, so the prefix cache evicts least recently
+        freed first.
+        """
+        blocks = self.req_blocks.pop(rid, None)
+        num_cached = self._num_cached_blocks.pop(rid, 0)
+        if not blocks:
+            return
+        self.block_seconds[rid] = (self.block_seconds.get(rid, 0.0)
+                                   + len(blocks) * self.clock - self._acquired_s.pop(rid))
+        held = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
+        if finished and (not self._any_names or (self._owner[held] == NO_HASH).all()):
+            # The usual finish: private blocks only, none named yet, each held by this request
+            # alone. Its registered blocks (the first num_cached) are cached; only the request
+            # itself could ever hit them, and it is done, so their names are not recorded.
+            self._ref[held] = 0
+            self.free_queue.push_front(held[num_cached:][::-1])
+            self.free_queue.push_back(held[:num_cached][::-1])
+            return
+        if num_cached:
+            self._name_private_blocks(rid, held, num_cached)
+        tail_first = held[::-1]
+        ref = self._ref
+        ref[tail_first] -= 1  # a request holds each block once
+        released = tail_first[ref[tail_first] == 0]
+        named = self._owner[released] != NO_HASH
+        self.free_queue.push_front(released[~named])
+        self.free_queue.push_back(released[named])
+
+    def add_cached_prefix(self, group: int, num_blocks: int) -> int:
+        """Put blocks 0..num_blocks-1 of shared prefix ``group`` into the prefix cache, free
+        and evictable last, as if a request had computed and freed them (KV transferred from
+        another replica, simulator.cluster.disagg); return how many fitted."""
+        n = min(num_blocks, len(self.free_queue)) if self.enable_caching else 0
+        if n <= 0:
+            return 0
+        blocks = self.take_free_blocks(n)
+        for i, block in enumerate(blocks.tolist()):
+            name = (group, i)
+            self._shared.setdefault(name, {})[block] = None
+            self._shared_name[block] = name
+        self._owner[blocks] = SHARED
+        self._any_names = True
+        self._ref[blocks] = 0
+        self.free_queue.push_back(blocks)
+        return n

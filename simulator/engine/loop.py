@@ -1,0 +1,478 @@
+"""One vLLM V1 engine replica as a SimPy process.
+
+Arrivals enter the scheduler's queue at their arrival time. The engine loop
+schedules a step, holds the clock for the step time the PerformanceModel gives
+for that batch, then applies the step's output. Under async scheduling (vLLM's
+default) it keeps two steps in flight, as vLLM's EngineCore batch queue does:
+step k+1 is scheduled before step k's output is applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import random
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable
+from operator import attrgetter
+
+import numpy as np
+import simpy
+
+from simulator.engine import fast_forward
+from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOutput
+from simulator.engine.native import NativeScheduler
+from simulator.engine.request import SimRequest, Status
+from simulator.engine.run_log import EngineRun, StepLog
+from simulator.engine.steady import SteadyScheduler
+from simulator.engine.tabulate import SimulatedRun, tabulate
+from simulator.records.engine_config import EngineConfig
+from simulator.records.errors import ConfigError
+from simulator.records.performance import KVCapacity, PerformanceModel
+from simulator.records.workload import Workload
+
+
+def delay_until(now: float, t: float) -> float:
+    """The timeout that brings SimPy's clock from ``now`` to no earlier than ``t``:
+    ``now + (t - now)`` can round an ulp below ``t`` (a request would then be scheduled
+    before it arrives)."""
+    delay = t - now
+    while now + delay < t:
+        delay = math.nextafter(delay, math.inf)
+    return delay
+
+
+def admission_error(prompt: int, max_tokens: int, config: EngineConfig, kv: KVCapacity) -> str:
+    """Why a request can never run, or '' if it can."""
+    if prompt + max_tokens > config.max_model_len:
+        return f"prompt+max_tokens={prompt + max_tokens} exceeds max_model_len={config.max_model_len}"
+    capacity = (kv.num_blocks - 1) * kv.block_size
+    if prompt + max_tokens > capacity:
+        return f"prompt+max_tokens={prompt + max_tokens} exceeds the KV cache ({capacity} tokens)"
+    return ""
+
+
+def _hybrid(kv: KVCapacity) -> bool:
+    """Whether the KV cache has sliding-window groups (simulator.engine.kv_layout)."""
+    groups = getattr(kv, "groups", None)
+    return groups is not None and groups.hybrid
+
+
+class Engine:
+    """Drives a scheduler through SimPy time with step times from a PerformanceModel."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        config: EngineConfig,
+        perf: PerformanceModel,
+        kv: KVCapacity,
+        *,
+        seed: int = 0,
+        async_scheduling: bool | None = None,
+        scheduler_factory: Callable[..., object] | None = None,
+        keep_decisions: bool = False,
+        on_progress: Callable[[int], None] | None = None,
+        fast: bool = True,
+        env: simpy.Environment | None = None,
+    ):
+        self.workload = workload
+        self.config = config
+        self.perf = perf
+        self.kv_capacity = kv
+        if async_scheduling is None:
+            async_scheduling = config.async_scheduling
+        if async_scheduling is None:
+            # vLLM turns async scheduling off for n-gram speculative decoding
+            async_scheduling = not (config.speculative.enabled and config.speculative.method == "ngram")
+        self.async_scheduling = async_scheduling
+        probe = perf.decode_times(1, np.ones(1))
+        self._decode_fn = perf.decode_times if probe is not None else None
+        self.fast = bool(fast and self._decode_fn is not None and not keep_decisions
+                         and scheduler_factory in (None, NativeScheduler)
+                         and not getattr(workload, "has_timeouts", False)  # aborts: step by step
+                         and not _hybrid(kv))  # sliding-window KV groups: step by step
+        factory = scheduler_factory or NativeScheduler
+        if self.fast and not config.speculative.enabled:
+            factory = SteadyScheduler  # same decisions, with steady decoders kept lazily
+        if _hybrid(kv) and not (isinstance(factory, type) and issubclass(factory, NativeScheduler)):
+            raise ConfigError("engine.scheduler", "native (sliding-window models: the hybrid KV allocator "
+                                                  f"is modelled in the native scheduler only), got {config.scheduler}")
+        self.scheduler: Scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
+        if _hybrid(kv):  # full-attention and sliding-window KV groups in one pool
+            from simulator.engine.kv_layout import HybridKVCacheManager
+
+            self.scheduler.kv = HybridKVCacheManager(kv.num_blocks, config.block_size,
+                                                     config.enable_prefix_caching, kv.groups)
+        self.rng = random.Random(seed)
+        self.env = env if env is not None else simpy.Environment()  # a cluster shares one
+        self.steps = StepLog()
+        self.requests: list[SimRequest] = []
+        self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
+        self.on_progress = on_progress
+        self._pace = 0.0  # the latest step's duration
+        self._next_arrival = 0  # the first arrival neither queued nor admitted by a run
+        self._arrival_s = workload.arrival_s.tolist()
+        if isinstance(self.scheduler, SteadyScheduler):
+            self.scheduler.use_runs(fast_forward.Runs(self.scheduler, self._decode_fn, perf.step_time,
+                                                      self._arrivals_columns(), async_scheduling))
+        self._wake: simpy.Event | None = None
+        self._arrivals_done = False
+        self._finished = 0
+        self._stop_requested = False
+        # preemptions of schedule() calls that scheduled nothing: no step of theirs is
+        # logged, so the next logged step counts them
+        self._unlogged_preemptions = 0
+        self._deadlines: list[tuple[float, int]] = []  # (arrival + client timeout, rid), a heap
+        self.interrupted = False
+
+    def _arrivals_columns(self) -> fast_forward.Arrivals:
+        """The arrivals as the fast path reads them (too_long: rejected at arrival)."""
+        w, config, kv = self.workload, self.config, self.kv_capacity
+        too_long = w.prompt_tokens + w.output_tokens > min(
+            config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
+        shared = np.where(w.prefix_group >= 0, w.prefix_tokens, 0) // config.block_size
+        return fast_forward.Arrivals(time_s=w.arrival_s, queued=~too_long, prompt=w.prompt_tokens,
+                                     max_tokens=w.output_tokens, private=shared == 0)
+
+    def request_stop(self) -> None:
+        """Stop at the next step boundary (e.g. on Ctrl-C); ``run`` then returns what was simulated."""
+        self._stop_requested = True
+
+    # --- processes --------------------------------------------------------------
+    def _arrivals(self):
+        arrival = self._arrival_s
+        env = self.env
+        for rid in range(len(arrival)):
+            if rid < self._next_arrival:
+                continue  # a run admitted it: it comes through _arrive
+            if arrival[rid] > env.now:
+                yield env.timeout(delay_until(env.now, arrival[rid]))
+                if rid < self._next_arrival:
+                    continue  # admitted by a run planned meanwhile
+            self._next_arrival = rid + 1
+            req = self._new_request(rid)
+            if req.status == Status.REJECTED:
+                continue
+            self.scheduler.add_request(req)
+            if self._wake is not None and not self._wake.triggered:
+                self._wake.succeed()
+        self._arrivals_done = True
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    def _new_request(self, rid: int) -> SimRequest:
+        """Request ``rid`` at its arrival: rejected if it can never run, else still to queue."""
+        w = self.workload
+        req = SimRequest(rid, self._arrival_s[rid], int(w.prompt_tokens[rid]), int(w.output_tokens[rid]),
+                         int(w.reasoning_tokens[rid]), int(w.prefix_group[rid]), int(w.prefix_tokens[rid]),
+                         self.config.block_size, int(w.outer_group[rid]), int(w.outer_tokens[rid]))
+        self.requests.append(req)
+        reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
+        if reason:
+            req.status = Status.REJECTED
+            req.reject_reason = reason
+            req.finish_s = req.arrival_s
+            self._count_finished(1)
+        elif math.isfinite(w.timeout_s[rid]):  # the client gives up then (``_abort_due``)
+            heapq.heappush(self._deadlines, (req.arrival_s + float(w.timeout_s[rid]), rid))
+        return req
+
+    def _idle(self):
+        """Wait for the next arrival; False when none will come."""
+        if self._arrivals_done:
+            return False
+        self._wake = self.env.event()
+        return True
+
+    def _run_sync(self):
+        env, sched = self.env, self.scheduler
+        while not self._stop_requested:
+            if not sched.has_requests():
+                if not self._idle():
+                    return
+                yield self._wake
+                continue
+            if self.fast:
+                adv = sched.advance(env.now, self._pace, self._next_arrival)
+                if adv is not None:
+                    admitted = self._after_run(adv)
+                    yield env.timeout(adv.wait_s)
+                    self._arrive(admitted)
+                    continue
+            self._before_schedule()
+            out = sched.schedule()
+            if not out.has_work:
+                if out.preempted:
+                    # a step that only preempted (a lone request short of a block preempts
+                    # itself): like vLLM's engine, schedule again at once
+                    self._unlogged_preemptions += len(out.preempted)
+                    continue
+                if not self._idle():
+                    raise RuntimeError(f"scheduler stalled at t={env.now:.3f}s: {self._state()}")
+                yield self._wake
+                continue
+            start = env.now
+            yield env.timeout(self._step_time(out))
+            self._apply(out, start)
+
+    def _run_async(self):
+        env, sched = self.env, self.scheduler
+        in_flight: deque[tuple[SchedulerOutput, float, float]] = deque()
+        while not self._stop_requested:
+            if self.fast and len(in_flight) == 1 and sched.has_requests():
+                adv = sched.advance(env.now, self._pace, self._next_arrival, InFlight(*in_flight[0]))
+                if adv is not None:
+                    admitted = self._after_run(adv)
+                    yield env.timeout(adv.wait_s)
+                    self._arrive(admitted)
+                    # the step left in flight decodes every running request, the run's arrivals among them
+                    in_flight[0] = (sched.decode_step(), *adv.in_flight_s)
+                    continue
+            only_preempted = False
+            if sched.has_requests():
+                self._before_schedule()
+                out = sched.schedule()
+                if out.has_work:
+                    start = in_flight[-1][2] if in_flight else env.now
+                    in_flight.append((out, start, start + self._step_time(out)))
+                    if len(in_flight) < 2:
+                        continue
+                only_preempted = bool(out.preempted) and not out.has_work
+                if only_preempted:
+                    self._unlogged_preemptions += len(out.preempted)
+            if not in_flight:
+                if only_preempted:
+                    continue  # as in the sync loop: vLLM's engine schedules again at once
+                if not sched.has_requests() and self._arrivals_done:
+                    return
+                if not self._idle():
+                    raise RuntimeError(f"scheduler stalled at t={env.now:.3f}s: {self._state()}")
+                yield self._wake
+                continue
+            out, start, end = in_flight.popleft()
+            if end > env.now:
+                yield env.timeout(delay_until(env.now, end))
+            self._apply(out, start)
+
+    # --- step times and the fast path --------------------------------------------------
+    def _step_time(self, out: SchedulerOutput) -> float:
+        self._pace = self.perf.step_time(out.batch)
+        return self._pace
+
+    def _after_run(self, adv: Advance) -> range:
+        """Log a run's steps; return the arrivals it admitted (and those rejected among them),
+        which come during the run: they are made when it is over (``_arrive``)."""
+        first_preempted = adv.first_preempted + self._take_unlogged_preemptions()
+        self.steps.add_run(adv.k, adv.starts, adv.token_times, adv.kv_blocks_used, adv.segments,
+                           self.scheduler.num_waiting, adv.waiting_changes, first_preempted)
+        self._pace = adv.last_step_s
+        admitted = range(self._next_arrival, max(adv.next_arrival, self._next_arrival))
+        self._next_arrival = admitted.stop  # (the arrival process skips them)
+        if adv.finished:
+            self._count_finished(len(adv.finished))
+        return admitted
+
+    def _arrive(self, rids: range) -> None:
+        """Arrivals that came during a run, made at its end (never ahead of SimPy's clock); the
+        scheduler gives those the run admitted what it did to them."""
+        for rid in rids:
+            req = self._new_request(rid)
+            if req.status != Status.REJECTED:
+                self.scheduler.add_request(req)
+
+    # --- step bookkeeping ---------------------------------------------------------
+    def _before_schedule(self) -> None:
+        self.scheduler.kv.clock = self.env.now
+        if self._deadlines:
+            self._abort_due()
+
+    def _abort_due(self) -> None:
+        """Abort the requests whose client timed out by now (vLLM takes aborts between steps):
+        they leave the scheduler, their blocks are freed, their status is ``aborted``."""
+        now, due = self.env.now, []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            due.append(heapq.heappop(self._deadlines)[1])
+        aborted = self.scheduler.finish_requests(due, now) if due else []
+        for req in aborted:
+            req.status = Status.ABORTED
+        if aborted:
+            self._count_finished(len(aborted))
+
+    def _apply(self, out: SchedulerOutput, start: float) -> None:
+        now = self.env.now
+        sched = self.scheduler
+        sched.kv.clock = now
+        sampled = self._sample(out)
+        finished = sched.update_from_output(out, sampled, now)
+        self._propose_drafts(out)
+        batch = out.batch
+        self.steps.add_step(
+            start, now, sched.kv.num_used_blocks, sched.num_running, sched.num_waiting,
+            sum(batch.prefill_tokens), len(batch.decode_context) + sum(batch.decode_spec_tokens),
+            len(out.num_scheduled) + out.num_steady,
+            len(out.preempted) + self._take_unlogged_preemptions(),
+        )
+        if self.decisions is not None:
+            self.decisions.append(out)
+        if finished:
+            self._count_finished(len(finished))
+
+    def _sample(self, out: SchedulerOutput) -> dict[int, int]:
+        """Tokens each sampling request produces: 1 plus accepted draft tokens."""
+        spec = self.config.speculative
+        if not out.spec_tokens:
+            return dict.fromkeys(out.sampling, 1)
+        sampled = {}
+        rand = self.rng.random
+        for rid in out.sampling:
+            accepted = 0
+            for pos in range(out.spec_tokens.get(rid, 0)):
+                if rand() >= spec.rate_at(pos):
+                    break
+                accepted += 1
+            sampled[rid] = 1 + accepted
+        return sampled
+
+    def _propose_drafts(self, out: SchedulerOutput) -> None:
+        """The drafter proposes draft tokens for the next step (n-gram may find none)."""
+        spec = self.config.speculative
+        if not spec.enabled:
+            return
+        k = spec.num_speculative_tokens
+        rand = self.rng.random
+        requests = self.scheduler.requests
+        for rid in sorted(out.sampling):
+            req = requests[rid]
+            if req.status != Status.RUNNING:
+                continue
+            room = self.config.max_model_len - req.num_tokens - 1
+            req.spec_tokens = min(k, room) if (room > 0 and rand() < spec.proposal_rate) else 0
+
+    def _take_unlogged_preemptions(self) -> int:
+        n, self._unlogged_preemptions = self._unlogged_preemptions, 0
+        return n
+
+    def _count_finished(self, n: int) -> None:
+        self._finished += n
+        if self.on_progress is not None:
+            self.on_progress(n)
+
+    def _state(self) -> str:
+        s = self.scheduler
+        return f"running={s.num_running} waiting={s.num_waiting} free_blocks={s.kv.num_free_blocks}"
+
+    # --- entry point ----------------------------------------------------------------
+    def run(self) -> EngineRun:
+        loop = self.start()
+        self.env.run(until=loop)  # the loop ends when every request has, or on request_stop
+        return self.collect()
+
+    def start(self, arrivals: bool = True) -> simpy.Process:
+        """Start the engine loop (and, unless a cluster delivers them, the arrivals); return the loop."""
+        env = self.env
+        if arrivals:
+            env.process(self._arrivals())
+        return env.process(self._run_async() if self.async_scheduling else self._run_sync())
+
+    def collect(self) -> EngineRun:
+        """What the run produced, once its loop has ended."""
+        env = self.env
+        self.interrupted = self._stop_requested
+        self.scheduler.materialize()
+        self.requests.sort(key=attrgetter("rid"))  # (a run's arrivals and the next may come at one time)
+        unfinished = [r for r in self.requests if r.status < Status.FINISHED]
+        if unfinished and not self.interrupted:
+            raise RuntimeError(f"{len(unfinished)} requests never finished: {self._state()}")
+        kv = self.scheduler.kv
+        return EngineRun(
+            requests=self.requests,
+            steps=self.steps,
+            kv=self.kv_capacity,
+            block_seconds=kv.block_seconds,
+            prefix_queries=kv.prefix_queries,
+            prefix_hits=kv.prefix_hits,
+            end_s=env.now,
+            decisions=self.decisions,
+        )
+
+
+def simulate(
+    workload: Workload,
+    config: EngineConfig,
+    perf: PerformanceModel,
+    *,
+    slo=None,
+    seed: int = 0,
+    async_scheduling: bool | None = None,
+    progress: bool = False,
+    keep_decisions: bool = False,
+    fast: bool = True,
+    stop_on_interrupt: bool = False,
+) -> SimulatedRun:
+    """Run a workload through one engine replica and return its RunResult (a SimulatedRun).
+
+    ``fast`` advances runs of identical decode steps in closed form (same
+    results as the step-by-step path, much faster); ``keep_decisions`` keeps
+    every step's SchedulerOutput (and implies the step-by-step path).
+    ``stop_on_interrupt`` (main thread only): Ctrl-C (SIGINT) or SIGTERM stops
+    the run at the next step boundary and the result holds what was simulated
+    until then (``summary.sections["partial"]``; unfinished requests have status
+    ``unfinished``, requests not yet arrived are left out).
+    """
+    from simulator.records.metrics import SLO
+
+    kv = perf.kv_capacity(config.block_size, config.gpu_memory_utilization, config.num_gpu_blocks_override)
+    factory = None
+    if config.scheduler == "vllm":
+        from simulator.engine.vllm_oracle import VllmScheduler
+
+        factory = VllmScheduler
+    bar = None
+    on_progress = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(workload), unit="req", desc="simulating", mininterval=0.5)
+        on_progress = bar.update
+    try:
+        engine = Engine(workload, config, perf, kv, seed=seed, async_scheduling=async_scheduling,
+                        scheduler_factory=factory, keep_decisions=keep_decisions,
+                        on_progress=on_progress, fast=fast)
+        with _stop_on_signals(engine.request_stop, stop_on_interrupt):
+            run = engine.run()
+    finally:
+        if bar is not None:
+            bar.close()
+    slo = slo if isinstance(slo, SLO) else SLO.from_dict(slo)
+    result = tabulate(run, workload, slo)
+    result.summary.sections["async_scheduling"] = engine.async_scheduling
+    result.summary.sections["scheduler"] = config.scheduler
+    if engine.interrupted:
+        result.summary.sections["partial"] = {
+            "interrupted_at_s": run.end_s,
+            "unfinished": int(sum(r.status < Status.FINISHED for r in run.requests)),
+            "not_arrived": len(workload) - len(run.requests),
+        }
+    if keep_decisions:
+        result.decisions = run.decisions
+    return result
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[], None], enabled: bool):
+    """While active (if enabled and in the main thread), SIGINT and SIGTERM call ``stop``."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda _signum, _frame: stop())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

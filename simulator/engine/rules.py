@@ -1,0 +1,67 @@
+"""vLLM's scheduling rules, written once.
+
+The step-by-step scheduler (simulator.engine.native), the steady decoders
+(simulator.engine.steady) and the runs of steps (simulator.engine.fast_forward) all call
+these; they differ only in how many steps one call covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from simulator.engine.request import SimRequest
+
+
+def running_tokens(req: SimRequest, threshold: int, max_model_len: int) -> int:
+    """Tokens vLLM schedules for a running request, before the step's budget (0: none).
+
+    All its uncomputed tokens (drafts and async placeholders included), at most
+    ``threshold`` (long_prefill_token_threshold, 0: none) and never the last slot
+    of max_model_len; none when the step in flight already reaches max_tokens.
+    """
+    computed, placeholders = req.num_computed, req.placeholders
+    if placeholders > 0 and computed + 2 - placeholders >= req.num_prompt + req.max_tokens:
+        return 0
+    n = req.num_prompt + req.num_output + req.spec_tokens + placeholders - computed
+    if 0 < threshold < n:
+        n = threshold
+    room = max_model_len - computed - 1
+    if room < n:
+        n = room
+    return n if n > 0 else 0
+
+
+def slots_needed(computed: int, num_new: int, lookahead: int, max_model_len: int) -> int:
+    """Token slots a request must hold to run ``num_new`` tokens after ``computed`` (vLLM's
+    allocate_slots: computed + new + lookahead, at most max_model_len)."""
+    n = computed + num_new + lookahead
+    return n if n < max_model_len else max_model_len
+
+
+# vLLM's admission gate for a waiting request is both of the next two: a seat, and the KV
+# blocks of its whole sequence.
+
+
+def has_seat(num_running: int, max_num_seqs: int) -> bool:
+    """Whether one more request may run (max_num_seqs)."""
+    return num_running < max_num_seqs
+
+
+def fits_whole(blocks_needed: int, free_blocks: int) -> bool:
+    """Whether the blocks of a request's whole sequence are free (scheduler_reserve_full_isl)."""
+    return blocks_needed <= free_blocks
+
+
+def deliver_tokens(req: SimRequest, count: int, times: Sequence[float], start: int = 0) -> None:
+    """``count`` output tokens reach ``req``, token i at ``times[start + i]`` (a sequence or
+    a numpy array): its first token, first visible token (after its reasoning) and last
+    token times follow."""
+    num_output = req.num_output
+    if num_output == 0:
+        req.first_token_s = float(times[start])
+    if req.first_visible_s < 0:
+        j = req.reasoning_tokens - num_output  # the first visible token's index
+        if 0 <= j < count:
+            req.first_visible_s = float(times[start + j])
+    req.num_output = num_output + count
+    req.last_token_s = float(times[start + count - 1])

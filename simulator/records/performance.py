@@ -1,0 +1,155 @@
+"""The PerformanceModel boundary between calibration and simulation.
+
+A PerformanceModel turns one engine step's batch composition into a duration,
+and tells how much KV cache fits and how the device memory is split. It knows
+nothing of SimPy or of the scheduler. Calibration builds the concrete models
+(fitted from profiles, composed from GPU kernel tables, roofline).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+
+from simulator.records.errors import ConfigError
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """What one engine step computes.
+
+    Per prefilling request: ``prefill_tokens[i]`` new prompt tokens on top of
+    ``prefill_context[i]`` tokens already in the KV cache (earlier chunks or
+    prefix-cache hits). Per decoding request: ``decode_context[j]``, the number
+    of tokens it attends over (its KV length including the token being
+    computed), and ``decode_spec_tokens[j]`` speculative draft tokens verified
+    along with it (empty when speculation is off).
+    """
+
+    prefill_tokens: list[int] = field(default_factory=list)
+    prefill_context: list[int] = field(default_factory=list)
+    decode_context: list[int] = field(default_factory=list)
+    decode_spec_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.prefill_tokens)
+
+    @property
+    def num_decode_seqs(self) -> int:
+        return len(self.decode_context)
+
+    @property
+    def num_spec_tokens(self) -> int:
+        return sum(self.decode_spec_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        """All tokens run through the model this step."""
+        return self.num_prefill_tokens + self.num_decode_seqs + self.num_spec_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill_tokens and not self.decode_context
+
+
+@dataclass(frozen=True)
+class KVCapacity:
+    """How much paged KV cache an engine gets."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int
+    #: vLLM's KV cache groups when full-attention and sliding-window layers share the pool
+    #: (simulator.records.kv_groups.KVGroups); None: one group of all layers
+    groups: object | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def bytes(self) -> int:
+        return self.num_tokens * self.bytes_per_token
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Device memory of one replica, in bytes (per GPU for tensor parallel)."""
+
+    total: int
+    usable: int
+    weights: int
+    activation_peak: int
+    other: int
+    kv_cache: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PerformanceModel(ABC):
+    """Step time, KV capacity and memory of one model on one hardware setup."""
+
+    #: short identifier, e.g. "aiconfigurator:h100_sxm:r1-distill-qwen-7b:bf16:tp1"
+    name: str = "performance-model"
+    #: False for models not calibrated on measurements (roofline); shown in outputs
+    calibrated: bool = True
+    #: the hardware the model was measured on, when it knows better than the hardware group
+    #: (a profile: e.g. "cpu-amd-2c"); None: the hardware group's name
+    hardware_label: str | None = None
+    #: engine settings the model was measured with (a profile), the run's defaults; None: none
+    engine_settings: dict | None = None
+
+    @abstractmethod
+    def step_time(self, batch: StepBatch) -> float:
+        """Seconds one engine step takes, host overhead included."""
+
+    @abstractmethod
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token occupies across all layers (per GPU)."""
+
+    @abstractmethod
+    def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
+        """How device memory splits into weights, activations, other and KV."""
+
+    def decode_times(self, num_seqs: int, total_context):
+        """Step times of many pure-decode batches at once, or None if not supported.
+
+        A model whose decode-only step time depends on nothing but the number
+        of sequences and the total context they attend over returns, for an
+        array ``total_context``, one step time per entry, equal (to rounding)
+        to ``step_time`` of such a batch. The engine's fast path uses it to
+        advance runs of identical decode steps in closed form.
+        """
+        return None
+
+    def kv_capacity(
+        self,
+        block_size: int,
+        gpu_memory_utilization: float = 0.9,
+        num_gpu_blocks_override: int | None = None,
+    ) -> KVCapacity:
+        """KV blocks the engine gets, as vLLM sizes them (or the override)."""
+        per_token = self.kv_bytes_per_token()
+        if num_gpu_blocks_override:
+            blocks = int(num_gpu_blocks_override)
+        else:
+            kv_bytes = self.memory(gpu_memory_utilization).kv_cache
+            blocks = kv_bytes // (per_token * block_size)
+        if blocks <= 0:
+            raise ConfigError(
+                "hardware",
+                f"model {self.name} leaves no memory for the KV cache "
+                f"(gpu_memory_utilization={gpu_memory_utilization})",
+            )
+        return KVCapacity(num_blocks=int(blocks), block_size=block_size, bytes_per_token=per_token,
+                          groups=self.kv_groups())
+
+    def kv_groups(self):
+        """vLLM's KV cache groups of a hybrid (sliding-window) model, or None (one group)."""
+        return None
+
+    def describe(self) -> dict:
+        """Provenance for the run record: what this model was built from."""
+        return {"name": self.name, "calibrated": self.calibrated, "type": type(self).__name__}

@@ -1,0 +1,252 @@
+"""The fast path gives the step-by-step path's results (issue 5's differential test)."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from simulator.engine.fast_forward import _crossing_steps
+from simulator.engine.kv_cache import KVCacheManager
+from simulator.engine.loop import simulate
+from simulator.records.engine_config import EngineConfig
+from tests.simulator.conftest import VectorLinearModel, make_workload
+
+
+def assert_same(slow, fast):
+    assert slow.summary["steps"] == fast.summary["steps"]
+    for table in ("requests", "timeline"):
+        a, b = getattr(slow, table), getattr(fast, table)
+        for key in a:
+            x, y = a[key], b[key]
+            if x.dtype.kind == "f":
+                np.testing.assert_allclose(y, x, rtol=1e-9, atol=1e-9, err_msg=f"{table}.{key}")
+            else:
+                np.testing.assert_array_equal(y, x, err_msg=f"{table}.{key}")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("blocks", [None, 300])
+def test_fast_path_matches_step_by_step_on_reasoning_lengths(async_scheduling, blocks):
+    w = make_workload(n=60, seed=3, rate=2, output=(1, 3000))
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=8192)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    if blocks:
+        assert slow.summary["preemptions"] > 0  # the case covers preemption
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    seed=st.integers(0, 1000),
+    rate=st.floats(0.2, 30),
+    blocks=st.sampled_from([None, 60, 150, 400]),
+    max_num_seqs=st.sampled_from([2, 8, 256]),
+    budget=st.sampled_from([32, 512, 8192]),
+    prefix=st.booleans(),
+    groups=st.sampled_from([0, 3]),
+    async_scheduling=st.booleans(),
+    threshold=st.sampled_from([0, 0, 64]),
+)
+def test_fast_path_matches_on_varied_workloads(n, seed, rate, blocks, max_num_seqs, budget, prefix,
+                                                groups, async_scheduling, threshold):
+    w = make_workload(n=n, seed=seed, rate=rate, prompt=(1, 700), output=(1, 900),
+                      prefix_groups=groups, prefix_tokens=48 if groups else 0)
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=2048, max_num_seqs=min(max_num_seqs, budget),
+                       max_num_batched_tokens=budget, enable_prefix_caching=prefix,
+                       long_prefill_token_threshold=threshold)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+
+
+class KVSpy:
+    """Counts what the KV cache did in a run: prefix hits of a request on its own freed
+    blocks (after a preemption) and evictions of shared prefix blocks."""
+
+    def __init__(self, monkeypatch):
+        self.own_hits = 0
+        self.shared_evictions = 0
+        private_hits, evict_shared = KVCacheManager._private_hits, KVCacheManager._evict_shared
+
+        def counting_private_hits(kv, *args):
+            hits = private_hits(kv, *args)
+            self.own_hits += len(hits)
+            return hits
+
+        def counting_evict_shared(kv, block):
+            self.shared_evictions += 1
+            evict_shared(kv, block)
+
+        monkeypatch.setattr(KVCacheManager, "_private_hits", counting_private_hits)
+        monkeypatch.setattr(KVCacheManager, "_evict_shared", counting_evict_shared)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_fast_path_matches_under_prefix_cache_eviction_and_recompute(async_scheduling, monkeypatch):
+    # shared prefixes in three groups, a KV cache far too small for the long decodes:
+    # preempted requests come back and hit their own freed blocks, prefix blocks are
+    # evicted and computed again
+    w = make_workload(n=50, seed=11, rate=4, prompt=(100, 600), output=(200, 2000),
+                      prefix_groups=3, prefix_tokens=96)
+    cfg = EngineConfig(num_gpu_blocks_override=200, max_model_len=4096, max_num_seqs=16)
+    spy = KVSpy(monkeypatch)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    assert slow.summary["preemptions"] > 0
+    assert slow.summary["prefix_cache"]["hit_tokens"] > 0
+    assert spy.own_hits > 0 and spy.shared_evictions > 0
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 3), st.integers(1, 30), st.integers(0, 80)),
+                min_size=1, max_size=8),
+       st.sampled_from([1, 4, 16]), st.integers(1, 70))
+def test_crossing_steps_follow_the_step_by_step_allocation_order(requests, block_size, k):
+    # each member, with c computed tokens before its first decode step f, holds just enough
+    # blocks (plus some spare) and decodes in steps f..last
+    c = np.array([tokens for tokens, *_ in requests])
+    held = np.array([-(-tokens // block_size) + spare for tokens, spare, *_ in requests])
+    first = np.array([f for *_, f, _ in requests])
+    last = np.array([f + length for *_, f, length in requests])
+    expected, blocks = [], held.copy()
+    for step in range(1, k + 1):  # as the scheduler allocates: step by step, in running order
+        for idx in range(len(requests)):
+            if first[idx] <= step <= last[idx] and c[idx] + step - first[idx] + 1 > blocks[idx] * block_size:
+                expected.append((step, idx))
+                blocks[idx] += 1
+    steps, owners = _crossing_steps(c, held, block_size, np.minimum(last, k), first)
+    assert list(zip(steps.tolist(), owners.tolist(), strict=True)) == expected
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("prefix", [False, True])
+def test_requests_finish_inside_decode_runs_as_step_by_step(async_scheduling, prefix, monkeypatch):
+    # a burst of requests of different lengths and no queue: the runs go on through
+    # completions, whose freed blocks the others take inside the same run (a tight KV cache)
+    from simulator.engine import fast_forward
+
+    w = make_workload(n=12, seed=4, rate=50, prompt=(40, 300), output=(100, 1500),
+                      prefix_groups=2 if prefix else 0, prefix_tokens=32 if prefix else 0)
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=2048, enable_prefix_caching=prefix)
+    inside = []
+    apply_run = fast_forward.apply_run
+
+    def counting(*args, **kwargs):
+        applied = apply_run(*args, **kwargs)
+        inside.extend(applied.finished)
+        return applied
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert len(inside) >= 5  # most completions happened inside runs
+    assert_same(slow, fast)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize(("prefix", "threshold", "blocks"), [(False, 0, None), (True, 0, 700), (True, 200, None)])
+def test_arrivals_are_admitted_inside_decode_runs_as_step_by_step(async_scheduling, prefix, threshold, blocks,
+                                                                  monkeypatch):
+    # light load: long decodes, arrivals a few seconds apart, some with a shared prefix (a
+    # prefix-cache lookup ends a run), prompts above the chunking threshold (so do they), and
+    # a KV cache that runs short: most arrivals join a run, the others end one
+    from simulator.engine import fast_forward
+
+    w = make_workload(n=40, seed=8, rate=0.6, prompt=(20, 400), output=(200, 3000),
+                      prefix_groups=2 if prefix else 0, prefix_tokens=32 if prefix else 0)
+    if prefix:
+        w.prefix_group[::2] = -1  # half the requests share no prefix
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=4096, enable_prefix_caching=prefix,
+                       long_prefill_token_threshold=threshold)
+    admitted = []
+    apply_run = fast_forward.apply_run
+
+    def counting(sched, run, *args, **kwargs):
+        admitted.extend(a.rid for a in run.admissions)
+        return apply_run(sched, run, *args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert len(admitted) >= 5  # arrivals joined runs
+    if prefix:  # those with a shared prefix (or a prompt to chunk) ended runs instead
+        assert len(admitted) <= 0.6 * len(w)
+    if blocks:
+        assert slow.summary["kv_usage"]["peak"] > 0.8  # the KV cache did run short
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_one_token_prompts_admitted_inside_runs_are_decodes(async_scheduling):
+    # vLLM's batch counts a one-token prompt as a decode (its step time and the timeline say so)
+    w = make_workload(n=30, seed=2, rate=1.0, prompt=(1, 3), output=(100, 600))
+    cfg = EngineConfig(max_model_len=2048)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert (w.prompt_tokens == 1).sum() >= 5
+    assert_same(slow, fast)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("budget", [512, 8192])
+def test_bursts_admitted_together_inside_runs_as_step_by_step(async_scheduling, budget, monkeypatch):
+    # arrivals in bursts of three within a millisecond, while long decodes run: one step admits
+    # them together (within the token budget; the rest of a burst ends the run), one-token
+    # prompts among them
+    from simulator.engine import fast_forward
+    from simulator.records.workload import Workload
+
+    rng = np.random.default_rng(5)
+    bursts = np.arange(1, 21) * 0.7
+    arrival = np.concatenate(([0.0], np.repeat(bursts, 3) + np.tile([0.0, 0.0002, 0.0004], len(bursts))))
+    n = len(arrival)
+    prompt = rng.integers(40, 300, n)
+    prompt[rng.random(n) < 0.25] = 1
+    output = rng.integers(300, 1500, n)
+    w = Workload(arrival_s=arrival, prompt_tokens=prompt, output_tokens=output,
+                 reasoning_tokens=output // 2, domain=np.full(n, "math", object))
+    cfg = EngineConfig(max_model_len=4096, max_num_batched_tokens=budget, max_num_seqs=min(256, budget))
+    shared = []
+    apply_run = fast_forward.apply_run
+
+    def counting(sched, run, *args, **kwargs):
+        steps = [a.step for a in run.admissions]
+        shared.extend(s for s in set(steps) if steps.count(s) > 1)
+        return apply_run(sched, run, *args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert len(shared) >= 5  # steps that admitted two or three arrivals of a burst
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(0, 500), st.integers(0, 40)), min_size=1, max_size=12),
+       st.integers(1, 20), st.integers(0, 40))
+def test_step_times_of_few_members_equal_the_numpy_segments(members, first, width):
+    # two ways to the same step times: segment by segment in Python (a few members) and with
+    # numpy (many); members decode from step f, with c tokens computed, until f + length
+    from simulator.engine.fast_forward import _Members
+
+    def decode_times(count, total):
+        return 1e-3 * count + 1e-7 * np.asarray(total)  # distinct per count and context
+
+    last = first + width
+    group = _Members(np.array([c for _, c, _ in members]), [f + n for f, _, n in members], [0] * len(members))
+    group.first = [f for f, _, _ in members]
+    active = [(f, c, f + n) for f, c, n in members]
+    if any(not any(f <= t <= end for f, _, end in active) for t in range(first, last + 1)):
+        return  # a step without members is not a run's
+    few = group._few_step_times(decode_times, first, last)
+    group.last = group.last + [0] * 17  # more than a few: the numpy path (the extra members never decode)
+    group.first = group.first + [10**6] * 17
+    group.computed = group.computed + [0] * 17
+    group.held = group.held + [0] * 17
+    group._arrays = None
+    many = group.step_times(decode_times, first, last)
+    np.testing.assert_array_equal(many, few)
