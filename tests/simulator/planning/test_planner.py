@@ -385,3 +385,17 @@ def test_cli_attaches_to_a_ray_cluster_and_writes_the_plan(ray_local, tmp_path):
     summary = json.loads((tmp_path / "plan.json").read_text())
     assert summary["chosen"]["replicas"] == 2 and summary["points"]["total"] == 2
     assert (tmp_path / "resolved_config.yaml").exists() and (tmp_path / ".hydra").is_dir()
+
+
+def test_a_plan_compares_tensor_and_expert_parallel_layouts_of_a_moe_model(tmp_path):
+    """`plan.engine.enable_expert_parallel=[false,true]` makes EP one more axis for an MoE model."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulator.plan", "model=qwen3-30b-a3b", "plan.hardware=[h100]", "plan.tp=[2]",
+         "plan.replicas=[1]", "plan.optimization=[none]", "plan.engine.max_num_seqs=[256]",
+         "plan.engine.enable_expert_parallel=[false,true]", "workload.num_requests=40", "progress=false",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    points = pd.read_csv(tmp_path / "points.csv")
+    assert len(points) == 2
+    assert sorted(points["label"].str.contains("enable_expert_parallel=True")) == [False, True]
