@@ -130,7 +130,9 @@ def scale_rate(workload: Workload, rate: float) -> Workload:
 def _with_arrivals(workload: Workload, index: np.ndarray, arrival_s: np.ndarray) -> Workload:
     return Workload(arrival_s, workload.prompt_tokens[index], workload.output_tokens[index],
                     workload.reasoning_tokens[index], workload.domain[index], workload.prefix_group[index],
-                    workload.prefix_tokens[index], name=workload.name, seed=workload.seed)
+                    workload.prefix_tokens[index], name=workload.name, seed=workload.seed,
+                    outer_group=workload.outer_group[index], outer_tokens=workload.outer_tokens[index],
+                    timeout_s=workload.timeout_s[index])
 
 
 def sustains(metrics: dict[str, Any], slo: SLO, max_backlog: float) -> tuple[bool, str]:

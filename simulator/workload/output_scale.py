@@ -11,6 +11,7 @@ with them, are multiplied by it and rounded, at least 1 token and never past
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,4 @@ def scale_outputs(workload: Workload, scale: float, max_model_len: int | None = 
         room = max_model_len - workload.prompt_tokens  # a request that fitted still fits
         output = np.where(workload.output_tokens <= room, np.minimum(output, room), output)
     reasoning = np.minimum(np.rint(workload.reasoning_tokens * scale).astype(np.int64), output)
-    return Workload(arrival_s=workload.arrival_s, prompt_tokens=workload.prompt_tokens,
-                    output_tokens=output, reasoning_tokens=reasoning, domain=workload.domain,
-                    prefix_group=workload.prefix_group, prefix_tokens=workload.prefix_tokens,
-                    name=workload.name, seed=workload.seed)
+    return replace(workload, output_tokens=output, reasoning_tokens=reasoning)  # every other field kept

@@ -273,3 +273,20 @@ def test_cli_bad_plan_is_one_line_exit_2(tmp_path, args, line):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), lines
     assert not (tmp_path / "run").exists()
+
+
+def test_a_faster_probe_repeats_each_request_with_all_its_fields():
+    """scale_rate: the requests arrive faster and repeat; nested prefixes and timeouts come along."""
+    import numpy as np
+
+    from simulator.planning.rate_search import scale_rate
+    from simulator.records.workload import Workload
+
+    w = Workload(arrival_s=[0.0, 1.0, 2.0], prompt_tokens=[10, 20, 30], output_tokens=[5, 6, 7],
+                 reasoning_tokens=[0, 0, 0], domain=["a", "b", "c"], prefix_group=[0, 1, 1], prefix_tokens=[8, 16, 16],
+                 outer_group=[-1, 0, 0], outer_tokens=[0, 8, 8], timeout_s=[np.inf, 3.0, 4.0])
+    fast = scale_rate(w, 3.0)  # twice the workload's own rate (3 requests over 2 s = 1.5/s)
+    assert len(fast) > len(w)
+    prompts = {10: (-1, 0, np.inf), 20: (0, 8, 3.0), 30: (0, 8, 4.0)}
+    for p, g, t, to in zip(fast.prompt_tokens, fast.outer_group, fast.outer_tokens, fast.timeout_s, strict=True):
+        assert (g, t, to) == prompts[int(p)]

@@ -67,3 +67,20 @@ def test_a_bad_scale_on_the_command_line_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: optimization.output_length_scale: must be a number > 0 (1.0: lengths unchanged), got -2"]
+
+
+def test_the_scale_keeps_every_other_field_of_the_workload():
+    """Nested prefix groups and client timeouts survive the scale (only the lengths change)."""
+    import numpy as np
+
+    from simulator.records.workload import Workload
+    from simulator.workload.output_scale import scale_outputs
+
+    w = Workload(arrival_s=[0.0, 1.0], prompt_tokens=[64, 64], output_tokens=[100, 200], reasoning_tokens=[50, 0],
+                 domain=["math", "math"], prefix_group=[0, 1], prefix_tokens=[32, 48], outer_group=[-1, 0],
+                 outer_tokens=[0, 32], timeout_s=[5.0, np.inf], name="w", seed=3)
+    scaled = scale_outputs(w, 1.5)
+    assert list(scaled.output_tokens) == [150, 300]
+    for name in ("prefix_group", "prefix_tokens", "outer_group", "outer_tokens", "timeout_s", "arrival_s"):
+        assert list(getattr(scaled, name)) == list(getattr(w, name)), name
+    assert (scaled.name, scaled.seed) == ("w", 3)
