@@ -696,6 +696,7 @@ def roofline_model(
     host_s_per_token: float = 0.0,
     host_s_per_row: float = 0.0,
     expert_parallel: bool = False,
+    data_parallel_size: int = 1,
 ) -> ComposedPerformanceModel:
     """The composed step model over roofline kernels, labelled uncalibrated."""
     return ComposedPerformanceModel(
@@ -703,5 +704,5 @@ def roofline_model(
         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
         name=f"roofline-UNCALIBRATED:{hardware.name}:{arch.name}:{weight_dtype}:kv-{kv_dtype}:tp{tp}",
         calibrated=False, host_s_per_token=host_s_per_token, host_s_per_row=host_s_per_row,
-        expert_parallel=expert_parallel,
+        expert_parallel=expert_parallel, data_parallel_size=data_parallel_size,
     )

@@ -20,6 +20,7 @@ The replay, stated:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +38,20 @@ def replay(run_dir: Path = RUN, model: str = "qwen3-30b-a3b", hardware: str = "r
     from calibration import catalog
     from calibration.accuracy import run_hardware
     from calibration.composed import ComposedPerformanceModel
+    from calibration.registry import parallel_settings
     from calibration.roofline import RooflineKernels
     from simulator.engine.loop import simulate
 
     run = load_live_run(run_dir)
     kw = run.engine_kwargs
     dp = int(kw.get("data_parallel_size") or 1)
-    config = live_engine_config(run)
+    config = replace(live_engine_config(run), data_parallel_size=dp,
+                     enable_expert_parallel=bool(kw.get("enable_expert_parallel")))
     card = run_hardware(run_dir, hardware)
     arch = catalog.load_model(model)
     perf = ComposedPerformanceModel(
         arch, card, RooflineKernels(card), tp=int(kw.get("tensor_parallel_size") or 1),
-        expert_parallel=bool(kw.get("enable_expert_parallel")), data_parallel_size=dp,
-        max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+        **parallel_settings(arch, config), max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
         name=f"roofline+moe-fit:{card.name}:{arch.name}:dp{dp}-ep", calibrated=False)
     n = len(run.arrival_s)
     sim = {"ttft": np.empty(n), "e2e": np.empty(n)}

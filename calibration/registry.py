@@ -226,6 +226,21 @@ def _engine_limits(engine: EngineConfig | None) -> tuple[int, int, float, int | 
             engine.max_model_len, engine.num_gpu_blocks_override)
 
 
+def parallel_settings(arch: ModelArchitecture, engine: Any) -> dict[str, Any]:
+    """A composed model's parallel layout from the engine's settings (vLLM's names).
+
+    A mixture-of-experts model gets ``expert_parallel`` (--enable-expert-parallel) and
+    ``data_parallel_size`` (--data-parallel-size: that many ranks run attention apart, weights
+    replicated, and their MoE layers together, experts over dp x tp GPUs). A dense model gets
+    nothing: its dp ranks are plain replicas, each GPU holding what one at dp 1 holds.
+    """
+    if not arch.is_moe or engine is None:
+        return {}
+    get = engine.get if isinstance(engine, Mapping) else lambda k, d=None: getattr(engine, k, d)
+    return {"expert_parallel": bool(get("enable_expert_parallel", False)),
+            "data_parallel_size": int(get("data_parallel_size", 1) or 1)}
+
+
 def check_fits(mem: MemoryBreakdown, kv_bytes_per_token: int, hardware: Hardware, arch: ModelArchitecture,
                tp: int, util: float, max_model_len: int | None = None,
                override_blocks: int | None = None) -> None:
@@ -266,7 +281,9 @@ def check_selection(
     """
     choice = resolve_source(hardware, arch, optimization, tp, perf, engine)
     tokens, seqs, util, max_model_len, override = _engine_limits(engine)
-    memory = MemoryModel(arch, hardware, tp, choice.weight_dtype, choice.kv_dtype, tokens, seqs)
+    dp = parallel_settings(arch, engine).get("data_parallel_size", 1)
+    memory = MemoryModel(arch, hardware, tp, choice.weight_dtype, choice.kv_dtype, tokens, seqs,
+                         expert_ranks=tp * dp)
     mem = memory.breakdown(util)
     if choice.source != "profile":
         check_fits(mem, memory.kv_bytes_per_token(), hardware, arch, tp, util, max_model_len, override)
@@ -298,9 +315,11 @@ def build_performance_model(
     tokens, seqs, util, max_model_len, override = _engine_limits(engine)
     common = {"max_num_batched_tokens": tokens, "max_num_seqs": seqs}
     hashing = _prefix_caching_cost(engine)  # composed models only
-    if arch.is_moe and engine is not None:  # vLLM's --enable-expert-parallel (composed models)
-        get = engine.get if isinstance(engine, Mapping) else lambda k, d=None: getattr(engine, k, d)
-        hashing["expert_parallel"] = bool(get("enable_expert_parallel", False))
+    hashing.update(parallel_settings(arch, engine))  # MoE: expert and data parallelism (composed models)
+    if hashing.get("data_parallel_size", 1) > 1 and choice.source not in ("aiconfigurator", "kernels", "roofline"):
+        raise ConfigError("engine.data_parallel_size", f"> 1 with a mixture-of-experts model needs a composed "
+                                                       f"perf.source (aiconfigurator, kernels, roofline), got "
+                                                       f"{choice.source}")
 
     if choice.source == "profile":
         pm = _fitted(dict(perf or {}))

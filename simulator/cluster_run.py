@@ -8,6 +8,7 @@ cluster summary with each replica's) and kv_usage_replicas.png.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from simulator.cluster.cluster import ClusterSpec, simulate_cluster
@@ -16,8 +17,32 @@ from simulator.records.errors import ConfigError
 
 
 def cluster_spec(cfg) -> ClusterSpec:
-    """The validated ``cluster`` group (the default: one plain replica)."""
-    return ClusterSpec.from_dict(to_plain(cfg.get("cluster")))
+    """The validated ``cluster`` group (the default: one plain replica), with the engine's
+    data-parallel ranks as its replicas when ``engine.data_parallel_size`` > 1."""
+    spec = ClusterSpec.from_dict(to_plain(cfg.get("cluster")))
+    return data_parallel_ranks(spec, data_parallel_size(cfg))
+
+
+def data_parallel_size(cfg) -> int:
+    """``engine.data_parallel_size``, checked by EngineConfig's rule."""
+    from simulator.records.engine_config import EngineConfig
+
+    value = (to_plain(cfg.get("engine")) or {}).get("data_parallel_size", 1)
+    return EngineConfig(data_parallel_size=value).data_parallel_size
+
+
+def data_parallel_ranks(spec: ClusterSpec, dp: int) -> ClusterSpec:
+    """vLLM's ``--data-parallel-size dp``: dp engine ranks on one clock, each request sent to the
+    rank with the fewest outstanding requests, as vLLM's DP coordinator does (router
+    least_outstanding). Replicas of dp-rank engines are not modelled: refused in one line."""
+    if dp == 1:
+        return spec
+    if not spec.single:
+        fields = ("cluster.prefill_replicas/decode_replicas" if spec.disaggregated
+                  else f"cluster.replicas={spec.replicas}")
+        raise ConfigError("engine.data_parallel_size", f"{dp} with {fields} (replicas of data-parallel engines) "
+                                                       f"is not modelled; set one of them to 1")
+    return replace(spec, replicas=dp, router="least_outstanding")
 
 
 def prefill_pool(name: str | None, spec, cfg):
@@ -64,6 +89,8 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
                            prefill_perf=prefill_perf, link_gbps=link)
     elapsed = time.perf_counter() - started
     result = out.result
+    dp = spec.engine.data_parallel_size
+    gpus = spec.tp * dp if dp > 1 else spec.tp * cluster.num_replicas
     result.metadata = {
         "seed": spec.seed,
         "versions": versions(),
@@ -73,11 +100,16 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
         "prefill_hardware": cluster.prefill_hardware or spec.hardware.name,
         "model": spec.model.name,
         "tp": spec.tp,
+        "data_parallel_size": spec.engine.data_parallel_size,
+        "gpus": gpus,
         "optimization": spec.optimization.get("name", "none"),
         "simulation_wall_s": elapsed,
         "workload": {"name": spec.workload.name, "requests": len(spec.workload)},
     }
     result.summary["rejected_by_reason"] = rejection_reasons(result.requests)
+    if dp > 1:
+        result.summary["layout"] = {"data_parallel_size": dp, "tp": spec.tp, "gpus": gpus,
+                                    "expert_parallel": bool(getattr(spec.perf, "expert_parallel", False))}
     if not spec.perf.calibrated:
         result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
     result.write(out_dir)
@@ -92,6 +124,8 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
     print_summary(result.summary, out_dir)
     layout = (f"{cluster.prefill_replicas} prefill + {cluster.decode_replicas} decode replicas"
               if cluster.disaggregated else f"{cluster.replicas} replicas")
+    if dp > 1:
+        layout = f"{dp} data-parallel engine ranks (tp {spec.tp} x dp {dp} = {gpus} GPUs)"
     print(f"cluster    {layout}, router {cluster.router}")
     print("\n".join(replica_lines(result.summary)))
     if not spec.perf.calibrated:

@@ -116,9 +116,15 @@ class EngineConfig:
     #: vLLM's --enable-expert-parallel: a mixture-of-experts model's experts are spread whole
     #: over the tp GPUs instead of each being split tp ways (calibration.sparse)
     enable_expert_parallel: bool = False
+    #: vLLM's --data-parallel-size: that many engine ranks, each with its own scheduler, KV cache
+    #: and attention (weights replicated); a mixture-of-experts model's experts spread over all
+    #: dp x tp GPUs. The simulator runs the ranks as replicas on one clock (simulator.cluster_run)
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         check_field_types(self, "engine", {"speculative"})
+        require(self.data_parallel_size >= 1, "engine.data_parallel_size",
+                f"must be an integer >= 1, got {self.data_parallel_size!r}")
         require(self.block_size >= 1, "engine.block_size", "must be >= 1")
         require(self.max_num_seqs >= 1, "engine.max_num_seqs", "must be >= 1")
         require(self.max_num_batched_tokens >= 1, "engine.max_num_batched_tokens", "must be >= 1")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from calibration.catalog import load_model, names
-from calibration.registry import build_performance_model, resolve_source
+from calibration.catalog import load_hardware, load_model, names
+from calibration.registry import build_performance_model, check_selection, resolve_source
 from simulator.records.engine_config import EngineConfig
 from simulator.records.errors import ConfigError
 from simulator.records.performance import StepBatch
@@ -141,3 +141,36 @@ def test_every_shipped_table_selection_builds():
             break
         else:
             pytest.fail(f"{name} fits on no H100 or H200 tp")
+
+
+@pytest.mark.parametrize("source", ["roofline", "aiconfigurator"])
+def test_data_parallel_ranks_split_the_experts_and_replicate_the_rest(source):
+    """Known answer (bf16 Qwen3-30B-A3B, tp 2, expert parallel): at dp 2 each GPU holds half the
+    expert bytes it holds at dp 1 (experts over dp x tp = 4 GPUs, not 2); the rest (attention,
+    embeddings, norms, routers) stays tp-split only."""
+    arch = load_model("qwen3-30b-a3b")
+    experts = arch.expert_params * 2  # bf16
+
+    def weights(dp: int) -> tuple[int, int]:
+        engine = EngineConfig(enable_expert_parallel=True, data_parallel_size=dp)
+        pm = build_performance_model("h100", arch, "none", 2, {"source": source}, engine=engine)
+        listed = check_selection(load_hardware("h100"), arch, {}, 2, {"source": source}, engine)[1]
+        return pm.memory(0.9).weights, listed.weights
+
+    (one, one_listed), (two, two_listed) = weights(1), weights(2)
+    assert one_listed == one and two_listed == two
+    assert abs((one - two) - experts / 4) <= 1  # the expert share per GPU halves: E/2 -> E/4
+    assert abs((one - experts / 2) - (two - experts / 4)) <= 1  # the non-expert share per GPU stays
+
+
+def test_a_dense_model_at_data_parallel_2_is_two_plain_replicas():
+    one, two = (build_performance_model("h100", "llama-3.1-8b", "none", 1, {"source": "roofline"},
+                                        engine=EngineConfig(data_parallel_size=dp)) for dp in (1, 2))
+    assert one.memory(0.9) == two.memory(0.9)
+    assert two.describe().get("data_parallel_size") is None
+
+
+def test_data_parallel_size_must_be_a_positive_integer():
+    for bad in (0, -1, "2", 1.5, True):
+        with pytest.raises(ConfigError, match=r"engine\.data_parallel_size"):
+            EngineConfig(data_parallel_size=bad)
