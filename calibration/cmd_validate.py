@@ -117,18 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step lognormal jitter of step times")
     p.add_argument("--run-sigma", type=arg_type(nonnegative_arg, "--run-sigma"), default=0.03,
                    help="per-run lognormal scale of step times")
-    p.add_argument("--step-gap", default="auto",
-                   help="time added to every simulated step: auto (the profile's serving overheads, as "
-                        "perf=profile applies them; probe when the profile has none), probe (server minus "
-                        "model on the live runs' decode probe), none, gap (the live logs' inter-step gap) "
-                        "or seconds")
-    p.add_argument("--prefill-offset", default="auto",
-                   help="time added per prefill token: auto (the profile's, else probe), probe (server minus "
+    p.add_argument("--step-gap", default="probe",
+                   help="time added to every simulated step: probe (server minus model on the live runs' "
+                        "decode probe; the default: measured on the servers validated), auto (the profile's "
+                        "serving overheads, as perf=profile applies them; probe when the profile has none), "
+                        "none, gap (the live logs' inter-step gap) or seconds")
+    p.add_argument("--prefill-offset", default="probe",
+                   help="time added per prefill token: auto (the profile's, else probe), probe (default: server minus "
                         "model on the live runs' isolated prefill probes), none, or seconds per token")
-    p.add_argument("--request-overhead", default="auto",
-                   help="per-request API-server time added to simulated TTFT/E2E: auto (the profile's idle "
-                        "overhead, as the simulator's client-observed figures; else measured), measured (the "
-                        "live runs' probes, idle and busy), none, or seconds (idle and busy alike)")
+    p.add_argument("--request-overhead", default="measured",
+                   help="per-request API-server time added to simulated TTFT/E2E: measured (default: the "
+                        "live runs' probes, idle and busy), auto (the profile's idle overhead, as the "
+                        "simulator's client-observed figures; else measured), none, or seconds (idle and busy alike)")
     p.add_argument("--tolerances", default="ci", choices=sorted(TOLERANCE_SETS))
     p.add_argument("--out", required=True, type=arg_type(output_dir_arg, "--out"), help="output directory")
     p.add_argument("--no-progress", action="store_true")
