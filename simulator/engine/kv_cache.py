@@ -222,11 +222,12 @@ class KVCacheManager:
         return self._num_cached_blocks.get(rid, 0)
 
     # --- prefix cache ---------------------------------------------------
-    def computed_blocks(self, req: SimRequest, num_tokens: int) -> list[int]:
+    def computed_blocks(self, req: SimRequest, num_tokens: int, private: bool = True) -> list[int]:
         """Longest run of cached full blocks at the start of the request.
 
         At most ``num_tokens - 1`` tokens may hit, so that the last token is
         always computed (vLLM's rule). The request holds no blocks (it waits).
+        ``private=False``: the shared prefix's hits only.
         """
         if not self.enable_caching:
             return []
@@ -239,9 +240,16 @@ class KVCacheManager:
             if not blocks:
                 return hit
             hit.append(next(iter(blocks)))
-        if wanted > num_shared and req.rid in self._private_owners:
+        if private and wanted > num_shared and req.rid in self._private_owners:
             hit.extend(self._private_hits(req.rid, num_shared, wanted))
         return hit
+
+    def admission_blocks(self, req: SimRequest, num_tokens: int) -> int:
+        """Free blocks admitting waiting ``req`` for ``num_tokens`` slots takes, its prefix-cache
+        hits adopted (``blocks_needed`` with ``computed_blocks``). Its private hits are left out
+        of the look-up: a waiting request holds none of its own blocks, so each private hit is
+        a free block it adopts instead of a new one, and the count is the same."""
+        return self.blocks_needed(req.rid, num_tokens, self.computed_blocks(req, req.num_tokens, private=False))
 
     def _private_hits(self, rid: int, start: int, stop: int) -> list[int]:
         """Cached private blocks start, start+1, ... (< stop) of ``rid``, up to the first miss."""

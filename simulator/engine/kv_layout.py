@@ -78,6 +78,10 @@ class HybridKVCacheManager(KVCacheManager):
         self.free_queue.push_front(held[::-1])
         self.block_seconds[rid] = self.block_seconds.get(rid, 0.0) + len(blocks) * self.clock
 
+    def admission_blocks(self, req, num_tokens: int) -> int:
+        # the sliding-window groups' need depends on how many tokens hit: look them all up
+        return self.blocks_needed(req.rid, num_tokens, self.computed_blocks(req, req.num_tokens))
+
     def blocks_needed(self, rid: int, num_tokens: int, hit_blocks: list[int] = ()) -> int:
         computed = max(self._computed.get(rid, 0), len(hit_blocks) * self.block_size)
         return super().blocks_needed(rid, num_tokens, hit_blocks) + self._sliding_need(rid, num_tokens, computed)

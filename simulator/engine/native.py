@@ -149,11 +149,12 @@ class NativeScheduler(Scheduler):
             return False
         return not fits_whole(self._blocks_to_admit(head), self.kv.num_free_blocks)
 
-    def _blocks_to_admit(self, req: SimRequest, hits: list[int] | None = None) -> int:
+    def _blocks_to_admit(self, req: SimRequest) -> int:
         """Free KV blocks admitting waiting ``req`` takes for its whole sequence."""
-        if hits is None:
-            hits = self._prefix_hits(req)
-        return self.kv.blocks_needed(req.rid, min(req.num_tokens, self.max_model_len), hits)
+        num_tokens = min(req.num_tokens, self.max_model_len)
+        if req.num_computed:  # (it looks no prefix up)
+            return self.kv.blocks_needed(req.rid, num_tokens)
+        return self.kv.admission_blocks(req, num_tokens)
 
     def _prefix_hits(self, req: SimRequest) -> list[int]:
         """The prefix-cache blocks a waiting request finds (none if it computed some already)."""
@@ -178,6 +179,8 @@ class NativeScheduler(Scheduler):
             if req.stale_tokens:
                 skipped.append(waiting.popleft())  # output of a preempted step still in flight
                 continue
+            if not fits_whole(self._blocks_to_admit(req), kv.num_free_blocks):
+                break
             hits = self._prefix_hits(req)
             num_computed = len(hits) * self.block_size
             n = req.num_tokens - num_computed
@@ -200,8 +203,6 @@ class NativeScheduler(Scheduler):
             if not cfg.enable_chunked_prefill and n > budget:
                 break
             n = min(n, budget)
-            if not fits_whole(self._blocks_to_admit(req, hits), kv.num_free_blocks):
-                break
             if not kv.allocate(req.rid, slots_needed(num_computed, n, self._lookahead, self.max_model_len),
                                hits):
                 break
