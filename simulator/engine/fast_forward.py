@@ -73,6 +73,17 @@ class Admission:
 
 
 @dataclass
+class Preemption:
+    """A running request the run preempts: in ``step``, member ``short`` found no free KV block
+    and ``victim`` (the last running member) was preempted to make room; the victim's last
+    step is ``step - 1``."""
+
+    step: int
+    short: int
+    victim: int
+
+
+@dataclass
 class DecodeRun:
     """k steps planned from the current state: pure decodes, and prefills of admitted arrivals.
 
@@ -94,6 +105,7 @@ class DecodeRun:
     block_steps: np.ndarray
     block_owners: np.ndarray
     admissions: list[Admission] = field(default_factory=list)
+    preemptions: list[Preemption] = field(default_factory=list)
 
 
 def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps: np.ndarray,
@@ -281,7 +293,7 @@ def plan(
         k = min(k, _rows_before(times, base, lag, arrivals.known_until_s))
     if k < 1:
         return None
-    return _fit_kv(sched, members, admissions, times, k)
+    return _fit_kv(sched, members, admissions, times, k, decode_times, lag)
 
 
 def _rows_before(times: np.ndarray, base: float, lag: int, until: float) -> int:
@@ -408,11 +420,14 @@ def _admit_arrivals(sched, members: _Members, admissions: list[Admission], arriv
         clock.replace_from(step, np.concatenate(([prefill], tail)))
 
 
-def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.ndarray, k: int
-            ) -> DecodeRun | None:
+def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.ndarray, k: int,
+            decode_times, lag: int) -> DecodeRun | None:
     """The run cut before its first step short of a free KV block (blocks freed inside the run
     are not counted: the run may end earlier than it could, never later) and before any
-    admission whose prefill would be its last step."""
+    admission whose prefill would be its last step. With requests waiting, a step short of a
+    block preempts instead, as the scheduler does (``_preempting_run``)."""
+    if sched.waiting and not admissions:
+        return _preempting_run(sched, members, times, k, decode_times, lag)
     running = sched.running
     n = len(running)
     bs = sched.block_size
@@ -438,6 +453,87 @@ def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.nda
         steps, owners = steps[keep], owners[keep]
     return DecodeRun(k=k, step_times=times[:k], first_steps=first[:m], computed=computed[:m],
                      last_steps=last[:m], block_steps=steps, block_owners=owners, admissions=admissions)
+
+
+def _preempting_run(sched, members: _Members, times: np.ndarray, k: int, decode_times, lag: int
+                    ) -> DecodeRun | None:
+    """A run of decode steps while requests wait (none is admitted, none finishes) that goes on
+    through steps short of a KV block: there, as ``NativeScheduler._make_room``, the last running
+    member is preempted and its blocks serve the step's remaining blocks. The run stops before
+    a step whose victim would be a member that cannot be re-admitted as a plain request (a
+    shared prefix: its admission would depend on other requests' blocks), or before the first
+    step that would admit the head of the queue (the latest victim, once no step preempts)."""
+    running = sched.running
+    kv = sched.kv
+    n, bs = len(running), sched.block_size
+    max_model_len = sched.max_model_len
+    held = np.array(members.held, dtype=np.int64)
+    first, computed, last0 = members.arrays()
+    free0 = kv.num_free_blocks
+    while True:
+        last = last0.copy()
+        free = free0
+        preemptions: list[Preemption] = []
+        freed_at: list[tuple[int, int]] = []  # (step, blocks freed by its preemption)
+        live = n
+        while True:
+            steps, owners = _crossing_steps(computed, held, bs, np.minimum(last, k), first)
+            if len(steps) <= free:
+                break
+            s, j = int(steps[free]), int(owners[free])
+            v = live - 1
+            if v == 0 or (kv.enable_caching and running[v].num_shared_blocks):
+                k = s - 1  # the ordinary path takes that step
+                break
+            taken = int(np.count_nonzero(owners[:free] == v))  # the victim's blocks from the run
+            free += int(held[v]) + taken
+            freed_at.append((s, int(held[v]) + taken))
+            last[v] = s - 1
+            live -= 1
+            preemptions.append(Preemption(s, j, v))
+        if k < 1:
+            return None
+        keep = steps <= k
+        steps, owners = steps[keep], owners[keep]
+        preemptions = [p for p in preemptions if p.step <= k]
+        # the head after a step that preempted (the latest victim) must not be admissible in
+        # the next step: its whole sequence must not fit in the blocks left free
+        cut = _first_admission(preemptions, freed_at, steps, computed, first, free0, k, bs, max_model_len)
+        if cut is None:
+            break
+        k = cut - 1
+    if k < 1:
+        return None
+    if preemptions:
+        changed = preemptions[0].step
+        fixed = _Members(computed, last.tolist(), list(members.held))
+        times = np.concatenate((times[: changed - 1], fixed.step_times(decode_times, changed, k)))
+    return DecodeRun(k=k, step_times=times[:k], first_steps=first, computed=computed, last_steps=last,
+                     block_steps=steps, block_owners=owners, preemptions=preemptions)
+
+
+def _first_admission(preemptions: list[Preemption], freed_at: list[tuple[int, int]], steps: np.ndarray,
+                     computed: np.ndarray, first: np.ndarray, free0: int, k: int, bs: int,
+                     max_model_len: int) -> int | None:
+    """The first step after a preempting step in which the queue's head (its latest victim)
+    would be admitted, or None. Between preemptions the free blocks only shrink, so the step
+    right after each preempting one is the only one to check."""
+    preempting = {p.step for p in preemptions}
+    for p in preemptions:
+        t = p.step + 1
+        if t > k or t in preempting:
+            continue
+        v = p.victim
+        if p is not max((q for q in preemptions if q.step < t), key=lambda q: (q.step, -q.victim)):
+            continue  # (not the latest victim: it is not the head)
+        # the victim's tokens once its last output is in: computed after its last step + 1
+        tokens = int(computed[v] + (p.step - 1) - first[v] + 2)
+        need = -(-min(tokens, max_model_len) // bs)
+        freed = sum(b for s, b in freed_at if s < t)
+        free = free0 + freed - int(np.searchsorted(steps, t, side="right"))
+        if need <= free:
+            return t
+    return None
 
 
 @dataclass
@@ -492,7 +588,9 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
         joining[a.rid] = Joining(a, float(sched_at[a.step - 1]), int(last[n + j]), k, lag, token_times)
     finishing = np.flatnonzero(last + lag <= k)
     finished: list[int] = []
-    if not len(finishing) and not admissions:
+    if run.preemptions:
+        _apply_preemptions(sched, run, sched_at, token_times, lag, taken_at)
+    elif not len(finishing) and not admissions:
         _hand_out(kv, running, admitted, steps, owners, sched_at)
         deliver(running, k, token_times)
         kv.cache_many(running, (computed + k - lag).tolist())
@@ -537,6 +635,46 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
     return AppliedRun(used, _row_segments(run, n, lag), finished, joining)
 
 
+def _apply_preemptions(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,
+                       lag: int, taken_at: np.ndarray) -> None:
+    """Carry out a run that preempts (``_preempting_run``): blocks are handed out in order up to
+    each preemption's place, where the victim is preempted as the scheduler does it (its full
+    blocks registered as its last scheduling left them, then ``NativeScheduler._preempt``);
+    the victims get their tokens through their last step, the rest go on running."""
+    kv = sched.kv
+    running = sched.running
+    k = run.k
+    first, computed, last = run.first_steps, run.computed, run.last_steps
+    steps, owners = run.block_steps, run.block_owners
+    order = steps * (len(running) + 1) + owners  # the blocks' order: by step, then member
+    taken = 0
+    victims = []
+    for p in run.preemptions:
+        cut = int(np.searchsorted(order, p.step * (len(running) + 1) + p.short, side="left"))
+        if cut > taken:
+            _hand_out(kv, running, [], steps[taken:cut], owners[taken:cut], sched_at)
+            taken = cut
+        v = p.victim
+        req = running[v]
+        kv.clock = float(sched_at[p.step - 1])
+        # the blocks full of computed tokens as the victim's last scheduling (sync) or its last
+        # output before the preemption (async) registered them
+        kv.cache_full_blocks(req, int(computed[v] + last[v] - first[v] + 1) - lag)
+        before = kv.num_used_blocks
+        sched._preempt(req)
+        taken_at[p.step - 1] -= before - kv.num_used_blocks
+        victims.append(v)
+    _hand_out(kv, running, [], steps[taken:], owners[taken:], sched_at)
+    deliver(running, k, token_times, np.minimum(last + lag, k).tolist(), np.minimum(last, k).tolist())
+    for v in victims:  # their last output (already stale when it came) is in
+        req = running[v]
+        req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
+    gone = set(victims)
+    going_on = [i for i in range(len(running)) if i not in gone]
+    sched.replace_running([running[i] for i in going_on])
+    kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
+
+
 def join(sched: NativeScheduler, req: SimRequest, joining: Joining) -> None:
     """An arrival that a run admitted comes: it gets what the run did to it."""
     sched.admit_whole(req, joining.scheduled_s)
@@ -567,9 +705,15 @@ def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int,
             entry[0] += batch
             entry[1] += running
 
-    for end in last[last + lag - 1 < k].tolist():
-        change(end - 1 + lag, running=-1)
-        change(end + lag, batch=-1)
+    victims = {p.victim for p in run.preemptions}
+    for i in np.flatnonzero(last + lag - 1 < k).tolist():
+        end = int(last[i])
+        if i in victims:  # preempted when step end + 1 is scheduled: out of that step
+            change(end, running=-1)
+            change(end + lag, batch=-1)
+        else:
+            change(end - 1 + lag, running=-1)
+            change(end + lag, batch=-1)
     for a in run.admissions:
         change(a.step - 1, running=1)
         change(a.step - 1 + lag, batch=1)
@@ -675,14 +819,26 @@ class Runs:
             starts = np.concatenate(([in_flight.start_s], e[: k - 1]))
             token_times, wait_s = e[:k], float(e[k - 1]) - now
         waiting = self._waiting_changes(next_arrival, token_times, run.admissions)
+        preempted: dict[int, int] = {}
+        if in_flight is not None and in_flight.out.preempted:
+            preempted[0] = len(in_flight.out.preempted)
+        left_preempted = []
+        for p in run.preemptions:
+            waiting[p.step - 1] = waiting.get(p.step - 1, 0) + 1  # it waits from then on
+            row = p.step - 1 + lag  # the row of its step's output
+            if row < k:
+                preempted[row] = preempted.get(row, 0) + 1
+            else:
+                left_preempted.append(sched.running[p.victim].rid)
+        queued = len(sched.waiting)
         applied = apply_run(sched, run, sched_at, token_times, lag)
         self._joining.update(applied.joining)
         sched.count_steps(k)
         left = (float(e[k - 1]), float(e[k])) if in_flight is not None else None
         last = run.admissions[-1].rid + 1 if run.admissions else next_arrival
-        first_preempted = len(in_flight.out.preempted) if in_flight is not None else 0
         return Advance(k, wait_s, starts, token_times, applied.kv_blocks_used, applied.segments,
-                       applied.finished, waiting, first_preempted, left, last, float(run.step_times[-1]))
+                       applied.finished, queued, waiting, preempted, left, left_preempted, last,
+                       float(run.step_times[-1]))
 
     def base(self, now: float, in_flight: InFlight | None) -> float | None:
         """When a run from ``now`` could begin its steps: now, or the end of the step in flight

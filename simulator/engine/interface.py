@@ -166,10 +166,14 @@ class Advance:
     #: requests running after its output, prompt tokens prefilled in its step, requests prefilling)
     segments: list[tuple[int, int, int, int, int]]
     finished: list[int]  # the ids of the requests that finished inside the run
+    waiting: int  # the queue's length at the first row
     waiting_changes: dict[int, int]  # row -> change of the queue's length
-    first_preempted: int  # preemptions of the step the run started from (its first row)
+    #: row -> preemptions of its step (row 0: those of the step the run started from)
+    preempted: dict[int, int]
     #: async: start and end of the step the run leaves in flight, a decode step of the running
     #: requests (``NativeScheduler.decode_step`` once the run's arrivals have come)
     in_flight_s: tuple[float, float] | None
+    #: async: the requests the step left in flight preempted
+    in_flight_preempted: list[int]
     next_arrival: int  # the first arrival neither queued nor admitted by the run
     last_step_s: float  # the time of the run's last step

@@ -230,7 +230,7 @@ class Engine:
                     yield env.timeout(adv.wait_s)
                     self._arrive(admitted)
                     # the step left in flight decodes every running request, the run's arrivals among them
-                    in_flight[0] = (sched.decode_step(), *adv.in_flight_s)
+                    in_flight[0] = (sched.decode_step(adv.in_flight_preempted), *adv.in_flight_s)
                     continue
             only_preempted = False
             if sched.has_requests():
@@ -266,9 +266,12 @@ class Engine:
     def _after_run(self, adv: Advance) -> range:
         """Log a run's steps; return the arrivals it admitted (and those rejected among them),
         which come during the run: they are made when it is over (``_arrive``)."""
-        first_preempted = adv.first_preempted + self._take_unlogged_preemptions()
+        preempted = dict(adv.preempted)
+        unlogged = self._take_unlogged_preemptions()
+        if unlogged:
+            preempted[0] = preempted.get(0, 0) + unlogged
         self.steps.add_run(adv.k, adv.starts, adv.token_times, adv.kv_blocks_used, adv.segments,
-                           self.scheduler.num_waiting, adv.waiting_changes, first_preempted)
+                           adv.waiting, adv.waiting_changes, preempted)
         self._pace = adv.last_step_s
         admitted = range(self._next_arrival, max(adv.next_arrival, self._next_arrival))
         self._next_arrival = admitted.stop  # (the arrival process skips them)

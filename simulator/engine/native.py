@@ -249,10 +249,10 @@ class NativeScheduler(Scheduler):
         """``k`` steps were scheduled by a run of steps."""
         self.step += k
 
-    def decode_step(self) -> SchedulerOutput:
+    def decode_step(self, preempted: list[int] | None = None) -> SchedulerOutput:
         """The latest step, as one pure-decode step over the running requests (the step a run
-        of steps leaves in flight)."""
-        out = SchedulerOutput(step=self.step)
+        of steps leaves in flight), which preempted ``preempted``."""
+        out = SchedulerOutput(step=self.step, preempted=list(preempted or ()))
         for r in self.running:
             out.num_scheduled[r.rid] = 1
             out.sampling.add(r.rid)

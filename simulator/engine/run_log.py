@@ -42,16 +42,17 @@ class StepLog:
 
     def add_run(self, k: int, start_s: np.ndarray, end_s: np.ndarray, kv_blocks_used: np.ndarray,
                 segments: list[tuple[int, int, int, int, int]], waiting: int, waiting_changes: dict[int, int],
-                first_preempted: int) -> None:
+                preempted: dict[int, int]) -> None:
         """Append the k steps of a run: per-step times and KV blocks; ``segments`` from row 0
         on, (row, batch, running after it, prompt tokens prefilled, requests prefilling; the
         rest of the batch decodes), where they change; the queue length, ``waiting`` at the
-        first row, changed by ``waiting_changes[row]``; only the first step may report
-        preemptions (those of the step the run started from)."""
+        first row, changed by ``waiting_changes[row]``; ``preempted[row]``: the preemptions of
+        the row's step."""
         self._flush()
         for name, array in (("end_s", end_s), ("step_s", end_s - start_s), ("kv_blocks_used", kv_blocks_used)):
             self._chunks[name].append(array)
-        bounds = sorted({0, *([1] if k > 1 else []), *(row for row, *_ in segments), *waiting_changes})
+        bounds = sorted({0, *([1] if k > 1 else []), *(row for row, *_ in segments), *waiting_changes,
+                         *(row + 1 for row in preempted if row + 1 < k), *preempted})
         values = self._values
         counts = self._counts
         seg = -1
@@ -65,7 +66,7 @@ class StepLog:
             values["prefill_tokens"].append(prefill)
             values["decode_tokens"].append(batch - prefilling)
             values["batch_size"].append(batch)
-            values["preempted"].append(first_preempted if row == 0 else 0)
+            values["preempted"].append(preempted.get(row, 0))
             counts.append((bounds[i + 1] if i + 1 < len(bounds) else k) - row)
 
     def _flush(self) -> None:

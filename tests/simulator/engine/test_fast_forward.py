@@ -250,3 +250,34 @@ def test_step_times_of_few_members_equal_the_numpy_segments(members, first, widt
     group._arrays = None
     many = group.step_times(decode_times, first, last)
     np.testing.assert_array_equal(many, few)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("prefix_groups", [0, 2])
+def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, prefix_groups, monkeypatch):
+    # far more requests than the KV cache holds, arriving at once: the queue never empties, and
+    # decodes short of a block preempt the last running request, inside runs of steps
+    from simulator.engine import fast_forward
+
+    w = make_workload(n=80, seed=5, rate=50, prompt=(20, 300), output=(300, 2500),
+                      prefix_groups=prefix_groups, prefix_tokens=64)
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=4096, max_num_seqs=32,
+                       enable_prefix_caching=caching)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    assert slow.summary["preemptions"] > 20
+    preempting_runs = []
+    original = fast_forward._apply_preemptions
+
+    def counted(sched, run, *args):
+        preempting_runs.append(len(run.preemptions))
+        return original(sched, run, *args)
+
+    monkeypatch.setattr(fast_forward, "_apply_preemptions", counted)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
+    if prefix_groups and caching:  # victims holding shared prefix blocks: the ordinary path preempts
+        assert sum(preempting_runs) == 0
+    else:  # the runs did the preempting, not only the ordinary steps
+        assert sum(preempting_runs) > 0
