@@ -19,8 +19,11 @@ calibrated step-time model the project has for that card and model
   loop, but not the HTTP transfer and the streamed chunk's way back, which
   these runs do not record.
 
-A run that one engine cannot replay (data parallel: several engines behind one
-server) or whose model or card has no configuration is listed with the reason.
+A data-parallel run of a mixture-of-experts model (several engines behind one
+server, their experts shared) is replayed rank by rank by ``calibration.dp_replay``
+(its method and step model are stated there), in the same two views. A run of a
+dense model at data parallel > 1, or whose model or card has no configuration, is
+listed with the reason.
 """
 
 from __future__ import annotations
@@ -28,25 +31,25 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from calibration import catalog
-from calibration.live_replay import (
-    DATA_DIR,
-    LiveRun,
-    live_engine_config,
-    live_workload,
-    load_live_run,
+from calibration import catalog, dp_replay
+from calibration.live_replay import DATA_DIR, live_engine_config, live_workload, load_live_run
+from calibration.replay_errors import (
+    METRICS,
+    QUANTILES,
+    VIEWS,
+    error_rows,
+    live_latencies,
+    run_hardware,
 )
 from simulator.records.errors import ConfigError
 
 RUNS_ROOT = DATA_DIR.parent
-QUANTILES = (50, 90, 99)
-METRICS = ("ttft", "e2e")
-VIEWS = ("engine", "client")
 DOCS_BEGIN = "<!-- accuracy:begin (python -m calibration accuracy --update-docs) -->"
 DOCS_END = "<!-- accuracy:end -->"
 
@@ -68,6 +71,8 @@ class RunAccuracy:
     hardware: str = ""
     model: str = ""
     tp: int = 1
+    dp: int = 1
+    expert_parallel: bool = False
     requests: int = 0
     perf_model: str = ""
     calibrated: bool = False
@@ -75,19 +80,34 @@ class RunAccuracy:
     skipped: str = ""
     rows: list[dict] = field(default_factory=list)  # view, metric, quantile, live_s, sim_s, error
 
+    @property
+    def parallel(self) -> str:
+        """The layout as the table shows it: ``TP 2``, ``DP 2 x TP 1``, or ``DP 2 x EP 2`` (experts over dp x tp GPUs)."""
+        if self.dp == 1:
+            return f"TP {self.tp}"
+        return f"DP {self.dp} x EP {self.dp * self.tp}" if self.expert_parallel else f"DP {self.dp} x TP {self.tp}"
+
     def error(self, view: str, metric: str, q: int) -> float:
         return next(r["error"] for r in self.rows if (r["view"], r["metric"], r["quantile"]) == (view, metric, q))
 
 
+#: a release of a model with its base's shapes (Qwen3's -Instruct-2507 / -Thinking-2507, Llama's
+#: -Instruct): the run's model name with this suffix removed is the conf model's ``hf_name``
+RELEASE_SUFFIX = re.compile(r"-(instruct|thinking)(-\d{4})?$", re.IGNORECASE)
+
+
 def _conf_model(hf_name: str) -> str | None:
+    """The conf model of the run's Hugging Face name, or of its base model's (``RELEASE_SUFFIX``)."""
+    wanted = {hf_name.lower(), RELEASE_SUFFIX.sub("", hf_name).lower()}
+    found = {}
     for name in catalog.names("model"):
         try:
             arch = catalog.load_model(name)
         except ConfigError:  # another model's config: not this run's concern
             continue
-        if (arch.hf_name or "").lower() == hf_name.lower():
-            return arch.name
-    return None
+        if (arch.hf_name or "").lower() in wanted:
+            found[arch.hf_name.lower()] = arch.name
+    return found.get(hf_name.lower()) or next(iter(found.values()), None)
 
 
 def _hardware(run_dir: Path) -> str | None:
@@ -95,30 +115,6 @@ def _hardware(run_dir: Path) -> str | None:
 
     name = GPU_DIRS_INV.get(run_dir.parent.name, run_dir.parent.name.lower())
     return name if name in catalog.names("hardware") else None
-
-
-def run_hardware(run_dir: Path, name: str):
-    """The card, with the GPU-to-GPU link the run's ``config.json`` records (``link_bw``, GB/s) if any.
-
-    LLMServingSim's cluster description of the machine it ran on (16 GB/s for its RTX PRO 6000
-    runs: PCIe without NVLink); it prices the all-reduces of a TP > 1 step. The same value
-    for all its runs: a description of the machine, not fitted to one run.
-    """
-    from dataclasses import replace
-
-    card = catalog.load_hardware(name)
-    cfg = run_dir / "config.json"
-    link = json.loads(cfg.read_text()).get("link_bw") if cfg.exists() else None
-    return replace(card, interconnect_gbps=float(link)) if link else card
-
-
-def live_latencies(run: LiveRun) -> dict[tuple[str, str], np.ndarray]:
-    """Per (view, metric) the live per-request seconds (see the module docstring)."""
-    out = {("engine", "ttft"): run.first_token_s - run.arrival_s, ("engine", "e2e"): run.last_token_s - run.arrival_s}
-    if run.api_arrival_s is not None:
-        out[("client", "ttft")] = run.first_token_s - run.api_arrival_s
-        out[("client", "e2e")] = run.last_token_s - run.api_arrival_s
-    return out
 
 
 def replay_run(run_dir: Path, frontend_s: float | None = None, seed: int = 0) -> RunAccuracy:
@@ -133,30 +129,28 @@ def replay_run(run_dir: Path, frontend_s: float | None = None, seed: int = 0) ->
     out = RunAccuracy(name=run_name(run_dir), requests=len(run.arrival_s), tp=int(kw.get("tensor_parallel_size") or 1))
     hardware, model = _hardware(run_dir), _conf_model(hf)
     out.hardware, out.model = hardware or run_dir.parent.name, model or hf
-    dp = int(kw.get("data_parallel_size") or 1)
-    if dp > 1:
-        out.skipped = f"data_parallel_size {dp}: {dp} engines behind one server, not one engine's replay"
-    elif hardware is None:
+    out.dp, out.expert_parallel = int(kw.get("data_parallel_size") or 1), bool(kw.get("enable_expert_parallel"))
+    if hardware is None:
         out.skipped = f"no conf/hardware for {run_dir.parent.name}"
     elif model is None:
         out.skipped = f"no conf/model with hf_name {hf}"
+    elif out.dp > 1 and not catalog.load_model(model).is_moe:
+        out.skipped = f"data_parallel_size {out.dp} of a dense model: plain replicas, not replayed"
     if out.skipped:
         return out
-    config = live_engine_config(run)
     card = run_hardware(run_dir, hardware)
-    out.hardware = f"{hardware} (link {card.interconnect_gbps:g} GB/s)" if out.tp > 1 else hardware
-    perf = build_performance_model(card, model, "none", out.tp, {"source": "auto"}, engine=config)
+    out.hardware = f"{hardware} (link {card.interconnect_gbps:g} GB/s)" if out.tp * out.dp > 1 else hardware
+    if out.dp > 1:
+        sim, perf = dp_replay.simulate_ranks(run, run_dir, model, hardware, seed)
+    else:
+        config = live_engine_config(run)
+        perf = build_performance_model(card, model, "none", out.tp, {"source": "auto"}, engine=config)
+        result = simulate(live_workload(run), config, perf, seed=seed)
+        done = np.asarray(result.requests["status"]) == "completed"
+        sim = {m: np.asarray(result.requests[f"{m}_s"], dtype=float)[done] for m in METRICS}
     front = frontend.resolve("auto" if frontend_s is None else frontend_s, perf)
     out.perf_model, out.calibrated, out.frontend_s = perf.name, bool(perf.calibrated), front.seconds
-    result = simulate(live_workload(run), config, perf, seed=seed)
-    done = np.asarray(result.requests["status"]) == "completed"
-    sim = {m: np.asarray(result.requests[f"{m}_s"], dtype=float)[done] for m in METRICS}
-    for (view, metric), live in live_latencies(run).items():
-        values = sim[metric] + (front.seconds if view == "client" else 0.0)
-        for q in QUANTILES:
-            lv, sv = float(np.percentile(live, q)), float(np.percentile(values, q))
-            out.rows.append({"view": view, "metric": metric, "quantile": q, "live_s": lv, "sim_s": sv,
-                             "error": sv / lv - 1})
+    out.rows = error_rows(live_latencies(run), sim, front.seconds)
     return out
 
 
@@ -165,13 +159,13 @@ def replay_all(runs: list[Path] | None = None, frontend_s: float | None = None, 
 
 
 def write_csv(results: list[RunAccuracy], path: Path) -> None:
-    head = ["run", "hardware", "model", "tp", "requests", "perf_model", "calibrated", "frontend_s",
+    head = ["run", "hardware", "model", "tp", "dp", "requests", "perf_model", "calibrated", "frontend_s",
             "view", "metric", "quantile", "live_s", "sim_s", "error", "skipped"]
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(head)
         for r in results:
-            base = [r.name, r.hardware, r.model, r.tp, r.requests, r.perf_model, r.calibrated, r.frontend_s]
+            base = [r.name, r.hardware, r.model, r.tp, r.dp, r.requests, r.perf_model, r.calibrated, r.frontend_s]
             if r.skipped:
                 w.writerow(base + ["", "", "", "", "", "", r.skipped])
             for row in r.rows:
@@ -182,7 +176,7 @@ def write_csv(results: list[RunAccuracy], path: Path) -> None:
 def markdown(results: list[RunAccuracy]) -> str:
     """One line per run and view: signed errors, and the runs not replayed with the reason."""
     cols = [f"{m.upper()} p{q}" for m in ("TTFT", "E2E") for q in QUANTILES]
-    lines = ["| run | TP | step model | view | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
+    lines = ["| run | parallel | step model | view | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
     for r in results:
         if r.skipped:
             continue
@@ -191,7 +185,8 @@ def markdown(results: list[RunAccuracy]) -> str:
                 continue
             cells = [f"{r.error(view, m, q):+.1%}" for m in METRICS for q in QUANTILES]
             label = view if view == "engine" else f"client (+{1e3 * r.frontend_s:.1f} ms)"
-            lines.append(f"| {r.name} | {r.tp} | {r.perf_model.split(':')[0]} | {label} | " + " | ".join(cells) + " |")
+            step = r.perf_model.split(":")[0] + ("" if r.calibrated else " (uncalibrated)")
+            lines.append(f"| {r.name} | {r.parallel} | {step} | {label} | " + " | ".join(cells) + " |")
     skipped = [f"- {r.name}: not replayed ({r.skipped})" for r in results if r.skipped]
     return "\n".join(lines + ([""] + skipped if skipped else []))
 

@@ -195,8 +195,8 @@ def live_runs(args, workload: Workload, engine: EngineConfig, out: Path) -> tupl
     if args.live_runs:
         results = [RunResult.read(d) for d in args.live_runs]
         for d, r in zip(args.live_runs, results, strict=True):
-            if r.summary.get("requests") != len(workload):
-                raise ConfigError("live_runs", f"{d} has {r.summary.get('requests')} requests, "
+            if r.summary.requests != len(workload):
+                raise ConfigError("live_runs", f"{d} has {r.summary.requests} requests, "
                                                f"the workload {len(workload)}")
         return results, []
     from profiler.live.runner import LiveRunConfig, run_series, summary_line

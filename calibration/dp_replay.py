@@ -16,6 +16,9 @@ The replay, stated:
 - no measured kernels exist for this card and model: GEMMs and attention are roofline
   (uncalibrated), the fused MoE layer is the fit to LLMServingSim's H100 measurement
   (``calibration.moe``) scaled by this card's bandwidth and peak. Nothing is fitted to the run.
+
+``python -m calibration accuracy`` replays the run this way (``simulate_ranks``), in both views;
+``python -m calibration.dp_replay`` prints its engine view alone.
 """
 
 from __future__ import annotations
@@ -25,24 +28,23 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.live_replay import DATA_DIR, live_engine_config, load_live_run
+from calibration.live_replay import DATA_DIR, LiveRun, live_engine_config, load_live_run
+from calibration.replay_errors import error_rows, live_latencies, run_hardware
+from simulator.records.performance import PerformanceModel
 from simulator.records.workload import Workload
 
 RUN = DATA_DIR / "RTXPRO6000" / "Qwen3-30B-A3B-Instruct-2507"
-QUANTILES = (50, 90, 99)
 
 
-def replay(run_dir: Path = RUN, model: str = "qwen3-30b-a3b", hardware: str = "rtxpro6000",
-           seed: int = 0) -> dict:
-    """Simulated vs live TTFT and E2E (engine view) at p50/p90/p99, with the signed errors."""
+def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str,
+                   seed: int = 0) -> tuple[dict[str, np.ndarray], PerformanceModel]:
+    """Each request's simulated TTFT and E2E seconds (engine view, the run's order) and the step model."""
     from calibration import catalog
-    from calibration.accuracy import run_hardware
     from calibration.composed import ComposedPerformanceModel
     from calibration.registry import parallel_settings
     from calibration.roofline import RooflineKernels
     from simulator.engine.loop import simulate
 
-    run = load_live_run(run_dir)
     kw = run.engine_kwargs
     dp = int(kw.get("data_parallel_size") or 1)
     config = replace(live_engine_config(run), data_parallel_size=dp,
@@ -66,13 +68,17 @@ def replay(run_dir: Path = RUN, model: str = "qwen3-30b-a3b", hardware: str = "r
             raise RuntimeError(f"engine {rank}: {int((status != 'completed').sum())} requests not completed")
         for metric in sim:
             sim[metric][idx] = np.asarray(result.requests[f"{metric}_s"], dtype=float)
-    live = {"ttft": run.first_token_s - run.arrival_s, "e2e": run.last_token_s - run.arrival_s}
-    rows = []
-    for metric in ("ttft", "e2e"):
-        for q in QUANTILES:
-            lv, sv = float(np.percentile(live[metric], q)), float(np.percentile(sim[metric], q))
-            rows.append({"metric": metric, "quantile": q, "live_s": lv, "sim_s": sv, "error": sv / lv - 1})
-    return {"run": f"{run_dir.parent.name}/{run_dir.name}", "perf_model": perf.name, "dp": dp, "rows": rows,
+    return sim, perf
+
+
+def replay(run_dir: Path = RUN, model: str = "qwen3-30b-a3b", hardware: str = "rtxpro6000",
+           seed: int = 0) -> dict:
+    """Simulated vs live TTFT and E2E (engine view) at p50/p90/p99, with the signed errors."""
+    run = load_live_run(run_dir)
+    sim, perf = simulate_ranks(run, run_dir, model, hardware, seed)
+    live = {key: v for key, v in live_latencies(run).items() if key[0] == "engine"}
+    return {"run": f"{run_dir.parent.name}/{run_dir.name}", "perf_model": perf.name,
+            "dp": int(run.engine_kwargs.get("data_parallel_size") or 1), "rows": error_rows(live, sim),
             "describe": perf.describe()}
 
 

@@ -303,9 +303,9 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
         "versions": _versions(),
     }
     model = FittedPerformanceModel(
-        coefficients=result.coefficients, kv=profile.meta["kv"], memory=profile.meta["memory"],
-        architecture=profile.meta["model"]["architecture"], name=f"fitted:{profile.name}",
-        hardware=profile.meta["hardware"], report=report,
+        coefficients=result.coefficients, kv=profile.meta.kv, memory=profile.meta.memory,
+        architecture=profile.meta.model["architecture"], name=f"fitted:{profile.name}",
+        hardware=profile.meta.hardware, report=report,
         source=str(profile.path) if profile.path else profile.name, decode_knee=result.decode_knee,
         engine=engine_settings(profile.meta),
     )
@@ -330,7 +330,7 @@ def serving_of(profile: Profile, model: FittedPerformanceModel) -> dict[str, Any
     source = (f"profile serving phase: {len(probes)} probe rounds on `vllm serve` "
               f"({serving.get('servers', 1)} server(s), loopback"
               + (f"; other processes busy on {len(busy)} of them: noisy" if busy else "") + ")")
-    speculative = bool((profile.meta.get("optimization") or {}).get("engine_args", {}).get("speculative_config"))
+    speculative = bool((profile.meta.optimization or {}).get("engine_args", {}).get("speculative_config"))
     return overheads_from_probes(model, probes, engine, async_scheduling, source, speculative).to_dict()
 
 

@@ -170,7 +170,7 @@ def add_request_overhead(result, overhead_s: float, slo: SLO | None = None, busy
     summary = {**result.summary, **summarize(schema, result.timeline, slo or SLO(), end_s),
                "request_overhead_s": overhead_s, "busy_overhead_s": busy_extra_s}
     # the server's counters are not recomputed from requests
-    for key in ("preemptions", "requests_preempted"):
-        summary[key] = result.summary.get(key)
+    summary["preemptions"] = result.summary.preemptions
+    summary["requests_preempted"] = result.summary.requests_preempted
     return RunResult(requests=requests, timeline=result.timeline, summary=summary,
                      metadata=dict(result.metadata))

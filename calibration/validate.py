@@ -118,10 +118,10 @@ METRICS: tuple[Metric, ...] = tuple(
      for q in ("p50", "p90", "p99")]
     + [
         Metric("throughput", "output throughput", "tok/s", "relative",
-               lambda r: r.summary["throughput"]["output_tokens_per_s"]),
+               lambda r: r.summary.throughput["output_tokens_per_s"]),
         Metric("kv_mean", "KV usage mean", "%", "points", _kv("mean")),
         Metric("kv_peak", "KV usage peak", "%", "points", _kv("peak")),
-        Metric("preemptions", "preemptions", "", "relative", lambda r: r.summary.get("preemptions")),
+        Metric("preemptions", "preemptions", "", "relative", lambda r: r.summary.preemptions),
         Metric("prefix_hit_rate", "prefix-cache hit rate", "%", "points",
                lambda r: 100.0 * r.summary["prefix_cache"]["hit_rate"] if "prefix_cache" in r.summary else None),
     ]

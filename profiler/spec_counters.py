@@ -18,13 +18,12 @@ less its first token (which its prefill yields).
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from profiler.live.metrics import samples
+
 PREFIX = "vllm:spec_decode_"
-_LINE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
-_POSITION = re.compile(r'position="(\d+)"')
 
 
 @dataclass(frozen=True)
@@ -66,21 +65,14 @@ def parse_spec_counters(text: str) -> SpecCounters | None:
     """The counters in a Prometheus ``/metrics`` text (None when the server does no speculation)."""
     totals: dict[str, float] = {}
     per_pos: dict[int, float] = {}
-    for line in text.splitlines():
-        if not line.startswith(PREFIX):
+    for metric, labels, value in samples(text):
+        if not metric.startswith(PREFIX):
             continue
-        m = _LINE.match(line)
-        if m is None:
-            continue
-        try:
-            value = float(m["value"])
-        except ValueError:
-            continue
-        name = m["name"][len(PREFIX):].removesuffix("_total")
+        name = metric[len(PREFIX):].removesuffix("_total")
         if name == "num_accepted_tokens_per_pos":
-            pos = _POSITION.search(m["labels"] or "")
-            if pos:
-                per_pos[int(pos[1])] = per_pos.get(int(pos[1]), 0.0) + value
+            pos = labels.get("position", "")
+            if pos.isdigit():
+                per_pos[int(pos)] = per_pos.get(int(pos), 0.0) + value
         elif name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
             totals[name] = totals.get(name, 0.0) + value
     if "num_drafts" not in totals:

@@ -13,6 +13,7 @@ import contextlib
 import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,9 +39,8 @@ _SAMPLE_RE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)
 _LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Metric name -> value summed over its label sets (comments and bad lines skipped)."""
-    out: dict[str, float] = {}
+def samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """Each sample of a ``/metrics`` page as (name, labels, value); comments, bad lines and NaN skipped."""
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
@@ -53,7 +53,14 @@ def parse_prometheus(text: str) -> dict[str, float]:
             continue
         if math.isnan(value):
             continue
-        out[m["name"]] = out.get(m["name"], 0.0) + value
+        yield m["name"], dict(_LABEL_RE.findall(m["labels"] or "")), value
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Metric name -> value summed over its label sets (comments and bad lines skipped)."""
+    out: dict[str, float] = {}
+    for name, _, value in samples(text):
+        out[name] = out.get(name, 0.0) + value
     return out
 
 

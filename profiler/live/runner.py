@@ -632,7 +632,7 @@ def run_live(
             reasons = result.summary["live"]["failure_reasons"]
             code, message = EXIT_FAILED_REQUESTS, f"{failed} of {len(workload)} requests failed: {reasons}"
         if code == EXIT_SERVER_DIED:
-            done = result.summary["completed"]
+            done = result.summary.completed
             message += f"; kept {done} completed requests, {failed} marked failed"
         log_text = server.log_path.read_text(errors="replace") if server is not None else (
             Path(server_log).read_text(errors="replace") if server_log else "")
@@ -659,7 +659,7 @@ def run_live(
             "message": message,
         }
         _write(out, result, workload, steps, scraper, replay.records)
-        return LiveOutcome(result, out, code, message or f"{result.summary['completed']} requests "
+        return LiveOutcome(result, out, code, message or f"{result.summary.completed} requests "
                            f"completed; results in {out}")
     finally:
         if tailer is not None:
@@ -733,12 +733,12 @@ def summary_line(result: RunResult) -> str:
     s = result.summary
 
     def p(key: str, q: str) -> str:
-        v = s[key].get(q)
+        v = getattr(s, key).get(q)
         return "-" if v is None else f"{v * 1000:.0f}ms"
 
-    kv = s["kv_usage"]
+    kv = s.kv_usage
     kv_text = "KV -" if kv.get("mean") is None else f"KV mean {kv['mean']:.1%} peak {kv['peak']:.1%}"
-    return (f"{s['completed']}/{s['requests']} completed, TTFT p50 {p('ttft_s', 'p50')} "
+    return (f"{s.completed}/{s.requests} completed, TTFT p50 {p('ttft_s', 'p50')} "
             f"p99 {p('ttft_s', 'p99')}, E2E p50 {p('e2e_s', 'p50')} p99 {p('e2e_s', 'p99')}, "
-            f"{kv_text}, preemptions {s['preemptions']}, "
-            f"{s['throughput']['output_tokens_per_s']:.0f} tok/s")
+            f"{kv_text}, preemptions {s.preemptions}, "
+            f"{s.throughput['output_tokens_per_s']:.0f} tok/s")

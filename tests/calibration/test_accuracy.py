@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration import accuracy, cmd_accuracy
+from calibration import accuracy, cmd_accuracy, dp_replay
 from calibration.live_replay import load_live_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,9 +57,39 @@ def test_client_view_is_the_engine_view_plus_the_front_end(written):
             assert row["client", m, str(q)] - row["engine", m, str(q)] == pytest.approx(0.006, abs=1e-6)
 
 
-def test_a_data_parallel_run_is_listed_with_its_reason():
-    [result] = accuracy.replay_all([accuracy.RUNS_ROOT / "llmservingsim" / "RTXPRO6000" / "Qwen3-30B-A3B-Instruct-2507"])
-    assert "data_parallel_size 2" in result.skipped and not result.rows
+def test_the_data_parallel_moe_run_is_replayed_as_dp_replay_does_in_both_views():
+    [result] = accuracy.replay_all([dp_replay.RUN], frontend_s=0.004)
+    assert not result.skipped and result.dp == 2 and result.expert_parallel and result.model == "qwen3-30b-a3b"
+    assert not result.calibrated and "(link 16 GB/s)" in result.hardware
+    # the engine view is dp_replay's own replay, figure for figure (same code, same machine)
+    alone = dp_replay.replay()
+    assert result.perf_model == alone["perf_model"]
+    for r in alone["rows"]:
+        assert result.error("engine", r["metric"], r["quantile"]) == r["error"]
+    sim = {(r["view"], r["metric"], r["quantile"]): r["sim_s"] for r in result.rows}
+    for m in accuracy.METRICS:
+        for q in accuracy.QUANTILES:
+            assert sim["client", m, q] - sim["engine", m, q] == pytest.approx(0.004, abs=1e-9)
+    table = accuracy.markdown([result])
+    assert "not replayed" not in table and "| DP 2 x EP 2 | roofline+moe-fit (uncalibrated) | engine |" in table
+
+
+def test_a_release_of_a_model_uses_its_base_models_conf():
+    assert accuracy._conf_model("Qwen/Qwen3-30B-A3B-Instruct-2507") == "qwen3-30b-a3b"
+    assert accuracy._conf_model("Qwen/Qwen3-32B") == "qwen3-32b"
+    assert accuracy._conf_model("Qwen/Qwen3-32B-AWQ") is None  # another weight format: not the same model
+
+
+def test_a_dense_data_parallel_run_is_listed_with_its_reason(tmp_path):
+    src = accuracy.RUNS_ROOT / "llmservingsim" / RUN
+    run_dir = tmp_path / RUN
+    shutil.copytree(src, run_dir)
+    meta_path = run_dir / "vllm" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["engine_kwargs"]["data_parallel_size"] = 2
+    meta_path.write_text(json.dumps(meta))
+    [result] = accuracy.replay_all([run_dir])
+    assert "data_parallel_size 2 of a dense model" in result.skipped and not result.rows
     assert "not replayed" in accuracy.markdown([result])
 
 

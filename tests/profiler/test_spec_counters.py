@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from profiler.live.metrics import parse_prometheus
 from profiler.spec_counters import SpecCounters, parse_spec_counters
 from profiler.summary import spec_summary
 from simulator.records.engine_config import EngineConfig, SpeculativeConfig
@@ -33,6 +34,20 @@ def test_counters_parsed_from_a_recorded_metrics_text():
     # the simulator takes them as they are
     SpeculativeConfig(num_speculative_tokens=4, acceptance_rate=tuple(rates),
                       proposal_rate=c.proposal_rate(generated_tokens=384, requests=4))
+
+
+def test_counters_agree_with_the_scraper_and_sum_engines_by_position():
+    text = (DATA / "vllm_metrics_spec_ngram.txt").read_text()
+    c = parse_spec_counters(text)
+    values = parse_prometheus(text)  # the live scraper's reading of the same page
+    assert c.num_drafts == int(values["vllm:spec_decode_num_drafts_total"])
+    assert c.num_accepted_tokens == int(values["vllm:spec_decode_num_accepted_tokens_total"])
+    two = "\n".join(['vllm:spec_decode_num_drafts_total{engine="0"} 10', 'vllm:spec_decode_num_drafts_total{engine="1"} 5',
+                     'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",position="1"} 3',
+                     'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",position="1"} 2',
+                     'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",position="x"} 9',
+                     "vllm:spec_decode_num_draft_tokens_total NaN"])
+    assert parse_spec_counters(two) == SpecCounters(15, 0, 0, [0, 5])
 
 
 def test_a_server_without_speculation_has_no_counters():
