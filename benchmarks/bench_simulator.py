@@ -21,6 +21,12 @@ request count.
     python benchmarks/bench_simulator.py --quick    # 200 requests instead of 1,000
     python benchmarks/bench_simulator.py --large    # growth up to 100k requests (slow)
     python benchmarks/bench_simulator.py --servegen # also ServeGen's peak hour of R1 traffic (~2 min more)
+    python benchmarks/bench_simulator.py --load     # only the overloaded case (~5 min; --quick: 2,000 requests)
+
+The overloaded case (``--load``): 10,000 requests of the same list, Gamma rate 4/s, cv 2,
+Llama-3.1-8B on one H100, max_num_seqs 256, 8,192 batched tokens: ten times what the replica
+serves, so it is all queueing and preemption. BLIS (the Go simulator) took 36.4 s on the same
+requests on a 2-core machine (measured by others).
 """
 
 from __future__ import annotations
@@ -41,13 +47,15 @@ from simulator.engine.loop import simulate  # noqa: E402
 from simulator.huge_pages import avoid_huge_pages  # noqa: E402
 
 VIDUR_LOOP_S = 77.0  # Vidur on a 2-core machine, 1,000 requests at 0.08 req/s (issue 5)
+BLIS_LOAD_S = 36.4  # BLIS on a 2-core machine, the overloaded case's 10,000 requests (issue 20)
+LOAD = ["model=llama-3.1-8b", "engine.max_num_seqs=256"]  # with rate 4, cv 2
 LENGTHS = "data/bench/reasoning_lengths_20k.csv"
 
 
-def spec_for(rate: float, n: int, lengths_file: str | None = LENGTHS):
+def spec_for(rate: float, n: int, lengths_file: str | None = LENGTHS, extra: tuple[str, ...] | list[str] = ()):
     from hydra import compose, initialize_config_dir
 
-    overrides = ["workload=gamma", f"workload.rate={rate}", "workload.cv=2", f"workload.num_requests={n}"]
+    overrides = ["workload=gamma", f"workload.rate={rate}", "workload.cv=2", f"workload.num_requests={n}", *extra]
     if lengths_file:
         overrides.append(f"workload.lengths_file={lengths_file}")
     with initialize_config_dir(str(CONF_DIR), version_base=None):
@@ -103,11 +111,12 @@ cli.exit_now(status)
 """
 
 
-def whole_process(rate: float, n: int, repeats: int = 5) -> tuple[float, float]:
+def whole_process(rate: float, n: int, repeats: int = 5, extra: tuple[str, ...] | list[str] = ()
+                  ) -> tuple[float, float]:
     """Median wall time and peak RSS (MB) of `python -m simulator ...` for the case, plots
     included, over ``repeats`` runs (one process start varies by ~0.2 s on 2 cores)."""
     cmd = [sys.executable, "-c", RUN_AND_REPORT_PEAK, "workload=gamma", f"workload.rate={rate}",
-           "workload.cv=2", f"workload.num_requests={n}", f"workload.lengths_file={LENGTHS}",
+           "workload.cv=2", f"workload.num_requests={n}", f"workload.lengths_file={LENGTHS}", *extra,
            "progress=false", "hydra.run.dir=outputs/bench/${now:%H-%M-%S-%f}"]
     walls, peaks = [], []
     for _ in range(repeats):
@@ -122,11 +131,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests, faster")
     parser.add_argument("--large", action="store_true", help="also 100k requests (slow)")
+    parser.add_argument("--load", action="store_true",
+                        help="only the overloaded case (10,000 requests, ten times the replica's capacity)")
     parser.add_argument("--servegen", action="store_true",
                         help="also ServeGen's peak hour (~133k requests, ~37 req/s; fast path only, "
                              "with the step-by-step ratio on its first five minutes)")
     args = parser.parse_args()
     avoid_huge_pages()  # as `python -m simulator` does (simulator/huge_pages.py)
+    if args.load:
+        return overloaded(2000 if args.quick else 10000)
     n = 200 if args.quick else 1000
     timed_simulation(spec_for(1.0, 10), fast=True)  # warm-up: imports, performance model
     print(f"# simulator speed, {n} requests of {LENGTHS}, Gamma cv 2, H100 + R1-Distill-Qwen-7B")
@@ -164,6 +177,25 @@ def main() -> int:
         t_fast, fast = timed_simulation(servegen_spec(3600), fast=True)
         print(f"| hour | {len(fast.requests['arrival_s'])} | {fast.summary.steps} | "
               f"{fast.summary.preemptions} | {t_fast:.0f} | - | - | - |")
+    return 0
+
+
+def overloaded(n: int) -> int:
+    """The overloaded case: fast path (median of 3) against the step-by-step path, in one run."""
+    cfg = spec_for(4.0, n, extra=LOAD)
+    timed_simulation(spec_for(4.0, 50, extra=LOAD), fast=True)  # warm-up: imports, performance model
+    t_fast, fast = timed_simulation(cfg, fast=True, repeats=3)
+    t_slow, slow = timed_simulation(cfg, fast=False)
+    wall, rss = whole_process(4.0, n, repeats=3, extra=LOAD)
+    steps = fast.summary.steps
+    print(f"# overloaded case: {n} requests of {LENGTHS}, Gamma rate 4/s cv 2, H100 + Llama-3.1-8B, "
+          "max_num_seqs 256, 8,192 batched tokens")
+    print("| steps | preemptions | fast (s) | steps/s | step-by-step (s) | steps/s | speed-up | same results "
+          "| whole process (s) | vs BLIS 36.4 s | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    blis = f"{BLIS_LOAD_S / wall:.1f}x" if n == 10000 else "-"
+    print(f"| {steps} | {fast.summary.preemptions} | {t_fast:.1f} | {steps / t_fast:,.0f} | {t_slow:.1f} | "
+          f"{steps / t_slow:,.0f} | {t_slow / t_fast:.1f}x | {agree(fast, slow)} | {wall:.1f} | {blis} | {rss:.0f} |")
     return 0
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from simulator.engine.interface import Advance, InFlight
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
-from simulator.engine.rules import deliver_tokens, fits_whole, has_seat
+from simulator.engine.rules import decodes_one_token, deliver_tokens, fits_whole, has_seat
 from simulator.records.performance import StepBatch
 
 #: steps computed ahead per attempt (the engine plans up to twice the last run)
@@ -106,6 +106,8 @@ class DecodeRun:
     block_owners: np.ndarray
     admissions: list[Admission] = field(default_factory=list)
     preemptions: list[Preemption] = field(default_factory=list)
+    #: planned while requests wait (``_preempting_run``): finishes and preemptions, no admission
+    waiting: bool = False
 
 
 def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps: np.ndarray,
@@ -269,7 +271,7 @@ def plan(
     lag = in_flight_steps
     remaining = []
     for r in running:
-        if r.placeholders != lag or r.num_computed != r.num_prompt + r.num_output - 1 + lag or r.stale_tokens:
+        if not decodes_one_token(r, lag):
             return None
         remaining.append(r.max_tokens - r.num_output - lag)
     # A request with m tokens to come after the step in flight is in the run's steps 1..m and
@@ -281,7 +283,10 @@ def plan(
     held = sched.kv.num_blocks_held(running)
     members = _Members(c, remaining, held)
     admissions: list[Admission] = []
-    k_max = min((min(remaining) if waiting else max(remaining)) - (1 - lag), cap)
+    # with requests waiting, members finish inside the run only if the queue's head admission
+    # does not depend on other requests' blocks (no shared prefix to hit)
+    finish_inside = not waiting or not (sched.kv.enable_caching and waiting[0].num_shared_blocks)
+    k_max = min((max(remaining) if finish_inside else min(remaining)) - (1 - lag), cap)
     if k_max < 1:
         return None
     times = members.step_times(decode_times, 1, min(k_max, horizon))
@@ -457,83 +462,127 @@ def _fit_kv(sched, members: _Members, admissions: list[Admission], times: np.nda
 
 def _preempting_run(sched, members: _Members, times: np.ndarray, k: int, decode_times, lag: int
                     ) -> DecodeRun | None:
-    """A run of decode steps while requests wait (none is admitted, none finishes) that goes on
-    through steps short of a KV block: there, as ``NativeScheduler._make_room``, the last running
-    member is preempted and its blocks serve the step's remaining blocks. The run stops before
-    a step whose victim would be a member that cannot be re-admitted as a plain request (a
-    shared prefix: its admission would depend on other requests' blocks), or before the first
-    step that would admit the head of the queue (the latest victim, once no step preempts)."""
-    running = sched.running
-    kv = sched.kv
-    n, bs = len(running), sched.block_size
-    max_model_len = sched.max_model_len
-    held = np.array(members.held, dtype=np.int64)
-    first, computed, last0 = members.arrays()
-    free0 = kv.num_free_blocks
-    while True:
-        last = last0.copy()
-        free = free0
-        preemptions: list[Preemption] = []
-        freed_at: list[tuple[int, int]] = []  # (step, blocks freed by its preemption)
-        live = n
-        while True:
-            steps, owners = _crossing_steps(computed, held, bs, np.minimum(last, k), first)
-            if len(steps) <= free:
-                break
-            s, j = int(steps[free]), int(owners[free])
-            v = live - 1
-            if v == 0 or (kv.enable_caching and running[v].num_shared_blocks):
-                k = s - 1  # the ordinary path takes that step
-                break
-            taken = int(np.count_nonzero(owners[:free] == v))  # the victim's blocks from the run
-            free += int(held[v]) + taken
-            freed_at.append((s, int(held[v]) + taken))
-            last[v] = s - 1
-            live -= 1
-            preemptions.append(Preemption(s, j, v))
-        if k < 1:
-            return None
-        keep = steps <= k
-        steps, owners = steps[keep], owners[keep]
-        preemptions = [p for p in preemptions if p.step <= k]
-        # the head after a step that preempted (the latest victim) must not be admissible in
-        # the next step: its whole sequence must not fit in the blocks left free
-        cut = _first_admission(preemptions, freed_at, steps, computed, first, free0, k, bs, max_model_len)
-        if cut is None:
-            break
-        k = cut - 1
+    """A run of decode steps while requests wait (none is admitted). It goes on through steps
+    short of a KV block: there, as ``NativeScheduler._make_room``, the last running member is
+    preempted and its blocks serve the step's remaining blocks; and through members' last
+    tokens, their blocks freed when their last output comes. It stops before a step in which
+    the queue's head (the latest victim, or the head it started with) would be admitted, and
+    before a step whose victim would be a member that cannot be handled here (one with a shared
+    prefix, whose admission would depend on other requests' blocks; one whose last token is in
+    flight; the last one decoding). Blocks, finishes and preemptions are taken in time order,
+    each admission checked after the event that could allow it (``_WaitingRun``)."""
+    plan = _WaitingRun(sched, members, k, lag)
+    k = plan.walk()
     if k < 1:
         return None
-    if preemptions:
-        changed = preemptions[0].step
-        fixed = _Members(computed, last.tolist(), list(members.held))
+    keep = plan.alive & (plan.steps <= k)
+    last = plan.last
+    changed = min([p.step for p in plan.preemptions], default=k + 1)
+    if changed <= k:
+        fixed = _Members(plan.computed, last.tolist(), list(members.held))
         times = np.concatenate((times[: changed - 1], fixed.step_times(decode_times, changed, k)))
-    return DecodeRun(k=k, step_times=times[:k], first_steps=first, computed=computed, last_steps=last,
-                     block_steps=steps, block_owners=owners, preemptions=preemptions)
+    return DecodeRun(k=k, step_times=times[:k], first_steps=plan.first, computed=plan.computed, last_steps=last,
+                     block_steps=plan.steps[keep], block_owners=plan.owners[keep], preemptions=plan.preemptions,
+                     waiting=True)
 
 
-def _first_admission(preemptions: list[Preemption], freed_at: list[tuple[int, int]], steps: np.ndarray,
-                     computed: np.ndarray, first: np.ndarray, free0: int, k: int, bs: int,
-                     max_model_len: int) -> int | None:
-    """The first step after a preempting step in which the queue's head (its latest victim)
-    would be admitted, or None. Between preemptions the free blocks only shrink, so the step
-    right after each preempting one is the only one to check."""
-    preempting = {p.step for p in preemptions}
-    for p in preemptions:
-        t = p.step + 1
-        if t > k or t in preempting:
-            continue
-        v = p.victim
-        if p is not max((q for q in preemptions if q.step < t), key=lambda q: (q.step, -q.victim)):
-            continue  # (not the latest victim: it is not the head)
-        # the victim's tokens once its last output is in: computed after its last step + 1
-        tokens = int(computed[v] + (p.step - 1) - first[v] + 2)
-        need = -(-min(tokens, max_model_len) // bs)
-        freed = sum(b for s, b in freed_at if s < t)
-        free = free0 + freed - int(np.searchsorted(steps, t, side="right"))
-        if need <= free:
-            return t
-    return None
+class _WaitingRun:
+    """The events of a run planned while requests wait, walked in time order (see
+    ``_preempting_run``): ``walk`` returns the run's length and leaves its blocks (``steps``,
+    ``owners`` where ``alive``), members' last steps and preemptions."""
+
+    def __init__(self, sched, members: _Members, k: int, lag: int):
+        self.sched, self.lag = sched, lag
+        self.kv = sched.kv
+        n = self.n = len(sched.running)
+        self.held = np.array(members.held, dtype=np.int64)
+        self.first, self.computed, last = members.arrays()
+        self.last = last.copy()
+        self.k = min(k, int(self.last.max()) - (1 - lag))
+        self.steps, self.owners = _crossing_steps(self.computed, self.held, sched.block_size,
+                                                  np.minimum(self.last, max(self.k, 0)), self.first)
+        self.alive = np.ones(len(self.steps), dtype=bool)
+        #: blocks each member frees when it finishes (those it holds and those the run gives it)
+        self.blocks = self.held + np.bincount(self.owners, minlength=n)
+        self.gone = np.zeros(n, dtype=bool)  # preempted
+        self.free = self.kv.num_free_blocks  # before the run, plus the victims' blocks so far
+        self.free0 = self.free
+        self.preemptions: list[Preemption] = []
+        self.head_need = sched._blocks_to_admit(sched.waiting[0])
+
+    def walk(self) -> int:
+        lag, steps, owners = self.lag, self.steps, self.owners
+        caching = self.kv.enable_caching
+        running = self.sched.running
+        checked = 0  # admissions are checked for the steps up to this one
+        pos, before_pos = 0, 0  # the first block not known to be served; live blocks before it
+        while self.k >= 1:
+            k = self.k
+            release = self.last + lag + 1  # the first step scheduled after a member's last output
+            freed = self._finish_frees(release, k)
+            live = self.alive[pos:] & (steps[pos:] <= k)
+            rank = before_pos + np.cumsum(live) - 1  # each live block's place among live blocks
+            short = np.flatnonzero(live & (rank >= self.free + freed[np.minimum(steps[pos:], k + 1)]))
+            s = int(steps[pos + short[0]]) if len(short) else k + 1
+            t = self._first_admission(checked + 1, s - 1, release, freed)
+            if t is not None:
+                self.k = t - 1
+                break
+            if not len(short):
+                break
+            e = pos + int(short[0])
+            listed = np.flatnonzero(~self.gone & (release > s))  # the running list at s
+            v = int(listed[-1])
+            others = self.last[~self.gone]
+            others = others[np.flatnonzero(~self.gone) != v]
+            if (self.last[v] < s or not len(others) or int(others.max()) < s + 1 - lag
+                    or (caching and running[v].num_shared_blocks)):
+                self.k = s - 1  # the ordinary path takes that step
+                break
+            mine = owners == v
+            self.free += int(self.held[v]) + int(np.count_nonzero(mine[:e] & self.alive[:e]))
+            self.alive &= ~(mine & (steps >= s))
+            self.last[v] = s - 1
+            self.gone[v] = True
+            self.preemptions.append(Preemption(s, int(owners[e]), v))
+            self.k = min(k, int(self.last.max()) - (1 - lag))
+            before_pos += int(np.count_nonzero(self.alive[pos:e]))
+            pos = e
+            checked = s  # (a step that preempts admits nobody)
+        return self.k
+
+    def _finish_frees(self, release: np.ndarray, k: int) -> np.ndarray:
+        """By step t (0..k+1): the blocks of the members whose last output came before t."""
+        ending = np.flatnonzero(~self.gone & (release <= k))
+        freed = np.zeros(k + 2, dtype=np.int64)
+        np.add.at(freed, release[ending], self.blocks[ending])
+        return np.cumsum(freed)
+
+    def _first_admission(self, lo: int, hi: int, release: np.ndarray, freed: np.ndarray) -> int | None:
+        """The first step in lo..hi after an event (a preemption, a member's last output) in
+        which the queue's head would be admitted: a seat, and the blocks of its whole sequence
+        free once the step's running requests have theirs. Between events the free blocks only
+        shrink, so the steps right after events are the only ones to check."""
+        if lo > hi:
+            return None
+        checks = {p.step + 1 for p in self.preemptions}
+        checks.update(release[~self.gone].tolist())
+        sched = self.sched
+        if self.preemptions:  # the head is the latest victim: its tokens once its last output is in
+            p = self.preemptions[-1]
+            v = p.victim
+            tokens = int(self.computed[v] + (p.step - 1) - self.first[v] + 2)
+            need = -(-min(tokens, sched.max_model_len) // sched.block_size)
+        else:
+            need = self.head_need
+        for t in sorted(c for c in checks if lo <= c <= hi):
+            listed = int(np.count_nonzero(~self.gone & (release > t)))
+            if listed >= sched.config.max_num_seqs:
+                continue
+            served = int(np.count_nonzero(self.alive[: int(np.searchsorted(self.steps, t, side="right"))]))
+            if need <= self.free + int(freed[min(t, len(freed) - 1)]) - served:
+                return t
+        return None
 
 
 @dataclass
@@ -588,8 +637,8 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
         joining[a.rid] = Joining(a, float(sched_at[a.step - 1]), int(last[n + j]), k, lag, token_times)
     finishing = np.flatnonzero(last + lag <= k)
     finished: list[int] = []
-    if run.preemptions:
-        _apply_preemptions(sched, run, sched_at, token_times, lag, taken_at)
+    if run.waiting:
+        finished = _apply_waiting_run(sched, run, sched_at, token_times, lag, taken_at)
     elif not len(finishing) and not admissions:
         _hand_out(kv, running, admitted, steps, owners, sched_at)
         deliver(running, k, token_times)
@@ -635,44 +684,63 @@ def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, toke
     return AppliedRun(used, _row_segments(run, n, lag), finished, joining)
 
 
-def _apply_preemptions(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,
-                       lag: int, taken_at: np.ndarray) -> None:
-    """Carry out a run that preempts (``_preempting_run``): blocks are handed out in order up to
-    each preemption's place, where the victim is preempted as the scheduler does it (its full
-    blocks registered as its last scheduling left them, then ``NativeScheduler._preempt``);
-    the victims get their tokens through their last step, the rest go on running."""
+def _apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,
+                       lag: int, taken_at: np.ndarray) -> list[int]:
+    """Carry out a run planned while requests wait (``_preempting_run``) and return the ids of
+    the requests that finished in it. Its events, in time order: a preemption when its step is
+    scheduled (the victim's full blocks registered as its last scheduling left them, then
+    ``NativeScheduler._preempt``), a finish when its last output comes (``NativeScheduler.finish``);
+    the blocks taken before each event are handed out first. Victims get their tokens through
+    their last step; the others that do not finish go on running."""
     kv = sched.kv
     running = sched.running
-    k = run.k
+    n, k = len(running), run.k
     first, computed, last = run.first_steps, run.computed, run.last_steps
     steps, owners = run.block_steps, run.block_owners
-    order = steps * (len(running) + 1) + owners  # the blocks' order: by step, then member
+    order = steps * (n + 1) + owners  # the blocks' order: by step, then member
+    victims = {p.victim for p in run.preemptions}
+    # (time key, blocks handed out before it, member, preemption?): a preemption in step s comes
+    # at 2s, a last output between the scheduling of steps last + lag and last + lag + 1
+    events = [(2 * p.step, int(np.searchsorted(order, p.step * (n + 1) + p.short, side="left")), p.victim, True)
+              for p in run.preemptions]
+    for i in np.flatnonzero(last + lag <= k).tolist():
+        if i not in victims:
+            end = int(last[i]) + lag
+            events.append((2 * end + 1, int(np.searchsorted(steps, end, side="right")), i, False))
+    events.sort()
+    finished = []
     taken = 0
-    victims = []
-    for p in run.preemptions:
-        cut = int(np.searchsorted(order, p.step * (len(running) + 1) + p.short, side="left"))
+    for _, cut, i, preempting in events:
         if cut > taken:
             _hand_out(kv, running, [], steps[taken:cut], owners[taken:cut], sched_at)
             taken = cut
-        v = p.victim
-        req = running[v]
-        kv.clock = float(sched_at[p.step - 1])
-        # the blocks full of computed tokens as the victim's last scheduling (sync) or its last
-        # output before the preemption (async) registered them
-        kv.cache_full_blocks(req, int(computed[v] + last[v] - first[v] + 1) - lag)
+        req = running[i]
         before = kv.num_used_blocks
-        sched._preempt(req)
-        taken_at[p.step - 1] -= before - kv.num_used_blocks
-        victims.append(v)
+        if preempting:
+            step = int(last[i]) + 1
+            kv.clock = float(sched_at[step - 1])
+            # the full blocks as its last scheduling (sync) or last output before now (async) left them
+            kv.cache_full_blocks(req, int(computed[i] + last[i] - first[i] + 1) - lag)
+            sched._preempt(req)
+            taken_at[step - 1] -= before - kv.num_used_blocks
+        else:
+            row = int(last[i]) + lag - 1  # the row bringing its last token
+            now = kv.clock = float(token_times[row])
+            kv.cache_full_blocks(req, int(computed[i] + last[i] - first[i] + 1))
+            sched.finish(req, now)
+            req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
+            finished.append(req.rid)
+            taken_at[row] -= before - kv.num_used_blocks
     _hand_out(kv, running, [], steps[taken:], owners[taken:], sched_at)
     deliver(running, k, token_times, np.minimum(last + lag, k).tolist(), np.minimum(last, k).tolist())
     for v in victims:  # their last output (already stale when it came) is in
         req = running[v]
         req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
-    gone = set(victims)
-    going_on = [i for i in range(len(running)) if i not in gone]
+    done = {r for _, _, r, _ in events}
+    going_on = [i for i in range(n) if i not in done]
     sched.replace_running([running[i] for i in going_on])
     kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
+    return finished
 
 
 def join(sched: NativeScheduler, req: SimRequest, joining: Joining) -> None:

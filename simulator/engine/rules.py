@@ -31,6 +31,14 @@ def running_tokens(req: SimRequest, threshold: int, max_model_len: int) -> int:
     return n if n > 0 else 0
 
 
+def decodes_one_token(req: SimRequest, lag: int) -> bool:
+    """Whether a running request's next step is a plain one-token decode: every token computed
+    but the last (with a step in flight, ``lag`` 1: every one, the step's sampled token a
+    placeholder), no draft tokens, no output of a preempted step pending."""
+    return (req.placeholders == lag and not req.stale_tokens and not req.spec_tokens
+            and req.num_computed == req.num_prompt + req.num_output - 1 + lag)
+
+
 def slots_needed(computed: int, num_new: int, lookahead: int, max_model_len: int) -> int:
     """Token slots a request must hold to run ``num_new`` tokens after ``computed`` (vLLM's
     allocate_slots: computed + new + lookahead, at most max_model_len)."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from simulator.engine.fast_forward import Advance, InFlight, Runs
 from simulator.engine.native import NativeScheduler, SchedulerOutput
 from simulator.engine.request import SimRequest, Status
-from simulator.engine.rules import running_tokens
+from simulator.engine.rules import decodes_one_token, running_tokens
 from simulator.records.engine_config import EngineConfig
 
 #: requests become steady only with this many running and after this many ordinary steps in a
@@ -204,13 +204,11 @@ class SteadyScheduler(NativeScheduler):
     def _enter(self, req: SimRequest, s: int) -> bool:
         """Make ``req`` steady from step ``s`` if its next steps are plain one-token decodes."""
         lag = self._lag
-        if req.spec_tokens or req.stale_tokens or req.placeholders != lag or req.in_flight_tokens != lag:
+        if not decodes_one_token(req, lag) or req.in_flight_tokens != lag or req.num_output + lag < 1:
             return False
         num_output = req.num_output
         num_tokens = req.num_prompt + num_output
         computed = req.num_computed
-        if computed != num_tokens - 1 + lag or num_output + lag < 1:
-            return False
         # steps s .. s + j_exit - 1 stay plain: no stop, no first visible token, no max_model_len clamp
         j_exit = min(req.max_tokens - num_output - lag - 2, self.max_model_len - num_tokens - lag - 3)
         if req.first_visible_s < 0:
@@ -306,9 +304,7 @@ class SteadyScheduler(NativeScheduler):
         for r in self._specials:
             if r.status != Status.RUNNING or r.rid in self._steady:
                 continue
-            if (r.placeholders != lag or r.stale_tokens or r.spec_tokens
-                    or r.num_computed != r.num_prompt + r.num_output - 1 + lag
-                    or r.max_tokens - r.num_output - lag <= min_steps):
+            if not decodes_one_token(r, lag) or r.max_tokens - r.num_output - lag <= min_steps:
                 return False
         if self.waiting and not self.head_blocked():
             return False

@@ -266,14 +266,16 @@ def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, 
                        enable_prefix_caching=caching)
     slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
     assert slow.summary["preemptions"] > 20
-    preempting_runs = []
-    original = fast_forward._apply_preemptions
+    preempting_runs, finished_in_runs = [], []
+    original = fast_forward._apply_waiting_run
 
     def counted(sched, run, *args):
         preempting_runs.append(len(run.preemptions))
-        return original(sched, run, *args)
+        finished = original(sched, run, *args)
+        finished_in_runs.append(len(finished))
+        return finished
 
-    monkeypatch.setattr(fast_forward, "_apply_preemptions", counted)
+    monkeypatch.setattr(fast_forward, "_apply_waiting_run", counted)
     fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
     assert_same(slow, fast)
     assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
@@ -281,3 +283,5 @@ def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, 
         assert sum(preempting_runs) == 0
     else:  # the runs did the preempting, not only the ordinary steps
         assert sum(preempting_runs) > 0
+    if not prefix_groups:  # and requests finished inside runs while others waited
+        assert sum(finished_in_runs) > 0

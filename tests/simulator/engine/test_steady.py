@@ -140,8 +140,9 @@ def test_steady_decoders_and_decode_runs_together_match_the_step_by_step_path(se
 
 
 def test_the_fast_path_uses_both_mechanisms_under_load(monkeypatch):
+    # prompts prefilled in 64-token chunks while many others decode: steps runs cannot cover
     w = make_workload(n=90, seed=1, rate=60, prompt=(20, 400), output=(50, 1200))
-    cfg = EngineConfig(num_gpu_blocks_override=1500, max_model_len=2048)
+    cfg = EngineConfig(num_gpu_blocks_override=1500, max_model_len=2048, long_prefill_token_threshold=64)
     perf = VectorLinearModel()
     kv = perf.kv_capacity(cfg.block_size, cfg.gpu_memory_utilization, cfg.num_gpu_blocks_override)
     scheduled = []
