@@ -710,10 +710,17 @@ def _apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndar
     events.sort()
     finished = []
     taken = 0
+    # blocks leave the free queue in order, each event's after those before it; a member gets
+    # its blocks when it is freed, the others all at once at the end
+    block_of = np.empty(len(steps), dtype=np.int64)
+    acquired = sched_at[steps - 1]
     for _, cut, i, preempting in events:
         if cut > taken:
-            _hand_out(kv, running, [], steps[taken:cut], owners[taken:cut], sched_at)
+            block_of[taken:cut] = kv.take_free_blocks(cut - taken)
             taken = cut
+        mine = np.flatnonzero(owners[:taken] == i)
+        if len(mine):
+            kv.add_taken_blocks(running[i].rid, block_of[mine].tolist(), float(acquired[mine].sum()))
         req = running[i]
         before = kv.num_used_blocks
         if preempting:
@@ -731,12 +738,15 @@ def _apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndar
             req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
             finished.append(req.rid)
             taken_at[row] -= before - kv.num_used_blocks
-    _hand_out(kv, running, [], steps[taken:], owners[taken:], sched_at)
+    if taken < len(steps):
+        block_of[taken:] = kv.take_free_blocks(len(steps) - taken)
+    done = {r for _, _, r, _ in events}
+    rest = np.flatnonzero(~np.isin(owners, list(done))) if done else np.arange(len(owners))
+    _give(kv, running, owners[rest], block_of[rest], acquired[rest])
     deliver(running, k, token_times, np.minimum(last + lag, k).tolist(), np.minimum(last, k).tolist())
     for v in victims:  # their last output (already stale when it came) is in
         req = running[v]
         req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
-    done = {r for _, _, r, _ in events}
     going_on = [i for i in range(n) if i not in done]
     sched.replace_running([running[i] for i in going_on])
     kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
@@ -832,6 +842,20 @@ def _hand_out(kv, running: list[SimRequest], admitted: list[int], steps: np.ndar
         start = end
 
 
+def _give(kv, running: list[SimRequest], owners: np.ndarray, blocks: np.ndarray, acquired_s: np.ndarray) -> None:
+    """Give blocks already taken from the free queue to their owners (members' indices), each
+    owner its own in order; ``acquired_s``: when each was taken."""
+    if not len(owners):
+        return
+    order = np.argsort(owners, kind="stable")
+    owners, blocks, acquired_s = owners[order], blocks[order].tolist(), acquired_s[order]
+    starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
+    sums = np.add.reduceat(acquired_s, starts).tolist()
+    ends = [*starts[1:].tolist(), len(owners)]
+    for start, end, total in zip(starts.tolist(), ends, sums, strict=True):
+        kv.add_taken_blocks(running[int(owners[start])].rid, blocks[start:end], total)
+
+
 def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: list[int] | None = None,
             scheduled: list[int] | None = None) -> None:
     """Each running request gets one token at each of ``token_times`` (k of them), or, per
@@ -899,7 +923,19 @@ class Runs:
             else:
                 left_preempted.append(sched.running[p.victim].rid)
         queued = len(sched.waiting)
+        prefill = in_flight.out.batch.prefill_tokens if in_flight is not None else []
+        if prefill:  # the step in flight completes prefills: one token each in flight, as decodes
+            requests = sched.requests
+            for rid, n in in_flight.out.num_scheduled.items():
+                if n > 1:
+                    requests[rid].in_flight_tokens = lag
         applied = apply_run(sched, run, sched_at, token_times, lag)
+        if prefill:  # row 0 is the step in flight's output
+            segments = applied.segments
+            row, batch, running, tokens, prefilling = segments[0]
+            segments[0] = (row, batch, running, tokens + sum(prefill), prefilling + len(prefill))
+            if k > 1 and (len(segments) == 1 or segments[1][0] != 1):
+                segments.insert(1, (1, batch, running, tokens, prefilling))
         self._joining.update(applied.joining)
         sched.count_steps(k)
         left = (float(e[k - 1]), float(e[k])) if in_flight is not None else None
@@ -910,13 +946,14 @@ class Runs:
 
     def base(self, now: float, in_flight: InFlight | None) -> float | None:
         """When a run from ``now`` could begin its steps: now, or the end of the step in flight
-        (None: that step is not one token per running request, so no run follows it)."""
+        (None: that step does not give every running request one token, so no run follows it).
+        The step in flight may prefill: a prefill that ends in it samples a token as a decode does."""
         if in_flight is None:
             return now
         running = self.sched.running
-        scheduled = in_flight.out.num_scheduled
-        if (len(scheduled) != len(running) or in_flight.out.spec_tokens
-                or sum(scheduled.values()) != len(running)
+        out = in_flight.out
+        scheduled = out.num_scheduled
+        if (len(scheduled) != len(running) or out.spec_tokens or len(out.sampling) != len(scheduled)
                 or scheduled.keys() != {r.rid for r in running}):
             return None
         return in_flight.end_s
