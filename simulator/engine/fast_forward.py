@@ -108,6 +108,18 @@ class DecodeRun:
     preemptions: list[Preemption] = field(default_factory=list)
     #: planned while requests wait (``_preempting_run``): finishes and preemptions, no admission
     waiting: bool = False
+    #: (async) the queue's head is admitted in the run's last step, left in flight: the
+    #: scheduler's admission fills that step (``NativeScheduler.decode_step``)
+    admits: bool = False
+
+    def truncated(self) -> DecodeRun:
+        """The run without its last step."""
+        k = self.k - 1
+        keep = self.block_steps <= k
+        return DecodeRun(k=k, step_times=self.step_times[:k], first_steps=self.first_steps, computed=self.computed,
+                         last_steps=self.last_steps, block_steps=self.block_steps[keep],
+                         block_owners=self.block_owners[keep], admissions=self.admissions,
+                         preemptions=[p for p in self.preemptions if p.step <= k], waiting=self.waiting)
 
 
 def _crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps: np.ndarray,
@@ -483,7 +495,7 @@ def _preempting_run(sched, members: _Members, times: np.ndarray, k: int, decode_
         times = np.concatenate((times[: changed - 1], fixed.step_times(decode_times, changed, k)))
     return DecodeRun(k=k, step_times=times[:k], first_steps=plan.first, computed=plan.computed, last_steps=last,
                      block_steps=plan.steps[keep], block_owners=plan.owners[keep], preemptions=plan.preemptions,
-                     waiting=True)
+                     waiting=True, admits=plan.admits)
 
 
 class _WaitingRun:
@@ -509,6 +521,7 @@ class _WaitingRun:
         self.free0 = self.free
         self.preemptions: list[Preemption] = []
         self.head_need = sched._blocks_to_admit(sched.waiting[0])
+        self.admits = False  # the run's last step admits the queue's head (left in flight)
 
     def walk(self) -> int:
         lag, steps, owners = self.lag, self.steps, self.owners
@@ -526,7 +539,11 @@ class _WaitingRun:
             s = int(steps[pos + short[0]]) if len(short) else k + 1
             t = self._first_admission(checked + 1, s - 1, release, freed)
             if t is not None:
-                self.k = t - 1
+                # under async scheduling the run may cover step t, left in flight: the scheduler's
+                # own admission then fills it, unless a member's last output comes after t is
+                # scheduled (it still holds its seat and blocks then; the run would have freed them)
+                self.admits = lag == 1 and t >= 2 and not np.any(~self.gone & (self.last == t - 1))
+                self.k = t if self.admits else t - 1
                 break
             if not len(short):
                 break
@@ -901,6 +918,13 @@ class Runs:
         run = self._plan(now, base, pace, next_arrival)
         if run is None:
             return None
+        # (a cluster's replica logs a run when it starts, for its router: not the admissions of
+        # a step filled after the run)
+        if run.admits and (self.arrivals.known_until_s < math.inf
+                           or not self._queue_settled(next_arrival, now if run.k < 2 else None, base, run)):
+            run = run.truncated()
+            if run.k < 1:
+                return None
         k, lag = run.k, self._lag
         e = np.cumsum(np.concatenate(([base], run.step_times)))  # e[i]: end of the run's step i
         if in_flight is None:
@@ -942,7 +966,7 @@ class Runs:
         last = run.admissions[-1].rid + 1 if run.admissions else next_arrival
         return Advance(k, wait_s, starts, token_times, applied.kv_blocks_used, applied.segments,
                        applied.finished, queued, waiting, preempted, left, left_preempted, last,
-                       float(run.step_times[-1]))
+                       float(run.step_times[-1]), run.admits)
 
     def base(self, now: float, in_flight: InFlight | None) -> float | None:
         """When a run from ``now`` could begin its steps: now, or the end of the step in flight
@@ -975,6 +999,17 @@ class Runs:
         k = run.k if run is not None else 0
         self._horizon = min(max(2 * k, INITIAL_HORIZON), MAX_HORIZON)
         return run
+
+    def _queue_settled(self, next_arrival: int, now: float | None, base: float, run: DecodeRun) -> bool:
+        """Whether the queue the run's last step admits from is the one the engine will have when
+        it fills that step: no arrival from the step's scheduling to the run's end (async: the
+        last step is scheduled at the end of the run's step k - 2 and the run ends with step k - 1)."""
+        k = run.k
+        ends = np.cumsum(np.concatenate(([base], run.step_times)))
+        scheduled_s = float(ends[k - 2]) if k >= 2 else now
+        arrival_s = self.arrivals.time_s
+        i = int(np.searchsorted(arrival_s, scheduled_s, side="left"))
+        return not (max(i, next_arrival) < len(arrival_s) and arrival_s[max(i, next_arrival)] <= ends[k - 1])
 
     def _waiting_changes(self, next_arrival: int, times: np.ndarray, admissions: list[Admission]) -> dict[int, int]:
         """How the queue changes over a run's rows (row times ``times``): +1 at the first row

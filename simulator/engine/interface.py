@@ -177,3 +177,5 @@ class Advance:
     in_flight_preempted: list[int]
     next_arrival: int  # the first arrival neither queued nor admitted by the run
     last_step_s: float  # the time of the run's last step
+    #: async: the step left in flight also admits from the queue (``decode_step(admit=True)``)
+    admits: bool = False

@@ -200,6 +200,7 @@ class Engine:
                 adv = sched.advance(env.now, self._pace, self._next_arrival)
                 if adv is not None:
                     admitted = self._after_run(adv)
+                    self._log_run(adv)
                     yield env.timeout(adv.wait_s)
                     self._arrive(admitted)
                     continue
@@ -227,10 +228,23 @@ class Engine:
                 adv = sched.advance(env.now, self._pace, self._next_arrival, InFlight(*in_flight[0]))
                 if adv is not None:
                     admitted = self._after_run(adv)
+                    if not adv.admits:
+                        self._log_run(adv)
                     yield env.timeout(adv.wait_s)
                     self._arrive(admitted)
-                    # the step left in flight decodes every running request, the run's arrivals among them
-                    in_flight[0] = (sched.decode_step(adv.in_flight_preempted), *adv.in_flight_s)
+                    # the step left in flight decodes every running request, the run's arrivals
+                    # among them, and may admit from the queue (then its time is its own)
+                    used = sched.kv.num_used_blocks
+                    out = sched.decode_step(adv.in_flight_preempted, admit=adv.admits)
+                    joined = len(out.new) + len(out.resumed)
+                    if joined:  # their blocks are taken before the run's last row is applied
+                        adv.kv_blocks_used[-1] += sched.kv.num_used_blocks - used
+                    if adv.admits:  # (logged now: the admissions change its last row)
+                        self._log_run(adv, joined)
+                    start, end = adv.in_flight_s
+                    if joined:
+                        end = start + self._step_time(out)
+                    in_flight[0] = (out, start, end)
                     continue
             only_preempted = False
             if sched.has_requests():
@@ -264,20 +278,30 @@ class Engine:
         return self._pace
 
     def _after_run(self, adv: Advance) -> range:
-        """Log a run's steps; return the arrivals it admitted (and those rejected among them),
-        which come during the run: they are made when it is over (``_arrive``)."""
+        """Count a run's finished requests; return the arrivals it admitted (and those rejected
+        among them), which come during the run: they are made when it is over (``_arrive``);
+        the arrival process skips them. (The run's steps are logged by ``_log_run``.)"""
+        admitted = range(self._next_arrival, max(adv.next_arrival, self._next_arrival))
+        self._next_arrival = admitted.stop
+        self._pace = adv.last_step_s
+        if adv.finished:
+            self._count_finished(len(adv.finished))
+        return admitted
+
+    def _log_run(self, adv: Advance, joined: int = 0) -> None:
+        """Log a run's steps; ``joined`` requests left the queue for the step it left in flight
+        (scheduled before the output of its last row)."""
         preempted = dict(adv.preempted)
         unlogged = self._take_unlogged_preemptions()
         if unlogged:
             preempted[0] = preempted.get(0, 0) + unlogged
-        self.steps.add_run(adv.k, adv.starts, adv.token_times, adv.kv_blocks_used, adv.segments,
-                           adv.waiting, adv.waiting_changes, preempted)
-        self._pace = adv.last_step_s
-        admitted = range(self._next_arrival, max(adv.next_arrival, self._next_arrival))
-        self._next_arrival = admitted.stop  # (the arrival process skips them)
-        if adv.finished:
-            self._count_finished(len(adv.finished))
-        return admitted
+        segments, waiting_changes = adv.segments, adv.waiting_changes
+        if joined:
+            row = adv.k - 1
+            waiting_changes[row] = waiting_changes.get(row, 0) - joined
+            segments = _with_running(segments, row, joined)
+        self.steps.add_run(adv.k, adv.starts, adv.token_times, adv.kv_blocks_used, segments,
+                           adv.waiting, waiting_changes, preempted)
 
     def _arrive(self, rids: range) -> None:
         """Arrivals that came during a run, made at its end (never ahead of SimPy's clock); the
@@ -401,6 +425,21 @@ class Engine:
             end_s=env.now,
             decisions=self.decisions,
         )
+
+
+def _with_running(segments: list[tuple[int, int, int, int, int]], row: int, more: int
+                  ) -> list[tuple[int, int, int, int, int]]:
+    """A run's row segments with ``more`` requests running from ``row`` on."""
+    out = []
+    for i, (start, batch, running, prefill, prefilling) in enumerate(segments):
+        nxt = segments[i + 1][0] if i + 1 < len(segments) else None
+        if start >= row:
+            out.append((start, batch, running + more, prefill, prefilling))
+        else:
+            out.append((start, batch, running, prefill, prefilling))
+            if nxt is None or nxt > row:  # the change falls inside this segment
+                out.append((row, batch, running + more, prefill, prefilling))
+    return out
 
 
 def simulate(

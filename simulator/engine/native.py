@@ -249,15 +249,40 @@ class NativeScheduler(Scheduler):
         """``k`` steps were scheduled by a run of steps."""
         self.step += k
 
-    def decode_step(self, preempted: list[int] | None = None) -> SchedulerOutput:
-        """The latest step, as one pure-decode step over the running requests (the step a run
-        of steps leaves in flight), which preempted ``preempted``."""
+    def decode_step(self, preempted: list[int] | None = None, admit: bool = False) -> SchedulerOutput:
+        """The latest step, as one decode step over the running requests (the step a run of
+        steps leaves in flight), which preempted ``preempted``; ``admit``: the step also admits
+        waiting requests, as ``schedule()`` does after the running ones."""
         out = SchedulerOutput(step=self.step, preempted=list(preempted or ()))
         for r in self.running:
             out.num_scheduled[r.rid] = 1
             out.sampling.add(r.rid)
             out.batch.decode_context.append(r.num_computed)
+        if admit and self.waiting:
+            self._admit_into(out)
         return out
+
+    def _admit_into(self, out: SchedulerOutput) -> None:
+        """The waiting half of ``schedule()`` for a decode step built by a run: admissions within
+        the budget its decodes leave, then their part of ``_after_schedule``."""
+        cfg = self.config
+        threshold = cfg.long_prefill_token_threshold
+        if len(self.running) + len(self.waiting) <= 1:
+            threshold = 0
+        admitted = SchedulerOutput(step=out.step)
+        self._schedule_waiting(admitted, cfg.max_num_batched_tokens - len(out.num_scheduled), threshold, False)
+        if not admitted.num_scheduled:
+            return
+        self._after_schedule(admitted)
+        out.num_scheduled.update(admitted.num_scheduled)
+        out.sampling |= admitted.sampling
+        out.new += admitted.new
+        out.resumed += admitted.resumed
+        batch, more = out.batch, admitted.batch
+        batch.prefill_tokens += more.prefill_tokens
+        batch.prefill_context += more.prefill_context
+        batch.decode_context += more.decode_context  # (one-token prompts: decodes in vLLM's batch)
+        batch.decode_spec_tokens = [0] * len(batch.decode_context)  # (runs have no speculation)
 
     def _on_admit(self, req: SimRequest) -> None:
         """Hook: ``req`` was just appended to the running requests."""

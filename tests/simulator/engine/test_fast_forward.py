@@ -276,6 +276,17 @@ def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, 
         return finished
 
     monkeypatch.setattr(fast_forward, "_apply_waiting_run", counted)
+    from simulator.engine.native import NativeScheduler
+
+    filled = []  # admissions into a step a run left in flight
+    admit_into = NativeScheduler._admit_into
+
+    def admitting(sched, out):
+        before = len(out.num_scheduled)
+        admit_into(sched, out)
+        filled.append(len(out.num_scheduled) - before)
+
+    monkeypatch.setattr(NativeScheduler, "_admit_into", admitting)
     fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
     assert_same(slow, fast)
     assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
@@ -285,3 +296,5 @@ def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, 
         assert sum(preempting_runs) > 0
     if not prefix_groups:  # and requests finished inside runs while others waited
         assert sum(finished_in_runs) > 0
+    if async_scheduling and not prefix_groups:  # and the step a run left in flight admitted some
+        assert sum(filled) > 0
