@@ -84,6 +84,8 @@ class ReplicaEngine(Engine):
         #: called before each run is planned (the cluster may route arrivals ahead then)
         self.look_ahead: Callable[..., None] | None = None
         self.closed = False  # no more requests will be routed here
+        self._changes = 0  # steps applied and runs taken (keys ``_fewest_steps_left``'s cache)
+        self._fewest: tuple[tuple[int, int, int] | None, float] = (None, math.inf)
         self.end_s = 0.0
         super().__init__(*args, **kwargs)
         if isinstance(self.scheduler, SteadyScheduler):
@@ -193,20 +195,9 @@ class ReplicaEngine(Engine):
         sched = self.scheduler
         cfg = self.config
         per_step = 1 + (cfg.speculative.num_speculative_tokens if cfg.speculative.enabled else 0)
-        steady = getattr(sched, "_steady", None) or {}
-        applied = getattr(sched, "_applied_step", 0)
-        least = math.inf
-        for req in (*sched.running, *sched.waiting):
-            if req.status >= Status.FINISHED:
-                continue
-            delivered = req.num_output
-            st = steady.get(req.rid)
-            if st is not None:
-                delivered += max(applied - st.start + 1, 0)  # tokens the steady set has not written yet
-            left = min(req.max_tokens - delivered, cfg.max_model_len - req.num_prompt - delivered)
-            least = min(least, -(-max(left, 1) // per_step))
-            if least <= 1:
-                return until
+        least = self._fewest_steps_left(per_step)
+        if least <= 1:
+            return until
         bound = until + (least - 1) * min_step_s if least < math.inf else math.inf
         runs = getattr(sched, "_runs", None)
         for rid, joining in (runs._joining.items() if runs is not None else ()):
@@ -221,6 +212,31 @@ class ReplicaEngine(Engine):
                 left = -(-int(self._cols["max_tokens"][j]) // per_step)
                 bound = min(bound, float(self._cols["time_s"][j]) + left * min_step_s)
         return max(bound, until)
+
+    def _fewest_steps_left(self, per_step: int) -> float:
+        """The fewest steps any request in the scheduler needs to finish (inf: none), kept until
+        its state changes (a step scheduled or applied, a run, a request added)."""
+        sched = self.scheduler
+        key = (sched.step, len(sched.requests), self._changes)
+        if self._fewest[0] == key:
+            return self._fewest[1]
+        cfg = self.config
+        steady = getattr(sched, "_steady", None) or {}
+        applied = getattr(sched, "_applied_step", 0)
+        least = math.inf
+        for req in (*sched.running, *sched.waiting):
+            if req.status >= Status.FINISHED:
+                continue
+            delivered = req.num_output
+            st = steady.get(req.rid)
+            if st is not None:
+                delivered += max(applied - st.start + 1, 0)  # tokens the steady set has not written yet
+            left = min(req.max_tokens - delivered, cfg.max_model_len - req.num_prompt - delivered)
+            least = min(least, -(-max(left, 1) // per_step))
+            if least <= 1:
+                break
+        self._fewest = (key, least)
+        return least
 
     def _report_finish(self, j: int, finish_s: float, rejected: bool = False) -> None:
         if j in self._reported:
@@ -257,6 +273,7 @@ class ReplicaEngine(Engine):
                                      known_until_s=self._known_until(now))
 
     def _apply(self, out, start: float) -> None:
+        self._changes += 1
         super()._apply(out, start)
         now = self.env.now
         requests = self.scheduler.requests
@@ -266,6 +283,7 @@ class ReplicaEngine(Engine):
                 self._report_finish(rid, now)
 
     def _after_run(self, adv: fast_forward.Advance) -> range:
+        self._changes += 1
         admitted = super()._after_run(adv)
         runs = getattr(self.scheduler, "_runs", None)
         joining = runs._joining if runs is not None else {}  # arrivals a run admitted, not yet joined
