@@ -5,9 +5,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from simulator.engine.fast_forward import _crossing_steps
 from simulator.engine.kv_cache import KVCacheManager
 from simulator.engine.loop import simulate
+from simulator.engine.run_plan import crossing_steps
 from simulator.records.engine_config import EngineConfig
 from tests.simulator.conftest import VectorLinearModel, make_workload
 
@@ -118,7 +118,7 @@ def test_crossing_steps_follow_the_step_by_step_allocation_order(requests, block
             if first[idx] <= step <= last[idx] and c[idx] + step - first[idx] + 1 > blocks[idx] * block_size:
                 expected.append((step, idx))
                 blocks[idx] += 1
-    steps, owners = _crossing_steps(c, held, block_size, np.minimum(last, k), first)
+    steps, owners = crossing_steps(c, held, block_size, np.minimum(last, k), first)
     assert list(zip(steps.tolist(), owners.tolist(), strict=True)) == expected
 
 
@@ -231,13 +231,13 @@ def test_bursts_admitted_together_inside_runs_as_step_by_step(async_scheduling, 
 def test_step_times_of_few_members_equal_the_numpy_segments(members, first, width):
     # two ways to the same step times: segment by segment in Python (a few members) and with
     # numpy (many); members decode from step f, with c tokens computed, until f + length
-    from simulator.engine.fast_forward import _Members
+    from simulator.engine.run_plan import Members
 
     def decode_times(count, total):
         return 1e-3 * count + 1e-7 * np.asarray(total)  # distinct per count and context
 
     last = first + width
-    group = _Members(np.array([c for _, c, _ in members]), [f + n for f, _, n in members], [0] * len(members))
+    group = Members(np.array([c for _, c, _ in members]), [f + n for f, _, n in members], [0] * len(members))
     group.first = [f for f, _, _ in members]
     active = [(f, c, f + n) for f, c, n in members]
     if any(not any(f <= t <= end for f, _, end in active) for t in range(first, last + 1)):
@@ -258,7 +258,7 @@ def test_step_times_of_few_members_equal_the_numpy_segments(members, first, widt
 def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, prefix_groups, monkeypatch):
     # far more requests than the KV cache holds, arriving at once: the queue never empties, and
     # decodes short of a block preempt the last running request, inside runs of steps
-    from simulator.engine import fast_forward
+    from simulator.engine import waiting_runs
 
     w = make_workload(n=80, seed=5, rate=50, prompt=(20, 300), output=(300, 2500),
                       prefix_groups=prefix_groups, prefix_tokens=64)
@@ -267,7 +267,7 @@ def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, 
     slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
     assert slow.summary["preemptions"] > 20
     preempting_runs, finished_in_runs = [], []
-    original = fast_forward._apply_waiting_run
+    original = waiting_runs.apply_waiting_run
 
     def counted(sched, run, *args):
         preempting_runs.append(len(run.preemptions))
@@ -275,7 +275,7 @@ def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, 
         finished_in_runs.append(len(finished))
         return finished
 
-    monkeypatch.setattr(fast_forward, "_apply_waiting_run", counted)
+    monkeypatch.setattr(waiting_runs, "apply_waiting_run", counted)
     from simulator.engine.native import NativeScheduler
 
     filled = []  # admissions into a step a run left in flight

@@ -1,0 +1,247 @@
+"""A run of steps as planned: its members, the steps each decodes in, the KV blocks they take.
+
+The pieces both kinds of run share (simulator.engine.fast_forward: while nobody waits;
+simulator.engine.waiting_runs: while requests wait): the run's record (``DecodeRun``), its members'
+decode steps and step times (``Members``), the order in which their new KV blocks are taken
+(``crossing_steps``: vLLM's order, step then running order), and handing those blocks out and
+delivering the members' tokens once the run is applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+import numpy as np
+
+from simulator.engine.request import SimRequest
+from simulator.engine.rules import deliver_tokens
+from simulator.records.performance import StepBatch
+
+
+@dataclass
+class Admission:
+    """An arrival the run admits: its prefill is step ``step`` of the run."""
+
+    step: int
+    rid: int
+    prompt: int
+
+
+@dataclass
+class Preemption:
+    """A running request the run preempts: in ``step``, member ``short`` found no free KV block
+    and ``victim`` (the last running member) was preempted to make room; the victim's last
+    step is ``step - 1``."""
+
+    step: int
+    short: int
+    victim: int
+
+
+@dataclass
+class DecodeRun:
+    """k steps planned from the current state: pure decodes, and prefills of admitted arrivals.
+
+    The run's members are the running requests (in running order), then the admitted
+    ones (in admission order). Member i decodes one token in steps first..last of the
+    run, with ``computed[i]`` computed tokens before its first one (an admitted request
+    is prefilled in the step before its first).
+    """
+
+    k: int
+    step_times: np.ndarray  # d_1..d_k (async: of S_{j+1}..S_{j+k})
+    first_steps: np.ndarray
+    computed: np.ndarray
+    # each member's last step (it is in steps first..last): a member with last + in-flight
+    # steps <= k finishes inside the run
+    last_steps: np.ndarray
+    # each new KV block of the run, in the order the blocks are taken: its step (1..k)
+    # and the member it goes to (an admitted request's prompt blocks included)
+    block_steps: np.ndarray
+    block_owners: np.ndarray
+    admissions: list[Admission] = field(default_factory=list)
+    preemptions: list[Preemption] = field(default_factory=list)
+    #: planned while requests wait (``plan_waiting_run``): finishes and preemptions, no admission
+    waiting: bool = False
+    #: (async) the queue's head is admitted in the run's last step, left in flight: the
+    #: scheduler's admission fills that step (``NativeScheduler.decode_step``)
+    admits: bool = False
+
+    def truncated(self) -> DecodeRun:
+        """The run without its last step."""
+        k = self.k - 1
+        keep = self.block_steps <= k
+        return DecodeRun(k=k, step_times=self.step_times[:k], first_steps=self.first_steps, computed=self.computed,
+                         last_steps=self.last_steps, block_steps=self.block_steps[keep],
+                         block_owners=self.block_owners[keep], admissions=self.admissions,
+                         preemptions=[p for p in self.preemptions if p.step <= k], waiting=self.waiting)
+
+
+def crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps: np.ndarray,
+                    extra: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, member indices) of every new block the members need in steps 1..k, in vLLM's order.
+
+    A member decoding from step f with c computed tokens before it allocates, at
+    step i >= f, slots for c + (i - f) + 1 tokens; it needs a new block when that
+    passes its held blocks. Within a step, blocks go to the members in order.
+    ``k`` may be an array: each member's own last step.
+    ``extra`` (steps, members) are more blocks to order along (prompt blocks).
+    """
+    first = held * block_size - c + first_steps  # first step needing one
+    needing = np.flatnonzero(first <= k)
+    last = k[needing] if isinstance(k, np.ndarray) else k
+    counts = (last - first[needing]) // block_size + 1
+    owners = np.repeat(needing, counts)
+    rank = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)
+    steps = first[owners] + block_size * rank
+    if extra is not None:
+        steps, owners = np.concatenate((steps, extra[0])), np.concatenate((owners, extra[1]))
+    order = np.lexsort((owners, steps))
+    return steps[order], owners[order]
+
+
+class Members:
+    """The run's members while it is planned: first decode step, computed tokens before it,
+    last step (running requests first). Kept as lists, with numpy copies made when needed."""
+
+    def __init__(self, computed: np.ndarray, last_steps: list[int], held: list[int]):
+        self.first = [1] * len(last_steps)
+        self.computed = computed.tolist()
+        self.last = list(last_steps)
+        self.held = held  # KV blocks each holds before its first decode step
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, first: int, computed: int, last: int, held: int) -> None:
+        self.first.append(first)
+        self.computed.append(computed)
+        self.last.append(last)
+        self.held.append(held)
+        self._arrays = None
+
+    def new_blocks_through(self, step: int, block_size: int) -> int:
+        """KV blocks the members' decodes take in steps 1..``step`` (not the prompts')."""
+        total = 0
+        for f, c, end, held in zip(self.first, self.computed, self.last, self.held, strict=True):
+            if f <= step and f <= end:
+                need = -(-(c + min(step, end) - f + 1) // block_size) - held
+                if need > 0:
+                    total += need
+        return total
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first steps, computed tokens, last steps) as numpy arrays."""
+        if self._arrays is None:
+            self._arrays = tuple(np.array(x, dtype=np.int64) for x in (self.first, self.computed, self.last))
+        return self._arrays
+
+    def decoding(self, step: int) -> int:
+        """How many members decode in ``step``."""
+        return sum(1 for f, end in zip(self.first, self.last, strict=True) if f <= step <= end)
+
+    def running_after(self, step: int) -> int:
+        """How many members have steps after ``step`` (those with none left have finished)."""
+        return sum(1 for end in self.last if end > step)
+
+    def step_times(self, decode_times, first: int, last: int) -> np.ndarray:
+        """Times of the pure-decode steps first..last: step t has the members decoding in it,
+        each attending over its computed tokens before t plus the one it computes."""
+        if len(self.last) <= 16:  # few members (light load): plain Python is quicker than numpy
+            return self._few_step_times(decode_times, first, last)
+        f, c, end = self.arrays()
+        # the total context of count members in steps a..b-1: base + count * t (exact integers)
+        if f.max() <= first and end.min() >= last:  # the same members throughout
+            n, base = len(end), int((c - f + 1).sum())
+            return decode_times(n, np.arange(base + n * first, base + n * (last + 1), n, dtype=np.float64))
+        # segments of steps with the same members: a member decodes in [max(f, first), min(end, last)]
+        active = (f <= last) & (end >= first)
+        lo = np.maximum(f[active], first)
+        hi = np.minimum(end[active], last) + 1
+        weight = (c - f + 1)[active]
+        points = np.unique(np.concatenate(([first, last + 1], lo, hi)))  # segment starts, then last + 1
+        size = len(points)
+        at_lo, at_hi = np.searchsorted(points, lo), np.searchsorted(points, hi)
+        counts = np.cumsum(np.bincount(at_lo, minlength=size) - np.bincount(at_hi, minlength=size)).tolist()
+        bases = np.cumsum(np.bincount(at_lo, weight, size) - np.bincount(at_hi, weight, size)).tolist()
+        bounds = points.tolist()
+        parts = []
+        for j in range(size - 1):
+            count, base = counts[j], int(bases[j])
+            if count < 1:
+                raise RuntimeError("a planned decode run has a step without requests")
+            a, b = bounds[j], bounds[j + 1]
+            parts.append(decode_times(count, np.arange(base + count * a, base + count * b, count, dtype=np.float64)))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _few_step_times(self, decode_times, first: int, last: int) -> np.ndarray:
+        """``step_times`` for a few members, segment by segment in Python."""
+        spans = []  # (first step, step after the last, computed + 1 - first decode step) in the window
+        points = {first, last + 1}
+        for f, c, end in zip(self.first, self.computed, self.last, strict=True):
+            lo, hi = max(f, first), min(end, last) + 1
+            if lo < hi:
+                spans.append((lo, hi, c - f + 1))
+                points.update((lo, hi))
+        bounds = sorted(points)
+        parts = []
+        for a, b in pairwise(bounds):
+            count = base = 0
+            for lo, hi, weight in spans:
+                if lo <= a < hi:
+                    count += 1
+                    base += weight
+            if count < 1:
+                raise RuntimeError("a planned decode run has a step without requests")
+            parts.append(decode_times(count, np.arange(base + count * a, base + count * b, count, dtype=np.float64)))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def prefill_step_time(self, step_time, step: int, prompts: list[int]) -> float:
+        """Time of ``step``: the members decoding in it, and whole prompts prefilled (in order)."""
+        context = [c + (step - f) + 1 for f, c, end in zip(self.first, self.computed, self.last, strict=True)
+                   if f <= step <= end]
+        context += [1] * prompts.count(1)  # one token to compute: vLLM's batch counts it as a decode
+        long = [p for p in prompts if p > 1]
+        return step_time(StepBatch(prefill_tokens=long, prefill_context=[0] * len(long), decode_context=context,
+                                   decode_spec_tokens=[0] * len(context)))
+
+
+def hand_out(kv, running: list[SimRequest], admitted: list[int], steps: np.ndarray, owners: np.ndarray,
+              sched_at: np.ndarray) -> None:
+    """Take ``len(steps)`` blocks from the free queue and give each to its owner (a member's
+    index: the running requests, then the ids of the ``admitted`` arrivals); each counts
+    toward block-seconds from the time its step is scheduled."""
+    if not len(steps):
+        return
+    blocks = kv.take_free_blocks(len(steps))
+    n = len(running)
+    counts = np.bincount(owners, minlength=n + len(admitted))
+    present = np.flatnonzero(counts)  # the members that get blocks
+    acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n)[present].tolist()
+    by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
+    start = 0
+    for idx, end, acquired in zip(present.tolist(), np.cumsum(counts[present]).tolist(), acquired_s, strict=True):
+        kv.add_taken_blocks(running[idx].rid if idx < n else admitted[idx - n], by_request[start:end], acquired)
+        start = end
+
+
+def give_blocks(kv, running: list[SimRequest], owners: np.ndarray, blocks: np.ndarray, acquired_s: np.ndarray) -> None:
+    """Give blocks already taken from the free queue to their owners (members' indices), each
+    owner its own in order; ``acquired_s``: when each was taken."""
+    if not len(owners):
+        return
+    order = np.argsort(owners, kind="stable")
+    owners, blocks, acquired_s = owners[order], blocks[order].tolist(), acquired_s[order]
+    starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
+    sums = np.add.reduceat(acquired_s, starts).tolist()
+    ends = [*starts[1:].tolist(), len(owners)]
+    for start, end, total in zip(starts.tolist(), ends, sums, strict=True):
+        kv.add_taken_blocks(running[int(owners[start])].rid, blocks[start:end], total)
+
+
+def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: list[int] | None = None,
+            scheduled: list[int] | None = None) -> None:
+    """Each running request gets one token at each of ``token_times`` (k of them), or, per
+    request, its first ``tokens[i]`` of them after ``scheduled[i]`` steps of compute."""
+    for i, r in enumerate(running):
+        deliver_tokens(r, k if tokens is None else tokens[i], token_times)
+        r.num_computed += k if scheduled is None else scheduled[i]

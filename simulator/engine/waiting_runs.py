@@ -1,0 +1,225 @@
+"""Runs of decode steps while requests wait.
+
+Under overload the queue never empties and nearly every step has an event whose outcome depends
+on it: a decode short of a KV block preempts the last running request, a request's last token
+frees blocks that may admit the queue's head. Such a run goes on through those events when their
+outcome is known from the run's own state: a preemption is the scheduler's (the last running
+member, as ``NativeScheduler._make_room`` picks it, carried out by ``NativeScheduler._preempt``),
+a finish frees its blocks when its last output comes (``NativeScheduler.finish``), and the run
+stops before the first step in which the queue's head would be admitted (under async scheduling
+it covers that step and leaves it in flight, for the scheduler's own admission to fill:
+``NativeScheduler.decode_step(admit=True)``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simulator.engine.native import NativeScheduler
+from simulator.engine.run_plan import (
+    DecodeRun,
+    Members,
+    Preemption,
+    crossing_steps,
+    deliver,
+    give_blocks,
+)
+
+
+def plan_waiting_run(sched, members: Members, times: np.ndarray, k: int, decode_times, lag: int
+                    ) -> DecodeRun | None:
+    """A run of decode steps while requests wait (none is admitted). It goes on through steps
+    short of a KV block: there, as ``NativeScheduler._make_room``, the last running member is
+    preempted and its blocks serve the step's remaining blocks; and through members' last
+    tokens, their blocks freed when their last output comes. It stops before a step in which
+    the queue's head (the latest victim, or the head it started with) would be admitted, and
+    before a step whose victim would be a member that cannot be handled here (one with a shared
+    prefix, whose admission would depend on other requests' blocks; one whose last token is in
+    flight; the last one decoding). Blocks, finishes and preemptions are taken in time order,
+    each admission checked after the event that could allow it (``_WaitingRun``)."""
+    plan = _WaitingRun(sched, members, k, lag)
+    k = plan.walk()
+    if k < 1:
+        return None
+    keep = plan.alive & (plan.steps <= k)
+    last = plan.last
+    changed = min([p.step for p in plan.preemptions], default=k + 1)
+    if changed <= k:
+        fixed = Members(plan.computed, last.tolist(), list(members.held))
+        times = np.concatenate((times[: changed - 1], fixed.step_times(decode_times, changed, k)))
+    return DecodeRun(k=k, step_times=times[:k], first_steps=plan.first, computed=plan.computed, last_steps=last,
+                     block_steps=plan.steps[keep], block_owners=plan.owners[keep], preemptions=plan.preemptions,
+                     waiting=True, admits=plan.admits)
+
+
+class _WaitingRun:
+    """The events of a run planned while requests wait, walked in time order (see
+    ``plan_waiting_run``): ``walk`` returns the run's length and leaves its blocks (``steps``,
+    ``owners`` where ``alive``), members' last steps and preemptions."""
+
+    def __init__(self, sched, members: Members, k: int, lag: int):
+        self.sched, self.lag = sched, lag
+        self.kv = sched.kv
+        n = self.n = len(sched.running)
+        self.held = np.array(members.held, dtype=np.int64)
+        self.first, self.computed, last = members.arrays()
+        self.last = last.copy()
+        self.k = min(k, int(self.last.max()) - (1 - lag))
+        self.steps, self.owners = crossing_steps(self.computed, self.held, sched.block_size,
+                                                  np.minimum(self.last, max(self.k, 0)), self.first)
+        self.alive = np.ones(len(self.steps), dtype=bool)
+        #: blocks each member frees when it finishes (those it holds and those the run gives it)
+        self.blocks = self.held + np.bincount(self.owners, minlength=n)
+        self.gone = np.zeros(n, dtype=bool)  # preempted
+        self.free = self.kv.num_free_blocks  # before the run, plus the victims' blocks so far
+        self.free0 = self.free
+        self.preemptions: list[Preemption] = []
+        self.head_need = sched._blocks_to_admit(sched.waiting[0])
+        self.admits = False  # the run's last step admits the queue's head (left in flight)
+
+    def walk(self) -> int:
+        lag, steps, owners = self.lag, self.steps, self.owners
+        caching = self.kv.enable_caching
+        running = self.sched.running
+        checked = 0  # admissions are checked for the steps up to this one
+        pos, before_pos = 0, 0  # the first block not known to be served; live blocks before it
+        while self.k >= 1:
+            k = self.k
+            release = self.last + lag + 1  # the first step scheduled after a member's last output
+            freed = self._finish_frees(release, k)
+            live = self.alive[pos:] & (steps[pos:] <= k)
+            rank = before_pos + np.cumsum(live) - 1  # each live block's place among live blocks
+            short = np.flatnonzero(live & (rank >= self.free + freed[np.minimum(steps[pos:], k + 1)]))
+            s = int(steps[pos + short[0]]) if len(short) else k + 1
+            t = self._first_admission(checked + 1, s - 1, release, freed)
+            if t is not None:
+                # under async scheduling the run may cover step t, left in flight: the scheduler's
+                # own admission then fills it, unless a member's last output comes after t is
+                # scheduled (it still holds its seat and blocks then; the run would have freed them)
+                self.admits = lag == 1 and t >= 2 and not np.any(~self.gone & (self.last == t - 1))
+                self.k = t if self.admits else t - 1
+                break
+            if not len(short):
+                break
+            e = pos + int(short[0])
+            listed = np.flatnonzero(~self.gone & (release > s))  # the running list at s
+            v = int(listed[-1])
+            others = self.last[~self.gone]
+            others = others[np.flatnonzero(~self.gone) != v]
+            if (self.last[v] < s or not len(others) or int(others.max()) < s + 1 - lag
+                    or (caching and running[v].num_shared_blocks)):
+                self.k = s - 1  # the ordinary path takes that step
+                break
+            mine = owners == v
+            self.free += int(self.held[v]) + int(np.count_nonzero(mine[:e] & self.alive[:e]))
+            self.alive &= ~(mine & (steps >= s))
+            self.last[v] = s - 1
+            self.gone[v] = True
+            self.preemptions.append(Preemption(s, int(owners[e]), v))
+            self.k = min(k, int(self.last.max()) - (1 - lag))
+            before_pos += int(np.count_nonzero(self.alive[pos:e]))
+            pos = e
+            checked = s  # (a step that preempts admits nobody)
+        return self.k
+
+    def _finish_frees(self, release: np.ndarray, k: int) -> np.ndarray:
+        """By step t (0..k+1): the blocks of the members whose last output came before t."""
+        ending = np.flatnonzero(~self.gone & (release <= k))
+        freed = np.zeros(k + 2, dtype=np.int64)
+        np.add.at(freed, release[ending], self.blocks[ending])
+        return np.cumsum(freed)
+
+    def _first_admission(self, lo: int, hi: int, release: np.ndarray, freed: np.ndarray) -> int | None:
+        """The first step in lo..hi after an event (a preemption, a member's last output) in
+        which the queue's head would be admitted: a seat, and the blocks of its whole sequence
+        free once the step's running requests have theirs. Between events the free blocks only
+        shrink, so the steps right after events are the only ones to check."""
+        if lo > hi:
+            return None
+        checks = {p.step + 1 for p in self.preemptions}
+        checks.update(release[~self.gone].tolist())
+        sched = self.sched
+        if self.preemptions:  # the head is the latest victim: its tokens once its last output is in
+            p = self.preemptions[-1]
+            v = p.victim
+            tokens = int(self.computed[v] + (p.step - 1) - self.first[v] + 2)
+            need = -(-min(tokens, sched.max_model_len) // sched.block_size)
+        else:
+            need = self.head_need
+        for t in sorted(c for c in checks if lo <= c <= hi):
+            listed = int(np.count_nonzero(~self.gone & (release > t)))
+            if listed >= sched.config.max_num_seqs:
+                continue
+            served = int(np.count_nonzero(self.alive[: int(np.searchsorted(self.steps, t, side="right"))]))
+            if need <= self.free + int(freed[min(t, len(freed) - 1)]) - served:
+                return t
+        return None
+
+
+def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,
+                       lag: int, taken_at: np.ndarray) -> list[int]:
+    """Carry out a run planned while requests wait (``plan_waiting_run``) and return the ids of
+    the requests that finished in it. Its events, in time order: a preemption when its step is
+    scheduled (the victim's full blocks registered as its last scheduling left them, then
+    ``NativeScheduler._preempt``), a finish when its last output comes (``NativeScheduler.finish``);
+    the blocks taken before each event are handed out first. Victims get their tokens through
+    their last step; the others that do not finish go on running."""
+    kv = sched.kv
+    running = sched.running
+    n, k = len(running), run.k
+    first, computed, last = run.first_steps, run.computed, run.last_steps
+    steps, owners = run.block_steps, run.block_owners
+    order = steps * (n + 1) + owners  # the blocks' order: by step, then member
+    victims = {p.victim for p in run.preemptions}
+    # (time key, blocks handed out before it, member, preemption?): a preemption in step s comes
+    # at 2s, a last output between the scheduling of steps last + lag and last + lag + 1
+    events = [(2 * p.step, int(np.searchsorted(order, p.step * (n + 1) + p.short, side="left")), p.victim, True)
+              for p in run.preemptions]
+    for i in np.flatnonzero(last + lag <= k).tolist():
+        if i not in victims:
+            end = int(last[i]) + lag
+            events.append((2 * end + 1, int(np.searchsorted(steps, end, side="right")), i, False))
+    events.sort()
+    finished = []
+    taken = 0
+    # blocks leave the free queue in order, each event's after those before it; a member gets
+    # its blocks when it is freed, the others all at once at the end
+    block_of = np.empty(len(steps), dtype=np.int64)
+    acquired = sched_at[steps - 1]
+    for _, cut, i, preempting in events:
+        if cut > taken:
+            block_of[taken:cut] = kv.take_free_blocks(cut - taken)
+            taken = cut
+        mine = np.flatnonzero(owners[:taken] == i)
+        if len(mine):
+            kv.add_taken_blocks(running[i].rid, block_of[mine].tolist(), float(acquired[mine].sum()))
+        req = running[i]
+        before = kv.num_used_blocks
+        if preempting:
+            step = int(last[i]) + 1
+            kv.clock = float(sched_at[step - 1])
+            # the full blocks as its last scheduling (sync) or last output before now (async) left them
+            kv.cache_full_blocks(req, int(computed[i] + last[i] - first[i] + 1) - lag)
+            sched._preempt(req)
+            taken_at[step - 1] -= before - kv.num_used_blocks
+        else:
+            row = int(last[i]) + lag - 1  # the row bringing its last token
+            now = kv.clock = float(token_times[row])
+            kv.cache_full_blocks(req, int(computed[i] + last[i] - first[i] + 1))
+            sched.finish(req, now)
+            req.placeholders = req.in_flight_tokens = 0  # as its last output leaves them
+            finished.append(req.rid)
+            taken_at[row] -= before - kv.num_used_blocks
+    if taken < len(steps):
+        block_of[taken:] = kv.take_free_blocks(len(steps) - taken)
+    done = {r for _, _, r, _ in events}
+    rest = np.flatnonzero(~np.isin(owners, list(done))) if done else np.arange(len(owners))
+    give_blocks(kv, running, owners[rest], block_of[rest], acquired[rest])
+    deliver(running, k, token_times, np.minimum(last + lag, k).tolist(), np.minimum(last, k).tolist())
+    for v in victims:  # their last output (already stale when it came) is in
+        req = running[v]
+        req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
+    going_on = [i for i in range(n) if i not in done]
+    sched.replace_running([running[i] for i in going_on])
+    kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
+    return finished
