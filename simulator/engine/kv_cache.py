@@ -175,7 +175,8 @@ class KVCacheManager:
         self._index = np.zeros(num_blocks, dtype=np.int64)
         self._serial = np.zeros(num_blocks, dtype=np.int64)
         self._next_serial = 0
-        self._private_owners: set[int] = set()
+        #: request -> the blocks ever given its private names (some since evicted or renamed)
+        self._named: dict[int, np.ndarray] = {}
         self._any_names = False  # whether any block was ever named (else every owner is NO_HASH)
         # shared name (group, index) -> the blocks holding it, oldest first. Like vLLM,
         # duplicates are kept (two requests may compute the same prefix block at once),
@@ -240,7 +241,7 @@ class KVCacheManager:
             if not blocks:
                 return hit
             hit.append(next(iter(blocks)))
-        if private and wanted > num_shared and req.rid in self._private_owners:
+        if private and wanted > num_shared and req.rid in self._named:
             hit.extend(self._private_hits(req.rid, num_shared, wanted))
         return hit
 
@@ -253,7 +254,9 @@ class KVCacheManager:
 
     def _private_hits(self, rid: int, start: int, stop: int) -> list[int]:
         """Cached private blocks start, start+1, ... (< stop) of ``rid``, up to the first miss."""
-        blocks = np.flatnonzero(self._owner == rid)
+        named = self._named[rid]
+        blocks = np.unique(named[self._owner[named] == rid])  # (as np.flatnonzero(owner == rid))
+        self._named[rid] = blocks
         index = self._index[blocks]
         keep = (index >= start) & (index < stop)
         blocks, index = blocks[keep], index[keep]
@@ -333,7 +336,8 @@ class KVCacheManager:
         self._index[blocks] = index
         self._serial[blocks] = np.arange(self._next_serial, self._next_serial + len(blocks))
         self._next_serial += len(blocks)
-        self._private_owners.add(rid)
+        known = self._named.get(rid)
+        self._named[rid] = blocks if known is None else np.concatenate((known, blocks))
 
     # --- allocation -----------------------------------------------------
     def blocks_needed(self, rid: int, num_tokens: int, hit_blocks: list[int] = ()) -> int:
