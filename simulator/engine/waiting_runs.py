@@ -60,7 +60,7 @@ class _WaitingRun:
     def __init__(self, sched, members: Members, k: int, lag: int):
         self.sched, self.lag = sched, lag
         self.kv = sched.kv
-        n = self.n = len(sched.running)
+        n = len(sched.running)
         self.held = np.array(members.held, dtype=np.int64)
         self.first, self.computed, last = members.arrays()
         self.last = last.copy()
@@ -72,7 +72,6 @@ class _WaitingRun:
         self.blocks = self.held + np.bincount(self.owners, minlength=n)
         self.gone = np.zeros(n, dtype=bool)  # preempted
         self.free = self.kv.num_free_blocks  # before the run, plus the victims' blocks so far
-        self.free0 = self.free
         self.preemptions: list[Preemption] = []
         self.head_need = sched._blocks_to_admit(sched.waiting[0])
         self.admits = False  # the run's last step admits the queue's head (left in flight)
