@@ -87,7 +87,14 @@ def run(cfg) -> Summary:
     rates = result.metadata["speculative_rates"]
     if rates and rates.get("warning"):
         print(f"warning: {rates['warning']}", file=sys.stderr)
-    partial = result.summary.sections.get("partial")
+    note_interrupt(result.summary, out_dir, deferred)
+    return result.summary
+
+
+def note_interrupt(summary: Summary, out_dir: Path, deferred: list[int]) -> None:
+    """One line on stderr for a run stopped early (partial results) or interrupted while writing
+    (then exit 130 here; a partial run exits 130 in ``main``)."""
+    partial = summary.sections.get("partial")
     if partial:
         print(f"interrupted at {partial['interrupted_at_s']:.0f} s of simulated time: partial results "
               f"({partial['unfinished']} requests unfinished, {partial['not_arrived']} not yet arrived) "
@@ -95,7 +102,6 @@ def run(cfg) -> Summary:
     if deferred and not partial:
         print(f"interrupted while writing: every file was written to {out_dir}", file=sys.stderr)
         sys.exit(130)
-    return result.summary
 
 
 def interrupted_early(cfg, out_dir: Path) -> None:

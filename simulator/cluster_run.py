@@ -77,16 +77,20 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    from simulator.__main__ import deferred_signals, note_interrupt
     from simulator.configure import build_run, versions
+    from simulator.records import frontend
     from simulator.records.run_result import rejection_reasons, write_workload
     from simulator.terminal import print_summary
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     spec = build_run(cfg)
+    front = frontend.resolve(cfg.get("frontend_s", "auto"), spec.perf)
     prefill_perf, link = prefill_pool(cluster.prefill_hardware, spec, cfg)
     started = time.perf_counter()
     out = simulate_cluster(spec.workload, spec.engine, spec.perf, cluster, slo=spec.slo, seed=spec.seed,
-                           prefill_perf=prefill_perf, link_gbps=link)
+                           prefill_perf=prefill_perf, link_gbps=link, progress=bool(cfg.get("progress", True)),
+                           stop_on_interrupt=True)
     elapsed = time.perf_counter() - started
     result = out.result
     dp = spec.engine.data_parallel_size
@@ -107,20 +111,22 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
         "workload": {"name": spec.workload.name, "requests": len(spec.workload)},
     }
     result.summary["rejected_by_reason"] = rejection_reasons(result.requests)
+    result.summary["client_observed"] = frontend.client_observed(result.requests, front)
     if dp > 1:
         result.summary["layout"] = {"data_parallel_size": dp, "tp": spec.tp, "gpus": gpus,
                                     "expert_parallel": bool(getattr(spec.perf, "expert_parallel", False))}
     if not spec.perf.calibrated:
         result.summary["warning"] = "UNCALIBRATED performance model (roofline): treat latencies as rough"
-    result.write(out_dir)
-    (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    write_workload(spec.workload, out_dir / "workload.parquet")
-    if cfg.get("plots", True):
-        from simulator.plots import plot_kv_per_replica, plot_latency_cdfs
+    with deferred_signals() as deferred:  # (a Ctrl-C while writing waits for every file)
+        result.write(out_dir)
+        (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_workload(spec.workload, out_dir / "workload.parquet")
+        if cfg.get("plots", True):
+            from simulator.plots import plot_kv_per_replica, plot_latency_cdfs
 
-        title = f"{spec.model.name} on {spec.hardware.name} x{spec.tp}, {spec.workload.name}, {cluster.router}"
-        plot_kv_per_replica(result, out_dir / "kv_usage_replicas.png", title)
-        plot_latency_cdfs(result, out_dir / "latency_cdf.png", title)
+            title = f"{spec.model.name} on {spec.hardware.name} x{spec.tp}, {spec.workload.name}, {cluster.router}"
+            plot_kv_per_replica(result, out_dir / "kv_usage_replicas.png", title)
+            plot_latency_cdfs(result, out_dir / "latency_cdf.png", title)
     print_summary(result.summary, out_dir)
     layout = (f"{cluster.prefill_replicas} prefill + {cluster.decode_replicas} decode replicas"
               if cluster.disaggregated else f"{cluster.replicas} replicas")
@@ -130,4 +136,5 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
     print("\n".join(replica_lines(result.summary)))
     if not spec.perf.calibrated:
         print("warning: the performance model is UNCALIBRATED (roofline)")
+    note_interrupt(result.summary, out_dir, deferred)
     return result.summary

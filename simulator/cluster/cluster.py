@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from types import SimpleNamespace
 from typing import Any
@@ -127,10 +128,18 @@ class Cluster:
 
     def __init__(self, workload: Workload, engine: EngineConfig, perf: PerformanceModel, spec: ClusterSpec, *,
                  seed: int = 0, fast: bool = True, prefill_perf: PerformanceModel | None = None,
-                 link_gbps: float | None = None, async_scheduling: bool | None = None):
+                 link_gbps: float | None = None, async_scheduling: bool | None = None,
+                 on_progress: Callable[[int], None] | None = None):
         self.workload = workload
+        self.on_progress = on_progress  # called with 1 as each request ends (tqdm's update)
+        #: when each request's client gives up (arrival + workload.timeout_s; inf: never)
+        self.deadline_s = [a + t for a, t in zip(workload.arrival_s.tolist(), workload.timeout_s.tolist(),
+                                                 strict=True)]
+        self.stopped = False  # request_stop: each replica ends at its next step boundary
         self.spec = spec
         self.env = ClusterEnvironment()
+        self._stop_event = self.env.event()
+        self._stop_event.callbacks.append(self._stop_idle)
         n = len(workload)
         self._next_unrouted = 0  # the first arrival the router has not routed
         self._routing = False
@@ -194,7 +203,7 @@ class Cluster:
         prefill = self.decode is not None
         j = replica.add(gid, t, int(w.prompt_tokens[gid]), 1 if prefill else int(w.output_tokens[gid]),
                         0 if prefill else int(w.reasoning_tokens[gid]), int(w.prefix_group[gid]),
-                        int(w.prefix_tokens[gid]), *_outer(w, gid))
+                        int(w.prefix_tokens[gid]), *_outer(w, gid), deadline_s=self.deadline_s[gid])
         if not prefill:
             self.replica_of[gid] = replica.index
         replica.deliver_at(j, t)
@@ -287,8 +296,12 @@ class Cluster:
         return float(arrival[self._next_unrouted]) if self._next_unrouted < len(arrival) else math.inf
 
     # --- disaggregation: prefill -> KV transfer -> decode -------------------------------
-    def _finished(self, replica: ReplicaEngine, j: int, finish_s: float, rejected: bool) -> None:
-        if replica.role != "prefill" or rejected:
+    def _finished(self, replica: ReplicaEngine, j: int, finish_s: float, dropped: bool) -> None:
+        """A request ended on ``replica``: a prefill that completed goes on to the decode pool;
+        any other end is the request's own (counted for the progress bar)."""
+        if replica.role != "prefill" or dropped:
+            if self.on_progress is not None:
+                self.on_progress(1)
             return
         gid = replica.gid(j)
         t = finish_s + self.transfer.seconds(int(self.workload.prompt_tokens[gid]))
@@ -306,7 +319,8 @@ class Cluster:
             group = self.transfer.group_base + gid
             bs = replica.config.block_size
             replica.scheduler.kv.add_cached_prefix(group, prompt // bs)
-            j = replica.add(gid, t, prompt, int(w.output_tokens[gid]), int(w.reasoning_tokens[gid]), group, prompt)
+            j = replica.add(gid, t, prompt, int(w.output_tokens[gid]), int(w.reasoning_tokens[gid]), group, prompt,
+                            deadline_s=self.deadline_s[gid])
             self.replica_of[gid] = replica.index
             self.transfer_s[gid] = self.transfer.seconds(prompt)
             replica.deliver(j)
@@ -359,13 +373,28 @@ class Cluster:
         env.run(until=simpy.AllOf(env, loops))
         return self._results(slo)
 
+    def request_stop(self) -> None:
+        """Stop the run (e.g. on Ctrl-C; safe from a signal handler): every replica ends at its
+        next step boundary and ``run`` returns what was simulated (``summary["partial"]``)."""
+        self.stopped = True
+        for replica in self.replicas:
+            replica.request_stop()
+        if not self._stop_event.triggered:
+            self._stop_event.succeed()  # (processed on the clock: ``_stop_idle``)
+
+    def _stop_idle(self, _event) -> None:
+        """The replicas waiting for a request end now; the others at their next step boundary."""
+        for replica in self.replicas:
+            if replica._wake is not None and not replica._wake.triggered:
+                replica._wake.succeed()
+
     def _results(self, slo: SLO) -> ClusterResult:
 
         per_replica = []
         for replica in self.replicas:
             run = replica.collect()
             unfinished = [r for r in run.requests if r.status < Status.FINISHED]
-            if unfinished:
+            if unfinished and not self.stopped:
                 raise RuntimeError(f"replica {replica.index}: {len(unfinished)} requests never finished")
             gids = replica.column("gid").copy()
             result = tabulate(run, SimpleNamespace(domain=self.workload.domain[gids]), slo)
@@ -374,22 +403,47 @@ class Cluster:
             result.summary["role"] = replica.role
             result.summary["async_scheduling"] = replica.async_scheduling
             per_replica.append(result)
-        return ClusterResult(merge(self, per_replica, slo), per_replica)
+        merged = merge(self, per_replica, slo)
+        if self.stopped:
+            merged.summary["partial"] = {
+                "interrupted_at_s": self.env.now,
+                "unfinished": int((merged.requests["status"] == "unfinished").sum()),
+                "not_arrived": len(self.workload) - len(merged.requests["request_id"]),
+            }
+        return ClusterResult(merged, per_replica)
 
 
 def simulate_cluster(workload: Workload, engine: EngineConfig, perf: PerformanceModel, spec: ClusterSpec, *,
                      slo=None, seed: int = 0, fast: bool = True, prefill_perf: PerformanceModel | None = None,
-                     link_gbps: float | None = None, async_scheduling: bool | None = None) -> ClusterResult:
+                     link_gbps: float | None = None, async_scheduling: bool | None = None,
+                     progress: bool = False, stop_on_interrupt: bool = False) -> ClusterResult:
     """Simulate ``workload`` on the cluster ``spec``; one plain replica is exactly
-    ``simulator.engine.loop.simulate`` (its result, with a ``replica`` column of zeros)."""
+    ``simulator.engine.loop.simulate`` (its result, with a ``replica`` column of zeros).
+
+    ``progress`` and ``stop_on_interrupt`` as ``simulate``'s: a tqdm bar of requests ended, and
+    Ctrl-C (SIGINT) or SIGTERM stopping every replica at its next step boundary, the result
+    holding what was simulated (``summary["partial"]``; unfinished requests have status
+    ``unfinished``, requests not yet arrived are left out).
+    """
+    from simulator.engine.loop import stop_on_signals
+
     slo = slo if isinstance(slo, SLO) else SLO.from_dict(slo)
     if spec.single:
-        return single(workload, engine, perf, spec, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling)
+        return single(workload, engine, perf, spec, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling,
+                      progress=progress, stop_on_interrupt=stop_on_interrupt)
     if engine.scheduler == "vllm":
         raise ConfigError("engine.scheduler", "a cluster runs the native scheduler only, got 'vllm'")
-    if getattr(workload, "has_timeouts", False):
-        raise ConfigError("workload.timeout_s", "client timeouts are not modelled in a cluster yet (one replica "
-                                                "only); got finite timeouts")
-    cluster = Cluster(workload, engine, perf, spec, seed=seed, fast=fast, prefill_perf=prefill_perf,
-                      link_gbps=link_gbps, async_scheduling=async_scheduling)
-    return cluster.run(slo)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(workload), unit="req", desc="simulating", mininterval=0.5)
+    try:
+        cluster = Cluster(workload, engine, perf, spec, seed=seed, fast=fast, prefill_perf=prefill_perf,
+                          link_gbps=link_gbps, async_scheduling=async_scheduling,
+                          on_progress=bar.update if bar is not None else None)
+        with stop_on_signals(cluster.request_stop, stop_on_interrupt):
+            return cluster.run(slo)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -94,7 +94,9 @@ def _disaggregated(cluster: Cluster, prefill: list[RunResult], decode: list[RunR
     the cluster; a request that never reached a decode replica keeps its prefill row."""
     n = len(cluster.workload)
     p_rows = _by_request(prefill, n)
-    d_rows = _by_request(decode, n)
+    ids = np.flatnonzero(p_rows >= 0)  # every request, but those not arrived in a stopped run
+    p_rows = p_rows[ids]
+    d_rows = _by_request(decode, n)[ids]
     p_cols = _stack(prefill)
     d_cols = _stack(decode)
     handed = d_rows >= 0
@@ -110,10 +112,17 @@ def _disaggregated(cluster: Cluster, prefill: list[RunResult], decode: list[RunR
         out[name][handed] = d_cols[name][d_rows[handed]] + (d_arrival - arrival[handed])
     for name in ("preemptions", "kv_block_seconds"):
         out[name][handed] += p_cols[name][p_rows[handed]]
-    out["replica"] = cluster.replica_of.astype(np.int32)
-    out["replica"][~handed] = _prefill_index(cluster, ~handed)  # never reached a decode replica
-    out["prefill_replica"] = _prefill_index(cluster, np.ones(n, dtype=bool))
-    out["kv_transfer_s"] = cluster.transfer_s.copy()
+    # a stopped run: prefills done, their KV still in transfer, are unfinished requests
+    moving = ~handed & (out["status"] == "completed")
+    out["status"][moving] = "unfinished"
+    for name in ("ttft_s", "ttfvt_s", "tpot_s", "e2e_s"):
+        out[name][moving] = np.nan
+    mine = np.zeros(n, dtype=bool)
+    mine[ids] = True
+    out["replica"] = cluster.replica_of[ids].astype(np.int32)
+    out["replica"][~handed] = _prefill_index(cluster, mine)[~handed]  # never reached a decode replica
+    out["prefill_replica"] = _prefill_index(cluster, mine)
+    out["kv_transfer_s"] = cluster.transfer_s[ids].copy()
     return out
 
 
@@ -139,11 +148,12 @@ def _by_request(results: list[RunResult], n: int) -> np.ndarray:
 
 
 def single(workload, engine, perf, spec: ClusterSpec, *, slo: SLO, seed: int, fast: bool,
-           async_scheduling: bool | None) -> ClusterResult:
+           async_scheduling: bool | None, progress: bool = False, stop_on_interrupt: bool = False) -> ClusterResult:
     """One plain replica: ``simulator.engine.loop.simulate``'s result, with a ``replica`` column."""
     from simulator.engine.loop import simulate
 
-    result = simulate(workload, engine, perf, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling)
+    result = simulate(workload, engine, perf, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling,
+                      progress=progress, stop_on_interrupt=stop_on_interrupt)
     merged = RunResult(requests={**result.requests, "replica": np.zeros(len(result.requests["request_id"]), np.int32)},
                        timeline={**result.timeline, "replica": np.zeros(len(result.timeline["time_s"]), np.int32)},
                        summary={**result.summary, "cluster": describe(spec), "replicas": [result.summary]})

@@ -65,12 +65,16 @@ class ReplicaEngine(Engine):
     def __init__(self, index: int, role: str, capacity: int, *args,
                  known_until: Callable[[float], float],
                  on_finish: Callable[[ReplicaEngine, int, float, bool], None], **kwargs):
+        """``on_finish(replica, j, finish_s, dropped)`` hears of every request that ends here
+        (``dropped``: rejected or aborted, not completed)."""
         self.index = index
         self.role = role  # "replica", "prefill" or "decode"
         self._cols = {name: np.zeros(capacity, dtype=np.float64 if name == "time_s" else np.int64)
                       for name in COLUMNS}
         self._too_long = np.zeros(capacity, dtype=bool)
         self._private = np.zeros(capacity, dtype=bool)  # no prompt block can be a prefix hit
+        self._deadline_s = np.full(capacity, math.inf)  # when the client gives up (workload.timeout_s)
+        self._timeouts = False  # a request routed here has a client timeout
         self.count = 0  # requests routed here so far
         self.sent = 0  # requests the router sent here (its own count)
         self._known_until = known_until
@@ -94,8 +98,9 @@ class ReplicaEngine(Engine):
 
     # --- requests routed here -------------------------------------------------------
     def add(self, gid: int, time_s: float, prompt: int, max_tokens: int, reasoning: int, group: int,
-            prefix_tokens: int, outer_group: int = -1, outer_tokens: int = 0) -> int:
-        """Append a routed request (its arrival here at ``time_s``); return its local id."""
+            prefix_tokens: int, outer_group: int = -1, outer_tokens: int = 0, deadline_s: float = math.inf) -> int:
+        """Append a routed request (its arrival here at ``time_s``; ``deadline_s``: when its client
+        gives up, as the Engine's ``_abort_due`` reads it); return its local id."""
         j = self.count
         values = (gid, time_s, prompt, max_tokens, reasoning, group, prefix_tokens, outer_group, outer_tokens)
         for name, value in zip(COLUMNS, values, strict=True):
@@ -103,9 +108,11 @@ class ReplicaEngine(Engine):
         cfg, kv = self.config, self.kv_capacity
         self._too_long[j] = prompt + max_tokens > min(cfg.max_model_len, (kv.num_blocks - 1) * kv.block_size)
         self._private[j] = (prefix_tokens if group >= 0 else 0) < cfg.block_size  # as Engine._arrivals_columns
+        self._deadline_s[j] = deadline_s
+        self._timeouts = self._timeouts or deadline_s < math.inf
         self.count = j + 1
         if self._too_long[j]:  # rejected on arrival: known now, so a router deciding ahead counts it
-            self._report_finish(j, time_s, rejected=True)
+            self._report_finish(j, time_s, dropped=True)
         return j
 
     def deliver(self, j: int) -> None:
@@ -211,6 +218,10 @@ class ReplicaEngine(Engine):
             if not self._too_long[j]:
                 left = -(-int(self._cols["max_tokens"][j]) // per_step)
                 bound = min(bound, float(self._cols["time_s"][j]) + left * min_step_s)
+                if self._timeouts:
+                    bound = min(bound, float(self._deadline_s[j]))
+        if self._deadlines:  # a client timeout aborts at the first step boundary from its deadline
+            bound = min(bound, self._deadlines[0][0])
         return max(bound, until)
 
     def _fewest_steps_left(self, per_step: int) -> float:
@@ -238,12 +249,12 @@ class ReplicaEngine(Engine):
         self._fewest = (key, least)
         return least
 
-    def _report_finish(self, j: int, finish_s: float, rejected: bool = False) -> None:
+    def _report_finish(self, j: int, finish_s: float, dropped: bool = False) -> None:
         if j in self._reported:
             return
         self._reported.add(j)
         heapq.heappush(self._finish_times, finish_s)
-        self._on_finish(self, j, finish_s, rejected)
+        self._on_finish(self, j, finish_s, dropped)
 
     # --- the engine's hooks -----------------------------------------------------------
     def _new_request(self, rid: int) -> SimRequest:
@@ -258,8 +269,22 @@ class ReplicaEngine(Engine):
             req.reject_reason = reason
             req.finish_s = req.arrival_s
             self._count_finished(1)
-            self._report_finish(rid, req.finish_s, rejected=True)
+            self._report_finish(rid, req.finish_s, dropped=True)
+        elif math.isfinite(self._deadline_s[rid]):  # as Engine._new_request
+            heapq.heappush(self._deadlines, (float(self._deadline_s[rid]), rid))
         return req
+
+    def _abort_due(self) -> None:
+        """The Engine's aborts (client timeouts due by now), each reported to the cluster."""
+        now = self.env.now
+        if not self._deadlines or self._deadlines[0][0] > now:
+            return
+        due = [rid for t, rid in self._deadlines if t <= now]
+        super()._abort_due()
+        requests = self.scheduler.requests
+        for rid in due:
+            if requests[rid].status == Status.ABORTED:
+                self._report_finish(rid, now, dropped=True)
 
     def _arrivals_columns(self) -> fast_forward.Arrivals:
         return self.arrivals_view(0.0)

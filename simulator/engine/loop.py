@@ -212,6 +212,8 @@ class Engine:
                     # itself): like vLLM's engine, schedule again at once
                     self._unlogged_preemptions += len(out.preempted)
                     continue
+                if not sched.has_requests():
+                    continue  # the requests left were all aborted (client timeouts): idle or end
                 if not self._idle():
                     raise RuntimeError(f"scheduler stalled at t={env.now:.3f}s: {self._state()}")
                 yield self._wake
@@ -484,7 +486,7 @@ def simulate(
         engine = Engine(workload, config, perf, kv, seed=seed, async_scheduling=async_scheduling,
                         scheduler_factory=factory, keep_decisions=keep_decisions,
                         on_progress=on_progress, fast=fast)
-        with _stop_on_signals(engine.request_stop, stop_on_interrupt):
+        with stop_on_signals(engine.request_stop, stop_on_interrupt):
             run = engine.run()
     finally:
         if bar is not None:
@@ -505,7 +507,7 @@ def simulate(
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: Callable[[], None], enabled: bool):
+def stop_on_signals(stop: Callable[[], None], enabled: bool):
     """While active (if enabled and in the main thread), SIGINT and SIGTERM call ``stop``."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.planning.planner import PointJob
+from simulator.planning.planner import PointJob, gpus_per_replica
 from simulator.records.errors import ConfigError
 from simulator.records.metrics import SLO
 
@@ -146,7 +146,7 @@ def check_window(job: PointJob, workload_cfg: dict[str, Any], window: Window, gu
     row = {"family": family_label(job), "window": window.index, "start_s": window.start_s,
            "time_of_day": _clock(window.start_s), "duration_s": window.duration_s, "rate_rps": window.rate}
     workload = window_workload(workload_cfg, window, settings)
-    price = job.point.tp * float(job.hardware.get("price_per_gpu_hour_usd", 0.0) or 0.0)
+    price = gpus_per_replica(job) * float(job.hardware.get("price_per_gpu_hour_usd", 0.0) or 0.0)
     if workload is None:
         n = settings.min_replicas
         row.update(replicas=n, simulated_requests=0, sustains=True, limit="silent window", attainment=math.nan,
@@ -174,7 +174,7 @@ def check_window(job: PointJob, workload_cfg: dict[str, Any], window: Window, gu
                    attainment=metrics["attainment"], ttft_p99_s=metrics["ttft_p99_s"],
                    tpot_p99_s=metrics["tpot_p99_s"], kv_peak=metrics["kv_peak"],
                    preemptions=metrics["preemptions"], checks=len(tried))
-    row["gpus"] = row["replicas"] * job.point.tp
+    row["gpus"] = row["replicas"] * gpus_per_replica(job)
     row["cost_usd"] = row["replicas"] * price * window.duration_s / 3600.0
     row["wall_s"] = time.perf_counter() - started
     return row
@@ -289,7 +289,7 @@ def run_day_plan(cfg, out_dir: str | Path, *, progress: bool = True, max_in_flig
                                               if cap["status"] == "ok" else None),
                  "calibrated": bool(cap.get("calibrated", False))}
         if mine and len(mine) == len(windows):
-            price = job.point.tp * float(job.hardware.get("price_per_gpu_hour_usd", 0.0) or 0.0)
+            price = gpus_per_replica(job) * float(job.hardware.get("price_per_gpu_hour_usd", 0.0) or 0.0)
             entry.update(day_costs(mine, price), windows_unsustained=sum(not r["sustains"] for r in mine))
         summaries.append(entry)
     costed = [s for s in summaries if "planned_usd" in s]

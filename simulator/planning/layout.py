@@ -56,22 +56,38 @@ def build_layout(job) -> BuiltLayout:
 
 
 def simulate_layout(layout: BuiltLayout, workload: Workload, slo: SLO) -> dict[str, Any]:
-    """The layout's metrics on ``workload`` (``fleet_metrics`` plus ``backlog``)."""
+    """The layout's metrics on ``workload`` (``fleet_metrics`` plus ``backlog``).
+
+    A replica of ``engine.data_parallel_size`` = dp > 1 is dp engine ranks on one clock behind
+    vLLM's DP coordinator, as ``python -m simulator`` runs it (``cluster_run.data_parallel_ranks``);
+    several such replicas behind a router that reads their state are not modelled (infeasible).
+    """
+    from simulator.cluster import ClusterSpec, simulate_cluster
+    from simulator.cluster_run import data_parallel_ranks
     from simulator.engine.loop import simulate
 
-    if layout.router == "round_robin":  # replicas that never interact: simulated apart
+    dp = layout.engine.data_parallel_size
+    ranks = data_parallel_ranks(ClusterSpec(), dp)
+    if layout.router == "round_robin" or (dp > 1 and layout.replicas == 1):  # replicas simulated apart
         results = []
-        for r, index in enumerate(route(workload, layout.replicas, layout.router)):
-            if len(index):
-                results.append(simulate(workload.select(index), layout.engine, layout.perf, slo=slo,
-                                        seed=layout.seed + r))
+        for r, index in enumerate(route(workload, layout.replicas)):
+            if not len(index):
+                continue
+            share = workload.select(index)
+            if dp == 1:
+                results.append(simulate(share, layout.engine, layout.perf, slo=slo, seed=layout.seed + r))
+            else:
+                ranked = simulate_cluster(share, layout.engine, layout.perf, ranks, slo=slo, seed=layout.seed + r)
+                results += [x for x in ranked.replicas if len(x.requests["arrival_s"])]
+    elif dp > 1:
+        raise ConfigError("engine.data_parallel_size", f"{dp} with {layout.replicas} replicas behind "
+                                                       f"{layout.router} (replicas of data-parallel engines) is not "
+                                                       f"modelled; use round_robin or one replica")
     else:  # a router that looks at the replicas: all of them on one clock
-        from simulator.cluster import ClusterSpec, simulate_cluster
-
         spec = ClusterSpec(replicas=layout.replicas, router=layout.router)
         cluster = simulate_cluster(workload, layout.engine, layout.perf, spec, slo=slo, seed=layout.seed)
         results = [r for r in cluster.replicas if len(r.requests["arrival_s"])]
-    metrics = fleet_metrics(results, layout.replicas, slo)
+    metrics = fleet_metrics(results, layout.replicas * dp, slo)
     metrics["backlog"] = backlog([r.requests for r in results])
     return metrics
 
@@ -102,7 +118,8 @@ def route(workload: Workload, replicas: int, router: str = "round_robin") -> lis
 
 
 def fleet_metrics(results: list, replicas: int, slo: SLO) -> dict[str, Any]:
-    """Merge the replicas' RunResults into one set of metrics over all requests.
+    """Merge the replicas' (engine ranks') RunResults into one set of metrics over all requests
+    (``replicas``: how many engines, those given no request included).
 
     Latency percentiles and goodput are over the merged requests; the run spans from
     the first arrival to the last replica's end; KV usage is each replica's

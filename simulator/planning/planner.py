@@ -59,10 +59,6 @@ class PlanPoint:
     engine: tuple[tuple[str, Any], ...] = ()
     router: str = "round_robin"
 
-    @property
-    def gpus(self) -> int:
-        return self.replicas * self.tp
-
     def label(self) -> str:
         """A short human name, e.g. ``h100 x2 tp1 fp8_kv max_num_seqs=256``."""
         settings = " ".join(f"{k}={v}" for k, v in self.engine)
@@ -269,9 +265,15 @@ def resolve_jobs(space: PlanSpace, cfg: Mapping[str, Any], workload: Workload, s
     return jobs
 
 
-def cost_per_hour(replicas: int, tp: int, price_per_gpu_hour_usd: float) -> float:
-    """USD per hour of the deployment: every GPU of every replica."""
-    return replicas * tp * float(price_per_gpu_hour_usd)
+def gpus_per_replica(job: PointJob) -> int:
+    """GPUs of one replica: its TP size times its data-parallel ranks (``engine.data_parallel_size``:
+    that many engine ranks of ``tp`` GPUs each, as ``python -m simulator`` runs them)."""
+    return job.point.tp * int(job.engine.get("data_parallel_size", 1) or 1)
+
+
+def cost_per_hour(replicas: int, gpus: int, price_per_gpu_hour_usd: float) -> float:
+    """USD per hour of the deployment: every GPU (``gpus`` per replica) of every replica."""
+    return replicas * gpus * float(price_per_gpu_hour_usd)
 
 
 def cost_per_million_tokens(cost_usd_per_hour: float, output_tokens_per_s: float) -> float:
@@ -292,13 +294,14 @@ def base_row(job: PointJob) -> dict[str, Any]:
     price = float(job.hardware.get("price_per_gpu_hour_usd", 0.0) or 0.0)
     engine = {k: job.engine.get(k) for k in ("max_num_seqs", "max_num_batched_tokens")}
     engine.update(dict(p.engine))
+    gpus = gpus_per_replica(job)
     return {
         "key": job.key, "index": p.index, "label": p.label(), "hardware": p.hardware, "model": p.model,
-        "tp": p.tp, "replicas": p.replicas, "gpus": p.gpus, "optimization": p.optimization,
+        "tp": p.tp, "replicas": p.replicas, "gpus": p.replicas * gpus, "optimization": p.optimization,
         **engine, "router": job.router, "seed": job.seed, "status": "ok", "reason": "",
         "calibrated": False, "perf_model": "", "kv_capacity_tokens": 0,
         **{c: (False if c == "meets_slo" else math.nan) for c in METRIC_COLUMNS},
-        "price_per_gpu_hour_usd": price, "cost_per_hour_usd": cost_per_hour(p.replicas, p.tp, price),
+        "price_per_gpu_hour_usd": price, "cost_per_hour_usd": cost_per_hour(p.replicas, gpus, price),
         "cost_per_1m_output_tokens_usd": math.nan, "wall_s": 0.0,
     }
 

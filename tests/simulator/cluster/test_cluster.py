@@ -3,6 +3,8 @@ and the tables hold every request once with its replica."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,72 @@ def test_deciding_ahead_of_time_changes_no_decision(router, async_scheduling, st
         return cluster.run(SLO()).result
 
     assert_same(run(False), run(True))
+
+
+def with_timeouts(w, seconds: float, patient: int = 0):
+    """``w`` with every client giving up ``seconds`` after its arrival, but the last ``patient``."""
+    from dataclasses import replace
+
+    timeouts = np.full(len(w), seconds)
+    if patient:
+        timeouts[len(w) - patient:] = np.inf
+    return replace(w, timeout_s=timeouts)
+
+
+@pytest.mark.parametrize("router", ["round_robin", "least_outstanding"])
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_one_replica_with_client_timeouts_is_the_plain_engine(router, async_scheduling):
+    w = with_timeouts(make_workload(n=120, seed=5, rate=6, output=(1, 2000)), 20.0)
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=8192)
+    plain = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling)
+    assert 0 < plain.summary["aborted"] < len(w)  # the case covers aborts
+    cluster = Cluster(w, cfg, VectorLinearModel(), ClusterSpec(replicas=1, router=router),
+                      async_scheduling=async_scheduling).run(SLO())
+    assert_same(plain, type(plain)({k: v for k, v in cluster.result.requests.items() if k != "replica"},
+                                   {k: v for k, v in cluster.result.timeline.items() if k != "replica"}, {}))
+
+
+@pytest.mark.parametrize("router", ["least_outstanding", "power_of_two", "least_kv"])
+def test_client_timeouts_abort_in_a_cluster_and_deciding_ahead_changes_nothing(router):
+    """Aborts free the replica and count as finished for the router; an arrival routed ahead of
+    its time (aborts bound when a replica's next report can change) is routed as at its time."""
+    # (long outputs: without aborts bounding a replica's next finish, routing ahead differs here)
+    w = with_timeouts(make_workload(n=150, seed=8, rate=10, output=(200, 2000)), 10.0)
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=8192)
+
+    def run(ahead: bool):
+        cluster = Cluster(w, cfg, VectorLinearModel(), ClusterSpec(replicas=2, router=router))
+        cluster.ahead = ahead
+        out = cluster.run(SLO()).result
+        # every request, aborted ones too, has ended for the router
+        assert [r.report(math.inf, i).outstanding for i, r in enumerate(cluster.replicas)] == [0, 0]
+        return out
+
+    out = run(True)
+    requests = out.requests
+    aborted = requests["status"] == "aborted"
+    assert 0 < aborted.sum() < len(w)
+    assert out.summary["aborted"] == aborted.sum() == sum(r["aborted"] for r in out.summary["replicas"])
+    # aborted at the first step boundary from the deadline, not before
+    assert np.all(requests["finish_s"][aborted] >= requests["arrival_s"][aborted] + 10.0)
+    assert_same(run(False), out)
+
+
+def test_a_stopped_cluster_returns_what_it_simulated():
+    w = make_workload(n=300, seed=4, rate=8, output=(200, 2000))
+    cfg = EngineConfig(max_model_len=8192)
+    spec = ClusterSpec(replicas=3, router="least_outstanding")
+    full = simulate_cluster(w, cfg, VectorLinearModel(), spec).result
+    cluster = Cluster(w, cfg, VectorLinearModel(), spec)
+    # stop once a third of the requests have ended, as Ctrl-C would (tests/.../test_cluster_cli.py)
+    ended = []
+    cluster.on_progress = lambda n: (ended.append(n), len(ended) == 100 and cluster.request_stop())
+    out = cluster.run(SLO()).result
+    partial = out.summary["partial"]
+    status = out.requests["status"]
+    assert partial["not_arrived"] > 0 and len(status) == len(w) - partial["not_arrived"]
+    assert (status == "unfinished").sum() == partial["unfinished"] > 0
+    assert out.requests["arrival_s"].max() <= partial["interrupted_at_s"] < full.summary["duration_s"]
+    # what finished before the stop finished as in the full run
+    done = out.requests["request_id"][status == "completed"]
+    np.testing.assert_array_equal(out.requests["e2e_s"][status == "completed"], full.requests["e2e_s"][done])

@@ -79,3 +79,41 @@ def test_disaggregated_decisions_ahead_of_time_change_nothing():
         return cluster.run(SLO()).result
 
     assert_same(run(False), run(True))
+
+
+def test_client_timeouts_count_from_the_arrival_at_the_cluster():
+    """A request whose client gives up while in the decode pool is aborted there; the deadline
+    counts from the arrival at the cluster, not at the decode replica."""
+    from dataclasses import replace
+
+    w = make_workload(n=120, seed=2, rate=8, output=(1, 2000))
+    w = replace(w, timeout_s=np.full(len(w), 10.0))
+    spec = ClusterSpec(prefill_replicas=1, decode_replicas=1, link_gbps=10.0)
+    out = simulate_cluster(w, EngineConfig(num_gpu_blocks_override=400, max_model_len=8192), VectorLinearModel(),
+                           spec).result
+    requests = out.requests
+    aborted = requests["status"] == "aborted"
+    assert aborted.sum() > 0 and out.summary["aborted"] == aborted.sum()
+    assert np.all(requests["finish_s"][aborted] >= requests["arrival_s"][aborted] + 10.0)
+    completed = requests["status"] == "completed"
+    assert np.all(requests["e2e_s"][completed] < 10.0 + 1.0)  # (within a step of the deadline)
+
+
+def test_a_stopped_disaggregated_run_marks_requests_in_transfer_unfinished():
+    from simulator.cluster.cluster import Cluster
+    from simulator.records.metrics import SLO
+
+    w = make_workload(n=200, seed=3, rate=8, output=(100, 1500))
+    spec = ClusterSpec(prefill_replicas=1, decode_replicas=2, link_gbps=0.0005)  # a slow link (~1 s): KV in flight
+    cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(), spec)
+    ended = []
+    cluster.on_progress = lambda n: (ended.append(n), len(ended) == 40 and cluster.request_stop())
+    out = cluster.run(SLO()).result
+    partial, requests = out.summary["partial"], out.requests
+    assert len(requests["request_id"]) == len(w) - partial["not_arrived"] < len(w)
+    np.testing.assert_array_equal(requests["request_id"], np.sort(requests["request_id"]))
+    unfinished = requests["status"] == "unfinished"
+    assert unfinished.sum() == partial["unfinished"] > 0
+    in_transfer = unfinished & (requests["replica"] == requests["prefill_replica"])
+    assert in_transfer.any() and np.all(np.isnan(requests["ttft_s"][in_transfer]))
+    assert out.summary["completed"] == int((requests["status"] == "completed").sum()) > 0

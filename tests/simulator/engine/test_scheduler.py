@@ -1,5 +1,8 @@
 """The native scheduler on small hand-made cases (vLLM V1 semantics)."""
 
+import numpy as np
+import pytest
+
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
 from simulator.records.engine_config import EngineConfig
@@ -165,3 +168,22 @@ def test_finish_requests_aborts_running_and_waiting_ones():
     assert all(r.status == Status.FINISHED and r.finish_s == 2.0 for r in done)
     assert not s.has_requests() and s.kv.num_used_blocks == 0
     assert s.stats().num_running == 0 and s.kv_usage == 0.0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_run_ends_when_its_last_requests_are_all_aborted(async_scheduling):
+    # every client gives up after 20 s and the cache is small: the last requests in the engine
+    # are aborted after the arrivals are over, and the engine ends instead of stalling
+    from dataclasses import replace
+
+    from simulator.engine.loop import simulate
+    from tests.simulator.conftest import VectorLinearModel, make_workload
+
+    w = make_workload(n=120, seed=5, rate=6, output=(1, 2000))
+    w = replace(w, timeout_s=np.full(len(w), 20.0))
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=8192)
+    result = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling)
+    status = result.requests["status"]
+    assert (status == "aborted").sum() > 0
+    assert status[-1] == "aborted"  # the last arrival's client gave up before it finished
+    assert set(status) <= {"completed", "aborted"}
