@@ -8,10 +8,9 @@ cluster summary with each replica's) and kv_usage_replicas.png.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from simulator.cluster.cluster import ClusterSpec, simulate_cluster
+from simulator.cluster.cluster import ClusterSpec, data_parallel_ranks, simulate_cluster
 from simulator.configure import CONF_DIR, to_plain
 from simulator.records.errors import ConfigError
 
@@ -29,20 +28,6 @@ def data_parallel_size(cfg) -> int:
 
     value = (to_plain(cfg.get("engine")) or {}).get("data_parallel_size", 1)
     return EngineConfig(data_parallel_size=value).data_parallel_size
-
-
-def data_parallel_ranks(spec: ClusterSpec, dp: int) -> ClusterSpec:
-    """vLLM's ``--data-parallel-size dp``: dp engine ranks on one clock, each request sent to the
-    rank with the fewest outstanding requests, as vLLM's DP coordinator does (router
-    least_outstanding). Replicas of dp-rank engines are not modelled: refused in one line."""
-    if dp == 1:
-        return spec
-    if not spec.single:
-        fields = ("cluster.prefill_replicas/decode_replicas" if spec.disaggregated
-                  else f"cluster.replicas={spec.replicas}")
-        raise ConfigError("engine.data_parallel_size", f"{dp} with {fields} (replicas of data-parallel engines) "
-                                                       f"is not modelled; set one of them to 1")
-    return replace(spec, replicas=dp, router="least_outstanding")
 
 
 def prefill_pool(name: str | None, spec, cfg):
@@ -77,8 +62,8 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from simulator.__main__ import deferred_signals, note_interrupt
     from simulator.configure import build_run, versions
+    from simulator.interrupts import deferred_signals, note_interrupt
     from simulator.records import frontend
     from simulator.records.run_result import rejection_reasons, write_workload
     from simulator.terminal import print_summary

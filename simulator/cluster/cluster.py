@@ -97,6 +97,20 @@ class ClusterSpec:
         return spec
 
 
+def data_parallel_ranks(spec: ClusterSpec, dp: int) -> ClusterSpec:
+    """vLLM's ``--data-parallel-size dp``: dp engine ranks on one clock, each request sent to the
+    rank with the fewest outstanding requests, as vLLM's DP coordinator does (router
+    least_outstanding). Replicas of dp-rank engines are not modelled: refused in one line."""
+    if dp == 1:
+        return spec
+    if not spec.single:
+        fields = ("cluster.prefill_replicas/decode_replicas" if spec.disaggregated
+                  else f"cluster.replicas={spec.replicas}")
+        raise ConfigError("engine.data_parallel_size", f"{dp} with {fields} (replicas of data-parallel engines) "
+                                                       f"is not modelled; set one of them to 1")
+    return replace(spec, replicas=dp, router="least_outstanding")
+
+
 def _outer(w: Workload, gid: int) -> tuple[int, int]:
     """The request's outer prefix group and tokens (two-level sharing), where the workload has them."""
     outer = getattr(w, "outer_group", None)

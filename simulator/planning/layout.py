@@ -59,11 +59,11 @@ def simulate_layout(layout: BuiltLayout, workload: Workload, slo: SLO) -> dict[s
     """The layout's metrics on ``workload`` (``fleet_metrics`` plus ``backlog``).
 
     A replica of ``engine.data_parallel_size`` = dp > 1 is dp engine ranks on one clock behind
-    vLLM's DP coordinator, as ``python -m simulator`` runs it (``cluster_run.data_parallel_ranks``);
+    vLLM's DP coordinator, as ``python -m simulator`` runs it (``simulator.cluster.cluster.data_parallel_ranks``);
     several such replicas behind a router that reads their state are not modelled (infeasible).
     """
     from simulator.cluster import ClusterSpec, simulate_cluster
-    from simulator.cluster_run import data_parallel_ranks
+    from simulator.cluster.cluster import data_parallel_ranks
     from simulator.engine.loop import simulate
 
     dp = layout.engine.data_parallel_size
