@@ -63,3 +63,24 @@ class VectorLinearModel(LinearModel):
 
     def decode_times(self, num_seqs, total_context):
         return self.overhead + self.decode * num_seqs + self.kv_read * np.asarray(total_context, float)
+
+
+def interrupt_simulator(args: list[str], run_dir, after_s: float) -> tuple[int, str, str]:
+    """Start ``python -m simulator`` with ``args`` (its run dir ``run_dir``), send it a real SIGINT
+    ``after_s`` seconds after Hydra made the run dir, return (exit code, stdout, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "simulator", f"hydra.run.dir={run_dir}", *args]
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (Path(run_dir) / ".hydra").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # Hydra made the run dir: the run is being built
+    time.sleep(after_s)  # into the simulation
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err

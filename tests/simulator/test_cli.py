@@ -107,19 +107,12 @@ def test_multirun_sweep(tmp_path):
 
 def test_ctrl_c_writes_partial_results(tmp_path):
     """SIGINT mid-run: the run stops at a step boundary, writes what it simulated, exits 130."""
-    import signal
-    import time
+    from tests.simulator.conftest import interrupt_simulator
 
-    cmd = [sys.executable, "-m", "simulator", f"hydra.run.dir={tmp_path}", "progress=false", "plots=false",
-           "workload=gamma", "workload.num_requests=30000", "workload.rate=4"]  # ~40 s if left alone
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / ".hydra").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)  # Hydra made the run dir: the run is being built
-    time.sleep(2.0)  # into the simulation
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    code, out, err = interrupt_simulator(["progress=false", "plots=false", "workload=gamma",
+                                          "workload.num_requests=30000", "workload.rate=4"],  # ~40 s if left alone
+                                         tmp_path, after_s=2.0)
+    assert code == 130, err[-2000:]
     assert "interrupted at" in err and "partial results" in err
     s = summary(tmp_path)
     partial = s["partial"]

@@ -4,15 +4,12 @@ a cluster writes the tables with a replica column and its figure; a bad router i
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
 
-from tests.simulator.test_cli import REPO, SMALL, run_cli
+from tests.simulator.conftest import interrupt_simulator
+from tests.simulator.test_cli import SMALL, run_cli
 
 
 def test_one_replica_writes_the_plain_run_byte_for_byte(tmp_path):
@@ -74,17 +71,10 @@ def test_a_cluster_run_aborts_timed_out_requests_and_reports_the_client_view(tmp
 
 def test_ctrl_c_writes_a_clusters_partial_results(tmp_path):
     """SIGINT mid-run: every replica stops at a step boundary, what was simulated is written, exit 130."""
-    cmd = [sys.executable, "-m", "simulator", f"hydra.run.dir={tmp_path}", "progress=true", "plots=false",
-           "workload=gamma", "workload.num_requests=30000", "workload.rate=8", "cluster.replicas=2",
-           "cluster.router=least_outstanding"]  # far longer than the test if left alone
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / ".hydra").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)  # Hydra made the run dir: the run is being built
-    time.sleep(3.0)  # into the simulation
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    code, out, err = interrupt_simulator(["progress=true", "plots=false", "workload=gamma", "workload.num_requests=30000",
+                                          "workload.rate=8", "cluster.replicas=2", "cluster.router=least_outstanding"],
+                                         tmp_path, after_s=3.0)  # far longer than the test if left alone
+    assert code == 130, err[-2000:]
     assert "interrupted at" in err and "partial results" in err
     assert "simulating:" in err  # the progress bar
     s = json.loads((tmp_path / "summary.json").read_text())
