@@ -218,6 +218,23 @@ class KVCacheManager:
         blocks = self.req_blocks
         return [len(blocks[r.rid]) for r in reqs]
 
+    def blocks_held_together(self, reqs: list[SimRequest]) -> dict[tuple[int, ...], int]:
+        """The blocks that several of ``reqs`` hold (shared prefix blocks), counted by their
+        holders (indices into ``reqs``). A finishing request frees the blocks it holds alone;
+        a block held together is freed with the last of its holders."""
+        holders: dict[int, list[int]] = {}
+        ref = self._ref
+        for i, req in enumerate(reqs):
+            if req.num_shared_blocks:
+                for block in self.req_blocks.get(req.rid, ())[: req.num_shared_blocks]:
+                    if ref[block] > 1:
+                        holders.setdefault(block, []).append(i)
+        out: dict[tuple[int, ...], int] = {}
+        for together in holders.values():
+            key = tuple(together)
+            out[key] = out.get(key, 0) + 1
+        return out
+
     def num_cached_blocks_of(self, rid: int) -> int:
         """How many of the request's blocks are registered in the prefix cache."""
         return self._num_cached_blocks.get(rid, 0)

@@ -71,6 +71,8 @@ class _WaitingRun:
         #: blocks each member frees when it finishes (those it holds and those the run gives it)
         self.blocks = self.held + np.bincount(self.owners, minlength=n)
         self.gone = np.zeros(n, dtype=bool)  # preempted
+        #: blocks held by several members, by their holders (looked up once a holder finishes)
+        self.together: dict[tuple[int, ...], int] | None = None
         self.free = self.kv.num_free_blocks  # before the run, plus the victims' blocks so far
         self.preemptions: list[Preemption] = []
         self.head_need = sched._blocks_to_admit(sched.waiting[0])
@@ -82,6 +84,7 @@ class _WaitingRun:
         running = self.sched.running
         checked = 0  # admissions are checked for the steps up to this one
         pos, before_pos = 0, 0  # the first block not known to be served; live blocks before it
+        at_step = None  # the walk's state before the preemptions of the latest step that preempts
         while self.k >= 1:
             k = self.k
             release = self.last + lag + 1  # the first step scheduled after a member's last output
@@ -107,8 +110,13 @@ class _WaitingRun:
             others = others[np.flatnonzero(~self.gone) != v]
             if (self.last[v] < s or not len(others) or int(others.max()) < s + 1 - lag
                     or (caching and running[v].num_shared_blocks)):
+                if at_step is not None and at_step[0] == s:
+                    # step s already preempted in this walk: the ordinary path takes the whole step
+                    _, pos, before_pos = self._restore(at_step)
                 self.k = s - 1  # the ordinary path takes that step
                 break
+            if at_step is None or at_step[0] != s:
+                at_step = self._save(s, pos, before_pos)
             mine = owners == v
             self.free += int(self.held[v]) + int(np.count_nonzero(mine[:e] & self.alive[:e]))
             self.alive &= ~(mine & (steps >= s))
@@ -121,12 +129,37 @@ class _WaitingRun:
             checked = s  # (a step that preempts admits nobody)
         return self.k
 
+    def _save(self, step: int, pos: int, before_pos: int) -> tuple:
+        return (step, pos, before_pos, self.free, self.alive.copy(), self.last.copy(), self.gone.copy(),
+                len(self.preemptions))
+
+    def _restore(self, saved: tuple) -> tuple[int, int, int]:
+        """Undo the preemptions of step ``saved[0]`` (a later victim of that step cannot be
+        handled here); returns (step, pos, before_pos) as they were."""
+        step, pos, before_pos, self.free, self.alive, self.last, self.gone, count = saved
+        del self.preemptions[count:]
+        return step, pos, before_pos
+
     def _finish_frees(self, release: np.ndarray, k: int) -> np.ndarray:
         """By step t (0..k+1): the blocks of the members whose last output came before t."""
         ending = np.flatnonzero(~self.gone & (release <= k))
+        if self.together is None and self.kv.enable_caching and len(ending):
+            running = self.sched.running
+            if any(running[i].num_shared_blocks for i in ending.tolist()):
+                self._hold_together()
         freed = np.zeros(k + 2, dtype=np.int64)
         np.add.at(freed, release[ending], self.blocks[ending])
+        for holders, count in (self.together or {}).items():
+            last = int(release[list(holders)].max())
+            if last <= k:  # (no holder is a victim: a victim holds no shared prefix)
+                freed[last] += count
         return np.cumsum(freed)
+
+    def _hold_together(self) -> None:
+        """Blocks several members hold are freed with the last of them, not with each."""
+        self.together = self.kv.blocks_held_together(self.sched.running)
+        for holders, count in self.together.items():
+            self.blocks[list(holders)] -= count
 
     def _first_admission(self, lo: int, hi: int, release: np.ndarray, freed: np.ndarray) -> int | None:
         """The first step in lo..hi after an event (a preemption, a member's last output) in

@@ -190,6 +190,22 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}"
 
 
+def family_summary(name: str, job: PointJob, cap: dict[str, Any], mine: list[dict[str, Any]],
+                   errors: list[dict[str, Any]], num_windows: int) -> dict[str, Any]:
+    """A family's line of the plan: its capacity search and, when every window was checked,
+    the day's cost; a window that failed leaves it uncosted, with the error as its reason."""
+    entry = {"family": name, "status": cap["status"], "reason": cap.get("reason", ""),
+             "capacity_per_replica_rps": cap["capacity_rps"] / job.point.replicas if cap["status"] == "ok" else None,
+             "calibrated": bool(cap.get("calibrated", False))}
+    if errors:
+        entry.update(status="error", reason=f"{len(errors)} window(s) failed, e.g. window "
+                                            f"{errors[0]['window']}: {errors[0]['error']}")
+    elif mine and len(mine) == num_windows:
+        price = gpus_per_replica(job) * float(job.hardware.get("price_per_gpu_hour_usd", 0.0) or 0.0)
+        entry.update(day_costs(mine, price), windows_unsustained=sum(not r["sustains"] for r in mine))
+    return entry
+
+
 def day_costs(rows: list[dict[str, Any]], price_per_replica_hour: float) -> dict[str, float]:
     """The day's cost following the plan, and that of a fixed fleet sized for the peak window."""
     hours = sum(r["duration_s"] for r in rows) / 3600.0
@@ -268,8 +284,9 @@ def run_day_plan(cfg, out_dir: str | Path, *, progress: bool = True, max_in_flig
 
         def checked(tag, result) -> None:
             job, w = tag
-            if isinstance(result, BaseException):
-                result = {"family": family_label(job), "window": w.index, "error": str(result)}
+            if isinstance(result, BaseException):  # (a Ray task's error: its message's last line)
+                lines = [line for line in str(result).splitlines() if line.strip()] or [type(result).__name__]
+                result = {"family": family_label(job), "window": w.index, "error": lines[-1].strip()}
             rows.append(result)
             bar.update(1)
 
@@ -280,18 +297,9 @@ def run_day_plan(cfg, out_dir: str | Path, *, progress: bool = True, max_in_flig
     for i, r in enumerate(rows):
         r["index"] = i
     store.write(rows)
-    summaries = []
-    for name, job in families.items():
-        mine = [r for r in rows if r["family"] == name]
-        cap = capacity[name]
-        entry = {"family": name, "status": cap["status"], "reason": cap.get("reason", ""),
-                 "capacity_per_replica_rps": (cap["capacity_rps"] / job.point.replicas
-                                              if cap["status"] == "ok" else None),
-                 "calibrated": bool(cap.get("calibrated", False))}
-        if mine and len(mine) == len(windows):
-            price = gpus_per_replica(job) * float(job.hardware.get("price_per_gpu_hour_usd", 0.0) or 0.0)
-            entry.update(day_costs(mine, price), windows_unsustained=sum(not r["sustains"] for r in mine))
-        summaries.append(entry)
+    summaries = [family_summary(name, job, capacity[name], [r for r in rows if r["family"] == name],
+                                [r for r in failed if r["family"] == name], len(windows))
+                 for name, job in families.items()]
     costed = [s for s in summaries if "planned_usd" in s]
     best = min(costed, key=lambda s: s["planned_usd"]) if costed else None
     text = day_recommendation(summaries, best, windows, slo, workload_cfg)
@@ -299,7 +307,7 @@ def run_day_plan(cfg, out_dir: str | Path, *, progress: bool = True, max_in_flig
     sentence = text.splitlines()[2].replace("**", "") if best else "no family could be planned (see plan.json)"
     summary = {"verdict": sentence, "mode": "day", "best": best, "families": summaries,
                "windows": len(windows), "busiest_window": asdict(busiest), "slo": asdict(slo),
-               "search": asdict(search), "day": asdict(settings), "failed_windows": len(failed),
+               "search": asdict(search), "day": asdict(settings), "failed_windows": failed,
                "wall_s": time.perf_counter() - started,
                "versions": {**versions(), "ray": _ray_version()}, "config": plain}
     (out / "plan.json").write_text(json.dumps(summary, indent=2, default=json_default))
@@ -315,7 +323,8 @@ def day_recommendation(summaries: list[dict], best: dict | None, windows: list[W
     hours = sum(w.duration_s for w in windows) / 3600
     lines = ["# Day plan: recommendation", ""]
     if best is None:
-        lines += ["No family could be planned: each cannot run or sustains no rate (see plan.json).", ""]
+        lines += ["No family could be planned: each cannot run, sustains no rate or had windows that failed "
+                  "(see the table and plan.json).", ""]
     else:
         lines += [f"Run **{best['family']}**, scaled window by window: ${best['planned_usd']:.2f} for the "
                   f"{hours:.3g} h against ${best['fixed_fleet_usd']:.2f} for a fixed fleet of "

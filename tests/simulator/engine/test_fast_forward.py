@@ -298,3 +298,40 @@ def test_runs_preempt_under_overload_as_step_by_step(async_scheduling, caching, 
         assert sum(finished_in_runs) > 0
     if async_scheduling and not prefix_groups:  # and the step a run left in flight admitted some
         assert sum(filled) > 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_runs_preempt_as_step_by_step_when_some_requests_share_a_prefix(async_scheduling, monkeypatch):
+    # overload where some requests share a prefix and others do not: a finishing member frees
+    # only the blocks it holds alone (a shared block goes with its last holder), and a step that
+    # needs a second victim the run cannot take (one holding a shared prefix, or one whose last
+    # token is in flight) is left whole to the ordinary path, its first preemption undone
+    import dataclasses
+
+    from simulator.engine import waiting_runs
+
+    rng = np.random.default_rng(17)
+    w = make_workload(n=60, seed=17, rate=5000, prompt=(40, 40), output=(20, 300), prefix_groups=2, prefix_tokens=32)
+    group = w.prefix_group.copy()
+    group[rng.uniform(size=len(group)) < 0.6] = -1
+    w = dataclasses.replace(w, prefix_group=group)
+    cfg = EngineConfig(num_gpu_blocks_override=60, block_size=16, max_model_len=2048, max_num_seqs=64,
+                       enable_prefix_caching=True)
+    seen = {"undone": 0, "held_together": 0}
+    restore, hold = waiting_runs._WaitingRun._restore, waiting_runs._WaitingRun._hold_together
+
+    def undone(plan, saved):
+        seen["undone"] += 1
+        return restore(plan, saved)
+
+    def held_together(plan):
+        hold(plan)
+        seen["held_together"] += bool(plan.together)
+
+    monkeypatch.setattr(waiting_runs._WaitingRun, "_restore", undone)
+    monkeypatch.setattr(waiting_runs._WaitingRun, "_hold_together", held_together)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    assert_same(slow, fast)
+    assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
+    assert seen["undone"] > 0 and seen["held_together"] > 0, seen

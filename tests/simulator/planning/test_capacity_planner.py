@@ -253,6 +253,26 @@ def test_day_plan_uses_fewer_replicas_in_a_quiet_window(ray_local, tmp_path):
     assert best["fixed_fleet_usd"] == pytest.approx(peak * 2.99 * 20 / 60)
     assert (tmp_path / "day_plan.png").stat().st_size > 10_000
     assert outcome.chosen["family"] in (tmp_path / "recommendation.md").read_text()
+    assert summary["failed_windows"] == []
+
+    # a window whose simulation failed: the family is not costed, and the error says why
+    from simulator.planning.day_plan import DaySettings, day_windows, family_summary, window_workload
+    from simulator.planning.planner import PlanSpace, resolve_jobs
+    from simulator.records.metrics import SLO
+
+    settings = DaySettings.from_dict(cfg["plan"]["day"])
+    windows = day_windows(cfg["workload"], settings.duration_s)
+    reference = window_workload(cfg["workload"], windows[1], settings)
+    job = min(resolve_jobs(PlanSpace.from_config(cfg), cfg, reference, SLO.from_dict(cfg["slo"]), 0),
+              key=lambda j: j.point.replicas)
+    cap = {"status": "ok", "capacity_rps": best["capacity_per_replica_rps"] * job.point.replicas}
+    window_rows = rows.to_dict("records")
+    costed = family_summary(best["family"], job, cap, window_rows, [], len(windows))
+    assert costed["planned_usd"] == pytest.approx(best["planned_usd"])
+    error = {"family": best["family"], "window": 1, "error": "IndexError: index 11 is out of bounds"}
+    failed = family_summary(best["family"], job, cap, window_rows[:1], [error], len(windows))
+    assert failed["status"] == "error" and "planned_usd" not in failed
+    assert failed["reason"] == "1 window(s) failed, e.g. window 1: IndexError: index 11 is out of bounds"
 
 
 # ---------------------------------------------------------------- the CLI
