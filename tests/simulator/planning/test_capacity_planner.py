@@ -256,7 +256,12 @@ def test_day_plan_uses_fewer_replicas_in_a_quiet_window(ray_local, tmp_path):
     assert summary["failed_windows"] == []
 
     # a window whose simulation failed: the family is not costed, and the error says why
-    from simulator.planning.day_plan import DaySettings, day_windows, family_summary, window_workload
+    from simulator.planning.day_plan import (
+        DaySettings,
+        day_windows,
+        family_summary,
+        window_workload,
+    )
     from simulator.planning.planner import PlanSpace, resolve_jobs
     from simulator.records.metrics import SLO
 
