@@ -70,6 +70,9 @@ class Arrivals:
     #: arrivals from this time on are not known yet (a cluster's router has not routed them):
     #: every output of a run arrives before it
     known_until_s: float = math.inf
+    #: runs may admit arrivals (False: a run stops before an arrival's prefill, which goes step
+    #: by step; for a model whose step times depend on the steps before, ``ShapeCache``)
+    admit: bool = True
 
 
 def plan(
@@ -232,7 +235,8 @@ def _admit_arrivals(sched, members: Members, admissions: list[Admission], arriva
             same_step.insert(0, a.prompt)
         blocks = -(-prompt // bs)
         admitted = (
-            step >= 2
+            arrivals.admit
+            and step >= 2
             and (arrivals.private[index] or not caching)
             and prompt + sum(same_step) + members.decoding(step) <= budget  # whole, in this step's budget
             and not (threshold and prompt > threshold)

@@ -27,6 +27,7 @@ from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOu
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun, StepLog
+from simulator.engine.shape_cache import ShapeCache
 from simulator.engine.steady import SteadyScheduler
 from simulator.engine.tabulate import SimulatedRun, tabulate
 from simulator.records.engine_config import EngineConfig
@@ -114,6 +115,9 @@ class Engine:
         self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
         self.on_progress = on_progress
         self._pace = 0.0  # the latest step's duration
+        cost = getattr(perf, "shape_cache", None)
+        #: the token counts the engine's kernels are set up for (vLLM's CPU engine), or None
+        self._shapes = ShapeCache(cost, warm=[config.max_num_batched_tokens]) if cost is not None else None
         self._next_arrival = 0  # the first arrival neither queued nor admitted by a run
         self._arrival_s = workload.arrival_s.tolist()
         if isinstance(self.scheduler, SteadyScheduler):
@@ -136,7 +140,8 @@ class Engine:
             config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
         shared = np.where(w.prefix_group >= 0, w.prefix_tokens, 0) // config.block_size
         return fast_forward.Arrivals(time_s=w.arrival_s, queued=~too_long, prompt=w.prompt_tokens,
-                                     max_tokens=w.output_tokens, private=shared == 0)
+                                     max_tokens=w.output_tokens, private=shared == 0,
+                                     admit=self._shapes is None)
 
     def request_stop(self) -> None:
         """Stop at the next step boundary (e.g. on Ctrl-C); ``run`` then returns what was simulated."""
@@ -276,7 +281,10 @@ class Engine:
 
     # --- step times and the fast path --------------------------------------------------
     def _step_time(self, out: SchedulerOutput) -> float:
+        """The duration of a step about to run (called once per executed step, in order)."""
         self._pace = self.perf.step_time(out.batch)
+        if self._shapes is not None:
+            self._pace += self._shapes.charge(out.batch)
         return self._pace
 
     def _after_run(self, adv: Advance) -> range:

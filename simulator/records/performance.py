@@ -88,6 +88,36 @@ class MemoryBreakdown:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ShapeCacheCost:
+    """What a step pays when its engine meets a token count it has not run recently.
+
+    vLLM's CPU engine runs every linear layer through a oneDNN matmul handler that
+    keeps the primitives of its ``capacity`` most recent row counts (``create_onednn_mm``,
+    ``primitive_cache_size=32``); a step whose token count is not among them builds
+    new primitives first: ``per_miss_s + per_miss_token_s * tokens``. Steps that prefill
+    have varied token counts and pay it; decode-only steps (a token per running request:
+    a few recurring counts) are taken as warm. GPU engines (CUDA graphs, cuBLAS) have no
+    such term: their models carry none.
+    """
+
+    capacity: int = 32
+    per_miss_s: float = 0.0
+    per_miss_token_s: float = 0.0
+    source: str = ""
+
+    def miss_s(self, tokens: int) -> float:
+        return max(0.0, self.per_miss_s + self.per_miss_token_s * tokens)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShapeCacheCost:
+        return cls(capacity=int(data.get("capacity", 32)), per_miss_s=float(data.get("per_miss_s", 0.0)),
+                   per_miss_token_s=float(data.get("per_miss_token_s", 0.0)), source=str(data.get("source", "")))
+
+
 class PerformanceModel(ABC):
     """Step time, KV capacity and memory of one model on one hardware setup."""
 
@@ -100,6 +130,8 @@ class PerformanceModel(ABC):
     hardware_label: str | None = None
     #: engine settings the model was measured with (a profile), the run's defaults; None: none
     engine_settings: dict | None = None
+    #: the engine's per-shape set-up cost (vLLM's CPU engine, from a profile); None: none
+    shape_cache: ShapeCacheCost | None = None
 
     @abstractmethod
     def step_time(self, batch: StepBatch) -> float:
