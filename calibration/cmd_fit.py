@@ -59,6 +59,12 @@ def format_report(model) -> str:
                      f"per request {o['request_overhead_s'] * 1e3:.1f} ms idle / {o['busy_overhead_s'] * 1e3:+.1f} ms busy")
     else:
         lines.append("  serving: not measured (the profile has no serving phase): perf=profile simulates the bare engine")
+    shapes = model.shape_cache
+    if shapes is not None:
+        lines.append(f"  shape cache (vLLM CPU oneDNN primitives, {shapes.capacity} token counts kept): a step with a "
+                     f"new token count T adds {shapes.per_miss_s * 1e3:.2f} ms + {shapes.per_miss_token_s * 1e6:.2f} us x T")
+    else:
+        lines.append("  shape cache: not measured (no shapes phase in the profile, or a GPU profile): no per-shape cost")
     kv = model.kv
     lines.append(f"  KV: {kv['num_gpu_blocks']} blocks x {kv['block_size']} tokens, {kv['bytes_per_token']} bytes/token")
     return "\n".join(lines)

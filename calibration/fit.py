@@ -23,6 +23,9 @@ LM-head row and sampling). The knee is chosen from DECODE_KNEES by the
 training error; a knee of 0 is the plain linear law.
 
 KV capacity, bytes per token and memory come from the profile, not from the fit.
+
+A CPU profile's ``shape_cold`` / ``shape_warm`` steps (the profiler's shapes phase) are not
+step-law rows: they give the engine's per-shape set-up cost (``shape_cache_cost``).
 """
 
 from __future__ import annotations
@@ -38,8 +41,14 @@ import pandas as pd
 
 from simulator.records.errors import ConfigError
 from simulator.records.model_arch import ModelArchitecture
-from simulator.records.performance import KVCapacity, MemoryBreakdown, PerformanceModel, StepBatch
-from simulator.records.profile import META_FILE, Profile, engine_settings
+from simulator.records.performance import (
+    KVCapacity,
+    MemoryBreakdown,
+    PerformanceModel,
+    ShapeCacheCost,
+    StepBatch,
+)
+from simulator.records.profile import META_FILE, SHAPE_PHASES, Profile, engine_settings
 
 FIT_FILE = "fit.json"
 FIT_FORMAT = "rllm-sim-fitted-step-model"
@@ -61,6 +70,9 @@ TERM_MEANING = {
     "per_decode_kv_token": "seconds per KV token a decoding request attends over",
     "per_spec_token": "seconds per speculative draft token verified",
 }
+#: token counts whose oneDNN primitives vLLM's CPU linear layers keep (create_onednn_mm(weight, 32)
+#: in vllm/model_executor/layers/utils.py, primitive_cache_size)
+ONEDNN_PRIMITIVE_CACHE = 32
 #: rows further than this many median absolute relative residuals from the first fit are
 #: treated as disturbed measurements (another process took the core) and refitted without
 OUTLIER_MADS = 4.0
@@ -152,6 +164,7 @@ def _robust_fit(x: np.ndarray, y: np.ndarray, used: np.ndarray) -> tuple[np.ndar
 
 def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -> FitResult:
     """Fit the terms (and the decode knee) to a steps table (measured steps only); report held-out errors."""
+    frame = frame[~frame["phase"].isin(SHAPE_PHASES)].reset_index(drop=True)
     if len(frame) < len(TERMS) + 2:
         raise ConfigError("profile", f"has {len(frame)} measured steps; a fit needs at least {len(TERMS) + 2}")
     if not 0 < test_fraction < 1:
@@ -192,6 +205,34 @@ def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -
                      decode_knee=knee)
 
 
+def shape_cache_cost(steps: pd.DataFrame) -> ShapeCacheCost | None:
+    """The per-shape set-up cost from a steps table's shape_cold / shape_warm rows, or None if it has none.
+
+    Each cold step's miss is its time minus the median warm time of the same token count;
+    ``miss = per_miss_s + per_miss_token_s x tokens`` is fitted by least squares over them, both
+    terms >= 0 (a term that would be negative is 0 and the other refitted: non-negative least squares).
+    """
+    rows = steps[steps["phase"].isin(SHAPE_PHASES) & ~steps["disturbed"].astype(bool)]
+    warm = rows[rows["phase"] == "shape_warm"].groupby("num_tokens")["wall_s"].median()
+    cold = rows[(rows["phase"] == "shape_cold") & rows["num_tokens"].isin(warm.index)]
+    if cold.empty:
+        return None
+    tokens = cold["num_tokens"].to_numpy(dtype=np.float64)
+    miss = cold["wall_s"].to_numpy(dtype=np.float64) - warm.loc[cold["num_tokens"]].to_numpy(dtype=np.float64)
+    if len(np.unique(tokens)) < 2:  # one size: a constant only
+        a, b = max(0.0, float(np.mean(miss))), 0.0
+    else:
+        from scipy.optimize import nnls
+
+        scale = float(tokens.max())
+        (a, b), _ = nnls(np.column_stack([np.ones_like(tokens), tokens / scale]), miss)
+        a, b = float(a), float(b) / scale
+    source = (f"capacity: vLLM CPU create_onednn_mm primitive_cache_size ({ONEDNN_PRIMITIVE_CACHE}); miss cost: "
+              f"{len(cold)} cold prefill steps at {len(np.unique(tokens))} token counts minus the warm median "
+              "of the same count (profiler shapes phase)")
+    return ShapeCacheCost(capacity=ONEDNN_PRIMITIVE_CACHE, per_miss_s=a, per_miss_token_s=b, source=source)
+
+
 class FittedPerformanceModel(PerformanceModel):
     """Step time from fitted coefficients; KV capacity and memory from the profile."""
 
@@ -200,7 +241,8 @@ class FittedPerformanceModel(PerformanceModel):
     def __init__(self, coefficients: dict[str, float], kv: dict[str, Any], memory: dict[str, Any],
                  architecture: dict[str, Any], name: str, hardware: dict[str, Any] | None = None,
                  report: dict[str, Any] | None = None, source: str = "", decode_knee: int = 0,
-                 serving: dict[str, Any] | None = None, engine: dict[str, Any] | None = None):
+                 serving: dict[str, Any] | None = None, engine: dict[str, Any] | None = None,
+                 shape_cache: dict[str, Any] | None = None):
         missing = [t for t in TERMS if t not in coefficients and t not in NEW_TERMS]
         if missing:
             raise ConfigError("fit", f"coefficients lack {missing}")
@@ -211,6 +253,8 @@ class FittedPerformanceModel(PerformanceModel):
         self.serving = dict(serving) if serving else None
         #: the profiled engine's settings (simulator.records.profile.engine_settings)
         self.engine_settings = dict(engine) if engine else None
+        #: the engine's per-shape set-up cost (CPU profiles with a shapes phase), or None
+        self.shape_cache = ShapeCacheCost.from_dict(shape_cache) if shape_cache else None
         self.kv = dict(kv)
         self.memory_info = dict(memory)
         self.architecture = ModelArchitecture.from_dict(architecture)
@@ -268,8 +312,9 @@ class FittedPerformanceModel(PerformanceModel):
 
     def describe(self) -> dict:
         held = self.report.get("held_out", {})
+        shapes = {"shape_cache": self.shape_cache.to_dict()} if self.shape_cache else {}
         return {**super().describe(), "source": self.source, "coefficients": self.coefficients,
-                "decode_knee": self.decode_knee,
+                "decode_knee": self.decode_knee, **shapes,
                 "held_out_median_ape": held.get("median_ape"), "held_out_p90_ape": held.get("p90_ape")}
 
     # --- persistence ----------------------------------------------------------------
@@ -278,7 +323,7 @@ class FittedPerformanceModel(PerformanceModel):
                 "source": self.source, "coefficients": self.coefficients, "decode_knee": self.decode_knee,
                 "kv": self.kv, "memory": self.memory_info, "architecture": self.architecture.to_dict(),
                 "hardware": self.hardware, "engine": self.engine_settings, "serving": self.serving,
-                "report": self.report}
+                "shape_cache": self.shape_cache.to_dict() if self.shape_cache else None, "report": self.report}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FittedPerformanceModel:
@@ -288,7 +333,7 @@ class FittedPerformanceModel(PerformanceModel):
                    architecture=data["architecture"], name=data["name"], hardware=data.get("hardware"),
                    report=data.get("report"), source=data.get("source", ""),
                    decode_knee=int(data.get("decode_knee") or 0), serving=data.get("serving"),
-                   engine=data.get("engine"))
+                   engine=data.get("engine"), shape_cache=data.get("shape_cache"))
 
 
 def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) -> FittedPerformanceModel:
@@ -310,6 +355,8 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
         engine=engine_settings(profile.meta),
     )
     model.serving = serving_of(profile, model)
+    if (profile.meta.hardware or {}).get("kind") != "gpu":  # GPU engines have no such term
+        model.shape_cache = shape_cache_cost(profile.steps)
     return model
 
 

@@ -210,7 +210,7 @@ class ServedModel(StepGapModel):
                          overheads.per_context_token_s)
         self.overheads = overheads
         self.name = f"{base.name}+served"
-        for attr in ("architecture", "engine_settings", "hardware_label", "on_gpu", "kv"):
+        for attr in ("architecture", "engine_settings", "hardware_label", "on_gpu", "kv", "shape_cache"):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
 

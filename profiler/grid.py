@@ -7,7 +7,10 @@ out-of-memory handling. Phases:
 - ``decode``: ``batch`` requests decode over ``context`` tokens each;
 - ``mixed``: a small workload; the scheduler mixes prefill chunks and decodes itself;
 - ``prefix``: requests sharing a ``prefix`` (first one misses, the others hit), ``suffix`` new tokens;
-- ``spec``: ``batch`` requests with repetitive prompts of ``context`` tokens, so drafts get proposed.
+- ``spec``: ``batch`` requests with repetitive prompts of ``context`` tokens, so drafts get proposed;
+- ``shapes`` (last): a prefill of ``tokens`` new tokens that no step before had, then the same count
+  again: the first step pays the engine's per-shape set-up (vLLM CPU's oneDNN primitives), the
+  others are warm (steps phased ``shape_cold`` / ``shape_warm``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from profiler.field_types import check_fields, check_known
 from simulator.records.errors import require
 
-PHASES = ("prefill", "decode", "mixed", "prefix", "spec")
+PHASES = ("prefill", "decode", "mixed", "prefix", "spec", "shapes")
 EXTRA_PHASES = ("prefix", "spec")
 
 
@@ -56,6 +59,30 @@ class SpecSpec:
 
 
 @dataclass(frozen=True)
+class ShapesSpec:
+    enabled: bool = True
+    #: token counts as shares of max_num_batched_tokens, made odd; each is measured at T and T + 2
+    budget_shares: tuple[float, ...] = (0.05, 0.15, 0.30, 0.55, 0.85)
+    #: warm steps after the cold one, per token count
+    warm_repeats: int = 2
+
+    def __post_init__(self) -> None:
+        check_fields(self, "grid.shapes.")
+        require(all(0 < s <= 1 for s in self.budget_shares), "grid.shapes.budget_shares",
+                f"must be numbers in (0, 1], got {list(self.budget_shares)}")
+        require(self.warm_repeats >= 1, "grid.shapes.warm_repeats", f"must be >= 1, got {self.warm_repeats}")
+
+
+def shape_token_counts(spec: ShapesSpec, max_num_batched_tokens: int) -> list[int]:
+    """Odd token counts (T and T + 2 per share) within the budget: the grid's counts are even."""
+    counts: set[int] = set()
+    for share in spec.budget_shares:
+        odd = max(1, int(round(share * max_num_batched_tokens))) | 1
+        counts.update(t for t in (odd, odd + 2) if t <= max_num_batched_tokens)
+    return sorted(counts)
+
+
+@dataclass(frozen=True)
 class GridSpec:
     """Grid parameters (conf/profiler/grid/<name>.yaml)."""
 
@@ -69,6 +96,7 @@ class GridSpec:
     mixed: MixedSpec = field(default_factory=MixedSpec)
     prefix: PrefixSpec = field(default_factory=PrefixSpec)
     spec: SpecSpec = field(default_factory=SpecSpec)
+    shapes: ShapesSpec = field(default_factory=ShapesSpec)
 
     def __post_init__(self) -> None:
         check_fields(self, "grid.")
@@ -83,7 +111,7 @@ class GridSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GridSpec:
         data = dict(data)
-        sub = {"mixed": MixedSpec, "prefix": PrefixSpec, "spec": SpecSpec}
+        sub = {"mixed": MixedSpec, "prefix": PrefixSpec, "spec": SpecSpec, "shapes": ShapesSpec}
         check_known(data, cls.__dataclass_fields__, "grid.")
         for key, typ in sub.items():
             if key in data:
@@ -174,6 +202,10 @@ def build_points(
                 keep(_point("spec", ("batch", "context"), batch=batch, context=context),
                      context + grid.spec.steps * 16 <= max_model_len,
                      f"context + decode steps exceed max_model_len {max_model_len}")
+    if grid.shapes.enabled:
+        for tokens in shape_token_counts(grid.shapes, max_num_batched_tokens):
+            keep(_point("shapes", ("tokens",), tokens=tokens), tokens + 1 <= max_model_len,
+                 f"tokens exceed max_model_len {max_model_len}")
     return points, left_out
 
 
@@ -193,4 +225,6 @@ def kv_tokens_needed(point: GridPoint, grid: GridSpec, block_size: int) -> int:
         return blocks(point.param("prefix") + point.param("suffix") + 1) + blocks(point.param("suffix") + 1)
     if point.phase == "mixed":
         return blocks(grid.mixed.prompt_tokens[1] + grid.mixed.output_tokens[1])
+    if point.phase == "shapes":
+        return blocks(point.param("tokens") + 1)
     raise ValueError(point.phase)

@@ -36,6 +36,8 @@ class PhaseRunner:
         self.step_no = first_step
         #: stream key -> tokens of it computed (hence in the prefix cache, unless evicted)
         self.primed: dict[str, int] = {}
+        #: token counts of the steps this process ran (its engine has set up their shapes)
+        self.seen_tokens: set[int] = set()
         self.num_spec = 0
         spec = session.vllm_config.speculative_config
         if spec is not None:
@@ -46,6 +48,7 @@ class PhaseRunner:
         row = self.session.step()
         if row is None:
             return None
+        self.seen_tokens.add(int(row["num_tokens"]))
         row.update(point_id=point_id, phase=phase, rep=rep, step=self.step_no)
         self.step_no += 1
         return row
@@ -75,6 +78,11 @@ class PhaseRunner:
             if row is not None:
                 rows.append(row)
 
+    def _unrecorded_step(self) -> None:
+        row = self.session.step()
+        if row is not None:
+            self.seen_tokens.add(int(row["num_tokens"]))
+
     # --- warm-up -----------------------------------------------------------------
     def warm_up(self, max_chunk: int, max_batch: int) -> None:
         """Run the largest prefill and decode batch once (allocations, kernel set-up); not recorded."""
@@ -82,11 +90,11 @@ class PhaseRunner:
         chunk = max(1, min(max_chunk, session.default_budget, session.vllm_config.model_config.max_model_len - 8))
         session.add(self.streams.tokens("warmup/prefill", chunk), max_tokens=2, tag="w")
         while session.has_unfinished():
-            session.step()
+            self._unrecorded_step()
         ids = [session.add(self.streams.tokens(f"warmup/{i}", 16), max_tokens=4, tag="w")
                for i in range(max(1, min(max_batch, session.vllm_config.scheduler_config.max_num_seqs)))]
         while session.has_unfinished():
-            session.step()
+            self._unrecorded_step()
         del ids
         for i in range(max_batch):
             self.streams.forget(f"warmup/{i}")
@@ -213,5 +221,24 @@ class PhaseRunner:
             row = self._step("mixed", 0, point.point_id)
             steps += 1
             if row is not None:
+                rows.append(row)
+        return rows
+
+    def _run_shapes(self, point: GridPoint) -> list[dict[str, Any]]:
+        """A prefill of ``tokens`` fresh tokens (no cache hit), then ``warm_repeats`` more of the same
+        count: the first is ``shape_cold`` unless this process already ran a step of that count."""
+        tokens = point.param("tokens")
+        session, rows = self.session, []
+        cold = tokens not in self.seen_tokens
+        for rep in range(1 + self.grid.shapes.warm_repeats):
+            key = f"{point.point_id}/{rep}"
+            req_id = session.add(self.streams.tokens(key, tokens), max_tokens=1, tag="s")
+            self.streams.forget(key)
+            while session.has_unfinished():
+                row = self._step("warmup", -1, point.point_id)  # a step other than the measured one
+                if row is None:
+                    continue
+                if row["_prefill_ids"] == [req_id] and row["num_tokens"] == tokens and not row["_decode_ids"]:
+                    row.update(phase="shape_cold" if rep == 0 and cold else "shape_warm", rep=rep)
                 rows.append(row)
         return rows

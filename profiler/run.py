@@ -305,7 +305,10 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     streams = TokenStreams(arch.vocab_size, settings.seed, resolved["max_model_len"])
     runner = PhaseRunner(session, streams, grid, first_step=store.next_step)
     warmup_started = time.time()
-    runner.warm_up(max(grid.prefill_chunks), max(grid.decode_batches))
+    # the shapes phase measures first-time token counts: the warm-up's prefill then fills the whole
+    # budget, so that their cold steps are not also the first ones of their activation size
+    max_chunk = max(max(grid.prefill_chunks), session.default_budget if grid.shapes.enabled else 0)
+    runner.warm_up(max_chunk, max(grid.decode_batches))
     rss_after_warmup = process_rss_bytes()
     grid_started = time.time()
     warmup_s = grid_started - warmup_started

@@ -35,7 +35,7 @@ META_FILE = "profile.json"
 #: column -> (kind, meaning). Kinds: "str", "int", "float", "bool", "list" (list of ints).
 STEP_COLUMNS: dict[str, tuple[str, str]] = {
     "point_id": ("str", "grid point the step belongs to, e.g. 'prefill/c512/l4096'"),
-    "phase": ("str", "prefill | decode | mixed | prefix | spec | fill | warmup"),
+    "phase": ("str", "prefill | decode | mixed | prefix | spec | fill | warmup | shape_cold | shape_warm"),
     "rep": ("int", "repeat index at the point; -1 for fill and warm-up steps"),
     "step": ("int", "engine step number within the run"),
     "wall_s": ("float", "wall time of one LLMEngine.step(): schedule, forward, sample, outputs"),
@@ -61,6 +61,9 @@ STEP_COLUMNS: dict[str, tuple[str, str]] = {
 LIST_COLUMNS = tuple(c for c, (kind, _) in STEP_COLUMNS.items() if kind == "list")
 #: phases whose steps are measurements (warm-up steps are not)
 MEASURED_PHASES = ("prefill", "decode", "mixed", "prefix", "spec", "fill")
+#: prefills of a token count the engine meets first (cold) and again (warm): the engine's per-shape
+#: set-up cost (calibration.fit.shape_cache_cost), not step-law measurements
+SHAPE_PHASES = ("shape_cold", "shape_warm")
 
 REQUIRED_META = ("format", "format_version", "hardware", "versions", "model", "optimization",
                  "engine", "kv", "memory", "grid", "points")
@@ -140,10 +143,10 @@ def validate_steps(frame: pd.DataFrame, where: str = "steps") -> None:
         return
     if not np.all(np.isfinite(frame["wall_s"].to_numpy(float))) or (frame["wall_s"] <= 0).any():
         raise ConfigError("profile", f"{where}: column 'wall_s' must be finite and > 0")
-    bad_phase = set(frame["phase"]) - set(MEASURED_PHASES) - {"warmup"}
+    bad_phase = set(frame["phase"]) - set(MEASURED_PHASES) - set(SHAPE_PHASES) - {"warmup"}
     if bad_phase:
         raise ConfigError("profile", f"{where}: unknown phases {sorted(bad_phase)}; allowed: "
-                          f"{list(MEASURED_PHASES) + ['warmup']}")
+                          f"{list(MEASURED_PHASES) + ['warmup', *SHAPE_PHASES]}")
     lengths = {c: frame[c].map(len).to_numpy() for c in LIST_COLUMNS}
     for a, b in (("prefill_tokens", "prefill_context"), ("prefill_tokens", "prefill_cached"),
                  ("decode_context", "decode_spec_tokens"),

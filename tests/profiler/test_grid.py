@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from profiler.grid import GridSpec, build_points, kv_tokens_needed
+from profiler.grid import GridSpec, ShapesSpec, build_points, kv_tokens_needed
 from simulator.records.errors import ConfigError
 
 
 def test_points_cover_the_product_in_measuring_order():
     grid = GridSpec(prefill_chunks=(32, 512), prefill_contexts=(0, 1024), decode_batches=(1, 8),
-                    decode_contexts=(128, 4096), decode_max_batch_tokens=8192)
+                    decode_contexts=(128, 4096), decode_max_batch_tokens=8192, shapes=ShapesSpec(enabled=False))
     points, left_out = build_points(grid, (), max_model_len=32768, max_num_batched_tokens=2048)
     ids = [p.point_id for p in points]
     assert ids == [
@@ -56,7 +56,25 @@ def test_kv_tokens_needed_counts_whole_blocks_per_request():
     assert kv_tokens_needed(prefill, grid, block_size=128) == 37 * 128
 
 
+def test_shape_points_come_last_with_odd_counts_the_grid_never_uses():
+    grid = GridSpec.from_dict({"prefill_chunks": [32, 512], "shapes": {"budget_shares": [0.05, 0.55, 1.0]}})
+    points, left_out = build_points(grid, (), max_model_len=1000, max_num_batched_tokens=2048)
+    shapes = [p for p in points if p.phase == "shapes"]
+    assert points[-len(shapes):] == shapes  # after every other point
+    counts = [p.param("tokens") for p in shapes]
+    assert counts == [103, 105]  # 5% of 2048 -> 103 and 103 + 2; 55% (1127) exceeds max_model_len
+    # 100% of the budget: 2049 and 2051 exceed it, so no point
+    assert [p["point_id"] for p in left_out if p["phase"] == "shapes"] == ["shapes/tokens1127", "shapes/tokens1129"]
+    assert not set(counts) & set(grid.prefill_chunks)
+    assert kv_tokens_needed(shapes[0], grid, block_size=128) == 128
+    off = GridSpec.from_dict({"shapes": {"enabled": False}})
+    assert not [p for p in build_points(off, (), 32768, 2048)[0] if p.phase == "shapes"]
+
+
 @pytest.mark.parametrize("data, field", [
+    ({"shapes": {"budget_shares": [0.0]}}, "grid.shapes.budget_shares"),
+    ({"shapes": {"warm_repeats": 0}}, "grid.shapes.warm_repeats"),
+    ({"shapes": {"enabled": "yes"}}, "grid.shapes.enabled"),
     ({"repeats": 0}, "grid.repeats"),
     ({"decode_batches": []}, "grid.decode_batches"),
     ({"bogus": 1}, "grid.bogus"),

@@ -109,10 +109,31 @@ def test_step_table_covers_the_grid(resumed_run):
             assert (rows["num_prefill_tokens"] == 0).all()
             for contexts in rows["decode_context"]:
                 assert all(point.param("context") < c <= point.param("context") + 12 for c in contexts)
+        elif point.phase == "shapes":  # one cold step (unless the count was met before) and warm repeats
+            assert rows["prefill_tokens"].tolist() == [[point.param("tokens")]] * len(rows)
+            assert rows["prefill_context"].tolist() == [[0]] * len(rows) and (rows["num_decode_seqs"] == 0).all()
+            assert rows["phase"].tolist()[1:] == ["shape_warm"] * grid.shapes.warm_repeats
         else:  # mixed: the scheduler put prefill chunks and decodes into the same steps
             assert len(rows) >= grid.mixed.requests
             assert ((rows["num_prefill_tokens"] > 0) & (rows["num_decode_seqs"] > 0)).any()
     assert (steps["wall_s"] > 0).all() and (steps["rss_bytes"] > 0).all()
+
+
+def test_shapes_phase_measures_cold_steps_and_the_fit_prices_a_miss(resumed_run):
+    """The mechanism, not a number: new token counts come cold, and the fit charges them > 0."""
+    from calibration.fit import fit_profile
+    from simulator.records.performance import ShapeCacheCost
+
+    profile = resumed_run["profile"]
+    steps = profile.steps
+    shapes = steps[steps["phase"].isin(["shape_cold", "shape_warm"])]
+    cold = shapes[shapes["phase"] == "shape_cold"]
+    assert len(cold) >= 5 and (shapes["point_id"].str.startswith("shapes/")).all()
+    assert (shapes["prefill_cached"].map(sum) == 0).all()  # fresh tokens: no prefix-cache hit
+    assert not profile.measured_steps()["phase"].isin(["shape_cold", "shape_warm"]).any()
+    cost = fit_profile(profile).shape_cache
+    assert isinstance(cost, ShapeCacheCost) and cost.capacity == 32
+    assert all(cost.per_miss_s + cost.per_miss_token_s * t > 0 for t in cold["num_tokens"])
 
 
 def test_kv_capacity_is_the_engines_own_count(resumed_run):
