@@ -46,6 +46,7 @@ from calibration.replay_errors import (
     error_rows,
     live_latencies,
     run_hardware,
+    run_link_gbps,
 )
 from simulator.records.errors import ConfigError
 
@@ -139,7 +140,8 @@ def replay_run(run_dir: Path, frontend_s: float | None = None, seed: int = 0) ->
     if out.skipped:
         return out
     card = run_hardware(run_dir, hardware)
-    out.hardware = f"{hardware} (link {card.interconnect_gbps:g} GB/s)" if out.tp * out.dp > 1 else hardware
+    link = run_link_gbps(run_dir)
+    out.hardware = f"{hardware} (link {link:g} GB/s)" if out.tp * out.dp > 1 and link else hardware
     if out.dp > 1:
         sim, perf = dp_replay.simulate_ranks(run, run_dir, model, hardware, seed)
     else:

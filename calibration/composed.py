@@ -7,14 +7,16 @@ query over their KV); two all-reduces under tensor parallelism; and a handful
 of memory-bound element-wise kernels (norms, rotary, KV-cache write, SiLU).
 Then the LM head runs on one row per scheduled request (vLLM computes logits
 for every request in the batch, even partial prefills) and the sampler on those
-rows. A fixed per-step overhead covers what no kernel table holds.
+rows. Under tensor parallelism a step also all-reduces its embeddings and
+all-gathers its logits (``layer_terms.embedding_allreduce_ms``,
+``logits_allgather_ms``). A fixed per-step overhead covers what no kernel table holds.
 
 Everything that depends only on the model and the hardware is evaluated once,
 at construction, onto lookup grids:
 
-- ``dense[m]``: all layers' GEMMs, element-wise kernels and all-reduces for a
-  step of m tokens (m = 0 .. max_tokens, one entry per integer);
-- ``head[r]``: LM head GEMM plus sampler for r sampled rows;
+- ``dense[m]``: all layers' GEMMs, element-wise kernels and all-reduces (the
+  embedding's included) for a step of m tokens (m = 0 .. max_tokens, one entry per integer);
+- ``head[r]``: LM head GEMM, logits all-gather and sampler for r sampled rows;
 - a (chunks x effective prefill length) grid of context attention and a
   (decode sequences x mean KV length) grid of generation attention, uniform in
   log2 with ``GRID_PER_OCTAVE`` points per doubling, interpolated log-bilinearly.
@@ -54,7 +56,9 @@ from calibration.layer_terms import (
     MEMORY_OP_LATENCY_S,
     STEP_OVERHEAD_S,
     LayerShapes,
+    embedding_allreduce_ms,
     layer_memory_ops,
+    logits_allgather_ms,
 )
 from calibration.memory import MemoryModel
 from calibration.roofline import RooflineKernels
@@ -380,8 +384,12 @@ class ComposedPerformanceModel(PerformanceModel):
                                     / (hardware.memory_bandwidth_gbps * 1e9 * COPY_CEILING_FRACTION))
         dense = (self._dense_seconds(np.arange(self.max_tokens + 1)) if self.sparse is None
                  else self.sparse.dense_seconds(np.arange(self.max_tokens + 1)))
+        dense = dense + 1e-3 * embedding_allreduce_ms(kernels.allreduce_ms, tp, np.arange(self.max_tokens + 1),
+                                                      arch.hidden_size)
         self.dense_s = np.maximum.accumulate(dense)
-        self.head_s = self._head_seconds(np.arange(self.max_rows + 1))
+        rows = np.arange(self.max_rows + 1)
+        self.head_s = self._head_seconds(rows) + 1e-3 * logits_allgather_ms(kernels.allreduce_ms, tp, rows,
+                                                                             arch.vocab_size)
         self._dense = self.dense_s.tolist()
         self._head = self.head_s.tolist()
         self._dense_slope = float(self.dense_s[-1] - self.dense_s[-1025]) / 1024

@@ -4,7 +4,10 @@ calibration.sparse, calibration.non_kernel and calibration.llmservingsim read th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from simulator.records.model_arch import ModelArchitecture, check_tp, dtype_bytes
 
@@ -65,3 +68,30 @@ def layer_memory_ops(sh: LayerShapes, weight_dtype: str, kv_dtype: str) -> dict[
     if weight_dtype != "int4" and dtype_bytes(weight_dtype) < act:
         ops.update(quant_o=q_dim * (act + 1), quant_down=sh.inter * (act + 1))
     return ops
+
+
+#: ``allreduce_ms(num_gpus, elements)``: a kernel source's all-reduce of ``elements`` bf16 values, in ms
+AllReduceMs = Callable[[int, np.ndarray], np.ndarray]
+
+
+def embedding_allreduce_ms(allreduce_ms: AllReduceMs, tp: int, tokens: np.ndarray, hidden: int) -> np.ndarray:
+    """Tensor parallelism's one all-reduce a step outside the layers, for ``tokens`` tokens (ms).
+
+    vLLM's ``VocabParallelEmbedding`` looks each token up in this rank's slice of the vocabulary
+    (zeros elsewhere) and all-reduces the ``tokens x hidden`` result. 0 at tp 1.
+    """
+    m = np.asarray(tokens, dtype=float)
+    return np.where(m > 0, allreduce_ms(tp, m * hidden), 0.0) if tp > 1 else np.zeros_like(m)
+
+
+def logits_allgather_ms(allreduce_ms: AllReduceMs, tp: int, rows: np.ndarray, vocab: int) -> np.ndarray:
+    """The all-gather of the LM head's logits under tensor parallelism, for ``rows`` sampled rows (ms).
+
+    Each rank computes ``rows x vocab / tp`` bf16 logits; vLLM's ``LogitsProcessor._gather_logits``
+    all-gathers them (``Platform.use_all_gather``: True on GPUs), each GPU receiving the other
+    ranks' ``(tp - 1) / tp`` of ``rows x vocab`` values. A ring all-reduce of ``e`` values moves
+    ``2 (tp - 1) / tp x e`` of them per GPU (a reduce-scatter, then an all-gather), so the gather
+    is priced as an all-reduce of half the logits: the same bytes and one latency. 0 at tp 1.
+    """
+    r = np.asarray(rows, dtype=float)
+    return np.where(r > 0, allreduce_ms(tp, r * vocab / 2), 0.0) if tp > 1 else np.zeros_like(r)

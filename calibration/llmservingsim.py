@@ -15,8 +15,10 @@ A step is then ``layers x (dense ops(tokens) + attention) + embedding +
 final norm + LM head + sampler + overhead``. Qwen3's per-head q/k norm
 (``qk_norm``) is a layer op where the profile has it. Under tensor parallelism
 the profile times one rank's shard (a shrunk model on one GPU: no collective),
-so the step adds two all-reduces a layer priced from the card's interconnect
-(``roofline.RooflineKernels.allreduce_ms``). Batches that the profile's
+so the step adds what vLLM sends between the GPUs, priced from the card's
+interconnect (``roofline.RooflineKernels.allreduce_ms``): two all-reduces a
+layer, the embedding's all-reduce and the logits' all-gather
+(``layer_terms.embedding_allreduce_ms``, ``logits_allgather_ms``). Batches that the profile's
 single-chunk, uniform-decode grid cannot express exactly are reduced to it:
 several prefill chunks become one chunk of their total tokens over the context
 that gives the same attention work, and decode KV lengths are replaced by
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.layer_terms import STEP_OVERHEAD_S
+from calibration.layer_terms import STEP_OVERHEAD_S, embedding_allreduce_ms, logits_allgather_ms
 from calibration.memory import MemoryModel
 from simulator.records.errors import ConfigError
 from simulator.records.hardware import Hardware
@@ -236,15 +238,20 @@ class LLMServingSimPerformanceModel(PerformanceModel):
 
         layer_ops = LAYER_OPS + tuple(op for op in OPTIONAL_LAYER_OPS if op in ops)
         layer = sum(curve(ops[op], m) for op in layer_ops) + LAYER_NORMS_PER_LAYER * curve(ops["layernorm"], m)
-        if key.tp > 1:  # the profile times one shard alone: add the layer's two all-reduces
+        rows = np.arange(4097, dtype=float)
+        comm_us, gather_us = 0.0, 0.0
+        if key.tp > 1:  # the profile times one shard alone: add the step's collectives
             from calibration.roofline import RooflineKernels
 
-            layer = layer + 2 * 1e3 * RooflineKernels(hardware).allreduce_ms(key.tp, m * arch.hidden_size)
-        dense_us = arch.num_layers * layer + curve(ops["embedding"], m) + curve(ops["final_layernorm"], m)
+            allreduce = RooflineKernels(hardware).allreduce_ms
+            layer = layer + 2 * 1e3 * allreduce(key.tp, m * arch.hidden_size)
+            comm_us = 1e3 * embedding_allreduce_ms(allreduce, key.tp, m, arch.hidden_size)
+            gather_us = 1e3 * logits_allgather_ms(allreduce, key.tp, rows, arch.vocab_size)
+        dense_us = (arch.num_layers * layer + curve(ops["embedding"], m) + curve(ops["final_layernorm"], m)
+                    + comm_us)
         self._dense = (1e-6 * dense_us).tolist()
-        rows = np.arange(4097, dtype=float)
         seq = prof["per_sequence"]
-        head_us = sum(curve(seq[op], rows) for op in seq)
+        head_us = sum(curve(seq[op], rows) for op in seq) + gather_us
         self._head = (1e-6 * head_us).tolist()
         self.decode_lattice, self.mixed_lattice = _attention_lattices(prof["attention"])
 
@@ -283,5 +290,6 @@ class LLMServingSimPerformanceModel(PerformanceModel):
                     "via_model": self.via_model})
         if self.key.tp > 1:
             out["allreduce"] = (f"roofline from {self.hardware.name}'s interconnect "
-                                f"({self.hardware.interconnect_gbps} GB/s): the profile times no collective")
+                                f"({self.hardware.interconnect_gbps:g} GB/s peak): two all-reduces a layer, the "
+                                "embedding's all-reduce and the logits' all-gather; the profile times no collective")
         return out

@@ -24,18 +24,32 @@ METRICS = ("ttft", "e2e")
 VIEWS = ("engine", "client")
 
 
-def run_hardware(run_dir: Path, name: str) -> Hardware:
-    """The card, with the GPU-to-GPU link the run's ``config.json`` records (``link_bw``, GB/s) if any.
-
-    LLMServingSim's cluster description of the machine it ran on (16 GB/s for its RTX PRO 6000
-    runs: PCIe without NVLink); it prices the all-reduces of a TP > 1 step and the expert
-    gather of an expert-parallel one. The same value for all its runs: a description of the
-    machine, not fitted to one run.
-    """
-    card = catalog.load_hardware(name)
+def run_link_gbps(run_dir: Path) -> float | None:
+    """The GPU-to-GPU link the run's ``config.json`` records (``link_bw``, GB/s), or None."""
     cfg = run_dir / "config.json"
     link = json.loads(cfg.read_text()).get("link_bw") if cfg.exists() else None
-    return replace(card, interconnect_gbps=float(link)) if link else card
+    return float(link) if link else None
+
+
+def run_hardware(run_dir: Path, name: str) -> Hardware:
+    """The card, with the GPU-to-GPU link the run's ``config.json`` records (``run_link_gbps``) if any.
+
+    The record is LLMServingSim's description of the machine it ran on (16 GB/s for its RTX PRO
+    6000 runs: PCIe without NVLink), the same for all its runs, not fitted to one. It prices the
+    collectives of a TP > 1 step and the expert gather of an expert-parallel one. Its unit is
+    LLMServingSim's: ASTRA-Sim's analytical network, which that simulator feeds it to, times a
+    message over a link as its bytes / ``link_bw`` (plus a latency), with no efficiency
+    factor, and LLMServingSim chose the value to match its all-reduces ("the same ``link_bw``
+    that already matches AllReduce", ``serving/core/trace_generator.py``). It is the bandwidth
+    a collective gets, not a datasheet peak; ``conf/hardware`` holds peaks, which the roofline
+    derates by ``INTERCONNECT_EFFICIENCY``. The card is therefore given the peak that the derate
+    turns back into the recorded link: ``link_bw / INTERCONNECT_EFFICIENCY``.
+    """
+    from calibration.roofline import INTERCONNECT_EFFICIENCY
+
+    card = catalog.load_hardware(name)
+    link = run_link_gbps(run_dir)
+    return replace(card, interconnect_gbps=link / INTERCONNECT_EFFICIENCY) if link else card
 
 
 def live_latencies(run: LiveRun) -> dict[tuple[str, str], np.ndarray]:

@@ -88,3 +88,24 @@ def test_lattice_is_exact_on_points_and_linear_beyond():
     assert lattice(16.0, 2.0) == pytest.approx(4.0)
     assert lattice(64.0, 4.0) == pytest.approx(24.0)
     assert 2.0 < lattice(24.0, 2.0) < 6.0
+
+
+def test_a_tp2_step_pays_what_vllm_sends_between_the_gpus():
+    """The TP-2 profile times one shard on one GPU; the step adds two all-reduces a layer of its
+    tokens, the embedding's all-reduce and the logits' all-gather. Between a slow and a (nearly)
+    free link, a decode step of 128 differs by exactly those bytes at the slow link's speed."""
+    from dataclasses import replace
+
+    from calibration.roofline import INTERCONNECT_EFFICIENCY
+
+    arch, card = load_model("qwen3-32b"), load_hardware("rtxpro6000")
+    key = find_profile("rtxpro6000", "Qwen/Qwen3-32B", 2)
+
+    def step(link_gbps):
+        hw = replace(card, interconnect_gbps=link_gbps / INTERCONNECT_EFFICIENCY)
+        pm = LLMServingSimPerformanceModel(key, arch, hw, max_num_batched_tokens=2048, max_num_seqs=128)
+        return pm.step_time(StepBatch(decode_context=[1024] * 128))
+
+    act = 128 * arch.hidden_size * 2  # bytes of one all-reduce's bf16 activations
+    per_gpu = (2 * arch.num_layers + 1) * act + 128 * arch.vocab_size * 2 / 2
+    assert step(16.0) - step(1e9) == pytest.approx(per_gpu / 16e9, rel=1e-3)

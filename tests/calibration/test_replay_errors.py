@@ -9,17 +9,27 @@ import pytest
 
 from calibration import catalog
 from calibration.live_replay import DEFAULT_RUN
-from calibration.replay_errors import QUANTILES, error_rows, run_hardware
+from calibration.replay_errors import QUANTILES, error_rows, run_hardware, run_link_gbps
+from calibration.roofline import ALLREDUCE_LATENCY_S, RooflineKernels
 
 
 def test_the_link_is_the_runs_own_where_it_records_one(tmp_path):
     assert json.loads((DEFAULT_RUN / "config.json").read_text())["link_bw"] == 16
-    assert run_hardware(DEFAULT_RUN, "rtxpro6000").interconnect_gbps == 16.0
+    assert run_link_gbps(DEFAULT_RUN) == 16.0
     (tmp_path / "config.json").write_text(json.dumps({"link_bw": 50}))
-    assert run_hardware(tmp_path, "rtxpro6000").interconnect_gbps == 50.0
+    assert run_link_gbps(tmp_path) == 50.0
     # no config.json: the card as conf/hardware describes it
     bare = run_hardware(tmp_path / "elsewhere", "rtxpro6000")
     assert bare.interconnect_gbps == catalog.load_hardware("rtxpro6000").interconnect_gbps
+
+
+def test_the_recorded_link_is_what_a_collective_gets_not_a_peak_to_derate():
+    """LLMServingSim's link_bw is ASTRA-Sim's link (bytes / link_bw, no efficiency): an all-reduce of
+    the replayed card moves its bytes at exactly 16 GB/s, where conf/hardware's peaks are derated."""
+    card = run_hardware(DEFAULT_RUN, "rtxpro6000")
+    elements = 2048 * 5120
+    got = float(RooflineKernels(card).allreduce_ms(2, elements))
+    assert got == pytest.approx(1e3 * (ALLREDUCE_LATENCY_S + elements * 2 / 16e9))
 
 
 def test_errors_are_signed_and_the_client_view_adds_the_front_end():
