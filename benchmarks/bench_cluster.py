@@ -5,7 +5,7 @@
 
 For each router, the cluster is simulated on one clock (simulator.cluster); then each replica's
 requests (as that router sent them) are simulated alone with ``simulator.engine.loop.simulate``. It
-prints the cluster's CPU time, the sum of the single-replica CPU times and their ratio (issue 19's
+prints the cluster's CPU time, the sum of the single-replica CPU times and their ratio (the
 target: at most 2x). CPU time (this process's), not wall time: the 2-core machine is shared.
 ``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
 TPOT, E2E, SLO attainment). Overrides (``--set workload.rate=40``) go to the simulator's config.

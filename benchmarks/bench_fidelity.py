@@ -8,7 +8,7 @@ Profiles the tiny model once per optimization the scenarios need (``--grid``,
 default ``validation``: ``none``, and ``spec_ngram`` for the speculation
 scenario), then per scenario (see calibration/validation_scenarios.py: light
 load, saturation with preemptions, prefix sharing, n-gram speculation) runs ``python -m calibration validate`` with
-``--tolerances fidelity`` and a fresh server per live run (the issue's noise
+``--tolerances fidelity`` and a fresh server per live run (the noise
 table was measured that way). It prints the Markdown table for the README:
 errors of the simulated median against the live median for the fidelity
 target (E2E p50/p99 within 5%, TTFT p50/p99 within 10%, mean KV usage within

@@ -1,4 +1,4 @@
-"""Does a profile predict its own engine? Profile -> fit -> simulate, held to live runs (issue 21).
+"""Does a profile predict its own engine? Profile -> fit -> simulate, held to live runs.
 
 For each model shape (tiny random-weight Llamas other than the shipped one) it
 
@@ -28,7 +28,7 @@ quiet, 10 min loaded; the table goes to <out>/table.md only)::
 
     python benchmarks/bench_own_engine.py --quick --out runs/own-engine-quick
 
-Targets (the issue's): each timing metric inside the live envelope or within
+Targets: each timing metric inside the live envelope or within
 10% of the live median; KV mean within 3 points; preemptions within 10%.
 """
 
@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from calibration.validation_scenarios import Scenario  # noqa: E402
 from simulator.records.engine_config import EngineConfig  # noqa: E402
 
-#: the engine every shape is profiled, served and simulated with (the issue's user settings)
+#: the engine every shape is profiled, served and simulated with (a new user's settings)
 BLOCK, MAX_LEN = 128, 8192
 ENGINE = {"block_size": BLOCK, "max_model_len": MAX_LEN, "max_num_seqs": 128, "max_num_batched_tokens": 2048}
 #: the smallest KV cache vLLM accepts at this max_model_len (+1: its null block): KV pressure

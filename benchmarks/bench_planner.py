@@ -1,4 +1,4 @@
-"""Planner scale (issue 19): a 1,000-layout sweep on Ray with its speed-up from one to two
+"""Planner scale: a 1,000-layout sweep on Ray with its speed-up from one to two
 workers, the capacity search of 1,000 layouts, and a day-of-traffic plan for one layout family.
 A benchmark, not a test.
 

@@ -1,4 +1,4 @@
-"""Simulator speed (issue 5): the fast path against the step-by-step path, in one run.
+"""Simulator speed: the fast path against the step-by-step path, in one run.
 
 Workload: the first N rows of data/bench/reasoning_lengths_20k.csv (math reasoning
 requests: prompts ~140 tokens, outputs ~5,200 on average, up to 32k; see
@@ -46,8 +46,8 @@ from simulator.configure import CONF_DIR, build_run  # noqa: E402
 from simulator.engine.loop import simulate  # noqa: E402
 from simulator.huge_pages import avoid_huge_pages  # noqa: E402
 
-VIDUR_LOOP_S = 77.0  # Vidur on a 2-core machine, 1,000 requests at 0.08 req/s (issue 5)
-BLIS_LOAD_S = 36.4  # BLIS on a 2-core machine, the overloaded case's 10,000 requests (issue 20)
+VIDUR_LOOP_S = 77.0  # Vidur on a 2-core machine, 1,000 requests at 0.08 req/s
+BLIS_LOAD_S = 36.4  # BLIS on a 2-core machine, the overloaded case's 10,000 requests
 LOAD = ["model=llama-3.1-8b", "engine.max_num_seqs=256"]  # with rate 4, cv 2
 LENGTHS = "data/bench/reasoning_lengths_20k.csv"
 
@@ -165,7 +165,7 @@ def main() -> int:
         print(f"| {count} | {t:.2f} | {r.summary.steps} |")
     if args.servegen:
         print()
-        print("# ServeGen peak hour of DeepSeek-R1 traffic, H100 + R1-Distill-Qwen-7B (issue 5 target: <= 60 s)")
+        print("# ServeGen peak hour of DeepSeek-R1 traffic, H100 + R1-Distill-Qwen-7B (target: <= 60 s)")
         print("| traffic | requests | steps | preemptions | fast (s) | step-by-step (s) | speed-up | same results |")
         print("|---|---|---|---|---|---|---|---|")
         cfg = servegen_spec(300)  # the KV cache fills and preemptions begin

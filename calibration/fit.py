@@ -205,20 +205,37 @@ def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -
                      decode_knee=knee)
 
 
-def shape_cache_cost(steps: pd.DataFrame) -> ShapeCacheCost | None:
-    """The per-shape set-up cost from a steps table's shape_cold / shape_warm rows, or None if it has none.
-
-    Each cold step's miss is its time minus the median warm time of the same token count;
-    ``miss = per_miss_s + per_miss_token_s x tokens`` is fitted by least squares over them, both
-    terms >= 0 (a term that would be negative is 0 and the other refitted: non-negative least squares).
-    """
+def _misses_in_steps(steps: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(token counts, miss seconds) of a steps table's cold shape steps: each minus the warm median of its count."""
     rows = steps[steps["phase"].isin(SHAPE_PHASES) & ~steps["disturbed"].astype(bool)]
     warm = rows[rows["phase"] == "shape_warm"].groupby("num_tokens")["wall_s"].median()
     cold = rows[(rows["phase"] == "shape_cold") & rows["num_tokens"].isin(warm.index)]
-    if cold.empty:
-        return None
     tokens = cold["num_tokens"].to_numpy(dtype=np.float64)
-    miss = cold["wall_s"].to_numpy(dtype=np.float64) - warm.loc[cold["num_tokens"]].to_numpy(dtype=np.float64)
+    return tokens, cold["wall_s"].to_numpy(dtype=np.float64) - warm.loc[cold["num_tokens"]].to_numpy(dtype=np.float64)
+
+
+def _misses_in_probes(probe_sets: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(token counts, miss seconds) of a serving phase's shape probes: cold minus warm TTFT."""
+    pairs = [(p["tokens"], p["cold_s"] - p["warm_s"]) for probes in probe_sets for p in probes.get("shape_probe") or []]
+    return np.array([t for t, _ in pairs], dtype=np.float64), np.array([m for _, m in pairs], dtype=np.float64)
+
+
+def shape_cache_cost(steps: pd.DataFrame, probe_sets: list[dict] | None = None) -> ShapeCacheCost | None:
+    """The per-shape set-up cost, or None if neither the server nor the steps measured it.
+
+    The misses come from the serving phase's shape probes when it has them (the server is what
+    ``perf=profile`` simulates, and its set-up costs more than the in-process engine's: other
+    threads), else from the steps table's shape_cold / shape_warm rows (each cold step minus the
+    warm median of its count). ``miss = per_miss_s + per_miss_token_s x tokens`` is fitted by least
+    squares, both terms >= 0 (non-negative least squares).
+    """
+    tokens, miss = _misses_in_probes(probe_sets or [])
+    where = f"{len(tokens)} shape probes on `vllm serve` (cold minus warm TTFT of the same prompt length)"
+    if len(tokens) == 0:
+        tokens, miss = _misses_in_steps(steps)
+        where = "cold prefill steps minus the warm median of the same count (profiler shapes phase)"
+    if len(tokens) == 0:
+        return None
     if len(np.unique(tokens)) < 2:  # one size: a constant only
         a, b = max(0.0, float(np.mean(miss))), 0.0
     else:
@@ -228,8 +245,7 @@ def shape_cache_cost(steps: pd.DataFrame) -> ShapeCacheCost | None:
         (a, b), _ = nnls(np.column_stack([np.ones_like(tokens), tokens / scale]), miss)
         a, b = float(a), float(b) / scale
     source = (f"capacity: vLLM CPU create_onednn_mm primitive_cache_size ({ONEDNN_PRIMITIVE_CACHE}); miss cost: "
-              f"{len(cold)} cold prefill steps at {len(np.unique(tokens))} token counts minus the warm median "
-              "of the same count (profiler shapes phase)")
+              f"{len(tokens)} misses at {len(np.unique(tokens))} token counts, {where}")
     return ShapeCacheCost(capacity=ONEDNN_PRIMITIVE_CACHE, per_miss_s=a, per_miss_token_s=b, source=source)
 
 
@@ -356,7 +372,7 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
     )
     model.serving = serving_of(profile, model)
     if (profile.meta.hardware or {}).get("kind") != "gpu":  # GPU engines have no such term
-        model.shape_cache = shape_cache_cost(profile.steps)
+        model.shape_cache = shape_cache_cost(profile.steps, (profile.meta.get("serving") or {}).get("probes"))
     return model
 
 

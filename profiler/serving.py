@@ -4,7 +4,8 @@ After the grid, the in-process engine is closed and the same model is served by
 ``vllm serve`` (``python -m vllm.entrypoints.openai.api_server``) on loopback
 with the profiled engine's settings. The live runner's probes then run
 ``repeats`` times on each of ``servers`` fresh servers: isolated short and long
-requests (per-request time outside the steps, and per prefill token), known
+requests (per-request time outside the steps, and per prefill token), new
+prompt lengths sent twice (the per-token-count kernel set-up: cold minus warm), known
 decode batches before and after (per step, per request, per KV token) and lone
 requests during a decode batch (a busy server). The raw rounds go into
 ``profile.json["serving"]``; ``calibration.serving`` turns them into overhead
@@ -100,15 +101,17 @@ async def _rounds(url: str, repeats: int) -> list[dict[str, Any]]:
         kv_tokens = await runner._kv_capacity_tokens(client, url)
         await runner._probe_decode_steps(client, url, model, kv_tokens)  # warm-up round, not kept
         await runner._wait_idle(client, url, 60.0)
-        for _ in range(repeats):
+        for round_no in range(repeats):
             isolated = await runner._probe_isolated_requests(client, url, model, lengths)
+            shapes = await runner._probe_isolated_requests(client, url, model, runner.shape_probe_lengths(round_no))
             kv_tokens = await runner._kv_capacity_tokens(client, url)
             decode = await runner._probe_decode_steps(client, url, model, kv_tokens)
             loaded = await runner._probe_loaded_ttft(client, url, model, kv_tokens)
             await runner._wait_idle(client, url, 60.0)
             decode_after = await runner._probe_decode_steps(client, url, model, kv_tokens)
             await runner._wait_idle(client, url, 60.0)
-            out.append({"isolated": isolated, "decode": decode, "loaded": loaded, "decode_after": decode_after})
+            out.append({"isolated": isolated, "shapes": shapes, "decode": decode, "loaded": loaded,
+                        "decode_after": decode_after})
     return out
 
 
@@ -122,6 +125,7 @@ def probe_set(raw: dict[str, Any], collector) -> dict[str, Any]:
     return {
         "request_overhead_s": runner.request_overhead(raw["isolated"], collector, gap),
         "prefill_probe": runner.prefill_probe_result(raw["isolated"], collector),
+        "shape_probe": runner.shape_probe_result(raw.get("shapes") or [], collector),
         "decode_probe": runner.decode_probe_result(raw["decode"], collector),
         "decode_probe_after": runner.decode_probe_result(raw["decode_after"], collector),
         "loaded_probe": [raw["loaded"]] if raw["loaded"] else [],

@@ -273,6 +273,34 @@ def prefill_probe_result(probes: list[dict], collector: IterationCollector) -> l
     return out or None
 
 
+#: shape probes: odd prompt lengths no other probe or warm-up uses, each sent twice in a row; the
+#: first request of a count pays vLLM CPU's per-token-count kernel set-up (oneDNN primitives), the
+#: second not (calibration.fit.shape_cache_cost). Round r shifts them by 2 r: new counts each round.
+SHAPE_PROBE_TOKENS = (101, 301, 601)
+
+
+def shape_probe_lengths(round_no: int) -> list[int]:
+    """The prompt lengths of round ``round_no``'s shape probes, each twice (cold, then warm)."""
+    return [n + 2 * round_no for n in SHAPE_PROBE_TOKENS for _ in range(2)]
+
+
+def shape_probe_result(probes: list[dict], collector: IterationCollector) -> list[dict] | None:
+    """Per shape-probe length sent twice: the first (cold) and second (warm) request's TTFT, and,
+    where the iteration log told them apart, their logged prefill steps. The set-up shows in the
+    TTFTs in full; the logged step holds only part of it (vLLM times a step from after it was launched)."""
+    sent: dict[int, list[dict]] = {}
+    for probe in probes:
+        sent.setdefault(int(probe["tokens"]), []).append(probe)
+    out = []
+    for tokens, (cold, warm, *_) in ((n, p) for n, p in sorted(sent.items()) if len(p) >= 2):
+        row = {"tokens": tokens, "cold_s": cold["first_token"] - cold["send"], "warm_s": warm["first_token"] - warm["send"]}
+        steps = [_probe_prefill_step(p, collector) for p in (cold, warm)]
+        if all(step is not None for step in steps):
+            row.update(cold_step_s=float(steps[0].elapsed_s), warm_step_s=float(steps[1].elapsed_s))
+        out.append(row)
+    return out or None
+
+
 #: decode probes: (requests, prompt tokens) batches that generate STEP_PROBE_TOKENS tokens together;
 #: two sizes at short contexts and two at long contexts separate per-step, per-request and
 #: per-context-token costs, with one point more than the three terms so that one noisy batch

@@ -172,9 +172,7 @@ class Engine:
     def _new_request(self, rid: int) -> SimRequest:
         """Request ``rid`` at its arrival: rejected if it can never run, else still to queue."""
         w = self.workload
-        req = SimRequest(rid, self._arrival_s[rid], int(w.prompt_tokens[rid]), int(w.output_tokens[rid]),
-                         int(w.reasoning_tokens[rid]), int(w.prefix_group[rid]), int(w.prefix_tokens[rid]),
-                         self.config.block_size, int(w.outer_group[rid]), int(w.outer_tokens[rid]))
+        req = SimRequest.from_workload(w, rid, self._arrival_s[rid], self.config.block_size)
         self.requests.append(req)
         reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
         if reason:

@@ -31,6 +31,14 @@ class SimRequest:
         "finish_s", "reject_reason",
     )
 
+    @classmethod
+    def from_workload(cls, workload, rid: int, arrival_s: float, block_size: int) -> SimRequest:
+        """Request ``rid`` of a workload's columns (simulator.records.workload.Workload), arriving at ``arrival_s``."""
+        w = workload
+        return cls(rid, arrival_s, int(w.prompt_tokens[rid]), int(w.output_tokens[rid]), int(w.reasoning_tokens[rid]),
+                   int(w.prefix_group[rid]), int(w.prefix_tokens[rid]), block_size, int(w.outer_group[rid]),
+                   int(w.outer_tokens[rid]))
+
     def __init__(
         self,
         rid: int,

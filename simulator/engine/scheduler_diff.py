@@ -271,10 +271,7 @@ class _Lockstep:
                 self.bar.update(1)
                 continue
             for side in self.sides:
-                side.scheduler.add_request(SimRequest(
-                    rid, self.arrival[rid], prompt, output, int(w.reasoning_tokens[rid]),
-                    int(w.prefix_group[rid]), int(w.prefix_tokens[rid]), config.block_size,
-                    int(w.outer_group[rid]), int(w.outer_tokens[rid])))
+                side.scheduler.add_request(SimRequest.from_workload(w, rid, self.arrival[rid], config.block_size))
 
     def schedule(self):
         """Both schedule; None when neither decided anything, else (native, vllm, index)."""

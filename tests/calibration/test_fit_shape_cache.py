@@ -63,7 +63,26 @@ def test_planted_miss_cost_is_recovered():
     assert cost.capacity == ONEDNN_PRIMITIVE_CACHE == 32
     assert cost.per_miss_s == pytest.approx(A, rel=0.25)
     assert cost.per_miss_token_s == pytest.approx(B, rel=0.25)
-    assert "primitive_cache_size" in cost.source and "10 cold prefill steps" in cost.source
+    assert "primitive_cache_size" in cost.source and "10 misses at 10 token counts" in cost.source and "shapes phase" in cost.source
+
+
+def test_server_shape_probes_are_preferred_to_the_in_process_steps():
+    """perf=profile simulates the server: its misses (cold minus warm probe) set the cost when measured."""
+    server = [{"shape_probe": [{"tokens": n, "cold_s": 0.005 + 3 * (0.002 + 2e-5 * n), "warm_s": 0.005 + 2e-5 * n * 2}
+                               for n in (101, 301, 601)]},
+              {"shape_probe": None}]
+    steps = steps_frame(shape_rows(0))
+    cost = shape_cache_cost(steps, server)
+    expected = [0.005 + 3 * (0.002 + 2e-5 * n) - (0.005 + 4e-5 * n) for n in (101, 301, 601)]  # 0.006 + 2e-5 n
+    assert cost.per_miss_s == pytest.approx(0.006, rel=1e-6)
+    assert cost.per_miss_token_s == pytest.approx(2e-5, rel=1e-6)
+    assert np.allclose([cost.per_miss_s + cost.per_miss_token_s * n for n in (101, 301, 601)], expected)
+    assert "3 shape probes on `vllm serve`" in cost.source
+    # without server probes the steps' own cold/warm rows give the planted cost
+    assert shape_cache_cost(steps, [{"shape_probe": None}]).per_miss_s == pytest.approx(A, rel=0.25)
+    profile = with_shapes(synthetic_profile())
+    profile = Profile(meta={**profile.meta.to_dict(), "serving": {"probes": server}}, steps=profile.steps)
+    assert fit_profile(profile).shape_cache == cost
 
 
 def test_shape_steps_stay_out_of_the_step_law():

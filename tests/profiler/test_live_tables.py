@@ -219,6 +219,34 @@ def test_prefill_probes_give_each_prompt_length_its_own_prefill_step():
     assert prefill_probe_result([], collector) is None
 
 
+def test_shape_probes_pair_each_new_length_cold_then_warm():
+    from profiler.live.runner import IterationCollector, shape_probe_lengths, shape_probe_result
+    from profiler.live.server import LogLine
+
+    first, second = shape_probe_lengths(0), shape_probe_lengths(1)
+    assert all(n % 2 for n in first) and not set(first) & set(second)  # odd, new each round
+    assert first[0] == first[1] and len(set(first)) == len(first) // 2  # each length twice in a row
+    collector = IterationCollector()
+    line = ("Engine 000: Iteration({i}): 1 context requests, {n} context tokens, 0 generation requests, "
+            "0 generation tokens, iteration elapsed time: {ms} ms, CPU KV cache usage: 1.6%")
+    probes = []
+    steps = {first[0]: (12.0, 4.0), first[2]: (20.0, 7.0), first[4]: (30.0, 11.0)}  # logged, ms
+    ttfts = {first[0]: (30.0, 9.0), first[2]: (41.0, 12.0), first[4]: (60.0, 17.0)}  # client-side, ms
+    for i, tokens in enumerate(first):
+        send = 10.0 + i
+        if tokens != first[4] or i % 2:  # the cold step of the longest one is not told apart
+            collector.feed(LogLine(send + 0.005, line.format(i=i, n=tokens, ms=steps[tokens][i % 2])))
+        probes.append({"send": send, "first_token": send + ttfts[tokens][i % 2] / 1e3, "end": send + 0.1,
+                       "tokens": tokens})
+    probes.append({"send": 30.0, "first_token": 30.02, "end": 30.03, "tokens": 999})  # sent once: no pair
+    result = shape_probe_result(probes, collector)
+    assert [(p["tokens"], p["cold_s"], p["warm_s"]) for p in result] == [
+        (n, pytest.approx(ttfts[n][0] / 1e3), pytest.approx(ttfts[n][1] / 1e3)) for n in sorted(ttfts)]
+    assert [(p.get("cold_step_s"), p.get("warm_step_s")) for p in result] == [
+        (pytest.approx(0.012), pytest.approx(0.004)), (pytest.approx(0.020), pytest.approx(0.007)), (None, None)]
+    assert shape_probe_result(probes[:1], collector) is None  # a length sent once has no pair
+
+
 def test_decode_probe_batches_fit_the_kv_cache():
     from profiler.live.runner import STEP_PROBE_BATCHES, decode_probe_batches
 
