@@ -276,7 +276,9 @@ def prefill_probe_result(probes: list[dict], collector: IterationCollector) -> l
 #: shape probes: odd prompt lengths no other probe or warm-up uses, each sent twice in a row; the
 #: first request of a count pays vLLM CPU's per-token-count kernel set-up (oneDNN primitives), the
 #: second not (calibration.fit.shape_cache_cost). Round r shifts them by 2 r: new counts each round.
-SHAPE_PROBE_TOKENS = (101, 301, 601)
+#: A miss's cost varies widely from one to the next (0-40 ms at 300-700 tokens on a 2-layer tiny
+#: Llama), hence eight lengths a round.
+SHAPE_PROBE_TOKENS = (101, 201, 301, 401, 501, 601, 801, 1001)
 
 
 def shape_probe_lengths(round_no: int) -> list[int]:
