@@ -232,7 +232,7 @@ def test_shape_probes_pair_each_new_length_cold_then_warm():
     probes = []
     steps = {first[0]: (12.0, 4.0), first[2]: (20.0, 7.0), first[4]: (30.0, 11.0)}  # logged, ms
     ttfts = {first[0]: (30.0, 9.0), first[2]: (41.0, 12.0), first[4]: (60.0, 17.0)}  # client-side, ms
-    for i, tokens in enumerate(first):
+    for i, tokens in enumerate(first[:6]):  # three lengths, each twice
         send = 10.0 + i
         if tokens != first[4] or i % 2:  # the cold step of the longest one is not told apart
             collector.feed(LogLine(send + 0.005, line.format(i=i, n=tokens, ms=steps[tokens][i % 2])))
