@@ -295,7 +295,7 @@ class ReplicaEngine(Engine):
         c = self._cols
         return fast_forward.Arrivals(time_s=c["time_s"][:n], queued=~self._too_long[:n], prompt=c["prompt"][:n],
                                      max_tokens=c["max_tokens"][:n], private=self._private[:n],
-                                     known_until_s=self._known_until(now), admit=self._shapes is None)
+                                     known_until_s=self._known_until(now), admit=self.shapes is None)
 
     def _apply(self, out, start: float) -> None:
         self._changes += 1

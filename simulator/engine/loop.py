@@ -117,7 +117,7 @@ class Engine:
         self._pace = 0.0  # the latest step's duration
         cost = getattr(perf, "shape_cache", None)
         #: the token counts the engine's kernels are set up for (vLLM's CPU engine), or None
-        self._shapes = ShapeCache(cost, warm=[config.max_num_batched_tokens]) if cost is not None else None
+        self.shapes = ShapeCache(cost, warm=[config.max_num_batched_tokens]) if cost is not None else None
         self._next_arrival = 0  # the first arrival neither queued nor admitted by a run
         self._arrival_s = workload.arrival_s.tolist()
         if isinstance(self.scheduler, SteadyScheduler):
@@ -141,7 +141,7 @@ class Engine:
         shared = np.where(w.prefix_group >= 0, w.prefix_tokens, 0) // config.block_size
         return fast_forward.Arrivals(time_s=w.arrival_s, queued=~too_long, prompt=w.prompt_tokens,
                                      max_tokens=w.output_tokens, private=shared == 0,
-                                     admit=self._shapes is None)
+                                     admit=self.shapes is None)
 
     def request_stop(self) -> None:
         """Stop at the next step boundary (e.g. on Ctrl-C); ``run`` then returns what was simulated."""
@@ -281,8 +281,8 @@ class Engine:
     def _step_time(self, out: SchedulerOutput) -> float:
         """The duration of a step about to run (called once per executed step, in order)."""
         self._pace = self.perf.step_time(out.batch)
-        if self._shapes is not None:
-            self._pace += self._shapes.charge(out.batch)
+        if self.shapes is not None:
+            self._pace += self.shapes.charge(out.batch)
         return self._pace
 
     def _after_run(self, adv: Advance) -> range:
@@ -501,6 +501,8 @@ def simulate(
     result = tabulate(run, workload, slo)
     result.summary.sections["async_scheduling"] = engine.async_scheduling
     result.summary.sections["scheduler"] = config.scheduler
+    if engine.shapes is not None:
+        result.summary.sections["shape_cache"] = engine.shapes.report()
     if engine.interrupted:
         result.summary.sections["partial"] = {
             "interrupted_at_s": run.end_s,

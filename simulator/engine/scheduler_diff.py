@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from simulator.engine.loop import admission_error, simulate
 from simulator.engine.native import NativeScheduler, SchedulerOutput
 from simulator.engine.request import SimRequest, Status
+from simulator.engine.shape_cache import ShapeCache
 from simulator.records.engine_config import EngineConfig
 from simulator.records.performance import PerformanceModel
 from simulator.records.workload import Workload
@@ -249,6 +250,8 @@ class _Lockstep:
         self.reference = VllmScheduler(config, self.kv.num_blocks, async_scheduling=async_scheduling)
         self.sides = (_Side(self.native, config, seed), _Side(self.reference, config, seed))
         self.arrival = workload.arrival_s.tolist()
+        cost = getattr(perf, "shape_cache", None)  # step times as the engine takes them (Engine._step_time)
+        self.shapes = ShapeCache(cost, warm=[config.max_num_batched_tokens]) if cost is not None else None
         self.next_arrival = 0
         self.now = 0.0
         self.pairs: list[tuple[Decision, Decision] | None] = []
@@ -299,7 +302,8 @@ class _Lockstep:
 
     def step_time(self, entry) -> float:
         a, b, _ = entry
-        return self.perf.step_time((b if b is not None and b.num_scheduled else a).batch)
+        batch = (b if b is not None and b.num_scheduled else a).batch
+        return self.perf.step_time(batch) + (self.shapes.charge(batch) if self.shapes is not None else 0.0)
 
     def complete(self, entry) -> None:
         a, b, index = entry

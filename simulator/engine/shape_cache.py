@@ -25,6 +25,8 @@ class ShapeCache:
         for tokens in warm or []:  # counts the engine ran before serving (its warm-up)
             self._touch(tokens)
         self.misses = 0
+        #: seconds charged so far
+        self.seconds = 0.0
 
     def _touch(self, tokens: int) -> bool:
         """Mark ``tokens`` most recent; True if it was already there."""
@@ -45,4 +47,10 @@ class ShapeCache:
         if self._touch(tokens):
             return 0.0
         self.misses += 1
-        return self.cost.miss_s(tokens)
+        miss = self.cost.miss_s(tokens)
+        self.seconds += miss
+        return miss
+
+    def report(self) -> dict:
+        """The run summary's ``shape_cache`` section: misses, seconds charged, and the cost's terms."""
+        return {"misses": self.misses, "seconds": self.seconds, **self.cost.to_dict()}

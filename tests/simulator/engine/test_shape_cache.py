@@ -51,6 +51,10 @@ def test_first_seen_prompt_lengths_pay_the_miss_and_repeated_ones_do_not(async_s
     missed = np.array([i < 3 or i >= 12 for i in range(len(lengths))])
     np.testing.assert_allclose(extra[missed], [MISS.miss_s(n) for n in np.array(lengths)[missed]], rtol=1e-9)
     np.testing.assert_allclose(extra[~missed], 0.0, atol=1e-12)
+    report = cached.summary["shape_cache"]  # what the run tells its user
+    assert report["misses"] == missed.sum() and report["capacity"] == 4
+    assert report["seconds"] == pytest.approx(sum(MISS.miss_s(n) for n in np.array(lengths)[missed]))
+    assert "shape_cache" not in plain.summary.sections
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -73,3 +77,19 @@ def test_the_fast_path_charges_as_the_step_by_step_path(async_scheduling, monkey
     fast = simulate(w, cfg, model, async_scheduling=async_scheduling, fast=True)
     assert sum(runs) > 1000  # most steps went by runs
     assert_same(slow, fast)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_the_scheduler_agreement_runs_on_the_engines_clock(async_scheduling):
+    """lockstep times steps as the engine does: with a shape cache, the same steps as simulate."""
+    from simulator.engine.scheduler_diff import lockstep
+
+    w = make_workload(n=60, seed=6, rate=20, prompt=(16, 400), output=(5, 40))
+    cfg = EngineConfig(num_gpu_blocks_override=200, max_num_batched_tokens=512, max_num_seqs=64)
+    model = VectorLinearModel()
+    model.shape_cache = dataclasses.replace(MISS, capacity=4, per_miss_s=0.05)
+    engine_steps = simulate(w, cfg, model, async_scheduling=async_scheduling, fast=False).summary["steps"]
+    plain_steps = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False).summary["steps"]
+    assert engine_steps != plain_steps  # the charges change which arrivals each step sees
+    agreement = lockstep(w, cfg, model, async_scheduling=async_scheduling)
+    assert agreement.rate == 1.0 and agreement.steps == engine_steps
