@@ -340,15 +340,19 @@ def speculation_for_simulator(source: str, engine: EngineConfig, live: list[RunR
     """The engine config the simulator runs, with the draft acceptance to use, and where it came from.
 
     ``live``: from the live runs' counters (median over runs): drafts proposed per
-    decode step of a request (proposal rate), and accepted tokens per draft
-    turned into a constant per-position acceptance. ``config``: as given.
+    decode step of a request (proposal rate), and the acceptance per draft position
+    (vLLM's accepted-per-position counters; runs without them: accepted tokens per
+    draft turned into a constant per-position acceptance). ``config``: as given.
     Acceptance depends on the model and the text, not on the serving system,
     so validation takes it as an input and checks latency and memory given it.
     """
     spec = engine.speculative
     if source == "config":
         return engine, "engine config"
-    rates, proposals = [], []
+    from profiler.live.spec_counters import SpecCounters
+
+    k = spec.num_speculative_tokens
+    rates, per_position, proposals = [], [], []
     for r in live:
         counters = r.summary.get("spec_decode") or {}
         drafts, accepted = counters.get("drafts"), counters.get("accepted_tokens")
@@ -359,12 +363,21 @@ def speculation_for_simulator(source: str, engine: EngineConfig, live: list[RunR
         if decode_steps <= 0:
             continue
         proposals.append(min(drafts / decode_steps, 1.0))
-        rates.append(acceptance_given_previous(accepted / drafts, spec.num_speculative_tokens))
+        rates.append(acceptance_given_previous(accepted / drafts, k))
+        by_position = counters.get("accepted_per_pos") or []
+        if len(by_position) == k:
+            per_position.append(SpecCounters(int(drafts), int(counters.get("draft_tokens") or 0), int(accepted),
+                                             [int(a) for a in by_position]).acceptance_given_previous())
     if not rates:
         return engine, "engine config (the live runs report no drafts)"
-    measured = type(spec)(method=spec.method, num_speculative_tokens=spec.num_speculative_tokens,
-                          acceptance_rate=(float(np.median(rates)),), proposal_rate=float(np.median(proposals)))
-    return dataclasses.replace(engine, speculative=measured), f"median of {len(rates)} live runs' counters"
+    if len(per_position) == len(rates):  # every run counted its positions
+        acceptance = tuple(float(a) for a in np.median(np.array(per_position), axis=0))
+        what = "counters, per draft position"
+    else:
+        acceptance, what = (float(np.median(rates)),), "counters (mean accepted per draft)"
+    measured = type(spec)(method=spec.method, num_speculative_tokens=k,
+                          acceptance_rate=acceptance, proposal_rate=float(np.median(proposals)))
+    return dataclasses.replace(engine, speculative=measured), f"median of {len(rates)} live runs' {what}"
 
 
 def seeds_draw(step_sigma: float, run_sigma: float, engine: EngineConfig) -> str:

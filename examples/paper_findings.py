@@ -757,7 +757,7 @@ def section_spec_acceptance(rep: Report, study: dict, s: Settings, found: dict) 
             f"proposal rate {rates.get('proposal_rate')}). Under `perf.source=profile` the profiled run's "
             "own rates replace them (vLLM's spec-decode counters, profile.json "
             "`summary.spec_decode.vllm_counters`), and a live server's `/metrics` gives them too "
-            "(profiler/spec_counters.py). How the effect moves with the acceptance (the same at every "
+            "(profiler/live/spec_counters.py). How the effect moves with the acceptance (the same at every "
             f"position, drafts on half the steps), MATH-500, {n} requests at once, budget "
             f"{o.get('max_tokens')}:", "",
             "| acceptance | time | E2E mean | TPS | TTFVT p50 |", "|---|---|---|---|---|")

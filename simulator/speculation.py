@@ -55,7 +55,7 @@ def profile_rates(perf: dict[str, Any]) -> dict[str, Any] | None:
 
     ``perf.profile`` is a profile directory, its profile.json, or a fitted model whose
     ``source`` names the profile it was fitted from."""
-    from profiler.spec_counters import SpecCounters
+    from profiler.live.spec_counters import SpecCounters
 
     meta_path = _profile_meta(Path(str(perf.get("profile") or "")))
     if meta_path is None:

@@ -41,6 +41,7 @@ from profiler.live.loopback import check_loopback_url
 from profiler.live.machine import CpuWatch, machine_state
 from profiler.live.metrics import MetricsScraper, parse_labels
 from profiler.live.server import LogLine, ServerError, ServerSpec, VllmServer, descendants
+from profiler.live.spec_counters import counters_between
 from profiler.live.tables import live_result, token_columns
 from simulator.records.engine_config import EngineConfig
 from simulator.records.errors import ConfigError
@@ -650,6 +651,10 @@ def run_live(
         spec_decode = bool(engine is not None and engine.speculative.enabled)
         result = live_result(replay.records, workload, steps, scraper.table(), num_blocks=blocks,
                              block_size=block_size, slo=config.slo, spec_decode=spec_decode)
+        if spec_decode and result.summary.get("spec_decode"):  # per draft position, over the replay
+            counters = counters_between(scraper.first_text, scraper.last_text)
+            if counters is not None and counters.accepted_per_pos:
+                result.summary["spec_decode"]["accepted_per_pos"] = counters.accepted_per_pos
         gap = result.summary["live"]["step_time_gap_used_s"]
         live_summary = result.summary["live"]
         live_summary["request_overhead_s"] = request_overhead(probes["isolated"], collector, gap)

@@ -347,6 +347,18 @@ def test_speculation_for_the_simulator_comes_from_the_live_counters(truth):
     no_drafts = [type(r)(r.requests, r.timeline, {**r.summary, "spec_decode": None}) for r in truth]
     assert speculation_for_simulator("live", engine, no_drafts, workload)[0] == engine
     assert replace(engine, speculative=sim_engine.speculative) == sim_engine
+    # with vLLM's accepted-per-position counters, each position's own acceptance (median over runs)
+    positioned = []
+    for r, per_pos in zip(runs_, ([90, 60, 30, 10], [100, 70, 35, 14], [80, 40, 30, 15]), strict=True):
+        counters = {**r.summary["spec_decode"], "drafts": 100, "accepted_tokens": sum(per_pos),
+                    "accepted_per_pos": per_pos}
+        positioned.append(type(r)(r.requests, r.timeline, {**r.summary, "spec_decode": counters}))
+    sim_engine, source = speculation_for_simulator("live", engine, positioned, workload)
+    assert sim_engine.speculative.acceptance_rate == pytest.approx((0.9, 2 / 3, 0.5, 0.4))
+    assert "per draft position" in source
+    # one run without them: the constant from the mean, for all
+    mixed = [*positioned[:2], runs_[2]]
+    assert len(speculation_for_simulator("live", engine, mixed, workload)[0].speculative.acceptance_rate) == 1
 
 
 @pytest.mark.parametrize("option, field", [("--step-gap", "step_gap"), ("--prefill-offset", "prefill_offset"),

@@ -322,3 +322,7 @@ def test_speculative_decoding_counters_on_a_real_server(tmp_path):
     # decode step of a request carries at most one draft: what calibration's proposal rate assumes
     decode_steps = sum(outputs) - len(outputs) - accepted
     assert drafts <= decode_steps
+    # vLLM's accepted-per-position counters over the same window: position i only after i - 1
+    per_pos = counters["accepted_per_pos"]
+    assert len(per_pos) == 4 and sum(per_pos) == accepted
+    assert all(a >= b for a, b in zip(per_pos, per_pos[1:], strict=False)) and per_pos[0] <= drafts

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from profiler.live.metrics import parse_prometheus
-from profiler.spec_counters import SpecCounters, parse_spec_counters
+from profiler.live.spec_counters import SpecCounters, counters_between, parse_spec_counters
 from profiler.summary import spec_summary
 from simulator.records.engine_config import EngineConfig, SpeculativeConfig
 from simulator.records.errors import ConfigError
@@ -163,3 +163,16 @@ def test_the_profiles_counters_are_vllms_own_on_the_real_engine():
     assert ours["num_draft_tokens"] == vllm["vllm:spec_decode_num_draft_tokens"]
     assert ours["num_accepted_tokens"] == vllm["vllm:spec_decode_num_accepted_tokens"]
     assert ours["accepted_per_pos"] == vllm["vllm:spec_decode_num_accepted_tokens_per_pos"]
+
+
+def test_counters_between_two_pages_of_one_server():
+    page = ('vllm:spec_decode_num_drafts_total{{engine="0"}} {d}\n'
+            'vllm:spec_decode_num_draft_tokens_total{{engine="0"}} {t}\n'
+            'vllm:spec_decode_num_accepted_tokens_total{{engine="0"}} {a}\n'
+            'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",position="0"}} {p0}\n'
+            'vllm:spec_decode_num_accepted_tokens_per_pos_total{{engine="0",position="1"}} {p1}\n')
+    before = page.format(d=10, t=20, a=8, p0=6, p1=2)
+    after = page.format(d=30, t=60, a=20, p0=15, p1=5)
+    assert counters_between(before, after) == SpecCounters(20, 40, 12, [9, 3])
+    assert counters_between("", after) == SpecCounters(30, 60, 20, [15, 5])  # no first page: since start
+    assert counters_between(before, "vllm:num_requests_running 0\n") is None  # no speculation

@@ -82,6 +82,15 @@ def parse_spec_counters(text: str) -> SpecCounters | None:
                         int(totals.get("num_accepted_tokens", 0)), positions)
 
 
+def counters_between(first_text: str, last_text: str) -> SpecCounters | None:
+    """The counters' increase between two ``/metrics`` pages of one server (None without speculation)."""
+    last = parse_spec_counters(last_text)
+    if last is None:
+        return None
+    first = parse_spec_counters(first_text) if first_text else None
+    return last.minus(first) if first is not None else last
+
+
 def counters_from_stats(stats: list[Any]) -> SpecCounters | None:
     """Sum of vLLM SpecDecodingStats objects (the engine core's per-step scheduler stats)."""
     stats = [s for s in stats if s is not None]
