@@ -61,8 +61,11 @@ def format_report(model) -> str:
         lines.append("  serving: not measured (the profile has no serving phase): perf=profile simulates the bare engine")
     shapes = model.shape_cache
     if shapes is not None:
+        table = ", ".join(f"{m * 1e3:.1f} ms at {t}" for t, m in zip(shapes.measured_tokens, shapes.measured_miss_s,
+                                                                       strict=True))
         lines.append(f"  shape cache (vLLM CPU oneDNN primitives, {shapes.capacity} token counts kept): a step with a "
-                     f"new token count T adds {shapes.per_miss_s * 1e3:.2f} ms + {shapes.per_miss_token_s * 1e6:.2f} us x T")
+                     f"new token count T adds {table or 'nothing measured'} (interpolated; as a line: "
+                     f"{shapes.per_miss_s * 1e3:.2f} ms + {shapes.per_miss_token_s * 1e6:.2f} us x T)")
     else:
         lines.append("  shape cache: not measured (no shapes phase in the profile, or a GPU profile): no per-shape cost")
     kv = model.kv

@@ -244,9 +244,32 @@ def shape_cache_cost(steps: pd.DataFrame, probe_sets: list[dict] | None = None) 
         scale = float(tokens.max())
         (a, b), _ = nnls(np.column_stack([np.ones_like(tokens), tokens / scale]), miss)
         a, b = float(a), float(b) / scale
+    at, cost = miss_table(tokens, miss)
     source = (f"capacity: vLLM CPU create_onednn_mm primitive_cache_size ({ONEDNN_PRIMITIVE_CACHE}); miss cost: "
-              f"{len(tokens)} misses at {len(np.unique(tokens))} token counts, {where}")
-    return ShapeCacheCost(capacity=ONEDNN_PRIMITIVE_CACHE, per_miss_s=a, per_miss_token_s=b, source=source)
+              f"{len(tokens)} misses at {len(np.unique(tokens))} token counts, {where}; the table of their "
+              f"medians is used (the line a + b x tokens is a summary)")
+    return ShapeCacheCost(capacity=ONEDNN_PRIMITIVE_CACHE, per_miss_s=a, per_miss_token_s=b, source=source,
+                          measured_tokens=at, measured_miss_s=cost)
+
+
+#: misses whose token counts differ by at most this many tokens are one size (the probes shift by
+#: 2 tokens each round, the shapes phase measures T and T + 2)
+SAME_SIZE_TOKENS = 16
+
+
+def miss_table(tokens: np.ndarray, miss: np.ndarray) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Per size (counts within SAME_SIZE_TOKENS of each other), the median token count and the
+    median miss, never below 0: the cost table the simulator interpolates."""
+    order = np.argsort(tokens, kind="stable")
+    tokens, miss = tokens[order], miss[order]
+    groups, start = [], 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or tokens[i] - tokens[start] > SAME_SIZE_TOKENS:
+            groups.append(slice(start, i))
+            start = i
+    at = tuple(int(round(float(np.median(tokens[g])))) for g in groups)
+    cost = tuple(max(0.0, float(np.median(miss[g]))) for g in groups)
+    return at, cost
 
 
 class FittedPerformanceModel(PerformanceModel):

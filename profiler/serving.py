@@ -86,7 +86,7 @@ def server_environment(cpus: list[int]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-async def _rounds(url: str, repeats: int) -> list[dict[str, Any]]:
+async def _rounds(url: str, repeats: int, budget: int) -> list[dict[str, Any]]:
     """Warm up (short requests and one round of decode batches: a fresh server's first steps are
     slow), then ``repeats`` rounds of the live runner's probes: their raw windows."""
     from profiler.live import client as live_client
@@ -103,7 +103,7 @@ async def _rounds(url: str, repeats: int) -> list[dict[str, Any]]:
         await runner._wait_idle(client, url, 60.0)
         for round_no in range(repeats):
             isolated = await runner._probe_isolated_requests(client, url, model, lengths)
-            shapes = await runner._probe_isolated_requests(client, url, model, runner.shape_probe_lengths(round_no))
+            shapes = await runner._probe_isolated_requests(client, url, model, runner.shape_probe_lengths(round_no, budget))
             kv_tokens = await runner._kv_capacity_tokens(client, url)
             decode = await runner._probe_decode_steps(client, url, model, kv_tokens)
             loaded = await runner._probe_loaded_ttft(client, url, model, kv_tokens)
@@ -156,7 +156,7 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
                   file=sys.stderr, flush=True)
             with server:
                 watch = CpuWatch()
-                rounds = asyncio.run(_rounds(server.url, settings.repeats))
+                rounds = asyncio.run(_rounds(server.url, settings.repeats, engine.max_num_batched_tokens))
                 pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
                 machine.append(watch.stop(exclude=pids))
                 time.sleep(0.3)  # the last iteration-log lines

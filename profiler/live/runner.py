@@ -274,17 +274,20 @@ def prefill_probe_result(probes: list[dict], collector: IterationCollector) -> l
     return out or None
 
 
-#: shape probes: odd prompt lengths no other probe or warm-up uses, each sent twice in a row; the
-#: first request of a count pays vLLM CPU's per-token-count kernel set-up (oneDNN primitives), the
-#: second not (calibration.fit.shape_cache_cost). Round r shifts them by 2 r: new counts each round.
-#: A miss's cost varies widely from one to the next (0-40 ms at 300-700 tokens on a 2-layer tiny
-#: Llama), hence eight lengths a round.
-SHAPE_PROBE_TOKENS = (101, 201, 301, 401, 501, 601, 801, 1001)
+#: shape probes: odd prompt lengths no other probe or warm-up uses (shares of the engine's token
+#: budget), each sent twice in a row; the first request of a count pays vLLM CPU's per-token-count
+#: kernel set-up (oneDNN primitives), the second not (calibration.fit.shape_cache_cost). Round r
+#: shifts them by 2 r: new counts each round. The cost is far from linear in the count (on a
+#: 2-layer tiny Llama: 1-3 ms up to 600 tokens, 16-32 ms at 800-1,000) and varies from one miss
+#: to the next, hence eight sizes up to nearly the whole budget.
+SHAPE_PROBE_SHARES = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.7, 0.9)
 
 
-def shape_probe_lengths(round_no: int) -> list[int]:
-    """The prompt lengths of round ``round_no``'s shape probes, each twice (cold, then warm)."""
-    return [n + 2 * round_no for n in SHAPE_PROBE_TOKENS for _ in range(2)]
+def shape_probe_lengths(round_no: int, budget: int = 2048) -> list[int]:
+    """The prompt lengths of round ``round_no``'s shape probes for a ``budget``-token engine
+    (max_num_batched_tokens: each prefill one step), each twice (cold, then warm)."""
+    odd = sorted({max(3, int(share * budget)) | 1 for share in SHAPE_PROBE_SHARES})
+    return [n + 2 * round_no for n in odd if n + 2 * round_no <= budget for _ in range(2)]
 
 
 def shape_probe_result(probes: list[dict], collector: IterationCollector) -> list[dict] | None:

@@ -8,6 +8,7 @@ nothing of SimPy or of the scheduler. Calibration builds the concrete models
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 
@@ -95,27 +96,49 @@ class ShapeCacheCost:
     vLLM's CPU engine runs every linear layer through a oneDNN matmul handler that
     keeps the primitives of its ``capacity`` most recent row counts (``create_onednn_mm``,
     ``primitive_cache_size=32``); a step whose token count is not among them builds
-    new primitives first: ``per_miss_s + per_miss_token_s * tokens``. Steps that prefill
-    have varied token counts and pay it; decode-only steps (a token per running request:
-    a few recurring counts) are taken as warm. GPU engines (CUDA graphs, cuBLAS) have no
-    such term: their models carry none.
+    new primitives first. What that costs: measured at some token counts
+    (``measured_tokens`` -> ``measured_miss_s``, interpolated linearly, flat beyond the
+    ends: the cost is far from linear in the count), else ``per_miss_s + per_miss_token_s
+    * tokens``. Steps that prefill have varied token counts and pay it; decode-only steps
+    (a token per running request: a few recurring counts) are taken as warm. GPU engines
+    (CUDA graphs, cuBLAS) have no such term: their models carry none.
     """
 
     capacity: int = 32
     per_miss_s: float = 0.0
     per_miss_token_s: float = 0.0
     source: str = ""
+    measured_tokens: tuple[int, ...] = ()
+    measured_miss_s: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        xs = self.measured_tokens
+        if len(xs) != len(self.measured_miss_s) or any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
+            raise ConfigError("shape_cache", "measured_tokens must rise and match measured_miss_s one to one")
 
     def miss_s(self, tokens: int) -> float:
-        return max(0.0, self.per_miss_s + self.per_miss_token_s * tokens)
+        xs, ys = self.measured_tokens, self.measured_miss_s
+        if not xs:
+            return max(0.0, self.per_miss_s + self.per_miss_token_s * tokens)
+        if tokens <= xs[0]:
+            return ys[0]
+        if tokens >= xs[-1]:
+            return ys[-1]
+        i = bisect.bisect_right(xs, tokens)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.update(measured_tokens=list(self.measured_tokens), measured_miss_s=list(self.measured_miss_s))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> ShapeCacheCost:
         return cls(capacity=int(data.get("capacity", 32)), per_miss_s=float(data.get("per_miss_s", 0.0)),
-                   per_miss_token_s=float(data.get("per_miss_token_s", 0.0)), source=str(data.get("source", "")))
+                   per_miss_token_s=float(data.get("per_miss_token_s", 0.0)), source=str(data.get("source", "")),
+                   measured_tokens=tuple(int(t) for t in data.get("measured_tokens") or ()),
+                   measured_miss_s=tuple(float(m) for m in data.get("measured_miss_s") or ()))
 
 
 class PerformanceModel(ABC):

@@ -20,6 +20,7 @@ from calibration.fit import (
 )
 from calibration.registry import _fitted
 from calibration.serving import ServedModel, ServingOverheads
+from simulator.records.errors import ConfigError
 from simulator.records.performance import ShapeCacheCost
 from simulator.records.profile import Profile, steps_frame
 
@@ -128,3 +129,22 @@ def test_saved_loaded_printed_and_carried_by_the_served_model(tmp_path, capsys, 
     data = model.to_dict()
     del data["shape_cache"]
     assert FittedPerformanceModel.from_dict(data).shape_cache is None
+
+
+def test_the_measured_misses_are_a_table_the_simulator_interpolates():
+    """Misses far from a line in the token count (cheap up to ~600 tokens, dear beyond): the medians per
+    size are kept and interpolated, not the straight line through them."""
+    misses_ms = {101: 1.0, 301: 2.0, 801: 26.0, 1001: 32.0}
+    rounds = [{"shape_probe": [{"tokens": n + 2 * r, "cold_s": 0.01 + (m + noise) / 1e3, "warm_s": 0.01}
+                               for (n, m), noise in zip(misses_ms.items(), (0.0, 0.5 * r, -1.0 * r, 0.2), strict=True)]}
+              for r in range(3)]
+    cost = shape_cache_cost(steps_frame(shape_rows(0)), rounds)
+    assert cost.measured_tokens == (103, 303, 803, 1003)  # the median count of each size
+    assert cost.measured_miss_s == pytest.approx((0.001, 0.0025, 0.025, 0.0322), abs=1e-9)
+    assert cost.miss_s(553) == pytest.approx(0.0025 + (0.025 - 0.0025) * 250 / 500)
+    assert cost.miss_s(50) == cost.measured_miss_s[0] and cost.miss_s(2000) == cost.measured_miss_s[-1]
+    assert cost.miss_s(603) < cost.per_miss_s + cost.per_miss_token_s * 603  # where a line overcharges
+    again = ShapeCacheCost.from_dict(json.loads(json.dumps(cost.to_dict())))
+    assert again == cost
+    with pytest.raises(ConfigError, match="shape_cache"):
+        ShapeCacheCost(measured_tokens=(300, 100), measured_miss_s=(0.001, 0.002))

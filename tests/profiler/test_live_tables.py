@@ -225,6 +225,7 @@ def test_shape_probes_pair_each_new_length_cold_then_warm():
 
     first, second = shape_probe_lengths(0), shape_probe_lengths(1)
     assert all(n % 2 for n in first) and not set(first) & set(second)  # odd, new each round
+    assert max(shape_probe_lengths(3, 512)) <= 512 < max(first)  # shares of the engine's budget
     assert first[0] == first[1] and len(set(first)) == len(first) // 2  # each length twice in a row
     collector = IterationCollector()
     line = ("Engine 000: Iteration({i}): 1 context requests, {n} context tokens, 0 generation requests, "

@@ -79,7 +79,8 @@ def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
     # each new prompt length sent twice: a cold and a warm TTFT, from which the fit takes the set-up cost
     from profiler.live.runner import shape_probe_lengths
 
-    assert [p["tokens"] for p in probes["shape_probe"]] == sorted(set(shape_probe_lengths(0)))
+    budget = serving["engine"]["max_num_batched_tokens"]
+    assert [p["tokens"] for p in probes["shape_probe"]] == sorted(set(shape_probe_lengths(0, budget)))
     assert all(p["cold_s"] > 0 and p["warm_s"] > 0 for p in probes["shape_probe"])
     perf = build_performance_model("h100", "r1-distill-qwen-7b", "none", 1, {"source": "profile", "profile": str(out)})
     assert isinstance(perf, ServedModel) and perf.hardware_label == meta["hardware"]["slug"]
