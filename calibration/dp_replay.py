@@ -10,15 +10,19 @@ The replay, stated:
 
 - requests go to the two engines in turn, by arrival (vLLM's API server sends each to the engine
   with the fewest waiting and running requests; the run does not record which it chose);
-- each engine is simulated alone with the step model of one rank
-  (``ComposedPerformanceModel(..., data_parallel_size=2)``): its MoE layers are timed for twice its
-  own tokens (the other engine assumed as loaded) on the busiest GPU's experts, plus the gather;
+- the engines run on one clock in lock-step, as vLLM runs the data-parallel ranks of a mixture of
+  experts (``simulator.cluster.lockstep``): each step lasts as long as the slower rank's, an idle
+  rank runs a dummy batch while the other is busy (``lockstep=False``: each engine steps alone);
+- each engine's step model is one rank's (``ComposedPerformanceModel(..., data_parallel_size=2)``):
+  its MoE layers are timed for twice its own tokens (the other engine assumed as loaded) on the
+  busiest GPU's experts, plus the gather;
 - no measured kernels exist for this card and model: GEMMs and attention are roofline
   (uncalibrated), the fused MoE layer is the fit to LLMServingSim's H100 measurement
   (``calibration.moe``) scaled by this card's bandwidth and peak. Nothing is fitted to the run.
 
 ``python -m calibration accuracy`` replays the run this way (``simulate_ranks``), in both views;
-``python -m calibration.dp_replay`` prints its engine view alone.
+``python -m calibration.dp_replay`` prints its engine view alone (``--apart``: the engines stepping
+apart, as before lock-step was modelled).
 """
 
 from __future__ import annotations
@@ -36,14 +40,14 @@ from simulator.records.workload import Workload
 RUN = DATA_DIR / "RTXPRO6000" / "Qwen3-30B-A3B-Instruct-2507"
 
 
-def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str,
-                   seed: int = 0) -> tuple[dict[str, np.ndarray], PerformanceModel]:
+def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str, seed: int = 0,
+                   lockstep: bool = True) -> tuple[dict[str, np.ndarray], PerformanceModel]:
     """Each request's simulated TTFT and E2E seconds (engine view, the run's order) and the step model."""
     from calibration import catalog
     from calibration.composed import ComposedPerformanceModel
     from calibration.registry import parallel_settings
     from calibration.roofline import RooflineKernels
-    from simulator.engine.loop import simulate
+    from simulator.cluster import ClusterSpec, simulate_cluster
 
     kw = run.engine_kwargs
     dp = int(kw.get("data_parallel_size") or 1)
@@ -56,35 +60,34 @@ def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str,
         **parallel_settings(arch, config), max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
         name=f"roofline+moe-fit:{card.name}:{arch.name}:dp{dp}-ep", calibrated=False)
     n = len(run.arrival_s)
-    sim = {"ttft": np.empty(n), "e2e": np.empty(n)}
-    for rank in range(dp):
-        idx = np.arange(rank, n, dp)
-        part = Workload(arrival_s=run.arrival_s[idx], prompt_tokens=run.prompt_tokens[idx],
-                        output_tokens=run.output_tokens[idx], reasoning_tokens=np.zeros(len(idx), np.int64),
-                        domain=np.full(len(idx), "chat", object), name=f"live:{run.name}:dp{rank}")
-        result = simulate(part, config, perf, seed=seed)
-        status = np.asarray(result.requests["status"])
-        if not (status == "completed").all():
-            raise RuntimeError(f"engine {rank}: {int((status != 'completed').sum())} requests not completed")
-        for metric in sim:
-            sim[metric][idx] = np.asarray(result.requests[f"{metric}_s"], dtype=float)
-    return sim, perf
+    workload = Workload(arrival_s=run.arrival_s, prompt_tokens=run.prompt_tokens, output_tokens=run.output_tokens,
+                        reasoning_tokens=np.zeros(n, np.int64), domain=np.full(n, "chat", object),
+                        name=f"live:{run.name}")
+    ranks = ClusterSpec(replicas=dp, router="round_robin", lockstep=lockstep)  # request i to engine i % dp
+    result = simulate_cluster(workload, config, perf, ranks, seed=seed).result
+    status = np.asarray(result.requests["status"])
+    if not (status == "completed").all():
+        raise RuntimeError(f"{int((status != 'completed').sum())} requests not completed")
+    return {metric: np.asarray(result.requests[f"{metric}_s"], dtype=float) for metric in ("ttft", "e2e")}, perf
 
 
 def replay(run_dir: Path = RUN, model: str = "qwen3-30b-a3b", hardware: str = "rtxpro6000",
-           seed: int = 0) -> dict:
+           seed: int = 0, lockstep: bool = True) -> dict:
     """Simulated vs live TTFT and E2E (engine view) at p50/p90/p99, with the signed errors."""
     run = load_live_run(run_dir)
-    sim, perf = simulate_ranks(run, run_dir, model, hardware, seed)
+    sim, perf = simulate_ranks(run, run_dir, model, hardware, seed, lockstep)
     live = {key: v for key, v in live_latencies(run).items() if key[0] == "engine"}
     return {"run": f"{run_dir.parent.name}/{run_dir.name}", "perf_model": perf.name,
             "dp": int(run.engine_kwargs.get("data_parallel_size") or 1), "rows": error_rows(live, sim),
             "describe": perf.describe()}
 
 
-if __name__ == "__main__":  # python -m calibration.dp_replay
-    out = replay()
-    print(out["run"], out["perf_model"])
+if __name__ == "__main__":  # python -m calibration.dp_replay [--apart: each engine stepping alone]
+    import sys
+
+    out = replay(lockstep="--apart" not in sys.argv[1:])
+    print(out["run"], out["perf_model"], "(engines in lock-step)" if "--apart" not in sys.argv[1:]
+          else "(engines stepping apart)")
     for r in out["rows"]:
         print(f"{r['metric'].upper()} p{r['quantile']}: live {r['live_s']:.3f} s, sim {r['sim_s']:.3f} s, "
               f"{r['error']:+.1%}")

@@ -17,9 +17,18 @@ from simulator.records.errors import ConfigError
 
 def cluster_spec(cfg) -> ClusterSpec:
     """The validated ``cluster`` group (the default: one plain replica), with the engine's
-    data-parallel ranks as its replicas when ``engine.data_parallel_size`` > 1."""
+    data-parallel ranks as its replicas when ``engine.data_parallel_size`` > 1 (in lock-step for a
+    mixture-of-experts model)."""
     spec = ClusterSpec.from_dict(to_plain(cfg.get("cluster")))
-    return data_parallel_ranks(spec, data_parallel_size(cfg))
+    dp = data_parallel_size(cfg)
+    return data_parallel_ranks(spec, dp, dp > 1 and is_moe(cfg))
+
+
+def is_moe(cfg) -> bool:
+    """Whether the ``model`` group is a mixture of experts (ModelArchitecture's rule)."""
+    from simulator.records.model_arch import ModelArchitecture
+
+    return ModelArchitecture.from_dict(to_plain(cfg.get("model"))).is_moe
 
 
 def data_parallel_size(cfg) -> int:
@@ -117,6 +126,8 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
               if cluster.disaggregated else f"{cluster.replicas} replicas")
     if dp > 1:
         layout = f"{dp} data-parallel engine ranks (tp {spec.tp} x dp {dp} = {gpus} GPUs)"
+    if cluster.lockstep:
+        layout += ", in lock-step"
     print(f"cluster    {layout}, router {cluster.router}")
     print("\n".join(replica_lines(result.summary)))
     if not spec.perf.calibrated:

@@ -14,6 +14,11 @@ step-by-step path's (tests/simulator/cluster/test_cluster.py).
 With ``prefill_replicas`` and ``decode_replicas`` the cluster is disaggregated
 (simulator.cluster.disagg): the router sends each request to a prefill replica,
 its KV goes over the link to a decode replica, which generates the output.
+
+With ``lockstep`` (the data-parallel ranks of a mixture-of-experts model,
+``data_parallel_ranks``) the replicas step together (simulator.cluster.lockstep):
+step by step, each step as long as the slowest rank's, the router deciding at
+the arrival times.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import simpy
 
 from simulator.cluster import disagg
+from simulator.cluster.lockstep import LockstepGroup
 from simulator.cluster.outputs import ClusterResult, merge, single
 from simulator.cluster.replica import ClusterEnvironment, ReplicaEngine, at_time
 from simulator.cluster.router import ROUTERS, RouteRequest, make_router
@@ -40,6 +46,9 @@ from simulator.records.errors import ConfigError
 from simulator.records.metrics import SLO
 from simulator.records.performance import PerformanceModel, StepBatch
 from simulator.records.workload import Workload
+
+#: ClusterSpec fields the ``cluster`` config group does not set
+INTERNAL_FIELDS = ("lockstep",)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,10 @@ class ClusterSpec:
     decode_replicas: int = 0
     prefill_hardware: str | None = None
     link_gbps: float | None = None
+    #: the data-parallel ranks of a mixture-of-experts model step together, as vLLM runs them
+    dp_lockstep: bool = True
+    #: these replicas step together (set by ``data_parallel_ranks``, not a config field)
+    lockstep: bool = False
 
     @property
     def disaggregated(self) -> bool:
@@ -72,7 +85,7 @@ class ClusterSpec:
     def from_dict(cls, data: dict[str, Any] | None) -> ClusterSpec:
         """Validate the ``cluster`` group; ConfigError naming the first bad field."""
         data = dict(data or {})
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - set(INTERNAL_FIELDS)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError("cluster", f"unknown fields {unknown}; allowed: {', '.join(sorted(known))}")
@@ -91,16 +104,20 @@ class ClusterSpec:
         if isinstance(spec.staleness_s, bool) or not isinstance(spec.staleness_s, int | float) \
                 or not spec.staleness_s >= 0 or not math.isfinite(spec.staleness_s):
             raise ConfigError("cluster.staleness_s", f"must be a number of seconds >= 0, got {spec.staleness_s!r}")
+        if not isinstance(spec.dp_lockstep, bool):
+            raise ConfigError("cluster.dp_lockstep", f"must be true or false, got {spec.dp_lockstep!r}")
         if spec.link_gbps is not None and (isinstance(spec.link_gbps, bool) or not isinstance(spec.link_gbps, int | float)
                                            or not spec.link_gbps > 0):
             raise ConfigError("cluster.link_gbps", f"must be GB/s > 0 or null, got {spec.link_gbps!r}")
         return spec
 
 
-def data_parallel_ranks(spec: ClusterSpec, dp: int) -> ClusterSpec:
+def data_parallel_ranks(spec: ClusterSpec, dp: int, moe: bool = False) -> ClusterSpec:
     """vLLM's ``--data-parallel-size dp``: dp engine ranks on one clock, each request sent to the
     rank with the fewest outstanding requests, as vLLM's DP coordinator does (router
-    least_outstanding). Replicas of dp-rank engines are not modelled: refused in one line."""
+    least_outstanding); the ranks of a mixture-of-experts model (``moe``) step together unless
+    ``cluster.dp_lockstep`` is false (vLLM runs a dense model's ranks as independent engines).
+    Replicas of dp-rank engines are not modelled: refused in one line."""
     if dp == 1:
         return spec
     if not spec.single:
@@ -108,7 +125,7 @@ def data_parallel_ranks(spec: ClusterSpec, dp: int) -> ClusterSpec:
                   else f"cluster.replicas={spec.replicas}")
         raise ConfigError("engine.data_parallel_size", f"{dp} with {fields} (replicas of data-parallel engines) "
                                                        f"is not modelled; set one of them to 1")
-    return replace(spec, replicas=dp, router="least_outstanding")
+    return replace(spec, replicas=dp, router="least_outstanding", lockstep=spec.dp_lockstep and moe)
 
 
 def _outer(w: Workload, gid: int) -> tuple[int, int]:
@@ -160,6 +177,12 @@ class Cluster:
         self.ahead = True  # route arrivals ahead of their time where the decision is already known
         self.ahead_on_finishes = True  # ... for routers reading no KV usage, from bounds on finishes
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
+        #: the replicas stepping together (data-parallel lock-step), or None
+        self.lockstep: LockstepGroup | None = None
+        locked = spec.lockstep and not spec.disaggregated
+        if locked:
+            fast = False  # (rounds of single steps)
+            self.ahead = False
         common = dict(env=self.env, fast=fast, async_scheduling=async_scheduling)
         self.transfer: disagg.Transfer | None = None
         self._handoffs: list[tuple[float, int, int, int]] = []  # (time, request id, prefill replica, local id)
@@ -176,6 +199,8 @@ class Cluster:
             self.front = _Pool([make(i, "replica", engine, perf, self._front_known_until)
                                 for i in range(spec.replicas)], router)
             self.decode = None
+            if locked:
+                self.lockstep = LockstepGroup(self.front.replicas)
         else:
             p, d = spec.prefill_replicas, spec.decode_replicas
             gbps = spec.link_gbps if spec.link_gbps is not None else link_gbps
@@ -378,8 +403,10 @@ class Cluster:
                     for replica in self.front.replicas:
                         if isinstance(replica.scheduler, SteadyScheduler):
                             replica.look_ahead = self._look_ahead
-        loops = []
+        loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
+            if self.lockstep is not None:
+                continue  # (the group's loop is theirs)
             loop = replica.start_loop()
             if replica.role == "prefill":
                 loop.callbacks.append(self._front_loop_done)
@@ -416,6 +443,8 @@ class Cluster:
             result.summary["replica"] = replica.index
             result.summary["role"] = replica.role
             result.summary["async_scheduling"] = replica.async_scheduling
+            if self.lockstep is not None:
+                result.summary["dummy_steps"] = self.lockstep.dummy_steps[replica.index]
             per_replica.append(result)
         merged = merge(self, per_replica, slo)
         if self.stopped:

@@ -77,8 +77,11 @@ def merge(cluster: Cluster, per_replica: list[RunResult], slo: SLO) -> RunResult
 
 
 def describe(spec: ClusterSpec, cluster: Cluster | None = None) -> dict:
-    """The layout, as the summary records it."""
+    """The layout, as the summary records it (lock-step only where the replicas step together)."""
     out = asdict(spec)
+    del out["dp_lockstep"]
+    if out.pop("lockstep"):
+        out["lockstep"] = True  # (data-parallel lock-step: simulator.cluster.lockstep)
     if cluster is not None:
         out["requests_per_replica"] = [int(r.count) for r in cluster.replicas]
         if cluster.transfer is not None:

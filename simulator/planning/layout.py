@@ -32,6 +32,8 @@ class BuiltLayout:
     router: str
     seed: int
     kv_capacity_tokens: int
+    #: a mixture-of-experts model: its data-parallel ranks step together
+    moe: bool = False
 
     def with_replicas(self, replicas: int) -> BuiltLayout:
         return replace(self, replicas=int(replicas))
@@ -52,14 +54,15 @@ def build_layout(job) -> BuiltLayout:
                                    engine=engine)
     kv = perf.kv_capacity(engine.block_size, engine.gpu_memory_utilization,
                           engine.num_gpu_blocks_override)
-    return BuiltLayout(engine, perf, job.point.replicas, job.router, job.seed, int(kv.num_tokens))
+    return BuiltLayout(engine, perf, job.point.replicas, job.router, job.seed, int(kv.num_tokens), model.is_moe)
 
 
 def simulate_layout(layout: BuiltLayout, workload: Workload, slo: SLO) -> dict[str, Any]:
     """The layout's metrics on ``workload`` (``fleet_metrics`` plus ``backlog``).
 
     A replica of ``engine.data_parallel_size`` = dp > 1 is dp engine ranks on one clock behind
-    vLLM's DP coordinator, as ``python -m simulator`` runs it (``simulator.cluster.cluster.data_parallel_ranks``);
+    vLLM's DP coordinator (in lock-step for a mixture-of-experts model), as ``python -m simulator``
+    runs it (``simulator.cluster.cluster.data_parallel_ranks``);
     several such replicas behind a router that reads their state are not modelled (infeasible).
     """
     from simulator.cluster import ClusterSpec, simulate_cluster
@@ -67,7 +70,7 @@ def simulate_layout(layout: BuiltLayout, workload: Workload, slo: SLO) -> dict[s
     from simulator.engine.loop import simulate
 
     dp = layout.engine.data_parallel_size
-    ranks = data_parallel_ranks(ClusterSpec(), dp)
+    ranks = data_parallel_ranks(ClusterSpec(), dp, layout.moe)
     if layout.router == "round_robin" or (dp > 1 and layout.replicas == 1):  # replicas simulated apart
         results = []
         for r, index in enumerate(route(workload, layout.replicas)):
