@@ -127,6 +127,10 @@ def plan(
     k_max = min((max(remaining) if finish_inside else min(remaining)) - (1 - lag), cap)
     if k_max < 1:
         return None
+    if waiting and (arrivals is None or arrivals.known_until_s == math.inf):
+        # the walk needs no step times: they are computed once, for the steps it keeps
+        k = min(k_max, horizon)
+        return waiting_runs.plan_waiting_run(sched, members, None, k, decode_times, lag)
     times = members.step_times(decode_times, 1, min(k_max, horizon))
     if not waiting and arrivals is not None:
         times, k_max = _admit_arrivals(sched, members, admissions, arrivals, next_arrival, times, k_max,

@@ -26,8 +26,9 @@ from simulator.engine.run_plan import (
 )
 
 
-def plan_waiting_run(sched, members: Members, times: np.ndarray, k: int, decode_times, lag: int
-                    ) -> DecodeRun | None:
+def plan_waiting_run(
+    sched, members: Members, times: np.ndarray | None, k: int, decode_times, lag: int
+) -> DecodeRun | None:
     """A run of decode steps while requests wait (none is admitted). It goes on through steps
     short of a KV block: there, as ``NativeScheduler._make_room``, the last running member is
     preempted and its blocks serve the step's remaining blocks; and through members' last
@@ -36,7 +37,8 @@ def plan_waiting_run(sched, members: Members, times: np.ndarray, k: int, decode_
     before a step whose victim would be a member that cannot be handled here (one with a shared
     prefix, whose admission would depend on other requests' blocks; one whose last token is in
     flight; the last one decoding). Blocks, finishes and preemptions are taken in time order,
-    each admission checked after the event that could allow it (``_WaitingRun``)."""
+    each admission checked after the event that could allow it (``_WaitingRun``). ``times``: the
+    times of steps 1..k as the members were before the walk, or None (computed after it)."""
     plan = _WaitingRun(sched, members, k, lag)
     k = plan.walk()
     if k < 1:
@@ -44,7 +46,11 @@ def plan_waiting_run(sched, members: Members, times: np.ndarray, k: int, decode_
     keep = plan.alive & (plan.steps <= k)
     last = plan.last
     changed = min([p.step for p in plan.preemptions], default=k + 1)
-    if changed <= k:
+    if times is None:
+        # a member's steps before its preemption are its steps as planned: the same times
+        planned = Members(plan.computed, last.tolist(), list(members.held))
+        times = planned.step_times(decode_times, 1, k)
+    elif changed <= k:
         fixed = Members(plan.computed, last.tolist(), list(members.held))
         times = np.concatenate((times[: changed - 1], fixed.step_times(decode_times, changed, k)))
     return DecodeRun(k=k, step_times=times[:k], first_steps=plan.first, computed=plan.computed, last_steps=last,
@@ -147,8 +153,8 @@ class _WaitingRun:
             running = self.sched.running
             if any(running[i].num_shared_blocks for i in ending.tolist()):
                 self._hold_together()
-        freed = np.zeros(k + 2, dtype=np.int64)
-        np.add.at(freed, release[ending], self.blocks[ending])
+        # (whole block counts: exact in float64)
+        freed = np.bincount(release[ending], self.blocks[ending], k + 2).astype(np.int64)
         for holders, count in (self.together or {}).items():
             last = int(release[list(holders)].max())
             if last <= k:  # (no holder is a victim: a victim holds no shared prefix)
@@ -168,8 +174,9 @@ class _WaitingRun:
         shrink, so the steps right after events are the only ones to check."""
         if lo > hi:
             return None
-        checks = {p.step + 1 for p in self.preemptions}
-        checks.update(release[~self.gone].tolist())
+        checks = {p.step + 1 for p in self.preemptions if lo <= p.step + 1 <= hi}
+        releases = release[~self.gone]
+        checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
         sched = self.sched
         if self.preemptions:  # the head is the latest victim: its tokens once its last output is in
             p = self.preemptions[-1]
@@ -178,7 +185,7 @@ class _WaitingRun:
             need = -(-min(tokens, sched.max_model_len) // sched.block_size)
         else:
             need = self.head_need
-        for t in sorted(c for c in checks if lo <= c <= hi):
+        for t in sorted(checks):
             listed = int(np.count_nonzero(~self.gone & (release > t)))
             if listed >= sched.config.max_num_seqs:
                 continue

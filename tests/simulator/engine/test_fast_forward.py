@@ -335,3 +335,30 @@ def test_runs_preempt_as_step_by_step_when_some_requests_share_a_prefix(async_sc
     assert_same(slow, fast)
     assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
     assert seen["undone"] > 0 and seen["held_together"] > 0, seen
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_waiting_runs_time_their_steps_after_the_walk(async_scheduling, monkeypatch):
+    # while requests wait, a run's step times are computed once, after its walk, from the members
+    # as the walk left them: a victim decodes up to the step before its preemption only, so the
+    # steps from then on have one member fewer (and a member's finish as planned)
+    from simulator.engine import waiting_runs
+
+    w = make_workload(n=80, seed=5, rate=50, prompt=(20, 300), output=(300, 2500))
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=4096, max_num_seqs=32)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    timed_after = []  # per run timed after its walk: steps after its first preemption
+    original = waiting_runs.plan_waiting_run
+
+    def planned(sched, members, times, k, decode_times, lag):
+        run = original(sched, members, times, k, decode_times, lag)
+        if times is None and run is not None:
+            first = min([p.step for p in run.preemptions], default=run.k + 1)
+            timed_after.append(run.k - first + 1)
+        return run
+
+    monkeypatch.setattr(waiting_runs, "plan_waiting_run", planned)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
+    assert sum(1 for steps in timed_after if steps > 0) > 5, timed_after
