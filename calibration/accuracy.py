@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,14 +91,10 @@ class RunAccuracy:
         return next(r["error"] for r in self.rows if (r["view"], r["metric"], r["quantile"]) == (view, metric, q))
 
 
-#: a release of a model with its base's shapes (Qwen3's -Instruct-2507 / -Thinking-2507, Llama's
-#: -Instruct): the run's model name with this suffix removed is the conf model's ``hf_name``
-RELEASE_SUFFIX = re.compile(r"-(instruct|thinking)(-\d{4})?$", re.IGNORECASE)
-
 
 def _conf_model(hf_name: str) -> str | None:
-    """The conf model of the run's Hugging Face name, or of its base model's (``RELEASE_SUFFIX``)."""
-    wanted = {hf_name.lower(), RELEASE_SUFFIX.sub("", hf_name).lower()}
+    """The conf model of the run's Hugging Face name, or of its base model's (``catalog.base_model_name``)."""
+    wanted = {hf_name.lower(), catalog.base_model_name(hf_name)}
     found = {}
     for name in catalog.names("model"):
         try:

@@ -6,6 +6,7 @@ simulator gets the same files through Hydra's config groups.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -54,3 +55,13 @@ def load_optimization(name: str) -> dict[str, Any]:
 @lru_cache(maxsize=64)
 def _load_optimization(name: str) -> dict[str, Any]:
     return dict(yaml.safe_load(_path("optimization", name).read_text()) or {})
+
+
+#: a release of a model with its base's shapes (Qwen3's -Instruct-2507 / -Thinking-2507, Llama's
+#: -Instruct): the name with this suffix removed is the base model's ``hf_name``
+RELEASE_SUFFIX = re.compile(r"-(instruct|thinking)(-\d{4})?$", re.IGNORECASE)
+
+
+def base_model_name(hf_name: str) -> str:
+    """The base model of a release (``RELEASE_SUFFIX`` removed), lower case."""
+    return RELEASE_SUFFIX.sub("", hf_name).lower()

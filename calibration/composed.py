@@ -387,6 +387,13 @@ class ComposedPerformanceModel(PerformanceModel):
         dense = dense + 1e-3 * embedding_allreduce_ms(kernels.allreduce_ms, tp, np.arange(self.max_tokens + 1),
                                                       arch.hidden_size)
         self.dense_s = np.maximum.accumulate(dense)
+        #: all MoE layers' experts and their exchange by the tokens of every data-parallel rank
+        #: (only where those ranks' tokens meet: a data-parallel mixture of experts)
+        self._experts: list[float] | None = None
+        if arch.is_moe and self.data_parallel_size > 1:
+            meeting = np.arange(self.data_parallel_size * self.max_tokens + 1)
+            self._experts = np.maximum.accumulate(
+                1e-3 * arch.moe_layers * self.sparse.experts_layer_ms(meeting)).tolist()
         rows = np.arange(self.max_rows + 1)
         self.head_s = self._head_seconds(rows) + 1e-3 * logits_allgather_ms(kernels.allreduce_ms, tp, rows,
                                                                              arch.vocab_size)
@@ -520,6 +527,15 @@ class ComposedPerformanceModel(PerformanceModel):
             if self.window:
                 t += self.sliding_generation_grid(n_dec, min(kv, self.window))
         return t
+
+    def experts_time(self, tokens: int) -> float:
+        if self._experts is None or tokens <= 0:
+            return 0.0
+        table = self._experts
+        if tokens < len(table):
+            return table[tokens]
+        slope = (table[-1] - table[-1025]) / 1024
+        return table[-1] + (tokens - len(table) + 1) * slope
 
     def _sliding_prefill(self, prefill_tokens, prefill_context) -> float:
         """Sliding-window layers' prefill attention: each new token attends over at most the window.

@@ -41,12 +41,9 @@ RUN = DATA_DIR / "RTXPRO6000" / "Qwen3-30B-A3B-Instruct-2507"
 
 
 def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str, seed: int = 0,
-                   lockstep: bool = True) -> tuple[dict[str, np.ndarray], PerformanceModel]:
+                   lockstep: bool = True, perf_source: str = "auto") -> tuple[dict[str, np.ndarray], PerformanceModel]:
     """Each request's simulated TTFT and E2E seconds (engine view, the run's order) and the step model."""
-    from calibration import catalog
-    from calibration.composed import ComposedPerformanceModel
-    from calibration.registry import parallel_settings
-    from calibration.roofline import RooflineKernels
+    from calibration.registry import build_performance_model
     from simulator.cluster import ClusterSpec, simulate_cluster
 
     kw = run.engine_kwargs
@@ -54,11 +51,8 @@ def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str, seed:
     config = replace(live_engine_config(run), data_parallel_size=dp,
                      enable_expert_parallel=bool(kw.get("enable_expert_parallel")))
     card = run_hardware(run_dir, hardware)
-    arch = catalog.load_model(model)
-    perf = ComposedPerformanceModel(
-        arch, card, RooflineKernels(card), tp=int(kw.get("tensor_parallel_size") or 1),
-        **parallel_settings(arch, config), max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-        name=f"roofline+moe-fit:{card.name}:{arch.name}:dp{dp}-ep", calibrated=False)
+    perf = build_performance_model(card, model, "none", int(kw.get("tensor_parallel_size") or 1),
+                                   {"source": perf_source}, engine=config)
     n = len(run.arrival_s)
     workload = Workload(arrival_s=run.arrival_s, prompt_tokens=run.prompt_tokens, output_tokens=run.output_tokens,
                         reasoning_tokens=np.zeros(n, np.int64), domain=np.full(n, "chat", object),
@@ -72,20 +66,20 @@ def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str, seed:
 
 
 def replay(run_dir: Path = RUN, model: str = "qwen3-30b-a3b", hardware: str = "rtxpro6000",
-           seed: int = 0, lockstep: bool = True) -> dict:
+           seed: int = 0, lockstep: bool = True, perf_source: str = "auto") -> dict:
     """Simulated vs live TTFT and E2E (engine view) at p50/p90/p99, with the signed errors."""
     run = load_live_run(run_dir)
-    sim, perf = simulate_ranks(run, run_dir, model, hardware, seed, lockstep)
+    sim, perf = simulate_ranks(run, run_dir, model, hardware, seed, lockstep, perf_source)
     live = {key: v for key, v in live_latencies(run).items() if key[0] == "engine"}
     return {"run": f"{run_dir.parent.name}/{run_dir.name}", "perf_model": perf.name,
             "dp": int(run.engine_kwargs.get("data_parallel_size") or 1), "rows": error_rows(live, sim),
             "describe": perf.describe()}
 
 
-if __name__ == "__main__":  # python -m calibration.dp_replay [--apart: each engine stepping alone]
+if __name__ == "__main__":  # python -m calibration.dp_replay [--apart] [--roofline]
     import sys
 
-    out = replay(lockstep="--apart" not in sys.argv[1:])
+    out = replay(lockstep="--apart" not in sys.argv[1:], perf_source="roofline" if "--roofline" in sys.argv else "auto")
     print(out["run"], out["perf_model"], "(engines in lock-step)" if "--apart" not in sys.argv[1:]
           else "(engines stepping apart)")
     for r in out["rows"]:

@@ -24,6 +24,16 @@ several prefill chunks become one chunk of their total tokens over the context
 that gives the same attention work, and decode KV lengths are replaced by
 their mean (LLMServingSim's own skew correction, typically 3-7%, is left out).
 Interpolation is multilinear in log(time) against log2(1 + size).
+
+A mixture-of-experts profile (``moe.csv``: the MoE layer, router to combine, by tokens and
+distinct experts touched, all experts on one GPU) replaces a layer's MLP ops. Under expert
+parallelism each of ``R`` GPUs holds ``E / R`` experts: ``T`` tokens meeting there give it
+``T k / R`` (token, expert) pairs over its expected distinct experts
+``(E / R) (1 - (1 - k / E)^T)``, read from the table at ``T / R`` tokens (the same pairs). With
+data parallelism (``data_parallel_size`` engines, their attention apart, their experts shared)
+the tokens of every engine meet in each MoE layer and are gathered and reduce-scattered over the
+link (one all-reduce's bytes, as ``calibration.sparse``); ``step_time`` assumes the other
+engines loaded as this one, ``experts_time`` prices the tokens that actually meet.
 """
 
 from __future__ import annotations
@@ -85,9 +95,15 @@ def available_profiles() -> list[ProfileKey]:
 
 def find_profile(hardware_name: str, hf_model: str, tp: int, variant: str = "bf16") -> ProfileKey:
     """The profile for (hardware, model, tp), or a ConfigError listing those that exist."""
+    from calibration.catalog import base_model_name
+
     gpu = GPU_DIRS.get(hardware_name, hardware_name)
-    for key in available_profiles():
-        if key.gpu == gpu and key.model.lower() == hf_model.lower() and key.tp == tp and key.variant == variant:
+    found = [key for key in available_profiles() if key.gpu == gpu and key.tp == tp and key.variant == variant]
+    for key in found:  # the model's own profile first, then a release of it (same shapes)
+        if key.model.lower() == hf_model.lower():
+            return key
+    for key in found:
+        if base_model_name(key.model) == hf_model.lower():
             return key
     have = ", ".join(f"{GPU_DIRS_INV.get(k.gpu, k.gpu)}/{k.model}/tp{k.tp}" for k in available_profiles())
     raise ConfigError("perf.source", f"no LLMServingSim profile for {hardware_name}/{hf_model}/tp{tp}; "
@@ -143,6 +159,40 @@ class Lattice:
         return math.exp(total) * scale
 
 
+class MoETable:
+    """A measured MoE layer's time (µs) by tokens and distinct experts touched (``moe.csv``):
+    log-log interpolation along experts at each measured token count, then along tokens;
+    beyond the largest count, linear in tokens."""
+
+    def __init__(self, tokens: np.ndarray, experts: np.ndarray, time_us: np.ndarray):
+        self.counts = np.unique(tokens).astype(float)
+        self.rows = []
+        for count in self.counts:
+            mine = tokens == count
+            order = np.argsort(experts[mine])
+            self.rows.append((np.log(experts[mine][order].astype(float)), np.log(time_us[mine][order])))
+
+    def _at_count(self, i: int, experts: np.ndarray) -> np.ndarray:
+        xs, ys = self.rows[i]
+        if len(xs) == 1:
+            return np.full_like(experts, math.exp(ys[0]))
+        return np.exp(np.interp(np.log(np.clip(experts, math.exp(xs[0]), math.exp(xs[-1]))), xs, ys))
+
+    def __call__(self, tokens: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=float)
+        experts = np.asarray(experts, dtype=float)
+        counts = self.counts
+        t = np.clip(tokens, counts[0], counts[-1])
+        i = np.clip(np.searchsorted(counts, t, side="right") - 1, 0, len(counts) - 2)
+        out = np.empty_like(t)
+        for j in np.unique(i):
+            at = i == j
+            lo, hi = self._at_count(j, experts[at]), self._at_count(j + 1, experts[at])
+            w = (np.log(t[at]) - math.log(counts[j])) / (math.log(counts[j + 1]) - math.log(counts[j]))
+            out[at] = np.exp((1 - w) * np.log(lo) + w * np.log(hi))
+        return np.where(tokens > counts[-1], out * tokens / counts[-1], out) * (tokens > 0)
+
+
 @lru_cache(maxsize=4)
 def load_profile(key: ProfileKey) -> dict:
     """Read one profile into arrays (cached)."""
@@ -167,7 +217,15 @@ def load_profile(key: ProfileKey) -> dict:
         part = part.groupby("sequences", as_index=False).time_us.mean().sort_values("sequences")
         seq[str(op)] = (part.sequences.to_numpy(float), part.time_us.to_numpy(float))
     att = att.groupby(["prefill_chunk", "kv_prefill", "n_decode", "kv_decode"], as_index=False).time_us.mean()
-    return {"ops": ops, "per_sequence": seq, "attention": att}
+    moe = None
+    if (key.path / "moe.csv").exists():
+        frame = pd.read_csv(key.path / "moe.csv")
+        missing = {"tokens", "activated_experts", "time_us"} - set(frame.columns)
+        if missing:
+            raise ConfigError("llmservingsim", f"{key.path / 'moe.csv'} lacks columns {sorted(missing)}")
+        frame = frame.groupby(["tokens", "activated_experts"], as_index=False).time_us.mean()
+        moe = MoETable(frame.tokens.to_numpy(), frame.activated_experts.to_numpy(), frame.time_us.to_numpy(float))
+    return {"ops": ops, "per_sequence": seq, "attention": att, "moe": moe}
 
 
 def _pow2_from(start: int, stop: int) -> list[int]:
@@ -215,20 +273,31 @@ class LLMServingSimPerformanceModel(PerformanceModel):
         max_num_seqs: int = 1024,
         overhead_s: float = STEP_OVERHEAD_S,
         via_model: str = "",
+        expert_parallel: bool = False,
+        data_parallel_size: int = 1,
     ):
         self.key = key
         self.via_model = via_model
         self.arch = arch
         self.hardware = hardware
         self.overhead_s = overhead_s
-        self.name = f"llmservingsim:{key.gpu}:{arch.name}:{key.variant}:tp{key.tp}"
+        self.data_parallel_size = int(data_parallel_size)
+        self.expert_parallel = bool(expert_parallel) or self.data_parallel_size > 1
+        dp = f":dp{self.data_parallel_size}" if self.data_parallel_size > 1 else ""
+        self.name = f"llmservingsim:{key.gpu}:{arch.name}:{key.variant}:tp{key.tp}{dp}"
         self.memory_model = MemoryModel(arch, hardware, key.tp, "bf16", kv_dtype,
-                                        max_num_batched_tokens, max_num_seqs)
+                                        max_num_batched_tokens, max_num_seqs,
+                                        expert_ranks=key.tp * self.data_parallel_size)
         prof = load_profile(key)
         ops = prof["ops"]
-        need = set(LAYER_OPS) | {"layernorm", "embedding", "final_layernorm"}
+        moe_layers = arch.moe_layers if arch.is_moe else 0
+        mlp_ops = ("gate_up_proj", "down_proj", "act_fn")
+        need = {"layernorm", "embedding", "final_layernorm"} | (set(LAYER_OPS) if moe_layers < arch.num_layers
+                                                                else set(LAYER_OPS) - set(mlp_ops))
         if need - set(ops):
             raise ConfigError("llmservingsim", f"{key.path}/dense.csv lacks ops {sorted(need - set(ops))}")
+        if moe_layers and prof["moe"] is None:
+            raise ConfigError("llmservingsim", f"{key.path} has no moe.csv for mixture-of-experts model {arch.name}")
         m = np.arange(MAX_TOKENS + 1, dtype=float)
 
         def curve(xy, x):
@@ -236,24 +305,54 @@ class LLMServingSimPerformanceModel(PerformanceModel):
             out = np.interp(np.log(np.clip(x, xs[0], xs[-1])), np.log(xs), ys)
             return np.where(x > xs[-1], ys[-1] * x / xs[-1], out) * (x > 0)
 
-        layer_ops = LAYER_OPS + tuple(op for op in OPTIONAL_LAYER_OPS if op in ops)
-        layer = sum(curve(ops[op], m) for op in layer_ops) + LAYER_NORMS_PER_LAYER * curve(ops["layernorm"], m)
+        attention_ops = tuple(op for op in LAYER_OPS if op not in mlp_ops)
+        attention_ops += tuple(op for op in OPTIONAL_LAYER_OPS if op in ops)
+        layer = sum(curve(ops[op], m) for op in attention_ops) + LAYER_NORMS_PER_LAYER * curve(ops["layernorm"], m)
+        mlp = sum(curve(ops[op], m) for op in mlp_ops) if moe_layers < arch.num_layers else 0.0
         rows = np.arange(4097, dtype=float)
         comm_us, gather_us = 0.0, 0.0
-        if key.tp > 1:  # the profile times one shard alone: add the step's collectives
-            from calibration.roofline import RooflineKernels
+        from calibration.roofline import RooflineKernels
 
-            allreduce = RooflineKernels(hardware).allreduce_ms
+        self._allreduce_ms = RooflineKernels(hardware).allreduce_ms
+        if key.tp > 1:  # the profile times one shard alone: add the step's collectives
+            allreduce = self._allreduce_ms
             layer = layer + 2 * 1e3 * allreduce(key.tp, m * arch.hidden_size)
             comm_us = 1e3 * embedding_allreduce_ms(allreduce, key.tp, m, arch.hidden_size)
             gather_us = 1e3 * logits_allgather_ms(allreduce, key.tp, rows, arch.vocab_size)
-        dense_us = (arch.num_layers * layer + curve(ops["embedding"], m) + curve(ops["final_layernorm"], m)
-                    + comm_us)
+        self._moe = prof["moe"]
+        experts_us = (moe_layers * self._experts_layer_us(m * self.data_parallel_size) if moe_layers else 0.0)
+        dense_us = (arch.num_layers * layer + (arch.num_layers - moe_layers) * mlp + experts_us
+                    + curve(ops["embedding"], m) + curve(ops["final_layernorm"], m) + comm_us)
         self._dense = (1e-6 * dense_us).tolist()
+        self._experts: list[float] | None = None
+        if moe_layers and self.data_parallel_size > 1:
+            meeting = np.arange(self.data_parallel_size * MAX_TOKENS + 1, dtype=float)
+            self._experts = (1e-6 * moe_layers * self._experts_layer_us(meeting)).tolist()
         seq = prof["per_sequence"]
         head_us = sum(curve(seq[op], rows) for op in seq) + gather_us
         self._head = (1e-6 * head_us).tolist()
         self.decode_lattice, self.mixed_lattice = _attention_lattices(prof["attention"])
+
+    def _experts_layer_us(self, tokens: np.ndarray) -> np.ndarray:
+        """One MoE layer for ``tokens`` tokens meeting there, on the busiest GPU, with the
+        data-parallel exchange (µs; see the module's docstring)."""
+        from calibration.moe import expected_experts
+
+        a = self.arch
+        ranks = self.key.tp * self.data_parallel_size if self.expert_parallel else 1
+        local = expected_experts(tokens, a.num_experts_per_tok, a.num_experts) / ranks
+        us = self._moe(tokens / ranks, np.maximum(local, a.num_experts_per_tok / ranks))
+        if self.data_parallel_size > 1:
+            us = us + 1e3 * self._allreduce_ms(self.data_parallel_size, tokens * a.hidden_size) * (tokens > 0)
+        return us
+
+    def experts_time(self, tokens: int) -> float:
+        if self._experts is None or tokens <= 0:
+            return 0.0
+        table = self._experts
+        if tokens < len(table):
+            return table[tokens]
+        return table[-1] * tokens / (len(table) - 1)
 
     def _attention_s(self, batch: StepBatch) -> float:
         pt, dc = batch.prefill_tokens, batch.decode_context
@@ -288,6 +387,11 @@ class LLMServingSimPerformanceModel(PerformanceModel):
         out.update({"built_from": self.key.describe(), "hardware": self.hardware.name,
                     "model": self.arch.name, "tp": self.key.tp, "step_overhead_s": self.overhead_s,
                     "via_model": self.via_model})
+        if self._moe is not None and self.arch.is_moe:
+            out["moe"] = (f"measured MoE layer (moe.csv) by tokens and experts touched; experts over "
+                          f"{self.key.tp * self.data_parallel_size if self.expert_parallel else 1} GPU(s)"
+                          + (f", {self.data_parallel_size} data-parallel engines' tokens gathered and "
+                             f"reduce-scattered over the link (roofline)" if self.data_parallel_size > 1 else ""))
         if self.key.tp > 1:
             out["allreduce"] = (f"roofline from {self.hardware.name}'s interconnect "
                                 f"({self.hardware.interconnect_gbps:g} GB/s peak): two all-reduces a layer, the "

@@ -3,7 +3,7 @@
 ``perf.source`` picks where the step-time model comes from:
 
 - ``aiconfigurator``: composed from the measured H100/H200/A100 kernel tables;
-- ``llmservingsim``: LLMServingSim's vLLM layer profiles (RTX PRO 6000, Llama-3.1-8B);
+- ``llmservingsim``: LLMServingSim's vLLM layer profiles (RTX PRO 6000: Llama-3.1-8B, Qwen3-32B, Qwen3-30B-A3B);
 - ``blis``: BLIS's fitted linear coefficients (H100/A100; a reference, never chosen by auto);
 - ``roofline``: peak-FLOPs/bandwidth roofline, for any hardware, labelled uncalibrated;
 - ``profile``: fitted from a profiler run (``perf.profile``), by ``calibration.fit``;
@@ -31,6 +31,8 @@ from simulator.records.hardware import GIB, Hardware
 from simulator.records.model_arch import ModelArchitecture, check_tp, dtype_bytes
 from simulator.records.performance import MemoryBreakdown, PerformanceModel
 
+#: sources whose models price a data-parallel mixture of experts' shared layers
+DATA_PARALLEL_SOURCES = ("aiconfigurator", "kernels", "roofline", "llmservingsim")
 SOURCES = ("auto", "aiconfigurator", "llmservingsim", "blis", "roofline", "profile", "kernels")
 #: sources that need a file of the user's (perf.profile, perf.tables): not listed by ``calibration list``
 USER_SOURCES = ("profile", "kernels")
@@ -315,11 +317,12 @@ def build_performance_model(
     tokens, seqs, util, max_model_len, override = _engine_limits(engine)
     common = {"max_num_batched_tokens": tokens, "max_num_seqs": seqs}
     hashing = _prefix_caching_cost(engine)  # composed models only
-    hashing.update(parallel_settings(arch, engine))  # MoE: expert and data parallelism (composed models)
-    if hashing.get("data_parallel_size", 1) > 1 and choice.source not in ("aiconfigurator", "kernels", "roofline"):
-        raise ConfigError("engine.data_parallel_size", f"> 1 with a mixture-of-experts model needs a composed "
-                                                       f"perf.source (aiconfigurator, kernels, roofline), got "
-                                                       f"{choice.source}")
+    parallel = parallel_settings(arch, engine)  # MoE: expert and data parallelism
+    hashing.update(parallel)
+    if parallel.get("data_parallel_size", 1) > 1 and choice.source not in DATA_PARALLEL_SOURCES:
+        raise ConfigError("engine.data_parallel_size", f"> 1 with a mixture-of-experts model needs a perf.source "
+                                                       f"that prices shared experts "
+                                                       f"({', '.join(DATA_PARALLEL_SOURCES)}), got {choice.source}")
 
     if choice.source == "profile":
         pm = _fitted(dict(perf or {}))
@@ -352,7 +355,7 @@ def build_performance_model(
         via = catalog.load_model(choice.via_model) if choice.via_model else arch
         key = llmservingsim.find_profile(hardware.name, via.hf_name or via.name, tp)
         pm = llmservingsim.LLMServingSimPerformanceModel(key, arch, hardware, kv_dtype=choice.kv_dtype,
-                                                         via_model=choice.via_model, **common)
+                                                         via_model=choice.via_model, **common, **parallel)
     elif choice.source == "blis":
         via = choice.via_model or arch.name
         row = blis.find_coefficients(hardware.name, via, tp)

@@ -107,6 +107,23 @@ class SparseParts:
                 self.sources[f"{dtype}_gemm"] = f"roofline ({dtype} GEMMs not measured for {self.hw.name})"
         return self.roofline.gemm_ms(m, n, k, dtype)
 
+    def experts_layer_ms(self, tokens: np.ndarray) -> np.ndarray:
+        """One MoE layer's routed experts for ``tokens`` tokens meeting there (every data-parallel
+        rank's), with the exchange around them: gathered before, reduce-scattered after (ms)."""
+        pm, a, w = self.pm, self.arch, self.pm.weight_dtype
+        tp, dp = pm.tp, pm.data_parallel_size
+        peak = (self.hw.fp8_tflops if w.startswith("fp8") and self.hw.fp8_tflops else self.hw.bf16_tflops) * 1e12
+        shape = dict(hidden=pm.shapes.hidden, inter=a.moe_intermediate_size, num_experts=a.num_experts,
+                     top_k=a.num_experts_per_tok, expert_bytes=dtype_bytes(a.expert_dtype or w),
+                     bandwidth=self.hw.memory_bandwidth_gbps * 1e9, peak=peak, fit=self.fit)
+        if pm.expert_parallel:
+            ms = 1e3 * moe_ep_layer_seconds(tokens, ranks=tp * dp, **shape)
+        else:
+            ms = 1e3 * moe_layer_seconds(tokens, tp=tp, **shape)
+        if dp > 1:  # the bytes of one all-reduce of all the ranks' tokens over the data-parallel GPUs
+            ms = ms + pm.kernels.allreduce_ms(dp, tokens * pm.shapes.hidden)
+        return ms
+
     def dense_seconds(self, m: np.ndarray) -> np.ndarray:
         """All layers' projections, MLP or MoE, element-wise kernels and all-reduces for m tokens."""
         from calibration.layer_terms import ACT_BYTES, layer_memory_ops
@@ -139,18 +156,7 @@ class SparseParts:
             if a.num_shared_experts:
                 shared = a.num_shared_experts * inter
                 moe = moe + g(m, 2 * shared, h, w) + g(m, h, shared, w)
-            ebytes = dtype_bytes(a.expert_dtype or w)
-            peak = (self.hw.fp8_tflops if w.startswith("fp8") and self.hw.fp8_tflops else self.hw.bf16_tflops) * 1e12
-            shape = dict(hidden=h, inter=a.moe_intermediate_size, num_experts=a.num_experts,
-                         top_k=a.num_experts_per_tok, expert_bytes=ebytes,
-                         bandwidth=self.hw.memory_bandwidth_gbps * 1e9, peak=peak, fit=self.fit)
-            if pm.expert_parallel:
-                moe = moe + 1e3 * moe_ep_layer_seconds(m_moe, ranks=tp * dp, **shape)
-            else:
-                moe = moe + 1e3 * moe_layer_seconds(m_moe, tp=tp, **shape)
-            if dp > 1:  # gather every engine's tokens before the experts, reduce-scatter after:
-                # the bytes of one all-reduce of all of them over the data-parallel GPUs
-                moe = moe + pm.kernels.allreduce_ms(dp, m_moe * h)
+            moe = moe + self.experts_layer_ms(m_moe)
             silu = 3 * a.num_experts_per_tok * inter * ACT_BYTES - ops["silu_mul"]
             mem_moe = mem_dense + np.where(m > 0, pm.kernels.memory_op_ms(m * max(silu, 0)), 0.0)
             total = total + a.moe_layers * (attn + moe + mem_moe + comm)

@@ -11,6 +11,14 @@ rounds. At a round's start each rank schedules its step as its own engine loop w
 async scheduling one round ahead, as the loop keeps two steps in flight); the round lasts the
 longest of the ranks' step times (an idle rank's: the dummy batch's); each rank applies its step
 at the round's end, so its logged step spans the whole round.
+
+How long a round lasts depends on the tokens that meet in the MoE layers (vLLM's
+``coordinate_batch_across_dp``, vllm/v1/worker/dp_utils.py): while every rank's step fits a
+captured CUDA graph, all ranks pad to the largest rank's token count, so each rank's step model
+(its experts priced for that many equally loaded ranks) holds and the round is the slowest rank's
+step; once one rank's step is too large for a graph, none pads, the experts see the sum of the
+ranks' tokens, and the round is the slowest rank's step without its experts plus the experts
+priced once for that sum (``PerformanceModel.experts_time``).
 """
 
 from __future__ import annotations
@@ -27,6 +35,13 @@ from simulator.records.performance import StepBatch
 
 #: what a rank with nothing scheduled computes (vLLM's ``execute_dummy_batch``)
 DUMMY_BATCH = StepBatch(decode_context=[1], decode_spec_tokens=[0])
+
+
+def cudagraph_token_limit(max_num_seqs: int, num_speculative_tokens: int, max_num_batched_tokens: int) -> int:
+    """The most tokens a step runs as a captured CUDA graph: vLLM's default largest capture size,
+    ``min(max_num_seqs x (1 + drafts) x 2, 512)``, at most the token budget (``VllmConfig.
+    _set_cudagraph_sizes``, vllm/config/vllm.py)."""
+    return min(max_num_seqs * (1 + num_speculative_tokens) * 2, 512, max_num_batched_tokens)
 
 
 @dataclass
@@ -47,6 +62,10 @@ class LockstepGroup:
         #: rounds scheduled ahead of the oldest one's end (the engine loop's steps in flight)
         self.depth = 2 if ranks[0].async_scheduling else 1
         self.dummy_s = [rank.perf.step_time(DUMMY_BATCH) for rank in ranks]
+        config = ranks[0].config
+        #: the largest step the ranks pad to each other's token count (a CUDA graph's)
+        self.padded_limit = cudagraph_token_limit(config.max_num_seqs, config.speculative.num_speculative_tokens,
+                                                  config.max_num_batched_tokens)
         self.dummy_steps = [0] * len(ranks)  # dummy batches each rank ran
 
     def start(self) -> simpy.Process:
@@ -81,12 +100,21 @@ class LockstepGroup:
                  for i, rank in enumerate(self.ranks)]
         if all(out is None for out in steps):
             return None
-        times = [rank._step_time(out) if out is not None else dummy
-                 for rank, out, dummy in zip(self.ranks, steps, self.dummy_s, strict=True)]
         for i, out in enumerate(steps):
             if out is None:
                 self.dummy_steps[i] += 1
-        return Round(start, start + max(times), steps)
+        return Round(start, start + self._round_s(steps), steps)
+
+    def _round_s(self, steps: list[SchedulerOutput | None]) -> float:
+        """How long a round of these steps lasts (see the module's docstring)."""
+        times = [rank._step_time(out) if out is not None else dummy
+                 for rank, out, dummy in zip(self.ranks, steps, self.dummy_s, strict=True)]
+        tokens = [(out.batch if out is not None else DUMMY_BATCH).num_tokens for out in steps]
+        if max(tokens) <= self.padded_limit:
+            return max(times)
+        ranks = len(self.ranks)
+        own = [t - rank.perf.experts_time(ranks * m) for rank, t, m in zip(self.ranks, times, tokens, strict=True)]
+        return max(own) + self.ranks[0].perf.experts_time(sum(tokens))
 
     def _run(self):
         env = self.env

@@ -168,6 +168,16 @@ class PerformanceModel(ABC):
     def memory(self, gpu_memory_utilization: float) -> MemoryBreakdown:
         """How device memory splits into weights, activations, other and KV."""
 
+    def experts_time(self, tokens: int) -> float:
+        """Seconds of the layers where every data-parallel rank's tokens meet (a mixture of experts
+        run data-parallel with expert parallelism: the routed experts and the exchange around
+        them), for ``tokens`` tokens from all ranks; 0 for a model without such layers.
+
+        ``step_time`` prices them for every rank loaded as this one (its tokens times the ranks);
+        a lock-step group that knows each rank's tokens takes them out and prices their sum.
+        """
+        return 0.0
+
     def decode_times(self, num_seqs: int, total_context):
         """Step times of many pure-decode batches at once, or None if not supported.
 

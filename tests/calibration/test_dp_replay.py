@@ -8,17 +8,18 @@ from calibration.dp_replay import replay
 def test_qwen3_30b_a3b_dp2_ep_run_is_replayed_within_bounds():
     out = replay()
     err = {(r["metric"], r["quantile"]): r["error"] for r in out["rows"]}
-    # uncalibrated for this card (roofline kernels, the H100 MoE fit scaled), the engines in
-    # lock-step: E2E within 6%, TTFT within 50% (p50 0.14 s; p90/p99 seconds of queueing)
+    # LLMServingSim's layer profile of this card and model (its MoE layer measured), the engines in
+    # lock-step, the experts priced for the tokens that meet: E2E within 6%, TTFT p50 within 15%,
+    # the TTFT tail (seconds of waiting for a seat) short, within 40% (docs/accuracy.md)
+    assert out["perf_model"].startswith("llmservingsim:RTXPRO6000:qwen3-30b-a3b"), out["perf_model"]
     assert all(abs(err[("e2e", q)]) < 0.06 for q in (50, 90, 99)), err
-    assert all(abs(err[("ttft", q)]) < 0.5 for q in (50, 90, 99)), err
-    sources = out["describe"]["step_time_sources"]
-    assert "2 data-parallel engines" in sources["expert_parallel"]
+    assert abs(err[("ttft", 50)]) < 0.15 and all(abs(err[("ttft", q)]) < 0.4 for q in (90, 99)), err
+    assert "2 data-parallel engines" in out["describe"]["moe"]
 
 
 def test_lock_step_is_what_lifts_the_short_ttft_tail_and_e2e():
     # each engine stepping alone: its decode steps are never stretched to the other's prefill
-    # steps, so E2E runs 7-10% short and the TTFT tail (queueing) 26-53% short (docs/accuracy.md)
+    # steps, so E2E runs ~10% short and the TTFT tail (queueing) 30-75% short (docs/accuracy.md)
     apart = {(r["metric"], r["quantile"]): r["error"] for r in replay(lockstep=False)["rows"]}
     locked = {(r["metric"], r["quantile"]): r["error"] for r in replay()["rows"]}
     assert apart[("ttft", 90)] < -0.4 and all(apart[("e2e", q)] < -0.05 for q in (50, 90, 99)), apart

@@ -36,8 +36,11 @@ def measured(path, **match):
 def test_profiles_shipped():
     keys = available_profiles()
     assert [(k.gpu, k.model, k.tp) for k in keys if k.gpu == "RTXPRO6000"] == [
+        ("RTXPRO6000", "Qwen/Qwen3-30B-A3B-Instruct-2507", 1),
         ("RTXPRO6000", "Qwen/Qwen3-32B", 1), ("RTXPRO6000", "Qwen/Qwen3-32B", 2),
         ("RTXPRO6000", "meta-llama/Llama-3.1-8B", 1)]
+    # a release's profile serves its base model (the same shapes)
+    assert find_profile("rtxpro6000", "Qwen/Qwen3-30B-A3B", 1).model == "Qwen/Qwen3-30B-A3B-Instruct-2507"
     with pytest.raises(ConfigError, match="allowed: .*rtxpro6000/meta-llama/Llama-3.1-8B/tp1"):
         find_profile("rtxpro6000", "meta-llama/Llama-3.1-8B", 2)
 
@@ -109,3 +112,55 @@ def test_a_tp2_step_pays_what_vllm_sends_between_the_gpus():
     act = 128 * arch.hidden_size * 2  # bytes of one all-reduce's bf16 activations
     per_gpu = (2 * arch.num_layers + 1) * act + 128 * arch.vocab_size * 2 / 2
     assert step(16.0) - step(1e9) == pytest.approx(per_gpu / 16e9, rel=1e-3)
+
+
+def moe_model(dp: int) -> LLMServingSimPerformanceModel:
+    key = find_profile("rtxpro6000", "Qwen/Qwen3-30B-A3B", 1)
+    return LLMServingSimPerformanceModel(key, load_model("qwen3-30b-a3b"), load_hardware("rtxpro6000"),
+                                         max_num_batched_tokens=2048, max_num_seqs=128,
+                                         expert_parallel=dp > 1, data_parallel_size=dp)
+
+
+def test_moe_table_reproduces_measured_rows_and_grows_linearly_beyond():
+    pm = moe_model(1)
+    path = pm.key.path / "moe.csv"
+    for tokens, experts in ((1, 8), (64, 32), (512, 128), (2048, 64)):
+        got = pm._moe(np.array([tokens]), np.array([experts]))[0]
+        assert got == pytest.approx(measured(path, tokens=tokens, activated_experts=experts), rel=1e-9)
+    top = measured(path, tokens=2048, activated_experts=128)
+    assert pm._moe(np.array([4096]), np.array([128]))[0] == pytest.approx(2 * top)
+    between = pm._moe(np.array([700]), np.array([100]))[0]
+    assert measured(path, tokens=512, activated_experts=64) < between < measured(path, tokens=1024, activated_experts=128)
+
+
+def test_a_moe_step_is_attention_ops_plus_the_measured_moe_layer():
+    """No MLP ops in an all-MoE model's layers: a 1,024-token prefill at dp 1 pays, per layer, the
+    MoE table at 1,024 tokens over the experts they touch (all 128, expected), not gate_up/down."""
+    pm = moe_model(1)
+    arch = pm.arch
+    path = pm.key.path / "moe.csv"
+    batch = StepBatch(prefill_tokens=[1024], prefill_context=[0])
+    without_moe = pm.step_time(batch) - arch.num_layers * 1e-6 * pm._moe(np.array([1024]), np.array([128.0]))[0]
+    assert pm._moe(np.array([1024]), np.array([128.0]))[0] == pytest.approx(
+        measured(path, tokens=1024, activated_experts=128))
+    assert 0 < without_moe < 0.5 * pm.step_time(batch)
+    assert pm.experts_time(1024) == 0.0  # one engine: nothing shared with another
+
+
+def test_data_parallel_experts_are_priced_for_the_tokens_that_meet():
+    """Two engines, experts over two GPUs: T tokens meeting give each GPU the table's row at T/2
+    tokens over its expected 64 experts, plus one all-reduce of all T tokens over the link;
+    step_time prices twice the engine's own tokens."""
+    from calibration.roofline import RooflineKernels
+
+    pm = moe_model(2)
+    arch, path = pm.arch, pm.key.path / "moe.csv"
+    link = RooflineKernels(pm.hardware).allreduce_ms(2, np.array([4096 * arch.hidden_size]))[0]
+    layer_s = 1e-6 * measured(path, tokens=2048, activated_experts=64) + 1e-3 * link
+    assert pm.experts_time(4096) == pytest.approx(arch.moe_layers * layer_s, rel=1e-3)
+    batch = StepBatch(prefill_tokens=[2048], prefill_context=[0])
+    alone = moe_model(1)
+    # the same step, its experts priced for 2 x 2,048 tokens over half the experts each, vs all on one GPU
+    assert pm.step_time(batch) - pm.experts_time(4096) == pytest.approx(
+        alone.step_time(batch) - arch.moe_layers * 1e-6 * alone._moe(np.array([2048]), np.array([128.0]))[0],
+        rel=1e-6)

@@ -88,3 +88,25 @@ def test_data_parallel_engines_split_the_experts_not_the_attention():
     arch = load_model("qwen3-30b-a3b")
     one, spread = weight_bytes(arch, "bf16", 1), weight_bytes(arch, "bf16", 1, expert_ranks=2)
     assert spread == pytest.approx(one - arch.expert_params * 2 / 2, rel=1e-6)
+
+
+def test_a_data_parallel_step_holds_its_experts_for_every_rank_loaded_as_itself():
+    """``step_time`` of one of two data-parallel engines prices the shared experts for twice its own
+    tokens: without them (``experts_time(2m)``) it is the same step whatever the other engine does;
+    only a data-parallel mixture of experts has such a part (``experts_time`` 0 otherwise)."""
+    from simulator.records.engine_config import EngineConfig
+
+    engine = EngineConfig(data_parallel_size=2, enable_expert_parallel=True, max_num_batched_tokens=2048)
+    pm = build_performance_model("h100", "qwen3-30b-a3b", "none", 1, {"source": "aiconfigurator"}, engine=engine)
+    dense_dp1 = build_performance_model("h100", "qwen3-30b-a3b", "none", 1, {"source": "aiconfigurator"},
+                                        engine=EngineConfig(enable_expert_parallel=True))
+    assert dense_dp1.experts_time(1024) == 0.0 and pm.experts_time(0) == 0.0
+    times = [pm.experts_time(t) for t in (1, 64, 1024, 4096, 40000)]
+    assert all(a < b for a, b in zip(times, times[1:], strict=False))
+    for m in (1, 256, 2048):
+        batch = StepBatch(prefill_tokens=[m], prefill_context=[0])
+        rest = pm.step_time(batch) - pm.experts_time(2 * m)
+        assert 0 < rest < pm.step_time(batch)
+        # the step without its experts is this engine's alone: the same as at data parallel 1 without them
+        alone = dense_dp1.step_time(batch) - dense_dp1.sparse.experts_layer_ms(np.array([m]))[0] * 1e-3 * 48
+        assert rest == pytest.approx(alone, rel=0.05)

@@ -75,6 +75,42 @@ def test_an_idle_rank_runs_dummy_batches_while_the_other_is_busy_and_none_when_a
     assert_same(run(w, False, async_scheduling).result, out.result)
 
 
+class SharedExperts(LinearModel):
+    """LinearModel plus MoE layers shared by two data-parallel ranks: ``experts_time(T) = 0.01 sqrt(T)``,
+    and ``step_time`` prices them for both ranks loaded as this one (its tokens twice)."""
+
+    name = "test-shared-experts"
+
+    def experts_time(self, tokens: int) -> float:
+        return 0.01 * tokens ** 0.5
+
+    def step_time(self, batch: StepBatch) -> float:
+        return super().step_time(batch) + self.experts_time(2 * batch.num_tokens)
+
+
+def test_a_round_prices_the_experts_once_for_the_tokens_that_meet_unless_the_ranks_pad():
+    # CFG's largest CUDA graph: min(64 x 2, 512, 512) = 128 tokens. Rank 0 decodes one request;
+    # rank 1 prefills 4,096 tokens in chunks of 512 (no graph: no rank pads, the experts see
+    # 512 + 1 tokens), then decodes one token a step (both within a graph: both pad to 1 token,
+    # each rank's own model holds)
+    from simulator.cluster.lockstep import cudagraph_token_limit
+
+    assert cudagraph_token_limit(CFG.max_num_seqs, 0, CFG.max_num_batched_tokens) == 128
+    assert cudagraph_token_limit(64, 3, 8192) == 512 and cudagraph_token_limit(8, 0, 8192) == 16
+    pm = SharedExperts()
+    w = two_requests((0.0, 0.5), (16, 4096), (400, 3))
+    result = simulate_cluster(w, CFG, pm, ClusterSpec(replicas=2, lockstep=True)).result
+    end1, step1 = rank_steps(result, 1)
+    prefill = StepBatch(prefill_tokens=[512], prefill_context=[0])
+    decode = StepBatch(decode_context=[600], decode_spec_tokens=[0])
+    unpadded = max(pm.step_time(prefill) - pm.experts_time(1024), pm.step_time(decode) - pm.experts_time(2)) \
+        + pm.experts_time(513)
+    np.testing.assert_allclose(step1[:8], unpadded, rtol=1e-3)  # rank 0's context moves a little: rtol
+    assert unpadded < 0.8 * pm.step_time(prefill)  # (the experts priced for 1,024 tokens would be longer)
+    padded = pm.step_time(StepBatch(decode_context=[4097], decode_spec_tokens=[0]))
+    np.testing.assert_allclose(step1[8:], padded, rtol=1e-3)  # the slower rank's step, experts for 2 x 1 token
+
+
 def test_dp_ranks_of_a_moe_model_step_together_unless_the_option_is_off():
     w = make_workload(n=120, seed=4, rate=6, output=(1, 600))
     default = data_parallel_ranks(ClusterSpec(), 2, moe=True)
