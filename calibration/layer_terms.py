@@ -95,3 +95,20 @@ def logits_allgather_ms(allreduce_ms: AllReduceMs, tp: int, rows: np.ndarray, vo
     """
     r = np.asarray(rows, dtype=float)
     return np.where(r > 0, allreduce_ms(tp, r * vocab / 2), 0.0) if tp > 1 else np.zeros_like(r)
+
+
+def moe_exchange_ms(allreduce_ms: AllReduceMs, ranks: int, tokens: np.ndarray, hidden: int,
+                    num_experts: int) -> np.ndarray:
+    """One MoE layer's exchange between ``ranks`` data-parallel engines for ``tokens`` tokens of all
+    of them (ms).
+
+    vLLM's default ``allgather_reducescatter`` backend (``AgRsAll2AllManager``): the dispatch
+    all-gathers every rank's hidden states and router logits (``tokens x (hidden + experts)`` bf16
+    values), the combine reduce-scatters the experts' ``tokens x hidden`` output. Each is priced as
+    an all-reduce of half its values (the same bytes a GPU moves, one latency). 0 for one rank.
+    """
+    t = np.asarray(tokens, dtype=float)
+    if ranks <= 1:
+        return np.zeros_like(t)
+    both = allreduce_ms(ranks, t * (hidden + num_experts) / 2) + allreduce_ms(ranks, t * hidden / 2)
+    return np.where(t > 0, both, 0.0)

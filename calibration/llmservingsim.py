@@ -31,9 +31,10 @@ parallelism each of ``R`` GPUs holds ``E / R`` experts: ``T`` tokens meeting the
 ``T k / R`` (token, expert) pairs over its expected distinct experts
 ``(E / R) (1 - (1 - k / E)^T)``, read from the table at ``T / R`` tokens (the same pairs). With
 data parallelism (``data_parallel_size`` engines, their attention apart, their experts shared)
-the tokens of every engine meet in each MoE layer and are gathered and reduce-scattered over the
-link (one all-reduce's bytes, as ``calibration.sparse``); ``step_time`` assumes the other
-engines loaded as this one, ``experts_time`` prices the tokens that actually meet.
+the tokens of every engine meet in each MoE layer: all-gathered with their router logits before
+it, the experts' output reduce-scattered after it, over the link (``layer_terms.moe_exchange_ms``);
+``step_time`` assumes the other engines loaded as this one, ``experts_time`` prices the tokens that
+actually meet.
 """
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.layer_terms import STEP_OVERHEAD_S, embedding_allreduce_ms, logits_allgather_ms
+from calibration.layer_terms import (
+    STEP_OVERHEAD_S,
+    embedding_allreduce_ms,
+    logits_allgather_ms,
+    moe_exchange_ms,
+)
 from calibration.memory import MemoryModel
 from simulator.records.errors import ConfigError
 from simulator.records.hardware import Hardware
@@ -342,9 +348,8 @@ class LLMServingSimPerformanceModel(PerformanceModel):
         ranks = self.key.tp * self.data_parallel_size if self.expert_parallel else 1
         local = expected_experts(tokens, a.num_experts_per_tok, a.num_experts) / ranks
         us = self._moe(tokens / ranks, np.maximum(local, a.num_experts_per_tok / ranks))
-        if self.data_parallel_size > 1:
-            us = us + 1e3 * self._allreduce_ms(self.data_parallel_size, tokens * a.hidden_size) * (tokens > 0)
-        return us
+        return us + 1e3 * moe_exchange_ms(self._allreduce_ms, self.data_parallel_size, tokens, a.hidden_size,
+                                          a.num_experts)
 
     def experts_time(self, tokens: int) -> float:
         if self._experts is None or tokens <= 0:
@@ -390,8 +395,8 @@ class LLMServingSimPerformanceModel(PerformanceModel):
         if self._moe is not None and self.arch.is_moe:
             out["moe"] = (f"measured MoE layer (moe.csv) by tokens and experts touched; experts over "
                           f"{self.key.tp * self.data_parallel_size if self.expert_parallel else 1} GPU(s)"
-                          + (f", {self.data_parallel_size} data-parallel engines' tokens gathered and "
-                             f"reduce-scattered over the link (roofline)" if self.data_parallel_size > 1 else ""))
+                          + (f", {self.data_parallel_size} data-parallel engines' tokens and router logits "
+                             f"all-gathered, the experts' output reduce-scattered, over the link (roofline)" if self.data_parallel_size > 1 else ""))
         if self.key.tp > 1:
             out["allreduce"] = (f"roofline from {self.hardware.name}'s interconnect "
                                 f"({self.hardware.interconnect_gbps:g} GB/s peak): two all-reduces a layer, the "

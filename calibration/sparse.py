@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from calibration.layer_terms import moe_exchange_ms
 from calibration.moe import measured_fit, moe_ep_layer_seconds, moe_layer_seconds
 from simulator.records.errors import ConfigError
 from simulator.records.model_arch import dtype_bytes
@@ -65,8 +66,9 @@ class SparseParts:
             if pm.expert_parallel:
                 self.sources["expert_parallel"] = (
                     f"experts whole over {pm.tp * pm.data_parallel_size} GPUs, the busiest one's touched "
-                    f"experts timed" + (f"; {pm.data_parallel_size} data-parallel engines' tokens gathered "
-                                        f"and reduce-scattered over the link" if pm.data_parallel_size > 1 else ""))
+                    f"experts timed" + (f"; {pm.data_parallel_size} data-parallel engines' tokens and router "
+                                        f"logits all-gathered, the experts' output reduce-scattered, over "
+                                        f"the link" if pm.data_parallel_size > 1 else ""))
         self._gemm_fallback: set[str] = set()
 
     # --- attention (per layer, ms; the KernelSource signatures) ---------------------------
@@ -109,7 +111,7 @@ class SparseParts:
 
     def experts_layer_ms(self, tokens: np.ndarray) -> np.ndarray:
         """One MoE layer's routed experts for ``tokens`` tokens meeting there (every data-parallel
-        rank's), with the exchange around them: gathered before, reduce-scattered after (ms)."""
+        rank's), with the exchange around them (``layer_terms.moe_exchange_ms``), in ms."""
         pm, a, w = self.pm, self.arch, self.pm.weight_dtype
         tp, dp = pm.tp, pm.data_parallel_size
         peak = (self.hw.fp8_tflops if w.startswith("fp8") and self.hw.fp8_tflops else self.hw.bf16_tflops) * 1e12
@@ -120,9 +122,7 @@ class SparseParts:
             ms = 1e3 * moe_ep_layer_seconds(tokens, ranks=tp * dp, **shape)
         else:
             ms = 1e3 * moe_layer_seconds(tokens, tp=tp, **shape)
-        if dp > 1:  # the bytes of one all-reduce of all the ranks' tokens over the data-parallel GPUs
-            ms = ms + pm.kernels.allreduce_ms(dp, tokens * pm.shapes.hidden)
-        return ms
+        return ms + moe_exchange_ms(pm.kernels.allreduce_ms, dp, tokens, pm.shapes.hidden, a.num_experts)
 
     def dense_seconds(self, m: np.ndarray) -> np.ndarray:
         """All layers' projections, MLP or MoE, element-wise kernels and all-reduces for m tokens."""

@@ -149,13 +149,15 @@ def test_a_moe_step_is_attention_ops_plus_the_measured_moe_layer():
 
 def test_data_parallel_experts_are_priced_for_the_tokens_that_meet():
     """Two engines, experts over two GPUs: T tokens meeting give each GPU the table's row at T/2
-    tokens over its expected 64 experts, plus one all-reduce of all T tokens over the link;
+    tokens over its expected 64 experts, plus the exchange of all T tokens over the link;
     step_time prices twice the engine's own tokens."""
+    from calibration.layer_terms import moe_exchange_ms
     from calibration.roofline import RooflineKernels
 
     pm = moe_model(2)
     arch, path = pm.arch, pm.key.path / "moe.csv"
-    link = RooflineKernels(pm.hardware).allreduce_ms(2, np.array([4096 * arch.hidden_size]))[0]
+    link = moe_exchange_ms(RooflineKernels(pm.hardware).allreduce_ms, 2, np.array([4096]), arch.hidden_size,
+                           arch.num_experts)[0]
     layer_s = 1e-6 * measured(path, tokens=2048, activated_experts=64) + 1e-3 * link
     assert pm.experts_time(4096) == pytest.approx(arch.moe_layers * layer_s, rel=1e-3)
     batch = StepBatch(prefill_tokens=[2048], prefill_context=[0])
