@@ -61,6 +61,7 @@ from calibration.layer_terms import (
     logits_allgather_ms,
 )
 from calibration.memory import MemoryModel
+from calibration.moe import MeetingExperts
 from calibration.roofline import RooflineKernels
 from calibration.sparse import SparseParts
 from simulator.records.errors import ConfigError
@@ -389,11 +390,10 @@ class ComposedPerformanceModel(PerformanceModel):
         self.dense_s = np.maximum.accumulate(dense)
         #: all MoE layers' experts and their exchange by the tokens of every data-parallel rank
         #: (only where those ranks' tokens meet: a data-parallel mixture of experts)
-        self._experts: list[float] | None = None
+        self._experts: MeetingExperts | None = None
         if arch.is_moe and self.data_parallel_size > 1:
             meeting = np.arange(self.data_parallel_size * self.max_tokens + 1)
-            self._experts = np.maximum.accumulate(
-                1e-3 * arch.moe_layers * self.sparse.experts_layer_ms(meeting)).tolist()
+            self._experts = MeetingExperts(1e-3 * arch.moe_layers * self.sparse.experts_layer_ms(meeting))
         rows = np.arange(self.max_rows + 1)
         self.head_s = self._head_seconds(rows) + 1e-3 * logits_allgather_ms(kernels.allreduce_ms, tp, rows,
                                                                              arch.vocab_size)
@@ -529,13 +529,7 @@ class ComposedPerformanceModel(PerformanceModel):
         return t
 
     def experts_time(self, tokens: int) -> float:
-        if self._experts is None or tokens <= 0:
-            return 0.0
-        table = self._experts
-        if tokens < len(table):
-            return table[tokens]
-        slope = (table[-1] - table[-1025]) / 1024
-        return table[-1] + (tokens - len(table) + 1) * slope
+        return self._experts(tokens) if self._experts is not None else 0.0
 
     def _sliding_prefill(self, prefill_tokens, prefill_context) -> float:
         """Sliding-window layers' prefill attention: each new token attends over at most the window.

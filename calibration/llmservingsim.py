@@ -55,6 +55,7 @@ from calibration.layer_terms import (
     moe_exchange_ms,
 )
 from calibration.memory import MemoryModel
+from calibration.moe import MeetingExperts, expected_experts
 from simulator.records.errors import ConfigError
 from simulator.records.hardware import Hardware
 from simulator.records.model_arch import ModelArchitecture
@@ -330,10 +331,10 @@ class LLMServingSimPerformanceModel(PerformanceModel):
         dense_us = (arch.num_layers * layer + (arch.num_layers - moe_layers) * mlp + experts_us
                     + curve(ops["embedding"], m) + curve(ops["final_layernorm"], m) + comm_us)
         self._dense = (1e-6 * dense_us).tolist()
-        self._experts: list[float] | None = None
+        self._experts: MeetingExperts | None = None
         if moe_layers and self.data_parallel_size > 1:
             meeting = np.arange(self.data_parallel_size * MAX_TOKENS + 1, dtype=float)
-            self._experts = (1e-6 * moe_layers * self._experts_layer_us(meeting)).tolist()
+            self._experts = MeetingExperts(1e-6 * moe_layers * self._experts_layer_us(meeting))
         seq = prof["per_sequence"]
         head_us = sum(curve(seq[op], rows) for op in seq) + gather_us
         self._head = (1e-6 * head_us).tolist()
@@ -342,8 +343,6 @@ class LLMServingSimPerformanceModel(PerformanceModel):
     def _experts_layer_us(self, tokens: np.ndarray) -> np.ndarray:
         """One MoE layer for ``tokens`` tokens meeting there, on the busiest GPU, with the
         data-parallel exchange (µs; see the module's docstring)."""
-        from calibration.moe import expected_experts
-
         a = self.arch
         ranks = self.key.tp * self.data_parallel_size if self.expert_parallel else 1
         local = expected_experts(tokens, a.num_experts_per_tok, a.num_experts) / ranks
@@ -352,12 +351,7 @@ class LLMServingSimPerformanceModel(PerformanceModel):
                                           a.num_experts)
 
     def experts_time(self, tokens: int) -> float:
-        if self._experts is None or tokens <= 0:
-            return 0.0
-        table = self._experts
-        if tokens < len(table):
-            return table[tokens]
-        return table[-1] * tokens / (len(table) - 1)
+        return self._experts(tokens) if self._experts is not None else 0.0
 
     def _attention_s(self, batch: StepBatch) -> float:
         pt, dc = batch.prefill_tokens, batch.decode_context

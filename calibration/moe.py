@@ -130,3 +130,21 @@ def moe_ep_layer_seconds(m, *, hidden: int, inter: int, num_experts: int, top_k:
     nbytes = busiest_rank_experts(m, top_k, num_experts, ranks).reshape(m.shape) * 3 * hidden * inter * expert_bytes
     flops = 2 * m * top_k * 3 * hidden * inter / ranks
     return np.where(m > 0, fit.seconds(nbytes, flops, bandwidth, peak), 0.0)
+
+
+class MeetingExperts:
+    """All MoE layers' seconds by the tokens of every data-parallel rank meeting there: a table
+    indexed by tokens, growing beyond its end at the slope of its last 1,024 tokens
+    (``PerformanceModel.experts_time`` of the composed and layer-profile models)."""
+
+    def __init__(self, seconds: np.ndarray):
+        self.seconds = np.maximum.accumulate(np.asarray(seconds, dtype=float)).tolist()
+        self.slope = (self.seconds[-1] - self.seconds[-1025]) / 1024
+
+    def __call__(self, tokens: int) -> float:
+        table = self.seconds
+        if tokens <= 0:
+            return 0.0
+        if tokens < len(table):
+            return table[tokens]
+        return table[-1] + (tokens - len(table) + 1) * self.slope
