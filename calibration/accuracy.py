@@ -11,13 +11,16 @@ calibrated step-time model the project has for that card and model
 - ``engine``: as the engine sees a request, from its arrival at the engine
   core (``queued_ts``) to its first and last token. The simulation's arrivals
   are these times.
-- ``client``: the simulated engine figures plus the front-end term
-  (``simulator.records.frontend``), against the live run from the API server's
-  ``arrival_time`` (another clock, aligned on the request that waited least
-  for the engine core to take it) to the first and last token. The live figure
-  therefore holds the server's input processing and the wait for the engine
-  loop, but not the HTTP transfer and the streamed chunk's way back, which
-  these runs do not record.
+- ``client``: the live run from the API server's ``arrival_time`` (another
+  clock, aligned on the request that waited least for the engine core to take
+  it) to the first and last token, against a second replay whose requests
+  arrive at those times, plus the front-end term (``simulator.records.frontend``).
+  The engine core takes new requests only between steps, so a request that
+  reaches the server during a long prefill waits for it; the replay from the
+  server's arrivals reproduces that wait, which the engine view's arrivals
+  (already at step boundaries) do not hold. The live figure holds the server's
+  input processing and that wait, but not the HTTP transfer and the streamed
+  chunk's way back, which these runs do not record.
 
 A data-parallel run of a mixture-of-experts model (several engines behind one
 server, their experts shared) is replayed rank by rank by ``calibration.dp_replay``
@@ -48,6 +51,7 @@ from calibration.replay_errors import (
     run_link_gbps,
 )
 from simulator.records.errors import ConfigError
+from simulator.records.performance import PerformanceModel
 
 RUNS_ROOT = DATA_DIR.parent
 DOCS_BEGIN = "<!-- accuracy:begin (python -m calibration accuracy --update-docs) -->"
@@ -137,17 +141,21 @@ def replay_run(run_dir: Path, frontend_s: float | None = None, seed: int = 0) ->
     card = run_hardware(run_dir, hardware)
     link = run_link_gbps(run_dir)
     out.hardware = f"{hardware} (link {link:g} GB/s)" if out.tp * out.dp > 1 and link else hardware
-    if out.dp > 1:
-        sim, perf = dp_replay.simulate_ranks(run, run_dir, model, hardware, seed)
-    else:
+
+    def replay(at_api_server: bool) -> tuple[dict[str, np.ndarray], PerformanceModel]:
+        if out.dp > 1:
+            return dp_replay.simulate_ranks(run, run_dir, model, hardware, seed, at_api_server=at_api_server)
         config = live_engine_config(run)
         perf = build_performance_model(card, model, "none", out.tp, {"source": "auto"}, engine=config)
-        result = simulate(live_workload(run), config, perf, seed=seed)
+        result = simulate(live_workload(run, at_api_server), config, perf, seed=seed)
         done = np.asarray(result.requests["status"]) == "completed"
-        sim = {m: np.asarray(result.requests[f"{m}_s"], dtype=float)[done] for m in METRICS}
+        return {m: np.asarray(result.requests[f"{m}_s"], dtype=float)[done] for m in METRICS}, perf
+
+    sim, perf = replay(at_api_server=False)
+    sim_client = replay(at_api_server=True)[0] if run.api_arrival_s is not None else None
     front = frontend.resolve("auto" if frontend_s is None else frontend_s, perf)
     out.perf_model, out.calibrated, out.frontend_s = perf.name, bool(perf.calibrated), front.seconds
-    out.rows = error_rows(live_latencies(run), sim, front.seconds)
+    out.rows = error_rows(live_latencies(run), sim, front.seconds, sim_client)
     return out
 
 

@@ -11,14 +11,13 @@ The replay, stated:
 - requests go to the two engines in turn, by arrival (vLLM's API server sends each to the engine
   with the fewest waiting and running requests; the run does not record which it chose);
 - the engines run on one clock in lock-step, as vLLM runs the data-parallel ranks of a mixture of
-  experts (``simulator.cluster.lockstep``): each step lasts as long as the slower rank's, an idle
-  rank runs a dummy batch while the other is busy (``lockstep=False``: each engine steps alone);
-- each engine's step model is one rank's (``ComposedPerformanceModel(..., data_parallel_size=2)``):
-  its MoE layers are timed for twice its own tokens (the other engine assumed as loaded) on the
-  busiest GPU's experts, plus the gather;
-- no measured kernels exist for this card and model: GEMMs and attention are roofline
-  (uncalibrated), the fused MoE layer is the fit to LLMServingSim's H100 measurement
-  (``calibration.moe``) scaled by this card's bandwidth and peak. Nothing is fitted to the run.
+  experts (``simulator.cluster.lockstep``): a round lasts as long as the slower rank's step, the
+  experts priced for the tokens that meet there, and an idle rank runs a dummy batch while the
+  other is busy (``lockstep=False``: each engine steps alone);
+- the step model is the best calibrated one for the card and model (``perf.source=auto``:
+  LLMServingSim's vLLM 0.19 layer profile of this model on this card, its MoE layer by tokens and
+  experts touched, plus the expert exchange over the run's link; ``--roofline``: the composed
+  roofline model). Nothing is fitted to the run.
 
 ``python -m calibration accuracy`` replays the run this way (``simulate_ranks``), in both views;
 ``python -m calibration.dp_replay`` prints its engine view alone (``--apart``: the engines stepping
@@ -32,17 +31,25 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.live_replay import DATA_DIR, LiveRun, live_engine_config, load_live_run
+from calibration.live_replay import (
+    DATA_DIR,
+    LiveRun,
+    live_engine_config,
+    live_workload,
+    load_live_run,
+)
 from calibration.replay_errors import error_rows, live_latencies, run_hardware
 from simulator.records.performance import PerformanceModel
-from simulator.records.workload import Workload
 
 RUN = DATA_DIR / "RTXPRO6000" / "Qwen3-30B-A3B-Instruct-2507"
 
 
 def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str, seed: int = 0,
-                   lockstep: bool = True, perf_source: str = "auto") -> tuple[dict[str, np.ndarray], PerformanceModel]:
-    """Each request's simulated TTFT and E2E seconds (engine view, the run's order) and the step model."""
+                   lockstep: bool = True, perf_source: str = "auto",
+                   at_api_server: bool = False) -> tuple[dict[str, np.ndarray], PerformanceModel]:
+    """Each request's simulated TTFT and E2E seconds and the step model; the requests arrive as
+    the engine cores took them, or ``at_api_server`` as the API server received them
+    (``live_workload``; the run's order, or the API server's)."""
     from calibration.registry import build_performance_model
     from simulator.cluster import ClusterSpec, simulate_cluster
 
@@ -53,10 +60,7 @@ def simulate_ranks(run: LiveRun, run_dir: Path, model: str, hardware: str, seed:
     card = run_hardware(run_dir, hardware)
     perf = build_performance_model(card, model, "none", int(kw.get("tensor_parallel_size") or 1),
                                    {"source": perf_source}, engine=config)
-    n = len(run.arrival_s)
-    workload = Workload(arrival_s=run.arrival_s, prompt_tokens=run.prompt_tokens, output_tokens=run.output_tokens,
-                        reasoning_tokens=np.zeros(n, np.int64), domain=np.full(n, "chat", object),
-                        name=f"live:{run.name}")
+    workload = live_workload(run, at_api_server)
     ranks = ClusterSpec(replicas=dp, router="round_robin", lockstep=lockstep)  # request i to engine i % dp
     result = simulate_cluster(workload, config, perf, ranks, seed=seed).result
     status = np.asarray(result.requests["status"])

@@ -104,10 +104,18 @@ def load_live_run(run_dir: str | Path = DEFAULT_RUN) -> LiveRun:
     )
 
 
-def live_workload(run: LiveRun) -> Workload:
-    """The run's requests as a Workload (server arrival times, exact token counts)."""
+def live_workload(run: LiveRun, at_api_server: bool = False) -> Workload:
+    """The run's requests as a Workload (exact token counts), arriving when the engine core took
+    them (``queued_ts``) or, ``at_api_server``, when the API server received them (``arrival_time``,
+    aligned; then ordered by that time and shifted to start at 0)."""
     n = len(run.arrival_s)
-    return Workload(arrival_s=run.arrival_s, prompt_tokens=run.prompt_tokens, output_tokens=run.output_tokens,
+    arrivals, order = run.arrival_s, np.arange(n)
+    if at_api_server:
+        if run.api_arrival_s is None:
+            raise ConfigError("run_dir", f"{run.name} records no API-server arrival_time")
+        order = np.argsort(run.api_arrival_s, kind="stable")
+        arrivals = run.api_arrival_s[order] - run.api_arrival_s.min()
+    return Workload(arrival_s=arrivals, prompt_tokens=run.prompt_tokens[order], output_tokens=run.output_tokens[order],
                     reasoning_tokens=np.zeros(n, np.int64), domain=np.full(n, "chat", object),
                     name=f"live:{run.name}")
 

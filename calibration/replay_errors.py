@@ -3,8 +3,9 @@
 Shared by the one-engine replay (``calibration.accuracy``) and the data-parallel one
 (``calibration.dp_replay``), so that both read the run's machine and compare percentiles alike.
 Views (see ``calibration.accuracy``): ``engine`` from the engine core's arrival (``queued_ts``),
-``client`` from the API server's ``arrival_time``; the simulated client figure is the engine's
-plus the front-end term.
+``client`` from the API server's ``arrival_time``; the simulated client figure is that of a
+replay from the API server's arrivals (a request then waits for the step in progress, as the
+engine core takes new requests only between steps) plus the front-end term.
 """
 
 from __future__ import annotations
@@ -62,14 +63,16 @@ def live_latencies(run: LiveRun) -> dict[tuple[str, str], np.ndarray]:
 
 
 def error_rows(live: dict[tuple[str, str], np.ndarray], sim: dict[str, np.ndarray],
-               frontend_s: float = 0.0) -> list[dict]:
+               frontend_s: float = 0.0, sim_client: dict[str, np.ndarray] | None = None) -> list[dict]:
     """One row per (view, metric, quantile) of ``live``: live and simulated seconds, signed error.
 
-    ``sim`` holds the simulated engine seconds per metric; the client view adds ``frontend_s``.
+    ``sim`` holds the simulated seconds per metric of the replay from the engine core's arrivals;
+    ``sim_client`` those of the replay from the API server's arrivals (default: ``sim``), to which
+    the client view adds ``frontend_s``.
     """
     rows = []
     for (view, metric), values in live.items():
-        simulated = sim[metric] + (frontend_s if view == "client" else 0.0)
+        simulated = (sim_client or sim)[metric] + frontend_s if view == "client" else sim[metric]
         for q in QUANTILES:
             lv, sv = float(np.percentile(values, q)), float(np.percentile(simulated, q))
             rows.append({"view": view, "metric": metric, "quantile": q, "live_s": lv, "sim_s": sv,

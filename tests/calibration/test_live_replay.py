@@ -73,3 +73,18 @@ def test_live_run_reading():
 def test_missing_run_files(tmp_path):
     with pytest.raises(ConfigError, match="requests.jsonl"):
         load_live_run(tmp_path)
+
+
+def test_a_workload_from_the_api_servers_arrivals():
+    """The client view's replay: requests in the API server's order, from 0, with their own token counts."""
+    from dataclasses import replace
+
+    run = load_live_run()
+    api = np.array([0.5, 0.2, 0.9] + [1.0 + i for i in range(len(run.arrival_s) - 3)])
+    workload = live_workload(replace(run, api_arrival_s=api), at_api_server=True)
+    assert workload.arrival_s[0] == 0.0 and np.all(np.diff(workload.arrival_s) >= 0)
+    assert workload.arrival_s[:3].tolist() == pytest.approx([0.0, 0.3, 0.7])
+    assert workload.prompt_tokens[:3].tolist() == run.prompt_tokens[[1, 0, 2]].tolist()
+    assert workload.output_tokens[:3].tolist() == run.output_tokens[[1, 0, 2]].tolist()
+    with pytest.raises(ConfigError, match="arrival_time"):
+        live_workload(replace(run, api_arrival_s=None), at_api_server=True)

@@ -39,3 +39,11 @@ def test_errors_are_signed_and_the_client_view_adds_the_front_end():
     assert len(rows) == 2 * len(QUANTILES)
     assert by["engine", 50]["error"] == pytest.approx(-0.25)  # simulated 1.5 s against live 2.0 s: short
     assert by["client", 99]["sim_s"] == pytest.approx(2.0) and by["client", 99]["error"] == pytest.approx(-0.2)
+
+
+def test_the_client_view_reads_the_replay_from_the_api_servers_arrivals():
+    live = {("engine", "ttft"): np.full(10, 1.0), ("client", "ttft"): np.full(10, 1.2)}
+    rows = error_rows(live, {"ttft": np.full(10, 1.0)}, frontend_s=0.05, sim_client={"ttft": np.full(10, 1.15)})
+    by = {(r["view"], r["quantile"]): r for r in rows}
+    assert by["engine", 50]["sim_s"] == pytest.approx(1.0)
+    assert by["client", 50]["sim_s"] == pytest.approx(1.2) and by["client", 50]["error"] == pytest.approx(0.0)
