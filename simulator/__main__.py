@@ -105,19 +105,11 @@ def interrupted_early(cfg, out_dir: Path) -> None:
 def main() -> int:
     import hydra
 
-    from simulator.cli_errors import check_run_dir, one_line_hydra_errors
-    from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
-    from simulator.huge_pages import avoid_huge_pages
+    from simulator.cli_errors import start_command_line
+    from simulator.configure import CONF_DIR
 
-    avoid_huge_pages()
-    try:
-        check_group_choices(sys.argv[1:])
-        check_run_dir(sys.argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    if not start_command_line(sys.argv[1:], "config"):
         return 2
-    skip_hydra_mode_probe(sys.argv[1:])
-    one_line_hydra_errors("config")
 
     import signal
 

@@ -176,3 +176,22 @@ class OneLineParser(argparse.ArgumentParser):
             field = "arguments"
         print(f"error: {field}: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def start_command_line(argv: list[str], config_name: str) -> bool:
+    """What ``python -m simulator`` and ``python -m simulator.plan`` do before Hydra starts: no
+    transparent huge pages, group choices and the run folder checked (False, after one line on
+    stderr, when one is refused), one Hydra composition saved, Hydra's errors made one line."""
+    from simulator.configure import check_group_choices, skip_hydra_mode_probe
+    from simulator.huge_pages import avoid_huge_pages
+
+    avoid_huge_pages()
+    try:
+        check_group_choices(argv)
+        check_run_dir(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    skip_hydra_mode_probe(argv)
+    one_line_hydra_errors(config_name)
+    return True

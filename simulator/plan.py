@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from simulator.cli_errors import check_run_dir, one_line_hydra_errors
-from simulator.configure import CONF_DIR, check_group_choices, skip_hydra_mode_probe
+from simulator.cli_errors import start_command_line
+from simulator.configure import CONF_DIR
 from simulator.records.errors import ConfigError
 
 
@@ -89,17 +89,8 @@ def remove_if_new(out_dir: Path, was_new: bool) -> None:
 def main() -> int:
     import hydra
 
-    from simulator.huge_pages import avoid_huge_pages
-
-    avoid_huge_pages()
-    try:
-        check_group_choices(sys.argv[1:])
-        check_run_dir(sys.argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    if not start_command_line(sys.argv[1:], "planner"):
         return 2
-    skip_hydra_mode_probe(sys.argv[1:])
-    one_line_hydra_errors("planner")
 
     @hydra.main(config_path=str(CONF_DIR), config_name="planner", version_base=None)
     def _task(cfg) -> None:
