@@ -174,6 +174,7 @@ class Cluster:
         n = len(workload)
         self._next_unrouted = 0  # the first arrival the router has not routed
         self._routing = False
+        self._blocking = 0  # the front replica whose reports last held the router back
         self.ahead = True  # route arrivals ahead of their time where the decision is already known
         self.ahead_on_finishes = True  # ... for routers reading no KV usage, from bounds on finishes
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
@@ -272,12 +273,12 @@ class Cluster:
         made at the arrival times, and the replicas' fast path sees its arrivals earlier."""
         arrival = self.workload.arrival_s
         g = self._next_unrouted
-        if g >= len(arrival) or self._routing:
+        now = self.env.now
+        if g >= len(arrival) or self._routing or arrival[g] <= now:
             return
+        horizon = self._known_horizon(self.view_time(float(arrival[g])), new_timeout)
         self._routing = True
         try:
-            horizon = min(self._known_for_router(r, new_timeout) for r in self.front.replicas)
-            now = self.env.now
             while g < len(arrival):
                 t = float(arrival[g])
                 if t <= now or self.view_time(t) > horizon:
@@ -295,11 +296,11 @@ class Cluster:
         it; its run then reaches further than the next arrival."""
         arrival = self.workload.arrival_s
         g = self._next_unrouted
-        if g >= len(arrival) or self._routing:
+        if g >= len(arrival) or self._routing or arrival[g] <= now:
             return
-        others = min((self._known_for_router(r, None) for r in self.front.replicas if r is not replica),
-                     default=math.inf)
-        if self.view_time(float(arrival[g])) > others:
+        need = self.view_time(float(arrival[g]))
+        others = self._known_horizon(need, None, replica)
+        if need > others:
             return
         ahead = replica.scheduler._runs.finishes_ahead(now, pace, next_arrival, in_flight)
         if ahead is None:
@@ -320,6 +321,25 @@ class Cluster:
                 horizon = min(horizon, self._known_for_router(chosen, None))
         finally:
             self._routing = False
+
+    def _known_horizon(self, need: float, new_timeout: simpy.Timeout | None,
+                       skip: ReplicaEngine | None = None) -> float:
+        """The least ``_known_for_router`` of the front replicas but ``skip``, or, as soon as one
+        is found, one below ``need`` (then nothing can be routed: the rest is not computed). The
+        replica found below last time is asked first."""
+        replicas = self.front.replicas
+        n = len(replicas)
+        horizon = math.inf
+        for k in range(n):
+            i = (self._blocking + k) % n
+            if replicas[i] is skip:
+                continue
+            known = self._known_for_router(replicas[i], new_timeout)
+            if known < need:
+                self._blocking = i
+                return known
+            horizon = min(horizon, known)
+        return horizon
 
     def _known_for_router(self, replica: ReplicaEngine, new_timeout: simpy.Timeout | None) -> float:
         """Until when the router already knows what it would read of ``replica``: its steps
@@ -445,6 +465,8 @@ class Cluster:
             result.summary["async_scheduling"] = replica.async_scheduling
             if self.lockstep is not None:
                 result.summary["dummy_steps"] = self.lockstep.dummy_steps[replica.index]
+            if replica.shapes is not None:  # as a single run's summary (simulator.engine.loop.simulate)
+                result.summary["shape_cache"] = replica.shapes.report()
             per_replica.append(result)
         merged = merge(self, per_replica, slo)
         if self.stopped:

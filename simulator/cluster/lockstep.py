@@ -2,15 +2,17 @@
 
 vLLM runs them in ``DPEngineCoreProc`` (vllm/v1/engine/core.py, ``run_busy_loop``): every MoE
 layer exchanges all ranks' tokens, so every rank runs a forward pass each step, a rank with
-nothing scheduled a dummy batch (``execute_dummy_batch``: one decode token), and a step lasts as
-long as the slowest rank's. The ranks stop stepping only when all are idle (a wave ends); a
-request reaching an idle group starts the next wave at once.
+nothing scheduled a dummy batch (``execute_dummy_batch``: one decode token), and a step ends when
+every rank's forward pass has: the slowest rank's step while the ranks pad to one size, else the
+slowest rank's step without its experts plus the experts for all ranks' tokens (below). The ranks
+stop stepping only when all are idle (a wave ends); a request reaching an idle group starts the
+next wave at once.
 
 ``LockstepGroup`` drives its ranks (cluster replicas run step by step: no fast-path runs) in
 rounds. At a round's start each rank schedules its step as its own engine loop would (under
-async scheduling one round ahead, as the loop keeps two steps in flight); the round lasts the
-longest of the ranks' step times (an idle rank's: the dummy batch's); each rank applies its step
-at the round's end, so its logged step spans the whole round.
+async scheduling one round ahead, as the loop keeps two steps in flight); the round lasts as the
+tokens that meet in the MoE layers make it (below; an idle rank's step is the dummy batch); each
+rank applies its step at the round's end, so its logged step spans the whole round.
 
 How long a round lasts depends on the tokens that meet in the MoE layers (vLLM's
 ``coordinate_batch_across_dp``, vllm/v1/worker/dp_utils.py): while every rank's step fits a

@@ -167,3 +167,66 @@ def test_a_stopped_cluster_returns_what_it_simulated():
     # what finished before the stop finished as in the full run
     done = out.requests["request_id"][status == "completed"]
     np.testing.assert_array_equal(out.requests["e2e_s"][status == "completed"], full.requests["e2e_s"][done])
+
+
+def test_each_replica_reports_its_shape_cache_as_a_single_run_does():
+    """A model with a shape cache: each replica's summary holds its misses and seconds, as the
+    single run of its requests reports them."""
+    from simulator.records.performance import ShapeCacheCost
+
+    w = make_workload(n=60, seed=4, rate=4, prompt=(16, 400), output=(20, 200))
+    cfg = EngineConfig(num_gpu_blocks_override=300, max_num_seqs=32)
+    model = VectorLinearModel()
+    model.shape_cache = ShapeCacheCost(capacity=8, per_miss_s=0.003, per_miss_token_s=2e-5)
+    out = simulate_cluster(w, cfg, model, ClusterSpec(replicas=2, router="round_robin"))
+    for index, replica in enumerate(out.replicas):
+        ids = out.result.requests["request_id"][out.result.requests["replica"] == index]
+        alone = simulate(w.select(ids), cfg, model, seed=index).summary["shape_cache"]
+        assert replica.summary["shape_cache"] == alone and alone["misses"] > 0
+        assert out.result.summary["replicas"][index]["shape_cache"] == alone
+    plain = simulate_cluster(w, cfg, VectorLinearModel(), ClusterSpec(replicas=2, router="round_robin"))
+    assert all("shape_cache" not in r for r in plain.result.summary["replicas"])
+
+
+def bursty(n: int, seed: int):
+    """Bursts of five arrivals within 20 ms, about 1.5 s apart; outputs short and long, prompts
+    with a shared prefix (three groups) or none."""
+    from dataclasses import replace
+
+    w = make_workload(n=n, seed=seed, rate=4, output=(1, 600), prefix_groups=3, prefix_tokens=64)
+    rng = np.random.default_rng(seed)
+    starts = np.cumsum(rng.exponential(1.5, -(-n // 5)))
+    arrival = np.sort(np.repeat(starts, 5)[:n] + rng.uniform(0, 0.02, n))
+    group = np.where(rng.uniform(size=n) < 0.5, w.prefix_group, -1)
+    return replace(w, arrival_s=arrival, prefix_group=group)
+
+
+@pytest.mark.parametrize("router", ["least_outstanding", "power_of_two", "prefix_affinity"])
+@pytest.mark.parametrize(("async_scheduling", "staleness"), [(False, 0.0), (True, 0.0), (True, 0.25)])
+def test_every_decision_and_what_the_router_saw_equal_the_step_by_step_clusters(router, async_scheduling,
+                                                                                staleness):
+    """Each request's replica and the outstanding counts the router read for it are those of the
+    step-by-step cluster deciding at the arrival times, whatever the fast path's runs and the
+    look-ahead decide ahead of time (bursty arrivals, short and long outputs)."""
+    w = bursty(160, seed=11)
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=8192)
+    spec = ClusterSpec(replicas=4, router=router, staleness_s=staleness)
+
+    def run(fast: bool):
+        cluster = Cluster(w, cfg, VectorLinearModel(), spec, fast=fast, async_scheduling=async_scheduling)
+        cluster.ahead = fast
+        router_ = cluster.front.router
+        choose, seen = router_.choose, []
+
+        def recording(request, reports):
+            index = choose(request, reports)
+            seen.append((request.rid, index, tuple(r.outstanding for r in reports)))
+            return index
+
+        router_.choose = recording
+        return seen, cluster.run(SLO()).result
+
+    slow_seen, slow = run(False)
+    fast_seen, fast = run(True)
+    assert fast_seen == slow_seen and len(slow_seen) == len(w)
+    assert_same(slow, fast)
