@@ -298,34 +298,48 @@ class LogGridColumn:
 
     def __call__(self, y: np.ndarray) -> np.ndarray:
         """The grid at (x, y) for each y; y is a float array, overwritten."""
-        grid = self.grid
-        if not y.size:
-            return y
-        y = np.maximum(y, 1.0, out=y)
-        scale = self.x_scale
-        y_max = y.max()
-        if y_max > grid.y_top:
-            scale = self.x_scale * np.maximum(y / grid.y_top, 1.0) ** grid.y_power
-            np.minimum(y, grid.y_top, out=y)
-        fy = np.log2(y, out=y)
-        fy *= grid.res
-        j = fy.astype(np.intp)
-        if y_max > 0.99 * grid.y_top:  # well below the top of the grid, int(fy) <= ny - 1 already
-            np.minimum(j, grid.ny - 1, out=j)
-        ty = fy
-        ty -= j
-        low, d_low, high, d_high = self.rows.take(j, axis=1)
-        d_low *= ty
-        low += d_low
-        d_high *= ty
-        high += d_high
-        high -= low
-        high *= self.tx
-        low += high
-        out = np.exp(low, out=low)
-        if not (isinstance(scale, float) and scale == 1.0):
-            out *= scale
-        return out
+        return _along_y(self.grid, self.x_scale, self.tx, self.rows, None, y)
+
+    @staticmethod
+    def many(columns: list[LogGridColumn], which: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The grid at (x of ``columns[which[i]]``, ``y[i]``) for each i (columns of one grid);
+        bit-identical to each column's own call. y is a float array, overwritten."""
+        x_scale = np.array([c.x_scale for c in columns])[which]
+        tx = np.array([c.tx for c in columns])[which]
+        rows = np.concatenate([c.rows for c in columns], axis=1)  # column c's rows from c * width on
+        return _along_y(columns[0].grid, x_scale, tx, rows, which * columns[0].rows.shape[1], y)
+
+
+def _along_y(grid: LogGrid2D, x_scale, tx, rows: np.ndarray, offset: np.ndarray | None, y: np.ndarray) -> np.ndarray:
+    """``LogGridColumn`` look-ups: x's scale and fraction (floats, or one per y) and the rows of
+    the grid around x (``offset``: where each y's rows start, or None: the first)."""
+    if not y.size:
+        return y
+    y = np.maximum(y, 1.0, out=y)
+    scale = x_scale
+    y_max = y.max()
+    if y_max > grid.y_top:
+        scale = x_scale * np.maximum(y / grid.y_top, 1.0) ** grid.y_power
+        np.minimum(y, grid.y_top, out=y)
+    fy = np.log2(y, out=y)
+    fy *= grid.res
+    j = fy.astype(np.intp)
+    if y_max > 0.99 * grid.y_top:  # well below the top of the grid, int(fy) <= ny - 1 already
+        np.minimum(j, grid.ny - 1, out=j)
+    ty = fy
+    ty -= j
+    low, d_low, high, d_high = rows.take(j if offset is None else offset + j, axis=1)
+    d_low *= ty
+    low += d_low
+    d_high *= ty
+    high += d_high
+    high -= low
+    high *= tx
+    low += high
+    out = np.exp(low, out=low)
+    if not (isinstance(scale, float) and scale == 1.0):
+        out *= scale  # (a scale of 1.0 in an array leaves its entry as it is)
+    return out
 
 
 class ComposedPerformanceModel(PerformanceModel):
@@ -556,18 +570,10 @@ class ComposedPerformanceModel(PerformanceModel):
 
     def decode_times(self, num_seqs: int, total_context) -> np.ndarray:
         """Pure-decode step times: they depend only on the sequence count and their total KV."""
-        per_count = self._decode_by_count.get(num_seqs)
-        if per_count is None:
-            base = self.overhead_s + self._dense_at(num_seqs) + self._head_at(num_seqs)
-            per_count = self._decode_by_count[num_seqs] = (base, self.generation_grid.at_x(float(num_seqs)))
-        base, attention = per_count
+        base, attention = self._decode_at(num_seqs)
         total = np.asarray(total_context, dtype=float)
         kv_mean = np.divide(total, num_seqs, out=np.empty(total.shape))
-        if num_seqs > self._top_db:
-            self._count_decode(num_seqs, 0.0, total.size)
-        if num_seqs > self._top_m:
-            self.extrapolations["tokens"] += total.size
-        self.extrapolations["decode_context"] += int(np.count_nonzero(kv_mean > self._top_dc))
+        self._count_decodes(num_seqs, total.size, kv_mean)
         sliding = None
         if self.window:  # (before ``attention``, which works in kv_mean's buffer)
             flat = kv_mean.reshape(-1)
@@ -578,6 +584,45 @@ class ComposedPerformanceModel(PerformanceModel):
         if sliding is not None:
             out += sliding
         return out.reshape(total.shape)
+
+    def decode_times_by_count(self, counts: list[int], lengths: list[int], total_context: np.ndarray) -> np.ndarray:
+        """``decode_times`` of several sequence counts in one call: ``lengths[j]`` steps of
+        ``counts[j]`` sequences, then the next count's; ``total_context``: each step's total
+        (bit-identical to ``decode_times``, count by count)."""
+        if self.window:
+            bounds = np.cumsum([0, *lengths]).tolist()
+            return np.concatenate([self.decode_times(c, total_context[a:b])
+                                   for c, a, b in zip(counts, bounds, bounds[1:], strict=False)])
+        bases, columns = [], []
+        for size, steps in zip(counts, lengths, strict=True):
+            base, column = self._decode_at(size)
+            bases.append(base)
+            columns.append(column)
+            self._count_decodes(size, steps, None)
+        which = np.repeat(np.arange(len(counts)), lengths)
+        kv_mean = np.divide(np.asarray(total_context, dtype=float), np.array(counts)[which])
+        self.extrapolations["decode_context"] += int(np.count_nonzero(kv_mean > self._top_dc))
+        out = LogGridColumn.many(columns, which, kv_mean)
+        out += np.array(bases)[which]
+        return out
+
+    def _decode_at(self, num_seqs: int) -> tuple[float, LogGridColumn]:
+        """The fixed part of a pure-decode step of ``num_seqs`` sequences and its attention grid."""
+        per_count = self._decode_by_count.get(num_seqs)
+        if per_count is None:
+            base = self.overhead_s + self._dense_at(num_seqs) + self._head_at(num_seqs)
+            per_count = self._decode_by_count[num_seqs] = (base, self.generation_grid.at_x(float(num_seqs)))
+        return per_count
+
+    def _count_decodes(self, num_seqs: int, steps: int, kv_mean: np.ndarray | None) -> None:
+        """Count ``steps`` decode steps of ``num_seqs`` sequences (mean KV ``kv_mean``, or None:
+        counted by the caller) beyond the measured range."""
+        if num_seqs > self._top_db:
+            self._count_decode(num_seqs, 0.0, steps)
+        if num_seqs > self._top_m:
+            self.extrapolations["tokens"] += steps
+        if kv_mean is not None:
+            self.extrapolations["decode_context"] += int(np.count_nonzero(kv_mean > self._top_dc))
 
     def step_time_arrays(
         self,

@@ -115,11 +115,16 @@ class FreeBlockQueue:
 
     def remove(self, block: int) -> None:
         """Take ``block`` out from wherever it is (a prefix hit on a free cached block)."""
-        if self._pos[block] < 0:
-            raise KeyError(f"block {block} is not free")
-        self._pos[block] = -1
-        self._len -= 1
-        self._holes += 1
+        self.remove_many(np.array([block], dtype=np.int64))
+
+    def remove_many(self, blocks: np.ndarray) -> None:
+        """``remove`` each of ``blocks`` (distinct; an entry left behind is a hole)."""
+        pos = self._pos[blocks]
+        if (pos < 0).any():
+            raise KeyError(f"block {int(blocks[np.argmax(pos < 0)])} is not free")
+        self._pos[blocks] = -1
+        self._len -= len(blocks)
+        self._holes += len(blocks)
 
     def push_front(self, blocks: np.ndarray) -> None:
         """Put ``blocks`` before the current front, in their order."""
@@ -272,7 +277,11 @@ class KVCacheManager:
     def _private_hits(self, rid: int, start: int, stop: int) -> list[int]:
         """Cached private blocks start, start+1, ... (< stop) of ``rid``, up to the first miss."""
         named = self._named[rid]
-        blocks = np.unique(named[self._owner[named] == rid])  # (as np.flatnonzero(owner == rid))
+        mine = self._owner[named] == rid
+        if not mine.any():  # (under load the usual case: all evicted)
+            self._named[rid] = named[:0]
+            return []
+        blocks = np.unique(named[mine])  # (as np.flatnonzero(owner == rid))
         self._named[rid] = blocks
         index = self._index[blocks]
         keep = (index >= start) & (index < stop)
@@ -340,12 +349,14 @@ class KVCacheManager:
             else:
                 cached[req.rid] = min(tokens // bs, len(req_blocks[req.rid]))
 
-    def _name_private_blocks(self, rid: int, blocks: np.ndarray, num_cached: int) -> None:
-        """Name the request's registered blocks ``blocks[:num_cached]`` still without a name."""
-        index = np.arange(num_cached)
+    def _name_private_blocks(self, rid: int, blocks: np.ndarray, num_cached: int, fresh: bool = False) -> None:
+        """Name the request's registered blocks ``blocks[:num_cached]`` still without a name
+        (``fresh``: none has one)."""
         blocks = blocks[:num_cached]
-        fresh = self._owner[blocks] == NO_HASH
-        blocks, index = blocks[fresh], index[fresh]
+        index = np.arange(len(blocks))
+        if not fresh:
+            unnamed = self._owner[blocks] == NO_HASH
+            blocks, index = blocks[unnamed], index[unnamed]
         if not len(blocks):
             return
         self._any_names = True
@@ -392,10 +403,10 @@ class KVCacheManager:
         num_new = max(cdiv(num_slots, self.block_size) - len(blocks) - len(hit_blocks), 0)
         if not hit_blocks and not num_new:
             return True
-        for b in hit_blocks:
-            if self._ref[b] == 0:
-                self.free_queue.remove(b)
-            self._ref[b] += 1
+        if hit_blocks:
+            hits = np.array(hit_blocks, dtype=np.int64)  # (distinct blocks)
+            self.free_queue.remove_many(hits[self._ref[hits] == 0])
+            self._ref[hits] += 1
         blocks.extend(hit_blocks)
         if num_new:
             blocks.extend(self.take_free_blocks(num_new).tolist())
@@ -471,10 +482,13 @@ class KVCacheManager:
         self.block_seconds[rid] = (self.block_seconds.get(rid, 0.0)
                                    + len(blocks) * self.clock - self._acquired_s.pop(rid))
         held = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
-        if finished and (not self._any_names or (self._owner[held] == NO_HASH).all()):
-            # The usual finish: private blocks only, none named yet, each held by this request
-            # alone. Its registered blocks (the first num_cached) are cached; only the request
-            # itself could ever hit them, and it is done, so their names are not recorded.
+        if not self._any_names or (self._owner[held] == NO_HASH).all():
+            # The usual case: private blocks only, none named yet, each held by this request
+            # alone (a block is shared only through its name). Its registered blocks (the
+            # first num_cached) are cached: named if it was preempted (it may hit them when it
+            # comes back); a finished request is done, so their names are not recorded.
+            if num_cached and not finished:
+                self._name_private_blocks(rid, held, num_cached, fresh=True)
             self._ref[held] = 0
             self.free_queue.push_front(held[num_cached:][::-1])
             self.free_queue.push_back(held[:num_cached][::-1])

@@ -26,6 +26,7 @@ from simulator.engine.rules import (
     slots_needed,
 )
 from simulator.records.engine_config import EngineConfig
+from simulator.records.performance import StepBatch
 
 __all__ = ["NativeScheduler", "SchedulerOutput"]
 
@@ -253,11 +254,10 @@ class NativeScheduler(Scheduler):
         """The latest step, as one decode step over the running requests (the step a run of
         steps leaves in flight), which preempted ``preempted``; ``admit``: the step also admits
         waiting requests, as ``schedule()`` does after the running ones."""
-        out = SchedulerOutput(step=self.step, preempted=list(preempted or ()))
-        for r in self.running:
-            out.num_scheduled[r.rid] = 1
-            out.sampling.add(r.rid)
-            out.batch.decode_context.append(r.num_computed)
+        rids = [r.rid for r in self.running]
+        out = SchedulerOutput(step=self.step, num_scheduled=dict.fromkeys(rids, 1), sampling=set(rids),
+                              preempted=list(preempted or ()),
+                              batch=StepBatch(decode_context=[r.num_computed for r in self.running]))
         if admit and self.waiting:
             self._admit_into(out)
         return out

@@ -97,7 +97,9 @@ def crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_st
     steps = first[owners] + block_size * rank
     if extra is not None:
         steps, owners = np.concatenate((steps, extra[0])), np.concatenate((owners, extra[1]))
-    order = np.lexsort((owners, steps))
+    if not len(owners):
+        return steps, owners
+    order = np.argsort(steps * (int(owners.max()) + 1) + owners)  # by step, then member (one key each)
     return steps[order], owners[order]
 
 
@@ -161,8 +163,18 @@ class Members:
         points = np.unique(np.concatenate(([first, last + 1], lo, hi)))  # segment starts, then last + 1
         size = len(points)
         at_lo, at_hi = np.searchsorted(points, lo), np.searchsorted(points, hi)
-        counts = np.cumsum(np.bincount(at_lo, minlength=size) - np.bincount(at_hi, minlength=size)).tolist()
-        bases = np.cumsum(np.bincount(at_lo, weight, size) - np.bincount(at_hi, weight, size)).tolist()
+        counts = np.cumsum(np.bincount(at_lo, minlength=size) - np.bincount(at_hi, minlength=size))
+        bases = np.cumsum(np.bincount(at_lo, weight, size) - np.bincount(at_hi, weight, size))
+        by_count = getattr(getattr(decode_times, "__self__", None), "decode_times_by_count", None)
+        if by_count is not None:  # one call for all segments
+            if counts[:-1].min() < 1:
+                raise RuntimeError("a planned decode run has a step without requests")
+            lengths = np.diff(points)
+            # the total context of count members in step t: base + count * t (exact integers)
+            totals = np.repeat(bases[:-1].astype(np.int64), lengths) + np.repeat(counts[:-1], lengths) * np.arange(
+                first, last + 1)
+            return by_count(counts[:-1].tolist(), lengths.tolist(), totals)
+        counts, bases = counts.tolist(), bases.tolist()
         bounds = points.tolist()
         parts = []
         for j in range(size - 1):
@@ -234,14 +246,16 @@ def give_blocks(kv, running: list[SimRequest], owners: np.ndarray, blocks: np.nd
     starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
     sums = np.add.reduceat(acquired_s, starts).tolist()
     ends = [*starts[1:].tolist(), len(owners)]
-    for start, end, total in zip(starts.tolist(), ends, sums, strict=True):
-        kv.add_taken_blocks(running[int(owners[start])].rid, blocks[start:end], total)
+    add = kv.add_taken_blocks
+    for owner, start, end, total in zip(owners[starts].tolist(), starts.tolist(), ends, sums, strict=True):
+        add(running[owner].rid, blocks[start:end], total)
 
 
 def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: list[int] | None = None,
             scheduled: list[int] | None = None) -> None:
     """Each running request gets one token at each of ``token_times`` (k of them), or, per
     request, its first ``tokens[i]`` of them after ``scheduled[i]`` steps of compute."""
+    token_times = token_times.tolist()  # (the same floats, quicker to index)
     for i, r in enumerate(running):
         deliver_tokens(r, k if tokens is None else tokens[i], token_times)
         r.num_computed += k if scheduled is None else scheduled[i]

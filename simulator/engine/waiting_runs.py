@@ -58,6 +58,9 @@ def plan_waiting_run(
                      waiting=True, admits=plan.admits)
 
 
+_NONE = np.iinfo(np.int64).min  # a step before every other
+
+
 class _WaitingRun:
     """The events of a run planned while requests wait, walked in time order (see
     ``plan_waiting_run``): ``walk`` returns the run's length and leaves its blocks (``steps``,
@@ -88,33 +91,41 @@ class _WaitingRun:
         lag, steps, owners = self.lag, self.steps, self.owners
         caching = self.kv.enable_caching
         running = self.sched.running
+        if self.k < 1:
+            return self.k
+        release = self.last + (lag + 1)  # the first step scheduled after a member's last output
+        # (computed once: a preemption takes its victim out of it, a shorter run reads less of it)
+        freed = self._finish_frees(release, self.k)
+        listed = ~self.gone  # members not preempted
         checked = 0  # admissions are checked for the steps up to this one
         pos, before_pos = 0, 0  # the first block not known to be served; live blocks before it
         at_step = None  # the walk's state before the preemptions of the latest step that preempts
         while self.k >= 1:
             k = self.k
-            release = self.last + lag + 1  # the first step scheduled after a member's last output
-            freed = self._finish_frees(release, k)
-            live = self.alive[pos:] & (steps[pos:] <= k)
-            rank = before_pos + np.cumsum(live) - 1  # each live block's place among live blocks
-            short = np.flatnonzero(live & (rank >= self.free + freed[np.minimum(steps[pos:], k + 1)]))
+            end = int(np.searchsorted(steps, k, side="right"))  # the blocks of steps 1..k
+            live = self.alive[pos:end]
+            rank = np.cumsum(live)  # each live block's place among live blocks, from 1
+            rank += before_pos - 1
+            short = np.flatnonzero(live & (rank >= self.free + freed[steps[pos:end]]))
             s = int(steps[pos + short[0]]) if len(short) else k + 1
-            t = self._first_admission(checked + 1, s - 1, release, freed)
+            t = self._first_admission(checked + 1, s - 1, release, freed, listed)
             if t is not None:
                 # under async scheduling the run may cover step t, left in flight: the scheduler's
                 # own admission then fills it, unless a member's last output comes after t is
                 # scheduled (it still holds its seat and blocks then; the run would have freed them)
-                self.admits = lag == 1 and t >= 2 and not np.any(~self.gone & (self.last == t - 1))
+                self.admits = lag == 1 and t >= 2 and not np.any(listed & (self.last == t - 1))
                 self.k = t if self.admits else t - 1
                 break
             if not len(short):
                 break
             e = pos + int(short[0])
-            listed = np.flatnonzero(~self.gone & (release > s))  # the running list at s
-            v = int(listed[-1])
-            others = self.last[~self.gone]
-            others = others[np.flatnonzero(~self.gone) != v]
-            if (self.last[v] < s or not len(others) or int(others.max()) < s + 1 - lag
+            in_list = np.flatnonzero(listed & (release > s))  # the running list at s
+            v = int(in_list[-1])
+            last_v = int(self.last[v])
+            self.last[v] = _NONE  # (the others' latest step: _NONE if there is no other)
+            latest = int(self.last[listed].max())
+            self.last[v] = last_v
+            if (last_v < s or latest < s + 1 - lag
                     or (caching and running[v].num_shared_blocks)):
                 if at_step is not None and at_step[0] == s:
                     # step s already preempted in this walk: the ordinary path takes the whole step
@@ -125,9 +136,14 @@ class _WaitingRun:
                 at_step = self._save(s, pos, before_pos)
             mine = owners == v
             self.free += int(self.held[v]) + int(np.count_nonzero(mine[:e] & self.alive[:e]))
-            self.alive &= ~(mine & (steps >= s))
+            first_of_s = int(np.searchsorted(steps, s, side="left"))
+            self.alive[first_of_s:] &= ~mine[first_of_s:]  # its blocks from step s on
+            if release[v] <= len(freed) - 2:  # its blocks no longer come back at its last output
+                freed[release[v]:] -= self.blocks[v]
             self.last[v] = s - 1
+            release[v] = s + lag
             self.gone[v] = True
+            listed[v] = False
             self.preemptions.append(Preemption(s, int(owners[e]), v))
             self.k = min(k, int(self.last.max()) - (1 - lag))
             before_pos += int(np.count_nonzero(self.alive[pos:e]))
@@ -167,7 +183,8 @@ class _WaitingRun:
         for holders, count in self.together.items():
             self.blocks[list(holders)] -= count
 
-    def _first_admission(self, lo: int, hi: int, release: np.ndarray, freed: np.ndarray) -> int | None:
+    def _first_admission(self, lo: int, hi: int, release: np.ndarray, freed: np.ndarray,
+                         listed: np.ndarray) -> int | None:
         """The first step in lo..hi after an event (a preemption, a member's last output) in
         which the queue's head would be admitted: a seat, and the blocks of its whole sequence
         free once the step's running requests have theirs. Between events the free blocks only
@@ -175,7 +192,7 @@ class _WaitingRun:
         if lo > hi:
             return None
         checks = {p.step + 1 for p in self.preemptions if lo <= p.step + 1 <= hi}
-        releases = release[~self.gone]
+        releases = release[listed]
         checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
         sched = self.sched
         if self.preemptions:  # the head is the latest victim: its tokens once its last output is in
@@ -186,8 +203,7 @@ class _WaitingRun:
         else:
             need = self.head_need
         for t in sorted(checks):
-            listed = int(np.count_nonzero(~self.gone & (release > t)))
-            if listed >= sched.config.max_num_seqs:
+            if int(np.count_nonzero(listed & (release > t))) >= sched.config.max_num_seqs:
                 continue
             served = int(np.count_nonzero(self.alive[: int(np.searchsorted(self.steps, t, side="right"))]))
             if need <= self.free + int(freed[min(t, len(freed) - 1)]) - served:
@@ -252,13 +268,15 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
     if taken < len(steps):
         block_of[taken:] = kv.take_free_blocks(len(steps) - taken)
     done = {r for _, _, r, _ in events}
-    rest = np.flatnonzero(~np.isin(owners, list(done))) if done else np.arange(len(owners))
+    going = np.ones(n, dtype=bool)
+    going[list(done)] = False
+    rest = np.flatnonzero(going[owners])
     give_blocks(kv, running, owners[rest], block_of[rest], acquired[rest])
     deliver(running, k, token_times, np.minimum(last + lag, k).tolist(), np.minimum(last, k).tolist())
     for v in victims:  # their last output (already stale when it came) is in
         req = running[v]
         req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
-    going_on = [i for i in range(n) if i not in done]
+    going_on = np.flatnonzero(going).tolist()
     sched.replace_running([running[i] for i in going_on])
     kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
     return finished

@@ -210,3 +210,20 @@ def test_decode_times_match_step_time_and_the_general_grid_look_up(qwen7b_h100):
     totals = np.array([4000.0, 8000.0])
     model.decode_times(4, totals)
     assert totals.tolist() == [4000.0, 8000.0]  # the caller's array is left alone
+
+
+@pytest.mark.parametrize("name", ["r1-distill-qwen-7b", "gpt-oss-20b"])  # gpt-oss: sliding-window layers
+def test_decode_times_of_several_counts_equal_each_count_s_own(name, h100_tables, h100):
+    """``decode_times_by_count`` (the fast path's step times of a run whose batch changes) is
+    bit for bit ``decode_times`` count by count, and counts its extrapolations the same."""
+    rng = np.random.default_rng(7)
+    counts = [3, 256, 255, 256, 1000, 5000, 1]  # a count again, and counts beyond the grid
+    lengths = [int(x) for x in rng.integers(1, 40, len(counts))]
+    totals = np.concatenate([c * rng.integers(1, 300000, n) for c, n in zip(counts, lengths, strict=True)])
+    one = ComposedPerformanceModel(load_model(name), h100, TableKernels(h100_tables, h100))
+    several = copy.deepcopy(one)
+    bounds = np.cumsum([0, *lengths]).tolist()
+    expected = np.concatenate([one.decode_times(c, totals[a:b].astype(float))
+                               for c, a, b in zip(counts, bounds, bounds[1:], strict=False)])
+    np.testing.assert_array_equal(several.decode_times_by_count(counts, lengths, totals), expected)
+    assert several.extrapolations == one.extrapolations

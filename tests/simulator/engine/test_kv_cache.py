@@ -48,6 +48,23 @@ def test_removed_blocks_leave_holes_that_pops_skip():
         q.remove(2)
 
 
+def test_removing_several_blocks_at_once_is_removing_each():
+    """``remove_many`` (a request's prefix hits on free cached blocks) leaves the queue that
+    removing its blocks one by one leaves, and changes nothing when one is not free."""
+    one, several = FreeBlockQueue(12), FreeBlockQueue(12)
+    for q in (one, several):
+        q.push_back(np.arange(1, 12))
+    for b in (9, 2, 5):
+        one.remove(b)
+    several.remove_many(np.array([9, 2, 5]))
+    assert len(several) == len(one) == 8
+    assert several.blocks().tolist() == one.blocks().tolist()
+    assert several.pop_front(5).tolist() == one.pop_front(5).tolist() == [1, 3, 4, 6, 7]
+    with pytest.raises(KeyError):
+        several.remove_many(np.array([10, 2]))
+    assert several.blocks().tolist() == [8, 10, 11]
+
+
 def test_queue_keeps_its_order_across_repacking():
     # 600 pushes into a buffer of 3 x 6 + 3 entries: the live entries are repacked many times
     q = FreeBlockQueue(6)
