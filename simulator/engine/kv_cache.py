@@ -467,6 +467,16 @@ class KVCacheManager:
         self.req_blocks[rid].extend(blocks)
         self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + acquired_s
 
+    def add_taken_runs(self, rids: list[int], blocks: list[int], ends: list[int], acquired_s: list[float]) -> None:
+        """``add_taken_blocks`` for each of ``rids`` in turn: its blocks the next stretch of
+        ``blocks``, up to its entry of ``ends``."""
+        req_blocks, acquired = self.req_blocks, self._acquired_s
+        start = 0
+        for rid, end, total in zip(rids, ends, acquired_s, strict=True):
+            req_blocks[rid].extend(blocks[start:end])
+            acquired[rid] = acquired.get(rid, 0.0) + total
+            start = end
+
     def free(self, rid: int, finished: bool = False) -> None:
         """Release a request's blocks, tail first (``finished``: for good, not preempted).
 

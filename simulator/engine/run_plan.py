@@ -105,14 +105,17 @@ def crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_st
 
 class Members:
     """The run's members while it is planned: first decode step, computed tokens before it,
-    last step (running requests first). Kept as lists, with numpy copies made when needed."""
+    last step (running requests first). Kept as lists, with numpy copies: those given, or made
+    again when needed after ``add``."""
 
-    def __init__(self, computed: np.ndarray, last_steps: list[int], held: list[int]):
+    def __init__(self, computed: np.ndarray, last_steps: list[int] | np.ndarray, held: list[int]):
         self.first = [1] * len(last_steps)
         self.computed = computed.tolist()
-        self.last = list(last_steps)
+        self.last = last_steps.tolist() if isinstance(last_steps, np.ndarray) else list(last_steps)
         self.held = held  # KV blocks each holds before its first decode step
-        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = (
+            np.ones(len(computed), dtype=np.int64), computed.astype(np.int64, copy=False),
+            np.asarray(last_steps, dtype=np.int64))
 
     def add(self, first: int, computed: int, last: int, held: int) -> None:
         self.first.append(first)
@@ -246,9 +249,7 @@ def give_blocks(kv, running: list[SimRequest], owners: np.ndarray, blocks: np.nd
     starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
     sums = np.add.reduceat(acquired_s, starts).tolist()
     ends = [*starts[1:].tolist(), len(owners)]
-    add = kv.add_taken_blocks
-    for owner, start, end, total in zip(owners[starts].tolist(), starts.tolist(), ends, sums, strict=True):
-        add(running[owner].rid, blocks[start:end], total)
+    kv.add_taken_runs([running[owner].rid for owner in owners[starts].tolist()], blocks, ends, sums)
 
 
 def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: list[int] | None = None,

@@ -48,10 +48,10 @@ def plan_waiting_run(
     changed = min([p.step for p in plan.preemptions], default=k + 1)
     if times is None:
         # a member's steps before its preemption are its steps as planned: the same times
-        planned = Members(plan.computed, last.tolist(), list(members.held))
+        planned = Members(plan.computed, last, list(members.held))
         times = planned.step_times(decode_times, 1, k)
     elif changed <= k:
-        fixed = Members(plan.computed, last.tolist(), list(members.held))
+        fixed = Members(plan.computed, last, list(members.held))
         times = np.concatenate((times[: changed - 1], fixed.step_times(decode_times, changed, k)))
     return DecodeRun(k=k, step_times=times[:k], first_steps=plan.first, computed=plan.computed, last_steps=last,
                      block_steps=plan.steps[keep], block_owners=plan.owners[keep], preemptions=plan.preemptions,
@@ -59,6 +59,7 @@ def plan_waiting_run(
 
 
 _NONE = np.iinfo(np.int64).min  # a step before every other
+_WINDOW = 256  # blocks searched first for the next one short (``_WaitingRun._first_short``)
 
 
 class _WaitingRun:
@@ -103,11 +104,8 @@ class _WaitingRun:
         while self.k >= 1:
             k = self.k
             end = int(np.searchsorted(steps, k, side="right"))  # the blocks of steps 1..k
-            live = self.alive[pos:end]
-            rank = np.cumsum(live)  # each live block's place among live blocks, from 1
-            rank += before_pos - 1
-            short = np.flatnonzero(live & (rank >= self.free + freed[steps[pos:end]]))
-            s = int(steps[pos + short[0]]) if len(short) else k + 1
+            e = self._first_short(pos, end, before_pos, freed)
+            s = int(steps[e]) if e < end else k + 1
             t = self._first_admission(checked + 1, s - 1, release, freed, listed)
             if t is not None:
                 # under async scheduling the run may cover step t, left in flight: the scheduler's
@@ -116,9 +114,8 @@ class _WaitingRun:
                 self.admits = lag == 1 and t >= 2 and not np.any(listed & (self.last == t - 1))
                 self.k = t if self.admits else t - 1
                 break
-            if not len(short):
+            if e == end:
                 break
-            e = pos + int(short[0])
             in_list = np.flatnonzero(listed & (release > s))  # the running list at s
             v = int(in_list[-1])
             last_v = int(self.last[v])
@@ -150,6 +147,23 @@ class _WaitingRun:
             pos = e
             checked = s  # (a step that preempts admits nobody)
         return self.k
+
+    def _first_short(self, pos: int, end: int, before_pos: int, freed: np.ndarray) -> int:
+        """The first live block of ``pos..end-1`` that finds no free block (``end``: none does),
+        ``before_pos`` live blocks before it served: the free blocks are those before the run,
+        the victims' so far and the finishes' by its step (``freed``). The next preemption is
+        usually near, so a first window is searched before the rest."""
+        stop = min(end, pos + _WINDOW)
+        while True:
+            live = self.alive[pos:stop]
+            rank = np.cumsum(live)  # each live block's place among live blocks, from 1
+            rank += before_pos - 1
+            short = np.flatnonzero(live & (rank >= self.free + freed[self.steps[pos:stop]]))
+            if len(short):
+                return pos + int(short[0])
+            if stop == end:
+                return end
+            pos, before_pos, stop = stop, int(rank[-1]) + 1 if len(rank) else before_pos, end
 
     def _save(self, step: int, pos: int, before_pos: int) -> tuple:
         return (step, pos, before_pos, self.free, self.alive.copy(), self.last.copy(), self.gone.copy(),
@@ -191,9 +205,6 @@ class _WaitingRun:
         shrink, so the steps right after events are the only ones to check."""
         if lo > hi:
             return None
-        checks = {p.step + 1 for p in self.preemptions if lo <= p.step + 1 <= hi}
-        releases = release[listed]
-        checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
         sched = self.sched
         if self.preemptions:  # the head is the latest victim: its tokens once its last output is in
             p = self.preemptions[-1]
@@ -202,11 +213,17 @@ class _WaitingRun:
             need = -(-min(tokens, sched.max_model_len) // sched.block_size)
         else:
             need = self.head_need
+        last = len(freed) - 1
+        if need > self.free + int(freed[min(hi, last)]):
+            return None  # (the finishes' blocks only grow with the step: not even by hi)
+        checks = {p.step + 1 for p in self.preemptions if lo <= p.step + 1 <= hi}
+        releases = release[listed]
+        checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
         for t in sorted(checks):
-            if int(np.count_nonzero(listed & (release > t))) >= sched.config.max_num_seqs:
+            if int(np.count_nonzero(releases > t)) >= sched.config.max_num_seqs:
                 continue
             served = int(np.count_nonzero(self.alive[: int(np.searchsorted(self.steps, t, side="right"))]))
-            if need <= self.free + int(freed[min(t, len(freed) - 1)]) - served:
+            if need <= self.free + int(freed[min(t, last)]) - served:
                 return t
         return None
 

@@ -362,3 +362,31 @@ def test_waiting_runs_time_their_steps_after_the_walk(async_scheduling, monkeypa
     assert_same(slow, fast)
     assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
     assert sum(1 for steps in timed_after if steps > 0) > 5, timed_after
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("window", [1, 7])
+def test_waiting_runs_find_a_block_short_past_the_first_window(async_scheduling, window, monkeypatch):
+    # the walk looks for the next block short of a free one in a first window of blocks, then in
+    # the rest: with a window of a few blocks the rest is searched nearly every time, and the
+    # runs' preemptions and results stay the step-by-step path's
+    from simulator.engine import waiting_runs
+
+    w = make_workload(n=80, seed=5, rate=50, prompt=(20, 300), output=(300, 2500))
+    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=4096, max_num_seqs=32)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    past = []  # blocks past the window's end where the block short was found
+    original = waiting_runs._WaitingRun._first_short
+
+    def searched(plan, pos, end, before_pos, freed):
+        found = original(plan, pos, end, before_pos, freed)
+        if pos + window <= found < end:
+            past.append(found - pos - window)
+        return found
+
+    monkeypatch.setattr(waiting_runs, "_WINDOW", window)
+    monkeypatch.setattr(waiting_runs._WaitingRun, "_first_short", searched)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    assert_same(slow, fast)
+    assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
+    assert len(past) > 5 and max(past) > 0, past
