@@ -27,9 +27,38 @@ NO_HASH = -1
 SHARED = -2
 
 
+#: KV block-seconds count time in whole ticks of 2**-30 s (about 0.93 ns): each clock is rounded
+#: once to ticks and the sums are integers, so a request's block-seconds do not depend on how
+#: its acquisitions are grouped (one by one, or a run's at once). Ticks of a clock t are
+#: t x 2**30 < 2**63 up to t = 2**33 s (272 years); the sums are Python integers (no bound), and
+#: numpy's per-run sums add ticks less the run's earliest, so they hold while a request's
+#: blocks in one run x the run's span stay under 2**33 block-seconds (e.g. 65,536 blocks over
+#: 36 hours).
+TICKS_PER_S = 2**30
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)
+
+
+def ticks(clock: float) -> int:
+    """``clock`` (s) in whole ticks (round half to even, as ``np.rint``)."""
+    return round(clock * TICKS_PER_S)
+
+
+def tick_sums(clocks: np.ndarray, starts: np.ndarray) -> list[int]:
+    """The ticks of ``clocks`` summed over the stretches beginning at ``starts`` (increasing,
+    the first 0), exactly: ``[sum(ticks(c) for c in stretch) ...]``."""
+    t = np.rint(np.asarray(clocks, dtype=np.float64) * TICKS_PER_S).astype(np.int64)
+    base = int(t.min())
+    counts = np.diff(np.append(starts, len(t))).tolist()
+    return [s + c * base for s, c in zip(np.add.reduceat(t - base, starts).tolist(), counts, strict=True)]
+
+
+def tick_sum(clocks: np.ndarray) -> int:
+    """``sum(ticks(c) for c in clocks)``, exactly."""
+    return tick_sums(clocks, np.zeros(1, dtype=np.int64))[0] if len(clocks) else 0
 
 
 class FreeBlockQueue:
@@ -193,13 +222,18 @@ class KVCacheManager:
         # prefix-cache statistics (tokens)
         self.prefix_queries = 0
         self.prefix_hits = 0
-        # block-seconds per request: held blocks x time, summed as
+        # block-seconds per request: held blocks x time, summed in ticks (TICKS_PER_S) as
         # (blocks x release clock) - (sum of their acquisition clocks) at each free
         self.clock = 0.0
-        self.block_seconds: dict[int, float] = {}
-        self._acquired_s: dict[int, float] = {}
+        self._block_ticks: dict[int, int] = {}
+        self._acquired: dict[int, int] = {}
 
     # --- accounting -----------------------------------------------------
+    @property
+    def block_seconds(self) -> dict[int, float]:
+        """Held blocks x time (s) per request that freed blocks, from the exact tick sums."""
+        return {rid: t / TICKS_PER_S for rid, t in self._block_ticks.items()}
+
     @property
     def num_free_blocks(self) -> int:
         """Free blocks, cached-but-unused ones included (they can be evicted)."""
@@ -410,7 +444,7 @@ class KVCacheManager:
         blocks.extend(hit_blocks)
         if num_new:
             blocks.extend(self.take_free_blocks(num_new).tolist())
-        self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + (len(hit_blocks) + num_new) * self.clock
+        self._acquired[rid] = self._acquired.get(rid, 0) + (len(hit_blocks) + num_new) * ticks(self.clock)
         return True
 
     def append_block(self, rid: int) -> bool:
@@ -428,8 +462,8 @@ class KVCacheManager:
                 self._owner[block] = NO_HASH
         self._ref[block] = 1
         self.req_blocks[rid].append(block)
-        acquired = self._acquired_s
-        acquired[rid] = acquired.get(rid, 0.0) + self.clock
+        acquired = self._acquired
+        acquired[rid] = acquired.get(rid, 0) + round(self.clock * TICKS_PER_S)
         return True
 
     def take_free_blocks(self, n: int) -> np.ndarray:
@@ -461,20 +495,20 @@ class KVCacheManager:
         through ``add_taken_blocks``)."""
         self.req_blocks[rid] = []
 
-    def add_taken_blocks(self, rid: int, blocks: list[int], acquired_s: float) -> None:
-        """Give ``rid`` blocks already taken by ``take_free_blocks``; ``acquired_s`` sums their
-        acquisition clocks (the fast path hands out a run's blocks in bulk)."""
+    def add_taken_blocks(self, rid: int, blocks: list[int], acquired: int) -> None:
+        """Give ``rid`` blocks already taken by ``take_free_blocks``; ``acquired`` sums the ticks
+        of their acquisition clocks (``tick_sum``; the fast path hands out a run's blocks in bulk)."""
         self.req_blocks[rid].extend(blocks)
-        self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + acquired_s
+        self._acquired[rid] = self._acquired.get(rid, 0) + acquired
 
-    def add_taken_runs(self, rids: list[int], blocks: list[int], ends: list[int], acquired_s: list[float]) -> None:
+    def add_taken_runs(self, rids: list[int], blocks: list[int], ends: list[int], acquired: list[int]) -> None:
         """``add_taken_blocks`` for each of ``rids`` in turn: its blocks the next stretch of
         ``blocks``, up to its entry of ``ends``."""
-        req_blocks, acquired = self.req_blocks, self._acquired_s
+        req_blocks, sums = self.req_blocks, self._acquired
         start = 0
-        for rid, end, total in zip(rids, ends, acquired_s, strict=True):
+        for rid, end, total in zip(rids, ends, acquired, strict=True):
             req_blocks[rid].extend(blocks[start:end])
-            acquired[rid] = acquired.get(rid, 0.0) + total
+            sums[rid] = sums.get(rid, 0) + total
             start = end
 
     def free(self, rid: int, finished: bool = False) -> None:
@@ -489,8 +523,8 @@ class KVCacheManager:
         num_cached = self._num_cached_blocks.pop(rid, 0)
         if not blocks:
             return
-        self.block_seconds[rid] = (self.block_seconds.get(rid, 0.0)
-                                   + len(blocks) * self.clock - self._acquired_s.pop(rid))
+        self._block_ticks[rid] = (self._block_ticks.get(rid, 0)
+                                  + len(blocks) * ticks(self.clock) - self._acquired.pop(rid))
         held = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
         if not self._any_names or (self._owner[held] == NO_HASH).all():
             # The usual case: private blocks only, none named yet, each held by this request

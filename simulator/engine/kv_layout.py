@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.engine.kv_cache import KVCacheManager
+from simulator.engine.kv_cache import KVCacheManager, ticks
 from simulator.engine.request import SimRequest
 from simulator.records.kv_groups import KVGroups, cdiv
 
@@ -76,7 +76,7 @@ class HybridKVCacheManager(KVCacheManager):
         held = np.array(blocks, dtype=np.int64)
         self._ref[held] = 0
         self.free_queue.push_front(held[::-1])
-        self.block_seconds[rid] = self.block_seconds.get(rid, 0.0) + len(blocks) * self.clock
+        self._block_ticks[rid] = self._block_ticks.get(rid, 0) + len(blocks) * ticks(self.clock)
 
     def admission_blocks(self, req, num_tokens: int) -> int:
         # the sliding-window groups' need depends on how many tokens hit: look them all up
@@ -102,7 +102,7 @@ class HybridKVCacheManager(KVCacheManager):
             taken = self.take_free_blocks(need).tolist()
             self._sliding.setdefault(rid, []).extend(taken)
             self._sliding_end[rid] = cdiv(num_slots, self.block_size)
-            self._acquired_s[rid] = self._acquired_s.get(rid, 0.0) + need * self.clock
+            self._acquired[rid] = self._acquired.get(rid, 0) + need * ticks(self.clock)
         self._computed[rid] = num_slots
         return True
 
@@ -114,7 +114,7 @@ class HybridKVCacheManager(KVCacheManager):
         self._sliding_end.pop(rid, None)
         self._computed.pop(rid, None)
         if live:  # their release is counted here; base free subtracts every acquisition
-            self.block_seconds[rid] = self.block_seconds.get(rid, 0.0) + len(live) * self.clock
+            self._block_ticks[rid] = self._block_ticks.get(rid, 0) + len(live) * ticks(self.clock)
             held = np.array(live, dtype=np.int64)
             self._ref[held] = 0
             self.free_queue.push_front(held[::-1])

@@ -1,11 +1,18 @@
 from collections import OrderedDict
+from itertools import pairwise
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.engine.kv_cache import FreeBlockQueue, KVCacheManager
+from simulator.engine.kv_cache import (
+    TICKS_PER_S,
+    FreeBlockQueue,
+    KVCacheManager,
+    tick_sum,
+    tick_sums,
+)
 from simulator.engine.request import SimRequest
 
 
@@ -270,7 +277,58 @@ def test_block_seconds_integrate_held_blocks_over_time():
     kv.allocate(1, 17)  # 1 block for 2 s
     kv.clock = 5.0
     kv.free(1)  # 2 blocks for 3 s
-    assert abs(kv.block_seconds[1] - 8.0) < 1e-12
+    assert kv.block_seconds[1] == 8.0
+
+
+def test_block_seconds_are_blocks_times_held_time_in_whole_ticks():
+    # clocks off the 2**-30 s grid: each is rounded once, the sum is exact
+    kv = KVCacheManager(num_blocks=10, block_size=16)
+    kv.clock = 0.1
+    kv.allocate(1, 48)  # 3 blocks from 0.1 s
+    kv.clock = 0.7
+    assert kv.append_block(1)  # a 4th from 0.7 s
+    kv.clock = 1000.3
+    kv.free(1)
+    t = [round(c * TICKS_PER_S) for c in (0.1, 0.7, 1000.3)]
+    assert kv.block_seconds[1] == (3 * (t[2] - t[0]) + (t[2] - t[1])) / TICKS_PER_S
+    assert abs(kv.block_seconds[1] - (3 * 1000.2 + 999.6)) < 4 * 2.0**-30
+
+
+@settings(max_examples=200, deadline=None)
+@given(clocks=st.lists(st.floats(0.0, 90_000.0), min_size=1, max_size=60), cuts=st.sets(st.integers(1, 59)),
+       release=st.floats(90_000.0, 100_000.0))
+def test_block_seconds_do_not_depend_on_how_acquisitions_are_grouped(clocks, cuts, release):
+    # the step-by-step path takes one block at a time; the fast path hands out a run's blocks in
+    # bulk, the run cut anywhere: the same bits either way
+    clocks = sorted(clocks)
+    one = KVCacheManager(num_blocks=64, block_size=1)
+    for i, c in enumerate(clocks):
+        one.clock = c
+        assert one.allocate(7, 1) if i == 0 else one.append_block(7)
+    bulk = KVCacheManager(num_blocks=64, block_size=1)
+    bulk.open_table(7)
+    bounds = [0, *sorted(c for c in cuts if c < len(clocks)), len(clocks)]
+    for a, b in pairwise(bounds):
+        taken = bulk.take_free_blocks(b - a).tolist()
+        bulk.add_taken_blocks(7, taken, tick_sum(np.array(clocks[a:b])))
+    runs = KVCacheManager(num_blocks=64, block_size=1)
+    runs.open_table(7)
+    runs.add_taken_runs([7], runs.take_free_blocks(len(clocks)).tolist(), [len(clocks)],
+                        tick_sums(np.array(clocks), np.array([0])))
+    for kv in (one, bulk, runs):
+        kv.clock = release
+        kv.free(7)
+    assert one.block_seconds[7] == bulk.block_seconds[7] == runs.block_seconds[7]
+    assert one.req_blocks == bulk.req_blocks == runs.req_blocks
+
+
+def test_tick_sums_are_exact_far_past_float_precision():
+    clocks = np.full(70_000, 86_400.0 * 3) + np.arange(70_000) * 1e-3  # three days in, 70,000 blocks
+    starts = np.array([0, 1, 40_000])
+    exact = [sum(round(c * TICKS_PER_S) for c in part.tolist())
+             for part in np.split(clocks, starts[1:])]
+    assert tick_sums(clocks, starts) == exact
+    assert tick_sum(clocks) == sum(exact)
 
 
 class ReferenceKV:

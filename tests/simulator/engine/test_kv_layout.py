@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from calibration.catalog import load_model
-from simulator.engine.kv_cache import cdiv
+from simulator.engine.kv_cache import TICKS_PER_S, cdiv
 from simulator.engine.kv_layout import HybridKVCacheManager
 from simulator.records.kv_groups import KVGroups, kv_groups, model_kv_groups
 
@@ -64,6 +64,23 @@ def test_sliding_window_blocks_stop_growing_at_the_window():
     assert held[-1][1] - cdiv(2000, bs) in (window // bs, window // bs + 1)
     kv.free(7, finished=True)
     assert kv.num_used_blocks == 0
+
+
+def test_block_seconds_count_the_sliding_blocks_while_held():
+    # blocks held between allocations x the time between them, in whole ticks of the clocks
+    groups = KVGroups(group_size=12, full_groups=1, sliding_groups=2, sliding_window=32)
+    kv = HybridKVCacheManager(200, 16, False, groups)
+    expected, held, since = 0, 0, 0
+    for step, tokens in enumerate([20, *range(21, 300)]):
+        kv.clock = 0.0137 * step + 0.003
+        now = round(kv.clock * TICKS_PER_S)
+        expected += held * (now - since)
+        assert kv.allocate(3, tokens)
+        held, since = kv.num_blocks_of(3), now
+    kv.clock = 9.87
+    kv.free(3, finished=True)
+    expected += held * (round(kv.clock * TICKS_PER_S) - since)
+    assert kv.block_seconds[3] == expected / TICKS_PER_S
 
 
 def test_sliding_blocks_out_of_the_window_are_reused_by_others():

@@ -52,7 +52,7 @@ def assert_same_results(a, b):
     for table in ("requests", "timeline"):
         x, y = getattr(a, table), getattr(b, table)
         for key in x:
-            if x[key].dtype.kind == "f":
+            if x[key].dtype.kind == "f" and key != "kv_block_seconds":  # (block-seconds: exact tick sums)
                 np.testing.assert_allclose(y[key], x[key], rtol=1e-12, atol=1e-12, err_msg=f"{table}.{key}")
             else:
                 np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
