@@ -586,13 +586,10 @@ class ComposedPerformanceModel(PerformanceModel):
         return out.reshape(total.shape)
 
     def decode_times_by_count(self, counts: list[int], lengths: list[int], total_context: np.ndarray) -> np.ndarray:
-        """``decode_times`` of several sequence counts in one call: ``lengths[j]`` steps of
-        ``counts[j]`` sequences, then the next count's; ``total_context``: each step's total
-        (bit-identical to ``decode_times``, count by count)."""
+        """``decode_times`` of several sequence counts in one vectorised pass (bit-identical to
+        ``decode_times``, count by count); sliding-window models count by count."""
         if self.window:
-            bounds = np.cumsum([0, *lengths]).tolist()
-            return np.concatenate([self.decode_times(c, total_context[a:b])
-                                   for c, a, b in zip(counts, bounds, bounds[1:], strict=False)])
+            return super().decode_times_by_count(counts, lengths, total_context)
         bases, columns = [], []
         for size, steps in zip(counts, lengths, strict=True):
             base, column = self._decode_at(size)

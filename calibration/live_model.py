@@ -91,6 +91,16 @@ class StepGapModel(_Wrapped):
             extra = extra + self.per_context_token_s * np.asarray(total_context, dtype=float)
         return np.maximum(times + extra, 0.5 * times)
 
+    def decode_times_by_count(self, counts: list[int], lengths: list[int], total_context):
+        times = self.base.decode_times_by_count(counts, lengths, total_context)
+        if times is None:
+            return None
+        seqs = np.repeat(np.asarray(counts, dtype=float), lengths)
+        extra = self.gap_s + self.per_request_s * seqs  # as ``decode_times``, element by element
+        if self.per_context_token_s:
+            extra = extra + self.per_context_token_s * np.asarray(total_context, dtype=float)
+        return np.maximum(times + extra, 0.5 * times)
+
     def describe(self) -> dict:
         return {**self.base.describe(), "name": self.name, "step_gap_s": self.gap_s,
                 "step_gap_per_request_s": self.per_request_s,
@@ -126,6 +136,12 @@ class JitteredModel(_Wrapped):
         if self.step_sigma > 0:
             return None
         times = self.base.decode_times(num_seqs, total_context)
+        return None if times is None else np.asarray(times) * self.run_scale
+
+    def decode_times_by_count(self, counts: list[int], lengths: list[int], total_context):
+        if self.step_sigma > 0:
+            return None
+        times = self.base.decode_times_by_count(counts, lengths, total_context)
         return None if times is None else np.asarray(times) * self.run_scale
 
     def describe(self) -> dict:

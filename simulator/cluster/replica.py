@@ -93,7 +93,7 @@ class ReplicaEngine(Engine):
         self.end_s = 0.0
         super().__init__(*args, **kwargs)
         if isinstance(self.scheduler, SteadyScheduler):
-            self.scheduler.use_runs(ClusterRuns(self, self.scheduler, self._decode_fn, self.perf.step_time,
+            self.scheduler.use_runs(ClusterRuns(self, self.scheduler, self._decode_model,
                                                 self._arrivals_columns(), self.async_scheduling))
 
     # --- requests routed here -------------------------------------------------------
@@ -353,7 +353,7 @@ class ClusterRuns(fast_forward.Runs):
         if base is None:
             return None
         arrivals = replace(self.replica.arrivals_view(now), known_until_s=math.inf)
-        run = fast_forward.plan(self.sched, self._decode_times, self._step_time, now, base, arrivals,
+        run = fast_forward.plan(self.sched, self._perf, now, base, arrivals,
                                 next_arrival, self._horizon, self._lag)
         if run is None:
             return None

@@ -4,9 +4,9 @@ Reasoning requests spend most of their life decoding. Between events that
 change the batch in ways that depend on the queue (a request that must wait, a
 KV block that cannot be had), every engine step schedules the running requests
 one token each, so the steps can be computed in closed form: step times come
-vectorised from ``PerformanceModel.decode_times``, new KV blocks are taken in
-the order the step-by-step scheduler would take them, and the timeline gets one
-row per step.
+vectorised from ``PerformanceModel.decode_times`` (``decode_times_by_count``), new
+KV blocks are taken in the order the step-by-step scheduler would take them, and
+the timeline gets one row per step.
 
 A run goes on through two events whose outcome is known in advance:
 - a request's last token, when nobody waits: the request leaves the batch after
@@ -51,6 +51,7 @@ from simulator.engine.run_plan import (
     deliver,
     hand_out,
 )
+from simulator.records.performance import PerformanceModel
 
 #: steps computed ahead per attempt (the engine plans up to twice the last run)
 INITIAL_HORIZON = 256
@@ -77,8 +78,7 @@ class Arrivals:
 
 def plan(
     sched: NativeScheduler,
-    decode_times,
-    step_time,
+    perf: PerformanceModel,
     now: float,
     base: float,
     arrivals: Arrivals | None,
@@ -130,17 +130,17 @@ def plan(
     if waiting and (arrivals is None or arrivals.known_until_s == math.inf):
         # the walk needs no step times: they are computed once, for the steps it keeps
         k = min(k_max, horizon)
-        return waiting_runs.plan_waiting_run(sched, members, None, k, decode_times, lag)
-    times = members.step_times(decode_times, 1, min(k_max, horizon))
+        return waiting_runs.plan_waiting_run(sched, members, None, k, perf, lag)
+    times = members.step_times(perf, 1, min(k_max, horizon))
     if not waiting and arrivals is not None:
         times, k_max = _admit_arrivals(sched, members, admissions, arrivals, next_arrival, times, k_max,
-                                       decode_times, step_time, now, base, horizon, lag)
+                                       perf, now, base, horizon, lag)
     k = len(times)
     if arrivals is not None and arrivals.known_until_s < math.inf:
         k = min(k, _rows_before(times, base, lag, arrivals.known_until_s))
     if k < 1:
         return None
-    return _fit_kv(sched, members, admissions, times, k, decode_times, lag)
+    return _fit_kv(sched, members, admissions, times, k, perf, lag)
 
 
 def _rows_before(times: np.ndarray, base: float, lag: int, until: float) -> int:
@@ -200,7 +200,7 @@ class _StepClock:
 
 
 def _admit_arrivals(sched, members: Members, admissions: list[Admission], arrivals: Arrivals, index: int,
-                    times: np.ndarray, k_max: int, decode_times, step_time, now: float, base: float,
+                    times: np.ndarray, k_max: int, perf: PerformanceModel, now: float, base: float,
                     horizon: int, lag: int) -> tuple[np.ndarray, int]:
     """Go through the arrivals the run reaches: each one the step after it admits whole joins
     the run (``members``, ``admissions``); the first other one ends it. Returns the step
@@ -228,7 +228,7 @@ def _admit_arrivals(sched, members: Members, admissions: list[Admission], arriva
             if known >= k_max:
                 return clock.times(), k_max
             more = int((t - clock.tail_ends[-1]) / clock.tail[-1] * 1.1) + 16
-            clock.extend(members.step_times(decode_times, known + 1, min(known + more, k_max)))
+            clock.extend(members.step_times(perf, known + 1, min(known + more, k_max)))
             continue
         prompt = int(arrivals.prompt[index])
         # the arrivals already admitted in this step (bursts: arrivals within one step's time)
@@ -253,7 +253,7 @@ def _admit_arrivals(sched, members: Members, admissions: list[Admission], arriva
             return clock.times(step - 1), k_max
         prompt_blocks += blocks
         last = step + int(arrivals.max_tokens[index]) - 1
-        prefill = members.prefill_step_time(step_time, step, [*same_step, prompt])
+        prefill = members.prefill_step_time(perf, step, [*same_step, prompt])
         members.add(step + 1, prompt, last, blocks)
         admissions.append(Admission(step, index, prompt))
         k_max = min(max(k_max, last - (1 - lag)), MAX_HORIZON)
@@ -264,18 +264,18 @@ def _admit_arrivals(sched, members: Members, admissions: list[Admission], arriva
             pace = clock.time_of(step - 1)
             reach = (float(arrival_s[index]) - clock.scheduled_at(step)) / pace * 1.1
             upto = min(k_max, step + max(16, int(reach) + 16))
-        tail = members.step_times(decode_times, step + 1, upto) if upto > step else times[:0]
+        tail = members.step_times(perf, step + 1, upto) if upto > step else times[:0]
         clock.replace_from(step, np.concatenate(([prefill], tail)))
 
 
 def _fit_kv(sched, members: Members, admissions: list[Admission], times: np.ndarray, k: int,
-            decode_times, lag: int) -> DecodeRun | None:
+            perf: PerformanceModel, lag: int) -> DecodeRun | None:
     """The run cut before its first step short of a free KV block (blocks freed inside the run
     are not counted: the run may end earlier than it could, never later) and before any
     admission whose prefill would be its last step. With requests waiting, a step short of a
     block preempts instead, as the scheduler does (``plan_waiting_run``)."""
     if sched.waiting and not admissions:
-        return waiting_runs.plan_waiting_run(sched, members, times, k, decode_times, lag)
+        return waiting_runs.plan_waiting_run(sched, members, times, k, perf, lag)
     running = sched.running
     n = len(running)
     bs = sched.block_size
@@ -479,11 +479,9 @@ class Runs:
     engine's clock reaches the run's end), through ``join``.
     """
 
-    def __init__(self, sched: NativeScheduler, decode_times, step_time, arrivals: Arrivals,
-                 async_scheduling: bool):
+    def __init__(self, sched: NativeScheduler, perf: PerformanceModel, arrivals: Arrivals, async_scheduling: bool):
         self.sched = sched
-        self._decode_times = decode_times
-        self._step_time = step_time
+        self._perf = perf  # its ``decode_times`` supported
         self.arrivals = arrivals
         self._lag = 1 if async_scheduling else 0  # steps in flight when a step is scheduled
         self._horizon = INITIAL_HORIZON
@@ -582,7 +580,7 @@ class Runs:
             # reach it at the last step's pace (one vectorised call rather than two)
             reach = (next_s - now) / pace * 1.05 + 8
             horizon = int(min(max(reach, INITIAL_HORIZON // 4), MAX_HORIZON))
-        run = plan(self.sched, self._decode_times, self._step_time, now, base, self.arrivals, next_arrival,
+        run = plan(self.sched, self._perf, now, base, self.arrivals, next_arrival,
                    horizon, self._lag)
         # plan next time up to twice as many steps as this run had: step times
         # computed beyond the event that ends a run are wasted

@@ -91,8 +91,9 @@ class Engine:
             async_scheduling = not (config.speculative.enabled and config.speculative.method == "ngram")
         self.async_scheduling = async_scheduling
         probe = perf.decode_times(1, np.ones(1))
-        self._decode_fn = perf.decode_times if probe is not None else None
-        self.fast = bool(fast and self._decode_fn is not None and not keep_decisions
+        #: the performance model, where it times decode runs in closed form (else None)
+        self._decode_model = perf if probe is not None else None
+        self.fast = bool(fast and self._decode_model is not None and not keep_decisions
                          and scheduler_factory in (None, NativeScheduler)
                          and not getattr(workload, "has_timeouts", False)  # aborts: step by step
                          and not _hybrid(kv))  # sliding-window KV groups: step by step
@@ -121,7 +122,7 @@ class Engine:
         self._next_arrival = 0  # the first arrival neither queued nor admitted by a run
         self._arrival_s = workload.arrival_s.tolist()
         if isinstance(self.scheduler, SteadyScheduler):
-            self.scheduler.use_runs(fast_forward.Runs(self.scheduler, self._decode_fn, perf.step_time,
+            self.scheduler.use_runs(fast_forward.Runs(self.scheduler, self._decode_model,
                                                       self._arrivals_columns(), async_scheduling))
         self._wake: simpy.Event | None = None
         self._arrivals_done = False

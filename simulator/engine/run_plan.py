@@ -14,10 +14,9 @@ from itertools import pairwise
 
 import numpy as np
 
-from simulator.engine.kv_cache import tick_sums
 from simulator.engine.request import SimRequest
 from simulator.engine.rules import deliver_tokens
-from simulator.records.performance import StepBatch
+from simulator.records.performance import PerformanceModel, StepBatch
 
 
 @dataclass
@@ -149,16 +148,16 @@ class Members:
         """How many members have steps after ``step`` (those with none left have finished)."""
         return sum(1 for end in self.last if end > step)
 
-    def step_times(self, decode_times, first: int, last: int) -> np.ndarray:
+    def step_times(self, perf: PerformanceModel, first: int, last: int) -> np.ndarray:
         """Times of the pure-decode steps first..last: step t has the members decoding in it,
         each attending over its computed tokens before t plus the one it computes."""
         if len(self.last) <= 16:  # few members (light load): plain Python is quicker than numpy
-            return self._few_step_times(decode_times, first, last)
+            return self._few_step_times(perf, first, last)
         f, c, end = self.arrays()
         # the total context of count members in steps a..b-1: base + count * t (exact integers)
         if f.max() <= first and end.min() >= last:  # the same members throughout
             n, base = len(end), int((c - f + 1).sum())
-            return decode_times(n, np.arange(base + n * first, base + n * (last + 1), n, dtype=np.float64))
+            return perf.decode_times(n, np.arange(base + n * first, base + n * (last + 1), n, dtype=np.float64))
         # segments of steps with the same members: a member decodes in [max(f, first), min(end, last)]
         active = (f <= last) & (end >= first)
         lo = np.maximum(f[active], first)
@@ -169,27 +168,15 @@ class Members:
         at_lo, at_hi = np.searchsorted(points, lo), np.searchsorted(points, hi)
         counts = np.cumsum(np.bincount(at_lo, minlength=size) - np.bincount(at_hi, minlength=size))
         bases = np.cumsum(np.bincount(at_lo, weight, size) - np.bincount(at_hi, weight, size))
-        by_count = getattr(getattr(decode_times, "__self__", None), "decode_times_by_count", None)
-        if by_count is not None:  # one call for all segments
-            if counts[:-1].min() < 1:
-                raise RuntimeError("a planned decode run has a step without requests")
-            lengths = np.diff(points)
-            # the total context of count members in step t: base + count * t (exact integers)
-            totals = np.repeat(bases[:-1].astype(np.int64), lengths) + np.repeat(counts[:-1], lengths) * np.arange(
-                first, last + 1)
-            return by_count(counts[:-1].tolist(), lengths.tolist(), totals)
-        counts, bases = counts.tolist(), bases.tolist()
-        bounds = points.tolist()
-        parts = []
-        for j in range(size - 1):
-            count, base = counts[j], int(bases[j])
-            if count < 1:
-                raise RuntimeError("a planned decode run has a step without requests")
-            a, b = bounds[j], bounds[j + 1]
-            parts.append(decode_times(count, np.arange(base + count * a, base + count * b, count, dtype=np.float64)))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if counts[:-1].min() < 1:
+            raise RuntimeError("a planned decode run has a step without requests")
+        lengths = np.diff(points)
+        # the total context of count members in step t: base + count * t (exact integers)
+        totals = np.repeat(bases[:-1].astype(np.int64), lengths) + np.repeat(counts[:-1], lengths) * np.arange(
+            first, last + 1)
+        return perf.decode_times_by_count(counts[:-1].tolist(), lengths.tolist(), totals)
 
-    def _few_step_times(self, decode_times, first: int, last: int) -> np.ndarray:
+    def _few_step_times(self, perf: PerformanceModel, first: int, last: int) -> np.ndarray:
         """``step_times`` for a few members, segment by segment in Python."""
         spans = []  # (first step, step after the last, computed + 1 - first decode step) in the window
         points = {first, last + 1}
@@ -208,17 +195,18 @@ class Members:
                     base += weight
             if count < 1:
                 raise RuntimeError("a planned decode run has a step without requests")
-            parts.append(decode_times(count, np.arange(base + count * a, base + count * b, count, dtype=np.float64)))
+            parts.append(perf.decode_times(count, np.arange(base + count * a, base + count * b, count,
+                                                            dtype=np.float64)))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def prefill_step_time(self, step_time, step: int, prompts: list[int]) -> float:
+    def prefill_step_time(self, perf: PerformanceModel, step: int, prompts: list[int]) -> float:
         """Time of ``step``: the members decoding in it, and whole prompts prefilled (in order)."""
         context = [c + (step - f) + 1 for f, c, end in zip(self.first, self.computed, self.last, strict=True)
                    if f <= step <= end]
         context += [1] * prompts.count(1)  # one token to compute: vLLM's batch counts it as a decode
         long = [p for p in prompts if p > 1]
-        return step_time(StepBatch(prefill_tokens=long, prefill_context=[0] * len(long), decode_context=context,
-                                   decode_spec_tokens=[0] * len(context)))
+        return perf.step_time(StepBatch(prefill_tokens=long, prefill_context=[0] * len(long), decode_context=context,
+                                        decode_spec_tokens=[0] * len(context)))
 
 
 def hand_out(kv, running: list[SimRequest], admitted: list[int], steps: np.ndarray, owners: np.ndarray,
@@ -230,12 +218,14 @@ def hand_out(kv, running: list[SimRequest], admitted: list[int], steps: np.ndarr
         return
     blocks = kv.take_free_blocks(len(steps))
     n = len(running)
-    order = np.argsort(owners, kind="stable")  # by member, each member's in step order
-    owners = owners[order]
-    starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
-    rids = [running[i].rid if i < n else admitted[i - n] for i in owners[starts].tolist()]
-    kv.add_taken_runs(rids, blocks[order].tolist(), [*starts[1:].tolist(), len(owners)],
-                      tick_sums(sched_at[steps - 1][order], starts))
+    counts = np.bincount(owners, minlength=n + len(admitted))
+    present = np.flatnonzero(counts)  # the members that get blocks
+    acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n)[present].tolist()
+    by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
+    start = 0
+    for idx, end, acquired in zip(present.tolist(), np.cumsum(counts[present]).tolist(), acquired_s, strict=True):
+        kv.add_taken_blocks(running[idx].rid if idx < n else admitted[idx - n], by_request[start:end], acquired)
+        start = end
 
 
 def give_blocks(kv, running: list[SimRequest], owners: np.ndarray, blocks: np.ndarray, acquired_s: np.ndarray) -> None:
@@ -246,9 +236,9 @@ def give_blocks(kv, running: list[SimRequest], owners: np.ndarray, blocks: np.nd
     order = np.argsort(owners, kind="stable")
     owners, blocks, acquired_s = owners[order], blocks[order].tolist(), acquired_s[order]
     starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
+    sums = np.add.reduceat(acquired_s, starts).tolist()
     ends = [*starts[1:].tolist(), len(owners)]
-    kv.add_taken_runs([running[owner].rid for owner in owners[starts].tolist()], blocks, ends,
-                      tick_sums(acquired_s, starts))
+    kv.add_taken_runs([running[owner].rid for owner in owners[starts].tolist()], blocks, ends, sums)
 
 
 def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: list[int] | None = None,

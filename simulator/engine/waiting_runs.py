@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.engine.kv_cache import tick_sum
 from simulator.engine.native import NativeScheduler
 from simulator.engine.run_plan import (
     DecodeRun,
@@ -25,10 +24,11 @@ from simulator.engine.run_plan import (
     deliver,
     give_blocks,
 )
+from simulator.records.performance import PerformanceModel
 
 
 def plan_waiting_run(
-    sched, members: Members, times: np.ndarray | None, k: int, decode_times, lag: int
+    sched, members: Members, times: np.ndarray | None, k: int, perf: PerformanceModel, lag: int
 ) -> DecodeRun | None:
     """A run of decode steps while requests wait (none is admitted). It goes on through steps
     short of a KV block: there, as ``NativeScheduler._make_room``, the last running member is
@@ -50,10 +50,10 @@ def plan_waiting_run(
     if times is None:
         # a member's steps before its preemption are its steps as planned: the same times
         planned = Members(plan.computed, last, list(members.held))
-        times = planned.step_times(decode_times, 1, k)
+        times = planned.step_times(perf, 1, k)
     elif changed <= k:
         fixed = Members(plan.computed, last, list(members.held))
-        times = np.concatenate((times[: changed - 1], fixed.step_times(decode_times, changed, k)))
+        times = np.concatenate((times[: changed - 1], fixed.step_times(perf, changed, k)))
     return DecodeRun(k=k, step_times=times[:k], first_steps=plan.first, computed=plan.computed, last_steps=last,
                      block_steps=plan.steps[keep], block_owners=plan.owners[keep], preemptions=plan.preemptions,
                      waiting=True, admits=plan.admits)
@@ -265,7 +265,7 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
             taken = cut
         mine = np.flatnonzero(owners[:taken] == i)
         if len(mine):
-            kv.add_taken_blocks(running[i].rid, block_of[mine].tolist(), tick_sum(acquired[mine]))
+            kv.add_taken_blocks(running[i].rid, block_of[mine].tolist(), float(acquired[mine].sum()))
         req = running[i]
         before = kv.num_used_blocks
         if preempting:

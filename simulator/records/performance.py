@@ -12,6 +12,8 @@ import bisect
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from simulator.records.errors import ConfigError
 
 
@@ -188,6 +190,20 @@ class PerformanceModel(ABC):
         advance runs of identical decode steps in closed form.
         """
         return None
+
+    def decode_times_by_count(self, counts: list[int], lengths: list[int], total_context):
+        """``decode_times`` of several sequence counts in one call, or None if not supported:
+        ``lengths[j]`` steps of ``counts[j]`` sequences, then the next count's; ``total_context``
+        holds each step's total. Equal, bit for bit, to ``decode_times`` count by count (this
+        default computes it so; a model may do it in one vectorised pass)."""
+        bounds = np.cumsum([0, *lengths]).tolist()
+        parts = []
+        for count, a, b in zip(counts, bounds, bounds[1:], strict=False):
+            times = self.decode_times(count, total_context[a:b])
+            if times is None:
+                return None
+            parts.append(np.asarray(times, dtype=float))
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def kv_capacity(
         self,

@@ -227,3 +227,27 @@ def test_decode_times_of_several_counts_equal_each_count_s_own(name, h100_tables
                                for c, a, b in zip(counts, bounds, bounds[1:], strict=False)])
     np.testing.assert_array_equal(several.decode_times_by_count(counts, lengths, totals), expected)
     assert several.extrapolations == one.extrapolations
+
+
+@pytest.mark.parametrize("wrap", ["gap", "gap_per_context", "jitter_run", "jitter_step"])
+def test_serving_wrappers_time_several_counts_as_each_count(wrap, h100_tables, h100):
+    """A model wrapping the composed one (a live server's gaps, a run's jitter) gives the fast
+    path's several-count step times bit for bit as its own ``decode_times`` count by count."""
+    from calibration.live_model import JitteredModel, StepGapModel
+
+    base = ComposedPerformanceModel(load_model("r1-distill-qwen-7b"), h100, TableKernels(h100_tables, h100))
+    model = {"gap": lambda: StepGapModel(base, 0.0014, 2e-5),
+             "gap_per_context": lambda: StepGapModel(base, -0.003, 1e-5, per_context_token_s=-2e-9),
+             "jitter_run": lambda: JitteredModel(base, seed=3, run_sigma=0.2),
+             "jitter_step": lambda: JitteredModel(base, seed=3, step_sigma=0.1)}[wrap]()
+    counts, lengths = [3, 64, 2], [5, 7, 4]
+    totals = np.concatenate([c * np.arange(100, 100 + n) for c, n in zip(counts, lengths, strict=True)])
+    several = model.decode_times_by_count(counts, lengths, totals)
+    if wrap == "jitter_step":  # a draw per step: no closed form
+        assert several is None and model.decode_times(3, totals[:5]) is None
+        return
+    bounds = np.cumsum([0, *lengths]).tolist()
+    expected = np.concatenate([model.decode_times(c, totals[a:b].astype(float))
+                               for c, a, b in zip(counts, bounds, bounds[1:], strict=False)])
+    np.testing.assert_array_equal(several, expected)
+    assert not np.array_equal(several, base.decode_times_by_count(counts, lengths, totals))

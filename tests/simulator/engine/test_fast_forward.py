@@ -18,7 +18,7 @@ def assert_same(slow, fast):
         a, b = getattr(slow, table), getattr(fast, table)
         for key in a:
             x, y = a[key], b[key]
-            if x.dtype.kind == "f" and key != "kv_block_seconds":  # (block-seconds: exact tick sums)
+            if x.dtype.kind == "f":
                 np.testing.assert_allclose(y, x, rtol=1e-9, atol=1e-9, err_msg=f"{table}.{key}")
             else:
                 np.testing.assert_array_equal(y, x, err_msg=f"{table}.{key}")
@@ -233,22 +233,20 @@ def test_step_times_of_few_members_equal_the_numpy_segments(members, first, widt
     # numpy (many); members decode from step f, with c tokens computed, until f + length
     from simulator.engine.run_plan import Members
 
-    def decode_times(count, total):
-        return 1e-3 * count + 1e-7 * np.asarray(total)  # distinct per count and context
-
+    perf = VectorLinearModel()  # step times distinct per count and context
     last = first + width
     group = Members(np.array([c for _, c, _ in members]), [f + n for f, _, n in members], [0] * len(members))
     group.first = [f for f, _, _ in members]
     active = [(f, c, f + n) for f, c, n in members]
     if any(not any(f <= t <= end for f, _, end in active) for t in range(first, last + 1)):
         return  # a step without members is not a run's
-    few = group._few_step_times(decode_times, first, last)
+    few = group._few_step_times(perf, first, last)
     group.last = group.last + [0] * 17  # more than a few: the numpy path (the extra members never decode)
     group.first = group.first + [10**6] * 17
     group.computed = group.computed + [0] * 17
     group.held = group.held + [0] * 17
     group._arrays = None
-    many = group.step_times(decode_times, first, last)
+    many = group.step_times(perf, first, last)
     np.testing.assert_array_equal(many, few)
 
 
