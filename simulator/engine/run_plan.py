@@ -14,6 +14,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from simulator.engine.kv_cache import tick_sums
 from simulator.engine.request import SimRequest
 from simulator.engine.rules import deliver_tokens
 from simulator.records.performance import PerformanceModel, StepBatch
@@ -218,14 +219,12 @@ def hand_out(kv, running: list[SimRequest], admitted: list[int], steps: np.ndarr
         return
     blocks = kv.take_free_blocks(len(steps))
     n = len(running)
-    counts = np.bincount(owners, minlength=n + len(admitted))
-    present = np.flatnonzero(counts)  # the members that get blocks
-    acquired_s = np.bincount(owners, weights=sched_at[steps - 1], minlength=n)[present].tolist()
-    by_request = blocks[np.argsort(owners, kind="stable")].tolist()  # each in step order
-    start = 0
-    for idx, end, acquired in zip(present.tolist(), np.cumsum(counts[present]).tolist(), acquired_s, strict=True):
-        kv.add_taken_blocks(running[idx].rid if idx < n else admitted[idx - n], by_request[start:end], acquired)
-        start = end
+    order = np.argsort(owners, kind="stable")  # by member, each member's in step order
+    owners = owners[order]
+    starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
+    rids = [running[i].rid if i < n else admitted[i - n] for i in owners[starts].tolist()]
+    kv.add_taken_runs(rids, blocks[order].tolist(), [*starts[1:].tolist(), len(owners)],
+                      tick_sums(sched_at[steps - 1][order], starts))
 
 
 def give_blocks(kv, running: list[SimRequest], owners: np.ndarray, blocks: np.ndarray, acquired_s: np.ndarray) -> None:
@@ -236,9 +235,9 @@ def give_blocks(kv, running: list[SimRequest], owners: np.ndarray, blocks: np.nd
     order = np.argsort(owners, kind="stable")
     owners, blocks, acquired_s = owners[order], blocks[order].tolist(), acquired_s[order]
     starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
-    sums = np.add.reduceat(acquired_s, starts).tolist()
     ends = [*starts[1:].tolist(), len(owners)]
-    kv.add_taken_runs([running[owner].rid for owner in owners[starts].tolist()], blocks, ends, sums)
+    kv.add_taken_runs([running[owner].rid for owner in owners[starts].tolist()], blocks, ends,
+                      tick_sums(acquired_s, starts))
 
 
 def deliver(running: list[SimRequest], k: int, token_times: np.ndarray, tokens: list[int] | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from simulator.engine.kv_cache import tick_sum
 from simulator.engine.native import NativeScheduler
 from simulator.engine.run_plan import (
     DecodeRun,
@@ -265,7 +266,7 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
             taken = cut
         mine = np.flatnonzero(owners[:taken] == i)
         if len(mine):
-            kv.add_taken_blocks(running[i].rid, block_of[mine].tolist(), float(acquired[mine].sum()))
+            kv.add_taken_blocks(running[i].rid, block_of[mine].tolist(), tick_sum(acquired[mine]))
         req = running[i]
         before = kv.num_used_blocks
         if preempting:
