@@ -31,9 +31,9 @@ SHARED = -2
 #: once to ticks and the sums are integers, so a request's block-seconds do not depend on how
 #: its acquisitions are grouped (one by one, or a run's at once). Ticks of a clock t are
 #: t x 2**30 < 2**63 up to t = 2**33 s (272 years); the sums are Python integers (no bound), and
-#: numpy's per-run sums add ticks less the run's earliest, so they hold while a request's
-#: blocks in one run x the run's span stay under 2**33 block-seconds (e.g. 65,536 blocks over
-#: 36 hours).
+#: numpy's per-run sums are int64 where blocks x largest tick < 2**62 (e.g. 300 blocks at a day
+#: of simulated time), else ticks less the run's earliest, which hold while a request's blocks
+#: in one run x the run's span stay under 2**33 block-seconds (e.g. 65,536 blocks over 36 hours).
 TICKS_PER_S = 2**30
 
 
@@ -50,7 +50,10 @@ def ticks(clock: float) -> int:
 def tick_sums(clocks: np.ndarray, starts: np.ndarray) -> list[int]:
     """The ticks of ``clocks`` summed over the stretches beginning at ``starts`` (increasing,
     the first 0), exactly: ``[sum(ticks(c) for c in stretch) ...]``."""
-    t = np.rint(np.asarray(clocks, dtype=np.float64) * TICKS_PER_S).astype(np.int64)
+    t = np.rint(np.asarray(clocks, dtype=np.float64) * TICKS_PER_S)
+    if len(t) * float(np.abs(t).max()) < 2.0**62:  # (the usual case: no int64 sum can overflow)
+        return np.add.reduceat(t.astype(np.int64), starts).tolist()
+    t = t.astype(np.int64)
     base = int(t.min())
     counts = np.diff(np.append(starts, len(t))).tolist()
     return [s + c * base for s, c in zip(np.add.reduceat(t - base, starts).tolist(), counts, strict=True)]
@@ -58,7 +61,10 @@ def tick_sums(clocks: np.ndarray, starts: np.ndarray) -> list[int]:
 
 def tick_sum(clocks: np.ndarray) -> int:
     """``sum(ticks(c) for c in clocks)``, exactly."""
-    return tick_sums(clocks, np.zeros(1, dtype=np.int64))[0] if len(clocks) else 0
+    return tick_sums(clocks, _FIRST)[0] if len(clocks) else 0
+
+
+_FIRST = np.zeros(1, dtype=np.int64)
 
 
 class FreeBlockQueue:
