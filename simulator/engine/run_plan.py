@@ -100,7 +100,11 @@ def crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_st
         steps, owners = np.concatenate((steps, extra[0])), np.concatenate((owners, extra[1]))
     if not len(owners):
         return steps, owners
-    order = np.argsort(steps * (int(owners.max()) + 1) + owners)  # by step, then member (one key each)
+    # by step, then member: a stable sort by step (a radix sort where the steps fit 16 bits)
+    # keeps the order they come in within a step, member by member (the prompt blocks in
+    # ``extra`` come last: no later member decodes in an earlier member's prefill step)
+    small = steps.min() >= 0 and steps.max() < 1 << 16
+    order = np.argsort(steps.astype(np.uint16) if small else steps, kind="stable")
     return steps[order], owners[order]
 
 

@@ -118,13 +118,9 @@ class _WaitingRun:
                 break
             if e == end:
                 break
-            in_list = np.flatnonzero(listed & (release > s))  # the running list at s
-            v = int(in_list[-1])
+            v = self._victim(s, listed, release)
             last_v = int(self.last[v])
-            self.last[v] = _NONE  # (the others' latest step: _NONE if there is no other)
-            latest = int(self.last[listed].max())
-            self.last[v] = last_v
-            if (last_v < s or latest < s + 1 - lag
+            if (last_v < s or not self._others_decode(v, int(owners[e]), s + 1 - lag, listed)
                     or (caching and running[v].num_shared_blocks)):
                 if at_step is not None and at_step[0] == s:
                     # step s already preempted in this walk: the ordinary path takes the whole step
@@ -133,10 +129,11 @@ class _WaitingRun:
                 break
             if at_step is None or at_step[0] != s:
                 at_step = self._save(s, pos, before_pos)
-            mine = owners == v
-            self.free += int(self.held[v]) + int(np.count_nonzero(mine[:e] & self.alive[:e]))
+            # (a listed member's blocks are all live: those before e were served)
             first_of_s = int(np.searchsorted(steps, s, side="left"))
-            self.alive[first_of_s:] &= ~mine[first_of_s:]  # its blocks from step s on
+            self.free += int(self.held[v]) + int(np.count_nonzero(owners[:e] == v))
+            after = self.alive[first_of_s:]
+            after[owners[first_of_s:] == v] = False  # its blocks from step s on
             if release[v] <= len(freed) - 2:  # its blocks no longer come back at its last output
                 freed[release[v]:] -= self.blocks[v]
             self.last[v] = s - 1
@@ -149,6 +146,25 @@ class _WaitingRun:
             pos = e
             checked = s  # (a step that preempts admits nobody)
         return self.k
+
+    def _victim(self, s: int, listed: np.ndarray, release: np.ndarray) -> int:
+        """The last member of the running list at step ``s`` (listed, its last output not in
+        before ``s``): the scheduler's victim. Usually the last listed one."""
+        i = len(listed) - 1
+        while not (listed[i] and release[i] > s):
+            i -= 1
+        return i
+
+    def _others_decode(self, v: int, short: int, step: int, listed: np.ndarray) -> bool:
+        """Whether a listed member other than ``v`` decodes in ``step`` or later (``short``, the
+        member short of a block, usually does)."""
+        if short != v and self.last[short] >= step:
+            return True
+        last_v = int(self.last[v])
+        self.last[v] = _NONE  # (the others' latest step: _NONE if there is no other)
+        latest = int(self.last[listed].max())
+        self.last[v] = last_v
+        return latest >= step
 
     def _first_short(self, pos: int, end: int, before_pos: int, freed: np.ndarray) -> int:
         """The first live block of ``pos..end-1`` that finds no free block (``end``: none does),
@@ -221,8 +237,9 @@ class _WaitingRun:
         checks = {p.step + 1 for p in self.preemptions if lo <= p.step + 1 <= hi}
         releases = release[listed]
         checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
+        max_num_seqs = sched.config.max_num_seqs
         for t in sorted(checks):
-            if int(np.count_nonzero(releases > t)) >= sched.config.max_num_seqs:
+            if len(releases) >= max_num_seqs and int(np.count_nonzero(releases > t)) >= max_num_seqs:
                 continue
             served = int(np.count_nonzero(self.alive[: int(np.searchsorted(self.steps, t, side="right"))]))
             if need <= self.free + int(freed[min(t, last)]) - served:

@@ -122,6 +122,23 @@ def test_crossing_steps_follow_the_step_by_step_allocation_order(requests, block
     assert list(zip(steps.tolist(), owners.tolist(), strict=True)) == expected
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 30), st.integers(0, 600)), min_size=2, max_size=40),
+       st.integers(1, 600))
+def test_crossing_steps_keep_their_order_past_16_bit_steps(requests, k):
+    # the order (by step, then member) does not depend on where the steps lie: the same
+    # members decoding 70,000 steps later (past a 16-bit step) take their blocks in the same order
+    c = np.array([tokens for tokens, *_ in requests])
+    held = -(-c // 16)
+    first = np.array([f for _, f, _ in requests])
+    last = np.minimum(first + np.array([length for *_, length in requests]), k)
+    steps, owners = crossing_steps(c, held, 16, last, first)
+    shift = 70_000
+    later, later_owners = crossing_steps(c, held, 16, last + shift, first + shift)
+    assert later.min(initial=shift) >= shift and np.array_equal(later - shift, steps)
+    assert np.array_equal(later_owners, owners)
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("prefix", [False, True])
 def test_requests_finish_inside_decode_runs_as_step_by_step(async_scheduling, prefix, monkeypatch):
