@@ -37,6 +37,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from simulator.engine.interface import Scheduler, SchedulerOutput
+from simulator.engine.kv_cache import TICKS_PER_S, ticks
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.rules import deliver_tokens
 from simulator.records.engine_config import EngineConfig
@@ -235,10 +236,15 @@ class VllmKV:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.clock = 0.0
-        self.block_seconds: dict[int, float] = {}
+        self._block_ticks: dict[int, int] = {}  # as the native KV cache: whole ticks, exactly
         self._held: dict[int, tuple[int, float]] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
+
+    @property
+    def block_seconds(self) -> dict[int, float]:
+        """Block-seconds per request (held blocks x time), summed as the native KV cache sums them."""
+        return {rid: t / TICKS_PER_S for rid, t in self._block_ticks.items()}
 
     @property
     def num_free_blocks(self) -> int:
@@ -263,7 +269,7 @@ class VllmKV:
         if count == held:
             return
         if held:
-            self.block_seconds[rid] = self.block_seconds.get(rid, 0.0) + held * (self.clock - since)
+            self._block_ticks[rid] = self._block_ticks.get(rid, 0) + held * (ticks(self.clock) - ticks(since))
         self._held[rid] = (count, self.clock)
 
     def collect_prefix_stats(self) -> None:
