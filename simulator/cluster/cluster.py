@@ -290,20 +290,17 @@ class Cluster:
         finally:
             self._routing = False
 
-    def _look_ahead(self, replica: ReplicaEngine, now: float, pace: float, next_arrival: int, in_flight) -> None:
+    def _look_ahead(self, replica: ReplicaEngine, now: float, ahead: tuple[np.ndarray, float] | None) -> None:
         """Before ``replica`` plans a run: route the next arrivals whose decisions are known once
-        its own finishes are (from the run it would take if none came to it), until one goes to
-        it; its run then reaches further than the next arrival."""
+        its own finishes are (``ahead``: from the run it would take if none came to it), until one
+        goes to it; its run then reaches further than the next arrival."""
         arrival = self.workload.arrival_s
         g = self._next_unrouted
-        if g >= len(arrival) or self._routing or arrival[g] <= now:
+        if ahead is None or g >= len(arrival) or self._routing or arrival[g] <= now:
             return
         need = self.view_time(float(arrival[g]))
         others = self._known_horizon(need, None, replica)
         if need > others:
-            return
-        ahead = replica.scheduler._runs.finishes_ahead(now, pace, next_arrival, in_flight)
-        if ahead is None:
             return
         finishes, last_row = ahead
         horizon = min(others, last_row)
@@ -348,7 +345,8 @@ class Cluster:
         until = replica.determined_until(new_timeout)
         if self.front.router.needs_kv or not self.ahead_on_finishes:
             return until
-        return replica.no_finish_until(until, self._min_step_s[replica.index])
+        # (its reports count the finishes foreseen, where they hold)
+        return max(replica.no_finish_until(until, self._min_step_s[replica.index]), replica.foreseen_until())
 
     def _front_known_until(self, now: float) -> float:
         arrival = self.workload.arrival_s
@@ -423,6 +421,7 @@ class Cluster:
                     for replica in self.front.replicas:
                         if isinstance(replica.scheduler, SteadyScheduler):
                             replica.look_ahead = self._look_ahead
+                            replica.foresee = True
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:

@@ -12,6 +12,7 @@ requests had finished by a time, and its KV usage then (``report``).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import deque
@@ -26,6 +27,7 @@ from simulator.engine import fast_forward
 from simulator.engine.loop import Engine, admission_error, delay_until
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun
+from simulator.engine.run_plan import DecodeRun
 from simulator.engine.steady import SteadyScheduler
 
 #: the columns a replica keeps per request routed to it (by its local request id)
@@ -87,9 +89,18 @@ class ReplicaEngine(Engine):
         self.loop: simpy.Process | None = None
         #: called before each run is planned (the cluster may route arrivals ahead then)
         self.look_ahead: Callable[..., None] | None = None
+        #: foresee the finishes of each run before it is planned (``foreseen``)
+        self.foresee = False
         self.closed = False  # no more requests will be routed here
         self._changes = 0  # steps applied and runs taken (keys ``_fewest_steps_left``'s cache)
         self._fewest: tuple[tuple[int, int, int] | None, float] = (None, math.inf)
+        #: (finish times, valid until): this replica's finishes after its latest planning point,
+        #: as its run would give them if no more requests came (``ClusterRuns.finishes_ahead``);
+        #: every finish before the second entry is among them (a request routed here later
+        #: changes only what comes after its arrival)
+        self.foreseen: tuple[np.ndarray, float] | None = None
+        self._foreseen_from = math.inf  # the planning point it was foreseen at
+        self._foreseen_reported: list[float] = []  # finishes reported since (sorted)
         self.end_s = 0.0
         super().__init__(*args, **kwargs)
         if isinstance(self.scheduler, SteadyScheduler):
@@ -111,6 +122,8 @@ class ReplicaEngine(Engine):
         self._deadline_s[j] = deadline_s
         self._timeouts = self._timeouts or deadline_s < math.inf
         self.count = j + 1
+        if self.foreseen is not None and time_s < self.foreseen[1]:
+            self.foreseen = (self.foreseen[0], time_s)
         if self._too_long[j]:  # rejected on arrival: known now, so a router deciding ahead counts it
             self._report_finish(j, time_s, dropped=True)
         return j
@@ -171,9 +184,33 @@ class ReplicaEngine(Engine):
         if finishes_ahead is not None:
             ahead = int(np.searchsorted(finishes_ahead, view_s, side="left"))
             return ReplicaReport(position, self.sent - self._finished_before - ahead, math.nan)
+        if self.foreseen is not None and self._foreseen_from < view_s <= self.foreseen_until():
+            # the finishes foreseen before it that are not reported yet (those reported come first)
+            ahead = int(np.searchsorted(self.foreseen[0], view_s, side="left"))
+            ahead -= int(np.searchsorted(self._foreseen_reported, view_s, side="left"))
+            return ReplicaReport(position, self.sent - self._finished_before - ahead, math.nan)
         used = self.steps.kv_before(view_s)
         return ReplicaReport(position, self.sent - self._finished_before,
                              used / max(self.kv_capacity.num_blocks - 1, 1))
+
+    def foreseen_until(self) -> float:
+        """Until when ``foreseen`` holds every finish here (-inf: nothing foreseen): no request
+        routed here since, and no client timeout, before it."""
+        if self.foreseen is None:
+            return -math.inf
+        until = self.foreseen[1]
+        if self._deadlines:
+            until = min(until, self._deadlines[0][0])
+        if self._timeouts:
+            for j in range(self._next_arrival, self.count):  # routed here, not arrived yet
+                until = min(until, float(self._deadline_s[j]))
+        return until
+
+    def foresee_from(self, now: float, foreseen: tuple[np.ndarray, float] | None) -> None:
+        """Set ``foreseen`` at a planning point ``now`` (every finish up to now is reported)."""
+        self.foreseen = foreseen
+        self._foreseen_from = now
+        self._foreseen_reported = []
 
     def determined_until(self, new_timeout: simpy.Timeout | None = None) -> float:
         """A time before which this replica's steps and finishes are all known (logged and
@@ -196,9 +233,21 @@ class ReplicaEngine(Engine):
 
     def no_finish_until(self, until: float, min_step_s: float) -> float:
         """A time before which this replica reports no finish it has not reported yet, given
-        that its steps before ``until`` (its ``determined_until``) are known: every request
-        still to finish needs its tokens left, one per step (more with speculation), its steps
-        ending at least ``min_step_s`` apart, the first at ``until`` at the earliest."""
+        that its steps before ``until`` (its ``determined_until``) are known: the later of two
+        bounds, the finishes ``foreseen`` (the first at or after ``until``) and the steps every
+        request still needs (``_no_finish_by_steps``); client timeouts bound both."""
+        bound = self._no_finish_by_steps(until, min_step_s)
+        foreseen = self.foreseen
+        if foreseen is not None and bound < foreseen[1]:
+            finishes = foreseen[0]
+            i = int(np.searchsorted(finishes, until, side="left"))
+            bound = max(bound, min(self.foreseen_until(), float(finishes[i]) if i < len(finishes) else math.inf))
+        return max(bound, until)
+
+    def _no_finish_by_steps(self, until: float, min_step_s: float) -> float:
+        """``no_finish_until`` from the steps left: every request still to finish needs its
+        tokens left, one per step (more with speculation), its steps ending at least
+        ``min_step_s`` apart, the first at ``until`` at the earliest."""
         sched = self.scheduler
         cfg = self.config
         per_step = 1 + (cfg.speculative.num_speculative_tokens if cfg.speculative.enabled else 0)
@@ -253,6 +302,8 @@ class ReplicaEngine(Engine):
         if j in self._reported:
             return
         self._reported.add(j)
+        if self.foreseen is not None and not dropped:  # (a foreseen finish)
+            bisect.insort(self._foreseen_reported, finish_s)
         heapq.heappush(self._finish_times, finish_s)
         self._on_finish(self, j, finish_s, dropped)
 
@@ -330,34 +381,77 @@ class ReplicaEngine(Engine):
 
 
 class ClusterRuns(fast_forward.Runs):
-    """The fast path of a replica: its arrivals are re-read before each run (they grow)."""
+    """The fast path of a replica: its arrivals are re-read before each run (they grow).
+
+    With ``replica.foresee``, each run is first planned as if no more requests came to the
+    replica (its finishes then are ``replica.foreseen``, which the router may read ahead); a
+    pure decode run so planned is cut before the next routing decision and taken as it is, the
+    same steps a plan cut there gives (else the run is planned again)."""
 
     def __init__(self, replica: ReplicaEngine, *args):
         super().__init__(*args)
         self.replica = replica
+        self._foreseen_run: tuple[float, int, DecodeRun] | None = None  # (base, routed count, run)
 
     def advance(self, now, pace, next_arrival, in_flight):
         replica = self.replica
-        if replica.look_ahead is not None:
-            replica.look_ahead(replica, now, pace, next_arrival, in_flight)
+        self._foreseen_run = None
+        if replica.foresee:
+            base = self.base(now, in_flight)
+            run = self._plan_ahead(now, base, pace, next_arrival) if base is not None else None
+            replica.foresee_from(now, self._finishes(run, base) if run is not None else None)
+            if run is not None and not (run.preemptions or run.waiting or run.admits):
+                self._foreseen_run = (base, replica.count, run)
+            if replica.look_ahead is not None:
+                replica.look_ahead(replica, now, replica.foreseen)
         self.arrivals = arrivals = replica.arrivals_view(now)
         if arrivals.known_until_s - now < pace:
             return None  # hardly a step before the next routing decision: not worth planning
         return super().advance(now, pace, next_arrival, in_flight)
 
-    def finishes_ahead(self, now: float, pace: float, next_arrival: int,
-                       in_flight: fast_forward.InFlight | None) -> tuple[np.ndarray, float] | None:
-        """If no more requests came, the finish times of the run ``advance`` would take now
-        (sorted) and its last output's time; None if there is no run. Changes nothing."""
-        base = self.base(now, in_flight)
-        if base is None:
+    def _plan(self, now: float, base: float, pace: float, next_arrival: int) -> DecodeRun | None:
+        foreseen = self._foreseen_run
+        if foreseen is None or foreseen[0] != base or foreseen[1] != self.replica.count:
+            return super()._plan(now, base, pace, next_arrival)
+        run = foreseen[2]
+        # the steps whose outputs all arrive before the next routing decision (as ``plan``)
+        ends = np.cumsum(np.concatenate(([base], run.step_times)))
+        k = min(run.k, int(np.searchsorted(ends, self.arrivals.known_until_s, side="left")) - 1 + self._lag)
+        if k == run.k:
+            self._horizon = min(max(2 * k, fast_forward.INITIAL_HORIZON), fast_forward.MAX_HORIZON)
+            return run
+        # as ``_fit_kv`` cuts a run: it ends before any admission whose prefill would be its
+        # last step or later
+        admissions = list(run.admissions)
+        while admissions and admissions[-1].step >= k:
+            k = min(k, admissions.pop().step - 1)
+        self._horizon = min(max(2 * max(k, 0), fast_forward.INITIAL_HORIZON), fast_forward.MAX_HORIZON)
+        if k < 1:
             return None
-        arrivals = replace(self.replica.arrivals_view(now), known_until_s=math.inf)
-        run = fast_forward.plan(self.sched, self._perf, now, base, arrivals,
-                                next_arrival, self._horizon, self._lag)
-        if run is None:
-            return None
+        m = len(run.first_steps) - len(run.admissions) + len(admissions)
+        keep = (run.block_steps <= k) & (run.block_owners < m)
+        return DecodeRun(k=k, step_times=run.step_times[:k], first_steps=run.first_steps[:m],
+                         computed=run.computed[:m], last_steps=run.last_steps[:m], block_steps=run.block_steps[keep],
+                         block_owners=run.block_owners[keep], admissions=admissions)
+
+    def _plan_ahead(self, now: float, base: float, pace: float, next_arrival: int) -> DecodeRun | None:
+        """The run ``advance`` would take now if no more requests came. Changes nothing."""
+        arrivals = self.replica.arrivals_view(now)
+        horizon = self._horizon
+        next_s = min(float(arrivals.time_s[next_arrival]) if next_arrival < len(arrivals.time_s) else math.inf,
+                     arrivals.known_until_s)
+        if pace > 0 and next_s != math.inf and not self.sched.waiting:  # at least as far as ``Runs._plan``
+            reach = (next_s - now) / pace * 1.05 + 8
+            horizon = max(horizon, int(min(max(reach, fast_forward.INITIAL_HORIZON // 4), fast_forward.MAX_HORIZON)))
+        return fast_forward.plan(self.sched, self._perf, now, base, replace(arrivals, known_until_s=math.inf),
+                                 next_arrival, horizon, self._lag)
+
+    def _finishes(self, run: DecodeRun, base: float) -> tuple[np.ndarray, float]:
+        """A run's finish times (sorted) and its last output's time."""
         e = np.cumsum(np.concatenate(([base], run.step_times)))
         rows = e[1:] if self._lag == 0 else e[: run.k]
         last = run.last_steps + self._lag
-        return np.sort(rows[last[last <= run.k] - 1]), float(rows[-1])
+        ends = last <= run.k
+        if run.preemptions:  # a victim's last step is no finish
+            ends[[p.victim for p in run.preemptions]] = False
+        return np.sort(rows[last[ends] - 1]), float(rows[-1])

@@ -100,6 +100,28 @@ def test_deciding_ahead_of_time_changes_no_decision(router, async_scheduling, st
     assert_same(run(False), run(True))
 
 
+@pytest.mark.parametrize(("seed", "async_scheduling"), [(0, False), (1, True), (2, False), (3, True)])
+def test_runs_taken_from_the_foreseen_plans_change_no_bit(seed, async_scheduling):
+    """Each replica's tables are bit for bit those of the cluster deciding at the arrival times,
+    when the runs are cut from the plans made as if no more requests came (``ClusterRuns``),
+    admissions inside them included (arrivals close together)."""
+    w = make_workload(n=200, seed=seed, rate=20, output=(1, 500))
+    cfg = EngineConfig(max_model_len=8192)
+    spec = ClusterSpec(replicas=4, router="least_outstanding")
+
+    def run(ahead: bool):
+        cluster = Cluster(w, cfg, VectorLinearModel(), spec, async_scheduling=async_scheduling)
+        cluster.ahead = ahead
+        return cluster.run(SLO())
+
+    at_time, ahead = run(False), run(True)
+    for a, b in zip(at_time.replicas, ahead.replicas, strict=True):
+        for table in ("requests", "timeline"):
+            x, y = getattr(a, table), getattr(b, table)
+            for key in x:
+                np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+
+
 def with_timeouts(w, seconds: float, patient: int = 0):
     """``w`` with every client giving up ``seconds`` after its arrival, but the last ``patient``."""
     from dataclasses import replace
