@@ -177,6 +177,8 @@ class Cluster:
         self._blocking = 0  # the front replica whose reports last held the router back
         self.ahead = True  # route arrivals ahead of their time where the decision is already known
         self.ahead_on_finishes = True  # ... for routers reading no KV usage, from bounds on finishes
+        #: least_outstanding: a replica's runs go past arrivals it cannot get (``_may_get_from``)
+        self.pass_arrivals = False
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
         #: the replicas stepping together (data-parallel lock-step), or None
         self.lockstep: LockstepGroup | None = None
@@ -197,7 +199,8 @@ class Cluster:
 
         if not spec.disaggregated:
             router = make_router(spec.router, spec.replicas, seed=seed, load_cap=spec.load_cap)
-            self.front = _Pool([make(i, "replica", engine, perf, self._front_known_until)
+            self.front = _Pool([make(i, "replica", engine, perf,
+                                     lambda now, i=i: self._front_known_until(now, i))
                                 for i in range(spec.replicas)], router)
             self.decode = None
             if locked:
@@ -348,9 +351,44 @@ class Cluster:
         # (its reports count the finishes foreseen, where they hold)
         return max(replica.no_finish_until(until, self._min_step_s[replica.index]), replica.foreseen_until())
 
-    def _front_known_until(self, now: float) -> float:
+    def _front_known_until(self, now: float, index: int | None = None) -> float:
+        """Until when the requests routed to front replica ``index`` (None: any) are known: the
+        next arrival not routed yet, or with least_outstanding the first one it may get
+        (``_may_get_from``)."""
         arrival = self.workload.arrival_s
-        return float(arrival[self._next_unrouted]) if self._next_unrouted < len(arrival) else math.inf
+        g = self._next_unrouted
+        if g >= len(arrival):
+            return math.inf
+        t = float(arrival[g])
+        if index is None or not self.pass_arrivals or self.front.replicas[index].foreseen is None or t >= 2 * now:
+            return t
+        # (runs passing arrivals end by 2 x now: the clock then moves by ``end - now`` exactly, as
+        # the steps one by one would move it, so the results stay bit-identical)
+        return min(self._may_get_from(self.front.replicas[index], g), 2 * now)
+
+    #: how many arrivals not routed yet ``_may_get_from`` looks through
+    PASS_LIMIT = 32
+
+    def _may_get_from(self, replica: ReplicaEngine, g: int) -> float:
+        """The time of the first arrival from ``g`` on that least_outstanding may send to
+        ``replica``: its outstanding count at an arrival is known from its finishes foreseen, and
+        it gets none while another replica has fewer for certain. Each other replica has at most
+        the requests sent it less those reported finished (finishes only lower it); an arrival it
+        does not get goes to the fewest of the others, so the others' bounds, sorted, rise as
+        water filling the lowest (the sorted counts stay at most their sorted bounds)."""
+        arrival = self.workload.arrival_s
+        t = float(arrival[g])
+        view = self.view_time(t)
+        bounds = [r.outstanding_at_most(view) for r in self.front.replicas if r is not replica]
+        heapq.heapify(bounds)
+        until = replica.foreseen_until()
+        for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
+            t = float(arrival[i])
+            view = self.view_time(t)
+            if not replica.foreseen_from < view <= until or bounds[0] >= replica.outstanding_foreseen(view):
+                return t
+            heapq.heapreplace(bounds, bounds[0] + 1)
+        return float(arrival[i + 1]) if i + 1 < len(arrival) else math.inf
 
     # --- disaggregation: prefill -> KV transfer -> decode -------------------------------
     def _finished(self, replica: ReplicaEngine, j: int, finish_s: float, dropped: bool) -> None:
@@ -422,6 +460,7 @@ class Cluster:
                         if isinstance(replica.scheduler, SteadyScheduler):
                             replica.look_ahead = self._look_ahead
                             replica.foresee = True
+                    self.pass_arrivals = self.front.router.name == "least_outstanding" and self.decode is None
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:

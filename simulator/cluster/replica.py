@@ -193,6 +193,23 @@ class ReplicaEngine(Engine):
         return ReplicaReport(position, self.sent - self._finished_before,
                              used / max(self.kv_capacity.num_blocks - 1, 1))
 
+    def outstanding_at_most(self, view_s: float) -> int:
+        """Requests sent here and not reported finished before ``view_s`` (changes nothing): its
+        report at ``view_s`` counts at most these."""
+        return self.sent - self._finished_before - sum(1 for t in self._finish_times if t < view_s)
+
+    def outstanding_foreseen(self, view_s: float) -> int:
+        """Its report's outstanding count at ``view_s``, from the finishes foreseen (``view_s`` in
+        ``(foreseen_from, foreseen_until()]``; changes nothing)."""
+        ahead = int(np.searchsorted(self.foreseen[0], view_s, side="left"))
+        ahead -= int(np.searchsorted(self._foreseen_reported, view_s, side="left"))
+        return self.outstanding_at_most(view_s) - ahead
+
+    @property
+    def foreseen_from(self) -> float:
+        """The planning point ``foreseen`` was made at."""
+        return self._foreseen_from
+
     def foreseen_until(self) -> float:
         """Until when ``foreseen`` holds every finish here (-inf: nothing foreseen): no request
         routed here since, and no client timeout, before it."""
