@@ -177,7 +177,7 @@ class Cluster:
         self._blocking = 0  # the front replica whose reports last held the router back
         self.ahead = True  # route arrivals ahead of their time where the decision is already known
         self.ahead_on_finishes = True  # ... for routers reading no KV usage, from bounds on finishes
-        #: least_outstanding: a replica's runs go past arrivals it cannot get (``_may_get_from``)
+        #: least_outstanding, power_of_two: a replica's runs go past arrivals it cannot get
         self.pass_arrivals = False
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
         #: the replicas stepping together (data-parallel lock-step), or None
@@ -360,11 +360,19 @@ class Cluster:
         if g >= len(arrival):
             return math.inf
         t = float(arrival[g])
-        if index is None or not self.pass_arrivals or self.front.replicas[index].foreseen is None or t >= 2 * now:
+        if index is None or not self.pass_arrivals or t >= 2 * now:
             return t
         # (runs passing arrivals end by 2 x now: the clock then moves by ``end - now`` exactly, as
         # the steps one by one would move it, so the results stay bit-identical)
-        return min(self._may_get_from(self.front.replicas[index], g), 2 * now)
+        router, replica = self.front.router, self.front.replicas[index]
+        if router.name != "least_outstanding":  # power_of_two: the replicas it will draw
+            for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
+                if router.may_choose(index, i - g):
+                    return min(float(arrival[i]), 2 * now)
+            return 2 * now
+        if replica.foreseen is None:
+            return t
+        return min(self._may_get_from(replica, g), 2 * now)
 
     #: how many arrivals not routed yet ``_may_get_from`` looks through
     PASS_LIMIT = 32
@@ -373,13 +381,14 @@ class Cluster:
         """The time of the first arrival from ``g`` on that least_outstanding may send to
         ``replica``: its outstanding count at an arrival is known from its finishes foreseen, and
         it gets none while another replica has fewer for certain. Each other replica has at most
-        the requests sent it less those reported finished (finishes only lower it); an arrival it
+        the requests sent it less those finished (reported or foreseen; finishes only lower it); an arrival it
         does not get goes to the fewest of the others, so the others' bounds, sorted, rise as
         water filling the lowest (the sorted counts stay at most their sorted bounds)."""
         arrival = self.workload.arrival_s
         t = float(arrival[g])
         view = self.view_time(t)
-        bounds = [r.outstanding_at_most(view) for r in self.front.replicas if r is not replica]
+        bounds = [r.outstanding_foreseen(view) if r.foreseen_from < view <= r.foreseen_until()
+                  else r.outstanding_at_most(view) for r in self.front.replicas if r is not replica]
         heapq.heapify(bounds)
         until = replica.foreseen_until()
         for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
@@ -460,7 +469,8 @@ class Cluster:
                         if isinstance(replica.scheduler, SteadyScheduler):
                             replica.look_ahead = self._look_ahead
                             replica.foresee = True
-                    self.pass_arrivals = self.front.router.name == "least_outstanding" and self.decode is None
+                    self.pass_arrivals = self.decode is None and self.front.router.name in ("least_outstanding",
+                                                                                            "power_of_two")
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:

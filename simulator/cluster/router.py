@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -69,6 +70,11 @@ class Router(ABC):
 
     def sent(self, request: RouteRequest, replica: int) -> None:  # noqa: B027  (a hook: most need nothing)
         """The request went to ``replica``."""
+
+    def may_choose(self, replica: int, ahead: int) -> bool:
+        """Whether the request ``ahead`` places after the next one (0: the next) may go to
+        ``replica``, whatever the reports then (changes nothing)."""
+        return True
 
 
 def register(cls: type[Router]) -> type[Router]:
@@ -168,9 +174,25 @@ class PowerOfTwo(Router):
     def __init__(self, num_replicas: int, seed: int = 0, load_cap: int = 16):
         super().__init__(num_replicas, seed, load_cap)
         self._rng = random.Random(seed)
+        self._pairs: deque[tuple[int, int]] = deque()  # the next draws, drawn ahead on a copy
+        self._copy: random.Random | None = None  # the generator after them
 
     def choose(self, request: RouteRequest, reports: Sequence[ReplicaReport]) -> int:
         if self.num_replicas == 1:
             return 0
         a, b = self._rng.sample(range(self.num_replicas), 2)
+        if self._pairs:
+            self._pairs.popleft()
         return b if reports[b].outstanding < reports[a].outstanding else a
+
+    def may_choose(self, replica: int, ahead: int) -> bool:
+        """Only the two replicas it will draw for that request."""
+        if self.num_replicas == 1:
+            return True
+        if not self._pairs:
+            self._copy = random.Random()
+            self._copy.setstate(self._rng.getstate())
+        while len(self._pairs) <= ahead:
+            a, b = self._copy.sample(range(self.num_replicas), 2)
+            self._pairs.append((a, b))
+        return replica in self._pairs[ahead]

@@ -100,14 +100,17 @@ def test_deciding_ahead_of_time_changes_no_decision(router, async_scheduling, st
     assert_same(run(False), run(True))
 
 
-@pytest.mark.parametrize(("seed", "async_scheduling"), [(0, False), (1, True), (2, False), (3, True)])
-def test_runs_taken_from_the_foreseen_plans_change_no_bit(seed, async_scheduling):
+@pytest.mark.parametrize(("seed", "async_scheduling", "router"), [
+    (0, False, "least_outstanding"), (1, True, "least_outstanding"), (2, False, "least_outstanding"),
+    (3, True, "least_outstanding"), (0, False, "power_of_two"), (1, True, "power_of_two")])
+def test_runs_taken_from_the_foreseen_plans_change_no_bit(seed, async_scheduling, router):
     """Each replica's tables are bit for bit those of the cluster deciding at the arrival times,
     when the runs are cut from the plans made as if no more requests came (``ClusterRuns``),
-    admissions inside them included (arrivals close together)."""
+    admissions inside them included (arrivals close together), and go past arrivals the
+    replica cannot get (``Cluster._may_get_from``, power_of_two's draws)."""
     w = make_workload(n=200, seed=seed, rate=20, output=(1, 500))
     cfg = EngineConfig(max_model_len=8192)
-    spec = ClusterSpec(replicas=4, router="least_outstanding")
+    spec = ClusterSpec(replicas=4, router=router)
 
     def run(ahead: bool):
         cluster = Cluster(w, cfg, VectorLinearModel(), spec, async_scheduling=async_scheduling)

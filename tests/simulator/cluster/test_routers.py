@@ -74,6 +74,22 @@ def test_power_of_two_is_seeded():
     assert picks(1) != picks(2)
 
 
+def test_power_of_two_foresees_the_replicas_it_draws():
+    # the two replicas it may choose for each coming request, drawn ahead on a copy of its
+    # generator: the choice is always one of them, and looking ahead changes no choice
+    rng = np.random.default_rng(4)
+    peeking, plain = make_router("power_of_two", 5, seed=3), make_router("power_of_two", 5, seed=3)
+    request = RouteRequest(0, 0.0, 100, -1, 0)
+    for _ in range(60):
+        ahead = int(rng.integers(0, 6))
+        drawn = [[r for r in range(5) if peeking.may_choose(r, a)] for a in range(ahead + 1)]
+        assert all(len(pair) == 2 for pair in drawn)
+        for pair in drawn:
+            reports = [ReplicaReport(i, int(n), 0.0) for i, n in enumerate(rng.integers(0, 4, 5))]
+            chosen = peeking.choose(request, reports)
+            assert chosen == plain.choose(request, reports) and chosen in pair
+
+
 def test_least_outstanding_tail_ttft_no_worse_than_round_robin_on_bursts():
     w = bursty_workload()
     cfg = EngineConfig(max_num_seqs=4, max_model_len=8192)
