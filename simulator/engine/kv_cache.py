@@ -224,6 +224,9 @@ class KVCacheManager:
         self._shared: dict[tuple[int, int], dict[int, None]] = {}
         self._shared_name: dict[int, tuple[int, int]] = {}
         self.req_blocks: dict[int, list[int]] = {}
+        #: requests that may hold named blocks (prefix hits adopted, shared blocks named): the
+        #: others hold only blocks without a name, each alone, and ``free`` takes a short path
+        self._holds_named: set[int] = set()
         self._num_cached_blocks: dict[int, int] = {}
         # prefix-cache statistics (tokens)
         self.prefix_queries = 0
@@ -366,6 +369,7 @@ class KVCacheManager:
                 self._shared.setdefault(name, {})[block] = None
                 self._shared_name[block] = name
                 owner[block] = SHARED
+                self._holds_named.add(rid)
 
     def cache_private_blocks(self, rid: int, num_tokens: int) -> None:
         """``cache_full_blocks`` for a request without shared prefix blocks, by its id (an
@@ -444,6 +448,7 @@ class KVCacheManager:
         if not hit_blocks and not num_new:
             return True
         if hit_blocks:
+            self._holds_named.add(rid)
             hits = np.array(hit_blocks, dtype=np.int64)  # (distinct blocks)
             self.free_queue.remove_many(hits[self._ref[hits] == 0])
             self._ref[hits] += 1
@@ -477,7 +482,9 @@ class KVCacheManager:
         blocks = self.free_queue.pop_front(n)
         owner = self._owner
         if self._any_names:  # (else no block has content to evict)
-            if n <= 2:
+            if not self._shared_name:  # (no shared name to evict)
+                pass
+            elif n <= 2:
                 for b in blocks.tolist():
                     if owner[b] == SHARED:
                         self._evict_shared(b)
@@ -532,9 +539,10 @@ class KVCacheManager:
         self._block_ticks[rid] = (self._block_ticks.get(rid, 0)
                                   + len(blocks) * ticks(self.clock) - self._acquired.pop(rid))
         held = np.fromiter(blocks, dtype=np.int64, count=len(blocks))
-        if not self._any_names or (self._owner[held] == NO_HASH).all():
+        if rid not in self._holds_named:
             # The usual case: private blocks only, none named yet, each held by this request
-            # alone (a block is shared only through its name). Its registered blocks (the
+            # alone (a block is shared only through its name; a held block keeps its name, or
+            # its lack of one, until it is freed). Its registered blocks (the
             # first num_cached) are cached: named if it was preempted (it may hit them when it
             # comes back); a finished request is done, so their names are not recorded.
             if num_cached and not finished:
@@ -543,6 +551,7 @@ class KVCacheManager:
             self.free_queue.push_front(held[num_cached:][::-1])
             self.free_queue.push_back(held[:num_cached][::-1])
             return
+        self._holds_named.discard(rid)
         if num_cached:
             self._name_private_blocks(rid, held, num_cached)
         tail_first = held[::-1]
