@@ -177,7 +177,8 @@ class Cluster:
         self._blocking = 0  # the front replica whose reports last held the router back
         self.ahead = True  # route arrivals ahead of their time where the decision is already known
         self.ahead_on_finishes = True  # ... for routers reading no KV usage, from bounds on finishes
-        #: least_outstanding, power_of_two: a replica's runs go past arrivals it cannot get
+        #: least_outstanding, power_of_two, prefix_affinity: a replica's runs go past arrivals
+        #: it cannot get
         self.pass_arrivals = False
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
         #: the replicas stepping together (data-parallel lock-step), or None
@@ -365,7 +366,7 @@ class Cluster:
         # (runs passing arrivals end by 2 x now: the clock then moves by ``end - now`` exactly, as
         # the steps one by one would move it, so the results stay bit-identical)
         router, replica = self.front.router, self.front.replicas[index]
-        if router.name != "least_outstanding":  # power_of_two: the replicas it will draw
+        if router.name == "power_of_two":  # the replicas it will draw
             for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
                 if router.may_choose(index, i - g):
                     return min(float(arrival[i]), 2 * now)
@@ -381,10 +382,14 @@ class Cluster:
         """The time of the first arrival from ``g`` on that least_outstanding may send to
         ``replica``: its outstanding count at an arrival is known from its finishes foreseen, and
         it gets none while another replica has fewer for certain. Each other replica has at most
-        the requests sent it less those finished (reported or foreseen; finishes only lower it); an arrival it
-        does not get goes to the fewest of the others, so the others' bounds, sorted, rise as
-        water filling the lowest (the sorted counts stay at most their sorted bounds)."""
+        the requests sent it less those finished (reported or foreseen; finishes only lower it);
+        an arrival it does not get goes to the fewest of the others, so the others' bounds, sorted, rise as
+        water filling the lowest (the sorted counts stay at most their sorted bounds).
+        prefix_affinity sends a request without a shared prefix as least_outstanding does (the
+        least loaded replica is always eligible); its look through ends at one with a prefix."""
         arrival = self.workload.arrival_s
+        w = self.workload
+        affinity = self.front.router.name == "prefix_affinity"
         t = float(arrival[g])
         view = self.view_time(t)
         bounds = [r.outstanding_foreseen(view) if r.foreseen_from < view <= r.foreseen_until()
@@ -394,7 +399,8 @@ class Cluster:
         for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
             t = float(arrival[i])
             view = self.view_time(t)
-            if not replica.foreseen_from < view <= until or bounds[0] >= replica.outstanding_foreseen(view):
+            if not replica.foreseen_from < view <= until or bounds[0] >= replica.outstanding_foreseen(view) \
+                    or affinity and w.prefix_group[i] >= 0 and w.prefix_tokens[i] > 0:
                 return t
             heapq.heapreplace(bounds, bounds[0] + 1)
         return float(arrival[i + 1]) if i + 1 < len(arrival) else math.inf
@@ -469,8 +475,8 @@ class Cluster:
                         if isinstance(replica.scheduler, SteadyScheduler):
                             replica.look_ahead = self._look_ahead
                             replica.foresee = True
-                    self.pass_arrivals = self.decode is None and self.front.router.name in ("least_outstanding",
-                                                                                            "power_of_two")
+                    self.pass_arrivals = self.decode is None and self.front.router.name in (
+                        "least_outstanding", "power_of_two", "prefix_affinity")
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:
