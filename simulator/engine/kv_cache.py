@@ -61,7 +61,12 @@ def tick_sums(clocks: np.ndarray, starts: np.ndarray) -> list[int]:
 
 def tick_sum(clocks: np.ndarray) -> int:
     """``sum(ticks(c) for c in clocks)``, exactly."""
-    return tick_sums(clocks, _FIRST)[0] if len(clocks) else 0
+    if not len(clocks):
+        return 0
+    t = np.rint(np.asarray(clocks, dtype=np.float64) * TICKS_PER_S)
+    if len(t) * float(np.abs(t).max()) < 2.0**62:  # (as tick_sums: no int64 sum can overflow)
+        return int(t.astype(np.int64).sum())
+    return tick_sums(clocks, _FIRST)[0]
 
 
 _FIRST = np.zeros(1, dtype=np.int64)
@@ -324,7 +329,14 @@ class KVCacheManager:
         if not mine.any():  # (under load the usual case: all evicted)
             self._named[rid] = named[:0]
             return []
-        blocks = np.unique(named[mine])  # (as np.flatnonzero(owner == rid))
+        blocks = named if mine.all() else named[mine]
+        index = self._index[blocks]
+        lo, n = int(index[0]), len(index)
+        if lo == start and int(index[-1]) - lo == n - 1 and (n == 1 or (np.diff(index) == 1).all()):
+            # (usually) blocks start, start+1, ... in order, one copy of each (named at its frees)
+            self._named[rid] = blocks
+            return blocks[: stop - start].tolist()
+        blocks = np.unique(blocks)  # (as np.flatnonzero(owner == rid))
         self._named[rid] = blocks
         index = self._index[blocks]
         keep = (index >= start) & (index < stop)
@@ -409,7 +421,7 @@ class KVCacheManager:
         self._serial[blocks] = np.arange(self._next_serial, self._next_serial + len(blocks))
         self._next_serial += len(blocks)
         known = self._named.get(rid)
-        self._named[rid] = blocks if known is None else np.concatenate((known, blocks))
+        self._named[rid] = blocks if known is None or not len(known) else np.concatenate((known, blocks))
 
     # --- allocation -----------------------------------------------------
     def blocks_needed(self, rid: int, num_tokens: int, hit_blocks: list[int] = ()) -> int:
