@@ -392,15 +392,22 @@ class Cluster:
         affinity = self.front.router.name == "prefix_affinity"
         t = float(arrival[g])
         view = self.view_time(t)
-        bounds = [r.outstanding_foreseen(view) if r.foreseen_from < view <= r.foreseen_until()
-                  else r.outstanding_at_most(view) for r in self.front.replicas if r is not replica]
+        others = [(r.outstanding_foreseen(view) if r.foreseen_from < view <= r.foreseen_until()
+                   else r.outstanding_at_most(view), r.index) for r in self.front.replicas if r is not replica]
+        # also each one's own bound, one more for each arrival since (it may have got each),
+        # which keeps the ties' order (the lower index wins a tie)
+        least = min(others)
+        bounds = [count for count, _ in others]
         heapq.heapify(bounds)
         until = replica.foreseen_until()
-        for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
+        for k, i in enumerate(range(g, min(g + self.PASS_LIMIT, len(arrival)))):
             t = float(arrival[i])
             view = self.view_time(t)
-            if not replica.foreseen_from < view <= until or bounds[0] >= replica.outstanding_foreseen(view) \
+            if not replica.foreseen_from < view <= until \
                     or affinity and w.prefix_group[i] >= 0 and w.prefix_tokens[i] > 0:
+                return t
+            mine = replica.outstanding_foreseen(view)
+            if bounds[0] >= mine and (least[0] + k, least[1]) >= (mine, replica.index):
                 return t
             heapq.heapreplace(bounds, bounds[0] + 1)
         return float(arrival[i + 1]) if i + 1 < len(arrival) else math.inf
