@@ -415,7 +415,9 @@ class ClusterRuns(fast_forward.Runs):
         self._foreseen_run = None
         if replica.foresee:
             base = self.base(now, in_flight)
-            run = self._plan_ahead(now, base, pace, next_arrival) if base is not None else None
+            # (not while requests wait: that plan takes another path than the run's, and is dropped)
+            run = self._plan_ahead(now, base, pace, next_arrival) if base is not None and not self.sched.waiting \
+                else None
             replica.foresee_from(now, self._finishes(run, base) if run is not None else None)
             if run is not None and not (run.preemptions or run.waiting or run.admits):
                 self._foreseen_run = (base, replica.count, run)
