@@ -6,7 +6,8 @@
 For each router, the cluster is simulated on one clock (simulator.cluster); then each replica's
 requests (as that router sent them) are simulated alone with ``simulator.engine.loop.simulate``. It
 prints the cluster's CPU time, the sum of the single-replica CPU times and their ratio (the
-target: at most 2x). CPU time (this process's), not wall time: the 2-core machine is shared.
+target: at most 2x), and the runs of steps the fast path applied in each (counts the load does
+not move). CPU time (this process's), not wall time: the 2-core machine is shared.
 ``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
 TPOT, E2E, SLO attainment). Overrides (``--set workload.rate=40``) go to the simulator's config.
 """
@@ -45,13 +46,26 @@ def main() -> None:
     spec = build_run(cfg, overrides)
     print(f"{len(spec.workload)} requests of {spec.workload.name}, {args.replicas} replicas, staleness {args.staleness} s, "
           f"{spec.model.name} on {spec.hardware.name}")
-    print(f"{'router':<20}{'cluster CPU s':>14}{'sum single CPU s':>18}{'ratio':>7}{'p99 TTFT s':>12}")
+    from simulator.engine import fast_forward
+
+    runs = [0]  # runs of steps applied (a count independent of the machine's load)
+    apply_run = fast_forward.apply_run
+
+    def counting(*a, **k):
+        runs[0] += 1
+        return apply_run(*a, **k)
+
+    fast_forward.apply_run = counting
+    print(f"{'router':<20}{'cluster CPU s':>14}{'sum single CPU s':>18}{'ratio':>7}{'p99 TTFT s':>12}"
+          f"{'runs':>7}{'alone':>7}")
     for router in args.routers:
+        runs[0] = 0
         started = time.process_time()
         out = simulate_cluster(spec.workload, spec.engine, spec.perf, ClusterSpec(replicas=args.replicas, router=router,
                                                                                   staleness_s=args.staleness),
                                slo=spec.slo, seed=spec.seed)
         cluster_s = time.process_time() - started
+        cluster_runs, runs[0] = runs[0], 0
         single_s = 0.0
         replica = out.result.requests["replica"]
         for index in range(args.replicas):
@@ -60,7 +74,8 @@ def main() -> None:
             simulate(spec.workload.select(ids), spec.engine, spec.perf, slo=spec.slo, seed=spec.seed + index)
             single_s += time.process_time() - started
         ttft = out.result.summary["ttft_s"]["p99"]
-        print(f"{router:<20}{cluster_s:>14.2f}{single_s:>18.2f}{cluster_s / single_s:>7.2f}{ttft:>12.3f}")
+        print(f"{router:<20}{cluster_s:>14.2f}{single_s:>18.2f}{cluster_s / single_s:>7.2f}{ttft:>12.3f}"
+              f"{cluster_runs:>7}{runs[0]:>7}")
     if args.disaggregated:
         disaggregation(spec, args.replicas)
 
