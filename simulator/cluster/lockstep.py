@@ -32,7 +32,6 @@ import simpy
 
 from simulator.cluster.replica import ReplicaEngine
 from simulator.engine.interface import SchedulerOutput
-from simulator.engine.loop import delay_until
 from simulator.records.performance import StepBatch
 
 #: what a rank with nothing scheduled computes (vLLM's ``execute_dummy_batch``)
@@ -140,7 +139,7 @@ class LockstepGroup:
                 continue
             done = rounds.popleft()
             if done.end_s > env.now:
-                yield env.timeout(delay_until(env.now, done.end_s))
+                yield self.ranks[0]._timeout_at(done.end_s)
             for rank, out in zip(self.ranks, done.steps, strict=True):
                 if out is not None:
                     rank._apply(out, done.start_s)

@@ -24,7 +24,7 @@ import simpy
 
 from simulator.cluster.router import ReplicaReport
 from simulator.engine import fast_forward
-from simulator.engine.loop import Engine, admission_error, delay_until
+from simulator.engine.loop import Engine, admission_error, schedule_at, timeout_at
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun
 from simulator.engine.run_plan import DecodeRun
@@ -43,7 +43,7 @@ def at_time(env: simpy.Environment, t: float, callback: Callable[[simpy.Event], 
     event._ok = True  # (as simpy.Timeout does; Timeout itself has no priority)
     event._value = None
     event.callbacks.append(callback)
-    env.schedule(event, simpy.core.URGENT, delay_until(env.now, t))
+    schedule_at(env, event, simpy.core.URGENT, max(t, env.now))
 
 
 class ClusterEnvironment(simpy.Environment):
@@ -56,6 +56,14 @@ class ClusterEnvironment(simpy.Environment):
     def timeout(self, delay: float = 0, value=None) -> simpy.Timeout:
         event = super().timeout(delay, value)
         event.at_s = self._now + delay  # (as SimPy schedules it)
+        if self.on_timeout is not None:
+            self.on_timeout(event)
+        return event
+
+    def timeout_at(self, t: float) -> simpy.Timeout:
+        """A timeout to exactly ``t`` (``simulator.engine.loop.timeout_at``), noted as ``timeout``'s."""
+        event = timeout_at(self, t)
+        event.at_s = t
         if self.on_timeout is not None:
             self.on_timeout(event)
         return event

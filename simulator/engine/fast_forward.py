@@ -517,11 +517,11 @@ class Runs:
         e = np.cumsum(np.concatenate(([base], run.step_times)))  # e[i]: end of the run's step i
         if in_flight is None:
             starts = sched_at = e[:-1]
-            token_times, wait_s = e[1:], float(e[-1]) - now
+            token_times, end_s = e[1:], float(e[-1])
         else:
             sched_at = np.concatenate(([now], e[: k - 1]))
             starts = np.concatenate(([in_flight.start_s], e[: k - 1]))
-            token_times, wait_s = e[:k], float(e[k - 1]) - now
+            token_times, end_s = e[:k], float(e[k - 1])
         waiting = self._waiting_changes(next_arrival, token_times, run.admissions)
         preempted: dict[int, int] = {}
         if in_flight is not None and in_flight.out.preempted:
@@ -552,7 +552,7 @@ class Runs:
         sched.count_steps(k)
         left = (float(e[k - 1]), float(e[k])) if in_flight is not None else None
         last = run.admissions[-1].rid + 1 if run.admissions else next_arrival
-        return Advance(k, wait_s, starts, token_times, applied.kv_blocks_used, applied.segments,
+        return Advance(k, end_s, starts, token_times, applied.kv_blocks_used, applied.segments,
                        applied.finished, queued, waiting, preempted, left, left_preempted, last,
                        float(run.step_times[-1]), run.admits)
 

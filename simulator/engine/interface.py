@@ -158,7 +158,7 @@ class Advance:
     """What one ``Runs.advance`` covered: ``k`` steps, for the engine's clock and step log."""
 
     k: int
-    wait_s: float  # from now to the last output the run applies
+    end_s: float  # when the last output the run applies arrives (the clock then)
     starts: np.ndarray  # each row's step start
     token_times: np.ndarray  # when each row's output arrives
     kv_blocks_used: np.ndarray  # after each row's output

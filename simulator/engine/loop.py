@@ -36,14 +36,22 @@ from simulator.records.performance import KVCapacity, PerformanceModel
 from simulator.records.workload import Workload
 
 
-def delay_until(now: float, t: float) -> float:
-    """The timeout that brings SimPy's clock from ``now`` to no earlier than ``t``:
-    ``now + (t - now)`` can round an ulp below ``t`` (a request would then be scheduled
-    before it arrives)."""
-    delay = t - now
-    while now + delay < t:
-        delay = math.nextafter(delay, math.inf)
-    return delay
+def timeout_at(env: simpy.Environment, t: float) -> simpy.Timeout:
+    """A timeout that brings SimPy's clock from ``now`` to exactly ``t`` (``t >= now``):
+    ``now + (t - now)`` can round an ulp off ``t`` whatever the delay, and by how much hangs on
+    ``now``, so the clock after a wait would depend on when the wait was set (a run cut at
+    another step, an arrival routed ahead). (As ``Environment.timeout``, but keyed at ``t``.)"""
+    if t < env.now:
+        raise ValueError(f"a timeout to {t} from {env.now}")
+    event = simpy.Timeout.__new__(simpy.Timeout)
+    event.env, event.callbacks, event._value, event._delay, event._ok = env, [], None, t - env.now, True
+    schedule_at(env, event, simpy.core.NORMAL, t)
+    return event
+
+
+def schedule_at(env: simpy.Environment, event: simpy.Event, priority: int, t: float) -> None:
+    """``env.schedule`` for the time ``t`` itself rather than ``now + delay``."""
+    heapq.heappush(env._queue, (t, priority, next(env._eid), event))
 
 
 def admission_error(prompt: int, max_tokens: int, config: EngineConfig, kv: KVCapacity) -> str:
@@ -156,7 +164,7 @@ class Engine:
             if rid < self._next_arrival:
                 continue  # a run admitted it: it comes through _arrive
             if arrival[rid] > env.now:
-                yield env.timeout(delay_until(env.now, arrival[rid]))
+                yield timeout_at(env, float(arrival[rid]))
                 if rid < self._next_arrival:
                     continue  # admitted by a run planned meanwhile
             self._next_arrival = rid + 1
@@ -205,7 +213,7 @@ class Engine:
                 if adv is not None:
                     admitted = self._after_run(adv)
                     self._log_run(adv)
-                    yield env.timeout(adv.wait_s)
+                    yield self._timeout_at(adv.end_s)
                     self._arrive(admitted)
                     continue
             self._before_schedule()
@@ -236,7 +244,7 @@ class Engine:
                     admitted = self._after_run(adv)
                     if not adv.admits:
                         self._log_run(adv)
-                    yield env.timeout(adv.wait_s)
+                    yield self._timeout_at(adv.end_s)
                     self._arrive(admitted)
                     # the step left in flight decodes every running request, the run's arrivals
                     # among them, and may admit from the queue (then its time is its own)
@@ -275,10 +283,15 @@ class Engine:
                 continue
             out, start, end = in_flight.popleft()
             if end > env.now:
-                yield env.timeout(delay_until(env.now, end))
+                yield self._timeout_at(end)
             self._apply(out, start)
 
     # --- step times and the fast path --------------------------------------------------
+    def _timeout_at(self, t: float) -> simpy.Timeout:
+        """Wait until exactly ``t`` (``timeout_at``; a cluster's clock its own way)."""
+        at = getattr(self.env, "timeout_at", None)
+        return at(t) if at is not None else timeout_at(self.env, t)
+
     def _step_time(self, out: SchedulerOutput) -> float:
         """The duration of a step about to run (called once per executed step, in order)."""
         self._pace = self.perf.step_time(out.batch)

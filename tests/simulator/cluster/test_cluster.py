@@ -103,15 +103,21 @@ def test_deciding_ahead_of_time_changes_no_decision(router, async_scheduling, st
 @pytest.mark.parametrize(("seed", "async_scheduling", "router"), [
     (0, False, "least_outstanding"), (1, True, "least_outstanding"), (2, False, "least_outstanding"),
     (3, True, "least_outstanding"), (0, False, "power_of_two"), (1, True, "power_of_two"),
-    (2, False, "prefix_affinity"), (0, True, "prefix_affinity")])
+    (2, False, "prefix_affinity"), (0, True, "prefix_affinity"), (3, True, "prefix_affinity"),
+    (3, False, "all_prefix_affinity")])
 def test_runs_taken_from_the_foreseen_plans_change_no_bit(seed, async_scheduling, router):
     """Each replica's tables are bit for bit those of the cluster deciding at the arrival times,
     when the runs are cut from the plans made as if no more requests came (``ClusterRuns``),
     admissions inside them included (arrivals close together), and go past arrivals the
     replica cannot get (``Cluster._may_get_from``, power_of_two's draws; half the requests
-    share prefixes for prefix_affinity)."""
+    share prefixes for prefix_affinity, all for all_prefix_affinity). Seed 3 with prefixes: a
+    run ends at a time SimPy's clock cannot reach from the run's start by a delay
+    (``simulator.engine.loop.timeout_at``)."""
     w = make_workload(n=200, seed=seed, rate=20, output=(1, 500))
-    if router == "prefix_affinity":
+    if router == "all_prefix_affinity":
+        router = "prefix_affinity"
+        w = make_workload(n=200, seed=seed, rate=20, output=(1, 500), prefix_groups=3, prefix_tokens=64)
+    elif router == "prefix_affinity":
         from dataclasses import replace
 
         shared = make_workload(n=200, seed=seed, rate=20, output=(1, 500), prefix_groups=3, prefix_tokens=64)

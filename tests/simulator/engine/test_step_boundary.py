@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import simpy
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from simulator.engine.loop import simulate
+from simulator.engine.loop import simulate, timeout_at
 from simulator.records.engine_config import EngineConfig
 from simulator.records.workload import Workload
 from tests.simulator.conftest import LinearModel, VectorLinearModel
@@ -27,3 +30,17 @@ def test_an_arrival_during_a_long_prefill_waits_for_the_step_to_end(model, async
     ttft = np.asarray(requests["ttft_s"], dtype=float)
     assert ttft[0] == pytest.approx(first_step)
     assert ttft[1] == pytest.approx(first_step - 0.010 + async_scheduling * a_decode + b_prefill)
+
+
+
+@given(a=st.floats(0, 1e4), b=st.floats(0, 1e4))
+@example(a=float.fromhex("0x1.03e12da44d805p-5"), b=float.fromhex("0x1.8ebb95e9738dfp-4"))  # no delay lands there
+@settings(max_examples=300, deadline=None)
+def test_a_wait_ends_exactly_at_its_time(a: float, b: float):
+    """The clock after ``timeout_at(t)`` is ``t`` itself, wherever the wait was set from (``now +
+    delay`` may round past ``t`` for every delay): a run's end (or an arrival) is the same time
+    whichever step the wait began at."""
+    now, t = min(a, b), max(a, b)
+    env = simpy.Environment(initial_time=now)
+    env.run(until=timeout_at(env, t))
+    assert env.now == t
