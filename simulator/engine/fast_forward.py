@@ -289,8 +289,10 @@ def _fit_kv(sched, members: Members, admissions: list[Admission], times: np.ndar
     steps, owners = crossing_steps(computed, held, bs, np.minimum(last, k), first, prompts)
     free = sched.kv.num_free_blocks
     if len(steps) > free:
-        # that step would preempt, or not admit
-        k = int(steps[free]) - 1
+        # that step would preempt, or not admit (never later than ``k``: the prompts of
+        # admissions past ``k``, a cut before the next routing decision, are counted too, though
+        # the admission gate keeps their blocks within the free ones)
+        k = min(k, int(steps[free]) - 1)
         if k < 1:
             return None
     while admissions and admissions[-1].step >= k:

@@ -100,6 +100,33 @@ def test_deciding_ahead_of_time_changes_no_decision(router, async_scheduling, st
     assert_same(run(False), run(True))
 
 
+@pytest.mark.parametrize("router", ["least_outstanding", "least_kv"])
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_no_run_applies_a_step_past_the_next_routing_decision(router, async_scheduling, monkeypatch):
+    """Every run a replica takes ends before its arrivals stop being known
+    (``Arrivals.known_until_s``: the next routing decision that may send it one), also when
+    admissions inside the run and a short KV cache cut it (``fast_forward._fit_kv``)."""
+    from simulator.cluster.replica import ClusterRuns
+
+    advance = ClusterRuns.advance
+    taken = []
+
+    def checked(self, now, pace, next_arrival, in_flight):
+        adv = advance(self, now, pace, next_arrival, in_flight)
+        if adv is not None:
+            taken.append(adv.k)
+            assert adv.end_s < self.arrivals.known_until_s, (now, adv.k, adv.end_s, self.arrivals.known_until_s)
+        return adv
+
+    monkeypatch.setattr(ClusterRuns, "advance", checked)
+    w = make_workload(n=150, seed=1, rate=30, output=(1, 400))
+    cfg = EngineConfig(max_model_len=8192, num_gpu_blocks_override=150)
+    cluster = Cluster(w, cfg, VectorLinearModel(), ClusterSpec(replicas=2, router=router),
+                      async_scheduling=async_scheduling)
+    cluster.run(SLO())
+    assert len(taken) > 10 and max(taken) > 1
+
+
 @pytest.mark.parametrize(("seed", "async_scheduling", "router"), [
     (0, False, "least_outstanding"), (1, True, "least_outstanding"), (2, False, "least_outstanding"),
     (3, True, "least_outstanding"), (0, False, "power_of_two"), (1, True, "power_of_two"),
