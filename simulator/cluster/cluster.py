@@ -361,19 +361,19 @@ class Cluster:
         if g >= len(arrival):
             return math.inf
         t = float(arrival[g])
-        if index is None or not self.pass_arrivals or t >= 2 * now:
+        if index is None or not self.pass_arrivals:
             return t
-        # (runs passing arrivals end by 2 x now: the clock then moves by ``end - now`` exactly, as
-        # the steps one by one would move it, so the results stay bit-identical)
+        # (a run passing arrivals ends exactly at its time: ``simulator.engine.loop.timeout_at``)
         router, replica = self.front.router, self.front.replicas[index]
         if router.name == "power_of_two":  # the replicas it will draw
             for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
                 if router.may_choose(index, i - g):
-                    return min(float(arrival[i]), 2 * now)
-            return 2 * now
+                    return float(arrival[i])
+            end = g + self.PASS_LIMIT
+            return float(arrival[end]) if end < len(arrival) else math.inf
         if replica.foreseen is None:
             return t
-        return min(self._may_get_from(replica, g), 2 * now)
+        return self._may_get_from(replica, g)
 
     #: how many arrivals not routed yet ``_may_get_from`` looks through
     PASS_LIMIT = 32
