@@ -393,9 +393,9 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
         source=str(profile.path) if profile.path else profile.name, decode_knee=result.decode_knee,
         engine=engine_settings(profile.meta),
     )
-    model.serving = serving_of(profile, model)
     if (profile.meta.hardware or {}).get("kind") != "gpu":  # GPU engines have no such term
         model.shape_cache = shape_cache_cost(profile.steps, (profile.meta.get("serving") or {}).get("probes"))
+    model.serving = serving_of(profile, model)  # its served loads are simulated with the shape cost
     return model
 
 
@@ -417,7 +417,8 @@ def serving_of(profile: Profile, model: FittedPerformanceModel) -> dict[str, Any
               f"({serving.get('servers', 1)} server(s), loopback"
               + (f"; other processes busy on {len(busy)} of them: noisy" if busy else "") + ")")
     speculative = bool((profile.meta.optimization or {}).get("engine_args", {}).get("speculative_config"))
-    return overheads_from_probes(model, probes, engine, async_scheduling, source, speculative).to_dict()
+    return overheads_from_probes(model, probes, engine, async_scheduling, source, speculative,
+                                 loads=serving.get("loads")).to_dict()
 
 
 def _versions() -> dict[str, str]:

@@ -21,19 +21,22 @@ the steps is counted once, by the simulator's front-end term
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from calibration.live_model import StepGapModel
+from simulator.records.errors import require
 from simulator.records.performance import PerformanceModel, StepBatch
 
 
 @dataclass(frozen=True)
 class ServingOverheads:
     """Per step, per request in a step, per KV token attended and per prefill token (added to
-    step times), and per request outside the steps, idle and busy server (added to TTFT/E2E)."""
+    step times), per request outside the steps, idle and busy server (added to TTFT/E2E), and
+    the factor a served load's steps take over those (``step_scale``, from ``load_scale``)."""
 
     per_step_s: float = 0.0
     per_request_s: float = 0.0
@@ -43,6 +46,8 @@ class ServingOverheads:
     busy_overhead_s: float = 0.0
     probe_sets: int = 0
     source: str = ""
+    step_scale: float = 1.0
+    load_requests: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,11 +176,13 @@ def _bounded(model: PerformanceModel, per_context: float, prefill: float | None
 
 
 def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engine, async_scheduling: bool,
-                          source: str, speculative: bool = False) -> ServingOverheads:
+                          source: str, speculative: bool = False,
+                          loads: list[dict] | None = None) -> ServingOverheads:
     """Every overhead term from probe sets, against the bare step model ``model``; terms the
     probes cannot give are 0 (``source`` says which were measured). ``speculative``: the
     server drafted, so its decode steps are not the logged batches: the per-step term is the
-    median inter-step gap instead."""
+    median inter-step gap instead. ``loads`` (the serving phase's served loads): the step
+    scale that makes the served model's requests as long as the served load's (``load_scale``)."""
     steps = decode_offsets(model, probe_sets)
     if speculative:
         gaps = [float(p["inter_step_gap_s"]) for p in probe_sets if p.get("inter_step_gap_s")]
@@ -195,8 +202,71 @@ def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engin
                                         ("idle request probes", idle), ("loaded probes", busy))
                if value is None]
     note = f" (none: {', '.join(missing)}; their terms are 0)" if missing else ""
-    return ServingOverheads(per_step, per_request, per_context, prefill or 0.0, idle or 0.0, busy or 0.0,
-                            len(probe_sets), source + note)
+    terms = ServingOverheads(per_step, per_request, per_context, prefill or 0.0, idle or 0.0, busy or 0.0,
+                             len(probe_sets), source + note)
+    scaled = load_scale(model, terms, loads or [], engine, async_scheduling)
+    if scaled is None:
+        return terms
+    scale, requests, said = scaled
+    return dataclasses.replace(terms, step_scale=scale, load_requests=requests, source=terms.source + "; " + said)
+
+
+#: the step scale a served load may give: beyond it the load was disturbed, not the server slower
+SCALE_BOUNDS = (0.5, 2.0)
+
+
+def _load_workload(load: dict):
+    """The served load as a Workload (every request sent, as the server met them), which of its
+    requests completed, and their client-observed E2E."""
+    from simulator.records.workload import Workload
+
+    arrival = np.asarray(load["arrival_s"], float)
+    n = arrival.size
+    workload = Workload(arrival_s=arrival - (arrival.min() if n else 0.0),
+                        prompt_tokens=np.asarray(load["prompt_tokens"], np.int64),
+                        output_tokens=np.asarray(load["output_tokens"], np.int64),
+                        reasoning_tokens=np.zeros(n, np.int64), domain=np.full(n, "load", object),
+                        name="served-load")
+    done = np.asarray(load["completed"], bool)
+    return workload, done, np.asarray(load["e2e_s"], float)[done]
+
+
+def load_scale(model: PerformanceModel, terms: ServingOverheads, loads: list[dict], engine,
+               async_scheduling: bool) -> tuple[float, int, str] | None:
+    """(scale, requests, a note): the factor on every step of ``ServedModel(model, terms)`` that
+    makes the served loads' requests, simulated, as long in all as they were live.
+
+    Probes time a few known batches on a quiet server; a served load (bursty arrivals,
+    mixed lengths) also pays what they miss: steps slowed by the server's other processes
+    sharing the cores, a tail of slow steps, prefills of prompt lengths the server meets for
+    the first time. Matched on the sum of the requests' engine E2E (client-observed E2E less
+    the idle per-request overhead), by bisection on the scale within ``SCALE_BOUNDS`` (the
+    total grows with the scale). None without a served load.
+    """
+    from simulator.engine.loop import simulate
+
+    loaded = [_load_workload(load) for load in loads]
+    loaded = [(w, done, e2e) for w, done, e2e in loaded if done.any()]
+    if not loaded:
+        return None
+    live = sum(float(np.sum(e2e)) - terms.request_overhead_s * len(e2e) for _, _, e2e in loaded)
+
+    def simulated(scale: float) -> float:
+        served = ServedModel(model, dataclasses.replace(terms, step_scale=scale))
+        return sum(float(np.sum(simulate(w, engine, served, async_scheduling=async_scheduling).requests["e2e_s"][done]))
+                   for w, done, _ in loaded)
+
+    lo, hi = SCALE_BOUNDS
+    requests = sum(len(e2e) for _, _, e2e in loaded)
+    said = f"step scale from {len(loaded)} served load(s) of {requests} requests"
+    if simulated(lo) >= live:
+        return lo, requests, said + f" (clamped to {lo})"
+    if simulated(hi) <= live:
+        return hi, requests, said + f" (clamped to {hi})"
+    for _ in range(30):  # to ~1e-9 of the scale in log space
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if simulated(mid) < live else (lo, mid)
+    return round(math.sqrt(lo * hi), 6), requests, said
 
 
 class ServedModel(StepGapModel):
@@ -208,11 +278,25 @@ class ServedModel(StepGapModel):
     def __init__(self, base: PerformanceModel, overheads: ServingOverheads):
         super().__init__(base, overheads.per_step_s, overheads.per_request_s, overheads.per_prefill_token_s,
                          overheads.per_context_token_s)
+        require(math.isfinite(overheads.step_scale) and overheads.step_scale > 0, "serving.step_scale",
+                f"must be a finite number > 0, got {overheads.step_scale!r}")
         self.overheads = overheads
-        self.name = f"{base.name}+served"
+        self.scale = float(overheads.step_scale)
+        self.name = f"{base.name}+served" + (f"x{self.scale:.3f}" if self.scale != 1.0 else "")
         for attr in ("architecture", "engine_settings", "hardware_label", "on_gpu", "kv", "shape_cache"):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
+
+    def step_time(self, batch: StepBatch) -> float:
+        return self.scale * super().step_time(batch)
+
+    def decode_times(self, num_seqs: int, total_context):
+        times = super().decode_times(num_seqs, total_context)
+        return times if times is None or self.scale == 1.0 else self.scale * times
+
+    def decode_times_by_count(self, counts: list[int], lengths: list[int], total_context):
+        times = super().decode_times_by_count(counts, lengths, total_context)
+        return times if times is None or self.scale == 1.0 else self.scale * times
 
     def describe(self) -> dict:
         return {**super().describe(), "serving": self.overheads.to_dict(),

@@ -7,7 +7,9 @@ with the profiled engine's settings. The live runner's probes then run
 requests (per-request time outside the steps, and per prefill token), new
 prompt lengths sent twice (the per-token-count kernel set-up: cold minus warm), known
 decode batches before and after (per step, per request, per KV token) and lone
-requests during a decode batch (a busy server). The raw rounds go into
+requests during a decode batch (a busy server). Then a served load: bursty
+arrivals of requests of mixed lengths (``served_load``), replayed by the live
+runner, whose requests' times set the step scale. The raw rounds and loads go into
 ``profile.json["serving"]``; ``calibration.serving`` turns them into overhead
 terms against the fit, so ``perf=profile`` simulates a server, not a bare engine.
 """
@@ -133,6 +135,75 @@ def probe_set(raw: dict[str, Any], collector) -> dict[str, Any]:
     }
 
 
+#: the served load: requests running at once it aims at (from the decode probes' step time), the
+#: arrivals' coefficient of variation (bursty, as deployed traffic), its prompt and output lengths
+LOAD_CONCURRENCY = 8
+LOAD_CV = 2.0
+LOAD_PROMPTS = (32, 768)
+LOAD_MEAN_OUTPUT = 192
+
+
+def load_step_s(probe_sets: list[dict[str, Any]]) -> float | None:
+    """The server's decode step (wall, per step) at the probed batch nearest LOAD_CONCURRENCY
+    (median over the probe sets), or None without decode probes."""
+    walls: dict[int, list[float]] = {}
+    for probes in probe_sets:
+        for probe in (probes.get("decode_probe") or []) + (probes.get("decode_probe_after") or []):
+            walls.setdefault(int(probe["batch"]), []).append(float(probe["wall_per_step_s"]))
+    if not walls:
+        return None
+    batch = min(walls, key=lambda b: (abs(b - LOAD_CONCURRENCY), b))
+    return float(sorted(walls[batch])[len(walls[batch]) // 2])
+
+
+def served_load(requests: int, step_s: float, engine: EngineConfig, seed: int):
+    """A bursty load for one server: Gamma arrivals (CV LOAD_CV) at the rate that keeps about
+    LOAD_CONCURRENCY requests decoding with steps of ``step_s``, prompts uniform in
+    LOAD_PROMPTS, outputs log-normal around LOAD_MEAN_OUTPUT, all within max_model_len."""
+    import numpy as np
+
+    from simulator.records.workload import Workload
+    from simulator.workload.arrivals import gamma_arrivals
+
+    rng = np.random.default_rng([seed, 21])
+    high = min(LOAD_PROMPTS[1], engine.max_num_batched_tokens, engine.max_model_len // 2)
+    prompts = rng.integers(min(LOAD_PROMPTS[0], high), high + 1, size=requests)
+    outputs = np.rint(rng.lognormal(math.log(LOAD_MEAN_OUTPUT) - 0.32, 0.8, size=requests)).astype(np.int64)
+    outputs = np.clip(outputs, 16, np.maximum(engine.max_model_len - prompts - 1, 16))
+    rate = LOAD_CONCURRENCY / (float(outputs.mean()) * step_s)
+    arrivals = gamma_arrivals(rng, rate, LOAD_CV, requests)
+    return Workload(arrival_s=arrivals, prompt_tokens=prompts, output_tokens=outputs,
+                    reasoning_tokens=np.zeros(requests, np.int64), domain=np.full(requests, "load", object),
+                    name="serving-load", seed=seed), rate
+
+
+def run_served_load(server, collector, requests: int, probe_sets: list[dict[str, Any]], engine: EngineConfig,
+                    out: Path, seed: int) -> dict[str, Any] | None:
+    """Replay ``served_load`` on a running server (the live runner, no probes of its own): its
+    requests as the calibration needs them, or None without decode probes to set its rate."""
+    from profiler.live.runner import LiveRunConfig, run_live
+
+    step_s = load_step_s(probe_sets)
+    if step_s is None or requests == 0:
+        return None
+    workload, rate = served_load(requests, step_s, engine, seed)
+    print(f"[profiler] serving phase: a served load of {requests} requests at {rate:.2f}/s", file=sys.stderr,
+          flush=True)
+    config = LiveRunConfig(overhead_probes=0, warmup_requests=0, token_seed=seed, lead_s=0.5, settle_s=0.5)
+    outcome = run_live(workload, out, server=server, collector=collector, config=config, progress=False)
+    live = outcome.result.requests
+    return {
+        "arrival_s": [float(x) for x in workload.arrival_s],
+        "prompt_tokens": [int(x) for x in workload.prompt_tokens],
+        "output_tokens": [int(x) for x in workload.output_tokens],
+        "completed": [bool(x == "completed") for x in live["status"]],
+        "ttft_s": [float(x) for x in live["ttft_s"]],
+        "e2e_s": [float(x) for x in live["e2e_s"]],
+        "rate": rate, "cv": LOAD_CV, "seed": seed, "decode_step_s": step_s,
+        "exit_code": outcome.exit_code,
+    }
+
+
 def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: ServingSettings, cpus: list[int],
                     log_dir: Path, seed: int = 0, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Probe ``settings.servers`` fresh servers ``settings.repeats`` times each; the serving section."""
@@ -143,6 +214,7 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
     spec = ServerSpec(model=str(model), engine=engine, kv_cache_space_gib=max(1, math.ceil(kv_bytes / GIB)),
                       seed=seed, extra_args=extra_args)
     probes: list[dict[str, Any]] = []
+    loads: list[dict[str, Any]] = []
     async_flags: set[bool] = set()
     command: list[str] = []
     version = None
@@ -160,7 +232,12 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
                 pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
                 machine.append(watch.stop(exclude=pids))
                 time.sleep(0.3)  # the last iteration-log lines
-                probes += [probe_set(raw, collector) for raw in rounds]
+                sets = [probe_set(raw, collector) for raw in rounds]
+                probes += sets
+                load = run_served_load(server, collector, settings.load_requests, sets, engine,
+                                       log_dir / f"load-{i}", seed + 1000 + i)
+                if load is not None:
+                    loads.append(load)
                 log_text = server.log_path.read_text(errors="replace")
                 async_flags.add(async_scheduling_of(log_text, server.command))
                 command, version = server.command, vllm_version_of(log_text)
@@ -171,6 +248,7 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
               file=sys.stderr)
     return {
         "probes": probes,
+        "loads": loads,
         "machine": machine,
         "servers": settings.servers,
         "repeats": settings.repeats,

@@ -33,11 +33,13 @@ def check_choice(field_name: str, value: str, folder: Path) -> None:
 
 @dataclass(frozen=True)
 class ServingSettings:
-    """``serving.enabled``, ``serving.repeats`` (probe rounds per server), ``serving.servers``."""
+    """``serving.enabled``, ``serving.repeats`` (probe rounds per server), ``serving.servers``,
+    ``serving.load_requests`` (requests of the served load after each server's probes; 0: none)."""
 
     enabled: bool = True
     repeats: int = 3
     servers: int = 1
+    load_requests: int = 64
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "serving.enabled", f"must be true or false, got {self.enabled!r}")
@@ -45,6 +47,9 @@ class ServingSettings:
                 "serving.repeats", f"must be an integer >= 1, got {self.repeats!r}")
         require(isinstance(self.servers, int) and not isinstance(self.servers, bool) and self.servers >= 1,
                 "serving.servers", f"must be an integer >= 1, got {self.servers!r}")
+        require(isinstance(self.load_requests, int) and not isinstance(self.load_requests, bool)
+                and self.load_requests >= 0,
+                "serving.load_requests", f"must be an integer >= 0, got {self.load_requests!r}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ and the same terms in `calibration validate` (issue 21)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -121,3 +122,76 @@ def test_a_per_kv_token_term_beyond_process_drift_is_clamped():
     overheads = overheads_from_probes(bare, sets, ENGINE, False, "test")
     assert overheads.per_context_token_s == pytest.approx(DRIFT_BOUND * kv_cost)
     assert "per KV token clamped" in overheads.source
+
+
+def served_load_record(model, terms: ServingOverheads, scale: float, seed: int = 3, n: int = 40) -> dict:
+    """A served load whose requests took exactly what ``ServedModel(model, terms)`` scaled by
+    ``scale`` simulates, client-observed (the idle per-request overhead added)."""
+    rng = np.random.default_rng(seed)
+    workload = Workload(arrival_s=np.cumsum(rng.gamma(0.25, 0.4, n)), prompt_tokens=rng.integers(32, 700, n),
+                        output_tokens=rng.integers(16, 400, n), reasoning_tokens=np.zeros(n, int),
+                        domain=np.full(n, "load", object))
+    served = ServedModel(model, dataclasses.replace(terms, step_scale=scale))
+    e2e = simulate(workload, ENGINE, served, async_scheduling=False).requests["e2e_s"] + terms.request_overhead_s
+    completed = [True] * n
+    completed[5] = False  # a failed request is left out of both sides
+    e2e = np.where(completed, e2e, 1e6)
+    return {"arrival_s": workload.arrival_s.tolist(), "prompt_tokens": workload.prompt_tokens.tolist(),
+            "output_tokens": workload.output_tokens.tolist(), "completed": completed, "e2e_s": e2e.tolist(),
+            "ttft_s": [0.0] * n}
+
+
+@pytest.mark.parametrize("scale", [0.8, 1.0, 1.27])
+def test_a_served_load_gives_back_the_step_scale_its_requests_took(scale):
+    bare = fit_profile(synthetic_profile())
+    terms = overheads_from_probes(bare, probe_sets(bare, 0.0015, 0.0002), ENGINE, False, "test")
+    assert terms.step_scale == 1.0 and terms.load_requests == 0  # no load: no scale
+    load = served_load_record(bare, terms, scale)
+    found = overheads_from_probes(bare, probe_sets(bare, 0.0015, 0.0002), ENGINE, False, "test", loads=[load])
+    assert found.step_scale == pytest.approx(scale, rel=1e-4) and found.load_requests == 39
+    assert "step scale from 1 served load(s) of 39 requests" in found.source
+    # the other terms are the probes', untouched
+    assert (found.per_step_s, found.per_request_s) == (terms.per_step_s, terms.per_request_s)
+
+
+def test_a_served_load_beyond_the_bounds_is_clamped_and_said():
+    from calibration.serving import SCALE_BOUNDS, load_scale
+
+    bare = fit_profile(synthetic_profile())
+    terms = ServingOverheads(per_step_s=0.001, request_overhead_s=0.004)
+    load = served_load_record(bare, terms, 3.0)
+    scale, _, said = load_scale(bare, terms, [load], ENGINE, False)
+    assert scale == SCALE_BOUNDS[1] and "clamped" in said
+    assert load_scale(bare, terms, [{**load, "completed": [False] * len(load["completed"])}], ENGINE, False) is None
+
+
+def test_the_step_scale_multiplies_every_step_of_the_served_model():
+    bare = fit_profile(synthetic_profile())
+    terms = ServingOverheads(per_step_s=0.001, per_request_s=0.0001)
+    plain, scaled = ServedModel(bare, terms), ServedModel(bare, dataclasses.replace(terms, step_scale=1.25))
+    for batch in (StepBatch(prefill_tokens=[300], prefill_context=[0]), StepBatch(decode_context=[500] * 4)):
+        assert scaled.step_time(batch) == pytest.approx(1.25 * plain.step_time(batch), rel=1e-12)
+    context = np.array([400.0, 404.0, 408.0])
+    assert np.allclose(scaled.decode_times(4, context), 1.25 * plain.decode_times(4, context), rtol=1e-12)
+    by_count = scaled.decode_times_by_count([4, 3], [2, 1], context)
+    assert np.allclose(by_count, 1.25 * plain.decode_times_by_count([4, 3], [2, 1], context), rtol=1e-12)
+    from simulator.records.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serving.step_scale"):
+        ServedModel(bare, dataclasses.replace(terms, step_scale=0.0))
+
+
+def test_a_profile_with_a_served_load_is_simulated_with_its_scale(tmp_path):
+    profile = synthetic_profile()
+    bare = fit_profile(profile)
+    sets = probe_sets(bare, 0.002, 0.0)
+    terms = overheads_from_probes(bare, sets, ENGINE, False, "test")
+    profile.meta["serving"] = {"probes": sets, "servers": 1, "async_scheduling": False,
+                               "loads": [served_load_record(bare, terms, 1.15)]}
+    profile.save(tmp_path / "prof")
+    served = build_performance_model("h100", "r1-distill-qwen-7b", "none", 1,
+                                     {"source": "profile", "profile": str(tmp_path / "prof")})
+    assert isinstance(served, ServedModel) and served.overheads.step_scale == pytest.approx(1.15, rel=1e-3)
+    unscaled = ServedModel(load_fitted_model(tmp_path / "prof"), dataclasses.replace(served.overheads, step_scale=1.0))
+    batch = StepBatch(decode_context=[500] * 4)
+    assert served.step_time(batch) == pytest.approx(served.overheads.step_scale * unscaled.step_time(batch))

@@ -19,10 +19,31 @@ from simulator.records.errors import ConfigError
 
 
 @pytest.mark.parametrize("kwargs, field", [({"repeats": 0}, "serving.repeats"), ({"servers": "two"}, "serving.servers"),
-                                           ({"enabled": "yes"}, "serving.enabled")])
+                                           ({"enabled": "yes"}, "serving.enabled"),
+                                           ({"load_requests": -1}, "serving.load_requests")])
 def test_bad_serving_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}: "):
         ServingSettings(**kwargs)
+
+
+def test_the_served_load_is_bursty_fits_the_engine_and_aims_at_its_concurrency():
+    import numpy as np
+
+    from profiler.serving import LOAD_CONCURRENCY, LOAD_CV, load_step_s, served_load
+    from simulator.records.engine_config import EngineConfig
+
+    engine = EngineConfig(block_size=128, max_num_seqs=128, max_num_batched_tokens=512, max_model_len=1024)
+    workload, rate = served_load(400, 0.01, engine, seed=5)
+    again, _ = served_load(400, 0.01, engine, seed=5)
+    assert np.array_equal(workload.arrival_s, again.arrival_s)  # the seed fixes it
+    assert np.all(workload.prompt_tokens <= 512) and np.all(workload.prompt_tokens + workload.output_tokens < 1024)
+    # offered load: rate x mean output x step time = the target concurrency
+    assert rate * workload.output_tokens.mean() * 0.01 == pytest.approx(LOAD_CONCURRENCY)
+    gaps = np.diff(workload.arrival_s)
+    assert 0.7 * LOAD_CV < gaps.std() / gaps.mean() < 1.3 * LOAD_CV  # bursty, not Poisson
+    sets = [{"decode_probe": [{"batch": 1, "wall_per_step_s": 0.004}, {"batch": 6, "wall_per_step_s": 0.009}]},
+            {"decode_probe": [{"batch": 6, "wall_per_step_s": 0.011}], "decode_probe_after": None}]
+    assert load_step_s(sets) == 0.011 and load_step_s([{}]) is None  # the batch nearest the target, median
 
 
 def test_the_server_runs_the_profiled_engine_settings():
@@ -68,6 +89,7 @@ def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
     result = run_profiler("model=tiny-llama", "grid=smoke", "progress=false", "grid.prefill_chunks=[64]",
                           "grid.prefill_contexts=[256]", "grid.decode_batches=[1,4]", "grid.decode_contexts=[128]",
                           "grid.mixed.requests=0", "engine.max_model_len=2048", "serving.repeats=1",
+                          "serving.load_requests=12",
                           "optimization=none", f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "profile.json").read_text())
@@ -88,3 +110,6 @@ def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
     assert all(math.isfinite(v) for v in (terms.per_step_s, terms.per_request_s, terms.request_overhead_s))
     assert perf.shape_cache is not None and "shape probes on `vllm serve`" in perf.shape_cache.source
     assert perf.engine_settings["max_model_len"] == 2048 and perf.engine_settings["async_scheduling"] is False
+    (load,) = serving["loads"]  # the served load: every request completed, and the scale fitted to it
+    assert len(load["e2e_s"]) == 12 and all(load["completed"]) and min(load["e2e_s"]) > 0
+    assert perf.overheads.load_requests == 12 and 0.5 <= perf.overheads.step_scale <= 2.0
