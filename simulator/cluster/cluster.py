@@ -36,7 +36,7 @@ import simpy
 from simulator.cluster import disagg
 from simulator.cluster.lockstep import LockstepGroup
 from simulator.cluster.outputs import ClusterResult, merge, single
-from simulator.cluster.replica import ClusterEnvironment, ReplicaEngine, at_time
+from simulator.cluster.replica import ClusterEnvironment, ReplicaEngine
 from simulator.cluster.router import ROUTERS, RouteRequest, make_router
 from simulator.engine.request import Status
 from simulator.engine.steady import SteadyScheduler
@@ -262,7 +262,7 @@ class Cluster:
                 continue  # routed ahead
             if t > env.now:
                 event = env.event()
-                at_time(env, t, lambda _e, event=event: event.succeed())
+                env.call_at(t, lambda _e, event=event: event.succeed())
                 yield event
                 if gid < self._next_unrouted:
                     continue
@@ -363,7 +363,7 @@ class Cluster:
         t = float(arrival[g])
         if index is None or not self.pass_arrivals:
             return t
-        # (a run passing arrivals ends exactly at its time: ``simulator.engine.loop.timeout_at``)
+        # (a run passing arrivals ends exactly at its time: ``ExactEnvironment.timeout_at``)
         router, replica = self.front.router, self.front.replicas[index]
         if router.name == "power_of_two":  # the replicas it will draw
             for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
@@ -423,7 +423,7 @@ class Cluster:
         gid = replica.gid(j)
         t = finish_s + self.transfer.seconds(int(self.workload.prompt_tokens[gid]))
         heapq.heappush(self._handoffs, (t, gid, replica.index, j))
-        at_time(self.env, t, lambda _e: self._hand_over())
+        self.env.call_at(t, lambda _e: self._hand_over())
 
     def _hand_over(self) -> None:
         """The transfers due now end: each request joins the decode replica chosen for it (in

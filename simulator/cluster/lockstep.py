@@ -139,7 +139,7 @@ class LockstepGroup:
                 continue
             done = rounds.popleft()
             if done.end_s > env.now:
-                yield self.ranks[0]._timeout_at(done.end_s)
+                yield self.env.timeout_at(done.end_s)
             for rank, out in zip(self.ranks, done.steps, strict=True):
                 if out is not None:
                     rank._apply(out, done.start_s)

@@ -24,7 +24,7 @@ import simpy
 
 from simulator.cluster.router import ReplicaReport
 from simulator.engine import fast_forward
-from simulator.engine.loop import Engine, admission_error, schedule_at, timeout_at
+from simulator.engine.loop import Engine, ExactEnvironment, admission_error
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun
 from simulator.engine.run_plan import DecodeRun
@@ -35,34 +35,26 @@ COLUMNS = ("gid", "time_s", "prompt", "max_tokens", "reasoning", "group", "prefi
            "outer_tokens")
 
 
-def at_time(env: simpy.Environment, t: float, callback: Callable[[simpy.Event], None]) -> None:
-    """Call ``callback`` when the clock reaches ``t``, before the engines' own events of that
-    time (SimPy's urgent priority): a request that arrives at ``t`` is routed and queued before
-    any replica schedules a step at ``t``, whichever path (fast or step by step) got there."""
-    event = simpy.Event(env)
-    event._ok = True  # (as simpy.Timeout does; Timeout itself has no priority)
-    event._value = None
-    event.callbacks.append(callback)
-    schedule_at(env, event, simpy.core.URGENT, max(t, env.now))
-
-
-class ClusterEnvironment(simpy.Environment):
-    """SimPy's environment, noting when each timeout ends (``Timeout.at_s``) and telling the
-    cluster (``on_timeout``) whenever a replica is about to wait: the router may then decide
-    arrivals ahead of their time (simulator.cluster.cluster)."""
+class ClusterEnvironment(ExactEnvironment):
+    """The cluster's clock: the engine's (exact waits; ``call_at`` runs a callback before the
+    engines' own events of its time, so a request that arrives at ``t`` is routed and queued
+    before any replica schedules a step at ``t``, whichever path, fast or step by step, got
+    there), noting when each timeout ends (``Timeout.at_s``) and telling the cluster
+    (``on_timeout``) whenever a replica is about to wait: the router may then decide arrivals
+    ahead of their time (simulator.cluster.cluster)."""
 
     on_timeout: Callable[[simpy.Timeout], None] | None = None
 
     def timeout(self, delay: float = 0, value=None) -> simpy.Timeout:
         event = super().timeout(delay, value)
-        event.at_s = self._now + delay  # (as SimPy schedules it)
+        event.at_s = self.now + delay  # (as SimPy schedules it)
         if self.on_timeout is not None:
             self.on_timeout(event)
         return event
 
     def timeout_at(self, t: float) -> simpy.Timeout:
-        """A timeout to exactly ``t`` (``simulator.engine.loop.timeout_at``), noted as ``timeout``'s."""
-        event = timeout_at(self, t)
+        """A timeout to exactly ``t`` (``ExactEnvironment.timeout_at``), noted as ``timeout``'s."""
+        event = super().timeout_at(t)
         event.at_s = t
         if self.on_timeout is not None:
             self.on_timeout(event)
@@ -162,7 +154,7 @@ class ReplicaEngine(Engine):
             if self.closed and not self.pending:
                 self.close()
 
-        at_time(self.env, t, arrive)
+        self.env.call_at(t, arrive)
 
     def close(self) -> None:
         """No more requests: the loop ends once the replica is idle."""

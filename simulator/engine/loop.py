@@ -36,22 +36,35 @@ from simulator.records.performance import KVCapacity, PerformanceModel
 from simulator.records.workload import Workload
 
 
-def timeout_at(env: simpy.Environment, t: float) -> simpy.Timeout:
-    """A timeout that brings SimPy's clock from ``now`` to exactly ``t`` (``t >= now``):
-    ``now + (t - now)`` can round an ulp off ``t`` whatever the delay, and by how much hangs on
-    ``now``, so the clock after a wait would depend on when the wait was set (a run cut at
-    another step, an arrival routed ahead). (As ``Environment.timeout``, but keyed at ``t``.)"""
-    if t < env.now:
-        raise ValueError(f"a timeout to {t} from {env.now}")
-    event = simpy.Timeout.__new__(simpy.Timeout)
-    event.env, event.callbacks, event._value, event._delay, event._ok = env, [], None, t - env.now, True
-    schedule_at(env, event, simpy.core.NORMAL, t)
-    return event
+class ExactEnvironment(simpy.Environment):
+    """SimPy's environment, with events keyed at a time itself rather than ``now + delay``
+    (``timeout_at``, ``call_at``). The one place that reaches into SimPy 4's internals (its event
+    queue and ids; pyproject pins simpy<5)."""
 
+    def timeout_at(self, t: float) -> simpy.Timeout:
+        """A timeout that brings the clock from ``now`` to exactly ``t`` (``t >= now``):
+        ``now + (t - now)`` can round an ulp off ``t`` whatever the delay, and by how much hangs on
+        ``now``, so the clock after a wait would depend on when the wait was set (a run cut at
+        another step, an arrival routed ahead). (As ``timeout``, but keyed at ``t``.)"""
+        if t < self.now:
+            raise ValueError(f"a timeout to {t} from {self.now}")
+        event = simpy.Timeout.__new__(simpy.Timeout)  # (Timeout.__init__ schedules at now + delay)
+        event.env, event.callbacks, event._value, event._delay, event._ok = self, [], None, t - self.now, True
+        self._schedule_at(event, simpy.core.NORMAL, t)
+        return event
 
-def schedule_at(env: simpy.Environment, event: simpy.Event, priority: int, t: float) -> None:
-    """``env.schedule`` for the time ``t`` itself rather than ``now + delay``."""
-    heapq.heappush(env._queue, (t, priority, next(env._eid), event))
+    def call_at(self, t: float, callback: Callable[[simpy.Event], None]) -> None:
+        """Call ``callback`` when the clock reaches ``t`` (now if ``t`` has passed), before the
+        other events of that time (SimPy's urgent priority)."""
+        event = simpy.Event(self)
+        event._ok = True  # (as simpy.Timeout does; Timeout itself has no priority)
+        event._value = None
+        event.callbacks.append(callback)
+        self._schedule_at(event, simpy.core.URGENT, max(t, self.now))
+
+    def _schedule_at(self, event: simpy.Event, priority: int, t: float) -> None:
+        """``schedule`` for the time ``t`` itself rather than ``now + delay``."""
+        heapq.heappush(self._queue, (t, priority, next(self._eid), event))
 
 
 def admission_error(prompt: int, max_tokens: int, config: EngineConfig, kv: KVCapacity) -> str:
@@ -86,7 +99,7 @@ class Engine:
         keep_decisions: bool = False,
         on_progress: Callable[[int], None] | None = None,
         fast: bool = True,
-        env: simpy.Environment | None = None,
+        env: ExactEnvironment | None = None,
     ):
         self.workload = workload
         self.config = config
@@ -118,7 +131,7 @@ class Engine:
             self.scheduler.kv = HybridKVCacheManager(kv.num_blocks, config.block_size,
                                                      config.enable_prefix_caching, kv.groups)
         self.rng = random.Random(seed)
-        self.env = env if env is not None else simpy.Environment()  # a cluster shares one
+        self.env = env if env is not None else ExactEnvironment()  # a cluster shares one
         self.steps = StepLog()
         self.requests: list[SimRequest] = []
         self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
@@ -164,7 +177,7 @@ class Engine:
             if rid < self._next_arrival:
                 continue  # a run admitted it: it comes through _arrive
             if arrival[rid] > env.now:
-                yield timeout_at(env, float(arrival[rid]))
+                yield env.timeout_at(float(arrival[rid]))
                 if rid < self._next_arrival:
                     continue  # admitted by a run planned meanwhile
             self._next_arrival = rid + 1
@@ -213,7 +226,7 @@ class Engine:
                 if adv is not None:
                     admitted = self._after_run(adv)
                     self._log_run(adv)
-                    yield self._timeout_at(adv.end_s)
+                    yield self.env.timeout_at(adv.end_s)
                     self._arrive(admitted)
                     continue
             self._before_schedule()
@@ -244,7 +257,7 @@ class Engine:
                     admitted = self._after_run(adv)
                     if not adv.admits:
                         self._log_run(adv)
-                    yield self._timeout_at(adv.end_s)
+                    yield self.env.timeout_at(adv.end_s)
                     self._arrive(admitted)
                     # the step left in flight decodes every running request, the run's arrivals
                     # among them, and may admit from the queue (then its time is its own)
@@ -283,15 +296,10 @@ class Engine:
                 continue
             out, start, end = in_flight.popleft()
             if end > env.now:
-                yield self._timeout_at(end)
+                yield self.env.timeout_at(end)
             self._apply(out, start)
 
     # --- step times and the fast path --------------------------------------------------
-    def _timeout_at(self, t: float) -> simpy.Timeout:
-        """Wait until exactly ``t`` (``timeout_at``; a cluster's clock its own way)."""
-        at = getattr(self.env, "timeout_at", None)
-        return at(t) if at is not None else timeout_at(self.env, t)
-
     def _step_time(self, out: SchedulerOutput) -> float:
         """The duration of a step about to run (called once per executed step, in order)."""
         self._pace = self.perf.step_time(out.batch)

@@ -139,7 +139,7 @@ def test_runs_taken_from_the_foreseen_plans_change_no_bit(seed, async_scheduling
     replica cannot get (``Cluster._may_get_from``, power_of_two's draws; half the requests
     share prefixes for prefix_affinity, all for all_prefix_affinity). Seed 3 with prefixes: a
     run ends at a time SimPy's clock cannot reach from the run's start by a delay
-    (``simulator.engine.loop.timeout_at``)."""
+    (``simulator.engine.loop.ExactEnvironment.timeout_at``)."""
     w = make_workload(n=200, seed=seed, rate=20, output=(1, 500))
     if router == "all_prefix_affinity":
         router = "prefix_affinity"

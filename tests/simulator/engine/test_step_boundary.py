@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import simpy
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from simulator.engine.loop import simulate, timeout_at
+from simulator.engine.loop import ExactEnvironment, simulate
 from simulator.records.engine_config import EngineConfig
 from simulator.records.workload import Workload
 from tests.simulator.conftest import LinearModel, VectorLinearModel
@@ -37,10 +36,10 @@ def test_an_arrival_during_a_long_prefill_waits_for_the_step_to_end(model, async
 @example(a=float.fromhex("0x1.03e12da44d805p-5"), b=float.fromhex("0x1.8ebb95e9738dfp-4"))  # no delay lands there
 @settings(max_examples=300, deadline=None)
 def test_a_wait_ends_exactly_at_its_time(a: float, b: float):
-    """The clock after ``timeout_at(t)`` is ``t`` itself, wherever the wait was set from (``now +
-    delay`` may round past ``t`` for every delay): a run's end (or an arrival) is the same time
-    whichever step the wait began at."""
+    """The clock after ``ExactEnvironment.timeout_at(t)`` is ``t`` itself, wherever the wait was
+    set from (``now + delay`` may round past ``t`` for every delay): a run's end (or an arrival)
+    is the same time whichever step the wait began at."""
     now, t = min(a, b), max(a, b)
-    env = simpy.Environment(initial_time=now)
-    env.run(until=timeout_at(env, t))
+    env = ExactEnvironment(initial_time=now)
+    env.run(until=env.timeout_at(t))
     assert env.now == t
