@@ -185,10 +185,8 @@ class ReplicaEngine(Engine):
             ahead = int(np.searchsorted(finishes_ahead, view_s, side="left"))
             return ReplicaReport(position, self.sent - self._finished_before - ahead, math.nan)
         if self.foreseen is not None and self._foreseen_from < view_s <= self.foreseen_until():
-            # the finishes foreseen before it that are not reported yet (those reported come first)
-            ahead = int(np.searchsorted(self.foreseen[0], view_s, side="left"))
-            ahead -= int(np.searchsorted(self._foreseen_reported, view_s, side="left"))
-            return ReplicaReport(position, self.sent - self._finished_before - ahead, math.nan)
+            return ReplicaReport(position, self.sent - self._finished_before - self._foreseen_unreported(view_s),
+                                 math.nan)
         used = self.steps.kv_before(view_s)
         return ReplicaReport(position, self.sent - self._finished_before,
                              used / max(self.kv_capacity.num_blocks - 1, 1))
@@ -201,9 +199,13 @@ class ReplicaEngine(Engine):
     def outstanding_foreseen(self, view_s: float) -> int:
         """Its report's outstanding count at ``view_s``, from the finishes foreseen (``view_s`` in
         ``(foreseen_from, foreseen_until()]``; changes nothing)."""
-        ahead = int(np.searchsorted(self.foreseen[0], view_s, side="left"))
-        ahead -= int(np.searchsorted(self._foreseen_reported, view_s, side="left"))
-        return self.outstanding_at_most(view_s) - ahead
+        return self.outstanding_at_most(view_s) - self._foreseen_unreported(view_s)
+
+    def _foreseen_unreported(self, view_s: float) -> int:
+        """The finishes foreseen before ``view_s`` not reported yet (those reported come first;
+        ``view_s`` in ``(foreseen_from, foreseen_until()]``)."""
+        return (int(np.searchsorted(self.foreseen[0], view_s, side="left"))
+                - int(np.searchsorted(self._foreseen_reported, view_s, side="left")))
 
     @property
     def foreseen_from(self) -> float:
