@@ -154,6 +154,37 @@ class _Pool:
         return replica
 
 
+class _Outlook:
+    """What ``cluster`` knows of the next arrivals from ``g`` (at most ``Cluster.PASS_LIMIT``) and
+    of front replica ``replica``'s and the others' reports for them (``router.Outlook``): its
+    outstanding count at an arrival is known from its finishes foreseen; the others' are at most
+    the requests sent them less those finished, reported or foreseen."""
+
+    def __init__(self, cluster: Cluster, replica: ReplicaEngine, g: int):
+        self.cluster, self.replica, self.g = cluster, replica, g
+        self.n = min(cluster.PASS_LIMIT, len(cluster.workload) - g)
+        self._until: float | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def request(self, k: int) -> RouteRequest:
+        return self.cluster._request(self.g + k)
+
+    def own(self, k: int) -> int | None:
+        replica = self.replica
+        if self._until is None:
+            self._until = replica.foreseen_until()
+        view = self.cluster.view_time(float(self.cluster.workload.arrival_s[self.g + k]))
+        return replica.outstanding_foreseen(view) if replica.foreseen_from < view <= self._until else None
+
+    def others(self) -> list[tuple[int, int]]:
+        view = self.cluster.view_time(float(self.cluster.workload.arrival_s[self.g]))
+        return [(r.outstanding_foreseen(view) if r.foreseen_from < view <= r.foreseen_until()
+                 else r.outstanding_at_most(view), i)
+                for i, r in enumerate(self.cluster.front.replicas) if r is not self.replica]
+
+
 class Cluster:
     """Replicas and routers on one SimPy environment."""
 
@@ -177,8 +208,7 @@ class Cluster:
         self._blocking = 0  # the front replica whose reports last held the router back
         self.ahead = True  # route arrivals ahead of their time where the decision is already known
         self.ahead_on_finishes = True  # ... for routers reading no KV usage, from bounds on finishes
-        #: least_outstanding, power_of_two, prefix_affinity: a replica's runs go past arrivals
-        #: it cannot get
+        #: a replica's runs go past arrivals the router cannot send it (``Router.first_may_get``)
         self.pass_arrivals = False
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
         #: the replicas stepping together (data-parallel lock-step), or None
@@ -354,63 +384,20 @@ class Cluster:
 
     def _front_known_until(self, now: float, index: int | None = None) -> float:
         """Until when the requests routed to front replica ``index`` (None: any) are known: the
-        next arrival not routed yet, or with least_outstanding the first one it may get
-        (``_may_get_from``)."""
+        next arrival not routed yet, or, where runs may pass arrivals, the first one the router
+        may send it (``Router.first_may_get``, from what is known of its reports then)."""
         arrival = self.workload.arrival_s
         g = self._next_unrouted
         if g >= len(arrival):
             return math.inf
-        t = float(arrival[g])
         if index is None or not self.pass_arrivals:
-            return t
+            return float(arrival[g])
         # (a run passing arrivals ends exactly at its time: ``ExactEnvironment.timeout_at``)
-        router, replica = self.front.router, self.front.replicas[index]
-        if router.name == "power_of_two":  # the replicas it will draw
-            for i in range(g, min(g + self.PASS_LIMIT, len(arrival))):
-                if router.may_choose(index, i - g):
-                    return float(arrival[i])
-            end = g + self.PASS_LIMIT
-            return float(arrival[end]) if end < len(arrival) else math.inf
-        if replica.foreseen is None:
-            return t
-        return self._may_get_from(replica, g)
+        end = g + self.front.router.first_may_get(index, _Outlook(self, self.front.replicas[index], g))
+        return float(arrival[end]) if end < len(arrival) else math.inf
 
-    #: how many arrivals not routed yet ``_may_get_from`` looks through
+    #: how many arrivals not routed yet a replica's runs may pass (``_Outlook``)
     PASS_LIMIT = 32
-
-    def _may_get_from(self, replica: ReplicaEngine, g: int) -> float:
-        """The time of the first arrival from ``g`` on that least_outstanding may send to
-        ``replica``: its outstanding count at an arrival is known from its finishes foreseen, and
-        it gets none while another replica has fewer for certain. Each other replica has at most
-        the requests sent it less those finished (reported or foreseen; finishes only lower it);
-        an arrival it does not get goes to the fewest of the others, so the others' bounds, sorted, rise as
-        water filling the lowest (the sorted counts stay at most their sorted bounds).
-        prefix_affinity sends a request without a shared prefix as least_outstanding does (the
-        least loaded replica is always eligible); its look through ends at one with a prefix."""
-        arrival = self.workload.arrival_s
-        w = self.workload
-        affinity = self.front.router.name == "prefix_affinity"
-        t = float(arrival[g])
-        view = self.view_time(t)
-        others = [(r.outstanding_foreseen(view) if r.foreseen_from < view <= r.foreseen_until()
-                   else r.outstanding_at_most(view), r.index) for r in self.front.replicas if r is not replica]
-        # also each one's own bound, one more for each arrival since (it may have got each),
-        # which keeps the ties' order (the lower index wins a tie)
-        least = min(others)
-        bounds = [count for count, _ in others]
-        heapq.heapify(bounds)
-        until = replica.foreseen_until()
-        for k, i in enumerate(range(g, min(g + self.PASS_LIMIT, len(arrival)))):
-            t = float(arrival[i])
-            view = self.view_time(t)
-            if not replica.foreseen_from < view <= until \
-                    or affinity and w.prefix_group[i] >= 0 and w.prefix_tokens[i] > 0:
-                return t
-            mine = replica.outstanding_foreseen(view)
-            if bounds[0] >= mine and (least[0] + k, least[1]) >= (mine, replica.index):
-                return t
-            heapq.heapreplace(bounds, bounds[0] + 1)
-        return float(arrival[i + 1]) if i + 1 < len(arrival) else math.inf
 
     # --- disaggregation: prefill -> KV transfer -> decode -------------------------------
     def _finished(self, replica: ReplicaEngine, j: int, finish_s: float, dropped: bool) -> None:
@@ -482,8 +469,7 @@ class Cluster:
                         if isinstance(replica.scheduler, SteadyScheduler):
                             replica.look_ahead = self._look_ahead
                             replica.foresee = True
-                    self.pass_arrivals = self.decode is None and self.front.router.name in (
-                        "least_outstanding", "power_of_two", "prefix_affinity")
+                    self.pass_arrivals = self.decode is None
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:

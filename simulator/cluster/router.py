@@ -10,12 +10,13 @@ from its name.
 
 from __future__ import annotations
 
+import heapq
 import random
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from simulator.records.errors import ConfigError
 
@@ -48,6 +49,26 @@ class RouteRequest:
     prefix_tokens: int
 
 
+class Outlook(Protocol):
+    """What the cluster knows, before routing them, of the next arrivals and of the reports the
+    router will read for them (``Router.first_may_get``), for one replica: arrival ``k`` (0: the
+    next not routed yet) of ``len`` looked through."""
+
+    def __len__(self) -> int: ...
+
+    def request(self, k: int) -> RouteRequest:
+        """Arrival ``k``."""
+
+    def own(self, k: int) -> int | None:
+        """The replica's outstanding count in its report for arrival ``k`` if no arrival before
+        ``k`` goes to it (None: not known)."""
+
+    def others(self) -> list[tuple[int, int]]:
+        """(an upper bound on the outstanding count in its report for arrival 0, index) for each
+        other replica (requests sent and not finished, reported or foreseen: finishes only lower
+        it)."""
+
+
 class Router(ABC):
     """Chooses a replica for each request, in arrival order."""
 
@@ -71,10 +92,13 @@ class Router(ABC):
     def sent(self, request: RouteRequest, replica: int) -> None:  # noqa: B027  (a hook: most need nothing)
         """The request went to ``replica``."""
 
-    def may_choose(self, replica: int, ahead: int) -> bool:
-        """Whether the request ``ahead`` places after the next one (0: the next) may go to
-        ``replica``, whatever the reports then (changes nothing)."""
-        return True
+    def first_may_get(self, replica: int, outlook: Outlook) -> int:
+        """The first of the arrivals ``outlook`` looks through that may go to ``replica``, given
+        what is known of the reports for them (``len(outlook)``: none of them): none before it
+        does, whatever the reports turn out to be. The cluster lets the replica's runs go past
+        the arrivals before it. Changes nothing. The default, 0 (the next arrival may), makes its
+        runs stop at every arrival; a router whose choice rules replicas out ahead implements it."""
+        return 0
 
 
 def register(cls: type[Router]) -> type[Router]:
@@ -94,6 +118,36 @@ def make_router(name: str, num_replicas: int, seed: int = 0, load_cap: int = 16,
 
 def _least_loaded(reports: Sequence[ReplicaReport]) -> int:
     return min(reports, key=lambda r: (r.outstanding, r.index)).index
+
+
+def _first_least_loaded(replica: int, outlook: Outlook, shared_prefix_stops: bool = False) -> int:
+    """``first_may_get`` for the least loaded choice (ties: the lowest index): ``replica`` gets
+    no arrival while another has fewer outstanding for certain. Each other replica has at most
+    its bound (``outlook.others``); an arrival ``replica`` does not get goes to the fewest of the
+    others, so the others' bounds, sorted, rise as water filling the lowest (the sorted counts
+    stay at most their sorted bounds). The least bound, one more for each arrival since (it may
+    have got each), keeps the ties' order (the lower index wins a tie). ``shared_prefix_stops``:
+    the look through ends at an arrival with a shared prefix (prefix_affinity's)."""
+    bounds: list[int] | None = None
+    for k in range(len(outlook)):
+        if shared_prefix_stops:
+            request = outlook.request(k)
+            if request.prefix_group >= 0 and request.prefix_tokens > 0:
+                return k
+        mine = outlook.own(k)
+        if mine is None:
+            return k
+        if bounds is None:
+            others = outlook.others()
+            if not others:
+                return k
+            least = min(others)
+            bounds = [count for count, _ in others]
+            heapq.heapify(bounds)
+        if bounds[0] >= mine and (least[0] + k, least[1]) >= (mine, replica):
+            return k
+        heapq.heapreplace(bounds, bounds[0] + 1)
+    return len(outlook)
 
 
 @register
@@ -121,6 +175,9 @@ class LeastOutstanding(Router):
 
     def choose(self, request: RouteRequest, reports: Sequence[ReplicaReport]) -> int:
         return _least_loaded(reports)
+
+    def first_may_get(self, replica: int, outlook: Outlook) -> int:
+        return _first_least_loaded(replica, outlook)
 
 
 @register
@@ -158,6 +215,11 @@ class PrefixAffinity(Router):
 
         return min(eligible, key=lambda r: (-match(r), r.outstanding, r.index)).index
 
+    def first_may_get(self, replica: int, outlook: Outlook) -> int:
+        """A request without a shared prefix goes as least_outstanding sends it (the least loaded
+        replica is always eligible); the look through ends at one with a prefix."""
+        return _first_least_loaded(replica, outlook, shared_prefix_stops=True)
+
     def sent(self, request: RouteRequest, replica: int) -> None:
         if request.prefix_group >= 0 and request.prefix_tokens > 0:
             key = (replica, request.prefix_group)
@@ -185,8 +247,16 @@ class PowerOfTwo(Router):
             self._pairs.popleft()
         return b if reports[b].outstanding < reports[a].outstanding else a
 
+    def first_may_get(self, replica: int, outlook: Outlook) -> int:
+        """The first arrival it will draw ``replica`` for (whatever the reports)."""
+        for k in range(len(outlook)):
+            if self.may_choose(replica, k):
+                return k
+        return len(outlook)
+
     def may_choose(self, replica: int, ahead: int) -> bool:
-        """Only the two replicas it will draw for that request."""
+        """Whether the request ``ahead`` places after the next one (0: the next) may go to
+        ``replica``: only the two replicas it will draw for it (changes nothing)."""
         if self.num_replicas == 1:
             return True
         if not self._pairs:

@@ -10,6 +10,8 @@ import pytest
 
 from simulator.cluster import ClusterSpec, simulate_cluster
 from simulator.cluster.cluster import Cluster
+from simulator.cluster.router import ROUTERS, Router
+from simulator.engine import fast_forward
 from simulator.engine.loop import simulate
 from simulator.plots import plot_kv_per_replica
 from simulator.records.engine_config import EngineConfig
@@ -136,10 +138,10 @@ def test_runs_taken_from_the_foreseen_plans_change_no_bit(seed, async_scheduling
     """Each replica's tables are bit for bit those of the cluster deciding at the arrival times,
     when the runs are cut from the plans made as if no more requests came (``ClusterRuns``),
     admissions inside them included (arrivals close together), and go past arrivals the
-    replica cannot get (``Cluster._may_get_from``, power_of_two's draws; half the requests
-    share prefixes for prefix_affinity, all for all_prefix_affinity). Seed 3 with prefixes: a
-    run ends at a time SimPy's clock cannot reach from the run's start by a delay
-    (``simulator.engine.loop.ExactEnvironment.timeout_at``)."""
+    replica cannot get (``Router.first_may_get``: least_outstanding's bounds, power_of_two's
+    draws; half the requests share prefixes for prefix_affinity, all for all_prefix_affinity).
+    Seed 3 with prefixes: a run ends at a time SimPy's clock cannot reach from the run's start
+    by a delay (``simulator.engine.loop.ExactEnvironment.timeout_at``)."""
     w = make_workload(n=200, seed=seed, rate=20, output=(1, 500))
     if router == "all_prefix_affinity":
         router = "prefix_affinity"
@@ -159,6 +161,57 @@ def test_runs_taken_from_the_foreseen_plans_change_no_bit(seed, async_scheduling
 
     at_time, ahead = run(False), run(True)
     for a, b in zip(at_time.replicas, ahead.replicas, strict=True):
+        for table in ("requests", "timeline"):
+            x, y = getattr(a, table), getattr(b, table)
+            for key in x:
+                np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+
+
+class LeastOutstandingByDefault(Router):
+    """least_outstanding's choice, without its ``first_may_get``: the default (it may get any)."""
+
+    name = "least_outstanding_by_default"
+
+    def choose(self, request, reports):
+        return min(reports, key=lambda r: (r.outstanding, r.index)).index
+
+
+def test_a_router_opts_in_to_runs_past_arrivals_by_first_may_get(monkeypatch):
+    """A router that does not implement ``Router.first_may_get`` makes every replica's runs stop
+    at the next arrival not routed yet, and gives the same tables bit for bit as
+    least_outstanding, which implements it and whose runs go past arrivals: fewer runs."""
+    monkeypatch.setitem(ROUTERS, LeastOutstandingByDefault.name, LeastOutstandingByDefault)
+    known_until = Cluster._front_known_until
+    passed = {}  # router -> how often a replica's arrivals were known past the next one
+
+    def spy(self, now, index=None):
+        until = known_until(self, now, index)
+        g = self._next_unrouted
+        if index is not None and g < len(self.workload):
+            name = self.spec.router
+            passed[name] = passed.get(name, 0) + (until > float(self.workload.arrival_s[g]))
+        return until
+
+    monkeypatch.setattr(Cluster, "_front_known_until", spy)
+    runs = [0]
+    apply_run = fast_forward.apply_run
+
+    def counting(*args, **kwargs):
+        runs[0] += 1
+        return apply_run(*args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    w = make_workload(n=200, seed=0, rate=20, output=(1, 500))
+    results, taken = {}, {}
+    for router in ("least_outstanding", LeastOutstandingByDefault.name):
+        runs[0] = 0
+        cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(),
+                          ClusterSpec(replicas=4, router=router))
+        results[router], taken[router] = cluster.run(SLO()), runs[0]
+    assert passed[LeastOutstandingByDefault.name] == 0 < passed["least_outstanding"]
+    assert taken["least_outstanding"] < taken[LeastOutstandingByDefault.name]
+    for a, b in zip(results["least_outstanding"].replicas, results[LeastOutstandingByDefault.name].replicas,
+                    strict=True):
         for table in ("requests", "timeline"):
             x, y = getattr(a, table), getattr(b, table)
             for key in x:

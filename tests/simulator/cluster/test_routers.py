@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from simulator.cluster import ROUTERS, ClusterSpec, simulate_cluster
 from simulator.cluster.router import ReplicaReport, RouteRequest, make_router
@@ -88,6 +92,66 @@ def test_power_of_two_foresees_the_replicas_it_draws():
             reports = [ReplicaReport(i, int(n), 0.0) for i, n in enumerate(rng.integers(0, 4, 5))]
             chosen = peeking.choose(request, reports)
             assert chosen == plain.choose(request, reports) and chosen in pair
+
+
+class FakeOutlook:
+    """``router.Outlook`` from lists: the own count at each arrival, the others' bounds, and
+    which arrivals share a prefix."""
+
+    def __init__(self, own, others, prefixed=()):
+        self.own_counts, self.bounds, self.prefixed = own, others, set(prefixed)
+
+    def __len__(self):
+        return len(self.own_counts)
+
+    def request(self, k):
+        return RouteRequest(k, float(k), 100, 0 if k in self.prefixed else -1, 64 if k in self.prefixed else 0)
+
+    def own(self, k):
+        return self.own_counts[k]
+
+    def others(self):
+        return list(self.bounds)
+
+
+def test_least_outstanding_knows_the_first_arrival_a_replica_may_get():
+    # replica 1 has 5 outstanding; the others at most 2 and 3: arrivals fill them to 5 and 5
+    # first (the water rises over the lowest), so it may get the 6th (k = 5) at the earliest
+    router = make_router("least_outstanding", 3)
+    assert router.first_may_get(1, FakeOutlook([5] * 8, [(2, 0), (3, 2)])) == 5
+    # ties go to the lower index: replica 0 may get the next at once, replica 2 only the second
+    # (the first may go to replica 0 at 3)
+    assert router.first_may_get(0, FakeOutlook([3] * 4, [(3, 1), (3, 2)])) == 0
+    assert router.first_may_get(2, FakeOutlook([3] * 4, [(3, 0), (3, 1)])) == 1
+    # its own count not known (None) ends the look through; none past it: len
+    assert router.first_may_get(1, FakeOutlook([9, 9, None, 9], [(0, 0), (0, 2)])) == 2
+    assert router.first_may_get(1, FakeOutlook([9] * 3, [(0, 0), (0, 2)])) == 3
+    # prefix_affinity: the same for requests without a shared prefix, up to one with a prefix
+    affinity = make_router("prefix_affinity", 3)
+    assert affinity.first_may_get(1, FakeOutlook([5] * 8, [(2, 0), (3, 2)])) == 5
+    assert affinity.first_may_get(1, FakeOutlook([5] * 8, [(2, 0), (3, 2)], prefixed=[3])) == 3
+    # a router without the rule: it may get the next one
+    assert make_router("least_kv", 3).first_may_get(1, FakeOutlook([5] * 8, [(2, 0), (3, 2)])) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2), st.lists(st.integers(0, 4), min_size=3, max_size=3),
+       st.lists(st.integers(0, 2), min_size=1, max_size=8))
+def test_least_outstanding_never_rules_out_an_arrival_it_may_get(replica, counts, drops):
+    # every count the others may have (at most their bounds), the replica's own count falling
+    # by its finishes: the arrivals before first_may_get all go elsewhere
+    router = make_router("least_outstanding", 3)
+    own = np.maximum(counts[replica] - np.cumsum(drops), 0).tolist()
+    bounds = [(counts[i], i) for i in range(3) if i != replica]
+    first = router.first_may_get(replica, FakeOutlook(own, bounds))
+    request = RouteRequest(0, 0.0, 100, -1, 0)
+    for actual in itertools.product(*(range(b + 1) for b, _ in bounds)):
+        load = dict(zip([i for _, i in bounds], actual, strict=True))
+        for k in range(first):
+            load[replica] = own[k]
+            chosen = router.choose(request, [ReplicaReport(i, load[i], 0.0) for i in range(3)])
+            assert chosen != replica, (actual, k, first)
+            load[chosen] += 1
 
 
 def test_least_outstanding_tail_ttft_no_worse_than_round_robin_on_bursts():
