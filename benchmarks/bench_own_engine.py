@@ -91,6 +91,10 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"error: {' '.join(cmd[1:4])} failed ({done.returncode}): {' | '.join(tail)}")
 
 
+def shape_name(shape: dict) -> str:
+    return "L{layers}-H{hidden}-h{heads}-kv{kv_heads}".format(**shape)
+
+
 def shape_args(shape: dict) -> list[str]:
     return [f"model.{k}={v}" for k, v in shape.items()]
 
@@ -233,14 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: one small shape, two short loads, one server")
     p.add_argument("--runs", type=int, default=None, help="fresh servers per load (default 3; --quick: 1)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/accuracy.md")
+    p.add_argument("--shape", action="append", default=None,
+                   help="only this shape (e.g. L6-H768-h12-kv4; repeatable); a subset's table goes to <out> only")
     args = p.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     shapes, loads = (QUICK_SHAPES, QUICK_LOADS) if args.quick else (SHAPES, LOADS)
+    if args.shape:
+        names = {shape_name(s): s for s in shapes}
+        unknown = sorted(set(args.shape) - set(names))
+        if unknown:
+            print(f"error: --shape: unknown {', '.join(unknown)}; allowed: {', '.join(names)}", file=sys.stderr)
+            return 2
+        shapes = tuple(names[n] for n in args.shape)
+        args.no_docs = True
     out = Path(args.out)
     started = time.time()
     rows, fits = [], {}
     for shape in shapes:
-        name = "L{layers}-H{hidden}-h{heads}-kv{kv_heads}".format(**shape)
+        name = shape_name(shape)
         print(f"[own-engine] {name}: profile + fit", file=sys.stderr, flush=True)
         fits[name] = profile_and_fit(shape, out / name, args.quick)
         for load in loads:
