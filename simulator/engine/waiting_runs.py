@@ -260,16 +260,21 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
     n, k = len(running), run.k
     first, computed, last = run.first_steps, run.computed, run.last_steps
     steps, owners = run.block_steps, run.block_owners
-    order = steps * (n + 1) + owners  # the blocks' order: by step, then member
-    victims = {p.victim for p in run.preemptions}
+    preemptions = run.preemptions
+    victims = {p.victim for p in preemptions}
     # (time key, blocks handed out before it, member, preemption?): a preemption in step s comes
-    # at 2s, a last output between the scheduling of steps last + lag and last + lag + 1
-    events = [(2 * p.step, int(np.searchsorted(order, p.step * (n + 1) + p.short, side="left")), p.victim, True)
-              for p in run.preemptions]
-    for i in np.flatnonzero(last + lag <= k).tolist():
-        if i not in victims:
-            end = int(last[i]) + lag
-            events.append((2 * end + 1, int(np.searchsorted(steps, end, side="right")), i, False))
+    # at 2s, a last output between the scheduling of steps last + lag and last + lag + 1 (the
+    # blocks before each event found by one search for all)
+    events = []
+    if preemptions:
+        order = steps * (n + 1) + owners  # the blocks' order: by step, then member
+        cuts = np.searchsorted(order, [p.step * (n + 1) + p.short for p in preemptions], side="left")
+        events = [(2 * p.step, cut, p.victim, True) for p, cut in zip(preemptions, cuts.tolist(), strict=True)]
+    ending = [i for i in np.flatnonzero(last + lag <= k).tolist() if i not in victims]
+    if ending:
+        ends = last[ending] + lag
+        cuts = np.searchsorted(steps, ends, side="right")
+        events += [(2 * end + 1, cut, i, False) for i, end, cut in zip(ending, ends.tolist(), cuts.tolist(), strict=True)]
     events.sort()
     finished = []
     taken = 0
