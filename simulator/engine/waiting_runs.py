@@ -13,9 +13,11 @@ it covers that step and leaves it in flight, for the scheduler's own admission t
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 
-from simulator.engine.kv_cache import tick_sum
+from simulator.engine.kv_cache import tick_sums
 from simulator.engine.native import NativeScheduler
 from simulator.engine.run_plan import (
     DecodeRun,
@@ -282,13 +284,27 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
     # its blocks when it is freed, the others all at once at the end
     block_of = np.empty(len(steps), dtype=np.int64)
     acquired = sched_at[steps - 1]
+    # each event's member's blocks, grouped by member once (a member's blocks all come before its
+    # event: a victim's from its preemption step on are not the run's, a finishing member's end
+    # with its last step), with their acquisition ticks summed per member
+    at_event = np.zeros(n, dtype=bool)
+    at_event[[i for _, _, i, _ in events]] = True
+    theirs = np.flatnonzero(at_event[owners])
+    theirs = theirs[np.argsort(owners[theirs], kind="stable")]  # by member, each in step order
+    bounds, sums = {}, {}  # member -> its stretch of ``theirs``, its acquisition ticks
+    if len(theirs):
+        members = owners[theirs]
+        starts = np.flatnonzero(np.concatenate(([True], members[1:] != members[:-1])))
+        ids = members[starts].tolist()
+        bounds = dict(zip(ids, pairwise([*starts.tolist(), len(theirs)]), strict=True))
+        sums = dict(zip(ids, tick_sums(acquired[theirs], starts), strict=True))
     for _, cut, i, preempting in events:
         if cut > taken:
             block_of[taken:cut] = kv.take_free_blocks(cut - taken)
             taken = cut
-        mine = np.flatnonzero(owners[:taken] == i)
-        if len(mine):
-            kv.add_taken_blocks(running[i].rid, block_of[mine].tolist(), tick_sum(acquired[mine]))
+        if i in bounds:
+            lo, hi = bounds[i]
+            kv.add_taken_blocks(running[i].rid, block_of[theirs[lo:hi]].tolist(), sums[i])
         req = running[i]
         before = kv.num_used_blocks
         if preempting:
