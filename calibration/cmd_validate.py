@@ -163,12 +163,15 @@ def workload_and_engine(args) -> tuple[Workload, EngineConfig, str, str]:
     return scenario.workload(args.requests), engine, scenario.name, args.optimization or scenario.optimization
 
 
-def run_profiler(model: str, grid: str, out_dir: Path, engine: EngineConfig, optimization: str = "none") -> Path:
-    """Profile ``model`` with the profiler CLI into ``out_dir`` (it finds the engine env itself)."""
+def run_profiler(model: str, grid: str, out_dir: Path, engine: EngineConfig, optimization: str = "none",
+                 serving_servers: int | None = None) -> Path:
+    """Profile ``model`` with the profiler CLI into ``out_dir`` (it finds the engine env itself);
+    ``serving_servers``: servers of its serving phase (None: the profiler's default)."""
     grid_args = VALIDATION_GRID if grid == "validation" else [f"grid={grid}"]
+    serving = [f"serving.servers={serving_servers}"] if serving_servers else []
     cmd = [sys.executable, "-m", "profiler", f"model={model}", f"optimization={optimization}", *grid_args,
            f"output_dir={out_dir}", f"engine.block_size={engine.block_size}",
-           f"engine.max_num_batched_tokens={engine.max_num_batched_tokens}", "resume=false"]
+           f"engine.max_num_batched_tokens={engine.max_num_batched_tokens}", "resume=false", *serving]
     print(f"[validate] profiling: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, cwd=REPO_ROOT, check=False)
     if done.returncode != 0:
@@ -423,8 +426,11 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workload.save(out / "workload.parquet")
-    profile_dir = Path(args.profile) if args.profile else run_profiler(args.model, args.grid, out / "profile",
-                                                                        engine, optimization)
+    # the validated servers' own probes price the steps unless a mode asks for the profile's serving terms:
+    # then one server's serving phase is enough (its shape probes), else the profiler's default
+    uses_profile = "auto" in (args.step_gap, args.prefill_offset, args.request_overhead)
+    profile_dir = Path(args.profile) if args.profile else run_profiler(
+        args.model, args.grid, out / "profile", engine, optimization, serving_servers=None if uses_profile else 1)
     fitted = load_model(profile_dir)
     live, problems = live_runs(args, workload, engine, out)
     if not live:

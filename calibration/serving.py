@@ -102,6 +102,59 @@ def decode_offsets(model: PerformanceModel, probe_sets: list[dict],
     return float(per_step), float(per_request), float(per_context)
 
 
+#: decode steps of served loads that the per-step terms need (below: the probes')
+MIN_LOAD_STEPS = 200
+
+
+def _load_decode_steps(loads: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(requests, KV tokens attended, wall time) of the served loads' logged decode-only steps
+    (no prefill, no recompute): wall = the logged elapsed time plus the load's inter-step gap;
+    KV tokens from the logged KV usage, less half a block per request (a request's last block
+    is half full on average)."""
+    batch, kv_tokens, wall = [], [], []
+    for load in loads:
+        steps, gap = load.get("steps"), load.get("inter_step_gap_s")
+        if not steps or gap is None or not load.get("num_blocks"):
+            continue
+        n = np.asarray(steps["gen_requests"], float)
+        keep = (np.asarray(steps["ctx_requests"]) == 0) & (np.asarray(steps["gen_tokens"]) == n) & (n > 0)
+        size = float(load["block_size"])
+        tokens = np.asarray(steps["kv_usage"], float) * float(load["num_blocks"]) * size - n * size / 2
+        batch.append(n[keep])
+        kv_tokens.append(np.maximum(tokens[keep], n[keep]))
+        wall.append(np.asarray(steps["elapsed_s"], float)[keep] + float(gap))
+    if not batch or sum(b.size for b in batch) < MIN_LOAD_STEPS:
+        return None
+    return np.concatenate(batch), np.concatenate(kv_tokens), np.concatenate(wall)
+
+
+def load_step_offsets(model: PerformanceModel, loads: list[dict],
+                      per_context: float | None = None) -> tuple[float, float, float] | None:
+    """(per step, per request in the step, per KV token attended) the server spends beyond the
+    model, from the served loads' logged decode steps: the least-squares plane through each
+    step's wall time minus the model's for its batch (mean context per request), against the
+    batch size and the KV tokens. Thousands of steps of every batch size the load met, where
+    the probes have four batches. ``per_context`` given: that term, the other two fitted to
+    what it leaves. None with fewer than MIN_LOAD_STEPS decode steps."""
+    logged = _load_decode_steps(loads)
+    if logged is None:
+        return None
+    batch, kv_tokens, wall = logged
+    predicted = np.array([model.step_time(StepBatch(decode_context=[max(int(t / n), 1)] * int(n)))
+                          for n, t in zip(batch, kv_tokens, strict=True)])
+    residual = wall - predicted
+    if per_context is not None:
+        residual = residual - per_context * kv_tokens
+        design = np.column_stack((np.ones_like(batch), batch))
+        per_step, per_request = np.linalg.lstsq(design, residual, rcond=None)[0]
+        return float(per_step), float(per_request), float(per_context)
+    design = np.column_stack((np.ones_like(batch), batch, kv_tokens))
+    if np.linalg.matrix_rank(design) < 3:
+        return None
+    per_step, per_request, per_context = np.linalg.lstsq(design, residual, rcond=None)[0]
+    return float(per_step), float(per_request), float(per_context)
+
+
 def prefill_per_token(model: PerformanceModel, probe_sets: list[dict]) -> float | None:
     """Extra time per prefill token on the server: the slope, against the prompt length, of the
     isolated prefill probes' logged step times minus the model's (median per length). None
@@ -183,7 +236,12 @@ def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engin
     server drafted, so its decode steps are not the logged batches: the per-step term is the
     median inter-step gap instead. ``loads`` (the serving phase's served loads): the step
     scale that makes the served model's requests as long as the served load's (``load_scale``)."""
-    steps = decode_offsets(model, probe_sets)
+    steps = None if speculative else load_step_offsets(model, loads or [])
+    from_load = steps is not None
+    if not from_load:
+        steps = decode_offsets(model, probe_sets)
+    else:
+        source += "; decode terms from the served loads' logged steps"
     if speculative:
         gaps = [float(p["inter_step_gap_s"]) for p in probe_sets if p.get("inter_step_gap_s")]
         steps = (float(np.median(gaps)), 0.0, 0.0) if gaps else None
@@ -193,7 +251,8 @@ def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engin
     per_step, per_request, per_context = steps or (0.0, 0.0, 0.0)
     per_context, prefill, clamped = _bounded(model, per_context, prefill)
     if steps is not None and "per KV token" in clamped:  # the other two terms, refitted around it
-        per_step, per_request, per_context = decode_offsets(model, probe_sets, per_context)
+        per_step, per_request, per_context = (load_step_offsets(model, loads or [], per_context) if from_load
+                                              else decode_offsets(model, probe_sets, per_context))
     if clamped:
         source += f"; {' and '.join(clamped)} clamped to {DRIFT_BOUND:.0%} of the fit's own"
     stepped = StepGapModel(model, per_step, per_request, prefill or 0.0, per_context)
@@ -245,7 +304,7 @@ def load_scale(model: PerformanceModel, terms: ServingOverheads, loads: list[dic
     """
     from simulator.engine.loop import simulate
 
-    loaded = [_load_workload(load) for load in loads]
+    loaded = [_load_workload(load) for load in loads if load.get("e2e_s")]
     loaded = [(w, done, e2e) for w, done, e2e in loaded if done.any()]
     if not loaded:
         return None

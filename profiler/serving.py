@@ -141,6 +141,8 @@ LOAD_CONCURRENCY = 8
 LOAD_CV = 2.0
 LOAD_PROMPTS = (32, 768)
 LOAD_MEAN_OUTPUT = 192
+#: the iteration-log columns a served load keeps per step
+LOAD_STEP_COLUMNS = ("ctx_requests", "ctx_tokens", "gen_requests", "gen_tokens", "elapsed_s", "kv_usage")
 
 
 def load_step_s(probe_sets: list[dict[str, Any]]) -> float | None:
@@ -181,6 +183,8 @@ def run_served_load(server, collector, requests: int, probe_sets: list[dict[str,
                     out: Path, seed: int) -> dict[str, Any] | None:
     """Replay ``served_load`` on a running server (the live runner, no probes of its own): its
     requests as the calibration needs them, or None without decode probes to set its rate."""
+    import pandas as pd
+
     from profiler.live.runner import LiveRunConfig, run_live
 
     step_s = load_step_s(probe_sets)
@@ -192,6 +196,8 @@ def run_served_load(server, collector, requests: int, probe_sets: list[dict[str,
     config = LiveRunConfig(overhead_probes=0, warmup_requests=0, token_seed=seed, lead_s=0.5, settle_s=0.5)
     outcome = run_live(workload, out, server=server, collector=collector, config=config, progress=False)
     live = outcome.result.requests
+    steps = pd.read_parquet(out / "steps.parquet")
+    kv = outcome.result.summary.get("kv_cache") or {}
     return {
         "arrival_s": [float(x) for x in workload.arrival_s],
         "prompt_tokens": [int(x) for x in workload.prompt_tokens],
@@ -201,6 +207,11 @@ def run_served_load(server, collector, requests: int, probe_sets: list[dict[str,
         "e2e_s": [float(x) for x in live["e2e_s"]],
         "rate": rate, "cv": LOAD_CV, "seed": seed, "decode_step_s": step_s,
         "exit_code": outcome.exit_code,
+        # the server's own log of every step of the load (calibration.serving.load_step_offsets)
+        "steps": {c: [round(float(x), 7) if c in ("elapsed_s", "kv_usage") else int(x) for x in steps[c]]
+                  for c in LOAD_STEP_COLUMNS},
+        "inter_step_gap_s": outcome.result.summary["live"].get("inter_step_gap_s"),
+        "num_blocks": kv.get("num_blocks"), "block_size": kv.get("block_size"),
     }
 
 

@@ -38,7 +38,7 @@ class ServingSettings:
 
     enabled: bool = True
     repeats: int = 3
-    servers: int = 1
+    servers: int = 3
     load_requests: int = 64
 
     def __post_init__(self) -> None:

@@ -195,3 +195,40 @@ def test_a_profile_with_a_served_load_is_simulated_with_its_scale(tmp_path):
     unscaled = ServedModel(load_fitted_model(tmp_path / "prof"), dataclasses.replace(served.overheads, step_scale=1.0))
     batch = StepBatch(decode_context=[500] * 4)
     assert served.step_time(batch) == pytest.approx(served.overheads.step_scale * unscaled.step_time(batch))
+
+
+def logged_load(model, per_step: float, per_request: float, per_kv: float, seed: int = 2, steps: int = 600) -> dict:
+    """A served load's iteration log whose decode steps took the model's time plus the three terms
+    (KV usage as the server logs it: blocks, a request's last block half full on average)."""
+    rng = np.random.default_rng(seed)
+    blocks, size, gap = 4000, 128, 0.0013
+    n = rng.integers(1, 33, steps)
+    per_seq = rng.integers(100, 3000, steps)
+    kv_tokens = n * per_seq
+    usage = (kv_tokens + n * size / 2) / (blocks * size)
+    wall = np.array([model.step_time(StepBatch(decode_context=[int(c)] * int(k))) for k, c in zip(n, per_seq, strict=True)])
+    elapsed = wall + per_step + per_request * n + per_kv * kv_tokens - gap
+    prefill = np.arange(steps) % 10 == 0  # every tenth step a prefill: left out of the decode terms
+    return {"steps": {"ctx_requests": prefill.astype(int).tolist(), "ctx_tokens": (prefill * 300).tolist(),
+                      "gen_requests": n.tolist(), "gen_tokens": n.tolist(),
+                      "elapsed_s": np.where(prefill, 1.0, elapsed).tolist(), "kv_usage": usage.tolist()},
+            "inter_step_gap_s": gap, "num_blocks": blocks, "block_size": size}
+
+
+def test_a_served_loads_logged_steps_give_back_known_decode_terms():
+    from calibration.serving import load_step_offsets
+
+    bare = fit_profile(synthetic_profile())
+    kv_cost = bare.coefficients["per_decode_kv_token"]
+    load = logged_load(bare, 0.0021, -0.00004, 0.2 * kv_cost)
+    per_step, per_request, per_context = load_step_offsets(bare, [load])
+    assert per_step == pytest.approx(0.0021, abs=2e-5) and per_request == pytest.approx(-0.00004, abs=2e-6)
+    assert per_context == pytest.approx(0.2 * kv_cost, rel=0.02)
+    # the profile's terms come from them (not the probes, which say otherwise), and say so
+    found = overheads_from_probes(bare, probe_sets(bare, 0.009, 0.0), ENGINE, False, "test", loads=[load])
+    assert found.per_step_s == pytest.approx(0.0021, abs=2e-5) and "served loads' logged steps" in found.source
+    # too few logged decode steps: the probes' terms
+    short = {**load, "steps": {k: v[:100] for k, v in load["steps"].items()}}
+    assert load_step_offsets(bare, [short]) is None
+    probed = overheads_from_probes(bare, probe_sets(bare, 0.009, 0.0), ENGINE, False, "test", loads=[short])
+    assert probed.per_step_s == pytest.approx(0.009, abs=1e-9) and "logged steps" not in probed.source

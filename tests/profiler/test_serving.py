@@ -89,7 +89,7 @@ def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
     result = run_profiler("model=tiny-llama", "grid=smoke", "progress=false", "grid.prefill_chunks=[64]",
                           "grid.prefill_contexts=[256]", "grid.decode_batches=[1,4]", "grid.decode_contexts=[128]",
                           "grid.mixed.requests=0", "engine.max_model_len=2048", "serving.repeats=1",
-                          "serving.load_requests=12",
+                          "serving.load_requests=12", "serving.servers=1",
                           "optimization=none", f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "profile.json").read_text())
