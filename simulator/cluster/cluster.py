@@ -210,6 +210,8 @@ class Cluster:
         self.ahead_on_finishes = True  # ... for routers reading no KV usage, from bounds on finishes
         #: a replica's runs go past arrivals the router cannot send it (``Router.first_may_get``)
         self.pass_arrivals = False
+        #: ... and are held until they end or a request routed there cuts them (``ReplicaEngine.hold``)
+        self.hold_runs = True
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
         #: the replicas stepping together (data-parallel lock-step), or None
         self.lockstep: LockstepGroup | None = None
@@ -470,6 +472,8 @@ class Cluster:
                             replica.look_ahead = self._look_ahead
                             replica.foresee = True
                     self.pass_arrivals = self.decode is None
+                    for replica in self.front.replicas:
+                        replica.hold = replica.foresee and self.pass_arrivals and self.hold_runs
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:

@@ -6,7 +6,10 @@ one by one (``add`` then ``deliver`` at the arrival time), so the replica's
 arrivals grow as the run goes and are known only up to the cluster's next
 routing decision: the fast path is told so (``Arrivals.known_until_s``) and
 ends its runs before it, which keeps its results equal to the step-by-step
-path's. The replica also reports what a router may read: how many of its
+path's. A run planned as if no more requests came is instead held, not applied,
+until it ends or a request is routed here (``ReplicaEngine.hold``): then it is
+applied up to that request's arrival, and arrivals routed elsewhere cost it
+nothing. The replica also reports what a router may read: how many of its
 requests had finished by a time, and its KV usage then (``report``).
 """
 
@@ -17,13 +20,14 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import simpy
 
 from simulator.cluster.router import ReplicaReport
 from simulator.engine import fast_forward
+from simulator.engine.interface import Advance, InFlight
 from simulator.engine.loop import Engine, ExactEnvironment, admission_error
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun
@@ -44,10 +48,13 @@ class ClusterEnvironment(ExactEnvironment):
     ahead of their time (simulator.cluster.cluster)."""
 
     on_timeout: Callable[[simpy.Timeout], None] | None = None
+    #: the latest timeout made (``ReplicaEngine._release``: the one a loop is about to wait for)
+    last_timeout: simpy.Timeout | None = None
 
     def timeout(self, delay: float = 0, value=None) -> simpy.Timeout:
         event = super().timeout(delay, value)
         event.at_s = self.now + delay  # (as SimPy schedules it)
+        self.last_timeout = event
         if self.on_timeout is not None:
             self.on_timeout(event)
         return event
@@ -56,9 +63,32 @@ class ClusterEnvironment(ExactEnvironment):
         """A timeout to exactly ``t`` (``ExactEnvironment.timeout_at``), noted as ``timeout``'s."""
         event = super().timeout_at(t)
         event.at_s = t
+        self.last_timeout = event
         if self.on_timeout is not None:
             self.on_timeout(event)
         return event
+
+    def move_wait(self, process: simpy.Process, timeout: simpy.Timeout, t: float) -> simpy.Timeout:
+        """``ExactEnvironment.move_wait``, the new wait noted as ``timeout``'s (the cluster is not
+        told: it is no new wait)."""
+        event = super().move_wait(process, timeout, t)
+        event.at_s = t
+        return event
+
+
+@dataclass
+class HeldRun:
+    """A run planned from ``now`` and not applied yet (``ReplicaEngine.hold``): the loop waits for
+    its end; a request routed here first cuts it (``ReplicaEngine._release``)."""
+
+    now: float
+    pace: float
+    next_arrival: int
+    in_flight: InFlight | None
+    base: float
+    run: DecodeRun
+    ends: np.ndarray  # base + the step times summed in order (as ``Runs.advance``)
+    adv: Advance  # what the loop holds: filled in when the run is applied
 
 
 class ReplicaEngine(Engine):
@@ -92,6 +122,12 @@ class ReplicaEngine(Engine):
         #: foresee the finishes of each run before it is planned (``foreseen``)
         self.foresee = False
         self.closed = False  # no more requests will be routed here
+        #: runs are held, not applied, until they end or a request routed here cuts them (only
+        #: runs planned as if no more requests came: ``ClusterRuns.advance``)
+        self.hold = False
+        self._held: HeldRun | None = None
+        #: a run applied, logged when it ends: (its advance, next arrival, admissions, arrivals admitted)
+        self._unlogged: tuple[Advance, int, list, range] | None = None
         self._changes = 0  # steps applied and runs taken (keys ``_fewest_steps_left``'s cache)
         self._fewest: tuple[tuple[int, int, int] | None, float] = (None, math.inf)
         #: (finish times, valid until): this replica's finishes after its latest planning point,
@@ -112,6 +148,8 @@ class ReplicaEngine(Engine):
             prefix_tokens: int, outer_group: int = -1, outer_tokens: int = 0, deadline_s: float = math.inf) -> int:
         """Append a routed request (its arrival here at ``time_s``; ``deadline_s``: when its client
         gives up, as the Engine's ``_abort_due`` reads it); return its local id."""
+        if self._held is not None:
+            self._release(time_s)  # (its steps scheduled from the arrival on are not taken)
         j = self.count
         values = (gid, time_s, prompt, max_tokens, reasoning, group, prefix_tokens, outer_group, outer_tokens)
         for name, value in zip(COLUMNS, values, strict=True):
@@ -130,6 +168,8 @@ class ReplicaEngine(Engine):
 
     def deliver(self, j: int) -> None:
         """Request ``j`` arrives now (unless a run of steps already admitted it)."""
+        if self._held is not None:  # (routed here before the run was planned)
+            self._release(self.env.now)
         if j < self._next_arrival:
             return
         self._next_arrival = j + 1
@@ -240,7 +280,9 @@ class ReplicaEngine(Engine):
         if loop is None or not loop.is_alive:
             return math.inf
         target = loop.target
-        if self.env.active_process is loop:
+        if self._held is not None:
+            until = self._held.now  # (its state; the run's finishes are foreseen)
+        elif self.env.active_process is loop:
             until = new_timeout.at_s if new_timeout is not None else self.env.now
         elif isinstance(target, simpy.Timeout) and not target.processed:
             until = target.at_s
@@ -359,13 +401,15 @@ class ReplicaEngine(Engine):
     def _arrivals_columns(self) -> fast_forward.Arrivals:
         return self.arrivals_view(0.0)
 
-    def arrivals_view(self, now: float) -> fast_forward.Arrivals:
-        """The requests routed here as the fast path reads them, known until the next decision."""
+    def arrivals_view(self, now: float, known: bool = True) -> fast_forward.Arrivals:
+        """The requests routed here as the fast path reads them, known until the next decision
+        (``known`` False: those routed so far, with no bound)."""
         n = self.count
         c = self._cols
         return fast_forward.Arrivals(time_s=c["time_s"][:n], queued=~self._too_long[:n], prompt=c["prompt"][:n],
                                      max_tokens=c["max_tokens"][:n], private=self._private[:n],
-                                     known_until_s=self._known_until(now), admit=self.shapes is None)
+                                     known_until_s=self._known_until(now) if known else math.inf,
+                                     admit=self.shapes is None)
 
     def _apply(self, out, start: float) -> None:
         self._changes += 1
@@ -377,7 +421,70 @@ class ReplicaEngine(Engine):
             if req.status == Status.FINISHED and req.finish_s == now:
                 self._report_finish(rid, now)
 
+    # --- held runs ---------------------------------------------------------------------
+    def hold_run(self, now: float, pace: float, next_arrival: int, in_flight: InFlight | None, base: float,
+                 run: DecodeRun, lag: int) -> Advance:
+        """Hold ``run`` (planned from ``now`` as if no more requests came; it admits none): the
+        loop waits for its end, and the run is applied then, or, once a request is routed here,
+        at once, cut before its first step scheduled at or after that request's arrival
+        (``_release``). Returns what the loop holds (filled in when the run is applied)."""
+        ends = np.cumsum(np.concatenate(([base], run.step_times)))
+        end_s = float(ends[run.k - lag])
+        empty = np.empty(0)
+        adv = Advance(0, end_s, empty, empty, empty, [], [], 0, {}, {}, None, [], next_arrival, pace)
+        self._held = HeldRun(now, pace, next_arrival, in_flight, base, run, ends, adv)
+        return adv
+
+    def _release(self, t: float) -> None:
+        """Apply the run held, its steps scheduled before ``t`` (the arrival of a request routed
+        here, at its routing, ahead or not; inf: all): the steps the step-by-step path schedules before that request is
+        queued, the request arriving during the last (as a single run's arrivals that it does not
+        admit). The loop then waits for the end of the steps applied (at or after ``t``)."""
+        held, self._held = self._held, None
+        runs: ClusterRuns = self.scheduler._runs
+        run = held.run
+        # step 1 is scheduled at ``held.now`` (< t), step s >= 2 at ends[s - 1 - lag]
+        k = min(run.k, int(np.searchsorted(held.ends, t, side="left")) + runs.lag)
+        if k < run.k:
+            keep = run.block_steps <= k
+            run = DecodeRun(k=k, step_times=run.step_times[:k], first_steps=run.first_steps, computed=run.computed,
+                            last_steps=run.last_steps, block_steps=run.block_steps[keep],
+                            block_owners=run.block_owners[keep])
+        adv = held.adv
+        end_s = adv.end_s
+        applied = runs.apply_held(held, run, self.arrivals_view(self.env.now, known=False))
+        adv.__dict__.update(applied.__dict__)
+        admitted = self._after_run(adv)
+        self._unlogged = (adv, held.next_arrival, run.admissions, admitted)
+        if adv.end_s != end_s:  # (at or after now)
+            env, loop = self.env, self.loop
+            if env.active_process is loop:  # routed as the loop makes its wait (``on_timeout``)
+                wait = env.last_timeout
+                wait.at_s = adv.end_s
+                env.call_at(env.now, lambda _e: env.move_wait(loop, wait, adv.end_s))  # once it waits
+            else:
+                env.move_wait(loop, loop.target, adv.end_s)
+
+    def _log_run(self, adv: fast_forward.Advance, joined: int = 0) -> None:
+        if self._held is None or adv is not self._held.adv:  # (a run held is logged once applied)
+            super()._log_run(adv, joined)
+
+    def _arrive(self, rids: range) -> None:
+        """(At the end of a run's wait.) A run held to its end is applied; a run applied is logged,
+        the queue's changes counted with the requests routed here by now."""
+        if self._held is not None:
+            self._release(math.inf)
+        if self._unlogged is not None:
+            adv, next_arrival, admissions, rids = self._unlogged
+            self._unlogged = None
+            adv.waiting_changes = self.scheduler._runs.queue_changes(
+                self.arrivals_view(self.env.now, known=False), next_arrival, adv.token_times, admissions)
+            super()._log_run(adv)
+        super()._arrive(rids)
+
     def _after_run(self, adv: fast_forward.Advance) -> range:
+        if self._held is not None and adv is self._held.adv:
+            return range(self._next_arrival, self._next_arrival)  # (counted when applied)
         self._changes += 1
         admitted = super()._after_run(adv)
         runs = getattr(self.scheduler, "_runs", None)
@@ -405,12 +512,14 @@ class ClusterRuns(fast_forward.Runs):
     With ``replica.foresee``, each run is first planned as if no more requests came to the
     replica (its finishes then are ``replica.foreseen``, which the router may read ahead); a
     pure decode run so planned is cut before the next routing decision and taken as it is, the
-    same steps a plan cut there gives (else the run is planned again)."""
+    same steps a plan cut there gives (else the run is planned again). With ``replica.hold``,
+    such a run admitting no arrival is held instead (``ReplicaEngine.hold_run``)."""
 
     def __init__(self, replica: ReplicaEngine, *args):
         super().__init__(*args)
         self.replica = replica
         self._foreseen_run: tuple[float, int, DecodeRun] | None = None  # (base, routed count, run)
+        self._take: DecodeRun | None = None  # the run ``_plan`` gives (a held run applied)
 
     def advance(self, now, pace, next_arrival, in_flight):
         replica = self.replica
@@ -423,6 +532,12 @@ class ClusterRuns(fast_forward.Runs):
             replica.foresee_from(now, self._finishes(run, base) if run is not None else None)
             if run is not None and not (run.preemptions or run.waiting or run.admits):
                 self._foreseen_run = (base, replica.count, run)
+            held = self._foreseen_run
+            if replica.hold and held is not None and not held[2].admissions and not replica._timeouts:
+                # (nothing decided ahead for it: a request routed here cuts the run)
+                run = held[2]
+                self._horizon = min(max(2 * run.k, fast_forward.INITIAL_HORIZON), fast_forward.MAX_HORIZON)
+                return replica.hold_run(now, pace, next_arrival, in_flight, held[0], run, self._lag)
             if replica.look_ahead is not None:
                 replica.look_ahead(replica, now, replica.foreseen)
         self.arrivals = arrivals = replica.arrivals_view(now)
@@ -430,7 +545,32 @@ class ClusterRuns(fast_forward.Runs):
             return None  # hardly a step before the next routing decision: not worth planning
         return super().advance(now, pace, next_arrival, in_flight)
 
+    @property
+    def lag(self) -> int:
+        """Steps in flight when a step is scheduled (1: async scheduling)."""
+        return self._lag
+
+    def apply_held(self, held: HeldRun, run: DecodeRun, arrivals: fast_forward.Arrivals) -> Advance:
+        """Apply ``run`` (the run ``held``, or its first steps) as ``advance`` would have at
+        ``held.now``."""
+        self.arrivals = arrivals
+        self._take = run
+        try:
+            adv = fast_forward.Runs.advance(self, held.now, held.pace, held.next_arrival, held.in_flight)
+        finally:
+            self._take = None
+        assert adv is not None and adv.k == run.k
+        return adv
+
+    def queue_changes(self, arrivals: fast_forward.Arrivals, next_arrival: int, times: np.ndarray,
+                      admissions: list) -> dict[int, int]:
+        """How the queue changes over a run's rows (``Runs._waiting_changes``)."""
+        self.arrivals = arrivals
+        return self._waiting_changes(next_arrival, times, admissions)
+
     def _plan(self, now: float, base: float, pace: float, next_arrival: int) -> DecodeRun | None:
+        if self._take is not None:
+            return self._take
         foreseen = self._foreseen_run
         if foreseen is None or foreseen[0] != base or foreseen[1] != self.replica.count:
             return super()._plan(now, base, pace, next_arrival)

@@ -62,6 +62,16 @@ class ExactEnvironment(simpy.Environment):
         event.callbacks.append(callback)
         self._schedule_at(event, simpy.core.URGENT, max(t, self.now))
 
+    def move_wait(self, process: simpy.Process, timeout: simpy.Timeout, t: float) -> simpy.Timeout:
+        """``process``, waiting for ``timeout``, resumes at ``t`` instead (``now <= t``), as if it
+        had waited for ``timeout_at(t)``; ``timeout`` still ends, waking nobody. Returns the new
+        wait."""
+        timeout.callbacks.remove(process._resume)
+        event = ExactEnvironment.timeout_at(self, t)
+        event.callbacks.append(process._resume)
+        process._target = event
+        return event
+
     def _schedule_at(self, event: simpy.Event, priority: int, t: float) -> None:
         """``schedule`` for the time ``t`` itself rather than ``now + delay``."""
         heapq.heappush(self._queue, (t, priority, next(self._eid), event))

@@ -105,9 +105,10 @@ def test_deciding_ahead_of_time_changes_no_decision(router, async_scheduling, st
 @pytest.mark.parametrize("router", ["least_outstanding", "least_kv"])
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_no_run_applies_a_step_past_the_next_routing_decision(router, async_scheduling, monkeypatch):
-    """Every run a replica takes ends before its arrivals stop being known
+    """Every run a replica takes at once ends before its arrivals stop being known
     (``Arrivals.known_until_s``: the next routing decision that may send it one), also when
-    admissions inside the run and a short KV cache cut it (``fast_forward._fit_kv``)."""
+    admissions inside the run and a short KV cache cut it (``fast_forward._fit_kv``). (Runs held
+    until a request routed there cuts them, ``ReplicaEngine.hold``: the next test.)"""
     from simulator.cluster.replica import ClusterRuns
 
     advance = ClusterRuns.advance
@@ -115,7 +116,7 @@ def test_no_run_applies_a_step_past_the_next_routing_decision(router, async_sche
 
     def checked(self, now, pace, next_arrival, in_flight):
         adv = advance(self, now, pace, next_arrival, in_flight)
-        if adv is not None:
+        if adv is not None and adv.k > 0:  # (k 0: a run held)
             taken.append(adv.k)
             assert adv.end_s < self.arrivals.known_until_s, (now, adv.k, adv.end_s, self.arrivals.known_until_s)
         return adv
@@ -127,6 +128,61 @@ def test_no_run_applies_a_step_past_the_next_routing_decision(router, async_sche
                       async_scheduling=async_scheduling)
     cluster.run(SLO())
     assert len(taken) > 10 and max(taken) > 1
+
+
+@pytest.mark.parametrize(("seed", "async_scheduling", "router"), [
+    (0, False, "least_outstanding"), (1, True, "least_outstanding"), (2, False, "power_of_two"),
+    (3, True, "power_of_two"), (0, True, "prefix_affinity"), (3, False, "prefix_affinity")])
+def test_runs_held_until_a_request_routed_there_cuts_them_change_no_bit(seed, async_scheduling, router,
+                                                                           monkeypatch):
+    """A replica's run planned as if no more requests came is held, not applied, until it ends
+    or a request routed there arrives (``ReplicaEngine.hold``); then it is applied cut before
+    its first step scheduled at or after that arrival (the request comes during its last step,
+    as a single run's arrivals that it does not admit), so an arrival routed elsewhere does not
+    end it. Each replica's tables are bit for bit those of runs ended before every arrival the
+    replica may get (``Cluster.hold_runs`` off), in fewer runs. Fails with the cut a step later,
+    or with no cut (the request queued into the state before the run)."""
+    from simulator.cluster.replica import ReplicaEngine
+
+    release = ReplicaEngine._release
+    cuts = []
+
+    def checked(self, t):
+        held = self._held
+        release(self, t)
+        adv = self._unlogged[0]
+        if t < math.inf:
+            cuts.append(adv.k < held.run.k)
+            # every step applied is scheduled before ``t`` (step 1 at the run's start)
+            assert held.now < t and (adv.starts[1:] < t).all(), (t, adv.starts[-3:])
+            # ... and the run reaches the first step boundary at or after it (or all its steps)
+            assert adv.end_s >= t or adv.k == held.run.k, (t, adv.end_s)
+
+    monkeypatch.setattr(ReplicaEngine, "_release", checked)
+    runs = [0]
+    apply_run = fast_forward.apply_run
+
+    def counting(*args, **kwargs):
+        runs[0] += 1
+        return apply_run(*args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    w = make_workload(n=200, seed=seed, rate=20, output=(1, 500), prefix_groups=3 if router == "prefix_affinity" else 0,
+                      prefix_tokens=64 if router == "prefix_affinity" else 0)
+    results, taken = [], []
+    for hold in (False, True):
+        runs[0] = 0
+        cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(), ClusterSpec(replicas=4, router=router),
+                          async_scheduling=async_scheduling)
+        cluster.hold_runs = hold
+        results.append(cluster.run(SLO()))
+        taken.append(runs[0])
+    assert any(cuts) and taken[1] < taken[0]
+    for a, b in zip(*(r.replicas for r in results), strict=True):
+        for table in ("requests", "timeline"):
+            x, y = getattr(a, table), getattr(b, table)
+            for key in x:
+                np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
 
 
 @pytest.mark.parametrize(("seed", "async_scheduling", "router"), [
@@ -207,6 +263,7 @@ def test_a_router_opts_in_to_runs_past_arrivals_by_first_may_get(monkeypatch):
         runs[0] = 0
         cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(),
                           ClusterSpec(replicas=4, router=router))
+        cluster.hold_runs = False  # (a run held goes past arrivals whatever the router)
         results[router], taken[router] = cluster.run(SLO()), runs[0]
     assert passed[LeastOutstandingByDefault.name] == 0 < passed["least_outstanding"]
     assert taken["least_outstanding"] < taken[LeastOutstandingByDefault.name]
