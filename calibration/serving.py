@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from calibration.live_model import StepGapModel
+from calibration.load_steps import replayed_batches
 from simulator.records.errors import require
 from simulator.records.performance import PerformanceModel, StepBatch
 
@@ -106,11 +107,13 @@ def decode_offsets(model: PerformanceModel, probe_sets: list[dict],
 MIN_LOAD_STEPS = 200
 
 
-def _load_decode_steps(loads: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _load_decode_steps(loads: list[dict], minimum: int = MIN_LOAD_STEPS
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(requests, KV tokens attended, wall time) of the served loads' logged decode-only steps
     (no prefill, no recompute): wall = the logged elapsed time plus the load's inter-step gap;
-    KV tokens from the logged KV usage, less half a block per request (a request's last block
-    is half full on average)."""
+    KV tokens replayed from the load's requests (``replayed_batches``), else from the logged
+    KV usage (rounded to a thousandth of the cache), less half a block per request (a request's
+    last block is half full on average). None under ``minimum`` steps."""
     batch, kv_tokens, wall = [], [], []
     for load in loads:
         steps, gap = load.get("steps"), load.get("inter_step_gap_s")
@@ -119,13 +122,34 @@ def _load_decode_steps(loads: list[dict]) -> tuple[np.ndarray, np.ndarray, np.nd
         n = np.asarray(steps["gen_requests"], float)
         keep = (np.asarray(steps["ctx_requests"]) == 0) & (np.asarray(steps["gen_tokens"]) == n) & (n > 0)
         size = float(load["block_size"])
-        tokens = np.asarray(steps["kv_usage"], float) * float(load["num_blocks"]) * size - n * size / 2
+        replayed = replayed_batches(load)
+        if replayed is not None:
+            tokens = np.array([sum(b.decode_context) for b in replayed], float)
+        else:
+            tokens = np.asarray(steps["kv_usage"], float) * float(load["num_blocks"]) * size - n * size / 2
         batch.append(n[keep])
         kv_tokens.append(np.maximum(tokens[keep], n[keep]))
         wall.append(np.asarray(steps["elapsed_s"], float)[keep] + float(gap))
-    if not batch or sum(b.size for b in batch) < MIN_LOAD_STEPS:
+    if not batch or sum(b.size for b in batch) < minimum:
         return None
     return np.concatenate(batch), np.concatenate(kv_tokens), np.concatenate(wall)
+
+
+def served_speed(model: PerformanceModel, loads: list[dict], most: int = 8) -> float | None:
+    """The served loads' decode steps of at most ``most`` requests, their logged wall time over
+    ``model``'s for the same batches (1: as predicted). Fresh servers of one shape differ by
+    10% and more at small batches on a shared CPU: this says by how much a server was faster or
+    slower than the fit. None without such steps."""
+    logged = _load_decode_steps(loads, minimum=1)
+    if logged is None:
+        return None
+    batch, kv_tokens, wall = logged
+    small = batch <= most
+    if not small.any():
+        return None
+    predicted = sum(model.step_time(StepBatch(decode_context=[max(int(t / n), 1)] * int(n)))
+                    for n, t in zip(batch[small], kv_tokens[small], strict=True))
+    return float(wall[small].sum() / predicted)
 
 
 def load_step_offsets(model: PerformanceModel, loads: list[dict],
@@ -153,6 +177,33 @@ def load_step_offsets(model: PerformanceModel, loads: list[dict],
         return None
     per_step, per_request, per_context = np.linalg.lstsq(design, residual, rcond=None)[0]
     return float(per_step), float(per_request), float(per_context)
+
+
+#: steps with a prefill that the served loads' per-prefill-token term needs (below: the probes')
+MIN_LOAD_PREFILL_STEPS = 30
+
+
+def load_prefill_per_token(stepped: PerformanceModel, loads: list[dict]) -> float | None:
+    """Extra time per prefill token on the server, from the served loads' logged steps that
+    prefill (replayed, ``replayed_batches``): the least-squares slope through the origin of
+    each step's wall time (elapsed plus the inter-step gap) minus ``stepped``'s (the model with
+    the decode terms) against its prefill tokens. Those steps carry the decodes of every
+    running request and prompts of every length the load sent, where the isolated probes
+    prefill one prompt on an idle server. None with fewer than MIN_LOAD_PREFILL_STEPS."""
+    tokens, residual = [], []
+    for load in loads:
+        replayed = replayed_batches(load)
+        gap = load.get("inter_step_gap_s")
+        if replayed is None or gap is None:
+            continue
+        for batch, elapsed in zip(replayed, load["steps"]["elapsed_s"], strict=True):
+            if batch.prefill_tokens:
+                tokens.append(batch.num_prefill_tokens)
+                residual.append(float(elapsed) + float(gap) - stepped.step_time(batch))
+    if len(tokens) < MIN_LOAD_PREFILL_STEPS:
+        return None
+    x, y = np.asarray(tokens, float), np.asarray(residual)
+    return float(x @ y / (x @ x))
 
 
 def prefill_per_token(model: PerformanceModel, probe_sets: list[dict]) -> float | None:
@@ -253,6 +304,10 @@ def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engin
     if steps is not None and "per KV token" in clamped:  # the other two terms, refitted around it
         per_step, per_request, per_context = (load_step_offsets(model, loads or [], per_context) if from_load
                                               else decode_offsets(model, probe_sets, per_context))
+    from_loads = load_prefill_per_token(StepGapModel(model, per_step, per_request, 0.0, per_context), loads or [])
+    if from_loads is not None:
+        per_context, prefill, clamped = _bounded(model, per_context, from_loads)
+        source += "; prefill term from the served loads' logged steps"
     if clamped:
         source += f"; {' and '.join(clamped)} clamped to {DRIFT_BOUND:.0%} of the fit's own"
     stepped = StepGapModel(model, per_step, per_request, prefill or 0.0, per_context)

@@ -232,3 +232,57 @@ def test_a_served_loads_logged_steps_give_back_known_decode_terms():
     assert load_step_offsets(bare, [short]) is None
     probed = overheads_from_probes(bare, probe_sets(bare, 0.009, 0.0), ENGINE, False, "test", loads=[short])
     assert probed.per_step_s == pytest.approx(0.009, abs=1e-9) and "logged steps" not in probed.source
+
+
+def grouped_load(model, per_step: float, per_prefill_token: float, per_request: float = 0.0, per_kv: float = 0.0,
+                 groups: int = 40, outputs: int = 4, most: int = 1) -> dict:
+    """A served load of groups of 1 to ``most`` requests arriving together (prompts 100-1,500
+    /``most``, ``outputs`` tokens each), one group after another, logged with each step's time
+    the model's plus the given terms. The log's KV usage is 0, as a large cache rounds it."""
+    rng = np.random.default_rng(5)
+    gap, rows, elapsed, prompts, arrivals = 0.001, [], [], [], []
+    for g in range(groups):
+        group = [int(p) for p in rng.integers(100 // most, 1500 // most, rng.integers(1, most + 1))]
+        prompts += group
+        arrivals += [10.0 * g] * len(group)
+        for i in range(outputs):
+            batch = (StepBatch(prefill_tokens=group, prefill_context=[0] * len(group)) if i == 0
+                     else StepBatch(decode_context=[p + i for p in group]))
+            rows.append((len(group), sum(group), 0) if i == 0 else (0, 0, len(group)))
+            elapsed.append(model.step_time(batch) + per_step + per_prefill_token * batch.num_prefill_tokens
+                           + per_request * len(batch.decode_context) + per_kv * sum(batch.decode_context) - gap)
+    return {"arrival_s": arrivals, "prompt_tokens": prompts, "output_tokens": [outputs] * len(prompts),
+            "completed": [True] * len(prompts),
+            "steps": {"ctx_requests": [r[0] for r in rows], "ctx_tokens": [r[1] for r in rows],
+                      "gen_requests": [r[2] for r in rows], "gen_tokens": [r[2] for r in rows],
+                      "elapsed_s": elapsed, "kv_usage": [0.0] * len(rows)},
+            "inter_step_gap_s": gap, "num_blocks": 4000, "block_size": 128}
+
+
+def test_a_served_loads_decode_terms_use_the_kv_lengths_replayed_from_its_requests():
+    from calibration.serving import load_step_offsets
+
+    bare = fit_profile(synthetic_profile())
+    kv_cost = bare.coefficients["per_decode_kv_token"]
+    load = grouped_load(bare, 0.0021, 0.0, per_request=-0.00004, per_kv=0.2 * kv_cost, groups=60, outputs=8,
+                        most=12)
+    per_step, per_request, per_context = load_step_offsets(bare, [load])
+    assert per_step == pytest.approx(0.0021, abs=2e-5) and per_request == pytest.approx(-0.00004, abs=2e-6)
+    assert per_context == pytest.approx(0.2 * kv_cost, rel=0.02)
+
+
+def test_a_served_loads_prefill_steps_give_back_a_known_per_prefill_token_cost():
+    bare = fit_profile(synthetic_profile())
+    extra = 0.1 * bare.coefficients["per_prefill_token"]
+    load = grouped_load(bare, 0.002, extra)
+    # the probes say the server prefills no slower; the load's steps say otherwise, and win
+    found = overheads_from_probes(bare, probe_sets(bare, 0.002, 0.0), ENGINE, False, "test", loads=[load])
+    assert found.per_step_s == pytest.approx(0.002, abs=1e-6)
+    assert found.per_prefill_token_s == pytest.approx(extra, rel=0.01)
+    assert "prefill term from the served loads" in found.source
+    # a load too short to say: no prefill term from it
+    short = {**load, "arrival_s": load["arrival_s"][:5], "prompt_tokens": load["prompt_tokens"][:5],
+             "output_tokens": load["output_tokens"][:5], "completed": load["completed"][:5],
+             "steps": {k: v[:20] for k, v in load["steps"].items()}}
+    probed = overheads_from_probes(bare, probe_sets(bare, 0.002, 0.0), ENGINE, False, "test", loads=[short])
+    assert probed.per_prefill_token_s == 0.0 and "prefill term" not in probed.source

@@ -113,3 +113,8 @@ def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
     (load,) = serving["loads"]  # the served load: every request completed, and the scale fitted to it
     assert len(load["e2e_s"]) == 12 and all(load["completed"]) and min(load["e2e_s"]) > 0
     assert perf.overheads.load_requests == 12 and 0.5 <= perf.overheads.step_scale <= 2.0
+    # the real server's log is the replay's order of things: every step's batch is worked out
+    from calibration.load_steps import replayed_batches
+
+    batches = replayed_batches(load)
+    assert batches is not None and sum(b.num_prefill_tokens for b in batches) == sum(load["prompt_tokens"])
