@@ -21,6 +21,7 @@ the steps is counted once, by the simulator's front-end term
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -263,53 +264,72 @@ def busy_overhead(model: PerformanceModel, probe_sets: list[dict], engine, idle_
 DRIFT_BOUND = 0.5
 
 
-def _bounded(model: PerformanceModel, per_context: float, prefill: float | None
-             ) -> tuple[float, float | None, list[str]]:
-    """The per-KV-token and per-prefill-token terms within DRIFT_BOUND of the fit's own."""
-    coefficients = getattr(model, "coefficients", None) or {}
-    clamped = []
-    kv_cost = coefficients.get("per_decode_kv_token")
-    if kv_cost is not None and abs(per_context) > DRIFT_BOUND * kv_cost:
-        per_context = float(np.clip(per_context, -DRIFT_BOUND * kv_cost, DRIFT_BOUND * kv_cost))
-        clamped.append("per KV token")
-    token_cost = coefficients.get("per_prefill_token")
-    if prefill is not None and token_cost is not None and abs(prefill) > DRIFT_BOUND * token_cost:
-        prefill = float(np.clip(prefill, -DRIFT_BOUND * token_cost, DRIFT_BOUND * token_cost))
-        clamped.append("per prefill token")
-    return per_context, prefill, clamped
+def _within_drift(model: PerformanceModel, value: float, coefficient: str) -> tuple[float, bool]:
+    """``value`` within DRIFT_BOUND of the fit's own ``coefficient`` (a per-token cost), and
+    whether it was clamped."""
+    cost = (getattr(model, "coefficients", None) or {}).get(coefficient)
+    if cost is None or abs(value) <= DRIFT_BOUND * cost:
+        return value, False
+    return float(np.clip(value, -DRIFT_BOUND * cost, DRIFT_BOUND * cost)), True
+
+
+def _clamp_note(name: str) -> str:
+    return f"; {name} clamped to {DRIFT_BOUND:.0%} of the fit's own"
+
+
+def decode_terms(model: PerformanceModel, probe_sets: list[dict], loads: list[dict],
+                 speculative: bool) -> tuple[tuple[float, float, float] | None, str]:
+    """(per step, per request, per KV token) a server adds to decode steps, and a note on their
+    source: the served loads' logged steps (``load_step_offsets``), else the decode probes'
+    plane (``decode_offsets``); a per-KV-token term beyond DRIFT_BOUND is clamped and the
+    other two refitted around it. ``speculative``: the logged steps are not the batches
+    verified, so the per-step term is the probes' median inter-step gap. None without data."""
+    if speculative:
+        gaps = [float(p["inter_step_gap_s"]) for p in probe_sets if p.get("inter_step_gap_s")]
+        return ((float(np.median(gaps)), 0.0, 0.0) if gaps else None), "; speculative: per step = the inter-step gap"
+    terms, note = load_step_offsets(model, loads), "; decode terms from the served loads' logged steps"
+    refit = functools.partial(load_step_offsets, model, loads)
+    if terms is None:
+        terms, note = decode_offsets(model, probe_sets), ""
+        refit = functools.partial(decode_offsets, model, probe_sets)
+    if terms is None:
+        return None, note
+    per_context, clamped = _within_drift(model, terms[2], "per_decode_kv_token")
+    if not clamped:
+        return terms, note
+    return refit(per_context), note + _clamp_note("per KV token")
+
+
+def prefill_term(model: PerformanceModel, stepped: PerformanceModel, probe_sets: list[dict], loads: list[dict],
+                 speculative: bool) -> tuple[float | None, str]:
+    """Extra time per prefill token on the server, and a note on its source: the served loads'
+    steps that prefill against ``stepped`` (the model with the decode terms;
+    ``load_prefill_per_token``), else the isolated prefill probes' slope; clamped within
+    DRIFT_BOUND. None without data."""
+    value = None if speculative else load_prefill_per_token(stepped, loads)
+    note = "; prefill term from the served loads' logged steps"
+    if value is None:
+        value, note = prefill_per_token(model, probe_sets), ""
+    if value is None:
+        return None, note
+    value, clamped = _within_drift(model, value, "per_prefill_token")
+    return value, note + (_clamp_note("per prefill token") if clamped else "")
 
 
 def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engine, async_scheduling: bool,
                           source: str, speculative: bool = False,
                           loads: list[dict] | None = None) -> ServingOverheads:
-    """Every overhead term from probe sets, against the bare step model ``model``; terms the
-    probes cannot give are 0 (``source`` says which were measured). ``speculative``: the
-    server drafted, so its decode steps are not the logged batches: the per-step term is the
-    median inter-step gap instead. ``loads`` (the serving phase's served loads): the step
-    scale that makes the served model's requests as long as the served load's (``load_scale``)."""
-    steps = None if speculative else load_step_offsets(model, loads or [])
-    from_load = steps is not None
-    if not from_load:
-        steps = decode_offsets(model, probe_sets)
-    else:
-        source += "; decode terms from the served loads' logged steps"
-    if speculative:
-        gaps = [float(p["inter_step_gap_s"]) for p in probe_sets if p.get("inter_step_gap_s")]
-        steps = (float(np.median(gaps)), 0.0, 0.0) if gaps else None
-        source += "; speculative: per step = the inter-step gap"
-    prefill = prefill_per_token(model, probe_sets)
-    idle = idle_overhead(probe_sets)
+    """Every overhead term from probe sets and served loads, against the bare step model
+    ``model``; terms nothing measured are 0 (``source`` says which were measured).
+    ``speculative``: the server drafted (``decode_terms``). ``loads`` (the serving phase's
+    served loads): the decode and prefill terms from their logged steps, and the step scale
+    that makes the served model's requests as long as the served load's (``load_scale``)."""
+    loads = loads or []
+    steps, said = decode_terms(model, probe_sets, loads, speculative)
     per_step, per_request, per_context = steps or (0.0, 0.0, 0.0)
-    per_context, prefill, clamped = _bounded(model, per_context, prefill)
-    if steps is not None and "per KV token" in clamped:  # the other two terms, refitted around it
-        per_step, per_request, per_context = (load_step_offsets(model, loads or [], per_context) if from_load
-                                              else decode_offsets(model, probe_sets, per_context))
-    from_loads = load_prefill_per_token(StepGapModel(model, per_step, per_request, 0.0, per_context), loads or [])
-    if from_loads is not None:
-        per_context, prefill, clamped = _bounded(model, per_context, from_loads)
-        source += "; prefill term from the served loads' logged steps"
-    if clamped:
-        source += f"; {' and '.join(clamped)} clamped to {DRIFT_BOUND:.0%} of the fit's own"
+    prefill, prefill_said = prefill_term(model, StepGapModel(model, per_step, per_request, 0.0, per_context),
+                                         probe_sets, loads, speculative)
+    idle = idle_overhead(probe_sets)
     stepped = StepGapModel(model, per_step, per_request, prefill or 0.0, per_context)
     busy = busy_overhead(stepped, probe_sets, engine, idle or 0.0, async_scheduling)
     missing = [name for name, value in (("decode probes", steps), ("prefill probes", prefill),
@@ -317,8 +337,8 @@ def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engin
                if value is None]
     note = f" (none: {', '.join(missing)}; their terms are 0)" if missing else ""
     terms = ServingOverheads(per_step, per_request, per_context, prefill or 0.0, idle or 0.0, busy or 0.0,
-                             len(probe_sets), source + note)
-    scaled = load_scale(model, terms, loads or [], engine, async_scheduling)
+                             len(probe_sets), source + said + prefill_said + note)
+    scaled = load_scale(model, terms, loads, engine, async_scheduling)
     if scaled is None:
         return terms
     scale, requests, said = scaled

@@ -280,6 +280,14 @@ def test_a_served_loads_prefill_steps_give_back_a_known_per_prefill_token_cost()
     assert found.per_step_s == pytest.approx(0.002, abs=1e-6)
     assert found.per_prefill_token_s == pytest.approx(extra, rel=0.01)
     assert "prefill term from the served loads" in found.source
+    # decode steps that say 3x the fit's own per-KV cost: clamped, and said beside the prefill's source
+    from calibration.serving import DRIFT_BOUND
+
+    kv_cost = bare.coefficients["per_decode_kv_token"]
+    steep = grouped_load(bare, 0.002, extra, per_kv=3 * kv_cost, groups=60, outputs=8, most=12)
+    clamped = overheads_from_probes(bare, probe_sets(bare, 0.002, 0.0), ENGINE, False, "test", loads=[steep])
+    assert clamped.per_context_token_s == pytest.approx(DRIFT_BOUND * kv_cost)
+    assert "per KV token clamped" in clamped.source and "prefill term from the served loads" in clamped.source
     # a load too short to say: no prefill term from it
     short = {**load, "arrival_s": load["arrival_s"][:5], "prompt_tokens": load["prompt_tokens"][:5],
              "output_tokens": load["output_tokens"][:5], "completed": load["completed"][:5],
