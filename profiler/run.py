@@ -409,6 +409,10 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     return out
 
 
+#: the serving phase's working directory in the temporary directory (server logs, loads' runs)
+SERVING_LOGS_PREFIX = "rllm-sim-serving-"
+
+
 def close_session(session: EngineSession) -> None:
     """Stop the in-process engine and free its memory (before the serving phase starts a server)."""
     import gc
@@ -421,21 +425,26 @@ def close_session(session: EngineSession) -> None:
 
 def serving_phase(settings: ProfilerSettings, model: Path | str, resolved: dict[str, Any], kv: dict[str, Any],
                   process_info: dict[str, Any]) -> dict[str, Any]:
-    """The serving section (profiler.serving), or one that says why the phase failed (the grid is kept)."""
+    """The serving section (profiler.serving), or one that says why the phase failed (the grid is kept).
+    The servers' logs and the loads' run directories are removed once the section holds what they
+    measured; a failed phase keeps them and says where."""
+    import shutil
     import tempfile
 
     from profiler.serving import cli_flags, measure_serving, server_engine
 
-    logs = Path(tempfile.mkdtemp(prefix="rllm-sim-serving-"))
+    logs = Path(tempfile.mkdtemp(prefix=SERVING_LOGS_PREFIX))
     args = cli_flags({**settings.engine.extra_args, **settings.optimization.engine_args})
     try:
-        return measure_serving(str(model), server_engine(resolved, kv), int(kv["kv_cache_bytes"]),
-                               settings.serving, list(process_info["cpus"]), logs, settings.seed, args)
+        section = measure_serving(str(model), server_engine(resolved, kv), int(kv["kv_cache_bytes"]),
+                                  settings.serving, list(process_info["cpus"]), logs, settings.seed, args)
     except Exception as err:  # a failed server must not lose the measured grid
         line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         print(f"[profiler] warning: serving phase failed ({line}); the profile has no serving overheads "
               f"(server logs in {logs})", file=sys.stderr)
         return {"probes": [], "error": line, "source": "profiler serving phase (failed)"}
+    shutil.rmtree(logs, ignore_errors=True)
+    return section
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -85,6 +85,15 @@ def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
 
     if not engine_available():
         pytest.skip("no vLLM engine env (./scripts/setup_vllm_cpu.sh)")
+    import tempfile
+    from pathlib import Path
+
+    from profiler.run import SERVING_LOGS_PREFIX
+
+    def working_dirs() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob(SERVING_LOGS_PREFIX + "*"))
+
+    before = working_dirs()
     out = tmp_path / "profile"
     result = run_profiler("model=tiny-llama", "grid=smoke", "progress=false", "grid.prefill_chunks=[64]",
                           "grid.prefill_contexts=[256]", "grid.decode_batches=[1,4]", "grid.decode_contexts=[128]",
@@ -92,6 +101,7 @@ def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
                           "serving.load_requests=12", "serving.servers=1",
                           "optimization=none", f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert working_dirs() <= before  # the servers' logs and the load's run went with the phase
     meta = json.loads((out / "profile.json").read_text())
     serving = meta["serving"]
     assert serving["async_scheduling"] is False  # vLLM's CPU platform serves synchronously
