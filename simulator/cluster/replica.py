@@ -222,7 +222,7 @@ class ReplicaEngine(Engine):
             heapq.heappop(heap)
             self._finished_before += 1
         if finishes_ahead is not None:
-            ahead = int(np.searchsorted(finishes_ahead, view_s, side="left"))
+            ahead = int(finishes_ahead.searchsorted(view_s, side="left"))
             return ReplicaReport(position, self.sent - self._finished_before - ahead, math.nan)
         if self.foreseen is not None and self._foreseen_from < view_s <= self.foreseen_until():
             return ReplicaReport(position, self.sent - self._finished_before - self._foreseen_unreported(view_s),
@@ -244,8 +244,8 @@ class ReplicaEngine(Engine):
     def _foreseen_unreported(self, view_s: float) -> int:
         """The finishes foreseen before ``view_s`` not reported yet (those reported come first;
         ``view_s`` in ``(foreseen_from, foreseen_until()]``)."""
-        return (int(np.searchsorted(self.foreseen[0], view_s, side="left"))
-                - int(np.searchsorted(self._foreseen_reported, view_s, side="left")))
+        return (int(self.foreseen[0].searchsorted(view_s, side="left"))
+                - bisect.bisect_left(self._foreseen_reported, view_s))  # (a list: no array made)
 
     @property
     def foreseen_from(self) -> float:
@@ -301,7 +301,7 @@ class ReplicaEngine(Engine):
         foreseen = self.foreseen
         if foreseen is not None and bound < foreseen[1]:
             finishes = foreseen[0]
-            i = int(np.searchsorted(finishes, until, side="left"))
+            i = int(finishes.searchsorted(until, side="left"))
             bound = max(bound, min(self.foreseen_until(), float(finishes[i]) if i < len(finishes) else math.inf))
         return max(bound, until)
 
