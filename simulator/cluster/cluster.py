@@ -212,6 +212,8 @@ class Cluster:
         self.pass_arrivals = False
         #: ... and are held until they end or a request routed there cuts them (``ReplicaEngine.hold``)
         self.hold_runs = True
+        #: ... and a request routed there that such a run admits whole extends it (``ReplicaEngine.extend_held``)
+        self.extend_held_runs = True
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
         #: the replicas stepping together (data-parallel lock-step), or None
         self.lockstep: LockstepGroup | None = None
@@ -474,6 +476,7 @@ class Cluster:
                     self.pass_arrivals = self.decode is None
                     for replica in self.front.replicas:
                         replica.hold = replica.foresee and self.pass_arrivals and self.hold_runs
+                        replica.extend_held = self.extend_held_runs
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:
@@ -497,6 +500,7 @@ class Cluster:
     def _stop_idle(self, _event) -> None:
         """The replicas waiting for a request end now; the others at their next step boundary."""
         for replica in self.replicas:
+            replica.stop_held()
             if replica._wake is not None and not replica._wake.triggered:
                 replica._wake.succeed()
 

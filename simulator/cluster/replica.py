@@ -7,9 +7,10 @@ arrivals grow as the run goes and are known only up to the cluster's next
 routing decision: the fast path is told so (``Arrivals.known_until_s``) and
 ends its runs before it, which keeps its results equal to the step-by-step
 path's. A run planned as if no more requests came is instead held, not applied,
-until it ends or a request is routed here (``ReplicaEngine.hold``): then it is
-applied up to that request's arrival, and arrivals routed elsewhere cost it
-nothing. The replica also reports what a router may read: how many of its
+until it ends or a request is routed here (``ReplicaEngine.hold``): a request
+that the run admits whole extends it (``ReplicaEngine.extend_held``), any other
+has it applied up to that request's arrival, and arrivals routed elsewhere cost
+it nothing. The replica also reports what a router may read: how many of its
 requests had finished by a time, and its KV usage then (``report``).
 """
 
@@ -89,6 +90,12 @@ class HeldRun:
     run: DecodeRun
     ends: np.ndarray  # base + the step times summed in order (as ``Runs.advance``)
     adv: Advance  # what the loop holds: filled in when the run is applied
+    #: the plan's walk through the arrivals (``fast_forward.ArrivalWalk``): a request routed here
+    #: that the run admits whole extends it (``ReplicaEngine._extend_held``); None: it cannot
+    walk: fast_forward.ArrivalWalk | None = None
+    #: the blocks each member of the walk held before its first decode step (for the blocks of
+    #: a run extended: ``fast_forward.with_blocks``)
+    member_held: list[int] | None = None
 
 
 class ReplicaEngine(Engine):
@@ -125,7 +132,10 @@ class ReplicaEngine(Engine):
         #: runs are held, not applied, until they end or a request routed here cuts them (only
         #: runs planned as if no more requests came: ``ClusterRuns.advance``)
         self.hold = False
+        #: ... and a request routed here that a held run admits whole extends it, not cuts it
+        self.extend_held = True
         self._held: HeldRun | None = None
+        self._moving: float | None = None  # where the loop's wait moves once it waits (``_move_wait``)
         #: a run applied, logged when it ends: (its advance, next arrival, admissions, arrivals admitted)
         self._unlogged: tuple[Advance, int, list, range] | None = None
         self._changes = 0  # steps applied and runs taken (keys ``_fewest_steps_left``'s cache)
@@ -148,8 +158,6 @@ class ReplicaEngine(Engine):
             prefix_tokens: int, outer_group: int = -1, outer_tokens: int = 0, deadline_s: float = math.inf) -> int:
         """Append a routed request (its arrival here at ``time_s``; ``deadline_s``: when its client
         gives up, as the Engine's ``_abort_due`` reads it); return its local id."""
-        if self._held is not None:
-            self._release(time_s)  # (its steps scheduled from the arrival on are not taken)
         j = self.count
         values = (gid, time_s, prompt, max_tokens, reasoning, group, prefix_tokens, outer_group, outer_tokens)
         for name, value in zip(COLUMNS, values, strict=True):
@@ -158,9 +166,14 @@ class ReplicaEngine(Engine):
         self._too_long[j] = prompt + max_tokens > min(cfg.max_model_len, (kv.num_blocks - 1) * kv.block_size)
         self._private[j] = (prefix_tokens if group >= 0 else 0) < cfg.block_size  # as Engine._arrivals_columns
         self._deadline_s[j] = deadline_s
-        self._timeouts = self._timeouts or deadline_s < math.inf
         self.count = j + 1
-        if self.foreseen is not None and time_s < self.foreseen[1]:
+        extended = False
+        if self._held is not None:
+            extended = not self._too_long[j] and deadline_s == math.inf and self._extend_held(j)
+            if not extended:
+                self._release(time_s)  # (its steps scheduled from the arrival on are not taken)
+        self._timeouts = self._timeouts or deadline_s < math.inf
+        if not extended and self.foreseen is not None and time_s < self.foreseen[1]:
             self.foreseen = (self.foreseen[0], time_s)
         if self._too_long[j]:  # rejected on arrival: known now, so a router deciding ahead counts it
             self._report_finish(j, time_s, dropped=True)
@@ -168,7 +181,9 @@ class ReplicaEngine(Engine):
 
     def deliver(self, j: int) -> None:
         """Request ``j`` arrives now (unless a run of steps already admitted it)."""
-        if self._held is not None:  # (routed here before the run was planned)
+        if self._held is not None:
+            if self._held_admits(j):
+                return  # (made when the run is applied: ``_arrive``)
             self._release(self.env.now)
         if j < self._next_arrival:
             return
@@ -423,33 +438,52 @@ class ReplicaEngine(Engine):
 
     # --- held runs ---------------------------------------------------------------------
     def hold_run(self, now: float, pace: float, next_arrival: int, in_flight: InFlight | None, base: float,
-                 run: DecodeRun, lag: int) -> Advance:
-        """Hold ``run`` (planned from ``now`` as if no more requests came; it admits none): the
-        loop waits for its end, and the run is applied then, or, once a request is routed here,
-        at once, cut before its first step scheduled at or after that request's arrival
-        (``_release``). Returns what the loop holds (filled in when the run is applied)."""
+                 run: DecodeRun, lag: int, walk: fast_forward.ArrivalWalk | None = None) -> Advance:
+        """Hold ``run`` (planned from ``now`` as if no more requests came; it admits only those
+        routed here by then; ``walk``: its plan's walk through them): the loop waits for its end,
+        and the run is applied then. A request routed here that the run admits whole extends it
+        (``_extend_held``); any other has it applied at once, cut before its first step
+        scheduled at or after that request's arrival (``_release``). Returns what the loop holds
+        (filled in when the run is applied)."""
         ends = np.cumsum(np.concatenate(([base], run.step_times)))
         end_s = float(ends[run.k - lag])
         empty = np.empty(0)
         adv = Advance(0, end_s, empty, empty, empty, [], [], 0, {}, {}, None, [], next_arrival, pace)
-        self._held = HeldRun(now, pace, next_arrival, in_flight, base, run, ends, adv)
+        self._held = HeldRun(now, pace, next_arrival, in_flight, base, run, ends, adv, walk,
+                             walk.members.held if walk is not None else None)
         return adv
 
     def _release(self, t: float) -> None:
         """Apply the run held, its steps scheduled before ``t`` (the arrival of a request routed
-        here, at its routing, ahead or not; inf: all): the steps the step-by-step path schedules before that request is
-        queued, the request arriving during the last (as a single run's arrivals that it does not
-        admit). The loop then waits for the end of the steps applied (at or after ``t``)."""
+        here, at its routing, ahead or not; inf: all): the steps the step-by-step path schedules
+        before that request is queued, the request arriving during the last (as a single run's
+        arrivals that it does not admit), less any admission that would be the last step (the
+        run then ends when that admission's step is scheduled, at or after now: ``_held_admits``).
+        The loop then waits for the end of the steps applied."""
+        held = self._held
+        # step 1 is scheduled at ``held.now`` (< t), step s >= 2 at ends[s - 1 - lag]
+        self._apply_held(min(held.run.k, int(np.searchsorted(held.ends, t, side="left")) + self.scheduler._runs.lag))
+
+    def stop_held(self) -> None:
+        """(A stop: ``Engine.request_stop``.) Apply the run held up to its first step boundary
+        at or after now where a cut may end."""
+        held = self._held
+        if held is None:
+            return
+        lag = self.scheduler._runs.lag
+        held.run = fast_forward.with_blocks(self.scheduler, held.run, held.member_held)
+        k = min(held.run.k, max(int(np.searchsorted(held.ends, self.env.now, side="left")) + lag, 1))
+        while k < held.run.k and held.ends[cut_run(held.run, k).k - lag] < self.env.now:
+            k += 1
+        self._apply_held(k)
+
+    def _apply_held(self, k: int) -> None:
+        """Apply the first ``k`` steps of the run held (``cut_run``; all: ``k`` its length)."""
         held, self._held = self._held, None
         runs: ClusterRuns = self.scheduler._runs
-        run = held.run
-        # step 1 is scheduled at ``held.now`` (< t), step s >= 2 at ends[s - 1 - lag]
-        k = min(run.k, int(np.searchsorted(held.ends, t, side="left")) + runs.lag)
+        run = fast_forward.with_blocks(self.scheduler, held.run, held.member_held)
         if k < run.k:
-            keep = run.block_steps <= k
-            run = DecodeRun(k=k, step_times=run.step_times[:k], first_steps=run.first_steps, computed=run.computed,
-                            last_steps=run.last_steps, block_steps=run.block_steps[keep],
-                            block_owners=run.block_owners[keep])
+            run = cut_run(run, k)
         adv = held.adv
         end_s = adv.end_s
         applied = runs.apply_held(held, run, self.arrivals_view(self.env.now, known=False))
@@ -457,13 +491,64 @@ class ReplicaEngine(Engine):
         admitted = self._after_run(adv)
         self._unlogged = (adv, held.next_arrival, run.admissions, admitted)
         if adv.end_s != end_s:  # (at or after now)
-            env, loop = self.env, self.loop
-            if env.active_process is loop:  # routed as the loop makes its wait (``on_timeout``)
-                wait = env.last_timeout
-                wait.at_s = adv.end_s
-                env.call_at(env.now, lambda _e: env.move_wait(loop, wait, adv.end_s))  # once it waits
-            else:
-                env.move_wait(loop, loop.target, adv.end_s)
+            self._move_wait(adv.end_s)
+
+    def _move_wait(self, end_s: float) -> None:
+        """The loop, waiting for the run held, resumes at ``end_s`` instead (at or after now)."""
+        env, loop = self.env, self.loop
+        if self._moving is None and env.active_process is not loop:
+            env.move_wait(loop, loop.target, end_s)
+            return
+        # routed as the loop makes its wait (``on_timeout``): moved once it waits
+        (env.last_timeout if env.active_process is loop else loop.target).at_s = end_s
+        if self._moving is None:
+            def move(_event) -> None:
+                end, self._moving = self._moving, None
+                env.move_wait(loop, loop.target, end)
+
+            env.call_at(env.now, move)
+        self._moving = end_s
+
+    def _extend_held(self, j: int) -> bool:
+        """Request ``j``, just routed here, joins the run held if the step after its arrival
+        admits it whole (``ArrivalWalk.extend``): the run planned again from its walk, held
+        on, its finishes foreseen again. False (nothing changed but the walk): the run must be
+        cut."""
+        held = self._held
+        walk = held.walk
+        if walk is None or not self.extend_held:
+            return False
+        held.walk = None  # (a walk that went on is kept only with its run)
+        run = walk.extend(self.arrivals_view(self.env.now, known=False))
+        if run is None or not run.admissions or run.admissions[-1].rid != j:
+            return False
+        runs: ClusterRuns = self.scheduler._runs
+        held.walk, held.run = walk, run
+        held.ends = np.cumsum(np.concatenate(([held.base], run.step_times)))
+        end_s = float(held.ends[run.k - runs.lag])  # (after the arrival: its prefill is not the last step)
+        if end_s != held.adv.end_s:
+            held.adv.end_s = end_s
+            self._move_wait(end_s)
+        self.foreseen = runs.finishes(run, held.base)  # (those before the arrival are the same)
+        return True
+
+    def _held_admits(self, j: int) -> bool:
+        """Whether the run held admits request ``j`` (arriving now) for certain: no cut can drop
+        its admission, nor one that ends before now. A cut at a request's arrival keeps the steps
+        scheduled before it and then none whose prefill would be its last: were ``j``'s step (or
+        one of the admissions in the steps right after it) the last kept, the run would end when
+        that step is scheduled, before now. So no request routed here later may arrive before
+        the step after those admissions is scheduled (``known_until``: the first arrival the
+        router may send here)."""
+        held = self._held
+        steps = {a.step for a in held.run.admissions}
+        step = next((a.step for a in held.run.admissions if a.rid == j), None)
+        if step is None:
+            return False
+        while step + 1 in steps:
+            step += 1
+        # step s >= 2 is scheduled at ends[s - 1 - lag]
+        return self._known_until(self.env.now) > held.ends[step - self.scheduler._runs.lag]
 
     def _log_run(self, adv: fast_forward.Advance, joined: int = 0) -> None:
         if self._held is None or adv is not self._held.adv:  # (a run held is logged once applied)
@@ -513,13 +598,15 @@ class ClusterRuns(fast_forward.Runs):
     replica (its finishes then are ``replica.foreseen``, which the router may read ahead); a
     pure decode run so planned is cut before the next routing decision and taken as it is, the
     same steps a plan cut there gives (else the run is planned again). With ``replica.hold``,
-    such a run admitting no arrival is held instead (``ReplicaEngine.hold_run``)."""
+    such a run is held instead (``ReplicaEngine.hold_run``; one admitting arrivals routed ahead
+    only with ``replica.extend_held``)."""
 
     def __init__(self, replica: ReplicaEngine, *args):
         super().__init__(*args)
         self.replica = replica
         self._foreseen_run: tuple[float, int, DecodeRun] | None = None  # (base, routed count, run)
         self._take: DecodeRun | None = None  # the run ``_plan`` gives (a held run applied)
+        self._walk: fast_forward.ArrivalWalk | None = None  # the walk of the plan ahead, if it had one
 
     def advance(self, now, pace, next_arrival, in_flight):
         replica = self.replica
@@ -529,15 +616,16 @@ class ClusterRuns(fast_forward.Runs):
             # (not while requests wait: that plan takes another path than the run's, and is dropped)
             run = self._plan_ahead(now, base, pace, next_arrival) if base is not None and not self.sched.waiting \
                 else None
-            replica.foresee_from(now, self._finishes(run, base) if run is not None else None)
+            replica.foresee_from(now, self.finishes(run, base) if run is not None else None)
             if run is not None and not (run.preemptions or run.waiting or run.admits):
                 self._foreseen_run = (base, replica.count, run)
             held = self._foreseen_run
-            if replica.hold and held is not None and not held[2].admissions and not replica._timeouts:
-                # (nothing decided ahead for it: a request routed here cuts the run)
+            if replica.hold and held is not None and not replica._timeouts and (
+                    replica.extend_held or not held[2].admissions):
+                # (nothing decided ahead for it: a request routed here extends or cuts the run)
                 run = held[2]
                 self._horizon = min(max(2 * run.k, fast_forward.INITIAL_HORIZON), fast_forward.MAX_HORIZON)
-                return replica.hold_run(now, pace, next_arrival, in_flight, held[0], run, self._lag)
+                return replica.hold_run(now, pace, next_arrival, in_flight, held[0], run, self._lag, self._walk)
             if replica.look_ahead is not None:
                 replica.look_ahead(replica, now, replica.foreseen)
         self.arrivals = arrivals = replica.arrivals_view(now)
@@ -581,19 +669,10 @@ class ClusterRuns(fast_forward.Runs):
         if k == run.k:
             self._horizon = min(max(2 * k, fast_forward.INITIAL_HORIZON), fast_forward.MAX_HORIZON)
             return run
-        # as ``_fit_kv`` cuts a run: it ends before any admission whose prefill would be its
-        # last step or later
-        admissions = list(run.admissions)
-        while admissions and admissions[-1].step >= k:
-            k = min(k, admissions.pop().step - 1)
-        self._horizon = min(max(2 * max(k, 0), fast_forward.INITIAL_HORIZON), fast_forward.MAX_HORIZON)
-        if k < 1:
-            return None
-        m = len(run.first_steps) - len(run.admissions) + len(admissions)
-        keep = (run.block_steps <= k) & (run.block_owners < m)
-        return DecodeRun(k=k, step_times=run.step_times[:k], first_steps=run.first_steps[:m],
-                         computed=run.computed[:m], last_steps=run.last_steps[:m], block_steps=run.block_steps[keep],
-                         block_owners=run.block_owners[keep], admissions=admissions)
+        run = cut_run(run, k)
+        self._horizon = min(max(2 * (run.k if run is not None else 0), fast_forward.INITIAL_HORIZON),
+                            fast_forward.MAX_HORIZON)
+        return run
 
     def _plan_ahead(self, now: float, base: float, pace: float, next_arrival: int) -> DecodeRun | None:
         """The run ``advance`` would take now if no more requests came. Changes nothing."""
@@ -604,10 +683,13 @@ class ClusterRuns(fast_forward.Runs):
         if pace > 0 and next_s != math.inf and not self.sched.waiting:  # at least as far as ``Runs._plan``
             reach = (next_s - now) / pace * 1.05 + 8
             horizon = max(horizon, int(min(max(reach, fast_forward.INITIAL_HORIZON // 4), fast_forward.MAX_HORIZON)))
-        return fast_forward.plan(self.sched, self._perf, now, base, replace(arrivals, known_until_s=math.inf),
-                                 next_arrival, horizon, self._lag)
+        walks = []
+        run = fast_forward.plan(self.sched, self._perf, now, base, replace(arrivals, known_until_s=math.inf),
+                                next_arrival, horizon, self._lag, walks)
+        self._walk = walks[0] if walks else None
+        return run
 
-    def _finishes(self, run: DecodeRun, base: float) -> tuple[np.ndarray, float]:
+    def finishes(self, run: DecodeRun, base: float) -> tuple[np.ndarray, float]:
         """A run's finish times (sorted) and its last output's time."""
         e = np.cumsum(np.concatenate(([base], run.step_times)))
         rows = e[1:] if self._lag == 0 else e[: run.k]
@@ -616,3 +698,19 @@ class ClusterRuns(fast_forward.Runs):
         if run.preemptions:  # a victim's last step is no finish
             ends[[p.victim for p in run.preemptions]] = False
         return np.sort(rows[last[ends] - 1]), float(rows[-1])
+
+
+def cut_run(run: DecodeRun, k: int) -> DecodeRun | None:
+    """A run of pure decodes and admissions (no preemption) cut to its first ``k`` steps, as
+    ``fast_forward._fit_kv`` cuts one: it ends before any admission whose prefill would be its
+    last step or later (None: no step left)."""
+    admissions = list(run.admissions)
+    while admissions and admissions[-1].step >= k:
+        k = min(k, admissions.pop().step - 1)
+    if k < 1:
+        return None
+    m = len(run.first_steps) - len(run.admissions) + len(admissions)
+    keep = (run.block_steps <= k) & (run.block_owners < m)
+    return DecodeRun(k=k, step_times=run.step_times[:k], first_steps=run.first_steps[:m],
+                     computed=run.computed[:m], last_steps=run.last_steps[:m], block_steps=run.block_steps[keep],
+                     block_owners=run.block_owners[keep], admissions=admissions)

@@ -34,7 +34,7 @@ it did to them (``Joining``) until they come, through the scheduler's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -85,6 +85,7 @@ def plan(
     next_arrival: int,
     horizon: int,
     in_flight_steps: int,
+    walks: list | None = None,
 ) -> DecodeRun | None:
     """Plan a run of steps from the current state, or None if the next step is not one.
 
@@ -96,7 +97,8 @@ def plan(
     step before the steps in flight ends: at ``base`` plus the times of steps
     1..t-1-``in_flight_steps`` (sync scheduling: ``base`` is ``now``; async: the
     end of the step in flight). ``in_flight_steps`` is 0 under sync scheduling
-    and 1 under async.
+    and 1 under async. ``walks``: the walk through the arrivals is appended to it, where the
+    run had one (``ArrivalWalk.extend`` plans it again with more arrivals).
     """
     cfg = sched.config
     running = sched.running
@@ -133,8 +135,11 @@ def plan(
         return waiting_runs.plan_waiting_run(sched, members, None, k, perf, lag)
     times = members.step_times(perf, 1, min(k_max, horizon))
     if not waiting and arrivals is not None:
-        times, k_max = _admit_arrivals(sched, members, admissions, arrivals, next_arrival, times, k_max,
-                                       perf, now, base, horizon, lag)
+        walk = ArrivalWalk(sched, members, admissions, times, k_max, perf, now, base, horizon, lag)
+        times, k_max = walk.go(arrivals, next_arrival), walk.k_max
+        if walks is not None:
+            walks.append(walk)
+            admissions = list(admissions)  # (``_fit_kv`` may drop the last: the walk keeps them)
     k = len(times)
     if arrivals is not None and arrivals.known_until_s < math.inf:
         k = min(k, _rows_before(times, base, lag, arrivals.known_until_s))
@@ -199,81 +204,114 @@ class _StepClock:
         return np.concatenate((*self.chunks, tail)) if self.chunks else tail
 
 
-def _admit_arrivals(sched, members: Members, admissions: list[Admission], arrivals: Arrivals, index: int,
-                    times: np.ndarray, k_max: int, perf: PerformanceModel, now: float, base: float,
-                    horizon: int, lag: int) -> tuple[np.ndarray, int]:
-    """Go through the arrivals the run reaches: each one the step after it admits whole joins
-    the run (``members``, ``admissions``); the first other one ends it. Returns the step
-    times and the last step the members need (see ``_StepClock`` for ``now`` and ``base``).
-    """
-    cfg = sched.config
-    caching = sched.kv.enable_caching
-    budget, threshold = cfg.max_num_batched_tokens, cfg.long_prefill_token_threshold
-    queued, arrival_s = arrivals.queued, arrivals.time_s
-    total = len(arrival_s)
-    clock = _StepClock(times, base, lag)
-    bs, free = sched.block_size, sched.kv.num_free_blocks
-    prompt_blocks = 0  # blocks of the prompts admitted so far
-    while True:
-        while index < total and not queued[index]:
-            index += 1  # rejected at arrival: it never waits
-        if index >= total:
-            return clock.times(), k_max
-        t = float(arrival_s[index])
-        if t <= now:
-            return times[:0], k_max  # it is in the queue before step 1
-        step = clock.step_after(t)
-        known = len(clock)
-        if step > known:
-            if known >= k_max:
-                return clock.times(), k_max
-            more = int((t - clock.tail_ends[-1]) / clock.tail[-1] * 1.1) + 16
-            clock.extend(members.step_times(perf, known + 1, min(known + more, k_max)))
-            continue
-        prompt = int(arrivals.prompt[index])
-        # the arrivals already admitted in this step (bursts: arrivals within one step's time)
-        same_step = []
-        for a in reversed(admissions):
-            if a.step != step:
-                break
-            same_step.insert(0, a.prompt)
-        blocks = -(-prompt // bs)
-        admitted = (
-            arrivals.admit
-            and step >= 2
-            and (arrivals.private[index] or not caching)
-            and prompt + sum(same_step) + members.decoding(step) <= budget  # whole, in this step's budget
-            and not (threshold and prompt > threshold)
-            # the admission gate, on the free blocks left after every block taken so far (none
-            # freed counted: see _fit_kv)
-            and has_seat(members.running_after(step - 1 - lag), cfg.max_num_seqs)
-            and fits_whole(blocks, free - prompt_blocks - members.new_blocks_through(step, bs))
-        )
-        if not admitted:
-            return clock.times(step - 1), k_max
-        prompt_blocks += blocks
-        last = step + int(arrivals.max_tokens[index]) - 1
-        prefill = members.prefill_step_time(perf, step, [*same_step, prompt])
-        members.add(step + 1, prompt, last, blocks)
-        admissions.append(Admission(step, index, prompt))
-        k_max = min(max(k_max, last - (1 - lag)), MAX_HORIZON)
-        index += 1
-        # the steps from this one on change: recompute them up to about the next arrival
-        upto = min(k_max, step + horizon)
-        if index < total:
-            pace = clock.time_of(step - 1)
-            reach = (float(arrival_s[index]) - clock.scheduled_at(step)) / pace * 1.1
-            upto = min(k_max, step + max(16, int(reach) + 16))
-        tail = members.step_times(perf, step + 1, upto) if upto > step else times[:0]
-        clock.replace_from(step, np.concatenate(([prefill], tail)))
+class ArrivalWalk:
+    """A run's walk through the arrivals it reaches: each one the step after it admits whole joins
+    the run (``members``, ``admissions``); the first other one ends it (see ``_StepClock`` for
+    ``now`` and ``base``). Kept, it goes on through more arrivals (``extend``: a cluster's
+    replica gets its requests as they are routed) while the scheduler's state is the one it was
+    planned from."""
+
+    def __init__(self, sched, members: Members, admissions: list[Admission], times: np.ndarray, k_max: int,
+                 perf: PerformanceModel, now: float, base: float, horizon: int, lag: int):
+        self.sched, self.members, self.admissions = sched, members, admissions
+        self.k_max, self.perf, self.now, self.horizon, self.lag = k_max, perf, now, horizon, lag
+        self.clock = _StepClock(times, base, lag)
+        self.prompt_blocks = 0  # blocks of the prompts admitted so far
+        self.index = 0  # the next arrival to go through
+        #: every arrival given was admitted (or rejected at arrival): a later one may join too
+        self.open = False
+
+    def go(self, arrivals: Arrivals, index: int) -> np.ndarray:
+        """Go through the arrivals from ``index`` on; returns the step times (``k_max`` updated)."""
+        sched, members, admissions, clock, perf, lag = (self.sched, self.members, self.admissions, self.clock,
+                                                        self.perf, self.lag)
+        self.open = False
+        cfg = sched.config
+        caching = sched.kv.enable_caching
+        budget, threshold = cfg.max_num_batched_tokens, cfg.long_prefill_token_threshold
+        queued, arrival_s = arrivals.queued, arrivals.time_s
+        total = len(arrival_s)
+        bs, free = sched.block_size, sched.kv.num_free_blocks
+        k_max = self.k_max
+        try:
+            while True:
+                while index < total and not queued[index]:
+                    index += 1  # rejected at arrival: it never waits
+                if index >= total:
+                    self.open = True
+                    self.index = index
+                    return clock.times()
+                t = float(arrival_s[index])
+                if t <= self.now:
+                    return clock.tail[:0]  # it is in the queue before step 1
+                step = clock.step_after(t)
+                known = len(clock)
+                if step > known:
+                    if known >= k_max:
+                        return clock.times()
+                    more = int((t - clock.tail_ends[-1]) / clock.tail[-1] * 1.1) + 16
+                    clock.extend(members.step_times(perf, known + 1, min(known + more, k_max)))
+                    continue
+                prompt = int(arrivals.prompt[index])
+                # the arrivals already admitted in this step (bursts: arrivals within one step's time)
+                same_step = []
+                for a in reversed(admissions):
+                    if a.step != step:
+                        break
+                    same_step.insert(0, a.prompt)
+                blocks = -(-prompt // bs)
+                admitted = (
+                    arrivals.admit
+                    and step >= 2
+                    and (arrivals.private[index] or not caching)
+                    and prompt + sum(same_step) + members.decoding(step) <= budget  # whole, in this step's budget
+                    and not (threshold and prompt > threshold)
+                    # the admission gate, on the free blocks left after every block taken so far (none
+                    # freed counted: see _fit_kv)
+                    and has_seat(members.running_after(step - 1 - lag), cfg.max_num_seqs)
+                    and fits_whole(blocks, free - self.prompt_blocks - members.new_blocks_through(step, bs))
+                )
+                if not admitted:
+                    return clock.times(step - 1)
+                self.prompt_blocks += blocks
+                last = step + int(arrivals.max_tokens[index]) - 1
+                prefill = members.prefill_step_time(perf, step, [*same_step, prompt])
+                members.add(step + 1, prompt, last, blocks)
+                admissions.append(Admission(step, index, prompt))
+                k_max = min(max(k_max, last - (1 - lag)), MAX_HORIZON)
+                index += 1
+                # the steps from this one on change: recompute them up to about the next arrival
+                upto = min(k_max, step + self.horizon)
+                if index < total:
+                    pace = clock.time_of(step - 1)
+                    reach = (float(arrival_s[index]) - clock.scheduled_at(step)) / pace * 1.1
+                    upto = min(k_max, step + max(16, int(reach) + 16))
+                tail = members.step_times(perf, step + 1, upto) if upto > step else clock.tail[:0]
+                clock.replace_from(step, np.concatenate(([prefill], tail)))
+        finally:
+            self.k_max = k_max
+
+    def extend(self, arrivals: Arrivals) -> DecodeRun | None:
+        """The run planned again with ``arrivals`` (those planned with, then more): the walk goes
+        on from where it stopped (``open`` only). None if it was not open or no step is left.
+        Its blocks may be left to ``with_blocks`` (``_fit_kv``'s ``blocks`` False)."""
+        if not self.open:
+            return None
+        times = self.go(arrivals, self.index)
+        if not len(times):
+            return None
+        return _fit_kv(self.sched, self.members, list(self.admissions), times, len(times), self.perf, self.lag,
+                       blocks=False)
 
 
 def _fit_kv(sched, members: Members, admissions: list[Admission], times: np.ndarray, k: int,
-            perf: PerformanceModel, lag: int) -> DecodeRun | None:
+            perf: PerformanceModel, lag: int, blocks: bool = True) -> DecodeRun | None:
     """The run cut before its first step short of a free KV block (blocks freed inside the run
     are not counted: the run may end earlier than it could, never later) and before any
     admission whose prefill would be its last step. With requests waiting, a step short of a
-    block preempts instead, as the scheduler does (``plan_waiting_run``)."""
+    block preempts instead, as the scheduler does (``plan_waiting_run``). ``blocks`` False:
+    where the free blocks cover every block of the run, its blocks are left to ``with_blocks``
+    (``block_steps`` and ``block_owners`` None)."""
     if sched.waiting and not admissions:
         return waiting_runs.plan_waiting_run(sched, members, times, k, perf, lag)
     running = sched.running
@@ -282,6 +320,13 @@ def _fit_kv(sched, members: Members, admissions: list[Admission], times: np.ndar
     held = np.array(members.held, dtype=np.int64)
     prompt_blocks = held[n:]
     first, computed, last = members.arrays()
+    if not blocks and _blocks_needed(computed, held, bs, np.minimum(last, k), first) + int(prompt_blocks.sum()) \
+            <= sched.kv.num_free_blocks:
+        while admissions and admissions[-1].step >= k:
+            k = min(k, admissions.pop().step - 1)
+        m = n + len(admissions)
+        return DecodeRun(k=k, step_times=times[:k], first_steps=first[:m], computed=computed[:m],
+                         last_steps=last[:m], block_steps=None, block_owners=None, admissions=admissions)
     prompts = None
     if admissions:  # an admitted request's prompt blocks, taken in its prefill step
         prompts = (np.repeat([a.step for a in admissions], prompt_blocks),
@@ -328,6 +373,28 @@ class AppliedRun:
     segments: list[tuple[int, int, int, int, int]]
     finished: list[int]  # the ids of the requests that finished inside the run
     joining: dict[int, Joining]  # by request id, the arrivals it admits
+
+
+def _blocks_needed(c: np.ndarray, held: np.ndarray, block_size: int, k: np.ndarray, first_steps: np.ndarray) -> int:
+    """How many new blocks ``crossing_steps`` gives the members (decodes only), in one sum."""
+    first = held * block_size - c + first_steps  # first step needing one
+    return int(np.maximum((k - first) // block_size + 1, 0).sum())
+
+
+def with_blocks(sched: NativeScheduler, run: DecodeRun, held: list[int]) -> DecodeRun:
+    """``run`` (planned from ``sched``'s state by ``_fit_kv`` with ``blocks`` False) with its
+    blocks: those ``_fit_kv`` gives it. ``held``: the blocks each member held before its first
+    decode step (``Members.held``, the run's members first)."""
+    if run.block_steps is not None:
+        return run
+    n, m = len(sched.running), len(run.first_steps)
+    held = np.array(held[:m], dtype=np.int64)
+    prompts = None
+    if run.admissions:  # (as ``_fit_kv``)
+        prompts = (np.repeat([a.step for a in run.admissions], held[n:]), np.repeat(np.arange(n, m), held[n:]))
+    steps, owners = crossing_steps(run.computed, held, sched.block_size, np.minimum(run.last_steps, run.k),
+                                   run.first_steps, prompts)
+    return replace(run, block_steps=steps, block_owners=owners)
 
 
 def apply_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,

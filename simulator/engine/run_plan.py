@@ -57,9 +57,10 @@ class DecodeRun:
     # steps <= k finishes inside the run
     last_steps: np.ndarray
     # each new KV block of the run, in the order the blocks are taken: its step (1..k)
-    # and the member it goes to (an admitted request's prompt blocks included)
-    block_steps: np.ndarray
-    block_owners: np.ndarray
+    # and the member it goes to (an admitted request's prompt blocks included); None: not
+    # worked out yet (``fast_forward.with_blocks``)
+    block_steps: np.ndarray | None
+    block_owners: np.ndarray | None
     admissions: list[Admission] = field(default_factory=list)
     preemptions: list[Preemption] = field(default_factory=list)
     #: planned while requests wait (``plan_waiting_run``): finishes and preemptions, no admission

@@ -150,13 +150,17 @@ def test_runs_held_until_a_request_routed_there_cuts_them_change_no_bit(seed, as
     def checked(self, t):
         held = self._held
         release(self, t)
-        adv = self._unlogged[0]
+        adv, _, admissions, _ = self._unlogged
         if t < math.inf:
             cuts.append(adv.k < held.run.k)
             # every step applied is scheduled before ``t`` (step 1 at the run's start)
             assert held.now < t and (adv.starts[1:] < t).all(), (t, adv.starts[-3:])
-            # ... and the run reaches the first step boundary at or after it (or all its steps)
-            assert adv.end_s >= t or adv.k == held.run.k, (t, adv.end_s)
+            # ... and the run reaches the first step boundary at or after it (or all its steps),
+            # or, where it would end with an admission's prefill, that admission's arrival (a
+            # run extended by requests it admits: the next test), never a time gone by
+            dropped = [float(self.column("time_s")[a.rid]) for a in held.run.admissions if a not in admissions]
+            assert adv.end_s >= min([t, *dropped]) or adv.k == held.run.k, (t, adv.end_s)
+            assert adv.end_s >= self.env.now
 
     monkeypatch.setattr(ReplicaEngine, "_release", checked)
     runs = [0]
@@ -183,6 +187,71 @@ def test_runs_held_until_a_request_routed_there_cuts_them_change_no_bit(seed, as
             x, y = getattr(a, table), getattr(b, table)
             for key in x:
                 np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+
+
+@pytest.mark.parametrize(("seed", "async_scheduling", "router", "rate"), [
+    (0, False, "least_outstanding", 20), (1, True, "least_outstanding", 20), (2, True, "least_outstanding", 60),
+    (3, False, "power_of_two", 20), (4, True, "power_of_two", 60), (5, True, "prefix_affinity", 20)])
+def test_held_runs_extended_by_the_requests_they_admit_change_no_bit(seed, async_scheduling, router, rate,
+                                                                      monkeypatch):
+    """A request routed to a replica whose run is held, and that the step after its arrival admits
+    whole, joins the run instead of cutting it (``ReplicaEngine.extend_held``: the run's walk
+    through the arrivals goes on, ``fast_forward.ArrivalWalk.extend``); at its arrival the run
+    stays held where no request routed there later can cut it before that admission
+    (``ReplicaEngine._held_admits``), else it is cut there as before. Each replica's tables are bit
+    for bit those of runs cut by every request routed there (``Cluster.extend_held_runs`` off), in
+    fewer runs. (Half the requests share prefixes for prefix_affinity: a prefix-cache lookup is no
+    admission inside a run, so those still cut it.)"""
+    from dataclasses import replace
+
+    from simulator.cluster.replica import ReplicaEngine
+
+    seen = {"extended": 0, "not extended": 0, "kept at arrival": 0, "cut at arrival": 0}
+    extend, admits = ReplicaEngine._extend_held, ReplicaEngine._held_admits
+
+    def extending(self, j):
+        out = extend(self, j)
+        seen["extended" if out else "not extended"] += 1
+        return out
+
+    def admitting(self, j):
+        out = admits(self, j)
+        seen["kept at arrival" if out else "cut at arrival"] += 1
+        return out
+
+    monkeypatch.setattr(ReplicaEngine, "_extend_held", extending)
+    monkeypatch.setattr(ReplicaEngine, "_held_admits", admitting)
+    runs = [0]
+    apply_run = fast_forward.apply_run
+
+    def counting(*args, **kwargs):
+        runs[0] += 1
+        return apply_run(*args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    w = make_workload(n=200, seed=seed, rate=rate, output=(1, 500))
+    if router == "prefix_affinity":
+        shared = make_workload(n=200, seed=seed, rate=rate, output=(1, 500), prefix_groups=3, prefix_tokens=64)
+        w = replace(shared, prefix_group=np.where(np.arange(200) % 2 == 0, shared.prefix_group, -1))
+    results, taken = [], []
+    for extend_held in (False, True):
+        runs[0] = 0
+        seen.update(dict.fromkeys(seen, 0))
+        cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(), ClusterSpec(replicas=4, router=router),
+                          async_scheduling=async_scheduling)
+        cluster.extend_held_runs = extend_held
+        results.append(cluster.run(SLO()))
+        taken.append(runs[0])
+        if not extend_held:
+            assert seen["extended"] == seen["kept at arrival"] == 0
+    assert seen["extended"] > 20 and seen["kept at arrival"] > 20 and seen["cut at arrival"] > 0, seen
+    assert taken[1] < 0.7 * taken[0], taken
+    for a, b in zip(*(r.replicas for r in results), strict=True):
+        for table in ("requests", "timeline"):
+            x, y = getattr(a, table), getattr(b, table)
+            for key in x:
+                np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+
 
 
 @pytest.mark.parametrize(("seed", "async_scheduling", "router"), [

@@ -405,3 +405,50 @@ def test_waiting_runs_find_a_block_short_past_the_first_window(async_scheduling,
     assert_same(slow, fast)
     assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
     assert len(past) > 5 and max(past) > 0, past
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("blocks", [None, 700])
+def test_a_walk_gone_on_through_later_arrivals_plans_the_run_planned_with_them(async_scheduling, blocks,
+                                                                               monkeypatch):
+    # a run's walk through the arrivals, kept and given more arrivals later (``ArrivalWalk.extend``:
+    # a cluster's replica learns its requests as they are routed), plans the run that the walk
+    # through them all plans: the same steps, times, members, admissions and blocks (worked out
+    # when the run is applied: ``with_blocks``), the KV cache short or not
+    from dataclasses import replace
+
+    from simulator.engine import fast_forward
+
+    w = make_workload(n=60, seed=4, rate=1.5, prompt=(20, 400), output=(200, 3000))
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=4096)
+    plan = fast_forward.plan
+    compared = []
+
+    def checked(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks=None):
+        run = plan(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks)
+        if run is None or not run.admissions or walks is not None:
+            return run
+        rids = [a.rid for a in run.admissions]
+        for cut in sorted({rids[0], rids[len(rids) // 2], rids[-1]}):  # known up to the first admitted, ...
+            early = replace(arrivals, **{name: getattr(arrivals, name)[:cut]
+                                         for name in ("time_s", "queued", "prompt", "max_tokens", "private")})
+            kept = []
+            plan(sched, perf, now, base, early, next_arrival, horizon, lag, kept)
+            assert kept and kept[0].open
+            again = kept[0].extend(arrivals)
+            assert again is not None
+            held = list(kept[0].members.held)
+            again = fast_forward.with_blocks(sched, again, held)
+            assert again.k == run.k and again.admissions == run.admissions
+            for name in ("step_times", "first_steps", "computed", "last_steps", "block_steps", "block_owners"):
+                np.testing.assert_array_equal(getattr(again, name), getattr(run, name), err_msg=name)
+            compared.append(len(run.admissions))
+        return run
+
+    monkeypatch.setattr(fast_forward, "plan", checked)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    assert_same(slow, fast)
+    assert len(compared) >= 3 and max(compared) >= 3, compared
+    if blocks:
+        assert slow.summary["kv_usage"]["peak"] > 0.8  # the KV cache did run short
