@@ -601,6 +601,8 @@ class ClusterRuns(fast_forward.Runs):
     such a run is held instead (``ReplicaEngine.hold_run``; one admitting arrivals routed ahead
     only with ``replica.extend_held``)."""
 
+    resume_waiting = False  # (its runs are cut at routing decisions: no admissions inside them)
+
     def __init__(self, replica: ReplicaEngine, *args):
         super().__init__(*args)
         self.replica = replica

@@ -18,8 +18,8 @@ A run goes on through two events whose outcome is known in advance:
   their blocks fit, none has a prefix-cache hit to look up): that step prefills
   them alongside the decodes (one ``step_time`` call) and the requests decode
   with the others from the next step on.
-While requests wait, a run goes on through preemptions and finishes instead
-(simulator.engine.waiting_runs). The results equal the step-by-step path's
+While requests wait, a run goes on through preemptions, finishes and admissions of waiting
+requests instead (simulator.engine.waiting_runs). The results equal the step-by-step path's
 (tests/simulator/engine/test_fast_forward.py checks it); the event that ends a run is left to the
 ordinary path. What both kinds of run share is in simulator.engine.run_plan.
 
@@ -86,6 +86,7 @@ def plan(
     horizon: int,
     in_flight_steps: int,
     walks: list | None = None,
+    resume: bool = False,
 ) -> DecodeRun | None:
     """Plan a run of steps from the current state, or None if the next step is not one.
 
@@ -98,7 +99,8 @@ def plan(
     1..t-1-``in_flight_steps`` (sync scheduling: ``base`` is ``now``; async: the
     end of the step in flight). ``in_flight_steps`` is 0 under sync scheduling
     and 1 under async. ``walks``: the walk through the arrivals is appended to it, where the
-    run had one (``ArrivalWalk.extend`` plans it again with more arrivals).
+    run had one (``ArrivalWalk.extend`` plans it again with more arrivals). ``resume``: a run
+    planned while requests wait may admit them inside it (``waiting_runs.plan_waiting_run``).
     """
     cfg = sched.config
     running = sched.running
@@ -132,7 +134,8 @@ def plan(
     if waiting and (arrivals is None or arrivals.known_until_s == math.inf):
         # the walk needs no step times: they are computed once, for the steps it keeps
         k = min(k_max, horizon)
-        return waiting_runs.plan_waiting_run(sched, members, None, k, perf, lag)
+        return waiting_runs.plan_waiting_run(sched, members, None, k, perf, lag,
+                                             resume=resume and arrivals is not None and arrivals.admit)
     times = members.step_times(perf, 1, min(k_max, horizon))
     if not waiting and arrivals is not None:
         walk = ArrivalWalk(sched, members, admissions, times, k_max, perf, now, base, horizon, lag)
@@ -518,6 +521,14 @@ def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int,
             entry = prefills.setdefault(a.step - 1 + lag, [0, 0])
             entry[0] += a.prompt
             entry[1] += 1
+    for r in run.resumptions:  # a waiting request admitted inside the run, as an arrival is
+        change(r.step - 1, running=1)
+        change(r.step - 1 + lag, batch=1)
+        change(r.step + lag)  # its prefill is over
+        if r.prefill > 1:
+            entry = prefills.setdefault(r.step - 1 + lag, [0, 0])
+            entry[0] += r.prefill
+            entry[1] += 1
     segments = []
     batch, running = n, n
     if 0 not in changes:
@@ -547,6 +558,10 @@ class Runs:
     ``advance`` plans a run and applies it; the arrivals the run admits come later (when the
     engine's clock reaches the run's end), through ``join``.
     """
+
+    #: runs planned while requests wait admit them inside (off for a cluster's replicas, whose
+    #: runs are cut at routing decisions: simulator.cluster.replica)
+    resume_waiting = True
 
     def __init__(self, sched: NativeScheduler, perf: PerformanceModel, arrivals: Arrivals, async_scheduling: bool):
         self.sched = sched
@@ -591,7 +606,7 @@ class Runs:
             sched_at = np.concatenate(([now], e[: k - 1]))
             starts = np.concatenate(([in_flight.start_s], e[: k - 1]))
             token_times, end_s = e[:k], float(e[k - 1])
-        waiting = self._waiting_changes(next_arrival, token_times, run.admissions)
+        waiting = self._waiting_changes(next_arrival, token_times, run.admissions, [r.step for r in run.resumptions])
         preempted: dict[int, int] = {}
         if in_flight is not None and in_flight.out.preempted:
             preempted[0] = len(in_flight.out.preempted)
@@ -602,7 +617,7 @@ class Runs:
             if row < k:
                 preempted[row] = preempted.get(row, 0) + 1
             else:
-                left_preempted.append(sched.running[p.victim].rid)
+                left_preempted.append((sched.running + run.joined)[p.victim].rid)
         queued = len(sched.waiting)
         prefill = in_flight.out.batch.prefill_tokens if in_flight is not None else []
         if prefill:  # the step in flight completes prefills: one token each in flight, as decodes
@@ -650,7 +665,7 @@ class Runs:
             reach = (next_s - now) / pace * 1.05 + 8
             horizon = int(min(max(reach, INITIAL_HORIZON // 4), MAX_HORIZON))
         run = plan(self.sched, self._perf, now, base, self.arrivals, next_arrival,
-                   horizon, self._lag)
+                   horizon, self._lag, resume=self.resume_waiting)
         # plan next time up to twice as many steps as this run had: step times
         # computed beyond the event that ends a run are wasted
         k = run.k if run is not None else 0
@@ -668,19 +683,23 @@ class Runs:
         i = int(np.searchsorted(arrival_s, scheduled_s, side="left"))
         return not (max(i, next_arrival) < len(arrival_s) and arrival_s[max(i, next_arrival)] <= ends[k - 1])
 
-    def _waiting_changes(self, next_arrival: int, times: np.ndarray, admissions: list[Admission]) -> dict[int, int]:
+    def _waiting_changes(self, next_arrival: int, times: np.ndarray, admissions: list[Admission],
+                         resumed: list[int] | tuple[int, ...] = ()) -> dict[int, int]:
         """How the queue changes over a run's rows (row times ``times``): +1 at the first row
         at or after each arrival that joins it (not rejected), -1 at the row an admitted one
-        leaves it (the output before its prefill is scheduled)."""
+        leaves it (the output before its prefill is scheduled; ``resumed``: the steps that admit
+        waiting requests inside the run, one entry each)."""
         i = next_arrival
         arrival = self.arrivals.time_s
         changes: dict[int, int] = {}
         if i >= len(arrival) or arrival[i] > times[-1]:
+            for step in resumed:
+                changes[step - 1] = changes.get(step - 1, 0) - 1
             return changes
         j = int(np.searchsorted(arrival, times[-1], side="right"))
         joining = arrival[i:j][self.arrivals.queued[i:j]]
         for row in np.searchsorted(times, joining, side="left").tolist():
             changes[row] = changes.get(row, 0) + 1
-        for a in admissions:
-            changes[a.step - 1] = changes.get(a.step - 1, 0) - 1
+        for step in [*(a.step for a in admissions), *resumed]:
+            changes[step - 1] = changes.get(step - 1, 0) - 1
         return changes

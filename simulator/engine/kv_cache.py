@@ -153,6 +153,15 @@ class FreeBlockQueue:
         self._len -= 1
         return block
 
+    def ahead_of(self, blocks: np.ndarray) -> tuple[int, int] | None:
+        """(len(blocks), the entries ahead of the last one) when ``blocks`` are all queued, each
+        nearer the front than the one before it; else None."""
+        pos = self._pos[blocks]
+        if (pos < 0).any() or (len(pos) > 1 and (np.diff(pos) >= 0).any()):
+            return None
+        head, at = self._head, int(pos[-1])
+        return len(blocks), int(np.count_nonzero(self._pos[self._buf[head:at]] == np.arange(head, at)))
+
     def remove(self, block: int) -> None:
         """Take ``block`` out from wherever it is (a prefix hit on a free cached block)."""
         self.remove_many(np.array([block], dtype=np.int64))
@@ -349,6 +358,28 @@ class KVCacheManager:
         gap = np.flatnonzero(index != np.arange(start, start + len(index)))
         run = int(gap[0]) if len(gap) else len(index)
         return blocks[:run].tolist()
+
+    def private_blocks_queued(self, rid: int) -> tuple[int, int] | None:
+        """A waiting request's named private blocks as the free queue holds them: (h, entries
+        ahead of them) for one copy each of blocks 0..h-1, all free, block h-1 nearest the front
+        (as ``free`` leaves them; (0, 0): none), else None (its look-up would not be the
+        in-order one of ``_private_hits``)."""
+        named = self._named.get(rid)
+        if named is None or not len(named):
+            return 0, 0
+        mine = named[self._owner[named] == rid]
+        if not len(mine):
+            return 0, 0
+        if not np.array_equal(self._index[mine], np.arange(len(mine))):
+            return None
+        return self.free_queue.ahead_of(mine)
+
+    def has_named_free(self, rid: int) -> bool:
+        """Whether blocks named for ``rid`` wait in the free queue (cached, not yet evicted)."""
+        named = self._named.get(rid)
+        if named is None or not len(named):
+            return False
+        return bool(((self._owner[named] == rid) & (self.free_queue._pos[named] >= 0)).any())
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_tokens

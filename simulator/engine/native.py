@@ -262,6 +262,22 @@ class NativeScheduler(Scheduler):
             self._admit_into(out)
         return out
 
+    def admit_in_run(self, running: list[SimRequest], budget: int) -> SchedulerOutput:
+        """The waiting half of ``schedule()`` for a step inside a run of steps (simulator.engine.
+        waiting_runs), ``running`` the requests running then and ``budget`` the tokens their
+        decodes leave: the admissions, without their part of ``_after_schedule`` (the run
+        gives the admitted requests what they compute)."""
+        threshold = self.config.long_prefill_token_threshold
+        if len(running) + len(self.waiting) <= 1:
+            threshold = 0
+        out = SchedulerOutput(step=self.step)
+        kept, self.running = self.running, running
+        try:
+            self._schedule_waiting(out, budget, threshold, False)
+        finally:
+            self.running = kept
+        return out
+
     def _admit_into(self, out: SchedulerOutput) -> None:
         """The waiting half of ``schedule()`` for a decode step built by a run: admissions within
         the budget its decodes leave, then their part of ``_after_schedule``."""

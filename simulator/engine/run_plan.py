@@ -40,6 +40,21 @@ class Preemption:
 
 
 @dataclass
+class Resumption:
+    """A waiting request the run admits while others wait (``plan_waiting_run``): in ``step``
+    it becomes member ``member`` (a request preempted before or inside the run) with ``tokens``
+    tokens: its prefix-cache hits ``hits`` blocks, the other ``prefill`` tokens prefilled whole
+    after the step's decodes."""
+
+    step: int
+    member: int
+    rid: int
+    tokens: int
+    hits: int
+    prefill: int
+
+
+@dataclass
 class DecodeRun:
     """k steps planned from the current state: pure decodes, and prefills of admitted arrivals.
 
@@ -68,15 +83,23 @@ class DecodeRun:
     #: (async) the queue's head is admitted in the run's last step, left in flight: the
     #: scheduler's admission fills that step (``NativeScheduler.decode_step``)
     admits: bool = False
+    #: waiting requests admitted inside the run (``plan_waiting_run``): members from
+    #: ``len(first_steps) - len(joined)`` on, their requests ``joined``
+    resumptions: list[Resumption] = field(default_factory=list)
+    joined: list[SimRequest] = field(default_factory=list)
 
     def truncated(self) -> DecodeRun:
-        """The run without its last step."""
+        """The run without its last step (none, k 0, if an admission inside it would then be
+        in its last step or later)."""
         k = self.k - 1
+        if self.resumptions and self.resumptions[-1].step >= k:
+            k = 0
         keep = self.block_steps <= k
         return DecodeRun(k=k, step_times=self.step_times[:k], first_steps=self.first_steps, computed=self.computed,
                          last_steps=self.last_steps, block_steps=self.block_steps[keep],
                          block_owners=self.block_owners[keep], admissions=self.admissions,
-                         preemptions=[p for p in self.preemptions if p.step <= k], waiting=self.waiting)
+                         preemptions=[p for p in self.preemptions if p.step <= k], waiting=self.waiting,
+                         resumptions=self.resumptions, joined=self.joined)
 
 
 def crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_steps: np.ndarray,
@@ -121,6 +144,14 @@ class Members:
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = (
             np.ones(len(computed), dtype=np.int64), computed.astype(np.int64, copy=False),
             np.asarray(last_steps, dtype=np.int64))
+
+    @classmethod
+    def from_arrays(cls, first: np.ndarray, computed: np.ndarray, last: np.ndarray, held: np.ndarray) -> Members:
+        """Members with the first decode steps ``first`` (not all 1: requests a run admitted)."""
+        members = cls(computed, last, held.tolist())
+        members.first = first.tolist()
+        members._arrays = (first, computed, last)
+        return members
 
     def add(self, first: int, computed: int, last: int, held: int) -> None:
         self.first.append(first)

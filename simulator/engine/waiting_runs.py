@@ -5,35 +5,44 @@ on it: a decode short of a KV block preempts the last running request, a request
 frees blocks that may admit the queue's head. Such a run goes on through those events when their
 outcome is known from the run's own state: a preemption is the scheduler's (the last running
 member, as ``NativeScheduler._make_room`` picks it, carried out by ``NativeScheduler._preempt``),
-a finish frees its blocks when its last output comes (``NativeScheduler.finish``), and the run
-stops before the first step in which the queue's head would be admitted (under async scheduling
-it covers that step and leaves it in flight, for the scheduler's own admission to fill:
+a finish frees its blocks when its last output comes (``NativeScheduler.finish``), and a step
+that admits waiting requests goes on inside the run when each is prefilled whole in it and its
+prefix-cache hits follow from the free queue's counts (the queue as the run leaves it: its
+victims, latest first, then the requests waiting before it; carried out by the scheduler's own
+``_schedule_waiting``, ``NativeScheduler.admit_in_run``). Otherwise the run stops before the
+first step in which the queue's head would be admitted (under async scheduling it covers that
+step and leaves it in flight, for the scheduler's own admission to fill:
 ``NativeScheduler.decode_step(admit=True)``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
 
 from simulator.engine.kv_cache import tick_sums
 from simulator.engine.native import NativeScheduler
+from simulator.engine.request import Status
+from simulator.engine.rules import deliver_tokens, has_seat
 from simulator.engine.run_plan import (
     DecodeRun,
     Members,
     Preemption,
+    Resumption,
     crossing_steps,
     deliver,
     give_blocks,
 )
-from simulator.records.performance import PerformanceModel
+from simulator.records.performance import PerformanceModel, StepBatch
 
 
 def plan_waiting_run(
-    sched, members: Members, times: np.ndarray | None, k: int, perf: PerformanceModel, lag: int
+    sched, members: Members, times: np.ndarray | None, k: int, perf: PerformanceModel, lag: int,
+    resume: bool = False,
 ) -> DecodeRun | None:
-    """A run of decode steps while requests wait (none is admitted). It goes on through steps
+    """A run of decode steps while requests wait. It goes on through steps
     short of a KV block: there, as ``NativeScheduler._make_room``, the last running member is
     preempted and its blocks serve the step's remaining blocks; and through members' last
     tokens, their blocks freed when their last output comes. It stops before a step in which
@@ -42,24 +51,55 @@ def plan_waiting_run(
     prefix, whose admission would depend on other requests' blocks; one whose last token is in
     flight; the last one decoding). Blocks, finishes and preemptions are taken in time order,
     each admission checked after the event that could allow it (``_WaitingRun``). ``times``: the
-    times of steps 1..k as the members were before the walk, or None (computed after it)."""
-    plan = _WaitingRun(sched, members, k, lag)
+    times of steps 1..k as the members were before the walk, or None (computed after it).
+    ``resume``: the run goes on through a step that admits waiting requests when each is
+    prefilled whole in it and its prefix-cache hits follow from the free queue's counts
+    (``_WaitingRun._resume``)."""
+    plan = _WaitingRun(sched, members, k, lag, resume)
     k = plan.walk()
     if k < 1:
         return None
-    keep = plan.alive & (plan.steps <= k)
+    keep = plan.alive & (plan.steps <= k) & (plan.entry == 0)
     last = plan.last
-    changed = min([p.step for p in plan.preemptions], default=k + 1)
-    if times is None:
-        # a member's steps before its preemption are its steps as planned: the same times
-        planned = Members(plan.computed, last, list(members.held))
-        times = planned.step_times(perf, 1, k)
-    elif changed <= k:
-        fixed = Members(plan.computed, last, list(members.held))
-        times = np.concatenate((times[: changed - 1], fixed.step_times(perf, changed, k)))
+    changed = min([p.step for p in plan.preemptions] + [r.step for r in plan.resumptions], default=k + 1)
+    if times is None or changed <= k:
+        timed = Members.from_arrays(plan.first, plan.computed, last, plan.held)
+        if times is None:
+            # a member's steps before its preemption are its steps as planned: the same times
+            times = timed.step_times(perf, 1, k)
+        else:
+            times = np.concatenate((times[: changed - 1], timed.step_times(perf, changed, k)))
+        if plan.resumptions:
+            times = times.copy()
+            for t in sorted({r.step for r in plan.resumptions}):
+                times[t - 1] = plan.resume_step_time(perf, t)
     return DecodeRun(k=k, step_times=times[:k], first_steps=plan.first, computed=plan.computed, last_steps=last,
                      block_steps=plan.steps[keep], block_owners=plan.owners[keep], preemptions=plan.preemptions,
-                     waiting=True, admits=plan.admits)
+                     waiting=True, admits=plan.admits, resumptions=plan.resumptions,
+                     joined=plan.reqs[len(sched.running):])
+
+
+@dataclass
+class _Deficits:
+    """A step's front pushes for ``_WaitingRun._hits``: the largest of (takes - pushes) from each
+    push on (``suffix``), (takes - pushes) just after each push, each victim's push by member,
+    and (takes - pushes) now less the step's admissions so far (``more``: their takes)."""
+
+    suffix: np.ndarray
+    after: np.ndarray
+    at: dict[int, int]
+    now: int
+    more: int = 0
+
+    def largest(self, own: int) -> int:
+        """The largest deficit since member ``own``'s push (-1: since the run began), as
+        (takes - pushes) then less (takes - pushes) just after it."""
+        now = self.now + self.more
+        if own < 0:
+            return max(int(self.suffix[0]), now) if len(self.suffix) else now
+        p = self.at[own]
+        best = max(int(self.suffix[p + 1]), now) if p + 1 < len(self.suffix) else now
+        return best - int(self.after[p])
 
 
 _NONE = np.iinfo(np.int64).min  # a step before every other
@@ -71,7 +111,7 @@ class _WaitingRun:
     ``plan_waiting_run``): ``walk`` returns the run's length and leaves its blocks (``steps``,
     ``owners`` where ``alive``), members' last steps and preemptions."""
 
-    def __init__(self, sched, members: Members, k: int, lag: int):
+    def __init__(self, sched, members: Members, k: int, lag: int, resume: bool = False):
         self.sched, self.lag = sched, lag
         self.kv = sched.kv
         n = len(sched.running)
@@ -91,11 +131,33 @@ class _WaitingRun:
         self.preemptions: list[Preemption] = []
         self.head_need = sched._blocks_to_admit(sched.waiting[0])
         self.admits = False  # the run's last step admits the queue's head (left in flight)
+        # the queue as the walk leaves it: the run's victims waiting (latest first), then
+        # ``sched.waiting`` from ``wpos`` on
+        self.front: list[int] = []
+        self.wpos = 0
+        self.resume = resume and not sched.config.speculative.enabled
+        self.reqs = list(sched.running)  # the members' requests (those the run admits after)
+        self.resumptions: list[Resumption] = []
+        #: each block of the run: 0 a decode's, 1 a new block of an admission, 2 a prefix hit
+        #: it adopts (taken from the free queue by the scheduler's own admission, not the run)
+        self.entry = np.zeros(len(self.steps), dtype=np.int8)
+        #: the run's victims' pushes to the free queue's front: (step, block, takes before, count),
+        #: and per victim (index into it, its named blocks, entries ahead of them)
+        self.pushes: list[tuple[int, int, int, int]] = []
+        self.freed_as: dict[int, tuple[int, int, int]] = {}
+        self.remaining: dict[int, int] = {}  # a victim's steps left when it was preempted
+        #: members the run admitted whose earlier named blocks all left the free queue (hits
+        #: adopted, the others evicted): their look-up when they come back again is the in-order one
+        self.clean: set[int] = set()
+        self.cached = np.zeros(n, dtype=np.int64)  # blocks registered before the run (a floor)
+        if self.resume and self.kv.enable_caching:
+            self.cached[:] = [self.kv.num_cached_blocks_of(r.rid) for r in sched.running]
+        #: a member holds shared prefix blocks (its finish would free them with others')
+        self.shared = self.kv.enable_caching and any(r.num_shared_blocks for r in sched.running)
 
     def walk(self) -> int:
         lag, steps, owners = self.lag, self.steps, self.owners
         caching = self.kv.enable_caching
-        running = self.sched.running
         if self.k < 1:
             return self.k
         release = self.last + (lag + 1)  # the first step scheduled after a member's last output
@@ -111,6 +173,14 @@ class _WaitingRun:
             e = self._first_short(pos, end, before_pos, freed)
             s = int(steps[e]) if e < end else k + 1
             t = self._first_admission(checked + 1, s - 1, release, freed, listed)
+            if t is not None and self.resume and self._resume(t, release, freed, listed):
+                release, freed, listed = self._release, self._freed, self._listed
+                steps, owners = self.steps, self.owners
+                checked = t
+                # every block through step t is served (the admissions' blocks fit by their gate)
+                pos = int(np.searchsorted(steps, t, side="right"))
+                before_pos = int(np.count_nonzero(self.alive[:pos]))
+                continue
             if t is not None:
                 # under async scheduling the run may cover step t, left in flight: the scheduler's
                 # own admission then fills it, unless a member's last output comes after t is
@@ -123,7 +193,7 @@ class _WaitingRun:
             v = self._victim(s, listed, release)
             last_v = int(self.last[v])
             if (last_v < s or not self._others_decode(v, int(owners[e]), s + 1 - lag, listed)
-                    or (caching and running[v].num_shared_blocks)):
+                    or (caching and self.reqs[v].num_shared_blocks)):
                 if at_step is not None and at_step[0] == s:
                     # step s already preempted in this walk: the ordinary path takes the whole step
                     _, pos, before_pos = self._restore(at_step)
@@ -133,7 +203,11 @@ class _WaitingRun:
                 at_step = self._save(s, pos, before_pos)
             # (a listed member's blocks are all live: those before e were served)
             first_of_s = int(np.searchsorted(steps, s, side="left"))
-            self.free += int(self.held[v]) + int(np.count_nonzero(owners[:e] == v))
+            blocks_v = int(self.held[v]) + int(np.count_nonzero(owners[:e] == v))
+            if self.resume:
+                self._note_free(v, s, e, blocks_v, before_pos + int(np.count_nonzero(self.alive[pos:e])),
+                                freed)
+            self.free += blocks_v
             after = self.alive[first_of_s:]
             after[owners[first_of_s:] == v] = False  # its blocks from step s on
             if release[v] <= len(freed) - 2:  # its blocks no longer come back at its last output
@@ -143,10 +217,14 @@ class _WaitingRun:
             self.gone[v] = True
             listed[v] = False
             self.preemptions.append(Preemption(s, int(owners[e]), v))
+            self.remaining[v] = last_v - s + 1
+            self.front.insert(0, v)
             self.k = min(k, int(self.last.max()) - (1 - lag))
             before_pos += int(np.count_nonzero(self.alive[pos:e]))
             pos = e
             checked = s  # (a step that preempts admits nobody)
+        if self.resumptions:
+            self._trim()
         return self.k
 
     def _victim(self, s: int, listed: np.ndarray, release: np.ndarray) -> int:
@@ -226,17 +304,21 @@ class _WaitingRun:
         if lo > hi:
             return None
         sched = self.sched
-        if self.preemptions:  # the head is the latest victim: its tokens once its last output is in
-            p = self.preemptions[-1]
-            v = p.victim
-            tokens = int(self.computed[v] + (p.step - 1) - self.first[v] + 2)
-            need = -(-min(tokens, sched.max_model_len) // sched.block_size)
-        else:
+        if self.front:  # the head is the latest victim: its tokens once its last output is in
+            v = self.front[0]
+            need = -(-min(self._tokens(v), sched.max_model_len) // sched.block_size)
+        elif self.wpos == 0:
             need = self.head_need
+        elif self.wpos < len(sched.waiting):
+            need = sched._blocks_to_admit(sched.waiting[self.wpos])
+        else:
+            return None  # nobody waits
         last = len(freed) - 1
         if need > self.free + int(freed[min(hi, last)]):
             return None  # (the finishes' blocks only grow with the step: not even by hi)
-        checks = {p.step + 1 for p in self.preemptions if lo <= p.step + 1 <= hi}
+        # (the walk checked the steps up to its latest preemption: only that one's next step is new)
+        checks = {self.preemptions[-1].step + 1} if self.preemptions and lo <= self.preemptions[-1].step + 1 <= hi \
+            else set()
         releases = release[listed]
         checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
         max_num_seqs = sched.config.max_num_seqs
@@ -248,35 +330,292 @@ class _WaitingRun:
                 return t
         return None
 
+    # --- admissions inside the run (``resume``) ---------------------------------------------
+    def _tokens(self, v: int) -> int:
+        """A victim's tokens once its last output is in (as the scheduler finds it waiting)."""
+        return int(self.computed[v] + self.last[v] - self.first[v] + 2)
+
+    def _registered(self, i: int, tokens: int, blocks: int) -> int:
+        """Member i's blocks registered in the prefix cache with ``tokens`` computed (named
+        when freed, they go to the back of the free queue; the others to the front)."""
+        if not self.kv.enable_caching:
+            return 0
+        return max(int(self.cached[i]), min(tokens // self.sched.block_size, blocks))
+
+    def _note_free(self, v: int, s: int, e: int, blocks: int, served: int, freed: np.ndarray) -> None:
+        """Victim ``v`` frees ``blocks`` before block ``e`` of step ``s`` (``served`` blocks of the
+        run taken or adopted before it): as ``KVCacheManager.free``, those without a name go to
+        the front of the free queue, its named ones (registered by ``apply_waiting_run``) to
+        the back, behind every entry then in the queue."""
+        tokens = int(self.computed[v] + (s - 1) - self.first[v] + 1) - self.lag
+        named = self._registered(v, tokens, blocks)
+        ahead = self.free + int(freed[s]) - served + (blocks - named)
+        self.freed_as[v] = (len(self.pushes), named, ahead)
+        self.pushes.append((s, e, served, blocks - named))  # (served: less the hits before e, see _deficits)
+
+    def _hits(self, t: int, v: int | None, req, tokens: int, deficits: _Deficits) -> tuple[int, bool] | None:
+        """The prefix-cache hits of the queue's head admitted in step ``t`` (victim ``v`` of the
+        run, or ``req`` waiting before it), and whether none of its named copies stays in the
+        free queue after it (the last-token cap did not cut them); None where they do not follow
+        from the counts. Its blocks 0..m-1 are cached, m = h - min(h, D): h its named blocks, D
+        the largest deficit T - (A + U) after any take since its free (A the entries ahead of
+        them then; T the blocks taken since, U those pushed to the front since; blocks adopted
+        as hits since were behind them: the queue admits its victims latest first)."""
+        kv = self.kv
+        if not kv.enable_caching:
+            return 0, True
+        bs = self.sched.block_size
+        if v is None:
+            got = kv.private_blocks_queued(req.rid)
+            if got is None:
+                return None
+            h, ahead = got
+            own = -1
+        else:
+            if v not in self.clean if v >= len(self.sched.running) else kv.has_named_free(req.rid):
+                return None
+            own, h, ahead = self.freed_as[v]
+        if h == 0:
+            return 0, True
+        deficit = max(0, deficits.largest(own) - ahead)
+        m = h - min(h, deficit)
+        cap = (tokens - 1) // bs
+        return (m, True) if m <= cap else (cap, False)
+
+    def _deficits(self, t: int, end: int, listed: np.ndarray, release: np.ndarray) -> _Deficits:
+        """The free queue's front pushes up to step ``t`` (the run's victims' and finishing
+        members' blocks without a name) and the takes before each, in time order."""
+        hits_before = np.cumsum(self.entry == 2) if self.resumptions else None
+        events = [((s, 1, e), served - (int(hits_before[e - 1]) if hits_before is not None and e else 0), count, i)
+                  for i, (s, e, served, count) in enumerate(self.pushes)]
+        ending = np.flatnonzero(listed & (release <= t))
+        if len(ending):
+            taken = self.alive & (self.entry != 2)
+            cuts = np.searchsorted(self.steps, release[ending], side="left")
+            taken_before = np.cumsum(taken)
+            for i, cut in zip(ending.tolist(), cuts.tolist(), strict=True):
+                tokens_i = int(self.computed[i] + self.last[i] - self.first[i] + 1)
+                blocks_i = int(self.blocks[i])
+                before = int(taken_before[cut - 1]) if cut else 0
+                events.append(((int(release[i]), 0, i), before, blocks_i - self._registered(i, tokens_i, blocks_i),
+                               -1))
+        events.sort()
+        takes = np.array([x[1] for x in events], dtype=np.int64)
+        counts = np.array([x[2] for x in events], dtype=np.int64)
+        pushed_after = np.cumsum(counts)
+        g = takes - (pushed_after - counts)  # just before each push
+        suffix = np.maximum.accumulate(g[::-1])[::-1] if len(g) else g
+        at = {x[3]: p for p, x in enumerate(events) if x[3] >= 0}
+        pushed = int(pushed_after[-1]) if len(events) else 0
+        now = int(np.count_nonzero(self.alive[:end] & (self.entry[:end] != 2))) - pushed
+        return _Deficits(suffix, takes - pushed_after, at, now)
+
+    def _resume(self, t: int, release: np.ndarray, freed: np.ndarray, listed: np.ndarray) -> bool:
+        """Admit the queue's head(s) in step ``t`` as ``NativeScheduler._schedule_waiting`` would
+        (a seat; the budget after the step's decodes; the blocks of the whole sequence free),
+        each prefilled whole after the decodes, its prefix-cache hits from ``_hits``; they
+        become members from step t + 1. False (nothing changed) where the step is not one
+        this handles: a prefill the budget or the long-prefill threshold would cut, a head with
+        a shared prefix or whose hits do not follow from the counts, one whose output or
+        context would end within a step, a budget used up (the next head could come in the next
+        step, no event between), a queue the step would empty (the run's arrivals come next)."""
+        sched, kv, lag = self.sched, self.kv, self.lag
+        cfg = sched.config
+        bs = sched.block_size
+        if t < 2 or self.shared:
+            return False
+        budget = cfg.max_num_batched_tokens - int(np.count_nonzero(listed & (self.first <= t) & (self.last >= t)))
+        running = int(np.count_nonzero(listed & (release > t)))
+        waiting = sched.waiting
+        threshold = cfg.long_prefill_token_threshold
+        if running + len(self.front) + len(waiting) - self.wpos <= 1:
+            threshold = 0
+        end = int(np.searchsorted(self.steps, t, side="right"))
+        free = self.free + int(freed[min(t, len(freed) - 1)]) - int(np.count_nonzero(self.alive[:end]))
+        front, wpos = list(self.front), self.wpos
+        admitted = []
+        more = 0
+        deficits = None
+        while True:
+            if not front and wpos >= len(waiting):
+                return False  # the queue would empty: the run's arrivals could be admitted next
+            if budget <= 0:
+                return False
+            if not has_seat(running + len(admitted), cfg.max_num_seqs):
+                break
+            if front:
+                v = front[0]
+                req, tokens, remaining = self.reqs[v], self._tokens(v), self.remaining[v]
+            else:
+                v, req = None, waiting[wpos]
+                if req.stale_tokens or req.num_computed or req.status not in (Status.PREEMPTED, Status.WAITING):
+                    return False
+                tokens, remaining = req.num_tokens, req.max_tokens - req.num_output
+            if kv.enable_caching and req.num_shared_blocks:
+                return False
+            need = -(-min(tokens, sched.max_model_len) // bs)
+            if need > free:
+                break
+            if deficits is None:
+                deficits = self._deficits(t, end, listed, release)
+            deficits.more = more
+            got = self._hits(t, v, req, tokens, deficits)
+            if got is None:
+                return False
+            hits, clean = got
+            prefill = tokens - hits * bs
+            if 0 < threshold < prefill or prefill > budget or remaining < 2 \
+                    or tokens + remaining >= sched.max_model_len:
+                return False
+            admitted.append((req, clean, tokens, hits, remaining))
+            free -= need
+            budget -= prefill
+            more += need - hits
+            if front:
+                front.pop(0)
+            else:
+                wpos += 1
+        if not admitted:
+            return False
+        j0 = len(self.reqs)
+        last, blocks = self._add_members(t, admitted)
+        self.clean.update(j0 + i for i, a in enumerate(admitted) if a[1])
+        r = last + (lag + 1)  # their releases: the first step scheduled after each one's last output
+        release = np.concatenate((release, r))
+        listed = np.concatenate((listed, np.ones(len(r), dtype=bool)))
+        top = len(freed) - 1
+        if (r <= top).any():
+            freed += np.cumsum(np.bincount(np.minimum(r, top + 1), blocks, top + 2)[: top + 1]).astype(np.int64)
+        self._release, self._freed, self._listed = release, freed, listed
+        self.front, self.wpos = front, wpos
+        return True
+
+    def _add_members(self, t: int, admitted: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+        """The requests admitted in step ``t`` (request, clean, tokens, hits, steps left), in
+        order: members from step t + 1, their blocks (hits adopted first, then new ones) after
+        the step's decodes, their decodes' blocks in the run's order. Returns their last steps
+        and their blocks."""
+        bs = self.sched.block_size
+        j0 = len(self.reqs)
+        tokens = np.array([a[2] for a in admitted], dtype=np.int64)
+        hits = np.array([a[3] for a in admitted], dtype=np.int64)
+        last = t - 1 + np.array([a[4] for a in admitted], dtype=np.int64)
+        for j, (req, _, n, h, _) in enumerate(admitted, j0):
+            self.reqs.append(req)
+            self.resumptions.append(Resumption(t, j, req.rid, n, h, n - h * bs))
+        need = -(-tokens // bs)
+        first = np.full(len(admitted), t + 1, dtype=np.int64)
+        ds, downers = crossing_steps(tokens, need, bs, np.minimum(last, self.k), first)
+        prompt_owners = np.repeat(np.arange(len(admitted)), need)
+        rank = np.arange(len(prompt_owners)) - np.repeat(np.cumsum(need) - need, need)
+        steps = np.concatenate((np.full(len(prompt_owners), t, dtype=np.int64), ds))
+        owners = np.concatenate((prompt_owners, downers)) + j0
+        entry = np.concatenate((np.where(rank < hits[prompt_owners], 2, 1).astype(np.int8),
+                                np.zeros(len(ds), dtype=np.int8)))
+        # (new members come after every member: each block goes after the blocks of its step)
+        at = np.searchsorted(self.steps, steps, side="right")
+        at += np.arange(len(at))  # their places in the merged arrays
+        old = np.ones(len(self.steps) + len(at), dtype=bool)
+        old[at] = False
+        for name, new in (("steps", steps), ("owners", owners), ("alive", True), ("entry", entry)):
+            was = getattr(self, name)
+            merged = np.empty(len(old), dtype=was.dtype)
+            merged[old] = was
+            merged[at] = new
+            setattr(self, name, merged)
+        blocks = np.bincount(owners - j0, minlength=len(admitted))
+        self.first = np.concatenate((self.first, first))
+        self.computed = np.concatenate((self.computed, tokens))
+        self.last = np.concatenate((self.last, last))
+        self.held = np.concatenate((self.held, np.zeros(len(admitted), dtype=np.int64)))
+        self.blocks = np.concatenate((self.blocks, blocks))
+        self.gone = np.concatenate((self.gone, np.zeros(len(admitted), dtype=bool)))
+        cached = tokens // bs if self.kv.enable_caching else np.zeros(len(admitted), dtype=np.int64)
+        self.cached = np.concatenate((self.cached, cached))
+        return last, blocks
+
+    def _trim(self) -> None:
+        """Under async scheduling the run's last step is left in flight, its output not in the
+        run: admissions in it are the scheduler's (``admits``), not the run's. Without them the
+        run may end a step earlier (a member's last output comes after that step is scheduled),
+        and so on."""
+        while self.lag and self.resumptions and self.resumptions[-1].step >= self.k:
+            t = self.k
+            j0 = min(r.member for r in self.resumptions if r.step >= t)
+            self.resumptions = [r for r in self.resumptions if r.member < j0]
+            del self.reqs[j0:]
+            for name in ("first", "computed", "last", "held", "blocks", "gone", "cached"):
+                setattr(self, name, getattr(self, name)[:j0])
+            keep = self.owners < j0
+            self.steps, self.owners, self.alive, self.entry = (self.steps[keep], self.owners[keep],
+                                                               self.alive[keep], self.entry[keep])
+            self.admits = t >= 2 and not np.any(~self.gone & (self.last == t - 1))
+            if self.admits:
+                return
+            self.k = t - 1
+
+    def resume_step_time(self, perf: PerformanceModel, t: int) -> float:
+        """The time of step ``t``, which admits: the members decoding in it (in running order),
+        then the admissions' prefills (a one-token prefill is a decode in vLLM's batch)."""
+        f, c, last = self.first, self.computed, self.last
+        decoding = (f <= t) & (last >= t)
+        context = (c + (t - f) + 1)[decoding].tolist()
+        tokens, prefill_context = [], []
+        bs = self.sched.block_size
+        for r in self.resumptions:
+            if r.step == t:
+                n = r.prefill
+                if n == 1:
+                    context.append(r.hits * bs + 1)
+                else:
+                    tokens.append(n)
+                    prefill_context.append(r.hits * bs)
+        return perf.step_time(StepBatch(prefill_tokens=tokens, prefill_context=prefill_context,
+                                        decode_context=context, decode_spec_tokens=[0] * len(context)))
+
+
+_FINISH, _PREEMPT, _ADMIT = 0, 1, 2
+
 
 def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarray, token_times: np.ndarray,
                        lag: int, taken_at: np.ndarray) -> list[int]:
     """Carry out a run planned while requests wait (``plan_waiting_run``) and return the ids of
     the requests that finished in it. Its events, in time order: a preemption when its step is
     scheduled (the victim's full blocks registered as its last scheduling left them, then
-    ``NativeScheduler._preempt``), a finish when its last output comes (``NativeScheduler.finish``);
-    the blocks taken before each event are handed out first. Victims get their tokens through
-    their last step; the others that do not finish go on running."""
+    ``NativeScheduler._preempt``), the admissions of a step after its decodes (the scheduler's
+    own ``_schedule_waiting``, which must admit what the run planned), a finish when its last
+    output comes (``NativeScheduler.finish``); the blocks taken before each event are handed
+    out first. Victims get their tokens through their last step; the others that do not finish
+    go on running, those admitted after the running ones."""
     kv = sched.kv
     running = sched.running
-    n, k = len(running), run.k
+    k = run.k
+    reqs = running + run.joined if run.joined else running
+    m = len(reqs)
     first, computed, last = run.first_steps, run.computed, run.last_steps
     steps, owners = run.block_steps, run.block_owners
     preemptions = run.preemptions
     victims = {p.victim for p in preemptions}
-    # (time key, blocks handed out before it, member, preemption?): a preemption in step s comes
-    # at 2s, a last output between the scheduling of steps last + lag and last + lag + 1 (the
-    # blocks before each event found by one search for all)
+    # (time key, blocks handed out before it, member or step, kind): a preemption in step s
+    # comes at 2s, the admissions of step t at 2t (no step both preempts and admits), a last
+    # output between the scheduling of steps last + lag and last + lag + 1 (the blocks before
+    # each event found by one search for all)
     events = []
     if preemptions:
-        order = steps * (n + 1) + owners  # the blocks' order: by step, then member
-        cuts = np.searchsorted(order, [p.step * (n + 1) + p.short for p in preemptions], side="left")
-        events = [(2 * p.step, cut, p.victim, True) for p, cut in zip(preemptions, cuts.tolist(), strict=True)]
+        order = steps * (m + 1) + owners  # the blocks' order: by step, then member
+        cuts = np.searchsorted(order, [p.step * (m + 1) + p.short for p in preemptions], side="left")
+        events = [(2 * p.step, cut, p.victim, _PREEMPT) for p, cut in zip(preemptions, cuts.tolist(), strict=True)]
     ending = [i for i in np.flatnonzero(last + lag <= k).tolist() if i not in victims]
     if ending:
         ends = last[ending] + lag
         cuts = np.searchsorted(steps, ends, side="right")
-        events += [(2 * end + 1, cut, i, False) for i, end, cut in zip(ending, ends.tolist(), cuts.tolist(), strict=True)]
+        events += [(2 * end + 1, cut, i, _FINISH) for i, end, cut in zip(ending, ends.tolist(), cuts.tolist(), strict=True)]
+    admitting: dict[int, list[Resumption]] = {}
+    for r in run.resumptions:
+        admitting.setdefault(r.step, []).append(r)
+    if admitting:
+        cuts = np.searchsorted(steps, list(admitting), side="right")
+        events += [(2 * t, cut, t, _ADMIT) for t, cut in zip(admitting, cuts.tolist(), strict=True)]
     events.sort()
     finished = []
     taken = 0
@@ -287,8 +626,8 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
     # each event's member's blocks, grouped by member once (a member's blocks all come before its
     # event: a victim's from its preemption step on are not the run's, a finishing member's end
     # with its last step), with their acquisition ticks summed per member
-    at_event = np.zeros(n, dtype=bool)
-    at_event[[i for _, _, i, _ in events]] = True
+    at_event = np.zeros(m, dtype=bool)
+    at_event[[i for _, _, i, kind in events if kind != _ADMIT]] = True
     theirs = np.flatnonzero(at_event[owners])
     theirs = theirs[np.argsort(owners[theirs], kind="stable")]  # by member, each in step order
     bounds, sums = {}, {}  # member -> its stretch of ``theirs``, its acquisition ticks
@@ -298,16 +637,30 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
         ids = members[starts].tolist()
         bounds = dict(zip(ids, pairwise([*starts.tolist(), len(theirs)]), strict=True))
         sums = dict(zip(ids, tick_sums(acquired[theirs], starts), strict=True))
-    for _, cut, i, preempting in events:
+    # with admissions: the running list as the events leave it, who is in it, the victims not
+    # yet settled (``_admit``)
+    current, listed, pending = (list(running), np.ones(m, dtype=bool), []) if admitting else (None, None, None)
+    readmitted: set[int] = set()  # victims settled before an admission (their tokens delivered then)
+    times = token_times.tolist() if admitting else None
+    for _, cut, i, kind in events:
         if cut > taken:
             block_of[taken:cut] = kv.take_free_blocks(cut - taken)
             taken = cut
+        if kind == _ADMIT:
+            _admit(sched, run, admitting[i], i, reqs, current, listed, pending, readmitted, taken_at, sched_at,
+                   times, lag)
+            continue
+        if current is not None:
+            current.remove(reqs[i])
+            listed[i] = False
+            if kind == _PREEMPT:
+                pending.append(i)
         if i in bounds:
             lo, hi = bounds[i]
-            kv.add_taken_blocks(running[i].rid, block_of[theirs[lo:hi]].tolist(), sums[i])
-        req = running[i]
+            kv.add_taken_blocks(reqs[i].rid, block_of[theirs[lo:hi]].tolist(), sums[i])
+        req = reqs[i]
         before = kv.num_used_blocks
-        if preempting:
+        if kind == _PREEMPT:
             step = int(last[i]) + 1
             kv.clock = float(sched_at[step - 1])
             # the full blocks as its last scheduling (sync) or last output before now (async) left them
@@ -324,16 +677,68 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
             taken_at[row] -= before - kv.num_used_blocks
     if taken < len(steps):
         block_of[taken:] = kv.take_free_blocks(len(steps) - taken)
-    done = {r for _, _, r, _ in events}
-    going = np.ones(n, dtype=bool)
+    done = {i for _, _, i, kind in events if kind != _ADMIT}
+    going = np.ones(m, dtype=bool)
     going[list(done)] = False
     rest = np.flatnonzero(going[owners])
-    give_blocks(kv, running, owners[rest], block_of[rest], acquired[rest])
-    deliver(running, k, token_times, np.minimum(last + lag, k).tolist(), np.minimum(last, k).tolist())
+    give_blocks(kv, reqs, owners[rest], block_of[rest], acquired[rest])
+    if not admitting:
+        deliver(running, k, token_times, np.minimum(last + lag, k).tolist(), np.minimum(last, k).tolist())
+    else:
+        counts, scheduled = np.minimum(last + lag, k).tolist(), np.minimum(last, k).tolist()
+        for i, r in enumerate(running):
+            if i not in readmitted:
+                deliver_tokens(r, counts[i], times)
+                r.num_computed += scheduled[i]
+        for r in run.resumptions:  # from the output of the step that admits it
+            if r.member in readmitted:
+                continue
+            req, row = reqs[r.member], r.step - 1 + lag
+            if counts[r.member] > row:
+                deliver_tokens(req, counts[r.member] - row, times, start=row)
+            req.num_computed = r.tokens + scheduled[r.member] - r.step
+            if going[r.member]:
+                req.placeholders = req.in_flight_tokens = lag
     for v in victims:  # their last output (already stale when it came) is in
-        req = running[v]
-        req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
+        if v not in readmitted:
+            req = reqs[v]
+            req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
     going_on = np.flatnonzero(going).tolist()
-    sched.replace_running([running[i] for i in going_on])
+    sched.replace_running([reqs[i] for i in going_on])
     kv.cache_many(sched.running, (computed[going_on] + (k + 1 - lag) - first[going_on]).tolist())
     return finished
+
+
+def _admit(sched: NativeScheduler, run: DecodeRun, planned: list[Resumption], t: int, reqs: list,
+           current: list, listed: np.ndarray, pending: list[int], settled: set[int], taken_at: np.ndarray,
+           sched_at: np.ndarray, times: list[float], lag: int) -> None:
+    """The admissions of step ``t``: the scheduler's own ``_schedule_waiting`` over the requests
+    running then (``current``, members ``listed``), which must admit what the run planned (else
+    the plan is wrong: an error). First the victims preempted since the last admissions
+    (``pending``) get their tokens through their last step (their last output is in: the
+    scheduler finds them waiting so); ``settled`` gains them."""
+    kv = sched.kv
+    n = len(sched.running)
+    if pending:
+        joined_at = {r.member: r.step for r in run.resumptions}
+        for v in pending:
+            req = reqs[v]
+            count = int(min(run.last_steps[v] + lag, run.k))
+            if v < n:
+                deliver_tokens(req, count, times)
+            else:  # admitted inside the run: its tokens from the output of the step that admitted it
+                row = joined_at[v] - 1 + lag
+                if count > row:
+                    deliver_tokens(req, count - row, times, start=row)
+            req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
+            settled.add(v)
+        pending.clear()
+    decoding = int(np.count_nonzero(listed & (run.first_steps <= t) & (run.last_steps >= t)))
+    kv.clock = float(sched_at[t - 1])
+    before = kv.num_used_blocks
+    out = sched.admit_in_run(current, sched.config.max_num_batched_tokens - decoding)
+    expected = [(r.rid, r.prefill) for r in planned]
+    if list(out.num_scheduled.items()) != expected:
+        raise RuntimeError(f"a waiting run planned the admissions {expected} in its step {t}; the scheduler "
+                           f"admitted {list(out.num_scheduled.items())}")
+    taken_at[t - 1] += kv.num_used_blocks - before

@@ -365,8 +365,8 @@ def test_waiting_runs_time_their_steps_after_the_walk(async_scheduling, monkeypa
     timed_after = []  # per run timed after its walk: steps after its first preemption
     original = waiting_runs.plan_waiting_run
 
-    def planned(sched, members, times, k, decode_times, lag):
-        run = original(sched, members, times, k, decode_times, lag)
+    def planned(sched, members, times, k, decode_times, lag, **kwargs):
+        run = original(sched, members, times, k, decode_times, lag, **kwargs)
         if times is None and run is not None:
             first = min([p.step for p in run.preemptions], default=run.k + 1)
             timed_after.append(run.k - first + 1)
@@ -424,8 +424,8 @@ def test_a_walk_gone_on_through_later_arrivals_plans_the_run_planned_with_them(a
     plan = fast_forward.plan
     compared = []
 
-    def checked(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks=None):
-        run = plan(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks)
+    def checked(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks=None, resume=False):
+        run = plan(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks, resume=resume)
         if run is None or not run.admissions or walks is not None:
             return run
         rids = [a.rid for a in run.admissions]
@@ -452,3 +452,71 @@ def test_a_walk_gone_on_through_later_arrivals_plans_the_run_planned_with_them(a
     assert len(compared) >= 3 and max(compared) >= 3, compared
     if blocks:
         assert slow.summary["kv_usage"]["peak"] > 0.8  # the KV cache did run short
+
+
+def _columns_equal(a, b):
+    assert a.summary["steps"] == b.summary["steps"]
+    for table in ("requests", "timeline"):
+        x, y = getattr(a, table), getattr(b, table)
+        for key in x:
+            np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("caching", [True, False])
+def test_runs_admit_waiting_requests_inside_as_step_by_step(async_scheduling, caching, monkeypatch):
+    # overload: victims come back inside the run that preempted them (their prefix-cache hits,
+    # with caching, predicted from the free queue's counts), some are preempted again and come
+    # back again in the same run; the step log equals the step-by-step path's, and bit for bit
+    # the runs' that end at every admission
+    from simulator.engine import waiting_runs
+
+    w = make_workload(n=80, seed=11, rate=20, prompt=(10, 100), output=(100, 800))
+    cfg = EngineConfig(num_gpu_blocks_override=200, max_model_len=4096, max_num_seqs=256,
+                       enable_prefix_caching=caching)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    seen = {"runs": 0, "admitted": 0, "hits": 0, "victims": 0, "again": 0}
+    original = waiting_runs.apply_waiting_run
+
+    def applied(sched, run, *args):
+        n = len(sched.running)
+        seen["runs"] += 1
+        seen["admitted"] += len(run.resumptions)
+        seen["hits"] += sum(1 for r in run.resumptions if r.hits)
+        victims = {sched.running[p.victim].rid for p in run.preemptions if p.victim < n}
+        seen["victims"] += sum(1 for r in run.resumptions if r.rid in victims)
+        seen["again"] += len(run.resumptions) - len({r.rid for r in run.resumptions})
+        return original(sched, run, *args)
+
+    monkeypatch.setattr(waiting_runs, "apply_waiting_run", applied)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    inside = dict(seen)
+    assert_same(slow, fast)
+    assert np.array_equal(slow.requests["preemptions"], fast.requests["preemptions"])
+    assert inside["admitted"] > 50 and inside["victims"] > 10 and inside["again"] > 10, inside
+    if caching:
+        assert inside["hits"] > 10, inside
+    seen.update(runs=0, admitted=0)
+    monkeypatch.setattr(waiting_runs._WaitingRun, "_resume", lambda *args: False)
+    ending = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    _columns_equal(ending, fast)
+    assert seen["admitted"] == 0 and seen["runs"] > 2 * inside["runs"], (seen, inside)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_run_whose_admissions_the_scheduler_would_not_make_is_an_error(async_scheduling, monkeypatch):
+    # apply_waiting_run lets the scheduler's own admission admit what the run planned and checks
+    # it: one prefix-cache hit too many in the plan is caught
+    from simulator.engine import waiting_runs
+
+    w = make_workload(n=80, seed=11, rate=20, prompt=(10, 100), output=(100, 800))
+    cfg = EngineConfig(num_gpu_blocks_override=200, max_model_len=4096, max_num_seqs=256)
+    hits = waiting_runs._WaitingRun._hits
+
+    def one_more(plan, *args):
+        got = hits(plan, *args)
+        return got if got is None or got[0] == 0 else (got[0] + 1, got[1])
+
+    monkeypatch.setattr(waiting_runs._WaitingRun, "_hits", one_more)
+    with pytest.raises(RuntimeError, match="planned the admissions"):
+        simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
