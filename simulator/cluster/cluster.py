@@ -214,6 +214,9 @@ class Cluster:
         self.hold_runs = True
         #: ... and a request routed there that such a run admits whole extends it (``ReplicaEngine.extend_held``)
         self.extend_held_runs = True
+        #: ... also for a router reading KV usage (the replicas' reports read a held run's from
+        #: its plan: ``ReplicaEngine._held_rows``)
+        self.hold_kv_runs = True
         self.replica_of = np.full(n, -1, dtype=np.int64)  # the replica that generated each request
         #: the replicas stepping together (data-parallel lock-step), or None
         self.lockstep: LockstepGroup | None = None
@@ -382,7 +385,7 @@ class Cluster:
         known further (``no_finish_until``)."""
         until = replica.determined_until(new_timeout)
         if self.front.router.needs_kv or not self.ahead_on_finishes:
-            return until
+            return replica.reports_known_until(until)
         # (its reports count the finishes foreseen, where they hold)
         return max(replica.no_finish_until(until, self._min_step_s[replica.index]), replica.foreseen_until())
 
@@ -468,11 +471,14 @@ class Cluster:
             env.process(self._arrivals())
             if self.ahead:
                 env.on_timeout = self._route_ahead
-                if self.ahead_on_finishes and not self.front.router.needs_kv:
+                reads_kv = self.front.router.needs_kv
+                if self.ahead_on_finishes and (not reads_kv or self.hold_kv_runs):
                     for replica in self.front.replicas:
                         if isinstance(replica.scheduler, SteadyScheduler):
-                            replica.look_ahead = self._look_ahead
+                            if not reads_kv:  # (its reports ahead would lack the KV usage)
+                                replica.look_ahead = self._look_ahead
                             replica.foresee = True
+                            replica.report_kv = reads_kv
                     self.pass_arrivals = self.decode is None
                     for replica in self.front.replicas:
                         replica.hold = replica.foresee and self.pass_arrivals and self.hold_runs

@@ -96,6 +96,9 @@ class HeldRun:
     #: the blocks each member of the walk held before its first decode step (for the blocks of
     #: a run extended: ``fast_forward.with_blocks``)
     member_held: list[int] | None = None
+    #: (each row's end, the KV blocks used after it) as the run applied gives them
+    #: (``ReplicaEngine._held_rows``; None: not worked out since the run last changed)
+    rows: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class ReplicaEngine(Engine):
@@ -134,6 +137,9 @@ class ReplicaEngine(Engine):
         self.hold = False
         #: ... and a request routed here that a held run admits whole extends it, not cuts it
         self.extend_held = True
+        #: its reports read the KV usage in the finishes' foreseen span too (a router reading it:
+        #: the held run's or the run applied not logged yet, from their rows)
+        self.report_kv = False
         self._held: HeldRun | None = None
         self._moving: float | None = None  # where the loop's wait moves once it waits (``_move_wait``)
         #: a run applied, logged when it ends: (its advance, next arrival, admissions, arrivals admitted)
@@ -241,10 +247,86 @@ class ReplicaEngine(Engine):
             return ReplicaReport(position, self.sent - self._finished_before - ahead, math.nan)
         if self.foreseen is not None and self._foreseen_from < view_s <= self.foreseen_until():
             return ReplicaReport(position, self.sent - self._finished_before - self._foreseen_unreported(view_s),
-                                 math.nan)
-        used = self.steps.kv_before(view_s)
+                                 self._kv_before(view_s) / max(self.kv_capacity.num_blocks - 1, 1)
+                                 if self.report_kv else math.nan)
+        used = self._kv_before(view_s) if self.report_kv else self.steps.kv_before(view_s)
         return ReplicaReport(position, self.sent - self._finished_before,
                              used / max(self.kv_capacity.num_blocks - 1, 1))
+
+    def _kv_before(self, view_s: float) -> int:
+        """KV blocks used after the last step that ended before ``view_s`` (``StepLog.kv_before``),
+        the steps of the run held (from its plan: ``_held_rows``) or of the run applied and not
+        logged yet counted. (A query reaches no run's last row: the run is applied, and its last
+        row settled, when the clock reaches its end.)"""
+        rows = None
+        if self._held is not None:
+            if view_s > self._held.now:
+                rows = self._held_rows()
+        elif self._unlogged is not None:
+            adv = self._unlogged[0]
+            rows = (adv.token_times, adv.kv_blocks_used)
+        if rows is not None:
+            i = int(rows[0].searchsorted(view_s, side="left"))
+            if i:
+                return int(rows[1][i - 1])
+        return self.steps.kv_before(view_s)
+
+    def _held_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The run held's rows: their ends and the KV blocks used after each, as ``apply_run``
+        gives them (blocks taken in each step's row, those of each member finishing inside the
+        run freed in the row of its last output, last steps in order; a block held together is
+        freed with its last holder), worked out from the plan and the scheduler's state (which
+        the run held leaves as it is), without applying it."""
+        held = self._held
+        if held.rows is not None:
+            return held.rows
+        sched = self.scheduler
+        kv = sched.kv
+        lag = self.scheduler._runs.lag
+        run = held.run
+        k = run.k
+        running = sched.running
+        n = len(running)
+        last = run.last_steps
+        if run.block_steps is not None:
+            steps = run.block_steps
+            taken = np.bincount(run.block_owners, minlength=len(last))
+        else:  # the blocks ``with_blocks`` gives it, counted by step and member (not put in order)
+            m = len(last)
+            hold = np.array(held.member_held[:m], dtype=np.int64)
+            bs = sched.block_size
+            first = hold * bs - run.computed + run.first_steps  # (as ``crossing_steps``)
+            taken = np.maximum((np.minimum(last, k) - first) // bs + 1, 0)
+            owners = np.repeat(np.arange(m), taken)
+            rank = np.arange(len(owners)) - np.repeat(np.cumsum(taken) - taken, taken)
+            steps = first[owners] + bs * rank
+            if run.admissions:  # their prompts' blocks, taken in their prefill steps
+                steps = np.concatenate((steps, np.repeat([a.step for a in run.admissions], hold[n:])))
+                taken[n:] += hold[n:]
+        delta = np.bincount(steps - 1, minlength=k).astype(np.int64)
+        finishing = np.flatnonzero(last + lag <= k)
+        if len(finishing):
+            finishing = finishing[np.argsort(last[finishing], kind="stable")]
+            refs: dict[int, int] = {}  # blocks held together: holders left
+            ref = kv._ref
+            for i in finishing.tolist():
+                freed = int(taken[i])  # (an arrival admitted: its prompt's blocks among them)
+                if i < n:
+                    rid = running[i].rid
+                    blocks = kv.req_blocks.get(rid, ())
+                    if rid in kv._holds_named:
+                        for block in blocks:
+                            left = refs.get(block, int(ref[block])) - 1
+                            refs[block] = left
+                            freed += left == 0
+                    else:
+                        freed += len(blocks)
+                delta[int(last[i]) + lag - 1] -= freed
+        used = np.cumsum(delta)
+        used += kv.num_used_blocks
+        e = held.ends
+        held.rows = (e[1 - lag: k + 1 - lag], used)
+        return held.rows
 
     def outstanding_at_most(self, view_s: float) -> int:
         """Requests sent here and not reported finished before ``view_s`` (changes nothing): its
@@ -306,6 +388,16 @@ class ReplicaEngine(Engine):
         else:
             until = self.env.now
         return min(until, self._pending_s[0]) if self._pending_s else until
+
+    def reports_known_until(self, until: float) -> float:
+        """Until when its reports are known, ``until`` its ``determined_until``: with ``report_kv``
+        and a run held, to the run's end (its rows and finishes are known from its plan: a request
+        routed here later keeps the steps scheduled before its arrival), or its next delivery."""
+        held = self._held
+        if held is None or not self.report_kv:
+            return until
+        end = held.adv.end_s
+        return max(until, min(end, self._pending_s[0]) if self._pending_s else end)
 
     def no_finish_until(self, until: float, min_step_s: float) -> float:
         """A time before which this replica reports no finish it has not reported yet, given
@@ -523,7 +615,7 @@ class ReplicaEngine(Engine):
         if run is None or not run.admissions or run.admissions[-1].rid != j:
             return False
         runs: ClusterRuns = self.scheduler._runs
-        held.walk, held.run = walk, run
+        held.walk, held.run, held.rows = walk, run, None
         held.ends = np.cumsum(np.concatenate(([held.base], run.step_times)))
         end_s = float(held.ends[run.k - runs.lag])  # (after the arrival: its prefill is not the last step)
         if end_s != held.adv.end_s:

@@ -254,6 +254,82 @@ def test_held_runs_extended_by_the_requests_they_admit_change_no_bit(seed, async
 
 
 
+@pytest.mark.parametrize(("seed", "async_scheduling", "staleness", "shared"), [
+    (0, False, 0.0, False), (1, True, 0.0, False), (2, True, 0.25, True), (3, False, 0.25, True),
+    (4, True, 0.0, True)])
+def test_least_kv_replicas_hold_runs_whose_kv_reports_come_from_their_plans(seed, async_scheduling, staleness,
+                                                                           shared, monkeypatch):
+    """A router reading KV usage (least_kv) lets the replicas hold and extend runs too
+    (``Cluster.hold_kv_runs``): a held run's report reads the KV blocks used after its last step
+    that ended before the report from the run's plan (``ReplicaEngine._held_rows``: blocks taken
+    as members cross block boundaries and at admissions, those of each member finishing freed at
+    its last output, a block held together with its last holder), a run applied and not logged
+    yet from its rows. Every KV usage reported equals that of the replica's final timeline at
+    the report's time; every decision, what the router read for it, and each replica's tables are
+    bit for bit those of runs ended before every arrival (``hold_kv_runs`` off), in fewer runs.
+    (Half the requests share prefixes where ``shared``: blocks held together.)"""
+    from dataclasses import replace
+
+    from simulator.cluster.replica import ReplicaEngine
+
+    answers = []
+    kv_before = ReplicaEngine._kv_before
+
+    def recording(self, view_s):
+        used = kv_before(self, view_s)
+        held = self._held is not None and view_s > self._held.now
+        answers.append((self, view_s, used, "held" if held else "unlogged" if self._unlogged is not None else "log"))
+        return used
+
+    monkeypatch.setattr(ReplicaEngine, "_kv_before", recording)
+    runs = [0]
+    apply_run = fast_forward.apply_run
+
+    def counting(*args, **kwargs):
+        runs[0] += 1
+        return apply_run(*args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    w = make_workload(n=200, seed=seed, rate=20, output=(1, 500))
+    if shared:
+        s = make_workload(n=200, seed=seed, rate=20, output=(1, 500), prefix_groups=3, prefix_tokens=64)
+        w = replace(s, prefix_group=np.where(np.arange(200) % 2 == 0, s.prefix_group, -1))
+    results, taken, seen_by = [], [], []
+    for hold in (False, True):
+        runs[0] = 0
+        answers.clear()
+        cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(),
+                          ClusterSpec(replicas=4, router="least_kv", staleness_s=staleness),
+                          async_scheduling=async_scheduling)
+        cluster.hold_kv_runs = hold
+        router = cluster.front.router
+        choose, seen = router.choose, []
+
+        def deciding(request, reports, choose=choose, seen=seen):
+            index = choose(request, reports)
+            seen.append((request.rid, index, tuple((r.kv_usage, r.outstanding) for r in reports)))
+            return index
+
+        router.choose = deciding
+        results.append(cluster.run(SLO()))
+        taken.append(runs[0])
+        seen_by.append(seen)
+        steps = {id(r): r.steps.columns() for r in cluster.replicas}
+        for replica, view_s, used, _ in answers:
+            log = steps[id(replica)]
+            i = int(np.searchsorted(log["end_s"], view_s, side="left"))
+            assert used == (int(log["kv_blocks_used"][i - 1]) if i else 0), (view_s, used)
+    sources = [source for *_, source in answers]
+    assert sources.count("held") > 100 and sources.count("unlogged") > 0, sources.count("held")
+    assert taken[1] < 0.6 * taken[0], taken
+    assert seen_by[1] == seen_by[0] and len(seen_by[0]) == len(w)
+    for a, b in zip(*(r.replicas for r in results), strict=True):
+        for table in ("requests", "timeline"):
+            x, y = getattr(a, table), getattr(b, table)
+            for key in x:
+                np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+
+
 @pytest.mark.parametrize(("seed", "async_scheduling", "router"), [
     (0, False, "least_outstanding"), (1, True, "least_outstanding"), (2, False, "least_outstanding"),
     (3, True, "least_outstanding"), (0, False, "power_of_two"), (1, True, "power_of_two"),
