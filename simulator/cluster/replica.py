@@ -237,7 +237,9 @@ class ReplicaEngine(Engine):
     def report(self, view_s: float, position: int, finishes_ahead: np.ndarray | None = None) -> ReplicaReport:
         """This replica as reported at ``view_s`` (``position``: its place in its pool): requests
         sent and not finished before it, and the KV usage after its last step that ended before it
-        (``finishes_ahead``: finishes of a run not taken yet; then the KV usage is not known, nan)."""
+        (``finishes_ahead``: finishes of a run not taken yet; then the KV usage is not known, nan;
+        nan too where the finishes foreseen count, unless ``report_kv``: then from the run held,
+        ``_kv_before``)."""
         heap = self._finish_times
         while heap and heap[0] < view_s:
             heapq.heappop(heap)
