@@ -99,13 +99,13 @@ def shape_args(shape: dict) -> list[str]:
     return [f"model.{k}={v}" for k, v in shape.items()]
 
 
-def profile_and_fit(shape: dict, out: Path, quick: bool) -> dict:
+def profile_and_fit(shape: dict, out: Path, quick: bool, pin: bool = False) -> dict:
     """Profile (with the serving phase) and fit one shape; the fit's held-out errors."""
     prof = out / "profile"
     grid = [*QUICK_GRID, "serving.repeats=2"] if quick else ["grid=default", "serving.repeats=3"]
     if not (prof / "profile.json").exists():
         run([sys.executable, "-m", "profiler", "model=tiny-llama", *shape_args(shape), "optimization=none", *grid,
-             f"engine.block_size={BLOCK}", f"engine.max_model_len={MAX_LEN}", f"output_dir={prof}",
+             f"serving.pin_frontend={str(pin).lower()}", f"engine.block_size={BLOCK}", f"engine.max_model_len={MAX_LEN}", f"output_dir={prof}",
              "resume=false", "progress=false"], out / "profiler.log")
     run([sys.executable, "-m", "calibration", "fit", f"profile={prof}", f"out={out / 'fit.json'}"], out / "fit.log")
     report = json.loads((out / "fit.json").read_text())["report"]
@@ -115,7 +115,7 @@ def profile_and_fit(shape: dict, out: Path, quick: bool) -> dict:
             "prefill": phases.get("prefill", {}).get("median_ape"), "knee": report.get("decode_knee")}
 
 
-def live(load: Scenario, shape: dict, out: Path, runs: int) -> list:
+def live(load: Scenario, shape: dict, out: Path, runs: int, pin: bool = False) -> list:
     """``runs`` replays of the load, each on a fresh server; their RunResults."""
     from profiler.live.runner import LiveRunConfig, run_series
     from profiler.live.server import ServerSpec
@@ -126,7 +126,7 @@ def live(load: Scenario, shape: dict, out: Path, runs: int) -> list:
     if len(done) >= runs:
         return [RunResult.read(p.parent) for p in done[:runs]]
     spec = ServerSpec(model=str(ensure_tiny_model(shape=shape)),
-                      engine=EngineConfig.from_dict({**ENGINE, **load.engine}), kv_cache_space_gib=2)
+                      engine=EngineConfig.from_dict({**ENGINE, **load.engine}), kv_cache_space_gib=2, pin_frontend=pin)
     outcomes = run_series(load.workload(), out / "live", runs, spec, fresh_server=True,
                           config=LiveRunConfig(request_timeout_s=900, overhead_probes=0), progress=False)
     bad = [o.message for o in outcomes if o.exit_code]
@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: one small shape, two short loads, one server")
     p.add_argument("--runs", type=int, default=None, help="fresh servers per load (default 3; --quick: 1)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/accuracy.md")
+    p.add_argument("--pin-frontend", action="store_true",
+                   help="every server (profiling and live) keeps its processes but the worker, and the client, "
+                        "off the worker's cores (serving.pin_frontend)")
     p.add_argument("--shape", action="append", default=None,
                    help="only this shape (e.g. L6-H768-h12-kv4; repeatable); a subset's table goes to <out> only")
     args = p.parse_args(argv)
@@ -297,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         name = shape_name(shape)
         print(f"[own-engine] {name}: profile + fit", file=sys.stderr, flush=True)
-        fits[name] = profile_and_fit(shape, out / name, args.quick)
+        fits[name] = profile_and_fit(shape, out / name, args.quick, args.pin_frontend)
         for load in loads:
             print(f"[own-engine] {name}: {load.name}: {runs} live run(s), simulation", file=sys.stderr, flush=True)
-            results = live(load, shape, out / name / load.name, runs)
+            results = live(load, shape, out / name / load.name, runs, args.pin_frontend)
             sim = simulate(load, out / name / "profile", out / name / load.name)
             rows += compare(name, load.name, results, sim)
         speeds[name] = server_speeds(out / name, loads)

@@ -223,7 +223,7 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
     from profiler.live.server import ServerSpec, VllmServer, descendants
 
     spec = ServerSpec(model=str(model), engine=engine, kv_cache_space_gib=max(1, math.ceil(kv_bytes / GIB)),
-                      seed=seed, extra_args=extra_args)
+                      seed=seed, extra_args=extra_args, pin_frontend=settings.pin_frontend)
     probes: list[dict[str, Any]] = []
     loads: list[dict[str, Any]] = []
     async_flags: set[bool] = set()
@@ -266,6 +266,7 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
         "async_scheduling": async_flags.pop() if len(async_flags) == 1 else None,
         "engine": engine.to_dict(),
         "kv_cache_space_gib": spec.kv_cache_space_gib,
+        "pin_frontend": spec.pin_frontend,
         "server_command": ["<model>" if c == str(model) else c for c in command[2:]],
         "vllm_version": version,
         "duration_s": round(time.time() - started, 1),

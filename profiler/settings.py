@@ -34,12 +34,15 @@ def check_choice(field_name: str, value: str, folder: Path) -> None:
 @dataclass(frozen=True)
 class ServingSettings:
     """``serving.enabled``, ``serving.repeats`` (probe rounds per server), ``serving.servers``,
-    ``serving.load_requests`` (requests of the served load after each server's probes; 0: none)."""
+    ``serving.load_requests`` (requests of the served load after each server's probes; 0: none),
+    ``serving.pin_frontend`` (the servers' processes but vLLM's worker, and the client, kept to the
+    CPUs the worker leaves: ``profiler.live.server.ServerSpec``)."""
 
     enabled: bool = True
     repeats: int = 3
     servers: int = 3
     load_requests: int = 64
+    pin_frontend: bool = False
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "serving.enabled", f"must be true or false, got {self.enabled!r}")
@@ -50,6 +53,8 @@ class ServingSettings:
         require(isinstance(self.load_requests, int) and not isinstance(self.load_requests, bool)
                 and self.load_requests >= 0,
                 "serving.load_requests", f"must be an integer >= 0, got {self.load_requests!r}")
+        require(isinstance(self.pin_frontend, bool), "serving.pin_frontend",
+                f"must be true or false, got {self.pin_frontend!r}")
 
 
 @dataclass(frozen=True)

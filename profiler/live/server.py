@@ -53,6 +53,11 @@ class ServerSpec:
     ``model`` is a local model folder. ``kv_cache_space_gib`` becomes
     ``VLLM_CPU_KVCACHE_SPACE`` (ignored by GPU builds, which use
     ``engine.gpu_memory_utilization``). ``port`` 0 picks a free port.
+    ``pin_frontend``: once the server is up, its processes other than vLLM's
+    worker, and the caller (the client) while it runs, are kept to the CPUs the
+    worker leaves (vLLM's CPU build binds the worker to its cores and reserves
+    the rest for the other processes, which Linux otherwise also runs on the
+    worker's cores).
     """
 
     model: str
@@ -65,6 +70,7 @@ class ServerSpec:
     extra_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
     startup_timeout_s: float = 240.0
+    pin_frontend: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.model), "server.model", "must name a local model folder")
@@ -229,6 +235,42 @@ def descendants(pid: int) -> list[tuple[int, int]]:
     return found
 
 
+#: vLLM's title for the process that runs the model (vllm.v1.executor.multiproc_executor)
+WORKER_TITLE = b"VLLM::Worker"
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return WORKER_TITLE in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def pin_frontend(pid: int) -> set[int] | None:
+    """Keep every process of the server ``pid`` but vLLM's worker (each of their threads) to the
+    CPUs the worker is not bound to; those CPUs, or None (nothing pinned) when no worker is
+    found or it holds every CPU the server may use."""
+    processes = [pid] + [p for p, _ in descendants(pid)]
+    workers = [p for p in processes if _is_worker(p)]
+    if not workers:
+        return None
+    bound: set[int] = set()
+    for worker in workers:
+        with contextlib.suppress(OSError):
+            bound |= os.sched_getaffinity(worker)
+    reserved = os.sched_getaffinity(pid) - bound
+    if not reserved:
+        return None
+    for process in processes:
+        if process in workers:
+            continue
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{process}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), reserved)
+    return reserved
+
+
 #: Runs first in the server's process: asks Linux to SIGTERM it if the runner dies
 #: without stopping it (PR_SET_PDEATHSIG survives exec), then becomes the server.
 PARENT_DEATH_WRAPPER = (
@@ -265,6 +307,9 @@ class VllmServer:
     _tail: deque = field(default_factory=lambda: deque(maxlen=400))
     _reader: threading.Thread | None = None
     _known_children: dict[int, int] = field(default_factory=dict)
+    #: the CPUs the server's other processes and the caller were kept to (``ServerSpec.pin_frontend``)
+    reserved_cpus: set[int] | None = None
+    _caller_affinity: set[int] | None = None
 
     @property
     def url(self) -> str:
@@ -295,6 +340,11 @@ class VllmServer:
             self.stop()
             raise
         self.ready_s = time.monotonic()
+        if self.spec.pin_frontend:
+            self.reserved_cpus = pin_frontend(self.process.pid)
+            if self.reserved_cpus:
+                self._caller_affinity = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, self.reserved_cpus)
         return self
 
     def _read_output(self) -> None:
@@ -369,6 +419,10 @@ class VllmServer:
             proc.wait(timeout=5)
         if self._reader is not None:
             self._reader.join(timeout=5)
+        if self._caller_affinity is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, self._caller_affinity)
+            self._caller_affinity = None
         return proc.returncode
 
     def _alive(self, pid: int, start: int | None) -> bool:

@@ -327,3 +327,24 @@ def test_speculative_decoding_counters_on_a_real_server(tmp_path):
     per_pos = counters["accepted_per_pos"]
     assert len(per_pos) == 4 and sum(per_pos) == accepted
     assert all(a >= b for a, b in zip(per_pos, per_pos[1:], strict=False)) and per_pos[0] <= drafts
+
+
+@pytest.mark.engine
+@engine
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="vLLM's worker and the reserved CPUs need two cores")
+def test_a_pinned_server_leaves_the_worker_its_cores(tmp_path):
+    from profiler.live.server import _is_worker
+
+    before = os.sched_getaffinity(0)
+    spec = ServerSpec(model=resolve_model("tiny-llama"), engine=ENGINE, pin_frontend=True)
+    with VllmServer(spec, tmp_path / "server.log") as srv:
+        processes = [srv.process.pid] + [p for p, _ in descendants(srv.process.pid)]
+        workers = [p for p in processes if _is_worker(p)]
+        assert workers and srv.reserved_cpus
+        worker_cpus = set().union(*(os.sched_getaffinity(p) for p in workers))
+        assert not worker_cpus & srv.reserved_cpus  # the worker alone on its cores
+        for p in set(processes) - set(workers):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                assert os.sched_getaffinity(int(tid)) == srv.reserved_cpus, (p, tid)
+        assert os.sched_getaffinity(0) == srv.reserved_cpus  # the client too, while the server runs
+    assert os.sched_getaffinity(0) == before

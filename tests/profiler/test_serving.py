@@ -20,7 +20,8 @@ from simulator.records.errors import ConfigError
 
 @pytest.mark.parametrize("kwargs, field", [({"repeats": 0}, "serving.repeats"), ({"servers": "two"}, "serving.servers"),
                                            ({"enabled": "yes"}, "serving.enabled"),
-                                           ({"load_requests": -1}, "serving.load_requests")])
+                                           ({"load_requests": -1}, "serving.load_requests"),
+                                           ({"pin_frontend": "yes"}, "serving.pin_frontend")])
 def test_bad_serving_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}: "):
         ServingSettings(**kwargs)
