@@ -50,7 +50,7 @@ class Tolerance:
     limit: float
 
 
-#: starting tolerances of the CI test (issue 7)
+#: starting tolerances of the CI test
 CI_TOLERANCES: dict[str, Tolerance] = {
     "e2e_p50": Tolerance("relative", 0.15),
     "e2e_p99": Tolerance("relative", 0.15),

@@ -20,7 +20,7 @@ never mixed into them. Where its value comes from (``frontend_s: auto``):
   32-token probes, TTFT minus the probe's logged prefill step);
 - any GPU model: ``GPU_DEFAULT_S``, 5 ms: on real H100 vLLM runs of 7B-70B models
   the engine-only simulated TTFT was the real distribution shifted by 4-7 ms at
-  every quantile from p1 to p90 (issue 15); 5 ms is the middle of that range.
+  every quantile from p1 to p90; 5 ms is the middle of that range.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fitting step-time models to profiles (issue 4, "Fit from profiles" and check 1)."""
+"""Fitting step-time models to profiles."""
 
 from __future__ import annotations
 

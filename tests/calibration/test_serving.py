@@ -1,5 +1,5 @@
 """The serving path a profile carries: overheads stored in the profile, applied by perf=profile,
-and the same terms in `calibration validate` (issue 21)."""
+and the same terms in `calibration validate`."""
 
 from __future__ import annotations
 

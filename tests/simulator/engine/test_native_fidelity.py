@@ -1,4 +1,4 @@
-"""Details of vLLM 0.32 the native model follows, found by the differential test (issue 6).
+"""Details of vLLM 0.32 the native model follows, found by the differential test.
 
 Each case is small and hand-made, runs without vLLM, and pins one behaviour of
 vLLM's BlockPool or Scheduler that the lockstep comparison with the real

