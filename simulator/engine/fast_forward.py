@@ -513,22 +513,19 @@ def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int,
         else:
             change(end - 1 + lag, running=-1)
             change(end + lag, batch=-1)
+    def admitted(step: int, prefill: int) -> None:
+        change(step - 1, running=1)
+        change(step - 1 + lag, batch=1)
+        change(step + lag)  # its prefill is over
+        if prefill > 1:
+            entry = prefills.setdefault(step - 1 + lag, [0, 0])
+            entry[0] += prefill
+            entry[1] += 1
+
     for a in run.admissions:
-        change(a.step - 1, running=1)
-        change(a.step - 1 + lag, batch=1)
-        change(a.step + lag)  # its prefill is over
-        if a.prompt > 1:
-            entry = prefills.setdefault(a.step - 1 + lag, [0, 0])
-            entry[0] += a.prompt
-            entry[1] += 1
+        admitted(a.step, a.prompt)
     for r in run.resumptions:  # a waiting request admitted inside the run, as an arrival is
-        change(r.step - 1, running=1)
-        change(r.step - 1 + lag, batch=1)
-        change(r.step + lag)  # its prefill is over
-        if r.prefill > 1:
-            entry = prefills.setdefault(r.step - 1 + lag, [0, 0])
-            entry[0] += r.prefill
-            entry[1] += 1
+        admitted(r.step, r.prefill)
     segments = []
     batch, running = n, n
     if 0 not in changes:

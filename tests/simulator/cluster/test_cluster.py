@@ -30,6 +30,19 @@ def assert_same(slow, fast):
                 np.testing.assert_array_equal(b[key], a[key], err_msg=f"{table}.{key}")
 
 
+def count_runs(monkeypatch) -> list[int]:
+    """A one-item list counting the runs of steps the fast path applies (``fast_forward.apply_run``)."""
+    runs = [0]
+    apply_run = fast_forward.apply_run
+
+    def counting(*args, **kwargs):
+        runs[0] += 1
+        return apply_run(*args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    return runs
+
+
 @pytest.mark.parametrize("router", ["round_robin", "least_outstanding", "least_kv", "prefix_affinity",
                                     "power_of_two"])
 @pytest.mark.parametrize(("async_scheduling", "staleness"), [(False, 0.0), (True, 0.0), (True, 0.5)])
@@ -163,14 +176,7 @@ def test_runs_held_until_a_request_routed_there_cuts_them_change_no_bit(seed, as
             assert adv.end_s >= self.env.now
 
     monkeypatch.setattr(ReplicaEngine, "_release", checked)
-    runs = [0]
-    apply_run = fast_forward.apply_run
-
-    def counting(*args, **kwargs):
-        runs[0] += 1
-        return apply_run(*args, **kwargs)
-
-    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    runs = count_runs(monkeypatch)
     w = make_workload(n=200, seed=seed, rate=20, output=(1, 500), prefix_groups=3 if router == "prefix_affinity" else 0,
                       prefix_tokens=64 if router == "prefix_affinity" else 0)
     results, taken = [], []
@@ -221,14 +227,7 @@ def test_held_runs_extended_by_the_requests_they_admit_change_no_bit(seed, async
 
     monkeypatch.setattr(ReplicaEngine, "_extend_held", extending)
     monkeypatch.setattr(ReplicaEngine, "_held_admits", admitting)
-    runs = [0]
-    apply_run = fast_forward.apply_run
-
-    def counting(*args, **kwargs):
-        runs[0] += 1
-        return apply_run(*args, **kwargs)
-
-    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    runs = count_runs(monkeypatch)
     w = make_workload(n=200, seed=seed, rate=rate, output=(1, 500))
     if router == "prefix_affinity":
         shared = make_workload(n=200, seed=seed, rate=rate, output=(1, 500), prefix_groups=3, prefix_tokens=64)
@@ -282,14 +281,7 @@ def test_least_kv_replicas_hold_runs_whose_kv_reports_come_from_their_plans(seed
         return used
 
     monkeypatch.setattr(ReplicaEngine, "_kv_before", recording)
-    runs = [0]
-    apply_run = fast_forward.apply_run
-
-    def counting(*args, **kwargs):
-        runs[0] += 1
-        return apply_run(*args, **kwargs)
-
-    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    runs = count_runs(monkeypatch)
     w = make_workload(n=200, seed=seed, rate=20, output=(1, 500))
     if shared:
         s = make_workload(n=200, seed=seed, rate=20, output=(1, 500), prefix_groups=3, prefix_tokens=64)
@@ -394,14 +386,7 @@ def test_a_router_opts_in_to_runs_past_arrivals_by_first_may_get(monkeypatch):
         return until
 
     monkeypatch.setattr(Cluster, "_front_known_until", spy)
-    runs = [0]
-    apply_run = fast_forward.apply_run
-
-    def counting(*args, **kwargs):
-        runs[0] += 1
-        return apply_run(*args, **kwargs)
-
-    monkeypatch.setattr(fast_forward, "apply_run", counting)
+    runs = count_runs(monkeypatch)
     w = make_workload(n=200, seed=0, rate=20, output=(1, 500))
     results, taken = {}, {}
     for router in ("least_outstanding", LeastOutstandingByDefault.name):
