@@ -187,13 +187,14 @@ def run_as_load(run: Path) -> dict:
     """A live run directory as the serving phase stores a served load (requests and step log)."""
     import pandas as pd
 
+    from profiler.serving import LOAD_STEP_COLUMNS
+
     requests, steps = pd.read_parquet(run / "requests.parquet"), pd.read_parquet(run / "steps.parquet")
     summary = json.loads((run / "summary.json").read_text())
     return {"arrival_s": requests["scheduled_arrival_s"].tolist(), "prompt_tokens": requests["prompt_tokens"].tolist(),
             "output_tokens": requests["output_tokens"].tolist(),
             "completed": (requests["status"] == "completed").tolist(),
-            "steps": {c: steps[c].tolist() for c in ("ctx_requests", "ctx_tokens", "gen_requests", "gen_tokens",
-                                                     "elapsed_s", "kv_usage")},
+            "steps": {c: steps[c].tolist() for c in LOAD_STEP_COLUMNS},
             "inter_step_gap_s": summary["live"]["inter_step_gap_s"],
             "num_blocks": summary["kv_cache"]["num_blocks"], "block_size": summary["kv_cache"]["block_size"]}
 
