@@ -187,16 +187,12 @@ def run_as_load(run: Path) -> dict:
     """A live run directory as the serving phase stores a served load (requests and step log)."""
     import pandas as pd
 
-    from profiler.serving import LOAD_STEP_COLUMNS
+    from profiler.serving import load_record
 
-    requests, steps = pd.read_parquet(run / "requests.parquet"), pd.read_parquet(run / "steps.parquet")
-    summary = json.loads((run / "summary.json").read_text())
-    return {"arrival_s": requests["scheduled_arrival_s"].tolist(), "prompt_tokens": requests["prompt_tokens"].tolist(),
-            "output_tokens": requests["output_tokens"].tolist(),
-            "completed": (requests["status"] == "completed").tolist(),
-            "steps": {c: steps[c].tolist() for c in LOAD_STEP_COLUMNS},
-            "inter_step_gap_s": summary["live"]["inter_step_gap_s"],
-            "num_blocks": summary["kv_cache"]["num_blocks"], "block_size": summary["kv_cache"]["block_size"]}
+    requests = pd.read_parquet(run / "requests.parquet")
+    return load_record(requests["scheduled_arrival_s"], requests["prompt_tokens"], requests["output_tokens"],
+                       requests["status"], pd.read_parquet(run / "steps.parquet"),
+                       json.loads((run / "summary.json").read_text()))
 
 
 def server_speeds(out: Path, loads) -> str:

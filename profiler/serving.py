@@ -195,22 +195,28 @@ def run_served_load(server, collector, requests: int, probe_sets: list[dict[str,
           flush=True)
     config = LiveRunConfig(overhead_probes=0, warmup_requests=0, token_seed=seed, lead_s=0.5, settle_s=0.5)
     outcome = run_live(workload, out, server=server, collector=collector, config=config, progress=False)
+    record = load_record(workload.arrival_s, workload.prompt_tokens, workload.output_tokens,
+                         outcome.result.requests["status"], pd.read_parquet(out / "steps.parquet"),
+                         outcome.result.summary)
     live = outcome.result.requests
-    steps = pd.read_parquet(out / "steps.parquet")
-    kv = outcome.result.summary.get("kv_cache") or {}
+    return {**record, "ttft_s": [float(x) for x in live["ttft_s"]], "e2e_s": [float(x) for x in live["e2e_s"]],
+            "rate": rate, "cv": LOAD_CV, "seed": seed, "decode_step_s": step_s, "exit_code": outcome.exit_code}
+
+
+def load_record(arrival_s, prompt_tokens, output_tokens, status, steps, summary: dict[str, Any]) -> dict[str, Any]:
+    """A served load as the calibration reads it (``calibration.load_steps``): its requests in
+    arrival order (``status``: each one's live status), the server's own log of every step
+    (``steps``: a live run's steps table, LOAD_STEP_COLUMNS kept) and, from the run's summary,
+    the gap between steps and the KV cache's size."""
+    kv = summary.get("kv_cache") or {}
     return {
-        "arrival_s": [float(x) for x in workload.arrival_s],
-        "prompt_tokens": [int(x) for x in workload.prompt_tokens],
-        "output_tokens": [int(x) for x in workload.output_tokens],
-        "completed": [bool(x == "completed") for x in live["status"]],
-        "ttft_s": [float(x) for x in live["ttft_s"]],
-        "e2e_s": [float(x) for x in live["e2e_s"]],
-        "rate": rate, "cv": LOAD_CV, "seed": seed, "decode_step_s": step_s,
-        "exit_code": outcome.exit_code,
-        # the server's own log of every step of the load (calibration.serving.load_step_offsets)
+        "arrival_s": [float(x) for x in arrival_s],
+        "prompt_tokens": [int(x) for x in prompt_tokens],
+        "output_tokens": [int(x) for x in output_tokens],
+        "completed": [bool(x == "completed") for x in status],
         "steps": {c: [round(float(x), 7) if c in ("elapsed_s", "kv_usage") else int(x) for x in steps[c]]
                   for c in LOAD_STEP_COLUMNS},
-        "inter_step_gap_s": outcome.result.summary["live"].get("inter_step_gap_s"),
+        "inter_step_gap_s": (summary.get("live") or {}).get("inter_step_gap_s"),
         "num_blocks": kv.get("num_blocks"), "block_size": kv.get("block_size"),
     }
 

@@ -129,3 +129,25 @@ def test_the_serving_phase_stores_what_perf_profile_applies(tmp_path):
 
     batches = replayed_batches(load)
     assert batches is not None and sum(b.num_prefill_tokens for b in batches) == sum(load["prompt_tokens"])
+
+
+def test_a_live_runs_tables_become_a_load_the_calibration_replays():
+    """Two requests (prompts 4 and 3 tokens, outputs 2 and 1): the log's steps replay."""
+    import pandas as pd
+
+    from calibration.load_steps import replayed_batches
+    from profiler.serving import LOAD_STEP_COLUMNS, load_record
+
+    steps = pd.DataFrame({"ctx_requests": [2, 0], "ctx_tokens": [7, 0], "gen_requests": [0, 1],
+                          "gen_tokens": [0, 1], "elapsed_s": [0.012345678912, 0.01], "kv_usage": [0.5, 0.5],
+                          "other": [9, 9]})
+    summary = {"live": {"inter_step_gap_s": 0.001}, "kv_cache": {"num_blocks": 4, "block_size": 4}}
+    load = load_record(pd.Series([0.0, 0.1]), [4, 3], [2, 1], ["completed", "completed"], steps, summary)
+    assert set(load["steps"]) == set(LOAD_STEP_COLUMNS) and load["steps"]["elapsed_s"][0] == 0.0123457
+    assert load["completed"] == [True, True] and (load["num_blocks"], load["block_size"]) == (4, 4)
+    assert load["inter_step_gap_s"] == 0.001
+    json.dumps(load)  # plain JSON values (stored in profile.json)
+    batches = replayed_batches(load)
+    assert batches is not None and batches[0].prefill_tokens == [4, 3] and batches[1].decode_context == [5]
+    load["completed"][1] = False
+    assert replayed_batches(load) is None
