@@ -183,23 +183,12 @@ def compare(shape: str, load: str, runs: list, sim: dict) -> list[Row]:
     return rows
 
 
-def run_as_load(run: Path) -> dict:
-    """A live run directory as the serving phase stores a served load (requests and step log)."""
-    import pandas as pd
-
-    from profiler.serving import load_record
-
-    requests = pd.read_parquet(run / "requests.parquet")
-    return load_record(requests["scheduled_arrival_s"], requests["prompt_tokens"], requests["output_tokens"],
-                       requests["status"], pd.read_parquet(run / "steps.parquet"),
-                       json.loads((run / "summary.json").read_text()))
-
-
 def server_speeds(out: Path, loads) -> str:
     """Each server's decode steps of at most 8 requests against the simulated model (1: as
     predicted): the profile's servers (their served loads) and each load's live servers."""
     from calibration.fit import load_fitted_model
     from calibration.serving import ServedModel, ServingOverheads, served_speed
+    from profiler.serving import load_of_run
 
     fitted = load_fitted_model(out / "fit.json")
     model = ServedModel(fitted, ServingOverheads.from_dict(fitted.serving))
@@ -207,7 +196,7 @@ def server_speeds(out: Path, loads) -> str:
     parts = [("profile", [served_speed(model, [load]) for load in profiled])]
     for load in loads:
         runs = sorted((out / load.name / "live").glob("run-*/summary.json"))
-        parts.append((load.name, [served_speed(model, [run_as_load(r.parent)]) for r in runs]))
+        parts.append((load.name, [served_speed(model, [load_of_run(r.parent)]) for r in runs]))
     return "; ".join(f"{name} {', '.join('-' if v is None else f'{v:.2f}' for v in values)}"
                      for name, values in parts)
 

@@ -349,6 +349,19 @@ def overheads_from_probes(model: PerformanceModel, probe_sets: list[dict], engin
 SCALE_BOUNDS = (0.5, 2.0)
 
 
+def load_engine(engine, load: dict):
+    """``engine`` as the served load met it: with the drafting its counters measured (a
+    speculative server: acceptance per position, proposal rate; ``load["speculative"]``)."""
+    from simulator.records.engine_config import SpeculativeConfig
+
+    drafting = load.get("speculative")
+    if not drafting:
+        return engine
+    return dataclasses.replace(engine, speculative=SpeculativeConfig(
+        method=drafting["method"], num_speculative_tokens=int(drafting["num_speculative_tokens"]),
+        acceptance_rate=tuple(drafting["acceptance_rate"]), proposal_rate=float(drafting["proposal_rate"])))
+
+
 def _load_workload(load: dict):
     """The served load as a Workload (every request sent, as the server met them), which of its
     requests completed, and their client-observed E2E."""
@@ -379,19 +392,19 @@ def load_scale(model: PerformanceModel, terms: ServingOverheads, loads: list[dic
     """
     from simulator.engine.loop import simulate
 
-    loaded = [_load_workload(load) for load in loads if load.get("e2e_s")]
-    loaded = [(w, done, e2e) for w, done, e2e in loaded if done.any()]
+    loaded = [(*_load_workload(load), load_engine(engine, load)) for load in loads if load.get("e2e_s")]
+    loaded = [(w, done, e2e, e) for w, done, e2e, e in loaded if done.any()]
     if not loaded:
         return None
-    live = sum(float(np.sum(e2e)) - terms.request_overhead_s * len(e2e) for _, _, e2e in loaded)
+    live = sum(float(np.sum(e2e)) - terms.request_overhead_s * len(e2e) for _, _, e2e, _ in loaded)
 
     def simulated(scale: float) -> float:
         served = ServedModel(model, dataclasses.replace(terms, step_scale=scale))
-        return sum(float(np.sum(simulate(w, engine, served, async_scheduling=async_scheduling).requests["e2e_s"][done]))
-                   for w, done, _ in loaded)
+        return sum(float(np.sum(simulate(w, e, served, async_scheduling=async_scheduling).requests["e2e_s"][done]))
+                   for w, done, _, e in loaded)
 
     lo, hi = SCALE_BOUNDS
-    requests = sum(len(e2e) for _, _, e2e in loaded)
+    requests = sum(len(e2e) for _, _, e2e, _ in loaded)
     said = f"step scale from {len(loaded)} served load(s) of {requests} requests"
     if simulated(lo) >= live:
         return lo, requests, said + f" (clamped to {lo})"

@@ -431,13 +431,14 @@ def serving_phase(settings: ProfilerSettings, model: Path | str, resolved: dict[
     import shutil
     import tempfile
 
-    from profiler.serving import cli_flags, measure_serving, server_engine
+    from profiler.serving import cli_flags, measure_serving, served_speculation, server_engine
 
     logs = Path(tempfile.mkdtemp(prefix=SERVING_LOGS_PREFIX))
     args = cli_flags({**settings.engine.extra_args, **settings.optimization.engine_args})
     try:
         section = measure_serving(str(model), server_engine(resolved, kv), int(kv["kv_cache_bytes"]),
-                                  settings.serving, list(process_info["cpus"]), logs, settings.seed, args)
+                                  settings.serving, list(process_info["cpus"]), logs, settings.seed, args,
+                                  served_speculation(settings.optimization.engine_args))
     except Exception as err:  # a failed server must not lose the measured grid
         line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         print(f"[profiler] warning: serving phase failed ({line}); the profile has no serving overheads "

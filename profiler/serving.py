@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from profiler.settings import ServingSettings
-from simulator.records.engine_config import EngineConfig
+from simulator.records.engine_config import SPECULATIVE_METHODS, EngineConfig, SpeculativeConfig
 
 #: environment the in-process profiler sets that a server must not inherit
 PROFILER_ONLY_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")
@@ -48,6 +49,19 @@ def server_engine(resolved: dict[str, Any], kv: dict[str, Any]) -> EngineConfig:
         num_gpu_blocks_override=resolved.get("num_gpu_blocks_override"),
         kv_cache_dtype=str(resolved.get("kv_cache_dtype") or "auto"),
     )
+
+
+def served_speculation(engine_args: dict[str, Any]) -> SpeculativeConfig | None:
+    """The drafting the server runs (an optimization's ``speculative_config``) as the simulator
+    models it, so that its served loads read the spec-decode counters (``load_speculation``);
+    its acceptance is left at 0 until they measure it. None without drafting, or for a drafter
+    the simulator does not model (SPECULATIVE_METHODS)."""
+    config = engine_args.get("speculative_config")
+    if not isinstance(config, dict) or config.get("method") not in SPECULATIVE_METHODS \
+            or not int(config.get("num_speculative_tokens") or 0):
+        return None
+    return SpeculativeConfig(method=str(config["method"]), num_speculative_tokens=int(config["num_speculative_tokens"]),
+                             acceptance_rate=(0.0,))
 
 
 def cli_flags(engine_args: dict[str, Any]) -> tuple[str, ...]:
@@ -180,9 +194,10 @@ def served_load(requests: int, step_s: float, engine: EngineConfig, seed: int):
 
 
 def run_served_load(server, collector, requests: int, probe_sets: list[dict[str, Any]], engine: EngineConfig,
-                    out: Path, seed: int) -> dict[str, Any] | None:
+                    out: Path, seed: int, speculative: SpeculativeConfig | None = None) -> dict[str, Any] | None:
     """Replay ``served_load`` on a running server (the live runner, no probes of its own): its
-    requests as the calibration needs them, or None without decode probes to set its rate."""
+    requests as the calibration needs them, or None without decode probes to set its rate.
+    ``speculative``: the server drafts; the load keeps the acceptance its counters measured."""
     import pandas as pd
 
     from profiler.live.runner import LiveRunConfig, run_live
@@ -194,13 +209,36 @@ def run_served_load(server, collector, requests: int, probe_sets: list[dict[str,
     print(f"[profiler] serving phase: a served load of {requests} requests at {rate:.2f}/s", file=sys.stderr,
           flush=True)
     config = LiveRunConfig(overhead_probes=0, warmup_requests=0, token_seed=seed, lead_s=0.5, settle_s=0.5)
-    outcome = run_live(workload, out, server=server, collector=collector, config=config, progress=False)
+    counted = dataclasses.replace(engine, speculative=speculative) if speculative else engine
+    outcome = run_live(workload, out, server=server, collector=collector, config=config, progress=False,
+                       engine=counted)
     record = load_record(workload.arrival_s, workload.prompt_tokens, workload.output_tokens,
                          outcome.result.requests["status"], pd.read_parquet(out / "steps.parquet"),
                          outcome.result.summary)
     live = outcome.result.requests
     return {**record, "ttft_s": [float(x) for x in live["ttft_s"]], "e2e_s": [float(x) for x in live["e2e_s"]],
-            "rate": rate, "cv": LOAD_CV, "seed": seed, "decode_step_s": step_s, "exit_code": outcome.exit_code}
+            "rate": rate, "cv": LOAD_CV, "seed": seed, "decode_step_s": step_s, "exit_code": outcome.exit_code,
+            "speculative": load_speculation(outcome.result.summary, workload, speculative)}
+
+
+def load_speculation(summary: dict[str, Any], workload, speculative: SpeculativeConfig | None
+                     ) -> dict[str, Any] | None:
+    """The drafting a load met, from its run's spec-decode counters (``summary.spec_decode``) as
+    the simulator's ``engine.speculative``: acceptance per draft position given the earlier ones
+    and the share of decode steps that drafted. None without drafting or counters per position."""
+    from profiler.live.spec_counters import SpecCounters
+
+    counters = summary.get("spec_decode") or {}
+    drafts, accepted = counters.get("drafts"), counters.get("accepted_tokens")
+    per_position = counters.get("accepted_per_pos") or []
+    if speculative is None or not drafts or accepted is None \
+            or len(per_position) != speculative.num_speculative_tokens:
+        return None
+    measured = SpecCounters(int(drafts), int(counters.get("draft_tokens") or 0), int(accepted),
+                            [int(a) for a in per_position])
+    return {"method": speculative.method, "num_speculative_tokens": speculative.num_speculative_tokens,
+            "acceptance_rate": [round(a, 6) for a in measured.acceptance_given_previous()],
+            "proposal_rate": round(measured.proposal_rate(int(workload.output_tokens.sum()), len(workload)), 6)}
 
 
 def load_record(arrival_s, prompt_tokens, output_tokens, status, steps, summary: dict[str, Any]) -> dict[str, Any]:
@@ -221,9 +259,23 @@ def load_record(arrival_s, prompt_tokens, output_tokens, status, steps, summary:
     }
 
 
+def load_of_run(run: Path) -> dict[str, Any]:
+    """A live run's directory (``profiler.live``: requests, steps and summary) as a served load."""
+    import json
+
+    import pandas as pd
+
+    requests = pd.read_parquet(run / "requests.parquet")
+    return load_record(requests["scheduled_arrival_s"], requests["prompt_tokens"], requests["output_tokens"],
+                       requests["status"], pd.read_parquet(run / "steps.parquet"),
+                       json.loads((run / "summary.json").read_text()))
+
+
 def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: ServingSettings, cpus: list[int],
-                    log_dir: Path, seed: int = 0, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Probe ``settings.servers`` fresh servers ``settings.repeats`` times each; the serving section."""
+                    log_dir: Path, seed: int = 0, extra_args: tuple[str, ...] = (),
+                    speculative: SpeculativeConfig | None = None) -> dict[str, Any]:
+    """Probe ``settings.servers`` fresh servers ``settings.repeats`` times each; the serving section.
+    ``speculative``: the drafting ``extra_args`` give the server (``served_speculation``)."""
     from profiler.live.machine import CpuWatch
     from profiler.live.runner import IterationCollector, async_scheduling_of, vllm_version_of
     from profiler.live.server import ServerSpec, VllmServer, descendants
@@ -252,7 +304,7 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
                 sets = [probe_set(raw, collector) for raw in rounds]
                 probes += sets
                 load = run_served_load(server, collector, settings.load_requests, sets, engine,
-                                       log_dir / f"load-{i}", seed + 1000 + i)
+                                       log_dir / f"load-{i}", seed + 1000 + i, speculative)
                 if load is not None:
                     loads.append(load)
                 log_text = server.log_path.read_text(errors="replace")

@@ -124,15 +124,16 @@ def test_a_per_kv_token_term_beyond_process_drift_is_clamped():
     assert "per KV token clamped" in overheads.source
 
 
-def served_load_record(model, terms: ServingOverheads, scale: float, seed: int = 3, n: int = 40) -> dict:
+def served_load_record(model, terms: ServingOverheads, scale: float, seed: int = 3, n: int = 40,
+                       engine: EngineConfig = ENGINE) -> dict:
     """A served load whose requests took exactly what ``ServedModel(model, terms)`` scaled by
-    ``scale`` simulates, client-observed (the idle per-request overhead added)."""
+    ``scale`` simulates on ``engine``, client-observed (the idle per-request overhead added)."""
     rng = np.random.default_rng(seed)
     workload = Workload(arrival_s=np.cumsum(rng.gamma(0.25, 0.4, n)), prompt_tokens=rng.integers(32, 700, n),
                         output_tokens=rng.integers(16, 400, n), reasoning_tokens=np.zeros(n, int),
                         domain=np.full(n, "load", object))
     served = ServedModel(model, dataclasses.replace(terms, step_scale=scale))
-    e2e = simulate(workload, ENGINE, served, async_scheduling=False).requests["e2e_s"] + terms.request_overhead_s
+    e2e = simulate(workload, engine, served, async_scheduling=False).requests["e2e_s"] + terms.request_overhead_s
     completed = [True] * n
     completed[5] = False  # a failed request is left out of both sides
     e2e = np.where(completed, e2e, 1e6)
@@ -152,6 +153,25 @@ def test_a_served_load_gives_back_the_step_scale_its_requests_took(scale):
     assert "step scale from 1 served load(s) of 39 requests" in found.source
     # the other terms are the probes', untouched
     assert (found.per_step_s, found.per_request_s) == (terms.per_step_s, terms.per_request_s)
+
+
+def test_a_speculative_load_is_simulated_with_the_drafting_its_counters_measured():
+    """A server that drafted: its load's step scale comes back only when the load is simulated
+    with the acceptance it met (without it, each request needs more steps than it took)."""
+    from calibration.serving import load_scale
+    from simulator.records.engine_config import SpeculativeConfig
+
+    bare = fit_profile(synthetic_profile())
+    terms = ServingOverheads(per_step_s=0.001, request_overhead_s=0.004)
+    drafting = {"method": "ngram", "num_speculative_tokens": 3, "acceptance_rate": [0.9, 0.7, 0.5],
+                "proposal_rate": 0.8}
+    engine = dataclasses.replace(ENGINE, speculative=SpeculativeConfig(**{**drafting, "acceptance_rate": (0.9, 0.7, 0.5)}))
+    load = served_load_record(bare, terms, 1.15, engine=engine)
+    # (the fit's engine settings carry no drafting: the load's record does)
+    scale, _, _ = load_scale(bare, terms, [{**load, "speculative": drafting}], ENGINE, False)
+    assert scale == pytest.approx(1.15, rel=1e-4)
+    unaware, _, _ = load_scale(bare, terms, [load], ENGINE, False)  # as if it had not drafted
+    assert unaware < 0.9 * 1.15
 
 
 def test_a_served_load_beyond_the_bounds_is_clamped_and_said():

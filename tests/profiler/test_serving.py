@@ -151,3 +151,29 @@ def test_a_live_runs_tables_become_a_load_the_calibration_replays():
     assert batches is not None and batches[0].prefill_tokens == [4, 3] and batches[1].decode_context == [5]
     load["completed"][1] = False
     assert replayed_batches(load) is None
+
+
+def test_a_drafting_server_s_load_keeps_the_acceptance_its_counters_measured():
+    """vLLM's counters (drafts, accepted per position) become the simulator's drafting: acceptance
+    per position given the earlier ones, and the share of decode steps that drafted."""
+    import numpy as np
+
+    from profiler.serving import load_speculation, served_speculation
+    from simulator.records.workload import Workload
+
+    ngram = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}}
+    speculative = served_speculation(ngram)
+    assert (speculative.method, speculative.num_speculative_tokens) == ("ngram", 3)
+    assert served_speculation({}) is None
+    assert served_speculation({"speculative_config": {"method": "eagle", "num_speculative_tokens": 3}}) is None
+    # 10 requests, 1,010 tokens: 10 from prefill, 1,000 decoded; 200 drafts, 100 + 50 + 25 accepted
+    workload = Workload(arrival_s=np.zeros(10), prompt_tokens=np.full(10, 8), output_tokens=np.full(10, 101),
+                        reasoning_tokens=np.zeros(10, int), domain=np.full(10, "load", object))
+    summary = {"spec_decode": {"drafts": 200, "draft_tokens": 600, "accepted_tokens": 175,
+                               "accepted_per_pos": [100, 50, 25]}}
+    drafting = load_speculation(summary, workload, speculative)
+    assert drafting["acceptance_rate"] == [0.5, 0.5, 0.5]
+    assert drafting["proposal_rate"] == pytest.approx(200 / (1010 - 10 - 175), abs=1e-6)  # drafts per decode step
+    assert load_speculation(summary, workload, None) is None
+    assert load_speculation({"spec_decode": {**summary["spec_decode"], "accepted_per_pos": []}}, workload,
+                            speculative) is None
