@@ -214,6 +214,9 @@ class Cluster:
         self.hold_runs = True
         #: ... and a request routed there that such a run admits whole extends it (``ReplicaEngine.extend_held``)
         self.extend_held_runs = True
+        #: ... and such a request arriving before the step admitting it is scheduled stays in the run
+        #: until then, where a later request might still cut it (``ReplicaEngine._defer``)
+        self.defer_held_admissions = True
         #: ... also for a router reading KV usage (the replicas' reports read a held run's from
         #: its plan: ``ReplicaEngine._held_rows``)
         self.hold_kv_runs = True
@@ -483,6 +486,7 @@ class Cluster:
                     for replica in self.front.replicas:
                         replica.hold = replica.foresee and self.pass_arrivals and self.hold_runs
                         replica.extend_held = self.extend_held_runs
+                        replica.defer_held = self.defer_held_admissions
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:

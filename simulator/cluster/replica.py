@@ -10,8 +10,10 @@ path's. A run planned as if no more requests came is instead held, not applied,
 until it ends or a request is routed here (``ReplicaEngine.hold``): a request
 that the run admits whole extends it (``ReplicaEngine.extend_held``), any other
 has it applied up to that request's arrival, and arrivals routed elsewhere cost
-it nothing. The replica also reports what a router may read: how many of its
-requests had finished by a time, and its KV usage then (``report``).
+it nothing (a request it admits later waits in it until its step is scheduled
+where a request routed here after it might still cut it: ``ReplicaEngine._defer``).
+The replica also reports what a router may read: how many of its requests had
+finished by a time, and its KV usage then (``report``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun
 from simulator.engine.run_plan import DecodeRun
 from simulator.engine.steady import SteadyScheduler
+
+#: the most steps a held run's walk times past a request routed here that it admits (a later one
+#: times them again, and the replica plans anew when the run ends)
+HELD_TAIL = 512
 
 #: the columns a replica keeps per request routed to it (by its local request id)
 COLUMNS = ("gid", "time_s", "prompt", "max_tokens", "reasoning", "group", "prefix_tokens", "outer_group",
@@ -99,6 +105,10 @@ class HeldRun:
     #: (each row's end, the KV blocks used after it) as the run applied gives them
     #: (``ReplicaEngine._held_rows``; None: not worked out since the run last changed)
     rows: tuple[np.ndarray, np.ndarray] | None = None
+    #: rows worked out before the run last changed, and the latest report time they still answer
+    #: (their rows before the steps the change touched: ``ReplicaEngine._keep_rows``)
+    stale: tuple[np.ndarray, np.ndarray] | None = None
+    stale_until: float = -math.inf
 
 
 class ReplicaEngine(Engine):
@@ -137,10 +147,16 @@ class ReplicaEngine(Engine):
         self.hold = False
         #: ... and a request routed here that a held run admits whole extends it, not cuts it
         self.extend_held = True
+        #: ... and such a request, arriving before the step admitting it is scheduled, waits in the
+        #: run until then (``_defer``) where its admission is not yet certain at its arrival
+        self.defer_held = True
         #: its reports read the KV usage in the finishes' foreseen span too (a router reading it:
         #: the held run's or the run applied not logged yet, from their rows)
         self.report_kv = False
         self._held: HeldRun | None = None
+        #: requests delivered while a run was held, their admission in it not settled yet: (local
+        #: id, when the step admitting it is scheduled) (``_defer``)
+        self._deferred: list[tuple[int, float]] = []
         self._moving: float | None = None  # where the loop's wait moves once it waits (``_move_wait``)
         #: a run applied, logged when it ends: (its advance, next arrival, admissions, arrivals admitted)
         self._unlogged: tuple[Advance, int, list, range] | None = None
@@ -188,9 +204,13 @@ class ReplicaEngine(Engine):
     def deliver(self, j: int) -> None:
         """Request ``j`` arrives now (unless a run of steps already admitted it)."""
         if self._held is not None:
-            if self._held_admits(j):
-                return  # (made when the run is applied: ``_arrive``)
+            if self._held_admits(j) or self._defer(j):
+                return  # (made when the run is applied: ``_arrive``; or queued then: ``_apply_held``)
             self._release(self.env.now)
+        self._queue(j)
+
+    def _queue(self, j: int) -> None:
+        """Request ``j``, arrived, joins the queue (unless a run of steps already admitted it)."""
         if j < self._next_arrival:
             return
         self._next_arrival = j + 1
@@ -261,9 +281,12 @@ class ReplicaEngine(Engine):
         logged yet counted. (A query reaches no run's last row: the run is applied, and its last
         row settled, when the clock reaches its end.)"""
         rows = None
-        if self._held is not None:
-            if view_s > self._held.now:
-                rows = self._held_rows()
+        held = self._held
+        if held is not None:
+            if view_s > held.now:
+                rows = held.rows
+                if rows is None:
+                    rows = held.stale if view_s <= held.stale_until else self._held_rows()
         elif self._unlogged is not None:
             adv = self._unlogged[0]
             rows = (adv.token_times, adv.kv_blocks_used)
@@ -394,11 +417,14 @@ class ReplicaEngine(Engine):
     def reports_known_until(self, until: float) -> float:
         """Until when its reports are known, ``until`` its ``determined_until``: with ``report_kv``
         and a run held, to the run's end (its rows and finishes are known from its plan: a request
-        routed here later keeps the steps scheduled before its arrival), or its next delivery."""
+        routed here later keeps the steps scheduled before its arrival), or its next delivery, or
+        the step admitting a request waiting in the run (``_defer``: it may be cut there)."""
         held = self._held
         if held is None or not self.report_kv:
             return until
         end = held.adv.end_s
+        if self._deferred:  # (the run may be cut there)
+            end = min(end, *(at for _, at in self._deferred))
         return max(until, min(end, self._pending_s[0]) if self._pending_s else end)
 
     def no_finish_until(self, until: float, min_step_s: float) -> float:
@@ -552,7 +578,8 @@ class ReplicaEngine(Engine):
         here, at its routing, ahead or not; inf: all): the steps the step-by-step path schedules
         before that request is queued, the request arriving during the last (as a single run's
         arrivals that it does not admit), less any admission that would be the last step (the
-        run then ends when that admission's step is scheduled, at or after now: ``_held_admits``).
+        run then ends when that admission's step is scheduled, at or after now: ``_held_admits``,
+        ``_defer``).
         The loop then waits for the end of the steps applied."""
         held = self._held
         # step 1 is scheduled at ``held.now`` (< t), step s >= 2 at ends[s - 1 - lag]
@@ -586,6 +613,9 @@ class ReplicaEngine(Engine):
         self._unlogged = (adv, held.next_arrival, run.admissions, admitted)
         if adv.end_s != end_s:  # (at or after now)
             self._move_wait(adv.end_s)
+        deferred, self._deferred = self._deferred, []
+        for j, _ in deferred:  # (those the steps applied do not admit)
+            self._queue(j)
 
     def _move_wait(self, end_s: float) -> None:
         """The loop, waiting for the run held, resumes at ``end_s`` instead (at or after now)."""
@@ -617,14 +647,29 @@ class ReplicaEngine(Engine):
         if run is None or not run.admissions or run.admissions[-1].rid != j:
             return False
         runs: ClusterRuns = self.scheduler._runs
+        self._keep_rows(held, run)
         held.walk, held.run, held.rows = walk, run, None
         held.ends = np.cumsum(np.concatenate(([held.base], run.step_times)))
         end_s = float(held.ends[run.k - runs.lag])  # (after the arrival: its prefill is not the last step)
         if end_s != held.adv.end_s:
             held.adv.end_s = end_s
             self._move_wait(end_s)
-        self.foreseen = runs.finishes(run, held.base)  # (those before the arrival are the same)
+        self.foreseen = runs.finishes(run, held.base, held.ends)  # (those before the arrival are the same)
         return True
+
+    @staticmethod
+    def _keep_rows(held: HeldRun, run: DecodeRun) -> None:
+        """Before the run held becomes ``run`` (an admission appended: the steps before it, and
+        so their rows, unchanged): keep the rows worked out as ``stale``, for the reports that read
+        no later row than the last both runs share before the admission's step (rows of steps up
+        to both lengths: the blocks taken and freed there are the same)."""
+        rows, until = (held.rows, math.inf) if held.rows is not None else (held.stale, held.stale_until)
+        last = min(run.admissions[-1].step - 2, held.run.k - 1, run.k - 1)
+        if rows is None or last < 0:
+            held.stale, held.stale_until = None, -math.inf
+            return
+        ends = rows[0]
+        held.stale, held.stale_until = rows, min(until, float(ends[min(last, len(ends) - 1)]))
 
     def _held_admits(self, j: int) -> bool:
         """Whether the run held admits request ``j`` (arriving now) for certain: no cut can drop
@@ -643,6 +688,37 @@ class ReplicaEngine(Engine):
             step += 1
         # step s >= 2 is scheduled at ends[s - 1 - lag]
         return self._known_until(self.env.now) > held.ends[step - self.scheduler._runs.lag]
+
+    def _defer(self, j: int) -> bool:
+        """Request ``j``, arriving now, stays in the run held (not queued) until the step admitting
+        it is scheduled, if that is later (``_settle``). No step is scheduled from now until then,
+        so a cut meanwhile keeps the steps a cut now keeps (and then queues ``j``: ``_apply_held``),
+        and a request routed here that arrives meanwhile cannot make the run end before the clock
+        (a cut at its arrival keeps no step of ``j``'s admission). False: ``j`` is not admitted
+        later than now."""
+        held = self._held
+        step = next((a.step for a in held.run.admissions if a.rid == j), None) if self.defer_held else None
+        lag = self.scheduler._runs.lag
+        if step is None or step - 1 - lag < 0:
+            return False
+        at = float(held.ends[step - 1 - lag])  # (step s >= 2 is scheduled at ends[s - 1 - lag])
+        if not at > self.env.now:
+            return False
+        self._deferred.append((j, at))
+        self.env.call_at(at, lambda _event: self._settle(held, j))
+        return True
+
+    def _settle(self, held: HeldRun, j: int) -> None:
+        """(When the step admitting request ``j`` is scheduled.) ``j`` stays in the run held if it
+        still admits it for certain (``_held_admits``); else the run is cut now, as at ``j``'s
+        arrival, and ``j`` queued. Nothing if the run was applied since."""
+        waiting = [i for i, _ in self._deferred]
+        if self._held is not held or j not in waiting:
+            return
+        if self._held_admits(j):
+            del self._deferred[waiting.index(j)]
+            return
+        self._release(self.env.now)
 
     def _log_run(self, adv: fast_forward.Advance, joined: int = 0) -> None:
         if self._held is None or adv is not self._held.adv:  # (a run held is logged once applied)
@@ -783,11 +859,14 @@ class ClusterRuns(fast_forward.Runs):
         run = fast_forward.plan(self.sched, self._perf, now, base, replace(arrivals, known_until_s=math.inf),
                                 next_arrival, horizon, self._lag, walks)
         self._walk = walks[0] if walks else None
+        if self._walk is not None:  # (extended as requests are routed here: ``ReplicaEngine._extend_held``)
+            self._walk.tail = HELD_TAIL
         return run
 
-    def finishes(self, run: DecodeRun, base: float) -> tuple[np.ndarray, float]:
-        """A run's finish times (sorted) and its last output's time."""
-        e = np.cumsum(np.concatenate(([base], run.step_times)))
+    def finishes(self, run: DecodeRun, base: float, ends: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """A run's finish times (sorted) and its last output's time (``ends``: its step ends from
+        ``base``, where already summed)."""
+        e = np.cumsum(np.concatenate(([base], run.step_times))) if ends is None else ends
         rows = e[1:] if self._lag == 0 else e[: run.k]
         last = run.last_steps + self._lag
         ends = last <= run.k

@@ -221,6 +221,8 @@ class ArrivalWalk:
         self.clock = _StepClock(times, base, lag)
         self.prompt_blocks = 0  # blocks of the prompts admitted so far
         self.index = 0  # the next arrival to go through
+        #: the most steps timed past an admission that no arrival known follows (None: ``horizon``)
+        self.tail: int | None = None
         #: every arrival given was admitted (or rejected at arrival): a later one may join too
         self.open = False
 
@@ -284,7 +286,7 @@ class ArrivalWalk:
                 k_max = min(max(k_max, last - (1 - lag)), MAX_HORIZON)
                 index += 1
                 # the steps from this one on change: recompute them up to about the next arrival
-                upto = min(k_max, step + self.horizon)
+                upto = min(k_max, step + (self.horizon if self.tail is None else min(self.horizon, self.tail)))
                 if index < total:
                     pace = clock.time_of(step - 1)
                     reach = (float(arrival_s[index]) - clock.scheduled_at(step)) / pace * 1.1

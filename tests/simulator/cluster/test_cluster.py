@@ -253,6 +253,66 @@ def test_held_runs_extended_by_the_requests_they_admit_change_no_bit(seed, async
 
 
 
+@pytest.mark.parametrize(("seed", "async_scheduling", "router", "staleness", "rate"), [
+    (0, False, "least_kv", 0.0, 60), (1, True, "least_kv", 0.0, 60), (2, True, "least_kv", 0.25, 20),
+    (0, True, "least_kv", 0.0, None), (0, False, "least_outstanding", 0.0, 20),
+    (0, True, "least_outstanding", 0.0, 20)])
+def test_requests_waiting_in_a_held_run_for_their_step_change_no_bit(seed, async_scheduling, router, staleness, rate,
+                                                                      monkeypatch):
+    """A request that arrives at a replica whose held run admits it in a later step, where a
+    request routed there later might still cut the run before that admission (bursts), stays in
+    the run until the step is scheduled (``ReplicaEngine._defer``): a cut meanwhile keeps the steps
+    a cut at its arrival keeps, and queues it; at the step the run stays held if no request can
+    cut it before the admission then (``_settle``), else it is cut as at the arrival. Every
+    decision, what the router read for it (the KV usage where it reads it), and each replica's
+    tables are bit for bit those of runs cut at such an arrival (``Cluster.defer_held_admissions``
+    off), in fewer runs. (``rate`` None: bursts of five arrivals, prompts with and without shared
+    prefixes.)"""
+    from simulator.cluster.replica import ReplicaEngine
+
+    seen = {"kept": 0, "cut": 0}
+    settle = ReplicaEngine._settle
+
+    def settling(self, held, j):
+        waiting = any(i == j for i, _ in self._deferred) and self._held is held
+        settle(self, held, j)
+        if waiting:
+            seen["kept" if self._held is held else "cut"] += 1
+
+    monkeypatch.setattr(ReplicaEngine, "_settle", settling)
+    runs = count_runs(monkeypatch)
+    w = bursty(200, seed) if rate is None else make_workload(n=200, seed=seed, rate=rate, output=(1, 500))
+    results, taken, seen_by = [], [], []
+    for defer in (False, True):
+        runs[0] = 0
+        seen.update(dict.fromkeys(seen, 0))
+        cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(),
+                          ClusterSpec(replicas=3, router=router, staleness_s=staleness),
+                          async_scheduling=async_scheduling)
+        cluster.defer_held_admissions = defer
+        decide, decisions, kv = cluster.front.router.choose, [], cluster.front.router.needs_kv
+
+        def deciding(request, reports, decide=decide, decisions=decisions, kv=kv):
+            index = decide(request, reports)
+            decisions.append((request.rid, index, tuple((r.kv_usage if kv else 0, r.outstanding) for r in reports)))
+            return index
+
+        cluster.front.router.choose = deciding
+        results.append(cluster.run(SLO()))
+        taken.append(runs[0])
+        seen_by.append(decisions)
+        if not defer:
+            assert seen == {"kept": 0, "cut": 0}
+    assert seen_by[1] == seen_by[0] and len(seen_by[0]) == len(w)
+    for a, b in zip(*(r.replicas for r in results), strict=True):
+        for table in ("requests", "timeline"):
+            x, y = getattr(a, table), getattr(b, table)
+            for key in x:
+                np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+    assert seen["kept"] > 0 and seen["cut"] > 0, seen
+    assert taken[1] < taken[0], taken
+
+
 @pytest.mark.parametrize(("seed", "async_scheduling", "staleness", "shared"), [
     (0, False, 0.0, False), (1, True, 0.0, False), (2, True, 0.25, True), (3, False, 0.25, True),
     (4, True, 0.0, True)])
@@ -262,11 +322,14 @@ def test_least_kv_replicas_hold_runs_whose_kv_reports_come_from_their_plans(seed
     (``Cluster.hold_kv_runs``): a held run's report reads the KV blocks used after its last step
     that ended before the report from the run's plan (``ReplicaEngine._held_rows``: blocks taken
     as members cross block boundaries and at admissions, those of each member finishing freed at
-    its last output, a block held together with its last holder), a run applied and not logged
-    yet from its rows. Every KV usage reported equals that of the replica's final timeline at
+    its last output, a block held together with its last holder; rows before an admission that
+    extended the run from those worked out before it, ``_keep_rows``), a run applied and not
+    logged yet from its rows. Every KV usage reported equals that of the replica's final timeline at
     the report's time; every decision, what the router read for it, and each replica's tables are
-    bit for bit those of runs ended before every arrival (``hold_kv_runs`` off), in fewer runs.
-    (Half the requests share prefixes where ``shared``: blocks held together.)"""
+    bit for bit those of runs ended before every arrival (``hold_kv_runs`` off), in fewer runs,
+    with requests arriving at a held run that admits them later kept in it until their step or not
+    (``defer_held_admissions``). (Half the requests share prefixes where ``shared``: blocks held
+    together.)"""
     from dataclasses import replace
 
     from simulator.cluster.replica import ReplicaEngine
@@ -275,9 +338,11 @@ def test_least_kv_replicas_hold_runs_whose_kv_reports_come_from_their_plans(seed
     kv_before = ReplicaEngine._kv_before
 
     def recording(self, view_s):
-        used = kv_before(self, view_s)
         held = self._held is not None and view_s > self._held.now
-        answers.append((self, view_s, used, "held" if held else "unlogged" if self._unlogged is not None else "log"))
+        stale = held and self._held.rows is None and view_s <= self._held.stale_until
+        used = kv_before(self, view_s)
+        source = "stale" if stale else "held" if held else "unlogged" if self._unlogged is not None else "log"
+        answers.append((self, view_s, used, source))
         return used
 
     monkeypatch.setattr(ReplicaEngine, "_kv_before", recording)
@@ -286,14 +351,14 @@ def test_least_kv_replicas_hold_runs_whose_kv_reports_come_from_their_plans(seed
     if shared:
         s = make_workload(n=200, seed=seed, rate=20, output=(1, 500), prefix_groups=3, prefix_tokens=64)
         w = replace(s, prefix_group=np.where(np.arange(200) % 2 == 0, s.prefix_group, -1))
-    results, taken, seen_by = [], [], []
-    for hold in (False, True):
+    results, taken, seen_by, sources = [], [], [], []
+    for hold, defer in ((False, True), (True, False), (True, True)):
         runs[0] = 0
         answers.clear()
         cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(),
                           ClusterSpec(replicas=4, router="least_kv", staleness_s=staleness),
                           async_scheduling=async_scheduling)
-        cluster.hold_kv_runs = hold
+        cluster.hold_kv_runs, cluster.defer_held_admissions = hold, defer
         router = cluster.front.router
         choose, seen = router.choose, []
 
@@ -311,15 +376,17 @@ def test_least_kv_replicas_hold_runs_whose_kv_reports_come_from_their_plans(seed
             log = steps[id(replica)]
             i = int(np.searchsorted(log["end_s"], view_s, side="left"))
             assert used == (int(log["kv_blocks_used"][i - 1]) if i else 0), (view_s, used)
-    sources = [source for *_, source in answers]
+        sources += [source for *_, source in answers] if hold else []
     assert sources.count("held") > 100 and sources.count("unlogged") > 0, sources.count("held")
-    assert taken[1] < 0.6 * taken[0], taken
-    assert seen_by[1] == seen_by[0] and len(seen_by[0]) == len(w)
-    for a, b in zip(*(r.replicas for r in results), strict=True):
-        for table in ("requests", "timeline"):
-            x, y = getattr(a, table), getattr(b, table)
-            for key in x:
-                np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+    assert sources.count("stale") > 0
+    assert taken[2] <= taken[1] < 0.6 * taken[0], taken
+    assert seen_by[2] == seen_by[1] == seen_by[0] and len(seen_by[0]) == len(w)
+    for other in results[1:]:
+        for a, b in zip(results[0].replicas, other.replicas, strict=True):
+            for table in ("requests", "timeline"):
+                x, y = getattr(a, table), getattr(b, table)
+                for key in x:
+                    np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
 
 
 @pytest.mark.parametrize(("seed", "async_scheduling", "router"), [
