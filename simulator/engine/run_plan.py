@@ -136,6 +136,9 @@ class Members:
     last step (running requests first). Kept as lists, with numpy copies: those given, or made
     again when needed after ``add``."""
 
+    #: up to this many members, ``step_times`` finds its segments in plain Python
+    FEW = 64
+
     def __init__(self, computed: np.ndarray, last_steps: list[int] | np.ndarray, held: list[int]):
         self.first = [1] * len(last_steps)
         self.computed = computed.tolist()
@@ -187,7 +190,7 @@ class Members:
     def step_times(self, perf: PerformanceModel, first: int, last: int) -> np.ndarray:
         """Times of the pure-decode steps first..last: step t has the members decoding in it,
         each attending over its computed tokens before t plus the one it computes."""
-        if len(self.last) <= 16:  # few members (light load): plain Python is quicker than numpy
+        if len(self.last) <= self.FEW:  # plain Python is quicker than numpy's many small calls
             return self._few_step_times(perf, first, last)
         f, c, end = self.arrays()
         # the total context of count members in steps a..b-1: base + count * t (exact integers)
@@ -213,22 +216,35 @@ class Members:
         return perf.decode_times_by_count(counts[:-1].tolist(), lengths.tolist(), totals)
 
     def _few_step_times(self, perf: PerformanceModel, first: int, last: int) -> np.ndarray:
-        """``step_times`` for a few members: the segments found in plain Python, their times in one call."""
-        spans = []  # (first step, step after the last, computed + 1 - first decode step) in the window
-        points = {first, last + 1}
+        """``step_times`` for up to ``FEW`` members: the segments found in plain Python (a sweep
+        over where members start and stop), their times in one call."""
+        # each member's span in the window: +1 member and +weight (computed + 1 - first decode
+        # step) from its first step on, -1 and -weight from the step after its last
+        change: dict[int, list[int]] = {first: [0, 0], last + 1: [0, 0]}
         for f, c, end in zip(self.first, self.computed, self.last, strict=True):
-            lo, hi = max(f, first), min(end, last) + 1
+            lo = f if f > first else first
+            hi = (end if end < last else last) + 1
             if lo < hi:
-                spans.append((lo, hi, c - f + 1))
-                points.update((lo, hi))
-        bounds = sorted(points)
+                weight = c - f + 1
+                at = change.get(lo)
+                if at is None:
+                    change[lo] = [1, weight]
+                else:
+                    at[0] += 1
+                    at[1] += weight
+                at = change.get(hi)
+                if at is None:
+                    change[hi] = [-1, -weight]
+                else:
+                    at[0] -= 1
+                    at[1] -= weight
+        bounds = sorted(change)
         counts, bases = [], []
+        count = base = 0
         for a in bounds[:-1]:  # (each segment's first step)
-            count = base = 0
-            for lo, hi, weight in spans:
-                if lo <= a < hi:
-                    count += 1
-                    base += weight
+            dc, db = change[a]
+            count += dc
+            base += db
             if count < 1:
                 raise RuntimeError("a planned decode run has a step without requests")
             counts.append(count)

@@ -258,10 +258,11 @@ def test_step_times_of_few_members_equal_the_numpy_segments(members, first, widt
     if any(not any(f <= t <= end for f, _, end in active) for t in range(first, last + 1)):
         return  # a step without members is not a run's
     few = group._few_step_times(perf, first, last)
-    group.last = group.last + [0] * 17  # more than a few: the numpy path (the extra members never decode)
-    group.first = group.first + [10**6] * 17
-    group.computed = group.computed + [0] * 17
-    group.held = group.held + [0] * 17
+    extra = Members.FEW + 1 - len(members)  # more than a few: the numpy path (the extra members never decode)
+    group.last = group.last + [0] * extra
+    group.first = group.first + [10**6] * extra
+    group.computed = group.computed + [0] * extra
+    group.held = group.held + [0] * extra
     group._arrays = None
     many = group.step_times(perf, first, last)
     np.testing.assert_array_equal(many, few)
