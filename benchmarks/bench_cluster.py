@@ -2,12 +2,14 @@
 
     python benchmarks/bench_cluster.py                          # 4 replicas, 4,000 gamma requests
     python benchmarks/bench_cluster.py --replicas 8 --requests 8000 --routers least_outstanding
+    python benchmarks/bench_cluster.py --routers least_kv --repeats 9   # medians of nine alternated rounds
 
 For each router, the cluster is simulated on one clock (simulator.cluster); then each replica's
 requests (as that router sent them) are simulated alone with ``simulator.engine.loop.simulate``. It
 prints the cluster's CPU time, the sum of the single-replica CPU times and their ratio (the
 target: at most 2x), and the runs of steps the fast path applied in each (counts the load does
-not move). CPU time (this process's), not wall time: the 2-core machine is shared.
+not move), and a sha256 of the merged tables (equal: bit-identical). CPU time (this process's), not wall
+time: the 2-core machine is shared; medians of `--repeats` rounds (default 3).
 ``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
 TPOT, E2E, SLO attainment). Overrides (``--set workload.rate=40``) go to the simulator's config.
 """
@@ -15,9 +17,12 @@ TPOT, E2E, SLO attainment). Overrides (``--set workload.rate=40``) go to the sim
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -31,6 +36,8 @@ def main() -> None:
     parser.add_argument("--disaggregated", action="store_true",
                         help="also compare colocated replicas with prefill/decode splits of them")
     parser.add_argument("--staleness", type=float, default=0.0, help="cluster.staleness_s")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds per router (CPU times vary by 20%% on a shared 2-core VM): medians")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. workload.rate=40")
     args = parser.parse_args()
 
@@ -57,27 +64,48 @@ def main() -> None:
 
     fast_forward.apply_run = counting
     print(f"{'router':<20}{'cluster CPU s':>14}{'sum single CPU s':>18}{'ratio':>7}{'p99 TTFT s':>12}"
-          f"{'runs':>7}{'alone':>7}")
+          f"{'runs':>7}{'alone':>7}  tables sha256")
     for router in args.routers:
-        runs[0] = 0
-        started = time.process_time()
-        out = simulate_cluster(spec.workload, spec.engine, spec.perf, ClusterSpec(replicas=args.replicas, router=router,
-                                                                                  staleness_s=args.staleness),
-                               slo=spec.slo, seed=spec.seed)
-        cluster_s = time.process_time() - started
-        cluster_runs, runs[0] = runs[0], 0
-        single_s = 0.0
-        replica = out.result.requests["replica"]
-        for index in range(args.replicas):
-            ids = out.result.requests["request_id"][replica == index]
+        rounds = []  # (cluster CPU s, sum of single-replica CPU s), alternated round by round
+        for _ in range(args.repeats):
+            runs[0] = 0
             started = time.process_time()
-            simulate(spec.workload.select(ids), spec.engine, spec.perf, slo=spec.slo, seed=spec.seed + index)
-            single_s += time.process_time() - started
+            out = simulate_cluster(spec.workload, spec.engine, spec.perf,
+                                   ClusterSpec(replicas=args.replicas, router=router, staleness_s=args.staleness),
+                                   slo=spec.slo, seed=spec.seed)
+            cluster_s = time.process_time() - started
+            cluster_runs, runs[0] = runs[0], 0
+            single_s = 0.0
+            replica = out.result.requests["replica"]
+            for index in range(args.replicas):
+                ids = out.result.requests["request_id"][replica == index]
+                started = time.process_time()
+                simulate(spec.workload.select(ids), spec.engine, spec.perf, slo=spec.slo, seed=spec.seed + index)
+                single_s += time.process_time() - started
+            rounds.append((cluster_s, single_s))
+        cluster_s, single_s = (float(np.median(x)) for x in zip(*rounds, strict=True))
+        ratio = float(np.median([c / s for c, s in rounds]))
         ttft = out.result.summary["ttft_s"]["p99"]
-        print(f"{router:<20}{cluster_s:>14.2f}{single_s:>18.2f}{cluster_s / single_s:>7.2f}{ttft:>12.3f}"
-              f"{cluster_runs:>7}{runs[0]:>7}")
+        print(f"{router:<20}{cluster_s:>14.2f}{single_s:>18.2f}{ratio:>7.2f}{ttft:>12.3f}"
+              f"{cluster_runs:>7}{runs[0]:>7}  {tables_digest(out.result)}")
+    if args.repeats > 1:
+        print(f"(medians of {args.repeats} rounds, each the cluster then its replicas alone; ratio: the median "
+              "of the rounds' ratios)")
     if args.disaggregated:
         disaggregation(spec, args.replicas)
+
+
+def tables_digest(result) -> str:
+    """The first 16 hex digits of a sha256 over every column of the merged requests and timeline
+    tables (names, dtypes, bytes): equal digests, bit-identical tables."""
+    digest = hashlib.sha256()
+    for table in (result.requests, result.timeline):
+        for name in sorted(table):
+            values = np.asarray(table[name])
+            digest.update(name.encode() + str(values.dtype).encode())
+            digest.update(repr(values.tolist()).encode() if values.dtype.kind == "O"
+                          else np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def disaggregation(spec, replicas: int) -> None:
