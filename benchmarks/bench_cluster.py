@@ -9,7 +9,7 @@ requests (as that router sent them) are simulated alone with ``simulator.engine.
 prints the cluster's CPU time, the sum of the single-replica CPU times and their ratio (the
 target: at most 2x), and the runs of steps the fast path applied in each (counts the load does
 not move), and a sha256 of the merged tables (equal: bit-identical). CPU time (this process's), not wall
-time: the 2-core machine is shared; medians of `--repeats` rounds (default 3).
+time: the 2-core machine is shared; medians of `--repeats` rounds (default 3), the routers interleaved.
 ``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
 TPOT, E2E, SLO attainment). Overrides (``--set workload.rate=40``) go to the simulator's config.
 """
@@ -65,9 +65,10 @@ def main() -> None:
     fast_forward.apply_run = counting
     print(f"{'router':<20}{'cluster CPU s':>14}{'sum single CPU s':>18}{'ratio':>7}{'p99 TTFT s':>12}"
           f"{'runs':>7}{'alone':>7}  tables sha256")
-    for router in args.routers:
-        rounds = []  # (cluster CPU s, sum of single-replica CPU s), alternated round by round
-        for _ in range(args.repeats):
+    rounds: dict[str, list[tuple[float, float]]] = {router: [] for router in args.routers}
+    last: dict[str, tuple] = {}  # router -> (its last cluster result, its runs, its replicas' runs)
+    for _ in range(args.repeats):  # the routers interleaved, so that a slow spell falls on all of them
+        for router in args.routers:
             runs[0] = 0
             started = time.process_time()
             out = simulate_cluster(spec.workload, spec.engine, spec.perf,
@@ -82,15 +83,18 @@ def main() -> None:
                 started = time.process_time()
                 simulate(spec.workload.select(ids), spec.engine, spec.perf, slo=spec.slo, seed=spec.seed + index)
                 single_s += time.process_time() - started
-            rounds.append((cluster_s, single_s))
-        cluster_s, single_s = (float(np.median(x)) for x in zip(*rounds, strict=True))
-        ratio = float(np.median([c / s for c, s in rounds]))
+            rounds[router].append((cluster_s, single_s))
+            last[router] = (out, cluster_runs, runs[0])
+    for router in args.routers:
+        out, cluster_runs, alone_runs = last[router]
+        cluster_s, single_s = (float(np.median(x)) for x in zip(*rounds[router], strict=True))
+        ratio = float(np.median([c / s for c, s in rounds[router]]))
         ttft = out.result.summary["ttft_s"]["p99"]
         print(f"{router:<20}{cluster_s:>14.2f}{single_s:>18.2f}{ratio:>7.2f}{ttft:>12.3f}"
-              f"{cluster_runs:>7}{runs[0]:>7}  {tables_digest(out.result)}")
+              f"{cluster_runs:>7}{alone_runs:>7}  {tables_digest(out.result)}")
     if args.repeats > 1:
-        print(f"(medians of {args.repeats} rounds, each the cluster then its replicas alone; ratio: the median "
-              "of the rounds' ratios)")
+        print(f"(medians of {args.repeats} rounds, the routers interleaved, each the cluster then its replicas "
+              "alone; ratio: the median of the rounds' ratios)")
     if args.disaggregated:
         disaggregation(spec, args.replicas)
 
