@@ -138,13 +138,13 @@ def server_speeds(profile: Path, runs: list[Path]) -> dict[str, list[float | Non
     decode steps of at most 8 requests, wall over simulated; 1: as the fit): the profile's own
     serving-phase servers and each live run's."""
     from calibration.fit import load_fitted_model
-    from calibration.serving import ServedModel, ServingOverheads, served_speed
+    from calibration.serving import as_served, served_speed
     from profiler.serving import load_of_run
 
     fitted = load_fitted_model(profile)
     if not fitted.serving:
         return {}
-    model = ServedModel(fitted, ServingOverheads.from_dict(fitted.serving))
+    model = as_served(fitted)
     profiled = json.loads((profile / "profile.json").read_text()).get("serving", {}).get("loads") or []
     return {"profile": [served_speed(model, [load]) for load in profiled],
             "live": [served_speed(model, [load_of_run(run)]) for run in runs]}

@@ -187,11 +187,10 @@ def server_speeds(out: Path, loads) -> str:
     """Each server's decode steps of at most 8 requests against the simulated model (1: as
     predicted): the profile's servers (their served loads) and each load's live servers."""
     from calibration.fit import load_fitted_model
-    from calibration.serving import ServedModel, ServingOverheads, served_speed
+    from calibration.serving import as_served, served_speed
     from profiler.serving import load_of_run
 
-    fitted = load_fitted_model(out / "fit.json")
-    model = ServedModel(fitted, ServingOverheads.from_dict(fitted.serving))
+    model = as_served(load_fitted_model(out / "fit.json"))
     profiled = json.loads((out / "profile" / "profile.json").read_text())["serving"].get("loads") or []
     parts = [("profile", [served_speed(model, [load]) for load in profiled])]
     for load in loads:

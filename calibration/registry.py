@@ -383,8 +383,8 @@ def _fitted(perf: dict) -> PerformanceModel:
     serving = perf.get("serving", True)
     if not isinstance(serving, bool):
         raise ConfigError("perf.serving", f"must be true or false, got {serving!r}")
-    if serving and getattr(model, "serving", None):
-        from calibration.serving import ServedModel, ServingOverheads
+    if not serving:
+        return model
+    from calibration.serving import as_served
 
-        return ServedModel(model, ServingOverheads.from_dict(model.serving))
-    return model
+    return as_served(model)

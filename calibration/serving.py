@@ -355,11 +355,7 @@ def load_engine(engine, load: dict):
     from simulator.records.engine_config import SpeculativeConfig
 
     drafting = load.get("speculative")
-    if not drafting:
-        return engine
-    return dataclasses.replace(engine, speculative=SpeculativeConfig(
-        method=drafting["method"], num_speculative_tokens=int(drafting["num_speculative_tokens"]),
-        acceptance_rate=tuple(drafting["acceptance_rate"]), proposal_rate=float(drafting["proposal_rate"])))
+    return dataclasses.replace(engine, speculative=SpeculativeConfig(**drafting)) if drafting else engine
 
 
 def _load_workload(load: dict):
@@ -448,3 +444,10 @@ class ServedModel(StepGapModel):
     def describe(self) -> dict:
         return {**super().describe(), "serving": self.overheads.to_dict(),
                 "request_overhead_s": self.overheads.request_overhead_s}
+
+
+def as_served(model: PerformanceModel) -> PerformanceModel:
+    """``model`` (a fitted profile) as ``perf=profile`` simulates it: with the serving overheads
+    its profile's serving phase measured (``ServedModel``), or bare when it has none."""
+    serving = getattr(model, "serving", None)
+    return ServedModel(model, ServingOverheads.from_dict(serving)) if serving else model

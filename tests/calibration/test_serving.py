@@ -165,7 +165,7 @@ def test_a_speculative_load_is_simulated_with_the_drafting_its_counters_measured
     terms = ServingOverheads(per_step_s=0.001, request_overhead_s=0.004)
     drafting = {"method": "ngram", "num_speculative_tokens": 3, "acceptance_rate": [0.9, 0.7, 0.5],
                 "proposal_rate": 0.8}
-    engine = dataclasses.replace(ENGINE, speculative=SpeculativeConfig(**{**drafting, "acceptance_rate": (0.9, 0.7, 0.5)}))
+    engine = dataclasses.replace(ENGINE, speculative=SpeculativeConfig(**drafting))
     load = served_load_record(bare, terms, 1.15, engine=engine)
     # (the fit's engine settings carry no drafting: the load's record does)
     scale, _, _ = load_scale(bare, terms, [{**load, "speculative": drafting}], ENGINE, False)
