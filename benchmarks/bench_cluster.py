@@ -40,6 +40,8 @@ def main() -> None:
                         help="rounds per router (CPU times vary by 20%% on a shared 2-core VM): medians")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. workload.rate=40")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.exit(2, f"error: --repeats: must be an integer >= 1, got {args.repeats}\n")
 
     from hydra import compose, initialize_config_dir
 
