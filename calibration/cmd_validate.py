@@ -21,12 +21,12 @@ or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
 times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
 back on one), each with machine state recorded; (4) ``--sim-seeds``
 simulations with step-time jitter, using the fitted model plus the server's
-overheads: the profile's own (its serving phase; exactly what ``perf=profile``
-applies, calibration/serving.py) when it has them, else (said on stderr) the
-step-time offsets measured on each live run's probes, never on the workload
-(per step, per request and per KV token from the decode probes,
+overheads: by default those measured on each live run's probes, never on the
+workload (per step, per request and per KV token from the decode probes,
 ``--step-gap``; per prefill token from the prefill probes,
-``--prefill-offset``) and the live server's scheduling mode (vLLM 0.32 on
+``--prefill-offset``); with ``auto`` the profile's own (its serving phase;
+exactly what ``perf=profile`` applies, calibration/serving.py) when it has
+them, else (said on stderr) the probes'; and the live server's scheduling mode (vLLM 0.32 on
 CPU: synchronous); the per-request time the OpenAI server spends outside
 engine steps (isolated probe requests, plus what lone requests during a
 decode batch show for a busy server; ``--request-overhead``) is added to
