@@ -79,7 +79,7 @@ def run(cfg) -> Summary:
             plots.wait()
         tables.result()
     print_summary(result.summary, out_dir)
-    for key in ("engine", "seed"):  # what differs from the profile, a seed that changes nothing
+    for key in ("engine", "serving", "seed"):  # what differs from the profile, a bare engine, a seed that changes nothing
         if key in spec.notes and (key != "engine" or "except" in spec.notes[key]):
             print(f"note: {spec.notes[key]}", file=sys.stderr)
     if not spec.perf.calibrated:

@@ -151,6 +151,9 @@ def build_run(cfg, overrides: list[str] | None = None) -> RunSpec:
         merged, notes["engine"] = profiled_engine(plain["engine"], perf.engine_settings, overrides,
                                                   getattr(perf, "kv", {}).get("num_gpu_blocks"))
         engine = engine_config(merged, optimization)
+        if "serving" not in perf.describe():
+            notes["serving"] = ("server overheads: none (the profile has no serving phase, or perf.serving=false): "
+                                "the bare engine is simulated, not a `vllm serve` server")
     from simulator.speculation import with_profile_rates
     from simulator.workload.output_scale import output_length_scale, scale_outputs
 

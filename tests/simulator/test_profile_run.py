@@ -85,6 +85,22 @@ def test_a_profile_sets_the_engine_defaults_and_an_override_is_stated():
 
 
 @needs_profile
+def test_a_bare_engine_is_stated_and_a_served_one_is_not(tmp_path):
+    """The shipped profile carries a serving phase: ``perf=profile`` simulates the server; with
+    ``perf.serving=false`` (or a profile without one) the run says it simulates the bare engine."""
+    served = cli(tmp_path / "served", "perf=profile", f"perf.profile={PROFILE}", "workload.num_requests=5")
+    bare = cli(tmp_path / "bare", "perf=profile", f"perf.profile={PROFILE}", "perf.serving=false",
+               "workload.num_requests=5")
+    assert served.returncode == 0 == bare.returncode, served.stderr[-2000:] + bare.stderr[-2000:]
+    served_meta = json.loads((tmp_path / "served" / "summary.json").read_text())["metadata"]
+    bare_meta = json.loads((tmp_path / "bare" / "summary.json").read_text())["metadata"]
+    assert "serving" in served_meta["performance_model"] and "serving" not in served_meta.get("notes", {})
+    assert "bare engine" in bare_meta["notes"]["serving"]
+    assert [ln for ln in bare.stderr.splitlines() if ln.startswith("note: server overheads: none")]
+    assert not [ln for ln in served.stderr.splitlines() if "server overheads" in ln]
+
+
+@needs_profile
 def test_a_cpu_profile_run_is_labelled_with_its_hardware_and_says_what_it_overrode(tmp_path):
     workload = tmp_path / "w.parquet"
     Workload(arrival_s=[0.0, 0.5], prompt_tokens=[64, 64], output_tokens=[8, 8], reasoning_tokens=[0, 0],
