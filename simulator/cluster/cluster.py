@@ -217,6 +217,8 @@ class Cluster:
         #: ... and such a request arriving before the step admitting it is scheduled stays in the run
         #: until then, where a later request might still cut it (``ReplicaEngine._defer``)
         self.defer_held_admissions = True
+        #: ... and a run held to the end of the steps it timed goes on, timing more (``ReplicaEngine._go_on``)
+        self.go_on_held_runs = True
         #: ... also for a router reading KV usage (the replicas' reports read a held run's from
         #: its plan: ``ReplicaEngine._held_rows``)
         self.hold_kv_runs = True
@@ -304,12 +306,26 @@ class Cluster:
                 event = env.event()
                 env.call_at(t, lambda _e, event=event: event.succeed())
                 yield event
+                self._show_progress()
                 if gid < self._next_unrouted:
                     continue
             self._next_unrouted = gid + 1
             self._route(gid)
         for replica in self.front.replicas:
             replica.close()
+
+    def _show_progress(self) -> None:
+        """Count on the progress bar the finishes of runs held (reported when the run is applied,
+        which may be long after) that the clock has passed."""
+        if self.on_progress is None:
+            return
+        now = self.env.now
+        for replica in self.replicas:
+            if replica.role != "prefill":
+                n = replica.unshown_finishes(now)
+                if n:
+                    replica.shown_ahead += n
+                    self.on_progress(n)
 
     def _route_ahead(self, new_timeout: simpy.Timeout | None = None) -> None:
         """Route the next arrivals now, ahead of their time, as far as every replica's reports
@@ -414,7 +430,9 @@ class Cluster:
         """A request ended on ``replica``: a prefill that completed goes on to the decode pool;
         any other end is the request's own (counted for the progress bar)."""
         if replica.role != "prefill" or dropped:
-            if self.on_progress is not None:
+            if not dropped and replica.shown_ahead:
+                replica.shown_ahead -= 1  # (counted as the clock passed it: ``_show_progress``)
+            elif self.on_progress is not None:
                 self.on_progress(1)
             return
         gid = replica.gid(j)
@@ -487,6 +505,7 @@ class Cluster:
                         replica.hold = replica.foresee and self.pass_arrivals and self.hold_runs
                         replica.extend_held = self.extend_held_runs
                         replica.defer_held = self.defer_held_admissions
+                        replica.go_on_held = self.go_on_held_runs
         loops = [self.lockstep.start()] if self.lockstep is not None else []
         for replica in self.replicas:
             if self.lockstep is not None:

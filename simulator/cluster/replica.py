@@ -150,6 +150,8 @@ class ReplicaEngine(Engine):
         #: ... and such a request, arriving before the step admitting it is scheduled, waits in the
         #: run until then (``_defer``) where its admission is not yet certain at its arrival
         self.defer_held = True
+        #: ... and a run held to the end of the steps its walk timed goes on, timing more (``_go_on``)
+        self.go_on_held = True
         #: its reports read the KV usage in the finishes' foreseen span too (a router reading it:
         #: the held run's or the run applied not logged yet, from their rows)
         self.report_kv = False
@@ -169,6 +171,9 @@ class ReplicaEngine(Engine):
         self.foreseen: tuple[np.ndarray, float] | None = None
         self._foreseen_from = math.inf  # the planning point it was foreseen at
         self._foreseen_reported: list[float] = []  # finishes reported since (sorted)
+        #: finishes counted on the progress bar as the clock passed them and not reported yet (a run
+        #: held reports its finishes when it is applied: ``unshown_finishes``)
+        self.shown_ahead = 0
         self.end_s = 0.0
         super().__init__(*args, **kwargs)
         if isinstance(self.scheduler, SteadyScheduler):
@@ -368,6 +373,13 @@ class ReplicaEngine(Engine):
         ``view_s`` in ``(foreseen_from, foreseen_until()]``)."""
         return (int(self.foreseen[0].searchsorted(view_s, side="left"))
                 - bisect.bisect_left(self._foreseen_reported, view_s))  # (a list: no array made)
+
+    def unshown_finishes(self, now: float) -> int:
+        """Finishes of the run held before ``now`` (foreseen: exact) neither reported nor counted on
+        the progress bar yet."""
+        if self._held is None or self.foreseen is None or not self._foreseen_from < now <= self.foreseen_until():
+            return 0
+        return max(self._foreseen_unreported(now) - self.shown_ahead, 0)
 
     @property
     def foreseen_from(self) -> float:
@@ -571,7 +583,42 @@ class ReplicaEngine(Engine):
         adv = Advance(0, end_s, empty, empty, empty, [], [], 0, {}, {}, None, [], next_arrival, pace)
         self._held = HeldRun(now, pace, next_arrival, in_flight, base, run, ends, adv, walk,
                              walk.members.held if walk is not None else None)
+        self._go_on_later(self._held)
         return adv
+
+    def _go_on_later(self, held: HeldRun) -> None:
+        """When the clock reaches the end of the run held, its walk times more steps if it can
+        (``_go_on``): a run timed a short way past its latest admission goes on lazily instead
+        of being applied there and planned anew."""
+        walk = held.walk
+        if self.go_on_held and walk is not None and walk.open and held.run.k == len(walk.clock) < walk.k_max:
+            end_s = held.adv.end_s
+            self.env.call_at(end_s, lambda _event: self._go_on(held, end_s))
+
+    def _go_on(self, held: HeldRun, end_s: float) -> None:
+        """(At ``end_s``, before the loop resumes there.) The run held, still ending now, goes on:
+        its walk times as many steps again as it has (``ArrivalWalk.go_on``), the loop's wait moved
+        to the new end, the finishes foreseen again. Nothing if the run was applied or moved."""
+        if self._held is not held or held.adv.end_s != end_s or held.walk is None:
+            return
+        run = held.walk.go_on(max(held.run.k, HELD_TAIL))
+        if run is None or run.k <= held.run.k:
+            return
+        self._keep_rows(held, run, held.run.k - 1)
+        self._hold_on(held, run)
+        self._go_on_later(held)
+
+    def _hold_on(self, held: HeldRun, run: DecodeRun) -> None:
+        """The run held becomes ``run`` (the same steps first, then more): its step ends, the
+        loop's wait and the finishes foreseen follow it."""
+        runs: ClusterRuns = self.scheduler._runs
+        held.run, held.rows = run, None
+        held.ends = np.cumsum(np.concatenate(([held.base], run.step_times)))
+        end_s = float(held.ends[run.k - runs.lag])
+        if end_s != held.adv.end_s:
+            held.adv.end_s = end_s
+            self._move_wait(end_s)
+        self.foreseen = runs.finishes(run, held.base, held.ends)  # (those before the change are the same)
 
     def _release(self, t: float) -> None:
         """Apply the run held, its steps scheduled before ``t`` (the arrival of a request routed
@@ -646,25 +693,19 @@ class ReplicaEngine(Engine):
         run = walk.extend(self.arrivals_view(self.env.now, known=False))
         if run is None or not run.admissions or run.admissions[-1].rid != j:
             return False
-        runs: ClusterRuns = self.scheduler._runs
-        self._keep_rows(held, run)
-        held.walk, held.run, held.rows = walk, run, None
-        held.ends = np.cumsum(np.concatenate(([held.base], run.step_times)))
-        end_s = float(held.ends[run.k - runs.lag])  # (after the arrival: its prefill is not the last step)
-        if end_s != held.adv.end_s:
-            held.adv.end_s = end_s
-            self._move_wait(end_s)
-        self.foreseen = runs.finishes(run, held.base, held.ends)  # (those before the arrival are the same)
+        self._keep_rows(held, run, min(run.admissions[-1].step - 2, held.run.k - 1, run.k - 1))
+        held.walk = walk
+        self._hold_on(held, run)  # (it ends after the arrival: its prefill is not the last step)
+        self._go_on_later(held)
         return True
 
     @staticmethod
-    def _keep_rows(held: HeldRun, run: DecodeRun) -> None:
-        """Before the run held becomes ``run`` (an admission appended: the steps before it, and
-        so their rows, unchanged): keep the rows worked out as ``stale``, for the reports that read
-        no later row than the last both runs share before the admission's step (rows of steps up
-        to both lengths: the blocks taken and freed there are the same)."""
+    def _keep_rows(held: HeldRun, run: DecodeRun, last: int) -> None:
+        """Before the run held becomes ``run`` (the same steps up to row ``last``, and so the same
+        rows there: an admission appended after them, or steps timed on): keep the rows worked out
+        as ``stale``, for the reports that read no later row than ``last`` (rows of steps up to
+        both lengths: the blocks taken and freed there are the same)."""
         rows, until = (held.rows, math.inf) if held.rows is not None else (held.stale, held.stale_until)
-        last = min(run.admissions[-1].step - 2, held.run.k - 1, run.k - 1)
         if rows is None or last < 0:
             held.stale, held.stale_until = None, -math.inf
             return

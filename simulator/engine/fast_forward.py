@@ -296,6 +296,18 @@ class ArrivalWalk:
         finally:
             self.k_max = k_max
 
+    def go_on(self, steps: int) -> DecodeRun | None:
+        """The run planned again with up to ``steps`` more steps timed past the known ones, no
+        arrival given since (``open`` only; a later ``extend`` reads the same times): as if the walk
+        had timed them at once. None if it was not open or no step is left to time."""
+        known = len(self.clock)
+        if not self.open or known >= self.k_max:
+            return None
+        self.clock.extend(self.members.step_times(self.perf, known + 1, min(known + steps, self.k_max)))
+        times = self.clock.times()
+        return _fit_kv(self.sched, self.members, list(self.admissions), times, len(times), self.perf, self.lag,
+                       blocks=False)
+
     def extend(self, arrivals: Arrivals) -> DecodeRun | None:
         """The run planned again with ``arrivals`` (those planned with, then more): the walk goes
         on from where it stopped (``open`` only). None if it was not open or no step is left.

@@ -521,6 +521,65 @@ def test_client_timeouts_abort_in_a_cluster_and_deciding_ahead_changes_nothing(r
     assert_same(run(False), out)
 
 
+@pytest.mark.parametrize(("router", "async_scheduling"), [("least_kv", True), ("least_outstanding", False),
+                                                      ("power_of_two", True)])
+def test_a_held_run_going_on_past_the_steps_it_timed_changes_no_bit(router, async_scheduling, monkeypatch):
+    """A run held to the end of the steps its walk timed (512 past its latest admission) goes on,
+    timing as many again, instead of being applied there and planned anew (``ReplicaEngine._go_on``):
+    every decision and each replica's tables are bit for bit those without it, in fewer runs."""
+    from simulator.cluster.replica import ReplicaEngine
+
+    went_on = [0]
+    go_on = ReplicaEngine._go_on
+
+    def going_on(self, held, end_s):
+        k = held.run.k
+        go_on(self, held, end_s)
+        went_on[0] += self._held is held and held.run.k > k
+
+    monkeypatch.setattr(ReplicaEngine, "_go_on", going_on)
+    runs = count_runs(monkeypatch)
+    w = make_workload(n=300, seed=4, rate=8, output=(200, 2000))
+    results, taken, decided = [], [], []
+    for on in (False, True):
+        runs[0] = went_on[0] = 0
+        cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(),
+                          ClusterSpec(replicas=3, router=router), async_scheduling=async_scheduling)
+        cluster.go_on_held_runs = on
+        decide, decisions = cluster.front.router.choose, []
+        cluster.front.router.choose = lambda request, reports, decide=decide, decisions=decisions: (
+            decisions.append((request.rid, tuple((r.kv_usage, r.outstanding) for r in reports)))
+            or decide(request, reports))
+        results.append(cluster.run(SLO()))
+        taken.append(runs[0])
+        decided.append(decisions)
+        assert (went_on[0] > 0) == on
+    assert repr(decided[1]) == repr(decided[0])  # (nan KV usage where a router reads none)
+    for a, b in zip(*(r.replicas for r in results), strict=True):
+        for table in ("requests", "timeline"):
+            x, y = getattr(a, table), getattr(b, table)
+            for key in x:
+                np.testing.assert_array_equal(y[key], x[key], err_msg=f"{table}.{key}")
+    assert taken[1] < taken[0], taken
+
+
+def test_the_progress_bar_counts_a_held_runs_finishes_as_the_clock_passes_them():
+    """A run held (applied only when it ends or a request cuts it) reports its finishes late; the
+    progress bar still counts, at every arrival, at least the requests that ended before it."""
+    w = make_workload(n=300, seed=4, rate=8, output=(200, 2000))
+    cluster = Cluster(w, EngineConfig(max_model_len=8192), VectorLinearModel(),
+                      ClusterSpec(replicas=3, router="least_outstanding"))
+    shown, samples = [0], []
+    cluster.on_progress = lambda n: shown.__setitem__(0, shown[0] + n)
+    show = cluster._show_progress
+    cluster._show_progress = lambda: (show(), samples.append((cluster.env.now, shown[0])))
+    out = cluster.run(SLO()).result
+    finish = np.sort(out.requests["finish_s"])
+    assert shown[0] == len(w) and len(samples) > 100
+    lags = [int(np.searchsorted(finish, now, side="left")) - count for now, count in samples]
+    assert max(lags) <= 0  # (without the count as the clock passes: up to dozens behind)
+
+
 def test_a_stopped_cluster_returns_what_it_simulated():
     w = make_workload(n=300, seed=4, rate=8, output=(200, 2000))
     cfg = EngineConfig(max_model_len=8192)
