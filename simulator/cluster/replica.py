@@ -319,21 +319,19 @@ class ReplicaEngine(Engine):
         n = len(running)
         last = run.last_steps
         if run.block_steps is not None:
-            steps = run.block_steps
+            delta = np.bincount(run.block_steps - 1, minlength=k).astype(np.int64)
             taken = np.bincount(run.block_owners, minlength=len(last))
-        else:  # the blocks ``with_blocks`` gives it, counted by step and member (not put in order)
+        else:  # the blocks ``with_blocks`` gives it, counted by step (each member's every bs steps)
             m = len(last)
             hold = np.array(held.member_held[:m], dtype=np.int64)
             bs = sched.block_size
             first = hold * bs - run.computed + run.first_steps  # (as ``crossing_steps``)
             taken = np.maximum((np.minimum(last, k) - first) // bs + 1, 0)
-            owners = np.repeat(np.arange(m), taken)
-            rank = np.arange(len(owners)) - np.repeat(np.cumsum(taken) - taken, taken)
-            steps = first[owners] + bs * rank
+            delta = every_bs_steps(first, taken, bs, k)
             if run.admissions:  # their prompts' blocks, taken in their prefill steps
-                steps = np.concatenate((steps, np.repeat([a.step for a in run.admissions], hold[n:])))
+                for a, blocks in zip(run.admissions, hold[n:].tolist(), strict=True):
+                    delta[a.step - 1] += blocks
                 taken[n:] += hold[n:]
-        delta = np.bincount(steps - 1, minlength=k).astype(np.int64)
         finishing = np.flatnonzero(last + lag <= k)
         if len(finishing):
             finishing = finishing[np.argsort(last[finishing], kind="stable")]
@@ -914,6 +912,17 @@ class ClusterRuns(fast_forward.Runs):
         if run.preemptions:  # a victim's last step is no finish
             ends[[p.victim for p in run.preemptions]] = False
         return np.sort(rows[last[ends] - 1]), float(rows[-1])
+
+
+def every_bs_steps(first: np.ndarray, count: np.ndarray, bs: int, k: int) -> np.ndarray:
+    """Per step 1..``k``, how many of ``count[i]`` blocks taken at steps ``first[i]``,
+    ``first[i] + bs``, ... fall in it (each within 1..k): one start and one stop per member summed
+    every ``bs`` steps, not one entry per block."""
+    size = (k // bs + 2) * bs  # (room for the stop after a block in step k)
+    some = count > 0
+    start = first[some] - 1
+    marks = np.bincount(start, minlength=size) - np.bincount(start + count[some] * bs, minlength=size)
+    return marks[:size].reshape(-1, bs).cumsum(axis=0).reshape(-1)[:k]
 
 
 def cut_run(run: DecodeRun, k: int) -> DecodeRun | None:

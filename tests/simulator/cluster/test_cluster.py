@@ -563,6 +563,21 @@ def test_a_held_run_going_on_past_the_steps_it_timed_changes_no_bit(router, asyn
     assert taken[1] < taken[0], taken
 
 
+def test_blocks_every_bs_steps_counted_by_step_are_those_listed_one_by_one():
+    """``every_bs_steps`` (a held run's blocks per step, from each member's first block and count)
+    against the blocks listed one by one, for random members, block sizes and run lengths."""
+    from simulator.cluster.replica import every_bs_steps
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        m, bs, k = int(rng.integers(1, 40)), int(rng.choice([1, 2, 16, 128])), int(rng.integers(1, 2000))
+        first = rng.integers(1, k + 1, m)
+        count = np.maximum((np.minimum(rng.integers(0, k + 50, m), k) - first) // bs + 1, 0)
+        listed = [f + bs * r for f, c in zip(first.tolist(), count.tolist(), strict=True) for r in range(c)]
+        np.testing.assert_array_equal(every_bs_steps(first, count, bs, k), np.bincount(
+            np.array(listed, dtype=np.int64) - 1, minlength=k))
+
+
 def test_the_progress_bar_counts_a_held_runs_finishes_as_the_clock_passes_them():
     """A run held (applied only when it ends or a request cuts it) reports its finishes late; the
     progress bar still counts, at every arrival, at least the requests that ended before it."""
