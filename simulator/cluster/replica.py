@@ -11,7 +11,8 @@ until it ends or a request is routed here (``ReplicaEngine.hold``): a request
 that the run admits whole extends it (``ReplicaEngine.extend_held``), any other
 has it applied up to that request's arrival, and arrivals routed elsewhere cost
 it nothing (a request it admits later waits in it until its step is scheduled
-where a request routed here after it might still cut it: ``ReplicaEngine._defer``).
+where a request routed here after it might still cut it: ``ReplicaEngine._defer``);
+a run held to the end of the steps it timed goes on, timing more (``ReplicaEngine._go_on``).
 The replica also reports what a router may read: how many of its requests had
 finished by a time, and its KV usage then (``report``).
 """
@@ -38,7 +39,8 @@ from simulator.engine.run_plan import DecodeRun
 from simulator.engine.steady import SteadyScheduler
 
 #: the most steps a held run's walk times past a request routed here that it admits (a later one
-#: times them again, and the replica plans anew when the run ends)
+#: times them again; when the clock reaches their end, the run goes on, timing as many again and
+#: at least this many: ``ReplicaEngine._go_on``)
 HELD_TAIL = 512
 
 #: the columns a replica keeps per request routed to it (by its local request id)
