@@ -87,6 +87,7 @@ def plan(
     in_flight_steps: int,
     walks: list | None = None,
     resume: bool = False,
+    cut: bool = False,
 ) -> DecodeRun | None:
     """Plan a run of steps from the current state, or None if the next step is not one.
 
@@ -100,7 +101,8 @@ def plan(
     end of the step in flight). ``in_flight_steps`` is 0 under sync scheduling
     and 1 under async. ``walks``: the walk through the arrivals is appended to it, where the
     run had one (``ArrivalWalk.extend`` plans it again with more arrivals). ``resume``: a run
-    planned while requests wait may admit them inside it (``waiting_runs.plan_waiting_run``).
+    planned while requests wait may admit them inside it (``waiting_runs.plan_waiting_run``),
+    ``cut``: also one whose prefill the token budget cuts.
     """
     cfg = sched.config
     running = sched.running
@@ -135,7 +137,7 @@ def plan(
         # the walk needs no step times: they are computed once, for the steps it keeps
         k = min(k_max, horizon)
         return waiting_runs.plan_waiting_run(sched, members, None, k, perf, lag,
-                                             resume=resume and arrivals is not None and arrivals.admit)
+                                             resume=resume and arrivals is not None and arrivals.admit, cut=cut)
     times = members.step_times(perf, 1, min(k_max, horizon))
     if not waiting and arrivals is not None:
         walk = ArrivalWalk(sched, members, admissions, times, k_max, perf, now, base, horizon, lag)
@@ -527,19 +529,24 @@ def _row_segments(run: DecodeRun, n: int, lag: int) -> list[tuple[int, int, int,
         else:
             change(end - 1 + lag, running=-1)
             change(end + lag, batch=-1)
-    def admitted(step: int, prefill: int) -> None:
+    def prefilled(row: int, tokens: int) -> None:
+        change(row + 1)  # its prefill (or this chunk of it) is over
+        if tokens > 1:
+            entry = prefills.setdefault(row, [0, 0])
+            entry[0] += tokens
+            entry[1] += 1
+
+    def admitted(step: int, prefill: int, rest: int = 0) -> None:
         change(step - 1, running=1)
         change(step - 1 + lag, batch=1)
-        change(step + lag)  # its prefill is over
-        if prefill > 1:
-            entry = prefills.setdefault(step - 1 + lag, [0, 0])
-            entry[0] += prefill
-            entry[1] += 1
+        prefilled(step - 1 + lag, prefill)
+        if rest:  # the budget cut its prefill: the rest in the next step
+            prefilled(step + lag, rest)
 
     for a in run.admissions:
         admitted(a.step, a.prompt)
     for r in run.resumptions:  # a waiting request admitted inside the run, as an arrival is
-        admitted(r.step, r.prefill)
+        admitted(r.step, r.prefill, r.rest)
     segments = []
     batch, running = n, n
     if 0 not in changes:
@@ -573,6 +580,10 @@ class Runs:
     #: runs planned while requests wait admit them inside (off for a cluster's replicas, whose
     #: runs are cut at routing decisions: simulator.cluster.replica)
     resume_waiting = True
+    #: ... and admit a request whose prefill the token budget cuts (its rest in the next step).
+    #: Off: exact, but the runs it lengthens (~3x under overload) cost more than they save while
+    #: the walk's work per event grows with the run's blocks (docs/benchmarks.md)
+    cut_prefills = False
 
     def __init__(self, sched: NativeScheduler, perf: PerformanceModel, arrivals: Arrivals, async_scheduling: bool):
         self.sched = sched
@@ -676,7 +687,7 @@ class Runs:
             reach = (next_s - now) / pace * 1.05 + 8
             horizon = int(min(max(reach, INITIAL_HORIZON // 4), MAX_HORIZON))
         run = plan(self.sched, self._perf, now, base, self.arrivals, next_arrival,
-                   horizon, self._lag, resume=self.resume_waiting)
+                   horizon, self._lag, resume=self.resume_waiting, cut=self.cut_prefills)
         # plan next time up to twice as many steps as this run had: step times
         # computed beyond the event that ends a run are wasted
         k = run.k if run is not None else 0

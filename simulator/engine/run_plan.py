@@ -43,8 +43,9 @@ class Preemption:
 class Resumption:
     """A waiting request the run admits while others wait (``plan_waiting_run``): in ``step``
     it becomes member ``member`` (a request preempted before or inside the run) with ``tokens``
-    tokens: its prefix-cache hits ``hits`` blocks, the other ``prefill`` tokens prefilled whole
-    after the step's decodes."""
+    tokens: its prefix-cache hits ``hits`` blocks, the next ``prefill`` tokens prefilled after
+    the step's decodes, and the ``rest`` (the token budget cut the prefill) in the next step,
+    after that step's decodes."""
 
     step: int
     member: int
@@ -52,6 +53,12 @@ class Resumption:
     tokens: int
     hits: int
     prefill: int
+    rest: int = 0
+
+    @property
+    def prefilled(self) -> int:
+        """The step that ends its prefill (its first token's)."""
+        return self.step + 1 if self.rest else self.step
 
 
 @dataclass
@@ -89,10 +96,10 @@ class DecodeRun:
     joined: list[SimRequest] = field(default_factory=list)
 
     def truncated(self) -> DecodeRun:
-        """The run without its last step (none, k 0, if an admission inside it would then be
-        in its last step or later)."""
+        """The run without its last step (none, k 0, if an admission inside it would then end
+        its prefill in its last step or later)."""
         k = self.k - 1
-        if self.resumptions and self.resumptions[-1].step >= k:
+        if self.resumptions and self.resumptions[-1].prefilled >= k:
             k = 0
         keep = self.block_steps <= k
         return DecodeRun(k=k, step_times=self.step_times[:k], first_steps=self.first_steps, computed=self.computed,

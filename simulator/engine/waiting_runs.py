@@ -6,7 +6,8 @@ frees blocks that may admit the queue's head. Such a run goes on through those e
 outcome is known from the run's own state: a preemption is the scheduler's (the last running
 member, as ``NativeScheduler._make_room`` picks it, carried out by ``NativeScheduler._preempt``),
 a finish frees its blocks when its last output comes (``NativeScheduler.finish``), and a step
-that admits waiting requests goes on inside the run when each is prefilled whole in it and its
+that admits waiting requests goes on inside the run when each is prefilled in it (the last one's
+rest, where the token budget cuts it, in the next step after that step's decodes) and its
 prefix-cache hits follow from the free queue's counts (the queue as the run leaves it: its
 victims, latest first, then the requests waiting before it; carried out by the scheduler's own
 ``_schedule_waiting``, ``NativeScheduler.admit_in_run``). Otherwise the run stops before the
@@ -40,7 +41,7 @@ from simulator.records.performance import PerformanceModel, StepBatch
 
 def plan_waiting_run(
     sched, members: Members, times: np.ndarray | None, k: int, perf: PerformanceModel, lag: int,
-    resume: bool = False,
+    resume: bool = False, cut: bool = False,
 ) -> DecodeRun | None:
     """A run of decode steps while requests wait. It goes on through steps
     short of a KV block: there, as ``NativeScheduler._make_room``, the last running member is
@@ -53,9 +54,10 @@ def plan_waiting_run(
     each admission checked after the event that could allow it (``_WaitingRun``). ``times``: the
     times of steps 1..k as the members were before the walk, or None (computed after it).
     ``resume``: the run goes on through a step that admits waiting requests when each is
-    prefilled whole in it and its prefix-cache hits follow from the free queue's counts
-    (``_WaitingRun._resume``)."""
-    plan = _WaitingRun(sched, members, k, lag, resume)
+    prefilled in it (or the last one's rest in the next step) and its prefix-cache hits follow
+    from the free queue's counts (``_WaitingRun._resume``); ``cut``: also where the budget cuts
+    the last one's prefill (``_WaitingRun._cut_fits``)."""
+    plan = _WaitingRun(sched, members, k, lag, resume, cut)
     k = plan.walk()
     if k < 1:
         return None
@@ -71,7 +73,7 @@ def plan_waiting_run(
             times = np.concatenate((times[: changed - 1], timed.step_times(perf, changed, k)))
         if plan.resumptions:
             times = times.copy()
-            for t in sorted({r.step for r in plan.resumptions}):
+            for t in sorted({r.step for r in plan.resumptions} | {r.prefilled for r in plan.resumptions}):
                 times[t - 1] = plan.resume_step_time(perf, t)
     return DecodeRun(k=k, step_times=times[:k], first_steps=plan.first, computed=plan.computed, last_steps=last,
                      block_steps=plan.steps[keep], block_owners=plan.owners[keep], preemptions=plan.preemptions,
@@ -111,7 +113,7 @@ class _WaitingRun:
     ``plan_waiting_run``): ``walk`` returns the run's length and leaves its blocks (``steps``,
     ``owners`` where ``alive``), members' last steps and preemptions."""
 
-    def __init__(self, sched, members: Members, k: int, lag: int, resume: bool = False):
+    def __init__(self, sched, members: Members, k: int, lag: int, resume: bool = False, cut: bool = False):
         self.sched, self.lag = sched, lag
         self.kv = sched.kv
         n = len(sched.running)
@@ -154,6 +156,9 @@ class _WaitingRun:
             self.cached[:] = [self.kv.num_cached_blocks_of(r.rid) for r in sched.running]
         #: a member holds shared prefix blocks (its finish would free them with others')
         self.shared = self.kv.enable_caching and any(r.num_shared_blocks for r in sched.running)
+        #: step -> the tokens of a cut prefill's rest prefilled in it (after its decodes)
+        self.rests: dict[int, int] = {}
+        self.cut = cut and sched.config.enable_chunked_prefill
 
     def walk(self) -> int:
         lag, steps, owners = self.lag, self.steps, self.owners
@@ -193,7 +198,7 @@ class _WaitingRun:
             v = self._victim(s, listed, release)
             last_v = int(self.last[v])
             if (last_v < s or not self._others_decode(v, int(owners[e]), s + 1 - lag, listed)
-                    or (caching and self.reqs[v].num_shared_blocks)):
+                    or (caching and self.reqs[v].num_shared_blocks) or self.first[v] > s):
                 if at_step is not None and at_step[0] == s:
                     # step s already preempted in this walk: the ordinary path takes the whole step
                     _, pos, before_pos = self._restore(at_step)
@@ -319,6 +324,8 @@ class _WaitingRun:
         # (the walk checked the steps up to its latest preemption: only that one's next step is new)
         checks = {self.preemptions[-1].step + 1} if self.preemptions and lo <= self.preemptions[-1].step + 1 <= hi \
             else set()
+        # (a step that ends a cut prefill may admit with no event before it: the budget it leaves)
+        checks.update(t for t in self.rests if lo <= t <= hi)
         releases = release[listed]
         checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
         max_num_seqs = sched.config.max_num_seqs
@@ -384,14 +391,16 @@ class _WaitingRun:
 
     def _deficits(self, t: int, end: int, listed: np.ndarray, release: np.ndarray) -> _Deficits:
         """The free queue's front pushes up to step ``t`` (the run's victims' and finishing
-        members' blocks without a name) and the takes before each, in time order."""
-        hits_before = np.cumsum(self.entry == 2) if self.resumptions else None
+        members' blocks without a name) and the takes before each, in time order (all before
+        block ``end``, the first after step ``t``)."""
+        entry = self.entry[:end]
+        hits_before = np.cumsum(entry == 2) if self.resumptions else None
         events = [((s, 1, e), served - (int(hits_before[e - 1]) if hits_before is not None and e else 0), count, i)
                   for i, (s, e, served, count) in enumerate(self.pushes)]
         ending = np.flatnonzero(listed & (release <= t))
         if len(ending):
-            taken = self.alive & (self.entry != 2)
-            cuts = np.searchsorted(self.steps, release[ending], side="left")
+            taken = self.alive[:end] & (entry != 2)
+            cuts = np.searchsorted(self.steps[:end], release[ending], side="left")
             taken_before = np.cumsum(taken)
             for i, cut in zip(ending.tolist(), cuts.tolist(), strict=True):
                 tokens_i = int(self.computed[i] + self.last[i] - self.first[i] + 1)
@@ -407,24 +416,27 @@ class _WaitingRun:
         suffix = np.maximum.accumulate(g[::-1])[::-1] if len(g) else g
         at = {x[3]: p for p, x in enumerate(events) if x[3] >= 0}
         pushed = int(pushed_after[-1]) if len(events) else 0
-        now = int(np.count_nonzero(self.alive[:end] & (self.entry[:end] != 2))) - pushed
+        now = int(np.count_nonzero(self.alive[:end] & (entry != 2))) - pushed
         return _Deficits(suffix, takes - pushed_after, at, now)
 
     def _resume(self, t: int, release: np.ndarray, freed: np.ndarray, listed: np.ndarray) -> bool:
         """Admit the queue's head(s) in step ``t`` as ``NativeScheduler._schedule_waiting`` would
-        (a seat; the budget after the step's decodes; the blocks of the whole sequence free),
-        each prefilled whole after the decodes, its prefix-cache hits from ``_hits``; they
-        become members from step t + 1. False (nothing changed) where the step is not one
-        this handles: a prefill the budget or the long-prefill threshold would cut, a head with
-        a shared prefix or whose hits do not follow from the counts, one whose output or
-        context would end within a step, a budget used up (the next head could come in the next
-        step, no event between), a queue the step would empty (the run's arrivals come next)."""
+        (a seat; the budget after the step's decodes and a cut prefill's rest; the blocks of
+        the whole sequence free), each prefilled after the decodes, its prefix-cache hits from
+        ``_hits``; they become members from step t + 1, or t + 2 for the last one if the budget
+        cuts its prefill (its rest in step t + 1, ``_cut_fits``). False (nothing changed) where
+        the step is not one this handles: a prefill the long-prefill threshold would cut, or
+        the budget in a way ``_cut_fits`` declines, a head with a shared prefix or whose hits do
+        not follow from the counts, one whose output or context would end within a step, a
+        budget used up by whole prefills (the next head could come in the next step, no event
+        between), a queue the step would empty (the run's arrivals come next)."""
         sched, kv, lag = self.sched, self.kv, self.lag
         cfg = sched.config
         bs = sched.block_size
         if t < 2 or self.shared:
             return False
         budget = cfg.max_num_batched_tokens - int(np.count_nonzero(listed & (self.first <= t) & (self.last >= t)))
+        budget -= self.rests.get(t, 0)
         running = int(np.count_nonzero(listed & (release > t)))
         waiting = sched.waiting
         threshold = cfg.long_prefill_token_threshold
@@ -440,6 +452,8 @@ class _WaitingRun:
             if not front and wpos >= len(waiting):
                 return False  # the queue would empty: the run's arrivals could be admitted next
             if budget <= 0:
+                if admitted and admitted[-1][5]:
+                    break  # (the next step is checked: ``rests``)
                 return False
             if not has_seat(running + len(admitted), cfg.max_num_seqs):
                 break
@@ -464,12 +478,14 @@ class _WaitingRun:
                 return False
             hits, clean = got
             prefill = tokens - hits * bs
-            if 0 < threshold < prefill or prefill > budget or remaining < 2 \
-                    or tokens + remaining >= sched.max_model_len:
+            if 0 < threshold < prefill or remaining < 2 or tokens + remaining >= sched.max_model_len:
                 return False
-            admitted.append((req, clean, tokens, hits, remaining))
+            rest = max(prefill - budget, 0)
+            if rest and not self._cut_fits(t, budget, rest, listed, len(admitted)):
+                return False
+            admitted.append((req, clean, tokens, hits, remaining, rest))
             free -= need
-            budget -= prefill
+            budget -= prefill - rest
             more += need - hits
             if front:
                 front.pop(0)
@@ -490,28 +506,49 @@ class _WaitingRun:
         self.front, self.wpos = front, wpos
         return True
 
+    def _cut_fits(self, t: int, chunk: int, rest: int, listed: np.ndarray, decoding: int) -> bool:
+        """Whether a prefill the budget cuts in step ``t`` (``chunk`` tokens) is one the run
+        takes: such admissions asked for (``cut``, chunked prefill on); a chunk and a rest of 2
+        tokens or more (each a prefill in vLLM's batch); the rest within step t + 1's budget
+        after the decodes of the members then and of the ``decoding`` requests admitted whole
+        in step t before it (one at least)."""
+        if not self.cut or chunk < 2 or rest < 2:
+            return False
+        u = t + 1
+        decoders = int(np.count_nonzero(listed & (self.first <= u) & (self.last >= u))) + decoding
+        return decoders >= 1 and rest <= self.sched.config.max_num_batched_tokens - decoders
+
     def _add_members(self, t: int, admitted: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
-        """The requests admitted in step ``t`` (request, clean, tokens, hits, steps left), in
-        order: members from step t + 1, their blocks (hits adopted first, then new ones) after
-        the step's decodes, their decodes' blocks in the run's order. Returns their last steps
-        and their blocks."""
+        """The requests admitted in step ``t`` (request, clean, tokens, hits, steps left, the
+        rest of a cut prefill), in order: members from step t + 1 (one whose prefill is cut
+        from t + 2), their blocks (hits adopted first, then new ones) after the step's decodes
+        (those of a cut prefill's rest after the decodes of step t + 1, taken by the run), their
+        decodes' blocks in the run's order. Returns their last steps and their blocks."""
         bs = self.sched.block_size
         j0 = len(self.reqs)
         tokens = np.array([a[2] for a in admitted], dtype=np.int64)
         hits = np.array([a[3] for a in admitted], dtype=np.int64)
-        last = t - 1 + np.array([a[4] for a in admitted], dtype=np.int64)
-        for j, (req, _, n, h, _) in enumerate(admitted, j0):
+        rest = np.array([a[5] for a in admitted], dtype=np.int64)
+        cut = (rest > 0).astype(np.int64)
+        last = t - 1 + np.array([a[4] for a in admitted], dtype=np.int64) + cut
+        for j, (req, _, n, h, _, r) in enumerate(admitted, j0):
             self.reqs.append(req)
-            self.resumptions.append(Resumption(t, j, req.rid, n, h, n - h * bs))
+            self.resumptions.append(Resumption(t, j, req.rid, n, h, n - h * bs - r, r))
+            if r:
+                self.rests[t + 1] = r
         need = -(-tokens // bs)
-        first = np.full(len(admitted), t + 1, dtype=np.int64)
+        first = t + 1 + cut
         ds, downers = crossing_steps(tokens, need, bs, np.minimum(last, self.k), first)
         prompt_owners = np.repeat(np.arange(len(admitted)), need)
         rank = np.arange(len(prompt_owners)) - np.repeat(np.cumsum(need) - need, need)
-        steps = np.concatenate((np.full(len(prompt_owners), t, dtype=np.int64), ds))
+        later = rank >= (-(-(tokens - rest) // bs))[prompt_owners]  # the rest's blocks
+        steps = np.concatenate((t + later, ds))
         owners = np.concatenate((prompt_owners, downers)) + j0
-        entry = np.concatenate((np.where(rank < hits[prompt_owners], 2, 1).astype(np.int8),
+        entry = np.concatenate((np.where(rank < hits[prompt_owners], 2, np.where(later, 0, 1)).astype(np.int8),
                                 np.zeros(len(ds), dtype=np.int8)))
+        if rest.any():  # by step, then member (stable: a member's blocks in order)
+            order = np.lexsort((owners, steps))
+            steps, owners, entry = steps[order], owners[order], entry[order]
         # (new members come after every member: each block goes after the blocks of its step)
         at = np.searchsorted(self.steps, steps, side="right")
         at += np.arange(len(at))  # their places in the merged arrays
@@ -535,12 +572,15 @@ class _WaitingRun:
         return last, blocks
 
     def _trim(self) -> None:
-        """Under async scheduling the run's last step is left in flight, its output not in the
-        run: admissions in it are the scheduler's (``admits``), not the run's. Without them the
-        run may end a step earlier (a member's last output comes after that step is scheduled),
-        and so on."""
-        while self.lag and self.resumptions and self.resumptions[-1].step >= self.k:
-            t = self.k
+        """Admissions whose prefill does not end inside the run go, with their step: under async
+        scheduling the run's last step is left in flight, its output not in the run (admissions
+        in it are the scheduler's, ``admits``; a cut prefill's rest must come before it); under
+        sync a cut prefill's rest must be in the run. Without them the run ends before their
+        step (async: it may cover that step, left in flight, unless a member's last output comes
+        after it is scheduled), and so on."""
+        lag = self.lag
+        while self.resumptions and self.resumptions[-1].prefilled > self.k - lag:
+            t = self.resumptions[-1].step
             j0 = min(r.member for r in self.resumptions if r.step >= t)
             self.resumptions = [r for r in self.resumptions if r.member < j0]
             del self.reqs[j0:]
@@ -549,19 +589,22 @@ class _WaitingRun:
             keep = self.owners < j0
             self.steps, self.owners, self.alive, self.entry = (self.steps[keep], self.owners[keep],
                                                                self.alive[keep], self.entry[keep])
-            self.admits = t >= 2 and not np.any(~self.gone & (self.last == t - 1))
-            if self.admits:
-                return
-            self.k = t - 1
+            self.admits = lag == 1 and t >= 2 and not np.any(~self.gone & (self.last == t - 1))
+            self.k = t if self.admits else t - 1
 
     def resume_step_time(self, perf: PerformanceModel, t: int) -> float:
-        """The time of step ``t``, which admits: the members decoding in it (in running order),
+        """The time of step ``t``, which admits or ends a cut prefill: the members decoding in it
+        (in running order), the rest of a prefill cut in step t - 1 (the last running request),
         then the admissions' prefills (a one-token prefill is a decode in vLLM's batch)."""
         f, c, last = self.first, self.computed, self.last
         decoding = (f <= t) & (last >= t)
         context = (c + (t - f) + 1)[decoding].tolist()
         tokens, prefill_context = [], []
         bs = self.sched.block_size
+        for r in self.resumptions:
+            if r.rest and r.step == t - 1:
+                tokens.append(r.rest)
+                prefill_context.append(r.hits * bs + r.prefill)
         for r in self.resumptions:
             if r.step == t:
                 n = r.prefill
@@ -596,6 +639,8 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
     steps, owners = run.block_steps, run.block_owners
     preemptions = run.preemptions
     victims = {p.victim for p in preemptions}
+    # members whose prefill the budget cut: their tokens, registered when its rest was scheduled
+    cut_tokens = {r.member: r.tokens for r in run.resumptions if r.rest}
     # (time key, blocks handed out before it, member or step, kind): a preemption in step s
     # comes at 2s, the admissions of step t at 2t (no step both preempts and admits), a last
     # output between the scheduling of steps last + lag and last + lag + 1 (the blocks before
@@ -664,7 +709,7 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
             step = int(last[i]) + 1
             kv.clock = float(sched_at[step - 1])
             # the full blocks as its last scheduling (sync) or last output before now (async) left them
-            kv.cache_full_blocks(req, int(computed[i] + last[i] - first[i] + 1) - lag)
+            kv.cache_full_blocks(req, max(int(computed[i] + last[i] - first[i] + 1) - lag, cut_tokens.get(i, 0)))
             sched._preempt(req)
             taken_at[step - 1] -= before - kv.num_used_blocks
         else:
@@ -690,13 +735,13 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
             if i not in readmitted:
                 deliver_tokens(r, counts[i], times)
                 r.num_computed += scheduled[i]
-        for r in run.resumptions:  # from the output of the step that admits it
+        for r in run.resumptions:  # from the output of the step that ends its prefill
             if r.member in readmitted:
                 continue
-            req, row = reqs[r.member], r.step - 1 + lag
+            req, row = reqs[r.member], r.prefilled - 1 + lag
             if counts[r.member] > row:
                 deliver_tokens(req, counts[r.member] - row, times, start=row)
-            req.num_computed = r.tokens + scheduled[r.member] - r.step
+            req.num_computed = r.tokens + scheduled[r.member] - r.prefilled
             if going[r.member]:
                 req.placeholders = req.in_flight_tokens = lag
     for v in victims:  # their last output (already stale when it came) is in
@@ -713,30 +758,31 @@ def _admit(sched: NativeScheduler, run: DecodeRun, planned: list[Resumption], t:
            current: list, listed: np.ndarray, pending: list[int], settled: set[int], taken_at: np.ndarray,
            sched_at: np.ndarray, times: list[float], lag: int) -> None:
     """The admissions of step ``t``: the scheduler's own ``_schedule_waiting`` over the requests
-    running then (``current``, members ``listed``), which must admit what the run planned (else
-    the plan is wrong: an error). First the victims preempted since the last admissions
+    running then (``current``, members ``listed``), within the budget their decodes and the
+    rest of a prefill cut in step t - 1 leave, which must admit what the run planned (else the
+    plan is wrong: an error). First the victims preempted since the last admissions
     (``pending``) get their tokens through their last step (their last output is in: the
     scheduler finds them waiting so); ``settled`` gains them."""
     kv = sched.kv
     n = len(sched.running)
     if pending:
-        joined_at = {r.member: r.step for r in run.resumptions}
         for v in pending:
             req = reqs[v]
             count = int(min(run.last_steps[v] + lag, run.k))
             if v < n:
                 deliver_tokens(req, count, times)
-            else:  # admitted inside the run: its tokens from the output of the step that admitted it
-                row = joined_at[v] - 1 + lag
+            else:  # admitted inside the run: its tokens from the output of the step that ends its prefill
+                row = int(run.first_steps[v]) - 2 + lag
                 if count > row:
                     deliver_tokens(req, count - row, times, start=row)
             req.num_computed = req.in_flight_tokens = req.stale_tokens = 0
             settled.add(v)
         pending.clear()
-    decoding = int(np.count_nonzero(listed & (run.first_steps <= t) & (run.last_steps >= t)))
+    used = int(np.count_nonzero(listed & (run.first_steps <= t) & (run.last_steps >= t)))
+    used += sum(r.rest for r in run.resumptions if r.rest and r.step == t - 1)
     kv.clock = float(sched_at[t - 1])
     before = kv.num_used_blocks
-    out = sched.admit_in_run(current, sched.config.max_num_batched_tokens - decoding)
+    out = sched.admit_in_run(current, sched.config.max_num_batched_tokens - used)
     expected = [(r.rid, r.prefill) for r in planned]
     if list(out.num_scheduled.items()) != expected:
         raise RuntimeError(f"a waiting run planned the admissions {expected} in its step {t}; the scheduler "

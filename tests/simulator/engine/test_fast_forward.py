@@ -425,8 +425,8 @@ def test_a_walk_gone_on_through_later_arrivals_plans_the_run_planned_with_them(a
     plan = fast_forward.plan
     compared = []
 
-    def checked(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks=None, resume=False):
-        run = plan(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks, resume=resume)
+    def checked(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks=None, resume=False, cut=False):
+        run = plan(sched, perf, now, base, arrivals, next_arrival, horizon, lag, walks, resume=resume, cut=cut)
         if run is None or not run.admissions or walks is not None:
             return run
         rids = [a.rid for a in run.admissions]
@@ -502,6 +502,43 @@ def test_runs_admit_waiting_requests_inside_as_step_by_step(async_scheduling, ca
     ending = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
     _columns_equal(ending, fast)
     assert seen["admitted"] == 0 and seen["runs"] > 2 * inside["runs"], (seen, inside)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("caching", [True, False])
+def test_runs_admit_requests_whose_prefill_the_budget_cuts_as_step_by_step(async_scheduling, caching,
+                                                                           monkeypatch):
+    # a small token budget: the last request a step inside a run admits is often cut, its rest
+    # prefilled in the next step after that step's decodes (and more admitted after it); the
+    # results equal the step-by-step path's, and the runs' that end at every cut admission
+    # (``Runs.cut_prefills`` off, as by default)
+    from simulator.engine import fast_forward, waiting_runs
+
+    w = make_workload(n=80, seed=11, rate=20, prompt=(10, 300), output=(100, 800))
+    cfg = EngineConfig(num_gpu_blocks_override=200, max_model_len=4096, max_num_seqs=256,
+                       max_num_batched_tokens=256, enable_prefix_caching=caching)
+    slow = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=False)
+    seen = {"runs": 0, "cut": 0, "after_cut": 0}
+    original = waiting_runs.apply_waiting_run
+
+    def applied(sched, run, *args):
+        seen["runs"] += 1
+        seen["cut"] += sum(1 for r in run.resumptions if r.rest)
+        rests = {r.step + 1 for r in run.resumptions if r.rest}
+        seen["after_cut"] += sum(1 for r in run.resumptions if r.step in rests)
+        return original(sched, run, *args)
+
+    monkeypatch.setattr(waiting_runs, "apply_waiting_run", applied)
+    monkeypatch.setattr(fast_forward.Runs, "cut_prefills", True)
+    fast = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    inside = dict(seen)
+    assert_same(slow, fast)
+    assert inside["cut"] > 30 and inside["after_cut"] > 10, inside
+    seen.update(runs=0, cut=0)
+    monkeypatch.setattr(fast_forward.Runs, "cut_prefills", False)
+    ending = simulate(w, cfg, VectorLinearModel(), async_scheduling=async_scheduling, fast=True)
+    _columns_equal(ending, fast)
+    assert seen["cut"] == 0 and seen["runs"] > inside["runs"], (seen, inside)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
