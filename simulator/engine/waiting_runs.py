@@ -27,12 +27,12 @@ from simulator.engine.kv_cache import tick_sums
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import Status
 from simulator.engine.rules import deliver_tokens, has_seat
+from simulator.engine.run_blocks import RunBlocks
 from simulator.engine.run_plan import (
     DecodeRun,
     Members,
     Preemption,
     Resumption,
-    crossing_steps,
     deliver,
     give_blocks,
 )
@@ -61,6 +61,7 @@ def plan_waiting_run(
     k = plan.walk()
     if k < 1:
         return None
+    plan.run_blocks.extend(k)
     keep = plan.alive & (plan.steps <= k) & (plan.entry == 0)
     last = plan.last
     changed = min([p.step for p in plan.preemptions] + [r.step for r in plan.resumptions], default=k + 1)
@@ -121,11 +122,14 @@ class _WaitingRun:
         self.first, self.computed, last = members.arrays()
         self.last = last.copy()
         self.k = min(k, int(self.last.max()) - (1 - lag))
-        self.steps, self.owners = crossing_steps(self.computed, self.held, sched.block_size,
-                                                  np.minimum(self.last, max(self.k, 0)), self.first)
-        self.alive = np.ones(len(self.steps), dtype=bool)
+        bs = sched.block_size
+        #: the run's blocks (made as far as the walk reads them), a block live unless it is a
+        #: victim's from its preemption's step on (``_live``)
+        self.run_blocks = RunBlocks(bs, self.held * bs - self.computed + self.first,
+                                    np.minimum(self.last, max(self.k, 0)))
         #: blocks each member frees when it finishes (those it holds and those the run gives it)
-        self.blocks = self.held + np.bincount(self.owners, minlength=n)
+        self.blocks = self.held + self.run_blocks.decodes_through(max(self.k, 0))
+        self.prompt = np.zeros(n, dtype=np.int64)  # an admitted member's prompt blocks
         self.gone = np.zeros(n, dtype=bool)  # preempted
         #: blocks held by several members, by their holders (looked up once a holder finishes)
         self.together: dict[tuple[int, ...], int] | None = None
@@ -140,12 +144,19 @@ class _WaitingRun:
         self.resume = resume and not sched.config.speculative.enabled
         self.reqs = list(sched.running)  # the members' requests (those the run admits after)
         self.resumptions: list[Resumption] = []
-        #: each block of the run: 0 a decode's, 1 a new block of an admission, 2 a prefix hit
-        #: it adopts (taken from the free queue by the scheduler's own admission, not the run)
-        self.entry = np.zeros(len(self.steps), dtype=np.int8)
         #: the run's victims' pushes to the free queue's front: (step, block, takes before, count),
         #: and per victim (index into it, its named blocks, entries ahead of them)
         self.pushes: list[tuple[int, int, int, int]] = []
+        #: the pushes and finishes up to step ``_events_to`` in time order (``_deficits``): the
+        #: blocks taken before each, its count, a push's place by its index into ``pushes``; the
+        #: pushes in them; the first block after that step and the blocks taken before it
+        self._event_takes = np.zeros(0, dtype=np.int64)
+        self._event_counts = np.zeros(0, dtype=np.int64)
+        self._event_of: dict[int, int] = {}
+        self._pushes_in = 0
+        self._events_to = _NONE
+        self._events_ref = (0, 0)
+        self._taken = 0  # the blocks taken (live, not adopted hits) before the walk's ``pos``
         self.freed_as: dict[int, tuple[int, int, int]] = {}
         self.remaining: dict[int, int] = {}  # a victim's steps left when it was preempted
         #: members the run admitted whose earlier named blocks all left the free queue (hits
@@ -160,8 +171,40 @@ class _WaitingRun:
         self.rests: dict[int, int] = {}
         self.cut = cut and sched.config.enable_chunked_prefill
 
+    @property
+    def steps(self) -> np.ndarray:
+        return self.run_blocks.steps
+
+    @property
+    def owners(self) -> np.ndarray:
+        return self.run_blocks.owners
+
+    @property
+    def entry(self) -> np.ndarray:
+        """Each block: 0 a decode's, 1 a new block of an admission, 2 a prefix hit it adopts
+        (taken from the free queue by the scheduler's own admission, not the run)."""
+        return self.run_blocks.entry
+
+    @property
+    def alive(self) -> np.ndarray:
+        return self._live(0, self.run_blocks.n)
+
+    def _live(self, lo: int, hi: int) -> np.ndarray:
+        """Which of blocks lo..hi-1 are live: not a victim's from its preemption's step on (a
+        member's blocks are all in its steps, and a preemption ends them)."""
+        return self.run_blocks.steps[lo:hi] <= self.last[self.run_blocks.owners[lo:hi]]
+
+    def _counts(self, lo: int, hi: int) -> tuple[int, int]:
+        """The live blocks among lo..hi-1, and those of them taken (not an adopted hit)."""
+        live = self._live(lo, hi)
+        return int(np.count_nonzero(live)), int(np.count_nonzero(live & (self.run_blocks.entry[lo:hi] != 2)))
+
+    def _reach(self, listed: np.ndarray) -> int:
+        """The steps the walk makes blocks for at a time: some thousands of blocks."""
+        return max(64, (4096 * self.sched.block_size) // max(1, int(np.count_nonzero(listed))))
+
     def walk(self) -> int:
-        lag, steps, owners = self.lag, self.steps, self.owners
+        lag = self.lag
         caching = self.kv.enable_caching
         if self.k < 1:
             return self.k
@@ -174,17 +217,25 @@ class _WaitingRun:
         at_step = None  # the walk's state before the preemptions of the latest step that preempts
         while self.k >= 1:
             k = self.k
-            end = int(np.searchsorted(steps, k, side="right"))  # the blocks of steps 1..k
+            # the blocks of steps 1..reach, made so far (the blocks before ``pos`` are settled: a
+            # preemption ends its victim's blocks from its step on, an admission adds blocks
+            # from its step on, both after step ``checked``)
+            reach = min(k, checked + self._reach(listed))
+            self.run_blocks.extend(reach)
+            steps, owners = self.steps, self.owners
+            end = int(np.searchsorted(steps, reach, side="right"))
             e = self._first_short(pos, end, before_pos, freed)
-            s = int(steps[e]) if e < end else k + 1
-            t = self._first_admission(checked + 1, s - 1, release, freed, listed)
-            if t is not None and self.resume and self._resume(t, release, freed, listed):
+            s = int(steps[e]) if e < end else reach + 1
+            t = self._first_admission(checked + 1, s - 1, release, freed, listed, pos, before_pos)
+            if t is not None and self.resume and self._resume(t, release, freed, listed, pos, before_pos):
                 release, freed, listed = self._release, self._freed, self._listed
-                steps, owners = self.steps, self.owners
                 checked = t
                 # every block through step t is served (the admissions' blocks fit by their gate)
-                pos = int(np.searchsorted(steps, t, side="right"))
-                before_pos = int(np.count_nonzero(self.alive[:pos]))
+                new_pos = int(np.searchsorted(self.steps, t, side="right"))
+                live, taken = self._counts(pos, new_pos)
+                pos, before_pos = new_pos, before_pos + live
+                self._taken += taken
+                self._events_ref = (pos, self._taken)  # (the first block after step t)
                 continue
             if t is not None:
                 # under async scheduling the run may cover step t, left in flight: the scheduler's
@@ -194,7 +245,13 @@ class _WaitingRun:
                 self.k = t if self.admits else t - 1
                 break
             if e == end:
-                break
+                if reach == k:
+                    break
+                live, taken = self._counts(pos, end)  # no block short through step reach
+                pos, before_pos = end, before_pos + live
+                self._taken += taken
+                checked = reach
+                continue
             v = self._victim(s, listed, release)
             last_v = int(self.last[v])
             if (last_v < s or not self._others_decode(v, int(owners[e]), s + 1 - lag, listed)
@@ -206,15 +263,14 @@ class _WaitingRun:
                 break
             if at_step is None or at_step[0] != s:
                 at_step = self._save(s, pos, before_pos)
-            # (a listed member's blocks are all live: those before e were served)
-            first_of_s = int(np.searchsorted(steps, s, side="left"))
-            blocks_v = int(self.held[v]) + int(np.count_nonzero(owners[:e] == v))
+            # (a listed member's blocks are all live: those before e, all its blocks before step s
+            # (the victim is the member short or after it), were served)
+            blocks_v = int(self.held[v] + self.prompt[v]) + self.run_blocks.decodes_of(v, s - 1)
+            live, taken = self._counts(pos, e)
             if self.resume:
-                self._note_free(v, s, e, blocks_v, before_pos + int(np.count_nonzero(self.alive[pos:e])),
-                                freed)
+                self._note_free(v, s, e, blocks_v, before_pos + live, self._taken + taken, freed)
             self.free += blocks_v
-            after = self.alive[first_of_s:]
-            after[owners[first_of_s:] == v] = False  # its blocks from step s on
+            self.run_blocks.stop_at(v, s - 1)  # its blocks from step s on are not live (``last``)
             if release[v] <= len(freed) - 2:  # its blocks no longer come back at its last output
                 freed[release[v]:] -= self.blocks[v]
             self.last[v] = s - 1
@@ -225,7 +281,8 @@ class _WaitingRun:
             self.remaining[v] = last_v - s + 1
             self.front.insert(0, v)
             self.k = min(k, int(self.last.max()) - (1 - lag))
-            before_pos += int(np.count_nonzero(self.alive[pos:e]))
+            before_pos += live
+            self._taken += taken
             pos = e
             checked = s  # (a step that preempts admits nobody)
         if self.resumptions:
@@ -258,7 +315,7 @@ class _WaitingRun:
         usually near, so a first window is searched before the rest."""
         stop = min(end, pos + _WINDOW)
         while True:
-            live = self.alive[pos:stop]
+            live = self._live(pos, stop)
             rank = np.cumsum(live)  # each live block's place among live blocks, from 1
             rank += before_pos - 1
             short = np.flatnonzero(live & (rank >= self.free + freed[self.steps[pos:stop]]))
@@ -269,13 +326,13 @@ class _WaitingRun:
             pos, before_pos, stop = stop, int(rank[-1]) + 1 if len(rank) else before_pos, end
 
     def _save(self, step: int, pos: int, before_pos: int) -> tuple:
-        return (step, pos, before_pos, self.free, self.alive.copy(), self.last.copy(), self.gone.copy(),
+        return (step, pos, before_pos, self._taken, self.free, self.last.copy(), self.gone.copy(),
                 len(self.preemptions))
 
     def _restore(self, saved: tuple) -> tuple[int, int, int]:
         """Undo the preemptions of step ``saved[0]`` (a later victim of that step cannot be
         handled here); returns (step, pos, before_pos) as they were."""
-        step, pos, before_pos, self.free, self.alive, self.last, self.gone, count = saved
+        step, pos, before_pos, self._taken, self.free, self.last, self.gone, count = saved
         del self.preemptions[count:]
         return step, pos, before_pos
 
@@ -301,7 +358,7 @@ class _WaitingRun:
             self.blocks[list(holders)] -= count
 
     def _first_admission(self, lo: int, hi: int, release: np.ndarray, freed: np.ndarray,
-                         listed: np.ndarray) -> int | None:
+                         listed: np.ndarray, pos: int, before_pos: int) -> int | None:
         """The first step in lo..hi after an event (a preemption, a member's last output) in
         which the queue's head would be admitted: a seat, and the blocks of its whole sequence
         free once the step's running requests have theirs. Between events the free blocks only
@@ -332,7 +389,8 @@ class _WaitingRun:
         for t in sorted(checks):
             if len(releases) >= max_num_seqs and int(np.count_nonzero(releases > t)) >= max_num_seqs:
                 continue
-            served = int(np.count_nonzero(self.alive[: int(np.searchsorted(self.steps, t, side="right"))]))
+            # (the blocks before ``pos``, those of steps before lo, are counted: ``before_pos``)
+            served = before_pos + int(np.count_nonzero(self._live(pos, int(np.searchsorted(self.steps, t, side="right")))))
             if need <= self.free + int(freed[min(t, last)]) - served:
                 return t
         return None
@@ -349,16 +407,16 @@ class _WaitingRun:
             return 0
         return max(int(self.cached[i]), min(tokens // self.sched.block_size, blocks))
 
-    def _note_free(self, v: int, s: int, e: int, blocks: int, served: int, freed: np.ndarray) -> None:
+    def _note_free(self, v: int, s: int, e: int, blocks: int, served: int, taken: int, freed: np.ndarray) -> None:
         """Victim ``v`` frees ``blocks`` before block ``e`` of step ``s`` (``served`` blocks of the
-        run taken or adopted before it): as ``KVCacheManager.free``, those without a name go to
-        the front of the free queue, its named ones (registered by ``apply_waiting_run``) to
-        the back, behind every entry then in the queue."""
+        run taken or adopted before it, ``taken`` of them taken): as ``KVCacheManager.free``,
+        those without a name go to the front of the free queue, its named ones (registered by
+        ``apply_waiting_run``) to the back, behind every entry then in the queue."""
         tokens = int(self.computed[v] + (s - 1) - self.first[v] + 1) - self.lag
         named = self._registered(v, tokens, blocks)
         ahead = self.free + int(freed[s]) - served + (blocks - named)
         self.freed_as[v] = (len(self.pushes), named, ahead)
-        self.pushes.append((s, e, served, blocks - named))  # (served: less the hits before e, see _deficits)
+        self.pushes.append((s, e, taken, blocks - named))
 
     def _hits(self, t: int, v: int | None, req, tokens: int, deficits: _Deficits) -> tuple[int, bool] | None:
         """The prefix-cache hits of the queue's head admitted in step ``t`` (victim ``v`` of the
@@ -392,34 +450,39 @@ class _WaitingRun:
     def _deficits(self, t: int, end: int, listed: np.ndarray, release: np.ndarray) -> _Deficits:
         """The free queue's front pushes up to step ``t`` (the run's victims' and finishing
         members' blocks without a name) and the takes before each, in time order (all before
-        block ``end``, the first after step ``t``)."""
-        entry = self.entry[:end]
-        hits_before = np.cumsum(entry == 2) if self.resumptions else None
-        events = [((s, 1, e), served - (int(hits_before[e - 1]) if hits_before is not None and e else 0), count, i)
-                  for i, (s, e, served, count) in enumerate(self.pushes)]
-        ending = np.flatnonzero(listed & (release <= t))
+        block ``end``, the first after step ``t``). Those up to the last step asked for are
+        kept: the new ones all come after them (a push at a step after that one's admissions,
+        a finish after its step)."""
+        ref, taken_ref = self._events_ref  # the first block after step ``_events_to``
+        taken = self._live(ref, end) & (self.entry[ref:end] != 2)
+        taken_before = np.cumsum(taken)
+        events = [((s, 1, e), took, count, i)
+                  for i, (s, e, took, count) in enumerate(self.pushes[self._pushes_in:], self._pushes_in)]
+        ending = np.flatnonzero(listed & (release > self._events_to) & (release <= t))
         if len(ending):
-            taken = self.alive[:end] & (entry != 2)
-            cuts = np.searchsorted(self.steps[:end], release[ending], side="left")
-            taken_before = np.cumsum(taken)
+            cuts = np.searchsorted(self.steps[ref:end], release[ending], side="left")
             for i, cut in zip(ending.tolist(), cuts.tolist(), strict=True):
                 tokens_i = int(self.computed[i] + self.last[i] - self.first[i] + 1)
                 blocks_i = int(self.blocks[i])
-                before = int(taken_before[cut - 1]) if cut else 0
+                before = taken_ref + (int(taken_before[cut - 1]) if cut else 0)
                 events.append(((int(release[i]), 0, i), before, blocks_i - self._registered(i, tokens_i, blocks_i),
                                -1))
         events.sort()
-        takes = np.array([x[1] for x in events], dtype=np.int64)
-        counts = np.array([x[2] for x in events], dtype=np.int64)
+        base = len(self._event_takes)
+        self._event_of.update((x[3], p) for p, x in enumerate(events, base) if x[3] >= 0)
+        self._event_takes = np.concatenate((self._event_takes, np.array([x[1] for x in events], dtype=np.int64)))
+        self._event_counts = np.concatenate((self._event_counts, np.array([x[2] for x in events], dtype=np.int64)))
+        self._pushes_in, self._events_to = len(self.pushes), t
+        takes, counts = self._event_takes, self._event_counts
         pushed_after = np.cumsum(counts)
         g = takes - (pushed_after - counts)  # just before each push
         suffix = np.maximum.accumulate(g[::-1])[::-1] if len(g) else g
-        at = {x[3]: p for p, x in enumerate(events) if x[3] >= 0}
-        pushed = int(pushed_after[-1]) if len(events) else 0
-        now = int(np.count_nonzero(self.alive[:end] & (entry != 2))) - pushed
-        return _Deficits(suffix, takes - pushed_after, at, now)
+        pushed = int(pushed_after[-1]) if len(counts) else 0
+        now = taken_ref + (int(taken_before[-1]) if len(taken_before) else 0) - pushed
+        return _Deficits(suffix, takes - pushed_after, self._event_of, now)
 
-    def _resume(self, t: int, release: np.ndarray, freed: np.ndarray, listed: np.ndarray) -> bool:
+    def _resume(self, t: int, release: np.ndarray, freed: np.ndarray, listed: np.ndarray, pos: int,
+                before_pos: int) -> bool:
         """Admit the queue's head(s) in step ``t`` as ``NativeScheduler._schedule_waiting`` would
         (a seat; the budget after the step's decodes and a cut prefill's rest; the blocks of
         the whole sequence free), each prefilled after the decodes, its prefix-cache hits from
@@ -443,7 +506,8 @@ class _WaitingRun:
         if running + len(self.front) + len(waiting) - self.wpos <= 1:
             threshold = 0
         end = int(np.searchsorted(self.steps, t, side="right"))
-        free = self.free + int(freed[min(t, len(freed) - 1)]) - int(np.count_nonzero(self.alive[:end]))
+        served = before_pos + int(np.count_nonzero(self._live(pos, end)))
+        free = self.free + int(freed[min(t, len(freed) - 1)]) - served
         front, wpos = list(self.front), self.wpos
         admitted = []
         more = 0
@@ -538,33 +602,19 @@ class _WaitingRun:
                 self.rests[t + 1] = r
         need = -(-tokens // bs)
         first = t + 1 + cut
-        ds, downers = crossing_steps(tokens, need, bs, np.minimum(last, self.k), first)
+        needs = need * bs - tokens + first  # their first decodes needing a block
+        cap = np.minimum(last, self.k)
         prompt_owners = np.repeat(np.arange(len(admitted)), need)
         rank = np.arange(len(prompt_owners)) - np.repeat(np.cumsum(need) - need, need)
         later = rank >= (-(-(tokens - rest) // bs))[prompt_owners]  # the rest's blocks
-        steps = np.concatenate((t + later, ds))
-        owners = np.concatenate((prompt_owners, downers)) + j0
-        entry = np.concatenate((np.where(rank < hits[prompt_owners], 2, np.where(later, 0, 1)).astype(np.int8),
-                                np.zeros(len(ds), dtype=np.int8)))
-        if rest.any():  # by step, then member (stable: a member's blocks in order)
-            order = np.lexsort((owners, steps))
-            steps, owners, entry = steps[order], owners[order], entry[order]
-        # (new members come after every member: each block goes after the blocks of its step)
-        at = np.searchsorted(self.steps, steps, side="right")
-        at += np.arange(len(at))  # their places in the merged arrays
-        old = np.ones(len(self.steps) + len(at), dtype=bool)
-        old[at] = False
-        for name, new in (("steps", steps), ("owners", owners), ("alive", True), ("entry", entry)):
-            was = getattr(self, name)
-            merged = np.empty(len(old), dtype=was.dtype)
-            merged[old] = was
-            merged[at] = new
-            setattr(self, name, merged)
-        blocks = np.bincount(owners - j0, minlength=len(admitted))
+        entry = np.where(rank < hits[prompt_owners], 2, np.where(later, 0, 1)).astype(np.int8)
+        self.run_blocks.add(needs, cap, t + later, prompt_owners + j0, entry)
+        blocks = need + np.maximum((cap - needs) // bs + 1, 0)
         self.first = np.concatenate((self.first, first))
         self.computed = np.concatenate((self.computed, tokens))
         self.last = np.concatenate((self.last, last))
         self.held = np.concatenate((self.held, np.zeros(len(admitted), dtype=np.int64)))
+        self.prompt = np.concatenate((self.prompt, need))
         self.blocks = np.concatenate((self.blocks, blocks))
         self.gone = np.concatenate((self.gone, np.zeros(len(admitted), dtype=bool)))
         cached = tokens // bs if self.kv.enable_caching else np.zeros(len(admitted), dtype=np.int64)
@@ -584,11 +634,9 @@ class _WaitingRun:
             j0 = min(r.member for r in self.resumptions if r.step >= t)
             self.resumptions = [r for r in self.resumptions if r.member < j0]
             del self.reqs[j0:]
-            for name in ("first", "computed", "last", "held", "blocks", "gone", "cached"):
+            for name in ("first", "computed", "last", "held", "prompt", "blocks", "gone", "cached"):
                 setattr(self, name, getattr(self, name)[:j0])
-            keep = self.owners < j0
-            self.steps, self.owners, self.alive, self.entry = (self.steps[keep], self.owners[keep],
-                                                               self.alive[keep], self.entry[keep])
+            self.run_blocks.drop_from(j0)
             self.admits = lag == 1 and t >= 2 and not np.any(~self.gone & (self.last == t - 1))
             self.k = t if self.admits else t - 1
 
