@@ -28,6 +28,8 @@ class RunBlocks:
         self._steps = np.empty(1024, dtype=np.int64)
         self._owners = np.empty(1024, dtype=np.int64)
         self._entry = np.empty(1024, dtype=np.int8)
+        #: prompt blocks of steps not made yet (a cut prefill's rest): steps, owners, entry
+        self._later = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int8))
 
     @property
     def steps(self) -> np.ndarray:
@@ -82,11 +84,20 @@ class RunBlocks:
         if upto <= self.upto:
             return
         steps, owners = self._decodes(self.upto + 1, upto, np.arange(len(self.needs)))
+        entry = np.zeros(len(steps), dtype=np.int8)
+        if len(self._later[0]):  # prompt blocks of later steps: among the others, by member
+            due = self._later[0] <= upto
+            if due.any():
+                steps, owners, entry = (np.concatenate((mine, later[due]))
+                                        for mine, later in zip((steps, owners, entry), self._later, strict=True))
+                order = np.lexsort((owners, steps))
+                steps, owners, entry = steps[order], owners[order], entry[order]
+                self._later = tuple(later[~due] for later in self._later)
         n, m = self.n, len(steps)
         self._room(n + m)
         self._steps[n: n + m] = steps
         self._owners[n: n + m] = owners
-        self._entry[n: n + m] = 0
+        self._entry[n: n + m] = entry
         self.n = n + m
         self.upto = upto
 
@@ -94,41 +105,26 @@ class RunBlocks:
         """Member ``i`` takes no block after ``step`` (those made already stay)."""
         self.cap[i] = min(int(self.cap[i]), step)
 
-    def add(self, needs: np.ndarray, cap: np.ndarray, steps: np.ndarray, owners: np.ndarray,
+    def add(self, t: int, needs: np.ndarray, cap: np.ndarray, steps: np.ndarray, owners: np.ndarray,
             entry: np.ndarray) -> None:
-        """New members (after every member), their prompt blocks (``steps``, ``owners`` by member
-        then rank, ``entry``) before their decodes' (``needs``, ``cap``); blocks through ``upto``
-        are made (the prompt blocks of later steps move it on)."""
-        if len(steps) and int(steps.max()) > self.upto:
-            self.extend(int(steps.max()))
-        j0 = len(self.needs)
+        """New members admitted in step ``t`` (after every member), their prompt blocks (``steps``
+        t or t + 1, ``owners`` by member then rank, ``entry``) before their decodes' (``needs``,
+        ``cap``). The blocks made past step t go: they are made again with the new members'."""
+        self.n = int(np.searchsorted(self.steps, t, side="right"))
+        self.upto = min(self.upto, t)
         self.needs = np.concatenate((self.needs, needs.astype(np.int64)))
         self.cap = np.concatenate((self.cap, cap.astype(np.int64)))
-        lo = int(steps.min()) if len(steps) else self.upto + 1
-        ds, downers = self._decodes(lo, self.upto, np.arange(j0, len(self.needs)))
-        steps = np.concatenate((steps, ds))
-        owners = np.concatenate((owners, downers))
-        entry = np.concatenate((entry, np.zeros(len(ds), dtype=np.int8)))
-        if not len(steps):
-            return
-        order = np.lexsort((owners, steps))  # by step, then member (stable: prompt blocks first)
-        steps, owners, entry = steps[order], owners[order], entry[order]
-        # each new block goes after the blocks of its step made before (members before them)
-        start = int(np.searchsorted(self.steps, steps[0], side="right"))
-        tail = slice(start, self.n)
-        old_steps = self._steps[tail].copy()
-        at = np.searchsorted(old_steps, steps, side="right") + np.arange(len(steps))
-        size = self.n - start + len(steps)
-        old = np.ones(size, dtype=bool)
-        old[at] = False
-        self._room(self.n + len(steps))
-        for name, new in (("_steps", steps), ("_owners", owners), ("_entry", entry)):
-            buf = getattr(self, name)
-            merged = np.empty(size, dtype=buf.dtype)
-            merged[old] = buf[tail]
-            merged[at] = new
-            buf[start: start + size] = merged
-        self.n += len(steps)
+        now = steps <= t
+        m = int(np.count_nonzero(now))
+        self._room(self.n + m)
+        self._steps[self.n: self.n + m] = steps[now]
+        self._owners[self.n: self.n + m] = owners[now]
+        self._entry[self.n: self.n + m] = entry[now]
+        self.n += m
+        if m < len(steps):
+            later = ~now
+            self._later = tuple(np.concatenate((was, new[later]))
+                                for was, new in zip(self._later, (steps, owners, entry), strict=True))
 
     def drop_from(self, j0: int) -> None:
         """Members ``j0`` on go, with their blocks."""
@@ -139,3 +135,5 @@ class RunBlocks:
             buf[:m] = buf[keep]
         self.n = m
         self.needs, self.cap = self.needs[:j0], self.cap[:j0]
+        mine = self._later[1] < j0
+        self._later = tuple(later[mine] for later in self._later)

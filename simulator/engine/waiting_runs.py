@@ -107,6 +107,7 @@ class _Deficits:
 
 _NONE = np.iinfo(np.int64).min  # a step before every other
 _WINDOW = 256  # blocks searched first for the next one short (``_WaitingRun._first_short``)
+_REACH, _REACH_STEPS = 1024, 16  # blocks (and steps at least) made at a time (``_WaitingRun._reach``)
 
 
 class _WaitingRun:
@@ -156,7 +157,12 @@ class _WaitingRun:
         self._pushes_in = 0
         self._events_to = _NONE
         self._events_ref = (0, 0)
-        self._taken = 0  # the blocks taken (live, not adopted hits) before the walk's ``pos``
+        #: the hits the run's admissions adopt (all before the walk's ``pos``, with their step:
+        #: the blocks taken before it are the live ones less these)
+        self._hits_in = 0
+        self._served = 0  # the live blocks before the latest block short (``_first_short``)
+        self._ahead = 1  # steps the blocks are made ahead of the walk at least
+        self._admitted_in: dict[int, list[Resumption]] | None = None  # (``resume_step_time``)
         self.freed_as: dict[int, tuple[int, int, int]] = {}
         self.remaining: dict[int, int] = {}  # a victim's steps left when it was preempted
         #: members the run admitted whose earlier named blocks all left the free queue (hits
@@ -194,14 +200,12 @@ class _WaitingRun:
         member's blocks are all in its steps, and a preemption ends them)."""
         return self.run_blocks.steps[lo:hi] <= self.last[self.run_blocks.owners[lo:hi]]
 
-    def _counts(self, lo: int, hi: int) -> tuple[int, int]:
-        """The live blocks among lo..hi-1, and those of them taken (not an adopted hit)."""
-        live = self._live(lo, hi)
-        return int(np.count_nonzero(live)), int(np.count_nonzero(live & (self.run_blocks.entry[lo:hi] != 2)))
+    def _live_count(self, lo: int, hi: int) -> int:
+        return int(np.count_nonzero(self._live(lo, hi)))
 
     def _reach(self, listed: np.ndarray) -> int:
         """The steps the walk makes blocks for at a time: some thousands of blocks."""
-        return max(64, (4096 * self.sched.block_size) // max(1, int(np.count_nonzero(listed))))
+        return max(_REACH_STEPS, (_REACH * self.sched.block_size) // max(1, int(np.count_nonzero(listed))))
 
     def walk(self) -> int:
         lag = self.lag
@@ -220,8 +224,11 @@ class _WaitingRun:
             # the blocks of steps 1..reach, made so far (the blocks before ``pos`` are settled: a
             # preemption ends its victim's blocks from its step on, an admission adds blocks
             # from its step on, both after step ``checked``)
-            reach = min(k, checked + self._reach(listed))
-            self.run_blocks.extend(reach)
+            if self.run_blocks.upto < min(k, checked + self._ahead):
+                self._ahead = self._reach(listed)
+                self.run_blocks.extend(min(k, checked + self._ahead))
+                self._ahead //= 4  # (made again when the walk comes within a quarter of it)
+            reach = min(k, self.run_blocks.upto)
             steps, owners = self.steps, self.owners
             end = int(np.searchsorted(steps, reach, side="right"))
             e = self._first_short(pos, end, before_pos, freed)
@@ -232,10 +239,8 @@ class _WaitingRun:
                 checked = t
                 # every block through step t is served (the admissions' blocks fit by their gate)
                 new_pos = int(np.searchsorted(self.steps, t, side="right"))
-                live, taken = self._counts(pos, new_pos)
-                pos, before_pos = new_pos, before_pos + live
-                self._taken += taken
-                self._events_ref = (pos, self._taken)  # (the first block after step t)
+                pos, before_pos = new_pos, before_pos + self._live_count(pos, new_pos)
+                self._events_ref = (pos, before_pos - self._hits_in)  # (the first block after step t)
                 continue
             if t is not None:
                 # under async scheduling the run may cover step t, left in flight: the scheduler's
@@ -247,9 +252,8 @@ class _WaitingRun:
             if e == end:
                 if reach == k:
                     break
-                live, taken = self._counts(pos, end)  # no block short through step reach
-                pos, before_pos = end, before_pos + live
-                self._taken += taken
+                # no block short through step reach
+                pos, before_pos = end, before_pos + self._live_count(pos, end)
                 checked = reach
                 continue
             v = self._victim(s, listed, release)
@@ -266,9 +270,9 @@ class _WaitingRun:
             # (a listed member's blocks are all live: those before e, all its blocks before step s
             # (the victim is the member short or after it), were served)
             blocks_v = int(self.held[v] + self.prompt[v]) + self.run_blocks.decodes_of(v, s - 1)
-            live, taken = self._counts(pos, e)
+            served = self._served  # (live blocks before e, from ``_first_short``)
             if self.resume:
-                self._note_free(v, s, e, blocks_v, before_pos + live, self._taken + taken, freed)
+                self._note_free(v, s, e, blocks_v, served, served - self._hits_in, freed)
             self.free += blocks_v
             self.run_blocks.stop_at(v, s - 1)  # its blocks from step s on are not live (``last``)
             if release[v] <= len(freed) - 2:  # its blocks no longer come back at its last output
@@ -281,8 +285,7 @@ class _WaitingRun:
             self.remaining[v] = last_v - s + 1
             self.front.insert(0, v)
             self.k = min(k, int(self.last.max()) - (1 - lag))
-            before_pos += live
-            self._taken += taken
+            before_pos = served
             pos = e
             checked = s  # (a step that preempts admits nobody)
         if self.resumptions:
@@ -320,19 +323,20 @@ class _WaitingRun:
             rank += before_pos - 1
             short = np.flatnonzero(live & (rank >= self.free + freed[self.steps[pos:stop]]))
             if len(short):
+                self._served = int(rank[short[0]])
                 return pos + int(short[0])
             if stop == end:
                 return end
             pos, before_pos, stop = stop, int(rank[-1]) + 1 if len(rank) else before_pos, end
 
     def _save(self, step: int, pos: int, before_pos: int) -> tuple:
-        return (step, pos, before_pos, self._taken, self.free, self.last.copy(), self.gone.copy(),
+        return (step, pos, before_pos, self.free, self.last.copy(), self.gone.copy(),
                 len(self.preemptions))
 
     def _restore(self, saved: tuple) -> tuple[int, int, int]:
         """Undo the preemptions of step ``saved[0]`` (a later victim of that step cannot be
         handled here); returns (step, pos, before_pos) as they were."""
-        step, pos, before_pos, self._taken, self.free, self.last, self.gone, count = saved
+        step, pos, before_pos, self.free, self.last, self.gone, count = saved
         del self.preemptions[count:]
         return step, pos, before_pos
 
@@ -382,7 +386,10 @@ class _WaitingRun:
         checks = {self.preemptions[-1].step + 1} if self.preemptions and lo <= self.preemptions[-1].step + 1 <= hi \
             else set()
         # (a step that ends a cut prefill may admit with no event before it: the budget it leaves)
-        checks.update(t for t in self.rests if lo <= t <= hi)
+        if self.rests:
+            for t in [t for t in self.rests if t < lo]:
+                del self.rests[t]  # (steps before lo are not read again)
+            checks.update(t for t in self.rests if t <= hi)
         releases = release[listed]
         checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
         max_num_seqs = sched.config.max_num_seqs
@@ -454,8 +461,7 @@ class _WaitingRun:
         kept: the new ones all come after them (a push at a step after that one's admissions,
         a finish after its step)."""
         ref, taken_ref = self._events_ref  # the first block after step ``_events_to``
-        taken = self._live(ref, end) & (self.entry[ref:end] != 2)
-        taken_before = np.cumsum(taken)
+        taken_before = np.cumsum(self._live(ref, end))  # (no hits among them: ``_hits_in``)
         events = [((s, 1, e), took, count, i)
                   for i, (s, e, took, count) in enumerate(self.pushes[self._pushes_in:], self._pushes_in)]
         ending = np.flatnonzero(listed & (release > self._events_to) & (release <= t))
@@ -608,7 +614,7 @@ class _WaitingRun:
         rank = np.arange(len(prompt_owners)) - np.repeat(np.cumsum(need) - need, need)
         later = rank >= (-(-(tokens - rest) // bs))[prompt_owners]  # the rest's blocks
         entry = np.where(rank < hits[prompt_owners], 2, np.where(later, 0, 1)).astype(np.int8)
-        self.run_blocks.add(needs, cap, t + later, prompt_owners + j0, entry)
+        self.run_blocks.add(t, needs, cap, t + later, prompt_owners + j0, entry)
         blocks = need + np.maximum((cap - needs) // bs + 1, 0)
         self.first = np.concatenate((self.first, first))
         self.computed = np.concatenate((self.computed, tokens))
@@ -619,6 +625,7 @@ class _WaitingRun:
         self.gone = np.concatenate((self.gone, np.zeros(len(admitted), dtype=bool)))
         cached = tokens // bs if self.kv.enable_caching else np.zeros(len(admitted), dtype=np.int64)
         self.cached = np.concatenate((self.cached, cached))
+        self._hits_in += int(hits.sum())
         return last, blocks
 
     def _trim(self) -> None:
@@ -649,18 +656,21 @@ class _WaitingRun:
         context = (c + (t - f) + 1)[decoding].tolist()
         tokens, prefill_context = [], []
         bs = self.sched.block_size
-        for r in self.resumptions:
-            if r.rest and r.step == t - 1:
+        if self._admitted_in is None:
+            self._admitted_in = {}
+            for r in self.resumptions:
+                self._admitted_in.setdefault(r.step, []).append(r)
+        for r in self._admitted_in.get(t - 1, ()):
+            if r.rest:
                 tokens.append(r.rest)
                 prefill_context.append(r.hits * bs + r.prefill)
-        for r in self.resumptions:
-            if r.step == t:
-                n = r.prefill
-                if n == 1:
-                    context.append(r.hits * bs + 1)
-                else:
-                    tokens.append(n)
-                    prefill_context.append(r.hits * bs)
+        for r in self._admitted_in.get(t, ()):
+            n = r.prefill
+            if n == 1:
+                context.append(r.hits * bs + 1)
+            else:
+                tokens.append(n)
+                prefill_context.append(r.hits * bs)
         return perf.step_time(StepBatch(prefill_tokens=tokens, prefill_context=prefill_context,
                                         decode_context=context, decode_spec_tokens=[0] * len(context)))
 
