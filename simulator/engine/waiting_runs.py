@@ -227,7 +227,7 @@ class _WaitingRun:
             if self.run_blocks.upto < min(k, checked + self._ahead):
                 self._ahead = self._reach(listed)
                 self.run_blocks.extend(min(k, checked + self._ahead))
-                self._ahead //= 4  # (made again when the walk comes within a quarter of it)
+                self._ahead = max(1, self._ahead // 4)  # (made again when the walk comes within a quarter)
             reach = min(k, self.run_blocks.upto)
             steps, owners = self.steps, self.owners
             end = int(np.searchsorted(steps, reach, side="right"))
@@ -750,7 +750,7 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
             block_of[taken:cut] = kv.take_free_blocks(cut - taken)
             taken = cut
         if kind == _ADMIT:
-            _admit(sched, run, admitting[i], i, reqs, current, listed, pending, readmitted, taken_at, sched_at,
+            _admit(sched, run, admitting, i, reqs, current, listed, pending, readmitted, taken_at, sched_at,
                    times, lag)
             continue
         if current is not None:
@@ -812,10 +812,10 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
     return finished
 
 
-def _admit(sched: NativeScheduler, run: DecodeRun, planned: list[Resumption], t: int, reqs: list,
+def _admit(sched: NativeScheduler, run: DecodeRun, admitting: dict[int, list[Resumption]], t: int, reqs: list,
            current: list, listed: np.ndarray, pending: list[int], settled: set[int], taken_at: np.ndarray,
            sched_at: np.ndarray, times: list[float], lag: int) -> None:
-    """The admissions of step ``t``: the scheduler's own ``_schedule_waiting`` over the requests
+    """The admissions of step ``t`` (``admitting``: the run's, by step): the scheduler's own ``_schedule_waiting`` over the requests
     running then (``current``, members ``listed``), within the budget their decodes and the
     rest of a prefill cut in step t - 1 leave, which must admit what the run planned (else the
     plan is wrong: an error). First the victims preempted since the last admissions
@@ -837,11 +837,11 @@ def _admit(sched: NativeScheduler, run: DecodeRun, planned: list[Resumption], t:
             settled.add(v)
         pending.clear()
     used = int(np.count_nonzero(listed & (run.first_steps <= t) & (run.last_steps >= t)))
-    used += sum(r.rest for r in run.resumptions if r.rest and r.step == t - 1)
+    used += sum(r.rest for r in admitting.get(t - 1, ()))
     kv.clock = float(sched_at[t - 1])
     before = kv.num_used_blocks
     out = sched.admit_in_run(current, sched.config.max_num_batched_tokens - used)
-    expected = [(r.rid, r.prefill) for r in planned]
+    expected = [(r.rid, r.prefill) for r in admitting[t]]
     if list(out.num_scheduled.items()) != expected:
         raise RuntimeError(f"a waiting run planned the admissions {expected} in its step {t}; the scheduler "
                            f"admitted {list(out.num_scheduled.items())}")
