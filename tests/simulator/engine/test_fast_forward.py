@@ -511,7 +511,7 @@ def test_runs_admit_requests_whose_prefill_the_budget_cuts_as_step_by_step(async
     # a small token budget: the last request a step inside a run admits is often cut, its rest
     # prefilled in the next step after that step's decodes (and more admitted after it); the
     # results equal the step-by-step path's, and the runs' that end at every cut admission
-    # (``Runs.cut_prefills`` off, as by default)
+    # (``Runs.cut_prefills`` off)
     from simulator.engine import fast_forward, waiting_runs
 
     w = make_workload(n=80, seed=11, rate=20, prompt=(10, 300), output=(100, 800))
