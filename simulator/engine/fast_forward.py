@@ -306,7 +306,11 @@ class ArrivalWalk:
         if not self.open or known >= self.k_max:
             return None
         self.clock.extend(self.members.step_times(self.perf, known + 1, min(known + steps, self.k_max)))
-        times = self.clock.times()
+        return self._run(self.clock.times())
+
+    def _run(self, times: np.ndarray) -> DecodeRun | None:
+        """The run of the walk's members and admissions with ``times`` (its blocks left to
+        ``with_blocks`` where the free blocks cover them)."""
         return _fit_kv(self.sched, self.members, list(self.admissions), times, len(times), self.perf, self.lag,
                        blocks=False)
 
@@ -317,10 +321,7 @@ class ArrivalWalk:
         if not self.open:
             return None
         times = self.go(arrivals, self.index)
-        if not len(times):
-            return None
-        return _fit_kv(self.sched, self.members, list(self.admissions), times, len(times), self.perf, self.lag,
-                       blocks=False)
+        return self._run(times) if len(times) else None
 
 
 def _fit_kv(sched, members: Members, admissions: list[Admission], times: np.ndarray, k: int,
