@@ -259,6 +259,7 @@ class ArrivalWalk:
                     more = int((t - clock.tail_ends[-1]) / clock.tail[-1] * 1.1) + 16
                     clock.extend(members.step_times(perf, known + 1, min(known + more, k_max)))
                     continue
+                members.retire_before(step - lag, bs)  # (later arrivals' steps come no earlier)
                 prompt = int(arrivals.prompt[index])
                 # the arrivals already admitted in this step (bursts: arrivals within one step's time)
                 same_step = []

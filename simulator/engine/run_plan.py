@@ -141,7 +141,9 @@ def crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_st
 class Members:
     """The run's members while it is planned: first decode step, computed tokens before it,
     last step (running requests first). Kept as lists, with numpy copies: those given, or made
-    again when needed after ``add``."""
+    again when needed after ``add``. A walk whose later questions are all about steps from some
+    step on retires the members done before it (``retire_before``): the per-step questions then
+    look at the others only."""
 
     #: up to this many members, ``step_times`` finds its segments in plain Python
     FEW = 64
@@ -154,6 +156,9 @@ class Members:
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = (
             np.ones(len(computed), dtype=np.int64), computed.astype(np.int64, copy=False),
             np.asarray(last_steps, dtype=np.int64))
+        self._live = list(range(len(self.last)))  # the members not retired, in order
+        self._retired_blocks = 0  # the blocks the retired ones' decodes take (``new_blocks_through``)
+        self._block_size = 0  # (the block size those were counted in)
 
     @classmethod
     def from_arrays(cls, first: np.ndarray, computed: np.ndarray, last: np.ndarray, held: np.ndarray) -> Members:
@@ -164,18 +169,45 @@ class Members:
         return members
 
     def add(self, first: int, computed: int, last: int, held: int) -> None:
+        self._live.append(len(self.last))
         self.first.append(first)
         self.computed.append(computed)
         self.last.append(last)
         self.held.append(held)
         self._arrays = None
 
+    def retire_before(self, step: int, block_size: int) -> None:
+        """No later question is about a step before ``step`` (``running_after``: before
+        ``step - 1``): the members whose last step is before it are done; their blocks are
+        counted once (in ``block_size`` blocks, as ``new_blocks_through`` is asked)."""
+        last = self.last
+        kept = [i for i in self._live if last[i] >= step]
+        if len(kept) == len(self._live):
+            return
+        if self._block_size and block_size != self._block_size:
+            raise ValueError("retire_before: one block size per walk")
+        self._block_size = block_size
+        self._retired_blocks += sum(self._decode_blocks(i, last[i], block_size) for i in self._live if last[i] < step)
+        self._live = kept
+
+    def _decode_blocks(self, i: int, step: int, block_size: int) -> int:
+        """KV blocks member ``i``'s decodes take in steps 1..``step``."""
+        f, end = self.first[i], self.last[i]
+        if f > step or f > end:
+            return 0
+        need = -(-(self.computed[i] + min(step, end) - f + 1) // block_size) - self.held[i]
+        return need if need > 0 else 0
+
     def new_blocks_through(self, step: int, block_size: int) -> int:
         """KV blocks the members' decodes take in steps 1..``step`` (not the prompts')."""
-        total = 0
-        for f, c, end, held in zip(self.first, self.computed, self.last, self.held, strict=True):
+        if self._block_size and block_size != self._block_size:
+            raise ValueError("new_blocks_through: the block size the retired members were counted in")
+        total = self._retired_blocks
+        first, computed, last, held = self.first, self.computed, self.last, self.held
+        for i in self._live:
+            f, end = first[i], last[i]
             if f <= step and f <= end:
-                need = -(-(c + min(step, end) - f + 1) // block_size) - held
+                need = -(-(computed[i] + min(step, end) - f + 1) // block_size) - held[i]
                 if need > 0:
                     total += need
         return total
@@ -188,16 +220,18 @@ class Members:
 
     def decoding(self, step: int) -> int:
         """How many members decode in ``step``."""
-        return sum(1 for f, end in zip(self.first, self.last, strict=True) if f <= step <= end)
+        first, last = self.first, self.last
+        return sum(1 for i in self._live if first[i] <= step <= last[i])
 
     def running_after(self, step: int) -> int:
         """How many members have steps after ``step`` (those with none left have finished)."""
-        return sum(1 for end in self.last if end > step)
+        last = self.last
+        return sum(1 for i in self._live if last[i] > step)
 
     def step_times(self, perf: PerformanceModel, first: int, last: int) -> np.ndarray:
         """Times of the pure-decode steps first..last: step t has the members decoding in it,
         each attending over its computed tokens before t plus the one it computes."""
-        if len(self.last) <= self.FEW:  # plain Python is quicker than numpy's many small calls
+        if len(self._live) <= self.FEW:  # plain Python is quicker than numpy's many small calls
             return self._few_step_times(perf, first, last)
         f, c, end = self.arrays()
         # the total context of count members in steps a..b-1: base + count * t (exact integers)
@@ -228,7 +262,9 @@ class Members:
         # each member's span in the window: +1 member and +weight (computed + 1 - first decode
         # step) from its first step on, -1 and -weight from the step after its last
         change: dict[int, list[int]] = {first: [0, 0], last + 1: [0, 0]}
-        for f, c, end in zip(self.first, self.computed, self.last, strict=True):
+        firsts, computed, lasts = self.first, self.computed, self.last
+        for i in self._live:
+            f, c, end = firsts[i], computed[i], lasts[i]
             lo = f if f > first else first
             hi = (end if end < last else last) + 1
             if lo < hi:
@@ -269,8 +305,8 @@ class Members:
 
     def prefill_step_time(self, perf: PerformanceModel, step: int, prompts: list[int]) -> float:
         """Time of ``step``: the members decoding in it, and whole prompts prefilled (in order)."""
-        context = [c + (step - f) + 1 for f, c, end in zip(self.first, self.computed, self.last, strict=True)
-                   if f <= step <= end]
+        firsts, computed, lasts = self.first, self.computed, self.last
+        context = [computed[i] + (step - firsts[i]) + 1 for i in self._live if firsts[i] <= step <= lasts[i]]
         context += [1] * prompts.count(1)  # one token to compute: vLLM's batch counts it as a decode
         long = [p for p in prompts if p > 1]
         return perf.step_time(StepBatch(prefill_tokens=long, prefill_context=[0] * len(long), decode_context=context,

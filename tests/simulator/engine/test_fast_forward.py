@@ -259,13 +259,43 @@ def test_step_times_of_few_members_equal_the_numpy_segments(members, first, widt
         return  # a step without members is not a run's
     few = group._few_step_times(perf, first, last)
     extra = Members.FEW + 1 - len(members)  # more than a few: the numpy path (the extra members never decode)
-    group.last = group.last + [0] * extra
-    group.first = group.first + [10**6] * extra
-    group.computed = group.computed + [0] * extra
-    group.held = group.held + [0] * extra
-    group._arrays = None
-    many = group.step_times(perf, first, last)
+    big = Members.from_arrays(np.array(group.first + [10**6] * extra), np.array(group.computed + [0] * extra),
+                              np.array(group.last + [0] * extra), np.zeros(len(members) + extra, dtype=np.int64))
+    many = big.step_times(perf, first, last)
     np.testing.assert_array_equal(many, few)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(0, 500), st.integers(0, 40), st.integers(0, 3)),
+                min_size=1, max_size=70),
+       st.integers(1, 60), st.sampled_from([1, 16]))
+def test_members_retired_before_a_step_answer_as_all_of_them(members, floor, block_size):
+    # a walk retires the members done before the steps it still asks about: every question
+    # about a step from there on (``running_after`` from the step before) has the same answer
+    from simulator.engine.run_plan import Members
+
+    perf = VectorLinearModel()
+
+    def group() -> Members:
+        g = Members(np.array([c for _, c, _, _ in members[:1]]), [f + n for f, _, n, _ in members[:1]],
+                    [h for *_, h in members[:1]])
+        g.first = [members[0][0]]
+        for f, c, n, h in members[1:]:
+            g.add(f, c, f + n, h)
+        return g
+
+    every, retired = group(), group()
+    retired.retire_before(floor, block_size)
+    assert len(retired._live) < len(members) or all(f + n >= floor for f, _, n, _ in members)
+    for step in range(floor, floor + 45):
+        assert retired.decoding(step) == every.decoding(step)
+        assert retired.running_after(step - 1) == every.running_after(step - 1)
+        assert retired.new_blocks_through(step, block_size) == every.new_blocks_through(step, block_size)
+        assert retired.prefill_step_time(perf, step, [7]) == every.prefill_step_time(perf, step, [7])
+    for width in (0, 3, 30):
+        if all(any(f <= t <= f + n for f, _, n, _ in members) for t in range(floor, floor + width + 1)):
+            np.testing.assert_array_equal(retired.step_times(perf, floor, floor + width),
+                                          every.step_times(perf, floor, floor + width))
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
