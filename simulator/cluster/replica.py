@@ -111,6 +111,9 @@ class HeldRun:
     #: (their rows before the steps the change touched: ``ReplicaEngine._keep_rows``)
     stale: tuple[np.ndarray, np.ndarray] | None = None
     stale_until: float = -math.inf
+    #: per request running when it was planned (which the run held leaves as they are): the
+    #: blocks it held then that its finish frees (``ReplicaEngine._freed_at_finish``; None: not yet)
+    freed_at_finish: np.ndarray | None = None
 
 
 class ReplicaEngine(Engine):
@@ -335,28 +338,40 @@ class ReplicaEngine(Engine):
                     delta[a.step - 1] += blocks
                 taken[n:] += hold[n:]
         finishing = np.flatnonzero(last + lag <= k)
-        if len(finishing):
-            finishing = finishing[np.argsort(last[finishing], kind="stable")]
-            refs: dict[int, int] = {}  # blocks held together: holders left
-            ref = kv._ref
-            for i in finishing.tolist():
-                freed = int(taken[i])  # (an arrival admitted: its prompt's blocks among them)
-                if i < n:
-                    rid = running[i].rid
-                    blocks = kv.req_blocks.get(rid, ())
-                    if rid in kv._holds_named:
-                        for block in blocks:
-                            left = refs.get(block, int(ref[block])) - 1
-                            refs[block] = left
-                            freed += left == 0
-                    else:
-                        freed += len(blocks)
-                delta[int(last[i]) + lag - 1] -= freed
+        if len(finishing):  # each frees in the row of its last output (an arrival admitted: its prompt's too)
+            freed = taken[finishing]
+            before = finishing < n
+            if before.any():
+                freed[before] += self._freed_at_finish(held)[finishing[before]]
+            delta -= np.bincount(last[finishing] + (lag - 1), weights=freed, minlength=k).astype(np.int64)
         used = np.cumsum(delta)
         used += kv.num_used_blocks
         e = held.ends
         held.rows = (e[1 - lag: k + 1 - lag], used)
         return held.rows
+
+    def _freed_at_finish(self, held: HeldRun) -> np.ndarray:
+        """Per request running when the run held was planned: the blocks it held then that its
+        finish frees (a block held together is freed with its last holder, last steps in order;
+        the same for every run the held one becomes: their last steps are fixed)."""
+        if held.freed_at_finish is None:
+            kv = self.scheduler.kv
+            running = self.scheduler.running
+            freed = np.zeros(len(running), dtype=np.int64)
+            refs: dict[int, int] = {}  # blocks held together: holders left
+            ref = kv._ref
+            for i in np.argsort(held.run.last_steps[: len(running)], kind="stable").tolist():
+                rid = running[i].rid
+                blocks = kv.req_blocks.get(rid, ())
+                if rid in kv._holds_named:
+                    for block in blocks:
+                        left = refs.get(block, int(ref[block])) - 1
+                        refs[block] = left
+                        freed[i] += left == 0
+                else:
+                    freed[i] = len(blocks)
+            held.freed_at_finish = freed
+        return held.freed_at_finish
 
     def outstanding_at_most(self, view_s: float) -> int:
         """Requests sent here and not reported finished before ``view_s`` (changes nothing): its
