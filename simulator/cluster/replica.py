@@ -35,7 +35,7 @@ from simulator.engine.interface import Advance, InFlight
 from simulator.engine.loop import Engine, ExactEnvironment, admission_error
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun
-from simulator.engine.run_plan import DecodeRun
+from simulator.engine.run_plan import DecodeRun, decode_blocks, first_block_step
 from simulator.engine.steady import SteadyScheduler
 
 #: the most steps a held run's walk times past a request routed here that it admits (a later one
@@ -330,8 +330,8 @@ class ReplicaEngine(Engine):
             m = len(last)
             hold = np.array(held.member_held[:m], dtype=np.int64)
             bs = sched.block_size
-            first = hold * bs - run.computed + run.first_steps  # (as ``crossing_steps``)
-            taken = np.maximum((np.minimum(last, k) - first) // bs + 1, 0)
+            first = first_block_step(run.computed, hold, run.first_steps, bs)
+            taken = decode_blocks(first, np.minimum(last, k), bs)
             delta = every_bs_steps(first, taken, bs, k)
             if run.admissions:  # their prompts' blocks, taken in their prefill steps
                 for a, blocks in zip(run.admissions, hold[n:].tolist(), strict=True):

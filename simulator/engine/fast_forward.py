@@ -48,7 +48,9 @@ from simulator.engine.run_plan import (
     DecodeRun,
     Members,
     crossing_steps,
+    decode_blocks,
     deliver,
+    first_block_step,
     hand_out,
 )
 from simulator.records.performance import PerformanceModel
@@ -398,8 +400,7 @@ class AppliedRun:
 
 def _blocks_needed(c: np.ndarray, held: np.ndarray, block_size: int, k: np.ndarray, first_steps: np.ndarray) -> int:
     """How many new blocks ``crossing_steps`` gives the members (decodes only), in one sum."""
-    first = held * block_size - c + first_steps  # first step needing one
-    return int(np.maximum((k - first) // block_size + 1, 0).sum())
+    return int(decode_blocks(first_block_step(c, held, first_steps, block_size), k, block_size).sum())
 
 
 def with_blocks(sched: NativeScheduler, run: DecodeRun, held: list[int]) -> DecodeRun:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from simulator.engine.run_plan import decode_blocks, decode_blocks_of
+
 
 class RunBlocks:
     """The blocks members take in steps 1..``upto`` (those made so far), in vLLM's order (by step,
@@ -45,14 +47,11 @@ class RunBlocks:
 
     def decodes_through(self, u) -> np.ndarray:
         """Each member's decode blocks in steps 1..``u`` (within its cap)."""
-        last = np.minimum(self.cap, u)
-        return np.maximum((last - self.needs) // self.block_size + 1, 0)
+        return decode_blocks(self.needs, np.minimum(self.cap, u), self.block_size)
 
     def decodes_of(self, i: int, u: int) -> int:
         """Member ``i``'s decode blocks in steps 1..``u`` (within its cap)."""
-        last = min(int(self.cap[i]), u)
-        needs = int(self.needs[i])
-        return (last - needs) // self.block_size + 1 if last >= needs else 0
+        return decode_blocks_of(int(self.needs[i]), min(int(self.cap[i]), u), self.block_size)
 
     def _decodes(self, lo: int, hi: int, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(steps, owners) of the decode blocks ``members`` take in steps lo..hi, by step then member."""

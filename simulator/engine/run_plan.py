@@ -19,6 +19,25 @@ from simulator.engine.rules import deliver_tokens
 from simulator.records.performance import PerformanceModel, StepBatch
 
 
+def first_block_step(computed, held, first_step, block_size: int):
+    """The step in which a member first needs a new KV block: decoding from ``first_step`` with
+    ``computed`` tokens before it, it allocates slots for ``computed + (i - first_step) + 1`` tokens
+    at step i, past its ``held`` blocks at this step. Numbers or arrays."""
+    return held * block_size - computed + first_step
+
+
+def decode_blocks(needs: np.ndarray, upto, block_size: int) -> np.ndarray:
+    """The new KV blocks members whose first is needed at step ``needs`` (``first_block_step``)
+    take in steps 1..``upto`` (each its last step decoding, or the window's end): one at ``needs``,
+    then one every ``block_size`` steps."""
+    return np.maximum((upto - needs) // block_size + 1, 0)
+
+
+def decode_blocks_of(needs: int, upto: int, block_size: int) -> int:
+    """``decode_blocks`` of one member (Python integers)."""
+    return (upto - needs) // block_size + 1 if upto >= needs else 0
+
+
 @dataclass
 class Admission:
     """An arrival the run admits: its prefill is step ``step`` of the run."""
@@ -119,10 +138,10 @@ def crossing_steps(c: np.ndarray, held: np.ndarray, block_size: int, k, first_st
     ``k`` may be an array: each member's own last step.
     ``extra`` (steps, members) are more blocks to order along (prompt blocks).
     """
-    first = held * block_size - c + first_steps  # first step needing one
+    first = first_block_step(c, held, first_steps, block_size)
     needing = np.flatnonzero(first <= k)
     last = k[needing] if isinstance(k, np.ndarray) else k
-    counts = (last - first[needing]) // block_size + 1
+    counts = decode_blocks(first[needing], last, block_size)
     owners = np.repeat(needing, counts)
     rank = np.arange(len(owners)) - np.repeat(np.cumsum(counts) - counts, counts)
     steps = first[owners] + block_size * rank
@@ -195,8 +214,8 @@ class Members:
         f, end = self.first[i], self.last[i]
         if f > step or f > end:
             return 0
-        need = -(-(self.computed[i] + min(step, end) - f + 1) // block_size) - self.held[i]
-        return need if need > 0 else 0
+        return decode_blocks_of(first_block_step(self.computed[i], self.held[i], f, block_size), min(step, end),
+                                block_size)
 
     def new_blocks_through(self, step: int, block_size: int) -> int:
         """KV blocks the members' decodes take in steps 1..``step`` (not the prompts')."""
@@ -207,9 +226,8 @@ class Members:
         for i in self._live:
             f, end = first[i], last[i]
             if f <= step and f <= end:
-                need = -(-(computed[i] + min(step, end) - f + 1) // block_size) - held[i]
-                if need > 0:
-                    total += need
+                total += decode_blocks_of(first_block_step(computed[i], held[i], f, block_size), min(step, end),
+                                          block_size)
         return total
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -33,7 +33,9 @@ from simulator.engine.run_plan import (
     Members,
     Preemption,
     Resumption,
+    decode_blocks,
     deliver,
+    first_block_step,
     give_blocks,
 )
 from simulator.records.performance import PerformanceModel, StepBatch
@@ -126,7 +128,7 @@ class _WaitingRun:
         bs = sched.block_size
         #: the run's blocks (made as far as the walk reads them), a block live unless it is a
         #: victim's from its preemption's step on (``_live``)
-        self.run_blocks = RunBlocks(bs, self.held * bs - self.computed + self.first,
+        self.run_blocks = RunBlocks(bs, first_block_step(self.computed, self.held, self.first, bs),
                                     np.minimum(self.last, max(self.k, 0)))
         #: blocks each member frees when it finishes (those it holds and those the run gives it)
         self.blocks = self.held + self.run_blocks.decodes_through(max(self.k, 0))
@@ -608,14 +610,14 @@ class _WaitingRun:
                 self.rests[t + 1] = r
         need = -(-tokens // bs)
         first = t + 1 + cut
-        needs = need * bs - tokens + first  # their first decodes needing a block
+        needs = first_block_step(tokens, need, first, bs)  # their first decodes needing a block
         cap = np.minimum(last, self.k)
         prompt_owners = np.repeat(np.arange(len(admitted)), need)
         rank = np.arange(len(prompt_owners)) - np.repeat(np.cumsum(need) - need, need)
         later = rank >= (-(-(tokens - rest) // bs))[prompt_owners]  # the rest's blocks
         entry = np.where(rank < hits[prompt_owners], 2, np.where(later, 0, 1)).astype(np.int8)
         self.run_blocks.add(t, needs, cap, t + later, prompt_owners + j0, entry)
-        blocks = need + np.maximum((cap - needs) // bs + 1, 0)
+        blocks = need + decode_blocks(needs, cap, bs)
         self.first = np.concatenate((self.first, first))
         self.computed = np.concatenate((self.computed, tokens))
         self.last = np.concatenate((self.last, last))
