@@ -114,6 +114,8 @@ class HeldRun:
     #: per request running when it was planned (which the run held leaves as they are): the
     #: blocks it held then that its finish frees (``ReplicaEngine._freed_at_finish``; None: not yet)
     freed_at_finish: np.ndarray | None = None
+    #: when a check whether the run goes on is due (``ReplicaEngine._go_on_later``; -inf: none)
+    go_on_at: float = -math.inf
 
 
 class ReplicaEngine(Engine):
@@ -608,13 +610,21 @@ class ReplicaEngine(Engine):
         walk = held.walk
         if self.go_on_held and walk is not None and walk.open and held.run.k == len(walk.clock) < walk.k_max:
             end_s = held.adv.end_s
+            if self.env.now <= held.go_on_at <= end_s:
+                return  # one is due no later: it looks again then (a run extended ends later)
+            held.go_on_at = end_s
             self.env.call_at(end_s, lambda _event: self._go_on(held, end_s))
 
-    def _go_on(self, held: HeldRun, end_s: float) -> None:
-        """(At ``end_s``, before the loop resumes there.) The run held, still ending now, goes on:
+    def _go_on(self, held: HeldRun, at: float) -> None:
+        """(At ``at``, before the loop resumes there.) The run held, if it still ends now, goes on:
         its walk times as many steps again as it has (``ArrivalWalk.go_on``), the loop's wait moved
-        to the new end, the finishes foreseen again. Nothing if the run was applied or moved."""
-        if self._held is not held or held.adv.end_s != end_s or held.walk is None:
+        to the new end, the finishes foreseen again; if it ends later now (extended), this is due
+        again at its end. Nothing if the run was applied or another is due."""
+        if self._held is not held or held.go_on_at != at or held.walk is None:
+            return
+        held.go_on_at = -math.inf
+        if held.adv.end_s != at:
+            self._go_on_later(held)
             return
         run = held.walk.go_on(max(held.run.k, HELD_TAIL))
         if run is None or run.k <= held.run.k:
