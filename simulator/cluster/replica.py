@@ -32,7 +32,7 @@ import simpy
 from simulator.cluster.router import ReplicaReport
 from simulator.engine import fast_forward
 from simulator.engine.interface import Advance, InFlight
-from simulator.engine.loop import Engine, ExactEnvironment, admission_error
+from simulator.engine.loop import Engine, ExactEnvironment
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.run_log import EngineRun
 from simulator.engine.run_plan import DecodeRun, decode_blocks, first_block_step
@@ -538,16 +538,8 @@ class ReplicaEngine(Engine):
         req = SimRequest(rid, float(c["time_s"][rid]), int(c["prompt"][rid]), int(c["max_tokens"][rid]),
                          int(c["reasoning"][rid]), int(c["group"][rid]), int(c["prefix_tokens"][rid]),
                          self.config.block_size, int(c["outer_group"][rid]), int(c["outer_tokens"][rid]))
-        self.requests.append(req)
-        reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
-        if reason:
-            req.status = Status.REJECTED
-            req.reject_reason = reason
-            req.finish_s = req.arrival_s
-            self._count_finished(1)
+        if self._enter(req, float(self._deadline_s[rid])):
             self._report_finish(rid, req.finish_s, dropped=True)
-        elif math.isfinite(self._deadline_s[rid]):  # as Engine._new_request
-            heapq.heappush(self._deadlines, (float(self._deadline_s[rid]), rid))
         return req
 
     def _abort_due(self) -> None:

@@ -26,6 +26,7 @@ from simulator.engine import fast_forward
 from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOutput
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
+from simulator.engine.rules import draft_tokens
 from simulator.engine.run_log import EngineRun, StepLog
 from simulator.engine.shape_cache import ShapeCache
 from simulator.engine.steady import SteadyScheduler
@@ -205,6 +206,12 @@ class Engine:
         """Request ``rid`` at its arrival: rejected if it can never run, else still to queue."""
         w = self.workload
         req = SimRequest.from_workload(w, rid, self._arrival_s[rid], self.config.block_size)
+        self._enter(req, req.arrival_s + float(w.timeout_s[rid]))
+        return req
+
+    def _enter(self, req: SimRequest, deadline_s: float) -> bool:
+        """A request arrives: rejected (True) if it can never run, else its client's deadline
+        kept (``_abort_due``; inf: none)."""
         self.requests.append(req)
         reason = admission_error(req.num_prompt, req.max_tokens, self.config, self.kv_capacity)
         if reason:
@@ -212,9 +219,10 @@ class Engine:
             req.reject_reason = reason
             req.finish_s = req.arrival_s
             self._count_finished(1)
-        elif math.isfinite(w.timeout_s[rid]):  # the client gives up then (``_abort_due``)
-            heapq.heappush(self._deadlines, (req.arrival_s + float(w.timeout_s[rid]), rid))
-        return req
+            return True
+        if math.isfinite(deadline_s):
+            heapq.heappush(self._deadlines, (deadline_s, req.rid))
+        return False
 
     def _idle(self):
         """Wait for the next arrival; False when none will come."""
@@ -409,15 +417,14 @@ class Engine:
         spec = self.config.speculative
         if not spec.enabled:
             return
-        k = spec.num_speculative_tokens
+        k, max_model_len = spec.num_speculative_tokens, self.config.max_model_len
         rand = self.rng.random
         requests = self.scheduler.requests
         for rid in sorted(out.sampling):
             req = requests[rid]
             if req.status != Status.RUNNING:
                 continue
-            room = self.config.max_model_len - req.num_tokens - 1
-            req.spec_tokens = min(k, room) if (room > 0 and rand() < spec.proposal_rate) else 0
+            req.spec_tokens = draft_tokens(req, k, max_model_len, lambda: rand() < spec.proposal_rate)
 
     def _take_unlogged_preemptions(self) -> int:
         n, self._unlogged_preemptions = self._unlogged_preemptions, 0

@@ -7,7 +7,7 @@ these; they differ only in how many steps one call covers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from simulator.engine.request import SimRequest
 
@@ -37,6 +37,15 @@ def decodes_one_token(req: SimRequest, lag: int) -> bool:
     placeholder), no draft tokens, no output of a preempted step pending."""
     return (req.placeholders == lag and not req.stale_tokens and not req.spec_tokens
             and req.num_computed == req.num_prompt + req.num_output - 1 + lag)
+
+
+def draft_tokens(req: SimRequest, num_speculative_tokens: int, max_model_len: int,
+                 proposes: Callable[[], bool]) -> int:
+    """Draft tokens the drafter gives a running request for its next step: up to
+    ``num_speculative_tokens``, never past the last slot of max_model_len; none where it finds
+    no proposal (``proposes()`` False: n-gram may find none; asked only where a draft fits)."""
+    room = max_model_len - req.num_tokens - 1
+    return min(num_speculative_tokens, room) if room > 0 and proposes() else 0
 
 
 def slots_needed(computed: int, num_new: int, lookahead: int, max_model_len: int) -> int:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from simulator.engine.loop import admission_error, simulate
 from simulator.engine.native import NativeScheduler, SchedulerOutput
 from simulator.engine.request import SimRequest, Status
+from simulator.engine.rules import draft_tokens
 from simulator.engine.shape_cache import ShapeCache
 from simulator.records.engine_config import EngineConfig
 from simulator.records.performance import PerformanceModel
@@ -218,9 +219,9 @@ class _Side:
             req = requests[rid]
             if req.status != Status.RUNNING:
                 continue
-            room = self.config.max_model_len - req.num_tokens - 1
-            proposes = _draw(self.seed, rid, req.num_output, 0) < spec.proposal_rate
-            req.spec_tokens = min(spec.num_speculative_tokens, room) if room > 0 and proposes else 0
+            req.spec_tokens = draft_tokens(
+                req, spec.num_speculative_tokens, self.config.max_model_len,
+                lambda rid=rid, req=req: _draw(self.seed, rid, req.num_output, 0) < spec.proposal_rate)
         return finished
 
 
