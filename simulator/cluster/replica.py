@@ -131,6 +131,8 @@ class ReplicaEngine(Engine):
         self._cols = {name: np.zeros(capacity, dtype=np.float64 if name == "time_s" else np.int64)
                       for name in COLUMNS}
         self._too_long = np.zeros(capacity, dtype=bool)
+        self._queued = np.ones(capacity, dtype=bool)  # its negation: joins the queue on arrival
+        self._view: fast_forward.Arrivals | None = None  # ``arrivals_view`` with no bound, kept
         self._private = np.zeros(capacity, dtype=bool)  # no prompt block can be a prefix hit
         self._deadline_s = np.full(capacity, math.inf)  # when the client gives up (workload.timeout_s)
         self._timeouts = False  # a request routed here has a client timeout
@@ -198,6 +200,7 @@ class ReplicaEngine(Engine):
             self._cols[name][j] = value
         cfg, kv = self.config, self.kv_capacity
         self._too_long[j] = prompt + max_tokens > min(cfg.max_model_len, (kv.num_blocks - 1) * kv.block_size)
+        self._queued[j] = not self._too_long[j]
         self._private[j] = (prefix_tokens if group >= 0 else 0) < cfg.block_size  # as Engine._arrivals_columns
         self._deadline_s[j] = deadline_s
         self.count = j + 1
@@ -561,11 +564,13 @@ class ReplicaEngine(Engine):
         """The requests routed here as the fast path reads them, known until the next decision
         (``known`` False: those routed so far, with no bound)."""
         n = self.count
-        c = self._cols
-        return fast_forward.Arrivals(time_s=c["time_s"][:n], queued=~self._too_long[:n], prompt=c["prompt"][:n],
-                                     max_tokens=c["max_tokens"][:n], private=self._private[:n],
-                                     known_until_s=self._known_until(now) if known else math.inf,
-                                     admit=self.shapes is None)
+        view = self._view
+        if view is None or len(view.time_s) != n:
+            c = self._cols
+            view = self._view = fast_forward.Arrivals(
+                time_s=c["time_s"][:n], queued=self._queued[:n], prompt=c["prompt"][:n],
+                max_tokens=c["max_tokens"][:n], private=self._private[:n], admit=self.shapes is None)
+        return replace(view, known_until_s=self._known_until(now)) if known else view
 
     def _apply(self, out, start: float) -> None:
         self._changes += 1
