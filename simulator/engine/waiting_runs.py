@@ -18,6 +18,7 @@ step and leaves it in flight, for the scheduler's own admission to fill:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -33,7 +34,7 @@ from simulator.engine.run_plan import (
     Members,
     Preemption,
     Resumption,
-    decode_blocks,
+    decode_blocks_of,
     deliver,
     first_block_step,
     give_blocks,
@@ -108,6 +109,7 @@ class _Deficits:
 
 
 _NONE = np.iinfo(np.int64).min  # a step before every other
+_EMPTY = np.zeros(0, dtype=np.int64)
 _WINDOW = 256  # blocks searched first for the next one short (``_WaitingRun._first_short``)
 _REACH, _REACH_STEPS = 1024, 16  # blocks (and steps at least) made at a time (``_WaitingRun._reach``)
 
@@ -163,6 +165,9 @@ class _WaitingRun:
         #: the blocks taken before it are the live ones less these)
         self._hits_in = 0
         self._served = 0  # the live blocks before the latest block short (``_first_short``)
+        #: the latest ``_first_short``'s last window: its (pos, before_pos), the window's first
+        #: block, the live blocks before it and each live block's rank in it (``_served_before``)
+        self._window: tuple[tuple[int, int], int, int, np.ndarray] = ((-1, -1), 0, 0, _EMPTY)
         self._ahead = 1  # steps the blocks are made ahead of the walk at least
         self._admitted_in: dict[int, list[Resumption]] | None = None  # (``resume_step_time``)
         self.freed_as: dict[int, tuple[int, int, int]] = {}
@@ -178,6 +183,8 @@ class _WaitingRun:
         #: step -> the tokens of a cut prefill's rest prefilled in it (after its decodes)
         self.rests: dict[int, int] = {}
         self.cut = cut and sched.config.enable_chunked_prefill
+        #: the listed members (``walk``) by the step their blocks come back in: how many
+        self._releasing: Counter[int] = Counter()
 
     @property
     def steps(self) -> np.ndarray:
@@ -218,6 +225,7 @@ class _WaitingRun:
         # (computed once: a preemption takes its victim out of it, a shorter run reads less of it)
         freed = self._finish_frees(release, self.k)
         listed = ~self.gone  # members not preempted
+        self._releasing = Counter(release[listed].tolist())
         checked = 0  # admissions are checked for the steps up to this one
         pos, before_pos = 0, 0  # the first block not known to be served; live blocks before it
         at_step = None  # the walk's state before the preemptions of the latest step that preempts
@@ -232,7 +240,7 @@ class _WaitingRun:
                 self._ahead = max(1, self._ahead // 4)  # (made again when the walk comes within a quarter)
             reach = min(k, self.run_blocks.upto)
             steps, owners = self.steps, self.owners
-            end = int(np.searchsorted(steps, reach, side="right"))
+            end = int(steps.searchsorted(reach, side="right"))
             e = self._first_short(pos, end, before_pos, freed)
             s = int(steps[e]) if e < end else reach + 1
             t = self._first_admission(checked + 1, s - 1, release, freed, listed, pos, before_pos)
@@ -240,7 +248,7 @@ class _WaitingRun:
                 release, freed, listed = self._release, self._freed, self._listed
                 checked = t
                 # every block through step t is served (the admissions' blocks fit by their gate)
-                new_pos = int(np.searchsorted(self.steps, t, side="right"))
+                new_pos = int(self.steps.searchsorted(t, side="right"))
                 pos, before_pos = new_pos, before_pos + self._live_count(pos, new_pos)
                 self._events_ref = (pos, before_pos - self._hits_in)  # (the first block after step t)
                 continue
@@ -280,6 +288,7 @@ class _WaitingRun:
             if release[v] <= len(freed) - 2:  # its blocks no longer come back at its last output
                 freed[release[v]:] -= self.blocks[v]
             self.last[v] = s - 1
+            self._unlist(int(release[v]))
             release[v] = s + lag
             self.gone[v] = True
             listed[v] = False
@@ -293,6 +302,14 @@ class _WaitingRun:
         if self.resumptions:
             self._trim()
         return self.k
+
+    def _unlist(self, release: int) -> None:
+        """A listed member whose blocks come back in step ``release`` is listed no more."""
+        left = self._releasing[release] - 1
+        if left:
+            self._releasing[release] = left
+        else:
+            del self._releasing[release]
 
     def _victim(self, s: int, listed: np.ndarray, release: np.ndarray) -> int:
         """The last member of the running list at step ``s`` (listed, its last output not in
@@ -318,27 +335,46 @@ class _WaitingRun:
         ``before_pos`` live blocks before it served: the free blocks are those before the run,
         the victims' so far and the finishes' by its step (``freed``). The next preemption is
         usually near, so a first window is searched before the rest."""
+        start = (pos, before_pos)
+        if pos >= end:
+            self._window = (start, pos, before_pos, _EMPTY)
+            return end
+        all_steps, all_owners, last, free = self.steps, self.owners, self.last, self.free
         stop = min(end, pos + _WINDOW)
         while True:
-            live = self._live(pos, stop)
-            rank = np.cumsum(live)  # each live block's place among live blocks, from 1
+            steps = all_steps[pos:stop]
+            live = steps <= last[all_owners[pos:stop]]  # (``_live``)
+            rank = live.cumsum()  # each live block's place among live blocks, from 1
             rank += before_pos - 1
-            short = np.flatnonzero(live & (rank >= self.free + freed[self.steps[pos:stop]]))
-            if len(short):
-                self._served = int(rank[short[0]])
-                return pos + int(short[0])
+            self._window = (start, pos, before_pos, rank)
+            short = live & (rank >= freed[steps] + free)
+            first = int(short.argmax())
+            if short[first]:
+                self._served = int(rank[first])
+                return pos + first
             if stop == end:
                 return end
-            pos, before_pos, stop = stop, int(rank[-1]) + 1 if len(rank) else before_pos, end
+            pos, before_pos, stop = stop, int(rank[-1]) + 1, end
+
+    def _served_before(self, end: int, pos: int, before_pos: int) -> int:
+        """The live blocks before block ``end`` (``before_pos`` of them before ``pos <= end``): from
+        the ranks the latest ``_first_short`` from ``pos`` found where they reach that far."""
+        start, w0, before_w, rank = self._window
+        if start == (pos, before_pos) and w0 <= end <= w0 + len(rank):
+            return int(rank[end - w0 - 1]) + 1 if end > w0 else before_w
+        return before_pos + self._live_count(pos, end)
 
     def _save(self, step: int, pos: int, before_pos: int) -> tuple:
-        return (step, pos, before_pos, self.free, self.last.copy(), self.gone.copy(),
-                len(self.preemptions))
+        return (step, pos, before_pos, self.free, len(self.preemptions))
 
     def _restore(self, saved: tuple) -> tuple[int, int, int]:
         """Undo the preemptions of step ``saved[0]`` (a later victim of that step cannot be
-        handled here); returns (step, pos, before_pos) as they were."""
-        step, pos, before_pos, self.free, self.last, self.gone, count = saved
+        handled here): their victims' last steps and listing as before them; returns (step,
+        pos, before_pos) as they were."""
+        step, pos, before_pos, self.free, count = saved
+        for p in self.preemptions[count:]:
+            self.last[p.victim] = p.step - 1 + self.remaining[p.victim]
+            self.gone[p.victim] = False
         del self.preemptions[count:]
         return step, pos, before_pos
 
@@ -392,14 +428,18 @@ class _WaitingRun:
             for t in [t for t in self.rests if t < lo]:
                 del self.rests[t]  # (steps before lo are not read again)
             checks.update(t for t in self.rests if t <= hi)
-        releases = release[listed]
-        checks.update(releases[(releases >= lo) & (releases <= hi)].tolist())
+        releasing = self._releasing
+        if hi - lo < len(releasing):
+            checks.update(t for t in range(lo, hi + 1) if t in releasing)
+        else:
+            checks.update(t for t in releasing if lo <= t <= hi)
         max_num_seqs = sched.config.max_num_seqs
+        seated = int(np.count_nonzero(listed)) >= max_num_seqs  # (else a seat is free)
         for t in sorted(checks):
-            if len(releases) >= max_num_seqs and int(np.count_nonzero(releases > t)) >= max_num_seqs:
+            if seated and int(np.count_nonzero(release[listed] > t)) >= max_num_seqs:
                 continue
             # (the blocks before ``pos``, those of steps before lo, are counted: ``before_pos``)
-            served = before_pos + int(np.count_nonzero(self._live(pos, int(np.searchsorted(self.steps, t, side="right")))))
+            served = self._served_before(int(self.steps.searchsorted(t, side="right")), pos, before_pos)
             if need <= self.free + int(freed[min(t, last)]) - served:
                 return t
         return None
@@ -463,12 +503,12 @@ class _WaitingRun:
         kept: the new ones all come after them (a push at a step after that one's admissions,
         a finish after its step)."""
         ref, taken_ref = self._events_ref  # the first block after step ``_events_to``
-        taken_before = np.cumsum(self._live(ref, end))  # (no hits among them: ``_hits_in``)
+        taken_before = self._live(ref, end).cumsum()  # (no hits among them: ``_hits_in``)
         events = [((s, 1, e), took, count, i)
                   for i, (s, e, took, count) in enumerate(self.pushes[self._pushes_in:], self._pushes_in)]
-        ending = np.flatnonzero(listed & (release > self._events_to) & (release <= t))
+        ending = (listed & (release > self._events_to) & (release <= t)).nonzero()[0]
         if len(ending):
-            cuts = np.searchsorted(self.steps[ref:end], release[ending], side="left")
+            cuts = self.steps[ref:end].searchsorted(release[ending], side="left")
             for i, cut in zip(ending.tolist(), cuts.tolist(), strict=True):
                 tokens_i = int(self.computed[i] + self.last[i] - self.first[i] + 1)
                 blocks_i = int(self.blocks[i])
@@ -482,7 +522,7 @@ class _WaitingRun:
         self._event_counts = np.concatenate((self._event_counts, np.array([x[2] for x in events], dtype=np.int64)))
         self._pushes_in, self._events_to = len(self.pushes), t
         takes, counts = self._event_takes, self._event_counts
-        pushed_after = np.cumsum(counts)
+        pushed_after = counts.cumsum()
         g = takes - (pushed_after - counts)  # just before each push
         suffix = np.maximum.accumulate(g[::-1])[::-1] if len(g) else g
         pushed = int(pushed_after[-1]) if len(counts) else 0
@@ -513,8 +553,8 @@ class _WaitingRun:
         threshold = cfg.long_prefill_token_threshold
         if running + len(self.front) + len(waiting) - self.wpos <= 1:
             threshold = 0
-        end = int(np.searchsorted(self.steps, t, side="right"))
-        served = before_pos + int(np.count_nonzero(self._live(pos, end)))
+        end = int(self.steps.searchsorted(t, side="right"))
+        served = self._served_before(end, pos, before_pos)
         free = self.free + int(freed[min(t, len(freed) - 1)]) - served
         front, wpos = list(self.front), self.wpos
         admitted = []
@@ -575,6 +615,7 @@ class _WaitingRun:
         if (r <= top).any():
             freed += np.cumsum(np.bincount(np.minimum(r, top + 1), blocks, top + 2)[: top + 1]).astype(np.int64)
         self._release, self._freed, self._listed = release, freed, listed
+        self._releasing.update(r.tolist())
         self.front, self.wpos = front, wpos
         return True
 
@@ -598,26 +639,39 @@ class _WaitingRun:
         decodes' blocks in the run's order. Returns their last steps and their blocks."""
         bs = self.sched.block_size
         j0 = len(self.reqs)
-        tokens = np.array([a[2] for a in admitted], dtype=np.int64)
-        hits = np.array([a[3] for a in admitted], dtype=np.int64)
-        rest = np.array([a[5] for a in admitted], dtype=np.int64)
-        cut = (rest > 0).astype(np.int64)
-        last = t - 1 + np.array([a[4] for a in admitted], dtype=np.int64) + cut
-        for j, (req, _, n, h, _, r) in enumerate(admitted, j0):
+        k = self.k
+        caching = self.kv.enable_caching
+        # per member: first step, tokens, last step, prompt blocks, blocks, cached blocks, first
+        # decode needing a block, last step within the run
+        rows = []
+        # its prompt blocks by rank, in stretches (entry, step, count): hits prefilled in step t,
+        # hits in the rest's step (none: a cut prefill's chunk goes past its hits), new blocks
+        # prefilled in step t, the rest's new blocks (step t + 1)
+        entries, steps, counts = [], [], []
+        hits_in = 0
+        for j, (req, _, n, h, remaining, r) in enumerate(admitted, j0):
             self.reqs.append(req)
             self.resumptions.append(Resumption(t, j, req.rid, n, h, n - h * bs - r, r))
+            cut = 1 if r > 0 else 0
             if r:
                 self.rests[t + 1] = r
-        need = -(-tokens // bs)
-        first = t + 1 + cut
-        needs = first_block_step(tokens, need, first, bs)  # their first decodes needing a block
-        cap = np.minimum(last, self.k)
-        prompt_owners = np.repeat(np.arange(len(admitted)), need)
-        rank = np.arange(len(prompt_owners)) - np.repeat(np.cumsum(need) - need, need)
-        later = rank >= (-(-(tokens - rest) // bs))[prompt_owners]  # the rest's blocks
-        entry = np.where(rank < hits[prompt_owners], 2, np.where(later, 0, 1)).astype(np.int8)
-        self.run_blocks.add(t, needs, cap, t + later, prompt_owners + j0, entry)
-        blocks = need + decode_blocks(needs, cap, bs)
+            last = t - 1 + remaining + cut
+            need = -(-n // bs)
+            first = t + 1 + cut
+            needs = first_block_step(n, need, first, bs)  # its first decode needing a block
+            cap = min(last, k)
+            blocks = need + decode_blocks_of(needs, cap, bs)
+            rows.append((first, n, last, need, blocks, n // bs if caching else 0, needs, cap))
+            whole = -(-(n - r) // bs)  # blocks prefilled in step t (the rest's after them)
+            entries += (2, 2, 1, 0)
+            steps += (t, t + 1, t, t + 1)
+            counts += (min(h, whole), max(h - whole, 0), max(whole - h, 0), need - max(h, whole))
+            hits_in += h
+        cols = np.array(rows, dtype=np.int64).T
+        first, tokens, last, need, blocks, cached, needs, cap = cols
+        self.run_blocks.add(t, needs, cap, np.repeat(np.array(steps, dtype=np.int64), counts),
+                            np.repeat(np.arange(j0, j0 + len(admitted)), need),
+                            np.repeat(np.array(entries, dtype=np.int8), counts))
         self.first = np.concatenate((self.first, first))
         self.computed = np.concatenate((self.computed, tokens))
         self.last = np.concatenate((self.last, last))
@@ -625,9 +679,8 @@ class _WaitingRun:
         self.prompt = np.concatenate((self.prompt, need))
         self.blocks = np.concatenate((self.blocks, blocks))
         self.gone = np.concatenate((self.gone, np.zeros(len(admitted), dtype=bool)))
-        cached = tokens // bs if self.kv.enable_caching else np.zeros(len(admitted), dtype=np.int64)
         self.cached = np.concatenate((self.cached, cached))
-        self._hits_in += int(hits.sum())
+        self._hits_in += hits_in
         return last, blocks
 
     def _trim(self) -> None:
