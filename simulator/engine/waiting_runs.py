@@ -295,7 +295,8 @@ class _WaitingRun:
             self.preemptions.append(Preemption(s, int(owners[e]), v))
             self.remaining[v] = last_v - s + 1
             self.front.insert(0, v)
-            self.k = min(k, int(self.last.max()) - (1 - lag))
+            if last_v >= k + 1 - lag:  # (else a later member's last step bounds the run: k stays)
+                self.k = min(k, int(self.last.max()) - (1 - lag))
             before_pos = served
             pos = e
             checked = s  # (a step that preempts admits nobody)
