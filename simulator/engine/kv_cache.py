@@ -131,7 +131,7 @@ class FreeBlockQueue:
             seg = buf[self._head : self._head + n]
             live = pos[seg] == self._places[self._head : self._head + n]
             self._head += n
-            if not live.all():
+            if np.count_nonzero(live) < len(live):
                 seg = seg[live]
                 self._holes -= n - len(seg)
             parts.append(seg)
@@ -170,7 +170,7 @@ class FreeBlockQueue:
     def remove_many(self, blocks: np.ndarray) -> None:
         """``remove`` each of ``blocks`` (distinct; an entry left behind is a hole)."""
         pos = self._pos[blocks]
-        if (pos < 0).any():
+        if np.count_nonzero(pos < 0):
             raise KeyError(f"block {int(blocks[np.argmax(pos < 0)])} is not free")
         self._pos[blocks] = -1
         self._len -= len(blocks)
@@ -337,10 +337,11 @@ class KVCacheManager:
         """Cached private blocks start, start+1, ... (< stop) of ``rid``, up to the first miss."""
         named = self._named[rid]
         mine = self._owner[named] == rid
-        if not mine.any():  # (under load the usual case: all evicted)
+        count = np.count_nonzero(mine)
+        if not count:  # (under load the usual case: all evicted)
             self._named[rid] = named[:0]
             return []
-        blocks = named if mine.all() else named[mine]
+        blocks = named if count == len(named) else named[mine]
         index = self._index[blocks]
         lo, n = int(index[0]), len(index)
         if lo == start and int(index[-1]) - lo == n - 1 and (n == 1 or (np.diff(index) == 1).all()):
@@ -381,7 +382,7 @@ class KVCacheManager:
         named = self._named.get(rid)
         if named is None or not len(named):
             return False
-        return bool(((self._owner[named] == rid) & (self.free_queue._pos[named] >= 0)).any())
+        return bool(np.count_nonzero((self._owner[named] == rid) & (self.free_queue._pos[named] >= 0)))
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_tokens

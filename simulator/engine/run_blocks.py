@@ -2,8 +2,8 @@
 
 A walk through such a run (``waiting_runs._WaitingRun``) reads its blocks near the step it has
 reached; it makes them only so far (``RunBlocks.extend``), so that admitting requests inside
-the run, whose blocks go in among the others (``RunBlocks.add``), costs their blocks made so
-far, not the whole run's.
+the run, whose blocks go in among the others, costs the blocks made past the admission's step,
+not the whole run's.
 """
 
 from __future__ import annotations
@@ -106,47 +106,24 @@ class RunBlocks:
 
     def add(self, t: int, needs: np.ndarray, cap: np.ndarray, steps: np.ndarray, owners: np.ndarray,
             entry: np.ndarray) -> None:
-        """New members admitted in step ``t`` (``t <= upto``; after every member), their prompt
-        blocks (``steps`` t or t + 1, ``owners`` by member then rank, ``entry``) before their
-        decodes' (``needs``, ``cap``). Those of steps through ``upto`` go in among the blocks
-        made, each after the others of its step (the blocks made stay: a member's blocks past a
-        step ``stop_at`` ends it with stay too, as they did)."""
-        j0 = len(self.needs)
+        """New members admitted in step ``t`` (after every member), their prompt blocks (``steps``
+        t or t + 1, ``owners`` by member then rank, ``entry``) before their decodes' (``needs``,
+        ``cap``). The blocks made past step t go: they are made again with the new members'."""
+        self.n = int(self.steps.searchsorted(t, side="right"))
+        self.upto = min(self.upto, t)
         self.needs = np.concatenate((self.needs, needs.astype(np.int64)))
         self.cap = np.concatenate((self.cap, cap.astype(np.int64)))
-        now = steps <= self.upto
-        if self.upto > t:
-            decode_steps, decode_owners = self._decodes(t + 1, self.upto, np.arange(j0, len(self.needs)))
-        else:
-            decode_steps = decode_owners = np.zeros(0, dtype=np.int64)
-        new_steps = np.concatenate((steps[now], decode_steps))
-        new_owners = np.concatenate((owners[now], decode_owners))
-        new_entry = np.concatenate((entry[now], np.zeros(len(decode_steps), dtype=np.int8)))
-        order = np.lexsort((new_owners, new_steps))  # (a member's prompt blocks come before its decodes)
-        self._merge(new_steps[order], new_owners[order], new_entry[order])
-        if not now.all():
+        now = steps <= t
+        m = int(np.count_nonzero(now))
+        self._room(self.n + m)
+        self._steps[self.n: self.n + m] = steps[now]
+        self._owners[self.n: self.n + m] = owners[now]
+        self._entry[self.n: self.n + m] = entry[now]
+        self.n += m
+        if m < len(steps):
             later = ~now
             self._later = tuple(np.concatenate((was, new[later]))
                                 for was, new in zip(self._later, (steps, owners, entry), strict=True))
-
-    def _merge(self, steps: np.ndarray, owners: np.ndarray, entry: np.ndarray) -> None:
-        """Put blocks (by step, then member; their members after all those of the blocks made)
-        among the blocks made: each after those of its step."""
-        m = len(steps)
-        if not m:
-            return
-        n = self.n
-        lo = int(self.steps.searchsorted(steps[0], side="left"))  # the blocks that move
-        at = self.steps[lo:].searchsorted(steps, side="right") + np.arange(m)  # their new places (from lo)
-        stay = np.ones(n - lo + m, dtype=bool)
-        stay[at] = False
-        self._room(n + m)
-        for buf, new in zip((self._steps, self._owners, self._entry), (steps, owners, entry), strict=True):
-            merged = np.empty(n - lo + m, dtype=buf.dtype)
-            merged[at] = new
-            merged[stay] = buf[lo:n]
-            buf[lo: n + m] = merged
-        self.n = n + m
 
     def drop_from(self, j0: int) -> None:
         """Members ``j0`` on go, with their blocks."""

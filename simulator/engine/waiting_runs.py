@@ -183,6 +183,9 @@ class _WaitingRun:
         #: step -> the tokens of a cut prefill's rest prefilled in it (after its decodes)
         self.rests: dict[int, int] = {}
         self.cut = cut and sched.config.enable_chunked_prefill
+        #: how many members' last steps bound the run (``k``: the largest less 1 - lag), those at
+        #: k + 1 - lag or later (``walk``)
+        self._bounding = 0
         #: the listed members (``walk``) by the step their blocks come back in: how many
         self._releasing: Counter[int] = Counter()
 
@@ -225,6 +228,7 @@ class _WaitingRun:
         # (computed once: a preemption takes its victim out of it, a shorter run reads less of it)
         freed = self._finish_frees(release, self.k)
         listed = ~self.gone  # members not preempted
+        self._bounding = int(np.count_nonzero(self.last >= self.k + 1 - lag))
         self._releasing = Counter(release[listed].tolist())
         checked = 0  # admissions are checked for the steps up to this one
         pos, before_pos = 0, 0  # the first block not known to be served; live blocks before it
@@ -295,8 +299,11 @@ class _WaitingRun:
             self.preemptions.append(Preemption(s, int(owners[e]), v))
             self.remaining[v] = last_v - s + 1
             self.front.insert(0, v)
-            if last_v >= k + 1 - lag:  # (else a later member's last step bounds the run: k stays)
-                self.k = min(k, int(self.last.max()) - (1 - lag))
+            if last_v >= k + 1 - lag:
+                self._bounding -= 1
+                if not self._bounding:  # (else another member's last step still bounds the run: k stays)
+                    self.k = min(k, int(self.last.max()) - (1 - lag))
+                    self._bounding = int(np.count_nonzero(self.last >= self.k + 1 - lag))
             before_pos = served
             pos = e
             checked = s  # (a step that preempts admits nobody)
@@ -419,8 +426,10 @@ class _WaitingRun:
         else:
             return None  # nobody waits
         last = len(freed) - 1
-        if need > self.free + int(freed[min(hi, last)]):
-            return None  # (the finishes' blocks only grow with the step: not even by hi)
+        if need > self.free + int(freed[min(hi, last)]) - before_pos:
+            # (the finishes' blocks only grow with the step, and the live blocks before ``pos``
+            # are served by lo: not even by hi)
+            return None
         # (the walk checked the steps up to its latest preemption: only that one's next step is new)
         checks = {self.preemptions[-1].step + 1} if self.preemptions and lo <= self.preemptions[-1].step + 1 <= hi \
             else set()
@@ -608,12 +617,13 @@ class _WaitingRun:
             return False
         j0 = len(self.reqs)
         last, blocks = self._add_members(t, admitted)
+        self._bounding += int(np.count_nonzero(last >= self.k + 1 - lag))
         self.clean.update(j0 + i for i, a in enumerate(admitted) if a[1])
         r = last + (lag + 1)  # their releases: the first step scheduled after each one's last output
         release = np.concatenate((release, r))
         listed = np.concatenate((listed, np.ones(len(r), dtype=bool)))
         top = len(freed) - 1
-        if (r <= top).any():
+        if np.count_nonzero(r <= top):
             freed += np.cumsum(np.bincount(np.minimum(r, top + 1), blocks, top + 2)[: top + 1]).astype(np.int64)
         self._release, self._freed, self._listed = release, freed, listed
         self._releasing.update(r.tolist())

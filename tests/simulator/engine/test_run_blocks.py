@@ -31,7 +31,7 @@ def test_blocks_made_window_by_window_are_the_whole_runs():
         assert [made.decodes_of(i, k) for i in range(n)] == counts.tolist()
 
 
-def test_an_admission_puts_its_blocks_among_those_made_past_its_step():
+def test_an_admission_drops_the_blocks_made_past_its_step_and_makes_them_again_with_its_own():
     # members admitted in step t: their prompt blocks in step t (a cut prefill's rest in t + 1),
     # their decodes from their first step; every block in vLLM's order (by step, then member)
     rng = np.random.default_rng(5)
@@ -71,21 +71,3 @@ def test_an_admission_puts_its_blocks_among_those_made_past_its_step():
         made.drop_from(n)
         assert np.array_equal(made.steps, old_steps) and np.array_equal(made.owners, old_owners)
     assert dropped > 100
-
-
-def test_blocks_made_past_a_members_stop_stay_through_an_admission():
-    # a member stopped (a victim) keeps the blocks made past its stop; an admission after it
-    # puts its own among them, and the blocks the member takes from then on are none
-    bs = 4
-    made = RunBlocks(bs, np.array([1, 2]), np.array([40, 40]))
-    made.extend(20)
-    before = list(zip(made.steps.tolist(), made.owners.tolist(), strict=True))
-    made.stop_at(1, 6)
-    made.add(8, np.array([11]), np.array([40]), np.array([8, 8]), np.array([2, 2]), np.array([1, 1], dtype=np.int8))
-    made.extend(40)
-    blocks = list(zip(made.steps.tolist(), made.owners.tolist(), strict=True))
-    assert [b for b in blocks if b[1] < 2 and b[0] <= 20] == before
-    assert [b for b in blocks if b[1] == 1 and b[0] > 20] == []
-    assert [b for b in blocks if b[1] == 2] == [(8, 2), (8, 2), (11, 2), (15, 2), (19, 2), (23, 2), (27, 2), (31, 2),
-                                                 (35, 2), (39, 2)]
-    assert blocks == sorted(blocks)
