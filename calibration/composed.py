@@ -304,10 +304,18 @@ class LogGridColumn:
     def many(columns: list[LogGridColumn], which: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The grid at (x of ``columns[which[i]]``, ``y[i]``) for each i (columns of one grid);
         bit-identical to each column's own call. y is a float array, overwritten."""
-        x_scale = np.array([c.x_scale for c in columns])[which]
-        tx = np.array([c.tx for c in columns])[which]
-        rows = np.concatenate([c.rows for c in columns], axis=1)  # column c's rows from c * width on
-        return _along_y(columns[0].grid, x_scale, tx, rows, which * columns[0].rows.shape[1], y)
+        # each distinct column once (a run's segments come back to the same counts)
+        place: dict[int, int] = {}
+        distinct: list[LogGridColumn] = []
+        for c in columns:
+            if id(c) not in place:
+                place[id(c)] = len(distinct)
+                distinct.append(c)
+        which = np.array([place[id(c)] for c in columns])[which]
+        x_scale = np.array([c.x_scale for c in distinct])[which]
+        tx = np.array([c.tx for c in distinct])[which]
+        rows = np.concatenate([c.rows for c in distinct], axis=1)  # column c's rows from c * width on
+        return _along_y(distinct[0].grid, x_scale, tx, rows, which * distinct[0].rows.shape[1], y)
 
 
 def _along_y(grid: LogGrid2D, x_scale, tx, rows: np.ndarray, offset: np.ndarray | None, y: np.ndarray) -> np.ndarray:
