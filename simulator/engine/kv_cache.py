@@ -158,7 +158,7 @@ class FreeBlockQueue:
         """(len(blocks), the entries ahead of the last one) when ``blocks`` are all queued, each
         nearer the front than the one before it; else None."""
         pos = self._pos[blocks]
-        if (pos < 0).any() or (len(pos) > 1 and (np.diff(pos) >= 0).any()):
+        if np.count_nonzero(pos < 0) or np.count_nonzero(pos[1:] >= pos[:-1]):
             return None
         head, at = self._head, int(pos[-1])
         return len(blocks), int(np.count_nonzero(self._pos[self._buf[head:at]] == self._places[head:at]))
@@ -344,7 +344,7 @@ class KVCacheManager:
         blocks = named if count == len(named) else named[mine]
         index = self._index[blocks]
         lo, n = int(index[0]), len(index)
-        if lo == start and int(index[-1]) - lo == n - 1 and (n == 1 or (np.diff(index) == 1).all()):
+        if lo == start and int(index[-1]) - lo == n - 1 and not np.count_nonzero(index[1:] - index[:-1] - 1):
             # (usually) blocks start, start+1, ... in order, one copy of each (named at its frees)
             self._named[rid] = blocks
             return blocks[: stop - start].tolist()
@@ -373,7 +373,7 @@ class KVCacheManager:
         mine = named[self._owner[named] == rid]
         if not len(mine):
             return 0, 0
-        if not np.array_equal(self._index[mine], np.arange(len(mine))):
+        if np.count_nonzero(self._index[mine] != self._ranks[: len(mine)]):  # (not 0, 1, ...)
             return None
         return self.free_queue.ahead_of(mine)
 
