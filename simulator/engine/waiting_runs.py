@@ -166,7 +166,7 @@ class _WaitingRun:
         self._hits_in = 0
         self._served = 0  # the live blocks before the latest block short (``_first_short``)
         #: the latest ``_first_short``'s last window: its (pos, before_pos), the window's first
-        #: block, the live blocks before it and each live block's rank in it (``_served_before``)
+        #: block, the live blocks before it and the live blocks in it through each (``_served_before``)
         self._window: tuple[tuple[int, int], int, int, np.ndarray] = ((-1, -1), 0, 0, _EMPTY)
         self._ahead = 1  # steps the blocks are made ahead of the walk at least
         self._admitted_in: dict[int, list[Resumption]] | None = None  # (``resume_step_time``)
@@ -347,29 +347,29 @@ class _WaitingRun:
         if pos >= end:
             self._window = (start, pos, before_pos, _EMPTY)
             return end
-        all_steps, all_owners, last, free = self.steps, self.owners, self.last, self.free
+        all_steps, all_owners, last = self.steps, self.owners, self.last
         stop = min(end, pos + _WINDOW)
         while True:
             steps = all_steps[pos:stop]
             live = steps <= last[all_owners[pos:stop]]  # (``_live``)
-            rank = live.cumsum()  # each live block's place among live blocks, from 1
-            rank += before_pos - 1
-            self._window = (start, pos, before_pos, rank)
-            short = live & (rank >= freed[steps] + free)
+            count = live.cumsum()  # the live blocks through each, from pos
+            self._window = (start, pos, before_pos, count)
+            # short: its place among the live blocks (before_pos + count - 1) reaches the free ones
+            short = live & (count >= freed[steps] + (self.free - before_pos + 1))
             first = int(short.argmax())
             if short[first]:
-                self._served = int(rank[first])
+                self._served = int(count[first]) + before_pos - 1
                 return pos + first
             if stop == end:
                 return end
-            pos, before_pos, stop = stop, int(rank[-1]) + 1, end
+            pos, before_pos, stop = stop, int(count[-1]) + before_pos, end
 
     def _served_before(self, end: int, pos: int, before_pos: int) -> int:
         """The live blocks before block ``end`` (``before_pos`` of them before ``pos <= end``): from
         the ranks the latest ``_first_short`` from ``pos`` found where they reach that far."""
-        start, w0, before_w, rank = self._window
-        if start == (pos, before_pos) and w0 <= end <= w0 + len(rank):
-            return int(rank[end - w0 - 1]) + 1 if end > w0 else before_w
+        start, w0, before_w, count = self._window
+        if start == (pos, before_pos) and w0 <= end <= w0 + len(count):
+            return int(count[end - w0 - 1]) + before_w if end > w0 else before_w
         return before_pos + self._live_count(pos, end)
 
     def _save(self, step: int, pos: int, before_pos: int) -> tuple:
