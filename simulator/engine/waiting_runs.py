@@ -244,7 +244,8 @@ class _WaitingRun:
                 self._ahead = max(1, self._ahead // 4)  # (made again when the walk comes within a quarter)
             reach = min(k, self.run_blocks.upto)
             steps, owners = self.steps, self.owners
-            end = int(steps.searchsorted(reach, side="right"))
+            # (the blocks made are those of steps through upto)
+            end = len(steps) if reach == self.run_blocks.upto else int(steps.searchsorted(reach, side="right"))
             e = self._first_short(pos, end, before_pos, freed)
             s = int(steps[e]) if e < end else reach + 1
             t = self._first_admission(checked + 1, s - 1, release, freed, listed, pos, before_pos)
@@ -624,7 +625,7 @@ class _WaitingRun:
         listed = np.concatenate((listed, np.ones(len(r), dtype=bool)))
         top = len(freed) - 1
         if np.count_nonzero(r <= top):
-            freed += np.cumsum(np.bincount(np.minimum(r, top + 1), blocks, top + 2)[: top + 1]).astype(np.int64)
+            freed += np.bincount(np.minimum(r, top + 1), blocks, top + 2)[: top + 1].cumsum().astype(np.int64)
         self._release, self._freed, self._listed = release, freed, listed
         self._releasing.update(r.tolist())
         self.front, self.wpos = front, wpos
@@ -806,9 +807,9 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
         ids = members[starts].tolist()
         bounds = dict(zip(ids, pairwise([*starts.tolist(), len(theirs)]), strict=True))
         sums = dict(zip(ids, tick_sums(acquired[theirs], starts), strict=True))
-    # with admissions: the running list as the events leave it, who is in it, the victims not
-    # yet settled (``_admit``)
-    current, listed, pending = (list(running), np.ones(m, dtype=bool), []) if admitting else (None, None, None)
+    # with admissions: the running list as the events leave it (a dict's keys, in order), who is
+    # in it, the victims not yet settled (``_admit``)
+    current, listed, pending = (dict.fromkeys(running), np.ones(m, dtype=bool), []) if admitting else (None, None, None)
     readmitted: set[int] = set()  # victims settled before an admission (their tokens delivered then)
     times = token_times.tolist() if admitting else None
     for _, cut, i, kind in events:
@@ -820,7 +821,7 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
                    times, lag)
             continue
         if current is not None:
-            current.remove(reqs[i])
+            del current[reqs[i]]
             listed[i] = False
             if kind == _PREEMPT:
                 pending.append(i)
@@ -879,7 +880,7 @@ def apply_waiting_run(sched: NativeScheduler, run: DecodeRun, sched_at: np.ndarr
 
 
 def _admit(sched: NativeScheduler, run: DecodeRun, admitting: dict[int, list[Resumption]], t: int, reqs: list,
-           current: list, listed: np.ndarray, pending: list[int], settled: set[int], taken_at: np.ndarray,
+           current: dict, listed: np.ndarray, pending: list[int], settled: set[int], taken_at: np.ndarray,
            sched_at: np.ndarray, times: list[float], lag: int) -> None:
     """The admissions of step ``t`` (``admitting``: the run's, by step): the scheduler's own ``_schedule_waiting`` over the requests
     running then (``current``, members ``listed``), within the budget their decodes and the
@@ -906,7 +907,9 @@ def _admit(sched: NativeScheduler, run: DecodeRun, admitting: dict[int, list[Res
     used += sum(r.rest for r in admitting.get(t - 1, ()))
     kv.clock = float(sched_at[t - 1])
     before = kv.num_used_blocks
-    out = sched.admit_in_run(current, sched.config.max_num_batched_tokens - used)
+    running = list(current)
+    out = sched.admit_in_run(running, sched.config.max_num_batched_tokens - used)
+    current.update(dict.fromkeys(running[len(current):]))
     expected = [(r.rid, r.prefill) for r in admitting[t]]
     if list(out.num_scheduled.items()) != expected:
         raise RuntimeError(f"a waiting run planned the admissions {expected} in its step {t}; the scheduler "
