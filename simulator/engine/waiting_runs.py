@@ -441,7 +441,7 @@ class _WaitingRun:
             checks.update(t for t in self.rests if t <= hi)
         releasing = self._releasing
         if hi - lo < len(releasing):
-            checks.update(t for t in range(lo, hi + 1) if t in releasing)
+            checks.update(releasing.keys() & range(lo, hi + 1))
         else:
             checks.update(t for t in releasing if lo <= t <= hi)
         max_num_seqs = sched.config.max_num_seqs
