@@ -186,6 +186,9 @@ class _WaitingRun:
         #: how many members' last steps bound the run (``k``: the largest less 1 - lag), those at
         #: k + 1 - lag or later (``walk``)
         self._bounding = 0
+        #: no victim (``_victim``) comes after this member: those after it are not listed, or
+        #: their last output came before the step of a victim (the steps only grow)
+        self._victim_from = n - 1
         #: the listed members (``walk``) by the step their blocks come back in: how many
         self._releasing: Counter[int] = Counter()
 
@@ -322,10 +325,12 @@ class _WaitingRun:
 
     def _victim(self, s: int, listed: np.ndarray, release: np.ndarray) -> int:
         """The last member of the running list at step ``s`` (listed, its last output not in
-        before ``s``): the scheduler's victim. Usually the last listed one."""
-        i = len(listed) - 1
+        before ``s``): the scheduler's victim. Usually the last listed one; the search starts
+        where the latest one ended (``_victim_from``)."""
+        i = min(self._victim_from, len(listed) - 1)
         while not (listed[i] and release[i] > s):
             i -= 1
+        self._victim_from = i
         return i
 
     def _others_decode(self, v: int, short: int, step: int, listed: np.ndarray) -> bool:
@@ -628,6 +633,7 @@ class _WaitingRun:
             freed += np.bincount(np.minimum(r, top + 1), blocks, top + 2)[: top + 1].cumsum().astype(np.int64)
         self._release, self._freed, self._listed = release, freed, listed
         self._releasing.update(r.tolist())
+        self._victim_from = len(release) - 1  # (the new members are last)
         self.front, self.wpos = front, wpos
         return True
 
