@@ -372,7 +372,7 @@ class _WaitingRun:
 
     def _served_before(self, end: int, pos: int, before_pos: int) -> int:
         """The live blocks before block ``end`` (``before_pos`` of them before ``pos <= end``): from
-        the ranks the latest ``_first_short`` from ``pos`` found where they reach that far."""
+        the counts the latest ``_first_short`` from ``pos`` made where they reach that far."""
         start, w0, before_w, count = self._window
         if start == (pos, before_pos) and w0 <= end <= w0 + len(count):
             return int(count[end - w0 - 1]) + before_w if end > w0 else before_w
