@@ -130,8 +130,7 @@ class ReplicaEngine(Engine):
         self.role = role  # "replica", "prefill" or "decode"
         self._cols = {name: np.zeros(capacity, dtype=np.float64 if name == "time_s" else np.int64)
                       for name in COLUMNS}
-        self._too_long = np.zeros(capacity, dtype=bool)
-        self._queued = np.ones(capacity, dtype=bool)  # its negation: joins the queue on arrival
+        self._queued = np.ones(capacity, dtype=bool)  # joins the queue on arrival (False: too long, rejected)
         self._view: fast_forward.Arrivals | None = None  # ``arrivals_view`` with no bound, kept
         self._private = np.zeros(capacity, dtype=bool)  # no prompt block can be a prefix hit
         self._deadline_s = np.full(capacity, math.inf)  # when the client gives up (workload.timeout_s)
@@ -199,20 +198,19 @@ class ReplicaEngine(Engine):
         for name, value in zip(COLUMNS, values, strict=True):
             self._cols[name][j] = value
         cfg, kv = self.config, self.kv_capacity
-        self._too_long[j] = prompt + max_tokens > min(cfg.max_model_len, (kv.num_blocks - 1) * kv.block_size)
-        self._queued[j] = not self._too_long[j]
+        self._queued[j] = prompt + max_tokens <= min(cfg.max_model_len, (kv.num_blocks - 1) * kv.block_size)
         self._private[j] = (prefix_tokens if group >= 0 else 0) < cfg.block_size  # as Engine._arrivals_columns
         self._deadline_s[j] = deadline_s
         self.count = j + 1
         extended = False
         if self._held is not None:
-            extended = not self._too_long[j] and deadline_s == math.inf and self._extend_held(j)
+            extended = self._queued[j] and deadline_s == math.inf and self._extend_held(j)
             if not extended:
                 self._release(time_s)  # (its steps scheduled from the arrival on are not taken)
         self._timeouts = self._timeouts or deadline_s < math.inf
         if not extended and self.foreseen is not None and time_s < self.foreseen[1]:
             self.foreseen = (self.foreseen[0], time_s)
-        if self._too_long[j]:  # rejected on arrival: known now, so a router deciding ahead counts it
+        if not self._queued[j]:  # rejected on arrival: known now, so a router deciding ahead counts it
             self._report_finish(j, time_s, dropped=True)
         return j
 
@@ -492,7 +490,7 @@ class ReplicaEngine(Engine):
             left = -(-max(int(self._cols["max_tokens"][rid]) - delivered, 1) // per_step)
             bound = min(bound, until + (left - 1) * min_step_s)
         for j in range(self._next_arrival, self.count):  # routed here, not arrived yet
-            if not self._too_long[j]:
+            if self._queued[j]:
                 left = -(-int(self._cols["max_tokens"][j]) // per_step)
                 bound = min(bound, float(self._cols["time_s"][j]) + left * min_step_s)
                 if self._timeouts:
