@@ -48,6 +48,9 @@ def main() -> None:
     from simulator.cluster import ClusterSpec, simulate_cluster
     from simulator.configure import CONF_DIR, build_run
     from simulator.engine.loop import simulate
+    from simulator.huge_pages import avoid_huge_pages
+
+    avoid_huge_pages()  # as `python -m simulator` does (simulator/huge_pages.py)
 
     overrides = [f"workload.num_requests={args.requests}", *args.set]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

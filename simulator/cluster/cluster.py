@@ -35,7 +35,7 @@ import simpy
 
 from simulator.cluster import disagg
 from simulator.cluster.lockstep import LockstepGroup
-from simulator.cluster.outputs import ClusterResult, merge, single
+from simulator.cluster.outputs import ClusterResult, joined_timeline, merge, single
 from simulator.cluster.replica import ClusterEnvironment, ReplicaEngine
 from simulator.cluster.router import ROUTERS, RouteRequest, make_router
 from simulator.engine.request import Status
@@ -536,13 +536,16 @@ class Cluster:
     def _results(self, slo: SLO) -> ClusterResult:
 
         per_replica = []
-        for replica in self.replicas:
-            run = replica.collect()
+        runs = [replica.collect() for replica in self.replicas]
+        timeline, starts = joined_timeline(runs)  # each replica's table: a view of it
+        for i, (replica, run) in enumerate(zip(self.replicas, runs, strict=True)):
+            rows = slice(starts[i], starts[i + 1])
             unfinished = [r for r in run.requests if r.status < Status.FINISHED]
             if unfinished and not self.stopped:
                 raise RuntimeError(f"replica {replica.index}: {len(unfinished)} requests never finished")
             gids = replica.column("gid").copy()
-            result = tabulate(run, SimpleNamespace(domain=self.workload.domain[gids]), slo)
+            result = tabulate(run, SimpleNamespace(domain=self.workload.domain[gids]), slo,
+                              timeline={name: column[rows] for name, column in timeline.items()})
             result.requests["request_id"] = gids[result.requests["request_id"]]
             result.summary["replica"] = replica.index
             result.summary["role"] = replica.role
@@ -552,7 +555,8 @@ class Cluster:
             if replica.shapes is not None:  # as a single run's summary (simulator.engine.loop.simulate)
                 result.summary["shape_cache"] = replica.shapes.report()
             per_replica.append(result)
-        merged = merge(self, per_replica, slo)
+        timeline["replica"] = np.repeat(np.array([r.index for r in self.replicas], dtype=np.int32), np.diff(starts))
+        merged = merge(self, per_replica, slo, timeline)
         if self.stopped:
             merged.summary["partial"] = {
                 "interrupted_at_s": self.env.now,

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from simulator.engine.run_log import EngineRun, StepLog
+from simulator.engine.tabulate import kv_usage, timeline_columns
 from simulator.records.metrics import SLO, summarize
 from simulator.records.run_result import RunResult
 
@@ -36,20 +38,31 @@ class ClusterResult:
 DISAGG_COLUMNS = ("prefill_replica", "kv_transfer_s")
 
 
-def _concat(results: list[RunResult], table: str, replicas: list[int]) -> dict[str, np.ndarray]:
-    columns = getattr(results[0], table)
-    out = {name: np.concatenate([getattr(r, table)[name] for r in results]) for name in columns}
-    out["replica"] = np.concatenate([np.full(len(getattr(r, table)["status" if table == "requests" else "time_s"]),
-                                             i, dtype=np.int32) for r, i in zip(results, replicas, strict=True)])
+def _requests(results: list[RunResult], replicas: list[int]) -> dict[str, np.ndarray]:
+    """The replicas' request tables, one after the other, with the ``replica`` column."""
+    out = _stack(results)
+    out["replica"] = np.concatenate([np.full(len(r.requests["status"]), i, dtype=np.int32)
+                                     for r, i in zip(results, replicas, strict=True)])
     return out
 
 
-def merge(cluster: Cluster, per_replica: list[RunResult], slo: SLO) -> RunResult:
-    """The cluster's RunResult from its replicas'."""
+def joined_timeline(runs: list[EngineRun]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The replicas' timeline tables, one after the other (without the ``replica`` column), and
+    the first row of each (then the number of rows): the cluster's steps in memory once."""
+    steps, starts = StepLog.join([run.steps for run in runs])
+    usage = np.empty(starts[-1])
+    for i, run in enumerate(runs):
+        a, b = starts[i], starts[i + 1]
+        kv_usage(steps["kv_blocks_used"][a:b], run.kv.num_blocks, out=usage[a:b])
+    return timeline_columns(steps, usage), starts
+
+
+def merge(cluster: Cluster, per_replica: list[RunResult], slo: SLO, timeline: dict[str, np.ndarray]) -> RunResult:
+    """The cluster's RunResult from its replicas' and its timeline (``joined_timeline``, with the
+    ``replica`` column)."""
     indices = [r.index for r in cluster.replicas]
-    timeline = _concat(per_replica, "timeline", indices)
     if cluster.decode is None:
-        requests = _concat(per_replica, "requests", indices)
+        requests = _requests(per_replica, indices)
         order = np.argsort(requests["request_id"], kind="stable")
         requests = {k: v[order] for k, v in requests.items()}
         front = per_replica

@@ -92,17 +92,30 @@ class StepLog:
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every step's values, one numpy array per column (STEP_COLUMNS)."""
-        self._flush()
+        return StepLog.join([self])[0]
+
+    @staticmethod
+    def join(logs: list[StepLog]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """The steps of ``logs``, one log after the other, one numpy array per column
+        (STEP_COLUMNS), and the first row of each log (then the number of rows). Each log keeps
+        its rows as a view of the joined ones: one copy in memory, not the chunks as well."""
+        for log in logs:
+            log._flush()
+        starts = [0]
+        for log in logs:
+            starts.append(starts[-1] + len(log))
         out = {}
-        for name in self.ROW_COLUMNS:
+        for name in StepLog.ROW_COLUMNS:
             dtype = np.int32 if name == "kv_blocks_used" else np.float64
-            parts = self._chunks[name]
+            parts = [part for log in logs for part in log._chunks[name]]
             out[name] = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-            parts[:] = [out[name]]  # keep one copy, not the chunks as well
-        counts = np.array(self._counts, dtype=np.int64)
-        for name in self.RUN_COLUMNS:
-            out[name] = np.repeat(np.array(self._values[name], dtype=np.int32), counts)
-        return out
+            for i, log in enumerate(logs):
+                log._chunks[name][:] = [out[name][starts[i] : starts[i + 1]]]
+        counts = np.array([c for log in logs for c in log._counts], dtype=np.int64)
+        for name in StepLog.RUN_COLUMNS:
+            values = [v for log in logs for v in log._values[name]]
+            out[name] = np.repeat(np.array(values, dtype=np.int32), counts)
+        return out, starts
 
 
 @dataclass

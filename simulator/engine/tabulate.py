@@ -27,8 +27,33 @@ class SimulatedRun(RunResult):
     decisions: list[SchedulerOutput] | None = None
 
 
-def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> SimulatedRun:
-    """Turn an EngineRun into request and timeline columns and a summary."""
+def kv_usage(used: np.ndarray, num_blocks: int, out: np.ndarray | None = None) -> np.ndarray:
+    """KV usage from blocks used, as vLLM reports it (the null block excluded)."""
+    return np.true_divide(used, max(num_blocks - 1, 1), out=out)
+
+
+def timeline_columns(steps: dict[str, np.ndarray], usage: np.ndarray) -> dict[str, np.ndarray]:
+    """The timeline table (TIMELINE_COLUMNS) from an engine's step columns (``StepLog.columns``)
+    and its KV usage per step (``kv_usage``)."""
+    return {
+        "time_s": steps["end_s"],
+        "step_time_s": steps["step_s"],
+        "running": steps["running"],
+        "waiting": steps["waiting"],
+        "kv_blocks_used": steps["kv_blocks_used"],
+        "kv_usage": usage,
+        "prefill_tokens": steps["prefill_tokens"],
+        "decode_tokens": steps["decode_tokens"],
+        "batch_size": steps["batch_size"],
+        "preempted": steps["preempted"],
+    }
+
+
+def tabulate(run: EngineRun, workload: Workload, slo: SLO,
+             timeline: dict[str, np.ndarray] | None = None) -> SimulatedRun:
+    """Turn an EngineRun into request and timeline columns and a summary (``timeline``: its
+    timeline table where the caller made it, ``timeline_columns``; a cluster's replicas get
+    views of the cluster's)."""
     reqs = run.requests
     n = len(reqs)
     nan = np.nan
@@ -70,20 +95,9 @@ def tabulate(run: EngineRun, workload: Workload, slo: SLO) -> SimulatedRun:
         "kv_block_seconds": block_seconds,
         "reject_reason": np.array([r.reject_reason for r in reqs], dtype=object),
     }
-    s = run.steps.columns()
-    used = s["kv_blocks_used"]
-    timeline = {
-        "time_s": s["end_s"],
-        "step_time_s": s["step_s"],
-        "running": s["running"],
-        "waiting": s["waiting"],
-        "kv_blocks_used": used,
-        "kv_usage": used / max(run.kv.num_blocks - 1, 1),  # vLLM's usage: null block excluded
-        "prefill_tokens": s["prefill_tokens"],
-        "decode_tokens": s["decode_tokens"],
-        "batch_size": s["batch_size"],
-        "preempted": s["preempted"],
-    }
+    if timeline is None:
+        steps = run.steps.columns()
+        timeline = timeline_columns(steps, kv_usage(steps["kv_blocks_used"], run.kv.num_blocks))
     assert tuple(requests) == REQUEST_COLUMNS and tuple(timeline) == TIMELINE_COLUMNS
     summary = summarize(requests, timeline, slo, run.end_s)
     summary.sections["kv_cache"] = {
