@@ -71,14 +71,13 @@ def merge(cluster: Cluster, per_replica: list[RunResult], slo: SLO, timeline: di
         requests = _disaggregated(cluster, per_replica[:p], per_replica[p:])
         front = per_replica[:p]
     end_s = max((r.end_s for r in cluster.replicas), default=0.0)
-    summary = summarize(requests, timeline, slo, end_s)
     kv = [r.summary["kv_usage"] for r in per_replica]
-    summary["kv_usage"] = {
+    summary = summarize(requests, timeline, slo, end_s, kv={  # folded: the replicas' timelines are not one series
         "mean": float(np.mean([k["mean"] for k in kv])),
         "peak": float(max(k["peak"] for k in kv)),
         "std": float(np.mean([k["std"] for k in kv])),
         "seconds_above_95pct": float(sum(k["seconds_above_95pct"] for k in kv)),
-    }
+    })
     summary["kv_cache"] = per_replica[0].summary["kv_cache"]
     queried = sum(r.summary["prefix_cache"]["queried_tokens"] for r in front)
     hits = sum(r.summary["prefix_cache"]["hit_tokens"] for r in front)

@@ -151,14 +151,16 @@ def stragglers(e2e_s: np.ndarray, block_seconds: np.ndarray, share: float = 0.05
 
 
 def summarize(requests: dict[str, np.ndarray], timeline: dict[str, np.ndarray], slo: SLO,
-              end_s: float) -> Summary:
-    """The run's summary (summary.json without config and provenance)."""
+              end_s: float, kv: KVUsage | None = None) -> Summary:
+    """The run's summary (summary.json without config and provenance); ``kv``: its KV usage where
+    the caller has it (a cluster's, folded from its replicas'), else from the timeline."""
     status = requests["status"]
     done = status == "completed"
     first = float(np.min(requests["arrival_s"])) if len(status) else 0.0
     duration = max(end_s - first, 1e-9)
     out_tokens = float(requests["output_tokens"][done].sum())
-    kv = time_weighted_kv(timeline["time_s"], timeline["kv_usage"], end_s)
+    if kv is None:
+        kv = time_weighted_kv(timeline["time_s"], timeline["kv_usage"], end_s)
     return Summary(
         requests=int(len(status)),
         completed=int(done.sum()),
