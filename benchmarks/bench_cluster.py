@@ -12,13 +12,22 @@ not move), and a sha256 of the merged tables (equal: bit-identical). CPU time (t
 time: the 2-core machine is shared; medians of `--repeats` rounds (default 3), the routers interleaved.
 ``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
 TPOT, E2E, SLO attainment). Overrides (``--set workload.rate=40``) go to the simulator's config.
+``--instructions`` adds each router's ratio in instructions executed (valgrind's cachegrind, no
+cache simulation; ~3 minutes a router): deterministic where CPU time on a shared VM is not, so it
+ranks changes of a few percent, though it runs below the CPU-time ratio (the cluster's code runs
+at fewer instructions per cycle).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,9 +48,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds per router (CPU times vary by 20%% on a shared 2-core VM): medians")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. workload.rate=40")
+    parser.add_argument("--instructions", action="store_true",
+                        help="also the ratio in instructions executed, under valgrind (deterministic)")
+    parser.add_argument("--phase", choices=["startup", "cluster", "alone"], help=argparse.SUPPRESS)
+    parser.add_argument("--router", help=argparse.SUPPRESS)
+    parser.add_argument("--assignment", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.exit(2, f"error: --repeats: must be an integer >= 1, got {args.repeats}\n")
+    if args.instructions and shutil.which("valgrind") is None:
+        parser.exit(2, "error: --instructions: needs valgrind on the PATH (apt install valgrind)\n")
 
     from hydra import compose, initialize_config_dir
 
@@ -56,6 +72,8 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     spec = build_run(cfg, overrides)
+    if args.phase is not None:  # one side alone, for --instructions (run under valgrind)
+        return run_phase(args, spec)
     print(f"{len(spec.workload)} requests of {spec.workload.name}, {args.replicas} replicas, staleness {args.staleness} s, "
           f"{spec.model.name} on {spec.hardware.name}")
     from simulator.engine import fast_forward
@@ -100,8 +118,53 @@ def main() -> None:
     if args.repeats > 1:
         print(f"(medians of {args.repeats} rounds, the routers interleaved, each the cluster then its replicas "
               "alone; ratio: the median of the rounds' ratios)")
+    if args.instructions:
+        print(f"\n{'router':<20}{'cluster instr.':>16}{'sum single instr.':>19}{'ratio':>7}")
+        for router in args.routers:
+            assignment = last[router][0].result.requests
+            cluster, alone = instructions(args, router, assignment["request_id"], assignment["replica"])
+            print(f"{router:<20}{cluster / 1e9:>15.2f}G{alone / 1e9:>18.2f}G{cluster / alone:>7.2f}")
+        print("(instructions executed, valgrind --tool=cachegrind --cache-sim=no, interpreter start-up subtracted)")
     if args.disaggregated:
         disaggregation(spec, args.replicas)
+
+
+def instructions(args, router: str, request_id: np.ndarray, replica: np.ndarray) -> tuple[int, int]:
+    """Instructions the cluster and its replicas alone execute (each a process under valgrind,
+    less one that only starts up), the replicas given the requests the cluster sent them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        assignment = Path(tmp) / "assignment.npz"
+        np.savez(assignment, request_id=request_id, replica=replica)
+        common = [sys.executable, str(Path(__file__).resolve()), "--replicas", str(args.replicas),
+                  "--requests", str(args.requests), "--staleness", str(args.staleness), "--router", router,
+                  "--assignment", str(assignment), "--set", *args.set]
+        counts = {}
+        for phase in ("startup", "cluster", "alone"):
+            proc = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                                   *common, "--phase", phase], capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONHASHSEED": "0"})
+            found = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
+            if proc.returncode != 0 or found is None:
+                sys.exit(f"error: --instructions: the {phase} run under valgrind failed: {proc.stderr[-500:]}")
+            counts[phase] = int(found.group(1).replace(",", ""))
+    return counts["cluster"] - counts["startup"], counts["alone"] - counts["startup"]
+
+
+def run_phase(args, spec) -> None:
+    """One side of the comparison, for ``instructions``: nothing (start-up), the cluster, or its
+    replicas alone (their requests from ``--assignment``)."""
+    from simulator.cluster import ClusterSpec, simulate_cluster
+    from simulator.engine.loop import simulate
+
+    if args.phase == "cluster":
+        simulate_cluster(spec.workload, spec.engine, spec.perf,
+                         ClusterSpec(replicas=args.replicas, router=args.router, staleness_s=args.staleness),
+                         slo=spec.slo, seed=spec.seed)
+    elif args.phase == "alone":
+        assignment = np.load(args.assignment)
+        for index in range(args.replicas):
+            ids = assignment["request_id"][assignment["replica"] == index]
+            simulate(spec.workload.select(ids), spec.engine, spec.perf, slo=spec.slo, seed=spec.seed + index)
 
 
 def tables_digest(result) -> str:
