@@ -450,9 +450,10 @@ class _WaitingRun:
         else:
             checks.update(t for t in releasing if lo <= t <= hi)
         max_num_seqs = sched.config.max_num_seqs
-        seated = int(np.count_nonzero(listed)) >= max_num_seqs  # (else a seat is free)
+        releases = release[listed] if checks else _EMPTY  # the listed members' (read once)
+        seated = len(releases) >= max_num_seqs  # (else a seat is free)
         for t in sorted(checks):
-            if seated and int(np.count_nonzero(release[listed] > t)) >= max_num_seqs:
+            if seated and int(np.count_nonzero(releases > t)) >= max_num_seqs:
                 continue
             # (the blocks before ``pos``, those of steps before lo, are counted: ``before_pos``)
             served = self._served_before(int(self.steps.searchsorted(t, side="right")), pos, before_pos)
