@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import os
 from types import SimpleNamespace
 
@@ -75,11 +76,14 @@ def _anonymous_bytes() -> int:
 
 def test_rss_counts_an_allocation():
     before = _anonymous_bytes()
-    block = bytearray(64 * 2**20)
-    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
+    # fresh pages from the kernel (mmap), not from an allocator that may hand back memory it
+    # keeps resident (the test suite's process has torch's allocator loaded)
+    block = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for offset in range(0, len(block), mmap.PAGESIZE):  # touch every page
+        block[offset] = 1
     after = _anonymous_bytes()
     assert after - before >= 60 * 2**20
     rss = process_rss_bytes()
     assert rss >= after  # the resident total holds the allocation
     assert peak_rss_bytes() >= 0.98 * rss  # ru_maxrss counts a little differently from statm
-    del block
+    block.close()
