@@ -231,9 +231,9 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float, float] | 
     """(per step, per request in the step, per KV token attended) the server spends beyond
     the model, from the live runs' decode probes (``summary.live.decode_probe`` and
     ``decode_probe_after``: known decode batches before and after the workload);
-    calibration.serving.decode_offsets does the arithmetic for live runs and profiles alike.
-    None without probes."""
-    return serving.decode_offsets(model, probe_sets(live))
+    calibration.serving.decode_terms does the arithmetic, and bounds a per-KV-token term, for
+    live runs and profiles alike. None without probes."""
+    return serving.decode_terms(model, probe_sets(live), [], speculative=False)[0]
 
 
 def probe_sets(live: list[RunResult]) -> list[dict]:
@@ -256,10 +256,11 @@ def step_gap(arg: str, live: list[RunResult], model=None) -> StepOffsets:
     if arg == "none":
         return StepOffsets(0.0, 0.0, 0.0, "none: the profiler's step times span whole engine steps")
     if arg == "probe":
-        terms = probe_offsets(model, live) if model is not None else None
+        terms, note = serving.decode_terms(model, probe_sets(live), [], speculative=False) \
+            if model is not None else (None, "")
         if terms is None:
             return StepOffsets(0.0, 0.0, 0.0, "probe: no live decode probes, nothing added")
-        return StepOffsets(*terms, "probe: server minus model step times on the live runs' decode probes")
+        return StepOffsets(*terms, "probe: server minus model step times on the live runs' decode probes" + note)
     if arg == "gap":
         measured = [r.summary.get("live", {}).get("inter_step_gap_s") for r in live]
         measured = [g for g in measured if g is not None]
@@ -276,8 +277,9 @@ def step_gap(arg: str, live: list[RunResult], model=None) -> StepOffsets:
 
 def probe_prefill_per_token(model, live: list[RunResult]) -> float | None:
     """What a prefill token costs on the server beyond the model, from the live runs' isolated
-    prefill probes (calibration.serving.prefill_per_token). None without probes at two lengths."""
-    return serving.prefill_per_token(model, probe_sets(live))
+    prefill probes (calibration.serving.prefill_term: bounded as a profile's). None without
+    probes at two lengths."""
+    return serving.prefill_term(model, model, probe_sets(live), [], speculative=False)[0]
 
 
 def prefill_offset(arg: str, live: list[RunResult], model=None) -> tuple[float, str]:
@@ -285,10 +287,11 @@ def prefill_offset(arg: str, live: list[RunResult], model=None) -> tuple[float, 
     if arg == "none":
         return 0.0, "none"
     if arg == "probe":
-        slope = probe_prefill_per_token(model, live) if model is not None else None
+        slope, note = serving.prefill_term(model, model, probe_sets(live), [], speculative=False) \
+            if model is not None else (None, "")
         if slope is None:
             return 0.0, "probe: no live prefill probes at two lengths, nothing added"
-        return slope, "probe: server minus model prefill step times on the live runs' prefill probes"
+        return slope, "probe: server minus model prefill step times on the live runs' prefill probes" + note
     try:
         return float(arg), "given"
     except ValueError:

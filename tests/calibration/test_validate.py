@@ -225,6 +225,28 @@ def test_long_context_decode_probe_separates_a_per_kv_token_offset(truth):
     assert model.describe()["step_gap_per_context_token_s"] == per_kv
 
 
+def test_probe_terms_are_bounded_as_a_profiles_serving_terms(truth):
+    """The live runs' four probe batches, extrapolated to the workload's long contexts: a
+    per-KV-token term of 3x the fit's own is bounded as the profiler's serving phase bounds it
+    (calibration.serving.decode_terms), the other two refitted around it, and said."""
+    from calibration.cmd_validate import step_gap
+    from calibration.fit import fit_profile
+    from calibration.serving import DRIFT_BOUND, overheads_from_probes
+    from tests.calibration.test_fit import synthetic_profile
+    from tests.calibration.test_serving import ENGINE, decode_probe
+
+    bare = fit_profile(synthetic_profile())
+    kv_cost = bare.coefficients["per_decode_kv_token"]
+    probes = {"decode_probe": [decode_probe(bare, b, p, 0.001 + 3 * kv_cost * b * (p + 51))
+                               for b, p in ((1, 32), (8, 32), (1, 384), (8, 384))]}
+    live = [type(r)(r.requests, r.timeline, {**r.summary, "live": probes}) for r in truth]
+    offsets = step_gap("probe", live, bare)
+    assert offsets.per_context_token == pytest.approx(DRIFT_BOUND * kv_cost)
+    assert "per KV token clamped" in offsets.source
+    profiled = overheads_from_probes(bare, [probes], ENGINE, False, "test")
+    assert (offsets.per_step, offsets.per_request) == pytest.approx((profiled.per_step_s, profiled.per_request_s))
+
+
 def test_prefill_offset_is_the_slope_of_server_minus_model_over_prompt_length(truth):
     from calibration.cmd_validate import prefill_offset, probe_prefill_per_token
 
