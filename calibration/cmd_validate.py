@@ -233,7 +233,12 @@ def probe_offsets(model, live: list[RunResult]) -> tuple[float, float, float] | 
     ``decode_probe_after``: known decode batches before and after the workload);
     calibration.serving.decode_terms does the arithmetic, and bounds a per-KV-token term, for
     live runs and profiles alike. None without probes."""
-    return serving.decode_terms(model, probe_sets(live), [], speculative=False)[0]
+    return _probe_decode_terms(model, live)[0]
+
+
+def _probe_decode_terms(model, live: list[RunResult]) -> tuple[tuple[float, float, float] | None, str]:
+    """``probe_offsets`` and the note on its bound (calibration.serving.decode_terms)."""
+    return serving.decode_terms(model, probe_sets(live), [], speculative=False)
 
 
 def probe_sets(live: list[RunResult]) -> list[dict]:
@@ -256,8 +261,7 @@ def step_gap(arg: str, live: list[RunResult], model=None) -> StepOffsets:
     if arg == "none":
         return StepOffsets(0.0, 0.0, 0.0, "none: the profiler's step times span whole engine steps")
     if arg == "probe":
-        terms, note = serving.decode_terms(model, probe_sets(live), [], speculative=False) \
-            if model is not None else (None, "")
+        terms, note = _probe_decode_terms(model, live) if model is not None else (None, "")
         if terms is None:
             return StepOffsets(0.0, 0.0, 0.0, "probe: no live decode probes, nothing added")
         return StepOffsets(*terms, "probe: server minus model step times on the live runs' decode probes" + note)
@@ -279,7 +283,12 @@ def probe_prefill_per_token(model, live: list[RunResult]) -> float | None:
     """What a prefill token costs on the server beyond the model, from the live runs' isolated
     prefill probes (calibration.serving.prefill_term: bounded as a profile's). None without
     probes at two lengths."""
-    return serving.prefill_term(model, model, probe_sets(live), [], speculative=False)[0]
+    return _probe_prefill_term(model, live)[0]
+
+
+def _probe_prefill_term(model, live: list[RunResult]) -> tuple[float | None, str]:
+    """``probe_prefill_per_token`` and the note on its bound (calibration.serving.prefill_term)."""
+    return serving.prefill_term(model, model, probe_sets(live), [], speculative=False)
 
 
 def prefill_offset(arg: str, live: list[RunResult], model=None) -> tuple[float, str]:
@@ -287,8 +296,7 @@ def prefill_offset(arg: str, live: list[RunResult], model=None) -> tuple[float, 
     if arg == "none":
         return 0.0, "none"
     if arg == "probe":
-        slope, note = serving.prefill_term(model, model, probe_sets(live), [], speculative=False) \
-            if model is not None else (None, "")
+        slope, note = _probe_prefill_term(model, live) if model is not None else (None, "")
         if slope is None:
             return 0.0, "probe: no live prefill probes at two lengths, nothing added"
         return slope, "probe: server minus model prefill step times on the live runs' prefill probes" + note

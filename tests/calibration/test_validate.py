@@ -226,7 +226,7 @@ def test_long_context_decode_probe_separates_a_per_kv_token_offset(truth):
 
 
 def test_probe_terms_are_bounded_as_a_profiles_serving_terms(truth):
-    """The live runs' four probe batches, extrapolated to the workload's long contexts: a
+    """The live runs' four probe batches, each measured to ~30% on a shared machine: a
     per-KV-token term of 3x the fit's own is bounded as the profiler's serving phase bounds it
     (calibration.serving.decode_terms), the other two refitted around it, and said."""
     from calibration.cmd_validate import step_gap
