@@ -265,6 +265,8 @@ class Cluster:
                                  for i in range(d)],
                                 make_router(spec.router, d, seed=seed + 1, load_cap=spec.load_cap))
         self.replicas = self.front.replicas + (self.decode.replicas if self.decode else [])
+        for replica in self.front.replicas:
+            replica.known_from = self._next_arrival_s
         #: half the shortest step each replica's model gives (one decode token): a safe lower bound on
         #: the time between two of its steps' ends
         self._min_step_s = [0.5 * r.perf.step_time(StepBatch(decode_context=[1], decode_spec_tokens=[0]))
@@ -407,6 +409,13 @@ class Cluster:
             return replica.reports_known_until(until)
         # (its reports count the finishes foreseen, where they hold)
         return max(replica.no_finish_until(until, self._min_step_s[replica.index]), replica.foreseen_until())
+
+    def _next_arrival_s(self) -> float:
+        """The next arrival not routed yet (inf: none): no request routed from now on arrives
+        before it."""
+        g = self._next_unrouted
+        arrival = self.workload.arrival_s
+        return float(arrival[g]) if g < len(arrival) else math.inf
 
     def _front_known_until(self, now: float, index: int | None = None) -> float:
         """Until when the requests routed to front replica ``index`` (None: any) are known: the

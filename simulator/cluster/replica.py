@@ -138,6 +138,9 @@ class ReplicaEngine(Engine):
         self.count = 0  # requests routed here so far
         self.sent = 0  # requests the router sent here (its own count)
         self._known_until = known_until
+        #: a lower bound on ``known_until`` quicker to read (the cluster sets it: its next arrival
+        #: not routed yet, before which no request routed from now on arrives)
+        self.known_from: Callable[[], float] = lambda: -math.inf
         self._on_finish = on_finish
         self._finish_times: list[float] = []  # heap of finish times reported, not yet counted
         self._finished_before = 0
@@ -740,15 +743,18 @@ class ReplicaEngine(Engine):
         that step is scheduled, before now. So no request routed here later may arrive before
         the step after those admissions is scheduled (``known_until``: the first arrival the
         router may send here)."""
-        held = self._held
-        steps = {a.step for a in held.run.admissions}
-        step = next((a.step for a in held.run.admissions if a.rid == j), None)
-        if step is None:
+        admissions = self._held.run.admissions
+        at = next((i for i in range(len(admissions) - 1, -1, -1) if admissions[i].rid == j), None)
+        if at is None:
             return False
-        while step + 1 in steps:
-            step += 1
+        step = admissions[at].step
+        for a in admissions[at + 1 :]:  # (in step order) the admissions in the steps right after
+            if a.step > step + 1:
+                break
+            step = a.step
         # step s >= 2 is scheduled at ends[s - 1 - lag]
-        return self._known_until(self.env.now) > held.ends[step - self.scheduler._runs.lag]
+        scheduled = self._held.ends[step - self.scheduler._runs.lag]
+        return self.known_from() > scheduled or self._known_until(self.env.now) > scheduled
 
     def _defer(self, j: int) -> bool:
         """Request ``j``, arriving now, stays in the run held (not queued) until the step admitting
