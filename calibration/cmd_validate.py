@@ -15,7 +15,9 @@ Reuse what exists::
 
 Steps: (1) the profile: ``--profile DIR`` or a fresh one from
 ``python -m profiler model=<model> optimization=none`` on ``--grid`` (default
-``validation``: the smoke grid widened to decode batches up to 16);
+``validation``: the smoke grid widened to decode batches up to 16; its serving phase on one
+server and without a served load, whose steps give only the profile's own overhead terms, unless
+a mode below is ``auto``);
 (2) ``calibration.fit.load_fitted_model``; (3) the live runs: ``--live-runs``
 or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
 times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
@@ -49,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import serving, validate
+from calibration import scenario_pace, serving, validate
 from calibration.cli_args import (
     OneLineParser,
     arg_type,
@@ -164,11 +166,14 @@ def workload_and_engine(args) -> tuple[Workload, EngineConfig, str, str]:
 
 
 def run_profiler(model: str, grid: str, out_dir: Path, engine: EngineConfig, optimization: str = "none",
-                 serving_servers: int | None = None) -> Path:
+                 serving_servers: int | None = None, load_requests: int | None = None) -> Path:
     """Profile ``model`` with the profiler CLI into ``out_dir`` (it finds the engine env itself);
-    ``serving_servers``: servers of its serving phase (None: the profiler's default)."""
+    ``serving_servers``: servers of its serving phase, ``load_requests``: requests of the served
+    load on each (None: the profiler's defaults)."""
     grid_args = VALIDATION_GRID if grid == "validation" else [f"grid={grid}"]
     serving = [f"serving.servers={serving_servers}"] if serving_servers else []
+    if load_requests is not None:
+        serving.append(f"serving.load_requests={load_requests}")
     cmd = [sys.executable, "-m", "profiler", f"model={model}", f"optimization={optimization}", *grid_args,
            f"output_dir={out_dir}", f"engine.block_size={engine.block_size}",
            f"engine.max_num_batched_tokens={engine.max_num_batched_tokens}", "resume=false", *serving]
@@ -436,13 +441,23 @@ def main(argv: list[str]) -> int:
     workload, engine, name, optimization = workload_and_engine(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    workload.save(out / "workload.parquet")
     # the validated servers' own probes price the steps unless a mode asks for the profile's serving terms:
-    # then one server's serving phase is enough (its shape probes), else the profiler's default
+    # then one server's serving phase, without a served load (whose steps give only those terms), is
+    # enough (its shape probes), else the profiler's defaults
     uses_profile = "auto" in (args.step_gap, args.prefill_offset, args.request_overhead)
     profile_dir = Path(args.profile) if args.profile else run_profiler(
-        args.model, args.grid, out / "profile", engine, optimization, serving_servers=None if uses_profile else 1)
+        args.model, args.grid, out / "profile", engine, optimization, serving_servers=None if uses_profile else 1,
+        load_requests=None if uses_profile else 0)
     fitted = load_model(profile_dir)
+    pace = None
+    if not args.workload and not args.live_runs:  # a scenario replayed now: its load relative to this host
+        pace = scenario_pace.pace_of_profile(profile_dir, fitted, load_model)
+        workload = scenario_pace.paced(workload, pace)
+        if pace.factor != 1.0:
+            print(f"[validate] this host's server runs a decode step {pace.slowdown:.1f}x as long as the profile the "
+                  f"scenario's rates were set on: its arrivals spread by that factor (calibration/scenario_pace.py)",
+                  file=sys.stderr, flush=True)
+    workload.save(out / "workload.parquet")
     live, problems = live_runs(args, workload, engine, out)
     if not live:
         print("error: live: no live run finished", file=sys.stderr)
@@ -496,6 +511,7 @@ def main(argv: list[str]) -> int:
     machines = [r.metadata.get("machine", {}) for r in live]
     context = {
         "scenario": name,
+        "pace": pace.to_dict() if pace is not None else None,
         "workload": {"requests": len(workload), "duration_s": workload.duration_s,
                      "output_tokens": int(workload.output_tokens.sum())},
         "engine": engine.to_dict(),

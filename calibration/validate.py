@@ -428,7 +428,7 @@ def write_report(report: ValidationReport, live: Sequence[RunResult], sim: Seque
     md = [f"# {title}", ""]
     verdict = "PASS" if report.passed else ("FAIL: " + ", ".join(r.label for r in report.failures()))
     md += [f"**Verdict:** {verdict}", ""]
-    for key in ("scenario", "workload", "live_runs", "sim_runs", "performance_model", "step_gap_s",
+    for key in ("scenario", "pace", "workload", "live_runs", "sim_runs", "performance_model", "step_gap_s",
                 "step_gap_per_request_s", "step_gap_source", "request_overhead_s", "request_overhead_source",
                 "jitter", "async_scheduling", "machine", "notes"):
         if key in ctx:

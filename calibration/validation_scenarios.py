@@ -1,7 +1,9 @@
 """Validation scenarios on the tiny model and a CPU: a workload plus the engine settings.
 
 Each scenario is small enough for a 2-core machine and built to stress one
-thing the simulator must get right:
+thing the simulator must get right. The rates are those of the host of the
+shipped tiny-llama CPU profile; ``calibration validate`` spreads a scenario's
+arrivals on a host whose server is markedly slower (calibration/scenario_pace.py):
 
 - ``ci-reasoning``: the CI end-to-end test. Outputs long relative to prompts
   (reasoning-like), Gamma arrivals with cv 2, and a KV cache of 64 blocks of

@@ -421,3 +421,53 @@ def test_bad_arguments_are_one_line_before_anything_runs(tmp_path, args, expecte
     assert proc.returncode == 2
     assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr
     assert not out.exists()
+
+
+def test_a_scenario_is_paced_to_a_host_whose_engine_is_slower_than_the_reference():
+    """A scenario's arrivals are spread by the host's slowdown against the reference profile
+    where it exceeds the threshold (a decode step of 3x: arrivals 3x as far apart), and left
+    as they are within it (1.2x: one host's servers differ by that much)."""
+    from calibration.scenario_pace import PACE_THRESHOLD, pace_for, paced
+
+    reference = Linear()
+    slow = pace_for(Linear(scale=3.0), reference)
+    assert slow.slowdown == pytest.approx(3.0) and slow.factor == pytest.approx(3.0)
+    spread = paced(WORKLOAD, slow)
+    np.testing.assert_allclose(spread.arrival_s, 3.0 * WORKLOAD.arrival_s)
+    np.testing.assert_array_equal(spread.output_tokens, WORKLOAD.output_tokens)
+    near = pace_for(Linear(scale=1.2), reference)
+    assert near.slowdown == pytest.approx(1.2) and near.slowdown < PACE_THRESHOLD and near.factor == 1.0
+    assert paced(WORKLOAD, near) is WORKLOAD
+    assert pace_for(Linear(scale=0.5), reference).factor == 1.0  # a faster host: the scenario as set
+    assert slow.to_dict()["reference"] == "calibration/profiles/cpu-amd-2c/tiny-llama/none"
+
+
+def test_the_reference_profile_prices_the_pace_step():
+    """The shipped profile the scenarios' rates were set on loads and prices the pace's step."""
+    from calibration.cmd_validate import load_model
+    from calibration.scenario_pace import REFERENCE_PROFILE, decode_step_s
+
+    assert 0.0 < decode_step_s(load_model(REFERENCE_PROFILE)) < 1.0
+
+
+def test_the_pace_reads_the_servers_decode_probes_where_both_profiles_have_them(tmp_path):
+    """A profile whose serving phase's decode probes of 8 requests ran at 4x the reference's
+    median is paced by 4; one without a serving phase falls back to the fits (here equal: 1)."""
+    import json
+
+    from calibration.scenario_pace import (
+        PACE_BATCH,
+        REFERENCE_PROFILE,
+        pace_of_profile,
+        server_decode_step_s,
+    )
+
+    reference = server_decode_step_s(REFERENCE_PROFILE)
+    assert reference is not None and 0.0 < reference < 1.0
+    probes = [{"decode_probe": [{"batch": PACE_BATCH, "prompt_tokens": 32, "wall_per_step_s": 4 * reference},
+                                {"batch": 1, "prompt_tokens": 32, "wall_per_step_s": 100.0}]}]
+    (tmp_path / "profile.json").write_text(json.dumps({"serving": {"probes": probes}}))
+    pace = pace_of_profile(tmp_path, Linear(), lambda _: Linear())
+    assert pace.factor == pytest.approx(4.0) and "probes" in pace.measured
+    (tmp_path / "profile.json").write_text(json.dumps({}))
+    assert pace_of_profile(tmp_path, Linear(), lambda _: Linear()).factor == 1.0
