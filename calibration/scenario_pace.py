@@ -55,7 +55,7 @@ def decode_step_s(model: PerformanceModel) -> float:
 def server_decode_step_s(profile_dir: Path) -> float | None:
     """The median wall time per step of the profile's serving-phase decode probes of ``PACE_BATCH``
     requests (None: no serving phase, or no such probe)."""
-    serving = json.loads((Path(profile_dir) / "profile.json").read_text()).get("serving") or {}
+    serving = _meta(profile_dir).get("serving") or {}
     walls = [probe["wall_per_step_s"] for probes in serving.get("probes", [])
              for probe in probes.get("decode_probe", []) if probe.get("batch") == PACE_BATCH]
     return statistics.median(walls) if walls else None
@@ -68,11 +68,20 @@ def pace_for(model: PerformanceModel, reference: PerformanceModel) -> Pace:
 
 def pace_of_profile(profile_dir: Path, model: PerformanceModel, load: Callable[[Path], PerformanceModel]) -> Pace:
     """The pace for the host ``profile_dir`` was taken on (``model``: its fit; ``load``: loads a
-    profile's fit): from the two profiles' servers where both have decode probes, else the fits."""
+    profile's fit): from the two profiles' servers where both have decode probes, else the fits.
+    A profile of another optimization than the reference's (none) is not paced: its steps differ
+    by the optimization, not by the host alone."""
+    optimization = (_meta(profile_dir).get("optimization") or {}).get("name", "none")
+    if optimization != "none":
+        return Pace(1.0, 1.0, f"not measured: a profile of {optimization!r}, the reference's is 'none'")
     mine, theirs = server_decode_step_s(profile_dir), server_decode_step_s(REFERENCE_PROFILE)
     if mine is not None and theirs is not None:
         return _pace(mine / theirs, f"the servers' decode probes of {PACE_BATCH} requests (medians)")
     return pace_for(model, load(REFERENCE_PROFILE))
+
+
+def _meta(profile_dir: Path) -> dict:
+    return json.loads((Path(profile_dir) / "profile.json").read_text())
 
 
 def _pace(slowdown: float, measured: str) -> Pace:

@@ -471,3 +471,7 @@ def test_the_pace_reads_the_servers_decode_probes_where_both_profiles_have_them(
     assert pace.factor == pytest.approx(4.0) and "probes" in pace.measured
     (tmp_path / "profile.json").write_text(json.dumps({}))
     assert pace_of_profile(tmp_path, Linear(), lambda _: Linear()).factor == 1.0
+    # another optimization's probes differ by it, not by the host: not paced
+    spec = {"optimization": {"name": "spec_ngram"}, "serving": {"probes": probes}}
+    (tmp_path / "profile.json").write_text(json.dumps(spec))
+    assert pace_of_profile(tmp_path, Linear(), lambda _: Linear()).factor == 1.0
