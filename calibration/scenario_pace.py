@@ -39,7 +39,7 @@ class Pace:
 
     slowdown: float
     factor: float  # 1.0: the scenario as it is
-    measured: str = "the fitted engines' decode step"
+    measured: str  # what was compared
 
     def to_dict(self) -> dict[str, float | str]:
         return {"slowdown": round(self.slowdown, 3), "factor": round(self.factor, 3), "measured": self.measured,

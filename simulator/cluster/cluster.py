@@ -423,10 +423,8 @@ class Cluster:
         may send it (``Router.first_may_get``, from what is known of its reports then)."""
         arrival = self.workload.arrival_s
         g = self._next_unrouted
-        if g >= len(arrival):
-            return math.inf
-        if index is None or not self.pass_arrivals:
-            return float(arrival[g])
+        if g >= len(arrival) or index is None or not self.pass_arrivals:
+            return self._next_arrival_s()
         # (a run passing arrivals ends exactly at its time: ``ExactEnvironment.timeout_at``)
         end = g + self.front.router.first_may_get(index, _Outlook(self, self.front.replicas[index], g))
         return float(arrival[end]) if end < len(arrival) else math.inf
