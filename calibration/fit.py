@@ -47,6 +47,7 @@ from simulator.records.performance import (
     PerformanceModel,
     ShapeCacheCost,
     StepBatch,
+    keeps_shape_cache,
 )
 from simulator.records.profile import META_FILE, SHAPE_PHASES, Profile, engine_settings
 
@@ -218,6 +219,16 @@ def _misses_in_probes(probe_sets: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(token counts, miss seconds) of a serving phase's shape probes: cold minus warm TTFT."""
     pairs = [(p["tokens"], p["cold_s"] - p["warm_s"]) for probes in probe_sets for p in probes.get("shape_probe") or []]
     return np.array([t for t, _ in pairs], dtype=np.float64), np.array([m for _, m in pairs], dtype=np.float64)
+
+
+def has_primitive_cache(meta: Any) -> bool:
+    """Whether the profiled engine keeps per-token-count set-up (the shape cache): a CPU engine
+    whose linear layers run oneDNN (``keeps_shape_cache`` of the profile's
+    ``engine.linear_dispatch``; a profile taken before it was recorded counts as oneDNN's). GPU
+    engines have no such term."""
+    if (meta.hardware or {}).get("kind") == "gpu":
+        return False
+    return keeps_shape_cache((meta.get("engine") or {}).get("linear_dispatch"))
 
 
 def shape_cache_cost(steps: pd.DataFrame, probe_sets: list[dict] | None = None) -> ShapeCacheCost | None:
@@ -393,7 +404,7 @@ def fit_profile(profile: Profile, test_fraction: float = 0.25, seed: int = 0) ->
         source=str(profile.path) if profile.path else profile.name, decode_knee=result.decode_knee,
         engine=engine_settings(profile.meta),
     )
-    if (profile.meta.hardware or {}).get("kind") != "gpu":  # GPU engines have no such term
+    if has_primitive_cache(profile.meta):
         model.shape_cache = shape_cache_cost(profile.steps, (profile.meta.get("serving") or {}).get("probes"))
     model.serving = serving_of(profile, model)  # its served loads are simulated with the shape cost
     return model

@@ -294,6 +294,18 @@ class EngineSession:
         measured = getattr(self.model_runner, "model_memory_usage", None)
         return int(measured) if measured else None
 
+    def linear_dispatch(self) -> str | None:
+        """How vLLM's CPU build runs the model's linear layers: ``onednn`` (oneDNN matmul handlers,
+        whose per-row-count primitives are the shape cache calibration.fit prices), ``torch`` (its
+        fallback where oneDNN cannot be used, e.g. AVX2 without AVX-512), ``sgl`` or ``zentorch``;
+        several joined by ``+``. None where the model is not in this process or has no such layers
+        (GPU engines). Read off each layer's ``cpu_linear`` (vllm/model_executor/layers/utils.py)."""
+        model = getattr(self.model_runner, "model", None)
+        if model is None or not hasattr(model, "modules"):
+            return None
+        kinds = {linear_kind(layer.cpu_linear) for layer in model.modules() if hasattr(layer, "cpu_linear")}
+        return "+".join(sorted(kinds)) or None
+
     def hf_config(self) -> dict[str, Any]:
         return self.vllm_config.model_config.hf_config.to_dict()
 
@@ -330,6 +342,21 @@ class EngineSession:
             },
             "seed": cfg.model_config.seed,
         }
+
+
+def linear_kind(cpu_linear: Any) -> str:
+    """The kind of one layer's ``cpu_linear`` (see EngineSession.linear_dispatch), by the names
+    its code calls: vLLM sets a lambda over ``onednn_mm``, ``weight_packed_linear_cpu`` or
+    ``zentorch_linear_unary``, or torch's own linear."""
+    code = getattr(cpu_linear, "__code__", None)
+    names = set(code.co_names) if code is not None else set()
+    if "onednn_mm" in names:
+        return "onednn"
+    if "weight_packed_linear_cpu" in names:
+        return "sgl"
+    if "zentorch_linear_unary" in names:
+        return "zentorch"
+    return "torch"
 
 
 def model_folder_config(model: str | Path) -> dict[str, Any] | None:

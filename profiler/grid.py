@@ -155,11 +155,14 @@ def build_points(
     phases: tuple[str, ...],
     max_model_len: int,
     max_num_batched_tokens: int,
+    shape_cache: bool = True,
 ) -> tuple[list[GridPoint], list[dict[str, Any]]]:
     """The grid's points in measuring order, and the nominal points left out (with why).
 
     Prefill chunks above the engine's token budget and points that do not fit
-    in ``max_model_len`` cannot be built by the scheduler, so they are left out.
+    in ``max_model_len`` cannot be built by the scheduler, so they are left out; so are the
+    shapes phase's points where the engine keeps no per-shape set-up (``shape_cache`` False:
+    simulator.records.performance.keeps_shape_cache).
     """
     points: list[GridPoint] = []
     left_out: list[dict[str, Any]] = []
@@ -204,6 +207,10 @@ def build_points(
                      f"context + decode steps exceed max_model_len {max_model_len}")
     if grid.shapes.enabled:
         for tokens in shape_token_counts(grid.shapes, max_num_batched_tokens):
+            if not shape_cache:
+                keep(_point("shapes", ("tokens",), tokens=tokens), False,
+                     "the engine's linear layers keep no per-shape set-up (not oneDNN): nothing to measure")
+                continue
             keep(_point("shapes", ("tokens",), tokens=tokens), tokens + 1 <= max_model_len,
                  f"tokens exceed max_model_len {max_model_len}")
     return points, left_out

@@ -38,6 +38,7 @@ from profiler.settings import TINY_MODEL, ProfilerSettings
 from profiler.store import PointStore
 from simulator.records.errors import ConfigError
 from simulator.records.model_arch import ModelArchitecture
+from simulator.records.performance import keeps_shape_cache
 from simulator.records.profile import FORMAT_NAME, FORMAT_VERSION, META_FILE, Profile
 
 GIB = 1024**3
@@ -299,15 +300,17 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     tp = settings.engine.tensor_parallel_size
     kv = kv_section(session, arch, tp)
     resolved = session.resolved_settings()
+    linear_dispatch = session.linear_dispatch()
     grid = settings.grid
+    shape_cache = keeps_shape_cache(linear_dispatch)
     points, left_out = build_points(grid, settings.optimization.phases, resolved["max_model_len"],
-                                    session.default_budget)
+                                    session.default_budget, shape_cache)
     streams = TokenStreams(arch.vocab_size, settings.seed, resolved["max_model_len"])
     runner = PhaseRunner(session, streams, grid, first_step=store.next_step)
     warmup_started = time.time()
     # the shapes phase measures first-time token counts: the warm-up's prefill then fills the whole
     # budget, so that their cold steps are not also the first ones of their activation size
-    max_chunk = max(max(grid.prefill_chunks), session.default_budget if grid.shapes.enabled else 0)
+    max_chunk = max(max(grid.prefill_chunks), session.default_budget if grid.shapes.enabled and shape_cache else 0)
     runner.warm_up(max_chunk, max(grid.decode_batches))
     rss_after_warmup = process_rss_bytes()
     grid_started = time.time()
@@ -349,7 +352,7 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
     if settings.serving.enabled:
         close_session(session)
         del runner, session
-        serving = serving_phase(settings, model, resolved, kv, process_info)
+        serving = serving_phase(settings, model, resolved, kv, process_info, shape_cache)
     source = settings.resolved_model_name if settings.model == TINY_MODEL else (
         portable_path(model) if isinstance(model, Path) else model)
     meta = {
@@ -365,7 +368,7 @@ def run(settings: ProfilerSettings, process_info: dict[str, Any], command: str =
         "optimization": {"name": settings.optimization.name,
                          "engine_args": settings.optimization.engine_args,
                          "phases": list(settings.optimization.phases)},
-        "engine": {"llm_kwargs": kwargs, "resolved": resolved,
+        "engine": {"llm_kwargs": kwargs, "resolved": resolved, "linear_dispatch": linear_dispatch,
                    "env": {k: os.environ.get(k) for k in sorted(os.environ)
                            if k.startswith(("VLLM_", "OMP_", "HF_HUB_OFFLINE"))}},
         "kv": kv,
@@ -424,8 +427,9 @@ def close_session(session: EngineSession) -> None:
 
 
 def serving_phase(settings: ProfilerSettings, model: Path | str, resolved: dict[str, Any], kv: dict[str, Any],
-                  process_info: dict[str, Any]) -> dict[str, Any]:
+                  process_info: dict[str, Any], shape_probes: bool = True) -> dict[str, Any]:
     """The serving section (profiler.serving), or one that says why the phase failed (the grid is kept).
+    ``shape_probes``: whether the engine keeps per-shape set-up worth probing (its linear layers).
     The servers' logs and the loads' run directories are removed once the section holds what they
     measured; a failed phase keeps them and says where."""
     import shutil
@@ -438,7 +442,7 @@ def serving_phase(settings: ProfilerSettings, model: Path | str, resolved: dict[
     try:
         section = measure_serving(str(model), server_engine(resolved, kv), int(kv["kv_cache_bytes"]),
                                   settings.serving, list(process_info["cpus"]), logs, settings.seed, args,
-                                  served_speculation(settings.optimization.engine_args))
+                                  served_speculation(settings.optimization.engine_args), shape_probes)
     except Exception as err:  # a failed server must not lose the measured grid
         line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         print(f"[profiler] warning: serving phase failed ({line}); the profile has no serving overheads "

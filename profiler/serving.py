@@ -102,9 +102,10 @@ def server_environment(cpus: list[int]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-async def _rounds(url: str, repeats: int, budget: int) -> list[dict[str, Any]]:
+async def _rounds(url: str, repeats: int, budget: int, shape_probes: bool = True) -> list[dict[str, Any]]:
     """Warm up (short requests and one round of decode batches: a fresh server's first steps are
-    slow), then ``repeats`` rounds of the live runner's probes: their raw windows."""
+    slow), then ``repeats`` rounds of the live runner's probes (the shape probes where
+    ``shape_probes``): their raw windows."""
     from profiler.live import client as live_client
     from profiler.live import runner
 
@@ -119,7 +120,8 @@ async def _rounds(url: str, repeats: int, budget: int) -> list[dict[str, Any]]:
         await runner._wait_idle(client, url, 60.0)
         for round_no in range(repeats):
             isolated = await runner._probe_isolated_requests(client, url, model, lengths)
-            shapes = await runner._probe_isolated_requests(client, url, model, runner.shape_probe_lengths(round_no, budget))
+            shapes = await runner._probe_isolated_requests(client, url, model, runner.shape_probe_lengths(round_no, budget)) \
+                if shape_probes else []
             kv_tokens = await runner._kv_capacity_tokens(client, url)
             decode = await runner._probe_decode_steps(client, url, model, kv_tokens)
             loaded = await runner._probe_loaded_ttft(client, url, model, kv_tokens)
@@ -273,9 +275,11 @@ def load_of_run(run: Path) -> dict[str, Any]:
 
 def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: ServingSettings, cpus: list[int],
                     log_dir: Path, seed: int = 0, extra_args: tuple[str, ...] = (),
-                    speculative: SpeculativeConfig | None = None) -> dict[str, Any]:
+                    speculative: SpeculativeConfig | None = None, shape_probes: bool = True) -> dict[str, Any]:
     """Probe ``settings.servers`` fresh servers ``settings.repeats`` times each; the serving section.
-    ``speculative``: the drafting ``extra_args`` give the server (``served_speculation``)."""
+    ``speculative``: the drafting ``extra_args`` give the server (``served_speculation``);
+    ``shape_probes`` False: no shape probes (an engine without per-shape set-up: the profile's
+    ``engine.linear_dispatch``)."""
     from profiler.live.machine import CpuWatch
     from profiler.live.runner import IterationCollector, async_scheduling_of, vllm_version_of
     from profiler.live.server import ServerSpec, VllmServer, descendants
@@ -297,7 +301,8 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
                   file=sys.stderr, flush=True)
             with server:
                 watch = CpuWatch()
-                rounds = asyncio.run(_rounds(server.url, settings.repeats, engine.max_num_batched_tokens))
+                rounds = asyncio.run(_rounds(server.url, settings.repeats, engine.max_num_batched_tokens,
+                                             shape_probes))
                 pids = {server.process.pid} | {p for p, _ in descendants(server.process.pid)}
                 machine.append(watch.stop(exclude=pids))
                 time.sleep(0.3)  # the last iteration-log lines
@@ -321,6 +326,7 @@ def measure_serving(model: str, engine: EngineConfig, kv_bytes: int, settings: S
         "machine": machine,
         "servers": settings.servers,
         "repeats": settings.repeats,
+        "shape_probes": shape_probes,
         "async_scheduling": async_flags.pop() if len(async_flags) == 1 else None,
         "engine": engine.to_dict(),
         "kv_cache_space_gib": spec.kv_cache_space_gib,

@@ -91,6 +91,15 @@ class MemoryBreakdown:
         return asdict(self)
 
 
+def keeps_shape_cache(linear_dispatch: str | None) -> bool:
+    """Whether a CPU engine whose linear layers run ``linear_dispatch`` (the profiler's reading:
+    ``onednn``, ``torch``, ``sgl``, ``zentorch``, several joined by ``+``) keeps per-row-count
+    primitives, the set-up ShapeCacheCost prices: only oneDNN's matmul handlers do. vLLM falls
+    back to torch's linear where it cannot build them (AVX2 without AVX-512), and there a new
+    token count's first step costs what the next ones do. None (not read) counts as oneDNN."""
+    return linear_dispatch is None or "onednn" in linear_dispatch.split("+")
+
+
 @dataclass(frozen=True)
 class ShapeCacheCost:
     """What a step pays when its engine meets a token count it has not run recently.
@@ -103,7 +112,8 @@ class ShapeCacheCost:
     ends: the cost is far from linear in the count), else ``per_miss_s + per_miss_token_s
     * tokens``. Steps that prefill have varied token counts and pay it; decode-only steps
     (a token per running request: a few recurring counts) are taken as warm. GPU engines
-    (CUDA graphs, cuBLAS) have no such term: their models carry none.
+    (CUDA graphs, cuBLAS) have no such term: their models carry none; nor has a CPU engine
+    whose linear layers fell back to torch's (``keeps_shape_cache``).
     """
 
     capacity: int = 32

@@ -94,6 +94,19 @@ def test_shape_steps_stay_out_of_the_step_law():
     assert not any(p.startswith("shape") for p in shaped.report["held_out_by_phase"])
 
 
+@pytest.mark.parametrize("dispatch, priced", [("onednn", True), (None, True), ("onednn+torch", True),
+                                               ("torch", False), ("sgl", False)])
+def test_only_onednn_linear_layers_have_a_shape_cost(dispatch, priced):
+    """The profile says how vLLM ran the linear layers; only oneDNN's handlers keep per-shape set-up
+    (a profile without the reading is taken as oneDNN's)."""
+    profile = with_shapes(synthetic_profile())
+    meta = profile.meta.to_dict()
+    if dispatch is not None:
+        meta["engine"] = {**meta["engine"], "linear_dispatch": dispatch}
+    cost = fit_profile(Profile(meta=meta, steps=profile.steps)).shape_cache
+    assert (cost is not None and cost.per_miss_s > 0) if priced else cost is None
+
+
 def test_no_shape_rows_and_gpu_profiles_give_none():
     assert fit_profile(synthetic_profile()).shape_cache is None
     assert shape_cache_cost(synthetic_profile().steps) is None

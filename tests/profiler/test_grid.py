@@ -69,6 +69,11 @@ def test_shape_points_come_last_with_odd_counts_the_grid_never_uses():
     assert kv_tokens_needed(shapes[0], grid, block_size=128) == 128
     off = GridSpec.from_dict({"shapes": {"enabled": False}})
     assert not [p for p in build_points(off, (), 32768, 2048)[0] if p.phase == "shapes"]
+    # an engine without per-shape set-up (vLLM's torch fallback): the points are left out, saying why
+    points, left_out = build_points(grid, (), max_model_len=32768, max_num_batched_tokens=2048, shape_cache=False)
+    assert not [p for p in points if p.phase == "shapes"]
+    assert [p["point_id"] for p in left_out] == [f"shapes/tokens{n}" for n in (103, 105, 1127, 1129)]
+    assert all("not oneDNN" in p["reason"] for p in left_out)
 
 
 @pytest.mark.parametrize("data, field", [

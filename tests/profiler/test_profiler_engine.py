@@ -22,6 +22,7 @@ import pytest
 from profiler.grid import GridSpec, build_points
 from profiler.tiny_model import ensure_tiny_model
 from simulator.records.model_arch import ModelArchitecture
+from simulator.records.performance import keeps_shape_cache
 from simulator.records.profile import Profile
 
 from .engine_runs import REPO, needs_engine, profiler_command, profiler_env, run_profiler
@@ -90,9 +91,11 @@ def test_kill_keeps_finished_points_and_resume_completes(resumed_run):
 def test_step_table_covers_the_grid(resumed_run):
     profile = resumed_run["profile"]
     grid = smoke_grid()
+    oneDNN = keeps_shape_cache(profile.meta["engine"]["linear_dispatch"])
     points, left_out = build_points(grid, (), profile.meta["engine"]["resolved"]["max_model_len"],
-                                    profile.meta["engine"]["resolved"]["max_num_batched_tokens"])
-    assert not left_out
+                                    profile.meta["engine"]["resolved"]["max_num_batched_tokens"], oneDNN)
+    assert bool(left_out) is not oneDNN and all(p["phase"] == "shapes" for p in left_out)
+    assert oneDNN or left_out == profile.meta["grid"]["left_out"]
     statuses = {p["point_id"]: p["status"] for p in profile.meta["points"]}
     assert statuses == {p.point_id: "ok" for p in points}
     steps = profile.steps
@@ -119,13 +122,30 @@ def test_step_table_covers_the_grid(resumed_run):
     assert (steps["wall_s"] > 0).all() and (steps["rss_bytes"] > 0).all()
 
 
+def test_the_linear_layers_dispatch_is_read_off_the_engine(resumed_run):
+    """vLLM warns when it cannot build oneDNN linear layers and falls back to torch's: the
+    profile's reading of the layers agrees with that warning."""
+    dispatch = resumed_run["profile"].meta["engine"]["linear_dispatch"]
+    kinds = dispatch.split("+")
+    assert set(kinds) <= {"onednn", "torch", "sgl", "zentorch"}
+    fell_back = "Failed to create oneDNN linear" in resumed_run["log"]
+    assert ("onednn" not in kinds) == fell_back, dispatch
+
+
 def test_shapes_phase_measures_cold_steps_and_the_fit_prices_a_miss(resumed_run):
-    """The mechanism, not a number: new token counts come cold, and the fit charges them > 0."""
+    """The mechanism, not a number: new token counts come cold, and the fit charges them > 0
+    (where the engine's linear layers keep per-shape set-up; elsewhere the phase is left out
+    and the fit has no shape cost)."""
     from calibration.fit import fit_profile
     from simulator.records.performance import ShapeCacheCost
 
     profile = resumed_run["profile"]
     steps = profile.steps
+    if not keeps_shape_cache(profile.meta["engine"]["linear_dispatch"]):
+        assert not steps["phase"].isin(["shape_cold", "shape_warm"]).any()
+        assert {p["phase"] for p in profile.meta["grid"]["left_out"]} == {"shapes"}
+        assert fit_profile(profile).shape_cache is None
+        return
     shapes = steps[steps["phase"].isin(["shape_cold", "shape_warm"])]
     cold = shapes[shapes["phase"] == "shape_cold"]
     assert len(cold) >= 5 and (shapes["point_id"].str.startswith("shapes/")).all()
