@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +61,24 @@ CHAT_TEMPLATE = (
     "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+
+
+@functools.cache
+def weight_dtype() -> str:
+    """The tiny model's weight dtype on this machine: ``bfloat16``, as the models it stands in for
+    ship, except on an x86 CPU without AVX-512 and no GPU. There vLLM's CPU build loads its AVX2
+    kernels, cannot build oneDNN linear layers for bf16 ("Failed to create oneDNN linear") and
+    falls back to torch's linear, 2-6x slower; in ``float32`` the layers run through oneDNN (with
+    its per-shape set-up, as on AVX-512 hosts in bf16). The choice follows vLLM's own
+    (vllm/platforms/cpu.py, ``import_kernels``: ``torch.cpu._is_avx512_supported()``)."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available() or platform.machine().lower() not in ("x86_64", "amd64"):
+        return "bfloat16"
+    avx512 = getattr(torch.cpu, "_is_avx512_supported", None)
+    return "bfloat16" if avx512 is None or avx512() else "float32"
 
 
 def default_cache_dir() -> Path:
@@ -112,13 +131,15 @@ def tiny_model_name(shape: dict | None = None) -> str:
 def _recipe_fingerprint(shape: dict | None = None) -> str:
     recipe = {"version": RECIPE_VERSION, "seed": SEED, "config": model_config(shape),
               "corpus": CORPUS_MODULES, "special": SPECIAL_TOKENS, "chat": CHAT_TEMPLATE}
+    if weight_dtype() != "bfloat16":  # (bf16 models keep the recipe they had before the dtype was chosen)
+        recipe["dtype"] = weight_dtype()
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def identity(shape: dict | None = None) -> dict:
     """What a profile records of the tiny model: its name, shape and build recipe, not its folder."""
     return {"name": tiny_model_name(shape), "built_by": "profiler.tiny_model", "recipe": _recipe_fingerprint(shape),
-            "recipe_version": RECIPE_VERSION, "seed": SEED, "config": model_config(shape)}
+            "recipe_version": RECIPE_VERSION, "seed": SEED, "config": model_config(shape), "dtype": weight_dtype()}
 
 
 def _corpus_files() -> list[Path]:
@@ -165,10 +186,10 @@ def _build_weights(out_dir: Path, config: dict, bos_id: int, eos_id: int, pad_id
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        torch_dtype="bfloat16",
+        torch_dtype=weight_dtype(),
     )
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(hf_config).to(torch.bfloat16)
+    model = LlamaForCausalLM(hf_config).to(getattr(torch, weight_dtype()))
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -185,7 +206,7 @@ def build_tiny_model(out_dir: str | Path, shape: dict | None = None) -> Path:
     _build_weights(out_dir, config, special[SPECIAL_TOKENS[0]], special[SPECIAL_TOKENS[1]],
                    special[SPECIAL_TOKENS[2]])
     (out_dir / "rllm_sim_model.json").write_text(json.dumps(
-        {"name": tiny_model_name(shape), "recipe": _recipe_fingerprint(shape), "seed": SEED,
+        {"name": tiny_model_name(shape), "recipe": _recipe_fingerprint(shape), "seed": SEED, "dtype": weight_dtype(),
          "built_by": "profiler.tiny_model.build_tiny_model"}, indent=2) + "\n")
     return out_dir
 

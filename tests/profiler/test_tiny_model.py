@@ -66,3 +66,30 @@ def test_another_shape_is_another_model(tmp_path, cached):
     marker = json.loads((folder / "rllm_sim_model.json").read_text())
     assert marker["recipe"] == identity(shape)["recipe"] and marker["name"] == folder.name
     assert ensure_tiny_model(tmp_path, shape=shape) == folder  # cached, not rebuilt
+
+
+@pytest.mark.parametrize("avx512, cuda, machine, expected", [
+    (True, False, "x86_64", "bfloat16"), (False, False, "x86_64", "float32"),
+    (False, True, "x86_64", "bfloat16"), (False, False, "aarch64", "bfloat16")])
+def test_the_weight_dtype_follows_vllms_cpu_kernels(monkeypatch, avx512, cuda, machine, expected):
+    """bf16 unless vLLM's CPU build would load its AVX2 kernels (x86 without AVX-512, no GPU),
+    which cannot build oneDNN bf16 linear layers."""
+    import platform
+
+    import torch
+
+    from profiler.tiny_model import weight_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert weight_dtype.__wrapped__() == expected
+
+
+def test_the_built_model_has_this_machines_dtype(cached):
+    from profiler.tiny_model import identity, weight_dtype
+
+    config = json.loads((cached / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) == weight_dtype() == identity()["dtype"]
+    arch = ModelArchitecture.from_hf_config(config)
+    assert arch.dtype == {"bfloat16": "bf16", "float32": "fp32"}[weight_dtype()]
