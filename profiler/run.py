@@ -36,6 +36,7 @@ from profiler.portable import portable, portable_path
 from profiler.prompts import TokenStreams
 from profiler.settings import TINY_MODEL, ProfilerSettings
 from profiler.store import PointStore
+from profiler.tiny_model import engine_dtype
 from simulator.records.errors import ConfigError
 from simulator.records.model_arch import ModelArchitecture
 from simulator.records.performance import keeps_shape_cache
@@ -97,7 +98,7 @@ def llm_kwargs(settings: ProfilerSettings, model: Path | str, cpu: bool) -> dict
         "max_num_seqs": eng.max_num_seqs,
         "max_num_batched_tokens": eng.max_num_batched_tokens or (2048 if cpu else 8192),
         "enforce_eager": eng.enforce_eager,
-        "dtype": eng.dtype,
+        "dtype": (engine_dtype(model) or "auto") if eng.dtype == "auto" else eng.dtype,
         "tensor_parallel_size": eng.tensor_parallel_size,
         "async_scheduling": False,
         "disable_log_stats": True,

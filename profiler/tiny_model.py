@@ -81,6 +81,19 @@ def weight_dtype() -> str:
     return "bfloat16" if avx512 is None or avx512() else "float32"
 
 
+def engine_dtype(model: str | Path) -> str | None:
+    """The ``--dtype`` to serve a tiny model folder with: the dtype it was built in where that is not
+    bf16 (vLLM's ``auto`` casts a float32 checkpoint to bf16 on CPUs, which is what the float32 build
+    avoids), else None (``auto``). None for any other model."""
+    marker = Path(model) / "rllm_sim_model.json"
+    if not marker.is_file():
+        return None
+    with contextlib.suppress(ValueError, OSError):
+        dtype = json.loads(marker.read_text()).get("dtype")
+        return dtype if dtype and dtype != "bfloat16" else None
+    return None
+
+
 def default_cache_dir() -> Path:
     """Where built models live: $RLLM_SIM_CACHE_DIR/models, else <repo>/.cache/models."""
     root = os.environ.get("RLLM_SIM_CACHE_DIR")

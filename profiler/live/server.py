@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from profiler.tiny_model import engine_dtype
 from simulator.records.engine_config import EngineConfig
 from simulator.records.errors import ConfigError, require
 
@@ -186,6 +187,9 @@ def server_command(spec: ServerSpec, port: int, python: str) -> list[str]:
     ]
     if spec.enforce_eager:
         cmd.append("--enforce-eager")
+    dtype = engine_dtype(spec.model)
+    if dtype and "--dtype" not in spec.extra_args:
+        cmd += ["--dtype", dtype]
     return cmd + list(spec.extra_args)
 
 

@@ -17,8 +17,10 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from profiler.live.server import resolve_model
+    from profiler.tiny_model import engine_dtype
 
-    llm = LLM(model=resolve_model("tiny-llama"), enforce_eager=True, block_size=32, max_model_len=1024,
+    model = resolve_model("tiny-llama")
+    llm = LLM(model=model, dtype=engine_dtype(model) or "auto", enforce_eager=True, block_size=32, max_model_len=1024,
               speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
                                   "prompt_lookup_min": 2},
               disable_log_stats=False, seed=0)

@@ -73,6 +73,20 @@ def test_server_listens_on_loopback_with_iteration_logging_and_bounded_kv():
     assert "--enable-logging-iteration-details" in cmd and "--enforce-eager" in cmd
     env = server_env(spec, base={})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+    assert "--dtype" not in cmd  # a model folder of its own: vLLM's auto
+
+
+@pytest.mark.parametrize("built, flag", [("float32", "float32"), ("bfloat16", None), (None, None)])
+def test_a_tiny_model_built_in_float32_is_served_in_float32(tmp_path, built, flag):
+    """vLLM's --dtype auto casts a float32 checkpoint to bf16 on CPUs: the tiny model built in
+    float32 (CPUs without AVX-512, profiler.tiny_model.weight_dtype) is served in float32."""
+    if built is not None:
+        (tmp_path / "rllm_sim_model.json").write_text(json.dumps({"name": "tiny-llama", "dtype": built}))
+    cmd = server_command(ServerSpec(model=str(tmp_path), engine=ENGINE), 8123, "/py")
+    assert (cmd[cmd.index("--dtype") + 1] if "--dtype" in cmd else None) == flag
+    forced = server_command(ServerSpec(model=str(tmp_path), engine=ENGINE, extra_args=("--dtype", "bfloat16")),
+                            8123, "/py")
+    assert forced.count("--dtype") == 1  # the user's flag wins
 
 
 def test_bad_server_specs_name_the_field():

@@ -37,6 +37,16 @@ def test_cpu_and_gpu_engine_arguments():
     gpu = llm_kwargs(s, "/m", cpu=False)
     assert gpu["gpu_memory_utilization"] == 0.9 and "kv_cache_memory_bytes" not in gpu
     assert gpu["max_num_batched_tokens"] == 8192
+    assert cpu["dtype"] == "auto"
+
+
+def test_a_tiny_model_built_in_float32_is_profiled_in_float32(tmp_path):
+    """vLLM's dtype auto would cast it to bf16 (profiler.tiny_model.engine_dtype); engine.dtype wins."""
+    import json
+
+    (tmp_path / "rllm_sim_model.json").write_text(json.dumps({"name": "tiny-llama", "dtype": "float32"}))
+    assert llm_kwargs(settings(), tmp_path, cpu=True)["dtype"] == "float32"
+    assert llm_kwargs(settings("engine.dtype=bfloat16"), tmp_path, cpu=True)["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("argv, field", [
