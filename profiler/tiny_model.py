@@ -73,8 +73,10 @@ def weight_dtype() -> str:
     (vllm/platforms/cpu.py, ``import_kernels``: ``torch.cpu._is_avx512_supported()``)."""
     import platform
 
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # no engine here: the folder is built (and checked) where torch is
+        return "bfloat16"
     if torch.cuda.is_available() or platform.machine().lower() not in ("x86_64", "amd64"):
         return "bfloat16"
     avx512 = getattr(torch.cpu, "_is_avx512_supported", None)
