@@ -1,10 +1,11 @@
 """A validation scenario's load kept relative to the host's engine speed.
 
 The scenarios' arrival rates (calibration/validation_scenarios.py) were set on the
-CPU host of the shipped tiny-llama profile. vLLM's CPU engine runs several times
-slower on some CPUs (where its oneDNN matmuls fall back to torch: AVX2 without
-AVX-512): there the same rates overload the server, and a scenario built to show
-moderate KV pressure turns into a saturation run that takes minutes more.
+CPU host of the shipped tiny-llama profile (AVX-512, bf16). vLLM's CPU engine runs
+several times slower on some CPUs (AVX2 without AVX-512: the tiny model in float32
+there, 2.6x; in bf16 vLLM falls back to torch's linear, 4-5x): there the same rates
+overload the server, and a scenario built to show moderate KV pressure turns into a
+saturation run that takes minutes more.
 
 Where the freshly profiled server's decode step of ``PACE_BATCH`` requests (the
 median of its serving phase's decode probes; without them, the fitted engine's
