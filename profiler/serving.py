@@ -120,8 +120,10 @@ async def _rounds(url: str, repeats: int, budget: int, shape_probes: bool = True
         await runner._wait_idle(client, url, 60.0)
         for round_no in range(repeats):
             isolated = await runner._probe_isolated_requests(client, url, model, lengths)
-            shapes = await runner._probe_isolated_requests(client, url, model, runner.shape_probe_lengths(round_no, budget)) \
-                if shape_probes else []
+            shapes = []
+            if shape_probes:
+                shapes = await runner._probe_isolated_requests(client, url, model,
+                                                               runner.shape_probe_lengths(round_no, budget))
             kv_tokens = await runner._kv_capacity_tokens(client, url)
             decode = await runner._probe_decode_steps(client, url, model, kv_tokens)
             loaded = await runner._probe_loaded_ttft(client, url, model, kv_tokens)

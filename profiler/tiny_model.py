@@ -87,13 +87,11 @@ def engine_dtype(model: str | Path) -> str | None:
     """The ``--dtype`` to serve a tiny model folder with: the dtype it was built in where that is not
     bf16 (vLLM's ``auto`` casts a float32 checkpoint to bf16 on CPUs, which is what the float32 build
     avoids), else None (``auto``). None for any other model."""
-    marker = Path(model) / "rllm_sim_model.json"
-    if not marker.is_file():
+    try:
+        dtype = json.loads((Path(model) / "rllm_sim_model.json").read_text()).get("dtype")
+    except (ValueError, OSError):  # no marker: not a tiny model folder
         return None
-    with contextlib.suppress(ValueError, OSError):
-        dtype = json.loads(marker.read_text()).get("dtype")
-        return dtype if dtype and dtype != "bfloat16" else None
-    return None
+    return None if dtype in (None, "bfloat16") else dtype
 
 
 def default_cache_dir() -> Path:
