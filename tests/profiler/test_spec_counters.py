@@ -139,6 +139,7 @@ def test_measured_rates_reproduce_the_mean_accepted_tokens_per_draft():
     assert expected_per_draft == pytest.approx(spec["mean_accepted_per_draft"], rel=1e-9)
 
 
+@pytest.mark.engine
 @needs_engine
 def test_the_profiles_counters_are_vllms_own_on_the_real_engine():
     """The profiler reads each request's drafted and accepted tokens from the scheduler's

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole test suite, in the engine env that ./scripts/setup_vllm_cpu.sh makes, in two passes:
+#   1. the tests that do not run the real engine, on up to four cores at once (pytest-xdist);
+#   2. the real-engine tests (marker `engine`), one at a time on an otherwise quiet machine:
+#      they profile and time live vLLM servers, which work beside them would disturb.
+#
+#   ./scripts/run_tests.sh                 # both passes (CI runs this)
+#   ./scripts/run_tests.sh -x --durations=20 tests/profiler
+#
+# Arguments go to both passes. Both passes run even when the first fails; the exit status is
+# the first non-zero one, where a pass that selects no test (pytest's 5) counts as passed when
+# the other ran tests.
+#
+# Environment:
+#   RLLM_SIM_ENGINE_VENV   the engine venv (default <repo>/.venv-engine)
+#   RLLM_SIM_TEST_WORKERS  workers of the first pass (default: the CPUs, at most 4)
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RLLM_SIM_ENGINE_VENV:-$REPO/.venv-engine}"
+PY="$VENV/bin/python"
+NO_TESTS=5
+
+if [[ ! -x "$PY" ]]; then
+    echo "run_tests: no engine env at $VENV: run ./scripts/setup_vllm_cpu.sh first" >&2
+    exit 2
+fi
+if [[ -n "${RLLM_SIM_TEST_WORKERS:-}" ]]; then
+    WORKERS=(-n "$RLLM_SIM_TEST_WORKERS")
+else
+    WORKERS=(-n logical --maxprocesses 4)
+fi
+
+cd "$REPO"
+echo "[run_tests] pass 1 of 2: tests without the real engine, in parallel" >&2
+"$PY" -m pytest -m "not engine" "${WORKERS[@]}" "$@"
+first=$?
+echo "[run_tests] pass 2 of 2: real-engine tests, one at a time" >&2
+"$PY" -m pytest -m engine "$@"
+second=$?
+
+if [[ $first -eq $NO_TESTS && $second -eq 0 ]] || [[ $first -eq 0 && $second -eq $NO_TESTS ]]; then
+    exit 0
+fi
+if [[ $first -ne 0 ]]; then
+    exit "$first"
+fi
+exit "$second"
