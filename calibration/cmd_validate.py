@@ -18,8 +18,8 @@ Steps: (1) the profile: ``--profile DIR`` or a fresh one from
 ``validation``: the smoke grid widened to decode batches up to 16; its serving phase on one
 server and without a served load, whose steps give only the profile's own overhead terms, unless
 a mode below is ``auto``);
-(2) ``calibration.fit.load_fitted_model``; (3) the live runs: ``--live-runs``
-or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
+(2) ``calibration.fit.load_fitted_model``; (3) the live runs: ``--live-runs`` (the workload
+they replayed, their ``workload.parquet``, is the one simulated) or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
 times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
 back on one), each with machine state recorded; (4) ``--sim-seeds``
 simulations with step-time jitter, using the fitted model plus the server's
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profiler grid when profiling now: validation (smoke widened to the scenarios' "
                         "batch sizes, ~20 s), or a conf/profiler/grid name (smoke, default)")
     p.add_argument("--live-runs", nargs="+", type=arg_type(existing_dir_arg, "--live-runs"), default=None,
-                   help="existing live run directories")
+                   help="existing live run directories (the simulation replays the workload they replayed, "
+                        "their workload.parquet)")
     p.add_argument("--runs", type=arg_type(positive_int_arg, "--runs"), default=3,
                    help="live runs to make (>= 3 recommended)")
     p.add_argument("--fresh-server", action="store_true", default=True,
@@ -196,6 +197,28 @@ def load_model(profile_dir: Path):
     except ImportError as err:
         raise ConfigError("profile", f"calibration.fit is not available: {err}") from None
     return load_fitted_model(profile_dir)
+
+
+#: what two replays of one workload share (the token ids sent may differ: a token seed per run)
+REPLAYED_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens", "prefix_group", "prefix_tokens")
+
+
+def replayed_workload(dirs: list[Path], workload: Workload) -> tuple[Workload, str | None]:
+    """The workload existing live runs replayed (each run's ``workload.parquet``; they must
+    agree), which the simulation must replay too: a scenario is paced to the host it ran on, and
+    a workload file may have been cut. Runs without the file (older ones): ``workload``, as given.
+    Returns the workload and where it came from (None: as given)."""
+    found = [(d, Workload.load(Path(d) / "workload.parquet")) for d in dirs
+             if (Path(d) / "workload.parquet").is_file()]
+    if not found:
+        return workload, None
+    (first_dir, first), *rest = found
+    for d, other in rest:
+        if len(other) != len(first) or not all(
+                np.array_equal(getattr(first, c), getattr(other, c)) for c in REPLAYED_COLUMNS):
+            raise ConfigError("live_runs", f"{d} replayed another workload than {first_dir} "
+                                           "(arrivals or lengths differ): give runs of one workload")
+    return first, f"{Path(first_dir) / 'workload.parquet'} (the workload the live runs replayed)"
 
 
 def live_runs(args, workload: Workload, engine: EngineConfig, out: Path) -> tuple[list[RunResult], list[str]]:
@@ -449,8 +472,12 @@ def main(argv: list[str]) -> int:
         args.model, args.grid, out / "profile", engine, optimization, serving_servers=None if uses_profile else 1,
         load_requests=None if uses_profile else 0)
     fitted = load_model(profile_dir)
-    pace = None
-    if not args.workload and not args.live_runs:  # a scenario replayed now: its load relative to this host
+    pace, workload_source = None, None
+    if args.live_runs:  # simulate what they replayed (a paced scenario's arrivals, say), not the scenario anew
+        workload, workload_source = replayed_workload(args.live_runs, workload)
+        if workload_source:
+            print(f"[validate] simulating {workload_source}", file=sys.stderr, flush=True)
+    elif not args.workload:  # a scenario replayed now: its load relative to this host
         pace = scenario_pace.pace_of_profile(profile_dir, fitted, load_model)
         workload = scenario_pace.paced(workload, pace)
         if pace.factor != 1.0:
@@ -513,7 +540,8 @@ def main(argv: list[str]) -> int:
         "scenario": name,
         "pace": pace.to_dict() if pace is not None else None,
         "workload": {"requests": len(workload), "duration_s": workload.duration_s,
-                     "output_tokens": int(workload.output_tokens.sum())},
+                     "output_tokens": int(workload.output_tokens.sum()),
+                     **({"source": workload_source} if workload_source else {})},
         "engine": engine.to_dict(),
         "live_runs": len(live),
         "sim_runs": len(sim),

@@ -475,3 +475,42 @@ def test_the_pace_reads_the_servers_decode_probes_where_both_profiles_have_them(
     spec = {"optimization": {"name": "spec_ngram"}, "serving": {"probes": probes}}
     (tmp_path / "profile.json").write_text(json.dumps(spec))
     assert pace_of_profile(tmp_path, Linear(), lambda _: Linear()).factor == 1.0
+
+
+def test_existing_live_runs_are_simulated_on_the_workload_they_replayed(tmp_path):
+    """``--live-runs`` of a paced scenario (arrivals 3x apart, as on a slow host): the simulation
+    replays the runs' own workload.parquet, not the scenario made anew at its set rate."""
+    from pathlib import Path
+
+    from calibration import cmd_validate
+    from calibration.scenario_pace import Pace, paced
+
+    profile = Path(cmd_validate.__file__).parent / "profiles" / "cpu-amd-2c" / "tiny-llama" / "none"
+    model = cmd_validate.load_model(profile)
+    replayed = paced(WORKLOAD, Pace(3.0, 3.0, "a test's"))
+    dirs = []
+    for seed in range(3):  # simulated runs stand in for live ones
+        run = simulate(replayed, ENGINE, JitteredModel(model, seed=seed, step_sigma=0.05), seed=seed,
+                       async_scheduling=False)
+        run.write(tmp_path / f"run-{seed}")
+        replayed.save(tmp_path / f"run-{seed}" / "workload.parquet")
+        dirs.append(str(tmp_path / f"run-{seed}"))
+    out = tmp_path / "v"
+    code = cmd_validate.main(["--scenario", "ci-reasoning", "--requests", str(len(WORKLOAD)), "--profile",
+                              str(profile), "--live-runs", *dirs, "--sim-seeds", "2", "--out", str(out),
+                              "--no-progress"])
+    report = json.loads((out / "report.json").read_text())
+    workload = report["context"]["workload"]
+    assert workload["duration_s"] == pytest.approx(replayed.duration_s)
+    assert workload["duration_s"] > 2.5 * WORKLOAD.duration_s
+    assert workload["source"].startswith(dirs[0])
+    assert code == 0, report["metrics"]
+
+    # runs of two different workloads cannot be validated together
+    paced(WORKLOAD, Pace(2.0, 2.0, "another")).save(tmp_path / "run-2" / "workload.parquet")
+    with pytest.raises(ConfigError, match="live_runs: .*run-2 replayed another workload than .*run-0"):
+        cmd_validate.replayed_workload([Path(d) for d in dirs], WORKLOAD)
+    # runs without the file (older ones): the workload given
+    (tmp_path / "older").mkdir()
+    given, source = cmd_validate.replayed_workload([tmp_path / "older"], WORKLOAD)
+    assert given is WORKLOAD and source is None
