@@ -462,6 +462,11 @@ def main(argv: list[str]) -> int:
         request_overhead(args.request_overhead, [])
     started = time.time()
     workload, engine, name, optimization = workload_and_engine(args)
+    workload_source = None
+    if args.live_runs:  # simulate what they replayed (a paced scenario's arrivals, say), not the scenario anew
+        workload, workload_source = replayed_workload(args.live_runs, workload)
+        if workload_source:
+            print(f"[validate] simulating {workload_source}", file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # the validated servers' own probes price the steps unless a mode asks for the profile's serving terms:
@@ -472,12 +477,8 @@ def main(argv: list[str]) -> int:
         args.model, args.grid, out / "profile", engine, optimization, serving_servers=None if uses_profile else 1,
         load_requests=None if uses_profile else 0)
     fitted = load_model(profile_dir)
-    pace, workload_source = None, None
-    if args.live_runs:  # simulate what they replayed (a paced scenario's arrivals, say), not the scenario anew
-        workload, workload_source = replayed_workload(args.live_runs, workload)
-        if workload_source:
-            print(f"[validate] simulating {workload_source}", file=sys.stderr, flush=True)
-    elif not args.workload:  # a scenario replayed now: its load relative to this host
+    pace = None
+    if not args.workload and not args.live_runs:  # a scenario replayed now: its load relative to this host
         pace = scenario_pace.pace_of_profile(profile_dir, fitted, load_model)
         workload = scenario_pace.paced(workload, pace)
         if pace.factor != 1.0:

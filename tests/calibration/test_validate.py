@@ -514,3 +514,23 @@ def test_existing_live_runs_are_simulated_on_the_workload_they_replayed(tmp_path
     (tmp_path / "older").mkdir()
     given, source = cmd_validate.replayed_workload([tmp_path / "older"], WORKLOAD)
     assert given is WORKLOAD and source is None
+
+
+def test_live_runs_of_two_workloads_are_refused_before_anything_is_profiled(tmp_path):
+    import subprocess
+    import sys
+
+    from calibration.scenario_pace import Pace, paced
+
+    dirs = []
+    for i, factor in enumerate((1.0, 2.0)):
+        (tmp_path / f"run-{i}").mkdir()
+        paced(WORKLOAD, Pace(factor, factor, "a test's")).save(tmp_path / f"run-{i}" / "workload.parquet")
+        dirs.append(str(tmp_path / f"run-{i}"))
+    out = tmp_path / "v"
+    proc = subprocess.run([sys.executable, "-m", "calibration", "validate", "--live-runs", *dirs, "--out", str(out)],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: live_runs: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "run-1 replayed another workload than" in proc.stderr
+    assert not out.exists()  # nothing profiled, nothing simulated
