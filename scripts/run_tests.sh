@@ -7,9 +7,10 @@
 #   ./scripts/run_tests.sh                 # both passes (CI runs this)
 #   ./scripts/run_tests.sh -x --durations=20 tests/profiler
 #
-# Arguments go to both passes. Both passes run even when the first fails; the exit status is
-# the first non-zero one, where a pass that selects no test (pytest's 5) counts as passed when
-# the other ran tests.
+# Arguments go to both passes. The second pass runs even when tests of the first failed, not
+# when the first was interrupted (Ctrl-C) or could not run (bad arguments); the exit status is the
+# first non-zero one, where a pass that selects no test (pytest's 5) counts as passed when the
+# other ran tests.
 #
 # Environment:
 #   RLLM_SIM_ENGINE_VENV   the engine venv (default <repo>/.venv-engine)
@@ -19,6 +20,7 @@ set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RLLM_SIM_ENGINE_VENV:-$REPO/.venv-engine}"
 PY="$VENV/bin/python"
+TESTS_FAILED=1
 NO_TESTS=5
 
 if [[ ! -x "$PY" ]]; then
@@ -35,6 +37,9 @@ cd "$REPO"
 echo "[run_tests] pass 1 of 2: tests without the real engine, in parallel" >&2
 "$PY" -m pytest -m "not engine" "${WORKERS[@]}" "$@"
 first=$?
+if [[ $first -ne 0 && $first -ne $TESTS_FAILED && $first -ne $NO_TESTS ]]; then
+    exit "$first"  # interrupted, an internal error or bad arguments: nothing to gain from pass 2
+fi
 echo "[run_tests] pass 2 of 2: real-engine tests, one at a time" >&2
 "$PY" -m pytest -m engine "$@"
 second=$?

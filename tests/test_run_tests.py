@@ -67,3 +67,10 @@ def test_a_pass_with_nothing_selected_counts_only_when_the_other_ran_tests(tmp_p
     assert done.returncode == 0, done.stdout + done.stderr
     nothing = _run(tmp_path, True, True, "-k", "no_such_test")
     assert nothing.returncode == 5
+
+
+@pytest.mark.slow
+def test_bad_arguments_stop_before_the_engine_pass(tmp_path):
+    done = _run(tmp_path, True, True, "--no-such-option")
+    assert done.returncode == 4  # pytest's usage error
+    assert "pass 2 of 2" not in done.stderr and _summaries(done) == []
