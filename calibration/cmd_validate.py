@@ -19,10 +19,10 @@ Steps: (1) the profile: ``--profile DIR`` or a fresh one from
 server and without a served load, whose steps give only the profile's own overhead terms, unless
 a mode below is ``auto``);
 (2) ``calibration.fit.load_fitted_model``; (3) the live runs: ``--live-runs`` (the workload
-they replayed, their ``workload.parquet``, is the one simulated) or ``--runs N`` replays on vLLM servers (a fresh server per run, since step
-times drift 10-30% between vLLM processes; ``--same-server`` runs them back to
-back on one), each with machine state recorded; (4) ``--sim-seeds``
-simulations with step-time jitter, using the fitted model plus the server's
+they replayed, their ``workload.parquet``, is the one simulated) or ``--runs N`` replays on
+vLLM servers (a fresh server per run, since step times drift 10-30% between vLLM processes;
+``--same-server`` runs them back to back on one), each with machine state recorded;
+(4) ``--sim-seeds`` simulations with step-time jitter, using the fitted model plus the server's
 overheads: by default those measured on each live run's probes, never on the
 workload (per step, per request and per KV token from the decode probes,
 ``--step-gap``; per prefill token from the prefill probes,

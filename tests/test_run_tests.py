@@ -67,6 +67,8 @@ def test_a_pass_with_nothing_selected_counts_only_when_the_other_ran_tests(tmp_p
     assert done.returncode == 0, done.stdout + done.stderr
     nothing = _run(tmp_path, True, True, "-k", "no_such_test")
     assert nothing.returncode == 5
+    engine_fails = _run(tmp_path, True, False, "-k", "with_the_engine")  # pass 1 selects nothing
+    assert engine_fails.returncode == 1
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ run), simulates five seeds with step-time jitter, and writes the report. About
 9 minutes on 2 cores with AVX-512; on a CPU with AVX2 only (the tiny model in
 float32 there, profiler.tiny_model.weight_dtype: a server's decode step ~2.6x as
 long) the scenario's arrivals are spread to the host's speed
-(calibration/scenario_pace.py) and it takes about 16. Fresh servers, because step times drift 10-30% from one
-vLLM process to the next (../shared/vllm-cpu.md): the profile is one such
+(calibration/scenario_pace.py) and it takes about 14-16. Fresh servers, because
+step times drift 10-30% from one vLLM process to the next (../shared/vllm-cpu.md): the profile is one such
 process, so the live envelope has to sample that drift too; runs back to back
 on one server would all share one draw of it.
 
