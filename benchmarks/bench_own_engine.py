@@ -6,7 +6,10 @@ For each model shape (tiny random-weight Llamas other than the shipped one) it
    (``python -m profiler model=tiny-llama model.layers=... engine.block_size=128
    engine.max_model_len=8192``) and fits it (``python -m calibration fit``);
 2. replays three loads on fresh ``vllm serve`` processes through the project's
-   live runner (``profiler.live.runner.run_series``): light Poisson; bursty under
+   live runner (``profiler.live.runner.run_live``), in rounds (every load's first
+   server, then every load's second, ...: a slow spell of the host falls on all
+   loads, not on one load's servers), the host's pace measured before each server
+   starts: light Poisson; bursty under
    KV pressure; long reasoning outputs under KV pressure (the KV cache cut to
    ``num_gpu_blocks_override`` blocks on the server and, as a stated override,
    in the simulator);
@@ -19,7 +22,7 @@ For each model shape (tiny random-weight Llamas other than the shipped one) it
    writes it into docs/accuracy.md (with the date and this method) unless
    ``--no-docs``.
 
-Full run (a quiet machine: about 45-60 min on 2 cores)::
+Full run (a quiet machine: about 45-60 min on 2 cores with AVX-512, about 90 with AVX2 only)::
 
     python benchmarks/bench_own_engine.py --out runs/own-engine
 
@@ -40,7 +43,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,24 +118,58 @@ def profile_and_fit(shape: dict, out: Path, quick: bool, pin: bool = False) -> d
             "prefill": phases.get("prefill", {}).get("median_ape"), "knee": report.get("decode_knee")}
 
 
-def live(load: Scenario, shape: dict, out: Path, runs: int, pin: bool = False) -> list:
-    """``runs`` replays of the load, each on a fresh server; their RunResults."""
-    from profiler.live.runner import LiveRunConfig, run_series
+def live_rounds(loads, shape: dict, out: Path, runs: int, pin: bool = False) -> dict[str, list]:
+    """``runs`` replays of each load, each on a fresh server, in rounds (round i: every load's
+    run i), so that a slow or fast spell of the host falls on every load alike instead of on one
+    load's servers back to back; each load's RunResults. Before each server starts, the host's
+    pace (``host_pace``) goes into its run directory."""
+    from profiler.live.runner import LiveRunConfig, run_live
     from profiler.live.server import ServerSpec
     from profiler.tiny_model import ensure_tiny_model
+
+    model = str(ensure_tiny_model(shape=shape))
+    config = LiveRunConfig(request_timeout_s=900, overhead_probes=0)
+    for i in range(runs):
+        for load in loads:
+            run_dir = out / load.name / "live" / f"run-{i}"
+            if (run_dir / "summary.json").exists():
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            time.sleep(3)  # (the last server's processes gone)
+            (run_dir / "host_pace.json").write_text(json.dumps({"seconds": host_pace()}))
+            spec = ServerSpec(model=model, engine=EngineConfig.from_dict({**ENGINE, **load.engine}),
+                              kv_cache_space_gib=2, pin_frontend=pin)
+            outcome = run_live(load.workload(), run_dir, spec=spec,
+                               config=replace(config, token_seed=config.token_seed + i), progress=False)
+            if outcome.exit_code:
+                raise SystemExit(f"error: live run {i} of {load.name}: {outcome.message}")
+    return {load.name: finished_runs(out / load.name, runs) for load in loads}
+
+
+def finished_runs(load_dir: Path, runs: int) -> list:
+    """The load's first ``runs`` live runs (RunResults)."""
     from simulator.records.run_result import RunResult
 
-    done = sorted((out / "live").glob("run-*/summary.json"))
-    if len(done) >= runs:
-        return [RunResult.read(p.parent) for p in done[:runs]]
-    spec = ServerSpec(model=str(ensure_tiny_model(shape=shape)),
-                      engine=EngineConfig.from_dict({**ENGINE, **load.engine}), kv_cache_space_gib=2, pin_frontend=pin)
-    outcomes = run_series(load.workload(), out / "live", runs, spec, fresh_server=True,
-                          config=LiveRunConfig(request_timeout_s=900, overhead_probes=0), progress=False)
-    bad = [o.message for o in outcomes if o.exit_code]
-    if bad:
-        raise SystemExit(f"error: live runs of {load.name}: {'; '.join(bad)}")
-    return [o.result for o in outcomes]
+    return [RunResult.read(load_dir / "live" / f"run-{i}") for i in range(runs)]
+
+
+def host_pace(repeats: int = 5) -> float:
+    """Seconds of a fixed CPU task like a tiny model's decode step (small float32 matrix
+    products, then a Python loop), the median of ``repeats``: the host's speed at that moment,
+    to tell a slow spell of the machine from a slow server."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 384), dtype=np.float32)
+    w = rng.standard_normal((384, 1536), dtype=np.float32)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(300):
+            x @ w
+        total = 0
+        for i in range(50_000):
+            total += i
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
 
 
 def simulate(load: Scenario, profile: Path, out: Path) -> dict:
@@ -185,19 +222,32 @@ def compare(shape: str, load: str, runs: list, sim: dict) -> list[Row]:
 
 def server_speeds(out: Path, loads) -> str:
     """Each server's decode steps of at most 8 requests against the simulated model (1: as
-    predicted): the profile's servers (their served loads) and each load's live servers."""
+    predicted): the profile's servers (their served loads) and each load's live servers, the
+    latter in the order they ran, with the host's pace before each (``host_pace`` over its median
+    for the shape's live servers: above 1, a slow spell of the machine)."""
     from calibration.fit import load_fitted_model
     from calibration.serving import as_served, served_speed
     from profiler.serving import load_of_run
 
     model = as_served(load_fitted_model(out / "fit.json"))
     profiled = json.loads((out / "profile" / "profile.json").read_text())["serving"].get("loads") or []
-    parts = [("profile", [served_speed(model, [load]) for load in profiled])]
+    parts = [("profile", [(served_speed(model, [load]), None) for load in profiled])]
     for load in loads:
         runs = sorted((out / load.name / "live").glob("run-*/summary.json"))
-        parts.append((load.name, [served_speed(model, [load_of_run(r.parent)]) for r in runs]))
-    return "; ".join(f"{name} {', '.join('-' if v is None else f'{v:.2f}' for v in values)}"
-                     for name, values in parts)
+        parts.append((load.name, [(served_speed(model, [load_of_run(r.parent)]), _pace(r.parent)) for r in runs]))
+    paces = [p for _, values in parts for _, p in values if p is not None]
+    typical = float(np.median(paces)) if paces else None
+
+    def show(speed, pace) -> str:
+        text = "-" if speed is None else f"{speed:.2f}"
+        return text + (f" (host {pace / typical:.2f})" if pace is not None and typical else "")
+
+    return "; ".join(f"{name} {', '.join(show(*v) for v in values)}" for name, values in parts)
+
+
+def _pace(run_dir: Path) -> float | None:
+    path = run_dir / "host_pace.json"
+    return json.loads(path.read_text())["seconds"] if path.exists() else None
 
 
 def fmt(metric: str, v: float) -> str:
@@ -232,7 +282,9 @@ def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s
     passed = sum(r.ok for r in rows)
     lines += ["", f"{passed} of {len(rows)} checks pass.", "",
               "Server speed (each server's decode steps of at most 8 requests: live time over simulated; "
-              "the profile's servers from their served loads):", ""]
+              "the profile's servers from their served loads; the live servers ran in rounds, every load's "
+              "first server, then every load's second...; host: a fixed CPU task's time just before the "
+              "server started, over its median for the shape):", ""]
     lines += [f"- {shape}: {line}" for shape, line in speeds.items()]
     return "\n".join(lines)
 
@@ -286,11 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         name = shape_name(shape)
         print(f"[own-engine] {name}: profile + fit", file=sys.stderr, flush=True)
         fits[name] = profile_and_fit(shape, out / name, args.quick, args.pin_frontend)
+        print(f"[own-engine] {name}: {runs} round(s) of live runs ({', '.join(load.name for load in loads)})",
+              file=sys.stderr, flush=True)
+        results = live_rounds(loads, shape, out / name, runs, args.pin_frontend)
         for load in loads:
-            print(f"[own-engine] {name}: {load.name}: {runs} live run(s), simulation", file=sys.stderr, flush=True)
-            results = live(load, shape, out / name / load.name, runs, args.pin_frontend)
+            print(f"[own-engine] {name}: {load.name}: simulation", file=sys.stderr, flush=True)
             sim = simulate(load, out / name / "profile", out / name / load.name)
-            rows += compare(name, load.name, results, sim)
+            rows += compare(name, load.name, results[load.name], sim)
         speeds[name] = server_speeds(out / name, loads)
     text = table(rows, fits, runs, args.quick, time.time() - started, speeds, reused)
     print(text)
