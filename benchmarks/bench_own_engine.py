@@ -233,8 +233,9 @@ def server_speeds(out: Path, loads) -> str:
     profiled = json.loads((out / "profile" / "profile.json").read_text())["serving"].get("loads") or []
     parts = [("profile", [(served_speed(model, [load]), None) for load in profiled])]
     for load in loads:
-        runs = sorted((out / load.name / "live").glob("run-*/summary.json"))
-        parts.append((load.name, [(served_speed(model, [load_of_run(r.parent)]), _pace(r.parent)) for r in runs]))
+        live = out / load.name / "live"
+        runs = sorted((p.parent for p in live.glob("run-*/summary.json")), key=lambda d: int(d.name[4:]))
+        parts.append((load.name, [(served_speed(model, [load_of_run(r)]), _pace(r)) for r in runs]))
     paces = [p for _, values in parts for _, p in values if p is not None]
     typical = float(np.median(paces)) if paces else None
 
@@ -318,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", action="append", default=None,
                    help="only this shape (e.g. L6-H768-h12-kv4; repeatable); a subset's table goes to <out> only")
     args = p.parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        print(f"error: --runs: must be an integer >= 1, got {args.runs}", file=sys.stderr)
+        return 2
     runs = args.runs or (1 if args.quick else 3)
     shapes, loads = (QUICK_SHAPES, QUICK_LOADS) if args.quick else (SHAPES, LOADS)
     if args.shape:
