@@ -141,8 +141,10 @@ def live_rounds(loads, shape: dict, out: Path, runs: int, pin: bool = False) -> 
                               kv_cache_space_gib=2, pin_frontend=pin)
             outcome = run_live(load.workload(), run_dir, spec=spec,
                                config=replace(config, token_seed=config.token_seed + i), progress=False)
-            if outcome.exit_code:
-                raise SystemExit(f"error: live run {i} of {load.name}: {outcome.message}")
+            if outcome.exit_code:  # (kept aside, so that the next invocation runs it again)
+                kept = run_dir.with_name(f"failed-run-{i}-{int(time.time())}")
+                run_dir.rename(kept)
+                raise SystemExit(f"error: live run {i} of {load.name}: {outcome.message} (its files: {kept})")
     return {load.name: finished_runs(out / load.name, runs) for load in loads}
 
 
