@@ -49,7 +49,7 @@ from simulator.records.performance import (
     StepBatch,
     keeps_shape_cache,
 )
-from simulator.records.profile import META_FILE, SHAPE_PHASES, Profile, engine_settings
+from simulator.records.profile import META_FILE, SHAPE_PHASES, Profile, engine_settings, point_of
 
 FIT_FILE = "fit.json"
 FIT_FORMAT = "rllm-sim-fitted-step-model"
@@ -134,9 +134,10 @@ def _stats(errors: np.ndarray) -> dict[str, float | int | None]:
 
 
 def split_groups(frame: pd.DataFrame, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of held-out rows: whole grid points, and single steps of the mixed workload."""
-    groups = np.where(frame["phase"].to_numpy() == "mixed",
-                      "mixed#" + frame["step"].astype(str).to_numpy(), frame["point_id"].to_numpy())
+    """Boolean mask of held-out rows: whole grid points (every round of one), and single steps of
+    the mixed workload."""
+    points = np.array([point_of(p) for p in frame["point_id"]], dtype=object)
+    groups = np.where(frame["phase"].to_numpy() == "mixed", "mixed#" + frame["step"].astype(str).to_numpy(), points)
     unique = np.unique(groups)
     rng = np.random.default_rng(seed)
     held = set(rng.choice(unique, size=max(1, int(round(test_fraction * len(unique)))), replace=False))

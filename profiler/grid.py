@@ -4,7 +4,9 @@ Pure functions: no vLLM here. A point is the unit of progress, resume and
 out-of-memory handling. Phases:
 
 - ``prefill``: one request computes ``chunk`` new tokens over ``context`` cached tokens;
-- ``decode``: ``batch`` requests decode over ``context`` tokens each;
+- ``decode``: ``batch`` requests decode over ``context`` tokens each; with ``decode_windows`` > 1
+  every decode point is measured again in later rounds (``window`` 1, 2, ...: after the other
+  phases, before the shapes), its prompts found in the prefix cache;
 - ``mixed``: a small workload; the scheduler mixes prefill chunks and decodes itself;
 - ``prefix``: requests sharing a ``prefix`` (first one misses, the others hit), ``suffix`` new tokens;
 - ``spec``: ``batch`` requests with repetitive prompts of ``context`` tokens, so drafts get proposed;
@@ -93,6 +95,9 @@ class GridSpec:
     decode_batches: tuple[int, ...] = (1, 4, 16, 64)
     decode_contexts: tuple[int, ...] = (128, 1024, 4096, 16384)
     decode_max_batch_tokens: int = 16384
+    #: rounds each decode point is measured in, apart in time (a step's speed on a shared CPU
+    #: moves from one moment to the next; consecutive repeats share the moment)
+    decode_windows: int = 3
     mixed: MixedSpec = field(default_factory=MixedSpec)
     prefix: PrefixSpec = field(default_factory=PrefixSpec)
     spec: SpecSpec = field(default_factory=SpecSpec)
@@ -101,6 +106,7 @@ class GridSpec:
     def __post_init__(self) -> None:
         check_fields(self, "grid.")
         require(self.repeats >= 1, "grid.repeats", "must be >= 1")
+        require(self.decode_windows >= 1, "grid.decode_windows", "must be >= 1")
         for key in ("prefill_chunks", "decode_batches", "decode_contexts"):
             values = getattr(self, key)
             require(len(values) > 0 and min(values) >= 1, f"grid.{key}", "must be a non-empty list of integers >= 1")
@@ -182,13 +188,15 @@ def build_points(
                 keep(point, context + chunk + 1 <= max_model_len,
                      f"context + chunk exceeds max_model_len {max_model_len}")
     decode_steps = 2 * grid.repeats + 3  # measured steps, with retries, and the warm-up step
+    decode_points = []
     for context in sorted(grid.decode_contexts):
         for batch in sorted(grid.decode_batches):
             if batch * context > grid.decode_max_batch_tokens:
                 continue
-            keep(_point("decode", ("batch", "context"), batch=batch, context=context),
-                 context + decode_steps <= max_model_len,
-                 f"context + {decode_steps} decode steps exceeds max_model_len {max_model_len}")
+            point = _point("decode", ("batch", "context"), batch=batch, context=context)
+            fits = context + decode_steps <= max_model_len
+            keep(point, fits, f"context + {decode_steps} decode steps exceeds max_model_len {max_model_len}")
+            decode_points += [point] if fits else []
     if grid.mixed.requests > 0:
         fits = grid.mixed.prompt_tokens[1] + grid.mixed.output_tokens[1] <= max_model_len
         keep(_point("mixed", ("requests",), requests=grid.mixed.requests), fits,
@@ -205,6 +213,8 @@ def build_points(
                 keep(_point("spec", ("batch", "context"), batch=batch, context=context),
                      context + grid.spec.steps * 16 <= max_model_len,
                      f"context + decode steps exceed max_model_len {max_model_len}")
+    for window in range(1, grid.decode_windows):
+        points += [_point("decode", ("batch", "context"), **dict(p.params), window=window) for p in decode_points]
     if grid.shapes.enabled:
         for tokens in shape_token_counts(grid.shapes, max_num_batched_tokens):
             if not shape_cache:

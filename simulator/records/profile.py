@@ -65,6 +65,14 @@ MEASURED_PHASES = ("prefill", "decode", "mixed", "prefix", "spec", "fill")
 #: set-up cost (calibration.fit.shape_cache_cost), not step-law measurements
 SHAPE_PHASES = ("shape_cold", "shape_warm")
 
+
+def point_of(point_id: str) -> str:
+    """A step's grid point without the round it was measured in (``decode/batch4/context1024``
+    for ``decode/batch4/context1024/window1``, ``grid.decode_windows``): a held-out split keeps
+    a point's rounds together."""
+    head, _, last = point_id.rpartition("/")
+    return head if head and last.startswith("window") and last[6:].isdigit() else point_id
+
 REQUIRED_META = ("format", "format_version", "hardware", "versions", "model", "optimization",
                  "engine", "kv", "memory", "grid", "points")
 REQUIRED_KV = ("block_size", "num_gpu_blocks", "bytes_per_token")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from calibration import cmd_fit
@@ -115,6 +116,21 @@ def test_held_out_rows_are_whole_points():
         assert group["held"].nunique() == 1
     assert 0.15 < held.mean() < 0.35
 
+
+def test_a_decode_points_later_rounds_are_held_out_with_it():
+    from calibration.fit import split_groups
+
+    steps = synthetic_profile().measured_steps()
+    decode = steps[steps["phase"] == "decode"]
+    rounds = decode.assign(point_id=decode["point_id"] + "/window1")
+    both = pd.concat([steps, rounds], ignore_index=True)
+    rounds_held = 0
+    for seed in range(4):
+        held = split_groups(both, 0.25, seed=seed)
+        first = held[: len(steps)][steps["phase"].to_numpy() == "decode"]
+        assert (held[len(steps):] == first).all()  # each round goes where its point goes
+        rounds_held += int(held[len(steps):].sum())
+    assert rounds_held > 0
 
 def test_step_time_matches_the_features_and_decode_times_are_identical():
     model = fit_profile(synthetic_profile())

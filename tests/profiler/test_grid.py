@@ -10,7 +10,8 @@ from simulator.records.errors import ConfigError
 
 def test_points_cover_the_product_in_measuring_order():
     grid = GridSpec(prefill_chunks=(32, 512), prefill_contexts=(0, 1024), decode_batches=(1, 8),
-                    decode_contexts=(128, 4096), decode_max_batch_tokens=8192, shapes=ShapesSpec(enabled=False))
+                    decode_contexts=(128, 4096), decode_max_batch_tokens=8192, decode_windows=1,
+                    shapes=ShapesSpec(enabled=False))
     points, left_out = build_points(grid, (), max_model_len=32768, max_num_batched_tokens=2048)
     ids = [p.point_id for p in points]
     assert ids == [
@@ -21,6 +22,29 @@ def test_points_cover_the_product_in_measuring_order():
     ]  # (8, 4096) exceeds decode_max_batch_tokens: not part of the grid
     assert left_out == []
     assert len(set(ids)) == len(ids)
+
+
+def test_decode_windows_measure_every_decode_point_again_after_the_other_phases():
+    grid = GridSpec(prefill_chunks=(32,), prefill_contexts=(0,), decode_batches=(1, 8), decode_contexts=(128, 9000),
+                    decode_windows=3)
+    points, left_out = build_points(grid, ("spec",), max_model_len=8192, max_num_batched_tokens=2048)
+    ids = [p.point_id for p in points]
+    first = ["decode/batch1/context128", "decode/batch8/context128"]  # 9,000 tokens exceed max_model_len
+    again = [f"{p}/window{w}" for w in (1, 2) for p in first]
+    assert ids[1:3] == first
+    shapes = [p for p in points if p.phase == "shapes"]
+    assert ids[-len(shapes) - len(again):-len(shapes)] == again  # after mixed and spec, before the shapes
+    assert "spec" in {p.phase for p in points[:-len(shapes) - len(again)]}
+    assert [p["point_id"] for p in left_out if p["phase"] == "decode"] == ["decode/batch1/context9000"]
+    window = next(p for p in points if p.point_id == "decode/batch8/context128/window2")
+    assert (window.param("batch"), window.param("context"), window.phase) == (8, 128, "decode")
+    assert kv_tokens_needed(window, grid, 128) == kv_tokens_needed(points[2], grid, 128)
+    assert window.is_larger_or_equal(points[1])  # skipped when a smaller decode point ran out of memory
+    once = build_points(GridSpec(decode_windows=1), (), 32768, 2048)[0]
+    twice = [p.point_id for p in build_points(GridSpec(decode_windows=2), (), 32768, 2048)[0]]
+    decode = [p.point_id for p in once if p.phase == "decode"]
+    assert len(twice) == len(once) + len(decode)
+    assert {f"{p}/window1" for p in decode} <= set(twice)
 
 
 def test_points_the_engine_cannot_build_are_left_out_with_a_reason():
@@ -81,6 +105,7 @@ def test_shape_points_come_last_with_odd_counts_the_grid_never_uses():
     ({"shapes": {"warm_repeats": 0}}, "grid.shapes.warm_repeats"),
     ({"shapes": {"enabled": "yes"}}, "grid.shapes.enabled"),
     ({"repeats": 0}, "grid.repeats"),
+    ({"decode_windows": 0}, "grid.decode_windows"),
     ({"decode_batches": []}, "grid.decode_batches"),
     ({"bogus": 1}, "grid.bogus"),
     ({"mixed": {"requests": 3, "speed": 2}}, "grid.mixed.speed"),
