@@ -180,6 +180,27 @@ def load_step_offsets(model: PerformanceModel, loads: list[dict],
     return float(per_step), float(per_request), float(per_context)
 
 
+#: a per-KV-token term needs the served loads' KV tokens to vary apart from their batch sizes: their
+#: variance inflation (1 / (1 - r^2), r their correlation over the logged decode steps) at most
+#: this. The serving phase's loads (short prompts, a nearly empty cache) reach 13-31 on the CPU
+#: profiles, and their plane then swings the term from -2x to +1.5x the fit's own from one profile
+#: to the next; without it the in-process fit's context cost stands alone.
+MAX_KV_INFLATION = 10.0
+
+
+def context_separable(loads: list[dict]) -> bool:
+    """Whether the served loads' logged decode steps tell a per-KV-token cost from a per-request
+    one (MAX_KV_INFLATION)."""
+    logged = _load_decode_steps(loads)
+    if logged is None:
+        return False
+    batch, kv_tokens, _ = logged
+    if np.ptp(batch) == 0 or np.ptp(kv_tokens) == 0:
+        return False
+    r = float(np.corrcoef(batch, kv_tokens)[0, 1])
+    return MAX_KV_INFLATION * max(1.0 - r * r, 0.0) >= 1.0
+
+
 #: steps with a prefill that the served loads' per-prefill-token term needs (below: the probes')
 MIN_LOAD_PREFILL_STEPS = 30
 
@@ -280,7 +301,8 @@ def _clamp_note(name: str) -> str:
 def decode_terms(model: PerformanceModel, probe_sets: list[dict], loads: list[dict],
                  speculative: bool) -> tuple[tuple[float, float, float] | None, str]:
     """(per step, per request, per KV token) a server adds to decode steps, and a note on their
-    source: the served loads' logged steps (``load_step_offsets``), else the decode probes'
+    source: the served loads' logged steps (``load_step_offsets``; no per-KV-token term where
+    their KV tokens follow their batch sizes, ``context_separable``), else the decode probes'
     plane (``decode_offsets``); a per-KV-token term beyond DRIFT_BOUND is clamped and the
     other two refitted around it. ``speculative``: the logged steps are not the batches
     verified, so the per-step term is the probes' median inter-step gap. None without data."""
@@ -289,6 +311,8 @@ def decode_terms(model: PerformanceModel, probe_sets: list[dict], loads: list[di
         return ((float(np.median(gaps)), 0.0, 0.0) if gaps else None), "; speculative: per step = the inter-step gap"
     terms, note = load_step_offsets(model, loads), "; decode terms from the served loads' logged steps"
     refit = functools.partial(load_step_offsets, model, loads)
+    if terms is not None and not context_separable(loads):
+        return refit(0.0), note + "; no per-KV-token term (their KV tokens follow their batch sizes)"
     if terms is None:
         terms, note = decode_offsets(model, probe_sets), ""
         refit = functools.partial(decode_offsets, model, probe_sets)

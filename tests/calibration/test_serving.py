@@ -217,13 +217,15 @@ def test_a_profile_with_a_served_load_is_simulated_with_its_scale(tmp_path):
     assert served.step_time(batch) == pytest.approx(served.overheads.step_scale * unscaled.step_time(batch))
 
 
-def logged_load(model, per_step: float, per_request: float, per_kv: float, seed: int = 2, steps: int = 600) -> dict:
+def logged_load(model, per_step: float, per_request: float, per_kv: float, seed: int = 2, steps: int = 600,
+                contexts: tuple[int, int] = (100, 3000)) -> dict:
     """A served load's iteration log whose decode steps took the model's time plus the three terms
-    (KV usage as the server logs it: blocks, a request's last block half full on average)."""
+    (KV usage as the server logs it: blocks, a request's last block half full on average);
+    ``contexts``: the range of a step's tokens per request."""
     rng = np.random.default_rng(seed)
     blocks, size, gap = 4000, 128, 0.0013
     n = rng.integers(1, 33, steps)
-    per_seq = rng.integers(100, 3000, steps)
+    per_seq = rng.integers(*contexts, steps)
     kv_tokens = n * per_seq
     usage = (kv_tokens + n * size / 2) / (blocks * size)
     wall = np.array([model.step_time(StepBatch(decode_context=[int(c)] * int(k))) for k, c in zip(n, per_seq, strict=True)])
@@ -252,6 +254,27 @@ def test_a_served_loads_logged_steps_give_back_known_decode_terms():
     assert load_step_offsets(bare, [short]) is None
     probed = overheads_from_probes(bare, probe_sets(bare, 0.009, 0.0), ENGINE, False, "test", loads=[short])
     assert probed.per_step_s == pytest.approx(0.009, abs=1e-9) and "logged steps" not in probed.source
+
+
+def test_a_per_kv_token_term_the_served_loads_cannot_tell_apart_is_left_out():
+    """Requests of about one context: KV tokens follow the batch size, so the plane cannot split
+    a per-KV-token cost from a per-request one; the in-process fit's context cost stands alone."""
+    from calibration.serving import context_separable, decode_terms
+
+    bare = fit_profile(synthetic_profile())
+    kv_cost = bare.coefficients["per_decode_kv_token"]
+    apart = logged_load(bare, 0.0021, -0.00004, 0.2 * kv_cost)
+    assert context_separable([apart])
+    terms, note = decode_terms(bare, [], [apart], speculative=False)
+    assert terms[2] == pytest.approx(0.2 * kv_cost, rel=0.02) and "no per-KV-token term" not in note
+    tied = logged_load(bare, 0.0021, -0.00004, 0.2 * kv_cost, contexts=(500, 560))
+    assert not context_separable([tied])
+    (per_step, per_request, per_context), note = decode_terms(bare, [], [tied], speculative=False)
+    assert per_context == 0.0 and "no per-KV-token term" in note
+    # the per-request term takes the KV cost of a typical request (about 530 tokens)
+    assert per_request == pytest.approx(-0.00004 + 0.2 * kv_cost * 530, rel=0.1)
+    found = overheads_from_probes(bare, probe_sets(bare, 0.009, 0.0), ENGINE, False, "test", loads=[tied])
+    assert found.per_context_token_s == 0.0 and "no per-KV-token term" in found.source
 
 
 def grouped_load(model, per_step: float, per_prefill_token: float, per_request: float = 0.0, per_kv: float = 0.0,
