@@ -73,6 +73,7 @@ def point_of(point_id: str) -> str:
     head, _, last = point_id.rpartition("/")
     return head if head and last.startswith("window") and last[6:].isdigit() else point_id
 
+
 REQUIRED_META = ("format", "format_version", "hardware", "versions", "model", "optimization",
                  "engine", "kv", "memory", "grid", "points")
 REQUIRED_KV = ("block_size", "num_gpu_blocks", "bytes_per_token")
