@@ -22,7 +22,7 @@ For each model shape (tiny random-weight Llamas other than the shipped one) it
    writes it into docs/accuracy.md (with the date and this method) unless
    ``--no-docs``.
 
-Full run (a quiet machine: about 45-60 min on 2 cores with AVX-512, about 90 with AVX2 only)::
+Full run (a quiet machine: about 45-60 min on 2 cores with AVX-512, about 95 with AVX2 only)::
 
     python benchmarks/bench_own_engine.py --out runs/own-engine
 
