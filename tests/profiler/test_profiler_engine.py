@@ -56,9 +56,10 @@ def finished_points(partial: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory):
-    """Profile `none`, SIGKILL it once 3 grid points are done, then run the same command again."""
+    """Profile `none` (each decode point in two windows), SIGKILL it once 3 grid points are done,
+    then run the same command again."""
     out = tmp_path_factory.mktemp("none") / "profile"
-    args = [*SMOKE, "optimization=none", f"output_dir={out}", "verbose=true"]
+    args = [*SMOKE, "grid.decode_windows=2", "optimization=none", f"output_dir={out}", "verbose=true"]
     proc = subprocess.Popen(profiler_command(*args), cwd=REPO, env=profiler_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -70,7 +71,7 @@ def resumed_run(tmp_path_factory):
     kept = pd.concat([pd.read_parquet(out / ".partial" / p["file"]) for p in before_kill if p.get("file")])
     second = run_profiler(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    return {"out": out, "before_kill": before_kill, "kept_rows": kept, "first_log": first_log,
+    return {"out": out, "args": args, "before_kill": before_kill, "kept_rows": kept, "first_log": first_log,
             "log": second.stdout + second.stderr, "profile": Profile.load(out)}
 
 
@@ -90,7 +91,7 @@ def test_kill_keeps_finished_points_and_resume_completes(resumed_run):
 
 def test_step_table_covers_the_grid(resumed_run):
     profile = resumed_run["profile"]
-    grid = smoke_grid()
+    grid = smoke_grid(decode_windows=2)
     oneDNN = keeps_shape_cache(profile.meta["engine"]["linear_dispatch"])
     points, left_out = build_points(grid, (), profile.meta["engine"]["resolved"]["max_model_len"],
                                     profile.meta["engine"]["resolved"]["max_num_batched_tokens"], oneDNN)
@@ -120,6 +121,10 @@ def test_step_table_covers_the_grid(resumed_run):
             assert len(rows) >= grid.mixed.requests
             assert ((rows["num_prefill_tokens"] > 0) & (rows["num_decode_seqs"] > 0)).any()
     assert (steps["wall_s"] > 0).all() and (steps["rss_bytes"] > 0).all()
+    # a decode point's second window: the same batch and context, measured after the other phases
+    again = steps[steps["point_id"].str.endswith("/window1") & (steps["rep"] >= 0)]
+    assert len(again) >= grid.repeats * sum(p.phase == "decode" for p in points) // 2
+    assert set(again["phase"]) == {"decode"} and again["step"].min() > steps.loc[steps["phase"] == "mixed", "step"].max()
 
 
 def test_the_linear_layers_dispatch_is_read_off_the_engine(resumed_run):
@@ -215,7 +220,7 @@ def test_metadata_records_no_absolute_path_and_the_models_identity(resumed_run):
 
 def test_a_complete_profile_is_reused_with_a_line_naming_the_machine(resumed_run):
     meta = resumed_run["profile"].meta
-    again = run_profiler(*SMOKE, "optimization=none", f"output_dir={resumed_run['out']}", timeout=120)
+    again = run_profiler(*resumed_run["args"], timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     line = next(ln for ln in again.stdout.splitlines() if "already holds this profile" in ln)
     assert meta["machine"]["key"] in line and meta["machine"]["fingerprint"]["name"] in line
