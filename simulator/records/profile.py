@@ -34,7 +34,7 @@ META_FILE = "profile.json"
 
 #: column -> (kind, meaning). Kinds: "str", "int", "float", "bool", "list" (list of ints).
 STEP_COLUMNS: dict[str, tuple[str, str]] = {
-    "point_id": ("str", "grid point the step belongs to, e.g. 'prefill/c512/l4096'"),
+    "point_id": ("str", "grid point the step belongs to, e.g. 'prefill/chunk512/context4096'"),
     "phase": ("str", "prefill | decode | mixed | prefix | spec | fill | warmup | shape_cold | shape_warm"),
     "rep": ("int", "repeat index at the point; -1 for fill and warm-up steps"),
     "step": ("int", "engine step number within the run"),
