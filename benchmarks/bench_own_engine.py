@@ -115,7 +115,8 @@ def profile_and_fit(shape: dict, out: Path, quick: bool, pin: bool = False) -> d
     phases = report["held_out_by_phase"]
     return {"held_out": report["held_out"]["median_ape"],
             "decode": phases.get("decode", {}).get("median_ape"),
-            "prefill": phases.get("prefill", {}).get("median_ape"), "knee": report.get("decode_knee")}
+            "prefill": phases.get("prefill", {}).get("median_ape"), "knee": report.get("decode_knee"),
+            "created": report["profile_created"]}
 
 
 def live_rounds(loads, shape: dict, out: Path, runs: int, pin: bool = False) -> dict[str, list]:
@@ -261,22 +262,15 @@ def fmt(metric: str, v: float) -> str:
     return f"{1e3 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
-def when_taken(out: Path, shapes, loads, runs: int) -> str:
-    """When each shape's profile and the live runs were taken (a rerun reuses what it finds)."""
+def when_taken(fits: dict[str, dict], started: list[str]) -> str:
+    """When each shape's profile (its fit's ``created``) and the live runs (their
+    ``started_at_utc``) were taken: a rerun reuses what it finds."""
     def hm(stamp: str) -> str:
         return dt.datetime.fromisoformat(stamp).strftime("%Y-%m-%d %H:%M")
 
-    profiles, started = [], []
-    for shape in shapes:
-        name = shape_name(shape)
-        profiles.append(f"{name} {hm(json.loads((out / name / 'profile' / 'profile.json').read_text())['created'])}")
-        for load in loads:
-            for i in range(runs):
-                summary = json.loads((out / name / load.name / "live" / f"run-{i}" / "summary.json").read_text())
-                started.append(summary["metadata"]["started_at_utc"])
-    return (f"Profiles taken {', '.join(profiles)} UTC; live runs started {hm(min(started))} to "
-            f"{hm(max(started))} UTC (a rerun of the benchmark reuses the profiles and live runs it finds, and "
-            "fits and simulates anew).")
+    profiles = ", ".join(f"{name} {hm(f['created'])}" for name, f in fits.items())
+    return (f"Profiles taken {profiles} UTC; live runs started {hm(min(started))} to {hm(max(started))} UTC (a "
+            "rerun of the benchmark reuses the profiles and live runs it finds, and fits and simulates anew).")
 
 
 def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s: float,
@@ -353,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_docs = True
     out = Path(args.out)
     started = time.time()
-    rows, fits, speeds = [], {}, {}
+    rows, fits, speeds, started_at = [], {}, {}, []
     for shape in shapes:
         name = shape_name(shape)
         print(f"[own-engine] {name}: profile + fit", file=sys.stderr, flush=True)
@@ -365,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[own-engine] {name}: {load.name}: simulation", file=sys.stderr, flush=True)
             sim = simulate(load, out / name / "profile", out / name / load.name)
             rows += compare(name, load.name, results[load.name], sim)
+            started_at += [r.metadata["started_at_utc"] for r in results[load.name]]
         speeds[name] = server_speeds(out / name, loads)
-    text = table(rows, fits, runs, args.quick, time.time() - started, speeds, when_taken(out, shapes, loads, runs))
+    text = table(rows, fits, runs, args.quick, time.time() - started, speeds, when_taken(fits, started_at))
     print(text)
     (out / "table.md").write_text(text + "\n")
     if not (args.quick or args.no_docs):

@@ -196,7 +196,8 @@ def build_points(
             point = _point("decode", ("batch", "context"), batch=batch, context=context)
             fits = context + decode_steps <= max_model_len
             keep(point, fits, f"context + {decode_steps} decode steps exceeds max_model_len {max_model_len}")
-            decode_points += [point] if fits else []
+            if fits:
+                decode_points.append(point)
     if grid.mixed.requests > 0:
         fits = grid.mixed.prompt_tokens[1] + grid.mixed.output_tokens[1] <= max_model_len
         keep(_point("mixed", ("requests",), requests=grid.mixed.requests), fits,
