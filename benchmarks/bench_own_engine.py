@@ -113,9 +113,12 @@ def profile_and_fit(shape: dict, out: Path, quick: bool, pin: bool = False) -> d
     run([sys.executable, "-m", "calibration", "fit", f"profile={prof}", f"out={out / 'fit.json'}"], out / "fit.log")
     report = json.loads((out / "fit.json").read_text())["report"]
     phases = report["held_out_by_phase"]
+    points = report.get("held_out_points_by_phase") or {}
     return {"held_out": report["held_out"]["median_ape"],
             "decode": phases.get("decode", {}).get("median_ape"),
-            "prefill": phases.get("prefill", {}).get("median_ape"), "knee": report.get("decode_knee"),
+            "prefill": phases.get("prefill", {}).get("median_ape"),
+            "decode_points": points.get("decode", {}).get("median_ape"),
+            "prefill_points": points.get("prefill", {}).get("median_ape"), "knee": report.get("decode_knee"),
             "created": report["profile_created"]}
 
 
@@ -223,11 +226,12 @@ def compare(shape: str, load: str, runs: list, sim: dict) -> list[Row]:
     return rows
 
 
-def server_speeds(out: Path, loads) -> str:
+def server_speeds(out: Path, loads, runs: int) -> str:
     """Each server's decode steps of at most 8 requests against the simulated model (1: as
-    predicted): the profile's servers (their served loads) and each load's live servers, the
-    latter in the order they ran, with the host's pace before each (``host_pace`` over its median
-    for the shape's live servers: above 1, a slow spell of the machine)."""
+    predicted): the profile's servers (their served loads) and each load's first ``runs`` live
+    servers (those the table reads), in the order they ran, with the host's pace before each
+    (``host_pace`` over its median for the shape's live servers: above 1, a slow spell of the
+    machine)."""
     from calibration.fit import load_fitted_model
     from calibration.serving import as_served, served_speed
     from profiler.serving import load_of_run
@@ -236,9 +240,8 @@ def server_speeds(out: Path, loads) -> str:
     profiled = json.loads((out / "profile" / "profile.json").read_text())["serving"].get("loads") or []
     parts = [("profile", [(served_speed(model, [load]), None) for load in profiled])]
     for load in loads:
-        live = out / load.name / "live"
-        runs = sorted((p.parent for p in live.glob("run-*/summary.json")), key=lambda d: int(d.name[4:]))
-        parts.append((load.name, [(served_speed(model, [load_of_run(r)]), _pace(r)) for r in runs]))
+        served = [out / load.name / "live" / f"run-{i}" for i in range(runs)]
+        parts.append((load.name, [(served_speed(model, [load_of_run(r)]), _pace(r)) for r in served]))
     paces = [p for _, values in parts for _, p in values if p is not None]
     typical = float(np.median(paces)) if paces else None
 
@@ -283,10 +286,12 @@ def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s
              "and server overheads from the profile; TTFT/E2E: client-observed). OK: inside the live min-max "
              "or within 10% of the live median; KV mean within 3 points; preemptions within the live range "
              "or 10%. " + taken,
-             "", "| shape | held-out APE (all / decode / prefill) | decode knee |", "|---|---|---|"]
+             "", "| shape | held-out APE, steps (all / decode / prefill) | points' median steps (decode / prefill) "
+             "| decode knee |", "|---|---|---|---|"]
     for shape, f in fits.items():
         pct = [f"{100 * v:.1f}%" if v is not None else "-" for v in (f["held_out"], f["decode"], f["prefill"])]
-        lines.append(f"| {shape} | {' / '.join(pct)} | {f['knee']} |")
+        points = [f"{100 * v:.1f}%" if v is not None else "-" for v in (f.get("decode_points"), f.get("prefill_points"))]
+        lines.append(f"| {shape} | {' / '.join(pct)} | {' / '.join(points)} | {f['knee']} |")
     lines += ["", "| shape | load | metric | live median [min, max] | simulated | error | OK |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -360,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             sim = simulate(load, out / name / "profile", out / name / load.name)
             rows += compare(name, load.name, results[load.name], sim)
             started_at += [r.metadata["started_at_utc"] for r in results[load.name]]
-        speeds[name] = server_speeds(out / name, loads)
+        speeds[name] = server_speeds(out / name, loads, runs)
     text = table(rows, fits, runs, args.quick, time.time() - started, speeds, when_taken(fits, started_at))
     print(text)
     (out / "table.md").write_text(text + "\n")

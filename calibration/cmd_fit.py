@@ -47,6 +47,12 @@ def format_report(model) -> str:
     ]
     for phase, stats in report["held_out_by_phase"].items():
         lines.append(f"    {phase:<8} n={stats['n']:<5} median {_pct(stats['median_ape'])}  p90 {_pct(stats['p90_ape'])}")
+    points = report.get("held_out_points_by_phase") or {}  # (a fit saved before it was reported: none)
+    if points:
+        lines.append("  held out, each grid point's median step (the moments its steps ran in averaged):")
+        for phase, stats in points.items():
+            lines.append(f"    {phase:<8} n={stats['n']:<5} median {_pct(stats['median_ape'])}  "
+                         f"p90 {_pct(stats['p90_ape'])}")
     lines.append("  coefficients:")
     for term in TERMS:
         lines.append(f"    {term:<20} {model.coefficients[term]:.4e}  ({report['terms'][term]})")

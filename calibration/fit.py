@@ -74,6 +74,9 @@ TERM_MEANING = {
 #: token counts whose oneDNN primitives vLLM's CPU linear layers keep (create_onednn_mm(weight, 32)
 #: in vllm/model_executor/layers/utils.py, primitive_cache_size)
 ONEDNN_PRIMITIVE_CACHE = 32
+#: phases whose grid points repeat one batch composition in every step (and round): a point's
+#: median step stands for the point (``held_out_points_by_phase``)
+POINT_PHASES = ("prefill", "decode")
 #: rows further than this many median absolute relative residuals from the first fit are
 #: treated as disturbed measurements (another process took the core) and refitted without
 OUTLIER_MADS = 4.0
@@ -131,6 +134,24 @@ def _stats(errors: np.ndarray) -> dict[str, float | int | None]:
         return {"n": 0, "median_ape": None, "p90_ape": None, "mean_ape": None}
     return {"n": int(len(errors)), "median_ape": float(np.median(errors)),
             "p90_ape": float(np.quantile(errors, 0.9)), "mean_ape": float(np.mean(errors))}
+
+
+def point_errors(predicted: np.ndarray, measured: np.ndarray, frame: pd.DataFrame,
+                 rows: np.ndarray) -> dict[str, dict[str, float | int | None]]:
+    """Per phase of POINT_PHASES, the APE of each grid point's median step (over its repeats and
+    rounds, ``rows`` only) against the model's: what the model misses once the moments a step was
+    measured in are averaged out (a step's own APE counts both)."""
+    points = np.array([point_of(p) for p in frame["point_id"]], dtype=object)
+    phases = frame["phase"].to_numpy()
+    out = {}
+    for phase in POINT_PHASES:
+        keep = rows & (phases == phase)
+        errors = [float(ape(np.median(predicted[keep & (points == point)]),
+                            np.median(measured[keep & (points == point)])))
+                  for point in np.unique(points[keep])]
+        if errors:
+            out[phase] = _stats(np.array(errors))
+    return out
 
 
 def split_groups(frame: pd.DataFrame, test_fraction: float, seed: int) -> np.ndarray:
@@ -200,6 +221,7 @@ def fit_steps(frame: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -
         "disturbed_steps_used": fallback,
         "train_outliers_dropped": int(len(used) - len(inliers)) if len(inliers) < len(used) else 0,
         "held_out_by_phase": {p: _stats(errors[test & (phases == p)]) for p in sorted(set(phases[test]))},
+        "held_out_points_by_phase": point_errors(predicted, y, frame, test),
         "decode_knee": knee,
         "terms": TERM_MEANING,
     }

@@ -132,6 +132,45 @@ def test_a_decode_points_later_rounds_are_held_out_with_it():
         rounds_held += int(held[len(steps):].sum())
     assert rounds_held > 0
 
+
+def _decode_point_rows(seed: int = 5, points: int = 40, factors=(0.85, 1.0, 1.15)) -> list[dict]:
+    """Decode grid points, each one composition measured in ``len(factors)`` rounds (``window``
+    1, 2, ...) of three steps, every step of round ``k`` at ``factors[k]`` times the law (TRUE)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(points):
+        n, ctx = int(rng.integers(1, 64)), int(rng.integers(128, 8192))
+        t = TRUE["overhead"] + TRUE["per_decode_seq"] * n + TRUE["per_decode_kv_token"] * n * ctx
+        for window, factor in enumerate(factors):
+            for rep in range(3):
+                rows.append({
+                    "point_id": f"decode/k{k}" + (f"/window{window}" if window else ""), "phase": "decode",
+                    "rep": rep, "step": len(rows), "wall_s": t * factor, "cpu_s": t, "prefill_tokens": [],
+                    "prefill_context": [], "prefill_cached": [], "decode_context": [ctx] * n,
+                    "decode_spec_tokens": [0] * n, "decode_accepted_tokens": [0] * n, "num_prefill_tokens": 0,
+                    "num_decode_seqs": n, "num_spec_tokens": 0, "num_tokens": n, "kv_blocks_used": 1,
+                    "kv_usage": 0.0, "num_preempted": 0, "draft_s": 0.0, "rss_bytes": 1, "disturbed": False,
+                })
+    return rows
+
+
+def test_a_grid_points_median_step_averages_the_moments_it_ran_in():
+    """Decode points measured in three rounds at 0.85, 1 and 1.15 of the law (the machine's
+    moments): two steps in three miss by about 15%, each point's median step by little."""
+    other = [r for r in synthetic_rows(300, 0.0) if r["phase"] != "decode"]
+    steps = Profile(meta=synthetic_profile().meta,
+                    steps=steps_frame(other + _decode_point_rows())).measured_steps()
+    report = fit_steps(steps).report
+    assert report["held_out_by_phase"]["decode"]["median_ape"] > 0.1
+    points = report["held_out_points_by_phase"]
+    # (relative least squares over rounds at 0.85 / 1 / 1.15 lands about 3% below their median)
+    assert points["decode"]["median_ape"] < 0.05 and points["decode"]["n"] >= 5
+    assert "mixed" not in points  # a mixed step is its own composition: no point to average
+    steady = Profile(meta=synthetic_profile().meta,  # the same points without the moments
+                     steps=steps_frame(other + _decode_point_rows(factors=(1.0, 1.0, 1.0)))).measured_steps()
+    assert fit_steps(steady).report["held_out_by_phase"]["decode"]["median_ape"] < 0.01
+
+
 def test_step_time_matches_the_features_and_decode_times_are_identical():
     model = fit_profile(synthetic_profile())
     steps = synthetic_profile(n=30).measured_steps()
@@ -194,6 +233,7 @@ def test_cli_writes_fit_and_reports(tmp_path, capsys, monkeypatch):
     assert cmd_fit.main([f"profile={profile}"]) == 0
     out = capsys.readouterr().out
     assert "held-out steps" in out and "median APE" in out and "p90 APE" in out
+    assert "each grid point's median step" in out  # synthetic points have prefill and decode phases
     assert not (profile / FIT_FILE).exists()  # the profile is only read
     (written,) = (tmp_path / "outputs" / "fit").glob(f"*/*/{FIT_FILE}")  # the run directory
     assert f"saved to {written.relative_to(tmp_path)}" in out
