@@ -141,17 +141,12 @@ def point_errors(predicted: np.ndarray, measured: np.ndarray, frame: pd.DataFram
     """Per phase of POINT_PHASES, the APE of each grid point's median step (over its repeats and
     rounds, ``rows`` only) against the model's: what the model misses once the moments a step was
     measured in are averaged out (a step's own APE counts both)."""
-    points = np.array([point_of(p) for p in frame["point_id"]], dtype=object)
-    phases = frame["phase"].to_numpy()
-    out = {}
-    for phase in POINT_PHASES:
-        keep = rows & (phases == phase)
-        errors = [float(ape(np.median(predicted[keep & (points == point)]),
-                            np.median(measured[keep & (points == point)])))
-                  for point in np.unique(points[keep])]
-        if errors:
-            out[phase] = _stats(np.array(errors))
-    return out
+    steps = pd.DataFrame({"phase": frame["phase"].to_numpy(), "point": [point_of(p) for p in frame["point_id"]],
+                          "predicted": predicted, "measured": measured})
+    steps = steps[rows & steps["phase"].isin(POINT_PHASES).to_numpy()]
+    medians = steps.groupby(["phase", "point"])[["predicted", "measured"]].median()
+    return {phase: _stats(ape(group["predicted"].to_numpy(), group["measured"].to_numpy()))
+            for phase, group in medians.groupby(level="phase")}
 
 
 def split_groups(frame: pd.DataFrame, test_fraction: float, seed: int) -> np.ndarray:
