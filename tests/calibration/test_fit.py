@@ -48,16 +48,22 @@ def synthetic_rows(n: int, noise: float, seed: int = 1, knee: int = 0, decode_st
              + (decode_step if decode else 0.0) + TRUE["per_decode_seq"] * max(0, len(decode) - knee)
              + TRUE["per_decode_kv_token"] * sum(decode)
              + TRUE["per_spec_token"] * sum(spec))
-        rows.append({
-            "point_id": f"p{i // 3}", "phase": ["prefill", "decode", "mixed"][kind], "rep": i % 3,
-            "step": i, "wall_s": float(t * (1 + noise * rng.standard_normal())), "cpu_s": float(t),
-            "prefill_tokens": prefill, "prefill_context": context, "prefill_cached": [0] * len(prefill),
-            "decode_context": decode, "decode_spec_tokens": spec, "decode_accepted_tokens": [0] * len(decode),
-            "num_prefill_tokens": sum(prefill), "num_decode_seqs": len(decode), "num_spec_tokens": sum(spec),
-            "num_tokens": sum(prefill) + len(decode) + sum(spec), "kv_blocks_used": 1, "kv_usage": 0.0,
-            "num_preempted": 0, "draft_s": 0.0, "rss_bytes": 1, "disturbed": False,
-        })
+        rows.append(step_row(f"p{i // 3}", ["prefill", "decode", "mixed"][kind], i % 3, i,
+                             float(t * (1 + noise * rng.standard_normal())), float(t), prefill, context, decode, spec))
     return rows
+
+
+def step_row(point_id: str, phase: str, rep: int, step: int, wall_s: float, cpu_s: float,
+             prefill: list[int], context: list[int], decode: list[int], spec: list[int]) -> dict:
+    """One row of a profile's steps table (simulator.records.profile.steps_frame)."""
+    return {
+        "point_id": point_id, "phase": phase, "rep": rep, "step": step, "wall_s": wall_s, "cpu_s": cpu_s,
+        "prefill_tokens": prefill, "prefill_context": context, "prefill_cached": [0] * len(prefill),
+        "decode_context": decode, "decode_spec_tokens": spec, "decode_accepted_tokens": [0] * len(decode),
+        "num_prefill_tokens": sum(prefill), "num_decode_seqs": len(decode), "num_spec_tokens": sum(spec),
+        "num_tokens": sum(prefill) + len(decode) + sum(spec), "kv_blocks_used": 1, "kv_usage": 0.0,
+        "num_preempted": 0, "draft_s": 0.0, "rss_bytes": 1, "disturbed": False,
+    }
 
 
 def synthetic_profile(n=400, noise=0.03, kind="cpu") -> Profile:
@@ -142,15 +148,9 @@ def _decode_point_rows(seed: int = 5, points: int = 40, factors=(0.85, 1.0, 1.15
         n, ctx = int(rng.integers(1, 64)), int(rng.integers(128, 8192))
         t = TRUE["overhead"] + TRUE["per_decode_seq"] * n + TRUE["per_decode_kv_token"] * n * ctx
         for window, factor in enumerate(factors):
-            for rep in range(3):
-                rows.append({
-                    "point_id": f"decode/k{k}" + (f"/window{window}" if window else ""), "phase": "decode",
-                    "rep": rep, "step": len(rows), "wall_s": t * factor, "cpu_s": t, "prefill_tokens": [],
-                    "prefill_context": [], "prefill_cached": [], "decode_context": [ctx] * n,
-                    "decode_spec_tokens": [0] * n, "decode_accepted_tokens": [0] * n, "num_prefill_tokens": 0,
-                    "num_decode_seqs": n, "num_spec_tokens": 0, "num_tokens": n, "kv_blocks_used": 1,
-                    "kv_usage": 0.0, "num_preempted": 0, "draft_s": 0.0, "rss_bytes": 1, "disturbed": False,
-                })
+            point_id = f"decode/k{k}" + (f"/window{window}" if window else "")
+            rows += [step_row(point_id, "decode", rep, len(rows) + rep, t * factor, t, [], [], [ctx] * n, [0] * n)
+                     for rep in range(3)]
     return rows
 
 
