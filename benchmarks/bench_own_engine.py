@@ -231,25 +231,44 @@ def server_speeds(out: Path, loads, runs: int) -> str:
     predicted): the profile's servers (their served loads) and each load's first ``runs`` live
     servers (those the table reads), in the order they ran, with the host's pace before each
     (``host_pace`` over its median for the shape's live servers: above 1, a slow spell of the
-    machine)."""
+    machine) and the simulated TPOT over the server's, request by request (``tpot_ratio``)."""
     from calibration.fit import load_fitted_model
     from calibration.serving import as_served, served_speed
     from profiler.serving import load_of_run
 
     model = as_served(load_fitted_model(out / "fit.json"))
     profiled = json.loads((out / "profile" / "profile.json").read_text())["serving"].get("loads") or []
-    parts = [("profile", [(served_speed(model, [load]), None) for load in profiled])]
+    parts = [("profile", [(served_speed(model, [load]), None, None) for load in profiled])]
     for load in loads:
         served = [out / load.name / "live" / f"run-{i}" for i in range(runs)]
-        parts.append((load.name, [(served_speed(model, [load_of_run(r)]), _pace(r)) for r in served]))
-    paces = [p for _, values in parts for _, p in values if p is not None]
+        parts.append((load.name, [(served_speed(model, [load_of_run(r)]), _pace(r),
+                                   tpot_ratio(out / load.name / "sim", r)) for r in served]))
+    paces = [p for _, values in parts for _, p, _ in values if p is not None]
     typical = float(np.median(paces)) if paces else None
 
-    def show(speed, pace) -> str:
+    def show(speed, pace, tpot) -> str:
         text = "-" if speed is None else f"{speed:.2f}"
-        return text + (f" (host {pace / typical:.2f})" if pace is not None and typical else "")
+        notes = ([f"host {pace / typical:.2f}"] if pace is not None and typical else []) + \
+            ([f"TPOT {tpot:.2f}"] if tpot is not None else [])
+        return text + (f" ({', '.join(notes)})" if notes else "")
 
     return "; ".join(f"{name} {', '.join(show(*v) for v in values)}" for name, values in parts)
+
+
+def tpot_ratio(sim_dir: Path, run_dir: Path) -> float | None:
+    """The simulated TPOT over the live server's, request by request (the same requests replayed),
+    the median over the requests both completed with a TPOT: below 1, the simulation's tokens
+    came faster on this server's requests. Read beside the server's speed, it tells a step-cost
+    miss (both off) from a load whose TPOT magnifies a server's speed."""
+    import pandas as pd
+
+    paths = (sim_dir / "requests.parquet", run_dir / "requests.parquet")
+    if not all(path.exists() for path in paths):
+        return None
+    sim, live = (pd.read_parquet(path, columns=["request_id", "tpot_s"]).set_index("request_id")["tpot_s"]
+                 for path in paths)
+    ratio = (sim / live).replace([np.inf, -np.inf], np.nan).dropna()
+    return float(ratio.median()) if len(ratio) else None
 
 
 def _pace(run_dir: Path) -> float | None:
@@ -303,7 +322,8 @@ def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s
               "Server speed (each server's decode steps of at most 8 requests: live time over simulated; "
               "the profile's servers from their served loads; the live servers ran in rounds, every load's "
               "first server, then every load's second...; host: a fixed CPU task's time just before the "
-              "server started, over its median for the shape):", ""]
+              "server started, over its median for the shape; TPOT: the simulated TPOT over the server's, "
+              "the median over the requests):", ""]
     lines += [f"- {shape}: {line}" for shape, line in speeds.items()]
     return "\n".join(lines)
 
