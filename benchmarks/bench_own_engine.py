@@ -258,8 +258,7 @@ def server_speeds(out: Path, loads, runs: int) -> str:
 def tpot_ratio(sim_dir: Path, run_dir: Path) -> float | None:
     """The simulated TPOT over the live server's, request by request (the same requests replayed),
     the median over the requests both completed with a TPOT: below 1, the simulation's tokens
-    came faster on this server's requests. Read beside the server's speed, it tells a step-cost
-    miss (both off) from a load whose TPOT magnifies a server's speed."""
+    came faster on this server's requests (on a light load, about one over the server's speed)."""
     import pandas as pd
 
     paths = (sim_dir / "requests.parquet", run_dir / "requests.parquet")
