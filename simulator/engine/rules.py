@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from simulator.engine.request import SimRequest
+from simulator.records.engine_config import EngineConfig
+from simulator.records.performance import KVCapacity
 
 
 def running_tokens(req: SimRequest, threshold: int, max_model_len: int) -> int:
@@ -82,3 +84,13 @@ def deliver_tokens(req: SimRequest, count: int, times: Sequence[float], start: i
             req.first_visible_s = float(times[start + j])
     req.num_output = num_output + count
     req.last_token_s = float(times[start + count - 1])
+
+
+def admission_error(prompt: int, max_tokens: int, config: EngineConfig, kv: KVCapacity) -> str:
+    """Why a request can never run, or '' if it can."""
+    if prompt + max_tokens > config.max_model_len:
+        return f"prompt+max_tokens={prompt + max_tokens} exceeds max_model_len={config.max_model_len}"
+    capacity = (kv.num_blocks - 1) * kv.block_size
+    if prompt + max_tokens > capacity:
+        return f"prompt+max_tokens={prompt + max_tokens} exceeds the KV cache ({capacity} tokens)"
+    return ""

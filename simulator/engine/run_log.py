@@ -31,6 +31,8 @@ class StepLog:
         self._rows: dict[str, list] = {name: [] for name in self.ROW_COLUMNS}
         self._values: dict[str, list[int]] = {name: [] for name in self.RUN_COLUMNS}
         self._counts: list[int] = []  # steps each run-length value covers
+        #: run columns given whole (``add_columns``) or frozen before them, in order, before the lists
+        self._parts: list[dict[str, np.ndarray]] = []
         self._row_lists = tuple(self._rows[name] if name in self._rows else self._values[name]
                                 for name in STEP_COLUMNS)
 
@@ -69,6 +71,26 @@ class StepLog:
             values["preempted"].append(preempted.get(row, 0))
             counts.append((bounds[i + 1] if i + 1 < len(bounds) else k) - row)
 
+    def add_columns(self, times: np.ndarray, counts: np.ndarray) -> None:
+        """Append steps given column by column, one row a step: ``times`` the end and duration,
+        ``counts`` the other STEP_COLUMNS in order (the compiled engine's log)."""
+        self._flush()
+        self._freeze_runs()
+        self._chunks["end_s"].append(times[:, 0].copy())
+        self._chunks["step_s"].append(times[:, 1].copy())
+        self._chunks["kv_blocks_used"].append(counts[:, 0].astype(np.int32))
+        self._parts.append({name: counts[:, 1 + i].astype(np.int32) for i, name in enumerate(self.RUN_COLUMNS)})
+
+    def _freeze_runs(self) -> None:
+        """The run-length lists so far, as a part (steps given whole come after them)."""
+        if self._counts:
+            counts = np.array(self._counts, dtype=np.int64)
+            self._parts.append({name: np.repeat(np.array(values, dtype=np.int32), counts)
+                                for name, values in self._values.items()})
+            for values in self._values.values():
+                values.clear()
+            self._counts.clear()
+
     def _flush(self) -> None:
         if self._rows["end_s"]:
             for name, column in self._rows.items():
@@ -76,7 +98,7 @@ class StepLog:
                 column.clear()
 
     def __len__(self) -> int:
-        return sum(self._counts)
+        return sum(self._counts) + sum(len(part["running"]) for part in self._parts)
 
     def kv_before(self, t: float) -> int:
         """KV blocks used after the last step that ended before ``t`` (0 before any): what the
@@ -111,10 +133,17 @@ class StepLog:
             out[name] = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
             for i, log in enumerate(logs):
                 log._chunks[name][:] = [out[name][starts[i] : starts[i + 1]]]
-        counts = np.array([c for log in logs for c in log._counts], dtype=np.int64)
+        if not any(log._parts for log in logs):  # (the usual case: run-length lists only)
+            counts = np.array([c for log in logs for c in log._counts], dtype=np.int64)
+            for name in StepLog.RUN_COLUMNS:
+                values = [v for log in logs for v in log._values[name]]
+                out[name] = np.repeat(np.array(values, dtype=np.int32), counts)
+            return out, starts
+        for log in logs:
+            log._freeze_runs()
         for name in StepLog.RUN_COLUMNS:
-            values = [v for log in logs for v in log._values[name]]
-            out[name] = np.repeat(np.array(values, dtype=np.int32), counts)
+            parts = [part[name] for log in logs for part in log._parts]
+            out[name] = np.concatenate(parts) if parts else np.zeros(0, np.int32)
         return out, starts
 
 

@@ -27,10 +27,10 @@ import random
 from collections import deque
 from dataclasses import dataclass, replace
 
-from simulator.engine.loop import admission_error, simulate
+from simulator.engine.loop import simulate
 from simulator.engine.native import NativeScheduler, SchedulerOutput
 from simulator.engine.request import SimRequest, Status
-from simulator.engine.rules import draft_tokens
+from simulator.engine.rules import admission_error, draft_tokens
 from simulator.engine.shape_cache import ShapeCache
 from simulator.records.engine_config import EngineConfig
 from simulator.records.performance import PerformanceModel

@@ -25,6 +25,10 @@ class SimulatedRun(RunResult):
     when ``simulate(keep_decisions=True)`` asked for them (else None)."""
 
     decisions: list[SchedulerOutput] | None = None
+    #: which of the engine's paths ran: "compiled", "fast" or "step by step" ("": not said)
+    engine_path: str = ""
+    #: why a run asked to be compiled was not ("": it was, or was not asked)
+    not_compiled: str = ""
 
 
 def kv_usage(used: np.ndarray, num_blocks: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -153,6 +153,51 @@ class ShapeCacheCost:
                    measured_miss_s=tuple(float(m) for m in data.get("measured_miss_s") or ()))
 
 
+@dataclass(frozen=True)
+class GridTable:
+    """A function of (x, y) >= 1 tabulated on a log2-uniform grid (``calibration.composed.LogGrid2D``)
+    as plain numbers: ``res`` points per octave, ``nx`` x ``ny`` cells, beyond ``x_top`` and
+    ``y_top`` scaled by powers ``x_power`` and ``y_power``, the logs of its values row by row
+    (``log``, rows of ``width``)."""
+
+    res: int
+    nx: int
+    ny: int
+    x_top: float
+    y_top: float
+    x_power: float
+    y_power: float
+    log: np.ndarray
+    width: int
+
+
+@dataclass(frozen=True)
+class StepTimeTables:
+    """A performance model's step time as tables a compiled engine evaluates step by step exactly
+    as the model's ``step_time`` does (``simulator.engine.compiled``): a fixed overhead, the dense
+    layers by tokens (``dense``, then ``dense_slope`` per token past ``max_tokens``), the LM head
+    and sampler by rows (``head``, ``head_slope`` past ``max_rows``), prefill attention by chunks
+    and effective length (``context``, never under reading each chunk's KV once at
+    ``kv_read_s_per_token``), decode attention by sequences and mean KV (``generation``).
+    ``limits``: where its measurements end, by which queries beyond are counted (``counted``)."""
+
+    overhead_s: float
+    dense: np.ndarray
+    dense_slope: float
+    max_tokens: int
+    head: np.ndarray
+    head_slope: float
+    max_rows: int
+    kv_read_s_per_token: float
+    context: GridTable
+    generation: GridTable
+    #: (tokens, prefill batch, prefill length, decode batch, decode context): above these a query
+    #: counts as extrapolated (``counted``'s gates), then by the measured range itself
+    #: (prefill batch, prefill length, decode batch, decode context) and whether the KV heads
+    #: were beyond it (prefill, decode: 1.0 or 0.0)
+    limits: np.ndarray
+
+
 class PerformanceModel(ABC):
     """Step time, KV capacity and memory of one model on one hardware setup."""
 
@@ -214,6 +259,15 @@ class PerformanceModel(ABC):
                 return None
             parts.append(np.asarray(times, dtype=float))
         return np.concatenate(parts) if parts else np.zeros(0)
+
+    def step_time_tables(self) -> StepTimeTables | None:
+        """``step_time`` as tables a compiled engine evaluates bit for bit as ``step_time`` does,
+        or None (the default) where it cannot be written so."""
+        return None
+
+    def counted(self, extrapolations: dict[str, int]) -> None:  # noqa: B027  (a hook: most count nothing)
+        """Steps a compiled engine priced from ``step_time_tables`` beyond the measured range, by
+        axis, as ``step_time`` would have counted them."""
 
     def kv_capacity(
         self,

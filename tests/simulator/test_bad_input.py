@@ -181,7 +181,7 @@ def test_the_default_run_has_no_request_its_engine_must_reject():
     from hydra import compose, initialize_config_dir
 
     from simulator.configure import CONF_DIR, build_run
-    from simulator.engine.loop import admission_error
+    from simulator.engine.rules import admission_error
 
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         spec = build_run(compose("config"), overrides=[])

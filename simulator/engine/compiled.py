@@ -1,0 +1,243 @@
+"""The compiled engine: one replica's step-by-step path run in machine code.
+
+``simulator.engine.compiled_kernel`` is the step-by-step engine (the engine loop, the native
+scheduler, the paged KV cache with its private prefix cache, the composed performance model's
+step time) written over arrays and compiled with numba; this module decides where it applies
+(``why_not``), hands it a run's requests and tables and turns what it did into the engine's
+EngineRun, the same records, bit for bit, as the step-by-step path gives
+(tests/simulator/engine/test_compiled.py). It covers one replica with the native scheduler,
+no speculative decoding, no prefix shared between requests, no client timeouts, no
+sliding-window layers and a performance model that gives its step time as tables
+(``PerformanceModel.step_time_tables``); numba must be installed. Elsewhere the engine takes
+its Python paths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from simulator.engine.request import SimRequest, Status
+from simulator.engine.rules import admission_error
+from simulator.engine.run_log import EngineRun, StepLog
+
+if TYPE_CHECKING:
+    from simulator.engine.loop import Engine
+
+#: steps the kernel logs between two returns to Python (progress, Ctrl-C, the log's chunks)
+LOG_CHUNK = 1 << 16
+_STATUS = {-1: Status.WAITING, 0: Status.WAITING, 1: Status.RUNNING, 2: Status.PREEMPTED, 3: Status.FINISHED,
+           4: Status.REJECTED}
+
+
+def available() -> bool:
+    """Whether numba is installed (the compiled engine's one extra dependency)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def why_not(engine: Engine) -> str:
+    """Why ``engine``'s run cannot take the compiled engine ('' if it can)."""
+    config, workload = engine.config, engine.workload
+    if engine.decisions is not None:
+        return "its decisions are kept step by step"
+    if type(engine.scheduler).__name__ not in ("NativeScheduler", "SteadyScheduler"):
+        return f"scheduler {config.scheduler!r}"
+    if config.speculative.enabled:
+        return "speculative decoding"
+    if engine.shapes is not None:
+        return "the engine's per-shape set-up cost (a CPU profile)"
+    groups = getattr(engine.kv_capacity, "groups", None)
+    if groups is not None and groups.hybrid:
+        return "sliding-window KV groups"
+    if workload.has_timeouts:
+        return "client timeouts"
+    shared = np.where(workload.prefix_group >= 0, workload.prefix_tokens, 0) // config.block_size
+    if len(shared) and shared.max() > 0:
+        return "prefixes shared between requests"
+    if engine.perf.step_time_tables() is None:
+        return f"performance model {engine.perf.name} gives no step-time tables"
+    if not available():
+        return "numba is not installed"
+    return ""
+
+
+#: "auto" compiles runs of at least this many requests (fewer: the fast path is done before numba
+#: and the compiled code would have loaded, ~0.5 s)
+AUTO_MIN_REQUESTS = 1000
+#: ... whose offered decode load is at least this share of the replica's decode capacity (lighter:
+#: long steady runs of decode steps, which the fast path covers in closed form, quicker)
+AUTO_MIN_LOAD = 0.5
+
+
+def offered_load(engine: Engine) -> float:
+    """The workload's output tokens per second (its mean arrival rate times its mean output) over
+    what the replica decodes per second with its KV cache full of average requests (as many as
+    fit at their mean context, within max_num_seqs, one decode step of them): above 1, a queue
+    grows and every step has events (admissions, preemptions); well below, steps are steady."""
+    from simulator.records.performance import StepBatch
+
+    w, config, kv = engine.workload, engine.config, engine.kv_capacity
+    n = len(w)
+    span = float(w.arrival_s[-1] - w.arrival_s[0]) if n else 0.0
+    if n < 2 or span <= 0:
+        return math.inf
+    output = float(np.mean(w.output_tokens))
+    context = max(float(np.mean(w.prompt_tokens)) + output / 2, 1.0)
+    seats = int(min(config.max_num_seqs, max((kv.num_blocks - 1) * kv.block_size // context, 1)))
+    perf = engine.perf
+    counts = dict(getattr(perf, "extrapolations", None) or {})  # (an estimate, not a step: not counted)
+    step_s = perf.step_time(StepBatch(decode_context=[int(context)] * seats, decode_spec_tokens=[0] * seats))
+    if counts:
+        perf.extrapolations.update(counts)
+    return (n - 1) / span * output / (seats / step_s)
+
+
+def wanted(engine: Engine, compiled: bool | str) -> bool:
+    """Whether ``compiled`` ("auto", True or False) asks for the compiled engine on this run:
+    "auto" where it pays (``AUTO_MIN_REQUESTS``, ``AUTO_MIN_LOAD``) on the fast path."""
+    if compiled == "auto":
+        return (engine.fast and len(engine.workload) >= AUTO_MIN_REQUESTS and not why_not(engine)
+                and offered_load(engine) >= AUTO_MIN_LOAD)
+    return bool(compiled)
+
+
+def _grid(table) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([table.res, table.nx, table.ny, table.x_top, table.y_top, table.x_power, table.y_power,
+                      table.width], dtype=np.float64), np.ascontiguousarray(table.log, dtype=np.float64))
+
+
+def run(engine: Engine) -> EngineRun:
+    """Run ``engine``'s workload through the compiled engine (``why_not(engine)`` is ''): its
+    EngineRun, as ``engine.run()`` on the step-by-step path gives it."""
+    from simulator.engine import compiled_kernel as k
+
+    w, config, kv = engine.workload, engine.config, engine.kv_capacity
+    tables = engine.perf.step_time_tables()
+    n = len(w)
+    bs = config.block_size
+    prompt = np.asarray(w.prompt_tokens, dtype=np.int64)
+    max_tokens = np.asarray(w.output_tokens, dtype=np.int64)
+    arrival = np.asarray(w.arrival_s, dtype=np.float64)
+    reasons = [admission_error(int(p), int(m), config, kv) for p, m in zip(prompt.tolist(), max_tokens.tolist(),
+                                                                              strict=True)]
+    ri = np.zeros((n, k.NRI), dtype=np.int64)
+    ri[:, k.PROMPT], ri[:, k.MAXTOK] = prompt, max_tokens
+    ri[:, k.REASON] = np.asarray(w.reasoning_tokens, dtype=np.int64)
+    ri[:, k.STATUS] = k.NOT_ARRIVED
+    ri[:, k.CACHEDTOK] = -1
+    ri[:, k.TBASE] = -1
+    ri[:, k.REJECTED] = [bool(r) for r in reasons]
+    # a request's block table and cached names: room for its whole sequence (a step in flight
+    # may hold one slot past it) and one block more
+    cap = -(-np.minimum(prompt + max_tokens + 2, config.max_model_len) // bs) + 1
+    ri[:, k.CAP] = cap
+    ri[:, k.OFF] = np.concatenate(([0], np.cumsum(cap)[:-1])) if n else cap
+    total = int(cap.sum())
+    rf = np.full((n, k.NRF), -1.0)
+    rf[:, k.ARRIVAL] = arrival
+    nb = kv.num_blocks
+    bk = np.zeros((nb, k.NBK), dtype=np.int64)
+    bk[:, k.OWNER] = -1
+    bk[:, k.CPREV] = bk[:, k.CNEXT] = -1
+    S = np.zeros(k.NS, dtype=np.int64)
+    F = np.zeros(k.NF)
+    # the free queue: blocks 1.. in order (block 0 is vLLM's null block)
+    if nb > 1:
+        order = np.arange(1, nb)
+        bk[1:, k.QPREV] = order - 1
+        bk[1:, k.QNEXT] = order + 1
+        bk[1, k.QPREV] = -1
+        bk[nb - 1, k.QNEXT] = -1
+        bk[1:, k.INQ] = 1
+        S[k.QHEAD], S[k.QTAIL], S[k.QLEN] = 1, nb - 1, nb - 1
+    else:
+        S[k.QHEAD] = S[k.QTAIL] = -1
+    S[k.NUM_BLOCKS], S[k.BLOCK_SIZE], S[k.MAX_LEN] = nb, bs, config.max_model_len
+    S[k.MAX_SEQS], S[k.BUDGET] = config.max_num_seqs, config.max_num_batched_tokens
+    S[k.THRESHOLD] = config.long_prefill_token_threshold
+    S[k.CHUNKED] = int(config.enable_chunked_prefill)
+    S[k.CACHING] = int(config.enable_prefix_caching)
+    S[k.ASYNC] = int(engine.async_scheduling)
+    S[k.ASEQ] = -1
+    chunk = max(n // 100, 1) if engine.on_progress is not None else n + 1
+    S[k.TARGET] = chunk
+    seats = max(config.max_num_seqs, 1)
+    arrays = dict(
+        S=S, F=F, ri=ri, rf=rf, bk=bk, bt=np.zeros(total, dtype=np.int64), chead=np.full(total, -1, dtype=np.int64),
+        running=np.zeros(max(n, 1), dtype=np.int64), waiting=np.zeros(max(n, 1), dtype=np.int64),
+        hits=np.zeros(int(cap.max()) if n else 1, dtype=np.int64), skipped=np.zeros(max(n, 1), dtype=np.int64),
+        fl_rid=np.zeros((2, seats), dtype=np.int64), fl_n=np.zeros((2, seats), dtype=np.int64),
+        fl_i=np.zeros((2, k.NFLI), dtype=np.int64), fl_f=np.zeros((2, 2)),
+        lg_f=np.zeros((LOG_CHUNK, 2)), lg_i=np.zeros((LOG_CHUNK, 7), dtype=np.int64))
+    gc, lc = _grid(tables.context)
+    gg, lg = _grid(tables.generation)
+    model = (np.array([tables.overhead_s, tables.dense_slope, tables.max_tokens, tables.head_slope, tables.max_rows,
+                       tables.kv_read_s_per_token]), np.ascontiguousarray(tables.dense, dtype=np.float64),
+             np.ascontiguousarray(tables.head, dtype=np.float64), gc, lc, gg, lg,
+             np.asarray(tables.limits, dtype=np.float64))
+    if n:
+        k._arrivals_from(S, F, ri, rf, arrays["waiting"], 0)  # (the arrivals process starts first)
+    else:
+        S[k.DONE] = 1
+    steps = StepLog()
+    shown = 0
+    while True:
+        code = k.advance(*arrays.values(), *model)
+        rows = int(S[k.NLOG])
+        if rows:
+            steps.add_columns(arrays["lg_f"][:rows], arrays["lg_i"][:rows])
+            S[k.NLOG] = 0
+        if engine.on_progress is not None and S[k.NFINISHED] > shown:
+            engine.on_progress(int(S[k.NFINISHED]) - shown)
+            shown = int(S[k.NFINISHED])
+        if code == k.DONE_CODE:
+            break
+        if code == k.STALLED:
+            raise RuntimeError(f"scheduler stalled at t={F[k.NOW]:.3f}s: running={S[k.NRUN]} "
+                               f"waiting={S[k.WLEN]} free_blocks={S[k.QLEN]}")
+        if code == k.OVERFLOW:
+            raise RuntimeError("a request's block table outgrew its room in the compiled engine")
+        if engine._stop_requested:
+            break
+        S[k.TARGET] = S[k.NFINISHED] + chunk
+    engine.interrupted = engine._stop_requested and S[k.ENDED] != 1
+    engine.perf.counted(dict(zip(("tokens", "prefill_kv_heads", "prefill_batch", "prefill_length",
+                                  "decode_kv_heads", "decode_batch", "decode_context"),
+                                 S[k.X_TOKENS : k.X_DCTX + 1].tolist(), strict=True)))
+    requests = _requests(engine, ri, rf, reasons, int(S[k.ARRIVED]))
+    if not engine.interrupted:
+        unfinished = [r for r in requests if r.status < Status.FINISHED]
+        if unfinished or len(requests) < n:
+            raise RuntimeError(f"{len(unfinished) + n - len(requests)} requests never finished")
+    ticks = ri[:, k.BTICKS].tolist()
+    block_seconds = {rid: ticks[rid] / k.TICKS_PER_S for rid in np.flatnonzero(ri[:, k.HASTICKS]).tolist()}
+    return EngineRun(requests=requests, steps=steps, kv=kv, block_seconds=block_seconds,
+                     prefix_queries=int(S[k.PQUERIES]), prefix_hits=int(S[k.PHITS]), end_s=float(F[k.NOW]))
+
+
+def _requests(engine: Engine, ri: np.ndarray, rf: np.ndarray, reasons: list[str], arrived: int) -> list[SimRequest]:
+    """The SimRequests of the arrivals the run took in (requests are made as they arrive)."""
+    from simulator.engine import compiled_kernel as k
+
+    w, bs = engine.workload, engine.config.block_size
+    ints, floats = ri[:arrived].tolist(), rf[:arrived].tolist()
+    out = []
+    for rid in range(arrived):
+        i, f = ints[rid], floats[rid]
+        req = SimRequest.from_workload(w, rid, f[k.ARRIVAL], bs)
+        req.status = _STATUS[i[k.STATUS]]
+        req.num_output, req.num_computed, req.num_preemptions = i[k.NOUT], i[k.NCOMP], i[k.NPRE]
+        req.num_cached_tokens = i[k.CACHEDTOK]
+        req.first_scheduled_s, req.first_token_s = f[k.FSCHED], f[k.FTOKEN]
+        req.first_visible_s, req.last_token_s, req.finish_s = f[k.FVISIBLE], f[k.LTOKEN], f[k.FINISH]
+        req.reject_reason = reasons[rid]
+        out.append(req)
+    engine.requests = out
+    return out
+

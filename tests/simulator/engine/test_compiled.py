@@ -1,0 +1,198 @@
+"""The compiled engine gives the step-by-step path's results, bit for bit (the differential test),
+and the engine takes it where it applies and pays."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from simulator.engine import compiled
+from simulator.engine.loop import Engine, simulate
+from simulator.engine.run_log import StepLog
+from simulator.records.engine_config import EngineConfig
+from tests.simulator.conftest import VectorLinearModel, make_workload
+
+pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
+
+
+@pytest.fixture(scope="module")
+def composed():
+    """The default run's composed performance model (H100, R1-Distill-Qwen-7B): step-time tables."""
+    from hydra import compose, initialize_config_dir
+
+    from simulator.configure import CONF_DIR, build_run
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=["workload.num_requests=2"])
+    return build_run(cfg, ["workload.num_requests=2"]).perf
+
+
+def assert_identical(slow, fast) -> None:
+    """Every column of both tables equal, bit for bit (NaN where NaN), and the summaries but the path."""
+    for table in ("requests", "timeline"):
+        a, b = getattr(slow, table), getattr(fast, table)
+        assert list(a) == list(b)
+        for key in a:
+            x, y = np.asarray(a[key]), np.asarray(b[key])
+            assert x.dtype == y.dtype, f"{table}.{key}"
+            if x.dtype.kind == "f":
+                np.testing.assert_array_equal(np.isnan(y), np.isnan(x), err_msg=f"{table}.{key}")
+                assert np.array_equal(x[~np.isnan(x)], y[~np.isnan(y)]), f"{table}.{key}"
+            else:
+                np.testing.assert_array_equal(y, x, err_msg=f"{table}.{key}")
+    assert slow.summary.to_dict() == fast.summary.to_dict()
+
+
+def both(w, cfg, perf, async_scheduling):
+    slow = simulate(w, cfg, perf, async_scheduling=async_scheduling, fast=False)
+    fast = simulate(w, cfg, perf, async_scheduling=async_scheduling, compiled=True)
+    assert fast.engine_path == "compiled"
+    assert slow.engine_path == "step by step"
+    return slow, fast
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("blocks", [None, 700])
+def test_compiled_matches_step_by_step_on_reasoning_lengths(composed, async_scheduling, blocks):
+    w = make_workload(n=80, seed=3, rate=4, output=(1, 3000))
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=8192)
+    slow, fast = both(w, cfg, composed, async_scheduling)
+    assert_identical(slow, fast)
+    if blocks:  # the case covers preemption and a preempted request's hits on its own blocks
+        assert slow.summary["preemptions"] > 0
+        assert slow.summary["prefix_cache"]["hit_tokens"] == 0  # (first admissions only count)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 60),
+    seed=st.integers(0, 1000),
+    rate=st.floats(0.2, 40),
+    blocks=st.sampled_from([None, 40, 120, 400]),
+    max_num_seqs=st.sampled_from([1, 3, 16, 256]),
+    budget=st.sampled_from([16, 100, 512, 8192]),
+    caching=st.booleans(),
+    chunked=st.booleans(),
+    async_scheduling=st.booleans(),
+    threshold=st.sampled_from([0, 0, 64]),
+    max_len=st.sampled_from([1024, 2048]),
+)
+def test_compiled_matches_on_varied_workloads(composed, n, seed, rate, blocks, max_num_seqs, budget, caching,
+                                              chunked, async_scheduling, threshold, max_len):
+    w = make_workload(n=n, seed=seed, rate=rate, prompt=(1, 900), output=(1, 1200))
+    if not chunked:  # (vLLM: without chunked prefill a whole prompt must fit the budget)
+        budget = max(budget, max_len)
+    cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=max_len,
+                       max_num_seqs=min(max_num_seqs, budget), max_num_batched_tokens=budget,
+                       enable_prefix_caching=caching, enable_chunked_prefill=chunked,
+                       long_prefill_token_threshold=threshold)
+    slow, fast = both(w, cfg, composed, async_scheduling)
+    assert_identical(slow, fast)
+
+
+def test_rejected_requests_and_a_lone_request(composed):
+    """Requests too long for the KV cache are rejected at their arrival, as on the Python path."""
+    w = make_workload(n=30, seed=5, rate=2, prompt=(100, 3000), output=(1, 2000))
+    cfg = EngineConfig(num_gpu_blocks_override=150, max_model_len=8192)
+    slow, fast = both(w, cfg, composed, True)
+    assert (slow.requests["status"] == "rejected").any()
+    assert_identical(slow, fast)
+    one = make_workload(n=1, seed=1)
+    assert_identical(*both(one, EngineConfig(), composed, False))
+
+
+def test_extrapolations_counted_as_step_time_counts_them(composed):
+    """Steps beyond the measured range count on the model as ``step_time`` counts them."""
+    w = make_workload(n=12, seed=2, rate=5, prompt=(30000, 40000), output=(1, 50))  # long prompts' chunks
+    cfg = EngineConfig(max_model_len=65536)
+    counts = []
+    for path in ({"fast": False}, {"compiled": True}):
+        composed.extrapolations = dict.fromkeys(composed.extrapolations, 0)
+        simulate(w, cfg, composed, **path)
+        counts.append(dict(composed.extrapolations))
+    assert counts[0] == counts[1]
+    assert sum(counts[0].values()) > 0
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("speculative", "speculative decoding"),
+    ("shared prefix", "prefixes shared between requests"),
+    ("timeouts", "client timeouts"),
+    ("no tables", "gives no step-time tables"),
+])
+def test_runs_it_cannot_cover_take_the_python_path(composed, case, reason):
+    w = make_workload(n=20, seed=1)
+    cfg, perf = EngineConfig(), composed
+    if case == "speculative":
+        cfg = EngineConfig.from_dict({"speculative": {"method": "ngram", "num_speculative_tokens": 2,
+                                                         "acceptance_rate": [0.6, 0.4]}})
+    elif case == "shared prefix":
+        w = make_workload(n=20, seed=1, prefix_groups=2, prefix_tokens=64)
+    elif case == "timeouts":
+        w = dataclasses.replace(w, timeout_s=np.full(len(w), 30.0))
+    else:
+        perf = VectorLinearModel()
+    result = simulate(w, cfg, perf, compiled=True)
+    assert result.engine_path in ("fast", "step by step")  # (timeouts: step by step)
+    assert reason in result.not_compiled
+
+
+def test_auto_compiles_heavy_runs_only(composed):
+    """"auto" compiles a run of many requests that offers more than the replica decodes, not a
+    light one nor a small one."""
+    cfg = EngineConfig(max_model_len=8192, max_num_seqs=64)
+    heavy = make_workload(n=1000, seed=4, rate=200, prompt=(50, 300), output=(1, 600))
+    light = dataclasses.replace(heavy, arrival_s=heavy.arrival_s * 1000)
+    small = heavy.select(np.arange(200))
+    engine = Engine(heavy, cfg, composed, composed.kv_capacity(16, num_gpu_blocks_override=None))
+    assert compiled.offered_load(engine) > 1
+    assert simulate(heavy, cfg, composed).engine_path == "compiled"
+    assert simulate(light, cfg, composed).engine_path == "fast"
+    assert simulate(small, cfg, composed).engine_path == "fast"
+    assert simulate(heavy, cfg, composed, compiled=False).engine_path == "fast"
+    assert simulate(heavy, cfg, composed, fast=False).engine_path == "step by step"
+
+
+def test_progress_and_a_stop_between_steps(composed):
+    """The compiled run reports finishes as they come and stops at a step boundary when asked,
+    keeping what it simulated."""
+    w = make_workload(n=400, seed=6, rate=20, output=(50, 800))
+    cfg = EngineConfig(num_gpu_blocks_override=300)
+    kv = composed.kv_capacity(cfg.block_size, num_gpu_blocks_override=cfg.num_gpu_blocks_override)
+    seen = []
+    engine = Engine(w, cfg, composed, kv, on_progress=seen.append, compiled=True)
+    run = engine.run()
+    assert engine.took_compiled and sum(seen) == len(w) and len(seen) > 10
+
+    def stop_soon(n):
+        if engine.on_progress is not None:
+            engine.request_stop()
+
+    engine = Engine(w, cfg, composed, kv, on_progress=stop_soon, compiled=True)
+    partial = engine.run()
+    assert engine.interrupted
+    statuses = [r.status for r in partial.requests]
+    assert any(s < 3 for s in statuses)  # some still unfinished
+    ends = partial.steps.columns()["end_s"]
+    assert len(ends) and np.all(np.diff(ends) >= 0) and len(ends) < len(run.steps.columns()["end_s"])
+
+
+def test_step_log_joins_steps_given_whole_after_single_steps():
+    log = StepLog()
+    log.add_step(0.0, 1.0, 5, 1, 0, 10, 0, 1, 0)
+    times = np.array([[2.0, 1.0], [3.0, 1.0]])
+    counts = np.array([[6, 2, 1, 0, 2, 2, 0], [7, 2, 0, 0, 2, 2, 1]])
+    log.add_columns(times, counts)
+    log.add_step(3.0, 4.5, 8, 3, 0, 0, 3, 3, 0)
+    cols = log.columns()
+    assert len(log) == 4
+    np.testing.assert_array_equal(cols["end_s"], [1.0, 2.0, 3.0, 4.5])
+    np.testing.assert_array_equal(cols["kv_blocks_used"], [5, 6, 7, 8])
+    np.testing.assert_array_equal(cols["running"], [1, 2, 2, 3])
+    np.testing.assert_array_equal(cols["preempted"], [0, 0, 1, 0])
+    np.testing.assert_array_equal(cols["decode_tokens"], [0, 2, 2, 3])
