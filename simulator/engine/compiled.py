@@ -14,6 +14,7 @@ its Python paths.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import TYPE_CHECKING
 
@@ -33,12 +34,9 @@ _STATUS = {-1: Status.WAITING, 0: Status.WAITING, 1: Status.RUNNING, 2: Status.P
 
 
 def available() -> bool:
-    """Whether numba is installed (the compiled engine's one extra dependency)."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether numba is installed (the compiled engine's one extra dependency; not imported here:
+    a run that does not take the compiled engine does not load it)."""
+    return importlib.util.find_spec("numba") is not None
 
 
 def why_not(engine: Engine) -> str:
@@ -67,12 +65,15 @@ def why_not(engine: Engine) -> str:
     return ""
 
 
-#: "auto" compiles runs of at least this many requests (fewer: the fast path is done before numba
-#: and the compiled code would have loaded, ~0.5 s)
-AUTO_MIN_REQUESTS = 1000
+#: "auto" compiles runs of at least this many requests (fewer: the fast path is done within about a
+#: second, before numba and the compiled code would have loaded, ~0.6 s, let alone compiled the
+#: first time on a machine, ~15-25 s)
+AUTO_MIN_REQUESTS = 2000
 #: ... whose offered decode load is at least this share of the replica's decode capacity (lighter:
-#: long steady runs of decode steps, which the fast path covers in closed form, quicker)
-AUTO_MIN_LOAD = 0.5
+#: a few requests decoding at a time, long steady runs of steps, which the fast path covers in
+#: closed form, quicker; on 1,000 reasoning requests the fast path wins at a load of 0.04, the
+#: compiled engine at 0.46: docs/benchmarks.md)
+AUTO_MIN_LOAD = 0.15
 
 
 def offered_load(engine: Engine) -> float:
@@ -103,7 +104,7 @@ def wanted(engine: Engine, compiled: bool | str) -> bool:
     "auto" where it pays (``AUTO_MIN_REQUESTS``, ``AUTO_MIN_LOAD``) on the fast path."""
     if compiled == "auto":
         return (engine.fast and len(engine.workload) >= AUTO_MIN_REQUESTS and not why_not(engine)
-                and offered_load(engine) >= AUTO_MIN_LOAD)
+                and offered_load(engine) >= AUTO_MIN_LOAD)  # (the load last: it prices a step)
     return bool(compiled)
 
 

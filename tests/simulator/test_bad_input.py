@@ -48,6 +48,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, field: str) -> str:
         (("workload.num_requests=1000000000000",), "workload.num_requests", "GiB"),
         (("plots=maybe",), "plots", "true or false"),
         (("progress=1",), "progress", "true or false"),
+        (("compiled=sometimes",), "compiled", "auto, true or false"),
         (("tp=abc",), "tp", "positive integer"),
         (("hardware.memory_gib=abc",), "hardware.memory_gib", "a number"),
         (("model.tie_word_embeddings=maybe",), "model.tie_word_embeddings", "true or false"),

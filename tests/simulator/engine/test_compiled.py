@@ -146,9 +146,9 @@ def test_auto_compiles_heavy_runs_only(composed):
     """"auto" compiles a run of many requests that offers more than the replica decodes, not a
     light one nor a small one."""
     cfg = EngineConfig(max_model_len=8192, max_num_seqs=64)
-    heavy = make_workload(n=1000, seed=4, rate=200, prompt=(50, 300), output=(1, 600))
+    heavy = make_workload(n=compiled.AUTO_MIN_REQUESTS, seed=4, rate=200, prompt=(50, 300), output=(1, 600))
     light = dataclasses.replace(heavy, arrival_s=heavy.arrival_s * 1000)
-    small = heavy.select(np.arange(200))
+    small = heavy.select(np.arange(compiled.AUTO_MIN_REQUESTS - 1))
     engine = Engine(heavy, cfg, composed, composed.kv_capacity(16, num_gpu_blocks_override=None))
     assert compiled.offered_load(engine) > 1
     assert simulate(heavy, cfg, composed).engine_path == "compiled"
@@ -196,3 +196,17 @@ def test_step_log_joins_steps_given_whole_after_single_steps():
     np.testing.assert_array_equal(cols["running"], [1, 2, 2, 3])
     np.testing.assert_array_equal(cols["preempted"], [0, 0, 1, 0])
     np.testing.assert_array_equal(cols["decode_tokens"], [0, 2, 2, 3])
+
+
+@pytest.mark.parametrize("switch, path", [("compiled=true", "compiled"), ("compiled=false", "fast")])
+def test_command_line_switch_and_the_path_in_the_metadata(tmp_path, switch, path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    cmd = [sys.executable, "-m", "simulator", f"hydra.run.dir={tmp_path}", "progress=false", "plots=false",
+           "workload=gamma", "workload.num_requests=30", switch]
+    subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True, timeout=300)
+    assert json.loads((tmp_path / "summary.json").read_text())["metadata"]["engine_path"] == path
