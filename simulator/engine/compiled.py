@@ -125,15 +125,18 @@ def run(engine: Engine) -> EngineRun:
     prompt = np.asarray(w.prompt_tokens, dtype=np.int64)
     max_tokens = np.asarray(w.output_tokens, dtype=np.int64)
     arrival = np.asarray(w.arrival_s, dtype=np.float64)
-    reasons = [admission_error(int(p), int(m), config, kv) for p, m in zip(prompt.tolist(), max_tokens.tolist(),
-                                                                              strict=True)]
+    # (rules.admission_error, asked only of the requests some limit could refuse)
+    maybe = np.flatnonzero(prompt + max_tokens > min(config.max_model_len, (kv.num_blocks - 1) * kv.block_size))
+    reasons: dict[int, str] = {}
+    for rid in maybe.tolist():
+        reasons[rid] = admission_error(int(prompt[rid]), int(max_tokens[rid]), config, kv)
     ri = np.zeros((n, k.NRI), dtype=np.int64)
     ri[:, k.PROMPT], ri[:, k.MAXTOK] = prompt, max_tokens
     ri[:, k.REASON] = np.asarray(w.reasoning_tokens, dtype=np.int64)
     ri[:, k.STATUS] = k.NOT_ARRIVED
     ri[:, k.CACHEDTOK] = -1
     ri[:, k.TBASE] = -1
-    ri[:, k.REJECTED] = [bool(r) for r in reasons]
+    ri[list(reasons), k.REJECTED] = [bool(r) for r in reasons.values()]
     # a request's block table and cached names: room for its whole sequence (a step in flight
     # may hold one slot past it) and one block more
     cap = -(-np.minimum(prompt + max_tokens + 2, config.max_model_len) // bs) + 1
@@ -170,7 +173,8 @@ def run(engine: Engine) -> EngineRun:
     S[k.TARGET] = chunk
     seats = max(config.max_num_seqs, 1)
     arrays = dict(
-        S=S, F=F, ri=ri, rf=rf, bk=bk, bt=np.zeros(total, dtype=np.int64), chead=np.full(total, -1, dtype=np.int64),
+        S=S, F=F, ri=ri, rf=rf, bk=bk, bt=np.zeros(total, dtype=np.int32),
+        chead=np.full(total if config.enable_prefix_caching else 0, -1, dtype=np.int32),
         running=np.zeros(max(n, 1), dtype=np.int64), waiting=np.zeros(max(n, 1), dtype=np.int64),
         hits=np.zeros(int(cap.max()) if n else 1, dtype=np.int64), skipped=np.zeros(max(n, 1), dtype=np.int64),
         fl_rid=np.zeros((2, seats), dtype=np.int64), fl_n=np.zeros((2, seats), dtype=np.int64),
@@ -222,7 +226,8 @@ def run(engine: Engine) -> EngineRun:
                      prefix_queries=int(S[k.PQUERIES]), prefix_hits=int(S[k.PHITS]), end_s=float(F[k.NOW]))
 
 
-def _requests(engine: Engine, ri: np.ndarray, rf: np.ndarray, reasons: list[str], arrived: int) -> list[SimRequest]:
+def _requests(engine: Engine, ri: np.ndarray, rf: np.ndarray, reasons: dict[int, str], arrived: int
+              ) -> list[SimRequest]:
     """The SimRequests of the arrivals the run took in (requests are made as they arrive)."""
     from simulator.engine import compiled_kernel as k
 
@@ -237,7 +242,7 @@ def _requests(engine: Engine, ri: np.ndarray, rf: np.ndarray, reasons: list[str]
         req.num_cached_tokens = i[k.CACHEDTOK]
         req.first_scheduled_s, req.first_token_s = f[k.FSCHED], f[k.FTOKEN]
         req.first_visible_s, req.last_token_s, req.finish_s = f[k.FVISIBLE], f[k.LTOKEN], f[k.FINISH]
-        req.reject_reason = reasons[rid]
+        req.reject_reason = reasons.get(rid, "")
         out.append(req)
     engine.requests = out
     return out
