@@ -6,8 +6,8 @@ step time) written over arrays and compiled with numba; this module decides wher
 (``why_not``), hands it a run's requests and tables and turns what it did into the engine's
 EngineRun, the same records, bit for bit, as the step-by-step path gives
 (tests/simulator/engine/test_compiled.py). It covers one replica with the native scheduler,
-no speculative decoding, no prefix shared between requests, no client timeouts, no
-sliding-window layers and a performance model that gives its step time as tables
+no speculative decoding, no prefix shared between requests, no sliding-window layers and a
+performance model that gives its step time as tables
 (``PerformanceModel.step_time_tables``); numba must be installed. Elsewhere the engine takes
 its Python paths.
 """
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 #: steps the kernel logs between two returns to Python (progress, Ctrl-C, the log's chunks)
 LOG_CHUNK = 1 << 16
 _STATUS = {-1: Status.WAITING, 0: Status.WAITING, 1: Status.RUNNING, 2: Status.PREEMPTED, 3: Status.FINISHED,
-           4: Status.REJECTED}
+           4: Status.REJECTED, 5: Status.ABORTED}
 
 
 def available() -> bool:
@@ -53,8 +53,6 @@ def why_not(engine: Engine) -> str:
     groups = getattr(engine.kv_capacity, "groups", None)
     if groups is not None and groups.hybrid:
         return "sliding-window KV groups"
-    if workload.has_timeouts:
-        return "client timeouts"
     shared = np.where(workload.prefix_group >= 0, workload.prefix_tokens, 0) // config.block_size
     if len(shared) and shared.max() > 0:
         return "prefixes shared between requests"
@@ -103,7 +101,7 @@ def wanted(engine: Engine, compiled: bool | str) -> bool:
     """Whether ``compiled`` ("auto", True or False) asks for the compiled engine on this run:
     "auto" where it pays (``AUTO_MIN_REQUESTS``, ``AUTO_MIN_LOAD``) on the fast path."""
     if compiled == "auto":
-        return (engine.fast and len(engine.workload) >= AUTO_MIN_REQUESTS and not why_not(engine)
+        return (engine.fast_requested and len(engine.workload) >= AUTO_MIN_REQUESTS and not why_not(engine)
                 and offered_load(engine) >= AUTO_MIN_LOAD)  # (the load last: it prices a step)
     return bool(compiled)
 
@@ -179,7 +177,8 @@ def run(engine: Engine) -> EngineRun:
         hits=np.zeros(int(cap.max()) if n else 1, dtype=np.int64), skipped=np.zeros(max(n, 1), dtype=np.int64),
         fl_rid=np.zeros((2, seats), dtype=np.int64), fl_n=np.zeros((2, seats), dtype=np.int64),
         fl_i=np.zeros((2, k.NFLI), dtype=np.int64), fl_f=np.zeros((2, 2)),
-        lg_f=np.zeros((LOG_CHUNK, 2)), lg_i=np.zeros((LOG_CHUNK, 7), dtype=np.int64))
+        lg_f=np.zeros((LOG_CHUNK, 2)), lg_i=np.zeros((LOG_CHUNK, 7), dtype=np.int64),
+        **_deadlines(w, arrival, ri[:, k.REJECTED]))
     gc, lc = _grid(tables.context)
     gg, lg = _grid(tables.generation)
     model = (np.array([tables.overhead_s, tables.dense_slope, tables.max_tokens, tables.head_slope, tables.max_rows,
@@ -224,6 +223,16 @@ def run(engine: Engine) -> EngineRun:
     block_seconds = {rid: ticks[rid] / k.TICKS_PER_S for rid in np.flatnonzero(ri[:, k.HASTICKS]).tolist()}
     return EngineRun(requests=requests, steps=steps, kv=kv, block_seconds=block_seconds,
                      prefix_queries=int(S[k.PQUERIES]), prefix_hits=int(S[k.PHITS]), end_s=float(F[k.NOW]))
+
+
+def _deadlines(w, arrival: np.ndarray, rejected: np.ndarray) -> dict[str, np.ndarray]:
+    """When each client gives up (arrival + workload.timeout_s; requests rejected at arrival and
+    those without a timeout left out), in the order the engine aborts them: deadline, then id."""
+    deadline = np.array([a + t for a, t in zip(arrival.tolist(), np.asarray(w.timeout_s, dtype=float).tolist(),
+                                               strict=True)]) if len(arrival) else np.zeros(0)
+    keep = np.flatnonzero(np.isfinite(deadline) & (rejected == 0))
+    order = keep[np.lexsort((keep, deadline[keep]))]
+    return {"dl_t": deadline[order], "dl_rid": order.astype(np.int64)}
 
 
 def _requests(engine: Engine, ri: np.ndarray, rf: np.ndarray, reasons: dict[int, str], arrived: int

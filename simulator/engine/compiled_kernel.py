@@ -4,7 +4,7 @@ A line-for-line port of what one replica's step-by-step path does (simulator.eng
 engine loop and arrivals, simulator.engine.native's scheduler, simulator.engine.kv_cache's
 blocks, free queue and private prefix cache, and ``ComposedPerformanceModel.step_time`` from
 its tables) for the runs ``simulator.engine.compiled`` admits: no speculative decoding, no
-shared prefixes, no client timeouts, no sliding-window layers. Every request's state is a row
+shared prefixes, no sliding-window layers. Every request's state is a row
 of ``ri`` (integers) and ``rf`` (times), every block's a row of ``bk``; the engine's scalars
 live in ``S`` and ``F``, so a call (``advance``) returns between two steps and the next call
 goes on from there. The order of arrivals and steps ending at one time is SimPy's: the event
@@ -26,7 +26,7 @@ NRI = 22
 ARRIVAL, FSCHED, FTOKEN, FVISIBLE, LTOKEN, FINISH = range(6)
 NRF = 6
 # request status (simulator.engine.request.Status), and not arrived yet
-NOT_ARRIVED, WAITING, RUNNING, PREEMPTED, FINISHED, REJECTED_STATUS = -1, 0, 1, 2, 3, 4
+NOT_ARRIVED, WAITING, RUNNING, PREEMPTED, FINISHED, REJECTED_STATUS, ABORTED = -1, 0, 1, 2, 3, 4, 5
 
 # --- block rows: bk[block, ...] ---------------------------------------------------------------
 QPREV, QNEXT, INQ, REF, OWNER, INDEX, CPREV, CNEXT = range(8)
@@ -36,8 +36,8 @@ NBK = 8
 (QHEAD, QTAIL, QLEN, STEP, NRUN, WHEAD, WLEN, NEXT, ASEQ, SEQ, DONE, NFL, FLFIRST, UNLOGGED, NFINISHED,
  PQUERIES, PHITS, NLOG, ENDED, ARRIVED, TARGET,
  X_TOKENS, X_PKVH, X_PBATCH, X_PLEN, X_DKVH, X_DBATCH, X_DCTX,
- NUM_BLOCKS, BLOCK_SIZE, MAX_LEN, MAX_SEQS, BUDGET, THRESHOLD, CHUNKED, CACHING, ASYNC) = range(37)
-NS = 37
+ NUM_BLOCKS, BLOCK_SIZE, MAX_LEN, MAX_SEQS, BUDGET, THRESHOLD, CHUNKED, CACHING, ASYNC, DPTR) = range(38)
+NS = 38
 # float scalars F
 NOW, CLOCK, ATIME = range(3)
 NF = 3
@@ -365,6 +365,40 @@ def _step_time(S, P, dense, head, gc, lc, gg, lg, limits, n_pre, prefill_sum, wo
     return t
 
 
+# --- client timeouts (Engine._abort_due, NativeScheduler.finish_requests) --------------------------
+@njit(cache=True)
+def _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid):
+    """The requests whose client gave up by now leave (deadlines in order, then request ids): out
+    of the queue, their blocks freed, aborted."""
+    now = F[NOW]
+    p = S[DPTR]
+    aborted = 0
+    while p < len(dl_t) and dl_t[p] <= now:
+        rid = dl_rid[p]
+        status = ri[rid, STATUS]
+        if status == NOT_ARRIVED:  # (arriving at this very time, after this check: the next one)
+            break
+        p += 1
+        if status >= FINISHED:
+            continue
+        if status != RUNNING:  # (waiting, or preempted and waiting again)
+            _wait_remove(S, waiting, rid)
+        ri[rid, STATUS] = ABORTED
+        rf[rid, FINISH] = now
+        _free(S, F, ri, bk, bt, chead, rid, True)
+        aborted += 1
+    S[DPTR] = p
+    if aborted:
+        k = 0
+        for i in range(S[NRUN]):
+            rid = running[i]
+            if ri[rid, STATUS] == RUNNING:
+                running[k] = rid
+                k += 1
+        S[NRUN] = k
+        S[NFINISHED] += aborted
+
+
 # --- the scheduler (NativeScheduler.schedule) ----------------------------------------------------
 @njit(cache=True)
 def _preempt(S, F, ri, bk, bt, chead, waiting, rid):
@@ -642,7 +676,7 @@ def _idle(S, F, ri, rf, waiting):
 # --- the engine loop (Engine._run_async / _run_sync) -----------------------------------------------
 @njit(cache=True)
 def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid, fl_n, fl_i, fl_f,
-            lg_f, lg_i, P, dense, head, gc, lc, gg, lg, limits):
+            lg_f, lg_i, dl_t, dl_rid, P, dense, head, gc, lc, gg, lg, limits):
     """Run the engine loop until it ends (DONE_CODE), the step log's buffer is full or
     ``S[TARGET]`` requests have finished (PAUSED: call again to go on), or it stalls."""
     capacity = len(lg_f)
@@ -658,6 +692,7 @@ def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid
             only_preempted = False
             if has_requests:
                 F[CLOCK] = F[NOW]
+                _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
                 slot = (S[FLFIRST] + S[NFL]) % 2
                 n_pre, prefill, work, kv_tokens, n_dec, ctx = _schedule(
                     S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, slot, hits, skipped)
@@ -699,6 +734,7 @@ def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid
                 _idle(S, F, ri, rf, waiting)
                 continue
             F[CLOCK] = F[NOW]
+            _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
             n_pre, prefill, work, kv_tokens, n_dec, ctx = _schedule(
                 S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, 0, hits, skipped)
             if S[ENDED] == 2:

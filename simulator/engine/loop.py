@@ -116,6 +116,8 @@ class Engine:
         probe = perf.decode_times(1, np.ones(1))
         #: the performance model, where it times decode runs in closed form (else None)
         self._decode_model = perf if probe is not None else None
+        #: the fast path was asked for (``fast``: where it applies)
+        self.fast_requested = bool(fast and not keep_decisions)
         self.fast = bool(fast and self._decode_model is not None and not keep_decisions
                          and scheduler_factory in (None, NativeScheduler)
                          and not getattr(workload, "has_timeouts", False)  # aborts: step by step

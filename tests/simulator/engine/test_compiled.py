@@ -81,10 +81,13 @@ def test_compiled_matches_step_by_step_on_reasoning_lengths(composed, async_sche
     async_scheduling=st.booleans(),
     threshold=st.sampled_from([0, 0, 64]),
     max_len=st.sampled_from([1024, 2048]),
+    timeout=st.sampled_from([None, None, 0.5, 3.0]),
 )
 def test_compiled_matches_on_varied_workloads(composed, n, seed, rate, blocks, max_num_seqs, budget, caching,
-                                              chunked, async_scheduling, threshold, max_len):
+                                              chunked, async_scheduling, threshold, max_len, timeout):
     w = make_workload(n=n, seed=seed, rate=rate, prompt=(1, 900), output=(1, 1200))
+    if timeout is not None:  # clients giving up, some of them (aborts: waiting, running, preempted)
+        w = dataclasses.replace(w, timeout_s=np.where(np.arange(n) % 3 == 0, np.inf, timeout * (1 + np.arange(n) % 4)))
     if not chunked:  # (vLLM: without chunked prefill a whole prompt must fit the budget)
         budget = max(budget, max_len)
     cfg = EngineConfig(num_gpu_blocks_override=blocks, max_model_len=max_len,
@@ -92,6 +95,15 @@ def test_compiled_matches_on_varied_workloads(composed, n, seed, rate, blocks, m
                        enable_prefix_caching=caching, enable_chunked_prefill=chunked,
                        long_prefill_token_threshold=threshold)
     slow, fast = both(w, cfg, composed, async_scheduling)
+    assert_identical(slow, fast)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_client_timeouts_abort_as_on_the_step_by_step_path(composed, async_scheduling):
+    w = make_workload(n=120, seed=9, rate=30, output=(200, 2000))
+    w = dataclasses.replace(w, timeout_s=np.where(np.arange(len(w)) % 2 == 0, np.inf, 4.0))
+    slow, fast = both(w, EngineConfig(num_gpu_blocks_override=400), composed, async_scheduling)
+    assert (slow.requests["status"] == "aborted").sum() > 5 and slow.summary["preemptions"] > 0
     assert_identical(slow, fast)
 
 
@@ -122,7 +134,6 @@ def test_extrapolations_counted_as_step_time_counts_them(composed):
 @pytest.mark.parametrize("case, reason", [
     ("speculative", "speculative decoding"),
     ("shared prefix", "prefixes shared between requests"),
-    ("timeouts", "client timeouts"),
     ("no tables", "gives no step-time tables"),
 ])
 def test_runs_it_cannot_cover_take_the_python_path(composed, case, reason):
@@ -133,12 +144,10 @@ def test_runs_it_cannot_cover_take_the_python_path(composed, case, reason):
                                                          "acceptance_rate": [0.6, 0.4]}})
     elif case == "shared prefix":
         w = make_workload(n=20, seed=1, prefix_groups=2, prefix_tokens=64)
-    elif case == "timeouts":
-        w = dataclasses.replace(w, timeout_s=np.full(len(w), 30.0))
     else:
         perf = VectorLinearModel()
     result = simulate(w, cfg, perf, compiled=True)
-    assert result.engine_path in ("fast", "step by step")  # (timeouts: step by step)
+    assert result.engine_path == "fast"
     assert reason in result.not_compiled
 
 
