@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -106,6 +107,17 @@ def wanted(engine: Engine, compiled: bool | str) -> bool:
     return bool(compiled)
 
 
+def cold() -> bool:
+    """Whether numba would compile the engine now, finding no cache of it on this machine (False
+    where that cannot be told)."""
+    from simulator.engine import compiled_kernel as k
+
+    try:
+        return not k.advance._cache._cache_file._load_index()  # (numba's cache index for this source)
+    except Exception:  # noqa: BLE001  (numba's private layout: then say nothing)
+        return False
+
+
 def _grid(table) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([table.res, table.nx, table.ny, table.x_top, table.y_top, table.x_power, table.y_power,
                       table.width], dtype=np.float64), np.ascontiguousarray(table.log, dtype=np.float64))
@@ -189,6 +201,11 @@ def run(engine: Engine) -> EngineRun:
         k._arrivals_from(S, F, ri, rf, arrays["waiting"], 0)  # (the arrivals process starts first)
     else:
         S[k.DONE] = 1
+    if engine.on_progress is not None and cold():  # (a progress bar: someone is watching)
+        from tqdm import tqdm
+
+        tqdm.write("[simulator] compiling the engine: the first such run on this machine, about 25 s "
+                   "(cached for the next ones)", file=sys.stderr)
     steps = StepLog()
     shown = 0
     while True:

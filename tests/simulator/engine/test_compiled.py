@@ -191,6 +191,12 @@ def test_progress_and_a_stop_between_steps(composed):
     assert len(ends) and np.all(np.diff(ends) >= 0) and len(ends) < len(run.steps.columns()["end_s"])
 
 
+def test_a_run_leaves_the_engine_cached(composed):
+    """After a compiled run numba finds the engine in its cache (no compile note next time)."""
+    simulate(make_workload(n=5, seed=1), EngineConfig(), composed, compiled=True)
+    assert not compiled.cold()
+
+
 def test_step_log_joins_steps_given_whole_after_single_steps():
     log = StepLog()
     log.add_step(0.0, 1.0, 5, 1, 0, 10, 0, 1, 0)
