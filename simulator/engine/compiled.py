@@ -6,8 +6,7 @@ step time) written over arrays and compiled with numba; this module decides wher
 (``why_not``), hands it a run's requests and tables and turns what it did into the engine's
 EngineRun, the same records, bit for bit, as the step-by-step path gives
 (tests/simulator/engine/test_compiled.py). It covers one replica with the native scheduler,
-no speculative decoding, no prefix shared between requests, no sliding-window layers and a
-performance model that gives its step time as tables
+no speculative decoding, no sliding-window layers and a performance model that gives its step time as tables
 (``PerformanceModel.step_time_tables``); numba must be installed. Elsewhere the engine takes
 its Python paths.
 """
@@ -42,7 +41,7 @@ def available() -> bool:
 
 def why_not(engine: Engine) -> str:
     """Why ``engine``'s run cannot take the compiled engine ('' if it can)."""
-    config, workload = engine.config, engine.workload
+    config = engine.config
     if engine.decisions is not None:
         return "its decisions are kept step by step"
     if type(engine.scheduler).__name__ not in ("NativeScheduler", "SteadyScheduler"):
@@ -54,9 +53,6 @@ def why_not(engine: Engine) -> str:
     groups = getattr(engine.kv_capacity, "groups", None)
     if groups is not None and groups.hybrid:
         return "sliding-window KV groups"
-    shared = np.where(workload.prefix_group >= 0, workload.prefix_tokens, 0) // config.block_size
-    if len(shared) and shared.max() > 0:
-        return "prefixes shared between requests"
     if engine.perf.step_time_tables() is None:
         return f"performance model {engine.perf.name} gives no step-time tables"
     if not available():
@@ -153,6 +149,7 @@ def run(engine: Engine) -> EngineRun:
     ri[:, k.CAP] = cap
     ri[:, k.OFF] = np.concatenate(([0], np.cumsum(cap)[:-1])) if n else cap
     total = int(cap.sum())
+    shared_slots = _shared_names(w, bs, ri, total)
     rf = np.full((n, k.NRF), -1.0)
     rf[:, k.ARRIVAL] = arrival
     nb = kv.num_blocks
@@ -184,7 +181,7 @@ def run(engine: Engine) -> EngineRun:
     seats = max(config.max_num_seqs, 1)
     arrays = dict(
         S=S, F=F, ri=ri, rf=rf, bk=bk, bt=np.zeros(total, dtype=np.int32),
-        chead=np.full(total if config.enable_prefix_caching else 0, -1, dtype=np.int32),
+        chead=np.full(total + shared_slots if config.enable_prefix_caching else 0, -1, dtype=np.int32),
         running=np.zeros(max(n, 1), dtype=np.int64), waiting=np.zeros(max(n, 1), dtype=np.int64),
         hits=np.zeros(int(cap.max()) if n else 1, dtype=np.int64), skipped=np.zeros(max(n, 1), dtype=np.int64),
         fl_rid=np.zeros((2, seats), dtype=np.int64), fl_n=np.zeros((2, seats), dtype=np.int64),
@@ -240,6 +237,31 @@ def run(engine: Engine) -> EngineRun:
     block_seconds = {rid: ticks[rid] / k.TICKS_PER_S for rid in np.flatnonzero(ri[:, k.HASTICKS]).tolist()}
     return EngineRun(requests=requests, steps=steps, kv=kv, block_seconds=block_seconds,
                      prefix_queries=int(S[k.PQUERIES]), prefix_hits=int(S[k.PHITS]), end_s=float(F[k.NOW]))
+
+
+def _shared_names(w, bs: int, ri: np.ndarray, first: int) -> int:
+    """Each request's shared prefix blocks (SimRequest.num_shared_blocks, num_outer_blocks) and
+    where their names' copies are listed: one stretch per prefix group, from ``first`` on, as long
+    as its longest shared prefix; returns the stretches' length in all."""
+    from simulator.engine import compiled_kernel as k
+
+    group = np.asarray(w.prefix_group, dtype=np.int64)
+    tokens = np.where(group >= 0, np.asarray(w.prefix_tokens, dtype=np.int64), 0)
+    outer = np.where(group >= 0, np.asarray(w.outer_group, dtype=np.int64), -1)
+    shared = tokens // bs
+    outer_blocks = np.where(outer >= 0, np.minimum(np.asarray(w.outer_tokens, dtype=np.int64), tokens) // bs, 0)
+    ri[:, k.NSHARED], ri[:, k.NOUTER] = shared, outer_blocks
+    own, inner = group[shared > 0], outer[outer_blocks > 0]
+    if not len(own) and not len(inner):
+        return 0
+    names = np.unique(np.concatenate((own, inner)))
+    longest = np.zeros(len(names), dtype=np.int64)
+    np.maximum.at(longest, np.searchsorted(names, own), shared[shared > 0])
+    np.maximum.at(longest, np.searchsorted(names, inner), outer_blocks[outer_blocks > 0])
+    starts = first + np.concatenate(([0], np.cumsum(longest)[:-1]))
+    ri[shared > 0, k.SBASE_PRE] = starts[np.searchsorted(names, own)]
+    ri[outer_blocks > 0, k.SBASE_OUT] = starts[np.searchsorted(names, inner)]
+    return int(longest.sum())
 
 
 def _deadlines(w, arrival: np.ndarray, rejected: np.ndarray) -> dict[str, np.ndarray]:

@@ -2,9 +2,9 @@
 
 A line-for-line port of what one replica's step-by-step path does (simulator.engine.loop's
 engine loop and arrivals, simulator.engine.native's scheduler, simulator.engine.kv_cache's
-blocks, free queue and private prefix cache, and ``ComposedPerformanceModel.step_time`` from
+blocks, free queue and prefix cache (shared prefixes, and a preempted request's own blocks), and ``ComposedPerformanceModel.step_time`` from
 its tables) for the runs ``simulator.engine.compiled`` admits: no speculative decoding, no
-shared prefixes, no sliding-window layers. Every request's state is a row
+sliding-window layers. Every request's state is a row
 of ``ri`` (integers) and ``rf`` (times), every block's a row of ``bk``; the engine's scalars
 live in ``S`` and ``F``, so a call (``advance``) returns between two steps and the next call
 goes on from there. The order of arrivals and steps ending at one time is SimPy's: the event
@@ -20,8 +20,12 @@ from numba import njit
 
 # --- request rows: ri[rid, ...] -------------------------------------------------------------
 PROMPT, MAXTOK, REASON, STATUS, NOUT, NCOMP, PLACE, INFL, STALE, NPRE, CACHEDTOK, NBLK, NCACHEDBLK, \
-    HOLDSNAMED, ACQ, TBASE, BTICKS, HASTICKS, OFF, CAP, NAMED, REJECTED = range(22)
-NRI = 22
+    HOLDSNAMED, ACQ, TBASE, BTICKS, HASTICKS, OFF, CAP, NAMED, REJECTED, NSHARED, NOUTER, SBASE_OUT, SBASE_PRE \
+    = range(26)
+NRI = 26
+# a block's name (bk[b, OWNER]): none, a shared prefix block (its list of copies at bk[b, SLOT] of
+# ``chead``), or the request whose private block it holds (the list at its OFF + index)
+NO_HASH, SHARED = -1, -2
 # rf[rid, ...]
 ARRIVAL, FSCHED, FTOKEN, FVISIBLE, LTOKEN, FINISH = range(6)
 NRF = 6
@@ -29,7 +33,7 @@ NRF = 6
 NOT_ARRIVED, WAITING, RUNNING, PREEMPTED, FINISHED, REJECTED_STATUS, ABORTED = -1, 0, 1, 2, 3, 4, 5
 
 # --- block rows: bk[block, ...] ---------------------------------------------------------------
-QPREV, QNEXT, INQ, REF, OWNER, INDEX, CPREV, CNEXT = range(8)
+QPREV, QNEXT, INQ, REF, OWNER, SLOT, CPREV, CNEXT = range(8)
 NBK = 8
 
 # --- integer scalars S ------------------------------------------------------------------------------
@@ -118,12 +122,12 @@ def _remove(S, bk, b):
 
 # --- private prefix-cache names (kv_cache: a request's own blocks, named when it frees them) --
 @njit(cache=True)
-def _name(ri, bk, chead, b, rid, i):
-    """Block ``b`` holds ``rid``'s private block ``i``: the newest copy of that name."""
-    bk[b, OWNER] = rid
-    bk[b, INDEX] = i
+def _name(bk, chead, b, owner, at):
+    """Block ``b`` gets a name: ``owner`` (a request, its private block; or SHARED) and the list of
+    that name's copies at ``chead[at]``, where it is the newest (the oldest answers look-ups)."""
+    bk[b, OWNER] = owner
+    bk[b, SLOT] = at
     bk[b, CNEXT] = -1
-    at = ri[rid, OFF] + i
     h = chead[at]
     if h < 0:
         chead[at] = b
@@ -133,23 +137,44 @@ def _name(ri, bk, chead, b, rid, i):
             h = bk[h, CNEXT]
         bk[h, CNEXT] = b
         bk[b, CPREV] = h
-    ri[rid, NAMED] = 1
 
 
 @njit(cache=True)
-def _evict(ri, bk, chead, b):
-    """Block ``b`` leaves the free queue for a new use: its name, if any, is dropped."""
-    owner = bk[b, OWNER]
-    if owner < 0:
+def _evict(bk, chead, b):
+    """Block ``b`` leaves the free queue for a new use: its name, if any, is dropped (a shared
+    name with no copy left is gone)."""
+    if bk[b, OWNER] == NO_HASH:
         return
     p, q = bk[b, CPREV], bk[b, CNEXT]
     if p >= 0:
         bk[p, CNEXT] = q
     else:
-        chead[ri[owner, OFF] + bk[b, INDEX]] = q
+        chead[bk[b, SLOT]] = q
     if q >= 0:
         bk[q, CPREV] = p
-    bk[b, OWNER] = -1
+    bk[b, OWNER] = NO_HASH
+
+
+@njit(cache=True)
+def _shared_slot(ri, rid, i):
+    """Where the copies of ``rid``'s shared block ``i`` are listed: its outer group's below
+    NOUTER, else its own group's (SimRequest.shared_name)."""
+    return (ri[rid, SBASE_OUT] if i < ri[rid, NOUTER] else ri[rid, SBASE_PRE]) + i
+
+
+@njit(cache=True)
+def _shared_hits(ri, chead, rid, wanted, hits):
+    """KVCacheManager.computed_blocks' shared part: the oldest copy of each of the request's shared
+    blocks below ``wanted``, up to the first missing one; returns (how many, whether all hit)."""
+    n = ri[rid, NSHARED]
+    if wanted < n:
+        n = wanted
+    for i in range(n):
+        b = chead[_shared_slot(ri, rid, i)]
+        if b < 0:
+            return i, False
+        hits[i] = b
+    return n, True
 
 
 # --- the KV cache manager ---------------------------------------------------------------------
@@ -174,7 +199,11 @@ def _allocate(S, F, ri, bk, bt, chead, rid, slots, hits, nhit):
     num_new = _cdiv(slots, bs) - held - nhit
     if num_new < 0:
         num_new = 0
-    if num_new + nhit > S[QLEN]:  # (every hit is a free block: only the request itself hits its own)
+    free_hits = 0
+    for j in range(nhit):
+        if bk[hits[j], REF] == 0:
+            free_hits += 1
+    if num_new + free_hits > S[QLEN]:  # (a hit another request holds takes no free block)
         return False
     if nhit == 0 and num_new == 0:
         return True
@@ -192,7 +221,7 @@ def _allocate(S, F, ri, bk, bt, chead, rid, slots, hits, nhit):
             bt[base + j] = b
     for j in range(num_new):
         b = _pop_front(S, bk)
-        _evict(ri, bk, chead, b)
+        _evict(bk, chead, b)
         bk[b, REF] = 1
         bt[base + nhit + j] = b
     ri[rid, NBLK] = held + nhit + num_new
@@ -204,7 +233,9 @@ def _allocate(S, F, ri, bk, bt, chead, rid, slots, hits, nhit):
 
 
 @njit(cache=True)
-def _cache_full_blocks(S, ri, rid, num_tokens):
+def _cache_full_blocks(S, ri, bk, bt, chead, rid, num_tokens):
+    """KVCacheManager.cache_full_blocks: the request's full blocks counted as cached; its shared
+    prefix blocks among them named at once (private ones are named when it frees them)."""
     if S[CACHING] == 0:
         return
     full = num_tokens // S[BLOCK_SIZE]
@@ -213,8 +244,16 @@ def _cache_full_blocks(S, ri, rid, num_tokens):
         return
     if full > ri[rid, NBLK]:
         full = ri[rid, NBLK]
-    if full > done:
-        ri[rid, NCACHEDBLK] = full
+    if full <= done:
+        return
+    ri[rid, NCACHEDBLK] = full
+    shared = ri[rid, NSHARED] if ri[rid, NSHARED] < full else full
+    off = ri[rid, OFF]
+    for i in range(done, shared):
+        b = bt[off + i]
+        if bk[b, OWNER] == NO_HASH:
+            _name(bk, chead, b, SHARED, _shared_slot(ri, rid, i))
+            ri[rid, HOLDSNAMED] = 1
 
 
 @njit(cache=True)
@@ -234,7 +273,8 @@ def _free(S, F, ri, bk, bt, chead, rid, finished):
     if ri[rid, HOLDSNAMED] == 0:
         if num_cached and not finished:
             for i in range(num_cached):
-                _name(ri, bk, chead, bt[off + i], rid, i)
+                _name(bk, chead, bt[off + i], rid, off + i)
+            ri[rid, NAMED] = 1
         for i in range(held):
             bk[bt[off + i], REF] = 0
         for i in range(num_cached, held):  # (push_front of the tail, last block first)
@@ -245,17 +285,18 @@ def _free(S, F, ri, bk, bt, chead, rid, finished):
     ri[rid, HOLDSNAMED] = 0
     for i in range(num_cached):
         b = bt[off + i]
-        if bk[b, OWNER] < 0:
-            _name(ri, bk, chead, b, rid, i)
+        if bk[b, OWNER] == NO_HASH:
+            _name(bk, chead, b, rid, off + i)
+            ri[rid, NAMED] = 1
     for i in range(held):
         bk[bt[off + i], REF] -= 1
     for i in range(held):  # unnamed ones, tail first, to the front in that order
         b = bt[off + i]
-        if bk[b, REF] == 0 and bk[b, OWNER] < 0:
+        if bk[b, REF] == 0 and bk[b, OWNER] == NO_HASH:
             _push_front(S, bk, b)
     for i in range(held - 1, -1, -1):
         b = bt[off + i]
-        if bk[b, REF] == 0 and bk[b, OWNER] >= 0:
+        if bk[b, REF] == 0 and bk[b, OWNER] != NO_HASH:
             _push_back(S, bk, b)
 
 
@@ -468,7 +509,7 @@ def _schedule(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i,
         if preempted_self:
             break
         num_tokens = ri[rid, PROMPT] + ri[rid, NOUT]
-        _cache_full_blocks(S, ri, rid, computed + n if computed + n < num_tokens else num_tokens)
+        _cache_full_blocks(S, ri, bk, bt, chead, rid, computed + n if computed + n < num_tokens else num_tokens)
         fl_rid[slot, cnt] = rid
         fl_n[slot, cnt] = n
         cnt += 1
@@ -485,12 +526,21 @@ def _schedule(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i,
                 nskip += 1
                 continue
             num_tokens = ri[rid, PROMPT] + ri[rid, NOUT]
-            need = _cdiv(num_tokens if num_tokens < max_len else max_len, bs)
+            # the gate (_blocks_to_admit): the whole sequence's blocks, its shared hits adopted
+            wanted = (num_tokens - 1) // bs
+            nhit, all_shared = 0, True
+            if S[CACHING]:
+                nhit, all_shared = _shared_hits(ri, chead, rid, wanted, hits)
+            need = _cdiv(num_tokens if num_tokens < max_len else max_len, bs) - nhit
+            if need < 0:
+                need = 0
+            for j in range(nhit):
+                if bk[hits[j], REF] == 0:
+                    need += 1
             if need > S[QLEN]:
                 break
-            nhit = 0
-            if S[CACHING] and ri[rid, NAMED]:  # its own blocks, cached when it was preempted
-                wanted = (num_tokens - 1) // bs
+            if S[CACHING] and all_shared and wanted > nhit and ri[rid, NAMED]:
+                # its own blocks after the shared ones, cached when it was preempted
                 off = ri[rid, OFF]
                 while nhit < wanted and chead[off + nhit] >= 0:
                     hits[nhit] = chead[off + nhit]
@@ -524,7 +574,8 @@ def _schedule(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i,
             ri[rid, NCOMP] = num_computed
             if ri[rid, CACHEDTOK] < 0:
                 ri[rid, CACHEDTOK] = num_computed
-            _cache_full_blocks(S, ri, rid, num_computed + n if num_computed + n < num_tokens else num_tokens)
+            _cache_full_blocks(S, ri, bk, bt, chead, rid,
+                               num_computed + n if num_computed + n < num_tokens else num_tokens)
         for j in range(nskip - 1, -1, -1):
             _wait_appendleft(S, waiting, skipped[j])
     # _after_schedule: computed tokens advance, the batch is described
@@ -596,7 +647,7 @@ def _apply(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, fl
             p = ri[rid, PLACE] - delivered
             ri[rid, PLACE] = p if p > 0 else 0
         if S[ASYNC] and ri[rid, STATUS] == RUNNING:
-            _cache_full_blocks(S, ri, rid, ri[rid, NCOMP] - ri[rid, PLACE])
+            _cache_full_blocks(S, ri, bk, bt, chead, rid, ri[rid, NCOMP] - ri[rid, PLACE])
         if stopped:  # NativeScheduler.finish
             if ri[rid, STATUS] == PREEMPTED:
                 _wait_remove(S, waiting, rid)

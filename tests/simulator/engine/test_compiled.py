@@ -82,10 +82,15 @@ def test_compiled_matches_step_by_step_on_reasoning_lengths(composed, async_sche
     threshold=st.sampled_from([0, 0, 64]),
     max_len=st.sampled_from([1024, 2048]),
     timeout=st.sampled_from([None, None, 0.5, 3.0]),
+    groups=st.sampled_from([0, 0, 1, 4]),
+    outer=st.booleans(),
 )
 def test_compiled_matches_on_varied_workloads(composed, n, seed, rate, blocks, max_num_seqs, budget, caching,
-                                              chunked, async_scheduling, threshold, max_len, timeout):
-    w = make_workload(n=n, seed=seed, rate=rate, prompt=(1, 900), output=(1, 1200))
+                                              chunked, async_scheduling, threshold, max_len, timeout, groups, outer):
+    w = make_workload(n=n, seed=seed, rate=rate, prompt=(1, 900), output=(1, 1200), prefix_groups=groups,
+                      prefix_tokens=100 if groups else 0)
+    if groups and outer:  # two-level sharing: the first 40 tokens of every prefix are group 99's
+        w = dataclasses.replace(w, outer_group=np.full(n, 99), outer_tokens=np.full(n, 40))
     if timeout is not None:  # clients giving up, some of them (aborts: waiting, running, preempted)
         w = dataclasses.replace(w, timeout_s=np.where(np.arange(n) % 3 == 0, np.inf, timeout * (1 + np.arange(n) % 4)))
     if not chunked:  # (vLLM: without chunked prefill a whole prompt must fit the budget)
@@ -95,6 +100,18 @@ def test_compiled_matches_on_varied_workloads(composed, n, seed, rate, blocks, m
                        enable_prefix_caching=caching, enable_chunked_prefill=chunked,
                        long_prefill_token_threshold=threshold)
     slow, fast = both(w, cfg, composed, async_scheduling)
+    assert_identical(slow, fast)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_shared_prefixes_hit_as_on_the_step_by_step_path(composed, async_scheduling):
+    """Requests sharing prefixes (two levels) hit each other's blocks, copies are evicted, and
+    preempted requests come back to their own and the shared blocks."""
+    w = make_workload(n=150, seed=8, rate=25, prompt=(300, 1500), output=(50, 1500), prefix_groups=5,
+                      prefix_tokens=256)
+    w = dataclasses.replace(w, outer_group=np.where(np.arange(len(w)) % 2 == 0, 7, -1), outer_tokens=np.full(len(w), 64))
+    slow, fast = both(w, EngineConfig(num_gpu_blocks_override=500), composed, async_scheduling)
+    assert slow.summary["prefix_cache"]["hit_tokens"] > 0 and slow.summary["preemptions"] > 0
     assert_identical(slow, fast)
 
 
@@ -133,7 +150,6 @@ def test_extrapolations_counted_as_step_time_counts_them(composed):
 
 @pytest.mark.parametrize("case, reason", [
     ("speculative", "speculative decoding"),
-    ("shared prefix", "prefixes shared between requests"),
     ("no tables", "gives no step-time tables"),
 ])
 def test_runs_it_cannot_cover_take_the_python_path(composed, case, reason):
@@ -142,8 +158,6 @@ def test_runs_it_cannot_cover_take_the_python_path(composed, case, reason):
     if case == "speculative":
         cfg = EngineConfig.from_dict({"speculative": {"method": "ngram", "num_speculative_tokens": 2,
                                                          "acceptance_rate": [0.6, 0.4]}})
-    elif case == "shared prefix":
-        w = make_workload(n=20, seed=1, prefix_groups=2, prefix_tokens=64)
     else:
         perf = VectorLinearModel()
     result = simulate(w, cfg, perf, compiled=True)
