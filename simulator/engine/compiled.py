@@ -1,14 +1,14 @@
 """The compiled engine: one replica's step-by-step path run in machine code.
 
 ``simulator.engine.compiled_kernel`` is the step-by-step engine (the engine loop, the native
-scheduler, the paged KV cache with its private prefix cache, the composed performance model's
-step time) written over arrays and compiled with numba; this module decides where it applies
-(``why_not``), hands it a run's requests and tables and turns what it did into the engine's
-EngineRun, the same records, bit for bit, as the step-by-step path gives
-(tests/simulator/engine/test_compiled.py). It covers one replica with the native scheduler,
-no speculative decoding, no sliding-window layers and a performance model that gives its step time as tables
-(``PerformanceModel.step_time_tables``); numba must be installed. Elsewhere the engine takes
-its Python paths.
+scheduler, the paged KV cache with its prefix cache, client timeouts, the composed performance
+model's step time) written over arrays and compiled with numba; this module decides where it
+applies (``why_not``) and where it pays (``wanted``), hands it a run's requests and tables and
+turns what it did into the engine's EngineRun, the same records, bit for bit, as the step-by-step
+path gives (tests/simulator/engine/test_compiled.py). It covers one replica with the native
+scheduler, no speculative decoding, no sliding-window layers and a performance model that gives
+its step time as tables (``PerformanceModel.step_time_tables``); numba must be installed.
+Elsewhere the engine takes its Python paths.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from simulator.engine.kv_cache import TICKS_PER_S
+from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.rules import admission_error
 from simulator.engine.run_log import EngineRun, StepLog
@@ -44,7 +46,7 @@ def why_not(engine: Engine) -> str:
     config = engine.config
     if engine.decisions is not None:
         return "its decisions are kept step by step"
-    if type(engine.scheduler).__name__ not in ("NativeScheduler", "SteadyScheduler"):
+    if not isinstance(engine.scheduler, NativeScheduler):
         return f"scheduler {config.scheduler!r}"
     if config.speculative.enabled:
         return "speculative decoding"
@@ -234,7 +236,7 @@ def run(engine: Engine) -> EngineRun:
         if unfinished or len(requests) < n:
             raise RuntimeError(f"{len(unfinished) + n - len(requests)} requests never finished")
     ticks = ri[:, k.BTICKS].tolist()
-    block_seconds = {rid: ticks[rid] / k.TICKS_PER_S for rid in np.flatnonzero(ri[:, k.HASTICKS]).tolist()}
+    block_seconds = {rid: ticks[rid] / TICKS_PER_S for rid in np.flatnonzero(ri[:, k.HASTICKS]).tolist()}
     return EngineRun(requests=requests, steps=steps, kv=kv, block_seconds=block_seconds,
                      prefix_queries=int(S[k.PQUERIES]), prefix_hits=int(S[k.PHITS]), end_s=float(F[k.NOW]))
 

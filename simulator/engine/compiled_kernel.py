@@ -18,6 +18,8 @@ import math
 import numpy as np
 from numba import njit
 
+from simulator.engine.kv_cache import TICKS_PER_S
+
 # --- request rows: ri[rid, ...] -------------------------------------------------------------
 PROMPT, MAXTOK, REASON, STATUS, NOUT, NCOMP, PLACE, INFL, STALE, NPRE, CACHEDTOK, NBLK, NCACHEDBLK, \
     HOLDSNAMED, ACQ, TBASE, BTICKS, HASTICKS, OFF, CAP, NAMED, REJECTED, NSHARED, NOUTER, SBASE_OUT, SBASE_PRE \
@@ -59,7 +61,6 @@ DONE_CODE, PAUSED, STALLED, OVERFLOW = 0, 1, 2, 3
 # step-log columns: lg_f (end_s, step_s), lg_i (simulator.engine.run_log.STEP_COLUMNS after them)
 LG_KV, LG_RUNNING, LG_WAITING, LG_PREFILL, LG_DECODE, LG_BATCH, LG_PREEMPTED = range(7)
 
-TICKS_PER_S = float(2**30)
 
 
 # --- the free-block queue (vLLM's FreeKVCacheBlockQueue, a doubly linked list) ---------------
