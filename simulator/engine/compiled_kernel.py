@@ -234,15 +234,19 @@ def _allocate(S, F, ri, bk, bt, chead, rid, slots, hits, nhit):
 
 
 @njit(cache=True)
+def _more_full_blocks(S, ri, rid, num_tokens):
+    """Whether ``cache_full_blocks`` has anything to do (prefix caching on and a block filled
+    since): asked at the call sites, the hottest test of a step, before the call itself."""
+    return S[CACHING] != 0 and num_tokens // S[BLOCK_SIZE] > ri[rid, NCACHEDBLK]
+
+
+@njit(cache=True)
 def _cache_full_blocks(S, ri, bk, bt, chead, rid, num_tokens):
-    """KVCacheManager.cache_full_blocks: the request's full blocks counted as cached; its shared
-    prefix blocks among them named at once (private ones are named when it frees them)."""
-    if S[CACHING] == 0:
-        return
+    """KVCacheManager.cache_full_blocks where ``_more_full_blocks``: the request's full blocks
+    counted as cached; its shared prefix blocks among them named at once (private ones are named
+    when it frees them)."""
     full = num_tokens // S[BLOCK_SIZE]
     done = ri[rid, NCACHEDBLK]
-    if full <= done:
-        return
     if full > ri[rid, NBLK]:
         full = ri[rid, NBLK]
     if full <= done:
@@ -497,7 +501,9 @@ def _schedule(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i,
         if slots > max_len:
             slots = max_len
         preempted_self = False
-        while not _allocate(S, F, ri, bk, bt, chead, rid, slots, hits, 0):
+        held = ri[rid, NBLK]
+        room = held > 0 and slots <= held * bs  # (the usual decode step; asked here, where it is quickest)
+        while not room and not _allocate(S, F, ri, bk, bt, chead, rid, slots, hits, 0):
             if S[ENDED] == 2:
                 return 0, 0, 0, 0, 0, 0
             victim = running[S[NRUN] - 1]
@@ -510,7 +516,9 @@ def _schedule(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i,
         if preempted_self:
             break
         num_tokens = ri[rid, PROMPT] + ri[rid, NOUT]
-        _cache_full_blocks(S, ri, bk, bt, chead, rid, computed + n if computed + n < num_tokens else num_tokens)
+        upto = computed + n if computed + n < num_tokens else num_tokens
+        if _more_full_blocks(S, ri, rid, upto):
+            _cache_full_blocks(S, ri, bk, bt, chead, rid, upto)
         fl_rid[slot, cnt] = rid
         fl_n[slot, cnt] = n
         cnt += 1
@@ -575,8 +583,9 @@ def _schedule(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i,
             ri[rid, NCOMP] = num_computed
             if ri[rid, CACHEDTOK] < 0:
                 ri[rid, CACHEDTOK] = num_computed
-            _cache_full_blocks(S, ri, bk, bt, chead, rid,
-                               num_computed + n if num_computed + n < num_tokens else num_tokens)
+            upto = num_computed + n if num_computed + n < num_tokens else num_tokens
+            if _more_full_blocks(S, ri, rid, upto):
+                _cache_full_blocks(S, ri, bk, bt, chead, rid, upto)
         for j in range(nskip - 1, -1, -1):
             _wait_appendleft(S, waiting, skipped[j])
     # _after_schedule: computed tokens advance, the batch is described
@@ -647,7 +656,7 @@ def _apply(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, fl
         if not stale:
             p = ri[rid, PLACE] - delivered
             ri[rid, PLACE] = p if p > 0 else 0
-        if S[ASYNC] and ri[rid, STATUS] == RUNNING:
+        if S[ASYNC] and ri[rid, STATUS] == RUNNING and _more_full_blocks(S, ri, rid, ri[rid, NCOMP] - ri[rid, PLACE]):
             _cache_full_blocks(S, ri, bk, bt, chead, rid, ri[rid, NCOMP] - ri[rid, PLACE])
         if stopped:  # NativeScheduler.finish
             if ri[rid, STATUS] == PREEMPTED:
@@ -744,7 +753,8 @@ def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid
             only_preempted = False
             if has_requests:
                 F[CLOCK] = F[NOW]
-                _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
+                if S[DPTR] < len(dl_t) and dl_t[S[DPTR]] <= F[NOW]:
+                    _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
                 slot = (S[FLFIRST] + S[NFL]) % 2
                 n_pre, prefill, work, kv_tokens, n_dec, ctx = _schedule(
                     S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, slot, hits, skipped)
@@ -786,7 +796,8 @@ def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid
                 _idle(S, F, ri, rf, waiting)
                 continue
             F[CLOCK] = F[NOW]
-            _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
+            if S[DPTR] < len(dl_t) and dl_t[S[DPTR]] <= F[NOW]:
+                _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
             n_pre, prefill, work, kv_tokens, n_dec, ctx = _schedule(
                 S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, 0, hits, skipped)
             if S[ENDED] == 2:
