@@ -1,13 +1,13 @@
 """The step-by-step engine over arrays, compiled with numba (``simulator.engine.compiled``).
 
 A line-for-line port of what one replica's step-by-step path does (simulator.engine.loop's
-engine loop and arrivals, simulator.engine.native's scheduler, simulator.engine.kv_cache's
-blocks, free queue and prefix cache (shared prefixes, and a preempted request's own blocks), and ``ComposedPerformanceModel.step_time`` from
-its tables) for the runs ``simulator.engine.compiled`` admits: no speculative decoding, no
-sliding-window layers. Every request's state is a row
-of ``ri`` (integers) and ``rf`` (times), every block's a row of ``bk``; the engine's scalars
-live in ``S`` and ``F``, so a call (``advance``) returns between two steps and the next call
-goes on from there. The order of arrivals and steps ending at one time is SimPy's: the event
+engine loop, arrivals and client-timeout aborts, simulator.engine.native's scheduler,
+simulator.engine.kv_cache's blocks, free queue and prefix cache: shared prefixes and a preempted
+request's own blocks; and ``ComposedPerformanceModel.step_time`` from its tables) for the runs
+``simulator.engine.compiled`` admits: no speculative decoding, no sliding-window layers. Every
+request's state is a row of ``ri`` (integers) and ``rf`` (times), every block's a row of ``bk``;
+the engine's scalars live in ``S`` and ``F``, so a call (``advance``) returns between two steps
+and the next call goes on from there. The order of arrivals and steps ending at one time is SimPy's: the event
 made first comes first (``S[SEQ]`` numbers them as SimPy numbers its events).
 """
 
