@@ -98,10 +98,11 @@ def offered_load(engine: Engine) -> float:
 
 def wanted(engine: Engine, compiled: bool | str) -> bool:
     """Whether ``compiled`` ("auto", True or False) asks for the compiled engine on this run:
-    "auto" where it pays (``AUTO_MIN_REQUESTS``, ``AUTO_MIN_LOAD``) on the fast path."""
+    "auto" where it pays (``AUTO_MIN_REQUESTS``, ``AUTO_MIN_LOAD``) on the fast path. Whether it
+    applies is ``why_not``'s to say."""
     if compiled == "auto":
-        return (engine.fast_requested and len(engine.workload) >= AUTO_MIN_REQUESTS and not why_not(engine)
-                and offered_load(engine) >= AUTO_MIN_LOAD)  # (the load last: it prices a step)
+        return (engine.fast_requested and len(engine.workload) >= AUTO_MIN_REQUESTS
+                and offered_load(engine) >= AUTO_MIN_LOAD)
     return bool(compiled)
 
 

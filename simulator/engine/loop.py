@@ -444,10 +444,12 @@ class Engine:
             from simulator.engine import compiled
 
             if compiled.wanted(self, self.compiled):
-                self.not_compiled = compiled.why_not(self)
-                if not self.not_compiled:
+                reason = compiled.why_not(self)
+                if not reason:
                     self.took_compiled = True
                     return compiled.run(self)
+                if self.compiled is True:  # (asked for it: say why not)
+                    self.not_compiled = reason
         loop = self.start()
         self.env.run(until=loop)  # the loop ends when every request has, or on request_stop
         return self.collect()
