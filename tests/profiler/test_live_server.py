@@ -26,6 +26,7 @@ from profiler.live.runner import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SERVER_DIED,
+    STEP_PROBE_TOKENS,
     IterationCollector,
     LiveRunConfig,
     run_live,
@@ -193,12 +194,14 @@ def test_replay_gives_exact_lengths_and_per_step_ground_truth(server, tmp_path):
     # 1, then 8 requests on short prompts, then 1 and 8 on long ones, decoding 128 tokens together
     probes = res.summary["live"]["decode_probe"]
     assert [(p["batch"], p["prompt_tokens"]) for p in probes] == [(1, 32), (8, 32), (1, 384), (8, 384)]
-    assert all(p["steps"] >= 100 for p in probes)
+    # most of a batch's 128 steps are full-batch ones; a busy machine staggers the requests' starts
+    assert all(p["steps"] >= STEP_PROBE_TOKENS // 2 for p in probes), probes
     assert all(p["elapsed_median_s"] < p["wall_per_step_s"] for p in probes), probes  # wall has the gap
     assert all(p["wall_per_step_s"] < 0.5 for p in probes), probes  # a tiny model's step (a busy machine too)
     assert probes[2]["context_first"] == 386 and probes[2]["context_last"] > 480
     after = res.summary["live"]["decode_probe_after"]  # the same batches once the workload is done
-    assert [p["batch"] for p in after] == [1, 8, 1, 8] and all(p["steps"] >= 100 for p in after)
+    assert [p["batch"] for p in after] == [1, 8, 1, 8], after
+    assert all(p["steps"] >= STEP_PROBE_TOKENS // 2 for p in after), after
     assert steps["decode_tokens"].sum() == sum(o - 1 for o in [12, 30, 7, 25, 16, 9])  # probes left out
     assert 0.0 < res.summary["live"]["request_overhead_s"] < 0.1
     loaded = res.summary["live"]["loaded_probe"]  # lone requests during a decode batch, before and after
