@@ -1,13 +1,15 @@
-"""The compiled engine: one replica's step-by-step path run in machine code.
+"""The compiled scheduler: one replica's step-by-step path run in machine code, behind the
+scheduler interface.
 
 ``simulator.engine.compiled_kernel`` is the step-by-step engine (the engine loop, the native
 scheduler, the paged KV cache with its prefix cache, client timeouts, the composed performance
-model's step time) written over arrays and compiled with numba; this module decides where it
-applies (``why_not``) and where it pays (``wanted``), hands it a run's requests and tables and
-turns what it did into the engine's EngineRun, the same records, bit for bit, as the step-by-step
-path gives (tests/simulator/engine/test_compiled.py). It covers one replica with the native
-scheduler, no speculative decoding, no sliding-window layers and a performance model that gives
-its step time as tables (``PerformanceModel.step_time_tables``); numba must be installed.
+model's step time) written over arrays and compiled with numba. ``CompiledScheduler`` is that
+kernel as a ``Scheduler``: the engine drives it with ``advance`` alone, run after run, as it drives
+the fast path's runs, and gets the same records, bit for bit, as the step-by-step path gives
+(tests/simulator/engine/test_compiled.py). This module also decides where it applies
+(``why_not``: one replica with the native scheduler, no speculative decoding, no sliding-window
+layers, a performance model that gives its step time as tables,
+``PerformanceModel.step_time_tables``, and numba installed) and where it pays (``wanted``).
 Elsewhere the engine takes its Python paths.
 """
 
@@ -16,15 +18,19 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOutput
 from simulator.engine.kv_cache import TICKS_PER_S
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.rules import admission_error
-from simulator.engine.run_log import EngineRun, StepLog
+from simulator.records.engine_config import EngineConfig
+from simulator.records.performance import KVCapacity, PerformanceModel
+from simulator.records.workload import Workload
 
 if TYPE_CHECKING:
     from simulator.engine.loop import Engine
@@ -41,12 +47,13 @@ def available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
-def why_not(engine: Engine) -> str:
-    """Why ``engine``'s run cannot take the compiled engine ('' if it can)."""
+def why_not(engine: Engine, factory: Callable[..., object]) -> str:
+    """Why ``engine``'s run, whose scheduler ``factory`` would make otherwise, cannot take the
+    compiled scheduler ('' if it can)."""
     config = engine.config
     if engine.decisions is not None:
         return "its decisions are kept step by step"
-    if not isinstance(engine.scheduler, NativeScheduler):
+    if not (isinstance(factory, type) and issubclass(factory, NativeScheduler)):
         return f"scheduler {config.scheduler!r}"
     if config.speculative.enabled:
         return "speculative decoding"
@@ -117,129 +124,239 @@ def cold() -> bool:
         return False
 
 
+def say_if_cold() -> None:
+    """A line above the progress bar when numba is about to compile the engine (``cold``)."""
+    if cold():
+        from tqdm import tqdm
+
+        tqdm.write("[simulator] compiling the engine: the first such run on this machine, about 25 s "
+                   "(cached for the next ones)", file=sys.stderr)
+
+
 def _grid(table) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([table.res, table.nx, table.ny, table.x_top, table.y_top, table.x_power, table.y_power,
                       table.width], dtype=np.float64), np.ascontiguousarray(table.log, dtype=np.float64))
 
 
-def run(engine: Engine) -> EngineRun:
-    """Run ``engine``'s workload through the compiled engine (``why_not(engine)`` is ''): its
-    EngineRun, as ``engine.run()`` on the step-by-step path gives it."""
-    from simulator.engine import compiled_kernel as k
+class KernelKV:
+    """The compiled scheduler's KV cache as the engine and the results read it (``KVView``)."""
 
-    w, config, kv = engine.workload, engine.config, engine.kv_capacity
-    tables = engine.perf.step_time_tables()
-    n = len(w)
-    bs = config.block_size
-    prompt = np.asarray(w.prompt_tokens, dtype=np.int64)
-    max_tokens = np.asarray(w.output_tokens, dtype=np.int64)
-    arrival = np.asarray(w.arrival_s, dtype=np.float64)
-    # (rules.admission_error, asked only of the requests some limit could refuse)
-    maybe = np.flatnonzero(prompt + max_tokens > min(config.max_model_len, (kv.num_blocks - 1) * kv.block_size))
-    reasons: dict[int, str] = {}
-    for rid in maybe.tolist():
-        reasons[rid] = admission_error(int(prompt[rid]), int(max_tokens[rid]), config, kv)
-    ri = np.zeros((n, k.NRI), dtype=np.int64)
-    ri[:, k.PROMPT], ri[:, k.MAXTOK] = prompt, max_tokens
-    ri[:, k.REASON] = np.asarray(w.reasoning_tokens, dtype=np.int64)
-    ri[:, k.STATUS] = k.NOT_ARRIVED
-    ri[:, k.CACHEDTOK] = -1
-    ri[:, k.TBASE] = -1
-    ri[list(reasons), k.REJECTED] = [bool(r) for r in reasons.values()]
-    # a request's block table and cached names: room for its whole sequence (a step in flight
-    # may hold one slot past it) and one block more
-    cap = -(-np.minimum(prompt + max_tokens + 2, config.max_model_len) // bs) + 1
-    ri[:, k.CAP] = cap
-    ri[:, k.OFF] = np.concatenate(([0], np.cumsum(cap)[:-1])) if n else cap
-    total = int(cap.sum())
-    shared_slots = _shared_names(w, bs, ri, total)
-    rf = np.full((n, k.NRF), -1.0)
-    rf[:, k.ARRIVAL] = arrival
-    nb = kv.num_blocks
-    bk = np.zeros((nb, k.NBK), dtype=np.int64)
-    bk[:, k.OWNER] = -1
-    bk[:, k.CPREV] = bk[:, k.CNEXT] = -1
-    S = np.zeros(k.NS, dtype=np.int64)
-    F = np.zeros(k.NF)
-    # the free queue: blocks 1.. in order (block 0 is vLLM's null block)
-    if nb > 1:
-        order = np.arange(1, nb)
-        bk[1:, k.QPREV] = order - 1
-        bk[1:, k.QNEXT] = order + 1
-        bk[1, k.QPREV] = -1
-        bk[nb - 1, k.QNEXT] = -1
-        bk[1:, k.INQ] = 1
-        S[k.QHEAD], S[k.QTAIL], S[k.QLEN] = 1, nb - 1, nb - 1
-    else:
-        S[k.QHEAD] = S[k.QTAIL] = -1
-    S[k.NUM_BLOCKS], S[k.BLOCK_SIZE], S[k.MAX_LEN] = nb, bs, config.max_model_len
-    S[k.MAX_SEQS], S[k.BUDGET] = config.max_num_seqs, config.max_num_batched_tokens
-    S[k.THRESHOLD] = config.long_prefill_token_threshold
-    S[k.CHUNKED] = int(config.enable_chunked_prefill)
-    S[k.CACHING] = int(config.enable_prefix_caching)
-    S[k.ASYNC] = int(engine.async_scheduling)
-    S[k.ASEQ] = -1
-    chunk = max(n // 100, 1) if engine.on_progress is not None else n + 1
-    S[k.TARGET] = chunk
-    seats = max(config.max_num_seqs, 1)
-    arrays = dict(
-        S=S, F=F, ri=ri, rf=rf, bk=bk, bt=np.zeros(total, dtype=np.int32),
-        chead=np.full(total + shared_slots if config.enable_prefix_caching else 0, -1, dtype=np.int32),
-        running=np.zeros(max(n, 1), dtype=np.int64), waiting=np.zeros(max(n, 1), dtype=np.int64),
-        hits=np.zeros(int(cap.max()) if n else 1, dtype=np.int64), skipped=np.zeros(max(n, 1), dtype=np.int64),
-        fl_rid=np.zeros((2, seats), dtype=np.int64), fl_n=np.zeros((2, seats), dtype=np.int64),
-        fl_i=np.zeros((2, k.NFLI), dtype=np.int64), fl_f=np.zeros((2, 2)),
-        lg_f=np.zeros((LOG_CHUNK, 2)), lg_i=np.zeros((LOG_CHUNK, 7), dtype=np.int64),
-        **_deadlines(w, arrival, ri[:, k.REJECTED]))
-    gc, lc = _grid(tables.context)
-    gg, lg = _grid(tables.generation)
-    model = (np.array([tables.overhead_s, tables.dense_slope, tables.max_tokens, tables.head_slope, tables.max_rows,
-                       tables.kv_read_s_per_token]), np.ascontiguousarray(tables.dense, dtype=np.float64),
-             np.ascontiguousarray(tables.head, dtype=np.float64), gc, lc, gg, lg,
-             np.asarray(tables.limits, dtype=np.float64))
-    if n:
-        k._arrivals_from(S, F, ri, rf, arrays["waiting"], 0)  # (the arrivals process starts first)
-    else:
-        S[k.DONE] = 1
-    if engine.on_progress is not None and cold():  # (a progress bar: someone is watching)
-        from tqdm import tqdm
+    def __init__(self, S: np.ndarray, num_blocks: int, block_size: int) -> None:
+        self._S = S
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.clock = 0.0  # (the kernel keeps its own clock)
+        #: block-seconds per request, once the run is over (``CompiledScheduler.materialize``)
+        self.block_seconds: dict[int, float] = {}
 
-        tqdm.write("[simulator] compiling the engine: the first such run on this machine, about 25 s "
-                   "(cached for the next ones)", file=sys.stderr)
-    steps = StepLog()
-    shown = 0
-    while True:
-        code = k.advance(*arrays.values(), *model)
-        rows = int(S[k.NLOG])
-        if rows:
-            steps.add_columns(arrays["lg_f"][:rows], arrays["lg_i"][:rows])
-            S[k.NLOG] = 0
-        if engine.on_progress is not None and S[k.NFINISHED] > shown:
-            engine.on_progress(int(S[k.NFINISHED]) - shown)
-            shown = int(S[k.NFINISHED])
-        if code == k.DONE_CODE:
-            break
+    @property
+    def prefix_queries(self) -> int:
+        from simulator.engine import compiled_kernel as k
+
+        return int(self._S[k.PQUERIES])
+
+    @property
+    def prefix_hits(self) -> int:
+        from simulator.engine import compiled_kernel as k
+
+        return int(self._S[k.PHITS])
+
+    @property
+    def num_free_blocks(self) -> int:
+        from simulator.engine import compiled_kernel as k
+
+        return int(self._S[k.QLEN])
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - 1 - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / (self.num_blocks - 1)
+
+
+class CompiledScheduler(Scheduler):
+    """The native scheduler, its engine loop and its step time, compiled (``compiled_kernel``):
+    ``advance`` covers every step, in runs that end when the kernel's step log is full, when
+    another ``finish_every`` requests have finished (progress, a stop between steps) or when every
+    request has ended (None then). Like the fast path's runs it takes the arrivals from the
+    workload's columns itself, keeps its step in flight (async scheduling) to itself, and hands the
+    engine what it did: the steps as whole log columns (``Advance.columns``), the requests it
+    finished, the first arrival it has not taken in. The engine makes a request's record when its
+    arrival has been taken in (``add_request``); ``materialize`` writes the kernel's state into
+    them. The engine never asks it for a single step (``covers_every_step``)."""
+
+    covers_every_step = True
+
+    def __init__(self, config: EngineConfig, kv: KVCapacity, workload: Workload, perf: PerformanceModel,
+                 *, async_scheduling: bool, finish_every: int = 0) -> None:
+        from simulator.engine import compiled_kernel as k
+
+        self.config, self.perf, self.step = config, perf, 0
+        self.requests: dict[int, SimRequest] = {}
+        tables = perf.step_time_tables()
+        w, n, bs = workload, len(workload), config.block_size
+        self._n = n
+        prompt = np.asarray(w.prompt_tokens, dtype=np.int64)
+        max_tokens = np.asarray(w.output_tokens, dtype=np.int64)
+        arrival = np.asarray(w.arrival_s, dtype=np.float64)
+        # (rules.admission_error, asked only of the requests some limit could refuse)
+        limit = min(config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
+        refused = [rid for rid in np.flatnonzero(prompt + max_tokens > limit).tolist()
+                   if admission_error(int(prompt[rid]), int(max_tokens[rid]), config, kv)]
+        ri = np.zeros((n, k.NRI), dtype=np.int64)
+        ri[:, k.PROMPT], ri[:, k.MAXTOK] = prompt, max_tokens
+        ri[:, k.REASON] = np.asarray(w.reasoning_tokens, dtype=np.int64)
+        ri[:, k.STATUS] = k.NOT_ARRIVED
+        ri[:, k.CACHEDTOK] = -1
+        ri[:, k.TBASE] = -1
+        ri[refused, k.REJECTED] = 1
+        # a request's block table and cached names: room for its whole sequence (a step in flight
+        # may hold one slot past it) and one block more
+        cap = -(-np.minimum(prompt + max_tokens + 2, config.max_model_len) // bs) + 1
+        ri[:, k.CAP] = cap
+        ri[:, k.OFF] = np.concatenate(([0], np.cumsum(cap)[:-1])) if n else cap
+        total = int(cap.sum())
+        shared_slots = _shared_names(w, bs, ri, total)
+        rf = np.full((n, k.NRF), -1.0)
+        rf[:, k.ARRIVAL] = arrival
+        nb = kv.num_blocks
+        bk = np.zeros((nb, k.NBK), dtype=np.int64)
+        bk[:, k.OWNER] = -1
+        bk[:, k.CPREV] = bk[:, k.CNEXT] = -1
+        S = np.zeros(k.NS, dtype=np.int64)
+        F = np.zeros(k.NF)
+        # the free queue: blocks 1.. in order (block 0 is vLLM's null block)
+        if nb > 1:
+            order = np.arange(1, nb)
+            bk[1:, k.QPREV] = order - 1
+            bk[1:, k.QNEXT] = order + 1
+            bk[1, k.QPREV] = -1
+            bk[nb - 1, k.QNEXT] = -1
+            bk[1:, k.INQ] = 1
+            S[k.QHEAD], S[k.QTAIL], S[k.QLEN] = 1, nb - 1, nb - 1
+        else:
+            S[k.QHEAD] = S[k.QTAIL] = -1
+        S[k.NUM_BLOCKS], S[k.BLOCK_SIZE], S[k.MAX_LEN] = nb, bs, config.max_model_len
+        S[k.MAX_SEQS], S[k.BUDGET] = config.max_num_seqs, config.max_num_batched_tokens
+        S[k.THRESHOLD] = config.long_prefill_token_threshold
+        S[k.CHUNKED] = int(config.enable_chunked_prefill)
+        S[k.CACHING] = int(config.enable_prefix_caching)
+        S[k.ASYNC] = int(async_scheduling)
+        S[k.ASEQ] = -1
+        self._finish_every = finish_every if finish_every > 0 else n + 1
+        S[k.TARGET] = self._finish_every
+        seats = max(config.max_num_seqs, 1)
+        self._arrays = dict(
+            S=S, F=F, ri=ri, rf=rf, bk=bk, bt=np.zeros(total, dtype=np.int32),
+            chead=np.full(total + shared_slots if config.enable_prefix_caching else 0, -1, dtype=np.int32),
+            running=np.zeros(max(n, 1), dtype=np.int64), waiting=np.zeros(max(n, 1), dtype=np.int64),
+            hits=np.zeros(int(cap.max()) if n else 1, dtype=np.int64), skipped=np.zeros(max(n, 1), dtype=np.int64),
+            fl_rid=np.zeros((2, seats), dtype=np.int64), fl_n=np.zeros((2, seats), dtype=np.int64),
+            fl_i=np.zeros((2, k.NFLI), dtype=np.int64), fl_f=np.zeros((2, 2)),
+            lg_f=np.zeros((LOG_CHUNK, 2)), lg_i=np.zeros((LOG_CHUNK, 7), dtype=np.int64),
+            **_deadlines(w, arrival, ri[:, k.REJECTED]))
+        gc, lc = _grid(tables.context)
+        gg, lg = _grid(tables.generation)
+        self._model = (np.array([tables.overhead_s, tables.dense_slope, tables.max_tokens, tables.head_slope,
+                                 tables.max_rows, tables.kv_read_s_per_token]),
+                       np.ascontiguousarray(tables.dense, dtype=np.float64),
+                       np.ascontiguousarray(tables.head, dtype=np.float64), gc, lc, gg, lg,
+                       np.asarray(tables.limits, dtype=np.float64))
+        self._S, self._F, self._ri, self._rf = S, F, ri, rf
+        self._ended = np.zeros(n, dtype=bool)  # finished or aborted, as the engine has been told
+        self.kv = KernelKV(S, nb, bs)
+        if n:
+            k._arrivals_from(S, F, ri, rf, self._arrays["waiting"], 0)  # (the arrivals process starts first)
+        else:
+            S[k.DONE] = 1
+
+    # --- the scheduler interface -------------------------------------------------------------
+    def add_request(self, request: SimRequest) -> None:
+        """The engine's record of a request whose arrival a run has taken in."""
+        self.requests[request.rid] = request
+
+    def schedule(self) -> SchedulerOutput:
+        raise NotImplementedError("the compiled scheduler covers every step with advance()")
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int], now: float) -> list[SimRequest]:
+        raise NotImplementedError("the compiled scheduler covers every step with advance()")
+
+    def finish_requests(self, rids: Iterable[int], now: float) -> list[SimRequest]:
+        raise NotImplementedError("the compiled scheduler aborts on its clients' deadlines itself")
+
+    def has_requests(self) -> bool:
+        """Whether any request runs, waits or is still to arrive (it takes its arrivals itself)."""
+        from simulator.engine import compiled_kernel as k
+
+        return self._S[k.ENDED] == 0
+
+    @property
+    def num_running(self) -> int:
+        from simulator.engine import compiled_kernel as k
+
+        return int(self._S[k.NRUN])
+
+    @property
+    def num_waiting(self) -> int:
+        from simulator.engine import compiled_kernel as k
+
+        return int(self._S[k.WLEN])
+
+    def advance(self, now: float, pace: float = 0.0, next_arrival: int = 0,
+                in_flight: InFlight | None = None) -> Advance | None:
+        """Run the compiled engine loop from where it stopped (its clock is ``now``) to the next
+        pause; None once every request has ended."""
+        from simulator.engine import compiled_kernel as k
+
+        S, F = self._S, self._F
+        if S[k.ENDED] == 1:
+            return None
+        S[k.TARGET] = S[k.NFINISHED] + self._finish_every
+        waiting = int(S[k.WLEN])
+        code = k.advance(*self._arrays.values(), *self._model)
         if code == k.STALLED:
             raise RuntimeError(f"scheduler stalled at t={F[k.NOW]:.3f}s: running={S[k.NRUN]} "
                                f"waiting={S[k.WLEN]} free_blocks={S[k.QLEN]}")
         if code == k.OVERFLOW:
             raise RuntimeError("a request's block table outgrew its room in the compiled engine")
-        if engine._stop_requested:
-            break
-        S[k.TARGET] = S[k.NFINISHED] + chunk
-    engine.interrupted = engine._stop_requested and S[k.ENDED] != 1
-    engine.perf.counted(dict(zip(("tokens", "prefill_kv_heads", "prefill_batch", "prefill_length",
-                                  "decode_kv_heads", "decode_batch", "decode_context"),
-                                 S[k.X_TOKENS : k.X_DCTX + 1].tolist(), strict=True)))
-    requests = _requests(engine, ri, rf, reasons, int(S[k.ARRIVED]))
-    if not engine.interrupted:
-        unfinished = [r for r in requests if r.status < Status.FINISHED]
-        if unfinished or len(requests) < n:
-            raise RuntimeError(f"{len(unfinished) + n - len(requests)} requests never finished")
-    ticks = ri[:, k.BTICKS].tolist()
-    block_seconds = {rid: ticks[rid] / TICKS_PER_S for rid in np.flatnonzero(ri[:, k.HASTICKS]).tolist()}
-    return EngineRun(requests=requests, steps=steps, kv=kv, block_seconds=block_seconds,
-                     prefix_queries=int(S[k.PQUERIES]), prefix_hits=int(S[k.PHITS]), end_s=float(F[k.NOW]))
+        rows = int(S[k.NLOG])
+        S[k.NLOG] = 0
+        times, counts = self._arrays["lg_f"][:rows], self._arrays["lg_i"][:rows]
+        self.step += rows
+        arrived = int(S[k.ARRIVED])
+        status = self._ri[:arrived, k.STATUS]
+        ended = (status == k.FINISHED) | (status == k.ABORTED)
+        finished = np.flatnonzero(ended & ~self._ended[:arrived]).tolist()
+        self._ended[:arrived] = ended
+        ends = times[:, 0]
+        return Advance(k=rows, end_s=float(F[k.NOW]), starts=ends - times[:, 1], token_times=ends,
+                       kv_blocks_used=counts[:, k.LG_KV], segments=[], finished=finished, waiting=waiting,
+                       waiting_changes={}, preempted={}, in_flight_s=None, in_flight_preempted=[],
+                       next_arrival=arrived, last_step_s=float(times[-1, 1]) if rows else pace,
+                       columns=(times, counts))
+
+    def materialize(self) -> None:
+        """Write the kernel's state into the engine's request records, the KV cache's
+        block-seconds and the performance model's extrapolation counts."""
+        from simulator.engine import compiled_kernel as k
+
+        S, ri, rf = self._S, self._ri, self._rf
+        self.perf.counted(dict(zip(("tokens", "prefill_kv_heads", "prefill_batch", "prefill_length",
+                                    "decode_kv_heads", "decode_batch", "decode_context"),
+                                   S[k.X_TOKENS : k.X_DCTX + 1].tolist(), strict=True)))
+        S[k.X_TOKENS : k.X_DCTX + 1] = 0  # (counted once)
+        rids = sorted(self.requests)
+        ints, floats = ri[rids].tolist(), rf[rids].tolist()
+        for rid, i, f in zip(rids, ints, floats, strict=True):
+            req = self.requests[rid]
+            req.status = _STATUS[i[k.STATUS]]
+            req.num_output, req.num_computed, req.num_preemptions = i[k.NOUT], i[k.NCOMP], i[k.NPRE]
+            req.num_cached_tokens = i[k.CACHEDTOK]
+            req.first_scheduled_s, req.first_token_s = f[k.FSCHED], f[k.FTOKEN]
+            req.first_visible_s, req.last_token_s, req.finish_s = f[k.FVISIBLE], f[k.LTOKEN], f[k.FINISH]
+        ticks = ri[:, k.BTICKS].tolist()
+        self.kv.block_seconds = {rid: ticks[rid] / TICKS_PER_S for rid in np.flatnonzero(ri[:, k.HASTICKS]).tolist()}
 
 
 def _shared_names(w, bs: int, ri: np.ndarray, first: int) -> int:
@@ -275,26 +392,3 @@ def _deadlines(w, arrival: np.ndarray, rejected: np.ndarray) -> dict[str, np.nda
     keep = np.flatnonzero(np.isfinite(deadline) & (rejected == 0))
     order = keep[np.lexsort((keep, deadline[keep]))]
     return {"dl_t": deadline[order], "dl_rid": order.astype(np.int64)}
-
-
-def _requests(engine: Engine, ri: np.ndarray, rf: np.ndarray, reasons: dict[int, str], arrived: int
-              ) -> list[SimRequest]:
-    """The SimRequests of the arrivals the run took in (requests are made as they arrive)."""
-    from simulator.engine import compiled_kernel as k
-
-    w, bs = engine.workload, engine.config.block_size
-    ints, floats = ri[:arrived].tolist(), rf[:arrived].tolist()
-    out = []
-    for rid in range(arrived):
-        i, f = ints[rid], floats[rid]
-        req = SimRequest.from_workload(w, rid, f[k.ARRIVAL], bs)
-        req.status = _STATUS[i[k.STATUS]]
-        req.num_output, req.num_computed, req.num_preemptions = i[k.NOUT], i[k.NCOMP], i[k.NPRE]
-        req.num_cached_tokens = i[k.CACHEDTOK]
-        req.first_scheduled_s, req.first_token_s = f[k.FSCHED], f[k.FTOKEN]
-        req.first_visible_s, req.last_token_s, req.finish_s = f[k.FVISIBLE], f[k.LTOKEN], f[k.FINISH]
-        req.reject_reason = reasons.get(rid, "")
-        out.append(req)
-    engine.requests = out
-    return out
-

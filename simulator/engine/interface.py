@@ -3,9 +3,10 @@
 The engine loop calls ``schedule()`` for a step's batch and, once the step has
 run, ``update_from_output()`` with the tokens it sampled. ``advance()`` may
 cover many steps in one call (the fast path); a scheduler that cannot answers
-None and the engine takes one step. Three schedulers implement it: the native
+None and the engine takes one step. Four schedulers implement it: the native
 model of vLLM's (simulator.engine.native), the same with lazy steady decoders and
-runs of steps (simulator.engine.steady), and vLLM's own (simulator.engine.vllm_oracle).
+runs of steps (simulator.engine.steady), the same compiled, covering every step with
+``advance`` (simulator.engine.compiled), and vLLM's own (simulator.engine.vllm_oracle).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class Scheduler(ABC):
     kv: KVView
     requests: dict[int, SimRequest]
     step: int
+    #: ``advance`` covers every step, arrivals included (the engine never calls ``schedule``)
+    covers_every_step: bool = False
 
     @abstractmethod
     def add_request(self, request: SimRequest) -> None:
@@ -179,3 +182,6 @@ class Advance:
     last_step_s: float  # the time of the run's last step
     #: async: the step left in flight also admits from the queue (``decode_step(admit=True)``)
     admits: bool = False
+    #: the rows as whole step-log columns (``StepLog.add_columns``: end and duration; the counts),
+    #: from a scheduler that logs every step itself; ``segments`` and the changes are then unused
+    columns: tuple[np.ndarray, np.ndarray] | None = None

@@ -22,6 +22,7 @@ from operator import attrgetter
 import numpy as np
 import simpy
 
+from simulator.engine import compiled as compiled_engine
 from simulator.engine import fast_forward
 from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOutput
 from simulator.engine.native import NativeScheduler
@@ -128,22 +129,33 @@ class Engine:
         if _hybrid(kv) and not (isinstance(factory, type) and issubclass(factory, NativeScheduler)):
             raise ConfigError("engine.scheduler", "native (sliding-window models: the hybrid KV allocator "
                                                   f"is modelled in the native scheduler only), got {config.scheduler}")
-        self.scheduler: Scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
-        if _hybrid(kv):  # full-attention and sliding-window KV groups in one pool
-            from simulator.engine.kv_layout import HybridKVCacheManager
-
-            self.scheduler.kv = HybridKVCacheManager(kv.num_blocks, config.block_size,
-                                                     config.enable_prefix_caching, kv.groups)
         self.rng = random.Random(seed)
         self.env = env if env is not None else ExactEnvironment()  # a cluster shares one
         self.steps = StepLog()
         self.requests: list[SimRequest] = []
         self.decisions: list[SchedulerOutput] | None = [] if keep_decisions else None
         self.on_progress = on_progress
-        self._pace = 0.0  # the latest step's duration
         cost = getattr(perf, "shape_cache", None)
         #: the token counts the engine's kernels are set up for (vLLM's CPU engine), or None
         self.shapes = ShapeCache(cost, warm=[config.max_num_batched_tokens]) if cost is not None else None
+        #: the compiled scheduler was asked for (True, or "auto": where it pays) and, if asked with
+        #: True and not taken, why not (simulator.engine.compiled)
+        self.compiled = compiled
+        self.not_compiled = ""
+        if self._compiles(factory):
+            self.scheduler: Scheduler = compiled_engine.CompiledScheduler(
+                config, kv, workload, perf, async_scheduling=async_scheduling,
+                finish_every=max(len(workload) // 100, 1) if on_progress is not None else 0)
+            if on_progress is not None:
+                compiled_engine.say_if_cold()
+        else:
+            self.scheduler = factory(config, kv.num_blocks, async_scheduling=async_scheduling)
+        if _hybrid(kv):  # full-attention and sliding-window KV groups in one pool
+            from simulator.engine.kv_layout import HybridKVCacheManager
+
+            self.scheduler.kv = HybridKVCacheManager(kv.num_blocks, config.block_size,
+                                                     config.enable_prefix_caching, kv.groups)
+        self._pace = 0.0  # the latest step's duration
         self._next_arrival = 0  # the first arrival neither queued nor admitted by a run
         self._arrival_s = workload.arrival_s.tolist()
         if isinstance(self.scheduler, SteadyScheduler):
@@ -158,12 +170,22 @@ class Engine:
         self._unlogged_preemptions = 0
         self._deadlines: list[tuple[float, int]] = []  # (arrival + client timeout, rid), a heap
         self.interrupted = False
-        #: run in the compiled engine where it applies: True, False or "auto" (where it pays;
-        #: simulator.engine.compiled)
-        self.compiled = compiled
-        #: whether ``run`` took the compiled engine, and if asked to and it did not, why not
-        self.took_compiled = False
-        self.not_compiled = ""
+
+    def _compiles(self, factory: Callable[..., object]) -> bool:
+        """Whether the compiled scheduler takes the run of a scheduler ``factory`` would make
+        otherwise: asked for (``compiled``; "auto": where it pays) and able to; if asked with True
+        and not able to, ``not_compiled`` says why."""
+        if not (self.compiled and compiled_engine.wanted(self, self.compiled)):
+            return False
+        reason = compiled_engine.why_not(self, factory)
+        if reason and self.compiled is True:
+            self.not_compiled = reason
+        return not reason
+
+    @property
+    def took_compiled(self) -> bool:
+        """Whether the compiled scheduler runs the steps."""
+        return isinstance(self.scheduler, compiled_engine.CompiledScheduler)
 
     def _arrivals_columns(self) -> fast_forward.Arrivals:
         """The arrivals as the fast path reads them (too_long: rejected at arrival)."""
@@ -316,6 +338,20 @@ class Engine:
                 yield self.env.timeout_at(end)
             self._apply(out, start)
 
+    def _run_in_runs(self):
+        """The loop of a scheduler that covers every step with ``advance`` (the compiled one: it
+        takes its arrivals from the workload's columns and keeps its step in flight to itself):
+        each run logged, the clock brought to its end, the arrivals it took in made."""
+        env, sched = self.env, self.scheduler
+        while not self._stop_requested:
+            adv = sched.advance(env.now, self._pace, self._next_arrival)
+            if adv is None:
+                return
+            admitted = self._after_run(adv)
+            self._log_run(adv)
+            yield env.timeout_at(adv.end_s)
+            self._arrive(admitted)
+
     # --- step times and the fast path --------------------------------------------------
     def _step_time(self, out: SchedulerOutput) -> float:
         """The duration of a step about to run (called once per executed step, in order)."""
@@ -338,6 +374,10 @@ class Engine:
     def _log_run(self, adv: Advance, joined: int = 0) -> None:
         """Log a run's steps; ``joined`` requests left the queue for the step it left in flight
         (scheduled before the output of its last row)."""
+        if adv.columns is not None:
+            if adv.k:
+                self.steps.add_columns(*adv.columns)
+            return
         preempted = dict(adv.preempted)
         unlogged = self._take_unlogged_preemptions()
         if unlogged:
@@ -440,16 +480,6 @@ class Engine:
 
     # --- entry point ----------------------------------------------------------------
     def run(self) -> EngineRun:
-        if self.compiled:
-            from simulator.engine import compiled
-
-            if compiled.wanted(self, self.compiled):
-                reason = compiled.why_not(self)
-                if not reason:
-                    self.took_compiled = True
-                    return compiled.run(self)
-                if self.compiled is True:  # (asked for it: say why not)
-                    self.not_compiled = reason
         loop = self.start()
         self.env.run(until=loop)  # the loop ends when every request has, or on request_stop
         return self.collect()
@@ -457,6 +487,8 @@ class Engine:
     def start(self, arrivals: bool = True) -> simpy.Process:
         """Start the engine loop (and, unless a cluster delivers them, the arrivals); return the loop."""
         env = self.env
+        if self.scheduler.covers_every_step:
+            return env.process(self._run_in_runs())
         if arrivals:
             env.process(self._arrivals())
         return env.process(self._run_async() if self.async_scheduling else self._run_sync())

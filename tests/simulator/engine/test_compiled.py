@@ -205,6 +205,47 @@ def test_progress_and_a_stop_between_steps(composed):
     assert len(ends) and np.all(np.diff(ends) >= 0) and len(ends) < len(run.steps.columns()["end_s"])
 
 
+def test_the_engine_drives_it_through_the_scheduler_interface(composed):
+    """The compiled scheduler is a Scheduler the engine drives with ``advance`` alone: the runs'
+    rows make the step log, the clock ends where the last run ends, and the interface's state
+    (running, waiting, KV usage) is the kernel's."""
+    from simulator.engine.interface import Scheduler
+
+    w = make_workload(n=300, seed=8, rate=30, output=(20, 900))
+    cfg = EngineConfig(num_gpu_blocks_override=200, max_num_seqs=16)
+    kv = composed.kv_capacity(cfg.block_size, num_gpu_blocks_override=cfg.num_gpu_blocks_override)
+    engine = Engine(w, cfg, composed, kv, compiled=True, on_progress=lambda n: None)
+    sched = engine.scheduler
+    assert isinstance(sched, compiled.CompiledScheduler) and isinstance(sched, Scheduler)
+    assert sched.covers_every_step and engine.took_compiled
+    with pytest.raises(NotImplementedError):
+        sched.schedule()
+    runs, states = [], []
+    advance = sched.advance
+
+    def watched(*args, **kwargs):
+        adv = advance(*args, **kwargs)
+        if adv is not None:
+            runs.append(adv)
+            states.append((sched.num_running, sched.num_waiting, sched.kv.num_used_blocks))
+        return adv
+
+    sched.advance = watched
+    run = engine.run()
+    assert len(runs) > 10  # (progress: a run per 1% of the requests finished)
+    assert sum(adv.k for adv in runs) == len(run.steps)
+    cols = run.steps.columns()
+    rows = np.cumsum([adv.k for adv in runs]) - 1
+    for adv, row, (running, waiting, used) in zip(runs, rows, states, strict=True):
+        if adv.k:  # each run's last row is the state it paused in
+            assert (cols["running"][row], cols["waiting"][row], cols["kv_blocks_used"][row]) == (
+                running, waiting, used)
+    assert engine.env.now == run.end_s == runs[-1].end_s
+    assert sum(len(adv.finished) for adv in runs) == sum(r.status == 3 for r in run.requests)
+    assert not sched.has_requests() and sched.advance(engine.env.now) is None
+    assert max(cols["waiting"]) > 0 and sum(cols["preempted"]) > 0  # (the case queues and preempts)
+
+
 def test_a_run_leaves_the_engine_cached(composed):
     """After a compiled run numba finds the engine in its cache (no compile note next time)."""
     simulate(make_workload(n=5, seed=1), EngineConfig(), composed, compiled=True)
