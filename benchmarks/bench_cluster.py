@@ -4,13 +4,17 @@
     python benchmarks/bench_cluster.py --replicas 8 --requests 8000 --routers least_outstanding
     python benchmarks/bench_cluster.py --routers least_kv --repeats 9   # medians of nine alternated rounds
 
-For each router, the cluster is simulated on one clock (simulator.cluster); then each replica's
+For each router, the cluster is simulated (simulator.cluster; its default path, which the ``path``
+column names: the compiled cluster, or the Python one on one SimPy clock); then each replica's
 requests (as that router sent them) are simulated alone with ``simulator.engine.loop.simulate``. It
 prints the cluster's CPU time, the sum of the single-replica CPU times and their ratio (the
 target: at most 2x), and the runs of steps the fast path applied in each (counts the load does
 not move), and a sha256 of the merged tables (equal: bit-identical). CPU time (this process's), not wall
 time: the 2-core machine is shared; medians of `--repeats` rounds (default 3), the routers interleaved.
-``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
+``--python-too`` also times each cluster on the Python path (``compiled=False``) in the same
+rounds, with its ratio, and says whether its tables equal the default path's (bit for bit).
+The first cluster of the process also loads the compiled engine from numba's cache (~0.6 s; the
+medians leave that round out in effect). ``--disaggregated`` adds colocated replicas against every prefill/decode split of them (TTFT,
 TPOT, E2E, SLO attainment). Overrides (``--set workload.rate=40``) go to the simulator's config.
 ``--instructions`` adds each router's ratio in instructions executed (valgrind's cachegrind, no
 cache simulation; ~3 minutes a router): deterministic where CPU time on a shared VM is not, so it
@@ -48,6 +52,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds per router (CPU times vary by 20%% on a shared 2-core VM): medians")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. workload.rate=40")
+    parser.add_argument("--python-too", action="store_true",
+                        help="also time each cluster on the Python path (compiled=false): its CPU time, its ratio "
+                             "and whether its tables equal the default path's")
     parser.add_argument("--instructions", action="store_true",
                         help="also the ratio in instructions executed, under valgrind (deterministic)")
     parser.add_argument("--phase", choices=["startup", "cluster", "alone"], help=argparse.SUPPRESS)
@@ -86,9 +93,12 @@ def main() -> None:
         return apply_run(*a, **k)
 
     fast_forward.apply_run = counting
-    print(f"{'router':<20}{'cluster CPU s':>14}{'sum single CPU s':>18}{'ratio':>7}{'p99 TTFT s':>12}"
-          f"{'runs':>7}{'alone':>7}  tables sha256")
+    print(f"{'router':<20}{'path':>9}{'cluster CPU s':>14}{'sum single CPU s':>18}{'ratio':>7}{'p99 TTFT s':>12}"
+          f"{'runs':>7}{'alone':>7}  tables sha256" + (f"{'python CPU s':>14}{'ratio':>7}  same" if args.python_too
+                                                       else ""))
     rounds: dict[str, list[tuple[float, float]]] = {router: [] for router in args.routers}
+    python: dict[str, list[float]] = {router: [] for router in args.routers}
+    same: dict[str, bool] = {}
     last: dict[str, tuple] = {}  # router -> (its last cluster result, its runs, its replicas' runs)
     for _ in range(args.repeats):  # the routers interleaved, so that a slow spell falls on all of them
         for router in args.routers:
@@ -108,13 +118,24 @@ def main() -> None:
                 single_s += time.process_time() - started
             rounds[router].append((cluster_s, single_s))
             last[router] = (out, cluster_runs, runs[0])
+            if args.python_too:
+                started = time.process_time()
+                slow = simulate_cluster(spec.workload, spec.engine, spec.perf,
+                                        ClusterSpec(replicas=args.replicas, router=router, staleness_s=args.staleness),
+                                        slo=spec.slo, seed=spec.seed, compiled=False)
+                python[router].append(time.process_time() - started)
+                same[router] = tables_digest(slow.result) == tables_digest(out.result)
     for router in args.routers:
         out, cluster_runs, alone_runs = last[router]
         cluster_s, single_s = (float(np.median(x)) for x in zip(*rounds[router], strict=True))
         ratio = float(np.median([c / s for c, s in rounds[router]]))
         ttft = out.result.summary["ttft_s"]["p99"]
-        print(f"{router:<20}{cluster_s:>14.2f}{single_s:>18.2f}{ratio:>7.2f}{ttft:>12.3f}"
-              f"{cluster_runs:>7}{alone_runs:>7}  {tables_digest(out.result)}")
+        line = (f"{router:<20}{out.engine_path:>9}{cluster_s:>14.2f}{single_s:>18.2f}{ratio:>7.2f}{ttft:>12.3f}"
+                f"{cluster_runs:>7}{alone_runs:>7}  {tables_digest(out.result)}")
+        if args.python_too:
+            py_ratio = float(np.median([p / s for p, (_, s) in zip(python[router], rounds[router], strict=True)]))
+            line += f"{float(np.median(python[router])):>14.2f}{py_ratio:>7.2f}  {'yes' if same[router] else 'NO'}"
+        print(line)
     if args.repeats > 1:
         print(f"(medians of {args.repeats} rounds, the routers interleaved, each the cluster then its replicas "
               "alone; ratio: the median of the rounds' ratios)")

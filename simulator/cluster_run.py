@@ -84,7 +84,7 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
     started = time.perf_counter()
     out = simulate_cluster(spec.workload, spec.engine, spec.perf, cluster, slo=spec.slo, seed=spec.seed,
                            prefill_perf=prefill_perf, link_gbps=link, progress=bool(cfg.get("progress", True)),
-                           stop_on_interrupt=True)
+                           stop_on_interrupt=True, compiled=spec.compiled)
     elapsed = time.perf_counter() - started
     result = out.result
     dp = spec.engine.data_parallel_size
@@ -102,6 +102,8 @@ def run_cluster(cfg, cluster: ClusterSpec) -> dict:
         "gpus": gpus,
         "optimization": spec.optimization.get("name", "none"),
         "simulation_wall_s": elapsed,
+        "engine_path": out.engine_path,
+        **({"not_compiled": out.not_compiled} if out.not_compiled else {}),
         "workload": {"name": spec.workload.name, "requests": len(spec.workload)},
     }
     result.summary["rejected_by_reason"] = rejection_reasons(result.requests)

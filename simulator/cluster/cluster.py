@@ -27,20 +27,17 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import simpy
 
-from simulator.cluster import disagg
+from simulator.cluster import compiled_cluster, disagg
 from simulator.cluster.lockstep import LockstepGroup
-from simulator.cluster.outputs import ClusterResult, joined_timeline, merge, single
+from simulator.cluster.outputs import ClusterResult, results, single
 from simulator.cluster.replica import ClusterEnvironment, ReplicaEngine
-from simulator.cluster.router import ROUTERS, RouteRequest, make_router
-from simulator.engine.request import Status
+from simulator.cluster.router import ROUTERS, RouteRequest, make_router, report_time
 from simulator.engine.steady import SteadyScheduler
-from simulator.engine.tabulate import tabulate
 from simulator.records.engine_config import EngineConfig
 from simulator.records.errors import ConfigError
 from simulator.records.metrics import SLO
@@ -275,8 +272,7 @@ class Cluster:
     # --- routing ----------------------------------------------------------------------
     def view_time(self, t: float) -> float:
         """When the reports a decision at ``t`` sees were made."""
-        s = self.spec.staleness_s
-        return min(math.floor(t / s) * s, t) if s > 0 else t
+        return report_time(t, self.spec.staleness_s)
 
     def _request(self, gid: int) -> RouteRequest:
         w = self.workload
@@ -522,6 +518,12 @@ class Cluster:
                 loop.callbacks.append(self._front_loop_done)
             loops.append(loop)
         env.run(until=simpy.AllOf(env, loops))
+        if not self.stopped and len(self.workload):
+            # a replica idle at the end ends with the cluster's arrivals (not when the router,
+            # deciding ahead, happened to close it)
+            last = float(self.workload.arrival_s[-1])
+            for replica in self.replicas:
+                replica.end_s = max(replica.end_s, last)
         return self._results(slo)
 
     def request_stop(self) -> None:
@@ -541,44 +543,20 @@ class Cluster:
                 replica._wake.succeed()
 
     def _results(self, slo: SLO) -> ClusterResult:
-
-        per_replica = []
-        runs = [replica.collect() for replica in self.replicas]
-        timeline, starts = joined_timeline(runs)  # each replica's table: a view of it
-        for i, (replica, run) in enumerate(zip(self.replicas, runs, strict=True)):
-            rows = slice(starts[i], starts[i + 1])
-            unfinished = [r for r in run.requests if r.status < Status.FINISHED]
-            if unfinished and not self.stopped:
-                raise RuntimeError(f"replica {replica.index}: {len(unfinished)} requests never finished")
-            gids = replica.column("gid").copy()
-            result = tabulate(run, SimpleNamespace(domain=self.workload.domain[gids]), slo,
-                              timeline={name: column[rows] for name, column in timeline.items()})
-            result.requests["request_id"] = gids[result.requests["request_id"]]
-            result.summary["replica"] = replica.index
-            result.summary["role"] = replica.role
-            result.summary["async_scheduling"] = replica.async_scheduling
-            if self.lockstep is not None:
-                result.summary["dummy_steps"] = self.lockstep.dummy_steps[replica.index]
-            if replica.shapes is not None:  # as a single run's summary (simulator.engine.loop.simulate)
-                result.summary["shape_cache"] = replica.shapes.report()
-            per_replica.append(result)
-        timeline["replica"] = np.repeat(np.array([r.index for r in self.replicas], dtype=np.int32), np.diff(starts))
-        merged = merge(self, per_replica, slo, timeline)
-        if self.stopped:
-            merged.summary["partial"] = {
-                "interrupted_at_s": self.env.now,
-                "unfinished": int((merged.requests["status"] == "unfinished").sum()),
-                "not_arrived": len(self.workload) - len(merged.requests["request_id"]),
-            }
-        return ClusterResult(merged, per_replica)
+        return results(self, slo)
 
 
 def simulate_cluster(workload: Workload, engine: EngineConfig, perf: PerformanceModel, spec: ClusterSpec, *,
                      slo=None, seed: int = 0, fast: bool = True, prefill_perf: PerformanceModel | None = None,
                      link_gbps: float | None = None, async_scheduling: bool | None = None,
-                     progress: bool = False, stop_on_interrupt: bool = False) -> ClusterResult:
+                     progress: bool = False, stop_on_interrupt: bool = False,
+                     compiled: bool | str = "auto") -> ClusterResult:
     """Simulate ``workload`` on the cluster ``spec``; one plain replica is exactly
     ``simulator.engine.loop.simulate`` (its result, with a ``replica`` column of zeros).
+    ``compiled`` (True, False or "auto": where it pays) runs the replicas on the compiled
+    scheduler where it applies (simulator.cluster.compiled_cluster: the same tables); the
+    result's ``engine_path`` says which ran ("compiled" or "python"), ``not_compiled`` why not
+    where it was asked for and refused.
 
     ``progress`` and ``stop_on_interrupt`` as ``simulate``'s: a tqdm bar of requests ended, and
     Ctrl-C (SIGINT) or SIGTERM stopping every replica at its next step boundary, the result
@@ -590,20 +568,30 @@ def simulate_cluster(workload: Workload, engine: EngineConfig, perf: Performance
     slo = slo if isinstance(slo, SLO) else SLO.from_dict(slo)
     if spec.single:
         return single(workload, engine, perf, spec, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling,
-                      progress=progress, stop_on_interrupt=stop_on_interrupt)
+                      progress=progress, stop_on_interrupt=stop_on_interrupt, compiled=compiled)
     if engine.scheduler == "vllm":
         raise ConfigError("engine.scheduler", "a cluster runs the native scheduler only, got 'vllm'")
+    wants = compiled_cluster.wanted(workload, engine, perf, spec, compiled, fast)
+    reason = compiled_cluster.why_not(workload, engine, perf, spec) if wants else ""
+    take_compiled = wants and not reason
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(workload), unit="req", desc="simulating", mininterval=0.5)
     try:
-        cluster = Cluster(workload, engine, perf, spec, seed=seed, fast=fast, prefill_perf=prefill_perf,
-                          link_gbps=link_gbps, async_scheduling=async_scheduling,
-                          on_progress=bar.update if bar is not None else None)
+        on_progress = bar.update if bar is not None else None
+        if take_compiled:
+            cluster = compiled_cluster.CompiledCluster(workload, engine, perf, spec, seed=seed,
+                                                       async_scheduling=async_scheduling, on_progress=on_progress)
+        else:
+            cluster = Cluster(workload, engine, perf, spec, seed=seed, fast=fast, prefill_perf=prefill_perf,
+                              link_gbps=link_gbps, async_scheduling=async_scheduling, on_progress=on_progress)
         with stop_on_signals(cluster.request_stop, stop_on_interrupt):
-            return cluster.run(slo)
+            out = cluster.run(slo)
+        out.engine_path = "compiled" if take_compiled else "python"
+        out.not_compiled = reason if compiled is True else ""
+        return out
     finally:
         if bar is not None:
             bar.close()

@@ -13,12 +13,14 @@ the peak of any, seconds above 95% summed), plus ``cluster`` (the layout) and
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from simulator.engine.request import Status
 from simulator.engine.run_log import EngineRun, StepLog
-from simulator.engine.tabulate import kv_usage, timeline_columns
+from simulator.engine.tabulate import kv_usage, tabulate, timeline_columns
 from simulator.records.metrics import SLO, summarize
 from simulator.records.run_result import RunResult
 
@@ -31,6 +33,10 @@ class ClusterResult:
 
     result: RunResult
     replicas: list[RunResult]
+    #: which path ran the replicas ("compiled", "python"; a single replica: ``simulate``'s path)
+    engine_path: str = ""
+    #: why the compiled path was not taken, where it was asked for (``compiled=True``)
+    not_compiled: str = ""
 
 
 
@@ -163,13 +169,48 @@ def _by_request(results: list[RunResult], n: int) -> np.ndarray:
 
 
 def single(workload, engine, perf, spec: ClusterSpec, *, slo: SLO, seed: int, fast: bool,
-           async_scheduling: bool | None, progress: bool = False, stop_on_interrupt: bool = False) -> ClusterResult:
+           async_scheduling: bool | None, progress: bool = False, stop_on_interrupt: bool = False,
+           compiled: bool | str = "auto") -> ClusterResult:
     """One plain replica: ``simulator.engine.loop.simulate``'s result, with a ``replica`` column."""
     from simulator.engine.loop import simulate
 
     result = simulate(workload, engine, perf, slo=slo, seed=seed, fast=fast, async_scheduling=async_scheduling,
-                      progress=progress, stop_on_interrupt=stop_on_interrupt)
+                      progress=progress, stop_on_interrupt=stop_on_interrupt, compiled=compiled)
     merged = RunResult(requests={**result.requests, "replica": np.zeros(len(result.requests["request_id"]), np.int32)},
                        timeline={**result.timeline, "replica": np.zeros(len(result.timeline["time_s"]), np.int32)},
                        summary={**result.summary, "cluster": describe(spec), "replicas": [result.summary]})
-    return ClusterResult(merged, [result])
+    return ClusterResult(merged, [result], result.engine_path, result.not_compiled)
+
+
+def results(cluster: Cluster, slo: SLO) -> ClusterResult:
+    """A cluster's result (``Cluster``'s or ``CompiledCluster``'s) once its replicas have run: each
+    replica's tables and summary, and the merged ones."""
+    per_replica = []
+    runs = [replica.collect() for replica in cluster.replicas]
+    timeline, starts = joined_timeline(runs)  # each replica's table: a view of it
+    for i, (replica, run) in enumerate(zip(cluster.replicas, runs, strict=True)):
+        rows = slice(starts[i], starts[i + 1])
+        unfinished = [r for r in run.requests if r.status < Status.FINISHED]
+        if unfinished and not cluster.stopped:
+            raise RuntimeError(f"replica {replica.index}: {len(unfinished)} requests never finished")
+        gids = replica.column("gid").copy()
+        result = tabulate(run, SimpleNamespace(domain=cluster.workload.domain[gids]), slo,
+                          timeline={name: column[rows] for name, column in timeline.items()})
+        result.requests["request_id"] = gids[result.requests["request_id"]]
+        result.summary["replica"] = replica.index
+        result.summary["role"] = replica.role
+        result.summary["async_scheduling"] = replica.async_scheduling
+        if cluster.lockstep is not None:
+            result.summary["dummy_steps"] = cluster.lockstep.dummy_steps[replica.index]
+        if replica.shapes is not None:  # as a single run's summary (simulator.engine.loop.simulate)
+            result.summary["shape_cache"] = replica.shapes.report()
+        per_replica.append(result)
+    timeline["replica"] = np.repeat(np.array([r.index for r in cluster.replicas], dtype=np.int32), np.diff(starts))
+    merged = merge(cluster, per_replica, slo, timeline)
+    if cluster.stopped:
+        merged.summary["partial"] = {
+            "interrupted_at_s": cluster.env.now,
+            "unfinished": int((merged.requests["status"] == "unfinished").sum()),
+            "not_arrived": len(cluster.workload) - len(merged.requests["request_id"]),
+        }
+    return ClusterResult(merged, per_replica)

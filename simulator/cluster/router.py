@@ -11,6 +11,7 @@ from its name.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from abc import ABC, abstractmethod
 from collections import deque
@@ -99,6 +100,11 @@ class Router(ABC):
         the arrivals before it. Changes nothing. The default, 0 (the next arrival may), makes its
         runs stop at every arrival; a router whose choice rules replicas out ahead implements it."""
         return 0
+
+
+def report_time(t: float, staleness_s: float) -> float:
+    """When the reports a decision at ``t`` sees were made (every ``staleness_s``; 0: at ``t``)."""
+    return min(math.floor(t / staleness_s) * staleness_s, t) if staleness_s > 0 else t
 
 
 def register(cls: type[Router]) -> type[Router]:

@@ -15,10 +15,12 @@ Elsewhere the engine takes its Python paths.
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import math
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,6 +37,8 @@ from simulator.records.workload import Workload
 if TYPE_CHECKING:
     from simulator.engine.loop import Engine
 
+#: block-table slots a cluster's replica starts with (grown as requests are routed to it)
+ROUTED_ROOM = 1 << 16
 #: steps the kernel logs between two returns to Python (progress, Ctrl-C, the log's chunks)
 LOG_CHUNK = 1 << 16
 _STATUS = {-1: Status.WAITING, 0: Status.WAITING, 1: Status.RUNNING, 2: Status.PREEMPTED, 3: Status.FINISHED,
@@ -80,14 +84,14 @@ AUTO_MIN_REQUESTS = 2000
 AUTO_MIN_LOAD = 0.15
 
 
-def offered_load(engine: Engine) -> float:
+def offered_load(w: Workload, config: EngineConfig, kv: KVCapacity, perf: PerformanceModel,
+                 replicas: int = 1) -> float:
     """The workload's output tokens per second (its mean arrival rate times its mean output) over
-    what the replica decodes per second with its KV cache full of average requests (as many as
-    fit at their mean context, within max_num_seqs, one decode step of them): above 1, a queue
-    grows and every step has events (admissions, preemptions); well below, steps are steady."""
+    what ``replicas`` replicas decode per second with their KV caches full of average requests (as
+    many as fit at their mean context, within max_num_seqs, one decode step of them): above 1, a
+    queue grows and every step has events (admissions, preemptions); well below, steps are steady."""
     from simulator.records.performance import StepBatch
 
-    w, config, kv = engine.workload, engine.config, engine.kv_capacity
     n = len(w)
     span = float(w.arrival_s[-1] - w.arrival_s[0]) if n else 0.0
     if n < 2 or span <= 0:
@@ -95,12 +99,11 @@ def offered_load(engine: Engine) -> float:
     output = float(np.mean(w.output_tokens))
     context = max(float(np.mean(w.prompt_tokens)) + output / 2, 1.0)
     seats = int(min(config.max_num_seqs, max((kv.num_blocks - 1) * kv.block_size // context, 1)))
-    perf = engine.perf
     counts = dict(getattr(perf, "extrapolations", None) or {})  # (an estimate, not a step: not counted)
     step_s = perf.step_time(StepBatch(decode_context=[int(context)] * seats, decode_spec_tokens=[0] * seats))
     if counts:
         perf.extrapolations.update(counts)
-    return (n - 1) / span * output / (seats / step_s)
+    return (n - 1) / span * output / (replicas * seats / step_s)
 
 
 def wanted(engine: Engine, compiled: bool | str) -> bool:
@@ -109,7 +112,7 @@ def wanted(engine: Engine, compiled: bool | str) -> bool:
     applies is ``why_not``'s to say."""
     if compiled == "auto":
         return (engine.fast_requested and len(engine.workload) >= AUTO_MIN_REQUESTS
-                and offered_load(engine) >= AUTO_MIN_LOAD)
+                and offered_load(engine.workload, engine.config, engine.kv_capacity, engine.perf) >= AUTO_MIN_LOAD)
     return bool(compiled)
 
 
@@ -136,6 +139,47 @@ def say_if_cold() -> None:
 def _grid(table) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([table.res, table.nx, table.ny, table.x_top, table.y_top, table.x_power, table.y_power,
                       table.width], dtype=np.float64), np.ascontiguousarray(table.log, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class RequestRows:
+    """A workload's requests as the kernel's rows (``ri``, ``rf``) and where their names and block
+    tables go: the shared prefixes' names first (``shared_slots``), then each request's block table
+    and private names, one after the other, up to ``total``."""
+
+    ri: np.ndarray
+    rf: np.ndarray
+    total: int
+    shared_slots: int
+
+    @classmethod
+    def of(cls, w: Workload, config: EngineConfig, kv: KVCapacity) -> RequestRows:
+        from simulator.engine import compiled_kernel as k
+
+        n, bs = len(w), config.block_size
+        prompt = np.asarray(w.prompt_tokens, dtype=np.int64)
+        max_tokens = np.asarray(w.output_tokens, dtype=np.int64)
+        # (rules.admission_error, asked only of the requests some limit could refuse)
+        limit = min(config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
+        refused = [rid for rid in np.flatnonzero(prompt + max_tokens > limit).tolist()
+                   if admission_error(int(prompt[rid]), int(max_tokens[rid]), config, kv)]
+        ri = np.zeros((n, k.NRI), dtype=np.int64)
+        ri[:, k.PROMPT], ri[:, k.MAXTOK] = prompt, max_tokens
+        ri[:, k.REASON] = np.asarray(w.reasoning_tokens, dtype=np.int64)
+        ri[:, k.STATUS] = k.NOT_ARRIVED
+        ri[:, k.CACHEDTOK] = -1
+        ri[:, k.TBASE] = -1
+        ri[refused, k.REJECTED] = 1
+        # a request's block table and cached names: room for its whole sequence (a step in flight
+        # may hold one slot past it) and one block more
+        cap = -(-np.minimum(prompt + max_tokens + 2, config.max_model_len) // bs) + 1
+        ri[:, k.CAP] = cap
+        shared_slots = _shared_names(w, bs, ri, 0)
+        ri[:, k.OFF] = shared_slots + (np.concatenate(([0], np.cumsum(cap)[:-1])) if n else cap)
+        total = shared_slots + int(cap.sum())
+        rf = np.full((n, k.NRF), -1.0)
+        rf[:, k.ARRIVAL] = np.asarray(w.arrival_s, dtype=np.float64)
+        return cls(ri, rf, total, shared_slots)
 
 
 class KernelKV:
@@ -187,39 +231,37 @@ class CompiledScheduler(Scheduler):
     them. The engine never asks it for a single step (``covers_every_step``)."""
 
     covers_every_step = True
+    #: ``advance`` lists the requests each run finished (a cluster's replica counts them instead:
+    #: ``num_ended``)
+    report_finished = True
 
     def __init__(self, config: EngineConfig, kv: KVCapacity, workload: Workload, perf: PerformanceModel,
-                 *, async_scheduling: bool, finish_every: int = 0) -> None:
+                 *, async_scheduling: bool, finish_every: int = 0, rows: RequestRows | None = None,
+                 routed: bool = False) -> None:
+        """``rows``: the workload's rows (``RequestRows.of``; made here if None); ``routed``: the
+        requests come one by one as a cluster's router sends them (``arrive``, ``close``), each
+        before the engine's events of its arrival time (no client timeouts)."""
         from simulator.engine import compiled_kernel as k
 
         self.config, self.perf, self.step = config, perf, 0
         self.requests: dict[int, SimRequest] = {}
         tables = perf.step_time_tables()
-        w, n, bs = workload, len(workload), config.block_size
-        self._n = n
-        prompt = np.asarray(w.prompt_tokens, dtype=np.int64)
-        max_tokens = np.asarray(w.output_tokens, dtype=np.int64)
-        arrival = np.asarray(w.arrival_s, dtype=np.float64)
-        # (rules.admission_error, asked only of the requests some limit could refuse)
-        limit = min(config.max_model_len, (kv.num_blocks - 1) * kv.block_size)
-        refused = [rid for rid in np.flatnonzero(prompt + max_tokens > limit).tolist()
-                   if admission_error(int(prompt[rid]), int(max_tokens[rid]), config, kv)]
-        ri = np.zeros((n, k.NRI), dtype=np.int64)
-        ri[:, k.PROMPT], ri[:, k.MAXTOK] = prompt, max_tokens
-        ri[:, k.REASON] = np.asarray(w.reasoning_tokens, dtype=np.int64)
-        ri[:, k.STATUS] = k.NOT_ARRIVED
-        ri[:, k.CACHEDTOK] = -1
-        ri[:, k.TBASE] = -1
-        ri[refused, k.REJECTED] = 1
-        # a request's block table and cached names: room for its whole sequence (a step in flight
-        # may hold one slot past it) and one block more
-        cap = -(-np.minimum(prompt + max_tokens + 2, config.max_model_len) // bs) + 1
-        ri[:, k.CAP] = cap
-        ri[:, k.OFF] = np.concatenate(([0], np.cumsum(cap)[:-1])) if n else cap
-        total = int(cap.sum())
-        shared_slots = _shared_names(w, bs, ri, total)
-        rf = np.full((n, k.NRF), -1.0)
-        rf[:, k.ARRIVAL] = arrival
+        rows = rows if rows is not None else RequestRows.of(workload, config, kv)
+        n, bs, total = len(rows.ri), config.block_size, rows.total
+        #: (routed) the template's rows arrive one by one (``arrive``), else all are known
+        self.routed = routed
+        if routed:
+            ri = np.zeros_like(rows.ri)
+            ri[:, k.STATUS] = k.NOT_ARRIVED
+            rf = np.full_like(rows.rf, -1.0)
+            self._template, self._next_off = rows, rows.shared_slots
+            total = rows.shared_slots + ROUTED_ROOM  # (grown as requests come: ``arrive``)
+            #: (routed) the template's row of each request here, by local id
+            self.row_of = np.zeros(n, dtype=np.int64)
+            #: (routed) the arrival times of the requests rejected here, in order
+            self.rejected_s: list[float] = []
+        else:
+            ri, rf = rows.ri.copy(), rows.rf.copy()
         nb = kv.num_blocks
         bk = np.zeros((nb, k.NBK), dtype=np.int64)
         bk[:, k.OWNER] = -1
@@ -244,18 +286,23 @@ class CompiledScheduler(Scheduler):
         S[k.CACHING] = int(config.enable_prefix_caching)
         S[k.ASYNC] = int(async_scheduling)
         S[k.ASEQ] = -1
+        S[k.KNOWN] = 0 if routed else n
+        S[k.OPEN] = S[k.URGENT] = int(routed)
+        F[k.UNTIL] = math.inf
         self._finish_every = finish_every if finish_every > 0 else n + 1
         S[k.TARGET] = self._finish_every
         seats = max(config.max_num_seqs, 1)
         self._arrays = dict(
             S=S, F=F, ri=ri, rf=rf, bk=bk, bt=np.zeros(total, dtype=np.int32),
-            chead=np.full(total + shared_slots if config.enable_prefix_caching else 0, -1, dtype=np.int32),
+            chead=np.full(total if config.enable_prefix_caching else 0, -1, dtype=np.int32),
             running=np.zeros(max(n, 1), dtype=np.int64), waiting=np.zeros(max(n, 1), dtype=np.int64),
-            hits=np.zeros(int(cap.max()) if n else 1, dtype=np.int64), skipped=np.zeros(max(n, 1), dtype=np.int64),
+            hits=np.zeros(int(rows.ri[:, k.CAP].max()) if n else 1, dtype=np.int64),
+            skipped=np.zeros(max(n, 1), dtype=np.int64),
             fl_rid=np.zeros((2, seats), dtype=np.int64), fl_n=np.zeros((2, seats), dtype=np.int64),
             fl_i=np.zeros((2, k.NFLI), dtype=np.int64), fl_f=np.zeros((2, 2)),
             lg_f=np.zeros((LOG_CHUNK, 2)), lg_i=np.zeros((LOG_CHUNK, 7), dtype=np.int64),
-            **_deadlines(w, arrival, ri[:, k.REJECTED]))
+            **(_deadlines(workload, rows.rf[:, k.ARRIVAL], rows.ri[:, k.REJECTED]) if not routed
+               else {"dl_t": np.zeros(0), "dl_rid": np.zeros(0, dtype=np.int64)}))
         gc, lc = _grid(tables.context)
         gg, lg = _grid(tables.generation)
         self._model = (np.array([tables.overhead_s, tables.dense_slope, tables.max_tokens, tables.head_slope,
@@ -264,9 +311,12 @@ class CompiledScheduler(Scheduler):
                        np.ascontiguousarray(tables.head, dtype=np.float64), gc, lc, gg, lg,
                        np.asarray(tables.limits, dtype=np.float64))
         self._S, self._F, self._ri, self._rf = S, F, ri, rf
+        self._code = -1  # what the kernel's last call returned
         self._ended = np.zeros(n, dtype=bool)  # finished or aborted, as the engine has been told
         self.kv = KernelKV(S, nb, bs)
-        if n:
+        if routed:
+            pass
+        elif n:
             k._arrivals_from(S, F, ri, rf, self._arrays["waiting"], 0)  # (the arrivals process starts first)
         else:
             S[k.DONE] = 1
@@ -314,7 +364,7 @@ class CompiledScheduler(Scheduler):
             return None
         S[k.TARGET] = S[k.NFINISHED] + self._finish_every
         waiting = int(S[k.WLEN])
-        code = k.advance(*self._arrays.values(), *self._model)
+        code = self._code = k.advance(*self._arrays.values(), *self._model)
         if code == k.STALLED:
             raise RuntimeError(f"scheduler stalled at t={F[k.NOW]:.3f}s: running={S[k.NRUN]} "
                                f"waiting={S[k.WLEN]} free_blocks={S[k.QLEN]}")
@@ -325,16 +375,103 @@ class CompiledScheduler(Scheduler):
         times, counts = self._arrays["lg_f"][:rows], self._arrays["lg_i"][:rows]
         self.step += rows
         arrived = int(S[k.ARRIVED])
-        status = self._ri[:arrived, k.STATUS]
-        ended = (status == k.FINISHED) | (status == k.ABORTED)
-        finished = np.flatnonzero(ended & ~self._ended[:arrived]).tolist()
-        self._ended[:arrived] = ended
+        finished = []
+        if self.report_finished:
+            status = self._ri[:arrived, k.STATUS]
+            ended = (status == k.FINISHED) | (status == k.ABORTED)
+            finished = np.flatnonzero(ended & ~self._ended[:arrived]).tolist()
+            self._ended[:arrived] = ended
         ends = times[:, 0]
         return Advance(k=rows, end_s=float(F[k.NOW]), starts=ends - times[:, 1], token_times=ends,
                        kv_blocks_used=counts[:, k.LG_KV], segments=[], finished=finished, waiting=waiting,
                        waiting_changes={}, preempted={}, in_flight_s=None, in_flight_preempted=[],
                        next_arrival=arrived, last_step_s=float(times[-1, 1]) if rows else pace,
                        columns=(times, counts))
+
+    # --- a cluster's replica (``routed``) ------------------------------------------------------
+    def arrive(self, row: int) -> int:
+        """The template's request ``row`` comes here, at its arrival time (not before the times of
+        those come before it, nor before the clock's horizon, ``run_until``); its local id."""
+        from simulator.engine import compiled_kernel as k
+
+        S, F, t = self._S, self._F, self._template
+        j = int(S[k.KNOWN])
+        self._ri[j] = t.ri[row]
+        self._ri[j, k.OFF] = self._next_off
+        self._next_off += int(t.ri[row, k.CAP])
+        if self._next_off > len(self._arrays["bt"]):  # (room for its block table and names)
+            self._grow(max(self._next_off, 2 * len(self._arrays["bt"])))
+        self._rf[j] = t.rf[row]
+        self.row_of[j] = row
+        if t.ri[row, k.REJECTED]:
+            self.rejected_s.append(float(t.rf[row, k.ARRIVAL]))
+        S[k.KNOWN] = j + 1
+        if S[k.ASEQ] < 0 and S[k.NEXT] == j:  # (the next arrival the engine waits for)
+            F[k.ATIME] = t.rf[row, k.ARRIVAL]
+            S[k.ASEQ] = S[k.SEQ]
+            S[k.SEQ] += 1
+        return j
+
+    def _grow(self, size: int) -> None:
+        """Block tables and names for ``size`` slots (the ones so far kept)."""
+        arrays = self._arrays
+        bt = np.zeros(size, dtype=np.int32)
+        bt[: len(arrays["bt"])] = arrays["bt"]
+        arrays["bt"] = bt
+        if len(arrays["chead"]):
+            chead = np.full(size, -1, dtype=np.int32)
+            chead[: len(arrays["chead"])] = arrays["chead"]
+            arrays["chead"] = chead
+
+    def close(self) -> None:
+        """No more requests come: the engine runs to its end."""
+        from simulator.engine import compiled_kernel as k
+
+        S = self._S
+        S[k.OPEN] = 0
+        if S[k.ASEQ] < 0:
+            S[k.DONE] = 1
+        self._F[k.UNTIL] = math.inf
+
+    def until(self, t: float) -> None:
+        """Nothing may happen at or after ``t`` until asked again (a cluster's next decision)."""
+        from simulator.engine import compiled_kernel as k
+
+        self._F[k.UNTIL] = t
+
+    @property
+    def at_horizon(self) -> bool:
+        """Whether the last ``advance`` stopped at the horizon (``until``) or for want of an arrival."""
+        return self._code == 4  # (compiled_kernel.HORIZON)
+
+    def finished_before(self, t: float) -> int:
+        """Requests ended here before ``t``, once ``advance`` has stopped at the horizon ``t``: those
+        the engine completed (every step ending before ``t`` has been applied, none after) and
+        those rejected at an arrival before ``t``."""
+        from simulator.engine import compiled_kernel as k
+
+        S = self._S
+        return int(S[k.NFINISHED] - S[k.NREJ]) + bisect.bisect_left(self.rejected_s, t)
+
+    @property
+    def num_arrived(self) -> int:
+        """Arrivals taken in so far (queued or rejected)."""
+        from simulator.engine import compiled_kernel as k
+
+        return int(self._S[k.ARRIVED])
+
+    @property
+    def num_ended(self) -> int:
+        """Requests ended so far: completed, aborted or rejected."""
+        from simulator.engine import compiled_kernel as k
+
+        return int(self._S[k.NFINISHED])
+
+    @property
+    def clock(self) -> float:
+        from simulator.engine import compiled_kernel as k
+
+        return float(self._F[k.NOW])
 
     def materialize(self) -> None:
         """Write the kernel's state into the engine's request records, the KV cache's

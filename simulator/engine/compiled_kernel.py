@@ -42,11 +42,18 @@ NBK = 8
 (QHEAD, QTAIL, QLEN, STEP, NRUN, WHEAD, WLEN, NEXT, ASEQ, SEQ, DONE, NFL, FLFIRST, UNLOGGED, NFINISHED,
  PQUERIES, PHITS, NLOG, ENDED, ARRIVED, TARGET,
  X_TOKENS, X_PKVH, X_PBATCH, X_PLEN, X_DKVH, X_DBATCH, X_DCTX,
- NUM_BLOCKS, BLOCK_SIZE, MAX_LEN, MAX_SEQS, BUDGET, THRESHOLD, CHUNKED, CACHING, ASYNC, DPTR) = range(38)
-NS = 38
-# float scalars F
-NOW, CLOCK, ATIME = range(3)
-NF = 3
+ NUM_BLOCKS, BLOCK_SIZE, MAX_LEN, MAX_SEQS, BUDGET, THRESHOLD, CHUNKED, CACHING, ASYNC, DPTR,
+ KNOWN, OPEN, URGENT, PHASE, NREJ) = range(43)
+NS = 43
+# KNOWN: the arrivals known so far (rows of ri); OPEN: more may come (a cluster's router adds them);
+# URGENT: an arrival comes before the engine's events of its time (a cluster's, routed at its time:
+# SimPy's urgent priority), else in the order made (one replica's arrivals process); PHASE: 1 while
+# the engine waits for the step ending at fl_f[., FL_END] (a call may return there: UNTIL); NREJ:
+# arrivals rejected so far
+# float scalars F: the clock, the KV cache's clock, the next arrival's time, and the time from
+# which nothing may happen before a caller has been asked (a cluster's next routing decision)
+NOW, CLOCK, ATIME, UNTIL = range(4)
+NF = 4
 
 # --- in-flight steps: two slots --------------------------------------------------------------
 # fl_i[slot, ...]
@@ -56,7 +63,9 @@ NFLI = 4
 FL_START, FL_END = range(2)
 
 # --- what ``advance`` returns -----------------------------------------------------------------
-DONE_CODE, PAUSED, STALLED, OVERFLOW = 0, 1, 2, 3
+# (HORIZON: paused where the next event would come at or after F[UNTIL], or waiting for an arrival
+# not known yet)
+DONE_CODE, PAUSED, STALLED, OVERFLOW, HORIZON = 0, 1, 2, 3, 4
 
 # step-log columns: lg_f (end_s, step_s), lg_i (simulator.engine.run_log.STEP_COLUMNS after them)
 LG_KV, LG_RUNNING, LG_WAITING, LG_PREFILL, LG_DECODE, LG_BATCH, LG_PREEMPTED = range(7)
@@ -693,13 +702,14 @@ def _apply(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, fl
 def _arrivals_from(S, F, ri, rf, waiting, rid):
     """The arrivals process at now from ``rid`` on: each arrival due by now enters (rejected ones
     finish at once), then the next one's timeout is made (SimPy's next event number)."""
-    n = len(ri)
+    n = S[KNOWN]
     now = F[NOW]
     while rid < n and rf[rid, ARRIVAL] <= now:
         if ri[rid, REJECTED]:
             ri[rid, STATUS] = REJECTED_STATUS
             rf[rid, FINISH] = rf[rid, ARRIVAL]
             S[NFINISHED] += 1
+            S[NREJ] += 1
         else:
             ri[rid, STATUS] = WAITING
             _wait_append(S, waiting, rid)
@@ -707,7 +717,7 @@ def _arrivals_from(S, F, ri, rf, waiting, rid):
         S[ARRIVED] = rid
     S[NEXT] = rid
     if rid >= n:
-        S[DONE] = 1
+        S[DONE] = 1 - S[OPEN]
         S[ASEQ] = -1
     else:
         F[ATIME] = rf[rid, ARRIVAL]
@@ -721,10 +731,16 @@ def _wait_until(S, F, ri, rf, waiting, t):
     (earlier, or at ``t`` and made before it) come in, then the clock is at ``t``."""
     seq = S[SEQ]
     S[SEQ] += 1
-    while S[ASEQ] >= 0 and (F[ATIME] < t or (F[ATIME] == t and S[ASEQ] < seq)):
+    while S[ASEQ] >= 0 and (F[ATIME] < t or (F[ATIME] == t and (S[URGENT] or S[ASEQ] < seq))):
         F[NOW] = F[ATIME]
         _arrivals_from(S, F, ri, rf, waiting, S[NEXT])
     F[NOW] = t
+
+
+@njit(cache=True)
+def _may_idle(S, F):
+    """Whether the engine may wait for the next arrival now: one is known, before ``F[UNTIL]``."""
+    return S[ASEQ] >= 0 and F[ATIME] < F[UNTIL]
 
 
 @njit(cache=True)
@@ -739,7 +755,9 @@ def _idle(S, F, ri, rf, waiting):
 def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid, fl_n, fl_i, fl_f,
             lg_f, lg_i, dl_t, dl_rid, P, dense, head, gc, lc, gg, lg, limits):
     """Run the engine loop until it ends (DONE_CODE), the step log's buffer is full or
-    ``S[TARGET]`` requests have finished (PAUSED: call again to go on), or it stalls."""
+    ``S[TARGET]`` requests have finished (PAUSED: call again to go on), its next event would come
+    at or after ``F[UNTIL]`` or it waits for an arrival not known yet (HORIZON: call again once
+    ``F[UNTIL]`` is later or an arrival is added), or it stalls."""
     capacity = len(lg_f)
     while True:
         if S[ENDED] == 1:
@@ -748,73 +766,91 @@ def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid
             return OVERFLOW
         if S[NLOG] >= capacity or S[NFINISHED] >= S[TARGET]:
             return PAUSED
+        if S[PHASE] == 0 and F[NOW] >= F[UNTIL]:
+            return HORIZON
         has_requests = S[NRUN] > 0 or S[WLEN] > 0
         if S[ASYNC]:
-            only_preempted = False
-            if has_requests:
-                F[CLOCK] = F[NOW]
-                if S[DPTR] < len(dl_t) and dl_t[S[DPTR]] <= F[NOW]:
-                    _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
-                slot = (S[FLFIRST] + S[NFL]) % 2
-                n_pre, prefill, work, kv_tokens, n_dec, ctx = _schedule(
-                    S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, slot, hits, skipped)
-                if S[ENDED] == 2:
-                    return OVERFLOW
-                if fl_i[slot, FL_CNT] > 0:
-                    start = fl_f[(S[FLFIRST] + S[NFL] - 1) % 2, FL_END] if S[NFL] else F[NOW]
-                    fl_f[slot, FL_START] = start
-                    fl_f[slot, FL_END] = start + _step_time(S, P, dense, head, gc, lc, gg, lg, limits, n_pre,
-                                                            prefill, work, kv_tokens, n_dec, ctx)
-                    S[NFL] += 1
-                    if S[NFL] < 2:
-                        continue
-                else:
-                    only_preempted = fl_i[slot, FL_PRE] > 0
+            if S[PHASE] == 0:
+                only_preempted = False
+                if has_requests:
+                    F[CLOCK] = F[NOW]
+                    if S[DPTR] < len(dl_t) and dl_t[S[DPTR]] <= F[NOW]:
+                        _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
+                    slot = (S[FLFIRST] + S[NFL]) % 2
+                    n_pre, prefill, work, kv_tokens, n_dec, ctx = _schedule(
+                        S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, slot, hits, skipped)
+                    if S[ENDED] == 2:
+                        return OVERFLOW
+                    if fl_i[slot, FL_CNT] > 0:
+                        start = fl_f[(S[FLFIRST] + S[NFL] - 1) % 2, FL_END] if S[NFL] else F[NOW]
+                        fl_f[slot, FL_START] = start
+                        fl_f[slot, FL_END] = start + _step_time(S, P, dense, head, gc, lc, gg, lg, limits, n_pre,
+                                                                prefill, work, kv_tokens, n_dec, ctx)
+                        S[NFL] += 1
+                        if S[NFL] < 2:
+                            continue
+                    else:
+                        only_preempted = fl_i[slot, FL_PRE] > 0
+                        if only_preempted:
+                            S[UNLOGGED] += fl_i[slot, FL_PRE]
+                if S[NFL] == 0:
                     if only_preempted:
-                        S[UNLOGGED] += fl_i[slot, FL_PRE]
-            if S[NFL] == 0:
-                if only_preempted:
+                        continue
+                    if S[NRUN] == 0 and S[WLEN] == 0 and S[DONE]:
+                        S[ENDED] = 1
+                        continue
+                    if S[DONE]:
+                        return STALLED
+                    if not _may_idle(S, F):
+                        return HORIZON
+                    _idle(S, F, ri, rf, waiting)
                     continue
-                if S[NRUN] == 0 and S[WLEN] == 0 and S[DONE]:
-                    S[ENDED] = 1
-                    continue
-                if S[DONE]:
-                    return STALLED
-                _idle(S, F, ri, rf, waiting)
-                continue
+                S[PHASE] = 1
             slot = S[FLFIRST]
+            if fl_f[slot, FL_END] >= F[UNTIL]:
+                return HORIZON
+            S[PHASE] = 0
             S[FLFIRST] = (slot + 1) % 2
             S[NFL] -= 1
             if fl_f[slot, FL_END] > F[NOW]:
                 _wait_until(S, F, ri, rf, waiting, fl_f[slot, FL_END])
             _apply(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, fl_f, slot, lg_f, lg_i)
         else:
-            if not has_requests:
-                if S[DONE]:
-                    S[ENDED] = 1
+            if S[PHASE] == 0:
+                if not has_requests:
+                    if S[DONE]:
+                        S[ENDED] = 1
+                        continue
+                    if not _may_idle(S, F):
+                        return HORIZON
+                    _idle(S, F, ri, rf, waiting)
                     continue
-                _idle(S, F, ri, rf, waiting)
-                continue
-            F[CLOCK] = F[NOW]
-            if S[DPTR] < len(dl_t) and dl_t[S[DPTR]] <= F[NOW]:
-                _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
-            n_pre, prefill, work, kv_tokens, n_dec, ctx = _schedule(
-                S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, 0, hits, skipped)
-            if S[ENDED] == 2:
-                return OVERFLOW
-            if fl_i[0, FL_CNT] == 0:
-                if fl_i[0, FL_PRE] > 0:
-                    S[UNLOGGED] += fl_i[0, FL_PRE]
+                F[CLOCK] = F[NOW]
+                if S[DPTR] < len(dl_t) and dl_t[S[DPTR]] <= F[NOW]:
+                    _abort_due(S, F, ri, rf, bk, bt, chead, running, waiting, dl_t, dl_rid)
+                n_pre, prefill, work, kv_tokens, n_dec, ctx = _schedule(
+                    S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, 0, hits, skipped)
+                if S[ENDED] == 2:
+                    return OVERFLOW
+                if fl_i[0, FL_CNT] == 0:
+                    if fl_i[0, FL_PRE] > 0:
+                        S[UNLOGGED] += fl_i[0, FL_PRE]
+                        continue
+                    if S[NRUN] == 0 and S[WLEN] == 0:
+                        continue
+                    if S[DONE]:
+                        return STALLED
+                    if not _may_idle(S, F):
+                        return HORIZON
+                    _idle(S, F, ri, rf, waiting)
                     continue
-                if S[NRUN] == 0 and S[WLEN] == 0:
-                    continue
-                if S[DONE]:
-                    return STALLED
-                _idle(S, F, ri, rf, waiting)
-                continue
-            start = F[NOW]
-            fl_f[0, FL_START] = start
-            end = start + _step_time(S, P, dense, head, gc, lc, gg, lg, limits, n_pre, prefill, work, kv_tokens,
-                                     n_dec, ctx)
-            _wait_until(S, F, ri, rf, waiting, end)
+                start = F[NOW]
+                fl_f[0, FL_START] = start
+                fl_f[0, FL_END] = start + _step_time(S, P, dense, head, gc, lc, gg, lg, limits, n_pre, prefill, work,
+                                                     kv_tokens, n_dec, ctx)
+                S[PHASE] = 1
+            if fl_f[0, FL_END] >= F[UNTIL]:
+                return HORIZON
+            S[PHASE] = 0
+            _wait_until(S, F, ri, rf, waiting, fl_f[0, FL_END])
             _apply(S, F, ri, rf, bk, bt, chead, running, waiting, fl_rid, fl_n, fl_i, fl_f, 0, lg_f, lg_i)

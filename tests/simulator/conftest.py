@@ -51,6 +51,18 @@ def make_workload(n=50, seed=0, rate=5.0, prompt=(16, 600), output=(1, 800), pre
     )
 
 
+@pytest.fixture(scope="module")
+def composed():
+    """The default run's composed performance model (H100, R1-Distill-Qwen-7B): step-time tables."""
+    from hydra import compose, initialize_config_dir
+
+    from simulator.configure import CONF_DIR, build_run
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=["workload.num_requests=2"])
+    return build_run(cfg, ["workload.num_requests=2"]).perf
+
+
 @pytest.fixture
 def linear_model() -> LinearModel:
     return LinearModel()

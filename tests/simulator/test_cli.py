@@ -110,7 +110,8 @@ def test_ctrl_c_writes_partial_results(tmp_path):
     from tests.simulator.conftest import interrupt_simulator
 
     code, out, err = interrupt_simulator(["progress=false", "plots=false", "workload=gamma",
-                                          "workload.num_requests=30000", "workload.rate=4"],  # ~40 s if left alone
+                                          "workload.num_requests=30000", "workload.rate=4",
+                                          "compiled=false"],  # ~40 s if left alone (compiled: ~2 s)
                                          tmp_path, after_s=2.0)
     assert code == 130, err[-2000:]
     assert "interrupted at" in err and "partial results" in err

@@ -19,18 +19,6 @@ from tests.simulator.conftest import VectorLinearModel, make_workload
 pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
 
 
-@pytest.fixture(scope="module")
-def composed():
-    """The default run's composed performance model (H100, R1-Distill-Qwen-7B): step-time tables."""
-    from hydra import compose, initialize_config_dir
-
-    from simulator.configure import CONF_DIR, build_run
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=["workload.num_requests=2"])
-    return build_run(cfg, ["workload.num_requests=2"]).perf
-
-
 def assert_identical(slow, fast) -> None:
     """Every column of both tables equal, bit for bit (NaN where NaN), and the summaries but the path."""
     for table in ("requests", "timeline"):
@@ -173,7 +161,7 @@ def test_auto_compiles_heavy_runs_only(composed):
     light = dataclasses.replace(heavy, arrival_s=heavy.arrival_s * 1000)
     small = heavy.select(np.arange(compiled.AUTO_MIN_REQUESTS - 1))
     engine = Engine(heavy, cfg, composed, composed.kv_capacity(16, num_gpu_blocks_override=None))
-    assert compiled.offered_load(engine) > 1
+    assert compiled.offered_load(heavy, cfg, engine.kv_capacity, composed) > 1
     assert simulate(heavy, cfg, composed).engine_path == "compiled"
     assert simulate(light, cfg, composed).engine_path == "fast"
     assert simulate(small, cfg, composed).engine_path == "fast"
