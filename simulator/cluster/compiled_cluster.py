@@ -88,12 +88,10 @@ class CompiledReplica:
         self.async_scheduling = async_scheduling
         self.scheduler = compiled.CompiledScheduler(config, kv, workload, perf, async_scheduling=async_scheduling,
                                                     rows=rows, routed=True)
-        self.scheduler.report_finished = False  # (counted from the kernel's total: ``ended``)
         self.steps = StepLog()
         self.count = 0  # requests routed here
         self.sent = 0  # requests the router sent here (its own count)
         self.end_s = 0.0
-        self._last_kv = 0  # KV blocks used after the last step logged
 
     def add(self, gid: int) -> None:
         """Request ``gid`` of the workload comes here at its arrival time."""
@@ -103,26 +101,14 @@ class CompiledReplica:
     def run_until(self, t: float) -> None:
         """Run every step that ends before ``t`` (and what comes before it), nothing at or after."""
         self.scheduler.until(t)
-        self._run()
+        self.scheduler.run_routed(self.steps)
 
     def finish(self, closed_s: float) -> None:
         """No more requests come: run to the end (idle before ``closed_s``, the cluster's last
         arrival: it ends then, as the Python cluster's replicas do)."""
         self.scheduler.close()
-        self._run()
+        self.scheduler.run_routed(self.steps)
         self.end_s = max(self.scheduler.clock, closed_s)
-
-    def _run(self) -> None:
-        sched = self.scheduler
-        while True:
-            adv = sched.advance(sched.clock)
-            if adv is None:
-                return
-            if adv.k:
-                self.steps.add_columns(*adv.columns)
-                self._last_kv = int(adv.kv_blocks_used[-1])
-            if sched.at_horizon:
-                return
 
     @property
     def ended(self) -> int:
@@ -132,8 +118,9 @@ class CompiledReplica:
     def report(self, view_s: float, position: int) -> ReplicaReport:
         """As ``ReplicaEngine.report`` (``run_until(view_s)`` done): requests sent and not finished
         before ``view_s``, and the KV usage after its last step that ended before it."""
-        return ReplicaReport(position, self.sent - self.scheduler.finished_before(view_s),
-                             self._last_kv / max(self.kv_capacity.num_blocks - 1, 1))
+        sched = self.scheduler
+        return ReplicaReport(position, self.sent - sched.finished_before(view_s),
+                             sched.last_kv_blocks / max(self.kv_capacity.num_blocks - 1, 1))
 
     def column(self, name: str) -> np.ndarray:
         """``gid``: the workload's id of each request routed here, by local id."""
@@ -146,6 +133,7 @@ class CompiledReplica:
         in a stopped run, the requests that had arrived)."""
         w, cfg, kv, bs = self.workload, self.config, self.kv_capacity, self.config.block_size
         sched = self.scheduler
+        sched.flush(self.steps)  # (a stopped run's last steps)
         requests = []
         for j, gid in enumerate(self.column("gid")[: sched.num_arrived].tolist()):
             req = SimRequest(j, float(w.arrival_s[gid]), int(w.prompt_tokens[gid]), int(w.output_tokens[gid]),

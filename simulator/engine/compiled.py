@@ -30,6 +30,7 @@ from simulator.engine.kv_cache import TICKS_PER_S
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.rules import admission_error
+from simulator.engine.run_log import StepLog
 from simulator.records.engine_config import EngineConfig
 from simulator.records.performance import KVCapacity, PerformanceModel
 from simulator.records.workload import Workload
@@ -186,6 +187,9 @@ class KernelKV:
     """The compiled scheduler's KV cache as the engine and the results read it (``KVView``)."""
 
     def __init__(self, S: np.ndarray, num_blocks: int, block_size: int) -> None:
+        from simulator.engine import compiled_kernel
+
+        self._k = compiled_kernel
         self._S = S
         self.num_blocks, self.block_size = num_blocks, block_size
         self.clock = 0.0  # (the kernel keeps its own clock)
@@ -194,20 +198,17 @@ class KernelKV:
 
     @property
     def prefix_queries(self) -> int:
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return int(self._S[k.PQUERIES])
 
     @property
     def prefix_hits(self) -> int:
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return int(self._S[k.PHITS])
 
     @property
     def num_free_blocks(self) -> int:
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return int(self._S[k.QLEN])
 
     @property
@@ -231,9 +232,6 @@ class CompiledScheduler(Scheduler):
     them. The engine never asks it for a single step (``covers_every_step``)."""
 
     covers_every_step = True
-    #: ``advance`` lists the requests each run finished (a cluster's replica counts them instead:
-    #: ``num_ended``)
-    report_finished = True
 
     def __init__(self, config: EngineConfig, kv: KVCapacity, workload: Workload, perf: PerformanceModel,
                  *, async_scheduling: bool, finish_every: int = 0, rows: RequestRows | None = None,
@@ -243,6 +241,7 @@ class CompiledScheduler(Scheduler):
         before the engine's events of its arrival time (no client timeouts)."""
         from simulator.engine import compiled_kernel as k
 
+        self._k = k
         self.config, self.perf, self.step = config, perf, 0
         self.requests: dict[int, SimRequest] = {}
         tables = perf.step_time_tables()
@@ -312,6 +311,7 @@ class CompiledScheduler(Scheduler):
                        np.asarray(tables.limits, dtype=np.float64))
         self._S, self._F, self._ri, self._rf = S, F, ri, rf
         self._code = -1  # what the kernel's last call returned
+        self._flushed_kv = 0  # KV blocks used after the last step flushed (``flush``)
         self._ended = np.zeros(n, dtype=bool)  # finished or aborted, as the engine has been told
         self.kv = KernelKV(S, nb, bs)
         if routed:
@@ -337,28 +337,24 @@ class CompiledScheduler(Scheduler):
 
     def has_requests(self) -> bool:
         """Whether any request runs, waits or is still to arrive (it takes its arrivals itself)."""
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return self._S[k.ENDED] == 0
 
     @property
     def num_running(self) -> int:
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return int(self._S[k.NRUN])
 
     @property
     def num_waiting(self) -> int:
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return int(self._S[k.WLEN])
 
     def advance(self, now: float, pace: float = 0.0, next_arrival: int = 0,
                 in_flight: InFlight | None = None) -> Advance | None:
         """Run the compiled engine loop from where it stopped (its clock is ``now``) to the next
         pause; None once every request has ended."""
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         S, F = self._S, self._F
         if S[k.ENDED] == 1:
             return None
@@ -375,12 +371,10 @@ class CompiledScheduler(Scheduler):
         times, counts = self._arrays["lg_f"][:rows], self._arrays["lg_i"][:rows]
         self.step += rows
         arrived = int(S[k.ARRIVED])
-        finished = []
-        if self.report_finished:
-            status = self._ri[:arrived, k.STATUS]
-            ended = (status == k.FINISHED) | (status == k.ABORTED)
-            finished = np.flatnonzero(ended & ~self._ended[:arrived]).tolist()
-            self._ended[:arrived] = ended
+        status = self._ri[:arrived, k.STATUS]
+        ended = (status == k.FINISHED) | (status == k.ABORTED)
+        finished = np.flatnonzero(ended & ~self._ended[:arrived]).tolist()
+        self._ended[:arrived] = ended
         ends = times[:, 0]
         return Advance(k=rows, end_s=float(F[k.NOW]), starts=ends - times[:, 1], token_times=ends,
                        kv_blocks_used=counts[:, k.LG_KV], segments=[], finished=finished, waiting=waiting,
@@ -392,8 +386,7 @@ class CompiledScheduler(Scheduler):
     def arrive(self, row: int) -> int:
         """The template's request ``row`` comes here, at its arrival time (not before the times of
         those come before it, nor before the clock's horizon, ``run_until``); its local id."""
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         S, F, t = self._S, self._F, self._template
         j = int(S[k.KNOWN])
         self._ri[j] = t.ri[row]
@@ -425,8 +418,7 @@ class CompiledScheduler(Scheduler):
 
     def close(self) -> None:
         """No more requests come: the engine runs to its end."""
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         S = self._S
         S[k.OPEN] = 0
         if S[k.ASEQ] < 0:
@@ -435,49 +427,73 @@ class CompiledScheduler(Scheduler):
 
     def until(self, t: float) -> None:
         """Nothing may happen at or after ``t`` until asked again (a cluster's next decision)."""
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         self._F[k.UNTIL] = t
 
+    def run_routed(self, log: StepLog) -> None:
+        """(routed) Run up to the horizon (``until``), or, once closed, to the end. The steps go to
+        ``log`` a buffer at a time (when the kernel's is full, and at the end: ``flush``), not at
+        every horizon: a cluster stops its replicas at every decision."""
+        k, S, F = self._k, self._S, self._F
+        while True:
+            code = self._code = k.advance(*self._arrays.values(), *self._model)
+            if code == k.PAUSED:  # (its log buffer is full)
+                self.flush(log)
+                S[k.TARGET] = S[k.NFINISHED] + self._finish_every
+                continue
+            if code == k.STALLED or code == k.OVERFLOW:
+                raise RuntimeError(f"the compiled engine stopped ({'stalled' if code == k.STALLED else 'overflow'}) "
+                                   f"at t={F[k.NOW]:.3f}s: running={S[k.NRUN]} waiting={S[k.WLEN]}")
+            if code == k.DONE_CODE:
+                self.flush(log)
+            return
+
+    def flush(self, log: StepLog) -> None:
+        """The steps logged in the kernel's buffer, appended to ``log``."""
+        k, S = self._k, self._S
+        rows = int(S[k.NLOG])
+        if rows:
+            log.add_columns(self._arrays["lg_f"][:rows], self._arrays["lg_i"][:rows])
+            self._flushed_kv = int(self._arrays["lg_i"][rows - 1, k.LG_KV])
+            self.step += rows
+            S[k.NLOG] = 0
+
     @property
-    def at_horizon(self) -> bool:
-        """Whether the last ``advance`` stopped at the horizon (``until``) or for want of an arrival."""
-        return self._code == 4  # (compiled_kernel.HORIZON)
+    def last_kv_blocks(self) -> int:
+        """KV blocks used after the last step applied (0 before any)."""
+        k, S = self._k, self._S
+        rows = int(S[k.NLOG])
+        return int(self._arrays["lg_i"][rows - 1, k.LG_KV]) if rows else self._flushed_kv
 
     def finished_before(self, t: float) -> int:
-        """Requests ended here before ``t``, once ``advance`` has stopped at the horizon ``t``: those
-        the engine completed (every step ending before ``t`` has been applied, none after) and
-        those rejected at an arrival before ``t``."""
-        from simulator.engine import compiled_kernel as k
-
+        """Requests ended here before ``t``, once ``run_routed`` has stopped at the horizon ``t``:
+        those the engine completed (every step ending before ``t`` has been applied, none after)
+        and those rejected at an arrival before ``t``."""
+        k = self._k
         S = self._S
         return int(S[k.NFINISHED] - S[k.NREJ]) + bisect.bisect_left(self.rejected_s, t)
 
     @property
     def num_arrived(self) -> int:
         """Arrivals taken in so far (queued or rejected)."""
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return int(self._S[k.ARRIVED])
 
     @property
     def num_ended(self) -> int:
         """Requests ended so far: completed, aborted or rejected."""
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return int(self._S[k.NFINISHED])
 
     @property
     def clock(self) -> float:
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         return float(self._F[k.NOW])
 
     def materialize(self) -> None:
         """Write the kernel's state into the engine's request records, the KV cache's
         block-seconds and the performance model's extrapolation counts."""
-        from simulator.engine import compiled_kernel as k
-
+        k = self._k
         S, ri, rf = self._S, self._ri, self._rf
         self.perf.counted(dict(zip(("tokens", "prefill_kv_heads", "prefill_batch", "prefill_length",
                                     "decode_kv_heads", "decode_batch", "decode_context"),
