@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from simulator.cluster.outputs import results
-from simulator.cluster.router import ReplicaReport, RouteRequest, make_router, report_time
+from simulator.cluster.router import ROUTERS, ReplicaReport, RouteRequest, make_router, report_time
 from simulator.engine import compiled
 from simulator.engine.request import SimRequest
 from simulator.engine.rules import admission_error
@@ -70,7 +70,7 @@ def wanted(workload: Workload, engine: EngineConfig, perf: PerformanceModel, spe
         return bool(choice)
     if not fast or len(workload) < compiled.AUTO_MIN_REQUESTS:
         return False
-    if make_router(spec.router, spec.replicas).needs_reports:
+    if ROUTERS[spec.router].needs_reports:
         return True
     kv = perf.kv_capacity(engine.block_size, engine.gpu_memory_utilization, engine.num_gpu_blocks_override)
     return compiled.offered_load(workload, engine, kv, perf, spec.replicas) >= compiled.AUTO_MIN_LOAD
