@@ -6,7 +6,9 @@ scheduler, the paged KV cache with its prefix cache, client timeouts, the compos
 model's step time) written over arrays and compiled with numba. ``CompiledScheduler`` is that
 kernel as a ``Scheduler``: the engine drives it with ``advance`` alone, run after run, as it drives
 the fast path's runs, and gets the same records, bit for bit, as the step-by-step path gives
-(tests/simulator/engine/test_compiled.py). This module also decides where it applies
+(tests/simulator/engine/test_compiled.py). With ``routed`` it is a cluster's replica, its
+requests added as the router sends them and its clock held before each routing decision
+(simulator.cluster.compiled_cluster). This module also decides where it applies
 (``why_not``: one replica with the native scheduler, no speculative decoding, no sliding-window
 layers, a performance model that gives its step time as tables,
 ``PerformanceModel.step_time_tables``, and numba installed) and where it pays (``wanted``).
@@ -229,7 +231,8 @@ class CompiledScheduler(Scheduler):
     engine what it did: the steps as whole log columns (``Advance.columns``), the requests it
     finished, the first arrival it has not taken in. The engine makes a request's record when its
     arrival has been taken in (``add_request``); ``materialize`` writes the kernel's state into
-    them. The engine never asks it for a single step (``covers_every_step``)."""
+    them. The engine never asks it for a single step (``covers_every_step``). (An Advance's columns
+    are the kernel's log buffer: valid until the next call.)"""
 
     covers_every_step = True
 
