@@ -172,6 +172,8 @@ class CompiledCluster:
         self.stopped = False
         self.env = SimpleNamespace(now=0.0)  # (the clock at the end, as the Python cluster's)
         self._shown = 0
+        if on_progress is not None:  # (a progress bar: someone is watching)
+            compiled.say_if_cold()
 
     def request_stop(self) -> None:
         """Stop at the next routing decision; ``run`` returns what was simulated."""
