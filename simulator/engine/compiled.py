@@ -40,8 +40,10 @@ from simulator.records.workload import Workload
 if TYPE_CHECKING:
     from simulator.engine.loop import Engine
 
-#: block-table slots a cluster's replica starts with (grown as requests are routed to it)
+#: block-table slots and request rows a cluster's replica starts with (grown as requests are
+#: routed to it)
 ROUTED_ROOM = 1 << 16
+ROUTED_ROWS = 1 << 10
 #: steps the kernel logs between two returns to Python (progress, Ctrl-C, the log's chunks)
 LOG_CHUNK = 1 << 16
 _STATUS = {-1: Status.WAITING, 0: Status.WAITING, 1: Status.RUNNING, 2: Status.PREEMPTED, 3: Status.FINISHED,
@@ -252,12 +254,13 @@ class CompiledScheduler(Scheduler):
         n, bs, total = len(rows.ri), config.block_size, rows.total
         #: (routed) the template's rows arrive one by one (``arrive``), else all are known
         self.routed = routed
-        if routed:
-            ri = np.zeros_like(rows.ri)
+        if routed:  # (rows and block tables grown as requests come: ``arrive``)
+            n = min(n, ROUTED_ROWS)
+            ri = np.zeros((n, k.NRI), dtype=np.int64)
             ri[:, k.STATUS] = k.NOT_ARRIVED
-            rf = np.full_like(rows.rf, -1.0)
+            rf = np.full((n, k.NRF), -1.0)
             self._template, self._next_off = rows, rows.shared_slots
-            total = rows.shared_slots + ROUTED_ROOM  # (grown as requests come: ``arrive``)
+            total = rows.shared_slots + ROUTED_ROOM
             #: (routed) the template's row of each request here, by local id
             self.row_of = np.zeros(n, dtype=np.int64)
             #: (routed) the arrival times of the requests rejected here, in order
@@ -291,7 +294,7 @@ class CompiledScheduler(Scheduler):
         S[k.KNOWN] = 0 if routed else n
         S[k.OPEN] = S[k.URGENT] = int(routed)
         F[k.UNTIL] = math.inf
-        self._finish_every = finish_every if finish_every > 0 else n + 1
+        self._finish_every = finish_every if finish_every > 0 else len(rows.ri) + 1
         S[k.TARGET] = self._finish_every
         seats = max(config.max_num_seqs, 1)
         self._arrays = dict(
@@ -392,6 +395,8 @@ class CompiledScheduler(Scheduler):
         k = self._k
         S, F, t = self._S, self._F, self._template
         j = int(S[k.KNOWN])
+        if j == len(self._ri):
+            self._grow_rows(2 * j)
         self._ri[j] = t.ri[row]
         self._ri[j, k.OFF] = self._next_off
         self._next_off += int(t.ri[row, k.CAP])
@@ -407,6 +412,24 @@ class CompiledScheduler(Scheduler):
             S[k.ASEQ] = S[k.SEQ]
             S[k.SEQ] += 1
         return j
+
+    def _grow_rows(self, size: int) -> None:
+        """Rows for ``size`` requests (the ones so far kept): theirs and the queues'."""
+        k, arrays = self._k, self._arrays
+        old = len(self._ri)
+        for name, fill in (("ri", 0), ("rf", -1.0), ("running", 0), ("skipped", 0)):
+            array = arrays[name]
+            grown = np.full((size, *array.shape[1:]), fill, dtype=array.dtype)
+            grown[:old] = array
+            arrays[name] = grown
+        S, waiting = self._S, arrays["waiting"]  # (a ring: unrolled from its head)
+        queue = np.zeros(size, dtype=waiting.dtype)
+        queue[: S[k.WLEN]] = waiting[(S[k.WHEAD] + np.arange(S[k.WLEN])) % len(waiting)]
+        arrays["waiting"], S[k.WHEAD] = queue, 0
+        arrays["ri"][old:, k.STATUS] = k.NOT_ARRIVED
+        self._ri, self._rf = arrays["ri"], arrays["rf"]
+        self.row_of = np.concatenate((self.row_of, np.zeros(size - old, dtype=np.int64)))
+        self._ended = np.concatenate((self._ended, np.zeros(size - old, dtype=bool)))
 
     def _grow(self, size: int) -> None:
         """Block tables and names for ``size`` slots (the ones so far kept)."""

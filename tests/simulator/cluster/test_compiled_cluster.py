@@ -65,12 +65,33 @@ def test_compiled_cluster_equals_the_step_by_step_cluster(composed, router, asyn
 
 
 def test_block_tables_grow_as_requests_are_routed(composed, monkeypatch):
-    """A replica's block tables start small and grow as requests come (prefix caching's names too)."""
+    """A replica's block tables and rows start small and grow as requests come (prefix caching's
+    names and the waiting queue, a ring, too)."""
     monkeypatch.setattr(compiled, "ROUTED_ROOM", 8)
+    monkeypatch.setattr(compiled, "ROUTED_ROWS", 2)
     w = make_workload(n=120, seed=9, rate=10, output=(1, 1500), prefix_groups=2, prefix_tokens=64)
-    cfg = EngineConfig(num_gpu_blocks_override=400, max_model_len=4096)
+    cfg = EngineConfig(num_gpu_blocks_override=200, max_model_len=4096, max_num_seqs=8)  # (queues)
     slow, fast = both(w, cfg, composed, ClusterSpec(replicas=2, router="least_kv"), True)
     assert_identical(slow.result, fast.result)
+
+
+def test_growing_rows_keeps_the_waiting_queue_in_order(composed, monkeypatch):
+    """The waiting queue is a ring: grown, it keeps its order from its head (which wrapped)."""
+    from simulator.engine import compiled_kernel as k
+
+    monkeypatch.setattr(compiled, "ROUTED_ROWS", 4)
+    w = make_workload(n=10, seed=1)
+    cfg = EngineConfig()
+    kv = composed.kv_capacity(cfg.block_size, num_gpu_blocks_override=None)
+    sched = compiled.CompiledScheduler(cfg, kv, w, composed, async_scheduling=True,
+                                       rows=compiled.RequestRows.of(w, cfg, kv), routed=True)
+    ring = sched._arrays["waiting"]  # the queue 7, 8, 9 with its head at the ring's last slot
+    ring[3], ring[0], ring[1] = 7, 8, 9
+    sched._S[k.WHEAD], sched._S[k.WLEN] = 3, 3
+    sched._grow_rows(8)
+    grown = sched._arrays["waiting"]
+    assert len(grown) == 8 and [k._wait_at(sched._S, grown, i) for i in range(3)] == [7, 8, 9]
+    assert len(sched._arrays["ri"]) == 8 and (sched._arrays["ri"][4:, k.STATUS] == k.NOT_ARRIVED).all()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
