@@ -51,6 +51,22 @@ def make_workload(n=50, seed=0, rate=5.0, prompt=(16, 600), output=(1, 800), pre
     )
 
 
+def assert_identical(slow, fast) -> None:
+    """Every column of both runs' tables equal, bit for bit (NaN where NaN), and their summaries."""
+    for table in ("requests", "timeline"):
+        a, b = getattr(slow, table), getattr(fast, table)
+        assert list(a) == list(b)
+        for key in a:
+            x, y = np.asarray(a[key]), np.asarray(b[key])
+            assert x.dtype == y.dtype, f"{table}.{key}"
+            if x.dtype.kind == "f":
+                np.testing.assert_array_equal(np.isnan(y), np.isnan(x), err_msg=f"{table}.{key}")
+                assert np.array_equal(x[~np.isnan(x)], y[~np.isnan(y)]), f"{table}.{key}"
+            else:
+                np.testing.assert_array_equal(y, x, err_msg=f"{table}.{key}")
+    assert slow.summary.to_dict() == fast.summary.to_dict()
+
+
 @pytest.fixture(scope="module")
 def composed():
     """The default run's composed performance model (H100, R1-Distill-Qwen-7B): step-time tables."""

@@ -19,27 +19,11 @@ from simulator.cluster.compiled_cluster import CompiledCluster
 from simulator.engine import compiled
 from simulator.records.engine_config import EngineConfig
 from simulator.records.metrics import SLO
-from tests.simulator.conftest import make_workload
+from tests.simulator.conftest import assert_identical, make_workload
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
 
 ROUTERS = ["round_robin", "least_outstanding", "least_kv", "prefix_affinity", "power_of_two"]
-
-
-def assert_identical(slow, fast) -> None:
-    """Both tables column by column, bit for bit (NaN where NaN), and the summaries."""
-    for table in ("requests", "timeline"):
-        a, b = getattr(slow, table), getattr(fast, table)
-        assert list(a) == list(b)
-        for key in a:
-            x, y = np.asarray(a[key]), np.asarray(b[key])
-            assert x.dtype == y.dtype, f"{table}.{key}"
-            if x.dtype.kind == "f":
-                np.testing.assert_array_equal(np.isnan(y), np.isnan(x), err_msg=f"{table}.{key}")
-                assert np.array_equal(x[~np.isnan(x)], y[~np.isnan(y)]), f"{table}.{key}"
-            else:
-                np.testing.assert_array_equal(y, x, err_msg=f"{table}.{key}")
-    assert slow.summary.to_dict() == fast.summary.to_dict()
 
 
 def both(w, cfg, perf, spec, async_scheduling):

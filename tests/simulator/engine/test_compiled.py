@@ -14,25 +14,9 @@ from simulator.engine import compiled
 from simulator.engine.loop import Engine, simulate
 from simulator.engine.run_log import StepLog
 from simulator.records.engine_config import EngineConfig
-from tests.simulator.conftest import VectorLinearModel, make_workload
+from tests.simulator.conftest import VectorLinearModel, assert_identical, make_workload
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason="numba is not installed")
-
-
-def assert_identical(slow, fast) -> None:
-    """Every column of both tables equal, bit for bit (NaN where NaN), and the summaries but the path."""
-    for table in ("requests", "timeline"):
-        a, b = getattr(slow, table), getattr(fast, table)
-        assert list(a) == list(b)
-        for key in a:
-            x, y = np.asarray(a[key]), np.asarray(b[key])
-            assert x.dtype == y.dtype, f"{table}.{key}"
-            if x.dtype.kind == "f":
-                np.testing.assert_array_equal(np.isnan(y), np.isnan(x), err_msg=f"{table}.{key}")
-                assert np.array_equal(x[~np.isnan(x)], y[~np.isnan(y)]), f"{table}.{key}"
-            else:
-                np.testing.assert_array_equal(y, x, err_msg=f"{table}.{key}")
-    assert slow.summary.to_dict() == fast.summary.to_dict()
 
 
 def both(w, cfg, perf, async_scheduling):
