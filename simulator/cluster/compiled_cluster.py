@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simulator.cluster.outputs import results
+from simulator.cluster.outputs import ClusterResult, results
 from simulator.cluster.router import ROUTERS, ReplicaReport, RouteRequest, make_router, report_time
 from simulator.engine import compiled
 from simulator.engine.request import SimRequest
 from simulator.engine.rules import admission_error
 from simulator.engine.run_log import EngineRun, StepLog
 from simulator.records.engine_config import EngineConfig
+from simulator.records.metrics import SLO
 from simulator.records.performance import KVCapacity, PerformanceModel
 from simulator.records.workload import Workload
 
@@ -83,11 +84,11 @@ class CompiledReplica:
     shapes = None  # (no per-shape set-up cost: ``why_not``)
 
     def __init__(self, index: int, workload: Workload, rows: compiled.RequestRows, config: EngineConfig,
-                 perf: PerformanceModel, kv: KVCapacity, async_scheduling: bool):
+                 perf: PerformanceModel, kv: KVCapacity, async_scheduling: bool, finish_every: int = 0):
         self.index, self.workload, self.config, self.kv_capacity = index, workload, config, kv
         self.async_scheduling = async_scheduling
         self.scheduler = compiled.CompiledScheduler(config, kv, workload, perf, async_scheduling=async_scheduling,
-                                                    rows=rows, routed=True)
+                                                    finish_every=finish_every, rows=rows, routed=True)
         self.steps = StepLog()
         self.count = 0  # requests routed here
         self.sent = 0  # requests the router sent here (its own count)
@@ -103,11 +104,12 @@ class CompiledReplica:
         self.scheduler.until(t)
         self.scheduler.run_routed(self.steps)
 
-    def finish(self, closed_s: float) -> None:
+    def finish(self, closed_s: float, go_on: Callable[[], bool]) -> None:
         """No more requests come: run to the end (idle before ``closed_s``, the cluster's last
-        arrival: it ends then, as the Python cluster's replicas do)."""
+        arrival: it ends then, as the Python cluster's replicas do), or until ``go_on()`` says to
+        stop (asked every ``finish_every`` requests ended)."""
         self.scheduler.close()
-        self.scheduler.run_routed(self.steps)
+        self.scheduler.run_routed(self.steps, go_on)
         self.end_s = max(self.scheduler.clock, closed_s)
 
     @property
@@ -163,7 +165,8 @@ class CompiledCluster:
             async_scheduling = engine.async_scheduling if engine.async_scheduling is not None else True
         kv = perf.kv_capacity(engine.block_size, engine.gpu_memory_utilization, engine.num_gpu_blocks_override)
         rows = compiled.RequestRows.of(workload, engine, kv)
-        self.replicas = [CompiledReplica(i, workload, rows, engine, perf, kv, async_scheduling)
+        every = max(n // 100, 1) if on_progress is not None else 0  # (progress while replicas run on)
+        self.replicas = [CompiledReplica(i, workload, rows, engine, perf, kv, async_scheduling, every)
                          for i in range(spec.replicas)]
         self.front = SimpleNamespace(replicas=self.replicas, router=make_router(
             spec.router, spec.replicas, seed=seed, load_cap=spec.load_cap))
@@ -179,11 +182,11 @@ class CompiledCluster:
         """Stop at the next routing decision; ``run`` returns what was simulated."""
         self.stopped = True
 
-    def run(self, slo):
+    def run(self, slo: SLO) -> ClusterResult:
+        """Route every arrival, run the replicas to their ends; the cluster's result."""
         w, router, replicas = self.workload, self.front.router, self.replicas
         arrival = w.arrival_s.tolist()
         at = -math.inf  # the time every replica has run up to
-        routed = 0
         for gid, t in enumerate(arrival):
             if self.stopped:
                 break
@@ -204,22 +207,21 @@ class CompiledCluster:
             replica.sent += 1
             replica.add(gid)
             self.replica_of[gid] = index
-            routed = gid + 1
-        if not self.stopped:
-            closed = arrival[-1] if arrival else 0.0
-            for replica in replicas:
-                replica.finish(closed)
-            self._show_progress()
-        else:
-            for replica in replicas:
+        closed = arrival[-1] if arrival else 0.0
+        for replica in replicas:
+            if not self.stopped:
+                replica.finish(closed, self._show_progress)
+            if self.stopped:
                 replica.end_s = replica.scheduler.clock
+        self._show_progress()
         self.env.now = max((r.end_s for r in replicas), default=0.0)
-        self.routed = routed
         return results(self, slo)
 
-    def _show_progress(self) -> None:
+    def _show_progress(self) -> bool:
+        """Count the requests ended since on the progress bar; whether to go on (no stop asked)."""
         if self.on_progress is not None:
             ended = sum(r.ended for r in self.replicas)
             if ended > self._shown:
                 self.on_progress(ended - self._shown)
                 self._shown = ended
+        return not self.stopped

@@ -456,16 +456,19 @@ class CompiledScheduler(Scheduler):
         k = self._k
         self._F[k.UNTIL] = t
 
-    def run_routed(self, log: StepLog) -> None:
+    def run_routed(self, log: StepLog, go_on: Callable[[], bool] | None = None) -> None:
         """(routed) Run up to the horizon (``until``), or, once closed, to the end. The steps go to
         ``log`` a buffer at a time (when the kernel's is full, and at the end: ``flush``), not at
-        every horizon: a cluster stops its replicas at every decision."""
+        every horizon: a cluster stops its replicas at every decision. At each pause on the way
+        (the buffer full, ``finish_every`` more requests ended) ``go_on()`` may say to stop there."""
         k, S, F = self._k, self._S, self._F
         while True:
             code = self._code = k.advance(*self._arrays.values(), *self._model)
-            if code == k.PAUSED:  # (its log buffer is full)
+            if code == k.PAUSED:
                 self.flush(log)
                 S[k.TARGET] = S[k.NFINISHED] + self._finish_every
+                if go_on is not None and not go_on():
+                    return
                 continue
             if code == k.STALLED or code == k.OVERFLOW:
                 raise RuntimeError(f"the compiled engine stopped ({'stalled' if code == k.STALLED else 'overflow'}) "

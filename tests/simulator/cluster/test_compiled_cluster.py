@@ -151,6 +151,11 @@ def test_progress_counts_every_request_and_a_stop_keeps_what_ran(composed):
     assert partial.summary["partial"]["unfinished"] > 0
     assert 0 < partial.summary["partial"]["not_arrived"] < len(w)
     assert (partial.requests["status"] == "unfinished").any()
+    # round robin routes every request at once: the stop comes while the replicas run on
+    cluster = CompiledCluster(w, cfg, composed, ClusterSpec(replicas=2, router="round_robin"), on_progress=stop_soon)
+    partial = cluster.run(SLO()).result
+    assert partial.summary["partial"]["unfinished"] > 0 and (partial.requests["status"] == "completed").any()
+    assert partial.requests["arrival_s"].max() <= partial.summary["partial"]["interrupted_at_s"]
 
 
 def test_command_line_cluster_records_the_path(tmp_path):
