@@ -138,7 +138,8 @@ class Scheduler(ABC):
                 in_flight: InFlight | None = None) -> Advance | None:
         """Cover many steps at once from ``now`` and return what they did (a
         Advance), or None (the default): the engine then takes one step
-        with ``schedule()``. ``pace``: the latest step's time; ``next_arrival``: the first
+        with ``schedule()`` (a scheduler that ``covers_every_step`` answers None only once every
+        request has ended). ``pace``: the latest step's time; ``next_arrival``: the first
         arrival not queued yet; ``in_flight``: the step in flight (async scheduling)."""
         return None
 
