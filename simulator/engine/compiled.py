@@ -21,13 +21,13 @@ import bisect
 import importlib.util
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOutput
+from simulator.engine.interface import Advance, InFlight, Scheduler
 from simulator.engine.kv_cache import TICKS_PER_S
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
@@ -233,10 +233,8 @@ class CompiledScheduler(Scheduler):
     engine what it did: the steps as whole log columns (``Advance.columns``), the requests it
     finished, the first arrival it has not taken in. The engine makes a request's record when its
     arrival has been taken in (``add_request``); ``materialize`` writes the kernel's state into
-    them. The engine never asks it for a single step (``covers_every_step``). (An Advance's columns
+    them. It is not a ``StepScheduler``: the engine never asks it for a single step. (An Advance's columns
     are the kernel's log buffer: valid until the next call.)"""
-
-    covers_every_step = True
 
     def __init__(self, config: EngineConfig, kv: KVCapacity, workload: Workload, perf: PerformanceModel,
                  *, async_scheduling: bool, finish_every: int = 0, rows: RequestRows | None = None,
@@ -331,15 +329,6 @@ class CompiledScheduler(Scheduler):
     def add_request(self, request: SimRequest) -> None:
         """The engine's record of a request whose arrival a run has taken in."""
         self.requests[request.rid] = request
-
-    def schedule(self) -> SchedulerOutput:
-        raise NotImplementedError("the compiled scheduler covers every step with advance()")
-
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int], now: float) -> list[SimRequest]:
-        raise NotImplementedError("the compiled scheduler covers every step with advance()")
-
-    def finish_requests(self, rids: Iterable[int], now: float) -> list[SimRequest]:
-        raise NotImplementedError("the compiled scheduler aborts on its clients' deadlines itself")
 
     def has_requests(self) -> bool:
         """Whether any request runs, waits or is still to arrive (it takes its arrivals itself)."""

@@ -1,12 +1,13 @@
 """What the engine asks of a scheduler (as vLLM's vllm/v1/core/sched/interface.py).
 
-The engine loop calls ``schedule()`` for a step's batch and, once the step has
-run, ``update_from_output()`` with the tokens it sampled. ``advance()`` may
-cover many steps in one call (the fast path); a scheduler that cannot answers
-None and the engine takes one step. Four schedulers implement it: the native
-model of vLLM's (simulator.engine.native), the same with lazy steady decoders and
-runs of steps (simulator.engine.steady), the same compiled, covering every step with
-``advance`` (simulator.engine.compiled), and vLLM's own (simulator.engine.vllm_oracle).
+Every scheduler queues requests, reports its state and may cover many steps in one
+``advance()`` call (``Scheduler``). A ``StepScheduler`` can also be asked for one step
+at a time: the engine loop calls ``schedule()`` for a step's batch and, once the step
+has run, ``update_from_output()`` with the tokens it sampled; where ``advance()`` answers
+None the engine takes one step so. The step schedulers: the native model of vLLM's
+(simulator.engine.native), the same with lazy steady decoders and runs of steps
+(simulator.engine.steady), and vLLM's own (simulator.engine.vllm_oracle). The compiled
+scheduler (simulator.engine.compiled) covers every step with ``advance()``.
 """
 
 from __future__ import annotations
@@ -85,31 +86,16 @@ class SchedulerStats:
 
 
 class Scheduler(ABC):
-    """The scheduler interface: a queue of requests, batches of steps, their outputs."""
+    """The scheduler interface: a queue of requests, its state, and runs of steps (``advance``)."""
 
     config: EngineConfig
     kv: KVView
     requests: dict[int, SimRequest]
     step: int
-    #: ``advance`` covers every step, arrivals included (the engine never calls ``schedule``)
-    covers_every_step: bool = False
 
     @abstractmethod
     def add_request(self, request: SimRequest) -> None:
         """Queue a request that just arrived."""
-
-    @abstractmethod
-    def schedule(self) -> SchedulerOutput:
-        """Decide the next step's batch."""
-
-    @abstractmethod
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int], now: float) -> list[SimRequest]:
-        """Apply a finished step (``sampled[rid]`` tokens per sampling request) at time ``now``;
-        return the requests that finished."""
-
-    @abstractmethod
-    def finish_requests(self, rids: Iterable[int], now: float) -> list[SimRequest]:
-        """Finish requests from outside (an abort): their blocks are freed; return them."""
 
     @abstractmethod
     def has_requests(self) -> bool:
@@ -138,14 +124,31 @@ class Scheduler(ABC):
                 in_flight: InFlight | None = None) -> Advance | None:
         """Cover many steps at once from ``now`` and return what they did (a
         Advance), or None (the default): the engine then takes one step
-        with ``schedule()`` (a scheduler that ``covers_every_step`` answers None only once every
-        request has ended). ``pace``: the latest step's time; ``next_arrival``: the first
+        with ``schedule()`` (a scheduler that is not a ``StepScheduler`` answers None only once
+        every request has ended). ``pace``: the latest step's time; ``next_arrival``: the first
         arrival not queued yet; ``in_flight``: the step in flight (async scheduling)."""
         return None
 
     def materialize(self) -> None:
         """Bring every request's state up to date (schedulers that keep some lazily)."""
         return None
+
+
+class StepScheduler(Scheduler):
+    """A scheduler the engine can also ask for one step at a time."""
+
+    @abstractmethod
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next step's batch."""
+
+    @abstractmethod
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int], now: float) -> list[SimRequest]:
+        """Apply a finished step (``sampled[rid]`` tokens per sampling request) at time ``now``;
+        return the requests that finished."""
+
+    @abstractmethod
+    def finish_requests(self, rids: Iterable[int], now: float) -> list[SimRequest]:
+        """Finish requests from outside (an abort): their blocks are freed; return them."""
 
 
 @dataclass(slots=True)

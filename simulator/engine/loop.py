@@ -24,7 +24,7 @@ import simpy
 
 from simulator.engine import compiled as compiled_engine
 from simulator.engine import fast_forward
-from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOutput
+from simulator.engine.interface import Advance, InFlight, Scheduler, SchedulerOutput, StepScheduler
 from simulator.engine.native import NativeScheduler
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.rules import admission_error, draft_tokens
@@ -487,7 +487,7 @@ class Engine:
     def start(self, arrivals: bool = True) -> simpy.Process:
         """Start the engine loop (and, unless a cluster delivers them, the arrivals); return the loop."""
         env = self.env
-        if self.scheduler.covers_every_step:
+        if not isinstance(self.scheduler, StepScheduler):  # (it covers every step: the compiled one)
             return env.process(self._run_in_runs())
         if arrivals:
             env.process(self._arrivals())

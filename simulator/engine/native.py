@@ -15,7 +15,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from simulator.engine.interface import Scheduler, SchedulerOutput
+from simulator.engine.interface import SchedulerOutput, StepScheduler
 from simulator.engine.kv_cache import KVCacheManager
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.rules import (
@@ -31,7 +31,7 @@ from simulator.records.performance import StepBatch
 __all__ = ["NativeScheduler", "SchedulerOutput"]
 
 
-class NativeScheduler(Scheduler):
+class NativeScheduler(StepScheduler):
     """vLLM V1's scheduling policy over SimRequest objects and a KVCacheManager."""
 
     def __init__(self, config: EngineConfig, num_blocks: int, async_scheduling: bool = True):

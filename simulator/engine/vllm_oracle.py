@@ -36,7 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from simulator.engine.interface import Scheduler, SchedulerOutput
+from simulator.engine.interface import SchedulerOutput, StepScheduler
 from simulator.engine.kv_cache import TICKS_PER_S, ticks
 from simulator.engine.request import SimRequest, Status
 from simulator.engine.rules import deliver_tokens
@@ -279,7 +279,7 @@ class VllmKV:
             self.prefix_hits += stats.hits
 
 
-class VllmScheduler(Scheduler):
+class VllmScheduler(StepScheduler):
     """The scheduler interface over vLLM's real V1 scheduler (no model executed)."""
 
     def __init__(self, config: EngineConfig, num_blocks: int, async_scheduling: bool = True):
