@@ -44,21 +44,10 @@ def why_not(workload: Workload, engine: EngineConfig, perf: PerformanceModel, sp
         return "data-parallel lock-step"
     if engine.scheduler != "native":
         return f"scheduler {engine.scheduler!r}"
-    if engine.speculative.enabled:
-        return "speculative decoding"
-    if getattr(perf, "shape_cache", None) is not None:
-        return "the engine's per-shape set-up cost (a CPU profile)"
     if np.isfinite(np.asarray(workload.timeout_s, dtype=float)).any():
         return "client timeouts in a cluster"
     kv = perf.kv_capacity(engine.block_size, engine.gpu_memory_utilization, engine.num_gpu_blocks_override)
-    groups = getattr(kv, "groups", None)
-    if groups is not None and groups.hybrid:
-        return "sliding-window KV groups"
-    if perf.step_time_tables() is None:
-        return f"performance model {perf.name} gives no step-time tables"
-    if not compiled.available():
-        return "numba is not installed"
-    return ""
+    return compiled.unsupported(engine, perf, kv)
 
 
 def wanted(workload: Workload, engine: EngineConfig, perf: PerformanceModel, spec: ClusterSpec,

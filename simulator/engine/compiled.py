@@ -59,20 +59,25 @@ def available() -> bool:
 def why_not(engine: Engine, factory: Callable[..., object]) -> str:
     """Why ``engine``'s run, whose scheduler ``factory`` would make otherwise, cannot take the
     compiled scheduler ('' if it can)."""
-    config = engine.config
     if engine.decisions is not None:
         return "its decisions are kept step by step"
     if not (isinstance(factory, type) and issubclass(factory, NativeScheduler)):
-        return f"scheduler {config.scheduler!r}"
+        return f"scheduler {engine.config.scheduler!r}"
+    return unsupported(engine.config, engine.perf, engine.kv_capacity)
+
+
+def unsupported(config: EngineConfig, perf: PerformanceModel, kv: KVCapacity) -> str:
+    """What in an engine's settings, model or KV layout the kernel does not cover ('' if nothing),
+    or "numba is not installed"."""
     if config.speculative.enabled:
         return "speculative decoding"
-    if engine.shapes is not None:
+    if getattr(perf, "shape_cache", None) is not None:
         return "the engine's per-shape set-up cost (a CPU profile)"
-    groups = getattr(engine.kv_capacity, "groups", None)
+    groups = getattr(kv, "groups", None)
     if groups is not None and groups.hybrid:
         return "sliding-window KV groups"
-    if engine.perf.step_time_tables() is None:
-        return f"performance model {engine.perf.name} gives no step-time tables"
+    if perf.step_time_tables() is None:
+        return f"performance model {perf.name} gives no step-time tables"
     if not available():
         return "numba is not installed"
     return ""
@@ -314,7 +319,6 @@ class CompiledScheduler(Scheduler):
                        np.ascontiguousarray(tables.head, dtype=np.float64), gc, lc, gg, lg,
                        np.asarray(tables.limits, dtype=np.float64))
         self._S, self._F, self._ri, self._rf = S, F, ri, rf
-        self._code = -1  # what the kernel's last call returned
         self._flushed_kv = 0  # KV blocks used after the last step flushed (``flush``)
         self._ended = np.zeros(n, dtype=bool)  # finished or aborted, as the engine has been told
         self.kv = KernelKV(S, nb, bs)
@@ -355,12 +359,7 @@ class CompiledScheduler(Scheduler):
             return None
         S[k.TARGET] = S[k.NFINISHED] + self._finish_every
         waiting = int(S[k.WLEN])
-        code = self._code = k.advance(*self._arrays.values(), *self._model)
-        if code == k.STALLED:
-            raise RuntimeError(f"scheduler stalled at t={F[k.NOW]:.3f}s: running={S[k.NRUN]} "
-                               f"waiting={S[k.WLEN]} free_blocks={S[k.QLEN]}")
-        if code == k.OVERFLOW:
-            raise RuntimeError("a request's block table outgrew its room in the compiled engine")
+        self._call()
         rows = int(S[k.NLOG])
         S[k.NLOG] = 0
         times, counts = self._arrays["lg_f"][:rows], self._arrays["lg_i"][:rows]
@@ -450,21 +449,29 @@ class CompiledScheduler(Scheduler):
         ``log`` a buffer at a time (when the kernel's is full, and at the end: ``flush``), not at
         every horizon: a cluster stops its replicas at every decision. At each pause on the way
         (the buffer full, ``finish_every`` more requests ended) ``go_on()`` may say to stop there."""
-        k, S, F = self._k, self._S, self._F
+        k, S = self._k, self._S
         while True:
-            code = self._code = k.advance(*self._arrays.values(), *self._model)
+            code = self._call()
             if code == k.PAUSED:
                 self.flush(log)
                 S[k.TARGET] = S[k.NFINISHED] + self._finish_every
                 if go_on is not None and not go_on():
                     return
                 continue
-            if code == k.STALLED or code == k.OVERFLOW:
-                raise RuntimeError(f"the compiled engine stopped ({'stalled' if code == k.STALLED else 'overflow'}) "
-                                   f"at t={F[k.NOW]:.3f}s: running={S[k.NRUN]} waiting={S[k.WLEN]}")
             if code == k.DONE_CODE:
                 self.flush(log)
             return
+
+    def _call(self) -> int:
+        """One call of the kernel's loop; what it returned (an error raised: a stall, an overflow)."""
+        k, S, F = self._k, self._S, self._F
+        code = k.advance(*self._arrays.values(), *self._model)
+        if code == k.STALLED:
+            raise RuntimeError(f"scheduler stalled at t={F[k.NOW]:.3f}s: running={S[k.NRUN]} "
+                               f"waiting={S[k.WLEN]} free_blocks={S[k.QLEN]}")
+        if code == k.OVERFLOW:
+            raise RuntimeError("a request's block table outgrew its room in the compiled engine")
+        return code
 
     def flush(self, log: StepLog) -> None:
         """The steps logged in the kernel's buffer, appended to ``log``."""

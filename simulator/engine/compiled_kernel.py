@@ -66,6 +66,7 @@ FL_START, FL_END = range(2)
 # (HORIZON: paused where the next event would come at or after F[UNTIL], or waiting for an arrival
 # not known yet)
 DONE_CODE, PAUSED, STALLED, OVERFLOW, HORIZON = 0, 1, 2, 3, 4
+GO_ON = -1  # (``_wait_for_arrival``: the loop goes on)
 
 # step-log columns: lg_f (end_s, step_s), lg_i (simulator.engine.run_log.STEP_COLUMNS after them)
 LG_KV, LG_RUNNING, LG_WAITING, LG_PREFILL, LG_DECODE, LG_BATCH, LG_PREEMPTED = range(7)
@@ -738,9 +739,16 @@ def _wait_until(S, F, ri, rf, waiting, t):
 
 
 @njit(cache=True)
-def _may_idle(S, F):
-    """Whether the engine may wait for the next arrival now: one is known, before ``F[UNTIL]``."""
-    return S[ASEQ] >= 0 and F[ATIME] < F[UNTIL]
+def _wait_for_arrival(S, F, ri, rf, waiting):
+    """The engine, with nothing to schedule, waits for the next arrival (``_idle``; GO_ON): STALLED
+    if none will come, HORIZON if none is known before ``F[UNTIL]`` (a cluster's router decides
+    first)."""
+    if S[DONE]:
+        return STALLED
+    if S[ASEQ] < 0 or F[ATIME] >= F[UNTIL]:
+        return HORIZON
+    _idle(S, F, ri, rf, waiting)
+    return GO_ON
 
 
 @njit(cache=True)
@@ -799,11 +807,9 @@ def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid
                     if S[NRUN] == 0 and S[WLEN] == 0 and S[DONE]:
                         S[ENDED] = 1
                         continue
-                    if S[DONE]:
-                        return STALLED
-                    if not _may_idle(S, F):
-                        return HORIZON
-                    _idle(S, F, ri, rf, waiting)
+                    code = _wait_for_arrival(S, F, ri, rf, waiting)
+                    if code != GO_ON:
+                        return code
                     continue
                 S[PHASE] = 1
             slot = S[FLFIRST]
@@ -821,9 +827,9 @@ def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid
                     if S[DONE]:
                         S[ENDED] = 1
                         continue
-                    if not _may_idle(S, F):
-                        return HORIZON
-                    _idle(S, F, ri, rf, waiting)
+                    code = _wait_for_arrival(S, F, ri, rf, waiting)
+                    if code != GO_ON:
+                        return code
                     continue
                 F[CLOCK] = F[NOW]
                 if S[DPTR] < len(dl_t) and dl_t[S[DPTR]] <= F[NOW]:
@@ -838,11 +844,9 @@ def advance(S, F, ri, rf, bk, bt, chead, running, waiting, hits, skipped, fl_rid
                         continue
                     if S[NRUN] == 0 and S[WLEN] == 0:
                         continue
-                    if S[DONE]:
-                        return STALLED
-                    if not _may_idle(S, F):
-                        return HORIZON
-                    _idle(S, F, ri, rf, waiting)
+                    code = _wait_for_arrival(S, F, ri, rf, waiting)
+                    if code != GO_ON:
+                        return code
                     continue
                 start = F[NOW]
                 fl_f[0, FL_START] = start
